@@ -1,0 +1,169 @@
+//! The retry driver: attach token → send → classify → on rejection wait for the refresh
+//! that supersedes the token this request used → resend exactly once (C3, C4). Adapters
+//! call [`Authenticator::send`] with their request type and a closure that sends it.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::flight::SingleFlight;
+use crate::policy::{AllowedOrigins, Classifier, Placement};
+use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
+use crate::stats::Stats;
+use crate::token::Token;
+
+/// Why an authenticated send failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError<E> {
+    /// No token could be had (the refresh failed, backoff, or re-authentication needed).
+    #[error(transparent)]
+    Token(#[from] Error),
+    /// The access token cannot be put in a header (the source returned bad characters).
+    #[error(transparent)]
+    InvalidHeader(#[from] InvalidHeader),
+    /// The client failed to send the request.
+    #[error("sending the request failed")]
+    Transport(#[source] E),
+}
+
+/// The auth layer: a [`SingleFlight`] plus where the token goes, who may receive it and
+/// what counts as a rejection. Cheap to clone.
+#[derive(Clone)]
+pub struct Authenticator {
+    flight: SingleFlight,
+    policy: Arc<Policy>,
+}
+
+pub(crate) struct Policy {
+    pub(crate) placement: Placement,
+    pub(crate) origins: AllowedOrigins,
+    pub(crate) classifier: Classifier,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("flight", &self.flight)
+            .field("placement", &self.policy.placement)
+            .field("origins", &self.policy.origins)
+            .field("classifier", &self.policy.classifier)
+            .finish()
+    }
+}
+
+impl Authenticator {
+    pub(crate) fn new(flight: SingleFlight, policy: Policy) -> Self {
+        Authenticator {
+            flight,
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// The coordinator behind this layer (for `install`, `stats`, `current`).
+    pub fn flight(&self) -> &SingleFlight {
+        &self.flight
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.flight.stats()
+    }
+
+    /// Where the token goes.
+    pub fn placement(&self) -> &Placement {
+        &self.policy.placement
+    }
+
+    /// Which origins may receive the token.
+    pub fn allowed_origins(&self) -> &AllowedOrigins {
+        &self.policy.origins
+    }
+
+    /// Sends `request` with a valid token through `send`, and resends it once with a
+    /// newer token if the response says the token was rejected.
+    ///
+    /// - Requests with `skip_auth`, and requests to origins not allowed, are sent as
+    ///   they are and not classified (C11, C12).
+    /// - A rejected request whose body cannot be replayed is not resent; the caller
+    ///   gets the original response and the token is marked rejected (C4).
+    /// - A second rejection is returned to the caller as it is: no loop (C4).
+    ///
+    /// # Cancellation
+    /// Dropping the future at any await point is safe: a refresh it started goes on for
+    /// the other waiters (and, with a spawner, to completion) (C6); a request already
+    /// handed to `send` is dropped with it.
+    pub async fn send<Req, Resp, E, F, Fut>(
+        &self,
+        mut request: Req,
+        options: RequestOptions,
+        mut send: F,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        if options.skip_auth || !self.policy.origins.allows(request.url()) {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        let token = if options.force_refresh {
+            self.flight.force_refresh().await?
+        } else {
+            self.flight.token().await?
+        };
+        let replay = request.try_clone();
+        self.policy.placement.attach(&mut request, &token)?;
+        let response = send(request).await.map_err(AuthError::Transport)?;
+        let (response, rejected) = self.classify(response).await;
+        if !rejected {
+            return Ok(response);
+        }
+        let Some(mut replay) = replay else {
+            tracing::debug!(
+                generation = token.generation(),
+                "token rejected; the body cannot be replayed, returning the response"
+            );
+            self.flight.mark_rejected(token.generation());
+            return Ok(response);
+        };
+        drop(response);
+        let newer = self
+            .flight
+            .token_after_rejection(token.generation())
+            .await?;
+        self.resend(&mut replay, &newer)?;
+        send(replay).await.map_err(AuthError::Transport)
+    }
+
+    fn resend<Req: AuthRequest>(
+        &self,
+        replay: &mut Req,
+        token: &Token,
+    ) -> Result<(), InvalidHeader> {
+        self.flight.count_retry();
+        tracing::debug!(
+            generation = token.generation(),
+            "resending once with a newer token"
+        );
+        self.policy.placement.attach(replay, token)
+    }
+
+    /// Classifies `response`; returns it intact with the verdict.
+    pub async fn classify<Resp: AuthResponse>(&self, response: Resp) -> (Resp, bool) {
+        let classifier = &self.policy.classifier;
+        if classifier.head_rejects(&response) {
+            return (response, true);
+        }
+        match classifier.body_rule() {
+            None => (response, false),
+            Some((limit, predicate)) => {
+                let (response, body) = response.buffer_body(limit).await;
+                let rejected = body.is_some_and(|bytes| predicate(&bytes));
+                (response, rejected)
+            }
+        }
+    }
+}

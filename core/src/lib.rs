@@ -1,0 +1,108 @@
+//! # tokenflight
+//!
+//! Keeps an HTTP client's access token valid without the caller noticing. Before a
+//! request the token is checked for (near) expiry; after a response the layer checks
+//! whether the server rejected it. Either way exactly one refresh runs, everybody who
+//! needs it waits for that one, and each rejected request is resent exactly once with
+//! the new token. If the refresh fails, every waiter gets the error: nobody hangs,
+//! nobody loops.
+//!
+//! This crate is the runtime-agnostic core: [`SingleFlight`] (the coordinator),
+//! [`Authenticator`] (the retry driver), the [`TokenSource`], [`TokenStore`] and
+//! [`Transport`] traits. HTTP clients plug in through small adapter crates
+//! (`tokenflight-reqwest`, `tokenflight-surf`) that implement [`AuthRequest`] and
+//! [`AuthResponse`] for their types and supply their runtime's [`Spawn`] and [`Timer`].
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use tokenflight::{Builder, RefreshContext, Token, from_fn};
+//!
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let counter = calls.clone();
+//! let flight = Builder::new()
+//!     .source(from_fn(move |_cx: RefreshContext| {
+//!         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+//!         async move { Ok(Token::new(format!("token-{n}"))) }
+//!     }))
+//!     .build_flight()
+//!     .unwrap();
+//! futures_util::future::block_on(async {
+//!     let token = flight.token().await.unwrap();
+//!     assert_eq!(token.access().expose(), "token-1");
+//!     // A valid token is served from memory: no second source call.
+//!     flight.token().await.unwrap();
+//! });
+//! assert_eq!(calls.load(Ordering::SeqCst), 1);
+//! ```
+//!
+//! ## Contracts
+//!
+//! Each contract has tests named after it (in `core/tests/contracts.rs` unless noted).
+//!
+//! - **C1 One flight.** At most one refresh is in flight:
+//!   `c1_one_flight_for_concurrent_expired_callers`, `c1_c2_ten_thousand_callers_one_source_call`.
+//! - **C2 Coalescing.** N concurrent callers on an expired token cause one source call:
+//!   `c2_coalescing_waiters_share_one_refresh`, `c1_c2_ten_thousand_callers_one_source_call`.
+//! - **C3 Stale rejections are free.** `c3_stale_rejection_resends_without_refresh`,
+//!   `c3_late_rejection_after_refresh_is_stale` (driver).
+//! - **C4 Exactly one retry.** `c4_exactly_one_retry_with_newer_token`,
+//!   `c4_second_rejection_is_returned_as_is`, `c4_not_replayable_is_not_resent_but_marked`.
+//! - **C5 Same outcome for all.** `c5_all_waiters_get_the_same_error`.
+//! - **C6 Cancellation safety.** `c6_dropping_the_driver_mid_refresh_does_not_hang_waiters`,
+//!   `c6_spawner_finishes_refresh_when_every_caller_left`,
+//!   `c6_without_spawner_last_caller_leaving_cancels_and_next_restarts`.
+//! - **C7 Proactive refresh.** `c7_token_within_leeway_is_refreshed_before_sending`,
+//!   `c7_leeway_counts_as_expired` (unit).
+//! - **C8 Refresh ahead.** `c8_refresh_ahead_serves_valid_token_while_refreshing`,
+//!   `c8_refresh_ahead_without_spawner_is_driven_by_one_caller`.
+//! - **C9 Failures.** `c9_error_never_replaces_a_valid_token`,
+//!   `c9_backoff_fails_fast_then_recovers`, `c9_permanent_failure_fires_hook_once_until_login`,
+//!   `c9_backoff_grows_and_is_capped` (unit).
+//! - **C10 Bounded.** `c10_refresh_timeout_fails_all_waiters_then_recovers`,
+//!   `c10_fast_path_allocates_nothing` (`core/tests/fast_path.rs`).
+//! - **C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
+//! - **C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
+//!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`.
+//! - **C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
+//!   `fuzz/`.
+//! - **C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
+//!   (`core/tests/runtime_free.rs`); the contract tests run under `futures::executor`,
+//!   tokio, async-std and smol.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod builder;
+mod config;
+mod driver;
+mod error;
+mod flight;
+mod policy;
+mod request;
+mod runtime;
+mod source;
+mod stats;
+mod store;
+mod token;
+mod transport;
+pub mod www_authenticate;
+
+pub use builder::Builder;
+pub use config::{Backoff, FlightConfig};
+pub use driver::{AuthError, Authenticator};
+pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
+pub use flight::{AuthLostHook, SingleFlight};
+pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
+pub use request::{
+    AuthRequest, AuthResponse, ForceRefresh, InvalidHeader, RequestOptions, ResponseView, SkipAuth,
+};
+#[cfg(feature = "futures-timer")]
+pub use runtime::FuturesTimer;
+pub use runtime::{Clock, ManualClock, NoTimer, Spawn, SystemClock, Timer};
+pub use source::{FnSource, RefreshContext, RefreshReason, TokenSource, from_fn};
+pub use stats::Stats;
+pub use store::{MemoryStore, StoreError, StoreLock, TokenStore};
+pub use token::{Secret, Token};
+pub use transport::{HttpRequest, HttpResponse, Transport, TransportError};

@@ -1,0 +1,76 @@
+//! What the retry driver needs from an HTTP client's request and response types.
+//! Adapters implement these for their client; the core never names a client.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use url::Url;
+
+/// A request the auth layer can decorate and, maybe, send again.
+pub trait AuthRequest: Sized + Send {
+    /// The request's URL (for the allowed-origin check, C12).
+    fn url(&self) -> &Url;
+    /// The request's URL, to add a query parameter (query placement).
+    fn url_mut(&mut self) -> &mut Url;
+    /// Sets header `name` to `value`, replacing earlier values, marked sensitive so
+    /// clients and logs do not print it. `Err` if the value cannot be a header value.
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
+    /// A copy to resend, or `None` when the body cannot be replayed (a stream) (C4).
+    fn try_clone(&self) -> Option<Self>;
+}
+
+/// A header name or value that HTTP cannot carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the token cannot be sent in a header (invalid characters)")]
+pub struct InvalidHeader;
+
+/// The parts of a response that classification looks at.
+pub trait ResponseView {
+    /// The HTTP status code.
+    fn status(&self) -> u16;
+    /// The first value of header `name` (case-insensitive), if it is valid text.
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+/// A response the auth layer can classify.
+pub trait AuthResponse: ResponseView + Sized + Send {
+    /// Reads up to `limit` bytes of the body for a body classifier and hands back a
+    /// response that is intact for the caller: the same status, headers and body bytes.
+    /// The bytes are `None` when the body is longer than `limit` or could not be read.
+    ///
+    /// The default does not read and returns `None`.
+    fn buffer_body(self, limit: usize) -> impl Future<Output = (Self, Option<Bytes>)> + Send {
+        let _ = limit;
+        async move { (self, None) }
+    }
+}
+
+/// Per-request marker: send this request without credentials (C11). Put it in the
+/// request's extensions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkipAuth;
+
+/// Per-request marker: refresh the token before sending this request (C11).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForceRefresh;
+
+/// The per-request options the driver honours, read by adapters from their request's
+/// extensions (the request's markers win over client-wide defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestOptions {
+    /// Send without credentials and do not classify.
+    pub skip_auth: bool,
+    /// Refresh before sending.
+    pub force_refresh: bool,
+}
+
+impl RequestOptions {
+    /// Options from the presence of the two markers.
+    pub fn from_markers(skip_auth: bool, force_refresh: bool) -> Self {
+        RequestOptions {
+            skip_auth,
+            force_refresh,
+        }
+    }
+}

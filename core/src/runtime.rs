@@ -1,0 +1,180 @@
+//! The three things the core needs from a runtime, as small traits: spawn a task, sleep,
+//! and read the wall clock. The core depends on no runtime (C14); adapters plug theirs in.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::BoxFuture;
+
+/// Runs a future to completion in the background.
+///
+/// With a spawner, a refresh finishes and is stored even when every caller that waited
+/// for it was cancelled (C6): a rotating refresh token may already be spent on the server.
+pub trait Spawn: Send + Sync {
+    /// Spawns `task`; it must be polled to completion.
+    fn spawn(&self, task: BoxFuture<'static, ()>);
+}
+
+impl<F> Spawn for F
+where
+    F: Fn(BoxFuture<'static, ()>) + Send + Sync,
+{
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        self(task)
+    }
+}
+
+/// Sleeps for a duration; used for refresh timeouts (C10) and nothing on the fast path.
+pub trait Timer: Send + Sync {
+    /// A future that completes after `duration`.
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
+}
+
+/// Reads the wall clock. Expiry times are wall-clock times because tokens are shared
+/// between processes through stores.
+pub trait Clock: Send + Sync {
+    /// The current time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A runtime-free timer backed by the `futures-timer` crate (one helper thread).
+#[cfg(feature = "futures-timer")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FuturesTimer;
+
+#[cfg(feature = "futures-timer")]
+impl Timer for FuturesTimer {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(futures_timer::Delay::new(duration))
+    }
+}
+
+/// A timer whose sleeps never end; refresh attempts then have no timeout. Used when the
+/// `futures-timer` feature is off and no timer was supplied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoTimer;
+
+impl Timer for NoTimer {
+    fn sleep(&self, _duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(futures_util::future::pending())
+    }
+}
+
+/// The default timer of this build.
+pub(crate) fn default_timer() -> Arc<dyn Timer> {
+    #[cfg(feature = "futures-timer")]
+    {
+        Arc::new(FuturesTimer)
+    }
+    #[cfg(not(feature = "futures-timer"))]
+    {
+        Arc::new(NoTimer)
+    }
+}
+
+/// A clock and timer that only move when told to, for deterministic tests.
+///
+/// Sleeps started through it complete when [`ManualClock::advance`] moves the time past
+/// their deadline.
+#[derive(Clone)]
+pub struct ManualClock {
+    inner: Arc<Mutex<ManualState>>,
+}
+
+struct ManualState {
+    now: SystemTime,
+    sleepers: Vec<Waker>,
+}
+
+impl ManualClock {
+    /// A clock standing at `start`.
+    pub fn new(start: SystemTime) -> Self {
+        ManualClock {
+            inner: Arc::new(Mutex::new(ManualState {
+                now: start,
+                sleepers: Vec::new(),
+            })),
+        }
+    }
+
+    /// A clock standing at a fixed, arbitrary point (2023-11-14).
+    pub fn at_fixed_point() -> Self {
+        Self::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    }
+
+    /// Moves the time forward and wakes the sleeps that are due.
+    pub fn advance(&self, by: Duration) {
+        let sleepers = {
+            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            state.now = state.now.checked_add(by).unwrap_or(state.now);
+            std::mem::take(&mut state.sleepers)
+        };
+        // Every sleeper re-checks its own deadline when polled.
+        sleepers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl fmt::Debug for ManualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManualClock")
+            .field("now", &self.now())
+            .finish()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .now
+    }
+}
+
+impl Timer for ManualClock {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        let deadline = self.now().checked_add(duration);
+        Box::pin(ManualSleep {
+            clock: self.clone(),
+            deadline,
+        })
+    }
+}
+
+struct ManualSleep {
+    clock: ManualClock,
+    deadline: Option<SystemTime>,
+}
+
+impl Future for ManualSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self
+            .clock
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match self.deadline {
+            Some(deadline) if state.now >= deadline => Poll::Ready(()),
+            _ => {
+                state.sleepers.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}

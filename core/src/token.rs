@@ -1,0 +1,164 @@
+//! The token itself: secrets that never print, an expiry, and a generation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A secret string (an access or refresh token).
+///
+/// `Debug` and `Display` print `[redacted]`; the value is reachable only through
+/// [`Secret::expose`], so every place that reads it is easy to find (C12).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret::new(value)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret::new(value)
+    }
+}
+
+/// An access token with its optional refresh token, expiry and generation.
+///
+/// The `generation` grows by one with every new token the coordinator installs (also
+/// across processes when a shared store is used); a request remembers the generation it
+/// carried, so a rejection of an older token is recognised as stale (C3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    access: Secret,
+    refresh: Option<Secret>,
+    expires_at: Option<SystemTime>,
+    generation: u64,
+}
+
+impl Token {
+    /// A token with the given access secret, no refresh token, no known expiry and
+    /// generation 0 (the coordinator assigns generations when it installs a token).
+    pub fn new(access: impl Into<Secret>) -> Self {
+        Token {
+            access: access.into(),
+            refresh: None,
+            expires_at: None,
+            generation: 0,
+        }
+    }
+
+    /// Sets the refresh token.
+    pub fn with_refresh(mut self, refresh: impl Into<Secret>) -> Self {
+        self.refresh = Some(refresh.into());
+        self
+    }
+
+    /// Sets or clears the refresh token.
+    pub fn with_refresh_opt(mut self, refresh: Option<Secret>) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
+    /// Sets the absolute expiry time.
+    pub fn expires_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Sets the expiry as a lifetime counted from `now`.
+    pub fn expires_in(self, lifetime: Duration, now: SystemTime) -> Self {
+        match now.checked_add(lifetime) {
+            Some(at) => self.expires_at(at),
+            // A lifetime too large to represent never expires in practice.
+            None => self,
+        }
+    }
+
+    /// Sets the generation. Normally only stores and the coordinator do this.
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    /// The access secret.
+    pub fn access(&self) -> &Secret {
+        &self.access
+    }
+
+    /// The refresh secret, if any.
+    pub fn refresh(&self) -> Option<&Secret> {
+        self.refresh.as_ref()
+    }
+
+    /// When the token expires, if known. `None` means "valid until rejected".
+    pub fn expiry(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+
+    /// The generation (see the type's docs).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True when the token is expired at `now`, or will be within `leeway` (C7).
+    pub fn is_expired(&self, now: SystemTime, leeway: Duration) -> bool {
+        match self.expires_at {
+            None => false,
+            Some(at) => now.checked_add(leeway).is_none_or(|t| t >= at),
+        }
+    }
+
+    /// Time left until expiry at `now` (zero if already expired, `None` if unknown).
+    pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
+        self.expires_at
+            .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c12_secrets_never_print() {
+        let token = Token::new("access-XYZ").with_refresh("refresh-ABC");
+        let shown = format!("{token:?} {} {:?}", token.access(), token.refresh());
+        assert!(!shown.contains("XYZ") && !shown.contains("ABC"), "{shown}");
+        assert!(shown.contains("[redacted]"));
+        assert_eq!(token.access().expose(), "access-XYZ");
+    }
+
+    #[test]
+    fn c7_leeway_counts_as_expired() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let token = Token::new("a").expires_in(Duration::from_secs(30), now);
+        assert!(!token.is_expired(now, Duration::from_secs(29)));
+        assert!(token.is_expired(now, Duration::from_secs(30)));
+        assert!(!Token::new("a").is_expired(now, Duration::from_secs(1 << 40)));
+    }
+}
