@@ -27,7 +27,7 @@
 //!     }))
 //!     .build_flight()
 //!     .unwrap();
-//! futures_util::future::block_on(async {
+//! futures::executor::block_on(async {
 //!     let token = flight.token().await.unwrap();
 //!     assert_eq!(token.access().expose(), "token-1");
 //!     // A valid token is served from memory: no second source call.

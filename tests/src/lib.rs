@@ -1,1 +1,4 @@
-//! Placeholder: work in progress.
+//! Test support for tokenflight: the testkit server (a real loopback auth + API server),
+//! the conformance suite every adapter runs, and shared property-test machinery.
+
+pub mod conformance;
