@@ -1,0 +1,49 @@
+//! C10 / fast path: getting a valid token allocates nothing and takes no lock (one
+//! atomic load of the current token; see `SingleFlight::valid_token`). Measured with
+//! dhat's heap statistics as the global allocator of this test binary, which holds only
+//! this test so no other thread allocates meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenflight::{Builder, ManualClock, Token, from_fn};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+#[test]
+fn c10_fast_path_allocates_nothing() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let clock = ManualClock::at_fixed_point();
+    let now = tokenflight::Clock::now(&clock);
+    let flight = Builder::new()
+        .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+        .clock(Arc::new(clock.clone()))
+        .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now))
+        .build_flight()
+        .unwrap();
+    // Warm up (first use of thread-locals etc. may allocate once).
+    futures::executor::block_on(flight.token()).unwrap();
+
+    let before = dhat::HeapStats::get();
+    for _ in 0..10_000 {
+        let token = flight.valid_token().unwrap();
+        std::hint::black_box(&token);
+        // The async entry point too: polled to completion on the fast path.
+        let token = futures::executor::block_on(flight.token()).unwrap();
+        std::hint::black_box(&token);
+    }
+    let after = dhat::HeapStats::get();
+    assert_eq!(
+        after.total_blocks,
+        before.total_blocks,
+        "the valid-token fast path allocated {} blocks in 20,000 calls",
+        after.total_blocks - before.total_blocks
+    );
+    assert_eq!(flight.stats().flights, 0);
+
+    // The measurement can see allocations: an expired token's path does allocate.
+    let before = dhat::HeapStats::get();
+    std::hint::black_box(vec![0u8; 16]);
+    assert!(dhat::HeapStats::get().total_blocks > before.total_blocks);
+}
