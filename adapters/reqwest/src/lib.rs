@@ -1,1 +1,105 @@
-//! Placeholder: work in progress.
+//! # tokenflight-reqwest
+//!
+//! [`tokenflight`] for reqwest: a [`reqwest_middleware`] layer that keeps a client's
+//! access token valid. Before a request it checks the token for (near) expiry; after the
+//! response it checks whether the server rejected it. Either way exactly one refresh
+//! runs for all concurrent requests, and each rejected request is resent exactly once
+//! with the new token. The coordination lives in the core; this crate only maps
+//! reqwest's types onto it and supplies tokio's spawner and timer.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
+//! use tokenflight_reqwest::tokenflight::{RefreshError, Token, from_fn};
+//! use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // Token sources talk to the token endpoint through a *bare* client: a refresh can
+//! // never pass through the layer that waits for it.
+//! let _bare = Arc::new(BareTransport::new(reqwest::Client::new()));
+//! let layer = TokenLayer::builder()
+//!     .source(from_fn(|_cx| async {
+//!         // e.g. `tokenflight::oauth2::RefreshTokenGrant` over `_bare`
+//!         Ok::<_, RefreshError>(Token::new("access-token"))
+//!     }))
+//!     .allowed_origin("https://api.example.com")
+//!     .build()?;
+//! let client = ClientBuilder::new(reqwest::Client::new()).with(layer).build();
+//! let response = client.get("https://api.example.com/me").send().await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `tests/example.rs` runs the same setup against a real server.
+//!
+//! ## Per-request options and client-wide defaults
+//!
+//! Put a marker in the request's extensions:
+//! [`SkipAuth`](tokenflight::SkipAuth) sends it without credentials and does not classify
+//! the response; [`ForceRefresh`](tokenflight::ForceRefresh) refreshes before sending.
+//!
+//! ```
+//! # use tokenflight_reqwest::{reqwest, reqwest_middleware::ClientWithMiddleware};
+//! # let client = ClientWithMiddleware::from(reqwest::Client::new());
+//! use tokenflight_reqwest::tokenflight::SkipAuth;
+//! let request = client.get("https://api.example.com/health").with_extension(SkipAuth);
+//! # drop(request);
+//! ```
+//!
+//! Client-wide defaults are a [`RequestOptions`](tokenflight::RequestOptions) value put on
+//! every request by reqwest-middleware's initialiser,
+//! `ClientBuilder::with_init(Extension(RequestOptions::from_markers(skip_auth, force_refresh)))`.
+//! **The request wins**: the initialiser runs when the request builder is created, and
+//! extensions hold one value per type, so a `RequestOptions` the request adds with
+//! `.with_extension(..)` replaces the client's. Markers only ever switch an option on, so
+//! to switch a client-wide default off for one request, give that request its own
+//! `RequestOptions`. (Skipping auth takes precedence over forcing a refresh.)
+//!
+//! ## Errors
+//!
+//! When no token can be had, the request fails with
+//! [`reqwest_middleware::Error::Middleware`] wrapping a [`tokenflight::Error`]:
+//!
+//! ```
+//! fn needs_login(error: &tokenflight_reqwest::reqwest_middleware::Error) -> bool {
+//!     use tokenflight_reqwest::reqwest_middleware::Error;
+//!     matches!(error, Error::Middleware(e)
+//!         if matches!(e.downcast_ref(),
+//!             Some(tokenflight_reqwest::tokenflight::Error::ReauthenticationRequired { .. })))
+//! }
+//! # let _ = needs_login;
+//! ```
+//!
+//! Errors of reqwest and of other middleware pass through unchanged.
+//!
+//! ## Where the token goes
+//!
+//! The header is marked sensitive. The token goes only to the allowed origins (the core
+//! checks each request's URL). When reqwest follows a redirect to another origin it drops
+//! the `Authorization` header (tested in `tests/redirects.rs`); it keeps other headers, so
+//! with a custom header placement (`.header("X-Api-Key", None)`) give the client a
+//! redirect policy that does not follow redirects to other origins.
+//!
+//! ## Cancellation
+//!
+//! Dropping a request's future is safe at any point: a refresh it started goes on for the
+//! other requests, and with the [`TokioSpawner`] that [`TokenLayer::builder`] presets it
+//! completes and is stored even if every request was dropped (C6).
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod layer;
+mod message;
+mod runtime;
+mod transport;
+
+pub use layer::TokenLayer;
+pub use runtime::{TokioSpawner, TokioTimer};
+pub use transport::BareTransport;
+
+pub use reqwest;
+pub use reqwest_middleware;
+pub use tokenflight;

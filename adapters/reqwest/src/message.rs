@@ -1,0 +1,122 @@
+//! reqwest's request and response seen through the core's `AuthRequest` and
+//! `AuthResponse` (newtypes, since both the traits and the types are foreign here).
+
+use std::future::Future;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, future, stream};
+use http::{HeaderName, HeaderValue};
+use reqwest::{Body, ResponseBuilderExt, Url};
+use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+
+/// A request on its way through the [`TokenLayer`](crate::TokenLayer).
+pub(crate) struct Outgoing(pub(crate) reqwest::Request);
+
+impl AuthRequest for Outgoing {
+    fn url(&self) -> &Url {
+        self.0.url()
+    }
+
+    fn url_mut(&mut self) -> &mut Url {
+        self.0.url_mut()
+    }
+
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader)?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
+        value.set_sensitive(true);
+        self.0.headers_mut().insert(name, value);
+        Ok(())
+    }
+
+    fn try_clone(&self) -> Option<Self> {
+        // `None` for streaming bodies: they cannot be replayed (C4).
+        self.0.try_clone().map(Outgoing)
+    }
+}
+
+/// A response on its way back through the [`TokenLayer`](crate::TokenLayer).
+pub(crate) struct Incoming(pub(crate) reqwest::Response);
+
+impl ResponseView for Incoming {
+    fn status(&self) -> u16 {
+        self.0.status().as_u16()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.headers().get(name)?.to_str().ok()
+    }
+}
+
+impl AuthResponse for Incoming {
+    fn buffer_body(self, limit: usize) -> impl Future<Output = (Self, Option<Bytes>)> + Send {
+        buffer_body(self.0, limit)
+    }
+}
+
+/// What follows the bytes already read when the response is put back together.
+enum Rest {
+    /// The body ended: the bytes read are all of it.
+    Nothing,
+    /// The body is longer than the limit: the unread part follows.
+    Unread,
+    /// Reading failed: the caller gets the same error where it happened.
+    Failed(reqwest::Error),
+}
+
+async fn buffer_body(mut response: reqwest::Response, limit: usize) -> (Incoming, Option<Bytes>) {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        // Too long to classify; nothing read, nothing to rebuild.
+        return (Incoming(response), None);
+    }
+    let mut read = BytesMut::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                read.extend_from_slice(&chunk);
+                if read.len() > limit {
+                    return (rebuild(response, read.freeze(), Rest::Unread), None);
+                }
+            }
+            Ok(None) => {
+                let body = read.freeze();
+                return (rebuild(response, body.clone(), Rest::Nothing), Some(body));
+            }
+            Err(error) => return (rebuild(response, read.freeze(), Rest::Failed(error)), None),
+        }
+    }
+}
+
+/// The same status, version, headers, extensions and URL, with a body that yields
+/// `read` and then `rest`: the caller cannot tell the body was looked at.
+fn rebuild(mut response: reqwest::Response, read: Bytes, rest: Rest) -> Incoming {
+    let status = response.status();
+    let version = response.version();
+    let headers = std::mem::take(response.headers_mut());
+    let extensions = std::mem::take(response.extensions_mut());
+    let url = response.url().clone();
+    let body = match rest {
+        Rest::Nothing => Body::from(read),
+        Rest::Unread => {
+            let read = stream::once(future::ready(Ok(read)));
+            Body::wrap_stream(read.chain(response.bytes_stream()))
+        }
+        Rest::Failed(error) => Body::wrap_stream(stream::iter([Ok(read), Err(error)])),
+    };
+    let mut rebuilt = http::Response::new(body);
+    *rebuilt.status_mut() = status;
+    *rebuilt.version_mut() = version;
+    *rebuilt.headers_mut() = headers;
+    *rebuilt.extensions_mut() = extensions;
+    // reqwest keeps the response URL in a private extension that only its builder
+    // extension can set.
+    if let Ok(marker) = http::Response::builder().url(url).body(()) {
+        rebuilt
+            .extensions_mut()
+            .extend(marker.into_parts().0.extensions);
+    }
+    Incoming(reqwest::Response::from(rebuilt))
+}
