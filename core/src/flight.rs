@@ -185,10 +185,12 @@ impl SingleFlight {
             return Ok(token);
         }
         let current = self.current();
-        let reason = if current.is_none() {
-            RefreshReason::Initial
-        } else {
-            RefreshReason::Expired
+        let reason = match &current {
+            None => RefreshReason::Initial,
+            Some(token) if token.generation() <= self.inner.rejected.load(Ordering::Acquire) => {
+                RefreshReason::Rejected
+            }
+            Some(_) => RefreshReason::Expired,
         };
         let replaces = current.map(|t| t.generation());
         self.wait(self.join_or_start(reason, replaces, false)).await

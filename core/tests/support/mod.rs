@@ -317,7 +317,7 @@ impl FakeServer {
             let ok = auth
                 .as_deref()
                 .and_then(|a| a.strip_prefix("Bearer "))
-                .is_some_and(|t| accept(t));
+                .is_some_and(&accept);
             futures::future::ready(Ok(FakeResponse::status(if ok { 200 } else { 401 })))
         }
     }
