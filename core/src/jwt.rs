@@ -186,7 +186,11 @@ mod tests {
             time_claims("!!!.e30.x"),
             Err(JwtError::Base64 { segment: "header" })
         );
-        let not_object = format!("{}.{}.", URL_SAFE_NO_PAD.encode("{}"), URL_SAFE_NO_PAD.encode("[1]"));
+        let not_object = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode("{}"),
+            URL_SAFE_NO_PAD.encode("[1]")
+        );
         assert_eq!(
             time_claims(&not_object),
             Err(JwtError::Json { segment: "payload" })
@@ -213,7 +217,10 @@ mod tests {
         let secret = jwt(r#"{"exp":"SECRET-CLAIM"}"#);
         let err = time_claims(&secret).unwrap_err();
         let shown = format!("{err} {err:?}");
-        assert!(!shown.contains("SECRET") && !shown.contains(&secret), "{shown}");
+        assert!(
+            !shown.contains("SECRET") && !shown.contains(&secret),
+            "{shown}"
+        );
     }
 
     proptest::proptest! {

@@ -78,7 +78,13 @@ mod builder;
 mod config;
 mod driver;
 mod error;
+#[cfg(feature = "file-store")]
+mod file_store;
 mod flight;
+#[cfg(feature = "oauth2")]
+pub mod jwt;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 mod policy;
 mod request;
 mod runtime;
@@ -86,6 +92,8 @@ mod source;
 mod stats;
 mod store;
 mod token;
+#[cfg(feature = "oauth2")]
+mod token_response;
 mod transport;
 pub mod www_authenticate;
 
@@ -93,6 +101,8 @@ pub use builder::Builder;
 pub use config::{Backoff, FlightConfig};
 pub use driver::{AuthError, Authenticator};
 pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
+#[cfg(feature = "file-store")]
+pub use file_store::{FileLock, FileStore};
 pub use flight::{AuthLostHook, SingleFlight};
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{

@@ -1,0 +1,428 @@
+//! OAuth 2.0 token sources over a bare [`Transport`]: the `refresh_token` grant
+//! (RFC 6749 §6) and the `client_credentials` grant (§4.4).
+//!
+//! Both send a form-encoded POST, authenticate the client with HTTP Basic (default) or
+//! in the body (§2.3.1), and map the answer onto [`RefreshError`]s the coordinator acts
+//! on (C9): `invalid_grant`, `invalid_client`, `unauthorized_client` (and the other
+//! codes no retry can cure) are permanent; 5xx, 429, network failures and timeouts are
+//! transient, with the server's `Retry-After` honoured. Responses are read up to
+//! [`MAX_RESPONSE_BYTES`]. Secrets never appear in errors or `Debug` output (C12).
+//!
+//! ```no_run
+//! # fn demo(transport: std::sync::Arc<dyn tokenflight::Transport>) -> Result<(), tokenflight::ConfigError> {
+//! use tokenflight::oauth2::{ClientAuth, RefreshTokenGrant};
+//! let source = RefreshTokenGrant::new(transport, "https://auth.example/oauth/token", "my-client")?
+//!     .client_secret("s3cret")
+//!     .client_auth(ClientAuth::Basic)
+//!     .scope("read write")
+//!     .param("audience", "https://api.example")
+//!     .initial_refresh_token("refresh-from-login");
+//! let flight = tokenflight::Builder::new().source(source).build_flight()?;
+//! # let _ = flight; Ok(()) }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use url::form_urlencoded;
+
+use crate::error::{ConfigError, RefreshError, RefreshErrorKind};
+use crate::source::{RefreshContext, TokenSource};
+use crate::token::{Secret, Token};
+use crate::token_response::{printable, retry_after};
+use crate::transport::{HttpResponse, Transport, TransportError};
+
+pub use crate::token_response::{ErrorResponse, TokenResponse, TokenResponseError};
+
+/// The largest token endpoint response read (passed to the transport as its body limit).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Parameter names the grants set themselves; [`RefreshTokenGrant::param`] ignores them.
+const RESERVED_PARAMS: [&str; 5] = [
+    "grant_type",
+    "refresh_token",
+    "client_id",
+    "client_secret",
+    "scope",
+];
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-urlencoded id and secret (the default, which servers
+    /// must support). A client without a secret sends its `client_id` in the body.
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` as body parameters.
+    Body,
+}
+
+/// What both grants share: where and how to ask.
+struct Endpoint {
+    transport: Arc<dyn Transport>,
+    token_url: http::Uri,
+    client_id: String,
+    client_secret: Option<Secret>,
+    client_auth: ClientAuth,
+    scope: Option<String>,
+    params: Vec<(String, String)>,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Extra parameter values are not shown: users put all sorts in them.
+        let params: Vec<&str> = self.params.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("Endpoint")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("client_auth", &self.client_auth)
+            .field("scope", &self.scope)
+            .field("params", &params)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    fn new(
+        transport: Arc<dyn Transport>,
+        token_url: &str,
+        client_id: &str,
+    ) -> Result<Self, ConfigError> {
+        // The URL is not echoed: it might carry credentials in its userinfo.
+        let invalid =
+            || ConfigError::InvalidSetting("token_url must be an absolute http(s) URL".into());
+        let parsed = url::Url::parse(token_url).map_err(|_| invalid())?;
+        if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+            return Err(invalid());
+        }
+        let token_url = parsed
+            .as_str()
+            .parse::<http::Uri>()
+            .map_err(|_| invalid())?;
+        Ok(Endpoint {
+            transport,
+            token_url,
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            client_auth: ClientAuth::default(),
+            scope: None,
+            params: Vec::new(),
+        })
+    }
+
+    fn add_param(&mut self, name: &str, value: &str) {
+        if RESERVED_PARAMS.contains(&name) {
+            tracing::warn!(
+                name,
+                "ignoring an extra token request parameter the grant sets itself"
+            );
+            return;
+        }
+        self.params.push((name.to_owned(), value.to_owned()));
+    }
+
+    fn request(&self, grant: &[(&str, &str)]) -> Result<http::Request<Bytes>, RefreshError> {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.extend_pairs(grant.iter().copied());
+        if let Some(scope) = &self.scope {
+            form.append_pair("scope", scope);
+        }
+        form.extend_pairs(self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        let mut authorization = None;
+        match (self.client_auth, &self.client_secret) {
+            (ClientAuth::Basic, Some(secret)) => {
+                authorization = Some(basic_auth(&self.client_id, secret)?);
+            }
+            (ClientAuth::Body, Some(secret)) => {
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_secret", secret.expose());
+            }
+            // A public client identifies itself in the body (§3.2.1).
+            (_, None) => {
+                form.append_pair("client_id", &self.client_id);
+            }
+        }
+        let mut request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(self.token_url.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .body(Bytes::from(form.finish()))
+            .map_err(|_| RefreshError::permanent("could not build the token request"))?;
+        if let Some(value) = authorization {
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
+        Ok(request)
+    }
+
+    /// Sends one grant request and turns the answer into a token. `used_refresh` is
+    /// kept when the response brings no new refresh token.
+    async fn exchange(
+        &self,
+        grant: &[(&str, &str)],
+        now: SystemTime,
+        used_refresh: Option<Secret>,
+    ) -> Result<Token, RefreshError> {
+        let request = self.request(grant)?;
+        let response = self
+            .transport
+            .send(request, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        tracing::debug!(status = status.as_u16(), "token endpoint answered");
+        let secrets = [self.client_secret.as_ref(), used_refresh.as_ref()];
+        if response.body().len() > MAX_RESPONSE_BYTES {
+            // The transport should have enforced the limit; do not trust that it did.
+            return Err(transport_error(TransportError::TooLarge {
+                limit: MAX_RESPONSE_BYTES,
+            }));
+        }
+        if !status.is_success() {
+            return Err(error_response(&response, now, &secrets));
+        }
+        match TokenResponse::parse(response.body()) {
+            Ok(parsed) => Ok(parsed.into_token(now, used_refresh)),
+            Err(error @ TokenResponseError::UnsupportedTokenType(_)) => {
+                Err(RefreshError::permanent(error.to_string()).with_source(error))
+            }
+            // A proxy's error page or a truncated body: the next attempt may do better.
+            Err(error) => Err(RefreshError::transient(error.to_string()).with_source(error)),
+        }
+    }
+}
+
+fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, RefreshError> {
+    // §2.3.1: both halves are form-urlencoded before the Basic encoding.
+    let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
+    let secret: String = form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
+        .map_err(|_| RefreshError::permanent("could not build the Basic authorization header"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn transport_error(error: TransportError) -> RefreshError {
+    let kind = match &error {
+        TransportError::Timeout => RefreshErrorKind::Timeout,
+        TransportError::InvalidRequest(_) => RefreshErrorKind::Permanent,
+        _ => RefreshErrorKind::Transient,
+    };
+    RefreshError::new(kind, error.to_string()).with_source(error)
+}
+
+/// Classifies a non-2xx answer (§5.2 and HTTP semantics).
+fn error_response(
+    response: &HttpResponse,
+    now: SystemTime,
+    secrets: &[Option<&Secret>],
+) -> RefreshError {
+    let status = response.status();
+    let parsed = ErrorResponse::parse(response.body()).ok();
+    let transient_status = status.is_server_error()
+        || status == http::StatusCode::TOO_MANY_REQUESTS
+        || status == http::StatusCode::REQUEST_TIMEOUT
+        || status.is_informational()
+        || status.is_redirection();
+    let permanent = !transient_status
+        && match &parsed {
+            Some(body) => body.is_permanent(),
+            // Any other 4xx without a §5.2 body (401 from a gateway, 404 from a wrong
+            // URL) will not change by retrying.
+            None => status.is_client_error(),
+        };
+    let mut message = format!("token endpoint answered HTTP {}", status.as_u16());
+    if let Some(body) = &parsed {
+        message.push_str(": ");
+        message.push_str(&redact(&printable(&body.error, 64), secrets));
+        if let Some(description) = &body.error_description {
+            message.push_str(" (");
+            message.push_str(&redact(&printable(description, 200), secrets));
+            message.push(')');
+        }
+    }
+    let error = if permanent {
+        RefreshError::permanent(message)
+    } else {
+        RefreshError::transient(message)
+    };
+    match retry_after(response.headers(), now) {
+        Some(after) => error.with_retry_after(after),
+        None => error,
+    }
+}
+
+/// Server text is shown to callers; a server that echoes what it was sent must not
+/// make it leak the secrets of the request.
+fn redact(text: &str, secrets: &[Option<&Secret>]) -> String {
+    secrets
+        .iter()
+        .flatten()
+        .map(|s| s.expose())
+        .filter(|s| !s.is_empty())
+        .fold(text.to_owned(), |text, secret| {
+            text.replace(secret, "[redacted]")
+        })
+}
+
+/// The `refresh_token` grant (RFC 6749 §6): trades the refresh token of the token being
+/// replaced for a new access token, and keeps the new refresh token when the server
+/// rotates it (the old one otherwise).
+///
+/// The refresh token comes from [`RefreshContext::previous`]; before the first refresh
+/// it is the one given to [`RefreshTokenGrant::initial_refresh_token`]. With neither,
+/// the fetch fails permanently (a login is needed).
+pub struct RefreshTokenGrant {
+    endpoint: Endpoint,
+    initial_refresh: Option<Secret>,
+}
+
+impl RefreshTokenGrant {
+    /// A grant against `token_url` for the client `client_id`; fails if the URL is not
+    /// an absolute http(s) URL.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        token_url: &str,
+        client_id: &str,
+    ) -> Result<Self, ConfigError> {
+        Ok(RefreshTokenGrant {
+            endpoint: Endpoint::new(transport, token_url, client_id)?,
+            initial_refresh: None,
+        })
+    }
+
+    /// The client secret (a confidential client).
+    pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.endpoint.client_secret = Some(secret.into());
+        self
+    }
+
+    /// How to send the client's credentials (default: HTTP Basic).
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.endpoint.client_auth = auth;
+        self
+    }
+
+    /// The `scope` parameter.
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.endpoint.scope = Some(scope.to_owned());
+        self
+    }
+
+    /// An extra body parameter (e.g. `audience`, `resource`); may be repeated. Names
+    /// the grant sets itself (`grant_type`, `refresh_token`, `client_id`,
+    /// `client_secret`, `scope`) are ignored.
+    pub fn param(mut self, name: &str, value: &str) -> Self {
+        self.endpoint.add_param(name, value);
+        self
+    }
+
+    /// The refresh token to use while the token being replaced carries none (e.g. the
+    /// one a login returned).
+    pub fn initial_refresh_token(mut self, refresh: impl Into<Secret>) -> Self {
+        self.initial_refresh = Some(refresh.into());
+        self
+    }
+}
+
+impl fmt::Debug for RefreshTokenGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshTokenGrant")
+            .field("endpoint", &self.endpoint)
+            .field("initial_refresh", &self.initial_refresh)
+            .finish()
+    }
+}
+
+impl TokenSource for RefreshTokenGrant {
+    fn fetch(&self, cx: RefreshContext) -> BoxFuture<'_, Result<Token, RefreshError>> {
+        Box::pin(async move {
+            let refresh = cx
+                .previous
+                .as_ref()
+                .and_then(|token| token.refresh().cloned())
+                .or_else(|| self.initial_refresh.clone())
+                .ok_or_else(|| {
+                    RefreshError::permanent("no refresh token available: a new login is needed")
+                })?;
+            let grant = [
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh.expose()),
+            ];
+            self.endpoint
+                .exchange(&grant, cx.now, Some(refresh.clone()))
+                .await
+        })
+    }
+}
+
+/// The `client_credentials` grant (RFC 6749 §4.4): the client asks for a token on its
+/// own behalf with its credentials; there is no refresh token to spend.
+pub struct ClientCredentialsGrant {
+    endpoint: Endpoint,
+}
+
+impl ClientCredentialsGrant {
+    /// A grant against `token_url` for the client `client_id`; fails if the URL is not
+    /// an absolute http(s) URL.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        token_url: &str,
+        client_id: &str,
+    ) -> Result<Self, ConfigError> {
+        Ok(ClientCredentialsGrant {
+            endpoint: Endpoint::new(transport, token_url, client_id)?,
+        })
+    }
+
+    /// The client secret.
+    pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.endpoint.client_secret = Some(secret.into());
+        self
+    }
+
+    /// How to send the client's credentials (default: HTTP Basic).
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.endpoint.client_auth = auth;
+        self
+    }
+
+    /// The `scope` parameter.
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.endpoint.scope = Some(scope.to_owned());
+        self
+    }
+
+    /// An extra body parameter (e.g. `audience`, `resource`); may be repeated. Names
+    /// the grant sets itself are ignored.
+    pub fn param(mut self, name: &str, value: &str) -> Self {
+        self.endpoint.add_param(name, value);
+        self
+    }
+}
+
+impl fmt::Debug for ClientCredentialsGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentialsGrant")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl TokenSource for ClientCredentialsGrant {
+    fn fetch(&self, cx: RefreshContext) -> BoxFuture<'_, Result<Token, RefreshError>> {
+        Box::pin(async move {
+            self.endpoint
+                .exchange(&[("grant_type", "client_credentials")], cx.now, None)
+                .await
+        })
+    }
+}
