@@ -1,0 +1,165 @@
+//! The distributed refresh lock: `SET NX PX` with a unique value, a lease renewed while
+//! the lock is held, and compare-and-delete release.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokenflight::StoreError;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::io::bounded;
+use crate::scripts::{RELEASE, RENEW};
+use crate::store::Inner;
+use crate::wire::millis;
+
+/// The guard inside a [`tokenflight::StoreLock`] from a [`crate::RedisStore`].
+///
+/// Dropping it stops the renewal and releases the lock in the background (best effort;
+/// otherwise the lease lapses). [`tokenflight::TokenStore::unlock`] releases it and
+/// waits for the answer.
+pub(crate) struct RedisLock {
+    value: String,
+    inner: Arc<Inner>,
+    renewal: Option<JoinHandle<()>>,
+    released: bool,
+}
+
+impl RedisLock {
+    /// The unique value this holder wrote under the lock key.
+    pub(crate) fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// Releases the lock and waits for Redis to confirm (compare-and-delete).
+    pub(crate) fn release(mut self) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.released = true;
+        self.stop_renewal();
+        self.inner.forget_held(&self.value);
+        release(Arc::clone(&self.inner), self.value.clone())
+    }
+
+    fn stop_renewal(&mut self) {
+        if let Some(task) = self.renewal.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        self.stop_renewal();
+        if !self.released {
+            self.inner.forget_held(&self.value);
+            let release = release(Arc::clone(&self.inner), self.value.clone());
+            self.inner.runtime.spawn(async move {
+                if let Err(error) = release.await {
+                    tracing::debug!(%error, "releasing a dropped refresh lock failed; its lease will lapse");
+                }
+            });
+        }
+    }
+}
+
+async fn release(inner: Arc<Inner>, value: String) -> Result<bool, StoreError> {
+    let mut con = inner.con.clone();
+    let released: i64 = bounded(
+        inner.settings.command_timeout,
+        RELEASE
+            .key(&inner.lock_key)
+            .arg(&value)
+            .arg(&inner.channel)
+            .invoke_async(&mut con),
+    )
+    .await?;
+    Ok(released == 1)
+}
+
+/// A value no other holder uses: 128 random bits plus the process id.
+fn unique_value() -> String {
+    format!(
+        "{:016x}{:016x}-{}",
+        fastrand::u64(..),
+        fastrand::u64(..),
+        std::process::id()
+    )
+}
+
+/// Takes the lock, waiting (pub/sub, else polling with backoff) up to the configured
+/// lock wait. Runs on the store's runtime.
+pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> {
+    let settings = &inner.settings;
+    let value = unique_value();
+    let deadline = Instant::now() + settings.lock_wait;
+    let mut events = inner.events.clone();
+    let mut delay = settings.poll_min;
+    loop {
+        // Messages sent before this attempt are already accounted for by it.
+        events.borrow_and_update();
+        let mut con = inner.con.clone();
+        let taken: Option<String> = bounded(
+            settings.command_timeout,
+            redis::cmd("SET")
+                .arg(&inner.lock_key)
+                .arg(&value)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(settings.lease))
+                .query_async(&mut con),
+        )
+        .await?;
+        if taken.is_some() {
+            inner.remember_held(&value);
+            let renewal = settings
+                .renew_every
+                .map(|every| inner.runtime.spawn(renew(Arc::clone(&inner), value.clone(), every)));
+            return Ok(RedisLock {
+                value,
+                inner,
+                renewal,
+                released: false,
+            });
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StoreError::LockTimeout);
+        }
+        let pause = delay.min(left);
+        match tokio::time::timeout(pause, events.changed()).await {
+            // Woken by a save or release: try again now.
+            Ok(Ok(())) => {}
+            // The listener is gone (the runtime is shutting down): plain polling.
+            Ok(Err(_)) => tokio::time::sleep(pause).await,
+            Err(_) => delay = (delay * 2).min(settings.poll_max),
+        }
+    }
+}
+
+/// Extends the lease every `every` while the lock is still ours. Ends when the lock is
+/// lost; aborted when the guard is released or dropped. A failed renewal is retried at
+/// the next tick: the fenced save catches a lease that lapsed meanwhile.
+async fn renew(inner: Arc<Inner>, value: String, every: Duration) {
+    let lease_ms = millis(inner.settings.lease);
+    let mut con: ConnectionManager = inner.con.clone();
+    loop {
+        tokio::time::sleep(every).await;
+        let renewed: Result<i64, StoreError> = bounded(
+            inner.settings.command_timeout,
+            RENEW
+                .key(&inner.lock_key)
+                .arg(&value)
+                .arg(lease_ms)
+                .invoke_async(&mut con),
+        )
+        .await;
+        match renewed {
+            Ok(1) => tracing::trace!("refresh lock lease renewed"),
+            Ok(_) => {
+                tracing::warn!("refresh lock lease lapsed before renewal; another replica holds it");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "renewing the refresh lock lease failed"),
+        }
+    }
+}

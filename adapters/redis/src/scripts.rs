@@ -1,0 +1,92 @@
+//! The Lua scripts that make each lock and store step atomic on the Redis server.
+//!
+//! Every script that changes the lock or the token publishes on the store's channel, so
+//! replicas waiting for the lock wake up at once instead of at their next poll.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Compare-and-delete: releases the lock only if it still holds our value, so a holder
+/// whose lease lapsed cannot release someone else's lock.
+///
+/// KEYS: lock. ARGV: our value, channel. Returns 1 if released.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'released')
+  return 1
+end
+return 0
+",
+    )
+});
+
+/// Compare-and-pexpire: extends the lease only while the lock is still ours.
+///
+/// KEYS: lock. ARGV: our value, lease in ms. Returns 1 if renewed.
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+",
+    )
+});
+
+/// The fenced save: writes the token only if (a) the caller still holds the lock (when
+/// it says it does) and (b) the stored token is older. Both checks and the write are
+/// one atomic step, so a holder whose lease lapsed cannot overwrite a newer token.
+///
+/// A stored value that cannot be decoded counts as generation 0: a save (typically a
+/// new login) repairs it.
+///
+/// KEYS: token, lock. ARGV: our lock value or "" (no lock), generation, record,
+/// channel. Returns "ok", "lease_lost" or "newer".
+pub(crate) static SAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 'lease_lost'
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, record = pcall(cjson.decode, current)
+  if ok and type(record) == 'table' then
+    local stored = tonumber(record['generation'])
+    if stored and stored >= tonumber(ARGV[2]) then
+      return 'newer'
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'saved:' .. ARGV[2])
+return 'ok'
+",
+    )
+});
+
+/// The fenced load: reads the token only if the caller still holds the lock, so a
+/// holder whose lease lapsed learns it before it spends a refresh token that another
+/// replica may already have spent.
+///
+/// KEYS: token, lock. ARGV: our lock value. Returns {"lease_lost"}, {"none"} or
+/// {"ok", record}.
+pub(crate) static LOAD_FENCED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return {'lease_lost'}
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  return {'ok', current}
+end
+return {'none'}
+",
+    )
+});

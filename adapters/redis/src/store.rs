@@ -1,0 +1,303 @@
+//! `RedisStore`: the [`TokenStore`] a fleet shares.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::future::BoxFuture;
+use redis::IntoConnectionInfo;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokenflight::{StoreError, StoreLock, Token, TokenStore};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::config::{RedisStoreBuilder, Settings};
+use crate::events;
+use crate::io::{bounded, on_runtime, redis_error};
+use crate::lock::{self, RedisLock};
+use crate::scripts::{LOAD_FENCED, SAVE};
+use crate::wire;
+
+/// A token store in Redis, shared by every replica that uses the same key prefix.
+///
+/// - The token is kept as versioned JSON under `<prefix>token`.
+/// - The refresh lock is `<prefix>lock`: `SET NX PX` with a unique value, a lease that
+///   is renewed while the holder refreshes, released by compare-and-delete.
+/// - Saves are fenced: a holder whose lease lapsed cannot overwrite a newer token (the
+///   lock value and the stored generation are checked in the same atomic script), and
+///   gets [`StoreError::LeaseLost`]; the coordinator then adopts the newer token.
+/// - While this store holds the lock, `load` is fenced too: a holder whose lease lapsed
+///   gets [`StoreError::LeaseLost`] before it can spend a refresh token that another
+///   replica may already have used.
+/// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
+///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
+/// - Every Redis round trip is bounded; connection trouble is
+///   [`StoreError::Unavailable`], and the connection manager reconnects when Redis is
+///   back. The coordinator keeps serving its current token meanwhile.
+///
+/// Cheap to clone; clones share the connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tokenflight::{Builder, Token, from_fn};
+/// use tokenflight_redis::RedisStore;
+///
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/")
+///     .key_prefix("billing-api:oauth:")
+///     .lease(Duration::from_secs(45))
+///     .connect()
+///     .await?;
+/// let flight = Builder::new()
+///     .store(store)
+///     .source(from_fn(|_cx| async { Ok(Token::new("...")) }))
+///     .build_flight()?;
+/// # let _ = flight;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) settings: Settings,
+    pub(crate) token_key: String,
+    pub(crate) lock_key: String,
+    pub(crate) channel: String,
+    pub(crate) con: ConnectionManager,
+    pub(crate) runtime: Handle,
+    /// Bumped by the pub/sub listener on every save or release in the fleet.
+    pub(crate) events: watch::Receiver<u64>,
+    /// The lock value this store holds right now, if any: `load` is fenced on it.
+    held: Mutex<Option<String>>,
+}
+
+impl Inner {
+    pub(crate) fn remember_held(&self, value: &str) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = Some(value.to_owned());
+    }
+
+    pub(crate) fn forget_held(&self, value: &str) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.as_deref() == Some(value) {
+            *held = None;
+        }
+    }
+
+    fn held(&self) -> Option<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    // Never the connection info (it may carry a password) and never the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("key_prefix", &self.inner.settings.key_prefix)
+            .field("lease", &self.inner.settings.lease)
+            .field("renew_every", &self.inner.settings.renew_every)
+            .field("lock_wait", &self.inner.settings.lock_wait)
+            .field("holds_lock", &self.inner.held().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for a store at `info` (a `redis://` URL or any
+    /// [`IntoConnectionInfo`]); see [`RedisStoreBuilder`] for the settings.
+    pub fn builder(info: impl IntoConnectionInfo) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(info)
+    }
+
+    pub(crate) fn start(
+        client: redis::Client,
+        settings: Settings,
+        runtime: Handle,
+    ) -> Result<Self, StoreError> {
+        // The connection manager and the listener need the runtime's context.
+        let _context = runtime.enter();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.command_timeout))
+            .set_max_delay(settings.connect_timeout);
+        let con = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(redis_error)?;
+        let (tx, events) = watch::channel(0);
+        runtime.spawn(events::listen(
+            client,
+            settings.channel(),
+            tx,
+            settings.connect_timeout,
+        ));
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                token_key: settings.token_key(),
+                lock_key: settings.lock_key(),
+                channel: settings.channel(),
+                settings,
+                con,
+                runtime,
+                events,
+                held: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The key prefix in use.
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.settings.key_prefix
+    }
+
+    /// Checks that Redis answers (one bounded `PING`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let inner = Arc::clone(&self.inner);
+        on_runtime(&self.inner.runtime, async move {
+            let mut con = inner.con.clone();
+            bounded(
+                inner.settings.command_timeout,
+                redis::cmd("PING").query_async::<String>(&mut con),
+            )
+            .await
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn load_token(inner: Arc<Inner>) -> Result<Option<Token>, StoreError> {
+        let mut con = inner.con.clone();
+        let timeout = inner.settings.command_timeout;
+        let Some(value) = inner.held() else {
+            let raw: Option<String> = bounded(
+                timeout,
+                redis::cmd("GET")
+                    .arg(&inner.token_key)
+                    .query_async(&mut con),
+            )
+            .await?;
+            return raw.as_deref().map(wire::decode).transpose();
+        };
+        let reply: Vec<String> = bounded(
+            timeout,
+            LOAD_FENCED
+                .key(&inner.token_key)
+                .key(&inner.lock_key)
+                .arg(&value)
+                .invoke_async(&mut con),
+        )
+        .await?;
+        match reply.as_slice() {
+            [status, raw] if status == "ok" => wire::decode(raw).map(Some),
+            [status] if status == "none" => Ok(None),
+            [status] if status == "lease_lost" => {
+                inner.forget_held(&value);
+                tracing::warn!("refresh lock lease lapsed before the token was read");
+                Err(StoreError::LeaseLost)
+            }
+            _ => Err(StoreError::Other("unexpected reply from the load script".into())),
+        }
+    }
+
+    async fn save_token(
+        inner: Arc<Inner>,
+        record: String,
+        generation: u64,
+        lock_value: Option<String>,
+    ) -> Result<(), StoreError> {
+        let mut con = inner.con.clone();
+        let outcome: String = bounded(
+            inner.settings.command_timeout,
+            SAVE.key(&inner.token_key)
+                .key(&inner.lock_key)
+                .arg(lock_value.as_deref().unwrap_or(""))
+                .arg(generation)
+                .arg(record)
+                .arg(&inner.channel)
+                .invoke_async(&mut con),
+        )
+        .await?;
+        match (outcome.as_str(), lock_value) {
+            ("ok", _) => Ok(()),
+            ("lease_lost" | "newer", Some(value)) => {
+                // From here on this holder must not act as the holder (unfenced loads
+                // let the coordinator adopt the newer token).
+                inner.forget_held(&value);
+                tracing::warn!(
+                    generation,
+                    reason = outcome.as_str(),
+                    "save refused: the refresh lock lease was lost or a newer token is stored"
+                );
+                Err(StoreError::LeaseLost)
+            }
+            ("newer", None) => Err(StoreError::Other(
+                format!("a token of generation {generation} or newer is already stored").into(),
+            )),
+            _ => Err(StoreError::Other("unexpected reply from the save script".into())),
+        }
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(on_runtime(&self.inner.runtime, Self::load_token(inner)))
+    }
+
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let prepared = wire::encode(token).and_then(|record| {
+            let value = match lock {
+                None => None,
+                Some(lock) => match lock.guard::<RedisLock>() {
+                    Some(guard) => Some(guard.value().to_owned()),
+                    None => {
+                        return Err(StoreError::Other(
+                            "the lock passed to RedisStore::save was not taken from a RedisStore"
+                                .into(),
+                        ));
+                    }
+                },
+            };
+            Ok((record, value))
+        });
+        let generation = token.generation();
+        Box::pin(async move {
+            let (record, value) = prepared?;
+            on_runtime(
+                &inner.runtime.clone(),
+                Self::save_token(inner, record, generation, value),
+            )
+            .await
+        })
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let guard = on_runtime(&self.inner.runtime, lock::acquire(inner)).await?;
+            Ok(StoreLock::new(guard))
+        })
+    }
+
+    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Ok(guard) = lock.into_guard::<RedisLock>() else {
+                return;
+            };
+            match on_runtime(&self.inner.runtime, guard.release()).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
+                Err(error) => {
+                    tracing::warn!(%error, "releasing the refresh lock failed; its lease will lapse");
+                }
+            }
+        })
+    }
+}
