@@ -1,1 +1,74 @@
-//! Placeholder: work in progress.
+//! # tokenflight-surf
+//!
+//! [tokenflight] for [surf] on async-std: the [`TokenLayer`]
+//! middleware keeps the access token valid (one refresh for everybody who needs it,
+//! each rejected request resent once), [`BareTransport`] lets token sources reach the
+//! token endpoint with a plain `surf::Client`, and [`AsyncStdSpawner`] /
+//! [`AsyncStdTimer`] are async-std's runtime pieces for the core.
+//!
+//! The builder is the same as the reqwest adapter's, so switching clients is a
+//! one-line change (`tokenflight_reqwest::TokenLayer::builder()` ↔
+//! `tokenflight_surf::TokenLayer::builder()`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use std::sync::Arc;
+//! use tokenflight::oauth2::RefreshTokenGrant;
+//! use tokenflight_surf::{BareTransport, FollowRedirects, TokenLayer};
+//!
+//! let bare = Arc::new(BareTransport::new(surf::Client::new()));
+//! let grant = RefreshTokenGrant::new(bare, "https://auth.example.com/oauth/token", "my-app")?
+//!     .initial_refresh_token("refresh-from-login");
+//! let layer = TokenLayer::builder()
+//!     .source(grant)
+//!     .allowed_origin("https://api.example.com")
+//!     .build()?;
+//! let client = surf::client().with(FollowRedirects::default()).with(layer);
+//! let body = client.get("https://api.example.com/me").recv_string().await?;
+//! # let _ = body; Ok(()) }
+//! ```
+//!
+//! ## Redirects and the token (C12)
+//!
+//! The token goes only to the allowed origins; the layer checks the URL of every
+//! request it sees. What it sees depends on where redirects are followed:
+//!
+//! - **Recommended:** [`FollowRedirects`] registered *before* the layer
+//!   (`.with(FollowRedirects::default()).with(layer)`): each hop passes the layer, which
+//!   attaches the token only if the hop's origin is allowed, and each hop is sent once.
+//! - surf's `surf::middleware::Redirect` *after* the layer **leaks the token**: it
+//!   probes redirect targets with a copy of the request, `Authorization` header
+//!   included, whatever their origin. Never register it after the layer.
+//! - surf's `Redirect` *before* the layer is safe (its probes carry no token) but sends
+//!   every request twice, the first time without credentials.
+//!
+//! `tests/redirects.rs` shows all three.
+//!
+//! ## Dependencies
+//!
+//! Nothing here needs tokio. surf's `h1-client-rustls` backend (the crate feature of
+//! the same name, needed for `surf::Client::new()` and `BareTransport::default()`)
+//! brings in `tokio` with only its `sync` and `time` features through its connection
+//! pool (`deadpool` 0.7): no tokio runtime runs. Without that feature (the default),
+//! `cargo tree -p tokenflight-surf -e normal` lists no tokio at all; the application
+//! picks surf's backend.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod body;
+mod layer;
+mod message;
+mod redirect;
+mod runtime;
+mod transport;
+
+pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, TokenLayer};
+pub use redirect::FollowRedirects;
+pub use runtime::{AsyncStdSpawner, AsyncStdTimer};
+pub use transport::BareTransport;
+
+pub use surf;
+pub use tokenflight;
+pub use tokenflight::{ForceRefresh, SkipAuth};

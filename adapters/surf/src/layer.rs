@@ -1,0 +1,138 @@
+//! [`TokenLayer`]: the surf middleware that runs the core's retry driver.
+
+use std::sync::Arc;
+
+use surf::middleware::{Middleware, Next};
+use surf::{Client, Request, Response, StatusCode};
+use tokenflight::{AuthError, Authenticator, Builder, ForceRefresh, RequestOptions, SkipAuth};
+
+use crate::message::{Attempt, Reply};
+use crate::runtime::{AsyncStdSpawner, AsyncStdTimer};
+
+/// Request bodies up to this many bytes are buffered so a rejected request can be resent
+/// (1 MiB). See [`TokenLayer::replay_body_limit`].
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
+
+/// surf middleware that keeps the access token valid: attaches it, and on a rejection
+/// waits for the one refresh and resends the request once with the new token.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use tokenflight::{Token, from_fn};
+/// use tokenflight_surf::{FollowRedirects, TokenLayer};
+///
+/// let layer = TokenLayer::builder()
+///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
+///     .allowed_origin("https://api.example.com")
+///     .build()?;
+/// // Redirects first (outside), the token layer second: every hop is checked
+/// // against the allowed origins (see the crate docs).
+/// let client = surf::client().with(FollowRedirects::default()).with(layer);
+/// let _res = client.get("https://api.example.com/me").await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Request bodies
+/// Cloning a `surf::Request` drops its body, so the layer reads a body of known length
+/// up to [`replay_body_limit`](Self::replay_body_limit) bytes into memory once and gives
+/// every attempt a copy. Larger bodies, and streams of unknown length
+/// (`Body::from_reader(r, None)`), are sent as they are but cannot be resent: when such
+/// a request is rejected, the caller gets the rejection and the token is marked
+/// rejected, so the next request refreshes (C4).
+///
+/// # Markers
+/// Put [`SkipAuth`] or [`ForceRefresh`] in the request's extensions
+/// (`req.set_ext(SkipAuth)`) to send without credentials or to refresh first (C11). A
+/// resent request lacks the caller's extensions (surf's `clone` drops them).
+///
+/// # Errors
+/// When no token can be had the request fails with a `surf::Error` whose status is
+/// `401` for [`tokenflight::Error::ReauthenticationRequired`] and `503` for a failed or
+/// backing-off refresh; the typed error is reachable with
+/// `err.downcast_ref::<tokenflight::Error>()`. A token that cannot be a header value
+/// gives `500` with [`tokenflight::InvalidHeader`] inside.
+///
+/// # The header
+/// The token is never logged by this crate, but http-types has no "sensitive" flag for
+/// headers: middleware registered after this layer sees it in the request (and its
+/// `Debug`). Register logging middleware before the layer.
+#[derive(Clone, Debug)]
+pub struct TokenLayer {
+    auth: Authenticator,
+    replay_body_limit: usize,
+}
+
+impl TokenLayer {
+    /// The core builder preset with async-std's spawner and timer; `build()` returns a
+    /// `TokenLayer`.
+    pub fn builder() -> Builder<TokenLayer> {
+        Builder::for_output()
+            .spawner(Arc::new(AsyncStdSpawner))
+            .timer(Arc::new(AsyncStdTimer))
+    }
+
+    /// A layer around an authenticator built elsewhere.
+    pub fn new(auth: Authenticator) -> Self {
+        TokenLayer {
+            auth,
+            replay_body_limit: DEFAULT_REPLAY_BODY_LIMIT,
+        }
+    }
+
+    /// The largest request body (bytes) kept in memory to resend a rejected request
+    /// (default [`DEFAULT_REPLAY_BODY_LIMIT`]). `0` makes only empty bodies replayable.
+    pub fn replay_body_limit(mut self, limit: usize) -> Self {
+        self.replay_body_limit = limit;
+        self
+    }
+
+    /// The authenticator behind the layer (stats, `flight().install(..)`).
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+}
+
+impl From<Authenticator> for TokenLayer {
+    fn from(auth: Authenticator) -> Self {
+        TokenLayer::new(auth)
+    }
+}
+
+#[surf::utils::async_trait]
+impl Middleware for TokenLayer {
+    async fn handle(&self, req: Request, client: Client, next: Next<'_>) -> surf::Result<Response> {
+        let options = RequestOptions::from_markers(
+            req.ext::<SkipAuth>().is_some(),
+            req.ext::<ForceRefresh>().is_some(),
+        );
+        // The driver would pass these through too; deciding here skips buffering.
+        if options.skip_auth || !self.auth.allowed_origins().allows(req.url()) {
+            return next.run(req, client).await;
+        }
+        let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
+        let sent = self
+            .auth
+            .send(attempt, options, |attempt: Attempt| {
+                let client = client.clone();
+                async move { next.run(attempt.into_request(), client).await.map(Reply) }
+            })
+            .await;
+        sent.map(|Reply(response)| response).map_err(to_surf_error)
+    }
+}
+
+/// A `surf::Error` with a status that says what happened and the typed error inside.
+fn to_surf_error(error: AuthError<surf::Error>) -> surf::Error {
+    match error {
+        AuthError::Transport(e) => e,
+        AuthError::Token(e) => {
+            let status = match e {
+                tokenflight::Error::ReauthenticationRequired { .. } => StatusCode::Unauthorized,
+                _ => StatusCode::ServiceUnavailable,
+            };
+            surf::Error::new(status, e)
+        }
+        AuthError::InvalidHeader(e) => surf::Error::new(StatusCode::InternalServerError, e),
+        _ => surf::Error::from_str(StatusCode::InternalServerError, "authentication failed"),
+    }
+}

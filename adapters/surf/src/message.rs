@@ -1,0 +1,153 @@
+//! surf's request and response as the core's `AuthRequest` / `AuthResponse`.
+//!
+//! Cloning a `surf::Request` silently drops its body (and its extensions), so the body
+//! is read into memory once, bounded, and attached to every attempt. A body that is
+//! larger than the limit, or a stream of unknown length, is sent as it is and the
+//! request is not replayable: on a rejection the caller gets the original response (C4).
+
+use std::str::FromStr;
+
+use bytes::Bytes;
+use surf::http::headers::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use surf::http::{Mime, Url};
+use surf::{Request, Response, StatusCode};
+use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+
+use crate::body::{self, Bounded, Unknown};
+
+/// One attempt of a request, with the buffered body to make the next one from.
+pub(crate) struct Attempt {
+    request: Request,
+    replay: Option<Replay>,
+}
+
+/// A body kept for replaying.
+#[derive(Clone)]
+struct Replay {
+    bytes: Bytes,
+    mime: Mime,
+}
+
+impl Attempt {
+    /// Takes `request`'s body into memory if it has a known length of at most `limit`
+    /// bytes; otherwise the body stays as it is and the request is not replayable.
+    pub(crate) async fn buffer(mut request: Request, limit: usize) -> surf::Result<Attempt> {
+        let had_content_type = request.header(CONTENT_TYPE).is_some();
+        let original = request.take_body();
+        let mime = original.mime().clone();
+        let (body, replay) = match body::read_bounded(original, limit, Unknown::Skip).await {
+            Ok(Bounded::Complete(bytes)) => {
+                let body = body::from_bytes(bytes.clone(), mime.clone());
+                (body, Some(Replay { bytes, mime }))
+            }
+            Ok(Bounded::TooLarge(body)) => (body, None),
+            Err((_, e)) => return Err(surf::Error::new(StatusCode::UnprocessableEntity, e)),
+        };
+        request.set_body(body);
+        if !had_content_type {
+            // Setting a body adds a `Content-Type` header when there was none; the
+            // request must go out as the caller built it.
+            request.remove_header(CONTENT_TYPE);
+        }
+        Ok(Attempt { request, replay })
+    }
+
+    /// The same method, URL and headers with no body (always replayable), for a
+    /// redirect that turns the request into a `GET`.
+    pub(crate) fn without_body(&self) -> Attempt {
+        // surf's clone keeps method, URL and headers and leaves the body empty.
+        let mut request = self.request.clone();
+        request.remove_header(CONTENT_TYPE);
+        request.remove_header(CONTENT_LENGTH);
+        Attempt {
+            request,
+            replay: Some(Replay {
+                bytes: Bytes::new(),
+                mime: surf::http::mime::BYTE_STREAM,
+            }),
+        }
+    }
+
+    /// The request as it stands, to adjust before it is sent.
+    pub(crate) fn request_mut(&mut self) -> &mut Request {
+        &mut self.request
+    }
+
+    pub(crate) fn into_request(self) -> Request {
+        self.request
+    }
+}
+
+impl AuthRequest for Attempt {
+    fn url(&self) -> &Url {
+        self.request.url()
+    }
+
+    fn url_mut(&mut self) -> &mut Url {
+        AsMut::<surf::http::Request>::as_mut(&mut self.request).url_mut()
+    }
+
+    /// http-types has no "sensitive" flag on a header: the value is kept out of this
+    /// crate's logs and errors, but `Debug` of the `surf::Request` that middleware after
+    /// the [`TokenLayer`](crate::TokenLayer) sees would show it. Do not log requests there.
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
+        // http-types only checks for ASCII; the `http` crate also refuses control
+        // characters, so a token cannot inject a header line.
+        if http::HeaderName::from_str(name).is_err() || http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(InvalidHeader);
+        }
+        let name = HeaderName::from_str(name).map_err(|_| InvalidHeader)?;
+        let value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
+        self.request.insert_header(name, value);
+        Ok(())
+    }
+
+    fn try_clone(&self) -> Option<Self> {
+        let replay = self.replay.as_ref()?;
+        // Clones method, URL and headers; the body comes from the buffer.
+        let mut request = self.request.clone();
+        let had_content_type = request.header(CONTENT_TYPE).is_some();
+        request.set_body(body::from_bytes(replay.bytes.clone(), replay.mime.clone()));
+        if !had_content_type {
+            request.remove_header(CONTENT_TYPE);
+        }
+        Some(Attempt {
+            request,
+            replay: Some(replay.clone()),
+        })
+    }
+}
+
+/// A `surf::Response` the core can classify.
+pub(crate) struct Reply(pub(crate) Response);
+
+impl ResponseView for Reply {
+    fn status(&self) -> u16 {
+        u16::from(self.0.status())
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        // `HeaderName::from(&str)` panics on non-ASCII; `from_str` does not.
+        let name = HeaderName::from_str(name).ok()?;
+        self.0.header(name)?.iter().next().map(HeaderValue::as_str)
+    }
+}
+
+impl AuthResponse for Reply {
+    async fn buffer_body(mut self, limit: usize) -> (Self, Option<Bytes>) {
+        let had_content_type = self.0.header(CONTENT_TYPE).is_some();
+        let original = self.0.take_body();
+        let mime = original.mime().clone();
+        let (body, bytes) = match body::read_bounded(original, limit, Unknown::Read).await {
+            Ok(Bounded::Complete(bytes)) => (body::from_bytes(bytes.clone(), mime), Some(bytes)),
+            Ok(Bounded::TooLarge(body)) | Err((body, _)) => (body, None),
+        };
+        self.0.set_body(body);
+        if !had_content_type {
+            // The caller gets the headers the server sent, nothing added.
+            self.0.remove_header(CONTENT_TYPE);
+        }
+        (self, bytes)
+    }
+}

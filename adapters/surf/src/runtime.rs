@@ -1,0 +1,28 @@
+//! async-std's spawner and timer for the core (C6, C10).
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokenflight::{Spawn, Timer};
+
+/// Spawns the core's background refreshes on async-std, so a refresh finishes and is
+/// stored even when every caller waiting for it was cancelled (C6).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AsyncStdSpawner;
+
+impl Spawn for AsyncStdSpawner {
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        // Dropping an async-std `JoinHandle` detaches the task; it still runs to the end.
+        drop(async_std::task::spawn(task));
+    }
+}
+
+/// async-std's `sleep`, for refresh timeouts (C10).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AsyncStdTimer;
+
+impl Timer for AsyncStdTimer {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(async_std::task::sleep(duration))
+    }
+}
