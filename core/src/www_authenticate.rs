@@ -168,9 +168,19 @@ impl Cursor<'_> {
         while matches!(self.bytes.get(i), Some(b' ' | b'\t')) {
             i += 1;
         }
-        // `token=` is a param unless it is a token68 ending in '=' padding followed by
-        // nothing but '=' (e.g. `Basic YWJj==`): a param has a value after '='.
-        self.bytes.get(i) == Some(&b'=') && self.bytes.get(i + 1) != Some(&b'=')
+        if self.bytes.get(i) != Some(&b'=') {
+            return false;
+        }
+        // `token=` is a param only if a value follows the '=': otherwise it is a token68
+        // with '=' padding (`Basic YWJj==`, `Negotiate YWI=`, `Negotiate YWI=, Basic`).
+        i += 1;
+        while matches!(self.bytes.get(i), Some(b' ' | b'\t')) {
+            i += 1;
+        }
+        self.bytes
+            .get(i)
+            .copied()
+            .is_some_and(|b| b == b'"' || is_tchar(b))
     }
 }
 
@@ -257,6 +267,60 @@ mod tests {
         );
         assert_eq!(bearer_error("Bearer").unwrap(), None);
         assert_eq!(bearer_error(r#"Basic realm="x""#).unwrap(), None);
+    }
+
+    #[test]
+    fn token68_with_single_padding_is_not_a_parameter() {
+        let parsed = parse(r#"Negotiate YWI=, Bearer error="invalid_token""#).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].token68.as_deref(), Some("YWI="));
+        assert!(parsed[0].params.is_empty());
+        assert_eq!(parsed[1].param("error"), Some("invalid_token"));
+        assert_eq!(
+            parse("Negotiate YWI=").unwrap()[0].token68.as_deref(),
+            Some("YWI=")
+        );
+        // Whitespace around '=' still makes a parameter.
+        assert_eq!(
+            parse("Bearer error = invalid_token").unwrap()[0].param("error"),
+            Some("invalid_token")
+        );
+    }
+
+    #[test]
+    fn quoted_strings_keep_utf8_and_escapes() {
+        let parsed = parse(r#"Bearer realm="caf\é \\ \"q\"""#).unwrap();
+        assert_eq!(parsed[0].param("realm"), Some(r#"café \ "q""#));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn c13_parse_never_panics(header in r#"[ -~\t]{0,120}"#) {
+            let _ = parse(&header);
+            let _ = bearer_error(&header);
+        }
+
+        #[test]
+        fn c13_parse_never_panics_on_challenge_like_text(
+            header in r#"(( |,)*[A-Za-z]{1,8}( [A-Za-z0-9+/]{1,6}=*)?( *[a-z_]{1,6} *= *("([^"\\]|\\.){0,6}"?|[a-z]{0,4}) *,?)*){0,4}"#,
+        ) {
+            if let Ok(challenges) = parse(&header) {
+                for challenge in &challenges {
+                    proptest::prop_assert!(!challenge.scheme.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn quoted_values_round_trip(value in "[ -~é]{0,20}") {
+            let quoted: String = value.chars().flat_map(|c| match c {
+                '"' | '\\' => vec!['\\', c],
+                c => vec![c],
+            }).collect();
+            let parsed = parse(&format!(r#"Bearer realm="{quoted}", error="invalid_token""#)).unwrap();
+            proptest::prop_assert_eq!(parsed[0].param("realm"), Some(value.as_str()));
+            proptest::prop_assert_eq!(parsed[0].param("error"), Some("invalid_token"));
+        }
     }
 
     #[test]

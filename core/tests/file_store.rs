@@ -1,0 +1,286 @@
+//! `FileStore` in one process: format, privacy, atomic replace, corruption handling, and
+//! the advisory refresh lock between two store instances (the OS lock is per open file,
+//! so two instances contend exactly like two processes do). The multi-process tests are
+//! in `tests/tests/file_store_processes.rs`.
+#![cfg(all(feature = "file-store", unix))]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::executor::block_on;
+use proptest::prelude::*;
+use tokenflight::{
+    Builder, FileLock, FileStore, RefreshContext, StoreError, Token, TokenStore, from_fn,
+};
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn token(generation: u64) -> Token {
+    Token::new(format!("access-{generation}"))
+        .with_refresh(format!("refresh-{generation}"))
+        .expires_at(SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 42))
+        .with_generation(generation)
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn round_trip_with_private_files_and_no_temp_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path().join("token.json"));
+    assert_eq!(block_on(store.load()).unwrap(), None);
+    block_on(store.save(&token(1), None)).unwrap();
+    block_on(store.save(&token(2), None)).unwrap();
+    assert_eq!(block_on(store.load()).unwrap(), Some(token(2)));
+    assert_eq!(mode(store.path()), 0o600);
+    let text = fs::read_to_string(store.path()).unwrap();
+    assert!(text.contains("\"format\": 1"), "{text}");
+    let lock = block_on(store.lock()).unwrap();
+    assert!(lock.guard::<FileLock>().is_some());
+    assert_eq!(mode(store.lock_path()), 0o600);
+    assert_eq!(leftovers(dir.path()), ["token.json", "token.json.lock"]);
+}
+
+#[test]
+fn a_group_or_world_readable_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path().join("token.json"));
+    block_on(store.save(&token(1), None)).unwrap();
+    let before = fs::read(store.path()).unwrap();
+    for lax in [0o644, 0o640, 0o604, 0o660] {
+        fs::set_permissions(store.path(), fs::Permissions::from_mode(lax)).unwrap();
+        let load = block_on(store.load());
+        assert!(
+            matches!(load, Err(StoreError::Insecure(_))),
+            "{lax:o}: {load:?}"
+        );
+        let save = block_on(store.save(&token(2), None));
+        assert!(
+            matches!(save, Err(StoreError::Insecure(_))),
+            "{lax:o}: {save:?}"
+        );
+        assert_eq!(fs::read(store.path()).unwrap(), before);
+    }
+    let Err(error) = block_on(store.load()) else {
+        unreachable!()
+    };
+    assert!(error.to_string().contains("chmod 600"), "{error}");
+    fs::set_permissions(store.path(), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(block_on(store.load()).unwrap(), Some(token(1)));
+}
+
+#[test]
+fn c13_a_corrupt_file_is_a_typed_error_and_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let garbage = b"{\"format\":1,\"token\":{\"access\":\"access-SECRET\",\"gener";
+    fs::write(&path, garbage).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let store = FileStore::new(&path);
+    let error = block_on(store.load()).unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");
+    assert!(!error.to_string().contains("SECRET"), "{error}");
+    let names = leftovers(dir.path());
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("token.json.corrupt-"), "{names:?}");
+    assert!(error.to_string().contains(&names[0]), "{error}");
+    assert_eq!(fs::read(dir.path().join(&names[0])).unwrap(), garbage);
+    // The store is empty now and usable again.
+    assert_eq!(block_on(store.load()).unwrap(), None);
+    block_on(store.save(&token(3), None)).unwrap();
+    assert_eq!(block_on(store.load()).unwrap(), Some(token(3)));
+}
+
+#[test]
+fn a_save_never_overwrites_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    fs::write(&path, "not json at all").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let store = FileStore::new(&path);
+    block_on(store.save(&token(1), None)).unwrap();
+    let kept: Vec<_> = leftovers(dir.path())
+        .into_iter()
+        .filter(|n| n.contains(".corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        fs::read_to_string(dir.path().join(&kept[0])).unwrap(),
+        "not json at all"
+    );
+    assert_eq!(block_on(store.load()).unwrap(), Some(token(1)));
+}
+
+#[test]
+fn a_newer_format_is_refused_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let newer = r#"{"format":99,"whatever":{}}"#;
+    fs::write(&path, newer).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let store = FileStore::new(&path);
+    assert!(matches!(
+        block_on(store.load()),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        block_on(store.save(&token(1), None)),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(fs::read_to_string(&path).unwrap(), newer);
+    assert_eq!(leftovers(dir.path()), ["token.json"]);
+}
+
+#[test]
+fn c1_the_lock_excludes_another_holder_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let first = FileStore::new(&path);
+    let second = FileStore::new(&path).lock_timeout(Duration::from_millis(50));
+    let held = block_on(first.lock()).unwrap();
+    assert!(matches!(
+        block_on(second.lock()),
+        Err(StoreError::LockTimeout)
+    ));
+    drop(held);
+    let taken = block_on(second.lock()).unwrap();
+    assert!(matches!(
+        block_on(first.clone().lock_timeout(Duration::ZERO).lock()),
+        Err(StoreError::LockTimeout)
+    ));
+    drop(taken);
+}
+
+#[test]
+fn a_waiting_lock_gets_it_when_the_holder_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let holder = FileStore::new(&path);
+    let waiter = FileStore::new(&path);
+    let held = block_on(holder.lock()).unwrap();
+    block_on(async {
+        let mut waiting = Box::pin(waiter.lock());
+        // Polled once: the lock is busy, so the wait moves to the helper thread.
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(held);
+        let lock = waiting.await.unwrap();
+        assert!(lock.guard::<FileLock>().is_some());
+    });
+}
+
+#[test]
+fn c6_a_dropped_waiter_does_not_keep_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let holder = FileStore::new(&path);
+    let held = block_on(holder.lock()).unwrap();
+    let abandoned = FileStore::new(&path);
+    block_on(async {
+        let mut waiting = Box::pin(abandoned.lock());
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+    });
+    drop(held);
+    // The abandoned waiter's thread may grab the lock once before it notices nobody
+    // waits; it lets go at once, so a patient third party always gets it.
+    let third = FileStore::new(&path).lock_timeout(Duration::from_secs(30));
+    assert!(block_on(third.lock()).is_ok());
+}
+
+#[test]
+fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let calls = Arc::new(AtomicU32::new(0));
+    let flight = |name: &'static str| {
+        let calls = calls.clone();
+        Builder::new()
+            .store(FileStore::new(&path))
+            .source(from_fn(move |cx: RefreshContext| {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let refresh = cx.previous.and_then(|t| t.refresh().cloned());
+                async move {
+                    Ok(Token::new(format!("{name}-{n}"))
+                        .with_refresh_opt(refresh)
+                        .expires_in(Duration::from_secs(3600), SystemTime::now()))
+                }
+            }))
+            .build_flight()
+            .unwrap()
+    };
+    let (a, b) = (flight("a"), flight("b"));
+    block_on(
+        FileStore::new(&path).save(
+            &Token::new("old")
+                .with_refresh("rt")
+                .expires_at(SystemTime::UNIX_EPOCH)
+                .with_generation(5),
+            None,
+        ),
+    )
+    .unwrap();
+    let from_a = block_on(a.token()).unwrap();
+    let from_b = block_on(b.token()).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(from_a.generation(), 6);
+    assert_eq!(from_b.generation(), 6);
+    assert_eq!(from_a.access(), from_b.access());
+    assert_eq!(from_a.refresh().unwrap().expose(), "rt");
+    assert_eq!(b.stats().adopted, 1);
+}
+
+fn arb_token() -> impl Strategy<Value = Token> {
+    (
+        any::<String>(),
+        proptest::option::of(any::<String>()),
+        proptest::option::of((0u64..(1 << 40), 0u32..1_000_000_000)),
+        any::<u64>(),
+    )
+        .prop_map(|(access, refresh, expiry, generation)| {
+            let token = Token::new(access)
+                .with_refresh_opt(refresh.map(Into::into))
+                .with_generation(generation);
+            match expiry {
+                Some((secs, nanos)) => {
+                    token.expires_at(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+                }
+                None => token,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn a_stored_token_round_trips(token in arb_token()) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path().join("token.json"));
+        block_on(store.save(&token, None)).unwrap();
+        prop_assert_eq!(block_on(store.load()).unwrap(), Some(token));
+    }
+
+    #[test]
+    fn c13_arbitrary_file_contents_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        fs::write(&path, &bytes).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        match block_on(FileStore::new(&path).load()) {
+            Ok(_) | Err(StoreError::Corrupt(_)) => {}
+            Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+        }
+    }
+}
