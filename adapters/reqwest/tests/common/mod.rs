@@ -1,0 +1,110 @@
+//! Shared by the integration tests: a token source that talks to the testkit's token
+//! endpoint through the bare transport, and a client with the layer.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokenflight::{RefreshContext, RefreshError, Token, TokenSource, Transport, from_fn};
+use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_tests::testkit::TestServer;
+use tokio::sync::{Semaphore, mpsc};
+
+/// The client-credentials grant, written out: one form POST per refresh.
+pub fn client_credentials(server: &TestServer) -> impl TokenSource + use<> {
+    let fetch = Fetch::new(server);
+    from_fn(move |_cx: RefreshContext| fetch.token())
+}
+
+/// Like [`client_credentials`], but each refresh first reports on `started` and then
+/// waits for a permit of `gate` before it calls the token endpoint: a test can act
+/// while a refresh is certainly in flight, without guessing at timing.
+pub fn gated_client_credentials(
+    server: &TestServer,
+    started: mpsc::UnboundedSender<()>,
+    gate: Arc<Semaphore>,
+) -> impl TokenSource + use<> {
+    let fetch = Fetch::new(server);
+    from_fn(move |_cx: RefreshContext| {
+        let started = started.clone();
+        let gate = gate.clone();
+        let token = fetch.token();
+        async move {
+            let _ = started.send(());
+            let _permit = gate
+                .acquire()
+                .await
+                .map_err(|_| RefreshError::transient("gate closed"))?;
+            token.await
+        }
+    })
+}
+
+#[derive(Clone)]
+struct Fetch {
+    transport: Arc<dyn Transport>,
+    url: String,
+    form: String,
+}
+
+impl Fetch {
+    fn new(server: &TestServer) -> Self {
+        Fetch {
+            transport: Arc::new(BareTransport::default()),
+            url: server.token_url(),
+            form: format!(
+                "grant_type=client_credentials&client_id={}&client_secret={}",
+                server.client_id(),
+                server.client_secret()
+            ),
+        }
+    }
+
+    fn token(&self) -> impl Future<Output = Result<Token, RefreshError>> + Send + use<> {
+        let transport = self.transport.clone();
+        let request = http::Request::post(self.url.as_str())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Bytes::from(self.form.clone()));
+        async move {
+            let request = request.map_err(|e| RefreshError::permanent(e.to_string()))?;
+            let response = transport
+                .send(request, 64 * 1024)
+                .await
+                .map_err(|e| RefreshError::transient("token endpoint").with_source(e))?;
+            if !response.status().is_success() {
+                return Err(RefreshError::transient(format!(
+                    "token endpoint answered {}",
+                    response.status()
+                )));
+            }
+            let body: serde_json::Value = serde_json::from_slice(response.body())
+                .map_err(|e| RefreshError::transient("malformed token response").with_source(e))?;
+            let access = body["access_token"]
+                .as_str()
+                .ok_or_else(|| RefreshError::transient("no access_token"))?;
+            let lifetime = body["expires_in"].as_u64().unwrap_or(3600);
+            Ok(Token::new(access).expires_in(Duration::from_secs(lifetime), SystemTime::now()))
+        }
+    }
+}
+
+/// A client with `layer` and nothing else.
+pub fn client(layer: TokenLayer) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(layer)
+        .build()
+}
+
+/// The layer the tests use unless they need something else: client credentials against
+/// `server`, which is the one allowed origin.
+pub fn layer(server: &TestServer) -> TokenLayer {
+    TokenLayer::builder()
+        .source(client_credentials(server))
+        .allowed_origin(&server.origin())
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,60 @@
+//! The crate docs' example, run for real against the testkit server.
+
+mod common;
+
+use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
+use tokenflight_reqwest::tokenflight::SkipAuth;
+use tokenflight_reqwest::{TokenLayer, reqwest};
+use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+
+#[tokio::test]
+async fn an_authenticated_request_gets_a_token_and_passes() {
+    let server = TestServer::start(TestServerConfig::default());
+    let layer = TokenLayer::builder()
+        .source(common::client_credentials(&server))
+        .allowed_origin(&server.origin())
+        .build()
+        .unwrap();
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(layer.clone())
+        .build();
+
+    let response = client
+        .post(server.api_url("orders"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-echo-path"], "/api/orders");
+    assert_eq!(response.text().await.unwrap(), "hello");
+
+    // A second request reuses the token.
+    let response = client.get(server.api_url("me")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let counters = server.counters();
+    assert_eq!(counters.token_calls, 1);
+    assert_eq!(counters.credentialed_requests, 2);
+    let token = layer.authenticator().flight().current().unwrap();
+    assert_eq!(counters.requests_with(token.access().expose()), 2);
+}
+
+#[tokio::test]
+async fn skip_auth_sends_no_credentials() {
+    let server = TestServer::start(TestServerConfig::default());
+    let client = common::client(common::layer(&server));
+
+    let response = client
+        .get(server.api_url("public"))
+        .with_extension(SkipAuth)
+        .send()
+        .await
+        .unwrap();
+    // The testkit protects /api, so without credentials it refuses; and the 401 is not
+    // classified, so no refresh and no resend.
+    assert_eq!(response.status(), 401);
+    let counters = server.counters();
+    assert_eq!(counters.token_calls, 0);
+    assert_eq!(counters.credentialed_requests, 0);
+    assert_eq!(counters.resource_calls, 1);
+}

@@ -1,0 +1,190 @@
+//! Per-request markers, client-wide defaults (the request wins), and how errors reach
+//! the caller.
+
+mod common;
+
+use tokenflight::{ForceRefresh, RefreshError, RequestOptions, SkipAuth};
+use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, Error, Extension};
+use tokenflight_reqwest::{TokenLayer, reqwest};
+use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+
+#[tokio::test]
+async fn force_refresh_refreshes_a_valid_token_before_sending() {
+    let server = TestServer::start(TestServerConfig::default());
+    let layer = common::layer(&server);
+    let client = common::client(layer.clone());
+
+    client.get(server.api_url("a")).send().await.unwrap();
+    let first = layer.authenticator().flight().current().unwrap();
+    let response = client
+        .get(server.api_url("b"))
+        .with_extension(ForceRefresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let second = layer.authenticator().flight().current().unwrap();
+    assert!(second.generation() > first.generation());
+    let counters = server.counters();
+    assert_eq!(counters.token_calls, 2);
+    assert_eq!(counters.requests_with(second.access().expose()), 1);
+}
+
+#[tokio::test]
+async fn a_client_wide_default_applies_and_the_request_overrides_it() {
+    let server = TestServer::start(TestServerConfig::default());
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with_init(Extension(RequestOptions::from_markers(true, false)))
+        .with(common::layer(&server))
+        .build();
+
+    // The default: no credentials.
+    let response = client.get(server.api_url("a")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(server.counters().credentialed_requests, 0);
+    assert_eq!(server.counters().token_calls, 0);
+
+    // The request's own options replace the client's.
+    let response = client
+        .get(server.api_url("b"))
+        .with_extension(RequestOptions::default())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.counters().credentialed_requests, 1);
+    assert_eq!(server.counters().token_calls, 1);
+}
+
+#[tokio::test]
+async fn a_marker_on_the_request_applies_over_a_permissive_default() {
+    let server = TestServer::start(TestServerConfig::default());
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with_init(Extension(RequestOptions::default()))
+        .with(common::layer(&server))
+        .build();
+
+    let response = client
+        .get(server.api_url("a"))
+        .with_extension(SkipAuth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(server.counters().credentialed_requests, 0);
+}
+
+#[tokio::test]
+async fn a_failed_refresh_is_a_typed_token_error() {
+    let server = TestServer::start(TestServerConfig::default());
+    let layer = TokenLayer::builder()
+        .source(tokenflight::from_fn(|_cx| async {
+            Err(RefreshError::permanent("credentials revoked"))
+        }))
+        .allowed_origin(&server.origin())
+        .build()
+        .unwrap();
+    let client = common::client(layer);
+
+    let error = client.get(server.api_url("a")).send().await.unwrap_err();
+    let Error::Middleware(inner) = &error else {
+        panic!("expected a middleware error, got {error:?}");
+    };
+    let token_error = inner.downcast_ref::<tokenflight::Error>().unwrap();
+    assert!(matches!(
+        token_error,
+        tokenflight::Error::ReauthenticationRequired { .. }
+    ));
+    assert!(error.to_string().contains("credentials revoked"));
+    assert_eq!(server.counters().resource_calls, 0);
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_a_header_is_a_typed_error() {
+    let server = TestServer::start(TestServerConfig::default());
+    let layer = TokenLayer::builder()
+        .source(tokenflight::from_fn(|_cx| async {
+            Ok(tokenflight::Token::new("bad\nvalue"))
+        }))
+        .allowed_origin(&server.origin())
+        .build()
+        .unwrap();
+    let error = common::client(layer)
+        .get(server.api_url("a"))
+        .send()
+        .await
+        .unwrap_err();
+    let Error::Middleware(inner) = &error else {
+        panic!("expected a middleware error, got {error:?}");
+    };
+    assert!(inner.downcast_ref::<tokenflight::InvalidHeader>().is_some());
+    assert!(!error.to_string().contains("bad\nvalue"));
+    assert_eq!(server.counters().resource_calls, 0);
+}
+
+#[tokio::test]
+async fn a_client_error_passes_through_unchanged() {
+    // A port nobody listens on: bind, learn it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let origin = format!("http://127.0.0.1:{port}");
+    let layer = TokenLayer::builder()
+        .source(tokenflight::from_fn(|_cx| async {
+            Ok(tokenflight::Token::new("t"))
+        }))
+        .allowed_origin(&origin)
+        .build()
+        .unwrap();
+    let error = common::client(layer)
+        .get(format!("{origin}/x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::Reqwest(e) if e.is_connect()),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_header_is_marked_sensitive() {
+    // A middleware after the layer sees the request as it goes out.
+    use std::sync::{Arc, Mutex};
+    use tokenflight_reqwest::reqwest_middleware::{Middleware, Next, Result};
+
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Option<(bool, String)>>>);
+
+    #[async_trait::async_trait]
+    impl Middleware for Seen {
+        async fn handle(
+            &self,
+            req: reqwest::Request,
+            extensions: &mut http::Extensions,
+            next: Next<'_>,
+        ) -> Result<reqwest::Response> {
+            if let Some(value) = req.headers().get("authorization") {
+                *self.0.lock().unwrap() =
+                    Some((value.is_sensitive(), format!("{:?}", req.headers())));
+            }
+            next.run(req, extensions).await
+        }
+    }
+
+    let server = TestServer::start(TestServerConfig::default());
+    let seen = Seen::default();
+    let layer = common::layer(&server);
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(layer.clone())
+        .with(seen.clone())
+        .build();
+    client.get(server.api_url("a")).send().await.unwrap();
+    let (sensitive, printed) = seen.0.lock().unwrap().clone().unwrap();
+    assert!(sensitive);
+    assert!(printed.contains("Sensitive"), "{printed}");
+    let token = layer.authenticator().flight().current().unwrap();
+    assert!(!printed.contains(token.access().expose()), "{printed}");
+}
