@@ -151,3 +151,134 @@ impl AuthResponse for Reply {
         (self, bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_std::task::block_on;
+    use surf::Body;
+
+    fn request(method: surf::http::Method) -> Request {
+        Request::new(method, Url::parse("http://127.0.0.1:1/api/x").unwrap())
+    }
+
+    #[test]
+    fn buffering_adds_no_content_type_and_keeps_one_that_was_set() {
+        block_on(async {
+            let attempt = Attempt::buffer(request(surf::http::Method::Get), 1024)
+                .await
+                .unwrap();
+            assert!(attempt.request.header(CONTENT_TYPE).is_none());
+            let copy = attempt.try_clone().unwrap();
+            assert!(copy.request.header(CONTENT_TYPE).is_none());
+
+            let mut post = request(surf::http::Method::Post);
+            post.set_body(Body::from_string("{\"a\":1}".into()));
+            post.set_content_type("application/json".into());
+            let attempt = Attempt::buffer(post, 1024).await.unwrap();
+            let mut copy = attempt.try_clone().unwrap();
+            for r in [&mut attempt.into_request(), &mut copy.request] {
+                assert_eq!(r.header(CONTENT_TYPE).unwrap().as_str(), "application/json");
+                assert_eq!(r.take_body().into_string().await.unwrap(), "{\"a\":1}");
+            }
+        });
+    }
+
+    #[test]
+    fn streams_and_large_bodies_are_not_replayable_but_intact() {
+        block_on(async {
+            let mut post = request(surf::http::Method::Post);
+            post.set_body(Body::from_reader(
+                futures_util::io::Cursor::new(b"streamed".to_vec()),
+                None,
+            ));
+            let attempt = Attempt::buffer(post, 1024).await.unwrap();
+            assert!(attempt.try_clone().is_none());
+            let mut sent = attempt.into_request();
+            assert_eq!(sent.take_body().into_string().await.unwrap(), "streamed");
+
+            let mut post = request(surf::http::Method::Post);
+            post.set_body(Body::from_bytes(vec![7; 11]));
+            let attempt = Attempt::buffer(post, 10).await.unwrap();
+            assert!(attempt.try_clone().is_none());
+            let mut sent = attempt.into_request();
+            assert_eq!(sent.take_body().into_bytes().await.unwrap(), vec![7; 11]);
+        });
+    }
+
+    #[test]
+    fn sensitive_header_refuses_line_breaks() {
+        block_on(async {
+            let mut attempt = Attempt::buffer(request(surf::http::Method::Get), 0)
+                .await
+                .unwrap();
+            assert_eq!(
+                attempt.set_sensitive_header("authorization", "Bearer a\r\nx-evil: 1"),
+                Err(InvalidHeader)
+            );
+            assert_eq!(
+                attempt.set_sensitive_header("authorization", "Bearer ok"),
+                Ok(())
+            );
+            attempt
+                .set_sensitive_header("authorization", "Bearer new")
+                .unwrap();
+            let values = attempt.request.header("authorization").unwrap();
+            assert_eq!(values.iter().count(), 1, "replaced, not appended");
+            assert_eq!(values.last().as_str(), "Bearer new");
+        });
+    }
+
+    fn response(body: Body, content_type: Option<&str>) -> Reply {
+        let mut res = surf::http::Response::new(StatusCode::Ok);
+        res.set_body(body);
+        match content_type {
+            Some(ct) => {
+                res.insert_header(CONTENT_TYPE, ct);
+            }
+            None => {
+                res.remove_header(CONTENT_TYPE);
+            }
+        }
+        Reply(Response::from(res))
+    }
+
+    #[test]
+    fn buffered_response_is_intact() {
+        block_on(async {
+            // Chunked (unknown length) and small: read and put back.
+            let body = Body::from_reader(
+                futures_util::io::Cursor::new(b"{\"code\":401}".to_vec()),
+                None,
+            );
+            let (mut reply, bytes) = response(body, None).buffer_body(64).await;
+            assert_eq!(bytes.as_deref(), Some(&b"{\"code\":401}"[..]));
+            assert!(reply.0.header(CONTENT_TYPE).is_none(), "no header added");
+            assert_eq!(reply.0.body_bytes().await.unwrap(), b"{\"code\":401}");
+
+            // Larger than the limit: not classified, but every byte still there.
+            let long: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+            let body = Body::from_reader(futures_util::io::Cursor::new(long.clone()), None);
+            let (mut reply, bytes) = response(body, Some("text/plain")).buffer_body(100).await;
+            assert!(bytes.is_none());
+            assert_eq!(reply.0.header(CONTENT_TYPE).unwrap().as_str(), "text/plain");
+            assert_eq!(reply.0.body_bytes().await.unwrap(), long);
+
+            // Known length above the limit: not read at all.
+            let (mut reply, bytes) = response(Body::from_bytes(long.clone()), None)
+                .buffer_body(999)
+                .await;
+            assert!(bytes.is_none());
+            assert_eq!(reply.0.body_bytes().await.unwrap(), long);
+        });
+    }
+
+    #[test]
+    fn response_view_reads_status_and_headers_without_panicking() {
+        let reply = response(Body::empty(), Some("text/plain"));
+        assert_eq!(reply.status(), 200);
+        assert_eq!(reply.header("Content-Type"), Some("text/plain"));
+        assert_eq!(reply.header("x-missing"), None);
+        assert_eq!(reply.header("bad name\u{e9}"), None);
+    }
+}
