@@ -10,21 +10,22 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
-//! use tokenflight_reqwest::tokenflight::{RefreshError, Token, from_fn};
+//! use tokenflight_reqwest::tokenflight::oauth2::RefreshTokenGrant;
 //! use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // Token sources talk to the token endpoint through a *bare* client: a refresh can
-//! // never pass through the layer that waits for it.
-//! let _bare = Arc::new(BareTransport::new(reqwest::Client::new()));
+//! # async fn run(refresh_token_from_login: String) -> Result<(), Box<dyn std::error::Error>> {
+//! // The token source talks to the token endpoint through a *bare* client: a refresh
+//! // can never pass through the layer that waits for it.
+//! let bare = Arc::new(BareTransport::new(reqwest::Client::new()));
+//! let grant = RefreshTokenGrant::new(bare, "https://auth.example.com/oauth/token", "my-app")?
+//!     .client_secret("my-app-secret")
+//!     .initial_refresh_token(refresh_token_from_login);
 //! let layer = TokenLayer::builder()
-//!     .source(from_fn(|_cx| async {
-//!         // e.g. `tokenflight::oauth2::RefreshTokenGrant` over `_bare`
-//!         Ok::<_, RefreshError>(Token::new("access-token"))
-//!     }))
+//!     .source(grant)
 //!     .allowed_origin("https://api.example.com")
 //!     .build()?;
 //! let client = ClientBuilder::new(reqwest::Client::new()).with(layer).build();
+//!
 //! let response = client.get("https://api.example.com/me").send().await?;
 //! println!("{}", response.status());
 //! # Ok(())

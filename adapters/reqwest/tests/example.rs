@@ -2,16 +2,26 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
 use tokenflight_reqwest::tokenflight::SkipAuth;
-use tokenflight_reqwest::{TokenLayer, reqwest};
+use tokenflight_reqwest::tokenflight::oauth2::RefreshTokenGrant;
+use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 #[tokio::test]
 async fn an_authenticated_request_gets_a_token_and_passes() {
     let server = TestServer::start(TestServerConfig::default());
+    let refresh_token_from_login = server.issue_refresh_token();
+
+    let bare = Arc::new(BareTransport::new(reqwest::Client::new()));
+    let grant = RefreshTokenGrant::new(bare, &server.token_url(), &server.client_id())
+        .unwrap()
+        .client_secret(server.client_secret())
+        .initial_refresh_token(refresh_token_from_login);
     let layer = TokenLayer::builder()
-        .source(common::client_credentials(&server))
+        .source(grant)
         .allowed_origin(&server.origin())
         .build()
         .unwrap();
@@ -34,6 +44,7 @@ async fn an_authenticated_request_gets_a_token_and_passes() {
     assert_eq!(response.status(), 200);
     let counters = server.counters();
     assert_eq!(counters.token_calls, 1);
+    assert_eq!(counters.refresh_token_calls, 1);
     assert_eq!(counters.credentialed_requests, 2);
     let token = layer.authenticator().flight().current().unwrap();
     assert_eq!(counters.requests_with(token.access().expose()), 2);

@@ -1,6 +1,6 @@
 //! C1/C2/C3 through reqwest: 1,000 concurrent requests per token expiry, three expiries,
 //! one `ClientWithMiddleware`: every request succeeds and each expiry costs exactly one
-//! token-endpoint call.
+//! token-endpoint call (the core's OAuth 2.0 refresh_token grant, with rotation).
 
 mod common;
 
@@ -17,7 +17,7 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
     // Start from a login: the token the server issued outside the token endpoint.
     let (login, _expires_in) = server.issue_access_token();
     let layer = TokenLayer::builder()
-        .source(common::client_credentials(&server))
+        .source(common::refresh_token_grant(&server))
         .initial_token(tokenflight::Token::new(login))
         .allowed_origin(&server.origin())
         .build()
@@ -47,8 +47,18 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
 
     let counters = server.counters();
     assert_eq!(counters.token_calls, EXPIRIES);
+    assert_eq!(counters.refresh_token_calls, EXPIRIES);
     assert_eq!(counters.token_errors, 0);
+    // A second refresh would have presented a spent (rotated) refresh token.
+    assert_eq!(counters.reuse_detections, 0);
     let stats = layer.authenticator().stats();
+    eprintln!(
+        "storm: {} requests, {} token calls, {} rejections resent once, {} stale rejections",
+        EXPIRIES * CONCURRENT as u64,
+        counters.token_calls,
+        stats.retries,
+        stats.stale_rejections
+    );
     assert_eq!(stats.source_calls, EXPIRIES);
     // Every rejected request was resent exactly once, never more (C4).
     assert_eq!(stats.retries, counters.rejections);

@@ -92,6 +92,19 @@ impl Fetch {
     }
 }
 
+/// The OAuth 2.0 refresh_token grant of the core against `server`, over the bare
+/// transport, starting from a new refresh-token family (as after a login).
+pub fn refresh_token_grant(server: &TestServer) -> tokenflight::oauth2::RefreshTokenGrant {
+    tokenflight::oauth2::RefreshTokenGrant::new(
+        Arc::new(BareTransport::default()),
+        &server.token_url(),
+        &server.client_id(),
+    )
+    .unwrap()
+    .client_secret(server.client_secret())
+    .initial_refresh_token(server.issue_refresh_token())
+}
+
 /// A client with `layer` and nothing else.
 pub fn client(layer: TokenLayer) -> ClientWithMiddleware {
     ClientBuilder::new(reqwest::Client::new())
