@@ -1,0 +1,296 @@
+//! The lease: a refresh that stalls keeps the lock while its holder renews it, and a
+//! holder whose lease lapsed (renewal off: the stall is injected by a store wrapper
+//! that parks one call) neither spends a refresh token another replica may have spent
+//! nor overwrites the newer token that replica saved.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use common::RedisServer;
+use common::issuer::{Issuer, LIFETIME};
+use futures::future::BoxFuture;
+use tokenflight::{
+    Backoff, Builder, Clock, ManualClock, RefreshErrorKind, SingleFlight, StoreError, StoreLock,
+    Token, TokenStore, from_fn,
+};
+use tokenflight_redis::RedisStore;
+use tokio::sync::oneshot;
+
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+async fn guarded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG_GUARD, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} hung"),
+    }
+}
+
+/// Where the injected stall happens.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Load,
+    Save,
+}
+
+/// A `RedisStore` whose first `load` or `save` parks until the test lets it go: the
+/// holder "stalls" at that point while keeping (or, without renewal, losing) the lock.
+struct StallingStore {
+    inner: RedisStore,
+    phase: Phase,
+    gate: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+/// The test's side of the gate: learn that the holder stalled, then let it go.
+struct Stall {
+    stalled: oneshot::Receiver<()>,
+    resume: oneshot::Sender<()>,
+}
+
+impl StallingStore {
+    fn new(inner: RedisStore, phase: Phase) -> (StallingStore, Stall) {
+        let (stalled_tx, stalled) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        let store = StallingStore {
+            inner,
+            phase,
+            gate: Mutex::new(Some((stalled_tx, resume_rx))),
+        };
+        (store, Stall { stalled, resume })
+    }
+
+    async fn maybe_stall(&self, phase: Phase) {
+        if phase != self.phase {
+            return;
+        }
+        let gate = self.gate.lock().unwrap().take();
+        if let Some((stalled, resume)) = gate {
+            let _ = stalled.send(());
+            let _ = resume.await;
+        }
+    }
+}
+
+impl TokenStore for StallingStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        Box::pin(async move {
+            self.maybe_stall(Phase::Load).await;
+            self.inner.load().await
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.maybe_stall(Phase::Save).await;
+            self.inner.save(token, lock).await
+        })
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        self.inner.lock()
+    }
+
+    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
+        self.inner.unlock(lock)
+    }
+}
+
+fn flight(store: impl TokenStore + 'static, source: impl tokenflight::TokenSource + 'static, clock: &Arc<ManualClock>) -> SingleFlight {
+    Builder::new()
+        .store(store)
+        .source(source)
+        .clock(clock.clone())
+        .refresh_ahead(None)
+        .backoff(Backoff::none())
+        .build_flight()
+        .unwrap()
+}
+
+fn start_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30)))
+}
+
+/// Seeds the store with a logged-in token and expires it.
+async fn seed_expired(server: &RedisServer, prefix: &str, issuer: &Issuer, clock: &ManualClock) {
+    let seed = RedisStore::builder(server.url()).key_prefix(prefix).connect().await.unwrap();
+    seed.save(&issuer.login(clock.now()).with_generation(1), None).await.unwrap();
+    clock.advance(LIFETIME);
+}
+
+/// EVALSHA/EVAL calls the server has run: during the stall below only the holder's
+/// lease renewals run scripts.
+async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(con).await.unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_evalsha:calls=").or_else(|| l.strip_prefix("cmdstat_eval:calls=")))
+        .filter_map(|rest| rest.split(',').next())
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
+    let server = RedisServer::start();
+    let issuer = Issuer::new();
+    let clock = start_clock();
+    seed_expired(&server, "l1:", &issuer, &clock).await;
+    let lease = Duration::from_millis(300);
+
+    // a's token source stalls until the test lets it go; its lease is renewed meanwhile.
+    let (entered_tx, entered) = oneshot::channel::<()>();
+    let (go, go_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((entered_tx, go_rx))));
+    let a_issuer = issuer.clone();
+    let stalling_source = from_fn(move |cx: tokenflight::RefreshContext| {
+        let gate = gate.lock().unwrap().take();
+        let issuer = a_issuer.clone();
+        async move {
+            if let Some((entered, go)) = gate {
+                let _ = entered.send(());
+                let _ = go.await;
+            }
+            let presented = cx.previous.as_ref().and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+            issuer.refresh(presented.as_deref(), cx.now)
+        }
+    });
+    let a_store = RedisStore::builder(server.url())
+        .key_prefix("l1:")
+        .lease(lease)
+        .connect()
+        .await
+        .unwrap();
+    let b_store = RedisStore::builder(server.url()).key_prefix("l1:").connect().await.unwrap();
+    let a = flight(a_store, stalling_source, &clock);
+    let b = flight(b_store, issuer.source(), &clock);
+
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.token().await }
+    });
+    guarded("a reaches its token source", entered).await.unwrap();
+    let mut con = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let holder: Option<String> = redis::cmd("GET").arg("l1:lock").query_async(&mut con).await.unwrap();
+    assert!(holder.is_some());
+
+    let b_task = tokio::spawn({
+        let b = b.clone();
+        async move { b.token().await }
+    });
+    // The stall lasts until a has run six lease scripts (renewals; the first may be a
+    // NOSCRIPT retry): well past one lease.
+    let baseline = script_calls(&mut con).await;
+    guarded("six renewals", async {
+        while script_calls(&mut con).await < baseline + 6 {
+            tokio::time::sleep(lease / 10).await;
+        }
+    })
+    .await;
+    let still: Option<String> = redis::cmd("GET").arg("l1:lock").query_async(&mut con).await.unwrap();
+    assert_eq!(still, holder, "a kept the lock through the stall");
+    assert_eq!(issuer.calls(), 0, "b did not refresh behind a's back");
+    assert!(!b_task.is_finished());
+
+    go.send(()).unwrap();
+    let a_token = guarded("a", a_task).await.unwrap().unwrap();
+    let b_token = guarded("b", b_task).await.unwrap().unwrap();
+    assert_eq!(a_token.generation(), 2);
+    assert_eq!(b_token, a_token, "b adopted a's token");
+    assert_eq!(issuer.calls(), 1);
+    assert_eq!(issuer.reuses(), 0);
+    assert_eq!(b.stats().source_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_lapsed_does_not_spend_a_refresh_token_twice() {
+    let server = RedisServer::start();
+    let issuer = Issuer::new();
+    let clock = start_clock();
+    seed_expired(&server, "l2:", &issuer, &clock).await;
+
+    // a takes the lock, then stalls before it reads the token, and its lease lapses.
+    let a_store = RedisStore::builder(server.url())
+        .key_prefix("l2:")
+        .lease(Duration::from_millis(200))
+        .renew_every(None)
+        .connect()
+        .await
+        .unwrap();
+    let (a_store, stall) = StallingStore::new(a_store, Phase::Load);
+    let a = flight(a_store, issuer.source(), &clock);
+    let b_store = RedisStore::builder(server.url()).key_prefix("l2:").connect().await.unwrap();
+    let b = flight(b_store, issuer.source(), &clock);
+
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.token().await }
+    });
+    guarded("a stalls holding the lock", stall.stalled).await.unwrap();
+    // b gets the lock once a's lease lapses, and refreshes with the live refresh token.
+    let b_token = guarded("b refreshes", b.token()).await.unwrap();
+    assert_eq!(b_token.generation(), 2);
+    assert_eq!(issuer.calls(), 1);
+
+    // a wakes up: its read is fenced, so it never presents the spent refresh token.
+    stall.resume.send(()).unwrap();
+    let a_result = guarded("a", a_task).await.unwrap();
+    let error = a_result.expect_err("a's lease lapsed");
+    assert_eq!(error.refresh_error().kind(), RefreshErrorKind::Store);
+    let cause = std::error::Error::source(error.refresh_error())
+        .and_then(|e| e.downcast_ref::<StoreError>());
+    assert!(matches!(cause, Some(StoreError::LeaseLost)), "{error:?}");
+    assert_eq!(issuer.calls(), 1, "a did not call the token endpoint");
+    assert_eq!(issuer.reuses(), 0);
+
+    // a's next attempt adopts b's token.
+    let a_token = guarded("a again", a.token()).await.unwrap();
+    assert_eq!(a_token, b_token);
+    assert_eq!(issuer.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_lapsed_cannot_overwrite_the_newer_token() {
+    let server = RedisServer::start();
+    let clock = start_clock();
+    // A source without refresh tokens (client credentials): two fetches spend nothing,
+    // so this test is only about the save.
+    let fetched = Arc::new(AtomicU64::new(0));
+    let source = |name: &'static str| {
+        let fetched = fetched.clone();
+        from_fn(move |cx: tokenflight::RefreshContext| {
+            let n = fetched.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok(Token::new(format!("{name}-{n}")).expires_in(LIFETIME, cx.now)) }
+        })
+    };
+    let a_store = RedisStore::builder(server.url())
+        .key_prefix("l3:")
+        .lease(Duration::from_millis(200))
+        .renew_every(None)
+        .connect()
+        .await
+        .unwrap();
+    let (a_store, stall) = StallingStore::new(a_store, Phase::Save);
+    let a = flight(a_store, source("a"), &clock);
+    let b_store = RedisStore::builder(server.url()).key_prefix("l3:").connect().await.unwrap();
+    let b = flight(b_store, source("b"), &clock);
+    let check = RedisStore::builder(server.url()).key_prefix("l3:").connect().await.unwrap();
+
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.token().await }
+    });
+    guarded("a stalls before saving", stall.stalled).await.unwrap();
+    let b_token = guarded("b refreshes", b.token()).await.unwrap();
+    assert!(b_token.access().expose().starts_with("b-"));
+
+    stall.resume.send(()).unwrap();
+    let a_token = guarded("a", a_task).await.unwrap().unwrap();
+    assert_eq!(a_token, b_token, "a's save was refused and a adopted b's token");
+    assert_eq!(check.load().await.unwrap().as_ref(), Some(&*b_token), "the store kept b's token");
+    assert_eq!(fetched.load(Ordering::SeqCst), 2);
+}
