@@ -258,3 +258,68 @@ async fn async_std_spawner_runs_the_task() {
     }));
     assert_eq!(rx.await.unwrap(), 42);
 }
+
+/// Polls `condition` until it holds (a deterministic signal observed by polling; the
+/// deadline only bounds a broken run).
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        async_std::task::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[async_std::test]
+async fn c6_refresh_finishes_on_the_spawner_after_the_caller_was_cancelled() {
+    let s = setup();
+    let flight = s.layer.authenticator().flight().clone();
+    let before = flight.current().unwrap().generation();
+    let client = client(s.layer.clone());
+    s.server.expire_all_tokens();
+    s.server.set_token_latency(Duration::from_millis(300));
+
+    let url = s.server.api_url("cancelled");
+    let caller = async_std::task::spawn(async move { client.get(url).await.map(|r| r.status()) });
+    until("the token call", || s.server.counters().token_calls == 1).await;
+    assert!(
+        caller.cancel().await.is_none(),
+        "the caller was still waiting"
+    );
+
+    until("the refreshed token", || {
+        flight.current().is_some_and(|t| t.generation() > before)
+    })
+    .await;
+    let counters = s.server.counters();
+    assert_eq!(counters.tokens_issued, 1);
+
+    // The refreshed token is used; no second refresh.
+    let client = common::client(s.layer.clone());
+    let res = client.get(s.server.api_url("next")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::Ok);
+    assert_eq!(s.server.counters().token_calls, 1);
+}
+
+#[async_std::test]
+async fn query_placement_is_refreshed_and_resent_too() {
+    let s = setup_with(|b| b.query_param("token"));
+    s.server.set_query_token(true);
+    let client = client(s.layer.clone());
+    s.server.expire_all_tokens();
+    let sent = binary_body(1_000);
+    let mut res = client
+        .put(format!("{}?keep=1", s.server.api_url("q")))
+        .body(Body::from_bytes(sent.clone()))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::Ok);
+    assert!(res.body_bytes().await.unwrap() == sent);
+    let requests = s.server.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].token.as_deref(), Some(s.access.as_str()));
+    assert!(requests[1].accepted);
+    assert_eq!(s.server.counters().refresh_token_calls, 1);
+}
