@@ -147,4 +147,15 @@ mod tests {
             RequestOptions::from_markers(false, true)
         );
     }
+
+    #[test]
+    fn the_builder_presets_a_spawner_inside_a_runtime_only() {
+        let outside = format!("{:?}", TokenLayer::builder());
+        assert!(outside.contains("spawner: false"), "{outside}");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let inside = runtime.block_on(async { format!("{:?}", TokenLayer::builder()) });
+        assert!(inside.contains("spawner: true"), "{inside}");
+    }
 }

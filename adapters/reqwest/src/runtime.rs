@@ -40,6 +40,8 @@ pub struct TokioTimer;
 
 impl tokenflight::Timer for TokioTimer {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
-        Box::pin(tokio::time::sleep(duration))
+        // Created on first poll, inside the runtime that polls it: `tokio::time::sleep`
+        // panics when called outside one.
+        Box::pin(async move { tokio::time::sleep(duration).await })
     }
 }

@@ -92,47 +92,6 @@ async fn a_body_longer_than_the_limit_is_not_classified_and_stays_whole() {
     assert_eq!(server.counters().resource_calls, 1);
 }
 
-/// A one-request-per-connection server that answers every request with a chunked body
-/// (no `Content-Length`, so the layer must read to learn the length), made of `chunks`,
-/// and, if `cut`, closes the connection before the last chunk ends.
-async fn chunked_server(chunks: Vec<Vec<u8>>, cut: bool) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let chunks = chunks.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = socket.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                }
-                let mut response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kind: chunked\r\nconnection: close\r\n\r\n".to_vec();
-                for chunk in &chunks {
-                    response.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
-                    response.extend_from_slice(chunk);
-                    response.extend_from_slice(b"\r\n");
-                }
-                if cut {
-                    // Announce a chunk, send half of it, hang up.
-                    response.extend_from_slice(b"10\r\nabcdefgh");
-                } else {
-                    response.extend_from_slice(b"0\r\n\r\n");
-                }
-                socket.write_all(&response).await.unwrap();
-                socket.shutdown().await.unwrap();
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
 fn static_layer(origin: &str, limit: usize) -> TokenLayer {
     TokenLayer::builder()
         .source(tokenflight::from_fn(|_cx| async {
@@ -148,7 +107,7 @@ fn static_layer(origin: &str, limit: usize) -> TokenLayer {
 async fn a_chunked_body_longer_than_the_limit_is_handed_back_whole() {
     let chunks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 1000]).collect();
     let expected = chunks.concat();
-    let origin = chunked_server(chunks, false).await;
+    let origin = common::chunked_server(chunks, false).await;
     let client = common::client(static_layer(&origin, 1500));
 
     let response = client.get(format!("{origin}/x")).send().await.unwrap();
@@ -162,7 +121,7 @@ async fn a_chunked_body_longer_than_the_limit_is_handed_back_whole() {
 #[tokio::test]
 async fn a_chunked_body_within_the_limit_is_classified_and_handed_back_whole() {
     let chunks = vec![b"{\"code\":".to_vec(), b"200}".to_vec()];
-    let origin = chunked_server(chunks, false).await;
+    let origin = common::chunked_server(chunks, false).await;
     let client = common::client(static_layer(&origin, 1500));
 
     let response = client.get(format!("{origin}/x")).send().await.unwrap();
@@ -173,7 +132,7 @@ async fn a_chunked_body_within_the_limit_is_classified_and_handed_back_whole() {
 #[tokio::test]
 async fn a_body_that_fails_mid_read_hands_the_failure_to_the_caller() {
     let chunks = vec![b"first part".to_vec()];
-    let origin = chunked_server(chunks, true).await;
+    let origin = common::chunked_server(chunks, true).await;
     let client = common::client(static_layer(&origin, 1500));
 
     let mut response = client.get(format!("{origin}/x")).send().await.unwrap();

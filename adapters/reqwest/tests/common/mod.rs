@@ -121,3 +121,44 @@ pub fn layer(server: &TestServer) -> TokenLayer {
         .build()
         .unwrap()
 }
+
+/// A one-request-per-connection server that answers every request with a chunked body
+/// (no `Content-Length`, so the layer must read to learn the length), made of `chunks`,
+/// and, if `cut`, closes the connection before the last chunk ends.
+pub async fn chunked_server(chunks: Vec<Vec<u8>>, cut: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let chunks = chunks.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let mut response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-kind: chunked\r\nconnection: close\r\n\r\n".to_vec();
+                for chunk in &chunks {
+                    response.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                    response.extend_from_slice(chunk);
+                    response.extend_from_slice(b"\r\n");
+                }
+                if cut {
+                    // Announce a chunk, send half of it, hang up.
+                    response.extend_from_slice(b"10\r\nabcdefgh");
+                } else {
+                    response.extend_from_slice(b"0\r\n\r\n");
+                }
+                socket.write_all(&response).await.unwrap();
+                socket.shutdown().await.unwrap();
+            });
+        }
+    });
+    format!("http://{addr}")
+}
