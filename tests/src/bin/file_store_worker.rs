@@ -1,0 +1,147 @@
+//! A worker process for `tests/tests/file_store_processes.rs`: one `SingleFlight` with a
+//! `FileStore` and a `RefreshTokenGrant` against the testkit, driven line by line over
+//! stdin so the test can synchronise several processes deterministically.
+//!
+//! Configuration comes from the environment (secrets are not put on command lines):
+//! `FSW_STORE` (token file), `FSW_TOKEN_URL`, `FSW_CLIENT_ID`, `FSW_CLIENT_SECRET`.
+//!
+//! Commands (one per line) and answers (one line each):
+//! - `token` → `token <generation> <access hash> <refresh hash>` or `error <message>`;
+//!   hashes (FNV-1a, hex) let the test compare tokens without printing secrets.
+//! - `advance <secs>` → `advanced`: moves this process's clock forward, so tokens
+//!   expire without waiting.
+//! - `stats` → `stats <source calls> <adopted>`.
+//! - `hold` → `locked` once the store's refresh lock is held; it stays held until the
+//!   process ends (the test kills it).
+//! - `lock <timeout ms>` → `locked` (released again at once), `timeout` or `error ..`.
+//!
+//! It prints `ready` when set up, and exits at the end of stdin.
+
+use std::io::{BufRead as _, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokenflight::oauth2::RefreshTokenGrant;
+use tokenflight::{Builder, Clock, FileStore, StoreError, TokenStore};
+use tokenflight_reqwest::{BareTransport, TokioSpawner, TokioTimer};
+
+/// The wall clock plus an offset the test moves forward.
+#[derive(Debug, Default)]
+struct OffsetClock {
+    offset_secs: AtomicU64,
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + Duration::from_secs(self.offset_secs.load(Ordering::SeqCst))
+    }
+}
+
+fn fnv1a(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+fn env(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("{name} is not set"))
+}
+
+fn main() -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(run())
+}
+
+async fn run() -> Result<(), String> {
+    let store_path = env("FSW_STORE")?;
+    let clock = Arc::new(OffsetClock::default());
+    let grant = RefreshTokenGrant::new(
+        Arc::new(BareTransport::default()),
+        &env("FSW_TOKEN_URL")?,
+        &env("FSW_CLIENT_ID")?,
+    )
+    .map_err(|e| e.to_string())?
+    .client_secret(env("FSW_CLIENT_SECRET")?);
+    let flight = Builder::new()
+        .source(grant)
+        .store(FileStore::new(&store_path))
+        .clock(clock.clone())
+        .timer(Arc::new(TokioTimer))
+        .spawner(Arc::new(
+            TokioSpawner::try_current().ok_or("no tokio runtime")?,
+        ))
+        .refresh_timeout(Duration::from_secs(30))
+        .build_flight()
+        .map_err(|e| e.to_string())?;
+    // Held for the rest of the process once `hold` is received.
+    let mut held = None;
+
+    reply("ready");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = lines.recv().await {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("token"), None) => match flight.token().await {
+                Ok(token) => reply(&format!(
+                    "token {} {} {}",
+                    token.generation(),
+                    fnv1a(token.access().expose()),
+                    fnv1a(token.refresh().map_or("", |r| r.expose())),
+                )),
+                Err(error) => reply(&format!("error {error}")),
+            },
+            (Some("advance"), Some(secs)) => {
+                let secs: u64 = secs.parse().map_err(|_| "advance needs seconds")?;
+                clock.offset_secs.fetch_add(secs, Ordering::SeqCst);
+                reply("advanced");
+            }
+            (Some("stats"), None) => {
+                let stats = flight.stats();
+                reply(&format!("stats {} {}", stats.source_calls, stats.adopted));
+            }
+            (Some("hold"), None) => match FileStore::new(&store_path).lock().await {
+                Ok(lock) => {
+                    held = Some(lock);
+                    reply("locked");
+                }
+                Err(error) => reply(&format!("error {error}")),
+            },
+            (Some("lock"), Some(ms)) => {
+                let ms: u64 = ms.parse().map_err(|_| "lock needs milliseconds")?;
+                let store = FileStore::new(&store_path).lock_timeout(Duration::from_millis(ms));
+                match store.lock().await {
+                    Ok(lock) => {
+                        drop(lock);
+                        reply("locked");
+                    }
+                    Err(StoreError::LockTimeout) => reply("timeout"),
+                    Err(error) => reply(&format!("error {error}")),
+                }
+            }
+            _ => reply(&format!("error unknown command {line:?}")),
+        }
+    }
+    drop(held);
+    Ok(())
+}
+
+fn reply(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout means the test is gone; nothing left to tell it.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}

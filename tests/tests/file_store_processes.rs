@@ -1,0 +1,218 @@
+//! `FileStore` across real OS processes (the `file_store_worker` binary): one refresh per
+//! expiry for the whole machine (C1 across processes), everyone ends on the newest
+//! token, rotation never trips the server's reuse detection, and a process killed while
+//! holding the refresh lock does not block the others.
+//!
+//! Processes are synchronised over their stdin/stdout: every command is answered, and
+//! the test only moves on once all answers are in.
+#![cfg(unix)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use tokenflight::{FileStore, Token, TokenStore};
+use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+
+const WORKERS: usize = 5;
+const CYCLES: u64 = 3;
+/// Only turns a hung worker into a failure; no test outcome depends on it.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn spawn(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_file_store_worker"))
+            .env("FSW_STORE", store)
+            .env("FSW_TOKEN_URL", token_url)
+            .env("FSW_CLIENT_ID", client_id)
+            .env("FSW_CLIENT_SECRET", client_secret)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut worker = Worker {
+            child,
+            stdin,
+            lines,
+        };
+        assert_eq!(worker.answer(), "ready");
+        worker
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn answer(&mut self) -> String {
+        self.lines
+            .recv_timeout(ANSWER_DEADLINE)
+            .unwrap_or_else(|e| panic!("worker {} gave no answer: {e}", self.child.id()))
+    }
+
+    fn ask(&mut self, command: &str) -> String {
+        self.send(command);
+        self.answer()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Only this test's own child, by its id.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fnv1a(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+fn stats(worker: &mut Worker) -> (u64, u64) {
+    let answer = worker.ask("stats");
+    let words: Vec<&str> = answer.split(' ').collect();
+    assert_eq!(words[0], "stats", "{answer}");
+    (words[1].parse().unwrap(), words[2].parse().unwrap())
+}
+
+#[test]
+fn c1_processes_share_one_refresh_per_expiry_over_three_cycles() {
+    let server = TestServer::start(TestServerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let store = FileStore::new(&path);
+    // An expired token whose refresh token starts a family on the server.
+    let seed = Token::new("seed-access")
+        .with_refresh(server.issue_refresh_token())
+        .expires_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+        .with_generation(1);
+    futures::executor::block_on(store.save(&seed, None)).unwrap();
+    server.reset_counters();
+
+    let mut workers: Vec<Worker> = (0..WORKERS)
+        .map(|_| {
+            Worker::spawn(
+                &path,
+                &server.token_url(),
+                &server.client_id(),
+                &server.client_secret(),
+            )
+        })
+        .collect();
+
+    for cycle in 1..=CYCLES {
+        if cycle > 1 {
+            // Two hours later, for every process: all tokens (held and stored) expired.
+            for worker in &mut workers {
+                assert_eq!(worker.ask("advance 7200"), "advanced");
+            }
+        }
+        let before = server.counters();
+        // All at once: every process finds the token expired and competes for the lock.
+        for worker in &mut workers {
+            worker.send("token");
+        }
+        let answers: Vec<String> = workers.iter_mut().map(Worker::answer).collect();
+        let after = server.counters();
+
+        for answer in &answers {
+            assert!(answer.starts_with("token "), "cycle {cycle}: {answers:?}");
+            assert_eq!(
+                answer, &answers[0],
+                "cycle {cycle}: everyone has the newest token"
+            );
+        }
+        let words: Vec<&str> = answers[0].split(' ').collect();
+        assert_eq!(
+            words[1],
+            (cycle + 1).to_string(),
+            "generation, cycle {cycle}"
+        );
+        assert_eq!(
+            after.token_calls - before.token_calls,
+            1,
+            "cycle {cycle}: exactly one token endpoint call"
+        );
+        assert_eq!(after.refresh_token_calls - before.refresh_token_calls, 1);
+        assert_eq!(after.reuse_detections, 0, "cycle {cycle}");
+        assert_eq!(after.token_errors, 0, "cycle {cycle}");
+
+        // The file holds that same token.
+        let stored = futures::executor::block_on(store.load()).unwrap().unwrap();
+        assert_eq!(stored.generation(), cycle + 1);
+        assert_eq!(fnv1a(stored.access().expose()), words[2]);
+        assert_eq!(fnv1a(stored.refresh().unwrap().expose()), words[3]);
+
+        // One process called the token source; every other one adopted its token.
+        let (source_calls, adopted) = workers
+            .iter_mut()
+            .map(stats)
+            .fold((0, 0), |(s, a), (ws, wa)| (s + ws, a + wa));
+        assert_eq!(source_calls, cycle, "cycle {cycle}");
+        assert_eq!(adopted, cycle * (WORKERS as u64 - 1), "cycle {cycle}");
+    }
+    assert_eq!(server.counters().reuse_detections, 0);
+}
+
+#[test]
+fn c6_a_process_killed_while_holding_the_lock_does_not_block_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    // No token endpoint is needed: only the lock is exercised.
+    let spawn = || Worker::spawn(&path, "http://127.0.0.1:9/oauth/token", "c", "s");
+    let mut holder = spawn();
+    let mut other = spawn();
+    assert_eq!(holder.ask("hold"), "locked");
+    // While the holder lives, nobody else gets the lock.
+    assert_eq!(other.ask("lock 100"), "timeout");
+    assert!(
+        FileStore::new(&path)
+            .lock_timeout(Duration::ZERO)
+            .lock_blocking_probe()
+    );
+
+    holder.child.kill().unwrap();
+    holder.child.wait().unwrap();
+    // The OS released the dead process's lock: no stale lock file to clean up.
+    assert_eq!(other.ask("lock 60000"), "locked");
+    let mut third = spawn();
+    assert_eq!(third.ask("lock 60000"), "locked");
+}
+
+/// In-process check that the lock is taken, through the public `TokenStore` API.
+trait Probe {
+    fn lock_blocking_probe(&self) -> bool;
+}
+
+impl Probe for FileStore {
+    /// True when the lock is held elsewhere (a zero-timeout attempt times out).
+    fn lock_blocking_probe(&self) -> bool {
+        matches!(
+            futures::executor::block_on(self.lock()),
+            Err(tokenflight::StoreError::LockTimeout)
+        )
+    }
+}
