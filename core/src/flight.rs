@@ -68,6 +68,10 @@ struct State {
     failure: Failure,
     consecutive_failures: u32,
     next_flight_id: u64,
+    /// The highest generation handed to a token so far: a login installed while a
+    /// refresh is in flight must not get the refresh's generation (C3 tells tokens
+    /// apart by generation).
+    last_generation: u64,
 }
 
 #[derive(Default)]
@@ -299,13 +303,18 @@ impl SingleFlight {
         Ok(token)
     }
 
+    /// A generation no token of this coordinator has had yet.
     fn next_generation(&self, stored: Option<u64>) -> u64 {
         let current = self.current().map_or(0, |t| t.generation());
         let rejected = self.inner.rejected.load(Ordering::Acquire);
-        current
+        let mut state = self.lock_state();
+        let generation = current
             .max(rejected)
             .max(stored.unwrap_or(0))
-            .saturating_add(1)
+            .max(state.last_generation)
+            .saturating_add(1);
+        state.last_generation = generation;
+        generation
     }
 
     /// Stores `token` as current unless a newer one is already there.
@@ -383,7 +392,9 @@ impl SingleFlight {
         }
         let id = state.next_flight_id;
         state.next_flight_id = id.wrapping_add(1);
-        let flight = run_flight(self.clone(), id, reason).boxed().shared();
+        let flight = run_flight(self.clone(), id, reason, replaces)
+            .boxed()
+            .shared();
         // `downgrade` is `None` only for a completed future; this one was never polled.
         state.flight = flight.downgrade().map(|weak| (id, weak));
         drop(state);
@@ -393,6 +404,17 @@ impl SingleFlight {
             spawner.spawn(flight.clone().map(drop).boxed());
         }
         Joined::Wait(flight)
+    }
+
+    /// A usable token newer than the one this flight was started to replace, if one was
+    /// installed (a login) between the start and the first poll of the flight (a spawned
+    /// flight may first run much later): then no source call is needed (C2).
+    fn superseded(&self, reason: RefreshReason, replaces: Option<u64>) -> Option<Arc<Token>> {
+        if reason == RefreshReason::Forced {
+            return None;
+        }
+        self.usable_at(self.inner.parts.clock.now())
+            .filter(|token| replaces.is_none_or(|g| token.generation() > g))
     }
 
     async fn wait(&self, joined: Joined) -> Result<Arc<Token>, Error> {
@@ -515,7 +537,6 @@ impl SingleFlight {
             (None, Some(st)) => Some(Arc::new(st.clone())),
             (cur, _) => cur,
         };
-        let generation = self.next_generation(stored.as_ref().map(Token::generation));
         let cx = RefreshContext::new(reason, previous, now);
         bump(&self.inner.counters.source_calls);
         let source = &self.inner.parts.source;
@@ -532,6 +553,10 @@ impl SingleFlight {
                     })
             })
             .await?;
+        // Numbered when it arrives, not when it was asked for: a login installed or a
+        // rejection reported meanwhile has a higher generation than the token this
+        // flight replaces, and the new token must still supersede it (C3, C4).
+        let generation = self.next_generation(stored.as_ref().map(Token::generation));
         let token = fetched.with_generation(generation);
         match store.save(&token, Some(lock)).await {
             Ok(()) => Ok(Arc::new(token)),
@@ -554,8 +579,16 @@ impl SingleFlight {
     }
 }
 
-async fn run_flight(flight: SingleFlight, id: u64, reason: RefreshReason) -> FlightOutput {
-    let outcome = flight.attempt(reason).await;
+async fn run_flight(
+    flight: SingleFlight,
+    id: u64,
+    reason: RefreshReason,
+    replaces: Option<u64>,
+) -> FlightOutput {
+    let outcome = match flight.superseded(reason, replaces) {
+        Some(token) => Ok(token),
+        None => flight.attempt(reason).await,
+    };
     flight.finish(id, outcome)
 }
 
