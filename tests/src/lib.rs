@@ -2,3 +2,5 @@
 //! the conformance suite every adapter runs, and shared property-test machinery.
 
 pub mod conformance;
+pub mod fuzz_targets;
+pub mod model;
