@@ -111,9 +111,11 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
         .await?;
         if taken.is_some() {
             inner.remember_held(&value);
-            let renewal = settings
-                .renew_every
-                .map(|every| inner.runtime.spawn(renew(Arc::clone(&inner), value.clone(), every)));
+            let renewal = settings.renew_every.map(|every| {
+                inner
+                    .runtime
+                    .spawn(renew(Arc::clone(&inner), value.clone(), every))
+            });
             return Ok(RedisLock {
                 value,
                 inner,
@@ -156,7 +158,9 @@ async fn renew(inner: Arc<Inner>, value: String, every: Duration) {
         match renewed {
             Ok(1) => tracing::trace!("refresh lock lease renewed"),
             Ok(_) => {
-                tracing::warn!("refresh lock lease lapsed before renewal; another replica holds it");
+                tracing::warn!(
+                    "refresh lock lease lapsed before renewal; another replica holds it"
+                );
                 return;
             }
             Err(error) => tracing::warn!(%error, "renewing the refresh lock lease failed"),

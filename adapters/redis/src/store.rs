@@ -36,6 +36,19 @@ use crate::wire;
 ///
 /// Cheap to clone; clones share the connection.
 ///
+/// # Limits
+///
+/// - While Redis is unreachable, refreshes fail (the coordinator backs off and keeps
+///   serving a still-valid token) rather than fall back to a local refresh: without the
+///   fleet-wide lock two replicas could spend the same refresh token.
+/// - A lock in Redis is not a perfect fence for the token endpoint: if a holder's
+///   whole process freezes for longer than the lease *after* it sent the refresh token
+///   and *before* its save, another replica will present the spent refresh token.
+///   Renewal keeps the lease alive as long as the process runs, so only such a freeze
+///   (longer than the lease) can cause this; size the lease accordingly.
+/// - A saved token is plain JSON in Redis: protect the instance (ACLs, TLS via a
+///   `rediss://` URL with the `redis` crate's TLS features, network isolation).
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
@@ -124,8 +137,8 @@ impl RedisStore {
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.command_timeout))
             .set_max_delay(settings.connect_timeout);
-        let con = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(redis_error)?;
+        let con =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
         let (tx, events) = watch::channel(0);
         runtime.spawn(events::listen(
             client,
@@ -197,7 +210,9 @@ impl RedisStore {
                 tracing::warn!("refresh lock lease lapsed before the token was read");
                 Err(StoreError::LeaseLost)
             }
-            _ => Err(StoreError::Other("unexpected reply from the load script".into())),
+            _ => Err(StoreError::Other(
+                "unexpected reply from the load script".into(),
+            )),
         }
     }
 
@@ -235,7 +250,9 @@ impl RedisStore {
             ("newer", None) => Err(StoreError::Other(
                 format!("a token of generation {generation} or newer is already stored").into(),
             )),
-            _ => Err(StoreError::Other("unexpected reply from the save script".into())),
+            _ => Err(StoreError::Other(
+                "unexpected reply from the save script".into(),
+            )),
         }
     }
 }
