@@ -1,0 +1,338 @@
+//! The testkit: a real OAuth 2.0 authorization server and protected API on loopback,
+//! for every test, demo and benchmark.
+//!
+//! [`TestServer::start`] binds `127.0.0.1:0` and serves on its own tokio runtime thread,
+//! so tests under any runtime (tokio, async-std, smol, `futures::executor`) can use it.
+//! The server stops when the handle is dropped; requests that hang (see
+//! [`Failure::Hang`]) are cut off then.
+//!
+//! Routes:
+//! - `POST /oauth/token`: `grant_type=refresh_token` with rotation and reuse detection
+//!   (a spent refresh token revokes its whole family and answers `invalid_grant`), and
+//!   `grant_type=client_credentials`; RFC 6749 §5.1 answers and §5.2 errors; client
+//!   authentication by HTTP Basic or by the form fields `client_id`/`client_secret`.
+//! - `GET/POST/PUT /api/{*path}`: needs a valid, unexpired access token (in
+//!   `Authorization: Bearer`, or `?token=` in query mode). Answers `200` with the
+//!   request body echoed byte for byte and headers `x-echo-method` / `x-echo-path`;
+//!   otherwise `401` with `WWW-Authenticate: Bearer error="invalid_token"`, or in
+//!   business-code mode `200` with `{"code":401,"message":"token expired"}`.
+//! - `GET /redirect?to=<absolute url>`: `302 Found` to `to` (another origin, say).
+//!
+//! Everything the server saw is counted in [`Counters`]; knobs on the handle inject
+//! token-endpoint failures and latency and expire tokens.
+
+mod routes;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+pub use state::{Counters, RecordedRequest};
+use state::{Shared, State};
+
+/// How the server is set up at start. Everything except the client credentials can also
+/// be changed later through the handle.
+#[derive(Clone, Debug)]
+pub struct TestServerConfig {
+    /// Lifetime of newly issued access tokens (`expires_in` is its whole seconds).
+    /// Default: one hour.
+    pub token_lifetime: Duration,
+    /// Delay before the token endpoint answers. Default: none.
+    pub token_latency: Duration,
+    /// Delay before a protected resource answers. Default: none.
+    pub resource_latency: Duration,
+    /// Answer a bad token with `200 {"code":401,...}` instead of a `401`. Default: off.
+    pub business_code: bool,
+    /// Take the access token from the `token` query parameter instead of the
+    /// `Authorization` header. Default: off.
+    pub query_token: bool,
+    /// Refuse every token at protected resources, valid or not (a server that keeps
+    /// saying 401). Default: off.
+    pub reject_all: bool,
+    /// Protected resources need a token. Off makes `/api/...` an open echo, for a
+    /// server that plays "another origin" and only records what it is sent.
+    /// Default: on.
+    pub require_auth: bool,
+    /// The pre-registered client's id. Default: `"testkit-client"`.
+    pub client_id: String,
+    /// The pre-registered client's secret. Default: `"testkit-secret"`.
+    pub client_secret: String,
+}
+
+impl Default for TestServerConfig {
+    fn default() -> Self {
+        TestServerConfig {
+            token_lifetime: Duration::from_secs(3600),
+            token_latency: Duration::ZERO,
+            resource_latency: Duration::ZERO,
+            business_code: false,
+            query_token: false,
+            reject_all: false,
+            require_auth: true,
+            client_id: "testkit-client".into(),
+            client_secret: "testkit-secret".into(),
+        }
+    }
+}
+
+impl TestServerConfig {
+    /// The configuration of a server that plays "another origin": open resources that
+    /// only record whether credentials reached them.
+    pub fn other_origin() -> Self {
+        TestServerConfig {
+            require_auth: false,
+            ..TestServerConfig::default()
+        }
+    }
+}
+
+/// What the token endpoint does instead of its normal answer (see
+/// [`TestServer::fail_next_token_calls`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// `500 Internal Server Error` with an RFC 6749 `server_error` body.
+    Status500,
+    /// `429 Too Many Requests` with `Retry-After: <retry_after_secs>`.
+    TooMany {
+        /// The `Retry-After` value in seconds.
+        retry_after_secs: u64,
+    },
+    /// Never answers (until the server is dropped).
+    Hang,
+    /// `400` with `{"error":"invalid_grant"}`; a refresh token presented is not spent.
+    InvalidGrant,
+    /// `200` with a body that is not JSON.
+    MalformedJson,
+}
+
+/// A running testkit server; dropping it stops the server.
+#[derive(Debug)]
+pub struct TestServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on `127.0.0.1:0` on its own runtime thread.
+    ///
+    /// # Panics
+    /// If the loopback socket cannot be bound or the runtime cannot be built (a broken
+    /// test environment, not a test outcome).
+    pub fn start(config: TestServerConfig) -> TestServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("testkit: cannot bind 127.0.0.1:0: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("testkit: no local address: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("testkit: cannot set non-blocking: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("testkit: cannot build a tokio runtime: {e}"));
+        let shared = Arc::new(Shared::new(State::new(config)));
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let app = routes::router(shared.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("testkit-{}", addr.port()))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => panic!("testkit: cannot register the listener: {e}"),
+                    };
+                    // Not a graceful shutdown: a hanging token call must not keep the
+                    // server alive. Dropping the runtime below cancels every connection.
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stop => {}
+                    }
+                });
+                drop(runtime);
+            })
+            .unwrap_or_else(|e| panic!("testkit: cannot spawn the server thread: {e}"));
+        TestServer {
+            addr,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        self.shared.update(f)
+    }
+
+    /// The socket address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's origin, `http://127.0.0.1:PORT` (the same as [`base_url`](Self::base_url)).
+    pub fn origin(&self) -> String {
+        self.base_url()
+    }
+
+    /// The token endpoint, `http://127.0.0.1:PORT/oauth/token`.
+    pub fn token_url(&self) -> String {
+        format!("{}/oauth/token", self.base_url())
+    }
+
+    /// A protected resource, `http://127.0.0.1:PORT/api/<path>` (a leading `/` of `path`
+    /// is ignored).
+    pub fn api_url(&self, path: &str) -> String {
+        format!("{}/api/{}", self.base_url(), path.trim_start_matches('/'))
+    }
+
+    /// `http://127.0.0.1:PORT/redirect?to=<to>`: answers `302 Found` to `to`.
+    pub fn redirect_url(&self, to: &str) -> String {
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("to", to)
+            .finish();
+        format!("{}/redirect?{query}", self.base_url())
+    }
+
+    /// The pre-registered client's id.
+    pub fn client_id(&self) -> String {
+        self.with_state(|s| s.config.client_id.clone())
+    }
+
+    /// The pre-registered client's secret.
+    pub fn client_secret(&self) -> String {
+        self.with_state(|s| s.config.client_secret.clone())
+    }
+
+    /// Starts a new refresh-token family for the client (as a login would) and returns
+    /// its first refresh token.
+    pub fn issue_refresh_token(&self) -> String {
+        self.with_state(|s| s.issue_refresh_token_new_family())
+    }
+
+    /// Issues an access token (outside any refresh family, as a login would) and
+    /// returns it with its `expires_in` in seconds.
+    pub fn issue_access_token(&self) -> (String, u64) {
+        self.with_state(|s| s.issue_access_token(None))
+    }
+
+    /// The next `n` token-endpoint calls answer with `failure` instead (queued after
+    /// failures already pending).
+    pub fn fail_next_token_calls(&self, n: usize, failure: Failure) {
+        self.with_state(|s| s.failures.extend(std::iter::repeat_n(failure, n)));
+    }
+
+    /// Drops the failures still queued.
+    pub fn clear_failures(&self) {
+        self.with_state(|s| s.failures.clear());
+    }
+
+    /// Lifetime of access tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.with_state(|s| s.config.token_lifetime = lifetime);
+    }
+
+    /// Delay before the token endpoint answers.
+    pub fn set_token_latency(&self, latency: Duration) {
+        self.with_state(|s| s.config.token_latency = latency);
+    }
+
+    /// Delay before a protected resource answers.
+    pub fn set_resource_latency(&self, latency: Duration) {
+        self.with_state(|s| s.config.resource_latency = latency);
+    }
+
+    /// Switches business-code mode (`200 {"code":401}` instead of `401`).
+    pub fn set_business_code(&self, on: bool) {
+        self.with_state(|s| s.config.business_code = on);
+    }
+
+    /// Switches query mode (token in `?token=` instead of the `Authorization` header).
+    pub fn set_query_token(&self, on: bool) {
+        self.with_state(|s| s.config.query_token = on);
+    }
+
+    /// Switches "refuse every token" at the protected resources.
+    pub fn set_reject_all(&self, on: bool) {
+        self.with_state(|s| s.config.reject_all = on);
+    }
+
+    /// Holds the next `n` protected-resource requests after the server has taken its
+    /// verdict (accepted or rejected) and before it answers, until
+    /// [`release_held`](Self::release_held). Lets a test order a late answer after
+    /// other requests deterministically (with [`wait_for`](Self::wait_for) on
+    /// [`Counters::held_resource_calls`]).
+    pub fn hold_next_resource_calls(&self, n: usize) {
+        self.with_state(|s| s.hold_next += n);
+    }
+
+    /// Lets every held request answer.
+    pub fn release_held(&self) {
+        self.with_state(|s| s.releases += 1);
+    }
+
+    /// Makes every access token issued so far invalid, as if its lifetime had passed.
+    /// Tokens issued afterwards are valid as usual.
+    pub fn expire_all_tokens(&self) {
+        self.with_state(State::expire_all_tokens);
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        self.with_state(|s| s.counters.clone())
+    }
+
+    /// Sets every counter to zero and forgets the recorded requests.
+    pub fn reset_counters(&self) {
+        self.with_state(|s| {
+            s.counters = Counters::default();
+            s.requests.clear();
+        });
+    }
+
+    /// Waits until the counters satisfy `done`, and returns them. A deterministic way to
+    /// wait for "the token call has arrived" and the like; works under any runtime.
+    /// Waits forever if it never happens.
+    pub async fn wait_for(&self, done: impl Fn(&Counters) -> bool) -> Counters {
+        loop {
+            let changed = self.shared.changed().notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the check, so a change between check and await wakes us.
+            changed.as_mut().enable();
+            let counters = self.counters();
+            if done(&counters) {
+                return counters;
+            }
+            changed.await;
+        }
+    }
+
+    /// Every request to a protected resource so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.with_state(|s| s.requests.clone())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            // The server thread may already be gone; nothing to stop then.
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // A panic on the server thread was already reported there.
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The HTTP side: the token endpoint, the protected resources, the redirect, and the
+//! middleware that notices credentials. Handlers hold the state lock only between
+//! awaits, never across one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State as Extract};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+
+use super::Failure;
+use super::state::{Issued, OAuthError, RecordedRequest, Shared, State};
+
+const TOKEN_PATH: &str = "/oauth/token";
+
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(TOKEN_PATH, post(token_endpoint))
+        .route("/api/{*path}", get(resource).post(resource).put(resource))
+        .route("/redirect", any(redirect))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            notice_credentials,
+        ))
+        .with_state(shared)
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Counts requests outside the token endpoint and whether they carried credentials: the
+/// "other origin" server's record that no token leaked to it (C12).
+async fn notice_credentials(
+    Extract(shared): Extract<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() != TOKEN_PATH {
+        let credentialed = request.headers().contains_key(header::AUTHORIZATION)
+            || query_param(request.uri(), "token").is_some();
+        shared.update(|state| {
+            state.counters.other_requests += 1;
+            if credentialed {
+                state.counters.credentialed_requests += 1;
+            }
+        });
+    }
+    next.run(request).await
+}
+
+// ---- token endpoint -------------------------------------------------------------------
+
+async fn token_endpoint(
+    Extract(shared): Extract<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form = parse_form(&body);
+    let grant = form
+        .as_ref()
+        .ok()
+        .and_then(|f| f.get("grant_type").cloned());
+    let (failure, latency) = shared.update(|state| {
+        state.counters.token_calls += 1;
+        match grant.as_deref() {
+            Some("refresh_token") => state.counters.refresh_token_calls += 1,
+            Some("client_credentials") => state.counters.client_credentials_calls += 1,
+            _ => {}
+        }
+        (state.failures.pop_front(), state.config.token_latency)
+    });
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if let Some(failure) = failure {
+        if failure == Failure::Hang {
+            // Cut off only when the server's runtime is dropped.
+            std::future::pending::<()>().await;
+        }
+        shared.update(|state| state.counters.token_errors += 1);
+        return injected(failure);
+    }
+    let outcome = shared.update(|state| {
+        let outcome = form.and_then(|form| grant_token(state, &headers, &form));
+        if outcome.is_err() {
+            state.counters.token_errors += 1;
+        }
+        outcome
+    });
+    match outcome {
+        Ok(issued) => token_answer(&issued),
+        Err(error) => oauth_error(error),
+    }
+}
+
+/// Parses `application/x-www-form-urlencoded`; a repeated parameter is an
+/// `invalid_request` (RFC 6749 §3.1).
+fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, OAuthError> {
+    let mut form = HashMap::new();
+    for (key, value) in url::form_urlencoded::parse(body) {
+        if form.insert(key.into_owned(), value.into_owned()).is_some() {
+            return Err(OAuthError::InvalidRequest);
+        }
+    }
+    Ok(form)
+}
+
+fn grant_token(
+    state: &mut State,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<Issued, OAuthError> {
+    authenticate_client(state, headers, form)?;
+    match form.get("grant_type").map(String::as_str) {
+        Some("refresh_token") => {
+            let presented = form
+                .get("refresh_token")
+                .ok_or(OAuthError::InvalidRequest)?;
+            state.refresh_grant(presented)
+        }
+        Some("client_credentials") => Ok(state.client_credentials_grant()),
+        Some(_) => Err(OAuthError::UnsupportedGrantType),
+        None => Err(OAuthError::InvalidRequest),
+    }
+}
+
+/// RFC 6749 §2.3.1: HTTP Basic (id and secret form-urlencoded first) or the form fields
+/// `client_id` and `client_secret`, not both.
+fn authenticate_client(
+    state: &State,
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+) -> Result<(), OAuthError> {
+    let (id, secret) = match headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            if form.contains_key("client_secret") {
+                return Err(OAuthError::InvalidRequest);
+            }
+            basic_credentials(value).ok_or(OAuthError::InvalidClient)?
+        }
+        None => {
+            let id = form.get("client_id").ok_or(OAuthError::InvalidClient)?;
+            let secret = form.get("client_secret").ok_or(OAuthError::InvalidClient)?;
+            (id.clone(), secret.clone())
+        }
+    };
+    if id == state.config.client_id && secret == state.config.client_secret {
+        Ok(())
+    } else {
+        Err(OAuthError::InvalidClient)
+    }
+}
+
+fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
+    let value = value.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| -> String {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    Some((unescape(id), unescape(secret)))
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut response = (status, value.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// RFC 6749 §5.1.
+fn token_answer(issued: &Issued) -> Response {
+    let mut body = serde_json::json!({
+        "access_token": issued.access_token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+    });
+    if let (Some(refresh), Some(map)) = (&issued.refresh_token, body.as_object_mut()) {
+        map.insert("refresh_token".into(), refresh.clone().into());
+    }
+    no_store(json(StatusCode::OK, &body))
+}
+
+/// RFC 6749 §5.2: 400, or 401 with `WWW-Authenticate` for `invalid_client`. No
+/// description: nothing presented is ever echoed.
+fn oauth_error(error: OAuthError) -> Response {
+    let status = match error {
+        OAuthError::InvalidClient => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let mut response = json(status, &serde_json::json!({ "error": error.code() }));
+    if error == OAuthError::InvalidClient {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"testkit\""),
+        );
+    }
+    no_store(response)
+}
+
+fn injected(failure: Failure) -> Response {
+    match failure {
+        Failure::Status500 => no_store(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": "server_error" }),
+        )),
+        Failure::TooMany { retry_after_secs } => {
+            let mut response = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &serde_json::json!({ "error": "temporarily_unavailable" }),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            no_store(response)
+        }
+        Failure::InvalidGrant => oauth_error(OAuthError::InvalidGrant),
+        Failure::MalformedJson => {
+            let mut response = (StatusCode::OK, "{\"access_token\": ").into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            no_store(response)
+        }
+        // Handled before: a hang never answers.
+        Failure::Hang => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+// ---- protected resources --------------------------------------------------------------
+
+fn presented_token(query_mode: bool, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    if query_mode {
+        return query_param(uri, "token");
+    }
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+async fn resource(
+    Extract(shared): Extract<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // The verdict is taken on arrival, so a test that expires tokens afterwards does not
+    // change the answer of a request already in the server.
+    let (accepted, token_given, business_code, latency, held) = shared.update(|state| {
+        let token = presented_token(state.config.query_token, &uri, &headers);
+        let accepted = !state.config.require_auth
+            || (!state.config.reject_all
+                && token.as_deref().is_some_and(|t| state.access_valid(t)));
+        let held = (state.hold_next > 0).then(|| {
+            state.hold_next -= 1;
+            state.counters.held_resource_calls += 1;
+            state.releases
+        });
+        state.counters.resource_calls += 1;
+        if let Some(token) = &token {
+            *state
+                .counters
+                .requests_per_token
+                .entry(token.clone())
+                .or_default() += 1;
+        }
+        if !accepted {
+            state.counters.rejections += 1;
+        }
+        let token_given = token.is_some();
+        state.requests.push(RecordedRequest {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            token,
+            authorization: headers.contains_key(header::AUTHORIZATION),
+            body: body.to_vec(),
+            accepted,
+        });
+        (
+            accepted,
+            token_given,
+            state.config.business_code,
+            state.config.resource_latency,
+            held,
+        )
+    });
+    if let Some(before) = held {
+        wait_for_release(&shared, before).await;
+    }
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if accepted {
+        return echo(&method, &uri, body);
+    }
+    if business_code {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({ "code": 401, "message": "token expired" }),
+        );
+    }
+    // RFC 6750 §3.1: no error code when no token was presented at all.
+    let challenge = if token_given {
+        "Bearer error=\"invalid_token\""
+    } else {
+        "Bearer"
+    };
+    let mut response = (StatusCode::UNAUTHORIZED, "invalid token").into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+async fn wait_for_release(shared: &Shared, before: u64) {
+    loop {
+        let changed = shared.changed().notified();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        if shared.read(|state| state.releases) != before {
+            return;
+        }
+        changed.await;
+    }
+}
+
+fn echo(method: &Method, uri: &Uri, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(value) = HeaderValue::from_str(method.as_str()) {
+        headers.insert("x-echo-method", value);
+    }
+    if let Ok(value) = HeaderValue::from_str(uri.path()) {
+        headers.insert("x-echo-path", value);
+    }
+    response
+}
+
+// ---- redirect -------------------------------------------------------------------------
+
+async fn redirect(Extract(shared): Extract<Arc<Shared>>, uri: Uri) -> Response {
+    let Some(target) = query_param(&uri, "to") else {
+        return (StatusCode::BAD_REQUEST, "missing `to`").into_response();
+    };
+    let Ok(location) = HeaderValue::from_str(&target) else {
+        return (StatusCode::BAD_REQUEST, "bad `to`").into_response();
+    };
+    shared.update(|state| state.counters.redirects += 1);
+    let mut response = StatusCode::FOUND.into_response();
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+}

@@ -1,0 +1,279 @@
+//! The server's memory: issued tokens, refresh-token families, counters, knobs. Every
+//! handler works on it under one mutex, so what a test reads is always consistent.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::{Failure, TestServerConfig};
+
+/// What the server has seen, through [`TestServer::counters`](super::TestServer::counters).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Calls of `POST /oauth/token`, whatever the grant and outcome.
+    pub token_calls: u64,
+    /// Token calls with `grant_type=refresh_token`.
+    pub refresh_token_calls: u64,
+    /// Token calls with `grant_type=client_credentials`.
+    pub client_credentials_calls: u64,
+    /// Token calls answered with an error (injected failures included; hangs not).
+    pub token_errors: u64,
+    /// Access tokens issued by the token endpoint.
+    pub tokens_issued: u64,
+    /// Spent refresh tokens presented again (each revoked a family).
+    pub reuse_detections: u64,
+    /// Requests to protected resources (`/api/...`).
+    pub resource_calls: u64,
+    /// Protected-resource requests refused for a missing or bad token (`401`s sent, or
+    /// `{"code":401}` answers in business-code mode).
+    pub rejections: u64,
+    /// Protected-resource requests per access token they carried (valid or not).
+    pub requests_per_token: BTreeMap<String, u64>,
+    /// Requests outside the token endpoint that carried credentials: an
+    /// `Authorization` header or a `token` query parameter.
+    pub credentialed_requests: u64,
+    /// Requests outside the token endpoint, whatever they carried.
+    pub other_requests: u64,
+    /// Redirects answered by `/redirect`.
+    pub redirects: u64,
+    /// Protected-resource requests held back (see
+    /// [`TestServer::hold_next_resource_calls`](super::TestServer::hold_next_resource_calls)),
+    /// counted when they arrive, before they are held.
+    pub held_resource_calls: u64,
+}
+
+impl Counters {
+    /// Token calls of either grant.
+    pub fn grant_calls(&self) -> u64 {
+        self.refresh_token_calls + self.client_credentials_calls
+    }
+
+    /// How many protected-resource requests carried `token`.
+    pub fn requests_with(&self, token: &str) -> u64 {
+        self.requests_per_token.get(token).copied().unwrap_or(0)
+    }
+}
+
+/// One protected-resource request as the server received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordedRequest {
+    /// The method.
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The access token it carried, if any (from the header, or from the query in
+    /// query mode).
+    pub token: Option<String>,
+    /// Whether it had an `Authorization` header (whatever the mode).
+    pub authorization: bool,
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+    /// Whether the token was accepted.
+    pub accepted: bool,
+}
+
+struct AccessToken {
+    expires_at: Instant,
+    family: Option<u64>,
+}
+
+struct RefreshToken {
+    family: u64,
+    spent: bool,
+}
+
+/// An RFC 6749 §5.2 error the token endpoint answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OAuthError {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnsupportedGrantType,
+}
+
+impl OAuthError {
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest => "invalid_request",
+            OAuthError::InvalidClient => "invalid_client",
+            OAuthError::InvalidGrant => "invalid_grant",
+            OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+        }
+    }
+}
+
+/// A successful token answer (RFC 6749 §5.1).
+#[derive(Clone, Debug)]
+pub(crate) struct Issued {
+    pub(crate) access_token: String,
+    pub(crate) expires_in: u64,
+    pub(crate) refresh_token: Option<String>,
+}
+
+/// The state shared by the handle and the handlers: every change wakes
+/// [`TestServer::wait_for`](super::TestServer::wait_for).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(state: State) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Runs `f` on the state, then wakes everyone waiting for a change.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let result = f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        self.changed.notify_waiters();
+        result
+    }
+
+    pub(crate) fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// Reads the state without waking anyone.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+pub(crate) struct State {
+    pub(crate) config: TestServerConfig,
+    pub(crate) counters: Counters,
+    pub(crate) requests: Vec<RecordedRequest>,
+    pub(crate) failures: VecDeque<Failure>,
+    /// Resource calls still to be held back on arrival.
+    pub(crate) hold_next: usize,
+    /// Bumped by every release; a held call waits until it moves.
+    pub(crate) releases: u64,
+    access: HashMap<String, AccessToken>,
+    refresh: HashMap<String, RefreshToken>,
+    revoked_families: HashSet<u64>,
+    next_id: u64,
+}
+
+// Never prints tokens or the client secret.
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("access_tokens", &self.access.len())
+            .field("refresh_tokens", &self.refresh.len())
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    pub(crate) fn new(config: TestServerConfig) -> Self {
+        State {
+            config,
+            counters: Counters::default(),
+            requests: Vec::new(),
+            failures: VecDeque::new(),
+            hold_next: 0,
+            releases: 0,
+            access: HashMap::new(),
+            refresh: HashMap::new(),
+            revoked_families: HashSet::new(),
+            next_id: 0,
+        }
+    }
+
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}{}.{:016x}", self.next_id, fastrand::u64(..))
+    }
+
+    pub(crate) fn issue_access_token(&mut self, family: Option<u64>) -> (String, u64) {
+        let token = self.fresh("at");
+        let lifetime = self.config.token_lifetime;
+        let expires_at = Instant::now()
+            .checked_add(lifetime)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+        self.access
+            .insert(token.clone(), AccessToken { expires_at, family });
+        (token, lifetime.as_secs())
+    }
+
+    fn issue_refresh_token(&mut self, family: u64) -> String {
+        let token = self.fresh("rt");
+        self.refresh.insert(
+            token.clone(),
+            RefreshToken {
+                family,
+                spent: false,
+            },
+        );
+        token
+    }
+
+    pub(crate) fn issue_refresh_token_new_family(&mut self) -> String {
+        self.next_id += 1;
+        let family = self.next_id;
+        self.issue_refresh_token(family)
+    }
+
+    pub(crate) fn expire_all_tokens(&mut self) {
+        let now = Instant::now();
+        for token in self.access.values_mut() {
+            token.expires_at = now;
+        }
+    }
+
+    /// Whether `token` is a valid, unexpired access token of a family not revoked.
+    pub(crate) fn access_valid(&self, token: &str) -> bool {
+        self.access.get(token).is_some_and(|t| {
+            Instant::now() < t.expires_at
+                && t.family.is_none_or(|f| !self.revoked_families.contains(&f))
+        })
+    }
+
+    /// `grant_type=refresh_token` (RFC 6749 §6) with rotation and reuse detection.
+    pub(crate) fn refresh_grant(&mut self, presented: &str) -> Result<Issued, OAuthError> {
+        let Some(entry) = self.refresh.get_mut(presented) else {
+            return Err(OAuthError::InvalidGrant);
+        };
+        let family = entry.family;
+        if self.revoked_families.contains(&family) {
+            return Err(OAuthError::InvalidGrant);
+        }
+        if entry.spent {
+            // A spent token presented again means it leaked (or a client raced itself):
+            // revoke the whole family, as real servers do.
+            self.counters.reuse_detections += 1;
+            self.revoked_families.insert(family);
+            return Err(OAuthError::InvalidGrant);
+        }
+        entry.spent = true;
+        let refresh_token = self.issue_refresh_token(family);
+        let (access_token, expires_in) = self.issue_access_token(Some(family));
+        self.counters.tokens_issued += 1;
+        Ok(Issued {
+            access_token,
+            expires_in,
+            refresh_token: Some(refresh_token),
+        })
+    }
+
+    /// `grant_type=client_credentials` (RFC 6749 §4.4): no refresh token (§4.4.3).
+    pub(crate) fn client_credentials_grant(&mut self) -> Issued {
+        let (access_token, expires_in) = self.issue_access_token(None);
+        self.counters.tokens_issued += 1;
+        Issued {
+            access_token,
+            expires_in,
+            refresh_token: None,
+        }
+    }
+}
