@@ -133,8 +133,16 @@ async fn redis_killed_mid_run_gives_typed_errors_and_the_fleet_recovers_after_re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(recovered.len(), flights.len(), "the fleet recovered");
-    assert!(recovered.iter().all(|t| t.generation() == 3 && **t == *recovered[0]));
-    assert_eq!(issuer.calls(), 2, "one refresh for the whole fleet after the restart");
+    assert!(
+        recovered
+            .iter()
+            .all(|t| t.generation() == 3 && **t == *recovered[0])
+    );
+    assert_eq!(
+        issuer.calls(),
+        2,
+        "one refresh for the whole fleet after the restart"
+    );
     assert_eq!(issuer.reuses(), 0);
     assert_eq!(
         guarded("stored", seed.load()).await.unwrap().as_ref(),

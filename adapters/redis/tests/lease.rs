@@ -101,7 +101,11 @@ impl TokenStore for StallingStore {
     }
 }
 
-fn flight(store: impl TokenStore + 'static, source: impl tokenflight::TokenSource + 'static, clock: &Arc<ManualClock>) -> SingleFlight {
+fn flight(
+    store: impl TokenStore + 'static,
+    source: impl tokenflight::TokenSource + 'static,
+    clock: &Arc<ManualClock>,
+) -> SingleFlight {
     Builder::new()
         .store(store)
         .source(source)
@@ -113,22 +117,37 @@ fn flight(store: impl TokenStore + 'static, source: impl tokenflight::TokenSourc
 }
 
 fn start_clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30)))
+    Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+    ))
 }
 
 /// Seeds the store with a logged-in token and expires it.
 async fn seed_expired(server: &RedisServer, prefix: &str, issuer: &Issuer, clock: &ManualClock) {
-    let seed = RedisStore::builder(server.url()).key_prefix(prefix).connect().await.unwrap();
-    seed.save(&issuer.login(clock.now()).with_generation(1), None).await.unwrap();
+    let seed = RedisStore::builder(server.url())
+        .key_prefix(prefix)
+        .connect()
+        .await
+        .unwrap();
+    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+        .await
+        .unwrap();
     clock.advance(LIFETIME);
 }
 
 /// EVALSHA/EVAL calls the server has run: during the stall below only the holder's
 /// lease renewals run scripts.
 async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(con).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
     info.lines()
-        .filter_map(|l| l.strip_prefix("cmdstat_evalsha:calls=").or_else(|| l.strip_prefix("cmdstat_eval:calls=")))
+        .filter_map(|l| {
+            l.strip_prefix("cmdstat_evalsha:calls=")
+                .or_else(|| l.strip_prefix("cmdstat_eval:calls="))
+        })
         .filter_map(|rest| rest.split(',').next())
         .map(|n| n.parse::<u64>().unwrap())
         .sum()
@@ -155,7 +174,10 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
                 let _ = entered.send(());
                 let _ = go.await;
             }
-            let presented = cx.previous.as_ref().and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+            let presented = cx
+                .previous
+                .as_ref()
+                .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
             issuer.refresh(presented.as_deref(), cx.now)
         }
     });
@@ -165,7 +187,11 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
         .connect()
         .await
         .unwrap();
-    let b_store = RedisStore::builder(server.url()).key_prefix("l1:").connect().await.unwrap();
+    let b_store = RedisStore::builder(server.url())
+        .key_prefix("l1:")
+        .connect()
+        .await
+        .unwrap();
     let a = flight(a_store, stalling_source, &clock);
     let b = flight(b_store, issuer.source(), &clock);
 
@@ -173,9 +199,19 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
         let a = a.clone();
         async move { a.token().await }
     });
-    guarded("a reaches its token source", entered).await.unwrap();
-    let mut con = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let holder: Option<String> = redis::cmd("GET").arg("l1:lock").query_async(&mut con).await.unwrap();
+    guarded("a reaches its token source", entered)
+        .await
+        .unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let holder: Option<String> = redis::cmd("GET")
+        .arg("l1:lock")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert!(holder.is_some());
 
     let b_task = tokio::spawn({
@@ -191,7 +227,11 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
         }
     })
     .await;
-    let still: Option<String> = redis::cmd("GET").arg("l1:lock").query_async(&mut con).await.unwrap();
+    let still: Option<String> = redis::cmd("GET")
+        .arg("l1:lock")
+        .query_async(&mut con)
+        .await
+        .unwrap();
     assert_eq!(still, holder, "a kept the lock through the stall");
     assert_eq!(issuer.calls(), 0, "b did not refresh behind a's back");
     assert!(!b_task.is_finished());
@@ -223,14 +263,20 @@ async fn a_holder_whose_lease_lapsed_does_not_spend_a_refresh_token_twice() {
         .unwrap();
     let (a_store, stall) = StallingStore::new(a_store, Phase::Load);
     let a = flight(a_store, issuer.source(), &clock);
-    let b_store = RedisStore::builder(server.url()).key_prefix("l2:").connect().await.unwrap();
+    let b_store = RedisStore::builder(server.url())
+        .key_prefix("l2:")
+        .connect()
+        .await
+        .unwrap();
     let b = flight(b_store, issuer.source(), &clock);
 
     let a_task = tokio::spawn({
         let a = a.clone();
         async move { a.token().await }
     });
-    guarded("a stalls holding the lock", stall.stalled).await.unwrap();
+    guarded("a stalls holding the lock", stall.stalled)
+        .await
+        .unwrap();
     // b gets the lock once a's lease lapses, and refreshes with the live refresh token.
     let b_token = guarded("b refreshes", b.token()).await.unwrap();
     assert_eq!(b_token.generation(), 2);
@@ -276,21 +322,38 @@ async fn a_holder_whose_lease_lapsed_cannot_overwrite_the_newer_token() {
         .unwrap();
     let (a_store, stall) = StallingStore::new(a_store, Phase::Save);
     let a = flight(a_store, source("a"), &clock);
-    let b_store = RedisStore::builder(server.url()).key_prefix("l3:").connect().await.unwrap();
+    let b_store = RedisStore::builder(server.url())
+        .key_prefix("l3:")
+        .connect()
+        .await
+        .unwrap();
     let b = flight(b_store, source("b"), &clock);
-    let check = RedisStore::builder(server.url()).key_prefix("l3:").connect().await.unwrap();
+    let check = RedisStore::builder(server.url())
+        .key_prefix("l3:")
+        .connect()
+        .await
+        .unwrap();
 
     let a_task = tokio::spawn({
         let a = a.clone();
         async move { a.token().await }
     });
-    guarded("a stalls before saving", stall.stalled).await.unwrap();
+    guarded("a stalls before saving", stall.stalled)
+        .await
+        .unwrap();
     let b_token = guarded("b refreshes", b.token()).await.unwrap();
     assert!(b_token.access().expose().starts_with("b-"));
 
     stall.resume.send(()).unwrap();
     let a_token = guarded("a", a_task).await.unwrap().unwrap();
-    assert_eq!(a_token, b_token, "a's save was refused and a adopted b's token");
-    assert_eq!(check.load().await.unwrap().as_ref(), Some(&*b_token), "the store kept b's token");
+    assert_eq!(
+        a_token, b_token,
+        "a's save was refused and a adopted b's token"
+    );
+    assert_eq!(
+        check.load().await.unwrap().as_ref(),
+        Some(&*b_token),
+        "the store kept b's token"
+    );
     assert_eq!(fetched.load(Ordering::SeqCst), 2);
 }

@@ -38,7 +38,11 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 }
 
 async fn lock_holder(server: &RedisServer, prefix: &str) -> Option<String> {
-    raw(server).await.get(format!("{prefix}lock")).await.unwrap()
+    raw(server)
+        .await
+        .get(format!("{prefix}lock"))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,13 +63,21 @@ async fn lock_is_exclusive_across_connections_and_the_wait_is_bounded() {
         Err(StoreError::LockTimeout) => {}
         other => panic!("b must time out while a holds the lock, got {other:?}"),
     }
-    assert_eq!(lock_holder(&server, "t1:").await, holder, "b did not touch a's lock");
+    assert_eq!(
+        lock_holder(&server, "t1:").await,
+        holder,
+        "b did not touch a's lock"
+    );
 
     guarded("unlock a", a.unlock(held)).await;
     assert_eq!(lock_holder(&server, "t1:").await, None, "released");
     let b_held = guarded("lock b again", b.lock()).await.unwrap();
     assert!(lock_holder(&server, "t1:").await.is_some());
-    assert_ne!(lock_holder(&server, "t1:").await, holder, "a new, unique value");
+    assert_ne!(
+        lock_holder(&server, "t1:").await,
+        holder,
+        "a new, unique value"
+    );
     guarded("unlock b", b.unlock(b_held)).await;
 }
 
@@ -87,13 +99,19 @@ async fn release_is_compare_and_delete_and_lapsed_leases_free_the_lock() {
         .unwrap();
 
     let stale = guarded("lock a", a.lock()).await.unwrap();
-    let b_held = guarded("lock b after a's lease lapses", b.lock()).await.unwrap();
+    let b_held = guarded("lock b after a's lease lapses", b.lock())
+        .await
+        .unwrap();
     let b_value = lock_holder(&server, "t2:").await;
     assert!(b_value.is_some());
 
     // a releases late: compare-and-delete leaves b's lock alone.
     guarded("unlock stale a", a.unlock(stale)).await;
-    assert_eq!(lock_holder(&server, "t2:").await, b_value, "b still holds the lock");
+    assert_eq!(
+        lock_holder(&server, "t2:").await,
+        b_value,
+        "b still holds the lock"
+    );
     assert!(matches!(
         guarded("lock c", c.lock()).await,
         Err(StoreError::LockTimeout)
@@ -124,7 +142,9 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
     // a stalls past its lease; b takes over and saves generation 5.
     let b_lock = guarded("lock b", b.lock()).await.unwrap();
     let b_token = Token::new("from-b").with_refresh("r-b").with_generation(5);
-    guarded("save b", b.save(&b_token, Some(&b_lock))).await.unwrap();
+    guarded("save b", b.save(&b_token, Some(&b_lock)))
+        .await
+        .unwrap();
 
     // a wakes up: its load is fenced (it must not go on to spend a refresh token) ...
     assert!(matches!(
@@ -142,7 +162,10 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
             "generation {generation}"
         );
     }
-    assert_eq!(guarded("load", b.load()).await.unwrap(), Some(b_token.clone()));
+    assert_eq!(
+        guarded("load", b.load()).await.unwrap(),
+        Some(b_token.clone())
+    );
 
     // The holder itself cannot write an older or equal generation either (an install
     // may have stored a newer token meanwhile).
@@ -248,8 +271,14 @@ async fn unreachable_redis_is_a_prompt_unavailable_error() {
     ));
     // Built lazily (a service starting while Redis is down), every call fails cleanly.
     let store = builder().build().unwrap();
-    assert!(matches!(guarded("load", store.load()).await, Err(StoreError::Unavailable(_))));
-    assert!(matches!(guarded("lock", store.lock()).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        guarded("load", store.load()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        guarded("lock", store.lock()).await,
+        Err(StoreError::Unavailable(_))
+    ));
     let token = Token::new("x").with_generation(1);
     assert!(matches!(
         guarded("save", store.save(&token, None)).await,
@@ -262,7 +291,10 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
     let server = RedisServer::start();
     let s = store(&server, "t5:").connect().await.unwrap();
     let mut con = raw(&server).await;
-    let _: () = con.set("t5:token", "{\"v\":1,\"access\":\"secret-XYZ\"").await.unwrap();
+    let _: () = con
+        .set("t5:token", "{\"v\":1,\"access\":\"secret-XYZ\"")
+        .await
+        .unwrap();
     match guarded("load", s.load()).await {
         Err(StoreError::Corrupt(msg)) => assert!(!msg.contains("XYZ"), "{msg}"),
         other => panic!("expected Corrupt, got {other:?}"),
@@ -275,7 +307,9 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
 
     let _: () = con.set("t5:token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
-    guarded("save over garbage", s.save(&login, None)).await.unwrap();
+    guarded("save over garbage", s.save(&login, None))
+        .await
+        .unwrap();
     assert_eq!(guarded("load", s.load()).await.unwrap(), Some(login));
     assert!(!format!("{s:?}").contains(&server.url()));
 }
@@ -284,9 +318,13 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
 async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_expiry() {
     let server = RedisServer::start();
     let issuer = Issuer::new();
-    let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30)));
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+    ));
     let seed = store(&server, "t6:").connect().await.unwrap();
-    let login = issuer.login(tokenflight::Clock::now(&*clock)).with_generation(1);
+    let login = issuer
+        .login(tokenflight::Clock::now(&*clock))
+        .with_generation(1);
     seed.save(&login, None).await.unwrap();
 
     let mut flights = Vec::new();
@@ -309,7 +347,10 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
             futures::future::join_all(flights.iter().map(|f| f.token())),
         )
         .await;
-        let generations: Vec<u64> = results.iter().map(|r| r.as_ref().unwrap().generation()).collect();
+        let generations: Vec<u64> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().generation())
+            .collect();
         assert!(
             generations.iter().all(|g| *g == cycle + 1),
             "cycle {cycle}: {generations:?}"
@@ -318,5 +359,9 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
     }
     assert_eq!(issuer.reuses(), 0);
     let adopted: u64 = flights.iter().map(|f| f.stats().adopted).sum();
-    assert_eq!(adopted, 7 * 5, "the other seven adopted the stored token each cycle");
+    assert_eq!(
+        adopted,
+        7 * 5,
+        "the other seven adopted the stored token each cycle"
+    );
 }

@@ -82,7 +82,10 @@ impl RedisServer {
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("redis-server exited early with {status} (port {} taken?)", self.port);
+                    panic!(
+                        "redis-server exited early with {status} (port {} taken?)",
+                        self.port
+                    );
                 }
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -156,12 +159,18 @@ pub mod issuer {
         }
 
         /// Spends `presented` and mints the next token, or records a reuse.
-        pub fn refresh(&self, presented: Option<&str>, now: std::time::SystemTime) -> Result<Token, RefreshError> {
+        pub fn refresh(
+            &self,
+            presented: Option<&str>,
+            now: std::time::SystemTime,
+        ) -> Result<Token, RefreshError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let mut live = self.live.lock().unwrap();
             if presented.is_none() || live.as_deref() != presented {
                 self.reuses.fetch_add(1, Ordering::SeqCst);
-                return Err(RefreshError::permanent("invalid_grant: refresh token reuse"));
+                return Err(RefreshError::permanent(
+                    "invalid_grant: refresh token reuse",
+                ));
             }
             *live = None;
             drop(live);
