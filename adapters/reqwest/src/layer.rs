@@ -40,6 +40,31 @@ impl TokenLayer {
         }
     }
 
+    /// A redirect policy for the client under this layer: like reqwest's default (up to
+    /// 10 redirects), except that it does not follow a redirect from an allowed origin
+    /// to another when the token travels in a header other than `Authorization`, which
+    /// reqwest would carry along (the caller gets the redirect response instead). With
+    /// the default `Authorization` placement reqwest already drops the header when a
+    /// redirect leaves the origin, and this policy changes nothing.
+    ///
+    /// ```
+    /// # use tokenflight_reqwest::{TokenLayer, reqwest, tokenflight::{Token, from_fn}};
+    /// let layer = TokenLayer::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("key")) }))
+    ///     .header("x-api-key", None)
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let client = reqwest::Client::builder()
+    ///     .redirect(layer.redirect_policy())
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(client);
+    /// ```
+    pub fn redirect_policy(&self) -> reqwest::redirect::Policy {
+        crate::redirect::policy(&self.auth)
+    }
+
     /// The auth layer behind this middleware: `stats()`, and `flight()` to install a
     /// token after a login or read the current one.
     pub fn authenticator(&self) -> &Authenticator {

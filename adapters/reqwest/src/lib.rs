@@ -78,9 +78,10 @@
 //!
 //! The header is marked sensitive. The token goes only to the allowed origins (the core
 //! checks each request's URL). When reqwest follows a redirect to another origin it drops
-//! the `Authorization` header (tested in `tests/redirects.rs`); it keeps other headers, so
-//! with a custom header placement (`.header("X-Api-Key", None)`) give the client a
-//! redirect policy that does not follow redirects to other origins.
+//! the `Authorization` header (tested in `tests/redirects.rs`). It keeps other headers, so
+//! with a custom header placement (`.header("x-api-key", None)`) build the client with
+//! [`TokenLayer::redirect_policy`], which does not follow a redirect that would take the
+//! token to an origin not allowed.
 //!
 //! ## Cancellation
 //!
@@ -94,6 +95,7 @@
 
 mod layer;
 mod message;
+mod redirect;
 mod runtime;
 mod transport;
 

@@ -70,3 +70,125 @@ async fn a_request_to_an_origin_not_allowed_carries_no_token() {
         "no token was even fetched"
     );
 }
+
+mod custom_header {
+    //! A token in a header other than `Authorization`: reqwest carries it across origins
+    //! when it follows a redirect; `TokenLayer::redirect_policy` stops that redirect.
+
+    use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+    use tokenflight_reqwest::{TokenLayer, reqwest};
+
+    use super::common;
+
+    fn layer(origin: &str) -> TokenLayer {
+        TokenLayer::builder()
+            .source(tokenflight::from_fn(|_cx| async {
+                Ok(tokenflight::Token::new("the-api-key"))
+            }))
+            .header("x-api-key", None)
+            .allowed_origin(origin)
+            .build()
+            .unwrap()
+    }
+
+    fn client(layer: &TokenLayer, guarded: bool) -> ClientWithMiddleware {
+        let mut builder = reqwest::Client::builder();
+        if guarded {
+            builder = builder.redirect(layer.redirect_policy());
+        }
+        ClientBuilder::new(builder.build().unwrap())
+            .with(layer.clone())
+            .build()
+    }
+
+    fn port(origin: &str) -> &str {
+        origin.rsplit(':').next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_the_policy_reqwest_carries_the_header_to_another_origin() {
+        let (allowed, mut allowed_heads) = common::recording_server().await;
+        let (other, mut other_heads) = common::recording_server().await;
+        let layer = layer(&allowed);
+
+        let url = format!("{allowed}/redirect/{}/land", port(&other));
+        let response = client(&layer, false).get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("x-api-key: the-api-key")
+        );
+        // The leak the policy exists for.
+        assert!(
+            other_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("x-api-key: the-api-key")
+        );
+    }
+
+    #[tokio::test]
+    async fn with_the_policy_a_redirect_to_another_origin_is_not_followed() {
+        let (allowed, mut allowed_heads) = common::recording_server().await;
+        let (other, mut other_heads) = common::recording_server().await;
+        let layer = layer(&allowed);
+
+        let url = format!("{allowed}/redirect/{}/land", port(&other));
+        let response = client(&layer, true).get(url).send().await.unwrap();
+        assert_eq!(response.status(), 302);
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("x-api-key: the-api-key")
+        );
+        // Following would have happened before `send` returned.
+        assert!(other_heads.try_recv().is_err(), "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn with_the_policy_a_same_origin_redirect_is_followed() {
+        let (allowed, mut allowed_heads) = common::recording_server().await;
+        let layer = layer(&allowed);
+
+        let url = format!("{allowed}/redirect/{}/land", port(&allowed));
+        let response = client(&layer, true).get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+        assert!(allowed_heads.recv().await.unwrap().contains("x-api-key"));
+        let second = allowed_heads.recv().await.unwrap();
+        assert!(second.starts_with("get /land "), "{second}");
+        assert!(second.contains("x-api-key: the-api-key"));
+    }
+
+    #[tokio::test]
+    async fn with_the_policy_an_authorization_token_still_follows_and_is_dropped() {
+        let (allowed, mut allowed_heads) = common::recording_server().await;
+        let (other, mut other_heads) = common::recording_server().await;
+        let layer = TokenLayer::builder()
+            .source(tokenflight::from_fn(|_cx| async {
+                Ok(tokenflight::Token::new("bearer-token"))
+            }))
+            .allowed_origin(&allowed)
+            .build()
+            .unwrap();
+
+        let url = format!("{allowed}/redirect/{}/land", port(&other));
+        let response = client(&layer, true).get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("authorization: bearer bearer-token")
+        );
+        let landed = other_heads.recv().await.unwrap();
+        assert!(!landed.contains("bearer-token"), "{landed}");
+    }
+}

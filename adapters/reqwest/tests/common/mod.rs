@@ -162,3 +162,46 @@ pub async fn chunked_server(chunks: Vec<Vec<u8>>, cut: bool) -> String {
     });
     format!("http://{addr}")
 }
+
+/// A server that records the head of every request it gets (lower-cased) and answers
+/// `GET /redirect/<port>/<path>` with a `302` to `http://127.0.0.1:<port>/<path>`, and
+/// everything else with `200 ok`. For checks on headers the testkit does not count.
+pub async fn recording_server() -> (String, mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&request).to_lowercase();
+                let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                let _ = heads.send(head);
+                let response = match path.strip_prefix("/redirect/") {
+                    Some(rest) => {
+                        let (port, path) = rest.split_once('/').unwrap();
+                        format!(
+                            "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{port}/{path}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                    }
+                    None => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                        .to_owned(),
+                };
+                socket.write_all(response.as_bytes()).await.unwrap();
+                socket.shutdown().await.unwrap();
+            });
+        }
+    });
+    (format!("http://{addr}"), received)
+}

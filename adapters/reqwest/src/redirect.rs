@@ -1,0 +1,35 @@
+//! A redirect policy that keeps the token on the allowed origins when it travels in a
+//! header reqwest does not strip by itself.
+//!
+//! The core checks the URL a request is sent to (C12), but reqwest follows redirects
+//! inside the client, below the middleware. On a redirect to another origin reqwest
+//! drops `Authorization` (and cookies), yet keeps every other header, so a token in
+//! `X-Api-Key` would go along.
+
+use reqwest::redirect::{Attempt, Policy};
+use tokenflight::{AllowedOrigins, Authenticator, Placement};
+
+pub(crate) fn policy(auth: &Authenticator) -> Policy {
+    let origins = auth.allowed_origins().clone();
+    let survives_redirects = match auth.placement() {
+        Placement::Header { name, .. } => !name.eq_ignore_ascii_case("authorization"),
+        // A query token is part of the old URL, not of the `Location` followed.
+        _ => false,
+    };
+    Policy::custom(move |attempt: Attempt<'_>| {
+        if survives_redirects && leaves_allowed_origins(&origins, &attempt) {
+            // The caller gets the redirect response itself, without the token leaving.
+            attempt.stop()
+        } else {
+            Policy::default().redirect(attempt)
+        }
+    })
+}
+
+fn leaves_allowed_origins(origins: &AllowedOrigins, attempt: &Attempt<'_>) -> bool {
+    let started_allowed = attempt
+        .previous()
+        .first()
+        .is_some_and(|first| origins.allows(first));
+    started_allowed && !origins.allows(attempt.url())
+}
