@@ -1,1 +1,13 @@
-//! Placeholder: work in progress.
+//! Shared code of tokenflight's examples: the `storm` demo's scenario, the clients it
+//! drives (tokenflight under reqwest or surf, and the naive client it is compared with)
+//! and its summary. The programs themselves are in `examples/examples/`.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub mod api;
+pub mod exec;
+pub mod naive;
+pub mod report;
+pub mod storm;

@@ -1,0 +1,142 @@
+//! Prints the tables of `BENCHMARKS.md` from the last `cargo bench -p tokenflight-benches`
+//! run: criterion's mean times turned into ratios, plus the figures the bench binaries
+//! saved (allocations per call, bytes per waiter). Missing results print as `n/a`.
+//!
+//! `cargo run --release -p tokenflight-benches --bin bench-report`
+
+use tokenflight_benches::extras::{Extras, criterion_mean_ns};
+
+fn mean(id: &str) -> Option<f64> {
+    criterion_mean_ns(id)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    }
+}
+
+fn fixed(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:.decimals$}"))
+}
+
+const FAST_PATH: [&str; 6] = [
+    "arc_swap_load_full",
+    "arc_swap_load_full_checked",
+    "tokenflight_valid_token",
+    "tokenflight_token_await",
+    "std_rwlock",
+    "tokio_mutex",
+];
+
+const STORM: [&str; 5] = [
+    "floor_bare_shared_future",
+    "tokenflight",
+    "moka_get_with",
+    "async_singleflight",
+    "mutex_across_refresh",
+];
+
+const WAITERS: [usize; 4] = [1, 100, 10_000, 100_000];
+
+fn fast_path() {
+    let allocations = Extras::load("fast_path");
+    println!("### (a) Fast path: a valid token");
+    println!();
+    println!(
+        "Time per call relative to `arc_swap_load_full` on the same thread count (lower is better)."
+    );
+    println!();
+    println!("| contender | 1 thread | 2 threads | vs tokio Mutex, 2 threads | allocations/call |");
+    println!("|---|---|---|---|---|");
+    let floor1 = mean("fast_path/1_threads/arc_swap_load_full");
+    let floor2 = mean("fast_path/2_threads/arc_swap_load_full");
+    let mutex2 = mean("fast_path/2_threads/tokio_mutex");
+    for name in FAST_PATH {
+        let t1 = mean(&format!("fast_path/1_threads/{name}"));
+        let t2 = mean(&format!("fast_path/2_threads/{name}"));
+        println!(
+            "| {name} | {} | {} | {}x faster | {} |",
+            ratio(t1, floor1),
+            ratio(t2, floor2),
+            ratio(mutex2, t2),
+            fixed(
+                allocations.get(&format!("fast_path/{name}/allocations_per_call")),
+                3
+            ),
+        );
+    }
+    println!();
+}
+
+fn storm() {
+    let extras = Extras::load("storm");
+    println!("### (b, c) Storm: N waiters on an expired token, one refresh");
+    println!();
+    println!(
+        "Release time (refresh done → last waiter resumed) relative to tokenflight's at the \
+         same N (lower is better); tokenflight's own row is relative to the bare-`Shared` floor."
+    );
+    println!();
+    print!("| contender |");
+    for n in WAITERS {
+        print!(" N={n} |");
+    }
+    println!(" bytes/waiter (N=100k) | allocs/waiter (N=100k) | source calls |");
+    print!("|---|");
+    for _ in WAITERS {
+        print!("---|");
+    }
+    println!("---|---|---|");
+    for name in STORM {
+        print!("| {name} |");
+        for n in WAITERS {
+            let me = mean(&format!("storm/{n}/{name}"));
+            let reference = if name == "tokenflight" {
+                mean(&format!("storm/{n}/floor_bare_shared_future"))
+            } else {
+                mean(&format!("storm/{n}/tokenflight"))
+            };
+            print!(" {} |", ratio(me, reference));
+        }
+        let key = format!("storm/100000/{name}");
+        println!(
+            " {} | {} | {} |",
+            fixed(extras.get(&format!("{key}/bytes_per_waiter")), 0),
+            fixed(extras.get(&format!("{key}/allocations_per_waiter")), 2),
+            fixed(extras.get(&format!("{key}/source_calls")), 0),
+        );
+    }
+    println!();
+    println!("Absolute release times of this run (for the 50 ms target only):");
+    println!();
+    for name in ["floor_bare_shared_future", "tokenflight"] {
+        let ms = mean(&format!("storm/100000/{name}")).map(|ns| ns / 1e6);
+        println!("- {name}, N=100k: {} ms", fixed(ms, 1));
+    }
+    println!();
+}
+
+fn end_to_end() {
+    println!("### (d) End to end through reqwest on the testkit server");
+    println!();
+    println!(
+        "Throughput of reqwest + tokenflight relative to bare reqwest (higher is better; 1.00 = same)."
+    );
+    println!();
+    println!("| mode | throughput ratio |");
+    println!("|---|---|");
+    for mode in ["sequential", "concurrent_32"] {
+        let bare = mean(&format!("end_to_end/{mode}/bare_reqwest"));
+        let layered = mean(&format!("end_to_end/{mode}/reqwest_tokenflight"));
+        println!("| {mode} | {} |", ratio(bare, layered));
+    }
+    println!();
+}
+
+fn main() {
+    fast_path();
+    storm();
+    end_to_end();
+}

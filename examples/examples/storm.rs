@@ -1,0 +1,146 @@
+//! The storm demo: `cargo run --release --example storm`.
+//!
+//! Starts the testkit auth + API server on loopback and runs C clients × R requests
+//! through an HTTP client with tokenflight, across several forced token expiries and
+//! injected refresh failures; then the same run with a naive client (each 401 refreshes
+//! on its own) for contrast, and a summary table of both.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tokenflight_examples::report::{PhaseReport, table};
+use tokenflight_examples::storm::{AdapterKind, Approach, StormConfig, run_phase};
+
+/// A token-refresh storm against a real (loopback) OAuth server and API, through
+/// tokenflight and through a naive client.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    clients: u32,
+    /// Requests per client, one after another.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    requests: u32,
+    /// Access-token lifetime on the server, in seconds.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    ttl: u64,
+    /// Share (0 to 1) of forced expiries whose next token-endpoint call fails with 500.
+    #[arg(long, default_value_t = 0.4, value_parser = parse_rate)]
+    fail_rate: f64,
+    /// Times the server expires every token during a run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1_000))]
+    expiries: u32,
+    /// Server-side latency of each API call, in milliseconds.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    api_latency_ms: u64,
+    /// Server-side latency of the token endpoint, in milliseconds.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    token_latency_ms: u64,
+    /// The HTTP client: reqwest (tokio) or surf (async-std).
+    #[arg(long, value_enum, default_value_t = Adapter::Reqwest)]
+    adapter: Adapter,
+    /// Skip the naive run.
+    #[arg(long)]
+    no_naive: bool,
+    /// Print the summary as JSON (and no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 2 unless tokenflight's run kept its promises: no refresh token
+    /// presented twice, no lost login, and some requests through (for CI).
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Adapter {
+    Reqwest,
+    Surf,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = StormConfig {
+        clients: args.clients as usize,
+        requests: args.requests as usize,
+        ttl: Duration::from_secs(args.ttl),
+        fail_rate: args.fail_rate,
+        expiries: args.expiries,
+        api_latency: Duration::from_millis(args.api_latency_ms),
+        token_latency: Duration::from_millis(args.token_latency_ms),
+        adapter: match args.adapter {
+            Adapter::Reqwest => AdapterKind::Reqwest,
+            Adapter::Surf => AdapterKind::Surf,
+        },
+        progress: !args.json && std::io::stdout().is_terminal(),
+    };
+    if !args.json {
+        println!(
+            "storm: {} clients x {} requests via {}, token ttl {}s, {} forced expiries, \
+             fail rate {}, API {}ms, token endpoint {}ms",
+            args.clients,
+            args.requests,
+            config.adapter.name(),
+            args.ttl,
+            args.expiries,
+            args.fail_rate,
+            args.api_latency_ms,
+            args.token_latency_ms
+        );
+    }
+    let mut approaches = vec![Approach::Tokenflight];
+    if !args.no_naive {
+        approaches.push(Approach::Naive);
+    }
+    let mut phases: Vec<PhaseReport> = Vec::new();
+    for approach in approaches {
+        match run_phase(&config, approach) {
+            Ok(report) => phases.push(report),
+            Err(error) => {
+                eprintln!("storm: the {} run failed: {error}", approach.name());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "config": {
+                "clients": args.clients,
+                "requests": args.requests,
+                "ttl_s": args.ttl,
+                "fail_rate": args.fail_rate,
+                "expiries": args.expiries,
+                "api_latency_ms": args.api_latency_ms,
+                "token_latency_ms": args.token_latency_ms,
+                "adapter": config.adapter.name(),
+            },
+            "phases": phases.iter().map(PhaseReport::to_json).collect::<Vec<_>>(),
+        });
+        println!("{json:#}");
+    } else {
+        println!();
+        print!("{}", table(&phases));
+    }
+    if args.check {
+        for phase in phases.iter().filter(|p| p.approach == "tokenflight") {
+            if phase.reuse_detections != 0 || phase.relogins != 0 || phase.successes == 0 {
+                eprintln!("storm --check: tokenflight's run broke a promise: {phase:?}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,223 @@
+//! The clients the storm demo drives: tokenflight under reqwest or surf, and the naive
+//! client (see [`crate::naive`]), all behind one small trait so a phase runs them the
+//! same way.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokenflight::oauth2::RefreshTokenGrant;
+use tokenflight::{Backoff, Builder, ConfigError, Token, Transport};
+use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+
+/// What one request ended with, as the application saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// No response: the error's message.
+    Error(String),
+}
+
+/// Counters a client keeps about itself (the server counts the rest).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientCounters {
+    /// Callers that waited for a refresh someone else started (tokenflight only).
+    pub coalesced: Option<u64>,
+    /// Requests resent after a rejection.
+    pub retries: u64,
+    /// Rejections of an already replaced token, resent without a refresh (tokenflight).
+    pub stale_rejections: Option<u64>,
+    /// Times the client lost its login (a refresh failed permanently) and had to log in
+    /// again.
+    pub relogins: u64,
+}
+
+/// A client of the protected API.
+pub trait Api: Send + Sync {
+    /// `GET url`, reading the whole body.
+    fn get(&self, url: String) -> BoxFuture<'static, Outcome>;
+    /// The client's own counters.
+    fn counters(&self) -> ClientCounters;
+}
+
+/// How the demo logs in and where it sends tokens.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// The token endpoint.
+    pub token_url: String,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The OAuth client secret.
+    pub client_secret: String,
+    /// The API's origin: the only one the token may go to.
+    pub origin: String,
+    /// The access token the login gave.
+    pub access_token: String,
+    /// Its lifetime in seconds.
+    pub expires_in: u64,
+    /// The refresh token the login gave.
+    pub refresh_token: String,
+    /// The token lifetime the server uses; leeway and refresh-ahead are set from it.
+    pub ttl: Duration,
+}
+
+impl Login {
+    /// The login's token as tokenflight's `Token`.
+    pub fn token(&self) -> Token {
+        Token::new(self.access_token.as_str())
+            .with_refresh(self.refresh_token.as_str())
+            .expires_in(Duration::from_secs(self.expires_in), SystemTime::now())
+    }
+
+    /// The refresh_token grant over `transport` (a bare client).
+    pub fn grant(&self, transport: Arc<dyn Transport>) -> Result<RefreshTokenGrant, ConfigError> {
+        Ok(
+            RefreshTokenGrant::new(transport, &self.token_url, &self.client_id)?
+                .client_secret(self.client_secret.as_str())
+                .initial_refresh_token(self.refresh_token.as_str()),
+        )
+    }
+
+    /// Configures a tokenflight builder for this login: the grant, the login's token,
+    /// the API origin, a leeway of a quarter and a refresh-ahead window of half the
+    /// token lifetime, and a short backoff after injected failures.
+    pub fn configure<Out>(
+        &self,
+        builder: Builder<Out>,
+        transport: Arc<dyn Transport>,
+        relogins: Arc<AtomicU64>,
+    ) -> Result<Builder<Out>, ConfigError> {
+        Ok(builder
+            .source(self.grant(transport)?)
+            .initial_token(self.token())
+            .allowed_origin(&self.origin)
+            .leeway(self.ttl / 4)
+            .refresh_ahead(Some(self.ttl / 2))
+            .backoff(Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+            ))
+            .on_auth_lost(move |_| {
+                relogins.fetch_add(1, Ordering::Relaxed);
+            }))
+    }
+}
+
+fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> ClientCounters {
+    ClientCounters {
+        coalesced: Some(stats.coalesced),
+        retries: stats.retries,
+        stale_rejections: Some(stats.stale_rejections),
+        relogins: relogins.load(Ordering::Relaxed),
+    }
+}
+
+/// reqwest with tokenflight's middleware. Build it inside the tokio runtime (the layer
+/// picks up its spawner there).
+#[derive(Debug)]
+pub struct ReqwestTokenflight {
+    client: ClientWithMiddleware,
+    layer: tokenflight_reqwest::TokenLayer,
+    relogins: Arc<AtomicU64>,
+}
+
+impl ReqwestTokenflight {
+    /// A client for `login`.
+    pub fn new(login: &Login) -> Result<Self, ConfigError> {
+        let relogins = Arc::new(AtomicU64::new(0));
+        let bare = Arc::new(tokenflight_reqwest::BareTransport::default());
+        let layer = login
+            .configure(
+                tokenflight_reqwest::TokenLayer::builder(),
+                bare,
+                relogins.clone(),
+            )?
+            .build()?;
+        let client = ClientBuilder::new(tokenflight_reqwest::reqwest::Client::new())
+            .with(layer.clone())
+            .build();
+        Ok(ReqwestTokenflight {
+            client,
+            layer,
+            relogins,
+        })
+    }
+}
+
+impl Api for ReqwestTokenflight {
+    fn get(&self, url: String) -> BoxFuture<'static, Outcome> {
+        let client = self.client.clone();
+        async move {
+            match client.get(url).send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    match response.bytes().await {
+                        Ok(_) => Outcome::Status(status),
+                        Err(error) => Outcome::Error(error.to_string()),
+                    }
+                }
+                Err(error) => Outcome::Error(error.to_string()),
+            }
+        }
+        .boxed()
+    }
+
+    fn counters(&self) -> ClientCounters {
+        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+    }
+}
+
+/// surf with tokenflight's middleware (async-std).
+#[derive(Debug)]
+pub struct SurfTokenflight {
+    client: surf::Client,
+    layer: tokenflight_surf::TokenLayer,
+    relogins: Arc<AtomicU64>,
+}
+
+impl SurfTokenflight {
+    /// A client for `login`.
+    pub fn new(login: &Login) -> Result<Self, ConfigError> {
+        let relogins = Arc::new(AtomicU64::new(0));
+        let bare = Arc::new(tokenflight_surf::BareTransport::new(surf::Client::new()));
+        let layer = login
+            .configure(
+                tokenflight_surf::TokenLayer::builder(),
+                bare,
+                relogins.clone(),
+            )?
+            .build()?;
+        let client = surf::Client::new().with(layer.clone());
+        Ok(SurfTokenflight {
+            client,
+            layer,
+            relogins,
+        })
+    }
+}
+
+impl Api for SurfTokenflight {
+    fn get(&self, url: String) -> BoxFuture<'static, Outcome> {
+        let client = self.client.clone();
+        async move {
+            match client.get(url).await {
+                Ok(mut response) => {
+                    let status = u16::from(response.status());
+                    match response.body_bytes().await {
+                        Ok(_) => Outcome::Status(status),
+                        Err(error) => Outcome::Error(error.to_string()),
+                    }
+                }
+                Err(error) => Outcome::Error(error.to_string()),
+            }
+        }
+        .boxed()
+    }
+
+    fn counters(&self) -> ClientCounters {
+        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+    }
+}
