@@ -23,9 +23,8 @@ fn layer(server: &TestServer, limit: usize) -> TokenLayer {
 
 #[tokio::test]
 async fn a_business_code_rejection_is_refreshed_and_resent() {
-    let mut config = TestServerConfig::default();
-    config.business_code = true;
-    let server = TestServer::start(config);
+    let server = TestServer::start(TestServerConfig::default());
+    server.set_business_code(true);
     let layer = layer(&server, 1024);
     let client = common::client(layer.clone());
     let (login, _) = server.issue_access_token();
