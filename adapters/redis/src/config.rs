@@ -42,6 +42,30 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// Refuses settings that cannot work: a lease renewed no faster than it lapses, or
+    /// zero durations (a zero poll interval would spin).
+    fn validate(&self) -> Result<(), StoreError> {
+        let invalid = |why: &str| {
+            Err(StoreError::Other(
+                format!("invalid RedisStore settings: {why}").into(),
+            ))
+        };
+        if self.lease.is_zero() || self.command_timeout.is_zero() || self.connect_timeout.is_zero()
+        {
+            return invalid("lease and timeouts must be longer than zero");
+        }
+        if self.poll_min.is_zero() {
+            return invalid("the minimum poll interval must be longer than zero");
+        }
+        if self
+            .renew_every
+            .is_some_and(|every| every.is_zero() || every >= self.lease)
+        {
+            return invalid("renewal must happen more often than the lease lapses");
+        }
+        Ok(())
+    }
+
     pub(crate) fn token_key(&self) -> String {
         format!("{}token", self.key_prefix)
     }
@@ -155,6 +179,7 @@ impl RedisStoreBuilder {
     /// service can start while Redis is down. Fails if the URL is invalid or no tokio
     /// runtime is available.
     pub fn build(self) -> Result<RedisStore, StoreError> {
+        self.settings.validate()?;
         let client = self.client.map_err(|e| {
             StoreError::Other(format!("invalid Redis connection info ({:?})", e.kind()).into())
         })?;
@@ -177,5 +202,30 @@ impl RedisStoreBuilder {
         let store = self.build()?;
         store.ping().await?;
         Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let refused = |b: RedisStoreBuilder| matches!(b.build(), Err(StoreError::Other(e)) if e.to_string().contains("invalid RedisStore settings"));
+        let b = || RedisStoreBuilder::new("redis://127.0.0.1/");
+        assert!(refused(b().renew_every(Some(Duration::from_secs(60)))));
+        assert!(refused(b().lease(Duration::ZERO)));
+        assert!(refused(
+            b().poll_interval(Duration::ZERO, Duration::from_secs(1))
+        ));
+        assert!(refused(b().command_timeout(Duration::ZERO)));
+        // The defaults pass validation (and then need a runtime, which is absent here).
+        assert!(Settings::default().validate().is_ok());
+        assert!(
+            b().lease(Duration::from_secs(3))
+                .settings
+                .validate()
+                .is_ok()
+        );
     }
 }

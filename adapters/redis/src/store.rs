@@ -34,7 +34,8 @@ use crate::wire;
 ///   [`StoreError::Unavailable`], and the connection manager reconnects when Redis is
 ///   back. The coordinator keeps serving its current token meanwhile.
 ///
-/// Cheap to clone; clones share the connection.
+/// Cheap to clone; clones share the connection. Give each coordinator its own store
+/// (clones share the record of which lock this store holds, which the fenced load uses).
 ///
 /// # Limits
 ///
