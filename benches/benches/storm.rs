@@ -57,9 +57,9 @@ fn bench_contender<C: Contender>(c: &mut Criterion, runtime: &tokio::runtime::Ru
     }
 }
 
-fn record_memory<C: Contender>(extras: &mut Extras) {
+fn record_memory<C: Contender>(extras: &mut Extras, runtime: &tokio::runtime::Runtime) {
     for (waiters, _) in SIZES {
-        let memory = waiter_memory::<C>(GLOBAL, waiters);
+        let memory = waiter_memory::<C>(GLOBAL, runtime, waiters);
         let key = format!("storm/{waiters}/{}", C::NAME);
         extras.record(&format!("{key}/future_bytes"), memory.future_bytes as f64);
         extras.record(&format!("{key}/bytes_per_waiter"), memory.bytes_per_waiter);
@@ -73,15 +73,15 @@ fn record_memory<C: Contender>(extras: &mut Extras) {
 }
 
 fn storms(c: &mut Criterion) {
+    let runtime = runtime();
     let mut extras = Extras::new();
-    record_memory::<SharedFloor>(&mut extras);
-    record_memory::<Tokenflight>(&mut extras);
-    record_memory::<Moka>(&mut extras);
-    record_memory::<AsyncSingleflight>(&mut extras);
-    record_memory::<MutexAcrossRefresh>(&mut extras);
+    record_memory::<SharedFloor>(&mut extras, &runtime);
+    record_memory::<Tokenflight>(&mut extras, &runtime);
+    record_memory::<Moka>(&mut extras, &runtime);
+    record_memory::<AsyncSingleflight>(&mut extras, &runtime);
+    record_memory::<MutexAcrossRefresh>(&mut extras, &runtime);
     extras.save("storm");
 
-    let runtime = runtime();
     bench_contender::<SharedFloor>(c, &runtime);
     bench_contender::<Tokenflight>(c, &runtime);
     bench_contender::<Moka>(c, &runtime);

@@ -79,11 +79,20 @@ impl Extras {
     }
 }
 
-/// Criterion's point estimate of the mean time per iteration, in nanoseconds, for
-/// benchmark `group/function[/parameter]` (its directory under the criterion dir).
-pub fn criterion_mean_ns(id: &str) -> Option<f64> {
-    let path = criterion_dir().join(id).join("new").join("estimates.json");
+/// Criterion's headline estimate of the time per iteration, in nanoseconds, for the
+/// benchmark `function` of group `group` (criterion keeps it under
+/// `<group with '/' as '_'>/<function>/new/`).
+pub fn criterion_mean_ns(group: &str, function: &str) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group.replace('/', "_"))
+        .join(function)
+        .join("new")
+        .join("estimates.json");
     let bytes = std::fs::read(path).ok()?;
     let estimates: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    estimates.get("mean")?.get("point_estimate")?.as_f64()
+    // The slope (linear sampling) is what criterion reports as its headline figure;
+    // flat sampling has none, and then the mean is.
+    ["slope", "mean"]
+        .iter()
+        .find_map(|key| estimates.get(key)?.get("point_estimate")?.as_f64())
 }

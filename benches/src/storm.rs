@@ -138,7 +138,8 @@ impl Contender for SharedFloor {
     }
 }
 
-/// tokenflight's `SingleFlight::token()`, no spawner (the waiters drive the refresh).
+/// tokenflight's `SingleFlight::token()`, no spawner (the waiters drive the refresh),
+/// tokio's timer for the refresh timeout. Needs a tokio runtime context.
 #[derive(Debug)]
 pub struct Tokenflight {
     flight: SingleFlight,
@@ -154,6 +155,9 @@ impl Contender for Tokenflight {
                 async move { Ok(refresh.run().await) }
             }))
             .initial_token(expired_token())
+            // What the reqwest adapter presets on tokio. (The core's default timer,
+            // `FuturesTimer`, adds ~15 µs per refresh on this path: see BENCHMARKS.md.)
+            .timer(Arc::new(tokenflight_reqwest::TokioTimer))
             .build_flight();
         Tokenflight {
             flight: must(flight, "building the flight"),
@@ -350,7 +354,13 @@ pub struct WaiterMemory {
 ///
 /// # Panics
 /// If the source ran other than exactly once, or a waiter got another token.
-pub fn waiter_memory<C: Contender>(alloc: &StatsAlloc<System>, waiters: usize) -> WaiterMemory {
+pub fn waiter_memory<C: Contender>(
+    alloc: &StatsAlloc<System>,
+    runtime: &tokio::runtime::Runtime,
+    waiters: usize,
+) -> WaiterMemory {
+    // A runtime context for timers; the waiters are polled here, not on the runtime.
+    let _context = runtime.enter();
     let refresh = Refresh::new();
     let contender = C::new(Arc::clone(&refresh));
     let mut cx = Context::from_waker(noop_waker_ref());

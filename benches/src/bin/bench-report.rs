@@ -6,8 +6,10 @@
 
 use tokenflight_benches::extras::{Extras, criterion_mean_ns};
 
+/// The mean of benchmark `group/function` (the function is the last part).
 fn mean(id: &str) -> Option<f64> {
-    criterion_mean_ns(id)
+    let (group, function) = id.rsplit_once('/')?;
+    criterion_mean_ns(group, function)
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
