@@ -19,6 +19,9 @@ pub const TARGETS: &[&str] = &["flight_ops", "www_authenticate"];
 pub fn run(name: &str, data: &[u8]) -> bool {
     match name {
         "flight_ops" => flight_ops(data),
+        "jwt_claims" => jwt_claims(data),
+        "store_file" => store_file(data),
+        "token_response" => token_response(data),
         "www_authenticate" => www_authenticate(data),
         _ => return false,
     }
@@ -51,4 +54,112 @@ pub fn www_authenticate(data: &[u8]) {
         bearer.is_ok(),
         "parse and bearer_error disagree on {header:?}"
     );
+}
+
+/// OAuth 2.0 token endpoint bodies (RFC 6749 §5.1 success, §5.2 error): a typed result,
+/// and a parsed success turns into a token whatever its `expires_in`.
+pub fn token_response(data: &[u8]) {
+    use tokenflight::oauth2::{ErrorResponse, TokenResponse};
+    if let Ok(response) = TokenResponse::parse(data) {
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 40);
+        let expires_at = response.expires_at(now);
+        let token = response.into_token(now, None);
+        assert!(
+            !token.access().expose().is_empty(),
+            "an empty access token was accepted"
+        );
+        assert_eq!(token.expiry(), expires_at);
+    }
+    if let Ok(error) = ErrorResponse::parse(data) {
+        assert!(!error.error.is_empty(), "an empty error code was accepted");
+        let _ = error.is_permanent();
+    }
+}
+
+/// JWT time claims from arbitrary strings: a typed result, and `expiry` agrees with
+/// `time_claims`.
+pub fn jwt_claims(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let claims = tokenflight::jwt::time_claims(text);
+    assert_eq!(
+        tokenflight::jwt::expiry(text),
+        claims.ok().and_then(|c| c.exp),
+        "expiry and time_claims disagree"
+    );
+}
+
+/// A `FileStore` file with arbitrary contents: loading gives a token or a typed error.
+///
+/// The decoder is private to the core, so this goes through the public
+/// `FileStore::load` on a private file (mode 0600) in a per-process directory; a corrupt
+/// file is moved aside by the store and removed here.
+#[cfg(unix)]
+pub fn store_file(data: &[u8]) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use tokenflight::{FileStore, StoreError, TokenStore};
+
+    let dir = store_dir();
+    let path = dir.join("token.json");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(data));
+    if written.is_err() {
+        return;
+    }
+    let store = FileStore::new(&path);
+    match futures::executor::block_on(store.load()) {
+        Ok(Some(token)) => {
+            // What was read can be written and read back unchanged.
+            futures::executor::block_on(store.save(&token, None)).unwrap_or_else(|e| {
+                panic!("saving a loaded token failed: {e}");
+            });
+            let again = futures::executor::block_on(store.load());
+            assert!(
+                matches!(&again, Ok(Some(t)) if *t == token),
+                "a saved token did not load back unchanged"
+            );
+        }
+        Ok(None) => panic!("an existing file loaded as missing"),
+        Err(StoreError::Corrupt(_) | StoreError::Other(_)) => {}
+        Err(other) => {
+            // Newer formats are refused with a typed error too.
+            let _ = other.to_string();
+        }
+    }
+    clear(dir);
+}
+
+/// Without Unix file modes the store refuses nothing by mode; the target is Unix-only.
+#[cfg(not(unix))]
+pub fn store_file(_data: &[u8]) {}
+
+#[cfg(unix)]
+fn store_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let dir =
+            std::env::temp_dir().join(format!("tokenflight-fuzz-store-{}", std::process::id()));
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir);
+        dir
+    })
+}
+
+#[cfg(unix)]
+fn clear(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
