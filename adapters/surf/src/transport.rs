@@ -13,6 +13,15 @@ use crate::body::{self, Bounded, Unknown};
 /// A `surf::Client` *without* the [`TokenLayer`](crate::TokenLayer), for token sources
 /// to reach the token endpoint: a refresh request can never wait for itself or loop
 /// through the layer. Give it a client with no auth middleware.
+///
+/// # Use a client without keep-alive
+/// When a refresh attempt times out (C10), its request is dropped mid-flight. surf's h1
+/// backend then puts the connection back into its pool although the server is still
+/// working on the abandoned request, and the next refresh on that connection waits
+/// behind it: it times out too, and so does every later one (tested in
+/// `tests/layer.rs`). Token calls are rare, so give the transport a client that opens a
+/// connection per request: `surf::Config::new().set_http_keep_alive(false)` — which is
+/// what [`BareTransport::default`] does.
 #[derive(Clone, Debug)]
 pub struct BareTransport {
     client: Client,
@@ -27,9 +36,14 @@ impl BareTransport {
 
 #[cfg(feature = "h1-client-rustls")]
 impl Default for BareTransport {
-    /// A new `surf::Client` (async-h1 with rustls).
+    /// A new `surf::Client` (async-h1 with rustls) with keep-alive off (see above).
     fn default() -> Self {
-        BareTransport::new(Client::new())
+        let config = surf::Config::new().set_http_keep_alive(false);
+        let client = match Client::try_from(config) {
+            Ok(client) => client,
+            Err(never) => match never {},
+        };
+        BareTransport::new(client)
     }
 }
 

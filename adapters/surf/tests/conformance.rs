@@ -35,7 +35,13 @@ impl Adapter for SurfAdapter {
     }
 
     fn bare_transport(&self) -> Arc<dyn Transport> {
-        Arc::new(BareTransport::new(surf::Client::new()))
+        // Keep-alive off, as `BareTransport::default()` does: a hung token call must not
+        // leave its connection in the pool for the next refresh (S15).
+        let client: surf::Client = surf::Config::new()
+            .set_http_keep_alive(false)
+            .try_into()
+            .unwrap();
+        Arc::new(BareTransport::new(client))
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 use async_std::io::Cursor;
 use common::{binary_body, client, setup, setup_with};
 use surf::{Body, StatusCode};
-use tokenflight::{Classifier, ForceRefresh, RefreshErrorKind, SkipAuth};
+use tokenflight::{Backoff, Classifier, ForceRefresh, RefreshErrorKind, SkipAuth};
+use tokenflight_surf::BareTransport;
 use tokenflight_tests::testkit::Failure;
 
 #[async_std::test]
@@ -199,6 +200,49 @@ async fn refresh_timeout_runs_on_the_async_std_timer() {
     assert_eq!(err.status(), StatusCode::ServiceUnavailable);
     let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
     assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+}
+
+#[async_std::test]
+async fn hung_refresh_times_out_then_the_next_one_recovers() {
+    let s = setup_with(|b| {
+        b.refresh_timeout(Duration::from_millis(200))
+            .backoff(Backoff::none())
+    });
+    let client = client(s.layer.clone());
+    s.server.expire_all_tokens();
+    s.server.fail_next_token_calls(1, Failure::Hang);
+    let err = client.get(s.server.api_url("hang")).await.unwrap_err();
+    let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
+    assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+
+    let res = client.get(s.server.api_url("recovered")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::Ok);
+    assert_eq!(s.server.counters().refresh_token_calls, 2);
+}
+
+#[async_std::test]
+async fn pooled_bare_client_is_stuck_behind_a_hung_refresh() {
+    // Why `BareTransport` wants keep-alive off: surf's h1 pool hands the abandoned
+    // connection to the next refresh, which waits behind the hung request.
+    let pooled = BareTransport::new(surf::Client::new());
+    let s = common::setup_over(pooled, |b| {
+        b.refresh_timeout(Duration::from_millis(200))
+            .backoff(Backoff::none())
+    });
+    let client = client(s.layer.clone());
+    s.server.expire_all_tokens();
+    s.server.fail_next_token_calls(1, Failure::Hang);
+    let first = client.get(s.server.api_url("hang")).await.unwrap_err();
+    let second = client.get(s.server.api_url("stuck")).await.unwrap_err();
+    for err in [first, second] {
+        let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
+        assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+    }
+    assert_eq!(
+        s.server.counters().refresh_token_calls,
+        1,
+        "the second refresh never reached the server's handler"
+    );
 }
 
 #[async_std::test]

@@ -17,9 +17,23 @@ pub struct Setup {
     pub layer: TokenLayer,
 }
 
+/// A surf client that opens a connection per request, as `BareTransport::default()`
+/// uses (that needs this crate's `h1-client-rustls` feature, which the tests keep off).
+pub fn one_connection_per_request() -> surf::Client {
+    surf::Config::new()
+        .set_http_keep_alive(false)
+        .try_into()
+        .unwrap()
+}
+
 /// The refresh-token grant against `server`, over a bare surf client.
 pub fn grant(server: &TestServer) -> RefreshTokenGrant {
-    let bare = Arc::new(BareTransport::new(surf::Client::new()));
+    grant_over(server, BareTransport::new(one_connection_per_request()))
+}
+
+/// The refresh-token grant against `server`, over `bare`.
+pub fn grant_over(server: &TestServer, bare: BareTransport) -> RefreshTokenGrant {
+    let bare = Arc::new(bare);
     RefreshTokenGrant::new(bare, &server.token_url(), &server.client_id())
         .unwrap()
         .client_secret(server.client_secret())
@@ -29,12 +43,20 @@ pub fn grant(server: &TestServer) -> RefreshTokenGrant {
 /// A server and a layer holding a valid access token from it, allowed on its origin;
 /// `configure` adjusts the builder.
 pub fn setup_with(configure: impl FnOnce(Builder<TokenLayer>) -> Builder<TokenLayer>) -> Setup {
+    setup_over(BareTransport::new(one_connection_per_request()), configure)
+}
+
+/// As [`setup_with`], with the token endpoint reached over `bare`.
+pub fn setup_over(
+    bare: BareTransport,
+    configure: impl FnOnce(Builder<TokenLayer>) -> Builder<TokenLayer>,
+) -> Setup {
     let server = TestServer::start(TestServerConfig::default());
     let (access, expires_in) = server.issue_access_token();
     let initial =
         Token::new(access.clone()).expires_in(Duration::from_secs(expires_in), SystemTime::now());
     let builder = TokenLayer::builder()
-        .source(grant(&server))
+        .source(grant_over(&server, bare))
         .initial_token(initial)
         .allowed_origin(&server.origin());
     let layer = configure(builder).build().unwrap();
