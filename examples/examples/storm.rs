@@ -133,6 +133,14 @@ fn main() -> ExitCode {
     } else {
         println!();
         print!("{}", table(&phases));
+        println!(
+            "\ntokenflight: one token-endpoint call per expiry for all clients; a refresh \
+             token is never presented twice. When a refresh fails, every request waiting \
+             for it gets the error, and requests fail fast while refreshes back off.\n\
+             naive: every rejected request refreshes on its own; with rotating refresh \
+             tokens the second one presents a spent token, the server revokes the login \
+             and the user is logged out."
+        );
     }
     if args.check {
         for phase in phases.iter().filter(|p| p.approach == "tokenflight") {

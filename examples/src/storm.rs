@@ -183,7 +183,7 @@ fn progress_bar(total: u64, label: &str, visible: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template(
-        "{prefix:>22} [{bar:40.cyan/blue}] {pos:>7}/{len:7} {per_sec:>12} {elapsed_precise}",
+        "{prefix:>22} [{bar:40.cyan/blue}] {pos:>7}/{len:7} {percent:>3}% {elapsed_precise}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
