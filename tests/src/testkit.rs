@@ -167,8 +167,15 @@ impl TestServer {
         }
     }
 
+    /// Changes the state and wakes [`wait_for`](Self::wait_for) and held requests.
     fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         self.shared.update(f)
+    }
+
+    /// Reads the state. Must not wake anyone: `wait_for` reads in its loop, and a read
+    /// that woke it would make it spin without ever yielding.
+    fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        self.shared.read(f)
     }
 
     /// The socket address the server listens on.
@@ -207,12 +214,12 @@ impl TestServer {
 
     /// The pre-registered client's id.
     pub fn client_id(&self) -> String {
-        self.with_state(|s| s.config.client_id.clone())
+        self.read(|s| s.config.client_id.clone())
     }
 
     /// The pre-registered client's secret.
     pub fn client_secret(&self) -> String {
-        self.with_state(|s| s.config.client_secret.clone())
+        self.read(|s| s.config.client_secret.clone())
     }
 
     /// Starts a new refresh-token family for the client (as a login would) and returns
@@ -290,7 +297,7 @@ impl TestServer {
 
     /// A snapshot of the counters.
     pub fn counters(&self) -> Counters {
-        self.with_state(|s| s.counters.clone())
+        self.read(|s| s.counters.clone())
     }
 
     /// Sets every counter to zero and forgets the recorded requests.
@@ -320,7 +327,7 @@ impl TestServer {
 
     /// Every request to a protected resource so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.with_state(|s| s.requests.clone())
+        self.read(|s| s.requests.clone())
     }
 }
 
