@@ -12,6 +12,8 @@ use tokenflight_surf::{
 };
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 
+tokenflight_tests::conformance_tests!(async_std::test, SurfAdapter);
+
 /// surf with the recommended middleware order: redirects, then the token layer.
 struct SurfAdapter;
 
