@@ -21,7 +21,7 @@ use crate::body::{self, Bounded, Unknown};
 /// behind it: it times out too, and so does every later one (tested in
 /// `tests/layer.rs`). Token calls are rare, so give the transport a client that opens a
 /// connection per request: `surf::Config::new().set_http_keep_alive(false)` — which is
-/// what [`BareTransport::default`] does.
+/// what `BareTransport::default()` (feature `h1-client-rustls`) does.
 #[derive(Clone, Debug)]
 pub struct BareTransport {
     client: Client,
