@@ -188,3 +188,48 @@ async fn the_header_is_marked_sensitive() {
     let token = layer.authenticator().flight().current().unwrap();
     assert!(!printed.contains(token.access().expose()), "{printed}");
 }
+
+#[tokio::test]
+async fn extensions_written_further_down_reach_the_resend_and_the_caller() {
+    use tokenflight_reqwest::reqwest_middleware::{Middleware, Next, Result};
+
+    /// Counts the sends it sees in the extensions, as a retry-aware middleware would.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Sends(u32);
+
+    struct CountSends;
+
+    #[async_trait::async_trait]
+    impl Middleware for CountSends {
+        async fn handle(
+            &self,
+            req: reqwest::Request,
+            extensions: &mut http::Extensions,
+            next: Next<'_>,
+        ) -> Result<reqwest::Response> {
+            let seen = extensions.get::<Sends>().map_or(0, |s| s.0);
+            extensions.insert(Sends(seen + 1));
+            next.run(req, extensions).await
+        }
+    }
+
+    let server = TestServer::start(TestServerConfig::default());
+    let layer = common::layer(&server);
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(layer.clone())
+        .with(CountSends)
+        .build();
+    client.get(server.api_url("warm-up")).send().await.unwrap();
+    server.expire_all_tokens();
+
+    let request = client.get(server.api_url("a")).build().unwrap();
+    let mut extensions = http::Extensions::new();
+    let response = client
+        .execute_with_extensions(request, &mut extensions)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(layer.authenticator().stats().retries, 1);
+    // Both sends went through the inner middleware with the same extensions.
+    assert_eq!(extensions.get::<Sends>(), Some(&Sends(2)));
+}
