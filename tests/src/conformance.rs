@@ -29,7 +29,7 @@
 //! | S11 | another origin | never sees the token, also across a redirect |
 //! | S12 | query placement | `?token=`, replaced (not added) on the retry |
 //! | S13 | business-code answers | `200 {"code":401}` classified, refreshed, resent |
-//! | S14 | rotation | each refresh uses the newest refresh token, no reuse detected |
+//! | S14 | rotation | each refresh (forced ones too) uses the newest refresh token, no reuse detected |
 //! | S15 | a hanging token endpoint | every waiter times out, the next refresh recovers |
 
 // Test support: a panic is how a scenario reports a failed check.
@@ -882,6 +882,29 @@ pub async fn s14_rotation_uses_newest_refresh_token(adapter: &dyn Adapter) {
         w.name
     );
     assert_eq!(w.auth.stats().source_calls, ROUNDS, "[{}] S14", w.name);
+
+    // A forced refresh (the `ForceRefresh` marker) rotates the same way, on a token the
+    // server still accepts, and the request goes out with the new token.
+    let before = w.auth.flight().current().unwrap();
+    let request = TestRequest {
+        force_refresh: true,
+        ..TestRequest::get(w.server.api_url("s14/forced"))
+    };
+    let response = w.respond(request).await;
+    assert_eq!(response.status, 200, "[{}] S14 forced", w.name);
+    let after = w.auth.flight().current().unwrap();
+    assert_ne!(before.access(), after.access(), "[{}] S14 forced", w.name);
+    let forced = w.requests_to("s14/forced");
+    assert_eq!(
+        forced.len(),
+        1,
+        "[{}] S14 forced: no 401, no resend",
+        w.name
+    );
+    assert_eq!(forced[0].token.as_deref(), Some(after.access().expose()));
+    let counters = w.server.counters();
+    assert_eq!(counters.refresh_token_calls, ROUNDS + 1, "[{}] S14", w.name);
+    assert_eq!(counters.reuse_detections, 0, "[{}] S14", w.name);
 }
 
 /// S15: the token endpoint hangs: every waiter gets a timeout error after the refresh
