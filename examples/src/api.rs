@@ -182,7 +182,7 @@ impl SurfTokenflight {
     /// A client for `login`.
     pub fn new(login: &Login) -> Result<Self, ConfigError> {
         let relogins = Arc::new(AtomicU64::new(0));
-        let bare = Arc::new(tokenflight_surf::BareTransport::new(surf::Client::new()));
+        let bare = Arc::new(tokenflight_surf::BareTransport::default());
         let layer = login
             .configure(
                 tokenflight_surf::TokenLayer::builder(),

@@ -213,7 +213,7 @@ fn client(
 ) -> Result<Arc<dyn Api>, String> {
     let transport: Arc<dyn tokenflight::Transport> = match adapter {
         AdapterKind::Reqwest => Arc::new(tokenflight_reqwest::BareTransport::default()),
-        AdapterKind::Surf => Arc::new(tokenflight_surf::BareTransport::new(surf::Client::new())),
+        AdapterKind::Surf => Arc::new(tokenflight_surf::BareTransport::default()),
     };
     let api: Arc<dyn Api> = match (approach, adapter) {
         (Approach::Tokenflight, AdapterKind::Reqwest) => {
