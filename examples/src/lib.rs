@@ -11,3 +11,9 @@ pub mod exec;
 pub mod naive;
 pub mod report;
 pub mod storm;
+
+// The README's code blocks compile (and the runnable ones run) as doc tests here, where
+// both the core and the reqwest adapter are dependencies.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
