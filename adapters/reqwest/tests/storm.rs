@@ -42,7 +42,13 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
             .filter(|status| matches!(status, Ok(200)))
             .count();
         assert_eq!(ok, CONCURRENT, "wave {expiry}: {statuses:?}");
-        assert_eq!(server.counters().token_calls, expiry, "after wave {expiry}");
+        let counters = server.counters();
+        assert_eq!(
+            counters.token_calls,
+            expiry,
+            "after wave {expiry}: {counters:?} {:?}",
+            layer.authenticator().stats()
+        );
     }
 
     let counters = server.counters();
