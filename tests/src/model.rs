@@ -245,9 +245,14 @@ pub struct Summary {
 /// has finished; a caller still pending then is a hang (C5/C6).
 pub fn run(scenario: &Scenario) -> Result<Summary, Violation> {
     let mut world = World::new(scenario.setup);
+    // `TOKENFLIGHT_MODEL_TRACE=1` prints every step, to read a failing scenario.
+    let trace = std::env::var_os("TOKENFLIGHT_MODEL_TRACE").is_some();
     for (step, op) in scenario.ops.iter().enumerate() {
         world.step = step;
         world.apply(*op)?;
+        if trace {
+            world.trace(op);
+        }
         world.check_step()?;
     }
     world.step = scenario.ops.len();
@@ -561,6 +566,7 @@ impl Wake for Flag {
     }
 }
 
+#[derive(Debug)]
 enum Finished {
     Response(Result<ModelResponse, AuthError<Infallible>>),
     Token(Result<Arc<Token>, Error>),
@@ -1071,6 +1077,9 @@ impl World {
             }
         }
         if let Poll::Ready(finished) = polled {
+            if std::env::var_os("TOKENFLIGHT_MODEL_TRACE").is_some() {
+                eprintln!("  task {index} finished: {finished:?}");
+            }
             self.finished(index, finished, &usable_before, &wires_after)?;
         }
         Ok(())
@@ -1261,6 +1270,62 @@ impl World {
                 Err(self.violation("C4", format!("task {index} failed unexpectedly: {other}")))
             }
         }
+    }
+
+    fn trace(&self, op: &Op) {
+        let shared = self.shared();
+        let calls: Vec<String> = shared
+            .calls
+            .iter()
+            .map(|c| {
+                format!(
+                    "{:?}<-{:?}:{:?}",
+                    c.reason,
+                    c.previous.as_ref().map(|t| t.generation()),
+                    c.state
+                )
+            })
+            .collect();
+        let wires: Vec<String> = shared
+            .wire
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!(
+                    "{i}:t{}:{}:{:?}{}",
+                    w.caller,
+                    w.access.as_deref().unwrap_or("-"),
+                    w.answer,
+                    if w.dropped { ":dropped" } else { "" }
+                )
+            })
+            .collect();
+        drop(shared);
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let state = if t.cancelled {
+                    "x"
+                } else if t.done {
+                    "done"
+                } else if t.woken() {
+                    "woken"
+                } else {
+                    "wait"
+                };
+                format!("{i}:{:?}:{state}", t.kind)
+            })
+            .collect();
+        eprintln!(
+            "step {} {op:?}\n  current {:?} rejected(model) {}\n  calls {calls:?}\n  wires {wires:?}\n  tasks {tasks:?}",
+            self.step,
+            self.flight
+                .current()
+                .map(|t| (t.access().expose().to_owned(), t.generation())),
+            self.known.rejected,
+        );
     }
 
     // ----- checks
