@@ -1,0 +1,363 @@
+//! Tests that kill mutants `cargo mutants` found alive in the coordinator and the retry
+//! driver (`cargo mutants -p tokenflight -f core/src/flight.rs -f core/src/driver.rs`):
+//! behaviour no other test pinned down.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use support::{Gate, ScriptedSource, Step, poll_once};
+use tokenflight::{
+    Backoff, Builder, Error, ManualClock, MemoryStore, Placement, RefreshContext, RefreshErrorKind,
+    RefreshReason, StoreError, StoreLock, Token, TokenStore, from_fn,
+};
+
+fn valid_token(clock: &ManualClock) -> Token {
+    Token::new("access-SECRET-1234")
+        .with_refresh("refresh-SECRET-5678")
+        .expires_in(Duration::from_secs(3600), tokenflight::Clock::now(clock))
+}
+
+/// `Debug` of the coordinator and of the auth layer says what they are and what state
+/// they are in (not an empty string), and never shows a secret (C12).
+#[test]
+fn c12_debug_shows_state_but_no_secret() {
+    let clock = ManualClock::at_fixed_point();
+    let auth = Builder::new()
+        .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+        .clock(Arc::new(clock.clone()))
+        .initial_token(valid_token(&clock))
+        .allowed_origin("https://api.test")
+        .build()
+        .unwrap();
+
+    let flight = format!("{:?}", auth.flight());
+    assert!(flight.starts_with("SingleFlight"), "{flight}");
+    assert!(flight.contains("generation: Some(1)"), "{flight}");
+
+    let layer = format!("{auth:?}");
+    assert!(layer.starts_with("Authenticator"), "{layer}");
+    assert!(layer.contains("placement"), "{layer}");
+    assert!(layer.contains("api.test"), "{layer}");
+
+    for shown in [flight, layer] {
+        assert!(!shown.contains("SECRET"), "a secret leaked: {shown}");
+    }
+}
+
+/// The accessors hand out what was configured.
+#[test]
+fn authenticator_accessors_return_the_configuration() {
+    let auth = Builder::new()
+        .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+        .query_param("access_token")
+        .allowed_origin("https://api.test")
+        .build()
+        .unwrap();
+    assert_eq!(auth.placement(), &Placement::query("access_token").unwrap());
+    assert!(
+        auth.allowed_origins()
+            .allows(&url::Url::parse("https://api.test/x").unwrap())
+    );
+    assert!(
+        !auth
+            .allowed_origins()
+            .allows(&url::Url::parse("https://other.test/x").unwrap())
+    );
+}
+
+/// Rotation: when the store holds a newer token than memory (another process refreshed)
+/// that cannot be adopted (it expired too), the source is given the stored token, whose
+/// refresh secret is the newest; the one in memory may already be spent.
+#[test]
+fn c6_source_gets_the_newest_known_refresh_secret() {
+    let clock = ManualClock::at_fixed_point();
+    let past = tokenflight::Clock::now(&clock) - Duration::from_secs(1);
+    let store = MemoryStore::new();
+    let stored = Token::new("stored")
+        .with_refresh("refresh-stored")
+        .expires_at(past)
+        .with_generation(5);
+    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    let flight = Builder::new()
+        .source(from_fn(move |cx: RefreshContext| {
+            *record.lock().unwrap() = cx
+                .previous
+                .as_ref()
+                .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+            async { Ok(Token::new("new")) }
+        }))
+        .store(store)
+        .clock(Arc::new(clock.clone()))
+        .initial_token(
+            Token::new("memory")
+                .with_refresh("refresh-memory")
+                .expires_at(past),
+        )
+        .build_flight()
+        .unwrap();
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "new");
+    assert!(token.generation() > 5);
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("refresh-stored"));
+}
+
+/// A fenced store whose lease lapsed during the source call: `save` says `LeaseLost`,
+/// and a second `load` shows what the new holder saved (if anything).
+struct LeaseLostStore {
+    loads: AtomicUsize,
+    after_loss: Option<Token>,
+}
+
+impl TokenStore for LeaseLostStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        let first = self.loads.fetch_add(1, Ordering::SeqCst) == 0;
+        let token = if first { None } else { self.after_loss.clone() };
+        Box::pin(async move { Ok(token) })
+    }
+    fn save<'a>(
+        &'a self,
+        _token: &'a Token,
+        _lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Err(StoreError::LeaseLost) })
+    }
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        Box::pin(async { Ok(StoreLock::none()) })
+    }
+}
+
+fn flight_with_lost_lease(after_loss: Option<Token>) -> tokenflight::SingleFlight {
+    Builder::new()
+        .source(from_fn(|_cx| async { Ok(Token::new("fetched")) }))
+        .store(LeaseLostStore {
+            loads: AtomicUsize::new(0),
+            after_loss,
+        })
+        .build_flight()
+        .unwrap()
+}
+
+/// C1 across processes: after losing the lease, a token the new holder saved that is at
+/// least as new as ours is adopted (it is what the fleet uses now).
+#[test]
+fn c1_lost_lease_adopts_the_new_holders_token() {
+    let theirs = Token::new("theirs").with_generation(10);
+    let flight = flight_with_lost_lease(Some(theirs));
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "theirs");
+    assert_eq!(token.generation(), 10);
+}
+
+/// C1 across processes: after losing the lease, an older stored token is not adopted and
+/// ours could not be saved fenced: the refresh fails with a store error.
+#[test]
+fn c1_lost_lease_with_an_older_stored_token_is_a_store_error() {
+    let older = Token::new("older").with_generation(0);
+    let flight = flight_with_lost_lease(Some(older));
+    match futures::executor::block_on(flight.token()) {
+        Err(Error::Refresh(error)) => assert_eq!(error.kind(), RefreshErrorKind::Store),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert!(flight.current().is_none());
+}
+
+fn recording_source(seen: &Arc<Mutex<Option<String>>>) -> impl tokenflight::TokenSource + 'static {
+    let record = seen.clone();
+    from_fn(move |cx: RefreshContext| {
+        *record.lock().unwrap() = cx
+            .previous
+            .as_ref()
+            .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+        async { Ok(Token::new("new")) }
+    })
+}
+
+/// Rotation, the other way round: a stored token older than the one in memory is not
+/// what the source is given.
+#[test]
+fn c6_an_older_stored_token_is_not_given_to_the_source() {
+    let clock = ManualClock::at_fixed_point();
+    let past = tokenflight::Clock::now(&clock) - Duration::from_secs(1);
+    let store = MemoryStore::new();
+    let stored = Token::new("stored")
+        .with_refresh("refresh-old")
+        .expires_at(past)
+        .with_generation(1);
+    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let flight = Builder::new()
+        .source(recording_source(&seen))
+        .store(store)
+        .clock(Arc::new(clock.clone()))
+        .initial_token(
+            Token::new("memory")
+                .with_refresh("refresh-memory")
+                .expires_at(past)
+                .with_generation(5),
+        )
+        .build_flight()
+        .unwrap();
+    futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("refresh-memory"));
+}
+
+/// Another process refreshed: a newer, usable stored token is adopted, no source call.
+#[test]
+fn c1_a_newer_usable_stored_token_is_adopted() {
+    let clock = ManualClock::at_fixed_point();
+    let now = tokenflight::Clock::now(&clock);
+    let store = MemoryStore::new();
+    let stored = Token::new("theirs")
+        .expires_in(Duration::from_secs(3600), now)
+        .with_generation(5);
+    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+    let flight = Builder::new()
+        .source_arc(source.clone())
+        .store(store)
+        .clock(Arc::new(clock.clone()))
+        .initial_token(Token::new("mine").expires_at(now - Duration::from_secs(1)))
+        .build_flight()
+        .unwrap();
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "theirs");
+    assert_eq!(source.calls(), 0);
+    assert_eq!(flight.stats().adopted, 1);
+}
+
+/// The configuration in use is the one built.
+#[test]
+fn config_returns_the_configured_settings() {
+    let flight = Builder::new()
+        .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+        .leeway(Duration::from_secs(7))
+        .refresh_timeout(Duration::from_secs(9))
+        .build_flight()
+        .unwrap();
+    assert_eq!(flight.config().leeway, Duration::from_secs(7));
+    assert_eq!(flight.config().refresh_timeout, Duration::from_secs(9));
+}
+
+/// C4: a request that cannot be resent marks its token rejected; without a spawner no
+/// refresh starts then (nobody would drive it): the next caller refreshes, with reason
+/// `Rejected`, and `valid_token` no longer offers the rejected token.
+#[test]
+fn c4_mark_rejected_without_spawner_defers_the_refresh_to_the_next_caller() {
+    let clock = ManualClock::at_fixed_point();
+    let now = tokenflight::Clock::now(&clock);
+    let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+    let flight = Builder::new()
+        .source_arc(source.clone())
+        .clock(Arc::new(clock.clone()))
+        .refresh_ahead(None)
+        .initial_token(Token::new("old").expires_in(Duration::from_secs(3600), now))
+        .build_flight()
+        .unwrap();
+    let old = flight.valid_token().unwrap();
+    flight.mark_rejected(old.generation());
+    assert_eq!(flight.stats().flights, 0);
+    assert!(flight.valid_token().is_none());
+    let new = futures::executor::block_on(flight.token()).unwrap();
+    assert!(new.generation() > old.generation());
+    assert_eq!(
+        *source.reasons.lock().unwrap(),
+        vec![RefreshReason::Rejected]
+    );
+    assert!(flight.valid_token().is_some_and(|t| Arc::ptr_eq(&t, &new)));
+}
+
+/// C5: a finished flight is never joined again, even while one of its waiters has not
+/// yet collected the outcome: after a failure the next caller starts a fresh refresh.
+#[test]
+fn c5_a_finished_flight_is_not_joined_by_later_callers() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+    source.then(Step::Transient);
+    let flight = Builder::new()
+        .source_arc(source.clone())
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .backoff(Backoff::none())
+        .refresh_ahead(None)
+        .build_flight()
+        .unwrap();
+    source.gate().close();
+    let mut first = flight.token().boxed();
+    let mut second = flight.token().boxed();
+    assert!(poll_once(&mut first).is_pending());
+    assert!(poll_once(&mut second).is_pending());
+    source.gate().release();
+    // `first` drives the flight to its (failed) end; `second` still holds it, unpolled.
+    assert!(matches!(
+        poll_once(&mut first),
+        std::task::Poll::Ready(Err(_))
+    ));
+    let later = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(later.access().expose(), "token-2");
+    assert_eq!(source.calls(), 2);
+    assert!(matches!(
+        poll_once(&mut second),
+        std::task::Poll::Ready(Err(_))
+    ));
+}
+
+/// A store whose unlocked saves (installs) wait at a gate.
+struct SlowInstallStore {
+    inner: MemoryStore,
+    gate: Gate,
+}
+
+impl TokenStore for SlowInstallStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if lock.is_none() {
+                self.gate.wait().await;
+            }
+            self.inner.save(token, lock).await
+        })
+    }
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        self.inner.lock()
+    }
+}
+
+/// C9: a login whose (slow) save finishes after a refresh installed a newer token does
+/// not push that newer token out.
+#[test]
+fn c9_a_slow_install_never_replaces_a_newer_token() {
+    let clock = ManualClock::at_fixed_point();
+    let gate = Gate::open();
+    gate.close();
+    let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+    let flight = Builder::new()
+        .source_arc(source.clone())
+        .store(SlowInstallStore {
+            inner: MemoryStore::new(),
+            gate: gate.clone(),
+        })
+        .clock(Arc::new(clock.clone()))
+        .refresh_ahead(None)
+        .build_flight()
+        .unwrap();
+    let mut install = flight.install(Token::new("login")).boxed();
+    assert!(poll_once(&mut install).is_pending());
+    let refreshed = futures::executor::block_on(flight.token()).unwrap();
+    gate.release();
+    let installed = futures::executor::block_on(install).unwrap();
+    assert!(installed.generation() < refreshed.generation());
+    assert!(Arc::ptr_eq(&flight.current().unwrap(), &refreshed));
+}
