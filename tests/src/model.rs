@@ -302,6 +302,17 @@ impl CallState {
     }
 }
 
+/// A source call as `check_step` looks at it: index, reason, token replaced, clock
+/// reading, state, and whether a login happened meanwhile.
+type CallSnapshot = (
+    usize,
+    RefreshReason,
+    Option<Arc<Token>>,
+    SystemTime,
+    CallState,
+    bool,
+);
+
 fn access_of_call(n: usize) -> String {
     format!("token-{}", n + 1)
 }
@@ -1337,14 +1348,7 @@ impl World {
             return Err(self.violation("C1", message));
         }
         // C2: every new source call was needed, and successes replace distinct tokens.
-        let calls: Vec<(
-            usize,
-            RefreshReason,
-            Option<Arc<Token>>,
-            SystemTime,
-            CallState,
-            bool,
-        )> = {
+        let calls: Vec<CallSnapshot> = {
             let mut shared = self.shared();
             shared
                 .calls
