@@ -69,6 +69,13 @@
 //! - **C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
 //!   (`core/tests/runtime_free.rs`); the contract tests run under `futures::executor`,
 //!   tokio, async-std and smol.
+//!
+//! Beyond these: model-based property tests over generated interleavings, cancellations
+//! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
+//! `c5_c9_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
+//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S15 that every adapter
+//! runs against a real loopback server (`tests/src/conformance.rs`), and the fuzz
+//! targets in `fuzz/` whose corpus stable `cargo test` replays.
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
