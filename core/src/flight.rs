@@ -91,6 +91,8 @@ enum Failure {
 enum Joined {
     Ready(Arc<Token>),
     Wait(FlightFuture),
+    /// A flight is running and the caller asked not to wait for it (refresh-ahead).
+    Busy(FlightFuture),
     Failed(Error),
 }
 
@@ -359,17 +361,13 @@ impl SingleFlight {
         let now = self.inner.parts.clock.now();
         // A newer token than the one being replaced is already in place: nothing to do.
         // Checked under the lock so a flight that just ended is seen (no second flight).
-        if reason != RefreshReason::Forced {
-            if let Some(token) = self.usable_at(now) {
-                if replaces.is_none_or(|g| token.generation() > g) {
-                    return Joined::Ready(token);
-                }
-            }
+        if let Some(token) = self.superseded(reason, replaces, now) {
+            return Joined::Ready(token);
         }
         if let Some((_, weak)) = &state.flight {
             if let Some(flight) = weak.upgrade() {
                 if only_if_idle {
-                    return Joined::Failed(Error::Refresh(RefreshError::transient("busy")));
+                    return Joined::Busy(flight);
                 }
                 bump(&self.inner.counters.coalesced);
                 tracing::trace!(?reason, "joined the refresh in flight");
@@ -406,14 +404,21 @@ impl SingleFlight {
         Joined::Wait(flight)
     }
 
-    /// A usable token newer than the one this flight was started to replace, if one was
-    /// installed (a login) between the start and the first poll of the flight (a spawned
-    /// flight may first run much later): then no source call is needed (C2).
-    fn superseded(&self, reason: RefreshReason, replaces: Option<u64>) -> Option<Arc<Token>> {
+    /// A usable token newer than the one a refresh for `reason` would replace: then the
+    /// refresh is not needed (C2, C3). Checked when a caller asks (under the lock, so a
+    /// flight that just ended is seen) and again when a flight first runs (a spawned
+    /// flight may first run much later, after a login). A forced refresh is never
+    /// superseded.
+    fn superseded(
+        &self,
+        reason: RefreshReason,
+        replaces: Option<u64>,
+        now: SystemTime,
+    ) -> Option<Arc<Token>> {
         if reason == RefreshReason::Forced {
             return None;
         }
-        self.usable_at(self.inner.parts.clock.now())
+        self.usable_at(now)
             .filter(|token| replaces.is_none_or(|g| token.generation() > g))
     }
 
@@ -421,7 +426,7 @@ impl SingleFlight {
         match joined {
             Joined::Ready(token) => Ok(token),
             Joined::Failed(error) => Err(error),
-            Joined::Wait(flight) => flight.await.map_err(|error| {
+            Joined::Wait(flight) | Joined::Busy(flight) => flight.await.map_err(|error| {
                 if error.kind().is_permanent() {
                     Error::ReauthenticationRequired { cause: error }
                 } else {
@@ -585,7 +590,8 @@ async fn run_flight(
     reason: RefreshReason,
     replaces: Option<u64>,
 ) -> FlightOutput {
-    let outcome = match flight.superseded(reason, replaces) {
+    let now = flight.inner.parts.clock.now();
+    let outcome = match flight.superseded(reason, replaces, now) {
         Some(token) => Ok(token),
         None => flight.attempt(reason).await,
     };
