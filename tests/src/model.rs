@@ -1,18 +1,20 @@
 //! A deterministic scenario runner for the coordinator: many callers share one
 //! [`SingleFlight`] behind an [`Authenticator`], and a [`Scenario`] says, step by step,
 //! who starts, which woken caller is polled next, what the fake API server answers, what
-//! the token source returns, who is cancelled and when the clock moves.
+//! the token source returns, which store call fails, hangs or panics, who logs in, who is
+//! cancelled and how the clocks move (monotonic time, and wall-clock steps both ways).
 //!
 //! There is no runtime: a tiny executor keeps the callers' futures in a `Vec` and polls
 //! only the ones whose waker fired, in the order the scenario picks, so a lost wake-up
 //! shows up as a hang instead of being papered over by polling everything. Time is a
-//! [`ManualClock`], used as the coordinator's clock and its timer (refresh timeouts).
+//! [`ManualClock`], used as the coordinator's clock and (through a wrapper that counts
+//! live sleeps) its timer: flight budgets, attempt timeouts and retry pauses.
 //!
-//! After every step the runner checks the contracts it can see from outside (C1–C6, C9;
-//! see [`run`]); at the end it answers every request on the wire and lets time pass until
-//! every caller has finished, and reports a hang if one has not. The property tests
-//! (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops` fuzz
-//! target decodes them with `arbitrary`.
+//! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
+//! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
+//! pass until every caller has finished, and reports a hang if one has not. The property
+//! tests (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops`
+//! fuzz target decodes them with `arbitrary`.
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -22,34 +24,56 @@ use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use arbitrary::Arbitrary;
 use futures::future::BoxFuture;
 use tokenflight::{
-    AuthError, AuthRequest, AuthResponse, Authenticator, Backoff, Builder, Clock, Error,
-    InvalidHeader, ManualClock, MemoryStore, RefreshContext, RefreshError, RefreshErrorKind,
-    RefreshReason, RequestOptions, ResponseView, SingleFlight, Spawn, StoreError, StoreLock, Token,
+    AuthError, AuthRequest, AuthResponse, Authenticator, Builder, Clock, Error, InvalidHeader,
+    ManualClock, MemoryStore, RefreshContext, RefreshError, RefreshErrorKind, RefreshReason,
+    RequestOptions, ResponseView, SingleFlight, Spawn, StoreError, StoreLock, Timer, Token,
     TokenSource, TokenStore,
 };
 use url::Url;
 
-/// Clock-skew allowance of the coordinator under test.
+/// Cap on the clock-skew allowance of the coordinator under test (scaled down to a
+/// tenth of short lifetimes by the coordinator).
 pub const LEEWAY: Duration = Duration::from_secs(10);
-/// Refresh-ahead window, when a scenario turns it on.
+/// Cap on the refresh-ahead window, when a scenario turns it on.
 pub const REFRESH_AHEAD: Duration = Duration::from_secs(60);
-/// Bound on each refresh attempt.
+/// The budget of one whole flight (store lock, load, every attempt, save, unlock).
 pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one source call inside the budget.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A token younger than this is usable even if expired: expiry-driven source calls are
+/// at least this far apart (C15).
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Fail-fast backoff of the scenarios that turn it on: 5 s, doubling, capped at 20 s,
+/// no jitter.
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(5);
+/// See [`BACKOFF_INITIAL`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(20);
+/// Cap on a server's `Retry-After`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// Highest generation a sane store holds (`tokenflight::MAX_GENERATION`).
+pub const MAX_GENERATION: u64 = 1 << 53;
 /// At most this many callers are started; further start operations are ignored.
 pub const MAX_CALLERS: usize = 64;
+/// Longest token lifetime the runner issues (a day); longer ones are clamped.
+pub const MAX_LIFETIME_SECS: u32 = 86_400;
 /// Polls one `Settle` may make before the runner calls it a livelock.
 const SETTLE_LIMIT: usize = 20_000;
 /// Rounds of "answer the wire, let time pass" the final drain may take.
 const DRAIN_ROUNDS: usize = 200;
+/// Marks the panics the runner plants (a quiet panic hook hides them).
+const PLANTED: &str = "planted by the model";
+/// Access secret of the stale session a scenario may leave in the store.
+const STALE_ACCESS: &str = "stale-session";
 
 /// A generated run: how the coordinator is set up and what happens, in order.
 #[derive(Clone, Debug, Arbitrary)]
@@ -69,8 +93,35 @@ pub struct Setup {
     pub spawner: bool,
     /// Refresh ahead ([`REFRESH_AHEAD`]) instead of only on expiry.
     pub refresh_ahead: bool,
-    /// Back off (5 s, doubling, capped at 20 s, no jitter) after transient failures.
+    /// Fail-fast backoff ([`BACKOFF_INITIAL`]..[`BACKOFF_MAX`]) after a failed flight.
     pub backoff: bool,
+    /// Up to three source attempts per flight instead of one.
+    pub retries: bool,
+    /// A session from an earlier run (another account's secrets) left in the store.
+    pub stale: Option<Stale>,
+    /// The `on_auth_lost` hook panics.
+    pub hook_panics: bool,
+}
+
+/// The generation of the stale session a scenario leaves in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum Stale {
+    /// A sane generation (7), above the coordinator's first ones.
+    Small,
+    /// `u64::MAX - 1`: a corrupt or hostile store.
+    NearMax,
+    /// Just above [`MAX_GENERATION`].
+    AboveMax,
+}
+
+impl Stale {
+    fn generation(self) -> u64 {
+        match self {
+            Stale::Small => 7,
+            Stale::NearMax => u64::MAX - 1,
+            Stale::AboveMax => MAX_GENERATION + 1,
+        }
+    }
 }
 
 /// The token the coordinator starts with.
@@ -80,7 +131,7 @@ pub enum Initial {
     NoToken,
     /// A token valid for an hour.
     Valid,
-    /// A token that expired a second ago.
+    /// A token obtained two hours ago that expired a second ago.
     Expired,
 }
 
@@ -111,15 +162,31 @@ pub enum Op {
         accept: bool,
     },
     /// The token source answers its pending call, if any (an unanswered call hangs until
-    /// the refresh timeout).
+    /// the attempt timeout or the flight's budget).
     Source(Outcome),
     /// Drops the n-th live caller (modulo their number), wherever it is waiting; the one
     /// driving the refresh included.
     Cancel(u8),
-    /// Moves the clock.
+    /// Moves monotonic and wall-clock time forward.
     Advance(Step),
-    /// A new login installs a token ([`SingleFlight::install`]).
+    /// Steps only the wall clock (an NTP step), forward or back.
+    WallStep {
+        /// Forward if true.
+        forward: bool,
+        /// An hour if true, 40 s if false.
+        big: bool,
+    },
+    /// A new login installs a token ([`SingleFlight::install`]), possibly while a flight
+    /// runs.
     Login,
+    /// Arms a fault: the store call after the next `skip % 4` ones fails, hangs or panics
+    /// (logins excepted).
+    StoreFault {
+        /// Store calls to let through first.
+        skip: u8,
+        /// What happens to the armed call.
+        fault: Fault,
+    },
 }
 
 /// Which generation a [`Op::Reject`] caller reports as rejected.
@@ -138,44 +205,119 @@ pub enum Which {
 pub enum Outcome {
     /// A new token with the given lifetime.
     Ok(Lifetime),
-    /// A transient failure (network, 5xx).
-    Transient,
+    /// A transient failure (network, 5xx, 429), maybe with a `Retry-After`.
+    Transient(Option<RetryAfter>),
     /// A permanent failure (`invalid_grant`).
     Permanent,
+    /// The source panics.
+    Panic,
+}
+
+/// A `Retry-After` sent with a transient failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum RetryAfter {
+    /// 2 s: fits in the flight's budget.
+    Short,
+    /// 10 min: above the cap ([`MAX_RETRY_AFTER`]).
+    Long,
+    /// `u64::MAX` seconds: absurd (an overflow if added to a clock reading).
+    Huge,
+}
+
+impl RetryAfter {
+    fn duration(self) -> Duration {
+        match self {
+            RetryAfter::Short => Duration::from_secs(2),
+            RetryAfter::Long => Duration::from_secs(600),
+            RetryAfter::Huge => Duration::from_secs(u64::MAX),
+        }
+    }
 }
 
 /// A new token's lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
 pub enum Lifetime {
-    /// 5 s: already inside the leeway, so expired as soon as it is issued.
-    Short,
-    /// 90 s: valid, and inside the refresh-ahead window after 30 s.
-    Minutes,
-    /// An hour.
-    Hour,
+    /// `expires_in` this many seconds (clamped to 1 s..=1 day).
+    In(u32),
+    /// An absolute `exp` of `secs - skew` seconds from now, as from a server whose clock
+    /// is behind: with `skew >= secs` the token arrives already expired.
+    Skewed {
+        /// The lifetime the server meant (clamped to 1 s..=1 day).
+        secs: u32,
+        /// How far the server's clock is behind (clamped to 2 days).
+        skew: u32,
+    },
     /// No expiry known.
     Unknown,
 }
 
-/// How far [`Op::Advance`] moves the clock.
+impl Lifetime {
+    /// An hour.
+    pub const HOUR: Lifetime = Lifetime::In(3600);
+
+    /// The token the source returns at `now`, and its lifetime as the coordinator sees
+    /// it (expiry minus arrival, negative when it arrives expired).
+    fn token(self, token: Token, now: SystemTime) -> (Token, Option<i64>) {
+        match self {
+            Lifetime::In(secs) => {
+                let secs = secs.clamp(1, MAX_LIFETIME_SECS);
+                (
+                    token.expires_in(Duration::from_secs(u64::from(secs)), now),
+                    Some(i64::from(secs)),
+                )
+            }
+            Lifetime::Skewed { secs, skew } => {
+                let secs = i64::from(secs.clamp(1, MAX_LIFETIME_SECS));
+                let skew = i64::from(skew.min(2 * MAX_LIFETIME_SECS));
+                let offset = secs - skew;
+                let magnitude = Duration::from_secs(offset.unsigned_abs());
+                let at = if offset >= 0 {
+                    now + magnitude
+                } else {
+                    now - magnitude
+                };
+                (token.expires_at(at), Some(offset))
+            }
+            Lifetime::Unknown => (token, None),
+        }
+    }
+}
+
+/// How far [`Op::Advance`] moves the clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
 pub enum Step {
+    /// 250 ms: a retry pause inside a flight.
+    Quarter,
     /// One second.
     Second,
-    /// 35 s: past the refresh timeout.
+    /// 35 s: past the flight's budget.
     PastTimeout,
-    /// An hour: every token issued so far expires.
+    /// An hour: every token issued so far but the long-lived ones expires.
     Hour,
 }
 
 impl Step {
     fn duration(self) -> Duration {
         match self {
+            Step::Quarter => Duration::from_millis(250),
             Step::Second => Duration::from_secs(1),
             Step::PastTimeout => REFRESH_TIMEOUT + Duration::from_secs(5),
             Step::Hour => Duration::from_secs(3600),
         }
     }
+}
+
+/// A store fault armed by [`Op::StoreFault`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum Fault {
+    /// The call fails (`StoreError::Unavailable`; `unlock` cannot fail and goes through).
+    Fail,
+    /// The call never completes (only the flight's budget ends it).
+    Hang,
+    /// The call panics.
+    Panic,
+    /// A `save` is refused with `StoreError::LeaseLost` (other calls: as `Fail`).
+    LeaseLost,
 }
 
 /// A contract the coordinator broke, with where and how.
@@ -220,6 +362,18 @@ pub struct Summary {
     pub errors: usize,
     /// Tasks polled.
     pub polls: usize,
+    /// Logins installed.
+    pub logins: usize,
+    /// Logins installed while a flight was running.
+    pub logins_during_flights: usize,
+    /// Store faults that fired.
+    pub store_faults: usize,
+    /// Calls of the `on_auth_lost` hook.
+    pub hook_calls: usize,
+    /// Wall-clock steps.
+    pub wall_steps: usize,
+    /// Tokens issued that had expired on arrival.
+    pub expired_on_arrival: usize,
 }
 
 /// Runs `scenario` and checks the contracts after every step:
@@ -232,40 +386,86 @@ pub struct Summary {
 ///   current token at once, with no source call.
 /// - **C4** a request the server rejected is sent again exactly once, with a newer token,
 ///   when its body is replayable (never twice, never with the same token); otherwise the
-///   original response is returned. A caller that got a rejection ends with an error only
-///   if the refresh it waited for failed, or no newer usable token existed.
-/// - **C5** every caller waiting on a refresh gets that refresh's outcome; a waiting caller
-///   that nobody will wake (no source call pending) is a hang.
-/// - **C6** cancelling any caller never hangs the others (the same checks after each
-///   `Cancel`), and a token the source returned is never lost.
+///   original response is returned.
+/// - **C5** every waiter of a flight gets that flight's outcome, and all of them the same
+///   one (or, after a failure, a usable newer token); a waiting caller that nothing will
+///   wake (no source call, no timer) is a hang.
+/// - **C6** cancelling any caller never hangs the others, and a token the source returned
+///   is never lost.
 /// - **C9** the current token never goes back or away, and a caller that found a usable
-///   token never gets an error.
+///   token never gets an error; fail-fast backoff is never stretched by a wall-clock step
+///   nor switched off by a huge `Retry-After` (it lasts at least `min(Retry-After, cap)`
+///   of monotonic time, at most the larger of its cap and the `Retry-After` cap).
+/// - **C15** a source call for expiry or refresh-ahead replaces a token at least
+///   [`MIN_REFRESH_INTERVAL`] and half its lifetime old: never a call per request.
+/// - **C16** no caller waits or fails while a usable token exists (refresh-ahead without
+///   a spawner excepted: its one caller drives the refresh).
+/// - **C17** a login is never replaced by a token of a flight that started before it,
+///   never followed by auth-lost, the hook or backoff from such a flight; a stale stored
+///   session is never adopted (or its refresh token spent) over a login or initial token;
+///   generations strictly increase, never above [`MAX_GENERATION`].
+/// - **C18** nobody panics: not a caller, not a login, whatever the store or hook does.
 ///
 /// At the end every request on the wire is answered and time moves until every caller
 /// has finished; a caller still pending then is a hang (C5/C6).
 pub fn run(scenario: &Scenario) -> Result<Summary, Violation> {
-    let mut world = World::new(scenario.setup);
-    // `TOKENFLIGHT_MODEL_TRACE=1` prints every step, to read a failing scenario.
-    let trace = std::env::var_os("TOKENFLIGHT_MODEL_TRACE").is_some();
-    for (step, op) in scenario.ops.iter().enumerate() {
-        world.step = step;
-        world.apply(*op)?;
-        if trace {
-            world.trace(op);
+    run_traced(scenario, false)
+}
+
+/// [`run`], printing every step to stderr when `trace` is set (to read a failing
+/// scenario).
+pub fn run_traced(scenario: &Scenario, trace: bool) -> Result<Summary, Violation> {
+    quiet_planted_panics();
+    let mut world = World::new(scenario.setup)?;
+    world.trace = trace;
+    let result = (|| {
+        for (step, op) in scenario.ops.iter().enumerate() {
+            world.step = step;
+            world.apply(*op)?;
+            if trace {
+                world.trace(op);
+            }
+            world.check_step()?;
         }
-        world.check_step()?;
-    }
-    world.step = scenario.ops.len();
-    world.drain()?;
-    world.check_end()?;
-    Ok(world.summary)
+        world.step = scenario.ops.len();
+        world.drain()?;
+        world.check_end()
+    })();
+    world.shutdown();
+    result.map(|()| world.summary)
+}
+
+/// Hides the panics the runner plants (they are expected, and caught); others print.
+fn quiet_planted_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+            if !message.is_some_and(|m| m.contains(PLANTED)) {
+                default(info);
+            }
+        }));
+    });
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_owned())
 }
 
 // ---------------------------------------------------------------------------------------
-// Fakes: token source, API server, request and response.
+// Fakes: token source, store, timer, API server, request and response.
 
-/// State shared by the fake token source and the fake API server (behind one mutex; it
-/// is never held while a task is polled or dropped).
+/// State shared by the fakes and the runner (behind one mutex; it is never held while a
+/// task is polled or dropped).
 #[derive(Default)]
 struct Shared {
     calls: Vec<SourceCall>,
@@ -274,6 +474,38 @@ struct Shared {
     overlapping_call: Option<String>,
     /// Access secret → generation of every token saved to the store.
     saved: HashMap<String, u64>,
+    /// Every save, in order: (access secret, generation) (C17: generations increase).
+    saves: Vec<(String, u64)>,
+    /// The coordinator, to number flights (`stats().flights` when a call starts); taken
+    /// out at the end of a run to break the cycle.
+    flight: Option<SingleFlight>,
+    /// Monotonic time since the start of the run.
+    mono: Duration,
+    /// Bumped by every wall-clock step (wall and monotonic ages then differ).
+    wall_epoch: u32,
+    /// `stats().flights` at each login, in order.
+    login_flights: Vec<u64>,
+    /// Logins are in progress: no fault applies to their store calls.
+    installing: bool,
+    /// The armed store fault: calls to let through first, and the fault.
+    armed: Option<(u8, Fault)>,
+    /// Store faults that fired.
+    faults_fired: usize,
+    /// Live sleeps of the timer (budgets, attempt timeouts, retry pauses).
+    live_sleeps: usize,
+    /// The last failed flight that must cause a backoff (C9).
+    last_failure: Option<FailureSeen>,
+    /// Tokens the source issued since the runner last looked.
+    issued: Vec<(String, Issued)>,
+    /// Calls of the `on_auth_lost` hook: the error message, and the number of logins
+    /// so far.
+    hook_calls: Vec<(String, usize)>,
+}
+
+impl Shared {
+    fn flights_started(&self) -> u64 {
+        self.flight.as_ref().map_or(0, |f| f.stats().flights)
+    }
 }
 
 struct SourceCall {
@@ -282,8 +514,17 @@ struct SourceCall {
     now: SystemTime,
     state: CallState,
     waker: Option<Waker>,
-    /// A login happened while this call was in flight (its token may then be older).
-    login_during: bool,
+    /// The flight it belongs to (`stats().flights` when it started).
+    flight: u64,
+    /// Logins before it started.
+    logins_before: usize,
+    /// Monotonic time and wall epoch when it started.
+    mono: Duration,
+    wall_epoch: u32,
+    /// The last failed flight when it started (C9: its backoff must hold).
+    failure_before: Option<FailureSeen>,
+    /// A store call hung or panicked after it returned: its token may be lost.
+    at_risk: bool,
     /// The step whose checks already looked at this call.
     checked: bool,
 }
@@ -302,19 +543,23 @@ impl CallState {
     }
 }
 
-/// A source call as `check_step` looks at it: index, reason, token replaced, clock
-/// reading, state, and whether a login happened meanwhile.
-type CallSnapshot = (
-    usize,
-    RefreshReason,
-    Option<Arc<Token>>,
-    SystemTime,
-    CallState,
-    bool,
-);
-
 fn access_of_call(n: usize) -> String {
     format!("token-{}", n + 1)
+}
+
+/// The source call that issued `access`, if a source call did.
+fn call_of_access(access: &str) -> Option<usize> {
+    access.strip_prefix("token-")?.parse::<usize>().ok()?.checked_sub(1)
+}
+
+/// The source call named in a refresh error's message ("transient failure 3").
+fn call_of_error(message: &str) -> Option<usize> {
+    message
+        .rsplit(' ')
+        .next()?
+        .parse::<usize>()
+        .ok()?
+        .checked_sub(1)
 }
 
 /// A token source whose calls stay pending until the scenario answers them.
@@ -334,13 +579,25 @@ impl TokenSource for ModelSource {
             ));
         }
         let index = shared.calls.len();
+        let flight = shared.flights_started();
+        let (logins_before, mono, wall_epoch, failure_before) = (
+            shared.login_flights.len(),
+            shared.mono,
+            shared.wall_epoch,
+            shared.last_failure,
+        );
         shared.calls.push(SourceCall {
             reason: cx.reason,
             previous: cx.previous.clone(),
             now: cx.now,
             state: CallState::Pending,
             waker: None,
-            login_during: false,
+            flight,
+            logins_before,
+            mono,
+            wall_epoch,
+            failure_before,
+            at_risk: false,
             checked: false,
         });
         drop(shared);
@@ -370,24 +627,32 @@ impl Future for SourceFuture {
         match call.state {
             CallState::Answered(outcome) => {
                 call.state = CallState::Returned(outcome);
+                drop(shared);
                 Poll::Ready(match outcome {
                     Outcome::Ok(lifetime) => {
-                        let token = Token::new(access_of_call(n));
-                        let now = self.clock.now();
-                        Ok(match lifetime {
-                            Lifetime::Short => token.expires_in(Duration::from_secs(5), now),
-                            Lifetime::Minutes => token.expires_in(Duration::from_secs(90), now),
-                            Lifetime::Hour => token.expires_in(Duration::from_secs(3600), now),
-                            Lifetime::Unknown => token,
+                        let access = access_of_call(n);
+                        let (token, lifetime) =
+                            lifetime.token(Token::new(access.clone()), self.clock.now());
+                        let mut shared = lock(&self.shared);
+                        let issued = Issued {
+                            mono: shared.mono,
+                            wall_epoch: shared.wall_epoch,
+                            lifetime,
+                        };
+                        shared.issued.push((access, issued));
+                        Ok(token)
+                    }
+                    Outcome::Transient(after) => {
+                        let error = RefreshError::transient(format!("transient failure {}", n + 1));
+                        Err(match after {
+                            Some(after) => error.with_retry_after(after.duration()),
+                            None => error,
                         })
                     }
-                    Outcome::Transient => Err(RefreshError::transient(format!(
-                        "transient failure {}",
-                        n + 1
-                    ))),
                     Outcome::Permanent => {
                         Err(RefreshError::permanent(format!("invalid_grant {}", n + 1)))
                     }
+                    Outcome::Panic => panic!("source panic {PLANTED}"),
                 })
             }
             _ => {
@@ -409,6 +674,151 @@ impl Drop for SourceFuture {
     }
 }
 
+/// The memory store with planted faults: records the generation of every token saved (a
+/// refresh's token gets its generation before it is handed out, even when it never
+/// becomes current), and makes the armed call fail, hang or panic.
+struct ModelStore {
+    inner: MemoryStore,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl ModelStore {
+    /// The fault for the store call starting now, if one is armed and due.
+    fn fault(&self) -> Option<Fault> {
+        let mut shared = lock(&self.shared);
+        if shared.installing {
+            return None;
+        }
+        let (skip, fault) = shared.armed.as_mut()?;
+        if *skip > 0 {
+            *skip -= 1;
+            return None;
+        }
+        let fault = *fault;
+        shared.armed = None;
+        shared.faults_fired += 1;
+        if matches!(fault, Fault::Hang | Fault::Panic) {
+            // The flight may now end without saving or handing out a token it got.
+            for call in &mut shared.calls {
+                if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
+                    call.at_risk = true;
+                }
+            }
+        }
+        Some(fault)
+    }
+}
+
+fn planted_store_error() -> StoreError {
+    StoreError::Unavailable(format!("store failure {PLANTED}").into())
+}
+
+impl TokenStore for ModelStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        match self.fault() {
+            None => self.inner.load(),
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("store load panic {PLANTED}") }),
+        }
+    }
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        match self.fault() {
+            None => {
+                let mut shared = lock_shared(&self.shared);
+                let access = token.access().expose().to_owned();
+                shared.saved.insert(access.clone(), token.generation());
+                shared.saves.push((access, token.generation()));
+                drop(shared);
+                self.inner.save(token, lock)
+            }
+            Some(Fault::Fail) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::LeaseLost) => Box::pin(async { Err(StoreError::LeaseLost) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("store save panic {PLANTED}") }),
+        }
+    }
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        match self.fault() {
+            None => self.inner.lock(),
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("store lock panic {PLANTED}") }),
+        }
+    }
+    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
+        match self.fault() {
+            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(lock),
+            Some(Fault::Hang) => Box::pin(async move {
+                let _lock = lock;
+                futures::future::pending::<()>().await;
+            }),
+            Some(Fault::Panic) => Box::pin(async move {
+                drop(lock);
+                panic!("store unlock panic {PLANTED}")
+            }),
+        }
+    }
+}
+
+fn lock_shared(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    lock(shared)
+}
+
+/// The manual clock's timer, counting live sleeps: a waiting caller needs a live source
+/// call or a live sleep to be woken one day (C5).
+struct ModelTimer {
+    clock: ManualClock,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Timer for ModelTimer {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        lock(&self.shared).live_sleeps += 1;
+        Box::pin(ModelSleep {
+            inner: self.clock.sleep(duration),
+            shared: self.shared.clone(),
+            live: true,
+        })
+    }
+}
+
+struct ModelSleep {
+    inner: BoxFuture<'static, ()>,
+    shared: Arc<Mutex<Shared>>,
+    live: bool,
+}
+
+impl ModelSleep {
+    fn end(&mut self) {
+        if std::mem::take(&mut self.live) {
+            let mut shared = lock(&self.shared);
+            shared.live_sleeps = shared.live_sleeps.saturating_sub(1);
+        }
+    }
+}
+
+impl Future for ModelSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = self.inner.as_mut().poll(cx);
+        if polled.is_ready() {
+            self.end();
+        }
+        polled
+    }
+}
+
+impl Drop for ModelSleep {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
 /// One request as the fake API server saw it.
 struct Wire {
     caller: usize,
@@ -515,36 +925,6 @@ impl Drop for WireFuture {
     }
 }
 
-/// The memory store, recording the generation of every token saved: a refresh's token
-/// gets its generation before it is handed out, even when it never becomes current (a
-/// login installed a newer one meanwhile).
-struct ModelStore {
-    inner: MemoryStore,
-    shared: Arc<Mutex<Shared>>,
-}
-
-impl TokenStore for ModelStore {
-    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
-        self.inner.load()
-    }
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        lock_shared(&self.shared)
-            .saved
-            .insert(token.access().expose().to_owned(), token.generation());
-        self.inner.save(token, lock)
-    }
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        self.inner.lock()
-    }
-}
-
-fn lock_shared(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    lock(shared)
-}
 
 /// Queues spawned refreshes; the executor adopts them as tasks after every step.
 #[derive(Clone, Default)]
@@ -601,10 +981,12 @@ struct Task {
     polls: usize,
     done: bool,
     cancelled: bool,
-    /// Whether a usable token existed when the task was first polled (C9).
+    /// Whether a usable token existed when the task was first polled (C9, C16).
     usable_at_first_poll: bool,
     /// The current token's generation then (a refresh ahead that fails falls back to it).
     current_at_first_poll: Option<u64>,
+    /// Logins before its first poll (C17).
+    logins_at_first_poll: usize,
     /// Per waiting phase (a send waits for its first token, then maybe for a newer one):
     /// the source call it was seen waiting on (C5).
     waited_on: Vec<Option<usize>>,
@@ -621,6 +1003,15 @@ impl Task {
     }
 }
 
+/// When a token was issued (monotonic time, wall epoch) and its lifetime in seconds as
+/// the coordinator sees it, if known (C15, C16).
+#[derive(Clone, Copy, Debug)]
+struct Issued {
+    mono: Duration,
+    wall_epoch: u32,
+    lifetime: Option<i64>,
+}
+
 /// What the model knows about tokens, independent of the coordinator's own view.
 #[derive(Default)]
 struct Knowledge {
@@ -628,6 +1019,8 @@ struct Knowledge {
     generations: HashMap<String, u64>,
     /// Access secrets of the tokens seen as current (C6: a refreshed token is not lost).
     became_current: BTreeSet<String>,
+    /// Access secret → when it was issued.
+    issued: HashMap<String, Issued>,
     /// Highest generation reported rejected so far (issued, maybe not yet processed; so
     /// at least the coordinator's own value).
     rejected: u64,
@@ -635,7 +1028,36 @@ struct Knowledge {
     last_current: Option<Arc<Token>>,
     /// Generations that successful source calls replaced (C2).
     replaced: BTreeSet<u64>,
+    /// Highest sane generation seen (C17: generations strictly increase).
+    max_generation: u64,
+    /// (access, generation) of every save seen.
+    saved_pairs: BTreeSet<(String, u64)>,
+    /// Saves already checked.
+    saves_checked: usize,
+    /// Hook calls already checked.
+    hooks_checked: usize,
+    /// "Re-authentication required" at the end of the last step.
+    auth_lost: bool,
+    /// `stats().failures` at the end of the last poll.
+    failures: u64,
+    /// Source calls whose start was checked.
+    start_checked: BTreeSet<usize>,
+    /// Per flight: the error its waiters got, and whether one got its own token (C5).
+    flight_outcomes: HashMap<u64, FlightSeen>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FailureSeen {
+    mono: Duration,
+    retry_after: Option<Duration>,
+    /// Logins when it was seen: a login ends the backoff.
     logins: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FlightSeen {
+    error: Option<String>,
+    own_token: bool,
 }
 
 struct World {
@@ -649,47 +1071,95 @@ struct World {
     known: Knowledge,
     summary: Summary,
     step: usize,
+    /// Monotonic time since the start.
+    mono: Duration,
+    /// Print every step.
+    trace: bool,
 }
 
 impl World {
-    fn new(setup: Setup) -> Self {
+    fn new(setup: Setup) -> Result<Self, Violation> {
         let clock = ManualClock::at_fixed_point();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let spawner = QueueSpawner::default();
+        let now = clock.now();
+        let mut known = Knowledge::default();
+        let store = ModelStore {
+            inner: MemoryStore::new(),
+            shared: shared.clone(),
+        };
+        if let Some(stale) = setup.stale {
+            // Another account's session from an earlier run, straight into the store.
+            let token = Token::new(STALE_ACCESS)
+                .with_refresh("stale-refresh")
+                .expires_in(Duration::from_secs(86_400), now)
+                .with_generation(stale.generation());
+            let _ = futures::executor::block_on(store.inner.save(&token, None));
+            known
+                .generations
+                .insert(STALE_ACCESS.to_owned(), stale.generation());
+            if stale.generation() <= MAX_GENERATION {
+                known.max_generation = stale.generation();
+            }
+        }
+        let hook_shared = shared.clone();
+        let hook_panics = setup.hook_panics;
         let mut builder = Builder::new()
             .source(ModelSource {
                 shared: shared.clone(),
                 clock: clock.clone(),
             })
-            .store(ModelStore {
-                inner: MemoryStore::new(),
-                shared: shared.clone(),
-            })
+            .store(store)
             .clock(Arc::new(clock.clone()))
-            .timer(Arc::new(clock.clone()))
-            .leeway(LEEWAY)
-            .refresh_timeout(REFRESH_TIMEOUT)
-            .refresh_ahead(setup.refresh_ahead.then_some(REFRESH_AHEAD))
-            .backoff(if setup.backoff {
-                Backoff::new(Duration::from_secs(5), Duration::from_secs(20)).with_jitter(0.0)
-            } else {
-                Backoff::none()
+            .timer(Arc::new(ModelTimer {
+                clock: clock.clone(),
+                shared: shared.clone(),
+            }))
+            .config(compat::config(&setup))
+            .on_auth_lost(move |error: &RefreshError| {
+                let mut shared = lock(&hook_shared);
+                let logins = shared.login_flights.len();
+                shared.hook_calls.push((error.message().to_owned(), logins));
+                drop(shared);
+                if hook_panics {
+                    panic!("auth-lost hook panic {PLANTED}");
+                }
             })
             .allowed_origin("https://api.test");
         if setup.spawner {
             builder = builder.spawner(Arc::new(spawner.clone()));
         }
-        let now = clock.now();
         builder = match setup.initial {
             Initial::NoToken => builder,
-            Initial::Valid => builder
-                .initial_token(Token::new("initial").expires_in(Duration::from_secs(3600), now)),
-            Initial::Expired => builder
-                .initial_token(Token::new("initial").expires_at(now - Duration::from_secs(1))),
+            Initial::Valid => {
+                known.issued.insert(
+                    "initial".to_owned(),
+                    Issued {
+                        mono: Duration::ZERO,
+                        wall_epoch: 0,
+                        lifetime: Some(3600),
+                    },
+                );
+                builder.initial_token(
+                    Token::new("initial")
+                        .with_refresh("initial-refresh")
+                        .expires_in(Duration::from_secs(3600), now),
+                )
+            }
+            Initial::Expired => builder.initial_token(compat::obtained_at(
+                Token::new("initial")
+                    .with_refresh("initial-refresh")
+                    .expires_at(now - Duration::from_secs(1)),
+                now - Duration::from_secs(7200),
+            )),
         };
-        #[allow(clippy::expect_used)] // a fixed, valid configuration
-        let auth = builder.build().expect("the model's configuration is valid");
+        let auth = builder.build().map_err(|error| Violation {
+            contract: "setup",
+            step: 0,
+            message: format!("the model's configuration was refused: {error}"),
+        })?;
         let flight = auth.flight().clone();
+        lock(&shared).flight = Some(flight.clone());
         let mut world = World {
             setup,
             clock,
@@ -698,13 +1168,28 @@ impl World {
             shared,
             spawner,
             tasks: Vec::new(),
-            known: Knowledge::default(),
+            known,
             summary: Summary::default(),
             step: 0,
+            mono: Duration::ZERO,
+            trace: false,
         };
         world.observe_current();
         world.known.last_current = world.flight.current();
-        world
+        Ok(world)
+    }
+
+    /// Drops every task and breaks the coordinator ↔ source cycle.
+    fn shutdown(&mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in tasks {
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(task)));
+        }
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            drop(std::mem::take(&mut *lock(&self.spawner.queue)))
+        }));
+        let flight = self.shared().flight.take();
+        drop(flight);
     }
 
     fn violation(&self, contract: &'static str, message: impl Into<String>) -> Violation {
@@ -723,13 +1208,51 @@ impl World {
         self.clock.now()
     }
 
-    /// The current token if the coordinator must consider it usable: known to the model,
-    /// not expired (leeway) and not reported rejected.
+    fn logins(&self) -> usize {
+        self.shared().login_flights.len()
+    }
+
+    /// Whether a login happened after flight `flight` started (it must then lose: C17).
+    fn superseded_by_login(&self, flight: u64) -> bool {
+        self.shared().login_flights.iter().any(|&f| f >= flight)
+    }
+
+    /// Whether the stale stored session must never be used: a login or an initial token
+    /// is newer, or its generation is corrupt.
+    fn stale_forbidden(&self) -> bool {
+        self.setup.stale.is_some_and(|stale| {
+            self.setup.initial != Initial::NoToken
+                || self.logins() > 0
+                || stale.generation() > MAX_GENERATION
+        })
+    }
+
+    /// Whether the coordinator must consider `token` usable now, as far as the model can
+    /// tell: not reported rejected, and not expired even with the uncapped leeway, or
+    /// younger than [`MIN_REFRESH_INTERVAL`] (no wall-clock step since it was issued).
+    fn surely_usable(&self, token: &Token) -> bool {
+        if token.generation() <= self.known.rejected
+            || token.generation() > MAX_GENERATION
+            || (token.access().expose() == STALE_ACCESS && self.stale_forbidden())
+        {
+            return false;
+        }
+        !token.is_expired(self.now(), LEEWAY) || self.young(token)
+    }
+
+    fn young(&self, token: &Token) -> bool {
+        let Some(issued) = self.known.issued.get(token.access().expose()) else {
+            return false;
+        };
+        issued.wall_epoch == self.shared().wall_epoch
+            && self.mono.saturating_sub(issued.mono) < MIN_REFRESH_INTERVAL
+    }
+
+    /// The current token if the coordinator must consider it usable.
     fn usable_current(&self) -> Option<Arc<Token>> {
-        let token = self.flight.current()?;
-        let usable =
-            token.generation() > self.known.rejected && !token.is_expired(self.now(), LEEWAY);
-        usable.then_some(token)
+        self.flight
+            .current()
+            .filter(|token| self.surely_usable(token))
     }
 
     fn observe_current(&mut self) {
@@ -738,8 +1261,20 @@ impl World {
             self.known.became_current.insert(access.clone());
             self.known.generations.insert(access, token.generation());
         }
-        let saved = std::mem::take(&mut self.shared().saved);
+        let (saved, issued) = {
+            let mut shared = self.shared();
+            (
+                std::mem::take(&mut shared.saved),
+                std::mem::take(&mut shared.issued),
+            )
+        };
         self.known.generations.extend(saved);
+        for (access, at) in issued {
+            if at.lifetime.is_some_and(|l| l <= 0) {
+                self.summary.expired_on_arrival += 1;
+            }
+            self.known.issued.insert(access, at);
+        }
     }
 
     fn current_generation(&self) -> u64 {
@@ -757,7 +1292,7 @@ impl World {
                 let generation = match which {
                     Which::Current => current,
                     Which::Previous => current.saturating_sub(1),
-                    Which::Newer => current + 1,
+                    Which::Newer => current.saturating_add(1),
                 };
                 self.start(Kind::Reject(generation));
             }
@@ -810,15 +1345,43 @@ impl World {
                     // Dropped outside any lock: the drop may drop the refresh and the
                     // source call with it.
                     let future = self.tasks[index].future.take();
-                    drop(future);
+                    if let Err(panic) =
+                        std::panic::catch_unwind(AssertUnwindSafe(move || drop(future)))
+                    {
+                        return Err(self.violation(
+                            "C18",
+                            format!(
+                                "dropping task {index} panicked: {}",
+                                panic_message(&*panic)
+                            ),
+                        ));
+                    }
                     self.summary.cancelled += 1;
                 }
             }
-            Op::Advance(step) => self.clock.advance(step.duration()),
+            Op::Advance(step) => self.advance(step.duration()),
+            Op::WallStep { forward, big } => {
+                let by = Duration::from_secs(if big { 3600 } else { 40 });
+                self.summary.wall_steps += 1;
+                if compat::step_wall(&self.clock, forward, by) {
+                    // This core has no monotonic clock: the step was a plain advance.
+                    self.mono += by;
+                    self.shared().mono = self.mono;
+                } else {
+                    self.shared().wall_epoch += 1;
+                }
+            }
             Op::Login => self.login()?,
+            Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
         }
         self.adopt_spawned();
         Ok(())
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.mono += by;
+        self.shared().mono = self.mono;
+        self.clock.advance(by);
     }
 
     fn start(&mut self, kind: Kind) {
@@ -882,6 +1445,7 @@ impl World {
             cancelled: false,
             usable_at_first_poll: false,
             current_at_first_poll: None,
+            logins_at_first_poll: 0,
             waited_on: vec![None],
             rejection_seen: false,
         });
@@ -924,31 +1488,60 @@ impl World {
         }
     }
 
+    /// Whether a flight is running, as far as the model can see (a live source call or
+    /// a live sleep: budget, timeout or retry pause).
+    fn flight_running(&self) -> bool {
+        let shared = self.shared();
+        shared.live_sleeps > 0 || shared.calls.iter().any(|c| c.state.live())
+    }
+
     fn login(&mut self) -> Result<(), Violation> {
-        self.known.logins += 1;
-        let token = Token::new(format!("login-{}", self.known.logins))
+        let n = self.logins() + 1;
+        self.summary.logins += 1;
+        if self.flight_running() {
+            self.summary.logins_during_flights += 1;
+        }
+        let access = format!("login-{n}");
+        let token = Token::new(access.clone())
+            .with_refresh(format!("login-refresh-{n}"))
             .expires_in(Duration::from_secs(3600), self.now());
+        let issued = Issued {
+            mono: self.mono,
+            wall_epoch: self.shared().wall_epoch,
+            lifetime: Some(3600),
+        };
+        self.known.issued.insert(access, issued);
         {
             let mut shared = self.shared();
-            for call in shared.calls.iter_mut().filter(|c| c.state.live()) {
-                call.login_during = true;
-            }
+            let flights = shared.flights_started();
+            shared.login_flights.push(flights);
+            shared.installing = true;
         }
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let mut install = std::pin::pin!(self.flight.install(token));
-        match install.as_mut().poll(&mut cx) {
-            Poll::Ready(Ok(installed)) => {
+        let flight = self.flight.clone();
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut install = std::pin::pin!(flight.install(token));
+            install.as_mut().poll(&mut cx)
+        }));
+        self.shared().installing = false;
+        self.adopt_spawned();
+        match polled {
+            Err(panic) => Err(self.violation(
+                "C18",
+                format!("installing a login panicked: {}", panic_message(&*panic)),
+            )),
+            Ok(Poll::Ready(Ok(installed))) => {
                 self.known.generations.insert(
                     installed.access().expose().to_owned(),
                     installed.generation(),
                 );
                 Ok(())
             }
-            Poll::Ready(Err(error)) => {
+            Ok(Poll::Ready(Err(error))) => {
                 Err(self.violation("C9", format!("installing a login failed: {error}")))
             }
-            Poll::Pending => Err(self.violation(
+            Ok(Poll::Pending) => Err(self.violation(
                 "C6",
                 "install() with a memory store did not complete at once",
             )),
@@ -997,6 +1590,13 @@ impl World {
         let current_before = self.flight.current().map(|t| t.generation());
         let calls_before = self.source_calls();
         let wires_before = self.wires_of(index);
+        let logins = self.logins();
+        // Refresh ahead without a spawner: the one caller that starts it drives it.
+        let drives_ahead = !self.setup.spawner
+            && self.setup.refresh_ahead
+            && usable_before
+                .as_ref()
+                .is_some_and(|t| t.is_expired(self.now(), REFRESH_AHEAD));
         let task = &mut self.tasks[index];
         let Some(future) = task.future.as_mut() else {
             return Ok(());
@@ -1006,17 +1606,33 @@ impl World {
         if first_poll {
             task.usable_at_first_poll = usable_before.is_some();
             task.current_at_first_poll = current_before;
+            task.logins_at_first_poll = logins;
         }
         task.polls += 1;
         self.summary.polls += 1;
         let mut cx = Context::from_waker(&task.waker);
-        let polled = future.as_mut().poll(&mut cx);
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx)));
         let kind = task.kind;
+        let polled = match polled {
+            Ok(polled) => polled,
+            Err(panic) => {
+                task.done = true;
+                task.future = None;
+                return Err(self.violation(
+                    "C18",
+                    format!(
+                        "task {index} ({kind:?}) panicked: {}",
+                        panic_message(&*panic)
+                    ),
+                ));
+            }
+        };
         if polled.is_ready() {
             task.done = true;
             task.future = None;
         }
         self.observe_current();
+        self.track_failures();
         let new_calls = self.source_calls() > calls_before;
         let wires_after = self.wires_of(index);
         if let Some(&(w, None, _)) = wires_after.last() {
@@ -1029,6 +1645,28 @@ impl World {
             // A new request went out: the waiting phase before it has ended.
             self.end_phase(index, wires_after.last().and_then(|w| w.1), None)?;
             self.tasks[index].waited_on.push(None);
+        }
+        // C16: a caller that found a usable token does not wait.
+        if let (true, Some(usable), false, true) = (
+            first_poll,
+            &usable_before,
+            drives_ahead,
+            polled.is_pending(),
+        ) {
+            let waits = match kind {
+                Kind::Token => true,
+                Kind::Send { .. } => wires_after.len() == wires_before.len(),
+                _ => false,
+            };
+            if waits {
+                return Err(self.violation(
+                    "C16",
+                    format!(
+                        "task {index} ({kind:?}) waits although generation {} is usable",
+                        usable.generation()
+                    ),
+                ));
+            }
         }
 
         // C3: a rejection of an older generation while a newer usable token exists.
@@ -1088,7 +1726,7 @@ impl World {
             }
         }
         if let Poll::Ready(finished) = polled {
-            if std::env::var_os("TOKENFLIGHT_MODEL_TRACE").is_some() {
+            if self.trace {
                 eprintln!("  task {index} finished: {finished:?}");
             }
             self.finished(index, finished, &usable_before, &wires_after)?;
@@ -1096,8 +1734,52 @@ impl World {
         Ok(())
     }
 
+    /// Notices a failed flight (`stats().failures` grew) that must be followed by a
+    /// backoff: transient, not auth-lost, and not of a flight a login superseded.
+    fn track_failures(&mut self) {
+        let failures = self.flight.stats().failures;
+        if failures == self.known.failures {
+            return;
+        }
+        self.known.failures = failures;
+        let (flight, retry_after, logins) = {
+            let shared = self.shared();
+            let flight = shared.flights_started();
+            let retry_after = match shared.calls.iter().rev().find(|c| c.flight == flight) {
+                Some(SourceCall {
+                    state: CallState::Returned(Outcome::Transient(after)),
+                    ..
+                }) => after.map(RetryAfter::duration),
+                _ => None,
+            };
+            (flight, retry_after, shared.login_flights.len())
+        };
+        let failure =
+            (!self.flight.is_auth_lost() && !self.superseded_by_login(flight)).then_some(
+                FailureSeen {
+                    mono: self.mono,
+                    retry_after,
+                    logins,
+                },
+            );
+        self.shared().last_failure = failure;
+    }
+
+    /// The generation a finished task wanted replaced: the one it reported rejected, the
+    /// one its first request carried if that was rejected, or the current one when it
+    /// started.
+    fn replaced_by(&self, index: usize, wires: &[(usize, Option<u64>, Option<bool>)]) -> u64 {
+        let task = &self.tasks[index];
+        match (task.kind, wires.first()) {
+            (Kind::Reject(g), _) => g,
+            (Kind::Send { .. }, Some((_, Some(g), Some(false)))) => *g,
+            _ => task.current_at_first_poll.unwrap_or(0),
+        }
+    }
+
     /// Ends the current waiting phase of task `index`, which produced a token of
-    /// `generation` or `error`: it must be the outcome of the source call it waited on (C5).
+    /// `generation` or `error`: it must be the outcome of the flight it waited on, the
+    /// same for every waiter of that flight (C5), or after a failure a usable newer token.
     fn end_phase(
         &mut self,
         index: usize,
@@ -1114,41 +1796,93 @@ impl World {
             && error.is_none()
             && generation.is_some()
             && generation == task.current_at_first_poll;
-        let state = self.shared().calls.get(call).map(|c| c.state);
-        let expected_generation = self.known.generations.get(&access_of_call(call)).copied();
-        let ok = match (state, error) {
-            (Some(CallState::Returned(Outcome::Ok(_))), None) => {
-                generation.is_some() && generation == expected_generation
+        let forced = task.kind == Kind::Force;
+        let (flight, states): (u64, Vec<(usize, CallState)>) = {
+            let shared = self.shared();
+            let flight = shared.calls[call].flight;
+            let states = shared
+                .calls
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.flight == flight)
+                .map(|(i, c)| (i, c.state))
+                .collect();
+            (flight, states)
+        };
+        let own_generations: Vec<u64> = states
+            .iter()
+            .filter(|(_, s)| matches!(s, CallState::Returned(Outcome::Ok(_))))
+            .filter_map(|(i, _)| self.known.generations.get(&access_of_call(*i)).copied())
+            .collect();
+        let returned = |n: Option<usize>, want: fn(Outcome) -> bool| {
+            states
+                .iter()
+                .any(|(i, s)| Some(*i) == n && matches!(s, CallState::Returned(o) if want(*o)))
+        };
+        let ok = match (generation, error) {
+            (Some(g), None) => {
+                let own = own_generations.contains(&g);
+                // After a failure (or a login that won), a newer token it fell back to.
+                let fallback = !forced
+                    && self
+                        .known
+                        .generations
+                        .iter()
+                        .any(|(access, &known)| known == g && self.known.became_current.contains(access));
+                if own {
+                    self.known
+                        .flight_outcomes
+                        .entry(flight)
+                        .or_default()
+                        .own_token = true;
+                }
+                own || ahead_fallback || fallback
             }
-            (Some(CallState::Returned(Outcome::Transient)), Some(Error::Refresh(e))) => {
-                e.message() == format!("transient failure {}", call + 1)
+            (_, Some(error)) => {
+                let e = error.refresh_error();
+                let n = call_of_error(e.message());
+                let matches_flight = match error {
+                    Error::Refresh(e) => match e.kind() {
+                        RefreshErrorKind::Transient => {
+                            returned(n, |o| matches!(o, Outcome::Transient(_)))
+                        }
+                        // Budget, attempt timeout, store failure, contained panic.
+                        _ => true,
+                    },
+                    Error::ReauthenticationRequired { .. } => {
+                        returned(n, |o| o == Outcome::Permanent)
+                    }
+                    _ => false,
+                };
+                let seen = self.known.flight_outcomes.entry(flight).or_default();
+                let text = error.to_string();
+                let same = seen.error.get_or_insert_with(|| text.clone()) == &text;
+                let seen = seen.clone();
+                if !same || (seen.own_token && !forced) {
+                    return Err(self.violation(
+                        "C5",
+                        format!(
+                            "task {index} got {error}, another waiter of the same flight got \
+                             {:?}{}",
+                            seen.error,
+                            if seen.own_token { " / its token" } else { "" }
+                        ),
+                    ));
+                }
+                matches_flight
             }
-            (
-                Some(CallState::Returned(Outcome::Permanent)),
-                Some(Error::ReauthenticationRequired { cause }),
-            ) => cause.message() == format!("invalid_grant {}", call + 1),
-            // The call was cut off by the refresh timeout.
-            (Some(CallState::Dropped), Some(Error::Refresh(e))) => {
-                e.kind() == RefreshErrorKind::Timeout
-            }
-            (
-                Some(
-                    CallState::Returned(Outcome::Transient | Outcome::Permanent)
-                    | CallState::Dropped,
-                ),
-                None,
-            ) => ahead_fallback,
-            _ => false,
+            (None, None) => false,
         };
         if ok {
             Ok(())
         } else {
+            let state = states.iter().find(|(i, _)| *i == call).map(|(_, s)| *s);
             Err(self.violation(
                 "C5",
                 format!(
                     "task {index} waited on source call {} ({state:?}) but got generation \
-                     {generation:?} / error {error:?} (expected generation \
-                     {expected_generation:?})",
+                     {generation:?} / error {error:?} (the flight's tokens: generations \
+                     {own_generations:?})",
                     call + 1
                 ),
             ))
@@ -1164,13 +1898,28 @@ impl World {
     ) -> Result<(), Violation> {
         let kind = self.tasks[index].kind;
         let usable_at_first_poll = self.tasks[index].usable_at_first_poll;
+        let error = match &finished {
+            Finished::Token(Err(error)) => Some(error.clone()),
+            Finished::Response(Err(AuthError::Token(error))) => Some(error.clone()),
+            _ => None,
+        };
+        if let Some(error) = &error {
+            self.check_failed_caller(index, error, wires)?;
+        }
         match finished {
             Finished::Spawned => Ok(()),
             Finished::Token(result) => {
                 match &result {
                     Ok(token) => {
                         self.end_phase(index, Some(token.generation()), None)?;
-                        let known = self.known.generations.get(token.access().expose());
+                        let access = token.access().expose();
+                        if access == STALE_ACCESS && self.stale_forbidden() {
+                            return Err(self.violation(
+                                "C17",
+                                format!("task {index} got the stale stored session"),
+                            ));
+                        }
+                        let known = self.known.generations.get(access);
                         if known != Some(&token.generation()) {
                             return Err(self.violation(
                                 "C6",
@@ -1205,6 +1954,75 @@ impl World {
         }
     }
 
+    /// C9, C16, C17 for a caller that ended with `error`.
+    fn check_failed_caller(
+        &self,
+        index: usize,
+        error: &Error,
+        wires: &[(usize, Option<u64>, Option<bool>)],
+    ) -> Result<(), Violation> {
+        let task = &self.tasks[index];
+        // C16: no failure while a usable token newer than the one to replace exists.
+        if task.kind != Kind::Force {
+            let replaced = self.replaced_by(index, wires);
+            if let Some(usable) = self
+                .usable_current()
+                .filter(|t| t.generation() > replaced)
+            {
+                return Err(self.violation(
+                    "C16",
+                    format!(
+                        "task {index} ({:?}) failed with {error} although generation {} \
+                         (newer than {replaced}) is usable",
+                        task.kind,
+                        usable.generation()
+                    ),
+                ));
+            }
+        }
+        if let Error::BackingOff { last, remaining } = error {
+            // C9: the backoff lasts at most its cap (or the capped Retry-After) of
+            // monotonic time: a wall-clock step back does not stretch it.
+            let cap = BACKOFF_MAX.max(MAX_RETRY_AFTER);
+            let last_failure = self.shared().last_failure;
+            let limit = match last_failure {
+                Some(f) => (BACKOFF_MAX.max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER)))
+                    .saturating_sub(self.mono.saturating_sub(f.mono)),
+                None => cap,
+            };
+            if *remaining > limit.max(Duration::ZERO) + Duration::from_millis(1)
+                && *remaining > Duration::ZERO
+            {
+                return Err(self.violation(
+                    "C9",
+                    format!(
+                        "task {index} was told to back off for {remaining:?}, more than the \
+                         {limit:?} left of the backoff"
+                    ),
+                ));
+            }
+            // C17: a flight that started before a login causes no backoff after it.
+            if let Some(call) = call_of_error(last.message()) {
+                let flight = self.shared().calls.get(call).map(|c| c.flight);
+                let logins = self.shared().login_flights.clone();
+                if let Some(flight) = flight {
+                    if logins[..task.logins_at_first_poll.min(logins.len())]
+                        .iter()
+                        .any(|&f| f >= flight)
+                    {
+                        return Err(self.violation(
+                            "C17",
+                            format!(
+                                "task {index} started after a login but backs off after a \
+                                 failure of a flight that started before it: {error}"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
     /// C4 for a finished send.
     fn check_send(
         &mut self,
@@ -1290,7 +2108,8 @@ impl World {
             .iter()
             .map(|c| {
                 format!(
-                    "{:?}<-{:?}:{:?}",
+                    "f{}:{:?}<-{:?}:{:?}",
+                    c.flight,
                     c.reason,
                     c.previous.as_ref().map(|t| t.generation()),
                     c.state
@@ -1311,11 +2130,17 @@ impl World {
                 )
             })
             .collect();
+        let (sleeps, logins, armed) = (
+            shared.live_sleeps,
+            shared.login_flights.clone(),
+            shared.armed,
+        );
         drop(shared);
         let tasks: Vec<String> = self
             .tasks
             .iter()
             .enumerate()
+            .filter(|(_, t)| t.live())
             .map(|(i, t)| {
                 let state = if t.cancelled {
                     "x"
@@ -1330,12 +2155,16 @@ impl World {
             })
             .collect();
         eprintln!(
-            "step {} {op:?}\n  current {:?} rejected(model) {}\n  calls {calls:?}\n  wires {wires:?}\n  tasks {tasks:?}",
+            "step {} {op:?} mono {:?}\n  current {:?} rejected(model) {} auth-lost {} sleeps \
+             {sleeps} logins(at flight) {logins:?} armed {armed:?}\n  calls {calls:?}\n  \
+             wires {wires:?}\n  live tasks {tasks:?}",
             self.step,
+            self.mono,
             self.flight
                 .current()
                 .map(|t| (t.access().expose().to_owned(), t.generation())),
             self.known.rejected,
+            self.flight.is_auth_lost(),
         );
     }
 
@@ -1347,9 +2176,71 @@ impl World {
         if let Some(message) = self.shared().overlapping_call.clone() {
             return Err(self.violation("C1", message));
         }
-        // C2: every new source call was needed, and successes replace distinct tokens.
-        let calls: Vec<CallSnapshot> = {
+        self.check_calls()?;
+        self.check_logins()?;
+        self.check_current()?;
+        // C5/C6: a waiting caller that nothing will wake is a hang.
+        let (live_call, live_sleeps) = {
+            let shared = self.shared();
+            (
+                shared.calls.iter().position(|c| c.state.live()),
+                shared.live_sleeps,
+            )
+        };
+        let on_wire: BTreeSet<usize> = self
+            .shared()
+            .wire
+            .iter()
+            .filter(|w| w.pending())
+            .map(|w| w.caller)
+            .collect();
+        for index in 0..self.tasks.len() {
+            let task = &self.tasks[index];
+            if !task.live() || task.woken() || task.polls == 0 || on_wire.contains(&index) {
+                continue;
+            }
+            match live_call {
+                None if live_sleeps == 0 => {
+                    return Err(self.violation(
+                        "C5",
+                        format!(
+                            "task {index} ({:?}) waits, but no source call or timer is live: \
+                             nothing will wake it",
+                            task.kind
+                        ),
+                    ));
+                }
+                None => {}
+                Some(call) => {
+                    let task = &mut self.tasks[index];
+                    if let Some(slot @ None) = task.waited_on.last_mut() {
+                        *slot = Some(call);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// C2, C6, C9 (backoff holds), C15 and C17 for the source calls since the last step.
+    fn check_calls(&mut self) -> Result<(), Violation> {
+        struct Seen {
+            index: usize,
+            reason: RefreshReason,
+            previous: Option<Arc<Token>>,
+            at: SystemTime,
+            state: CallState,
+            flight: u64,
+            first_of_flight: bool,
+            logins_before: usize,
+            mono: Duration,
+            wall_epoch: u32,
+            at_risk: bool,
+            failure_before: Option<FailureSeen>,
+        }
+        let calls: Vec<Seen> = {
             let mut shared = self.shared();
+            let flights: Vec<u64> = shared.calls.iter().map(|c| c.flight).collect();
             shared
                 .calls
                 .iter_mut()
@@ -1358,59 +2249,156 @@ impl World {
                 .map(|(i, c)| {
                     let done = matches!(c.state, CallState::Returned(_) | CallState::Dropped);
                     c.checked = done;
-                    (
-                        i,
-                        c.reason,
-                        c.previous.clone(),
-                        c.now,
-                        c.state,
-                        c.login_during,
-                    )
+                    Seen {
+                        index: i,
+                        reason: c.reason,
+                        previous: c.previous.clone(),
+                        at: c.now,
+                        state: c.state,
+                        flight: c.flight,
+                        first_of_flight: !flights[..i].contains(&c.flight),
+                        logins_before: c.logins_before,
+                        mono: c.mono,
+                        wall_epoch: c.wall_epoch,
+                        at_risk: c.at_risk,
+                        failure_before: c.failure_before,
+                    }
                 })
                 .collect()
         };
-        for (i, reason, previous, at, state, login_during) in calls {
-            let justified = match &previous {
-                None => true,
-                Some(prev) => {
-                    reason == RefreshReason::Forced
-                        || prev.is_expired(at, LEEWAY)
-                        || prev.generation() <= self.known.rejected
-                        || (reason == RefreshReason::RefreshAhead
-                            && self.setup.refresh_ahead
-                            && prev.is_expired(at, REFRESH_AHEAD))
-                }
-            };
-            if !justified {
-                return Err(self.violation(
-                    "C2",
-                    format!(
-                        "source call {} ({reason:?}) replaced generation {:?}, which was \
-                         neither expired nor rejected",
-                        i + 1,
-                        previous.as_ref().map(|t| t.generation())
-                    ),
-                ));
-            }
-            if let CallState::Returned(Outcome::Ok(_)) = state {
-                let replaced = previous.as_ref().map_or(0, |t| t.generation());
-                if reason != RefreshReason::Forced && !self.known.replaced.insert(replaced) {
+        for call in calls {
+            let i = call.index;
+            let reason = call.reason;
+            let n = i + 1;
+            if self.known.start_checked.insert(i) {
+                self.check_call_start(&call.previous, n, reason, call.at, call.first_of_flight)?;
+                let previous_access = call.previous.as_ref().map(|t| t.access().expose());
+                // C17: the stale session's refresh token is never spent over a login.
+                let forbidden = self.setup.stale.is_some_and(|stale| {
+                    self.setup.initial != Initial::NoToken
+                        || call.logins_before > 0
+                        || stale.generation() > MAX_GENERATION
+                });
+                if forbidden && previous_access == Some(STALE_ACCESS) {
                     return Err(self.violation(
-                        "C2",
+                        "C17",
                         format!(
-                            "source call {} is a second successful refresh of generation \
-                             {replaced}",
-                            i + 1
+                            "source call {n} spends the refresh token of the stale stored \
+                             session"
                         ),
                     ));
                 }
-                if !login_during && !self.known.became_current.contains(&access_of_call(i)) {
-                    return Err(self
-                        .violation("C6", format!("the token of source call {} was lost", i + 1)));
+                if call.first_of_flight {
+                    // C15: expiry-driven calls replace tokens old enough.
+                    if let (RefreshReason::Expired | RefreshReason::RefreshAhead, Some(prev)) =
+                        (reason, &call.previous)
+                    {
+                        if let Some(issued) = self.known.issued.get(prev.access().expose()) {
+                            if issued.wall_epoch == call.wall_epoch {
+                                let age = call.mono.saturating_sub(issued.mono);
+                                let half = issued
+                                    .lifetime
+                                    .and_then(|l| u64::try_from(l).ok())
+                                    .map_or(Duration::ZERO, |l| Duration::from_secs(l) / 2);
+                                let required = MIN_REFRESH_INTERVAL.max(half);
+                                if age < required {
+                                    return Err(self.violation(
+                                        "C15",
+                                        format!(
+                                            "source call {n} ({reason:?}) replaced generation \
+                                             {} only {age:?} after it was issued (lifetime \
+                                             {:?} s; at least {required:?} expected)",
+                                            prev.generation(),
+                                            issued.lifetime
+                                        ),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    // C9: a new flight waits out the backoff of the last failed one, on
+                    // monotonic time, whatever its Retry-After and wall-clock steps.
+                    let exempt = matches!(reason, RefreshReason::Forced | RefreshReason::Rejected);
+                    if let (true, false, Some(f)) =
+                        (self.setup.backoff, exempt, call.failure_before)
+                    {
+                        let required = BACKOFF_INITIAL.max(
+                            f.retry_after
+                                .unwrap_or_default()
+                                .min(MAX_RETRY_AFTER),
+                        );
+                        let elapsed = call.mono.saturating_sub(f.mono);
+                        if f.logins == call.logins_before && elapsed < required {
+                            return Err(self.violation(
+                                "C9",
+                                format!(
+                                    "source call {n} ({reason:?}) started {elapsed:?} after a \
+                                     failed flight (Retry-After {:?}): the backoff of at least \
+                                     {required:?} did not hold",
+                                    f.retry_after
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            if let CallState::Returned(Outcome::Ok(_)) = call.state {
+                let replaced = call.previous.as_ref().map_or(0, |t| t.generation());
+                if reason != RefreshReason::Forced && !self.known.replaced.insert(replaced) {
+                    return Err(self.violation(
+                        "C2",
+                        format!("source call {n} is a second successful refresh of generation {replaced}"),
+                    ));
+                }
+                let lost = !self.known.became_current.contains(&access_of_call(i));
+                if lost && !call.at_risk && !self.superseded_by_login(call.flight) {
+                    return Err(self.violation("C6", format!("the token of source call {n} was lost")));
                 }
             }
         }
-        // C9: the current token never goes back or away.
+        Ok(())
+    }
+
+    /// C2: a source call is needed: its token is missing, expired, rejected, forced or
+    /// due for refresh-ahead.
+    fn check_call_start(
+        &self,
+        previous: &Option<Arc<Token>>,
+        n: usize,
+        reason: RefreshReason,
+        at: SystemTime,
+        first_of_flight: bool,
+    ) -> Result<(), Violation> {
+        let justified = match previous {
+            None => true,
+            Some(prev) => {
+                reason == RefreshReason::Forced
+                    || prev.is_expired(at, LEEWAY)
+                    || prev.generation() <= self.known.rejected
+                    || (reason == RefreshReason::RefreshAhead
+                        && self.setup.refresh_ahead
+                        && prev.is_expired(at, REFRESH_AHEAD))
+                    // Retries inside a flight: the first call was checked.
+                    || !first_of_flight
+            }
+        };
+        if justified {
+            Ok(())
+        } else {
+            Err(self.violation(
+                "C2",
+                format!(
+                    "source call {n} ({reason:?}) replaced generation {:?}, which was neither \
+                     expired nor rejected",
+                    previous.as_ref().map(|t| t.generation())
+                ),
+            ))
+        }
+    }
+
+    /// C9 (the current token never goes back or away) and C17 (no flight that started
+    /// before a login replaces it; no stale session over a login; sane generations).
+    fn check_current(&mut self) -> Result<(), Violation> {
         let current = self.flight.current();
         if let Some(last) = &self.known.last_current {
             match &current {
@@ -1428,40 +2416,124 @@ impl World {
                 _ => {}
             }
         }
-        self.known.last_current = current;
-        // C5/C6: a waiting caller that nobody will wake is a hang.
-        let live_call = self.shared().calls.iter().position(|c| c.state.live());
-        let on_wire: BTreeSet<usize> = self
-            .shared()
-            .wire
-            .iter()
-            .filter(|w| w.pending())
-            .map(|w| w.caller)
-            .collect();
-        for index in 0..self.tasks.len() {
-            let task = &self.tasks[index];
-            if !task.live() || task.woken() || task.polls == 0 || on_wire.contains(&index) {
-                continue;
-            }
-            match live_call {
-                None => {
-                    return Err(self.violation(
-                        "C5",
-                        format!(
-                            "task {index} ({:?}) waits, but no refresh is in flight and nothing \
-                             will wake it",
-                            task.kind
-                        ),
-                    ));
-                }
-                Some(call) => {
-                    let task = &mut self.tasks[index];
-                    if let Some(slot @ None) = task.waited_on.last_mut() {
-                        *slot = Some(call);
+        if let Some(now) = &current {
+            let access = now.access().expose();
+            let changed = self
+                .known
+                .last_current
+                .as_ref()
+                .is_none_or(|last| last.access().expose() != access);
+            if changed {
+                if let Some(call) = call_of_access(access) {
+                    let flight = self.shared().calls.get(call).map(|c| c.flight);
+                    if flight.is_some_and(|f| self.superseded_by_login(f)) {
+                        return Err(self.violation(
+                            "C17",
+                            format!(
+                                "the token of source call {}, from a flight that started \
+                                 before a login, replaced the login",
+                                call + 1
+                            ),
+                        ));
                     }
                 }
             }
+            if access == STALE_ACCESS && self.stale_forbidden() {
+                return Err(self.violation(
+                    "C17",
+                    "the stale stored session became current over a login or initial token",
+                ));
+            }
+            if now.generation() > MAX_GENERATION {
+                return Err(self.violation(
+                    "C17",
+                    format!(
+                        "the current token has generation {}, above the maximum {MAX_GENERATION}",
+                        now.generation()
+                    ),
+                ));
+            }
+            if self
+                .known
+                .saved_pairs
+                .iter()
+                .all(|(a, _)| a.as_str() != access)
+            {
+                self.known.max_generation = self.known.max_generation.max(now.generation());
+            }
         }
+        self.known.last_current = current;
+        Ok(())
+    }
+
+    /// C17: saves strictly increase the generation (never above the maximum) and never
+    /// persist a flight that a login superseded; auth-lost and the hook come only from
+    /// flights that started after the last login.
+    fn check_logins(&mut self) -> Result<(), Violation> {
+        let (saves, hooks, logins) = {
+            let shared = self.shared();
+            (
+                shared.saves[self.known.saves_checked..].to_vec(),
+                shared.hook_calls[self.known.hooks_checked..].to_vec(),
+                shared.login_flights.clone(),
+            )
+        };
+        self.known.saves_checked += saves.len();
+        self.known.hooks_checked += hooks.len();
+        self.summary.hook_calls += hooks.len();
+        for (access, generation) in saves {
+            let pair = (access.clone(), generation);
+            if self.known.saved_pairs.contains(&pair) {
+                continue;
+            }
+            if generation > MAX_GENERATION || generation <= self.known.max_generation {
+                return Err(self.violation(
+                    "C17",
+                    format!(
+                        "a token was saved with generation {generation}: not above every \
+                         generation so far ({}) or above the maximum {MAX_GENERATION}",
+                        self.known.max_generation
+                    ),
+                ));
+            }
+            self.known.max_generation = generation;
+            self.known.saved_pairs.insert(pair);
+        }
+        let flight_of = |message: &str| {
+            let call = call_of_error(message)?;
+            self.shared().calls.get(call).map(|c| c.flight)
+        };
+        for (message, logins_then) in hooks {
+            if let Some(flight) = flight_of(&message) {
+                if logins[..logins_then.min(logins.len())]
+                    .iter()
+                    .any(|&f| f >= flight)
+                {
+                    return Err(self.violation(
+                        "C17",
+                        "the auth-lost hook fired for a flight that started before a login",
+                    ));
+                }
+            }
+        }
+        let auth_lost = self.flight.is_auth_lost();
+        if auth_lost && !self.known.auth_lost {
+            let failing = self
+                .shared()
+                .calls
+                .iter()
+                .rev()
+                .find(|c| c.state == CallState::Returned(Outcome::Permanent))
+                .map(|c| c.flight);
+            if failing.is_some_and(|f| self.superseded_by_login(f)) {
+                return Err(self.violation(
+                    "C17",
+                    "re-authentication required after a login, from a flight that started \
+                     before it",
+                ));
+            }
+        }
+        self.known.auth_lost = auth_lost;
         Ok(())
     }
 
@@ -1480,8 +2552,8 @@ impl World {
                     .collect()
             };
             if pending.is_empty() {
-                // Hanging source calls time out; backoffs end.
-                self.clock.advance(Step::PastTimeout.duration());
+                // Hanging source and store calls time out; retry pauses and backoffs end.
+                self.advance(Step::PastTimeout.duration());
             } else {
                 for index in pending {
                     self.respond(index, true);
@@ -1513,6 +2585,7 @@ impl World {
             *per_caller.entry(wire.caller).or_default() += 1;
         }
         let live_calls = shared.calls.iter().filter(|c| c.state.live()).count();
+        let faults = shared.faults_fired;
         drop(shared);
         if let Some((caller, n)) = per_caller.iter().find(|(_, n)| **n > 2) {
             return Err(self.violation("C4", format!("task {caller} sent its request {n} times")));
@@ -1528,6 +2601,7 @@ impl World {
         self.summary.source_successes = successes;
         self.summary.requests = requests;
         self.summary.resends = per_caller.values().filter(|n| **n == 2).count();
+        self.summary.store_faults = faults;
         Ok(())
     }
 }
@@ -1564,5 +2638,78 @@ fn wire(
     WireFuture {
         shared: handle,
         index,
+    }
+}
+
+/// The few places where the model touches the coordinator's timing interface.
+#[cfg(not(feature = "old-core"))]
+mod compat {
+    use super::*;
+    use tokenflight::{Backoff, FlightConfig};
+
+    /// The configuration under test: the model's caps, budget and backoff.
+    pub(super) fn config(setup: &Setup) -> FlightConfig {
+        let mut config = FlightConfig::default();
+        config.leeway = LEEWAY;
+        config.refresh_ahead = setup.refresh_ahead.then_some(REFRESH_AHEAD);
+        config.refresh_timeout = REFRESH_TIMEOUT;
+        config.attempt_timeout = ATTEMPT_TIMEOUT;
+        config.min_refresh_interval = MIN_REFRESH_INTERVAL;
+        config.retry.max_attempts = if setup.retries { 3 } else { 1 };
+        config.retry.backoff =
+            Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).with_jitter(0.0);
+        config.backoff = if setup.backoff {
+            Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX).with_jitter(0.0)
+        } else {
+            Backoff::none()
+        };
+        config.backoff.max_retry_after = MAX_RETRY_AFTER;
+        config
+    }
+
+    pub(super) fn obtained_at(token: Token, at: SystemTime) -> Token {
+        token.obtained_at(at)
+    }
+
+    /// Steps only the wall clock; `true` if monotonic time moved too.
+    pub(super) fn step_wall(clock: &ManualClock, forward: bool, by: Duration) -> bool {
+        if forward {
+            clock.step_wall_forward(by);
+        } else {
+            clock.step_wall_back(by);
+        }
+        false
+    }
+}
+
+/// The same against the core before lifetime-aware timing (to show what the model finds
+/// there): no retries, minimum interval or monotonic clock.
+#[cfg(feature = "old-core")]
+mod compat {
+    use super::*;
+    use tokenflight::{Backoff, FlightConfig};
+
+    pub(super) fn config(setup: &Setup) -> FlightConfig {
+        let mut config = FlightConfig::default();
+        config.leeway = LEEWAY;
+        config.refresh_ahead = setup.refresh_ahead.then_some(REFRESH_AHEAD);
+        config.refresh_timeout = REFRESH_TIMEOUT;
+        config.backoff = if setup.backoff {
+            Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX).with_jitter(0.0)
+        } else {
+            Backoff::none()
+        };
+        config
+    }
+
+    pub(super) fn obtained_at(token: Token, _at: SystemTime) -> Token {
+        token
+    }
+
+    pub(super) fn step_wall(clock: &ManualClock, forward: bool, by: Duration) -> bool {
+        if forward {
+            clock.advance(by);
+        }
+        forward
     }
 }

@@ -5,12 +5,14 @@
 //!
 //! - `TOKENFLIGHT_PROPTEST_CASES=N` runs N cases per property (default 256).
 //! - A failure prints the minimal (shrunk) scenario and the seed of the run;
-//!   `TOKENFLIGHT_SCENARIO_SEED=<seed>` replays exactly that run.
+//!   `TOKENFLIGHT_SCENARIO_SEED=<seed>` replays exactly that run, and with
+//!   `TOKENFLIGHT_MODEL_TRACE=1` the minimal scenario is replayed step by step to stderr.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tokenflight_tests::model::{
-    self, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Scenario, Setup, Step, Summary, Which,
+    self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, RetryAfter, Scenario, Setup, Stale,
+    Step, Summary, Which,
 };
 
 const DEFAULT_CASES: u32 = 256;
@@ -46,15 +48,33 @@ fn check(name: &str, strategy: impl Strategy<Value = Scenario>) -> Summary {
     };
     let mut runner = TestRunner::new(config);
     let total = std::cell::RefCell::new(Summary::default());
+    // Cases run until the first failure (shrinking runs more after it).
+    let ran = std::cell::Cell::new(0u32);
+    let first_failure = std::cell::Cell::new(None);
     let result = runner.run(&strategy, |scenario| {
-        let summary = model::run(&scenario).map_err(|v| TestCaseError::fail(v.to_string()))?;
+        ran.set(ran.get() + 1);
+        let summary = model::run(&scenario).map_err(|v| {
+            if first_failure.get().is_none() {
+                first_failure.set(Some(ran.get()));
+            }
+            TestCaseError::fail(v.to_string())
+        })?;
         add(&mut total.borrow_mut(), &summary);
         Ok(())
     });
     if let Err(error) = result {
+        if let (true, proptest::test_runner::TestError::Fail(_, minimal)) = (
+            std::env::var_os("TOKENFLIGHT_MODEL_TRACE").is_some(),
+            &error,
+        ) {
+            eprintln!("{:?}", model::run_traced(minimal, true));
+        }
         panic!(
-            "{name}: {error}\n\nreproduce with: TOKENFLIGHT_SCENARIO_SEED={seed} \
-             cargo test -p tokenflight-tests --test properties {name}"
+            "{name}: {error}\n\nfirst failing case: {} of {}\nreproduce with: \
+             TOKENFLIGHT_SCENARIO_SEED={seed} cargo test -p tokenflight-tests --test properties \
+             {name}",
+            first_failure.get().map_or("?".to_owned(), |n| n.to_string()),
+            cases(),
         );
     }
     total.into_inner()
@@ -69,43 +89,122 @@ fn add(total: &mut Summary, s: &Summary) {
     total.resends += s.resends;
     total.errors += s.errors;
     total.polls += s.polls;
+    total.logins += s.logins;
+    total.logins_during_flights += s.logins_during_flights;
+    total.store_faults += s.store_faults;
+    total.hook_calls += s.hook_calls;
+    total.wall_steps += s.wall_steps;
+    total.expired_on_arrival += s.expired_on_arrival;
 }
 
 // ----- generators
 
-fn setup() -> impl Strategy<Value = Setup> {
+/// Relative weights of the kinds of operations, and how often setups have a stale
+/// session in the store or a panicking hook.
+#[derive(Clone, Copy)]
+struct Weights {
+    start: u32,
+    poll: u32,
+    settle: u32,
+    respond: u32,
+    reject_rate: u32,
+    source: u32,
+    failures: u32,
+    /// Weight of a source panic among the outcomes.
+    panics: u32,
+    /// Weight of a `Retry-After` on a transient failure (against 3 for none).
+    retry_after: u32,
+    cancel: u32,
+    advance: u32,
+    wall: u32,
+    login: u32,
+    fault: u32,
+    /// Weight of a stale session in the store (against 3 for none).
+    stale: u32,
+    /// Probability that the auth-lost hook panics.
+    hook_panics: f64,
+}
+
+const MIXED: Weights = Weights {
+    start: 4,
+    poll: 8,
+    settle: 2,
+    respond: 4,
+    reject_rate: 1,
+    source: 3,
+    failures: 2,
+    panics: 0,
+    retry_after: 1,
+    cancel: 1,
+    advance: 1,
+    wall: 0,
+    login: 1,
+    fault: 0,
+    stale: 1,
+    hook_panics: 0.1,
+};
+
+fn setup(w: Weights) -> impl Strategy<Value = Setup> {
+    let stale = prop_oneof![
+        3 => Just(None),
+        w.stale => prop_oneof![
+            2 => Just(Some(Stale::Small)),
+            1 => Just(Some(Stale::NearMax)),
+            1 => Just(Some(Stale::AboveMax)),
+        ],
+    ];
     (
         prop_oneof![
             Just(Initial::NoToken),
             Just(Initial::Valid),
             Just(Initial::Expired)
         ],
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
+        any::<[bool; 4]>(),
+        stale,
+        prop::bool::weighted(w.hook_panics),
     )
-        .prop_map(|(initial, spawner, refresh_ahead, backoff)| Setup {
-            initial,
-            spawner,
-            refresh_ahead,
-            backoff,
-        })
+        .prop_map(
+            |(initial, [spawner, refresh_ahead, backoff, retries], stale, hook_panics)| Setup {
+                initial,
+                spawner,
+                refresh_ahead,
+                backoff,
+                retries,
+                stale,
+                hook_panics,
+            },
+        )
 }
 
+/// Lifetimes from a second to a day, some skewed (arriving already expired), some unknown.
 fn lifetime() -> impl Strategy<Value = Lifetime> {
     prop_oneof![
-        1 => Just(Lifetime::Short),
-        2 => Just(Lifetime::Minutes),
-        4 => Just(Lifetime::Hour),
+        3 => Just(Lifetime::HOUR),
+        2 => (1u32..=10).prop_map(Lifetime::In),
+        2 => (10u32..=600).prop_map(Lifetime::In),
+        1 => (600u32..=86_400).prop_map(Lifetime::In),
+        2 => (1u32..=3600, 0u32..=7200).prop_map(|(secs, skew)| Lifetime::Skewed { secs, skew }),
         1 => Just(Lifetime::Unknown),
     ]
 }
 
-fn outcome(failures: u32) -> impl Strategy<Value = Outcome> {
+fn retry_after(w: Weights) -> impl Strategy<Value = Option<RetryAfter>> {
+    prop_oneof![
+        3 => Just(None),
+        w.retry_after => prop_oneof![
+            Just(Some(RetryAfter::Short)),
+            Just(Some(RetryAfter::Long)),
+            Just(Some(RetryAfter::Huge)),
+        ],
+    ]
+}
+
+fn outcome(w: Weights) -> impl Strategy<Value = Outcome> {
     prop_oneof![
         4 => lifetime().prop_map(Outcome::Ok),
-        failures => Just(Outcome::Transient),
-        (failures / 2).max(1) => Just(Outcome::Permanent),
+        w.failures => retry_after(w).prop_map(Outcome::Transient),
+        (w.failures / 2).max(1) => Just(Outcome::Permanent),
+        w.panics => Just(Outcome::Panic),
     ]
 }
 
@@ -119,9 +218,19 @@ fn which() -> impl Strategy<Value = Which> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
+        2 => Just(Step::Quarter),
         3 => Just(Step::Second),
         2 => Just(Step::PastTimeout),
         1 => Just(Step::Hour),
+    ]
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![
+        Just(Fault::Fail),
+        Just(Fault::Hang),
+        Just(Fault::Panic),
+        Just(Fault::LeaseLost)
     ]
 }
 
@@ -135,34 +244,6 @@ fn start() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Relative weights of the kinds of operations.
-#[derive(Clone, Copy)]
-struct Weights {
-    start: u32,
-    poll: u32,
-    settle: u32,
-    respond: u32,
-    reject_rate: u32,
-    source: u32,
-    failures: u32,
-    cancel: u32,
-    advance: u32,
-    login: u32,
-}
-
-const MIXED: Weights = Weights {
-    start: 4,
-    poll: 8,
-    settle: 2,
-    respond: 4,
-    reject_rate: 1,
-    source: 3,
-    failures: 2,
-    cancel: 1,
-    advance: 1,
-    login: 1,
-};
-
 fn op(w: Weights) -> impl Strategy<Value = Op> {
     prop_oneof![
         w.start => start(),
@@ -170,17 +251,19 @@ fn op(w: Weights) -> impl Strategy<Value = Op> {
         w.settle => Just(Op::Settle),
         w.respond => (any::<u8>(), prop::bool::weighted(1.0 / f64::from(1 + w.reject_rate)))
             .prop_map(|(n, accept)| Op::Respond { n, accept }),
-        w.source => outcome(w.failures).prop_map(Op::Source),
+        w.source => outcome(w).prop_map(Op::Source),
         w.cancel => any::<u8>().prop_map(Op::Cancel),
         w.advance => step().prop_map(Op::Advance),
+        w.wall => any::<(bool, bool)>().prop_map(|(forward, big)| Op::WallStep { forward, big }),
         w.login => Just(Op::Login),
+        w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
     ]
 }
 
 /// A burst of 1–64 callers, then up to `len` operations of weights `w`.
 fn scenario(w: Weights, len: usize) -> impl Strategy<Value = Scenario> {
     (
-        setup(),
+        setup(w),
         prop::collection::vec(start(), 1..=MAX_CALLERS),
         prop::collection::vec(op(w), 0..len),
     )
@@ -249,6 +332,100 @@ fn c5_c9_failures_reach_every_waiter_and_never_replace_a_valid_token() {
     );
 }
 
+/// Issue 12: lifetimes from 1 s to a day, clock skew (tokens that arrive expired) and
+/// random transient failures: never a source call per request (C15), no caller waits or
+/// fails while a usable token exists (C16), one outcome per flight (C5).
+#[test]
+fn c15_c16_lifetimes_skew_and_flaky_sources_never_reach_callers() {
+    let w = Weights {
+        start: 6,
+        source: 4,
+        failures: 4,
+        retry_after: 1,
+        advance: 4,
+        login: 0,
+        stale: 0,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c15_c16_lifetimes_skew_and_flaky_sources_never_reach_callers",
+        scenario(w, 160),
+    );
+    assert!(
+        total.expired_on_arrival > 0 && total.errors > 0 && total.source_successes > 0,
+        "the generator never issued an expired token or failed: {total:?}"
+    );
+}
+
+/// Issue 13, holes 1–3 and 8: logins during flights, a stale session (another account,
+/// maybe a corrupt generation) in the store next to an initial token: the login wins
+/// (C17), generations strictly increase and never saturate.
+#[test]
+fn c17_logins_win_over_older_flights_and_stale_sessions() {
+    let w = Weights {
+        login: 4,
+        source: 4,
+        failures: 4,
+        stale: 6,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c17_logins_win_over_older_flights_and_stale_sessions",
+        scenario(w, 160),
+    );
+    assert!(
+        total.logins_during_flights > 0,
+        "the generator never logged in during a flight: {total:?}"
+    );
+}
+
+/// Issue 13, holes 4, 5 and 9: store calls that fail, hang past the budget or panic, a
+/// panicking auth-lost hook, a panicking source: every waiter gets a typed error, nobody
+/// panics or hangs (C5, C6, C10, C18), an issued token is never lost.
+#[test]
+fn c5_c18_store_faults_and_panics_end_in_typed_errors() {
+    let w = Weights {
+        fault: 4,
+        panics: 1,
+        failures: 4,
+        advance: 3,
+        hook_panics: 0.5,
+        ..MIXED
+    };
+    let total = check(
+        "c5_c18_store_faults_and_panics_end_in_typed_errors",
+        scenario(w, 160),
+    );
+    assert!(
+        total.store_faults > 0 && total.hook_calls > 0,
+        "the generator never fired a store fault or the hook: {total:?}"
+    );
+}
+
+/// Issue 13, holes 6 and 7: wall-clock steps both ways and huge `Retry-After` values:
+/// fail-fast backoff is never stretched nor switched off (C9).
+#[test]
+fn c9_backoff_holds_through_wall_steps_and_huge_retry_after() {
+    let w = Weights {
+        wall: 3,
+        failures: 6,
+        retry_after: 6,
+        advance: 2,
+        stale: 0,
+        ..MIXED
+    };
+    let total = check(
+        "c9_backoff_holds_through_wall_steps_and_huge_retry_after",
+        scenario(w, 160),
+    );
+    assert!(
+        total.wall_steps > 0 && total.errors > 0,
+        "the generator never stepped the wall clock or failed: {total:?}"
+    );
+}
+
 // ----- hand-written scenarios: the runner itself sees what it should
 
 #[test]
@@ -256,7 +433,7 @@ fn c1_c2_sixty_four_senders_on_no_token_make_one_source_call() {
     let mut ops = vec![Op::Send { replayable: true }; 64];
     ops.extend([
         Op::Settle,
-        Op::Source(Outcome::Ok(Lifetime::Hour)),
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
         Op::Settle,
     ]);
     ops.extend(std::iter::repeat_n(Op::Respond { n: 0, accept: true }, 64));
@@ -267,6 +444,9 @@ fn c1_c2_sixty_four_senders_on_no_token_make_one_source_call() {
             spawner: false,
             refresh_ahead: false,
             backoff: false,
+            retries: false,
+            stale: None,
+            hook_panics: false,
         },
         ops,
     })
@@ -290,7 +470,7 @@ fn c4_every_rejected_sender_is_resent_once_after_one_refresh() {
     ));
     ops.extend([
         Op::Settle,
-        Op::Source(Outcome::Ok(Lifetime::Hour)),
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
         Op::Settle,
     ]);
     let summary = model::run(&Scenario {
@@ -299,6 +479,9 @@ fn c4_every_rejected_sender_is_resent_once_after_one_refresh() {
             spawner: false,
             refresh_ahead: false,
             backoff: false,
+            retries: false,
+            stale: None,
+            hook_panics: false,
         },
         ops,
     })
@@ -316,7 +499,7 @@ fn c6_cancelling_the_driver_leaves_the_refresh_to_the_next_waiter() {
         Op::Settle,
         // Task 0 started and drives the refresh; it leaves mid-call.
         Op::Cancel(0),
-        Op::Source(Outcome::Ok(Lifetime::Hour)),
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
         Op::Settle,
     ];
     let summary = model::run(&Scenario {
@@ -325,6 +508,9 @@ fn c6_cancelling_the_driver_leaves_the_refresh_to_the_next_waiter() {
             spawner: false,
             refresh_ahead: false,
             backoff: false,
+            retries: false,
+            stale: None,
+            hook_panics: false,
         },
         ops,
     })
@@ -344,6 +530,9 @@ fn c10_a_hanging_source_times_out_for_every_waiter() {
             spawner: true,
             refresh_ahead: false,
             backoff: true,
+            retries: false,
+            stale: None,
+            hook_panics: false,
         },
         ops,
     })
