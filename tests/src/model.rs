@@ -70,7 +70,7 @@ pub const MAX_LIFETIME_SECS: u32 = 86_400;
 const SETTLE_LIMIT: usize = 20_000;
 /// Rounds of "answer the wire, let time pass" the final drain may take.
 const DRAIN_ROUNDS: usize = 200;
-/// Marks the panics the runner plants (a quiet panic hook hides them).
+/// Starts the message of every panic the runner plants (a quiet panic hook hides them).
 const PLANTED: &str = "planted by the model";
 /// Access secret of the stale session a scenario may leave in the store.
 const STALE_ACCESS: &str = "stale-session";
@@ -179,6 +179,9 @@ pub enum Op {
     /// A new login installs a token ([`SingleFlight::install`]), possibly while a flight
     /// runs.
     Login,
+    /// Another replica sharing the store logs in: a newer token appears in the store
+    /// (written by someone else, under the store's lock: skipped while a flight runs).
+    ReplicaLogin,
     /// Arms a fault: the store call after the next `skip % 4` ones fails, hangs or panics
     /// (logins excepted).
     StoreFault {
@@ -446,7 +449,7 @@ fn quiet_planted_panics() {
                 .downcast_ref::<&str>()
                 .copied()
                 .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
-            if !message.is_some_and(|m| m.contains(PLANTED)) {
+            if !message.is_some_and(|m| m.starts_with(PLANTED)) {
                 default(info);
             }
         }));
@@ -474,8 +477,9 @@ struct Shared {
     overlapping_call: Option<String>,
     /// Access secret → generation of every token saved to the store.
     saved: HashMap<String, u64>,
-    /// Every save, in order: (access secret, generation) (C17: generations increase).
-    saves: Vec<(String, u64)>,
+    /// Every save, in order: access secret, generation, logins before it (C17:
+    /// generations increase; no flight a login superseded persists its token).
+    saves: Vec<(String, u64, usize)>,
     /// The coordinator, to number flights (`stats().flights` when a call starts); taken
     /// out at the end of a run to break the cycle.
     flight: Option<SingleFlight>,
@@ -652,7 +656,7 @@ impl Future for SourceFuture {
                     Outcome::Permanent => {
                         Err(RefreshError::permanent(format!("invalid_grant {}", n + 1)))
                     }
-                    Outcome::Panic => panic!("source panic {PLANTED}"),
+                    Outcome::Panic => panic!("{PLANTED}: source panic"),
                 })
             }
             _ => {
@@ -710,7 +714,7 @@ impl ModelStore {
 }
 
 fn planted_store_error() -> StoreError {
-    StoreError::Unavailable(format!("store failure {PLANTED}").into())
+    StoreError::Unavailable(format!("{PLANTED}: store failure").into())
 }
 
 impl TokenStore for ModelStore {
@@ -719,7 +723,7 @@ impl TokenStore for ModelStore {
             None => self.inner.load(),
             Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::Hang) => Box::pin(futures::future::pending()),
-            Some(Fault::Panic) => Box::pin(async { panic!("store load panic {PLANTED}") }),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store load panic") }),
         }
     }
     fn save<'a>(
@@ -732,14 +736,15 @@ impl TokenStore for ModelStore {
                 let mut shared = lock_shared(&self.shared);
                 let access = token.access().expose().to_owned();
                 shared.saved.insert(access.clone(), token.generation());
-                shared.saves.push((access, token.generation()));
+                let logins = shared.login_flights.len();
+                shared.saves.push((access, token.generation(), logins));
                 drop(shared);
                 self.inner.save(token, lock)
             }
             Some(Fault::Fail) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::LeaseLost) => Box::pin(async { Err(StoreError::LeaseLost) }),
             Some(Fault::Hang) => Box::pin(futures::future::pending()),
-            Some(Fault::Panic) => Box::pin(async { panic!("store save panic {PLANTED}") }),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store save panic") }),
         }
     }
     fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
@@ -747,7 +752,7 @@ impl TokenStore for ModelStore {
             None => self.inner.lock(),
             Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::Hang) => Box::pin(futures::future::pending()),
-            Some(Fault::Panic) => Box::pin(async { panic!("store lock panic {PLANTED}") }),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store lock panic") }),
         }
     }
     fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
@@ -759,7 +764,7 @@ impl TokenStore for ModelStore {
             }),
             Some(Fault::Panic) => Box::pin(async move {
                 drop(lock);
-                panic!("store unlock panic {PLANTED}")
+                panic!("{PLANTED}: store unlock panic")
             }),
         }
     }
@@ -1032,6 +1037,8 @@ struct Knowledge {
     max_generation: u64,
     /// (access, generation) of every save seen.
     saved_pairs: BTreeSet<(String, u64)>,
+    /// (access, generation) of every token seen as current.
+    current_pairs: BTreeSet<(String, u64)>,
     /// Saves already checked.
     saves_checked: usize,
     /// Hook calls already checked.
@@ -1042,6 +1049,8 @@ struct Knowledge {
     failures: u64,
     /// Source calls whose start was checked.
     start_checked: BTreeSet<usize>,
+    /// Other replicas' logins: access secret, monotonic time, store faults fired then.
+    replica_logins: Vec<(String, Duration, usize)>,
     /// Per flight: the error its waiters got, and whether one got its own token (C5).
     flight_outcomes: HashMap<u64, FlightSeen>,
 }
@@ -1075,6 +1084,8 @@ struct World {
     mono: Duration,
     /// Print every step.
     trace: bool,
+    /// The store, to write other replicas' logins into it.
+    store: Option<Arc<ModelStore>>,
 }
 
 impl World {
@@ -1084,10 +1095,10 @@ impl World {
         let spawner = QueueSpawner::default();
         let now = clock.now();
         let mut known = Knowledge::default();
-        let store = ModelStore {
+        let store = Arc::new(ModelStore {
             inner: MemoryStore::new(),
             shared: shared.clone(),
-        };
+        });
         if let Some(stale) = setup.stale {
             // Another account's session from an earlier run, straight into the store.
             let token = Token::new(STALE_ACCESS)
@@ -1109,7 +1120,7 @@ impl World {
                 shared: shared.clone(),
                 clock: clock.clone(),
             })
-            .store(store)
+            .store_arc(store.clone())
             .clock(Arc::new(clock.clone()))
             .timer(Arc::new(ModelTimer {
                 clock: clock.clone(),
@@ -1122,7 +1133,7 @@ impl World {
                 shared.hook_calls.push((error.message().to_owned(), logins));
                 drop(shared);
                 if hook_panics {
-                    panic!("auth-lost hook panic {PLANTED}");
+                    panic!("{PLANTED}: auth-lost hook panic");
                 }
             })
             .allowed_origin("https://api.test");
@@ -1173,6 +1184,7 @@ impl World {
             step: 0,
             mono: Duration::ZERO,
             trace: false,
+            store: Some(store),
         };
         world.observe_current();
         world.known.last_current = world.flight.current();
@@ -1190,6 +1202,7 @@ impl World {
         }));
         let flight = self.shared().flight.take();
         drop(flight);
+        self.store = None;
     }
 
     fn violation(&self, contract: &'static str, message: impl Into<String>) -> Violation {
@@ -1373,6 +1386,7 @@ impl World {
             }
             Op::Login => self.login()?,
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
+            Op::ReplicaLogin => self.replica_login(),
         }
         self.adopt_spawned();
         Ok(())
@@ -1546,6 +1560,40 @@ impl World {
                 "install() with a memory store did not complete at once",
             )),
         }
+    }
+
+    /// Another replica's login lands in the shared store, numbered above what it holds.
+    fn replica_login(&mut self) {
+        // The replica takes the store's refresh lock: it waits while a flight holds it
+        // (the runner then skips the login).
+        let Some(store) = self.store.clone().filter(|_| !self.flight_running()) else {
+            return;
+        };
+        let n = self.known.replica_logins.len() + 1;
+        let access = format!("replica-{n}");
+        let stored = futures::executor::block_on(store.inner.load())
+            .ok()
+            .flatten()
+            .map_or(0, |t| t.generation());
+        let generation = stored
+            .min(MAX_GENERATION)
+            .max(self.known.max_generation)
+            .saturating_add(1);
+        let token = Token::new(access.clone())
+            .with_refresh(format!("replica-refresh-{n}"))
+            .expires_in(Duration::from_secs(3600), self.now())
+            .with_generation(generation);
+        let _ = futures::executor::block_on(store.inner.save(&token, None));
+        self.known.max_generation = generation;
+        self.known.generations.insert(access.clone(), generation);
+        let issued = Issued {
+            mono: self.mono,
+            wall_epoch: self.shared().wall_epoch,
+            lifetime: Some(3600),
+        };
+        self.known.issued.insert(access.clone(), issued);
+        let faults = self.shared().faults_fired;
+        self.known.replica_logins.push((access, self.mono, faults));
     }
 
     fn settle(&mut self) -> Result<(), Violation> {
@@ -1823,7 +1871,7 @@ impl World {
             (Some(g), None) => {
                 let own = own_generations.contains(&g);
                 // After a failure (or a login that won), a newer token it fell back to.
-                let fallback = !forced
+                let fallback = (!forced || self.superseded_by_login(flight))
                     && self
                         .known
                         .generations
@@ -1978,6 +2026,33 @@ impl World {
                         usable.generation()
                     ),
                 ));
+            }
+        }
+        // C17: "re-authentication required" notices a login another replica saved to
+        // the shared store (a reload at most once per minimum interval).
+        if let (Error::ReauthenticationRequired { .. }, Some((access, at, faults))) =
+            (error, self.known.replica_logins.last())
+        {
+            let stored = self
+                .store
+                .as_ref()
+                .and_then(|store| futures::executor::block_on(store.inner.load()).ok().flatten());
+            let shared = self.shared();
+            let undisturbed = shared.faults_fired == *faults && shared.armed.is_none();
+            drop(shared);
+            if let Some(stored) = stored.filter(|t| {
+                t.access().expose() == access && self.surely_usable(t) && undisturbed
+            }) {
+                if self.mono.saturating_sub(*at) >= 2 * MIN_REFRESH_INTERVAL {
+                    return Err(self.violation(
+                        "C17",
+                        format!(
+                            "task {index} got {error} although another replica's login (generation {}) has been in the shared store for {:?}",
+                            stored.generation(),
+                            self.mono.saturating_sub(*at)
+                        ),
+                    ));
+                }
             }
         }
         if let Error::BackingOff { last, remaining } = error {
@@ -2453,14 +2528,10 @@ impl World {
                     ),
                 ));
             }
-            if self
-                .known
-                .saved_pairs
-                .iter()
-                .all(|(a, _)| a.as_str() != access)
-            {
-                self.known.max_generation = self.known.max_generation.max(now.generation());
-            }
+            self.known.max_generation = self.known.max_generation.max(now.generation());
+            self.known
+                .current_pairs
+                .insert((access.to_owned(), now.generation()));
         }
         self.known.last_current = current;
         Ok(())
@@ -2481,9 +2552,28 @@ impl World {
         self.known.saves_checked += saves.len();
         self.known.hooks_checked += hooks.len();
         self.summary.hook_calls += hooks.len();
-        for (access, generation) in saves {
+        for (access, generation, logins_then) in saves {
+            if let Some(call) = call_of_access(&access) {
+                let flight = self.shared().calls.get(call).map(|c| c.flight);
+                if flight.is_some_and(|flight| {
+                    logins[..logins_then.min(logins.len())]
+                        .iter()
+                        .any(|&f| f >= flight)
+                }) {
+                    return Err(self.violation(
+                        "C17",
+                        format!(
+                            "the token of source call {}, from a flight that started before a \
+                             login, was saved over the login",
+                            call + 1
+                        ),
+                    ));
+                }
+            }
             let pair = (access.clone(), generation);
-            if self.known.saved_pairs.contains(&pair) {
+            // Persisting a token that is (or was) current, unchanged, is no new generation.
+            if self.known.saved_pairs.contains(&pair) || self.known.current_pairs.contains(&pair) {
+                self.known.saved_pairs.insert(pair);
                 continue;
             }
             if generation > MAX_GENERATION || generation <= self.known.max_generation {

@@ -51,11 +51,13 @@ fn check(name: &str, strategy: impl Strategy<Value = Scenario>) -> Summary {
     // Cases run until the first failure (shrinking runs more after it).
     let ran = std::cell::Cell::new(0u32);
     let first_failure = std::cell::Cell::new(None);
+    let first_violation = std::cell::RefCell::new(String::new());
     let result = runner.run(&strategy, |scenario| {
         ran.set(ran.get() + 1);
         let summary = model::run(&scenario).map_err(|v| {
             if first_failure.get().is_none() {
                 first_failure.set(Some(ran.get()));
+                *first_violation.borrow_mut() = v.to_string();
             }
             TestCaseError::fail(v.to_string())
         })?;
@@ -70,11 +72,12 @@ fn check(name: &str, strategy: impl Strategy<Value = Scenario>) -> Summary {
             eprintln!("{:?}", model::run_traced(minimal, true));
         }
         panic!(
-            "{name}: {error}\n\nfirst failing case: {} of {}\nreproduce with: \
+            "{name}: {error}\n\nfirst failing case: {} of {} ({})\nreproduce with: \
              TOKENFLIGHT_SCENARIO_SEED={seed} cargo test -p tokenflight-tests --test properties \
              {name}",
             first_failure.get().map_or("?".to_owned(), |n| n.to_string()),
             cases(),
+            first_violation.borrow(),
         );
     }
     total.into_inner()
@@ -118,6 +121,8 @@ struct Weights {
     advance: u32,
     wall: u32,
     login: u32,
+    /// Another replica's login lands in the shared store.
+    replica: u32,
     fault: u32,
     /// Weight of a stale session in the store (against 3 for none).
     stale: u32,
@@ -139,6 +144,7 @@ const MIXED: Weights = Weights {
     advance: 1,
     wall: 0,
     login: 1,
+    replica: 0,
     fault: 0,
     stale: 1,
     hook_panics: 0.1,
@@ -255,8 +261,12 @@ fn op(w: Weights) -> impl Strategy<Value = Op> {
         w.cancel => any::<u8>().prop_map(Op::Cancel),
         w.advance => step().prop_map(Op::Advance),
         w.wall => any::<(bool, bool)>().prop_map(|(forward, big)| Op::WallStep { forward, big }),
-        w.login => Just(Op::Login),
-        w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
+        // One arm for the rarer operations: `prop_oneof!` takes at most ten.
+        w.login + w.replica + w.fault => prop_oneof![
+            w.login => Just(Op::Login),
+            w.replica => Just(Op::ReplicaLogin),
+            w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
+        ],
     ]
 }
 
@@ -358,13 +368,15 @@ fn c15_c16_lifetimes_skew_and_flaky_sources_never_reach_callers() {
     );
 }
 
-/// Issue 13, holes 1–3 and 8: logins during flights, a stale session (another account,
-/// maybe a corrupt generation) in the store next to an initial token: the login wins
-/// (C17), generations strictly increase and never saturate.
+/// Issue 13, holes 1–3 and 8: logins during flights, another replica's login in the
+/// shared store, a stale session (another account, maybe a corrupt generation) in the
+/// store next to an initial token: the login wins (C17), generations strictly increase
+/// and never saturate.
 #[test]
 fn c17_logins_win_over_older_flights_and_stale_sessions() {
     let w = Weights {
         login: 4,
+        replica: 2,
         source: 4,
         failures: 4,
         stale: 6,
