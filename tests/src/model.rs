@@ -553,7 +553,11 @@ fn access_of_call(n: usize) -> String {
 
 /// The source call that issued `access`, if a source call did.
 fn call_of_access(access: &str) -> Option<usize> {
-    access.strip_prefix("token-")?.parse::<usize>().ok()?.checked_sub(1)
+    access
+        .strip_prefix("token-")?
+        .parse::<usize>()
+        .ok()?
+        .checked_sub(1)
 }
 
 /// The source call named in a refresh error's message ("transient failure 3").
@@ -930,7 +934,6 @@ impl Drop for WireFuture {
     }
 }
 
-
 /// Queues spawned refreshes; the executor adopts them as tasks after every step.
 #[derive(Clone, Default)]
 struct QueueSpawner {
@@ -997,6 +1000,8 @@ struct Task {
     waited_on: Vec<Option<usize>>,
     /// The first response's rejection was already processed by a poll (C3).
     rejection_seen: bool,
+    /// Polls since its last request went out (more than one: it waited).
+    phase_polls: usize,
 }
 
 impl Task {
@@ -1029,6 +1034,13 @@ struct Knowledge {
     /// Highest generation reported rejected so far (issued, maybe not yet processed; so
     /// at least the coordinator's own value).
     rejected: u64,
+    /// The current token when last observed (after a poll or a step).
+    observed: Option<(String, u64)>,
+    /// Generations observed as current, in order.
+    history: Vec<u64>,
+    /// A caller reported a rejection of a generation never seen handed out: what it
+    /// concerns is the coordinator's guess (C2 cannot judge rejection-driven calls).
+    unseen_rejections: bool,
     /// The current token at the end of the last step (C9).
     last_current: Option<Arc<Token>>,
     /// Generations that successful source calls replaced (C2).
@@ -1047,6 +1059,8 @@ struct Knowledge {
     auth_lost: bool,
     /// `stats().failures` at the end of the last poll.
     failures: u64,
+    /// Per failed flight: the generation of the usable current token when it failed.
+    usable_at_failure: HashMap<u64, Option<u64>>,
     /// Source calls whose start was checked.
     start_checked: BTreeSet<usize>,
     /// Other replicas' logins: access secret, monotonic time, store faults fired then.
@@ -1270,6 +1284,20 @@ impl World {
 
     fn observe_current(&mut self) {
         if let Some(token) = self.flight.current() {
+            // A login renumbered above a stored session keeps its secret: a rejection of
+            // its old number is a rejection of the new one.
+            if let Some((access, generation)) = &self.known.observed {
+                if token.access().expose() == access
+                    && token.generation() > *generation
+                    && self.known.rejected >= *generation
+                {
+                    self.known.rejected = self.known.rejected.max(token.generation());
+                }
+            }
+            self.known.observed = Some((token.access().expose().to_owned(), token.generation()));
+            if self.known.history.last() != Some(&token.generation()) {
+                self.known.history.push(token.generation());
+            }
             let access = token.access().expose().to_owned();
             self.known.became_current.insert(access.clone());
             self.known.generations.insert(access, token.generation());
@@ -1302,9 +1330,19 @@ impl World {
             Op::Token => self.start(Kind::Token),
             Op::Reject(which) => {
                 let current = self.current_generation();
+                // The token current before this one, as seen: a generation some
+                // request may really have carried.
+                let previous = self
+                    .known
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|&&g| g < current)
+                    .copied()
+                    .unwrap_or(current.saturating_sub(1));
                 let generation = match which {
                     Which::Current => current,
-                    Which::Previous => current.saturating_sub(1),
+                    Which::Previous => previous,
                     Which::Newer => current.saturating_add(1),
                 };
                 self.start(Kind::Reject(generation));
@@ -1363,10 +1401,7 @@ impl World {
                     {
                         return Err(self.violation(
                             "C18",
-                            format!(
-                                "dropping task {index} panicked: {}",
-                                panic_message(&*panic)
-                            ),
+                            format!("dropping task {index} panicked: {}", panic_message(&*panic)),
                         ));
                     }
                     self.summary.cancelled += 1;
@@ -1462,6 +1497,7 @@ impl World {
             logins_at_first_poll: 0,
             waited_on: vec![None],
             rejection_seen: false,
+            phase_polls: 0,
         });
     }
 
@@ -1575,10 +1611,9 @@ impl World {
             .ok()
             .flatten()
             .map_or(0, |t| t.generation());
-        let generation = stored
-            .min(MAX_GENERATION)
-            .max(self.known.max_generation)
-            .saturating_add(1);
+        // A corrupt stored generation is ignored, as the coordinator must.
+        let stored = if stored > MAX_GENERATION { 0 } else { stored };
+        let generation = stored.max(self.known.max_generation).saturating_add(1);
         let token = Token::new(access.clone())
             .with_refresh(format!("replica-refresh-{n}"))
             .expires_in(Duration::from_secs(3600), self.now())
@@ -1657,6 +1692,7 @@ impl World {
             task.logins_at_first_poll = logins;
         }
         task.polls += 1;
+        task.phase_polls += 1;
         self.summary.polls += 1;
         let mut cx = Context::from_waker(&task.waker);
         let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx)));
@@ -1689,10 +1725,24 @@ impl World {
                 format!("request {w} carried a token that was never saved"),
             ));
         }
+        if let [(first, ..), (second, ..)] = wires_after.as_slice() {
+            if wires_before.len() == 1 {
+                let shared = self.shared();
+                let same = shared.wire[*first].access == shared.wire[*second].access;
+                drop(shared);
+                if same {
+                    return Err(self.violation(
+                        "C4",
+                        format!("task {index} resent its request with the same token"),
+                    ));
+                }
+            }
+        }
         if wires_after.len() > wires_before.len() {
             // A new request went out: the waiting phase before it has ended.
             self.end_phase(index, wires_after.last().and_then(|w| w.1), None)?;
             self.tasks[index].waited_on.push(None);
+            self.tasks[index].phase_polls = 0;
         }
         // C16: a caller that found a usable token does not wait.
         if let (true, Some(usable), false, true) = (
@@ -1719,7 +1769,16 @@ impl World {
 
         // C3: a rejection of an older generation while a newer usable token exists.
         let stale = |g: u64| usable_before.as_ref().filter(|t| t.generation() > g);
-        if let (Kind::Reject(g), true) = (kind, first_poll) {
+        // A rejection of a generation never seen handed out (a generator's guess) may
+        // name a login's number before it was renumbered above a stored session: the
+        // coordinator may then treat the current token as rejected.
+        let unseen =
+            matches!(kind, Kind::Reject(g) if first_poll && !self.known.history.contains(&g));
+        if unseen {
+            self.known.rejected = self.known.rejected.max(self.current_generation());
+            self.known.unseen_rejections = true;
+        }
+        if let (Kind::Reject(g), true, false) = (kind, first_poll, unseen) {
             if let Some(current) = stale(g) {
                 if new_calls {
                     return Err(self.violation(
@@ -1790,6 +1849,9 @@ impl World {
             return;
         }
         self.known.failures = failures;
+        let usable = self.usable_current().map(|t| t.generation());
+        let flight = self.shared().flights_started();
+        self.known.usable_at_failure.insert(flight, usable);
         let (flight, retry_after, logins) = {
             let shared = self.shared();
             let flight = shared.flights_started();
@@ -1802,14 +1864,13 @@ impl World {
             };
             (flight, retry_after, shared.login_flights.len())
         };
-        let failure =
-            (!self.flight.is_auth_lost() && !self.superseded_by_login(flight)).then_some(
-                FailureSeen {
-                    mono: self.mono,
-                    retry_after,
-                    logins,
-                },
-            );
+        let failure = (!self.flight.is_auth_lost() && !self.superseded_by_login(flight)).then_some(
+            FailureSeen {
+                mono: self.mono,
+                retry_after,
+                logins,
+            },
+        );
         self.shared().last_failure = failure;
     }
 
@@ -1847,7 +1908,27 @@ impl World {
         let forced = task.kind == Kind::Force;
         let (flight, states): (u64, Vec<(usize, CallState)>) = {
             let shared = self.shared();
-            let flight = shared.calls[call].flight;
+            let mut flight = shared.calls[call].flight;
+            // A waiter whose flight lost to a login joins the next flight: its outcome
+            // is that flight's.
+            let named = error
+                .and_then(|e| call_of_error(e.refresh_error().message()))
+                .and_then(|n| shared.calls.get(n))
+                .map(|c| c.flight);
+            let lost_to_login = shared.login_flights.iter().any(|&f| f >= flight);
+            if lost_to_login && matches!(error, Some(Error::BackingOff { .. })) {
+                // It joined again after the next flight had failed: failing fast is
+                // that flight's backoff, not an outcome of its own flight.
+                return Ok(());
+            }
+            if lost_to_login && error.is_some() {
+                match named {
+                    Some(later) if later > flight => flight = later,
+                    Some(same) if same == flight => {}
+                    // Budget, store or panic of a flight it joined later: unattributable.
+                    _ => return Ok(()),
+                }
+            }
             let states = shared
                 .calls
                 .iter()
@@ -1872,11 +1953,9 @@ impl World {
                 let own = own_generations.contains(&g);
                 // After a failure (or a login that won), a newer token it fell back to.
                 let fallback = (!forced || self.superseded_by_login(flight))
-                    && self
-                        .known
-                        .generations
-                        .iter()
-                        .any(|(access, &known)| known == g && self.known.became_current.contains(access));
+                    && self.known.generations.iter().any(|(access, &known)| {
+                        known == g && self.known.became_current.contains(access)
+                    });
                 if own {
                     self.known
                         .flight_outcomes
@@ -1898,8 +1977,11 @@ impl World {
                         _ => true,
                     },
                     Error::ReauthenticationRequired { .. } => {
-                        returned(n, |o| o == Outcome::Permanent)
+                        returned(n, |o| o == Outcome::Permanent) || self.superseded_by_login(flight)
                     }
+                    // Its flight lost to a login: it joined the next one, which may fail
+                    // fast.
+                    Error::BackingOff { .. } => self.superseded_by_login(flight),
                     _ => false,
                 };
                 let seen = self.known.flight_outcomes.entry(flight).or_default();
@@ -2013,9 +2095,25 @@ impl World {
         // C16: no failure while a usable token newer than the one to replace exists.
         if task.kind != Kind::Force {
             let replaced = self.replaced_by(index, wires);
+            // A caller that waited got its flight's outcome, settled when the flight
+            // failed: a token that became usable later (a login, a wall-clock step back)
+            // came too late for it. A caller that failed fast decided now.
+            let waited = task.phase_polls > 1;
+            // The failure it got is named after a source call, which tells the flight;
+            // a budget, store or panic failure is not (then only fail-fast is judged).
+            let failed_flight = {
+                let shared = self.shared();
+                call_of_error(error.refresh_error().message())
+                    .and_then(|n| shared.calls.get(n))
+                    .map(|c| c.flight)
+            };
+            let usable_then = failed_flight
+                .and_then(|f| self.known.usable_at_failure.get(&f).copied())
+                .flatten();
+            let settled = |t: &Token| !waited || usable_then == Some(t.generation());
             if let Some(usable) = self
                 .usable_current()
-                .filter(|t| t.generation() > replaced)
+                .filter(|t| t.generation() > replaced && settled(t))
             {
                 return Err(self.violation(
                     "C16",
@@ -2033,16 +2131,21 @@ impl World {
         if let (Error::ReauthenticationRequired { .. }, Some((access, at, faults))) =
             (error, self.known.replica_logins.last())
         {
-            let stored = self
-                .store
-                .as_ref()
-                .and_then(|store| futures::executor::block_on(store.inner.load()).ok().flatten());
+            let stored = self.store.as_ref().and_then(|store| {
+                futures::executor::block_on(store.inner.load())
+                    .ok()
+                    .flatten()
+            });
             let shared = self.shared();
-            let undisturbed = shared.faults_fired == *faults && shared.armed.is_none();
+            // A caller that waited got its flight's settled outcome; one that failed
+            // fast decided now.
+            let undisturbed = shared.faults_fired == *faults
+                && shared.armed.is_none()
+                && self.tasks[index].phase_polls <= 1;
             drop(shared);
-            if let Some(stored) = stored.filter(|t| {
-                t.access().expose() == access && self.surely_usable(t) && undisturbed
-            }) {
+            if let Some(stored) = stored
+                .filter(|t| t.access().expose() == access && self.surely_usable(t) && undisturbed)
+            {
                 if self.mono.saturating_sub(*at) >= 2 * MIN_REFRESH_INTERVAL {
                     return Err(self.violation(
                         "C17",
@@ -2061,8 +2164,9 @@ impl World {
             let cap = BACKOFF_MAX.max(MAX_RETRY_AFTER);
             let last_failure = self.shared().last_failure;
             let limit = match last_failure {
-                Some(f) => (BACKOFF_MAX.max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER)))
-                    .saturating_sub(self.mono.saturating_sub(f.mono)),
+                Some(f) => (BACKOFF_MAX
+                    .max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER)))
+                .saturating_sub(self.mono.saturating_sub(f.mono)),
                 None => cap,
             };
             if *remaining > limit.max(Duration::ZERO) + Duration::from_millis(1)
@@ -2148,8 +2252,8 @@ impl World {
                     [(_, Some(g), Some(false))] if replayable => {
                         // Fail-fast (backoff, auth lost) is fine only if no newer usable
                         // token existed; a refresh's error was checked by `end_phase`.
-                        let waited = self.tasks[index].waited_on.last().copied().flatten();
-                        if waited.is_none() {
+                        // A caller that waited got its flight's outcome (C16 checks it).
+                        if self.tasks[index].phase_polls <= 1 {
                             if let Some(t) = usable_before.as_ref().filter(|t| t.generation() > *g)
                             {
                                 return Err(self.violation(
@@ -2287,8 +2391,10 @@ impl World {
                 }
                 None => {}
                 Some(call) => {
+                    // The latest flight it waits on: a waiter whose flight lost to a
+                    // login waits for a flight started after it.
                     let task = &mut self.tasks[index];
-                    if let Some(slot @ None) = task.waited_on.last_mut() {
+                    if let Some(slot) = task.waited_on.last_mut() {
                         *slot = Some(call);
                     }
                 }
@@ -2346,7 +2452,20 @@ impl World {
             let reason = call.reason;
             let n = i + 1;
             if self.known.start_checked.insert(i) {
-                self.check_call_start(&call.previous, n, reason, call.at, call.first_of_flight)?;
+                // After a wall-clock step, a flight started for expiry may call the
+                // source once the wall clock went back: expiry cannot be judged then.
+                let wall_stepped = call.wall_epoch > 0
+                    && matches!(reason, RefreshReason::Expired | RefreshReason::RefreshAhead);
+                let unjudgeable = self.known.unseen_rejections && reason == RefreshReason::Rejected;
+                if !wall_stepped && !unjudgeable {
+                    self.check_call_start(
+                        &call.previous,
+                        n,
+                        reason,
+                        call.at,
+                        call.first_of_flight,
+                    )?;
+                }
                 let previous_access = call.previous.as_ref().map(|t| t.access().expose());
                 // C17: the stale session's refresh token is never spent over a login.
                 let forbidden = self.setup.stale.is_some_and(|stale| {
@@ -2365,8 +2484,13 @@ impl World {
                 }
                 if call.first_of_flight {
                     // C15: expiry-driven calls replace tokens old enough.
+                    // A rejected token is replaced whatever the call's label says.
+                    let previous = call
+                        .previous
+                        .as_ref()
+                        .filter(|prev| prev.generation() > self.known.rejected);
                     if let (RefreshReason::Expired | RefreshReason::RefreshAhead, Some(prev)) =
-                        (reason, &call.previous)
+                        (reason, previous)
                     {
                         if let Some(issued) = self.known.issued.get(prev.access().expose()) {
                             if issued.wall_epoch == call.wall_epoch {
@@ -2397,11 +2521,8 @@ impl World {
                     if let (true, false, Some(f)) =
                         (self.setup.backoff, exempt, call.failure_before)
                     {
-                        let required = BACKOFF_INITIAL.max(
-                            f.retry_after
-                                .unwrap_or_default()
-                                .min(MAX_RETRY_AFTER),
-                        );
+                        let required = BACKOFF_INITIAL
+                            .max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
                         let elapsed = call.mono.saturating_sub(f.mono);
                         if f.logins == call.logins_before && elapsed < required {
                             return Err(self.violation(
@@ -2419,7 +2540,13 @@ impl World {
             }
             if let CallState::Returned(Outcome::Ok(_)) = call.state {
                 let replaced = call.previous.as_ref().map_or(0, |t| t.generation());
-                if reason != RefreshReason::Forced && !self.known.replaced.insert(replaced) {
+                // Only a token that took over counts (one lost to a login or a store
+                // fault replaced nothing).
+                let took_over = self.known.became_current.contains(&access_of_call(i));
+                if reason != RefreshReason::Forced
+                    && took_over
+                    && !self.known.replaced.insert(replaced)
+                {
                     return Err(self.violation(
                         "C2",
                         format!("source call {n} is a second successful refresh of generation {replaced}"),
@@ -2427,7 +2554,9 @@ impl World {
                 }
                 let lost = !self.known.became_current.contains(&access_of_call(i));
                 if lost && !call.at_risk && !self.superseded_by_login(call.flight) {
-                    return Err(self.violation("C6", format!("the token of source call {n} was lost")));
+                    return Err(
+                        self.violation("C6", format!("the token of source call {n} was lost"))
+                    );
                 }
             }
         }

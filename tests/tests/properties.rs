@@ -75,7 +75,9 @@ fn check(name: &str, strategy: impl Strategy<Value = Scenario>) -> Summary {
             "{name}: {error}\n\nfirst failing case: {} of {} ({})\nreproduce with: \
              TOKENFLIGHT_SCENARIO_SEED={seed} cargo test -p tokenflight-tests --test properties \
              {name}",
-            first_failure.get().map_or("?".to_owned(), |n| n.to_string()),
+            first_failure
+                .get()
+                .map_or("?".to_owned(), |n| n.to_string()),
             cases(),
             first_violation.borrow(),
         );
