@@ -377,6 +377,8 @@ pub struct Summary {
     pub wall_steps: usize,
     /// Tokens issued that had expired on arrival.
     pub expired_on_arrival: usize,
+    /// Logins of other replicas written to the shared store.
+    pub replica_logins: usize,
 }
 
 /// Runs `scenario` and checks the contracts after every step:
@@ -1629,6 +1631,7 @@ impl World {
         self.known.issued.insert(access.clone(), issued);
         let faults = self.shared().faults_fired;
         self.known.replica_logins.push((access, self.mono, faults));
+        self.summary.replica_logins += 1;
     }
 
     fn settle(&mut self) -> Result<(), Violation> {

@@ -100,6 +100,7 @@ fn add(total: &mut Summary, s: &Summary) {
     total.hook_calls += s.hook_calls;
     total.wall_steps += s.wall_steps;
     total.expired_on_arrival += s.expired_on_arrival;
+    total.replica_logins += s.replica_logins;
 }
 
 // ----- generators
@@ -392,6 +393,31 @@ fn c17_logins_win_over_older_flights_and_stale_sessions() {
     assert!(
         total.logins_during_flights > 0,
         "the generator never logged in during a flight: {total:?}"
+    );
+}
+
+/// Issue 13, hole 3: while re-authentication is required, a login another replica saved
+/// to the shared store ends it for this replica too (C17).
+#[test]
+fn c17_replicas_see_a_login_saved_to_the_shared_store() {
+    let w = Weights {
+        start: 6,
+        login: 0,
+        replica: 3,
+        source: 4,
+        failures: 6,
+        advance: 3,
+        stale: 0,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c17_replicas_see_a_login_saved_to_the_shared_store",
+        scenario(w, 120),
+    );
+    assert!(
+        total.errors > 0 && total.replica_logins > 0,
+        "the generator never failed or logged in elsewhere: {total:?}"
     );
 }
 
