@@ -2146,9 +2146,14 @@ impl World {
                 && shared.armed.is_none()
                 && self.tasks[index].phase_polls <= 1;
             drop(shared);
-            if let Some(stored) = stored
-                .filter(|t| t.access().expose() == access && self.surely_usable(t) && undisturbed)
-            {
+            // Newer than the token whose loss it is (that one may be the replica's).
+            let lost = self.current_generation();
+            if let Some(stored) = stored.filter(|t| {
+                t.access().expose() == access
+                    && t.generation() > lost
+                    && self.surely_usable(t)
+                    && undisturbed
+            }) {
                 if self.mono.saturating_sub(*at) >= 2 * MIN_REFRESH_INTERVAL {
                     return Err(self.violation(
                         "C17",
