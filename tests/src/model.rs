@@ -1413,13 +1413,8 @@ impl World {
             Op::WallStep { forward, big } => {
                 let by = Duration::from_secs(if big { 3600 } else { 40 });
                 self.summary.wall_steps += 1;
-                if compat::step_wall(&self.clock, forward, by) {
-                    // This core has no monotonic clock: the step was a plain advance.
-                    self.mono += by;
-                    self.shared().mono = self.mono;
-                } else {
-                    self.shared().wall_epoch += 1;
-                }
+                compat::step_wall(&self.clock, forward, by);
+                self.shared().wall_epoch += 1;
             }
             Op::Login => self.login()?,
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
@@ -2868,8 +2863,8 @@ fn wire(
     }
 }
 
-/// The few places where the model touches the coordinator's timing interface.
-#[cfg(not(feature = "old-core"))]
+/// The few places where the model touches the coordinator's timing interface
+/// (`FlightConfig`'s caps, budget and retries; wall-clock-only steps).
 mod compat {
     use super::*;
     use tokenflight::{Backoff, FlightConfig};
@@ -2898,45 +2893,12 @@ mod compat {
         token.obtained_at(at)
     }
 
-    /// Steps only the wall clock; `true` if monotonic time moved too.
-    pub(super) fn step_wall(clock: &ManualClock, forward: bool, by: Duration) -> bool {
+    /// Steps only the wall clock (monotonic time stays).
+    pub(super) fn step_wall(clock: &ManualClock, forward: bool, by: Duration) {
         if forward {
             clock.step_wall_forward(by);
         } else {
             clock.step_wall_back(by);
         }
-        false
-    }
-}
-
-/// The same against the core before lifetime-aware timing (to show what the model finds
-/// there): no retries, minimum interval or monotonic clock.
-#[cfg(feature = "old-core")]
-mod compat {
-    use super::*;
-    use tokenflight::{Backoff, FlightConfig};
-
-    pub(super) fn config(setup: &Setup) -> FlightConfig {
-        let mut config = FlightConfig::default();
-        config.leeway = LEEWAY;
-        config.refresh_ahead = setup.refresh_ahead.then_some(REFRESH_AHEAD);
-        config.refresh_timeout = REFRESH_TIMEOUT;
-        config.backoff = if setup.backoff {
-            Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX).with_jitter(0.0)
-        } else {
-            Backoff::none()
-        };
-        config
-    }
-
-    pub(super) fn obtained_at(token: Token, _at: SystemTime) -> Token {
-        token
-    }
-
-    pub(super) fn step_wall(clock: &ManualClock, forward: bool, by: Duration) -> bool {
-        if forward {
-            clock.advance(by);
-        }
-        forward
     }
 }
