@@ -1038,6 +1038,8 @@ struct Knowledge {
     rejected: u64,
     /// The current token when last observed (after a poll or a step).
     observed: Option<(String, u64)>,
+    /// Renumbered logins: (old generation, new generation).
+    aliases: Vec<(u64, u64)>,
     /// Generations observed as current, in order.
     history: Vec<u64>,
     /// A caller reported a rejection of a generation never seen handed out: what it
@@ -1288,12 +1290,12 @@ impl World {
         if let Some(token) = self.flight.current() {
             // A login renumbered above a stored session keeps its secret: a rejection of
             // its old number is a rejection of the new one.
-            if let Some((access, generation)) = &self.known.observed {
-                if token.access().expose() == access
-                    && token.generation() > *generation
-                    && self.known.rejected >= *generation
-                {
-                    self.known.rejected = self.known.rejected.max(token.generation());
+            if let Some((access, generation)) = self.known.observed.clone() {
+                if token.access().expose() == access && token.generation() > generation {
+                    self.known.aliases.push((generation, token.generation()));
+                    if self.known.rejected >= generation {
+                        self.known.rejected = self.known.rejected.max(token.generation());
+                    }
                 }
             }
             self.known.observed = Some((token.access().expose().to_owned(), token.generation()));
@@ -1318,6 +1320,20 @@ impl World {
             }
             self.known.issued.insert(access, at);
         }
+    }
+
+    /// A server rejected `generation`: a renumbered login's old number stands for its
+    /// new one.
+    fn raise_rejected(&mut self, mut generation: u64) {
+        while let Some(&(_, to)) = self
+            .known
+            .aliases
+            .iter()
+            .find(|(from, to)| *from == generation && *to > generation)
+        {
+            generation = to;
+        }
+        self.known.rejected = self.known.rejected.max(generation);
     }
 
     fn current_generation(&self) -> u64 {
@@ -1462,7 +1478,7 @@ impl World {
                 Box::pin(async move { Finished::Token(flight.token().await) })
             }
             Kind::Reject(generation) => {
-                self.known.rejected = self.known.rejected.max(generation);
+                self.raise_rejected(generation);
                 let flight = self.flight.clone();
                 Box::pin(
                     async move { Finished::Token(flight.token_after_rejection(generation).await) },
@@ -1525,7 +1541,7 @@ impl World {
                 // The server rejected this generation: from now on the model treats it
                 // as rejected (the coordinator learns it when the caller is polled).
                 if let Some(g) = generation {
-                    self.known.rejected = self.known.rejected.max(g);
+                    self.raise_rejected(g);
                 }
             }
             waker
