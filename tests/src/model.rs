@@ -1966,7 +1966,15 @@ impl World {
             (Some(g), None) => {
                 let own = own_generations.contains(&g);
                 // After a failure (or a login that won), a newer token it fell back to.
-                let fallback = (!forced || self.superseded_by_login(flight))
+                // A forced caller that joined a flight for another reason gets that
+                // flight's outcome, which may be a token already there.
+                let flight_forced = self
+                    .shared()
+                    .calls
+                    .iter()
+                    .find(|c| c.flight == flight)
+                    .is_some_and(|c| c.reason == RefreshReason::Forced);
+                let fallback = (!forced || !flight_forced || self.superseded_by_login(flight))
                     && self.known.generations.iter().any(|(access, &known)| {
                         known == g && self.known.became_current.contains(access)
                     });
@@ -2057,7 +2065,14 @@ impl World {
                     Ok(token) => {
                         self.end_phase(index, Some(token.generation()), None)?;
                         let access = token.access().expose();
-                        if access == STALE_ACCESS && self.stale_forbidden() {
+                        // Forbidden to a caller that started after a login (one that
+                        // waited before may get what its flight adopted then).
+                        let forbidden = self.setup.stale.is_some_and(|stale| {
+                            self.setup.initial != Initial::NoToken
+                                || self.tasks[index].logins_at_first_poll > 0
+                                || stale.generation() > MAX_GENERATION
+                        });
+                        if access == STALE_ACCESS && forbidden {
                             return Err(self.violation(
                                 "C17",
                                 format!("task {index} got the stale stored session"),
