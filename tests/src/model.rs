@@ -1259,8 +1259,9 @@ impl World {
     }
 
     /// Whether the coordinator must consider `token` usable now, as far as the model can
-    /// tell: not reported rejected, and not expired even with the uncapped leeway, or
-    /// younger than [`MIN_REFRESH_INTERVAL`] (no wall-clock step since it was issued).
+    /// tell: not reported rejected, and not expired with the leeway scaled to its
+    /// lifetime, or younger than [`MIN_REFRESH_INTERVAL`] (no wall-clock step since it
+    /// was issued).
     fn surely_usable(&self, token: &Token) -> bool {
         if token.generation() <= self.known.rejected
             || token.generation() > MAX_GENERATION
@@ -1268,7 +1269,23 @@ impl World {
         {
             return false;
         }
-        !token.is_expired(self.now(), LEEWAY) || self.young(token)
+        !token.is_expired(self.now(), self.leeway_for(token)) || self.young(token)
+    }
+
+    /// The documented leeway for `token` (C15): the cap, scaled down to a tenth of the
+    /// lifetime the runner issued it with (the cap when unknown).
+    fn leeway_for(&self, token: &Token) -> Duration {
+        let lifetime = self
+            .known
+            .issued
+            .get(token.access().expose())
+            .and_then(|issued| issued.lifetime)
+            .and_then(|l| u64::try_from(l).ok())
+            .filter(|&l| l > 0);
+        match lifetime {
+            Some(l) => LEEWAY.min(Duration::from_secs(l) / 10),
+            None => LEEWAY,
+        }
     }
 
     fn young(&self, token: &Token) -> bool {
