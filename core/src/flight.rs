@@ -469,7 +469,7 @@ impl SingleFlight {
     async fn save_login_locked(
         &self,
         lock: &StoreLock,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Option<Arc<Token>>, StoreError> {
         let store = &self.inner.parts.store;
         if self.lock_state().unsaved_login.is_none() {
@@ -710,11 +710,13 @@ impl SingleFlight {
     }
 
     /// A deadline one flight budget from now (C10).
-    fn budget(&self) -> BoxFuture<'static, ()> {
-        self.inner
-            .parts
-            .timer
-            .sleep(self.inner.parts.config.refresh_timeout)
+    fn budget(&self) -> Deadline {
+        Deadline(Some(
+            self.inner
+                .parts
+                .timer
+                .sleep(self.inner.parts.config.refresh_timeout),
+        ))
     }
 
     fn out_of_budget(&self, what: &str) -> RefreshError {
@@ -872,10 +874,7 @@ impl SingleFlight {
 
     /// Re-authentication is required: adopt a newer usable token from the store (a
     /// login saved by another process or replica), or fail with the same cause (C17).
-    async fn reload(
-        &self,
-        deadline: &mut BoxFuture<'static, ()>,
-    ) -> Result<Arc<Token>, RefreshError> {
+    async fn reload(&self, deadline: &mut Deadline) -> Result<Arc<Token>, RefreshError> {
         let lost = match &self.lock_state().failure {
             Failure::AuthLost { error, .. } => error.clone(),
             // Ended meanwhile (a login here): nothing to look for.
@@ -906,7 +905,7 @@ impl SingleFlight {
         reason: RefreshReason,
         replaces: Option<u64>,
         epoch: u64,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         let lock = within(store.lock(), deadline)
@@ -922,7 +921,7 @@ impl SingleFlight {
 
     /// Unlocks within the budget; past it the guard is dropped (stores fall back to
     /// their lease).
-    async fn release(&self, lock: StoreLock, deadline: &mut BoxFuture<'static, ()>) {
+    async fn release(&self, lock: StoreLock, deadline: &mut Deadline) {
         let unlock = self.inner.parts.store.unlock(lock);
         if within(unlock, deadline).await.is_none() {
             tracing::warn!("unlocking the token store used up the refresh budget");
@@ -935,7 +934,7 @@ impl SingleFlight {
         replaces: Option<u64>,
         epoch: u64,
         lock: &StoreLock,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         // A login not saved yet goes first, numbered above the store's session (C17).
@@ -1077,12 +1076,33 @@ async fn run_flight(
     flight.finish(id, kind, epoch, result)
 }
 
+/// A flight's deadline: a timer sleep that stays ready once it fired. Timers' sleeps
+/// (an `async fn` among them) must not be polled again after they completed.
+struct Deadline(Option<BoxFuture<'static, ()>>);
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match self.0.as_mut() {
+            None => std::task::Poll::Ready(()),
+            Some(sleep) => {
+                let poll = sleep.as_mut().poll(cx);
+                if poll.is_ready() {
+                    self.0 = None;
+                }
+                poll
+            }
+        }
+    }
+}
+
 /// Runs `work` unless `deadline` fires first (`None`). `work` is polled first, so work
 /// that is ready at once still completes after the deadline.
-async fn within<T>(
-    work: impl Future<Output = T>,
-    deadline: &mut BoxFuture<'static, ()>,
-) -> Option<T> {
+async fn within<T>(work: impl Future<Output = T>, deadline: &mut Deadline) -> Option<T> {
     match future::select(std::pin::pin!(work), deadline).await {
         Either::Left((value, _)) => Some(value),
         Either::Right(((), _)) => None,

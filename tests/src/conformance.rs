@@ -41,7 +41,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Authenticator, Backoff, Builder, Classifier, ManualClock, Token, Transport};
+use tokenflight::{
+    Authenticator, Backoff, Builder, Classifier, ManualClock, Retry, Token, Transport,
+};
 
 use crate::testkit::{Failure, RecordedRequest, TestServer, TestServerConfig};
 
@@ -447,7 +449,13 @@ pub async fn s5_refresh_failure_reaches_every_waiter(adapter: &dyn Adapter) {
         adapter,
         TestServerConfig::default(),
         Start::ExpiredClientSide,
-        move |b| b.clock(flight_clock).backoff(long_backoff()),
+        // One attempt per flight: this scenario is about a flight that fails (retries
+        // inside a flight are S17's).
+        move |b| {
+            b.clock(flight_clock)
+                .backoff(long_backoff())
+                .retry(Retry::none())
+        },
     );
     w.server.fail_next_token_calls(1, Failure::Status500);
     let results = w
@@ -923,6 +931,7 @@ pub async fn s15_token_endpoint_hangs_then_recovers(adapter: &dyn Adapter) {
             b.clock(flight_clock)
                 .refresh_timeout(Duration::from_secs(1))
                 .backoff(long_backoff())
+                .retry(Retry::none())
         },
     );
     w.server.fail_next_token_calls(1, Failure::Hang);

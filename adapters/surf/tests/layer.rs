@@ -180,7 +180,8 @@ async fn permanent_refresh_failure_is_a_401_error_with_the_typed_error_inside() 
 
 #[async_std::test]
 async fn transient_refresh_failure_is_a_503_error_with_the_typed_error_inside() {
-    let s = setup();
+    // One attempt per flight, so the one failure is the flight's outcome.
+    let s = setup_with(|b| b.retry(tokenflight::Retry::none()));
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();
     s.server.fail_next_token_calls(1, Failure::Status500);
