@@ -166,6 +166,7 @@ pub struct Classifier {
     www_authenticate: bool,
     head: Option<HeadPredicate>,
     body: Option<(usize, BodyPredicate)>,
+    body_of_unknown_length: bool,
 }
 
 impl Default for Classifier {
@@ -175,6 +176,7 @@ impl Default for Classifier {
             www_authenticate: true,
             head: None,
             body: None,
+            body_of_unknown_length: false,
         }
     }
 }
@@ -225,6 +227,13 @@ impl Classifier {
         predicate: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.body = Some((limit, Arc::new(predicate)));
+        self
+    }
+
+    /// Whether the body rule also reads bodies of unknown length (no `Content-Length`:
+    /// chunked, or decompressed on the fly). Default: no.
+    pub fn body_of_unknown_length(mut self, read: bool) -> Self {
+        self.body_of_unknown_length = read;
         self
     }
 
