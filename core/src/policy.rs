@@ -26,6 +26,15 @@ pub enum Placement {
     /// A query parameter (`?token=<token>`), for APIs that want it. Leakier than a
     /// header: URLs end up in logs, proxies and `Referer` headers, and a redirect keeps
     /// the query. Prefer a header where the API allows.
+    ///
+    /// The pair `param=<token>` (form-encoded) is added to the request's query and
+    /// every other byte of the query is left as the caller wrote it: flags keep having
+    /// no `=`, percent-escapes are not re-encoded, order is kept, so a signed URL stays
+    /// valid. Pairs already named `param` (compared after decoding, as a server reads
+    /// them) are the caller's stale token: the first is replaced in place by the token
+    /// pair and the others are dropped; nothing else moves. The adapters keep the token
+    /// out of the errors and response URLs they hand back ([`Placement::redacted`]) and
+    /// out of `Referer` headers on redirects (see each adapter's docs).
     Query {
         /// Parameter name.
         param: String,
@@ -100,20 +109,78 @@ impl Placement {
             }
             Placement::Query { param } => {
                 let url = request.url_mut();
-                // Replace, never duplicate, a parameter of the same name.
-                let kept: Vec<(String, String)> = url
-                    .query_pairs()
-                    .filter(|(k, _)| k != param.as_str())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                url.query_pairs_mut()
-                    .clear()
-                    .extend_pairs(kept)
-                    .append_pair(param, secret);
+                let query = with_pair(url.query(), param, secret);
+                url.set_query(Some(&query));
                 Ok(())
             }
         }
     }
+
+    /// `url` with the value of the token's query parameter replaced by `redacted`, for
+    /// errors and URLs shown to people; `None` when there is nothing to hide (a header
+    /// placement, or no such parameter in `url`). Every other byte stays as it is.
+    pub fn redacted(&self, url: &Url) -> Option<Url> {
+        let Placement::Query { param } = self else {
+            return None;
+        };
+        let query = url.query()?;
+        if !query.split('&').any(|piece| names(piece, param)) {
+            return None;
+        }
+        let mut redacted = url.clone();
+        redacted.set_query(Some(&with_pair(Some(query), param, REDACTED)));
+        Some(redacted)
+    }
+}
+
+/// What [`Placement::redacted`] writes instead of the token.
+const REDACTED: &str = "redacted";
+
+/// `query` with `name=value` (form-encoded) in place of the first pair named `name`,
+/// other pairs of that name dropped, or appended; every other byte of `query` as it
+/// was. Splitting on `&` and comparing decoded names is how servers read a query
+/// (`application/x-www-form-urlencoded`); re-serialising the pairs instead would add
+/// `=` to flags and re-encode escapes, breaking signed URLs.
+fn with_pair(query: Option<&str>, name: &str, value: &str) -> String {
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = format!("{}={}", encode(name), encode(value));
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return pair;
+    };
+    let mut out = String::with_capacity(query.len() + 1 + pair.len());
+    let mut placed = false;
+    let mut first = true;
+    for piece in query.split('&') {
+        let piece = if names(piece, name) {
+            if placed {
+                continue;
+            }
+            placed = true;
+            pair.as_str()
+        } else {
+            piece
+        };
+        if !first {
+            out.push('&');
+        }
+        first = false;
+        out.push_str(piece);
+    }
+    if !placed {
+        // `a=1&` stays `a=1&`, followed by the pair, not by a second `&`.
+        if !out.is_empty() && !out.ends_with('&') {
+            out.push('&');
+        }
+        out.push_str(&pair);
+    }
+    out
+}
+
+/// Whether the query piece `piece` (`key`, `key=value`) is named `name` once decoded.
+fn names(piece: &str, name: &str) -> bool {
+    url::form_urlencoded::parse(piece.as_bytes())
+        .next()
+        .is_some_and(|(key, _)| key == name)
 }
 
 /// Which origins may receive the token (C12).
@@ -158,8 +225,22 @@ pub type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 /// Default: HTTP 401. Options: a set of status codes, RFC 6750 `WWW-Authenticate`
 /// hints (`invalid_token` is a rejection whatever the status, `insufficient_scope`
 /// never is), a predicate on status and headers (replaces the status rule), and a
-/// predicate on the first `limit` bytes of the body, for APIs that answer HTTP 200
-/// with `{"code": 401}`.
+/// predicate on the body, for APIs that answer HTTP 200 with `{"code": 401}`.
+///
+/// # Which bodies the body rule reads
+/// Reading a body means holding the response back from the caller until it is read, so
+/// the body rule reads only bodies that say they end soon (see
+/// [`body_rule_for`](Self::body_rule_for)):
+/// - a `Content-Length` of at most `limit` bytes: read whole;
+/// - no `Content-Length` (chunked, or decompressed on the fly): not read, since a long
+///   poll or a JSON stream looks just like that — unless
+///   [`body_of_unknown_length(true)`](Self::body_of_unknown_length), which reads up to
+///   `limit` bytes or the end, for APIs that answer chunked and never stream;
+/// - a `Content-Type` that declares a stream (`text/event-stream`, `application/x-ndjson`,
+///   `application/jsonl`, `application/json-seq`, `multipart/x-mixed-replace`,
+///   `application/grpc…`): never read, whatever the length.
+///
+/// A body that is not read is not classified: the head rules alone decide.
 #[derive(Clone)]
 pub struct Classifier {
     statuses: Vec<u16>,
@@ -219,8 +300,10 @@ impl Classifier {
         self
     }
 
-    /// A predicate on up to `limit` buffered body bytes, checked when the head rules say
-    /// "not rejected". The caller still gets the full, intact response.
+    /// A predicate on a body of at most `limit` bytes, checked when the head rules say
+    /// "not rejected" and the response says its body can be read without holding back a
+    /// stream (see [which bodies](Self#which-bodies-the-body-rule-reads)). The caller
+    /// still gets the full, intact response.
     pub fn body(
         mut self,
         limit: usize,
@@ -231,7 +314,11 @@ impl Classifier {
     }
 
     /// Whether the body rule also reads bodies of unknown length (no `Content-Length`:
-    /// chunked, or decompressed on the fly). Default: no.
+    /// chunked, or decompressed on the fly), up to its limit or their end. Default: no,
+    /// because such a response may be a long poll or a stream that the caller would
+    /// then get only after `limit` bytes or its end. Switch it on for an API that answers
+    /// business codes chunked and never streams. Declared streams (server-sent events
+    /// and the like) are never read either way.
     pub fn body_of_unknown_length(mut self, read: bool) -> Self {
         self.body_of_unknown_length = read;
         self
@@ -258,5 +345,111 @@ impl Classifier {
     /// The body rule, if any: its byte limit and predicate.
     pub fn body_rule(&self) -> Option<(usize, &BodyPredicate)> {
         self.body.as_ref().map(|(limit, p)| (*limit, p))
+    }
+
+    /// The body rule if it applies to `response`: when its headers say the body can be
+    /// read without holding back a stream (see
+    /// [which bodies](Self#which-bodies-the-body-rule-reads)). `None`: do not read the
+    /// body; the head rules' verdict stands.
+    pub fn body_rule_for(&self, response: &dyn ResponseView) -> Option<(usize, &BodyPredicate)> {
+        let (limit, predicate) = self.body.as_ref()?;
+        if response.header("content-type").is_some_and(declares_stream) {
+            return None;
+        }
+        let readable = match response.header("content-length") {
+            Some(length) => length
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|length| length <= u64::try_from(*limit).unwrap_or(u64::MAX)),
+            None => self.body_of_unknown_length,
+        };
+        readable.then_some((*limit, predicate))
+    }
+}
+
+/// Whether a `Content-Type` says the body is a stream of events or records, which ends
+/// when the server decides (maybe never).
+fn declares_stream(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        essence.as_str(),
+        "text/event-stream"
+            | "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines"
+            | "application/json-seq"
+            | "multipart/x-mixed-replace"
+    ) || essence.starts_with("application/grpc")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Request(Url);
+
+    impl AuthRequest for Request {
+        fn url(&self) -> &Url {
+            &self.0
+        }
+        fn url_mut(&mut self) -> &mut Url {
+            &mut self.0
+        }
+        fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> {
+            Ok(())
+        }
+        fn try_clone(&self) -> Option<Self> {
+            Some(Request(self.0.clone()))
+        }
+    }
+
+    fn attached(url: &str, token: &str) -> String {
+        let mut request = Request(Url::parse(url).unwrap());
+        Placement::query("token")
+            .unwrap()
+            .attach(&mut request, &Token::new(token))
+            .unwrap();
+        request.0.into()
+    }
+
+    #[test]
+    fn c12_query_placement_keeps_the_callers_query_byte_for_byte() {
+        let base = "https://api.example.com/x";
+        let cases = [
+            ("", "token=t"),
+            ("?", "token=t"),
+            ("?flag", "flag&token=t"),
+            ("?a=1&", "a=1&token=t"),
+            ("?a=1&&b=2", "a=1&&b=2&token=t"),
+            ("?sig=a%2Fb%3D&p=a+b&e=%7e", "sig=a%2Fb%3D&p=a+b&e=%7e&token=t"),
+            // The caller's own pair is replaced in place, repeats dropped.
+            ("?a&token=old&b=%7e&token=older", "a&token=t&b=%7e"),
+            ("?%74oken=old&b", "token=t&b"),
+            ("?token&b", "token=t&b"),
+            ("?tokens=1&xtoken=2", "tokens=1&xtoken=2&token=t"),
+        ];
+        for (query, expected) in cases {
+            let url = attached(&format!("{base}{query}#frag"), "t");
+            assert_eq!(url, format!("{base}?{expected}#frag"), "query {query:?}");
+        }
+        // The token itself is form-encoded.
+        assert_eq!(attached(base, "a b&c=d/é"), format!("{base}?token=a+b%26c%3Dd%2F%C3%A9"));
+    }
+
+    #[test]
+    fn c12_a_redacted_url_hides_the_query_token_and_keeps_the_rest() {
+        let placement = Placement::query("token").unwrap();
+        let url = Url::parse("http://h/p?flag&token=secret&x=%7e&token=again").unwrap();
+        let redacted = placement.redacted(&url).unwrap();
+        assert_eq!(redacted.as_str(), "http://h/p?flag&token=redacted&x=%7e");
+        assert_eq!(placement.redacted(&Url::parse("http://h/p?flag").unwrap()), None);
+        assert_eq!(placement.redacted(&Url::parse("http://h/p").unwrap()), None);
+        assert_eq!(Placement::bearer().redacted(&url), None);
     }
 }

@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::Extensions;
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
-use tokenflight::{AuthError, Authenticator, Builder, ForceRefresh, RequestOptions, SkipAuth};
+use tokenflight::{
+    AuthError, Authenticator, Builder, ForceRefresh, Placement, RequestOptions, SkipAuth,
+};
 
 use crate::message::{Incoming, Outgoing};
 use crate::runtime::{TokioSpawner, TokioTimer};
@@ -42,10 +44,17 @@ impl TokenLayer {
 
     /// A redirect policy for the client under this layer: like reqwest's default (up to
     /// 10 redirects), except that it does not follow a redirect from an allowed origin
-    /// to another when the token travels in a header other than `Authorization`, which
-    /// reqwest would carry along (the caller gets the redirect response instead). With
-    /// the default `Authorization` placement reqwest already drops the header when a
-    /// redirect leaves the origin, and this policy changes nothing.
+    /// to another when the token would travel along (the caller gets the redirect
+    /// response instead):
+    /// - in a header other than `Authorization`, which reqwest carries to every hop;
+    /// - in the query ([`Placement::Query`]), because reqwest sends the previous URL as
+    ///   the `Referer` of the next request. (A client built with `.referer(false)` does
+    ///   not, but a policy cannot see that.)
+    ///
+    /// With the default `Authorization` placement reqwest already drops the header when
+    /// a redirect leaves the origin, and this policy changes nothing. **With a header
+    /// placement other than `Authorization`, or query placement, build the client with
+    /// this policy.**
     ///
     /// ```
     /// # use tokenflight_reqwest::{TokenLayer, reqwest, tokenflight::{Token, from_fn}};
@@ -106,10 +115,32 @@ impl Middleware for TokenLayer {
             })
             .await;
         *extensions = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
-        result
-            .map(|Incoming(response)| response)
-            .map_err(middleware_error)
+        let placement = self.auth.placement();
+        match result {
+            Ok(Incoming(response)) => Ok(match placement.redacted(response.url()) {
+                // A token in the query would show in `url()`, in `Debug`, and in the
+                // errors of `error_for_status` and of reading the body (C12).
+                Some(url) => crate::message::with_url(response, url),
+                None => response,
+            }),
+            Err(error) => Err(redact(middleware_error(error), placement)),
+        }
     }
+}
+
+/// `error` with the token's query parameter hidden in the URL that reqwest's errors
+/// print (C12). The request's own error, or one wrapped by middleware further down.
+fn redact(mut error: reqwest_middleware::Error, placement: &Placement) -> reqwest_middleware::Error {
+    let inner = match &mut error {
+        reqwest_middleware::Error::Reqwest(inner) => Some(inner),
+        reqwest_middleware::Error::Middleware(inner) => inner.downcast_mut::<reqwest::Error>(),
+    };
+    if let Some(url) = inner.and_then(|e| e.url_mut()) {
+        if let Some(redacted) = placement.redacted(url) {
+            *url = redacted;
+        }
+    }
+    error
 }
 
 fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {

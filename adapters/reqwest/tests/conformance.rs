@@ -27,10 +27,14 @@ impl Adapter for ReqwestAdapter {
     }
 
     fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
-        // reqwest follows redirects by default (S11).
-        let client = ClientBuilder::new(reqwest::Client::new())
-            .with(TokenLayer::from(auth))
-            .build();
+        // reqwest follows redirects by default (S11); the layer's policy keeps a query
+        // token out of a `Referer` sent to another origin (as the crate docs say).
+        let layer = TokenLayer::from(auth);
+        let inner = reqwest::Client::builder()
+            .redirect(layer.redirect_policy())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(inner).with(layer).build();
         Arc::new(ReqwestClient(client))
     }
 
