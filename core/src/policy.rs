@@ -452,4 +452,51 @@ mod tests {
         assert_eq!(placement.redacted(&Url::parse("http://h/p").unwrap()), None);
         assert_eq!(Placement::bearer().redacted(&url), None);
     }
+
+    struct Head(&'static [(&'static str, &'static str)]);
+
+    impl ResponseView for Head {
+        fn status(&self) -> u16 {
+            200
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        }
+    }
+
+    #[test]
+    fn c4_body_rule_reads_only_bodies_that_say_they_end() {
+        let rule = Classifier::new().body(100, |_| true);
+        let reads = |classifier: &Classifier, headers| {
+            classifier
+                .body_rule_for(&Head(headers))
+                .map(|(limit, _)| limit)
+        };
+        assert_eq!(reads(&rule, &[("content-length", "100")]), Some(100));
+        assert_eq!(reads(&rule, &[("Content-Length", " 0 ")]), Some(100));
+        assert_eq!(reads(&rule, &[("content-length", "101")]), None);
+        assert_eq!(reads(&rule, &[("content-length", "-1")]), None);
+        assert_eq!(reads(&rule, &[("content-length", "lots")]), None);
+        // Unknown length: a long poll or a stream, unless the caller opts in.
+        assert_eq!(reads(&rule, &[("content-type", "application/json")]), None);
+        let opted_in = rule.clone().body_of_unknown_length(true);
+        assert_eq!(reads(&opted_in, &[("content-type", "application/json")]), Some(100));
+        assert_eq!(reads(&opted_in, &[("content-length", "101")]), None);
+        // Declared streams: never, whatever the length says.
+        for stream in [
+            "text/event-stream",
+            "Text/Event-Stream; charset=utf-8",
+            "application/x-ndjson",
+            "application/grpc+proto",
+            "multipart/x-mixed-replace; boundary=x",
+        ] {
+            let headers: &'static [(&str, &str)] =
+                Box::leak(Box::new([("content-type", stream), ("content-length", "10")]));
+            assert_eq!(reads(&opted_in, headers), None, "{stream}");
+        }
+        assert_eq!(reads(&Classifier::new(), &[("content-length", "1")]), None, "no body rule");
+    }
 }
