@@ -427,7 +427,10 @@ mod tests {
             ("?flag", "flag&token=t"),
             ("?a=1&", "a=1&token=t"),
             ("?a=1&&b=2", "a=1&&b=2&token=t"),
-            ("?sig=a%2Fb%3D&p=a+b&e=%7e", "sig=a%2Fb%3D&p=a+b&e=%7e&token=t"),
+            (
+                "?sig=a%2Fb%3D&p=a+b&e=%7e",
+                "sig=a%2Fb%3D&p=a+b&e=%7e&token=t",
+            ),
             // The caller's own pair is replaced in place, repeats dropped.
             ("?a&token=old&b=%7e&token=older", "a&token=t&b=%7e"),
             ("?%74oken=old&b", "token=t&b"),
@@ -439,7 +442,10 @@ mod tests {
             assert_eq!(url, format!("{base}?{expected}#frag"), "query {query:?}");
         }
         // The token itself is form-encoded.
-        assert_eq!(attached(base, "a b&c=d/é"), format!("{base}?token=a+b%26c%3Dd%2F%C3%A9"));
+        assert_eq!(
+            attached(base, "a b&c=d/é"),
+            format!("{base}?token=a+b%26c%3Dd%2F%C3%A9")
+        );
     }
 
     #[test]
@@ -448,7 +454,10 @@ mod tests {
         let url = Url::parse("http://h/p?flag&token=secret&x=%7e&token=again").unwrap();
         let redacted = placement.redacted(&url).unwrap();
         assert_eq!(redacted.as_str(), "http://h/p?flag&token=redacted&x=%7e");
-        assert_eq!(placement.redacted(&Url::parse("http://h/p?flag").unwrap()), None);
+        assert_eq!(
+            placement.redacted(&Url::parse("http://h/p?flag").unwrap()),
+            None
+        );
         assert_eq!(placement.redacted(&Url::parse("http://h/p").unwrap()), None);
         assert_eq!(Placement::bearer().redacted(&url), None);
     }
@@ -483,7 +492,10 @@ mod tests {
         // Unknown length: a long poll or a stream, unless the caller opts in.
         assert_eq!(reads(&rule, &[("content-type", "application/json")]), None);
         let opted_in = rule.clone().body_of_unknown_length(true);
-        assert_eq!(reads(&opted_in, &[("content-type", "application/json")]), Some(100));
+        assert_eq!(
+            reads(&opted_in, &[("content-type", "application/json")]),
+            Some(100)
+        );
         assert_eq!(reads(&opted_in, &[("content-length", "101")]), None);
         // Declared streams: never, whatever the length says.
         for stream in [
@@ -493,10 +505,16 @@ mod tests {
             "application/grpc+proto",
             "multipart/x-mixed-replace; boundary=x",
         ] {
-            let headers: &'static [(&str, &str)] =
-                Box::leak(Box::new([("content-type", stream), ("content-length", "10")]));
+            let headers: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("content-type", stream),
+                ("content-length", "10"),
+            ]));
             assert_eq!(reads(&opted_in, headers), None, "{stream}");
         }
-        assert_eq!(reads(&Classifier::new(), &[("content-length", "1")]), None, "no body rule");
+        assert_eq!(
+            reads(&Classifier::new(), &[("content-length", "1")]),
+            None,
+            "no body rule"
+        );
     }
 }

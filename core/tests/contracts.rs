@@ -260,9 +260,9 @@ async fn c4_body_classifier_retries_business_code_and_keeps_body() {
                 } else {
                     br#"{"code":401,"message":"token expired"}"#.to_vec()
                 };
-                futures::future::ready(Ok::<_, std::convert::Infallible>(
-                    FakeResponse::with_body(200, body),
-                ))
+                futures::future::ready(Ok::<_, std::convert::Infallible>(FakeResponse::with_body(
+                    200, body,
+                )))
             },
         )
         .await
@@ -291,7 +291,11 @@ async fn c4_a_401_from_another_origin_is_not_a_rejection() {
     };
     let (sends, send) = answer("https://elsewhere.test/landing");
     let response = auth
-        .send(FakeRequest::get("https://api.test/x"), RequestOptions::default(), send)
+        .send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            send,
+        )
         .await
         .unwrap();
     assert_eq!(response.status, 401, "handed back as it is");
@@ -301,9 +305,13 @@ async fn c4_a_401_from_another_origin_is_not_a_rejection() {
 
     // The same answer from the request's own origin (another path) is a rejection.
     let (sends, send) = answer("https://api.test/landing");
-    auth.send(FakeRequest::get("https://api.test/x"), RequestOptions::default(), send)
-        .await
-        .unwrap();
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
     assert_eq!(sends.load(Ordering::SeqCst), 2, "resent once");
     assert_eq!(source.calls(), 2);
     assert_eq!(auth.stats().rejections, 1);

@@ -1013,7 +1013,8 @@ pub async fn s15_token_endpoint_hangs_then_recovers(adapter: &dyn Adapter) {
 /// A query as callers write them for signed URLs and old APIs: a flag without `=`,
 /// percent-escapes in both cases, `+`, an empty value, repeated keys, and the caller's
 /// own `token` in the middle.
-const CALLERS_QUERY: &str = "flag&sig=a%2Fb%3D%3D&plus=a+b&tilde=%7e&empty=&token=callers&list=1&list=2";
+const CALLERS_QUERY: &str =
+    "flag&sig=a%2Fb%3D%3D&plus=a+b&tilde=%7e&empty=&token=callers&list=1&list=2";
 
 fn form_encoded(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
@@ -1039,7 +1040,11 @@ pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: 
     // The resend after a rejection starts again from the caller's query.
     w.server.expire_all_tokens();
     let response = w.respond(TestRequest::get(signed)).await;
-    assert_eq!(response.status, 200, "[{}] C12 query after a refresh", w.name);
+    assert_eq!(
+        response.status, 200,
+        "[{}] C12 query after a refresh",
+        w.name
+    );
 
     let with = |token: &str| {
         CALLERS_QUERY.replace("token=callers", &format!("token={}", form_encoded(token)))
@@ -1114,7 +1119,9 @@ pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
     let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
     let other = TestServer::start(TestServerConfig::other_origin());
     let response = w
-        .respond(TestRequest::get(w.server.redirect_url(&other.api_url("landing"))))
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
         .await;
     assert!(
         response.status == 200 || response.status == 302,
@@ -1132,7 +1139,12 @@ pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
         assert_eq!(request.token, None, "[{}] C12 referer", w.name);
         assert!(!request.authorization, "[{}] C12 referer", w.name);
     }
-    assert_eq!(other.counters().credentialed_requests, 0, "[{}] C12", w.name);
+    assert_eq!(
+        other.counters().credentialed_requests,
+        0,
+        "[{}] C12",
+        w.name
+    );
 }
 
 /// C4: a redirect from the allowed origin to another one that answers 401: the token
@@ -1146,7 +1158,9 @@ pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
     // A protected API elsewhere: 401 to anyone without its own token.
     let other = TestServer::start(TestServerConfig::default());
     let response = w
-        .respond(TestRequest::get(w.server.redirect_url(&other.api_url("landing"))))
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
         .await;
     assert_eq!(
         response.status, 401,
@@ -1180,7 +1194,9 @@ pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
         w.name
     );
     // The token is still good where it goes.
-    let mine = w.respond(TestRequest::get(w.server.api_url("c4/mine"))).await;
+    let mine = w
+        .respond(TestRequest::get(w.server.api_url("c4/mine")))
+        .await;
     assert_eq!(mine.status, 200, "[{}] C4", w.name);
     assert_eq!(w.server.counters().token_calls, 0, "[{}] C4", w.name);
 }

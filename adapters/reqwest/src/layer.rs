@@ -130,7 +130,10 @@ impl Middleware for TokenLayer {
 
 /// `error` with the token's query parameter hidden in the URL that reqwest's errors
 /// print (C12). The request's own error, or one wrapped by middleware further down.
-fn redact(mut error: reqwest_middleware::Error, placement: &Placement) -> reqwest_middleware::Error {
+fn redact(
+    mut error: reqwest_middleware::Error,
+    placement: &Placement,
+) -> reqwest_middleware::Error {
     let inner = match &mut error {
         reqwest_middleware::Error::Reqwest(inner) => Some(inner),
         reqwest_middleware::Error::Middleware(inner) => inner.downcast_mut::<reqwest::Error>(),

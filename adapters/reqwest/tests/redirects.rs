@@ -230,15 +230,30 @@ mod query_token {
 
         let response = client(&layer, false).get(&url).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert!(allowed_heads.recv().await.unwrap().contains("token=the-query-token"));
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("token=the-query-token")
+        );
         // The leak the policy exists for.
         let landed = other_heads.recv().await.unwrap();
-        let referer = landed.lines().find(|l| l.starts_with("referer: ")).unwrap_or("");
+        let referer = landed
+            .lines()
+            .find(|l| l.starts_with("referer: "))
+            .unwrap_or("");
         assert!(referer.contains("token=the-query-token"), "{landed}");
 
         let response = client(&layer, true).get(&url).send().await.unwrap();
         assert_eq!(response.status(), 302, "with the policy: not followed");
-        assert!(allowed_heads.recv().await.unwrap().contains("token=the-query-token"));
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("token=the-query-token")
+        );
         assert!(other_heads.try_recv().is_err(), "the redirect was followed");
     }
 
@@ -260,7 +275,11 @@ mod query_token {
         // Refused, refreshed, resent, refused again: the second 401 comes back.
         let response = client(&layer, true).get(&url).send().await.unwrap();
         assert_eq!(response.status(), 401);
-        let sent: Vec<String> = server.requests().into_iter().filter_map(|r| r.token).collect();
+        let sent: Vec<String> = server
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.token)
+            .collect();
         assert_eq!(sent.len(), 2, "both tokens went out");
         let shown = [
             response.url().to_string(),
