@@ -133,6 +133,33 @@ impl Placement {
     }
 }
 
+impl Placement {
+    /// `text` (an error message, say) with every occurrence of the token that went out
+    /// in `sent`'s query replaced by `redacted`, as it appears in a URL and decoded;
+    /// `None` when `text` shows no such token (or the placement is a header). For errors
+    /// of other code that print the request URL in ways [`redacted`](Self::redacted)
+    /// cannot reach.
+    pub fn scrub(&self, sent: &Url, text: &str) -> Option<String> {
+        let Placement::Query { param } = self else {
+            return None;
+        };
+        let mut scrubbed = None::<String>;
+        for (key, value) in sent.query_pairs() {
+            if key != param.as_str() || value.is_empty() {
+                continue;
+            }
+            let encoded: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            for shown in [value.as_ref(), encoded.as_str()] {
+                let current = scrubbed.as_deref().unwrap_or(text);
+                if current.contains(shown) {
+                    scrubbed = Some(current.replace(shown, REDACTED));
+                }
+            }
+        }
+        scrubbed
+    }
+}
+
 /// What [`Placement::redacted`] writes instead of the token.
 const REDACTED: &str = "redacted";
 
@@ -460,6 +487,21 @@ mod tests {
         );
         assert_eq!(placement.redacted(&Url::parse("http://h/p").unwrap()), None);
         assert_eq!(Placement::bearer().redacted(&url), None);
+    }
+
+    #[test]
+    fn c12_scrub_hides_the_sent_query_token_in_any_text() {
+        let placement = Placement::query("token").unwrap();
+        let sent = Url::parse("http://h/p?a=1&token=s%2Fb+c").unwrap();
+        let text = "GET http://h/p?a=1&token=s%2Fb+c failed; token s/b c";
+        assert_eq!(
+            placement.scrub(&sent, text).as_deref(),
+            Some("GET http://h/p?a=1&token=redacted failed; token redacted")
+        );
+        assert_eq!(placement.scrub(&sent, "connection reset"), None);
+        assert_eq!(Placement::bearer().scrub(&sent, text), None);
+        let unsent = Url::parse("http://h/p?a=1").unwrap();
+        assert_eq!(placement.scrub(&unsent, text), None);
     }
 
     struct Head(&'static [(&'static str, &'static str)]);

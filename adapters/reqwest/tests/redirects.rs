@@ -198,7 +198,7 @@ mod query_token {
     //! `Referer` when it follows a redirect, and prints URLs in errors and `Debug`.
 
     use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-    use tokenflight_reqwest::{TokenLayer, reqwest};
+    use tokenflight_reqwest::{TokenLayer, reqwest, reqwest_middleware};
     use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
     use super::common;
@@ -255,6 +255,85 @@ mod query_token {
                 .contains("token=the-query-token")
         );
         assert!(other_heads.try_recv().is_err(), "the redirect was followed");
+    }
+
+    /// Middleware below the layer whose errors show the URL: its own message, and a
+    /// reqwest error wrapped the way retry middleware wraps them.
+    struct FailsShowingTheUrl;
+
+    #[derive(Debug)]
+    struct Wrapped(reqwest_middleware::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("gave up")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl reqwest_middleware::Middleware for FailsShowingTheUrl {
+        async fn handle(
+            &self,
+            req: reqwest::Request,
+            extensions: &mut http::Extensions,
+            next: reqwest_middleware::Next<'_>,
+        ) -> reqwest_middleware::Result<reqwest::Response> {
+            if req.url().path().ends_with("/own") {
+                let message = format!("nothing sent to {}", req.url());
+                return Err(reqwest_middleware::Error::middleware(
+                    std::io::Error::other(message),
+                ));
+            }
+            match next.run(req, extensions).await {
+                Err(e) => Err(reqwest_middleware::Error::middleware(Wrapped(e))),
+                ok => ok,
+            }
+        }
+    }
+
+    /// The error's `Display` and every cause's.
+    fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            text.push_str(" / ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
+    #[tokio::test]
+    async fn c12_query_token_never_in_errors_of_middleware_below_the_layer() {
+        let broken = tokenflight_tests::testkit::ClosingServer::start();
+        let layer = TokenLayer::builder()
+            .source(tokenflight::from_fn(|_cx| async {
+                Ok(tokenflight::Token::new("the-query-token"))
+            }))
+            .query_param("token")
+            .allowed_origin(&broken.origin())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(reqwest::Client::new())
+            .with(layer)
+            .with(FailsShowingTheUrl)
+            .build();
+        for path in ["own", "wrapped"] {
+            let url = format!("{}/api/{path}?keep=%7e", broken.origin());
+            let error = client.get(&url).send().await.unwrap_err();
+            let text = format!("{} // {error:?}", chain(&error));
+            assert!(
+                !text.contains("the-query-token"),
+                "the token shows in {text}"
+            );
+            assert!(text.contains("token=redacted"), "{text}");
+        }
     }
 
     #[tokio::test]
