@@ -91,7 +91,9 @@ impl Authenticator {
     /// - A second rejection is returned to the caller as it is: no loop (C4).
     /// - A response from another origin than the one the request (and its token) was
     ///   sent to — the client followed a redirect — is returned as it is, unclassified:
-    ///   its 401 is not about the token, which never went there (C4, C12).
+    ///   its 401 is not about the token, which never went there (C4, C12). So is one
+    ///   from a URL without the token's query parameter, with query placement (a
+    ///   same-origin redirect whose `Location` does not repeat the token).
     ///
     /// # Cancellation
     /// Dropping the future at any await point is safe: a refresh it started goes on for
@@ -121,10 +123,9 @@ impl Authenticator {
         self.policy.placement.attach(&mut request, &token)?;
         let sent_to = request.url().origin();
         let response = send(request).await.map_err(AuthError::Transport)?;
-        if response
-            .final_url()
-            .is_some_and(|url| url.origin() != sent_to)
-        {
+        if response.final_url().is_some_and(|url| {
+            url.origin() != sent_to || !self.policy.placement.may_carry_token(url)
+        }) {
             tracing::debug!("the response comes from another origin; not classified");
             return Ok(response);
         }

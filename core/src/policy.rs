@@ -116,6 +116,19 @@ impl Placement {
         }
     }
 
+    /// Whether a request to `url` can have carried the token: with a header placement,
+    /// yes (the client decides which hops keep headers); with query placement, only if
+    /// `url` has the parameter. A redirect's `Location` does not repeat our query, so
+    /// the hop it leads to got no token.
+    pub(crate) fn may_carry_token(&self, url: &Url) -> bool {
+        match self {
+            Placement::Header { .. } => true,
+            Placement::Query { param } => url
+                .query()
+                .is_some_and(|query| query.split('&').any(|piece| names(piece, param))),
+        }
+    }
+
     /// `url` with the value of the token's query parameter replaced by `redacted`, for
     /// errors and URLs shown to people; `None` when there is nothing to hide (a header
     /// placement, or no such parameter in `url`). Every other byte stays as it is.

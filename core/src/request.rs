@@ -37,7 +37,8 @@ pub trait AuthResponse: ResponseView + Sized + Send {
     /// The URL this response came from, when the client may have followed redirects
     /// below the layer (reqwest does). A response from another origin than the request
     /// was sent to is not a verdict on the token (the token may never have reached it):
-    /// it goes to the caller unclassified.
+    /// it goes to the caller unclassified; so does one from a URL without the token's
+    /// parameter, with query placement.
     ///
     /// The default, `None`, says the response comes from the request's URL.
     fn final_url(&self) -> Option<&Url> {

@@ -315,6 +315,35 @@ async fn c4_a_401_from_another_origin_is_not_a_rejection() {
     assert_eq!(sends.load(Ordering::SeqCst), 2, "resent once");
     assert_eq!(source.calls(), 2);
     assert_eq!(auth.stats().rejections, 1);
+
+    // Query placement: a same-origin hop whose URL lacks the token got no token.
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let auth = builder(&clock, &source)
+        .allowed_origin("https://api.test")
+        .query_param("token")
+        .build()
+        .unwrap();
+    let (sends, send) = answer("https://api.test/landing?page=1");
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sends.load(Ordering::SeqCst), 1, "not resent");
+    assert_eq!(source.calls(), 1);
+    assert_eq!(auth.stats().rejections, 0);
+    let (sends, send) = answer("https://api.test/landing?page=1&token=token-1");
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sends.load(Ordering::SeqCst), 2, "resent once");
+    assert_eq!(auth.stats().rejections, 1);
 }
 
 async fn c4_insufficient_scope_is_not_a_rejection() {

@@ -1150,7 +1150,7 @@ pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
 /// C4: a redirect from the allowed origin to another one that answers 401: the token
 /// never reached that origin (it is not allowed), so its 401 says nothing about the
 /// token. The caller gets that 401 as it is: no refresh, no resend, no rejection
-/// counted.
+/// counted. The same for a same-origin hop without the token (query placement).
 pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
     adapter: &dyn Adapter,
 ) {
@@ -1199,6 +1199,40 @@ pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
         .await;
     assert_eq!(mine.status, 200, "[{}] C4", w.name);
     assert_eq!(w.server.counters().token_calls, 0, "[{}] C4", w.name);
+
+    // Query placement, a redirect within the origin: the `Location` does not repeat the
+    // token. A client that follows redirects below the layer lands there without it (a
+    // 401 that is not about the token); one that follows them above the layer attaches
+    // it again (a 200). Either way no refresh.
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&w.server.api_url("c4/landing")),
+        ))
+        .await;
+    assert!(
+        response.status == 401 || response.status == 200,
+        "[{}] C4 query: status {}",
+        w.name,
+        response.status
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C4 query", w.name);
+    assert_eq!(
+        w.requests_to("c4/landing").len(),
+        1,
+        "[{}] C4 query: the landing was asked once (no resend)",
+        w.name
+    );
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C4 query: a 401 for a hop without the token started a refresh",
+        w.name
+    );
 }
 
 /// C4 (body classification): a body rule must not hold a streaming response back until

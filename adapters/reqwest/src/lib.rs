@@ -91,7 +91,8 @@
 //!
 //! A response that reqwest got from another origin than the request's (after a
 //! redirect) is handed back unclassified: its `401` is not about the token, which never
-//! went there, so nothing is refreshed or resent.
+//! went there, so nothing is refreshed or resent. With query placement the same holds
+//! for a same-origin redirect, whose `Location` does not carry the token.
 //!
 //! ## Cancellation
 //!
