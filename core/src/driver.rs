@@ -111,7 +111,12 @@ impl Authenticator {
         F: FnMut(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
     {
-        if options.skip_auth || !self.policy.origins.allows(request.url()) {
+        if options.skip_auth {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        // Also where the response must come from to be a verdict on the token.
+        let sent_to = request.url().origin();
+        if !self.policy.origins.allows_origin(&sent_to) {
             return send(request).await.map_err(AuthError::Transport);
         }
         let token = if options.force_refresh {
@@ -121,12 +126,11 @@ impl Authenticator {
         };
         let replay = request.try_clone();
         self.policy.placement.attach(&mut request, &token)?;
-        let sent_to = request.url().origin();
         let response = send(request).await.map_err(AuthError::Transport)?;
         if response.final_url().is_some_and(|url| {
             url.origin() != sent_to || !self.policy.placement.may_carry_token(url)
         }) {
-            tracing::debug!("the response comes from another origin; not classified");
+            tracing::debug!("the response comes from where the token did not go; not classified");
             return Ok(response);
         }
         let (response, rejected) = self.classify(response).await;

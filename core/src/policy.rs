@@ -247,10 +247,15 @@ impl AllowedOrigins {
     pub fn allows(&self, url: &Url) -> bool {
         match self {
             AllowedOrigins::Any => true,
-            AllowedOrigins::List(origins) => {
-                let origin = url.origin();
-                origins.contains(&origin)
-            }
+            AllowedOrigins::List(_) => self.allows_origin(&url.origin()),
+        }
+    }
+
+    /// True when a request to `origin` may carry the token.
+    pub(crate) fn allows_origin(&self, origin: &Origin) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::List(origins) => origins.contains(origin),
         }
     }
 }
