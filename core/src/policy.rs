@@ -144,9 +144,7 @@ impl Placement {
         redacted.set_query(Some(&with_pair(Some(query), param, REDACTED)));
         Some(redacted)
     }
-}
 
-impl Placement {
     /// `text` (an error message, say) with every occurrence of the token that went out
     /// in `sent`'s query replaced by `redacted`, as it appears in a URL and decoded;
     /// `None` when `text` shows no such token (or the placement is a header). For errors
@@ -314,6 +312,7 @@ impl fmt::Debug for Classifier {
             .field("www_authenticate", &self.www_authenticate)
             .field("head_predicate", &self.head.is_some())
             .field("body_limit", &self.body.as_ref().map(|(limit, _)| *limit))
+            .field("body_of_unknown_length", &self.body_of_unknown_length)
             .finish()
     }
 }
