@@ -31,6 +31,16 @@
 //! | S13 | business-code answers | `200 {"code":401}` classified, refreshed, resent |
 //! | S14 | rotation | each refresh (forced ones too) uses the newest refresh token, no reuse detected |
 //! | S15 | a hanging token endpoint | every waiter times out, the next refresh recovers |
+//!
+//! Regression scenarios, named after the contract they hold the adapters to:
+//!
+//! | scenario | what the wire must show |
+//! |---|---|
+//! | [`c12_query_placement_keeps_the_callers_query_byte_for_byte`] | the caller's query arrives as written, the token pair added (or put in place of the caller's own) |
+//! | [`c12_query_token_never_in_errors`] | a transport error after query placement does not show the token |
+//! | [`c12_query_token_never_in_a_referer`] | a redirect to another origin carries no `Referer` with the token |
+//! | [`c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection`] | a 401 from a redirect target that got no token is returned as is: no refresh, no resend |
+//! | [`c4_a_body_classifier_does_not_hold_back_a_stream`] | a streaming response (SSE, a long poll without length) reaches the caller while it streams |
 
 // Test support: a panic is how a scenario reports a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -45,7 +55,9 @@ use tokenflight::{
     Authenticator, Backoff, Builder, Classifier, ManualClock, Retry, Token, Transport,
 };
 
-use crate::testkit::{Failure, RecordedRequest, TestServer, TestServerConfig};
+use crate::testkit::{
+    ClosingServer, Failure, RecordedRequest, STREAM_FIRST, TestServer, TestServerConfig,
+};
 
 /// What an adapter gives the suite.
 pub trait Adapter: Send + Sync + 'static {
@@ -94,6 +106,18 @@ pub trait TestClient: Send + Sync {
     /// Sends one request through the adapter's middleware. `Err` carries the error's
     /// `Display` (token errors included: S5, S6, S15).
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>>;
+
+    /// Sends one request through the adapter's middleware and returns as soon as the
+    /// response and the first bytes of its body are there: its status and those bytes
+    /// (at least one byte, unless the body is empty). The rest of the body is dropped.
+    /// For responses that stream and do not end while the test looks at them.
+    ///
+    /// The default fails: an adapter implements it to run
+    /// [`c4_a_body_classifier_does_not_hold_back_a_stream`].
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        let _ = request;
+        Box::pin(async { Err("this adapter's TestClient does not implement first_chunk".into()) })
+    }
 }
 
 impl TestRequest {
@@ -993,6 +1017,278 @@ pub async fn s15_token_endpoint_hangs_then_recovers(adapter: &dyn Adapter) {
     assert_eq!(counters.reuse_detections, 0, "[{}] S15", w.name);
 }
 
+// ---- regression scenarios, named after their contract ---------------------------------
+
+/// A query as callers write them for signed URLs and old APIs: a flag without `=`,
+/// percent-escapes in both cases, `+`, an empty value, repeated keys, and the caller's
+/// own `token` in the middle.
+const CALLERS_QUERY: &str =
+    "flag&sig=a%2Fb%3D%3D&plus=a+b&tilde=%7e&empty=&token=callers&list=1&list=2";
+
+fn form_encoded(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// C12 (query placement): the token parameter is added and the rest of the caller's
+/// query reaches the server byte for byte (no `=` added to a flag, no re-encoding), so
+/// signed URLs keep their signature. A `token` pair the caller wrote is replaced in
+/// place; every other pair stays where it was.
+pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let signed = format!("{}?{CALLERS_QUERY}", w.server.api_url("c12/signed"));
+    let response = w.respond(TestRequest::get(signed.clone())).await;
+    assert_eq!(response.status, 200, "[{}] C12 query", w.name);
+    let flag = format!("{}?flag", w.server.api_url("c12/flag"));
+    let response = w.respond(TestRequest::get(flag)).await;
+    assert_eq!(response.status, 200, "[{}] C12 query", w.name);
+
+    // The resend after a rejection starts again from the caller's query.
+    w.server.expire_all_tokens();
+    let response = w.respond(TestRequest::get(signed)).await;
+    assert_eq!(
+        response.status, 200,
+        "[{}] C12 query after a refresh",
+        w.name
+    );
+
+    let with = |token: &str| {
+        CALLERS_QUERY.replace("token=callers", &format!("token={}", form_encoded(token)))
+    };
+    let current = w.auth.flight().current().unwrap();
+    let signed: Vec<Option<String>> = w
+        .requests_to("c12/signed")
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert_eq!(
+        signed,
+        [
+            Some(with(&w.first)),
+            Some(with(&w.first)),
+            Some(with(current.access().expose()))
+        ],
+        "[{}] C12: the caller's query was rewritten",
+        w.name
+    );
+    let flag: Vec<Option<String>> = w
+        .requests_to("c12/flag")
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert_eq!(
+        flag,
+        [Some(format!("flag&token={}", form_encoded(&w.first)))],
+        "[{}] C12: a flag gained an `=`",
+        w.name
+    );
+}
+
+/// C12 (query placement): when sending fails after the token went into the URL, the
+/// error the caller gets (its `Display` and every cause) does not show the token;
+/// clients print the request URL in their errors.
+pub async fn c12_query_token_never_in_errors(adapter: &dyn Adapter) {
+    let broken = ClosingServer::start();
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let origin = broken.origin();
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.query_param("token").allowed_origin(&origin)
+    });
+    for url in [
+        format!("{origin}/api/c12/broken?page=2"),
+        format!("{origin}/api/c12/broken"),
+    ] {
+        match w.send(TestRequest::get(url.clone())).await {
+            Err(error) => w.assert_no_secret_in(&error),
+            Ok(response) => panic!(
+                "[{}] C12 errors: {url} answered {} from a server that closes every connection",
+                w.name, response.status
+            ),
+        }
+    }
+    // The valid token was attached as it was: no refresh came in between.
+    assert_eq!(w.auth.stats().source_calls, 0, "[{}] C12 errors", w.name);
+}
+
+/// C12 (query placement): a redirect from the allowed origin to another one does not
+/// take the token along in a `Referer` (which clients fill with the previous URL,
+/// query included). Following the redirect or handing the redirect response to the
+/// caller are both fine; the other origin seeing the token is not.
+pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let other = TestServer::start(TestServerConfig::other_origin());
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
+        .await;
+    assert!(
+        response.status == 200 || response.status == 302,
+        "[{}] C12 referer: status {}",
+        w.name,
+        response.status
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C12 referer", w.name);
+    for request in other.requests() {
+        assert!(
+            !request.referer.as_deref().unwrap_or("").contains(&w.first),
+            "[{}] C12: the token went to another origin in a Referer",
+            w.name
+        );
+        assert_eq!(request.token, None, "[{}] C12 referer", w.name);
+        assert!(!request.authorization, "[{}] C12 referer", w.name);
+    }
+    assert_eq!(
+        other.counters().credentialed_requests,
+        0,
+        "[{}] C12",
+        w.name
+    );
+}
+
+/// C4: a redirect from the allowed origin to another one that answers 401: the token
+/// never reached that origin (it is not allowed), so its 401 says nothing about the
+/// token. The caller gets that 401 as it is: no refresh, no resend, no rejection
+/// counted. The same for a same-origin hop without the token (query placement).
+pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
+    adapter: &dyn Adapter,
+) {
+    let w = World::start(adapter, Start::Valid);
+    // A protected API elsewhere: 401 to anyone without its own token.
+    let other = TestServer::start(TestServerConfig::default());
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
+        .await;
+    assert_eq!(
+        response.status, 401,
+        "[{}] C4: the other origin's answer, as it is",
+        w.name
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C4", w.name);
+    let seen = other.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "[{}] C4: the other origin was asked once (no resend)",
+        w.name
+    );
+    assert!(
+        seen[0].token.is_none() && !seen[0].authorization,
+        "[{}] C4",
+        w.name
+    );
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C4: a 401 from an origin the token never reached started a refresh",
+        w.name
+    );
+    let stats = w.auth.stats();
+    assert_eq!(
+        (stats.rejections, stats.retries, stats.not_replayable),
+        (0, 0, 0),
+        "[{}] C4",
+        w.name
+    );
+    // The token is still good where it goes.
+    let mine = w
+        .respond(TestRequest::get(w.server.api_url("c4/mine")))
+        .await;
+    assert_eq!(mine.status, 200, "[{}] C4", w.name);
+    assert_eq!(w.server.counters().token_calls, 0, "[{}] C4", w.name);
+
+    // Query placement, a redirect within the origin: the `Location` does not repeat the
+    // token. A client that follows redirects below the layer lands there without it (a
+    // 401 that is not about the token); one that follows them above the layer attaches
+    // it again (a 200). Either way no refresh.
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&w.server.api_url("c4/landing")),
+        ))
+        .await;
+    assert!(
+        response.status == 401 || response.status == 200,
+        "[{}] C4 query: status {}",
+        w.name,
+        response.status
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C4 query", w.name);
+    assert_eq!(
+        w.requests_to("c4/landing").len(),
+        1,
+        "[{}] C4 query: the landing was asked once (no resend)",
+        w.name
+    );
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C4 query: a 401 for a hop without the token started a refresh",
+        w.name
+    );
+}
+
+/// C4 (body classification): a body rule must not hold a streaming response back until
+/// its limit or its end. Server-sent events (declared by their content type) are never
+/// read, even when bodies of unknown length are; a long poll or JSON stream without a
+/// `Content-Length` is not read by default. The caller gets the response and its first
+/// event while the server still streams (the server ends the stream only after that).
+pub async fn c4_a_body_classifier_does_not_hold_back_a_stream(adapter: &dyn Adapter) {
+    let rejects = |body: &[u8]| body.windows(10).any(|w| w == b"\"code\":401");
+    let by_default = Classifier::new().body(4096, rejects);
+    let unknown_length = Classifier::new()
+        .body(4096, rejects)
+        .body_of_unknown_length(true);
+    let cases = [
+        (by_default.clone(), "text/event-stream"),
+        (by_default, "application/json"),
+        (unknown_length, "text/event-stream"),
+    ];
+    for (classifier, content_type) in cases {
+        let w = World::start_with(adapter, TestServerConfig::default(), Start::Valid, |b| {
+            b.classifier(classifier)
+        });
+        let url = w.server.stream_url(content_type);
+        let first = w.client.first_chunk(TestRequest::get(url)).await;
+        let counters = w.server.counters();
+        assert_eq!(
+            counters.streams_cut_off, 0,
+            "[{}] C4 {content_type}: the response was held back until the stream ended",
+            w.name
+        );
+        match first {
+            Ok((status, bytes)) => {
+                assert_eq!(status, 200, "[{}] C4 {content_type}", w.name);
+                assert!(
+                    !bytes.is_empty() && STREAM_FIRST.starts_with(&bytes),
+                    "[{}] C4 {content_type}: first bytes {:?}",
+                    w.name,
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            Err(e) => panic!("[{}] C4 {content_type}: {e}", w.name),
+        }
+        assert_eq!(counters.streams_opened, 1, "[{}] C4 {content_type}", w.name);
+        w.server.release_held();
+    }
+}
+
 /// Expands to one test function per conformance scenario, each run with the given
 /// runtime attribute against a fresh adapter value.
 ///
@@ -1023,6 +1319,11 @@ macro_rules! conformance_tests {
             s13_business_code_classification,
             s14_rotation_uses_newest_refresh_token,
             s15_token_endpoint_hangs_then_recovers,
+            c12_query_placement_keeps_the_callers_query_byte_for_byte,
+            c12_query_token_never_in_errors,
+            c12_query_token_never_in_a_referer,
+            c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection,
+            c4_a_body_classifier_does_not_hold_back_a_stream,
         );
     };
     (@each $runtime:meta, $adapter:expr; $($scenario:ident),+ $(,)?) => {

@@ -96,6 +96,19 @@ impl TestClient for SurfClient {
             })
         })
     }
+
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        Box::pin(async move {
+            use futures::AsyncReadExt;
+            let req = Self::request(&request)?;
+            let mut res = self.0.send(req).await.map_err(|e| e.to_string())?;
+            let mut body = res.take_body();
+            let mut buffer = vec![0; 4096];
+            let read = body.read(&mut buffer).await.map_err(|e| e.to_string())?;
+            buffer.truncate(read);
+            Ok((u16::from(res.status()), buffer))
+        })
+    }
 }
 
 /// The adapter glue on its own, so it is exercised even before the suite runs.

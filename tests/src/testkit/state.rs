@@ -44,6 +44,11 @@ pub struct Counters {
     /// [`TestServer::hold_next_resource_calls`](super::TestServer::hold_next_resource_calls)),
     /// counted when they arrive, before they are held.
     pub held_resource_calls: u64,
+    /// Responses of `/stream` started (counted before their first chunk goes out).
+    pub streams_opened: u64,
+    /// Responses of `/stream` that ended because nobody released them in time (see
+    /// [`TestServer::stream_url`](super::TestServer::stream_url)).
+    pub streams_cut_off: u64,
 }
 
 impl Counters {
@@ -66,6 +71,10 @@ pub struct RecordedRequest {
     pub method: String,
     /// The path, without the query.
     pub path: String,
+    /// The query exactly as it arrived (no decoding, no normalising), if there was one.
+    pub query: Option<String>,
+    /// The `Referer` header, if any.
+    pub referer: Option<String>,
     /// The access token it carried, if any (from the header, or from the query in
     /// query mode).
     pub token: Option<String>,
