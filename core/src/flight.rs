@@ -787,11 +787,22 @@ impl SingleFlight {
                     };
                 } else {
                     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                    let delay = self.inner.parts.config.backoff.delay(
+                    let mut delay = self.inner.parts.config.backoff.delay(
                         state.consecutive_failures,
                         fastrand::f64(),
                         error.retry_after(),
                     );
+                    // While the current token still works, the next try must come
+                    // before it expires, or callers would fail in the gap (C16). A
+                    // server's Retry-After is honoured as it is.
+                    if error.retry_after().is_none() {
+                        let left = self
+                            .still_valid_current(now)
+                            .and_then(|token| token.remaining(now));
+                        if let Some(left) = left {
+                            delay = delay.min(left / 2);
+                        }
+                    }
                     state.failure = Failure::Backoff {
                         until: instant_after(mono, delay),
                         error: error.clone(),
