@@ -67,3 +67,8 @@ pub(crate) fn redis_error(error: RedisError) -> StoreError {
         StoreError::Other(Box::new(error))
     }
 }
+
+/// An [`StoreError::Unavailable`] with `message`.
+pub(crate) fn unavailable(message: String) -> StoreError {
+    StoreError::Unavailable(Box::new(io::Error::other(message)))
+}

@@ -44,6 +44,7 @@
 )]
 
 mod config;
+mod conn;
 mod events;
 mod io;
 mod lock;
@@ -51,5 +52,5 @@ mod scripts;
 mod store;
 mod wire;
 
-pub use config::RedisStoreBuilder;
+pub use config::{RedisStoreBuilder, ReplicaAck};
 pub use store::RedisStore;

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokenflight::StoreError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::io::bounded;
-use crate::scripts::{RELEASE, RENEW};
-use crate::store::Inner;
+use crate::conn::reply;
+use crate::io::{bounded, redis_error, unavailable};
+use crate::scripts::{RELEASE, RENEW, RENEW_SOURCE, eval};
+use crate::store::{Inner, wait};
 use crate::wire::millis;
 
 /// The guard inside a [`tokenflight::StoreLock`] from a [`crate::RedisStore`].
@@ -110,6 +110,16 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
         )
         .await?;
         if taken.is_some() {
+            if let Some(replicas) = inner.replicas() {
+                if let Err(error) = confirm(&inner, &value, replicas).await {
+                    // Not known to be replicated: a failover could hand the same lock to
+                    // another replica, so give it back and refresh nothing under it.
+                    if let Err(release_error) = release(Arc::clone(&inner), value.clone()).await {
+                        tracing::debug!(%release_error, "giving back an unconfirmed lock failed; its lease will lapse");
+                    }
+                    return Err(error);
+                }
+            }
             inner.remember_held(&value);
             let renewal = settings.renew_every.map(|every| {
                 inner
@@ -138,12 +148,52 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
     }
 }
 
+/// Waits until `replicas` replicas acknowledged the lock. The lease is touched (a
+/// compare-and-pexpire, itself a write) and `WAIT`ed for in one batch on one connection:
+/// `WAIT` counts acknowledgements of that connection's writes, and replication is one
+/// ordered stream, so a replica that has the touch also has the `SET` before it — even
+/// if the connection that took the lock was replaced in between.
+async fn confirm(inner: &Inner, value: &str, replicas: u32) -> Result<(), StoreError> {
+    let timeout = inner.settings.replica_ack_timeout;
+    let mut pipe = redis::pipe();
+    pipe.add_command(eval(
+        RENEW_SOURCE,
+        &[&inner.lock_key],
+        &[value, &millis(inner.settings.lease).to_string()],
+    ));
+    pipe.add_command(wait(replicas, timeout));
+    let mut con = inner.con.clone();
+    let values = bounded(
+        inner.settings.command_timeout + timeout,
+        con.batch_at(&inner.lock_key, pipe),
+    )
+    .await?;
+    let mut values = values.into_iter();
+    let (Some(touched), Some(acked)) = (values.next(), values.next()) else {
+        return Err(StoreError::Other(
+            "unexpected reply to the lock's WAIT".into(),
+        ));
+    };
+    let touched: i64 = reply(touched).map_err(redis_error)?;
+    let acked: u64 = reply(acked).map_err(redis_error)?;
+    if touched != 1 {
+        return Err(StoreError::LeaseLost);
+    }
+    if acked < u64::from(replicas) {
+        return Err(unavailable(format!(
+            "the refresh lock was acknowledged by {acked} of {replicas} required replica(s) \
+             within {timeout:?}; no refresh under it (see RedisStoreBuilder::replica_ack)"
+        )));
+    }
+    Ok(())
+}
+
 /// Extends the lease every `every` while the lock is still ours. Ends when the lock is
 /// lost; aborted when the guard is released or dropped. A failed renewal is retried at
 /// the next tick: the fenced save catches a lease that lapsed meanwhile.
 async fn renew(inner: Arc<Inner>, value: String, every: Duration) {
     let lease_ms = millis(inner.settings.lease);
-    let mut con: ConnectionManager = inner.con.clone();
+    let mut con = inner.con.clone();
     loop {
         tokio::time::sleep(every).await;
         let renewed: Result<i64, StoreError> = bounded(
