@@ -208,7 +208,7 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
         .await
         .unwrap();
     let holder: Option<String> = redis::cmd("GET")
-        .arg("l1:lock")
+        .arg("{l1:}lock")
         .query_async(&mut con)
         .await
         .unwrap();
@@ -228,7 +228,7 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
     })
     .await;
     let still: Option<String> = redis::cmd("GET")
-        .arg("l1:lock")
+        .arg("{l1:}lock")
         .query_async(&mut con)
         .await
         .unwrap();

@@ -40,7 +40,7 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 async fn lock_holder(server: &RedisServer, prefix: &str) -> Option<String> {
     raw(server)
         .await
-        .get(format!("{prefix}lock"))
+        .get(format!("{{{prefix}}}lock"))
         .await
         .unwrap()
 }
@@ -292,7 +292,7 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
     let s = store(&server, "t5:").connect().await.unwrap();
     let mut con = raw(&server).await;
     let _: () = con
-        .set("t5:token", "{\"v\":1,\"access\":\"secret-XYZ\"")
+        .set("{t5:}token", "{\"v\":1,\"access\":\"secret-XYZ\"")
         .await
         .unwrap();
     match guarded("load", s.load()).await {
@@ -300,12 +300,12 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
     // A wrong type under the key is an error too, not a panic.
-    let _: () = con.del("t5:token").await.unwrap();
-    let _: () = con.hset("t5:token", "f", "v").await.unwrap();
+    let _: () = con.del("{t5:}token").await.unwrap();
+    let _: () = con.hset("{t5:}token", "f", "v").await.unwrap();
     assert!(guarded("load hash", s.load()).await.is_err());
-    let _: () = con.del("t5:token").await.unwrap();
+    let _: () = con.del("{t5:}token").await.unwrap();
 
-    let _: () = con.set("t5:token", "garbage").await.unwrap();
+    let _: () = con.set("{t5:}token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
     guarded("save over garbage", s.save(&login, None))
         .await
