@@ -1,0 +1,410 @@
+//! Production-shaped Redis deployments on loopback, started by the tests themselves from
+//! Debian's `redis-server` (and `redis-cli` from `redis-tools`): a TLS server with a
+//! private CA and an ACL user, a 3-primary cluster, and a primary with two replicas
+//! watched by a sentinel (`redis-server --sentinel`). Everything lives in a private
+//! temporary directory and every process is killed on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, ping};
+
+/// A private directory under the system's temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "tokenflight-redis-{name}-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `redis-server` process (a data node or a sentinel), killed on drop.
+pub struct Proc {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn start(port: u16, args: Vec<String>) -> Proc {
+        let mut proc = Proc {
+            port,
+            args,
+            child: None,
+        };
+        proc.restart();
+        proc
+    }
+
+    /// SIGKILL: no goodbye to clients or to the sentinel.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again with the same arguments (no data survives).
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); `.ci/deps` installs it")
+            });
+        self.child = Some(child);
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` (at most 800 tries, 25 ms apart) until it holds.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..800 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// `redis-cli -p port args...` on loopback; its standard output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); `.ci/deps` installs it"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn data_node_args(port: u16, dir: &TempDir) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn start_plain(port: u16, mut args: Vec<String>, dir: &TempDir, what: &str) -> Proc {
+    let mut all = data_node_args(port, dir);
+    all.append(&mut args);
+    let mut proc = Proc::start(port, all);
+    wait_until(what, || {
+        assert!(!proc.exited(), "{what} exited early (port taken?)");
+        ping(port)
+    });
+    proc
+}
+
+/// A TLS-only server (no plain port) whose certificate a private CA signed, where the
+/// default user is off and only an ACL user with a password may use the store's keys.
+pub struct TlsRedis {
+    pub proc: Proc,
+    pub ca_pem: String,
+    pub user: &'static str,
+    pub password: String,
+    _dir: TempDir,
+}
+
+impl TlsRedis {
+    pub fn start() -> TlsRedis {
+        let dir = TempDir::new("tls");
+        let (ca_pem, cert_pem, key_pem) = certificates();
+        fs::write(dir.file("ca.pem"), &ca_pem).unwrap();
+        fs::write(dir.file("server.pem"), cert_pem).unwrap();
+        fs::write(dir.file("server.key"), key_pem).unwrap();
+        let password = format!("pw-{:016x}", fastrand::u64(..));
+        let port = free_port();
+        // The ACL user reaches only the store's keys and channel ({fleet:}... and the
+        // tests' own prefixes under {tls-...}) and no dangerous command.
+        let conf = format!(
+            "user default off\n\
+             user tokenflight on >{password} ~{{fleet:}}* ~{{tls-* &{{fleet:}}* &{{tls-* +@all -@dangerous\n"
+        );
+        fs::write(dir.file("acl.conf"), conf).unwrap();
+        let mut args = data_node_args(0, &dir);
+        args.extend(
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &dir.file("server.pem"),
+                "--tls-key-file",
+                &dir.file("server.key"),
+                "--tls-ca-cert-file",
+                &dir.file("ca.pem"),
+                "--tls-auth-clients",
+                "no",
+                "--aclfile",
+                &dir.file("acl.conf"),
+            ]
+            .map(str::to_owned),
+        );
+        let proc = Proc::start(port, args);
+        let server = TlsRedis {
+            proc,
+            ca_pem,
+            user: "tokenflight",
+            password,
+            _dir: dir,
+        };
+        // Ready when a TLS connection as the ACL user answers PING.
+        wait_until("the TLS server answers PING over TLS", || {
+            server.sync_ping().is_ok()
+        });
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "rediss://{}:{}@127.0.0.1:{}/",
+            self.user, self.password, self.proc.port
+        )
+    }
+
+    fn sync_ping(&self) -> redis::RedisResult<String> {
+        let client = redis::Client::build_with_tls(
+            self.url(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(self.ca_pem.clone().into_bytes()),
+            },
+        )?;
+        let mut con = client.get_connection_with_timeout(Duration::from_millis(500))?;
+        redis::cmd("PING").query(&mut con)
+    }
+}
+
+/// A private CA and a server certificate for 127.0.0.1 it signed: (CA, cert, key) PEM.
+pub fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "tokenflight test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    (ca_cert.pem(), server_cert.pem(), server_key.serialize_pem())
+}
+
+/// Three primaries (no replicas) in one cluster, slots split by `redis-cli --cluster create`.
+pub struct Cluster {
+    pub nodes: Vec<Proc>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = TempDir::new("cluster");
+        let nodes: Vec<Proc> = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let args = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &dir.file(&format!("nodes-{i}.conf")),
+                    "--cluster-node-timeout",
+                    "5000",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                start_plain(port, args, &dir, "a cluster node answers PING")
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.push("--cluster-yes");
+        let out = cli(nodes[0].port, &args);
+        assert!(out.contains("[OK] All 16384 slots covered"), "{out}");
+        for node in &nodes {
+            wait_until("every node sees the cluster as ok", || {
+                cli(node.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+            });
+        }
+        Cluster { nodes, _dir: dir }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+}
+
+/// A primary, two replicas and one sentinel (quorum 1, quick failure detection).
+pub struct SentinelSet {
+    pub nodes: Vec<Proc>,
+    pub sentinel: Proc,
+    pub service: &'static str,
+    _dir: TempDir,
+}
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let dir = TempDir::new("sentinel");
+        let primary_port = free_port();
+        let mut nodes = vec![start_plain(primary_port, Vec::new(), &dir, "the primary answers PING")];
+        for _ in 0..2 {
+            let port = free_port();
+            let args = ["--replicaof", "127.0.0.1", &primary_port.to_string()]
+                .map(str::to_owned)
+                .to_vec();
+            nodes.push(start_plain(port, args, &dir, "a replica answers PING"));
+        }
+        for node in &nodes[1..] {
+            wait_until("a replica is in sync", || {
+                cli(node.port, &["INFO", "replication"]).contains("master_link_status:up")
+            });
+        }
+        let service = "tokenflight";
+        let port = free_port();
+        // The sentinel rewrites its config file, so it gets its own.
+        let conf = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+             sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+             sentinel down-after-milliseconds {service} 500\n\
+             sentinel failover-timeout {service} 5000\n\
+             sentinel parallel-syncs {service} 2\n",
+            dir.path().display()
+        );
+        let conf_file = dir.file("sentinel.conf");
+        fs::write(&conf_file, conf).unwrap();
+        let mut sentinel = Proc::start(port, vec![conf_file, "--sentinel".to_owned()]);
+        wait_until("the sentinel answers PING", || {
+            assert!(!sentinel.exited(), "the sentinel exited early");
+            ping(port)
+        });
+        let set = SentinelSet {
+            nodes,
+            sentinel,
+            service,
+            _dir: dir,
+        };
+        wait_until("the sentinel knows both replicas", || {
+            cli(port, &["SENTINEL", "REPLICAS", service])
+                .matches("slave")
+                .count()
+                >= 2
+        });
+        set
+    }
+
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.sentinel.port)
+    }
+
+    /// The port of the primary the sentinel names now.
+    pub fn primary_port(&self) -> u16 {
+        let out = cli(
+            self.sentinel.port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service],
+        );
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Waits until every replica of the current primary has everything written so far
+    /// (a probe write and `WAIT` on one connection: replication is one ordered stream).
+    pub fn sync_replicas(&self, replicas: usize) {
+        let port = self.primary_port();
+        // One redis-cli connection for both: WAIT counts that connection's writes.
+        let out = cli_batch(port, format!("SET {{fleet:}}probe 1\nWAIT {replicas} 5000\n"));
+        assert!(
+            out.trim_end().ends_with(&replicas.to_string()),
+            "replicas did not catch up: {out}"
+        );
+    }
+
+    /// Kills the primary and waits until the sentinel names another one that accepts
+    /// writes and has `replicas` replicas online; returns its port.
+    pub fn fail_over(&mut self, replicas: usize) -> u16 {
+        let old = self.primary_port();
+        let node = self.nodes.iter_mut().find(|n| n.port == old).unwrap();
+        node.kill();
+        wait_until("the sentinel promotes a replica", || {
+            let now = self.primary_port();
+            now != 0 && now != old
+        });
+        let new = self.primary_port();
+        wait_until("the new primary is writable with its replicas online", || {
+            let info = cli(new, &["INFO", "replication"]);
+            info.contains("role:master")
+                && info.matches("state=online").count() >= replicas
+        });
+        new
+    }
+}
+
+/// Several commands through one `redis-cli` connection (read from its stdin).
+pub fn cli_batch(port: u16, commands: String) -> String {
+    use std::io::Write;
+    let mut child = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(commands.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
