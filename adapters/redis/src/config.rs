@@ -152,6 +152,18 @@ enum Target {
 }
 
 impl Target {
+    /// Whether any URL is `rediss://`.
+    fn uses_tls(&self) -> bool {
+        let tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        match self {
+            Target::Node(Ok(info)) => tls(info),
+            Target::Cluster(Ok(nodes)) | Target::Sentinel { sentinels: Ok(nodes), .. } => {
+                nodes.iter().any(tls)
+            }
+            _ => false,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             Target::Node(_) => "node",
@@ -379,7 +391,7 @@ impl RedisStoreBuilder {
             Target::Cluster(_) | Target::Sentinel { .. } => ReplicaAck::Required(1),
         };
         settings.replica_ack = Some(settings.replica_ack.unwrap_or(default_ack));
-        if self.tls.is_some() {
+        if self.tls.is_some() || self.target.uses_tls() {
             install_crypto_provider();
         }
         // Connections need the runtime's context (the connection manager, the cluster

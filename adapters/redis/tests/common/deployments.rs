@@ -213,6 +213,10 @@ impl TlsRedis {
     }
 
     fn sync_ping(&self) -> redis::RedisResult<String> {
+        // The store installs a provider when it is built; this probe may come first.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = redis::Client::build_with_tls(
             self.url(),
             redis::TlsCertificates {
