@@ -157,9 +157,11 @@ impl Target {
         let tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
         match self {
             Target::Node(Ok(info)) => tls(info),
-            Target::Cluster(Ok(nodes)) | Target::Sentinel { sentinels: Ok(nodes), .. } => {
-                nodes.iter().any(tls)
-            }
+            Target::Cluster(Ok(nodes))
+            | Target::Sentinel {
+                sentinels: Ok(nodes),
+                ..
+            } => nodes.iter().any(tls),
             _ => false,
         }
     }
@@ -444,7 +446,10 @@ fn with_credentials(
     let Some((username, password)) = credentials else {
         return info;
     };
-    let mut redis = info.redis_settings().clone().set_password(password.expose());
+    let mut redis = info
+        .redis_settings()
+        .clone()
+        .set_password(password.expose());
     if let Some(username) = username {
         redis = redis.set_username(username);
     }
@@ -475,7 +480,7 @@ fn connect(
                 .set_response_timeout(Some(settings.command_timeout))
                 .set_max_delay(settings.connect_timeout);
             let con = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-            Ok((Con::Node(con), Subscriber::Node(client)))
+            Ok((Con::Node(con), Subscriber::Node(Box::new(client))))
         }
         Target::Cluster(nodes) => {
             let nodes: Vec<ConnectionInfo> = nodes?
@@ -505,9 +510,7 @@ fn connect(
             let secure = sentinels
                 .iter()
                 .any(|info| matches!(info.addr(), ConnectionAddr::TcpTls { .. }));
-            let sentinel_auth = sentinels
-                .first()
-                .map(|info| info.redis_settings().clone());
+            let sentinel_auth = sentinels.first().map(|info| info.redis_settings().clone());
             let mut builder = SentinelClientBuilder::new(
                 sentinels.iter().map(|info| info.addr().clone()),
                 service,

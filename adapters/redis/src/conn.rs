@@ -230,7 +230,7 @@ impl SentinelCon {
 #[derive(Clone)]
 pub(crate) enum Subscriber {
     /// The one node.
-    Node(redis::Client),
+    Node(Box<redis::Client>),
     /// Any node of the cluster: classic pub/sub messages reach every node, so one
     /// subscription hears the whole cluster. Tried in turn when one is down.
     Cluster(Vec<redis::Client>),

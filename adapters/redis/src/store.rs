@@ -44,14 +44,17 @@ use crate::wire;
 ///
 /// - While Redis is unreachable, refreshes fail (the coordinator backs off and keeps
 ///   serving a still-valid token) rather than fall back to a local refresh: without the
-///   fleet-wide lock two replicas could spend the same refresh token.
+///   fleet-wide lock two replicas could spend the same refresh token. See the crate
+///   docs, "When Redis is unreachable".
 /// - A lock in Redis is not a perfect fence for the token endpoint: if a holder's
 ///   whole process freezes for longer than the lease *after* it sent the refresh token
 ///   and *before* its save, another replica will present the spent refresh token.
 ///   Renewal keeps the lease alive as long as the process runs, so only such a freeze
-///   (longer than the lease) can cause this; size the lease accordingly.
-/// - A saved token is plain JSON in Redis: protect the instance (ACLs, TLS via a
-///   `rediss://` URL with the `redis` crate's TLS features, network isolation).
+///   (longer than the lease) can cause this; size the lease accordingly. Failover has
+///   its own window, narrowed by [`crate::ReplicaAck`]; the crate docs say exactly
+///   what remains.
+/// - A saved token is plain JSON in Redis: protect the instance (an ACL user that
+///   reaches only the store's keys, TLS with a `rediss://` URL, network isolation).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -409,8 +412,11 @@ impl RedisStore {
 /// connection's writes, or the timeout passed; answers how many did.
 pub(crate) fn wait(replicas: u32, timeout: Duration) -> redis::Cmd {
     let mut cmd = redis::cmd("WAIT");
-    cmd.arg(replicas)
-        .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1));
+    cmd.arg(replicas).arg(
+        u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+    );
     cmd
 }
 
@@ -418,7 +424,8 @@ impl TokenStore for RedisStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let result = on_runtime(&inner.runtime.clone(), Self::load_token(Arc::clone(&inner))).await;
+            let result =
+                on_runtime(&inner.runtime.clone(), Self::load_token(Arc::clone(&inner))).await;
             inner.observe(&result);
             result
         })

@@ -85,7 +85,11 @@ async fn a_waiter_on_another_node_is_woken_by_pubsub_across_the_cluster() {
     // b is subscribed and polled once (its lock attempt failed) before a saves:
     // wait for the subscriber count on the channel across the cluster.
     common::deployments::wait_until("b subscribed", || {
-        cli(cluster.nodes[1].port, &["PUBSUB", "NUMSUB", "{wake}:events"]).contains("\n1")
+        cli(
+            cluster.nodes[1].port,
+            &["PUBSUB", "NUMSUB", "{wake}:events"],
+        )
+        .contains("\n1")
     });
     a.save(&Token::new("x").with_generation(2), Some(&held))
         .await
@@ -109,7 +113,10 @@ async fn the_default_replica_ack_refuses_to_refresh_on_a_cluster_without_replica
         .unwrap();
     match store.lock().await {
         Err(StoreError::Unavailable(error)) => {
-            assert!(error.to_string().contains("0 of 1 required replica"), "{error}");
+            assert!(
+                error.to_string().contains("0 of 1 required replica"),
+                "{error}"
+            );
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }

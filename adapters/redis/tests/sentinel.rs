@@ -64,7 +64,10 @@ fn a_fleet_keeps_one_refresh_per_expiry_across_a_sentinel_failover() {
     let reports = recovered.expect("the fleet recovered after the failover");
     fleet.assert_all_on(&reports, cycle + 1);
     let counters = fleet.server.counters();
-    assert_eq!(counters.refresh_token_calls, cycle, "one call per expiry, failover included");
+    assert_eq!(
+        counters.refresh_token_calls, cycle,
+        "one call per expiry, failover included"
+    );
     assert_eq!(counters.reuse_detections, 0);
     assert_eq!(counters.token_errors, 0);
 
@@ -96,7 +99,10 @@ async fn without_an_acknowledging_replica_no_refresh_is_attempted() {
         .unwrap();
     match store.lock().await {
         Err(StoreError::Unavailable(error)) => {
-            assert!(error.to_string().contains("0 of 1 required replica"), "{error}");
+            assert!(
+                error.to_string().contains("0 of 1 required replica"),
+                "{error}"
+            );
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }

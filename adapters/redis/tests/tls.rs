@@ -46,7 +46,10 @@ async fn c12_secrets_in_the_url_stay_out_of_debug_and_errors() {
     let redis = TlsRedis::start();
     // Right CA, wrong password: the server refuses, the error is typed and quiet.
     let wrong = format!("wrong-{}", redis.password);
-    let url = format!("rediss://{}:{wrong}@127.0.0.1:{}/", redis.user, redis.proc.port);
+    let url = format!(
+        "rediss://{}:{wrong}@127.0.0.1:{}/",
+        redis.user, redis.proc.port
+    );
     let builder = RedisStore::builder(url.as_str())
         .tls_ca_pem(redis.ca_pem.clone())
         .connect_timeout(Duration::from_secs(2));
@@ -71,7 +74,10 @@ async fn c12_secrets_in_the_url_stay_out_of_debug_and_errors() {
     assert!(!format!("{store:?}").contains(&redis.password));
 
     // A typo in the URL: the error names no part of it.
-    let bad = format!("rediss://{}:{}@127.0.0.1:notaport/", redis.user, redis.password);
+    let bad = format!(
+        "rediss://{}:{}@127.0.0.1:notaport/",
+        redis.user, redis.password
+    );
     let error = RedisStore::builder(bad.as_str()).build().unwrap_err();
     assert!(!format!("{error} {error:?}").contains(&redis.password));
 }
@@ -91,7 +97,10 @@ async fn a_server_the_private_ca_did_not_sign_is_refused() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
     // And without TLS the TLS-only port does not answer in plain text either.
-    let plain = format!("redis://{}:{}@127.0.0.1:{}/", redis.user, redis.password, redis.proc.port);
+    let plain = format!(
+        "redis://{}:{}@127.0.0.1:{}/",
+        redis.user, redis.password, redis.proc.port
+    );
     let store = RedisStore::builder(plain.as_str())
         .command_timeout(Duration::from_secs(1))
         .key_prefix("{tls-plain}:")
@@ -104,11 +113,23 @@ async fn a_server_the_private_ca_did_not_sign_is_refused() {
 fn the_tls_stack_is_rustls_without_openssl() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "-p", "tokenflight-redis", "-e", "normal,build", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "tokenflight-redis",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(tree.contains("rustls v0.23"), "{tree}");
     let crates: Vec<&str> = tree.lines().filter_map(|l| l.split(' ').next()).collect();

@@ -75,9 +75,7 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}); `.ci/deps` installs it")
-            });
+            .unwrap_or_else(|e| panic!("cannot start redis-server ({e}); `.ci/deps` installs it"));
         self.child = Some(child);
     }
 
@@ -231,12 +229,17 @@ impl TlsRedis {
 
 /// A private CA and a server certificate for 127.0.0.1 it signed: (CA, cert, key) PEM.
 pub fn certificates() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name
         .push(DnType::CommonName, "tokenflight test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate().unwrap();
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
@@ -274,7 +277,10 @@ impl Cluster {
                 start_plain(port, args, &dir, "a cluster node answers PING")
             })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.push("--cluster-yes");
@@ -308,7 +314,12 @@ impl SentinelSet {
     pub fn start() -> SentinelSet {
         let dir = TempDir::new("sentinel");
         let primary_port = free_port();
-        let mut nodes = vec![start_plain(primary_port, Vec::new(), &dir, "the primary answers PING")];
+        let mut nodes = vec![start_plain(
+            primary_port,
+            Vec::new(),
+            &dir,
+            "the primary answers PING",
+        )];
         for _ in 0..2 {
             let port = free_port();
             let args = ["--replicaof", "127.0.0.1", &primary_port.to_string()]
@@ -364,7 +375,10 @@ impl SentinelSet {
             self.sentinel.port,
             &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service],
         );
-        out.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Waits until every replica of the current primary has everything written so far
@@ -372,7 +386,10 @@ impl SentinelSet {
     pub fn sync_replicas(&self, replicas: usize) {
         let port = self.primary_port();
         // One redis-cli connection for both: WAIT counts that connection's writes.
-        let out = cli_batch(port, format!("SET {{fleet:}}probe 1\nWAIT {replicas} 5000\n"));
+        let out = cli_batch(
+            port,
+            format!("SET {{fleet:}}probe 1\nWAIT {replicas} 5000\n"),
+        );
         assert!(
             out.trim_end().ends_with(&replicas.to_string()),
             "replicas did not catch up: {out}"
@@ -390,11 +407,13 @@ impl SentinelSet {
             now != 0 && now != old
         });
         let new = self.primary_port();
-        wait_until("the new primary is writable with its replicas online", || {
-            let info = cli(new, &["INFO", "replication"]);
-            info.contains("role:master")
-                && info.matches("state=online").count() >= replicas
-        });
+        wait_until(
+            "the new primary is writable with its replicas online",
+            || {
+                let info = cli(new, &["INFO", "replication"]);
+                info.contains("role:master") && info.matches("state=online").count() >= replicas
+            },
+        );
         new
     }
 }
@@ -408,7 +427,12 @@ pub fn cli_batch(port: u16, commands: String) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(commands.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(commands.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -227,11 +227,7 @@ impl Fleet {
             .with_generation(1);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let seed = rt.block_on(async {
-            let seed = deployment
-                .builder()
-                .connect()
-                .await
-                .unwrap();
+            let seed = deployment.builder().connect().await.unwrap();
             seed.save(&login, None).await.unwrap();
             seed
         });
