@@ -108,6 +108,13 @@ impl Settings {
         Ok(())
     }
 
+    /// The connections' own bound on one reply. Longer than a `WAIT` may block, so a
+    /// slow acknowledgement is answered (with a count) instead of cutting the
+    /// connection; each operation is bounded by the store itself anyway.
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.command_timeout + self.replica_ack_timeout
+    }
+
     /// The key prefix with a Redis Cluster hash tag: the prefix itself if it has one,
     /// else the prefix wrapped in braces. All keys of one store then hash to one slot,
     /// so the scripts that touch the token and the lock together never hit `CROSSSLOT`.
@@ -477,7 +484,7 @@ fn connect(
             let client = client_for(with_credentials(info?, credentials), tls)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
-                .set_response_timeout(Some(settings.command_timeout))
+                .set_response_timeout(Some(settings.response_timeout()))
                 .set_max_delay(settings.connect_timeout);
             let con = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
             Ok((Con::Node(con), Subscriber::Node(Box::new(client))))
@@ -494,7 +501,7 @@ fn connect(
                 .collect::<RedisResult<Vec<_>>>()?;
             let mut builder = ClusterClientBuilder::new(nodes)
                 .connection_timeout(settings.connect_timeout)
-                .response_timeout(settings.command_timeout);
+                .response_timeout(settings.response_timeout());
             if let Some(tls) = tls {
                 builder = builder.certs(tls.clone());
             }
@@ -543,7 +550,7 @@ fn connect(
             let client = builder.build()?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
-                .set_response_timeout(Some(settings.command_timeout));
+                .set_response_timeout(Some(settings.response_timeout()));
             let con = SentinelCon::new(client, config);
             Ok((Con::Sentinel(con.clone()), Subscriber::Sentinel(con)))
         }

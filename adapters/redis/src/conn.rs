@@ -6,6 +6,12 @@
 //! moves), and Sentinel through [`SentinelCon`], which asks the sentinels for the
 //! current primary again whenever its connection breaks or turns read-only (the node it
 //! used was demoted by a failover).
+//!
+//! Every command the store sends may safely run twice: reads, the idempotent acquire
+//! script, compare-and-pexpire, compare-and-delete, a save of the record already stored,
+//! `WAIT`. That is what lets [`SentinelCon`] resend a request once after the connection
+//! broke under it (Sentinel kills client connections when it promotes a replica), and
+//! what makes the cluster connection's own retries safe.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -180,8 +186,15 @@ impl ConnectionLike for SentinelCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-            let result = con.req_packed_command(cmd).await;
-            self.check(result)
+            let result = self.check(con.req_packed_command(cmd).await);
+            match result {
+                // Once more on a fresh connection (see the module docs on why resending is safe).
+                Err(error) if error.is_connection_dropped() => {
+                    let mut con = self.connection().await.map_err(|e| self.forget(e))?;
+                    self.check(con.req_packed_command(cmd).await)
+                }
+                other => other,
+            }
         })
     }
 
@@ -193,7 +206,12 @@ impl ConnectionLike for SentinelCon {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-            let result = con.req_packed_commands(cmd, offset, count).await;
+            let mut result = self.check(con.req_packed_commands(cmd, offset, count).await);
+            if result.as_ref().is_err_and(RedisError::is_connection_dropped) {
+                // Once more on a fresh connection (see the module docs on why resending is safe).
+                let mut con = self.connection().await.map_err(|e| self.forget(e))?;
+                result = con.req_packed_commands(cmd, offset, count).await;
+            }
             // A read-only reply inside a batch is in its slot, not the batch's result.
             if let Ok(values) = &result {
                 if values.iter().any(|v| {

@@ -7,6 +7,27 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Takes the lock if it is free, or confirms it if it already holds our value: `SET NX
+/// PX` made idempotent, so a request resent after a dropped connection (which may have
+/// run the first time) finds its own lock instead of waiting a lease for it.
+///
+/// KEYS: lock. ARGV: our value, lease in ms. Returns 1 if the lock is ours.
+pub(crate) const ACQUIRE_SOURCE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if current then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// [`ACQUIRE_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_SOURCE));
+
 /// Compare-and-delete: releases the lock only if it still holds our value, so a holder
 /// whose lease lapsed cannot release someone else's lock.
 ///

@@ -483,7 +483,7 @@ impl TokenStore for RedisStore {
                 Ok(true) => {}
                 Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
                 Err(error) => {
-                    tracing::warn!(%error, "releasing the refresh lock failed; its lease will lapse");
+                    tracing::warn!(%error, "releasing the refresh lock failed; trying again in the background");
                 }
             }
         })

@@ -126,6 +126,10 @@ fn data_node_args(port: u16, dir: &TempDir) -> Vec<String> {
         "no",
         "--protected-mode",
         "no",
+        // A replica re-pointed by a failover may need a full sync; the default 5 s
+        // delay (to batch replicas) would only slow the tests down.
+        "--repl-diskless-sync-delay",
+        "0",
         "--dir",
         dir.path().to_str().unwrap(),
     ]

@@ -175,6 +175,8 @@ pub struct Report {
     pub unavailable: usize,
     /// Clients whose API request with their token was answered 200.
     pub api_ok: usize,
+    /// The first error's message and causes, for failure messages.
+    pub first_error: String,
 }
 
 impl Report {
@@ -195,6 +197,9 @@ impl Report {
             errors: field("errors").parse().unwrap(),
             unavailable: field("unavailable").parse().unwrap(),
             api_ok: field("api_ok").parse().unwrap(),
+            first_error: line
+                .split_once("first_error=")
+                .map_or(String::new(), |(_, e)| e.to_owned()),
         }
     }
 
@@ -427,13 +432,23 @@ async fn run_cycle(
                 if matches!(cause, Some(StoreError::Unavailable(_))) {
                     unavailable += 1;
                 }
-                errors.push(error.to_string());
+                // The whole chain, so a failing test says why.
+                let mut text = error.to_string();
+                let mut cause = std::error::Error::source(error.refresh_error());
+                while let Some(e) = cause {
+                    text.push_str(&format!(": {e}"));
+                    cause = e.source();
+                }
+                errors.push(text);
             }
         }
     }
+    // Last on the line: the first error, which may contain spaces.
     format!(
-        "generations={} token={fingerprint} errors={} unavailable={unavailable} api_ok={api_ok}",
+        "generations={} token={fingerprint} errors={} unavailable={unavailable} api_ok={api_ok} \
+         first_error={}",
         generations.join(","),
-        errors.len()
+        errors.len(),
+        errors.first().map_or("-", String::as_str)
     )
 }
