@@ -207,7 +207,10 @@ impl ConnectionLike for SentinelCon {
         Box::pin(async move {
             let mut con = self.connection().await.map_err(|e| self.forget(e))?;
             let mut result = self.check(con.req_packed_commands(cmd, offset, count).await);
-            if result.as_ref().is_err_and(RedisError::is_connection_dropped) {
+            if result
+                .as_ref()
+                .is_err_and(RedisError::is_connection_dropped)
+            {
                 // Once more on a fresh connection (see the module docs on why resending is safe).
                 let mut con = self.connection().await.map_err(|e| self.forget(e))?;
                 result = con.req_packed_commands(cmd, offset, count).await;

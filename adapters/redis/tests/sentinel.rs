@@ -82,6 +82,7 @@ fn a_fleet_keeps_one_refresh_per_expiry_across_a_sentinel_failover() {
             assert_eq!(report.api_ok, CLIENTS_PER_PROCESS);
         }
     }
+    assert_eq!(set.switches(), 1, "one failover, the one this test caused");
     fleet.quit();
 }
 

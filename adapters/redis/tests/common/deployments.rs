@@ -306,7 +306,9 @@ impl Cluster {
     }
 }
 
-/// A primary, two replicas and one sentinel (quorum 1, quick failure detection).
+/// A primary, two replicas and one sentinel (quorum 1). Failure detection after 2 s:
+/// shorter, and a loaded machine makes the sentinel see healthy primaries as down (it
+/// pings once a second) and fail over again and again.
 pub struct SentinelSet {
     pub nodes: Vec<Proc>,
     pub sentinel: Proc,
@@ -340,12 +342,13 @@ impl SentinelSet {
         let port = free_port();
         // The sentinel rewrites its config file, so it gets its own.
         let conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile {}\n\
              sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
-             sentinel down-after-milliseconds {service} 500\n\
+             sentinel down-after-milliseconds {service} 2000\n\
              sentinel failover-timeout {service} 5000\n\
              sentinel parallel-syncs {service} 2\n",
-            dir.path().display()
+            dir.path().display(),
+            dir.file("sentinel.log"),
         );
         let conf_file = dir.file("sentinel.conf");
         fs::write(&conf_file, conf).unwrap();
@@ -360,6 +363,9 @@ impl SentinelSet {
             service,
             _dir: dir,
         };
+        wait_until("the sentinel sees the primary up", || {
+            sentinel_flags(port, service).as_deref() == Some("master")
+        });
         wait_until("the sentinel knows both replicas", || {
             cli(port, &["SENTINEL", "REPLICAS", service])
                 .matches("slave")
@@ -367,6 +373,14 @@ impl SentinelSet {
                 >= 2
         });
         set
+    }
+
+    /// How many times the sentinel switched the primary so far (from its log).
+    pub fn switches(&self) -> usize {
+        fs::read_to_string(self._dir.file("sentinel.log"))
+            .unwrap_or_default()
+            .matches("+switch-master")
+            .count()
     }
 
     pub fn sentinel_url(&self) -> String {
@@ -420,6 +434,18 @@ impl SentinelSet {
         );
         new
     }
+}
+
+/// The sentinel's flags for the primary of `service` (`master` when all is well).
+fn sentinel_flags(port: u16, service: &str) -> Option<String> {
+    let master = cli(port, &["SENTINEL", "MASTER", service]);
+    let mut lines = master.lines();
+    while let Some(line) = lines.next() {
+        if line == "flags" {
+            return lines.next().map(str::to_owned);
+        }
+    }
+    None
 }
 
 /// Several commands through one `redis-cli` connection (read from its stdin).
