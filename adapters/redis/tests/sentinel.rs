@@ -6,12 +6,18 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use common::deployments::SentinelSet;
+use common::deployments::{SentinelSet, cli};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet};
-use tokenflight::{StoreError, TokenStore};
+use common::issuer::{Issuer, LIFETIME};
+use tokenflight::{
+    Backoff, Builder, Clock, ManualClock, RefreshContext, RefreshErrorKind, SingleFlight,
+    StoreError, TokenStore, from_fn,
+};
 use tokenflight_redis::RedisStore;
+use tokio::sync::oneshot;
 
 const WORKER: &str = "sentinel_fleet_worker";
 
@@ -109,6 +115,129 @@ async fn without_an_acknowledging_replica_no_refresh_is_attempted() {
     }
     let holder = common::deployments::cli(set.primary_port(), &["GET", "{no-replica}:lock"]);
     assert_eq!(holder.trim(), "", "the unconfirmed lock was given back");
+}
+
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+async fn guarded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG_GUARD, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} hung"),
+    }
+}
+
+fn store(set: &SentinelSet, prefix: &str) -> RedisStore {
+    RedisStore::sentinel([set.sentinel_url()], set.service)
+        .key_prefix(prefix)
+        .build()
+        .unwrap()
+}
+
+fn flight(
+    store: RedisStore,
+    source: impl tokenflight::TokenSource + 'static,
+    clock: &Arc<ManualClock>,
+) -> SingleFlight {
+    Builder::new()
+        .store(store)
+        .source(source)
+        .clock(clock.clone())
+        .refresh_ahead(None)
+        .backoff(Backoff::none())
+        .build_flight()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_while_the_holder_refreshes_loses_neither_its_lock_nor_its_token() {
+    let mut set = SentinelSet::start();
+    let issuer = Issuer::new();
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+    ));
+    let seed = store(&set, "{mid}:");
+    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+        .await
+        .unwrap();
+    clock.advance(LIFETIME);
+
+    // a's token source parks until the test lets it go: a then holds a lock that one
+    // replica acknowledged, and has read the token it is about to spend.
+    let (entered_tx, entered) = oneshot::channel::<()>();
+    let (go, go_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((entered_tx, go_rx))));
+    let a_issuer = issuer.clone();
+    let parked_source = from_fn(move |cx: RefreshContext| {
+        let gate = gate.lock().unwrap().take();
+        let issuer = a_issuer.clone();
+        async move {
+            if let Some((entered, go)) = gate {
+                let _ = entered.send(());
+                let _ = go.await;
+            }
+            let presented = cx
+                .previous
+                .as_ref()
+                .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+            issuer.refresh(presented.as_deref(), cx.now)
+        }
+    });
+    let a = flight(store(&set, "{mid}:"), parked_source, &clock);
+    let b = flight(store(&set, "{mid}:"), issuer.source(), &clock);
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.token().await }
+    });
+    guarded("a reaches its token source", entered)
+        .await
+        .unwrap();
+
+    // The primary dies while a refreshes. The promoted replica has a's lock: it was
+    // acknowledged before a read the token.
+    let (set, new) = tokio::task::spawn_blocking(move || {
+        let new = set.fail_over(1);
+        (set, new)
+    })
+    .await
+    .unwrap();
+    let holder = cli(new, &["GET", "{mid}:lock"]);
+    assert!(!holder.trim().is_empty(), "the new primary has a's lock");
+
+    // b wants a token now: it waits for a's lock on the new primary instead of
+    // spending the refresh token a is spending. Right after a failover the sentinels'
+    // answer may still be in flux for a moment: b's attempts fail with a typed store
+    // error then, and it asks again, as a caller would.
+    let b_task = tokio::spawn({
+        let b = b.clone();
+        async move {
+            for _ in 0..100 {
+                match b.token().await {
+                    Ok(token) => return token,
+                    Err(error) => {
+                        assert_eq!(
+                            error.refresh_error().kind(),
+                            RefreshErrorKind::Store,
+                            "{error}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            panic!("b never got a token");
+        }
+    });
+    go.send(()).unwrap();
+    let a_token = guarded("a's refresh", a_task).await.unwrap().unwrap();
+    let b_token = guarded("b's token", b_task).await.unwrap();
+    assert_eq!(a_token.generation(), 2);
+    assert_eq!(
+        b_token, a_token,
+        "b adopted the token a saved on the new primary"
+    );
+    assert_eq!(issuer.calls(), 1, "one refresh");
+    assert_eq!(issuer.reuses(), 0, "no refresh token spent twice");
+    assert_eq!(seed.load().await.unwrap().unwrap().generation(), 2);
+    drop(set);
 }
 
 /// A fleet worker process (see `common/fleet.rs`); run by the fleet test above.
