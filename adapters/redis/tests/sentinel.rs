@@ -240,6 +240,138 @@ async fn a_failover_while_the_holder_refreshes_loses_neither_its_lock_nor_its_to
     drop(set);
 }
 
+/// The window that remains without replica acknowledgement, pinned: with
+/// `ReplicaAck::None`, a lock that had not reached any replica when the primary died is
+/// missing on the promoted one, so a second replica takes the lock there and spends
+/// the refresh token the first holder is spending — one reuse, which the authorization
+/// server detects. With the default (`Required(1)`) the same cut-off primary refuses
+/// to hand out a lock at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_replica_acknowledgement_a_failover_before_the_lock_replicates_lets_a_reuse_through()
+ {
+    let mut set = SentinelSet::start();
+    // The stores use their own ACL user, so the replicas (which authenticate as the
+    // default user) can be kept from reconnecting to the primary below.
+    for node in &set.nodes {
+        let ok = cli(
+            node.port,
+            &["ACL", "SETUSER", "store", "on", ">pw", "~*", "&*", "+@all"],
+        );
+        assert_eq!(ok.trim(), "OK", "{ok}");
+    }
+    let builder = |set: &SentinelSet| {
+        RedisStore::sentinel([set.sentinel_url()], set.service)
+            .key_prefix("{cut}:")
+            .credentials(Some("store"), "pw")
+    };
+    let unacknowledged = |set: &SentinelSet| {
+        builder(set)
+            .replica_ack(tokenflight_redis::ReplicaAck::None)
+            .build()
+            .unwrap()
+    };
+    let issuer = Issuer::new();
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+    ));
+    let seed = unacknowledged(&set);
+    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+        .await
+        .unwrap();
+    clock.advance(LIFETIME);
+    set.sync_replicas(2);
+
+    // Cut the replicas off: they lose their link and cannot log in again.
+    let primary = set.primary_port();
+    // (As the default user is off now, the admin commands log in as `store`.)
+    let as_store = ["--no-auth-warning", "--user", "store", "--pass", "pw"];
+    let admin = |args: &[&str]| cli(primary, &[&as_store[..], args].concat());
+    assert_eq!(admin(&["ACL", "SETUSER", "default", "off"]).trim(), "OK");
+    admin(&["CLIENT", "KILL", "TYPE", "replica"]);
+    common::deployments::wait_until("the primary has no replica", || {
+        admin(&["INFO", "replication"]).contains("connected_slaves:0")
+    });
+
+    // With the default acknowledgement nobody may refresh now.
+    let safe = builder(&set)
+        .replica_ack_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert!(matches!(safe.lock().await, Err(StoreError::Unavailable(_))));
+
+    // Without it, a takes the lock, reads the token and parks in its token source.
+    let (entered_tx, entered) = oneshot::channel::<()>();
+    let (go, go_rx) = oneshot::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((entered_tx, go_rx))));
+    let a_issuer = issuer.clone();
+    let parked_source = from_fn(move |cx: RefreshContext| {
+        let gate = gate.lock().unwrap().take();
+        let issuer = a_issuer.clone();
+        async move {
+            if let Some((entered, go)) = gate {
+                let _ = entered.send(());
+                let _ = go.await;
+            }
+            let presented = cx
+                .previous
+                .as_ref()
+                .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
+            issuer.refresh(presented.as_deref(), cx.now)
+        }
+    });
+    let a = flight(unacknowledged(&set), parked_source, &clock);
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.token().await }
+    });
+    guarded("a reaches its token source", entered)
+        .await
+        .unwrap();
+
+    let (set, new) = tokio::task::spawn_blocking(move || {
+        let new = set.fail_over(0);
+        (set, new)
+    })
+    .await
+    .unwrap();
+    let holder = cli(new, &["GET", "{cut}:lock"]);
+    assert_eq!(holder.trim(), "", "the promoted replica never saw a's lock");
+
+    // b finds the lock free on the new primary and refreshes with the stored token.
+    let b = flight(unacknowledged(&set), issuer.source(), &clock);
+    let mut b_token = None;
+    for _ in 0..100 {
+        match b.token().await {
+            Ok(token) => {
+                b_token = Some(token);
+                break;
+            }
+            Err(error) => {
+                assert_eq!(
+                    error.refresh_error().kind(),
+                    RefreshErrorKind::Store,
+                    "{error}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(b_token.expect("b got a token").generation(), 2);
+    assert_eq!(issuer.reuses(), 0);
+
+    // a resumes and presents the refresh token b already spent.
+    go.send(()).unwrap();
+    let a_result = guarded("a's refresh", a_task).await.unwrap();
+    assert!(a_result.is_err(), "a's refresh was refused");
+    assert_eq!(issuer.calls(), 2);
+    assert_eq!(
+        issuer.reuses(),
+        1,
+        "the window without acknowledgement: one reuse"
+    );
+    drop(set);
+}
+
 /// A fleet worker process (see `common/fleet.rs`); run by the fleet test above.
 #[test]
 #[ignore = "a worker process started by the sentinel fleet test"]
