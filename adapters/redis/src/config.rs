@@ -102,6 +102,10 @@ impl Settings {
             // WAIT with timeout 0 blocks forever.
             return invalid("the replica acknowledgement timeout must be longer than zero");
         }
+        if self.key_prefix.is_empty() {
+            // `{}` is no hash tag: the keys would land in different cluster slots.
+            return invalid("the key prefix must not be empty");
+        }
         if self.key_prefix.contains('}') && hash_tag(&self.key_prefix).is_none() {
             return invalid("a key prefix with '}' must itself contain a hash tag such as {name}");
         }
@@ -571,6 +575,10 @@ mod tests {
             b().poll_interval(Duration::ZERO, Duration::from_secs(1))
         ));
         assert!(refused(b().command_timeout(Duration::ZERO)));
+        assert!(refused(b().replica_ack(ReplicaAck::Required(0))));
+        assert!(refused(b().replica_ack_timeout(Duration::ZERO)));
+        assert!(refused(b().key_prefix("}x")));
+        assert!(refused(b().key_prefix("")));
         // The defaults pass validation (and then need a runtime, which is absent here).
         assert!(Settings::default().validate().is_ok());
         assert!(
@@ -579,5 +587,40 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    fn keys(prefix: &str) -> [String; 3] {
+        let settings = Settings {
+            key_prefix: prefix.into(),
+            ..Settings::default()
+        };
+        [settings.token_key(), settings.lock_key(), settings.channel()]
+    }
+
+    #[test]
+    fn every_key_of_a_store_shares_one_cluster_hash_tag() {
+        for prefix in ["tokenflight:", "app:{billing}:", "a{}b:", "{x", "x}{y}"] {
+            let keys = keys(prefix);
+            let tags: Vec<Option<&str>> = keys.iter().map(|k| hash_tag(k)).collect();
+            assert!(tags[0].is_some(), "{prefix:?}: {keys:?}");
+            assert!(tags.iter().all(|t| *t == tags[0]), "{prefix:?}: {keys:?}");
+        }
+        assert_eq!(keys("tokenflight:")[0], "{tokenflight:}token");
+        // A prefix with its own tag is kept as it is.
+        assert_eq!(keys("app:{billing}:")[1], "app:{billing}:lock");
+    }
+
+    #[test]
+    fn the_hash_tag_follows_the_cluster_rule() {
+        assert_eq!(hash_tag("{user1000}.following"), Some("user1000"));
+        assert_eq!(hash_tag("foo{}{bar}"), None);
+        assert_eq!(hash_tag("foo{{bar}}zap"), Some("{bar"));
+        assert_eq!(hash_tag("foo{bar}{zap}"), Some("bar"));
+        assert_eq!(hash_tag("plain"), None);
     }
 }

@@ -118,22 +118,19 @@ impl Inner {
 
     /// Notes whether Redis answered, and logs only the changes.
     pub(crate) fn observe<T>(&self, result: &Result<T, StoreError>) {
-        match result {
-            Err(StoreError::Unavailable(error)) => {
-                if self.reachable.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        %error,
-                        "Redis is unreachable: this replica keeps serving its current token \
-                         and refreshes only under the fleet lock once Redis is back \
-                         (logged once, not per request)"
-                    );
-                }
-            }
-            _ => {
-                if !self.reachable.swap(true, Ordering::Relaxed) {
-                    tracing::info!("Redis is reachable again");
-                }
-            }
+        let unavailable = match result {
+            Err(StoreError::Unavailable(error)) => Some(error),
+            _ => None,
+        };
+        match (transition(&self.reachable, unavailable.is_none()), unavailable) {
+            (Some(false), Some(error)) => tracing::warn!(
+                %error,
+                "Redis is unavailable: this replica keeps serving its current token and \
+                 refreshes only under the fleet lock once Redis is back (logged once, not \
+                 per request)"
+            ),
+            (Some(true), _) => tracing::info!("Redis is available again"),
+            _ => {}
         }
     }
 
@@ -408,6 +405,12 @@ impl RedisStore {
     }
 }
 
+/// Records whether the last round trip got through; `Some(now)` only when that
+/// changed, so a warning is logged once per outage rather than once per request.
+fn transition(reachable: &AtomicBool, now: bool) -> Option<bool> {
+    (reachable.swap(now, Ordering::Relaxed) != now).then_some(now)
+}
+
 /// `WAIT replicas timeout`: blocks until that many replicas acknowledged this
 /// connection's writes, or the timeout passed; answers how many did.
 pub(crate) fn wait(replicas: u32, timeout: Duration) -> redis::Cmd {
@@ -487,5 +490,31 @@ impl TokenStore for RedisStore {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_reported_once_and_so_is_the_recovery() {
+        let reachable = AtomicBool::new(true);
+        let seen: Vec<Option<bool>> = [true, false, false, false, true, true, false]
+            .into_iter()
+            .map(|now| transition(&reachable, now))
+            .collect();
+        assert_eq!(
+            seen,
+            [None, Some(false), None, None, Some(true), None, Some(false)]
+        );
+    }
+
+    #[test]
+    fn wait_never_blocks_forever() {
+        // WAIT with timeout 0 would block until the replicas answer, however long.
+        let packed = wait(1, Duration::from_micros(10)).get_packed_command();
+        let text = String::from_utf8_lossy(&packed);
+        assert!(text.ends_with("$1\r\n1\r\n$1\r\n1\r\n"), "{text:?}");
     }
 }
