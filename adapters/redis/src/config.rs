@@ -599,7 +599,11 @@ mod key_tests {
             key_prefix: prefix.into(),
             ..Settings::default()
         };
-        [settings.token_key(), settings.lock_key(), settings.channel()]
+        [
+            settings.token_key(),
+            settings.lock_key(),
+            settings.channel(),
+        ]
     }
 
     #[test]

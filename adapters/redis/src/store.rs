@@ -122,7 +122,10 @@ impl Inner {
             Err(StoreError::Unavailable(error)) => Some(error),
             _ => None,
         };
-        match (transition(&self.reachable, unavailable.is_none()), unavailable) {
+        match (
+            transition(&self.reachable, unavailable.is_none()),
+            unavailable,
+        ) {
             (Some(false), Some(error)) => tracing::warn!(
                 %error,
                 "Redis is unavailable: this replica keeps serving its current token and \
