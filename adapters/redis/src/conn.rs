@@ -148,18 +148,22 @@ impl SentinelCon {
     }
 
     /// Forgets the connection after an error that says the primary is gone or is no
-    /// longer the primary; the next command asks the sentinels again.
-    fn check<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if let Err(error) = &result {
-            if primary_lost(error) {
-                *self
-                    .shared
-                    .current
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = None;
-            }
+    /// longer the primary; the next command asks the sentinels again. Says whether the
+    /// request is worth sending once more (see the module docs on why that is safe).
+    fn check<T>(&self, result: &RedisResult<T>, replies: &[Value]) -> bool {
+        let demoted = replies.iter().any(
+            |v| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::ReadOnly)),
+        );
+        let lost = result.as_ref().err().is_some_and(primary_lost);
+        if demoted || lost {
+            self.forget_now();
         }
-        result
+        // A demoted node did not run the write; a dropped connection may or may not have.
+        demoted
+            || result
+                .as_ref()
+                .err()
+                .is_some_and(RedisError::is_connection_dropped)
     }
 
     /// A client for the current primary (for the pub/sub subscription).
@@ -186,15 +190,16 @@ impl ConnectionLike for SentinelCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-            let result = self.check(con.req_packed_command(cmd).await);
-            match result {
-                // Once more on a fresh connection (see the module docs on why resending is safe).
-                Err(error) if error.is_connection_dropped() => {
-                    let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-                    self.check(con.req_packed_command(cmd).await)
-                }
-                other => other,
+            let result = con.req_packed_command(cmd).await;
+            let replies = result.as_ref().map_or(&[][..], std::slice::from_ref);
+            if !self.check(&result, replies) {
+                return result;
             }
+            let mut con = self.connection().await.map_err(|e| self.forget(e))?;
+            let result = con.req_packed_command(cmd).await;
+            let replies = result.as_ref().map_or(&[][..], std::slice::from_ref);
+            self.check(&result, replies);
+            result
         })
     }
 
@@ -206,24 +211,14 @@ impl ConnectionLike for SentinelCon {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-            let mut result = self.check(con.req_packed_commands(cmd, offset, count).await);
-            if result
-                .as_ref()
-                .is_err_and(RedisError::is_connection_dropped)
-            {
-                // Once more on a fresh connection (see the module docs on why resending is safe).
-                let mut con = self.connection().await.map_err(|e| self.forget(e))?;
-                result = con.req_packed_commands(cmd, offset, count).await;
+            let result = con.req_packed_commands(cmd, offset, count).await;
+            if !self.check(&result, result.as_deref().unwrap_or_default()) {
+                return result;
             }
-            // A read-only reply inside a batch is in its slot, not the batch's result.
-            if let Ok(values) = &result {
-                if values.iter().any(|v| {
-                    matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::ReadOnly))
-                }) {
-                    self.forget_now();
-                }
-            }
-            self.check(result)
+            let mut con = self.connection().await.map_err(|e| self.forget(e))?;
+            let result = con.req_packed_commands(cmd, offset, count).await;
+            self.check(&result, result.as_deref().unwrap_or_default());
+            result
         })
     }
 
