@@ -329,8 +329,12 @@ impl RedisStoreBuilder {
     /// `Required(1)` for a single URL that points at a replicated primary (a managed
     /// service's primary endpoint), and `None` for a cluster without replicas. With
     /// `Required(n)`, keep more than `n` replicas: after a failover the new primary must
-    /// still have `n` replicas to acknowledge, or the fleet cannot refresh. See the
-    /// crate docs for what the acknowledgement does and does not guarantee.
+    /// still have `n` replicas to acknowledge, or the fleet cannot refresh. A save that
+    /// is not acknowledged is sent again (after a failover, to the new primary) until
+    /// the lease would lapse or the coordinator's refresh timeout ends the flight: keep
+    /// both longer than a failover takes (Sentinel's `down-after-milliseconds` plus the
+    /// election). See the crate docs for what the acknowledgement does and does not
+    /// guarantee.
     pub fn replica_ack(mut self, ack: ReplicaAck) -> Self {
         self.settings.replica_ack = Some(ack);
         self
