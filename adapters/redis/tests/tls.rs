@@ -86,7 +86,7 @@ async fn c12_secrets_in_the_url_stay_out_of_debug_and_errors() {
 async fn a_server_the_private_ca_did_not_sign_is_refused() {
     let redis = TlsRedis::start();
     // Another CA (freshly made) does not vouch for the server's certificate.
-    let (other_ca, _, _) = common::deployments::certificates();
+    let other_ca = common::deployments::certificates().ca;
     let store = RedisStore::builder(redis.url())
         .tls_ca_pem(other_ca)
         .key_prefix("{tls-other-ca}:")
@@ -107,6 +107,30 @@ async fn a_server_the_private_ca_did_not_sign_is_refused() {
         .build()
         .unwrap();
     assert!(store.load().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_presents_the_client_certificate() {
+    let redis = TlsRedis::start_with(true);
+    let builder = || {
+        RedisStore::builder(redis.url())
+            .tls_ca_pem(redis.ca_pem.clone())
+            .key_prefix("{tls-mutual}:")
+            .command_timeout(Duration::from_secs(1))
+    };
+    // Without a client certificate the server ends the handshake.
+    let anonymous = builder().build().unwrap();
+    assert!(matches!(
+        anonymous.load().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let (cert, key) = redis.client_pem.clone();
+    let store = builder()
+        .tls_client_cert_pem(cert, key)
+        .connect()
+        .await
+        .unwrap();
+    assert!(store.load().await.unwrap().is_none());
 }
 
 #[test]

@@ -153,6 +153,9 @@ fn start_plain(port: u16, mut args: Vec<String>, dir: &TempDir, what: &str) -> P
 pub struct TlsRedis {
     pub proc: Proc,
     pub ca_pem: String,
+    /// A client certificate and key the CA signed (for mutual TLS).
+    pub client_pem: (String, String),
+    mutual: bool,
     pub user: &'static str,
     pub password: String,
     _dir: TempDir,
@@ -160,11 +163,16 @@ pub struct TlsRedis {
 
 impl TlsRedis {
     pub fn start() -> TlsRedis {
+        TlsRedis::start_with(false)
+    }
+
+    /// With `mutual`, the server also requires a client certificate the CA signed.
+    pub fn start_with(mutual: bool) -> TlsRedis {
         let dir = TempDir::new("tls");
-        let (ca_pem, cert_pem, key_pem) = certificates();
-        fs::write(dir.file("ca.pem"), &ca_pem).unwrap();
-        fs::write(dir.file("server.pem"), cert_pem).unwrap();
-        fs::write(dir.file("server.key"), key_pem).unwrap();
+        let pki = certificates();
+        fs::write(dir.file("ca.pem"), &pki.ca).unwrap();
+        fs::write(dir.file("server.pem"), &pki.server.0).unwrap();
+        fs::write(dir.file("server.key"), &pki.server.1).unwrap();
         let password = format!("pw-{:016x}", fastrand::u64(..));
         let port = free_port();
         // The ACL user reaches only the store's keys and channel ({fleet:}... and the
@@ -186,7 +194,7 @@ impl TlsRedis {
                 "--tls-ca-cert-file",
                 &dir.file("ca.pem"),
                 "--tls-auth-clients",
-                "no",
+                if mutual { "yes" } else { "no" },
                 "--aclfile",
                 &dir.file("acl.conf"),
             ]
@@ -195,7 +203,9 @@ impl TlsRedis {
         let proc = Proc::start(port, args);
         let server = TlsRedis {
             proc,
-            ca_pem,
+            ca_pem: pki.ca,
+            client_pem: pki.client,
+            mutual,
             user: "tokenflight",
             password,
             _dir: dir,
@@ -222,7 +232,10 @@ impl TlsRedis {
         let client = redis::Client::build_with_tls(
             self.url(),
             redis::TlsCertificates {
-                client_tls: None,
+                client_tls: self.mutual.then(|| redis::ClientTlsConfig {
+                    client_cert: self.client_pem.0.clone().into_bytes(),
+                    client_key: self.client_pem.1.clone().into_bytes(),
+                }),
                 root_cert: Some(self.ca_pem.clone().into_bytes()),
             },
         )?;
@@ -231,10 +244,20 @@ impl TlsRedis {
     }
 }
 
-/// A private CA and a server certificate for 127.0.0.1 it signed: (CA, cert, key) PEM.
-pub fn certificates() -> (String, String, String) {
+/// Test certificates, PEM: a private CA, and what it signed.
+pub struct Pki {
+    pub ca: String,
+    /// For 127.0.0.1: (certificate, key).
+    pub server: (String, String),
+    /// For a client (mutual TLS): (certificate, key).
+    pub client: (String, String),
+}
+
+/// A fresh private CA, a server certificate for 127.0.0.1 and a client certificate.
+pub fn certificates() -> Pki {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
     };
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -247,13 +270,27 @@ pub fn certificates() -> (String, String, String) {
     let ca_key = KeyPair::generate().unwrap();
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
-    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "127.0.0.1");
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
-    (ca_cert.pem(), server_cert.pem(), server_key.serialize_pem())
+    let leaf = |names: Vec<String>, name: &str, usage: ExtendedKeyUsagePurpose| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca: ca_cert.pem(),
+        server: leaf(
+            vec!["127.0.0.1".to_owned()],
+            "127.0.0.1",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        client: leaf(
+            Vec::new(),
+            "tokenflight",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    }
 }
 
 /// Three primaries (no replicas) in one cluster, slots split by `redis-cli --cluster create`.
