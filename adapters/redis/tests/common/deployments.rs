@@ -305,7 +305,12 @@ impl Cluster {
         let nodes: Vec<Proc> = (0..3)
             .map(|i| {
                 let port = free_port();
+                // The bus port defaults to port + 10000, which may be taken or past
+                // 65535 for an ephemeral port: pick a free one too.
+                let bus = free_port();
                 let args = [
+                    "--cluster-port",
+                    &bus.to_string(),
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
