@@ -137,15 +137,31 @@ fn data_node_args(port: u16, dir: &TempDir) -> Vec<String> {
     .to_vec()
 }
 
-fn start_plain(port: u16, mut args: Vec<String>, dir: &TempDir, what: &str) -> Proc {
-    let mut all = data_node_args(port, dir);
-    all.append(&mut args);
-    let mut proc = Proc::start(port, all);
-    wait_until(what, || {
-        assert!(!proc.exited(), "{what} exited early (port taken?)");
-        ping(port)
-    });
-    proc
+/// Starts `redis-server` with the arguments `args` gives for a free loopback port and
+/// waits until it answers PING. Another test may take the port between the check and
+/// the start: then the server exits at once, and the next free port is tried.
+fn start_on_free_port(what: &str, args: impl Fn(u16) -> Vec<String>) -> Proc {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut proc = Proc::start(port, args(port));
+        let mut exited = false;
+        wait_until(what, || {
+            exited = proc.exited();
+            exited || ping(port)
+        });
+        if !exited {
+            return proc;
+        }
+    }
+    panic!("{what}: redis-server kept exiting at start");
+}
+
+fn start_plain(extra: Vec<String>, dir: &TempDir, what: &str) -> Proc {
+    start_on_free_port(what, |port| {
+        let mut all = data_node_args(port, dir);
+        all.extend(extra.iter().cloned());
+        all
+    })
 }
 
 /// A TLS-only server (no plain port) whose certificate a private CA signed, where the
@@ -304,7 +320,6 @@ impl Cluster {
         let dir = TempDir::new("cluster");
         let nodes: Vec<Proc> = (0..3)
             .map(|i| {
-                let port = free_port();
                 // The bus port defaults to port + 10000, which may be taken or past
                 // 65535 for an ephemeral port: pick a free one too.
                 let bus = free_port();
@@ -320,7 +335,7 @@ impl Cluster {
                 ]
                 .map(str::to_owned)
                 .to_vec();
-                start_plain(port, args, &dir, "a cluster node answers PING")
+                start_plain(args, &dir, "a cluster node answers PING")
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -361,19 +376,14 @@ pub struct SentinelSet {
 impl SentinelSet {
     pub fn start() -> SentinelSet {
         let dir = TempDir::new("sentinel");
-        let primary_port = free_port();
-        let mut nodes = vec![start_plain(
-            primary_port,
-            Vec::new(),
-            &dir,
-            "the primary answers PING",
-        )];
+        let primary = start_plain(Vec::new(), &dir, "the primary answers PING");
+        let primary_port = primary.port;
+        let mut nodes = vec![primary];
         for _ in 0..2 {
-            let port = free_port();
             let args = ["--replicaof", "127.0.0.1", &primary_port.to_string()]
                 .map(str::to_owned)
                 .to_vec();
-            nodes.push(start_plain(port, args, &dir, "a replica answers PING"));
+            nodes.push(start_plain(args, &dir, "a replica answers PING"));
         }
         for node in &nodes[1..] {
             wait_until("a replica is in sync", || {
@@ -381,24 +391,22 @@ impl SentinelSet {
             });
         }
         let service = "tokenflight";
-        let port = free_port();
         // The sentinel rewrites its config file, so it gets its own.
-        let conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile {}\n\
-             sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
-             sentinel down-after-milliseconds {service} 2000\n\
-             sentinel failover-timeout {service} 5000\n\
-             sentinel parallel-syncs {service} 2\n",
-            dir.path().display(),
-            dir.file("sentinel.log"),
-        );
         let conf_file = dir.file("sentinel.conf");
-        fs::write(&conf_file, conf).unwrap();
-        let mut sentinel = Proc::start(port, vec![conf_file, "--sentinel".to_owned()]);
-        wait_until("the sentinel answers PING", || {
-            assert!(!sentinel.exited(), "the sentinel exited early");
-            ping(port)
+        let sentinel = start_on_free_port("the sentinel answers PING", |port| {
+            let conf = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile {}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {service} 2000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 2\n",
+                dir.path().display(),
+                dir.file("sentinel.log"),
+            );
+            fs::write(&conf_file, conf).unwrap();
+            vec![conf_file.clone(), "--sentinel".to_owned()]
         });
+        let port = sentinel.port;
         let set = SentinelSet {
             nodes,
             sentinel,
