@@ -13,8 +13,8 @@ use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use futures::future::BoxFuture;
 use tokenflight::{
-    Backoff, Builder, Clock, ManualClock, RefreshErrorKind, SingleFlight, StoreError, StoreLock,
-    Token, TokenStore, from_fn,
+    Backoff, Builder, Clock, ManualClock, SingleFlight, StoreError, StoreLock, Token, TokenStore,
+    from_fn,
 };
 use tokenflight_redis::RedisStore;
 use tokio::sync::oneshot;
@@ -208,7 +208,7 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
         .await
         .unwrap();
     let holder: Option<String> = redis::cmd("GET")
-        .arg("l1:lock")
+        .arg("{l1:}lock")
         .query_async(&mut con)
         .await
         .unwrap();
@@ -228,7 +228,7 @@ async fn a_renewed_lease_outlives_a_stalled_refresh_so_nobody_double_spends() {
     })
     .await;
     let still: Option<String> = redis::cmd("GET")
-        .arg("l1:lock")
+        .arg("{l1:}lock")
         .query_async(&mut con)
         .await
         .unwrap();
@@ -292,6 +292,7 @@ async fn a_holder_whose_lease_lapsed_does_not_spend_a_refresh_token_twice() {
     assert_eq!(issuer.reuses(), 0);
     assert_eq!(a.stats().attempt_retries, 1, "the fenced read was retried");
     assert_eq!(a.stats().source_calls, 0);
+    assert_eq!(a.stats().adopted, 1, "a adopted b's token");
 
     // Later calls keep b's token.
     let again = guarded("a again", a.token()).await.unwrap();
