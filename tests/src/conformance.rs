@@ -1203,10 +1203,10 @@ pub async fn s16_short_lifetimes_cost_at_most_two_calls_per_lifetime(adapter: &d
 }
 
 /// The environment variable that turns a conformance test binary started by S16 into
-/// one of its worker processes; its value is the worker's [`WorkerSpec`] as JSON.
+/// one of its worker processes; its value tells the worker what to do (JSON).
 pub const S16_WORKER_ENV: &str = "TOKENFLIGHT_S16_WORKER";
 
-/// What an S16 worker process is told (through [`S16_WORKER_ENV`], not the command line:
+/// What an S16 worker process is told (through `S16_WORKER_ENV`, not the command line:
 /// it holds the client secret).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct WorkerSpec {
