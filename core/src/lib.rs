@@ -105,12 +105,12 @@ mod transport;
 pub mod www_authenticate;
 
 pub use builder::Builder;
-pub use config::{Backoff, FlightConfig};
+pub use config::{Backoff, FlightConfig, Retry};
 pub use driver::{AuthError, Authenticator};
 pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
-pub use flight::{AuthLostHook, SingleFlight};
+pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{
     AuthRequest, AuthResponse, ForceRefresh, InvalidHeader, RequestOptions, ResponseView, SkipAuth,
