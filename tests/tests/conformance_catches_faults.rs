@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokenflight::{Authenticator, Backoff, Builder, Transport};
+use tokenflight::{Authenticator, Backoff, Builder, Retry, Transport};
 use tokenflight_reqwest::{BareTransport, reqwest};
 use tokenflight_tests::conformance::{self, Adapter, TestClient, TestRequest, TestResponse};
 
@@ -42,6 +42,9 @@ enum Fault {
     NoBackoff,
     /// A refresh before every request (a token source called per request).
     RefreshEveryRequest,
+    /// One attempt per flight and no refresh ahead of expiry: one failed token call
+    /// fails every caller waiting for it (the behaviour issue 12 reported).
+    OneAttemptNoRefreshAhead,
 }
 
 struct FaultyAdapter(Fault);
@@ -55,6 +58,9 @@ impl Adapter for FaultyAdapter {
         match self.0 {
             Fault::NoBackoff => Builder::new().backoff(Backoff::none()),
             Fault::RefreshEveryRequest => Builder::new(),
+            Fault::OneAttemptNoRefreshAhead => {
+                Builder::new().retry(Retry::none()).refresh_ahead(None)
+            }
         }
     }
 
@@ -155,6 +161,15 @@ async fn s12_fails_when_the_placement_is_ignored() {
 async fn s16_fails_when_every_request_refreshes() {
     conformance::s16_short_lifetimes_cost_at_most_two_calls_per_lifetime(&FaultyAdapter(
         Fault::RefreshEveryRequest,
+    ))
+    .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "requests failed")]
+async fn s17_fails_when_a_failed_token_call_reaches_the_callers() {
+    conformance::s17_flaky_token_endpoint_is_invisible(&FaultyAdapter(
+        Fault::OneAttemptNoRefreshAhead,
     ))
     .await;
 }
