@@ -104,7 +104,7 @@
 //! Beyond these: model-based property tests over generated interleavings, cancellations
 //! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
 //! `c5_c9_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
-//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S15 and its regression
+//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S18 and its regression
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
 //! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
 //! `cargo test` replays.

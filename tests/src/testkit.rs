@@ -25,7 +25,8 @@
 //! fails in the client's transport.
 //!
 //! Everything the server saw is counted in [`Counters`]; knobs on the handle inject
-//! token-endpoint failures and latency and expire tokens.
+//! token-endpoint failures (queued, seeded random, or a whole outage) and latency, and
+//! expire tokens.
 
 mod routes;
 mod state;
@@ -104,6 +105,9 @@ impl TestServerConfig {
 pub enum Failure {
     /// `500 Internal Server Error` with an RFC 6749 `server_error` body.
     Status500,
+    /// `503 Service Unavailable` with an RFC 6749 `temporarily_unavailable` body (what
+    /// the outage switch and the random failures answer).
+    Unavailable,
     /// `429 Too Many Requests` with `Retry-After: <retry_after_secs>`.
     TooMany {
         /// The `Retry-After` value in seconds.
@@ -262,6 +266,37 @@ impl TestServer {
     /// Drops the failures still queued.
     pub fn clear_failures(&self) {
         self.with_state(|s| s.failures.clear());
+    }
+
+    /// From now on each token call (not answered by a queued failure or the outage)
+    /// fails with [`Failure::Unavailable`] with probability `rate` (0 to 1), drawn from
+    /// a generator seeded with `seed`: the n-th call under the rate fails or not the
+    /// same way in every run. A rate of 0 turns it off. Counted in
+    /// [`Counters::random_failures`].
+    pub fn set_token_failure_rate(&self, rate: f64, seed: u64) {
+        self.with_state(|s| {
+            s.failure_rate = if rate.is_nan() {
+                0.0
+            } else {
+                rate.clamp(0.0, 1.0)
+            };
+            s.rng = fastrand::Rng::with_seed(seed);
+        });
+    }
+
+    /// Switches a token-endpoint outage: while on, every token call (not answered by a
+    /// queued failure) fails with [`Failure::Unavailable`]. Counted in
+    /// [`Counters::outage_answers`].
+    pub fn set_token_outage(&self, on: bool) {
+        self.with_state(|s| s.outage = on);
+    }
+
+    /// The remaining life of the valid access token (unexpired, not revoked) that
+    /// expires last among those issued before `issued_before`, or `None` if there is
+    /// none: whether a client could still have used a token at some point, e.g. when
+    /// one of its requests failed.
+    pub fn longest_valid_life(&self, issued_before: std::time::Instant) -> Option<Duration> {
+        self.read(|s| s.longest_valid_life(issued_before))
     }
 
     /// Lifetime of access tokens issued from now on.

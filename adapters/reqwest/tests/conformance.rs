@@ -1,4 +1,4 @@
-//! The conformance suite S1–S15 through reqwest + reqwest-middleware against the
+//! The conformance suite S1–S18 through reqwest + reqwest-middleware against the
 //! testkit server.
 
 use std::sync::Arc;

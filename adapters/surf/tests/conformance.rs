@@ -1,4 +1,4 @@
-//! The conformance suite S1–S15 through surf, on async-std, against the testkit server.
+//! The conformance suite S1–S18 through surf, on async-std, against the testkit server.
 
 use std::str::FromStr;
 use std::sync::Arc;

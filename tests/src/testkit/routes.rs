@@ -79,7 +79,7 @@ async fn token_endpoint(
             Some("client_credentials") => state.counters.client_credentials_calls += 1,
             _ => {}
         }
-        (state.failures.pop_front(), state.config.token_latency)
+        (state.next_failure(), state.config.token_latency)
     });
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -243,6 +243,10 @@ fn injected(failure: Failure) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             no_store(response)
         }
+        Failure::Unavailable => no_store(json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": "temporarily_unavailable" }),
+        )),
         Failure::InvalidGrant => oauth_error(OAuthError::InvalidGrant),
         Failure::MalformedJson => {
             let mut response = (StatusCode::OK, "{\"access_token\": ").into_response();
