@@ -400,7 +400,8 @@ pub struct Summary {
 /// - **C9** the current token never goes back or away, and a caller that found a usable
 ///   token never gets an error; fail-fast backoff is never stretched by a wall-clock step
 ///   nor switched off by a huge `Retry-After` (it lasts at least `min(Retry-After, cap)`
-///   of monotonic time, at most the larger of its cap and the `Retry-After` cap).
+///   of monotonic time, or less than half the remaining life of a current token without
+///   a `Retry-After`; at most the larger of its cap and the `Retry-After` cap).
 /// - **C15** a source call for expiry or refresh-ahead replaces a token at least
 ///   [`MIN_REFRESH_INTERVAL`] and half its lifetime old: never a call per request.
 /// - **C16** no caller waits or fails while a usable token exists (refresh-ahead without
@@ -1077,6 +1078,8 @@ struct Knowledge {
 struct FailureSeen {
     mono: Duration,
     retry_after: Option<Duration>,
+    /// Half the remaining life of the current token then, if it has an expiry.
+    token_cap: Option<Duration>,
     /// Logins when it was seen: a login ends the backoff.
     logins: usize,
 }
@@ -1895,10 +1898,20 @@ impl World {
             };
             (flight, retry_after, shared.login_flights.len())
         };
+        // While the current token may still work, the backoff ends before half its
+        // remaining life (without a Retry-After): the next try comes before it expires.
+        let now = self.now();
+        let token_cap = self
+            .flight
+            .current()
+            .filter(|_| retry_after.is_none())
+            .and_then(|t| t.expiry())
+            .map(|at| at.duration_since(now).unwrap_or_default() / 2);
         let failure = (!self.flight.is_auth_lost() && !self.superseded_by_login(flight)).then_some(
             FailureSeen {
                 mono: self.mono,
                 retry_after,
+                token_cap,
                 logins,
             },
         );
@@ -2573,7 +2586,8 @@ impl World {
                         (self.setup.backoff, exempt, call.failure_before)
                     {
                         let required = BACKOFF_INITIAL
-                            .max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+                            .max(f.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER))
+                            .min(f.token_cap.unwrap_or(Duration::MAX));
                         let elapsed = call.mono.saturating_sub(f.mono);
                         if f.logins == call.logins_before && elapsed < required {
                             return Err(self.violation(
