@@ -127,7 +127,9 @@ impl<B: Body> BufferedBody<B> {
         }
     }
 
-    /// The original body, if nothing was read from it.
+    /// The original body, if nothing was read from it; otherwise `self` back.
+    // `Err` is the body handed back whole, not an error worth boxing.
+    #[allow(clippy::result_large_err)]
     pub fn into_inner(self) -> Result<B, Self> {
         match self {
             BufferedBody {
@@ -214,10 +216,7 @@ where
     }
     let mut body = Some(body);
     let mut read = Read::default();
-    loop {
-        let Some(current) = body.as_mut() else {
-            break;
-        };
+    while let Some(current) = body.as_mut() {
         let step = poll_fn(|cx| match Pin::new(&mut *current).poll_frame(cx) {
             Poll::Pending if wait == Wait::No => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -322,11 +321,7 @@ mod tests {
 
     type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
 
-    fn stream(
-        frames: Frames,
-    ) -> StreamBody<
-        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
-    > {
+    fn stream(frames: Frames) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {
         StreamBody::new(futures_util::stream::iter(frames))
     }
 

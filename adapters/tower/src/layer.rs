@@ -29,10 +29,11 @@ pub struct TokenLayer {
     replay_limit: usize,
 }
 
-impl TokenLayer {
-    /// The default of [`replay_limit`](Self::replay_limit): 64 KiB.
-    pub const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
+/// Request bodies up to this many bytes are kept in memory so a rejected request can be
+/// resent (1 MiB, as in the surf adapter). See [`TokenLayer::replay_body_limit`].
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 
+impl TokenLayer {
     /// A builder preset for tokio: [`TokioTimer`] for refresh timeouts, and a
     /// [`TokioSpawner`] on the current runtime (if called inside one) so a refresh
     /// completes and is stored even when every request waiting for it was cancelled (C6).
@@ -47,11 +48,11 @@ impl TokenLayer {
     }
 
     /// How many bytes of a request body the layer keeps in memory to resend it (default
-    /// [`DEFAULT_REPLAY_LIMIT`](Self::DEFAULT_REPLAY_LIMIT)). Only bodies of a type that
+    /// [`DEFAULT_REPLAY_BODY_LIMIT`]). Only bodies of a type that
     /// holds a buffered body (boxed bodies, tonic's) are read ahead; a body larger than
     /// this is sent as it is and not replayed (C4). `0` replays only bodies that copy
     /// cheaply (`Full<Bytes>`, `String`, `Empty`) and empty ones.
-    pub fn replay_limit(mut self, bytes: usize) -> Self {
+    pub fn replay_body_limit(mut self, bytes: usize) -> Self {
         self.replay_limit = bytes;
         self
     }
@@ -67,7 +68,7 @@ impl From<Authenticator> for TokenLayer {
     fn from(auth: Authenticator) -> Self {
         TokenLayer {
             auth,
-            replay_limit: Self::DEFAULT_REPLAY_LIMIT,
+            replay_limit: DEFAULT_REPLAY_BODY_LIMIT,
         }
     }
 }
@@ -208,11 +209,12 @@ where
     }
 }
 
+/// What a [`TokenService`] call resolves to.
+type Output<RB, E> = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;
+
 /// The future of [`TokenService::call`].
 pub struct ResponseFuture<RB: Body, E> {
-    inner: Pin<
-        Box<dyn Future<Output = Result<http::Response<BufferedBody<RB>>, AuthError<E>>> + Send>,
-    >,
+    inner: Pin<Box<dyn Future<Output = Output<RB, E>> + Send>>,
 }
 
 impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
@@ -222,7 +224,7 @@ impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
 }
 
 impl<RB: Body, E> Future for ResponseFuture<RB, E> {
-    type Output = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;
+    type Output = Output<RB, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)

@@ -55,7 +55,7 @@
 //! A rejected request is resent only if its body can be sent again (see [`ReplayBody`]):
 //! `Full<Bytes>`, `String` and `Empty` bodies copy cheaply; boxed bodies (and tonic's)
 //! are read ahead into memory when the whole body is there, up to
-//! [`TokenLayer::replay_limit`]. A body still being produced (a client-streaming call),
+//! [`TokenLayer::replay_body_limit`]. A body still being produced (a client-streaming call),
 //! or a larger one, is sent as it is: if the token is rejected, the caller gets the
 //! response and the token is marked rejected, so the next request gets a new one (C4).
 //!
@@ -91,7 +91,7 @@ mod runtime;
 mod transport;
 
 pub use body::{BufferedBody, ReplayBody};
-pub use layer::{ResponseFuture, TokenLayer, TokenService};
+pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, ResponseFuture, TokenLayer, TokenService};
 pub use runtime::{TokioSpawner, TokioTimer};
 pub use transport::HyperTransport;
 
