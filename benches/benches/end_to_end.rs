@@ -1,6 +1,7 @@
 //! (d) End to end: requests through reqwest + tokenflight's middleware against bare
-//! reqwest carrying the same valid token, on the testkit server (loopback, its own
-//! runtime thread). One at a time (latency) and 32 in flight (throughput). The token
+//! reqwest carrying the same valid token, and through hyper-util's client + the tower
+//! `TokenLayer` against the bare hyper-util client, on the testkit server (loopback,
+//! its own runtime thread). One at a time (latency) and 32 in flight (throughput). The token
 //! stays valid throughout, so this measures the middleware's cost on the normal path:
 //! the token check, attaching the header, keeping a replayable copy of the request and
 //! classifying the response.
@@ -8,12 +9,21 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion};
 use futures::future::join_all;
-use tokenflight::{Token, from_fn};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokenflight::{Authenticator, Token, from_fn};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokenflight_reqwest::{TokenLayer, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+use tokenflight_tower::TokenService;
+use tower::ServiceExt;
+
+type HyperClient = Client<HttpConnector, Empty<Bytes>>;
 
 const IN_FLIGHT: usize = 32;
 
@@ -27,11 +37,34 @@ enum Sender {
     Layered {
         client: ClientWithMiddleware,
     },
+    BareHyper {
+        client: HyperClient,
+        header: http::HeaderValue,
+    },
+    Tower {
+        service: TokenService<HyperClient>,
+    },
 }
 
 impl Sender {
     async fn get(&self, url: &str) {
         let response = match self {
+            Sender::BareHyper { client, header } => {
+                let request = http::Request::get(url)
+                    .header(http::header::AUTHORIZATION, header.clone())
+                    .body(Empty::new());
+                let request = request.unwrap_or_else(|e| panic!("request: {e}"));
+                let response = client.request(request).await;
+                let response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
+                return check_hyper(response).await;
+            }
+            Sender::Tower { service } => {
+                let request = http::Request::get(url).body(Empty::new());
+                let request = request.unwrap_or_else(|e| panic!("request: {e}"));
+                let response = service.clone().oneshot(request).await;
+                let response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
+                return check_hyper(response).await;
+            }
             Sender::Bare { client, header } => {
                 client
                     .get(url)
@@ -53,6 +86,17 @@ impl Sender {
             }
             Err(error) => panic!("request failed: {error}"),
         }
+    }
+}
+
+async fn check_hyper<B>(response: http::Response<B>)
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Display,
+{
+    assert_eq!(response.status(), 200, "the token should be accepted");
+    if let Err(error) = response.into_body().collect().await {
+        panic!("reading the body: {error}");
     }
 }
 
@@ -91,6 +135,19 @@ fn end_to_end(c: &mut Criterion) {
         Ok(layer) => layer,
         Err(error) => panic!("building the layer: {error}"),
     };
+    let hyper_client = || Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let bare_hyper = Sender::BareHyper {
+        client: hyper_client(),
+        header: match http::HeaderValue::from_str(&format!("Bearer {access}")) {
+            Ok(header) => header,
+            Err(error) => panic!("header: {error}"),
+        },
+    };
+    let tower_layer =
+        tokenflight_tower::TokenLayer::from(Authenticator::clone(layer.authenticator()));
+    let tower = Sender::Tower {
+        service: tower::Layer::layer(&tower_layer, hyper_client()),
+    };
     let layered = Sender::Layered {
         client: ClientBuilder::new(reqwest::Client::new())
             .with(layer.clone())
@@ -103,7 +160,13 @@ fn end_to_end(c: &mut Criterion) {
             .sample_size(30)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        for (name, sender) in [("bare_reqwest", &bare), ("reqwest_tokenflight", &layered)] {
+        let senders = [
+            ("bare_reqwest", &bare),
+            ("reqwest_tokenflight", &layered),
+            ("bare_hyper", &bare_hyper),
+            ("tower_tokenflight", &tower),
+        ];
+        for (name, sender) in senders {
             group.bench_function(BenchmarkId::from_parameter(name), |b| {
                 b.to_async(&runtime).iter(|| async {
                     join_all((0..in_flight).map(|_| sender.get(&url))).await;

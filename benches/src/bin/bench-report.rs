@@ -123,18 +123,26 @@ fn storm() {
 }
 
 fn end_to_end() {
-    println!("### (d) End to end through reqwest on the testkit server");
+    println!("### (d) End to end on the testkit server");
     println!();
     println!(
-        "Throughput of reqwest + tokenflight relative to bare reqwest (higher is better; 1.00 = same)."
+        "Throughput with tokenflight relative to the same client without it, in one run \
+         (higher is better; 1.00 = same): reqwest + middleware vs bare reqwest, and \
+         hyper-util + the tower `TokenLayer` vs bare hyper-util."
     );
     println!();
-    println!("| mode | throughput ratio |");
-    println!("|---|---|");
+    println!("| mode | reqwest ratio | tower ratio |");
+    println!("|---|---|---|");
     for mode in ["sequential", "concurrent_32"] {
         let bare = mean(&format!("end_to_end/{mode}/bare_reqwest"));
         let layered = mean(&format!("end_to_end/{mode}/reqwest_tokenflight"));
-        println!("| {mode} | {} |", ratio(bare, layered));
+        let bare_hyper = mean(&format!("end_to_end/{mode}/bare_hyper"));
+        let tower = mean(&format!("end_to_end/{mode}/tower_tokenflight"));
+        println!(
+            "| {mode} | {} | {} |",
+            ratio(bare, layered),
+            ratio(bare_hyper, tower)
+        );
     }
     println!();
 }
