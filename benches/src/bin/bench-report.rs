@@ -149,9 +149,9 @@ fn end_to_end() {
     }
     println!();
     println!(
-        "The interleaved columns alternate the two clients in short rounds (see \
-         `interleaved_ratio` in `benches/benches/end_to_end.rs`), so load changes on a \
-         shared machine hit both alike."
+        "The interleaved columns are the median of 31 short rounds that time both clients \
+         back to back (see `interleaved_ratio` in `benches/benches/end_to_end.rs`), so load \
+         changes on a shared machine hit both alike."
     );
     println!();
     let bare = mean("tower_overhead/bare");
