@@ -27,7 +27,8 @@ use pin_project_lite::pin_project;
 /// are never resent).
 pub trait ReplayBody: Body<Data = Bytes> + Send + Unpin + Sized + 'static {
     /// A copy of the body that costs little (shares its bytes), when the type can make
-    /// one. Such a body is never read ahead.
+    /// one. Used for types without [`wrap_buffered`](Self::wrap_buffered); a type that
+    /// has both is read ahead instead.
     fn try_clone(&self) -> Option<Self> {
         None
     }
