@@ -275,3 +275,40 @@ impl Classifier {
         self.body.as_ref().map(|(limit, p)| (*limit, p))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Head(u16, &'static [(&'static str, &'static str)]);
+
+    impl ResponseView for Head {
+        fn status(&self) -> u16 {
+            self.0
+        }
+
+        fn header(&self, name: &str) -> Option<&str> {
+            self.1
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        }
+    }
+
+    #[test]
+    fn a_header_rule_rejects_whatever_the_status_and_yields_to_rfc_6750_hints() {
+        let classifier = Classifier::new().header_equals("grpc-status", "16");
+        assert!(classifier.head_rejects(&Head(200, &[("grpc-status", "16")])));
+        assert!(classifier.head_rejects(&Head(200, &[("grpc-status", " 16")])));
+        assert!(!classifier.head_rejects(&Head(200, &[("grpc-status", "160")])));
+        assert!(!classifier.head_rejects(&Head(200, &[])));
+        assert!(
+            classifier.head_rejects(&Head(401, &[])),
+            "statuses still apply"
+        );
+        const SCOPE: (&str, &str) = ("www-authenticate", "Bearer error=\"insufficient_scope\"");
+        assert!(!classifier.head_rejects(&Head(200, &[("grpc-status", "16"), SCOPE])));
+        // Without the rule, the same response is fine.
+        assert!(!Classifier::new().head_rejects(&Head(200, &[("grpc-status", "16")])));
+    }
+}
