@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Backoff, FlightConfig};
+use crate::config::{Backoff, FlightConfig, Retry};
 use crate::driver::{Authenticator, Policy};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
@@ -155,21 +155,42 @@ impl<Out> Builder<Out> {
         self
     }
 
-    /// Clock-skew allowance before expiry (default 30 s, C7).
+    /// Cap on the clock-skew allowance before expiry (default 10 s, scaled to a tenth
+    /// of the token's lifetime; C7, C15).
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.config.leeway = leeway;
         self
     }
 
-    /// Refresh-ahead window before expiry, or `None` to disable (default 2 min, C8).
+    /// Cap on the refresh-ahead window before expiry, or `None` to disable (default
+    /// 225 s, scaled to a third of the token's lifetime; C8, C15).
     pub fn refresh_ahead(mut self, window: Option<Duration>) -> Self {
         self.config.refresh_ahead = window;
         self
     }
 
-    /// Bound on each refresh attempt (default 30 s, C10).
+    /// One budget for a whole flight: store lock, load, every attempt, save, unlock
+    /// (default 30 s, C10).
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.config.refresh_timeout = timeout;
+        self
+    }
+
+    /// Bound on one call of the token source (default 10 s).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.config.attempt_timeout = timeout;
+        self
+    }
+
+    /// Expiry-driven source calls are at least this far apart (default 1 s, C15).
+    pub fn min_refresh_interval(mut self, interval: Duration) -> Self {
+        self.config.min_refresh_interval = interval;
+        self
+    }
+
+    /// Retries of transient failures inside one flight (default 3 attempts, C16).
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.config.retry = retry;
         self
     }
 
@@ -232,9 +253,14 @@ impl<Out> Builder<Out> {
         if let Some(e) = &self.invalid {
             return Err(e.clone());
         }
-        if self.config.refresh_timeout.is_zero() {
+        if self.config.refresh_timeout.is_zero() || self.config.attempt_timeout.is_zero() {
             return Err(ConfigError::InvalidSetting(
-                "refresh_timeout must be above zero".into(),
+                "refresh_timeout and attempt_timeout must be above zero".into(),
+            ));
+        }
+        if self.config.retry.max_attempts == 0 {
+            return Err(ConfigError::InvalidSetting(
+                "retry.max_attempts must be at least 1".into(),
             ));
         }
         if self

@@ -2,30 +2,138 @@
 
 use std::time::Duration;
 
+use crate::token::Token;
+
 /// Timing settings of a [`SingleFlight`](crate::SingleFlight).
+///
+/// # Timing scaled to the token's lifetime (C15)
+///
+/// `leeway` and `refresh_ahead` are *caps*. A token that knows its lifetime `L` (it
+/// records when it was obtained, see [`Token::lifetime`]) gets
+///
+/// - effective leeway = `min(leeway, L / 10)`: callers never start waiting for a new
+///   token before 90 % of its life has passed;
+/// - effective refresh-ahead window = `min(refresh_ahead, L / 3)`: the background
+///   refresh never starts before two thirds of the life have passed.
+///
+/// A token whose lifetime is unknown gets the caps as they are. With the defaults
+/// (caps 10 s and 225 s):
+///
+/// | lifetime `L` | leeway | refresh ahead starts | callers wait from |
+/// |---|---|---|---|
+/// | 1 s   | 100 ms | 667 ms after issue (333 ms before expiry) | 900 ms |
+/// | 10 s  | 1 s    | 6.67 s (3.33 s before expiry) | 9 s |
+/// | 1 min | 6 s    | 40 s (20 s before expiry) | 54 s |
+/// | 5 min | 10 s   | 3 min 20 s (100 s before expiry) | 4 min 50 s |
+/// | 1 h   | 10 s   | 56 min 15 s (225 s before expiry) | 59 min 50 s |
+/// | 24 h  | 10 s   | 23 h 56 min 15 s (225 s before expiry) | 23 h 59 min 50 s |
+///
+/// Why these numbers: golang/oauth2 treats a token as expired 10 s early and the AWS
+/// SDKs keep a 10 s buffer — the leeway cap; a fixed window, though, is longer than a
+/// 2-second token's whole life, so it is scaled down to a tenth of the lifetime.
+/// Google's Go auth library refreshes asynchronously 225 s before expiry — the
+/// refresh-ahead cap — while MSAL refreshes at half-life; a third of the lifetime sits
+/// between the two and keeps steady traffic at about 1.5 source calls per lifetime
+/// for short tokens (half-life would make it 2, with no margin for latency).
+///
+/// A token younger than `min_refresh_interval` is always usable, even when it arrived
+/// already expired by the local clock (`expires_in: 0`, a skewed `exp`): the server
+/// decides, and expiry-driven source calls stay at least that far apart. Rejections of
+/// the newest token and forced refreshes are not limited.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FlightConfig {
-    /// A token this close to its expiry counts as expired (clock-skew allowance, C7).
-    /// Default: 30 s.
+    /// Cap on the clock-skew allowance: a token this close to its expiry counts as
+    /// expired (C7), scaled to `L / 10` for short lifetimes. Default: 10 s.
     pub leeway: Duration,
-    /// Inside this window before expiry (and outside `leeway`) the still-valid token is
-    /// used while one refresh runs ahead (C8). `None` disables it. Default: 2 min.
+    /// Cap on the refresh-ahead window: inside it (and outside the leeway) the
+    /// still-valid token is used while one refresh runs ahead (C8), scaled to `L / 3`
+    /// for short lifetimes. `None` disables it. Default: 225 s.
     pub refresh_ahead: Option<Duration>,
-    /// Bound on each refresh attempt's lock wait and source call (C10). Default: 30 s.
+    /// Expiry-driven source calls are at least this far apart: a token younger than
+    /// this is always usable (C15). Default: 1 s.
+    pub min_refresh_interval: Duration,
+    /// One budget for a whole flight: the store's lock, load, every attempt, the
+    /// delays between them, save and unlock (C10, C16). Default: 30 s.
     pub refresh_timeout: Duration,
-    /// Backoff after transient failures (C9).
+    /// Bound on one call of the token source, inside the flight's budget. Default: 10 s.
+    pub attempt_timeout: Duration,
+    /// Retries of transient failures inside one flight (C16).
+    pub retry: Retry,
+    /// Fail-fast backoff after a flight used up its attempts (C9, C16).
     pub backoff: Backoff,
 }
 
 impl Default for FlightConfig {
     fn default() -> Self {
         FlightConfig {
-            leeway: Duration::from_secs(30),
-            refresh_ahead: Some(Duration::from_secs(120)),
+            leeway: Duration::from_secs(10),
+            refresh_ahead: Some(Duration::from_secs(225)),
+            min_refresh_interval: Duration::from_secs(1),
             refresh_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(10),
+            retry: Retry::default(),
             backoff: Backoff::default(),
         }
+    }
+}
+
+impl FlightConfig {
+    /// The leeway that applies to `token`: `min(leeway, L / 10)` (see the type's docs).
+    pub fn leeway_for(&self, token: &Token) -> Duration {
+        match token.lifetime() {
+            Some(lifetime) => self.leeway.min(lifetime / 10),
+            None => self.leeway,
+        }
+    }
+
+    /// The refresh-ahead window that applies to `token`: `min(refresh_ahead, L / 3)`,
+    /// or `None` when refresh-ahead is off (see the type's docs).
+    pub fn refresh_ahead_for(&self, token: &Token) -> Option<Duration> {
+        let cap = self.refresh_ahead?;
+        Some(match token.lifetime() {
+            Some(lifetime) => cap.min(lifetime / 3),
+            None => cap,
+        })
+    }
+}
+
+/// How a flight retries transient failures (network, timeouts, 5xx, 429, store
+/// failures) before it gives up (C16). Permanent failures are never retried.
+///
+/// Between attempts the flight waits `retry.backoff`'s delay (or a server's
+/// `Retry-After` when it fits in the flight's remaining budget; when it does not, the
+/// flight ends and the fail-fast backoff honours it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retry {
+    /// Attempts per flight, the first included; 1 disables retries. Default: 3.
+    pub max_attempts: u32,
+    /// Delays between attempts. Default: 100 ms, doubling, capped at 1 s, jitter 0.5.
+    pub backoff: Backoff,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+        }
+    }
+}
+
+impl Retry {
+    /// `max_attempts` attempts per flight with the given delays.
+    pub fn new(max_attempts: u32, backoff: Backoff) -> Self {
+        Retry {
+            max_attempts: max_attempts.max(1),
+            backoff,
+        }
+    }
+
+    /// One attempt per flight: no retries inside a flight.
+    pub fn none() -> Self {
+        Retry::new(1, Backoff::none())
     }
 }
 
@@ -33,7 +141,9 @@ impl Default for FlightConfig {
 ///
 /// After the n-th consecutive failure, refreshes are refused for
 /// `min(max, initial * 2^(n-1))`, scaled by a random factor in `[1 - jitter, 1]`, and
-/// never less than a server's `Retry-After`.
+/// never less than a server's `Retry-After` (itself capped at `max_retry_after`, so an
+/// absurd value neither overflows nor stops refreshes for days). Deadlines are kept
+/// on the monotonic clock: a wall-clock step neither stretches nor cancels them.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Backoff {
@@ -43,6 +153,8 @@ pub struct Backoff {
     pub max: Duration,
     /// Fraction of the delay that is randomised, 0.0..=1.0. Default: 0.5.
     pub jitter: f64,
+    /// Cap on a server's `Retry-After`. Default: 5 min.
+    pub max_retry_after: Duration,
 }
 
 impl Eq for Backoff {}
@@ -53,6 +165,7 @@ impl Default for Backoff {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(60),
             jitter: 0.5,
+            max_retry_after: Duration::from_secs(300),
         }
     }
 }
@@ -73,6 +186,7 @@ impl Backoff {
             initial: Duration::ZERO,
             max: Duration::ZERO,
             jitter: 0.0,
+            max_retry_after: Duration::ZERO,
         }
     }
 
@@ -86,6 +200,12 @@ impl Backoff {
         self
     }
 
+    /// Sets the cap on a server's `Retry-After`.
+    pub fn with_max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
     /// The delay after `failures` consecutive failures, before jitter.
     pub fn ceiling(&self, failures: u32) -> Duration {
         let exponent = failures.saturating_sub(1).min(31);
@@ -93,7 +213,8 @@ impl Backoff {
     }
 
     /// The delay after `failures` consecutive failures, with jitter drawn from `unit`
-    /// (a random number in 0.0..1.0) and at least `retry_after`.
+    /// (a random number in 0.0..1.0) and at least `retry_after` capped at
+    /// `max_retry_after`.
     pub fn delay(&self, failures: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
         let ceiling = self.ceiling(failures);
         let unit = if unit.is_finite() {
@@ -104,7 +225,7 @@ impl Backoff {
         let factor = 1.0 - self.jitter.clamp(0.0, 1.0) * unit;
         let jittered = ceiling.mul_f64(factor);
         match retry_after {
-            Some(after) => jittered.max(after),
+            Some(after) => jittered.max(after.min(self.max_retry_after)),
             None => jittered,
         }
     }
@@ -134,5 +255,78 @@ mod tests {
             Duration::from_secs(7)
         );
         assert_eq!(backoff.delay(1, f64::NAN, None), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn c16_huge_retry_after_is_capped() {
+        let backoff = Backoff::default();
+        assert_eq!(
+            backoff.delay(1, 0.0, Some(Duration::MAX)),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            backoff.with_max_retry_after(Duration::from_secs(10)).delay(
+                1,
+                0.0,
+                Some(Duration::from_secs(3600))
+            ),
+            Duration::from_secs(10)
+        );
+    }
+
+    fn token_living(lifetime: Duration) -> Token {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        Token::new("t").expires_in(lifetime, now)
+    }
+
+    /// The table in `FlightConfig`'s docs, row by row.
+    #[test]
+    fn c15_documented_timing_table() {
+        let config = FlightConfig::default();
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // (lifetime, leeway, refresh-ahead window)
+        let table = [
+            (s(1), ms(100), ms(333)),
+            (s(10), s(1), ms(3333)),
+            (s(60), s(6), s(20)),
+            (s(300), s(10), s(100)),
+            (s(3600), s(10), s(225)),
+            (s(86_400), s(10), s(225)),
+        ];
+        for (lifetime, leeway, ahead) in table {
+            let token = token_living(lifetime);
+            assert_eq!(config.leeway_for(&token), leeway, "leeway for {lifetime:?}");
+            let window = config.refresh_ahead_for(&token).unwrap();
+            // L / 3 is not a whole number of milliseconds for every L.
+            assert!(
+                window.abs_diff(ahead) < ms(1),
+                "window for {lifetime:?}: {window:?}"
+            );
+            assert!(window > leeway, "a window remains for {lifetime:?}");
+        }
+    }
+
+    #[test]
+    fn c15_unknown_lifetime_uses_the_caps_and_zero_lifetime_gives_zero() {
+        let config = FlightConfig::default();
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let no_lifetime = Token::new("t").expires_at(now);
+        assert_eq!(config.leeway_for(&no_lifetime), Duration::from_secs(10));
+        assert_eq!(
+            config.refresh_ahead_for(&no_lifetime),
+            Some(Duration::from_secs(225))
+        );
+        let born_expired = Token::new("t").expires_in(Duration::ZERO, now);
+        assert_eq!(config.leeway_for(&born_expired), Duration::ZERO);
+        assert_eq!(
+            config.refresh_ahead_for(&born_expired),
+            Some(Duration::ZERO)
+        );
+        let off = FlightConfig {
+            refresh_ahead: None,
+            ..FlightConfig::default()
+        };
+        assert_eq!(off.refresh_ahead_for(&born_expired), None);
     }
 }

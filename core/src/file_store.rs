@@ -433,6 +433,10 @@ struct StoredToken {
     refresh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at: Option<UnixTime>,
+    /// When the token was obtained (its lifetime scales the refresh timing, C15).
+    /// Optional and additive: records written before it existed still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    obtained_at: Option<UnixTime>,
     generation: u64,
 }
 
@@ -454,15 +458,8 @@ fn encode(token: &Token) -> Result<Vec<u8>, StoreError> {
             access: token.access().expose().to_owned(),
             refresh: token.refresh().map(|r| r.expose().to_owned()),
             // A time before the epoch is long expired: stored as the epoch.
-            expires_at: token.expiry().map(|at| {
-                let since = at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or(Duration::ZERO);
-                UnixTime {
-                    secs: since.as_secs(),
-                    nanos: since.subsec_nanos(),
-                }
-            }),
+            expires_at: token.expiry().map(unix_time),
+            obtained_at: token.obtained().map(unix_time),
             generation: token.generation(),
         },
     };
@@ -471,6 +468,17 @@ fn encode(token: &Token) -> Result<Vec<u8>, StoreError> {
     })?;
     bytes.push(b'\n');
     Ok(bytes)
+}
+
+fn unix_time(at: SystemTime) -> UnixTime {
+    // A time before the epoch is long past: stored as the epoch.
+    let since = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    UnixTime {
+        secs: since.as_secs(),
+        nanos: since.subsec_nanos(),
+    }
 }
 
 fn decode(bytes: &[u8]) -> Result<Token, Decode> {
@@ -492,15 +500,21 @@ fn decode(bytes: &[u8]) -> Result<Token, Decode> {
         .with_refresh_opt(stored.refresh.map(Secret::new))
         .with_generation(stored.generation);
     if let Some(at) = stored.expires_at {
-        if at.nanos >= 1_000_000_000 {
-            return Err(Decode::Corrupt("expires_at.nanos out of range".into()));
-        }
-        let at = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::new(at.secs, at.nanos))
-            .ok_or_else(|| Decode::Corrupt("expires_at out of range".into()))?;
-        token = token.expires_at(at);
+        token = token.expires_at(system_time(at, "expires_at")?);
+    }
+    if let Some(at) = stored.obtained_at {
+        token = token.obtained_at(system_time(at, "obtained_at")?);
     }
     Ok(token)
+}
+
+fn system_time(at: UnixTime, field: &str) -> Result<SystemTime, Decode> {
+    if at.nanos >= 1_000_000_000 {
+        return Err(Decode::Corrupt(format!("{field}.nanos out of range")));
+    }
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::new(at.secs, at.nanos))
+        .ok_or_else(|| Decode::Corrupt(format!("{field} out of range")))
 }
 
 /// serde_json's messages can quote the offending value (a secret, in this file): only
@@ -523,7 +537,29 @@ mod tests {
         Token::new("access-SECRET")
             .with_refresh("refresh-SECRET")
             .expires_at(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123))
+            .obtained_at(SystemTime::UNIX_EPOCH + Duration::new(1_699_999_000, 5))
             .with_generation(7)
+    }
+
+    #[test]
+    fn c15_records_written_before_obtained_at_existed_still_load() {
+        // Byte for byte what the first release wrote (no `obtained_at`).
+        let old = br#"{
+  "format": 1,
+  "token": {
+    "access": "a",
+    "expires_at": { "secs": 1700000000, "nanos": 0 },
+    "generation": 3
+  }
+}
+"#;
+        let token = decode(old).ok().unwrap();
+        assert_eq!(token.generation(), 3);
+        assert_eq!(token.obtained(), None);
+        assert_eq!(
+            token.expiry(),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
     }
 
     #[test]

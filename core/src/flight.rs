@@ -7,13 +7,24 @@
 //! started it included — leaves the others driving the same refresh (C6). The state
 //! keeps only a weak handle: when the last waiter leaves and no spawner keeps the flight
 //! alive, the refresh is dropped and the next caller starts a fresh one. The std mutex
-//! around the state is never held across an await.
+//! around the state is never held across an await, and every write of the current
+//! token happens under it.
+//!
+//! A flight has one time budget (C10, C16): the store's lock, load, every source
+//! attempt with the delays between them, save and unlock all race one deadline.
+//! Transient failures are retried inside the flight; only when its attempts are used
+//! up does the coordinator back off, on the monotonic clock. A panic anywhere in the
+//! flight (source, store, clock, timer) ends it with a typed error for every waiter
+//! (C18). A login (initial token or `install`) is numbered above everything known,
+//! saved under the store's lock, and no flight that started before it may replace it,
+//! fail it or fire the auth-lost hook (C17).
 
 use std::fmt;
-use std::panic::AssertUnwindSafe;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
@@ -27,7 +38,24 @@ use crate::stats::{Counters, Stats, bump};
 use crate::store::{StoreError, StoreLock, TokenStore};
 use crate::token::Token;
 
-type FlightOutput = Result<Arc<Token>, RefreshError>;
+/// The highest generation accepted from outside (a store, a caller's token). A stored
+/// token numbered above it is treated as corrupt: ignored, and overwritten by the next
+/// save, so a hostile or damaged store cannot make generations saturate (every new
+/// token would then equal the rejected one: a refresh per request, forever).
+pub const MAX_GENERATION: u64 = 1 << 53;
+
+/// What every waiter of a flight gets (C5): the outcome, and for a failure the token
+/// that was still valid when the flight ended (callers that did not force the refresh
+/// use it instead of failing, C16).
+#[derive(Clone)]
+struct FlightOutput {
+    result: Result<Arc<Token>, RefreshError>,
+    fallback: Option<Arc<Token>>,
+    /// A login arrived while the flight ran: its outcome does not count (C17); each
+    /// waiter takes the login, or joins a new flight if the login does not serve it.
+    superseded: bool,
+}
+
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 
 /// A hook called once when the coordinator enters "re-authentication required" (C9).
@@ -45,7 +73,7 @@ pub(crate) struct Parts {
     pub(crate) initial_token: Option<Token>,
 }
 
-/// The coordinator: one current token, at most one refresh in flight (C1–C10).
+/// The coordinator: one current token, at most one refresh in flight (C1–C18).
 ///
 /// Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -59,6 +87,10 @@ struct Inner {
     /// Highest generation a server rejected; such a token is never handed out again.
     rejected: AtomicU64,
     state: Mutex<State>,
+    /// Logins renumbered above a store's older session: `(old, new)` generations of the
+    /// same secrets, so a rejection of the old number counts for the new one (C3, C4).
+    /// Locked after `state` when both are held, never the other way round.
+    aliases: Mutex<Vec<(u64, u64)>>,
     counters: Counters,
 }
 
@@ -72,19 +104,37 @@ struct State {
     /// refresh is in flight must not get the refresh's generation (C3 tells tokens
     /// apart by generation).
     last_generation: u64,
+    /// Bumped by every login: a flight that started under an older epoch must not
+    /// replace the login, fail it, or fire the auth-lost hook (C17).
+    login_epoch: u64,
+    /// The generation of a login (initial token or `install`) not yet saved to the
+    /// store; the next flight saves it, numbered above whatever the store holds.
+    unsaved_login: Option<u64>,
 }
 
 #[derive(Default)]
 enum Failure {
     #[default]
     None,
-    Backoff {
-        until: SystemTime,
-        error: RefreshError,
-    },
+    /// Fail fast until `until` (monotonic: a wall-clock step neither stretches nor
+    /// cancels it, C16).
+    Backoff { until: Instant, error: RefreshError },
+    /// Re-authentication required. At most once per `min_refresh_interval` (counted
+    /// from `checked`) a caller looks in the store for a login saved elsewhere (C17).
     AuthLost {
         error: RefreshError,
+        checked: Instant,
     },
+}
+
+/// What a flight does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlightKind {
+    /// Replace a token (or get a first one).
+    Refresh(RefreshReason),
+    /// Re-authentication is required: look in the store for a login saved by another
+    /// process or replica; never call the source.
+    Reload,
 }
 
 /// What a caller gets when it asks for a refresh.
@@ -108,8 +158,14 @@ impl fmt::Debug for SingleFlight {
 
 impl SingleFlight {
     pub(crate) fn from_parts(mut parts: Parts) -> Self {
+        let mut state = State::default();
+        // The initial token is a login: the user's latest intent. It is saved by the
+        // first flight, numbered above whatever the store holds (C17). It is not
+        // stamped as obtained now: it may come from an earlier session.
         let initial = parts.initial_token.take().map(|token| {
-            let generation = token.generation().max(1);
+            let generation = token.generation().clamp(1, MAX_GENERATION);
+            state.last_generation = generation;
+            state.unsaved_login = Some(generation);
             Arc::new(token.with_generation(generation))
         });
         SingleFlight {
@@ -117,7 +173,8 @@ impl SingleFlight {
                 parts,
                 current: ArcSwapOption::new(initial),
                 rejected: AtomicU64::new(0),
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
+                aliases: Mutex::new(Vec::new()),
                 counters: Counters::default(),
             }),
         }
@@ -143,10 +200,23 @@ impl SingleFlight {
         &*self.inner.parts.clock
     }
 
-    /// The current token if it can be sent as it is: present, not within `leeway` of
-    /// expiry (C7), not rejected by a server. Lock-free and allocation-free.
+    /// The wall clock; a clock that panics reads as the Unix epoch (tokens then count
+    /// as unexpired and the server decides) instead of panicking the caller (C18).
+    fn now(&self) -> SystemTime {
+        read_wall(&*self.inner.parts.clock)
+    }
+
+    /// The monotonic clock; a clock that panics is replaced by `Instant::now` (C18).
+    fn mono(&self) -> Instant {
+        let clock = &self.inner.parts.clock;
+        catch_unwind(AssertUnwindSafe(|| clock.monotonic())).unwrap_or_else(|_| Instant::now())
+    }
+
+    /// The current token if it can be sent as it is: present, not rejected by a
+    /// server, and not within the leeway of its expiry (C7, scaled to its lifetime,
+    /// C15) — or younger than `min_refresh_interval`. Lock-free and allocation-free.
     pub fn valid_token(&self) -> Option<Arc<Token>> {
-        self.usable_at(self.inner.parts.clock.now())
+        self.usable_at(self.now())
     }
 
     fn usable_at(&self, now: SystemTime) -> Option<Arc<Token>> {
@@ -159,14 +229,40 @@ impl SingleFlight {
         }
     }
 
-    fn is_usable(&self, token: &Token, now: SystemTime) -> bool {
+    fn not_rejected(&self, token: &Token) -> bool {
         token.generation() > self.inner.rejected.load(Ordering::Acquire)
-            && !token.is_expired(now, self.inner.parts.config.leeway)
+    }
+
+    /// Younger than `min_refresh_interval`: used whatever its expiry says (C15).
+    fn is_young(&self, token: &Token, now: SystemTime) -> bool {
+        token
+            .age(now)
+            .is_some_and(|age| age < self.inner.parts.config.min_refresh_interval)
+    }
+
+    fn is_usable(&self, token: &Token, now: SystemTime) -> bool {
+        let config = &self.inner.parts.config;
+        self.not_rejected(token)
+            && (self.is_young(token, now) || !token.is_expired(now, config.leeway_for(token)))
+    }
+
+    /// Usable without the leeway: not rejected and not yet expired. Callers that
+    /// would otherwise fail (a failed flight, backoff) use such a token (C16).
+    fn still_valid(&self, token: &Token, now: SystemTime) -> bool {
+        self.not_rejected(token)
+            && (self.is_young(token, now) || !token.is_expired(now, Duration::ZERO))
+    }
+
+    fn still_valid_current(&self, now: SystemTime) -> Option<Arc<Token>> {
+        self.current().filter(|t| self.still_valid(t, now))
     }
 
     fn in_refresh_ahead_window(&self, token: &Token, now: SystemTime) -> bool {
-        match (self.inner.parts.config.refresh_ahead, token.expiry()) {
-            (Some(window), Some(_)) => token.is_expired(now, window),
+        match (
+            self.inner.parts.config.refresh_ahead_for(token),
+            token.expiry(),
+        ) {
+            (Some(window), Some(_)) => !self.is_young(token, now) && token.is_expired(now, window),
             _ => false,
         }
     }
@@ -176,14 +272,16 @@ impl SingleFlight {
     /// Fast path: a valid token is returned at once (no lock, no allocation). In the
     /// refresh-ahead window a background refresh starts and the valid token is returned
     /// (C8); without a spawner the one caller that starts it drives it and the rest go on.
-    /// An expired or missing token waits for the one refresh (C1, C2).
+    /// An expired or missing token waits for the one refresh (C1, C2). If that refresh
+    /// fails while the old token has not really expired yet (it was only within the
+    /// leeway), the old token is returned (C16).
     ///
     /// # Cancellation
     /// Dropping the returned future at any await point never hangs other callers and
     /// never cancels the refresh while anyone else waits for it (C6). With a spawner the
     /// refresh also completes when every caller has left.
     pub async fn token(&self) -> Result<Arc<Token>, Error> {
-        let now = self.inner.parts.clock.now();
+        let now = self.now();
         if let Some(token) = self.usable_at(now) {
             if self.in_refresh_ahead_window(&token, now) {
                 return Ok(self.refresh_ahead(token).await);
@@ -193,13 +291,16 @@ impl SingleFlight {
         let current = self.current();
         let reason = match &current {
             None => RefreshReason::Initial,
-            Some(token) if token.generation() <= self.inner.rejected.load(Ordering::Acquire) => {
-                RefreshReason::Rejected
-            }
+            Some(token) if !self.not_rejected(token) => RefreshReason::Rejected,
             Some(_) => RefreshReason::Expired,
         };
         let replaces = current.map(|t| t.generation());
-        self.wait(self.join_or_start(reason, replaces, false)).await
+        self.wait(
+            reason,
+            replaces,
+            self.join_or_start(reason, replaces, false),
+        )
+        .await
     }
 
     async fn refresh_ahead(&self, token: Arc<Token>) -> Arc<Token> {
@@ -209,11 +310,9 @@ impl SingleFlight {
                 // Spawned, already running, or not allowed now: go on with the valid token.
                 _ => return token,
             };
-        match flight.await {
-            Ok(newer) => newer,
-            // C9: an error never replaces a still-valid token.
-            Err(_) => token,
-        }
+        // C9, C16: an error never replaces a still-valid token; after a login the
+        // next call takes the login.
+        flight.await.result.unwrap_or(token)
     }
 
     /// A token to resend a request with, after a server rejected the token of
@@ -230,16 +329,37 @@ impl SingleFlight {
         &self,
         rejected_generation: u64,
     ) -> Result<Arc<Token>, Error> {
+        let rejected_generation = self.resolve_alias(rejected_generation);
         if let Some(token) = self.stale_rejection(rejected_generation) {
             return Ok(token);
         }
-        self.wait(self.join_or_start(RefreshReason::Rejected, Some(rejected_generation), false))
-            .await
+        self.wait(
+            RefreshReason::Rejected,
+            Some(rejected_generation),
+            self.join_or_start(RefreshReason::Rejected, Some(rejected_generation), false),
+        )
+        .await
+    }
+
+    /// The generation a rejection of `generation` really concerns: a login renumbered
+    /// above a store's older session keeps its secrets under a new number.
+    fn resolve_alias(&self, mut generation: u64) -> u64 {
+        let aliases = self
+            .inner
+            .aliases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for &(old, new) in aliases.iter() {
+            if old == generation {
+                generation = new;
+            }
+        }
+        generation
     }
 
     fn stale_rejection(&self, rejected_generation: u64) -> Option<Arc<Token>> {
         bump(&self.inner.counters.rejections);
-        let now = self.inner.parts.clock.now();
+        let now = self.now();
         match self.usable_at(now) {
             Some(token) if token.generation() > rejected_generation => {
                 bump(&self.inner.counters.stale_rejections);
@@ -251,9 +371,12 @@ impl SingleFlight {
                 Some(token)
             }
             _ => {
+                // Nobody can reject a token this coordinator never had: a bogus
+                // generation must not block every future token.
+                let highest = self.lock_state().last_generation;
                 self.inner
                     .rejected
-                    .fetch_max(rejected_generation, Ordering::AcqRel);
+                    .fetch_max(rejected_generation.min(highest), Ordering::AcqRel);
                 None
             }
         }
@@ -264,6 +387,7 @@ impl SingleFlight {
     /// with a spawner the refresh starts now.
     pub fn mark_rejected(&self, generation: u64) {
         bump(&self.inner.counters.not_replayable);
+        let generation = self.resolve_alias(generation);
         if self.stale_rejection(generation).is_some() || self.inner.parts.spawner.is_none() {
             return;
         }
@@ -278,48 +402,146 @@ impl SingleFlight {
     /// As for [`SingleFlight::token`].
     pub async fn force_refresh(&self) -> Result<Arc<Token>, Error> {
         let replaces = self.current().map(|t| t.generation());
-        self.wait(self.join_or_start(RefreshReason::Forced, replaces, false))
-            .await
+        self.wait(
+            RefreshReason::Forced,
+            replaces,
+            self.join_or_start(RefreshReason::Forced, replaces, false),
+        )
+        .await
     }
 
-    /// Installs a token from outside (a new login), saving it to the store first. Ends
-    /// "re-authentication required" and any backoff (C9).
+    /// Installs a token from outside (a new login). Ends "re-authentication required"
+    /// and any backoff (C9).
+    ///
+    /// A login is the user's latest intent (C17): it is numbered above every token
+    /// known here and in the store, used at once by this process, and saved under the
+    /// store's lock (so other processes and replicas see it). A flight that started
+    /// before it can neither replace it nor fail it. The whole call is bounded by the
+    /// flight budget (`refresh_timeout`).
+    ///
+    /// An error means the login could not be saved: it is still in use here, and the
+    /// next flight tries to save it again.
     ///
     /// # Cancellation
-    /// If dropped before the store's save completes, nothing is installed in memory; the
-    /// store may or may not hold the token.
+    /// The token is in use in this process from the first poll. If dropped before the
+    /// store's save completes, the store may or may not hold it; the next flight saves
+    /// it if not.
     pub async fn install(&self, token: Token) -> Result<Arc<Token>, StoreError> {
-        let stored = self.inner.parts.store.load().await.ok().flatten();
-        let generation = self
-            .next_generation(stored.as_ref().map(Token::generation))
-            .max(token.generation());
-        let token = token.with_generation(generation);
-        self.inner.parts.store.save(&token, None).await?;
-        let token = Arc::new(token);
+        let installed = self.install_in_memory(token);
+        tracing::info!(generation = installed.generation(), "token installed");
+        let saved = AssertUnwindSafe(self.save_login())
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Other("the token store panicked".into())))?;
+        Ok(saved.unwrap_or(installed))
+    }
+
+    fn install_in_memory(&self, token: Token) -> Arc<Token> {
         let mut state = self.lock_state();
-        self.publish(&token);
+        state.login_epoch = state.login_epoch.wrapping_add(1);
+        let generation = self
+            .next_generation_locked(&mut state, None)
+            .max(token.generation().min(MAX_GENERATION));
+        state.last_generation = generation;
+        let token = Arc::new(token.with_generation(generation));
+        // The highest generation there is: no check needed.
+        self.inner.current.store(Some(Arc::clone(&token)));
         state.failure = Failure::None;
         state.consecutive_failures = 0;
-        drop(state);
-        tracing::info!(generation, "token installed");
-        Ok(token)
+        state.unsaved_login = Some(generation);
+        token
+    }
+
+    /// Saves an unsaved login under the store's lock, within one flight budget.
+    async fn save_login(&self) -> Result<Option<Arc<Token>>, StoreError> {
+        let store = &self.inner.parts.store;
+        let mut deadline = self.budget();
+        let lock = within(store.lock(), &mut deadline)
+            .await
+            .ok_or(StoreError::LockTimeout)??;
+        let saved = self.save_login_locked(&lock, &mut deadline).await;
+        self.release(lock, &mut deadline).await;
+        saved
+    }
+
+    /// With the store's lock held: saves the unsaved login, numbered above what the
+    /// store holds. `Ok(None)`: there was nothing to save.
+    async fn save_login_locked(
+        &self,
+        lock: &StoreLock,
+        deadline: &mut BoxFuture<'static, ()>,
+    ) -> Result<Option<Arc<Token>>, StoreError> {
+        let store = &self.inner.parts.store;
+        if self.lock_state().unsaved_login.is_none() {
+            return Ok(None);
+        }
+        let stored = within(store.load(), deadline)
+            .await
+            .ok_or(StoreError::LockTimeout)??;
+        let stored_generation = sane(stored).map(|t| t.generation());
+        let login = {
+            let mut state = self.lock_state();
+            let Some(generation) = state.unsaved_login else {
+                return Ok(None);
+            };
+            let Some(current) = self.current().filter(|t| t.generation() == generation) else {
+                // Replaced meanwhile (a newer login saves itself).
+                return Ok(None);
+            };
+            if stored_generation.is_some_and(|stored| stored >= generation) {
+                // An older session in the store has a higher number: renumber the
+                // login above it, remembering the old number for rejections.
+                let renumbered = self.next_generation_locked(&mut state, stored_generation);
+                state.last_generation = renumbered;
+                state.unsaved_login = Some(renumbered);
+                let token = Arc::new((*current).clone().with_generation(renumbered));
+                self.inner.current.store(Some(Arc::clone(&token)));
+                let mut aliases = self
+                    .inner
+                    .aliases
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if aliases.len() >= 8 {
+                    aliases.remove(0);
+                }
+                aliases.push((generation, renumbered));
+                // A rejection of the old number already counts for the new one.
+                if self.inner.rejected.load(Ordering::Acquire) >= generation {
+                    self.inner.rejected.fetch_max(renumbered, Ordering::AcqRel);
+                }
+                tracing::debug!(
+                    from = generation,
+                    to = renumbered,
+                    "login renumbered above the stored session"
+                );
+                token
+            } else {
+                current
+            }
+        };
+        within(store.save(&login, Some(lock)), deadline)
+            .await
+            .ok_or(StoreError::LockTimeout)??;
+        let mut state = self.lock_state();
+        if state.unsaved_login == Some(login.generation()) {
+            state.unsaved_login = None;
+        }
+        Ok(Some(login))
     }
 
     /// A generation no token of this coordinator has had yet.
-    fn next_generation(&self, stored: Option<u64>) -> u64 {
+    fn next_generation_locked(&self, state: &mut State, stored: Option<u64>) -> u64 {
         let current = self.current().map_or(0, |t| t.generation());
         let rejected = self.inner.rejected.load(Ordering::Acquire);
-        let mut state = self.lock_state();
-        let generation = current
+        current
             .max(rejected)
-            .max(stored.unwrap_or(0))
+            .max(stored.unwrap_or(0).min(MAX_GENERATION))
             .max(state.last_generation)
-            .saturating_add(1);
-        state.last_generation = generation;
-        generation
+            .saturating_add(1)
     }
 
-    /// Stores `token` as current unless a newer one is already there.
+    /// Stores `token` as current unless a newer one is already there. Called with the
+    /// state lock held.
     fn publish(&self, token: &Arc<Token>) {
         let newer_present = self
             .inner
@@ -357,8 +579,9 @@ impl SingleFlight {
         replaces: Option<u64>,
         only_if_idle: bool,
     ) -> Joined {
+        let now = self.now();
+        let mono = self.mono();
         let mut state = self.lock_state();
-        let now = self.inner.parts.clock.now();
         // A newer token than the one being replaced is already in place: nothing to do.
         // Checked under the lock so a flight that just ended is seen (no second flight).
         if let Some(token) = self.superseded(reason, replaces, now) {
@@ -374,41 +597,59 @@ impl SingleFlight {
                 return Joined::Wait(flight);
             }
         }
-        match &state.failure {
-            Failure::AuthLost { error } => {
-                return Joined::Failed(Error::ReauthenticationRequired {
-                    cause: error.clone(),
-                });
+        let min_interval = self.inner.parts.config.min_refresh_interval;
+        let kind = match &mut state.failure {
+            Failure::AuthLost { error, checked } => {
+                if only_if_idle || mono.saturating_duration_since(*checked) < min_interval {
+                    return Joined::Failed(Error::ReauthenticationRequired {
+                        cause: error.clone(),
+                    });
+                }
+                // Another process or replica may have saved a login: look (C17).
+                *checked = mono;
+                FlightKind::Reload
             }
-            Failure::Backoff { until, error } if now < *until => {
+            Failure::Backoff { until, error } if mono < *until => {
+                if reason != RefreshReason::Forced {
+                    if let Some(token) = self.still_valid_current(now) {
+                        return Joined::Ready(token);
+                    }
+                }
                 return Joined::Failed(Error::BackingOff {
                     last: error.clone(),
-                    remaining: until.duration_since(now).unwrap_or(Duration::ZERO),
+                    remaining: until.saturating_duration_since(mono),
                 });
             }
-            _ => {}
-        }
+            _ => FlightKind::Refresh(reason),
+        };
         let id = state.next_flight_id;
         state.next_flight_id = id.wrapping_add(1);
-        let flight = run_flight(self.clone(), id, reason, replaces)
+        let epoch = state.login_epoch;
+        let flight = run_flight(self.clone(), id, kind, replaces, epoch)
             .boxed()
             .shared();
         // `downgrade` is `None` only for a completed future; this one was never polled.
         state.flight = flight.downgrade().map(|weak| (id, weak));
         drop(state);
         bump(&self.inner.counters.flights);
-        tracing::debug!(?reason, flight = id, "refresh started");
+        tracing::debug!(?kind, flight = id, "refresh started");
         if let Some(spawner) = &self.inner.parts.spawner {
-            spawner.spawn(flight.clone().map(drop).boxed());
+            let task = flight.clone().map(drop).boxed();
+            // A spawner that panics leaves the flight to its waiters (C18).
+            if catch_unwind(AssertUnwindSafe(|| spawner.spawn(task))).is_err() {
+                tracing::warn!(
+                    flight = id,
+                    "the spawner panicked; waiters drive the refresh"
+                );
+            }
         }
         Joined::Wait(flight)
     }
 
     /// A usable token newer than the one a refresh for `reason` would replace: then the
     /// refresh is not needed (C2, C3). Checked when a caller asks (under the lock, so a
-    /// flight that just ended is seen) and again when a flight first runs (a spawned
-    /// flight may first run much later, after a login). A forced refresh is never
-    /// superseded.
+    /// flight that just ended is seen) and again when a flight runs (a spawned flight
+    /// may first run much later, after a login). A forced refresh is never superseded.
     fn superseded(
         &self,
         reason: RefreshReason,
@@ -418,35 +659,105 @@ impl SingleFlight {
         if reason == RefreshReason::Forced {
             return None;
         }
+        let replaces = replaces.map(|g| self.resolve_alias(g));
         self.usable_at(now)
             .filter(|token| replaces.is_none_or(|g| token.generation() > g))
     }
 
-    async fn wait(&self, joined: Joined) -> Result<Arc<Token>, Error> {
-        match joined {
-            Joined::Ready(token) => Ok(token),
-            Joined::Failed(error) => Err(error),
-            Joined::Wait(flight) | Joined::Busy(flight) => flight.await.map_err(|error| {
-                if error.kind().is_permanent() {
-                    Error::ReauthenticationRequired { cause: error }
-                } else {
-                    Error::Refresh(error)
+    async fn wait(
+        &self,
+        reason: RefreshReason,
+        replaces: Option<u64>,
+        mut joined: Joined,
+    ) -> Result<Arc<Token>, Error> {
+        loop {
+            let flight = match joined {
+                Joined::Ready(token) => return Ok(token),
+                Joined::Failed(error) => return Err(error),
+                Joined::Wait(flight) | Joined::Busy(flight) => flight,
+            };
+            let output = flight.await;
+            if output.superseded {
+                // C17: the login serves this caller if it is usable (and newer than
+                // what the caller replaces); otherwise a flight started after the
+                // login does. Each login can send a caller round once.
+                let now = self.now();
+                let replaces = replaces.map(|g| self.resolve_alias(g));
+                let login = self.usable_at(now).filter(|t| {
+                    reason == RefreshReason::Forced || replaces.is_none_or(|g| t.generation() > g)
+                });
+                if let Some(token) = login {
+                    return Ok(token);
                 }
-            }),
+                joined = self.join_or_start(reason, replaces, false);
+                continue;
+            }
+            return match (output.result, output.fallback) {
+                (Ok(token), _) => Ok(token),
+                // C16: a token that has not really expired is still worth sending.
+                (Err(_), Some(token)) if reason != RefreshReason::Forced => Ok(token),
+                (Err(error), _) if error.kind().is_permanent() => {
+                    Err(Error::ReauthenticationRequired { cause: error })
+                }
+                (Err(error), _) => Err(Error::Refresh(error)),
+            };
         }
     }
 
+    /// Whether a login happened since `epoch` (then it wins, C17).
+    fn login_since(&self, epoch: u64) -> bool {
+        self.lock_state().login_epoch != epoch
+    }
+
+    /// A deadline one flight budget from now (C10).
+    fn budget(&self) -> BoxFuture<'static, ()> {
+        self.inner
+            .parts
+            .timer
+            .sleep(self.inner.parts.config.refresh_timeout)
+    }
+
+    fn out_of_budget(&self, what: &str) -> RefreshError {
+        RefreshError::new(
+            RefreshErrorKind::Timeout,
+            format!(
+                "the refresh used up its budget of {:?} ({what})",
+                self.inner.parts.config.refresh_timeout
+            ),
+        )
+    }
+
     /// Ends flight `id`: publishes the token or records the failure, under the lock so
-    /// a caller that arrives next sees the outcome (C5).
-    fn finish(&self, id: u64, outcome: FlightOutput) -> FlightOutput {
+    /// a caller that arrives next sees the outcome (C5). Never panics (C18).
+    fn finish(
+        &self,
+        id: u64,
+        kind: FlightKind,
+        epoch: u64,
+        result: Result<Arc<Token>, RefreshError>,
+    ) -> FlightOutput {
+        let now = self.now();
+        let mono = self.mono();
         let mut state = self.lock_state();
         if state.flight.as_ref().is_some_and(|(f, _)| *f == id) {
             state.flight = None;
         }
+        if state.login_epoch != epoch {
+            // A login arrived while this flight ran: the login wins (C17). Nothing
+            // this flight got replaces it, and its failure is not the login's.
+            drop(state);
+            tracing::debug!(flight = id, "flight superseded by a login");
+            return FlightOutput {
+                result,
+                fallback: None,
+                superseded: true,
+            };
+        }
         let mut lost = None;
-        match &outcome {
+        match &result {
             Ok(token) => {
                 self.publish(token);
+                state.last_generation = state.last_generation.max(token.generation());
                 state.failure = Failure::None;
                 state.consecutive_failures = 0;
                 tracing::debug!(
@@ -456,13 +767,21 @@ impl SingleFlight {
                 );
             }
             Err(error) => {
-                bump(&self.inner.counters.failures);
+                if kind != FlightKind::Reload {
+                    bump(&self.inner.counters.failures);
+                }
                 if error.kind().is_permanent() {
                     if !matches!(state.failure, Failure::AuthLost { .. }) {
                         lost = Some(error.clone());
                     }
+                    let error = match &state.failure {
+                        // A reload found nothing: keep the original cause.
+                        Failure::AuthLost { error, .. } => error.clone(),
+                        _ => error.clone(),
+                    };
                     state.failure = Failure::AuthLost {
-                        error: error.clone(),
+                        error,
+                        checked: mono,
                     };
                 } else {
                     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
@@ -471,59 +790,174 @@ impl SingleFlight {
                         fastrand::f64(),
                         error.retry_after(),
                     );
-                    let now = self.inner.parts.clock.now();
                     state.failure = Failure::Backoff {
-                        until: now.checked_add(delay).unwrap_or(now),
+                        until: instant_after(mono, delay),
                         error: error.clone(),
                     };
                 }
-                tracing::warn!(flight = id, error = %error, "refresh failed");
+                if kind != FlightKind::Reload {
+                    tracing::warn!(flight = id, error = %error, "refresh failed");
+                }
             }
         }
         drop(state);
+        let fallback = match &result {
+            Ok(_) => None,
+            Err(_) => self.still_valid_current(now),
+        };
         if let (Some(error), Some(hook)) = (lost, &self.inner.parts.on_auth_lost) {
             tracing::warn!(error = %error, "re-authentication required");
-            hook(&error);
+            // A hook that panics must not take the flight's waiters with it (C18).
+            if catch_unwind(AssertUnwindSafe(|| hook(&error))).is_err() {
+                tracing::warn!("the on_auth_lost hook panicked");
+            }
         }
-        outcome
+        FlightOutput {
+            result,
+            fallback,
+            superseded: false,
+        }
     }
 
-    /// Races `work` against the refresh timeout (C10).
-    async fn bounded<T>(
+    /// The flight itself: retries transient failures within one budget (C16).
+    async fn run(
         &self,
-        what: &str,
-        work: impl Future<Output = Result<T, RefreshError>>,
-    ) -> Result<T, RefreshError> {
-        let timeout = self.inner.parts.config.refresh_timeout;
-        let sleep = self.inner.parts.timer.sleep(timeout);
-        match future::select(std::pin::pin!(work), sleep).await {
-            Either::Left((result, _)) => result,
-            Either::Right(((), _)) => Err(RefreshError::new(
-                RefreshErrorKind::Timeout,
-                format!("{what} took longer than {timeout:?}"),
-            )),
+        kind: FlightKind,
+        replaces: Option<u64>,
+        epoch: u64,
+    ) -> Result<Arc<Token>, RefreshError> {
+        let started = self.mono();
+        let mut deadline = self.budget();
+        let reason = match kind {
+            FlightKind::Reload => return self.reload(&mut deadline).await,
+            FlightKind::Refresh(reason) => reason,
+        };
+        if let Some(token) = self.superseded(reason, replaces, self.now()) {
+            return Ok(token);
+        }
+        let config = &self.inner.parts.config;
+        let mut attempt: u32 = 1;
+        loop {
+            let error = match self.attempt(reason, replaces, epoch, &mut deadline).await {
+                Ok(token) => return Ok(token),
+                Err(error) => error,
+            };
+            if !is_retryable(&error)
+                || attempt >= config.retry.max_attempts
+                || self.login_since(epoch)
+            {
+                return Err(error);
+            }
+            let delay = config
+                .retry
+                .backoff
+                .delay(attempt, fastrand::f64(), error.retry_after());
+            let spent = self.mono().saturating_duration_since(started);
+            if spent.saturating_add(delay) >= config.refresh_timeout {
+                // The next attempt cannot fit: leave the wait to the fail-fast backoff.
+                return Err(error);
+            }
+            tracing::debug!(attempt, ?delay, error = %error, "refresh attempt failed; retrying");
+            let sleep = self.inner.parts.timer.sleep(delay);
+            if within(sleep, &mut deadline).await.is_none() {
+                return Err(error);
+            }
+            attempt += 1;
+            bump(&self.inner.counters.attempt_retries);
+            if let Some(token) = self.superseded(reason, replaces, self.now()) {
+                return Ok(token);
+            }
         }
     }
 
-    /// One refresh attempt: lock → reload → adopt or fetch → save → unlock.
-    async fn attempt(&self, reason: RefreshReason) -> FlightOutput {
+    /// Re-authentication is required: adopt a newer usable token from the store (a
+    /// login saved by another process or replica), or fail with the same cause (C17).
+    async fn reload(
+        &self,
+        deadline: &mut BoxFuture<'static, ()>,
+    ) -> Result<Arc<Token>, RefreshError> {
+        let lost = match &self.lock_state().failure {
+            Failure::AuthLost { error, .. } => error.clone(),
+            // Ended meanwhile (a login here): nothing to look for.
+            _ => return self.current().ok_or_else(|| self.out_of_budget("reload")),
+        };
+        let stored = match within(self.inner.parts.store.load(), deadline).await {
+            Some(Ok(stored)) => sane(stored),
+            _ => None,
+        };
+        let now = self.now();
+        let current = self.current().map_or(0, |t| t.generation());
+        match stored {
+            Some(stored) if stored.generation() > current && self.is_usable(&stored, now) => {
+                bump(&self.inner.counters.store_reloads);
+                tracing::info!(
+                    generation = stored.generation(),
+                    "adopted a login saved to the store; re-authentication no longer required"
+                );
+                Ok(Arc::new(stamp(stored, now)))
+            }
+            _ => Err(lost),
+        }
+    }
+
+    /// One attempt: lock → reload → adopt or fetch → save → unlock.
+    async fn attempt(
+        &self,
+        reason: RefreshReason,
+        replaces: Option<u64>,
+        epoch: u64,
+        deadline: &mut BoxFuture<'static, ()>,
+    ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
-        let lock = self
-            .bounded("waiting for the store's refresh lock", async {
-                store.lock().await.map_err(store_error)
-            })
-            .await?;
-        let result = self.attempt_locked(reason, &lock).await;
-        store.unlock(lock).await;
+        let lock = within(store.lock(), deadline)
+            .await
+            .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
+            .map_err(store_error)?;
+        let result = self
+            .attempt_locked(reason, replaces, epoch, &lock, deadline)
+            .await;
+        self.release(lock, deadline).await;
         result
     }
 
-    async fn attempt_locked(&self, reason: RefreshReason, lock: &StoreLock) -> FlightOutput {
+    /// Unlocks within the budget; past it the guard is dropped (stores fall back to
+    /// their lease).
+    async fn release(&self, lock: StoreLock, deadline: &mut BoxFuture<'static, ()>) {
+        let unlock = self.inner.parts.store.unlock(lock);
+        if within(unlock, deadline).await.is_none() {
+            tracing::warn!("unlocking the token store used up the refresh budget");
+        }
+    }
+
+    async fn attempt_locked(
+        &self,
+        reason: RefreshReason,
+        replaces: Option<u64>,
+        epoch: u64,
+        lock: &StoreLock,
+        deadline: &mut BoxFuture<'static, ()>,
+    ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
-        let stored = store.load().await.map_err(store_error)?;
+        // A login not saved yet goes first, numbered above the store's session (C17).
+        if let Err(error) = self.save_login_locked(lock, deadline).await {
+            tracing::warn!(error = %error, "saving the login failed; it stays in use here");
+        }
+        let stored = within(store.load(), deadline)
+            .await
+            .ok_or_else(|| self.out_of_budget("loading the stored token"))?
+            .map_err(store_error)?;
+        let stored = sane(stored);
+        let now = self.now();
+        if self.login_since(epoch) {
+            return Err(superseded_by_login());
+        }
+        if let Some(token) = self.superseded(reason, replaces, now) {
+            return Ok(token);
+        }
         let current = self.current();
-        let now = self.inner.parts.clock.now();
-        if let Some(stored) = &stored {
+        // An unsaved login is newer than anything stored, whatever its number.
+        let login_unsaved = self.lock_state().unsaved_login.is_some();
+        if let Some(stored) = stored.as_ref().filter(|_| !login_unsaved) {
             let newer = current
                 .as_ref()
                 .is_none_or(|cur| stored.generation() > cur.generation());
@@ -531,11 +965,12 @@ impl SingleFlight {
                 // Another process refreshed while we waited for the lock.
                 bump(&self.inner.counters.adopted);
                 tracing::debug!(generation = stored.generation(), "adopted the stored token");
-                return Ok(Arc::new(stored.clone()));
+                return Ok(Arc::new(stamp(stored.clone(), now)));
             }
         }
         // The newest token known holds the newest refresh secret (rotation).
         let previous = match (current, &stored) {
+            (_, Some(_)) if login_unsaved => self.current(),
             (Some(cur), Some(st)) if st.generation() > cur.generation() => {
                 Some(Arc::new(st.clone()))
             }
@@ -544,42 +979,79 @@ impl SingleFlight {
         };
         let cx = RefreshContext::new(reason, previous, now);
         bump(&self.inner.counters.source_calls);
-        let source = &self.inner.parts.source;
-        let fetched = self
-            .bounded("the token source", async {
-                AssertUnwindSafe(source.fetch(cx))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(RefreshError::new(
-                            RefreshErrorKind::Panicked,
-                            "the token source panicked",
-                        ))
-                    })
-            })
-            .await?;
+        let fetched = within(self.fetch(cx), deadline)
+            .await
+            .ok_or_else(|| self.out_of_budget("the token source"))??;
         // Numbered when it arrives, not when it was asked for: a login installed or a
         // rejection reported meanwhile has a higher generation than the token this
-        // flight replaces, and the new token must still supersede it (C3, C4).
-        let generation = self.next_generation(stored.as_ref().map(Token::generation));
-        let token = fetched.with_generation(generation);
-        match store.save(&token, Some(lock)).await {
-            Ok(()) => Ok(Arc::new(token)),
-            Err(StoreError::LeaseLost) => {
-                // Someone else holds the lock now and may have saved a newer token.
-                match store.load().await {
-                    Ok(Some(stored)) if stored.generation() >= token.generation() => {
-                        Ok(Arc::new(stored))
+        // flight replaces, and the new token must still supersede it (C3, C4) — unless
+        // it was a login, which wins (C17). Checked and numbered under one lock.
+        let generation = {
+            let mut state = self.lock_state();
+            if state.login_epoch != epoch {
+                return Err(superseded_by_login());
+            }
+            let generation =
+                self.next_generation_locked(&mut state, stored.as_ref().map(Token::generation));
+            state.last_generation = generation;
+            generation
+        };
+        let token = Arc::new(stamp(fetched.with_generation(generation), self.now()));
+        match within(store.save(&token, Some(lock)), deadline).await {
+            Some(Ok(())) => Ok(token),
+            Some(Err(StoreError::LeaseLost)) => {
+                // Someone else holds the lock now and may have saved a newer token: the
+                // fleet uses that one. Otherwise keep ours: the server issued it and
+                // its rotated refresh token may be the only live one.
+                match within(store.load(), deadline).await {
+                    Some(Ok(Some(stored)))
+                        if stored.generation() >= token.generation()
+                            && stored.generation() <= MAX_GENERATION =>
+                    {
+                        Ok(Arc::new(stamp(stored, now)))
                     }
-                    _ => Err(store_error(StoreError::LeaseLost)),
+                    _ => {
+                        tracing::warn!("refresh lock lease lost; keeping the new token in memory");
+                        Ok(token)
+                    }
                 }
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 // The server already issued this token (and may have spent the old
                 // refresh token): keep it in memory rather than lose it.
                 tracing::warn!(error = %error, "saving the refreshed token failed; keeping it in memory");
-                Ok(Arc::new(token))
+                Ok(token)
             }
+            None => {
+                tracing::warn!(
+                    "saving the refreshed token used up the budget; keeping it in memory"
+                );
+                Ok(token)
+            }
+        }
+    }
+
+    /// One call of the source, bounded by `attempt_timeout`, its panics contained.
+    async fn fetch(&self, cx: RefreshContext) -> Result<Token, RefreshError> {
+        let source = &self.inner.parts.source;
+        let timeout = self.inner.parts.config.attempt_timeout;
+        let call = AssertUnwindSafe(source.fetch(cx))
+            .catch_unwind()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|_| {
+                    Err(RefreshError::new(
+                        RefreshErrorKind::Panicked,
+                        "the token source panicked",
+                    ))
+                })
+            });
+        let sleep = self.inner.parts.timer.sleep(timeout);
+        match future::select(std::pin::pin!(call), sleep).await {
+            Either::Left((result, _)) => result,
+            Either::Right(((), _)) => Err(RefreshError::new(
+                RefreshErrorKind::Timeout,
+                format!("the token source took longer than {timeout:?}"),
+            )),
         }
     }
 }
@@ -587,15 +1059,80 @@ impl SingleFlight {
 async fn run_flight(
     flight: SingleFlight,
     id: u64,
-    reason: RefreshReason,
+    kind: FlightKind,
     replaces: Option<u64>,
+    epoch: u64,
 ) -> FlightOutput {
-    let now = flight.inner.parts.clock.now();
-    let outcome = match flight.superseded(reason, replaces, now) {
-        Some(token) => Ok(token),
-        None => flight.attempt(reason).await,
-    };
-    flight.finish(id, outcome)
+    // A panic in any pluggable part ends the flight with a typed error for every
+    // waiter; `Shared` would otherwise re-panic in each of them (C18).
+    let result = AssertUnwindSafe(flight.run(kind, replaces, epoch))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            Err(RefreshError::new(
+                RefreshErrorKind::Panicked,
+                "a part of the refresh panicked (token store, clock or timer)",
+            ))
+        });
+    flight.finish(id, kind, epoch, result)
+}
+
+/// Runs `work` unless `deadline` fires first (`None`). `work` is polled first, so work
+/// that is ready at once still completes after the deadline.
+async fn within<T>(
+    work: impl Future<Output = T>,
+    deadline: &mut BoxFuture<'static, ()>,
+) -> Option<T> {
+    match future::select(std::pin::pin!(work), deadline).await {
+        Either::Left((value, _)) => Some(value),
+        Either::Right(((), _)) => None,
+    }
+}
+
+fn read_wall(clock: &dyn Clock) -> SystemTime {
+    catch_unwind(AssertUnwindSafe(|| clock.now())).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Records when a token arrived if its source did not say (its lifetime then counts
+/// from here, C15).
+fn stamp(token: Token, now: SystemTime) -> Token {
+    if token.obtained().is_some() {
+        token
+    } else {
+        token.obtained_at(now)
+    }
+}
+
+/// A stored token with a generation beyond [`MAX_GENERATION`] is corrupt: ignored.
+fn sane(stored: Option<Token>) -> Option<Token> {
+    match stored {
+        Some(token) if token.generation() > MAX_GENERATION => {
+            tracing::warn!(
+                "the stored token's generation is out of range; ignoring it (the next save replaces it)"
+            );
+            None
+        }
+        other => other,
+    }
+}
+
+/// `at + delay`, saturating instead of overflowing (C16).
+fn instant_after(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay)
+        .or_else(|| at.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(at)
+}
+
+/// Worth another attempt inside the flight: network, timeouts, 5xx/429, the store.
+fn is_retryable(error: &RefreshError) -> bool {
+    matches!(
+        error.kind(),
+        RefreshErrorKind::Transient | RefreshErrorKind::Timeout | RefreshErrorKind::Store
+    )
+}
+
+fn superseded_by_login() -> RefreshError {
+    RefreshError::transient("superseded by a login")
 }
 
 fn store_error(error: StoreError) -> RefreshError {

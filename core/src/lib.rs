@@ -60,7 +60,9 @@
 //!   `c9_backoff_fails_fast_then_recovers`, `c9_permanent_failure_fires_hook_once_until_login`,
 //!   `c9_backoff_grows_and_is_capped` (unit).
 //! - **C10 Bounded.** `c10_refresh_timeout_fails_all_waiters_then_recovers`,
-//!   `c10_fast_path_allocates_nothing` (`core/tests/fast_path.rs`).
+//!   `c10_fast_path_allocates_nothing` (`core/tests/fast_path.rs`),
+//!   `c10_a_hanging_store_load_is_bounded_by_the_flight_budget`,
+//!   `c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget` (`holes.rs`).
 //! - **C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
 //! - **C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
 //!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`.
@@ -69,6 +71,27 @@
 //! - **C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
 //!   (`core/tests/runtime_free.rs`); the contract tests run under `futures::executor`,
 //!   tokio, async-std and smol.
+//! - **C15 Timing fits the lifetime.** `leeway` and `refresh_ahead` are caps scaled to
+//!   each token's lifetime (table on [`FlightConfig`]); expiry-driven source calls are at
+//!   least `min_refresh_interval` apart (`core/tests/holes.rs`):
+//!   `c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life`,
+//!   `c15_a_token_born_expired_is_used_and_refreshed_at_most_once_per_interval`,
+//!   `c15_a_clock_stepped_back_does_not_refresh_per_request`, `c15_documented_timing_table`
+//!   (unit); conformance S16.
+//! - **C16 Resilient refresh.** Transient failures retried inside one flight budget;
+//!   failures invisible while a usable token exists; backoff on the monotonic clock:
+//!   `c16_transient_failures_are_retried_inside_one_flight`,
+//!   `c16_permanent_failures_are_never_retried`, `c16_no_caller_fails_while_a_usable_token_exists`,
+//!   `c16_refresh_ahead_failures_are_invisible`, `c16_budget_bounds_the_retries`,
+//!   `c16_a_huge_retry_after_is_capped_not_ignored`,
+//!   `c16_wall_clock_steps_neither_stretch_nor_cancel_backoff`; conformance S17, S18.
+//! - **C17 The login wins.** `c17_install_is_numbered_above_the_store_and_saved_under_its_lock`,
+//!   `c17_an_initial_login_wins_over_an_older_session_in_the_store`,
+//!   `c17_a_successful_refresh_started_before_a_login_does_not_replace_it` (and its
+//!   permanent/transient twins), `c17_auth_lost_notices_a_login_saved_to_the_shared_store`.
+//! - **C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
+//!   `c18_a_panicking_store_gives_every_waiter_a_typed_error`,
+//!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
 //!
 //! Beyond these: model-based property tests over generated interleavings, cancellations
 //! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
@@ -105,12 +128,12 @@ mod transport;
 pub mod www_authenticate;
 
 pub use builder::Builder;
-pub use config::{Backoff, FlightConfig};
+pub use config::{Backoff, FlightConfig, Retry};
 pub use driver::{AuthError, Authenticator};
 pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
-pub use flight::{AuthLostHook, SingleFlight};
+pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{
     AuthRequest, AuthResponse, ForceRefresh, InvalidHeader, RequestOptions, ResponseView, SkipAuth,

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
 
@@ -34,11 +34,18 @@ pub trait Timer: Send + Sync {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
 }
 
-/// Reads the wall clock. Expiry times are wall-clock times because tokens are shared
-/// between processes through stores.
+/// Reads the clocks. Expiry times are wall-clock times because tokens are shared
+/// between processes through stores; backoff deadlines are on the monotonic clock, so
+/// a wall-clock step (NTP, a suspended VM) neither stretches nor cancels them (C16).
 pub trait Clock: Send + Sync {
-    /// The current time.
+    /// The current wall-clock time.
     fn now(&self) -> SystemTime;
+
+    /// The current monotonic time. The default reads [`Instant::now`]; test clocks
+    /// override it so that time moves only when they say.
+    fn monotonic(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// The system's wall clock.
@@ -88,8 +95,10 @@ pub(crate) fn default_timer() -> Arc<dyn Timer> {
 
 /// A clock and timer that only move when told to, for deterministic tests.
 ///
-/// Sleeps started through it complete when [`ManualClock::advance`] moves the time past
-/// their deadline.
+/// It has a wall clock and a monotonic clock. [`ManualClock::advance`] moves both;
+/// [`ManualClock::step_wall_forward`] and [`ManualClock::step_wall_back`] move only the
+/// wall clock, as an NTP step does. Sleeps started through it run on the monotonic
+/// clock and complete when `advance` moves it past their deadline.
 #[derive(Clone)]
 pub struct ManualClock {
     inner: Arc<Mutex<ManualState>>,
@@ -97,6 +106,9 @@ pub struct ManualClock {
 
 struct ManualState {
     now: SystemTime,
+    /// Monotonic time: `base + elapsed`.
+    base: Instant,
+    elapsed: Duration,
     sleepers: Vec<Waker>,
 }
 
@@ -106,9 +118,31 @@ impl ManualClock {
         ManualClock {
             inner: Arc::new(Mutex::new(ManualState {
                 now: start,
+                base: Instant::now(),
+                elapsed: Duration::ZERO,
                 sleepers: Vec::new(),
             })),
         }
+    }
+
+    /// Steps the wall clock forward by `by`; monotonic time and sleeps do not move.
+    pub fn step_wall_forward(&self, by: Duration) {
+        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        state.now = state.now.checked_add(by).unwrap_or(state.now);
+    }
+
+    /// Steps the wall clock back by `by`; monotonic time and sleeps do not move.
+    pub fn step_wall_back(&self, by: Duration) {
+        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        state.now = state.now.checked_sub(by).unwrap_or(state.now);
+    }
+
+    /// Monotonic time elapsed since the clock was made.
+    pub fn elapsed(&self) -> Duration {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed
     }
 
     /// A clock standing at a fixed, arbitrary point (2023-11-14).
@@ -121,6 +155,7 @@ impl ManualClock {
         let sleepers = {
             let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             state.now = state.now.checked_add(by).unwrap_or(state.now);
+            state.elapsed = state.elapsed.saturating_add(by);
             std::mem::take(&mut state.sleepers)
         };
         // Every sleeper re-checks its own deadline when polled.
@@ -132,6 +167,7 @@ impl fmt::Debug for ManualClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ManualClock")
             .field("now", &self.now())
+            .field("elapsed", &self.elapsed())
             .finish()
     }
 }
@@ -143,11 +179,16 @@ impl Clock for ManualClock {
             .unwrap_or_else(PoisonError::into_inner)
             .now
     }
+
+    fn monotonic(&self) -> Instant {
+        let state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        state.base.checked_add(state.elapsed).unwrap_or(state.base)
+    }
 }
 
 impl Timer for ManualClock {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
-        let deadline = self.now().checked_add(duration);
+        let deadline = self.elapsed().checked_add(duration);
         Box::pin(ManualSleep {
             clock: self.clone(),
             deadline,
@@ -157,7 +198,8 @@ impl Timer for ManualClock {
 
 struct ManualSleep {
     clock: ManualClock,
-    deadline: Option<SystemTime>,
+    /// On the monotonic clock (`elapsed`); `None`: never.
+    deadline: Option<Duration>,
 }
 
 impl Future for ManualSleep {
@@ -170,7 +212,7 @@ impl Future for ManualSleep {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match self.deadline {
-            Some(deadline) if state.now >= deadline => Poll::Ready(()),
+            Some(deadline) if state.elapsed >= deadline => Poll::Ready(()),
             _ => {
                 state.sleepers.push(cx.waker().clone());
                 Poll::Pending

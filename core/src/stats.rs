@@ -6,10 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Flights started (each at most one source call, or one adoption).
+    /// Flights started (each ends in one outcome: a token fetched or adopted, or an
+    /// error).
     pub flights: u64,
-    /// Calls of the token source.
+    /// Calls of the token source: every attempt, retries inside a flight included.
     pub source_calls: u64,
+    /// Source attempts beyond the first inside one flight (transient failures retried,
+    /// C16).
+    pub attempt_retries: u64,
+    /// Tokens adopted from the store while re-authentication was required (a login
+    /// saved by another process or replica, C17).
+    pub store_reloads: u64,
     /// Tokens adopted from the store because another process had refreshed.
     pub adopted: u64,
     /// Flights that failed.
@@ -30,6 +37,8 @@ pub struct Stats {
 pub(crate) struct Counters {
     pub(crate) flights: AtomicU64,
     pub(crate) source_calls: AtomicU64,
+    pub(crate) attempt_retries: AtomicU64,
+    pub(crate) store_reloads: AtomicU64,
     pub(crate) adopted: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) coalesced: AtomicU64,
@@ -49,6 +58,8 @@ impl Counters {
         Stats {
             flights: get(&self.flights),
             source_calls: get(&self.source_calls),
+            attempt_retries: get(&self.attempt_retries),
+            store_reloads: get(&self.store_reloads),
             adopted: get(&self.adopted),
             failures: get(&self.failures),
             coalesced: get(&self.coalesced),

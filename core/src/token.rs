@@ -57,6 +57,7 @@ pub struct Token {
     access: Secret,
     refresh: Option<Secret>,
     expires_at: Option<SystemTime>,
+    obtained: Option<SystemTime>,
     generation: u64,
 }
 
@@ -68,6 +69,7 @@ impl Token {
             access: access.into(),
             refresh: None,
             expires_at: None,
+            obtained: None,
             generation: 0,
         }
     }
@@ -90,13 +92,41 @@ impl Token {
         self
     }
 
-    /// Sets the expiry as a lifetime counted from `now`.
+    /// Sets the expiry as a lifetime counted from `now`, and records `now` as the time
+    /// the token was obtained, so the coordinator knows its lifetime (C15).
     pub fn expires_in(self, lifetime: Duration, now: SystemTime) -> Self {
         match now.checked_add(lifetime) {
-            Some(at) => self.expires_at(at),
+            Some(at) => self.expires_at(at).obtained_at(now),
             // A lifetime too large to represent never expires in practice.
-            None => self,
+            None => self.obtained_at(now),
         }
+    }
+
+    /// Records when the token was obtained (received from the server). With an expiry
+    /// this gives the token's lifetime, to which the coordinator scales its timing
+    /// (C15). The coordinator stamps tokens that arrive without it.
+    pub fn obtained_at(mut self, at: SystemTime) -> Self {
+        self.obtained = Some(at);
+        self
+    }
+
+    /// When the token was obtained, if known.
+    pub fn obtained(&self) -> Option<SystemTime> {
+        self.obtained
+    }
+
+    /// The token's whole lifetime (expiry minus the time it was obtained), if both are
+    /// known. Zero for a token that arrived already expired.
+    pub fn lifetime(&self) -> Option<Duration> {
+        let (obtained, expires) = (self.obtained?, self.expires_at?);
+        Some(expires.duration_since(obtained).unwrap_or(Duration::ZERO))
+    }
+
+    /// How long ago the token was obtained at `now` (zero if the clock stepped back past
+    /// it), if known.
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        self.obtained
+            .map(|at| now.duration_since(at).unwrap_or(Duration::ZERO))
     }
 
     /// Sets the generation. Normally only stores and the coordinator do this.

@@ -24,6 +24,7 @@ fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Builder {
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
+        .retry(tokenflight::Retry::none())
         .refresh_ahead(None)
 }
 
@@ -387,13 +388,16 @@ async fn c6_without_spawner_last_caller_leaving_cancels_and_next_restarts() {
     assert_eq!(source.calls(), 2);
 }
 
+// The tokens below are made with `expires_at` (lifetime unknown), so the leeway and
+// refresh-ahead settings apply as they are; `core/tests/holes.rs` covers how they scale
+// to a known lifetime (C15).
 async fn c7_token_within_leeway_is_refreshed_before_sending() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let now = tokenflight::Clock::now(&clock);
     let auth = builder(&clock, &source)
         .leeway(Duration::from_secs(30))
-        .initial_token(Token::new("old").expires_in(Duration::from_secs(10), now))
+        .initial_token(Token::new("old").expires_at(now + Duration::from_secs(10)))
         .allowed_origin("https://api.test")
         .build()
         .unwrap();
@@ -427,7 +431,7 @@ async fn c8_refresh_ahead_serves_valid_token_while_refreshing() {
         .leeway(Duration::from_secs(30))
         .refresh_ahead(Some(Duration::from_secs(120)))
         .spawner(Arc::new(spawner.clone()))
-        .initial_token(Token::new("old").expires_in(Duration::from_secs(60), now))
+        .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
         .build_flight()
         .unwrap();
     source.gate().close();
@@ -454,7 +458,7 @@ async fn c8_refresh_ahead_without_spawner_is_driven_by_one_caller() {
     let now = tokenflight::Clock::now(&clock);
     let flight = builder(&clock, &source)
         .refresh_ahead(Some(Duration::from_secs(120)))
-        .initial_token(Token::new("old").expires_in(Duration::from_secs(60), now))
+        .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
         .build_flight()
         .unwrap();
     source.gate().close();
@@ -480,7 +484,7 @@ async fn c9_error_never_replaces_a_valid_token() {
     let flight = builder(&clock, &source)
         .refresh_ahead(Some(Duration::from_secs(120)))
         .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)).with_jitter(0.0))
-        .initial_token(Token::new("old").expires_in(Duration::from_secs(60), now))
+        .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
         .build_flight()
         .unwrap();
     assert_eq!(flight.token().await.unwrap().access().expose(), "old");

@@ -12,8 +12,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use support::{Gate, ScriptedSource, Step, poll_once};
 use tokenflight::{
-    Backoff, Builder, Error, ManualClock, MemoryStore, Placement, RefreshContext, RefreshErrorKind,
-    RefreshReason, StoreError, StoreLock, Token, TokenStore, from_fn,
+    Backoff, Builder, ManualClock, MemoryStore, Placement, RefreshContext, RefreshReason,
+    StoreError, StoreLock, Token, TokenStore, from_fn,
 };
 
 fn valid_token(clock: &ManualClock) -> Token {
@@ -73,38 +73,44 @@ fn authenticator_accessors_return_the_configuration() {
 /// Rotation: when the store holds a newer token than memory (another process refreshed)
 /// that cannot be adopted (it expired too), the source is given the stored token, whose
 /// refresh secret is the newest; the one in memory may already be spent.
+///
+/// The token in memory comes from a refresh, not a login: a login wins over anything
+/// stored (C17, `core/tests/holes.rs`).
 #[test]
 fn c6_source_gets_the_newest_known_refresh_secret() {
     let clock = ManualClock::at_fixed_point();
-    let past = tokenflight::Clock::now(&clock) - Duration::from_secs(1);
-    let store = MemoryStore::new();
-    let stored = Token::new("stored")
-        .with_refresh("refresh-stored")
-        .expires_at(past)
-        .with_generation(5);
-    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    let store = Arc::new(MemoryStore::new());
     let seen = Arc::new(Mutex::new(None));
     let record = seen.clone();
+    let source_clock = clock.clone();
     let flight = Builder::new()
         .source(from_fn(move |cx: RefreshContext| {
             *record.lock().unwrap() = cx
                 .previous
                 .as_ref()
                 .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
-            async { Ok(Token::new("new")) }
+            let at = tokenflight::Clock::now(&source_clock);
+            async move {
+                Ok(Token::new("new")
+                    .with_refresh("refresh-memory")
+                    .expires_in(Duration::from_secs(60), at))
+            }
         }))
-        .store(store)
+        .store_arc(store.clone())
         .clock(Arc::new(clock.clone()))
-        .initial_token(
-            Token::new("memory")
-                .with_refresh("refresh-memory")
-                .expires_at(past),
-        )
         .build_flight()
         .unwrap();
+    let first = futures::executor::block_on(flight.token()).unwrap();
+    // Another process refreshed (generation 5) and its token expired too.
+    let stored = Token::new("stored")
+        .with_refresh("refresh-stored")
+        .expires_at(tokenflight::Clock::now(&clock) + Duration::from_secs(30))
+        .with_generation(first.generation() + 4);
+    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    clock.advance(Duration::from_secs(61));
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(token.access().expose(), "new");
-    assert!(token.generation() > 5);
+    assert!(token.generation() > stored.generation());
     assert_eq!(seen.lock().unwrap().as_deref(), Some("refresh-stored"));
 }
 
@@ -155,17 +161,16 @@ fn c1_lost_lease_adopts_the_new_holders_token() {
     assert_eq!(token.generation(), 10);
 }
 
-/// C1 across processes: after losing the lease, an older stored token is not adopted and
-/// ours could not be saved fenced: the refresh fails with a store error.
+/// C1 across processes: after losing the lease, an older stored token is not adopted;
+/// ours is kept in memory (the server issued it, and its rotated refresh token may be
+/// the only live one — issue 13, hole 9), though it could not be saved fenced.
 #[test]
-fn c1_lost_lease_with_an_older_stored_token_is_a_store_error() {
+fn c6_lost_lease_with_an_older_stored_token_keeps_ours() {
     let older = Token::new("older").with_generation(0);
     let flight = flight_with_lost_lease(Some(older));
-    match futures::executor::block_on(flight.token()) {
-        Err(Error::Refresh(error)) => assert_eq!(error.kind(), RefreshErrorKind::Store),
-        other => panic!("expected a store error, got {other:?}"),
-    }
-    assert!(flight.current().is_none());
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "fetched");
+    assert!(Arc::ptr_eq(&flight.current().unwrap(), &token));
 }
 
 fn recording_source(seen: &Arc<Mutex<Option<String>>>) -> impl tokenflight::TokenSource + 'static {
@@ -219,11 +224,11 @@ fn c1_a_newer_usable_stored_token_is_adopted() {
         .with_generation(5);
     futures::executor::block_on(store.save(&stored, None)).unwrap();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+    // No login here: a login would win over the stored session (C17).
     let flight = Builder::new()
         .source_arc(source.clone())
         .store(store)
         .clock(Arc::new(clock.clone()))
-        .initial_token(Token::new("mine").expires_at(now - Duration::from_secs(1)))
         .build_flight()
         .unwrap();
     let token = futures::executor::block_on(flight.token()).unwrap();
@@ -285,6 +290,7 @@ fn c5_a_finished_flight_is_not_joined_by_later_callers() {
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
+        .retry(tokenflight::Retry::none())
         .refresh_ahead(None)
         .build_flight()
         .unwrap();
@@ -308,7 +314,7 @@ fn c5_a_finished_flight_is_not_joined_by_later_callers() {
     ));
 }
 
-/// A store whose unlocked saves (installs) wait at a gate.
+/// A store whose saves wait at a gate.
 struct SlowInstallStore {
     inner: MemoryStore,
     gate: Gate,
@@ -324,9 +330,7 @@ impl TokenStore for SlowInstallStore {
         lock: Option<&'a StoreLock>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            if lock.is_none() {
-                self.gate.wait().await;
-            }
+            self.gate.wait().await;
             self.inner.save(token, lock).await
         })
     }
@@ -335,10 +339,11 @@ impl TokenStore for SlowInstallStore {
     }
 }
 
-/// C9: a login whose (slow) save finishes after a refresh installed a newer token does
-/// not push that newer token out.
+/// C17: a login is in use from the moment `install` is first polled, before its (slow)
+/// save completes; callers meanwhile get it without a refresh, and the save does not
+/// change what they got.
 #[test]
-fn c9_a_slow_install_never_replaces_a_newer_token() {
+fn c17_a_login_is_in_use_before_its_slow_save_completes() {
     let clock = ManualClock::at_fixed_point();
     let gate = Gate::open();
     gate.close();
@@ -355,9 +360,11 @@ fn c9_a_slow_install_never_replaces_a_newer_token() {
         .unwrap();
     let mut install = flight.install(Token::new("login")).boxed();
     assert!(poll_once(&mut install).is_pending());
-    let refreshed = futures::executor::block_on(flight.token()).unwrap();
+    let during = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(during.access().expose(), "login");
+    assert_eq!(source.calls(), 0);
     gate.release();
     let installed = futures::executor::block_on(install).unwrap();
-    assert!(installed.generation() < refreshed.generation());
-    assert!(Arc::ptr_eq(&flight.current().unwrap(), &refreshed));
+    assert!(Arc::ptr_eq(&installed, &during));
+    assert!(Arc::ptr_eq(&flight.current().unwrap(), &installed));
 }

@@ -22,6 +22,11 @@ struct StoredToken {
     /// Milliseconds since the Unix epoch; absent for "valid until rejected".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
+    /// Milliseconds since the Unix epoch when the token was obtained: with the expiry it
+    /// gives the lifetime the refresh timing scales to (C15). Optional and additive:
+    /// records written before it existed still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    obtained_at_ms: Option<u64>,
 }
 
 /// Encodes `token` for storage.
@@ -31,11 +36,9 @@ pub(crate) fn encode(token: &Token) -> Result<String, StoreError> {
         generation: token.generation(),
         access: token.access().expose().to_owned(),
         refresh: token.refresh().map(|r| r.expose().to_owned()),
-        expires_at_ms: token.expiry().map(|at| {
-            // A time before 1970 is long expired; 0 keeps it expired.
-            at.duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        }),
+        // A time before 1970 is long past; 0 keeps it so.
+        expires_at_ms: token.expiry().map(unix_millis),
+        obtained_at_ms: token.obtained().map(unix_millis),
     };
     serde_json::to_string(&record)
         .map_err(|_| StoreError::Other("the token could not be encoded as JSON".into()))
@@ -61,14 +64,24 @@ pub(crate) fn decode(raw: &str) -> Result<Token, StoreError> {
     let mut token = Token::new(record.access)
         .with_refresh_opt(record.refresh.map(Into::into))
         .with_generation(record.generation);
-    if let Some(ms) = record.expires_at_ms {
-        // Out of range for SystemTime: treat as already expired rather than fail.
-        let at = UNIX_EPOCH
+    // Out of range for SystemTime: treat as long past rather than fail.
+    let at = |ms: u64| {
+        UNIX_EPOCH
             .checked_add(Duration::from_millis(ms))
-            .unwrap_or(UNIX_EPOCH);
-        token = token.expires_at(at);
+            .unwrap_or(UNIX_EPOCH)
+    };
+    if let Some(ms) = record.expires_at_ms {
+        token = token.expires_at(at(ms));
+    }
+    if let Some(ms) = record.obtained_at_ms {
+        token = token.obtained_at(at(ms));
     }
     Ok(token)
+}
+
+fn unix_millis(at: std::time::SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Whole milliseconds of `d`, at least 1 (Redis refuses a zero expiry).
@@ -87,6 +100,7 @@ mod tests {
         let token = Token::new("acc")
             .with_refresh("ref")
             .expires_at(at)
+            .obtained_at(at - Duration::from_secs(60))
             .with_generation(42);
         let back = decode(&encode(&token).unwrap()).unwrap();
         assert_eq!(back, token);
@@ -110,6 +124,18 @@ mod tests {
                 other => panic!("{raw:?} gave {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn c15_records_written_before_obtained_at_existed_still_load() {
+        let old = "{\"v\":1,\"generation\":5,\"access\":\"a\",\"expires_at_ms\":1700000000000}";
+        let token = decode(old).unwrap();
+        assert_eq!(token.generation(), 5);
+        assert_eq!(token.obtained(), None);
+        assert_eq!(
+            token.expiry(),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
     }
 
     #[test]
