@@ -41,7 +41,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Authenticator, Backoff, Builder, Classifier, ManualClock, Token, Transport};
+use tokenflight::{
+    Authenticator, Backoff, Builder, Classifier, ManualClock, Retry, Token, Transport,
+};
 
 use crate::testkit::{Failure, RecordedRequest, TestServer, TestServerConfig};
 
@@ -441,13 +443,19 @@ pub async fn s4_late_401_for_old_token_does_not_refresh_again(adapter: &dyn Adap
 pub async fn s5_refresh_failure_reaches_every_waiter(adapter: &dyn Adapter) {
     // A backoff on a clock that does not move: a caller that comes after the failed
     // flight fails fast with that same failure instead of starting another refresh.
+    // One attempt per flight: with the core's default retries the second attempt would
+    // succeed, and this scenario is about a flight that fails.
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let flight_clock = clock.clone();
     let w = World::start_with(
         adapter,
         TestServerConfig::default(),
         Start::ExpiredClientSide,
-        move |b| b.clock(flight_clock).backoff(long_backoff()),
+        move |b| {
+            b.clock(flight_clock)
+                .backoff(long_backoff())
+                .retry(Retry::none())
+        },
     );
     w.server.fail_next_token_calls(1, Failure::Status500);
     let results = w
