@@ -89,6 +89,11 @@ impl Authenticator {
     /// - A rejected request whose body cannot be replayed is not resent; the caller
     ///   gets the original response and the token is marked rejected (C4).
     /// - A second rejection is returned to the caller as it is: no loop (C4).
+    /// - A response from another origin than the one the request (and its token) was
+    ///   sent to — the client followed a redirect — is returned as it is, unclassified:
+    ///   its 401 is not about the token, which never went there (C4, C12). So is one
+    ///   from a URL without the token's query parameter, with query placement (a
+    ///   same-origin redirect whose `Location` does not repeat the token).
     ///
     /// # Cancellation
     /// Dropping the future at any await point is safe: a refresh it started goes on for
@@ -106,7 +111,12 @@ impl Authenticator {
         F: FnMut(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
     {
-        if options.skip_auth || !self.policy.origins.allows(request.url()) {
+        if options.skip_auth {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        // Also where the response must come from to be a verdict on the token.
+        let sent_to = request.url().origin();
+        if !self.policy.origins.allows_origin(&sent_to) {
             return send(request).await.map_err(AuthError::Transport);
         }
         let token = if options.force_refresh {
@@ -117,6 +127,12 @@ impl Authenticator {
         let replay = request.try_clone();
         self.policy.placement.attach(&mut request, &token)?;
         let response = send(request).await.map_err(AuthError::Transport)?;
+        if response.final_url().is_some_and(|url| {
+            url.origin() != sent_to || !self.policy.placement.may_carry_token(url)
+        }) {
+            tracing::debug!("the response comes from where the token did not go; not classified");
+            return Ok(response);
+        }
         let (response, rejected) = self.classify(response).await;
         if !rejected {
             return Ok(response);
@@ -151,13 +167,15 @@ impl Authenticator {
         self.policy.placement.attach(replay, token)
     }
 
-    /// Classifies `response`; returns it intact with the verdict.
+    /// Classifies `response`; returns it intact with the verdict. The body is read only
+    /// when the classifier's body rule applies to the response
+    /// ([`Classifier::body_rule_for`]).
     pub async fn classify<Resp: AuthResponse>(&self, response: Resp) -> (Resp, bool) {
         let classifier = &self.policy.classifier;
         if classifier.head_rejects(&response) {
             return (response, true);
         }
-        match classifier.body_rule() {
+        match classifier.body_rule_for(&response) {
             None => (response, false),
             Some((limit, predicate)) => {
                 let (response, body) = response.buffer_body(limit).await;

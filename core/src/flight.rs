@@ -469,7 +469,7 @@ impl SingleFlight {
     async fn save_login_locked(
         &self,
         lock: &StoreLock,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Option<Arc<Token>>, StoreError> {
         let store = &self.inner.parts.store;
         if self.lock_state().unsaved_login.is_none() {
@@ -710,11 +710,13 @@ impl SingleFlight {
     }
 
     /// A deadline one flight budget from now (C10).
-    fn budget(&self) -> BoxFuture<'static, ()> {
-        self.inner
-            .parts
-            .timer
-            .sleep(self.inner.parts.config.refresh_timeout)
+    fn budget(&self) -> Deadline {
+        Deadline(Some(
+            self.inner
+                .parts
+                .timer
+                .sleep(self.inner.parts.config.refresh_timeout),
+        ))
     }
 
     fn out_of_budget(&self, what: &str) -> RefreshError {
@@ -785,11 +787,22 @@ impl SingleFlight {
                     };
                 } else {
                     state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                    let delay = self.inner.parts.config.backoff.delay(
+                    let mut delay = self.inner.parts.config.backoff.delay(
                         state.consecutive_failures,
                         fastrand::f64(),
                         error.retry_after(),
                     );
+                    // While the current token still works, the next try must come
+                    // before it expires, or callers would fail in the gap (C16). A
+                    // server's Retry-After is honoured as it is.
+                    if error.retry_after().is_none() {
+                        let left = self
+                            .still_valid_current(now)
+                            .and_then(|token| token.remaining(now));
+                        if let Some(left) = left {
+                            delay = delay.min(left / 2);
+                        }
+                    }
                     state.failure = Failure::Backoff {
                         until: instant_after(mono, delay),
                         error: error.clone(),
@@ -872,10 +885,7 @@ impl SingleFlight {
 
     /// Re-authentication is required: adopt a newer usable token from the store (a
     /// login saved by another process or replica), or fail with the same cause (C17).
-    async fn reload(
-        &self,
-        deadline: &mut BoxFuture<'static, ()>,
-    ) -> Result<Arc<Token>, RefreshError> {
+    async fn reload(&self, deadline: &mut Deadline) -> Result<Arc<Token>, RefreshError> {
         let lost = match &self.lock_state().failure {
             Failure::AuthLost { error, .. } => error.clone(),
             // Ended meanwhile (a login here): nothing to look for.
@@ -906,7 +916,7 @@ impl SingleFlight {
         reason: RefreshReason,
         replaces: Option<u64>,
         epoch: u64,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         let lock = within(store.lock(), deadline)
@@ -922,7 +932,7 @@ impl SingleFlight {
 
     /// Unlocks within the budget; past it the guard is dropped (stores fall back to
     /// their lease).
-    async fn release(&self, lock: StoreLock, deadline: &mut BoxFuture<'static, ()>) {
+    async fn release(&self, lock: StoreLock, deadline: &mut Deadline) {
         let unlock = self.inner.parts.store.unlock(lock);
         if within(unlock, deadline).await.is_none() {
             tracing::warn!("unlocking the token store used up the refresh budget");
@@ -935,7 +945,7 @@ impl SingleFlight {
         replaces: Option<u64>,
         epoch: u64,
         lock: &StoreLock,
-        deadline: &mut BoxFuture<'static, ()>,
+        deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         // A login not saved yet goes first, numbered above the store's session (C17).
@@ -1077,12 +1087,33 @@ async fn run_flight(
     flight.finish(id, kind, epoch, result)
 }
 
+/// A flight's deadline: a timer sleep that stays ready once it fired. Timers' sleeps
+/// (an `async fn` among them) must not be polled again after they completed.
+struct Deadline(Option<BoxFuture<'static, ()>>);
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match self.0.as_mut() {
+            None => std::task::Poll::Ready(()),
+            Some(sleep) => {
+                let poll = sleep.as_mut().poll(cx);
+                if poll.is_ready() {
+                    self.0 = None;
+                }
+                poll
+            }
+        }
+    }
+}
+
 /// Runs `work` unless `deadline` fires first (`None`). `work` is polled first, so work
 /// that is ready at once still completes after the deadline.
-async fn within<T>(
-    work: impl Future<Output = T>,
-    deadline: &mut BoxFuture<'static, ()>,
-) -> Option<T> {
+async fn within<T>(work: impl Future<Output = T>, deadline: &mut Deadline) -> Option<T> {
     match future::select(std::pin::pin!(work), deadline).await {
         Either::Left((value, _)) => Some(value),
         Either::Right(((), _)) => None,

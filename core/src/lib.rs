@@ -47,7 +47,11 @@
 //! - **C3 Stale rejections are free.** `c3_stale_rejection_resends_without_refresh`,
 //!   `c3_late_rejection_after_refresh_is_stale` (driver).
 //! - **C4 Exactly one retry.** `c4_exactly_one_retry_with_newer_token`,
-//!   `c4_second_rejection_is_returned_as_is`, `c4_not_replayable_is_not_resent_but_marked`.
+//!   `c4_second_rejection_is_returned_as_is`, `c4_not_replayable_is_not_resent_but_marked`,
+//!   `c4_a_401_from_another_origin_is_not_a_rejection`,
+//!   `c4_body_rule_reads_only_bodies_that_say_they_end` (unit); through every adapter,
+//!   `c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection` and
+//!   `c4_a_body_classifier_does_not_hold_back_a_stream` (conformance).
 //! - **C5 Same outcome for all.** `c5_all_waiters_get_the_same_error`.
 //! - **C6 Cancellation safety.** `c6_dropping_the_driver_mid_refresh_does_not_hang_waiters`,
 //!   `c6_spawner_finishes_refresh_when_every_caller_left`,
@@ -65,7 +69,11 @@
 //!   `c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget` (`holes.rs`).
 //! - **C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
 //! - **C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
-//!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`.
+//!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`,
+//!   `c12_query_placement_keeps_the_callers_query_byte_for_byte` (unit and conformance),
+//!   `c12_a_redacted_url_hides_the_query_token_and_keeps_the_rest` (unit); through every
+//!   adapter, `c12_query_token_never_in_errors` and `c12_query_token_never_in_a_referer`
+//!   (conformance).
 //! - **C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
 //!   `fuzz/`.
 //! - **C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
@@ -96,9 +104,10 @@
 //! Beyond these: model-based property tests over generated interleavings, cancellations
 //! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
 //! `c5_c9_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
-//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S15 that every adapter
-//! runs against a real loopback server (`tests/src/conformance.rs`), and the fuzz
-//! targets in `fuzz/` whose corpus stable `cargo test` replays.
+//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S18 and its regression
+//! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
+//! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
+//! `cargo test` replays.
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)

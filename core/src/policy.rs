@@ -26,6 +26,15 @@ pub enum Placement {
     /// A query parameter (`?token=<token>`), for APIs that want it. Leakier than a
     /// header: URLs end up in logs, proxies and `Referer` headers, and a redirect keeps
     /// the query. Prefer a header where the API allows.
+    ///
+    /// The pair `param=<token>` (form-encoded) is added to the request's query and
+    /// every other byte of the query is left as the caller wrote it: flags keep having
+    /// no `=`, percent-escapes are not re-encoded, order is kept, so a signed URL stays
+    /// valid. Pairs already named `param` (compared after decoding, as a server reads
+    /// them) are the caller's stale token: the first is replaced in place by the token
+    /// pair and the others are dropped; nothing else moves. The adapters keep the token
+    /// out of the errors and response URLs they hand back ([`Placement::redacted`]) and
+    /// out of `Referer` headers on redirects (see each adapter's docs).
     Query {
         /// Parameter name.
         param: String,
@@ -100,20 +109,116 @@ impl Placement {
             }
             Placement::Query { param } => {
                 let url = request.url_mut();
-                // Replace, never duplicate, a parameter of the same name.
-                let kept: Vec<(String, String)> = url
-                    .query_pairs()
-                    .filter(|(k, _)| k != param.as_str())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                url.query_pairs_mut()
-                    .clear()
-                    .extend_pairs(kept)
-                    .append_pair(param, secret);
+                let query = with_pair(url.query(), param, secret);
+                url.set_query(Some(&query));
                 Ok(())
             }
         }
     }
+
+    /// Whether a request to `url` can have carried the token: with a header placement,
+    /// yes (the client decides which hops keep headers); with query placement, only if
+    /// `url` has the parameter. A redirect's `Location` does not repeat our query, so
+    /// the hop it leads to got no token.
+    pub(crate) fn may_carry_token(&self, url: &Url) -> bool {
+        match self {
+            Placement::Header { .. } => true,
+            Placement::Query { param } => url
+                .query()
+                .is_some_and(|query| query.split('&').any(|piece| names(piece, param))),
+        }
+    }
+
+    /// `url` with the value of the token's query parameter replaced by `redacted`, for
+    /// errors and URLs shown to people; `None` when there is nothing to hide (a header
+    /// placement, or no such parameter in `url`). Every other byte stays as it is.
+    pub fn redacted(&self, url: &Url) -> Option<Url> {
+        let Placement::Query { param } = self else {
+            return None;
+        };
+        let query = url.query()?;
+        if !query.split('&').any(|piece| names(piece, param)) {
+            return None;
+        }
+        let mut redacted = url.clone();
+        redacted.set_query(Some(&with_pair(Some(query), param, REDACTED)));
+        Some(redacted)
+    }
+
+    /// `text` (an error message, say) with every occurrence of the token that went out
+    /// in `sent`'s query replaced by `redacted`, as it appears in a URL and decoded;
+    /// `None` when `text` shows no such token (or the placement is a header). For errors
+    /// of other code that print the request URL in ways [`redacted`](Self::redacted)
+    /// cannot reach.
+    pub fn scrub(&self, sent: &Url, text: &str) -> Option<String> {
+        let Placement::Query { param } = self else {
+            return None;
+        };
+        let mut scrubbed = None::<String>;
+        for (key, value) in sent.query_pairs() {
+            if key != param.as_str() || value.is_empty() {
+                continue;
+            }
+            let encoded: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            for shown in [value.as_ref(), encoded.as_str()] {
+                let current = scrubbed.as_deref().unwrap_or(text);
+                if current.contains(shown) {
+                    scrubbed = Some(current.replace(shown, REDACTED));
+                }
+            }
+        }
+        scrubbed
+    }
+}
+
+/// What [`Placement::redacted`] writes instead of the token.
+const REDACTED: &str = "redacted";
+
+/// `query` with `name=value` (form-encoded) in place of the first pair named `name`,
+/// other pairs of that name dropped, or appended; every other byte of `query` as it
+/// was. Splitting on `&` and comparing decoded names is how servers read a query
+/// (`application/x-www-form-urlencoded`); re-serialising the pairs instead would add
+/// `=` to flags and re-encode escapes, breaking signed URLs.
+fn with_pair(query: Option<&str>, name: &str, value: &str) -> String {
+    let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = format!("{}={}", encode(name), encode(value));
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return pair;
+    };
+    let mut out = String::with_capacity(query.len() + 1 + pair.len());
+    let mut placed = false;
+    let mut first = true;
+    for piece in query.split('&') {
+        let piece = if names(piece, name) {
+            if placed {
+                continue;
+            }
+            placed = true;
+            pair.as_str()
+        } else {
+            piece
+        };
+        if !first {
+            out.push('&');
+        }
+        first = false;
+        out.push_str(piece);
+    }
+    if !placed {
+        // `a=1&` stays `a=1&`, followed by the pair, not by a second `&`.
+        if !out.is_empty() && !out.ends_with('&') {
+            out.push('&');
+        }
+        out.push_str(&pair);
+    }
+    out
+}
+
+/// Whether the query piece `piece` (`key`, `key=value`) is named `name` once decoded.
+fn names(piece: &str, name: &str) -> bool {
+    url::form_urlencoded::parse(piece.as_bytes())
+        .next()
+        .is_some_and(|(key, _)| key == name)
 }
 
 /// Which origins may receive the token (C12).
@@ -140,10 +245,15 @@ impl AllowedOrigins {
     pub fn allows(&self, url: &Url) -> bool {
         match self {
             AllowedOrigins::Any => true,
-            AllowedOrigins::List(origins) => {
-                let origin = url.origin();
-                origins.contains(&origin)
-            }
+            AllowedOrigins::List(_) => self.allows_origin(&url.origin()),
+        }
+    }
+
+    /// True when a request to `origin` may carry the token.
+    pub(crate) fn allows_origin(&self, origin: &Origin) -> bool {
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::List(origins) => origins.contains(origin),
         }
     }
 }
@@ -158,8 +268,22 @@ pub type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 /// Default: HTTP 401. Options: a set of status codes, RFC 6750 `WWW-Authenticate`
 /// hints (`invalid_token` is a rejection whatever the status, `insufficient_scope`
 /// never is), a predicate on status and headers (replaces the status rule), and a
-/// predicate on the first `limit` bytes of the body, for APIs that answer HTTP 200
-/// with `{"code": 401}`.
+/// predicate on the body, for APIs that answer HTTP 200 with `{"code": 401}`.
+///
+/// # Which bodies the body rule reads
+/// Reading a body means holding the response back from the caller until it is read, so
+/// the body rule reads only bodies that say they end soon (see
+/// [`body_rule_for`](Self::body_rule_for)):
+/// - a `Content-Length` of at most `limit` bytes: read whole;
+/// - no `Content-Length` (chunked, or decompressed on the fly): not read, since a long
+///   poll or a JSON stream looks just like that — unless
+///   [`body_of_unknown_length(true)`](Self::body_of_unknown_length), which reads up to
+///   `limit` bytes or the end, for APIs that answer chunked and never stream;
+/// - a `Content-Type` that declares a stream (`text/event-stream`, `application/x-ndjson`,
+///   `application/jsonl`, `application/json-seq`, `multipart/x-mixed-replace`,
+///   `application/grpc…`): never read, whatever the length.
+///
+/// A body that is not read is not classified: the head rules alone decide.
 #[derive(Clone)]
 pub struct Classifier {
     statuses: Vec<u16>,
@@ -167,6 +291,7 @@ pub struct Classifier {
     www_authenticate: bool,
     head: Option<HeadPredicate>,
     body: Option<(usize, BodyPredicate)>,
+    body_of_unknown_length: bool,
 }
 
 impl Default for Classifier {
@@ -177,6 +302,7 @@ impl Default for Classifier {
             www_authenticate: true,
             head: None,
             body: None,
+            body_of_unknown_length: false,
         }
     }
 }
@@ -189,6 +315,7 @@ impl fmt::Debug for Classifier {
             .field("www_authenticate", &self.www_authenticate)
             .field("head_predicate", &self.head.is_some())
             .field("body_limit", &self.body.as_ref().map(|(limit, _)| *limit))
+            .field("body_of_unknown_length", &self.body_of_unknown_length)
             .finish()
     }
 }
@@ -236,14 +363,27 @@ impl Classifier {
         self
     }
 
-    /// A predicate on up to `limit` buffered body bytes, checked when the head rules say
-    /// "not rejected". The caller still gets the full, intact response.
+    /// A predicate on a body of at most `limit` bytes, checked when the head rules say
+    /// "not rejected" and the response says its body can be read without holding back a
+    /// stream (see [which bodies](Self#which-bodies-the-body-rule-reads)). The caller
+    /// still gets the full, intact response.
     pub fn body(
         mut self,
         limit: usize,
         predicate: impl Fn(&[u8]) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.body = Some((limit, Arc::new(predicate)));
+        self
+    }
+
+    /// Whether the body rule also reads bodies of unknown length (no `Content-Length`:
+    /// chunked, or decompressed on the fly), up to its limit or their end. Default: no,
+    /// because such a response may be a long poll or a stream that the caller would
+    /// then get only after `limit` bytes or its end. Switch it on for an API that answers
+    /// business codes chunked and never streams. Declared streams (server-sent events
+    /// and the like) are never read either way.
+    pub fn body_of_unknown_length(mut self, read: bool) -> Self {
+        self.body_of_unknown_length = read;
         self
     }
 
@@ -273,6 +413,192 @@ impl Classifier {
     /// The body rule, if any: its byte limit and predicate.
     pub fn body_rule(&self) -> Option<(usize, &BodyPredicate)> {
         self.body.as_ref().map(|(limit, p)| (*limit, p))
+    }
+
+    /// The body rule if it applies to `response`: when its headers say the body can be
+    /// read without holding back a stream (see
+    /// [which bodies](Self#which-bodies-the-body-rule-reads)). `None`: do not read the
+    /// body; the head rules' verdict stands.
+    pub fn body_rule_for(&self, response: &dyn ResponseView) -> Option<(usize, &BodyPredicate)> {
+        let (limit, predicate) = self.body.as_ref()?;
+        if response.header("content-type").is_some_and(declares_stream) {
+            return None;
+        }
+        let readable = match response.header("content-length") {
+            Some(length) => length
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|length| length <= u64::try_from(*limit).unwrap_or(u64::MAX)),
+            None => self.body_of_unknown_length,
+        };
+        readable.then_some((*limit, predicate))
+    }
+}
+
+/// Whether a `Content-Type` says the body is a stream of events or records, which ends
+/// when the server decides (maybe never).
+fn declares_stream(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        essence.as_str(),
+        "text/event-stream"
+            | "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/x-jsonlines"
+            | "application/json-seq"
+            | "multipart/x-mixed-replace"
+    ) || essence.starts_with("application/grpc")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Request(Url);
+
+    impl AuthRequest for Request {
+        fn url(&self) -> &Url {
+            &self.0
+        }
+        fn url_mut(&mut self) -> &mut Url {
+            &mut self.0
+        }
+        fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> {
+            Ok(())
+        }
+        fn try_clone(&self) -> Option<Self> {
+            Some(Request(self.0.clone()))
+        }
+    }
+
+    fn attached(url: &str, token: &str) -> String {
+        let mut request = Request(Url::parse(url).unwrap());
+        Placement::query("token")
+            .unwrap()
+            .attach(&mut request, &Token::new(token))
+            .unwrap();
+        request.0.into()
+    }
+
+    #[test]
+    fn c12_query_placement_keeps_the_callers_query_byte_for_byte() {
+        let base = "https://api.example.com/x";
+        let cases = [
+            ("", "token=t"),
+            ("?", "token=t"),
+            ("?flag", "flag&token=t"),
+            ("?a=1&", "a=1&token=t"),
+            ("?a=1&&b=2", "a=1&&b=2&token=t"),
+            (
+                "?sig=a%2Fb%3D&p=a+b&e=%7e",
+                "sig=a%2Fb%3D&p=a+b&e=%7e&token=t",
+            ),
+            // The caller's own pair is replaced in place, repeats dropped.
+            ("?a&token=old&b=%7e&token=older", "a&token=t&b=%7e"),
+            ("?%74oken=old&b", "token=t&b"),
+            ("?token&b", "token=t&b"),
+            ("?tokens=1&xtoken=2", "tokens=1&xtoken=2&token=t"),
+        ];
+        for (query, expected) in cases {
+            let url = attached(&format!("{base}{query}#frag"), "t");
+            assert_eq!(url, format!("{base}?{expected}#frag"), "query {query:?}");
+        }
+        // The token itself is form-encoded.
+        assert_eq!(
+            attached(base, "a b&c=d/é"),
+            format!("{base}?token=a+b%26c%3Dd%2F%C3%A9")
+        );
+    }
+
+    #[test]
+    fn c12_a_redacted_url_hides_the_query_token_and_keeps_the_rest() {
+        let placement = Placement::query("token").unwrap();
+        let url = Url::parse("http://h/p?flag&token=secret&x=%7e&token=again").unwrap();
+        let redacted = placement.redacted(&url).unwrap();
+        assert_eq!(redacted.as_str(), "http://h/p?flag&token=redacted&x=%7e");
+        assert_eq!(
+            placement.redacted(&Url::parse("http://h/p?flag").unwrap()),
+            None
+        );
+        assert_eq!(placement.redacted(&Url::parse("http://h/p").unwrap()), None);
+        assert_eq!(Placement::bearer().redacted(&url), None);
+    }
+
+    #[test]
+    fn c12_scrub_hides_the_sent_query_token_in_any_text() {
+        let placement = Placement::query("token").unwrap();
+        let sent = Url::parse("http://h/p?a=1&token=s%2Fb+c").unwrap();
+        let text = "GET http://h/p?a=1&token=s%2Fb+c failed; token s/b c";
+        assert_eq!(
+            placement.scrub(&sent, text).as_deref(),
+            Some("GET http://h/p?a=1&token=redacted failed; token redacted")
+        );
+        assert_eq!(placement.scrub(&sent, "connection reset"), None);
+        assert_eq!(Placement::bearer().scrub(&sent, text), None);
+        let unsent = Url::parse("http://h/p?a=1").unwrap();
+        assert_eq!(placement.scrub(&unsent, text), None);
+    }
+
+    struct Head(&'static [(&'static str, &'static str)]);
+
+    impl ResponseView for Head {
+        fn status(&self) -> u16 {
+            200
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        }
+    }
+
+    #[test]
+    fn c4_body_rule_reads_only_bodies_that_say_they_end() {
+        let rule = Classifier::new().body(100, |_| true);
+        let reads = |classifier: &Classifier, headers| {
+            classifier
+                .body_rule_for(&Head(headers))
+                .map(|(limit, _)| limit)
+        };
+        assert_eq!(reads(&rule, &[("content-length", "100")]), Some(100));
+        assert_eq!(reads(&rule, &[("Content-Length", " 0 ")]), Some(100));
+        assert_eq!(reads(&rule, &[("content-length", "101")]), None);
+        assert_eq!(reads(&rule, &[("content-length", "-1")]), None);
+        assert_eq!(reads(&rule, &[("content-length", "lots")]), None);
+        // Unknown length: a long poll or a stream, unless the caller opts in.
+        assert_eq!(reads(&rule, &[("content-type", "application/json")]), None);
+        let opted_in = rule.clone().body_of_unknown_length(true);
+        assert_eq!(
+            reads(&opted_in, &[("content-type", "application/json")]),
+            Some(100)
+        );
+        assert_eq!(reads(&opted_in, &[("content-length", "101")]), None);
+        // Declared streams: never, whatever the length says.
+        for stream in [
+            "text/event-stream",
+            "Text/Event-Stream; charset=utf-8",
+            "application/x-ndjson",
+            "application/grpc+proto",
+            "multipart/x-mixed-replace; boundary=x",
+        ] {
+            let headers: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("content-type", stream),
+                ("content-length", "10"),
+            ]));
+            assert_eq!(reads(&opted_in, headers), None, "{stream}");
+        }
+        assert_eq!(
+            reads(&Classifier::new(), &[("content-length", "1")]),
+            None,
+            "no body rule"
+        );
     }
 }
 

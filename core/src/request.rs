@@ -34,6 +34,17 @@ pub trait ResponseView {
 
 /// A response the auth layer can classify.
 pub trait AuthResponse: ResponseView + Sized + Send {
+    /// The URL this response came from, when the client may have followed redirects
+    /// below the layer (reqwest does). A response from another origin than the request
+    /// was sent to is not a verdict on the token (the token may never have reached it):
+    /// it goes to the caller unclassified; so does one from a URL without the token's
+    /// parameter, with query placement.
+    ///
+    /// The default, `None`, says the response comes from the request's URL.
+    fn final_url(&self) -> Option<&Url> {
+        None
+    }
+
     /// Reads up to `limit` bytes of the body for a body classifier and hands back a
     /// response that is intact for the caller: the same status, headers and body bytes.
     /// The bytes are `None` when the body is longer than `limit` or could not be read.

@@ -134,10 +134,17 @@ impl TokenResponse {
 
     /// Makes the token. `used_refresh` is the refresh token the request spent: it is
     /// kept when the response carries no new one, and replaced when it does (rotation).
+    ///
+    /// The token is marked as obtained at `now`, so its lifetime is known and the
+    /// coordinator's timing scales to it (C15). The relative `expires_in` is preferred
+    /// over an absolute JWT `exp` because it does not depend on the two clocks agreeing;
+    /// an `exp` already past by the local clock gives a lifetime of zero, and such a
+    /// token is still sent (the server decides) for `min_refresh_interval`.
     pub fn into_token(self, now: SystemTime, used_refresh: Option<Secret>) -> Token {
         let expires_at = self.expires_at(now);
-        let token =
-            Token::new(self.access_token).with_refresh_opt(self.refresh_token.or(used_refresh));
+        let token = Token::new(self.access_token)
+            .with_refresh_opt(self.refresh_token.or(used_refresh))
+            .obtained_at(now);
         match expires_at {
             Some(at) => token.expires_at(at),
             None => token,
@@ -281,6 +288,7 @@ mod tests {
         assert_eq!(parsed.scope.as_deref(), Some("read write"));
         let token = parsed.into_token(epoch(100), Some(Secret::new("OLD")));
         assert_eq!(token.expiry(), Some(epoch(3700)));
+        assert_eq!(token.lifetime(), Some(Duration::from_secs(3600)), "C15");
         assert_eq!(token.refresh().map(Secret::expose), Some("RT"));
     }
 
@@ -345,6 +353,14 @@ mod tests {
             .unwrap()
             .into_token(epoch(10), None);
         assert_eq!(token.expiry(), Some(epoch(11)));
+        // An `exp` already past by the local clock (skew): a lifetime of zero, not an
+        // error; the coordinator still sends it for its minimum refresh interval.
+        let token = TokenResponse::parse(
+            format!(r#"{{"access_token":"{access}","token_type":"bearer"}}"#).as_bytes(),
+        )
+        .unwrap()
+        .into_token(epoch(6000), None);
+        assert_eq!(token.lifetime(), Some(Duration::ZERO));
     }
 
     #[test]

@@ -261,17 +261,90 @@ async fn c4_body_classifier_retries_business_code_and_keeps_body() {
                 } else {
                     br#"{"code":401,"message":"token expired"}"#.to_vec()
                 };
-                futures::future::ready(Ok::<_, std::convert::Infallible>(FakeResponse {
-                    status: 200,
-                    www_authenticate: None,
-                    body,
-                }))
+                futures::future::ready(Ok::<_, std::convert::Infallible>(FakeResponse::with_body(
+                    200, body,
+                )))
             },
         )
         .await
         .unwrap();
     assert_eq!(response.body, br#"{"code":0,"data":"ok"}"#.to_vec());
     assert_eq!(sends.load(Ordering::SeqCst), 2);
+}
+
+async fn c4_a_401_from_another_origin_is_not_a_rejection() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let auth = authenticator(&clock, &source);
+    // The client followed a redirect: the 401 comes from where the token never went.
+    let answer = |final_url: &str| {
+        let final_url = url::Url::parse(final_url).unwrap();
+        let sends = Arc::new(AtomicUsize::new(0));
+        let counter = sends.clone();
+        let send = move |_req: FakeRequest| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            futures::future::ready(Ok::<_, std::convert::Infallible>(FakeResponse {
+                final_url: Some(final_url.clone()),
+                ..FakeResponse::status(401)
+            }))
+        };
+        (sends, send)
+    };
+    let (sends, send) = answer("https://elsewhere.test/landing");
+    let response = auth
+        .send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            send,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 401, "handed back as it is");
+    assert_eq!(sends.load(Ordering::SeqCst), 1, "not resent");
+    assert_eq!(source.calls(), 1, "no refresh beyond the first token");
+    assert_eq!(auth.stats().rejections, 0);
+
+    // The same answer from the request's own origin (another path) is a rejection.
+    let (sends, send) = answer("https://api.test/landing");
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sends.load(Ordering::SeqCst), 2, "resent once");
+    assert_eq!(source.calls(), 2);
+    assert_eq!(auth.stats().rejections, 1);
+
+    // Query placement: a same-origin hop whose URL lacks the token got no token.
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let auth = builder(&clock, &source)
+        .allowed_origin("https://api.test")
+        .query_param("token")
+        .build()
+        .unwrap();
+    let (sends, send) = answer("https://api.test/landing?page=1");
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sends.load(Ordering::SeqCst), 1, "not resent");
+    assert_eq!(source.calls(), 1);
+    assert_eq!(auth.stats().rejections, 0);
+    let (sends, send) = answer("https://api.test/landing?page=1&token=token-1");
+    auth.send(
+        FakeRequest::get("https://api.test/x"),
+        RequestOptions::default(),
+        send,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sends.load(Ordering::SeqCst), 2, "resent once");
+    assert_eq!(auth.stats().rejections, 1);
 }
 
 async fn c4_insufficient_scope_is_not_a_rejection() {
@@ -291,7 +364,7 @@ async fn c4_insufficient_scope_is_not_a_rejection() {
                     www_authenticate: Some(
                         r#"Bearer error="insufficient_scope", scope="admin""#.into(),
                     ),
-                    body: Vec::new(),
+                    ..FakeResponse::status(401)
                 }))
             },
         )
@@ -693,6 +766,7 @@ contract_tests!(
     c4_not_replayable_is_not_resent_but_marked,
     c4_body_classifier_retries_business_code_and_keeps_body,
     c4_insufficient_scope_is_not_a_rejection,
+    c4_a_401_from_another_origin_is_not_a_rejection,
     c5_all_waiters_get_the_same_error,
     c6_dropping_the_driver_mid_refresh_does_not_hang_waiters,
     c6_spawner_finishes_refresh_when_every_caller_left,

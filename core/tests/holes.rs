@@ -371,6 +371,19 @@ fn c10_a_hanging_store_load_is_bounded_by_the_flight_budget() {
     assert_eq!(source.calls(), 0);
 }
 
+/// A timer whose sleeps panic when polled after they completed, as an `async fn`'s
+/// future does (tokio's and async-std's sleeps are such futures).
+struct StrictTimer(ManualClock);
+
+impl Timer for StrictTimer {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        let sleep = self.0.sleep(duration);
+        // The async block is the point: its future panics if polled after completion.
+        #[allow(clippy::redundant_async_block)]
+        Box::pin(async move { sleep.await })
+    }
+}
+
 #[test]
 fn c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget() {
     for hang_save in [true, false] {
@@ -379,7 +392,15 @@ fn c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget() {
         let store = Arc::new(FaultStore::default());
         store.hang_save.store(hang_save, Ordering::SeqCst);
         store.hang_unlock.store(!hang_save, Ordering::SeqCst);
-        let flight = budget_flight(&clock, &source, &store);
+        // The budget's sleep fires during the save, then the unlock races it again: it
+        // must not be polled after it completed.
+        let flight = builder(&clock, &source)
+            .store_arc(store.clone())
+            .timer(Arc::new(StrictTimer(clock.clone())))
+            .refresh_timeout(Duration::from_secs(5))
+            .retry(Retry::none())
+            .build_flight()
+            .unwrap();
         let mut waiter = flight.token().boxed();
         let token = drive(&mut waiter, &clock, Duration::from_secs(1)).unwrap();
         assert_eq!(token.access().expose(), "token-1", "hang_save={hang_save}");

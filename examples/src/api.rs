@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Backoff, Builder, ConfigError, Token, Transport};
+use tokenflight::{Builder, ConfigError, Token, Transport};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
 /// What one request ended with, as the application saw it.
@@ -24,6 +24,13 @@ pub enum Outcome {
 /// Counters a client keeps about itself (the server counts the rest).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClientCounters {
+    /// Calls of the token endpoint the client made (every attempt, retries included).
+    pub source_calls: u64,
+    /// Refreshes as the client coordinates them: flights, each one or more attempts
+    /// shared by every caller that needed it (tokenflight only).
+    pub flights: Option<u64>,
+    /// Flights that ended in an error after their attempts (tokenflight only).
+    pub failed_flights: Option<u64>,
     /// Callers that waited for a refresh someone else started (tokenflight only).
     pub coalesced: Option<u64>,
     /// Requests resent after a rejection.
@@ -60,8 +67,6 @@ pub struct Login {
     pub expires_in: u64,
     /// The refresh token the login gave.
     pub refresh_token: String,
-    /// The token lifetime the server uses; leeway and refresh-ahead are set from it.
-    pub ttl: Duration,
 }
 
 impl Login {
@@ -82,8 +87,9 @@ impl Login {
     }
 
     /// Configures a tokenflight builder for this login: the grant, the login's token,
-    /// the API origin, a leeway of a quarter and a refresh-ahead window of half the
-    /// token lifetime, and a short backoff after injected failures.
+    /// the API origin, and a hook that counts lost logins. Timing (leeway, refresh-ahead,
+    /// retries, backoff) stays at the defaults: what the demo shows is what a user gets
+    /// without tuning anything.
     pub fn configure<Out>(
         &self,
         builder: Builder<Out>,
@@ -94,12 +100,6 @@ impl Login {
             .source(self.grant(transport)?)
             .initial_token(self.token())
             .allowed_origin(&self.origin)
-            .leeway(self.ttl / 4)
-            .refresh_ahead(Some(self.ttl / 2))
-            .backoff(Backoff::new(
-                Duration::from_millis(100),
-                Duration::from_secs(2),
-            ))
             .on_auth_lost(move |_| {
                 relogins.fetch_add(1, Ordering::Relaxed);
             }))
@@ -108,6 +108,9 @@ impl Login {
 
 fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> ClientCounters {
     ClientCounters {
+        source_calls: stats.source_calls,
+        flights: Some(stats.flights),
+        failed_flights: Some(stats.failures),
         coalesced: Some(stats.coalesced),
         retries: stats.retries,
         stale_rejections: Some(stats.stale_rejections),

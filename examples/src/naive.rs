@@ -30,6 +30,7 @@ struct Inner {
     grant: RefreshTokenGrant,
     current: Mutex<Arc<Token>>,
     relogin: Relogin,
+    refreshes: AtomicU64,
     retries: AtomicU64,
     relogins: AtomicU64,
 }
@@ -58,6 +59,7 @@ impl NaiveClient {
                 grant,
                 current: Mutex::new(Arc::new(login)),
                 relogin,
+                refreshes: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
                 relogins: AtomicU64::new(0),
             }),
@@ -104,6 +106,7 @@ impl Inner {
         }
         // Rejected: refresh, on its own, with the refresh token this request knows.
         let cx = RefreshContext::new(RefreshReason::Rejected, Some(token), SystemTime::now());
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
         let fresh = match self.grant.fetch(cx).await {
             Ok(fresh) => self.set_current(fresh),
             Err(error) => {
@@ -132,6 +135,9 @@ impl Api for NaiveClient {
 
     fn counters(&self) -> ClientCounters {
         ClientCounters {
+            source_calls: self.inner.refreshes.load(Ordering::Relaxed),
+            flights: None,
+            failed_flights: None,
             coalesced: None,
             retries: self.inner.retries.load(Ordering::Relaxed),
             stale_rejections: None,

@@ -25,8 +25,16 @@ pub struct PhaseReport {
     pub errors: BTreeMap<String, u64>,
     /// 401s the server sent (rejections on the wire, retries included).
     pub wire_401s: u64,
-    /// Calls of the token endpoint.
+    /// Calls of the token endpoint, as the server counted them.
     pub token_calls: u64,
+    /// Token-endpoint attempts as the client counted them (every attempt, retries inside
+    /// a flight included).
+    pub source_calls: u64,
+    /// Refreshes as tokenflight coordinates them: flights, each shared by every caller
+    /// that needed it and made of one or more attempts (tokenflight only).
+    pub flights: Option<u64>,
+    /// Flights that failed after their attempts (tokenflight only).
+    pub failed_flights: Option<u64>,
     /// Spent refresh tokens presented again (each revoked a login).
     pub reuse_detections: u64,
     /// Callers that waited for a refresh someone else started (tokenflight only).
@@ -69,6 +77,21 @@ fn opt(v: Option<u64>) -> String {
 }
 
 impl PhaseReport {
+    /// Requests that did not end with a 2xx response: errors, other statuses and 401s
+    /// handed to the application.
+    pub fn not_ok(&self) -> u64 {
+        self.requests.saturating_sub(self.successes)
+    }
+
+    /// [`not_ok`](Self::not_ok) as a share of the requests (0 to 1).
+    pub fn failed_share(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.not_ok() as f64 / self.requests as f64
+        }
+    }
+
     /// Requests per second over the phase's wall time.
     pub fn throughput(&self) -> f64 {
         let secs = self.wall.as_secs_f64();
@@ -90,7 +113,12 @@ impl PhaseReport {
             "failures": self.failures,
             "errors": self.errors,
             "wire_401s": self.wire_401s,
+            "not_ok": self.not_ok(),
+            "failed_share": self.failed_share(),
             "token_calls": self.token_calls,
+            "source_calls": self.source_calls,
+            "flights": self.flights,
+            "failed_flights": self.failed_flights,
             "reuse_detections": self.reuse_detections,
             "coalesced_waiters": self.coalesced,
             "retries": self.retries,
@@ -109,7 +137,7 @@ impl PhaseReport {
 /// The summary table, one column per phase.
 pub fn table(phases: &[PhaseReport]) -> String {
     type Row = (&'static str, fn(&PhaseReport) -> String);
-    let rows: [Row; 17] = [
+    let rows: [Row; 21] = [
         ("client", |p| p.adapter.clone()),
         ("requests", |p| p.requests.to_string()),
         ("successes", |p| p.successes.to_string()),
@@ -117,8 +145,14 @@ pub fn table(phases: &[PhaseReport]) -> String {
             p.unauthorized_returned.to_string()
         }),
         ("failed (errors, other)", |p| p.failures.to_string()),
+        ("not successful, share", |p| {
+            format!("{:.2} %", p.failed_share() * 100.0)
+        }),
         ("401s seen on the wire", |p| p.wire_401s.to_string()),
         ("token-endpoint calls", |p| p.token_calls.to_string()),
+        ("  attempts by the client", |p| p.source_calls.to_string()),
+        ("  flights (refreshes)", |p| opt(p.flights)),
+        ("  failed flights", |p| opt(p.failed_flights)),
         ("coalesced waiters", |p| opt(p.coalesced)),
         ("retries (resent once)", |p| p.retries.to_string()),
         ("stale rejections", |p| opt(p.stale_rejections)),

@@ -191,7 +191,7 @@ fn progress_bar(total: u64, label: &str, visible: bool) -> ProgressBar {
     bar
 }
 
-fn login(server: &TestServer, ttl: Duration) -> Login {
+fn login(server: &TestServer) -> Login {
     let (access_token, expires_in) = server.issue_access_token();
     Login {
         token_url: server.token_url(),
@@ -201,7 +201,6 @@ fn login(server: &TestServer, ttl: Duration) -> Login {
         access_token,
         expires_in,
         refresh_token: server.issue_refresh_token(),
-        ttl,
     }
 }
 
@@ -248,7 +247,7 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
         resource_latency: config.api_latency,
         ..TestServerConfig::default()
     }));
-    let login = login(&server, config.ttl);
+    let login = login(&server);
     let exec = match config.adapter {
         AdapterKind::Reqwest => Exec::tokio().map_err(|e| format!("tokio runtime: {e}"))?,
         AdapterKind::Surf => Exec::AsyncStd,
@@ -307,6 +306,9 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
         errors: tally.errors,
         wire_401s: counters.rejections,
         token_calls: counters.token_calls,
+        source_calls: own.source_calls,
+        flights: own.flights,
+        failed_flights: own.failed_flights,
         reuse_detections: counters.reuse_detections,
         coalesced: own.coalesced,
         retries: own.retries,

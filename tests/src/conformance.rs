@@ -1,4 +1,4 @@
-//! The conformance suite S1–S15, written once and run by every adapter against the
+//! The conformance suite S1–S18, written once and run by every adapter against the
 //! testkit server. An adapter implements [`Adapter`] in its own `tests/conformance.rs`
 //! and gets one test per scenario from [`conformance_tests!`](crate::conformance_tests):
 //!
@@ -31,21 +31,40 @@
 //! | S13 | business-code answers | `200 {"code":401}` classified, refreshed, resent |
 //! | S14 | rotation | each refresh (forced ones too) uses the newest refresh token, no reuse detected |
 //! | S15 | a hanging token endpoint | every waiter times out, the next refresh recovers |
+//! | S16 | tokens living 2 s, defaults, 100 clients, 5 lifetimes (also 3 processes sharing a `FileStore`) | at most 2 token calls per lifetime, no 401 to a caller; processes adopt each other's tokens |
+//! | S17 | 30 % of token calls fail (503, seeded) | at most 1 % of requests fail, none while a usable token existed |
+//! | S18 | the token endpoint down, then back | one flight per backoff window, callers fail fast in between; the first flight after the window recovers |
+//!
+//! S16 and S17 run in real time (5.5 token lifetimes each); S16's process variant starts
+//! the adapter's test binary again as workers (see [`S16_WORKER_ENV`]).
+//!
+//! Regression scenarios, named after the contract they hold the adapters to:
+//!
+//! | scenario | what the wire must show |
+//! |---|---|
+//! | [`c12_query_placement_keeps_the_callers_query_byte_for_byte`] | the caller's query arrives as written, the token pair added (or put in place of the caller's own) |
+//! | [`c12_query_token_never_in_errors`] | a transport error after query placement does not show the token |
+//! | [`c12_query_token_never_in_a_referer`] | a redirect to another origin carries no `Referer` with the token |
+//! | [`c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection`] | a 401 from a redirect target that got no token is returned as is: no refresh, no resend |
+//! | [`c4_a_body_classifier_does_not_hold_back_a_stream`] | a streaming response (SSE, a long poll without length) reaches the caller while it streams |
 
 // Test support: a panic is how a scenario reports a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
-    Authenticator, Backoff, Builder, Classifier, ManualClock, Retry, Token, Transport,
+    Authenticator, Backoff, Builder, Classifier, FileStore, FlightConfig, FuturesTimer,
+    ManualClock, Retry, Timer, Token, TokenStore, Transport,
 };
 
-use crate::testkit::{Failure, RecordedRequest, TestServer, TestServerConfig};
+use crate::testkit::{
+    ClosingServer, Failure, RecordedRequest, STREAM_FIRST, TestServer, TestServerConfig,
+};
 
 /// What an adapter gives the suite.
 pub trait Adapter: Send + Sync + 'static {
@@ -94,6 +113,18 @@ pub trait TestClient: Send + Sync {
     /// Sends one request through the adapter's middleware. `Err` carries the error's
     /// `Display` (token errors included: S5, S6, S15).
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>>;
+
+    /// Sends one request through the adapter's middleware and returns as soon as the
+    /// response and the first bytes of its body are there: its status and those bytes
+    /// (at least one byte, unless the body is empty). The rest of the body is dropped.
+    /// For responses that stream and do not end while the test looks at them.
+    ///
+    /// The default fails: an adapter implements it to run
+    /// [`c4_a_body_classifier_does_not_hold_back_a_stream`].
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        let _ = request;
+        Box::pin(async { Err("this adapter's TestClient does not implement first_chunk".into()) })
+    }
 }
 
 impl TestRequest {
@@ -443,21 +474,18 @@ pub async fn s4_late_401_for_old_token_does_not_refresh_again(adapter: &dyn Adap
 pub async fn s5_refresh_failure_reaches_every_waiter(adapter: &dyn Adapter) {
     // A backoff on a clock that does not move: a caller that comes after the failed
     // flight fails fast with that same failure instead of starting another refresh.
-    // One attempt per flight: with the core's default retries the second attempt would
-    // succeed, and this scenario is about a flight that fails.
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let flight_clock = clock.clone();
     let w = World::start_with(
         adapter,
         TestServerConfig::default(),
         Start::ExpiredClientSide,
-        move |b| {
-            b.clock(flight_clock)
-                .backoff(long_backoff())
-                .retry(Retry::none())
-        },
+        move |b| b.clock(flight_clock).backoff(long_backoff()),
     );
-    w.server.fail_next_token_calls(1, Failure::Status500);
+    // Every attempt of the flight fails (a flight retries transient failures, C16).
+    let attempts = default_attempts();
+    w.server
+        .fail_next_token_calls(attempts as usize, Failure::Status500);
     let results = w
         .concurrently(CONCURRENCY, |i| {
             TestRequest::get(w.server.api_url(&format!("s5/{i}")))
@@ -479,15 +507,15 @@ pub async fn s5_refresh_failure_reaches_every_waiter(adapter: &dyn Adapter) {
     }
     let counters = w.server.counters();
     assert_eq!(
-        counters.token_calls, 1,
-        "[{}] S5: one refresh for all",
+        counters.token_calls, attempts,
+        "[{}] S5: one refresh for all, with all its attempts",
         w.name
     );
     assert_eq!(counters.resource_calls, 0, "[{}] S5", w.name);
     let stats = w.auth.stats();
     assert_eq!(
-        (stats.source_calls, stats.failures),
-        (1, 1),
+        (stats.flights, stats.source_calls, stats.failures),
+        (1, attempts, 1),
         "[{}] S5",
         w.name
     );
@@ -931,6 +959,7 @@ pub async fn s15_token_endpoint_hangs_then_recovers(adapter: &dyn Adapter) {
             b.clock(flight_clock)
                 .refresh_timeout(Duration::from_secs(1))
                 .backoff(long_backoff())
+                .retry(Retry::none())
         },
     );
     w.server.fail_next_token_calls(1, Failure::Hang);
@@ -992,6 +1021,891 @@ pub async fn s15_token_endpoint_hangs_then_recovers(adapter: &dyn Adapter) {
     assert_eq!(counters.reuse_detections, 0, "[{}] S15", w.name);
 }
 
+// ---- regression scenarios, named after their contract ---------------------------------
+
+/// A query as callers write them for signed URLs and old APIs: a flag without `=`,
+/// percent-escapes in both cases, `+`, an empty value, repeated keys, and the caller's
+/// own `token` in the middle.
+const CALLERS_QUERY: &str =
+    "flag&sig=a%2Fb%3D%3D&plus=a+b&tilde=%7e&empty=&token=callers&list=1&list=2";
+
+fn form_encoded(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// C12 (query placement): the token parameter is added and the rest of the caller's
+/// query reaches the server byte for byte (no `=` added to a flag, no re-encoding), so
+/// signed URLs keep their signature. A `token` pair the caller wrote is replaced in
+/// place; every other pair stays where it was.
+pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let signed = format!("{}?{CALLERS_QUERY}", w.server.api_url("c12/signed"));
+    let response = w.respond(TestRequest::get(signed.clone())).await;
+    assert_eq!(response.status, 200, "[{}] C12 query", w.name);
+    let flag = format!("{}?flag", w.server.api_url("c12/flag"));
+    let response = w.respond(TestRequest::get(flag)).await;
+    assert_eq!(response.status, 200, "[{}] C12 query", w.name);
+
+    // The resend after a rejection starts again from the caller's query.
+    w.server.expire_all_tokens();
+    let response = w.respond(TestRequest::get(signed)).await;
+    assert_eq!(
+        response.status, 200,
+        "[{}] C12 query after a refresh",
+        w.name
+    );
+
+    let with = |token: &str| {
+        CALLERS_QUERY.replace("token=callers", &format!("token={}", form_encoded(token)))
+    };
+    let current = w.auth.flight().current().unwrap();
+    let signed: Vec<Option<String>> = w
+        .requests_to("c12/signed")
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert_eq!(
+        signed,
+        [
+            Some(with(&w.first)),
+            Some(with(&w.first)),
+            Some(with(current.access().expose()))
+        ],
+        "[{}] C12: the caller's query was rewritten",
+        w.name
+    );
+    let flag: Vec<Option<String>> = w
+        .requests_to("c12/flag")
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert_eq!(
+        flag,
+        [Some(format!("flag&token={}", form_encoded(&w.first)))],
+        "[{}] C12: a flag gained an `=`",
+        w.name
+    );
+}
+
+/// C12 (query placement): when sending fails after the token went into the URL, the
+/// error the caller gets (its `Display` and every cause) does not show the token;
+/// clients print the request URL in their errors.
+pub async fn c12_query_token_never_in_errors(adapter: &dyn Adapter) {
+    let broken = ClosingServer::start();
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let origin = broken.origin();
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.query_param("token").allowed_origin(&origin)
+    });
+    for url in [
+        format!("{origin}/api/c12/broken?page=2"),
+        format!("{origin}/api/c12/broken"),
+    ] {
+        match w.send(TestRequest::get(url.clone())).await {
+            Err(error) => w.assert_no_secret_in(&error),
+            Ok(response) => panic!(
+                "[{}] C12 errors: {url} answered {} from a server that closes every connection",
+                w.name, response.status
+            ),
+        }
+    }
+    // The valid token was attached as it was: no refresh came in between.
+    assert_eq!(w.auth.stats().source_calls, 0, "[{}] C12 errors", w.name);
+}
+
+/// C12 (query placement): a redirect from the allowed origin to another one does not
+/// take the token along in a `Referer` (which clients fill with the previous URL,
+/// query included). Following the redirect or handing the redirect response to the
+/// caller are both fine; the other origin seeing the token is not.
+pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let other = TestServer::start(TestServerConfig::other_origin());
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
+        .await;
+    assert!(
+        response.status == 200 || response.status == 302,
+        "[{}] C12 referer: status {}",
+        w.name,
+        response.status
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C12 referer", w.name);
+    for request in other.requests() {
+        assert!(
+            !request.referer.as_deref().unwrap_or("").contains(&w.first),
+            "[{}] C12: the token went to another origin in a Referer",
+            w.name
+        );
+        assert_eq!(request.token, None, "[{}] C12 referer", w.name);
+        assert!(!request.authorization, "[{}] C12 referer", w.name);
+    }
+    assert_eq!(
+        other.counters().credentialed_requests,
+        0,
+        "[{}] C12",
+        w.name
+    );
+}
+
+/// C4: a redirect from the allowed origin to another one that answers 401: the token
+/// never reached that origin (it is not allowed), so its 401 says nothing about the
+/// token. The caller gets that 401 as it is: no refresh, no resend, no rejection
+/// counted. The same for a same-origin hop without the token (query placement).
+pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
+    adapter: &dyn Adapter,
+) {
+    let w = World::start(adapter, Start::Valid);
+    // A protected API elsewhere: 401 to anyone without its own token.
+    let other = TestServer::start(TestServerConfig::default());
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&other.api_url("landing")),
+        ))
+        .await;
+    assert_eq!(
+        response.status, 401,
+        "[{}] C4: the other origin's answer, as it is",
+        w.name
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C4", w.name);
+    let seen = other.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "[{}] C4: the other origin was asked once (no resend)",
+        w.name
+    );
+    assert!(
+        seen[0].token.is_none() && !seen[0].authorization,
+        "[{}] C4",
+        w.name
+    );
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C4: a 401 from an origin the token never reached started a refresh",
+        w.name
+    );
+    let stats = w.auth.stats();
+    assert_eq!(
+        (stats.rejections, stats.retries, stats.not_replayable),
+        (0, 0, 0),
+        "[{}] C4",
+        w.name
+    );
+    // The token is still good where it goes.
+    let mine = w
+        .respond(TestRequest::get(w.server.api_url("c4/mine")))
+        .await;
+    assert_eq!(mine.status, 200, "[{}] C4", w.name);
+    assert_eq!(w.server.counters().token_calls, 0, "[{}] C4", w.name);
+
+    // Query placement, a redirect within the origin: the `Location` does not repeat the
+    // token. A client that follows redirects below the layer lands there without it (a
+    // 401 that is not about the token); one that follows them above the layer attaches
+    // it again (a 200). Either way no refresh.
+    let config = TestServerConfig {
+        query_token: true,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let response = w
+        .respond(TestRequest::get(
+            w.server.redirect_url(&w.server.api_url("c4/landing")),
+        ))
+        .await;
+    assert!(
+        response.status == 401 || response.status == 200,
+        "[{}] C4 query: status {}",
+        w.name,
+        response.status
+    );
+    assert_eq!(w.server.counters().redirects, 1, "[{}] C4 query", w.name);
+    assert_eq!(
+        w.requests_to("c4/landing").len(),
+        1,
+        "[{}] C4 query: the landing was asked once (no resend)",
+        w.name
+    );
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C4 query: a 401 for a hop without the token started a refresh",
+        w.name
+    );
+}
+
+/// C4 (body classification): a body rule must not hold a streaming response back until
+/// its limit or its end. Server-sent events (declared by their content type) are never
+/// read, even when bodies of unknown length are; a long poll or JSON stream without a
+/// `Content-Length` is not read by default. The caller gets the response and its first
+/// event while the server still streams (the server ends the stream only after that).
+pub async fn c4_a_body_classifier_does_not_hold_back_a_stream(adapter: &dyn Adapter) {
+    let rejects = |body: &[u8]| body.windows(10).any(|w| w == b"\"code\":401");
+    let by_default = Classifier::new().body(4096, rejects);
+    let unknown_length = Classifier::new()
+        .body(4096, rejects)
+        .body_of_unknown_length(true);
+    let cases = [
+        (by_default.clone(), "text/event-stream"),
+        (by_default, "application/json"),
+        (unknown_length, "text/event-stream"),
+    ];
+    for (classifier, content_type) in cases {
+        let w = World::start_with(adapter, TestServerConfig::default(), Start::Valid, |b| {
+            b.classifier(classifier)
+        });
+        let url = w.server.stream_url(content_type);
+        let first = w.client.first_chunk(TestRequest::get(url)).await;
+        let counters = w.server.counters();
+        assert_eq!(
+            counters.streams_cut_off, 0,
+            "[{}] C4 {content_type}: the response was held back until the stream ended",
+            w.name
+        );
+        match first {
+            Ok((status, bytes)) => {
+                assert_eq!(status, 200, "[{}] C4 {content_type}", w.name);
+                assert!(
+                    !bytes.is_empty() && STREAM_FIRST.starts_with(&bytes),
+                    "[{}] C4 {content_type}: first bytes {:?}",
+                    w.name,
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            Err(e) => panic!("[{}] C4 {content_type}: {e}", w.name),
+        }
+        assert_eq!(counters.streams_opened, 1, "[{}] C4 {content_type}", w.name);
+        w.server.release_held();
+    }
+}
+
+// ---- S16–S18: timing that fits the lifetime, a flaky endpoint, an outage -------------
+
+/// S16, S17: how long the testkit's tokens live.
+const SHORT_LIFETIME: Duration = Duration::from_secs(2);
+/// S16, S17: the load runs this many whole lifetimes, plus half of one.
+const LOAD_LIFETIMES: u32 = 5;
+/// S16, S17: concurrent clients in one process.
+const LOAD_CLIENTS: usize = 100;
+/// S16 across processes: the processes sharing one `FileStore`, and the clients in
+/// each (together at least [`LOAD_CLIENTS`]).
+const PROCESSES: usize = 3;
+const CLIENTS_PER_PROCESS: usize = LOAD_CLIENTS.div_ceil(PROCESSES);
+/// S16, S17: each client asks at most once per this (a client with work to do between
+/// requests). Shapes the load; nothing waits on it for a result.
+const LOAD_PACE: Duration = Duration::from_millis(50);
+/// S17: share of token calls that fail (503), and the seed that picks which. With this
+/// seed the first three calls fail: the first flight uses up all its default attempts,
+/// so the scenario covers a failed flight (and the backoff after it), not only a failed
+/// attempt that a retry hides.
+const FLAKY_RATE: f64 = 0.3;
+const FLAKY_SEED: u64 = 8;
+/// S17: at most this share of requests may fail.
+const FLAKY_MAX_FAILED: f64 = 0.01;
+/// S18: fail-fast windows the outage lasts.
+const OUTAGE_WINDOWS: u32 = 6;
+/// Attempts of one flight with the default `FlightConfig`.
+fn default_attempts() -> u64 {
+    u64::from(FlightConfig::default().retry.max_attempts)
+}
+
+/// How long the S16/S17 load runs.
+fn load_duration() -> Duration {
+    SHORT_LIFETIME * LOAD_LIFETIMES + SHORT_LIFETIME / 2
+}
+
+/// Token lifetimes that `elapsed` touches (a started one counts whole): what "per
+/// lifetime" is measured against.
+fn lifetimes_in(elapsed: Duration) -> u64 {
+    (elapsed.as_secs_f64() / SHORT_LIFETIME.as_secs_f64()).ceil() as u64
+}
+
+/// The effective leeway of a token living `lifetime` with the default settings
+/// (documented as `min(10 s, lifetime / 10)`): within it a token no longer counts as
+/// usable.
+fn default_leeway(lifetime: Duration) -> Duration {
+    let now = SystemTime::now();
+    FlightConfig::default().leeway_for(&Token::new("-").expires_in(lifetime, now))
+}
+
+/// What a run of concurrent clients saw.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct LoadOutcome {
+    /// Requests made.
+    pub requests: u64,
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Requests that ended in a 401 handed to the caller.
+    pub unauthorized: u64,
+    /// Requests that ended in an error or another status.
+    pub failed: u64,
+    /// Failed requests (errors, other statuses, 401s) while the server still held a token
+    /// issued before the request was sent with more than the effective leeway left.
+    pub failed_with_usable_token: u64,
+    /// The first few failure messages, for the report.
+    pub first_failures: Vec<String>,
+    /// Wall time of the run, in seconds.
+    pub elapsed_s: f64,
+}
+
+impl LoadOutcome {
+    fn merge(&mut self, other: LoadOutcome) {
+        self.requests += other.requests;
+        self.ok += other.ok;
+        self.unauthorized += other.unauthorized;
+        self.failed += other.failed;
+        self.failed_with_usable_token += other.failed_with_usable_token;
+        for failure in other.first_failures {
+            if self.first_failures.len() < 5 {
+                self.first_failures.push(failure);
+            }
+        }
+        self.elapsed_s = self.elapsed_s.max(other.elapsed_s);
+    }
+
+    /// Requests that did not end in a 200.
+    fn not_ok(&self) -> u64 {
+        self.requests - self.ok
+    }
+}
+
+/// `clients` concurrent clients, each sending `GET {api_base}load/{client}/{n}` at most
+/// once per [`LOAD_PACE`] until `duration` has passed. With `usable`, each failure is
+/// checked against the server: did a token issued before the request was sent still
+/// have more than the given margin to live? (Checked after the failure, so a token that
+/// qualifies then certainly qualified when the request failed.)
+async fn run_load(
+    client: &dyn TestClient,
+    api_base: &str,
+    clients: usize,
+    duration: Duration,
+    usable: Option<(&TestServer, Duration)>,
+) -> LoadOutcome {
+    let started = Instant::now();
+    let one = |c: usize| async move {
+        let mut outcome = LoadOutcome::default();
+        let mut n = 0u64;
+        while started.elapsed() < duration {
+            let sent = Instant::now();
+            let result = client
+                .send(TestRequest::get(format!("{api_base}load/{c}/{n}")))
+                .await;
+            n += 1;
+            outcome.requests += 1;
+            let failure = match result {
+                Ok(response) if response.status == 200 => None,
+                Ok(response) if response.status == 401 => {
+                    outcome.unauthorized += 1;
+                    Some("HTTP 401".to_owned())
+                }
+                Ok(response) => {
+                    outcome.failed += 1;
+                    Some(format!("HTTP {}", response.status))
+                }
+                Err(error) => {
+                    outcome.failed += 1;
+                    Some(error)
+                }
+            };
+            match failure {
+                None => outcome.ok += 1,
+                Some(failure) => {
+                    let life = usable.and_then(|(server, _)| server.longest_valid_life(sent));
+                    let had_usable = usable.is_some_and(|(_, margin)| life > Some(margin));
+                    if had_usable {
+                        outcome.failed_with_usable_token += 1;
+                    }
+                    if outcome.first_failures.len() < 5 {
+                        outcome.first_failures.push(format!(
+                            "{failure} (a usable token existed: {had_usable}, {life:?} left)"
+                        ));
+                    }
+                }
+            }
+            FuturesTimer.sleep(LOAD_PACE).await;
+        }
+        outcome
+    };
+    let mut total = LoadOutcome::default();
+    for outcome in join_all((0..clients).map(one)).await {
+        total.merge(outcome);
+    }
+    total.elapsed_s = started.elapsed().as_secs_f64();
+    total
+}
+
+/// S16: tokens living 2 s, the adapter's defaults (no timing tuned), 100 concurrent
+/// clients over more than 5 lifetimes: at most 2 token calls per lifetime, never one per
+/// request, and no caller ever sees a 401 (C15).
+pub async fn s16_short_lifetimes_cost_at_most_two_calls_per_lifetime(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        token_lifetime: SHORT_LIFETIME,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b);
+    let load = run_load(
+        &*w.client,
+        &w.server.api_url(""),
+        LOAD_CLIENTS,
+        load_duration(),
+        None,
+    )
+    .await;
+    let counters = w.server.counters();
+    let lifetimes = lifetimes_in(Duration::from_secs_f64(load.elapsed_s));
+    let stats = w.auth.stats();
+    println!(
+        "[{}] S16: {} clients, {:.1} s = {lifetimes} lifetimes of {SHORT_LIFETIME:?}, \
+         {} requests, {} token calls ({:.2} per lifetime), {} flights, {} 401s on the \
+         wire, {} 401s to callers, {} failed",
+        w.name,
+        LOAD_CLIENTS,
+        load.elapsed_s,
+        load.requests,
+        counters.token_calls,
+        counters.token_calls as f64 / (load.elapsed_s / SHORT_LIFETIME.as_secs_f64()),
+        stats.flights,
+        counters.rejections,
+        load.unauthorized,
+        load.failed,
+    );
+    assert_eq!(
+        load.unauthorized, 0,
+        "[{}] S16: 401s reached callers: {:?}",
+        w.name, load.first_failures
+    );
+    assert_eq!(
+        load.failed, 0,
+        "[{}] S16: requests failed: {:?}",
+        w.name, load.first_failures
+    );
+    assert!(
+        counters.token_calls <= 2 * lifetimes,
+        "[{}] S16: {} token calls in {lifetimes} lifetimes ({} requests)",
+        w.name,
+        counters.token_calls,
+        load.requests
+    );
+    assert!(
+        counters.token_calls >= 1,
+        "[{}] S16: tokens expired, someone must have refreshed",
+        w.name
+    );
+    assert_eq!(counters.reuse_detections, 0, "[{}] S16", w.name);
+    assert_eq!(stats.source_calls, counters.token_calls, "[{}] S16", w.name);
+}
+
+/// The environment variable that turns a conformance test binary started by S16 into
+/// one of its worker processes; its value tells the worker what to do (JSON).
+pub const S16_WORKER_ENV: &str = "TOKENFLIGHT_S16_WORKER";
+
+/// What an S16 worker process is told (through `S16_WORKER_ENV`, not the command line:
+/// it holds the client secret).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct WorkerSpec {
+    store: std::path::PathBuf,
+    result: std::path::PathBuf,
+    token_url: String,
+    api_base: String,
+    origin: String,
+    client_id: String,
+    client_secret: String,
+    clients: usize,
+    duration_ms: u64,
+}
+
+/// What an S16 worker process reports back (in its result file).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct WorkerResult {
+    load: LoadOutcome,
+    source_calls: u64,
+    flights: u64,
+    adopted: u64,
+}
+
+/// A conformance test's name inside its test binary, for `--exact`: `module` is the
+/// `module_path!()` where [`conformance_tests!`](crate::conformance_tests) was invoked
+/// (its first segment is the crate, which test names leave out).
+pub fn test_name(module: &str, function: &str) -> String {
+    match module.split_once("::") {
+        Some((_, path)) => format!("{path}::{function}"),
+        None => function.to_owned(),
+    }
+}
+
+/// S16 across processes: the same load spread over 3 processes of the adapter's test
+/// binary that share one `FileStore` (defaults otherwise): at most 2 token calls per
+/// lifetime for all of them together, and processes adopt each other's tokens (C1,
+/// C15). `this_test` is the test's own name: the processes are this test binary, started
+/// again with only this test and [`S16_WORKER_ENV`] set.
+pub async fn s16_short_lifetimes_across_processes_sharing_a_file_store(
+    adapter: &dyn Adapter,
+    this_test: &str,
+) {
+    if let Ok(spec) = std::env::var(S16_WORKER_ENV) {
+        let spec: WorkerSpec = serde_json::from_str(&spec).unwrap();
+        return s16_worker(adapter, spec).await;
+    }
+    let name = adapter.name();
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: SHORT_LIFETIME,
+        ..TestServerConfig::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("token.json");
+    // The login, in the store: every process starts from it.
+    FileStore::new(&store_path)
+        .save(&login(&server).with_generation(1), None)
+        .await
+        .unwrap();
+    let duration = load_duration();
+    let started = Instant::now();
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|i| {
+            let spec = WorkerSpec {
+                store: store_path.clone(),
+                result: dir.path().join(format!("result-{i}.json")),
+                token_url: server.token_url(),
+                api_base: server.api_url(""),
+                origin: server.origin(),
+                client_id: server.client_id(),
+                client_secret: server.client_secret(),
+                clients: CLIENTS_PER_PROCESS,
+                duration_ms: duration.as_millis() as u64,
+            };
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([this_test, "--exact", "--nocapture", "--test-threads", "1"])
+                .env(S16_WORKER_ENV, serde_json::to_string(&spec).unwrap())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Waited for on a thread of its own, so no runtime thread blocks.
+            let (done, exited) = futures::channel::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = done.send(child.wait_with_output());
+            });
+            (spec, exited)
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (i, (spec, exited)) in children.into_iter().enumerate() {
+        let output = exited.await.unwrap().unwrap();
+        assert!(
+            output.status.success(),
+            "[{name}] S16 process {i} failed: {}\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = std::fs::read_to_string(&spec.result).unwrap_or_else(|e| {
+            panic!(
+                "[{name}] S16 process {i} left no result ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        });
+        results.push(serde_json::from_str::<WorkerResult>(&text).unwrap());
+    }
+    let elapsed = started.elapsed();
+    let lifetimes = lifetimes_in(elapsed);
+    let counters = server.counters();
+    let mut load = LoadOutcome::default();
+    let (mut source_calls, mut flights, mut adopted) = (0, 0, 0);
+    for result in &results {
+        load.merge(result.load.clone());
+        source_calls += result.source_calls;
+        flights += result.flights;
+        adopted += result.adopted;
+    }
+    println!(
+        "[{name}] S16 x{PROCESSES} processes (FileStore): {} clients, {:.1} s = {lifetimes} \
+         lifetimes, {} requests, {} token calls ({:.2} per lifetime), {flights} flights, \
+         {adopted} adoptions, {} 401s on the wire, {} 401s to callers, {} failed",
+        PROCESSES * CLIENTS_PER_PROCESS,
+        elapsed.as_secs_f64(),
+        load.requests,
+        counters.token_calls,
+        counters.token_calls as f64 / (elapsed.as_secs_f64() / SHORT_LIFETIME.as_secs_f64()),
+        counters.rejections,
+        load.unauthorized,
+        load.failed,
+    );
+    assert_eq!(
+        load.unauthorized, 0,
+        "[{name}] S16 processes: 401s reached callers: {:?}",
+        load.first_failures
+    );
+    assert_eq!(
+        load.failed, 0,
+        "[{name}] S16 processes: requests failed: {:?}",
+        load.first_failures
+    );
+    assert!(
+        counters.token_calls <= 2 * lifetimes,
+        "[{name}] S16 processes: {} token calls in {lifetimes} lifetimes",
+        counters.token_calls
+    );
+    assert_eq!(source_calls, counters.token_calls, "[{name}] S16 processes");
+    // Each process takes the login from the store at its start (that is an adoption
+    // too); beyond those, processes must have taken each other's refreshed tokens.
+    assert!(
+        adopted > PROCESSES as u64,
+        "[{name}] S16 processes: {adopted} adoptions, no process took another's token"
+    );
+    assert_eq!(counters.reuse_detections, 0, "[{name}] S16 processes");
+}
+
+/// One S16 worker process: the load through this adapter, with a `FileStore`, the result
+/// written to the spec's file.
+async fn s16_worker(adapter: &dyn Adapter, spec: WorkerSpec) {
+    // A process that hangs must not outlive the test: after its load and a generous
+    // grace time it ends itself (a failure the parent reports, not a timing check).
+    let duration = Duration::from_millis(spec.duration_ms);
+    let grace = duration + Duration::from_secs(120);
+    std::thread::spawn(move || {
+        std::thread::sleep(grace);
+        eprintln!("S16 worker: still running after {grace:?}; giving up");
+        std::process::exit(3);
+    });
+    let grant = RefreshTokenGrant::new(adapter.bare_transport(), &spec.token_url, &spec.client_id)
+        .unwrap()
+        .client_secret(spec.client_secret.as_str());
+    let auth = adapter
+        .builder()
+        .source(grant)
+        .store(FileStore::new(&spec.store))
+        .allowed_origin(&spec.origin)
+        .build()
+        .unwrap();
+    let client = adapter.client(auth.clone());
+    let load = run_load(&*client, &spec.api_base, spec.clients, duration, None).await;
+    let stats = auth.stats();
+    let result = WorkerResult {
+        load,
+        source_calls: stats.source_calls,
+        flights: stats.flights,
+        adopted: stats.adopted,
+    };
+    std::fs::write(&spec.result, serde_json::to_vec(&result).unwrap()).unwrap();
+}
+
+/// S17: the token endpoint fails 30 % of calls at random (503, seeded), with the
+/// adapter's defaults and tokens living 2 s: at most 1 % of requests fail, and none fails
+/// while a usable token existed (C16).
+pub async fn s17_flaky_token_endpoint_is_invisible(adapter: &dyn Adapter) {
+    let config = TestServerConfig {
+        token_lifetime: SHORT_LIFETIME,
+        ..TestServerConfig::default()
+    };
+    let w = World::start_with(adapter, config, Start::Valid, |b| b);
+    w.server.set_token_failure_rate(FLAKY_RATE, FLAKY_SEED);
+    let load = run_load(
+        &*w.client,
+        &w.server.api_url(""),
+        LOAD_CLIENTS,
+        load_duration(),
+        Some((&w.server, default_leeway(SHORT_LIFETIME))),
+    )
+    .await;
+    let counters = w.server.counters();
+    let stats = w.auth.stats();
+    let failed_share = load.not_ok() as f64 / load.requests.max(1) as f64;
+    println!(
+        "[{}] S17: {} clients, {:.1} s, {} requests, {} failed ({:.3} %), {} of them while \
+         a usable token existed; {} token calls, {} failed at random (503), {} flights, \
+         {} failed flights",
+        w.name,
+        LOAD_CLIENTS,
+        load.elapsed_s,
+        load.requests,
+        load.not_ok(),
+        failed_share * 100.0,
+        load.failed_with_usable_token,
+        counters.token_calls,
+        counters.random_failures,
+        stats.flights,
+        stats.failures,
+    );
+    assert!(
+        counters.random_failures > 0,
+        "[{}] S17: the endpoint never failed; nothing was tested",
+        w.name
+    );
+    assert_eq!(
+        load.failed_with_usable_token, 0,
+        "[{}] S17: requests failed while a usable token existed: {:?}",
+        w.name, load.first_failures
+    );
+    assert!(
+        failed_share <= FLAKY_MAX_FAILED,
+        "[{}] S17: {} of {} requests failed: {:?}",
+        w.name,
+        load.not_ok(),
+        load.requests,
+        load.first_failures
+    );
+    assert_eq!(counters.reuse_detections, 0, "[{}] S17", w.name);
+}
+
+/// S18: the token endpoint is down (503 on every call), then back. With the default
+/// backoff, on a manual clock moved window by window: each fail-fast window lets exactly
+/// one flight through (at most the default attempts each), every other caller fails
+/// fast without a token call, so the calls follow the backoff schedule, not the
+/// requests; once the endpoint is back, the first flight after the window in progress
+/// recovers (C9, C16).
+pub async fn s18_outage_follows_the_backoff_then_recovers(adapter: &dyn Adapter) {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let flight_clock = clock.clone();
+    let w = World::start_with(
+        adapter,
+        TestServerConfig::default(),
+        Start::Valid,
+        move |b| b.clock(flight_clock),
+    );
+    let backoff = FlightConfig::default().backoff;
+    // The client's token has expired (the server would still take it, but the client
+    // does not send a token it believes dead): every caller needs a refresh.
+    clock.advance(Duration::from_secs(2 * 3600));
+    w.server.set_token_outage(true);
+
+    let batch = |label: String| {
+        let w = &w;
+        async move {
+            let results = w
+                .concurrently(CONCURRENCY, |i| {
+                    TestRequest::get(w.server.api_url(&format!("s18/{label}/{i}")))
+                })
+                .await;
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            for result in &results {
+                if let Err(e) = result {
+                    w.assert_no_secret_in(e);
+                }
+            }
+            (results, failed)
+        }
+    };
+    let calls = || (w.auth.stats().flights, w.auth.stats().source_calls);
+    let mut requests = 0u64;
+    let mut outage = Duration::ZERO;
+    for window in 1..=OUTAGE_WINDOWS {
+        let ceiling = backoff.ceiling(window);
+        let shortest = ceiling.mul_f64(1.0 - backoff.jitter);
+        let (flights, sources) = calls();
+        // The previous window is over: one flight goes out and fails.
+        let (_, failed) = batch(format!("{window}/open")).await;
+        let (flights_now, sources_now) = calls();
+        assert_eq!(failed, CONCURRENCY, "[{}] S18 window {window}", w.name);
+        assert_eq!(
+            flights_now - flights,
+            1,
+            "[{}] S18 window {window}: one flight for {CONCURRENCY} callers",
+            w.name
+        );
+        assert!(
+            (1..=default_attempts()).contains(&(sources_now - sources)),
+            "[{}] S18 window {window}: {} attempts in one flight",
+            w.name,
+            sources_now - sources
+        );
+        // Inside the window (at once, and just before its shortest jittered end):
+        // everyone fails fast, no token call.
+        let (_, failed_now) = batch(format!("{window}/start")).await;
+        clock.advance(shortest.saturating_sub(Duration::from_millis(1)));
+        let (_, failed_late) = batch(format!("{window}/late")).await;
+        assert_eq!(
+            (failed_now, failed_late),
+            (CONCURRENCY, CONCURRENCY),
+            "[{}] S18 window {window}",
+            w.name
+        );
+        assert_eq!(
+            calls(),
+            (flights_now, sources_now),
+            "[{}] S18 window {window}: a caller in the backoff window reached the source",
+            w.name
+        );
+        requests += 3 * CONCURRENCY as u64;
+        if window == OUTAGE_WINDOWS {
+            // The endpoint comes back inside this window.
+            outage += shortest.saturating_sub(Duration::from_millis(1));
+            break;
+        }
+        // The longest jittered window is over.
+        clock.advance(ceiling - shortest.saturating_sub(Duration::from_millis(1)));
+        outage += ceiling;
+    }
+    let (flights, sources) = calls();
+    let counters = w.server.counters();
+    assert_eq!(counters.token_calls, sources, "[{}] S18", w.name);
+    assert_eq!(counters.outage_answers, sources, "[{}] S18", w.name);
+    // The bound any schedule within the defaults must keep: no window is shorter than
+    // its jittered minimum, so within `outage` at most this many flights can start.
+    let mut most_flights = 0u64;
+    let mut spent = Duration::ZERO;
+    while spent <= outage {
+        most_flights += 1;
+        let window = u32::try_from(most_flights).unwrap_or(u32::MAX);
+        spent += backoff.ceiling(window).mul_f64(1.0 - backoff.jitter);
+    }
+    assert!(
+        flights <= most_flights && sources <= default_attempts() * most_flights,
+        "[{}] S18: {flights} flights, {sources} token calls in {outage:?}; the default \
+         backoff allows at most {most_flights} flights",
+        w.name
+    );
+
+    // The endpoint is back. The window in progress still fails fast...
+    w.server.set_token_outage(false);
+    let (_, failed) = batch("back/in-window".into()).await;
+    assert_eq!(failed, CONCURRENCY, "[{}] S18: still in the window", w.name);
+    assert_eq!(calls(), (flights, sources), "[{}] S18", w.name);
+    // ...and the first flight after it recovers.
+    let last = backoff.ceiling(OUTAGE_WINDOWS);
+    clock.advance(
+        last - last
+            .mul_f64(1.0 - backoff.jitter)
+            .saturating_sub(Duration::from_millis(1)),
+    );
+    let (results, failed) = batch("back/recovered".into()).await;
+    for (i, result) in results.iter().enumerate() {
+        ok_body(w.name, &format!("S18 recovered request {i}"), result);
+    }
+    assert_eq!(failed, 0, "[{}] S18", w.name);
+    assert_eq!(
+        calls(),
+        (flights + 1, sources + 1),
+        "[{}] S18: one flight, one call recovers",
+        w.name
+    );
+    requests += 2 * CONCURRENCY as u64;
+    println!(
+        "[{}] S18: outage of {:.1} s (manual clock, {OUTAGE_WINDOWS} backoff windows), \
+         {requests} requests, {sources} token calls in {flights} flights during the \
+         outage (default backoff allows at most {most_flights} flights x \
+         {} attempts); recovered 1 window after the endpoint came back, with 1 call",
+        w.name,
+        outage.as_secs_f64(),
+        default_attempts(),
+    );
+    assert_eq!(w.server.counters().reuse_detections, 0, "[{}] S18", w.name);
+}
+
 /// Expands to one test function per conformance scenario, each run with the given
 /// runtime attribute against a fresh adapter value.
 ///
@@ -1022,7 +1936,32 @@ macro_rules! conformance_tests {
             s13_business_code_classification,
             s14_rotation_uses_newest_refresh_token,
             s15_token_endpoint_hangs_then_recovers,
+            c12_query_placement_keeps_the_callers_query_byte_for_byte,
+            c12_query_token_never_in_errors,
+            c12_query_token_never_in_a_referer,
+            c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection,
+            c4_a_body_classifier_does_not_hold_back_a_stream,
+
+            s16_short_lifetimes_cost_at_most_two_calls_per_lifetime,
+            s17_flaky_token_endpoint_is_invisible,
+            s18_outage_follows_the_backoff_then_recovers,
         );
+        $crate::conformance_tests!(
+            @processes $runtime, $adapter;
+            s16_short_lifetimes_across_processes_sharing_a_file_store,
+        );
+    };
+    // Scenarios that start this test binary again as worker processes: they are told
+    // their own test name, to run only themselves there.
+    (@processes $runtime:meta, $adapter:expr; $($scenario:ident),+ $(,)?) => {
+        $(
+            #[$runtime]
+            async fn $scenario() {
+                let adapter = $adapter;
+                let name = $crate::conformance::test_name(module_path!(), stringify!($scenario));
+                $crate::conformance::$scenario(&adapter, &name).await;
+            }
+        )+
     };
     (@each $runtime:meta, $adapter:expr; $($scenario:ident),+ $(,)?) => {
         $(

@@ -17,9 +17,16 @@
 //!   otherwise `401` with `WWW-Authenticate: Bearer error="invalid_token"`, or in
 //!   business-code mode `200` with `{"code":401,"message":"token expired"}`.
 //! - `GET /redirect?to=<absolute url>`: `302 Found` to `to` (another origin, say).
+//! - `GET /stream?content_type=<type>`: a response that streams (server-sent events by
+//!   default, no `Content-Length`): its first chunk at once, its last one only after
+//!   [`TestServer::release_held`] (see [`TestServer::stream_url`]).
+//!
+//! [`ClosingServer`] plays an origin whose connections break: every request to it
+//! fails in the client's transport.
 //!
 //! Everything the server saw is counted in [`Counters`]; knobs on the handle inject
-//! token-endpoint failures and latency and expire tokens.
+//! token-endpoint failures (queued, seeded random, or a whole outage) and latency, and
+//! expire tokens.
 
 mod routes;
 mod state;
@@ -31,6 +38,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+pub use routes::{STREAM_FIRST, STREAM_LAST};
 pub use state::{Counters, RecordedRequest};
 use state::{Shared, State};
 
@@ -97,6 +105,9 @@ impl TestServerConfig {
 pub enum Failure {
     /// `500 Internal Server Error` with an RFC 6749 `server_error` body.
     Status500,
+    /// `503 Service Unavailable` with an RFC 6749 `temporarily_unavailable` body (what
+    /// the outage switch and the random failures answer).
+    Unavailable,
     /// `429 Too Many Requests` with `Retry-After: <retry_after_secs>`.
     TooMany {
         /// The `Retry-After` value in seconds.
@@ -218,6 +229,18 @@ impl TestServer {
         format!("{}/redirect?{query}", self.base_url())
     }
 
+    /// `http://127.0.0.1:PORT/stream?content_type=<content_type>`: answers `200` with
+    /// `content_type`, no `Content-Length`, [`STREAM_FIRST`] at once and [`STREAM_LAST`]
+    /// after the next [`release_held`](Self::release_held). A stream nobody releases
+    /// ends after 30 s anyway and counts in [`Counters::streams_cut_off`]: a client
+    /// that holds the response back until the body ends shows there, not as a hang.
+    pub fn stream_url(&self, content_type: &str) -> String {
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("content_type", content_type)
+            .finish();
+        format!("{}/stream?{query}", self.base_url())
+    }
+
     /// The pre-registered client's id.
     pub fn client_id(&self) -> String {
         self.read(|s| s.config.client_id.clone())
@@ -249,6 +272,37 @@ impl TestServer {
     /// Drops the failures still queued.
     pub fn clear_failures(&self) {
         self.with_state(|s| s.failures.clear());
+    }
+
+    /// From now on each token call (not answered by a queued failure or the outage)
+    /// fails with [`Failure::Unavailable`] with probability `rate` (0 to 1), drawn from
+    /// a generator seeded with `seed`: the n-th call under the rate fails or not the
+    /// same way in every run. A rate of 0 turns it off. Counted in
+    /// [`Counters::random_failures`].
+    pub fn set_token_failure_rate(&self, rate: f64, seed: u64) {
+        self.with_state(|s| {
+            s.failure_rate = if rate.is_nan() {
+                0.0
+            } else {
+                rate.clamp(0.0, 1.0)
+            };
+            s.rng = fastrand::Rng::with_seed(seed);
+        });
+    }
+
+    /// Switches a token-endpoint outage: while on, every token call (not answered by a
+    /// queued failure) fails with [`Failure::Unavailable`]. Counted in
+    /// [`Counters::outage_answers`].
+    pub fn set_token_outage(&self, on: bool) {
+        self.with_state(|s| s.outage = on);
+    }
+
+    /// The remaining life of the valid access token (unexpired, not revoked) that
+    /// expires last among those issued before `issued_before`, or `None` if there is
+    /// none: whether a client could still have used a token at some point, e.g. when
+    /// one of its requests failed.
+    pub fn longest_valid_life(&self, issued_before: std::time::Instant) -> Option<Duration> {
+        self.read(|s| s.longest_valid_life(issued_before))
     }
 
     /// Lifetime of access tokens issued from now on.
@@ -345,6 +399,66 @@ impl Drop for TestServer {
         }
         if let Some(thread) = self.thread.take() {
             // A panic on the server thread was already reported there.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An origin whose every connection is closed as soon as it is accepted, before any
+/// answer: requests to it fail in the client's transport (the errors a client shows
+/// for that, URL included, are what a test looks at). Stops when dropped.
+#[derive(Debug)]
+pub struct ClosingServer {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ClosingServer {
+    /// Listens on `127.0.0.1:0`.
+    ///
+    /// # Panics
+    /// If the loopback socket cannot be bound (a broken test environment).
+    pub fn start() -> ClosingServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("testkit: cannot bind 127.0.0.1:0: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("testkit: no local address: {e}"));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("testkit-closing-{}", addr.port()))
+            .spawn(move || {
+                for connection in listener.incoming() {
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    // Closed unanswered: the client's request fails.
+                    drop(connection);
+                }
+            })
+            .unwrap_or_else(|e| panic!("testkit: cannot spawn the closing thread: {e}"));
+        ClosingServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ClosingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the blocking `accept` so the thread sees the flag; if the connect
+        // fails the listener is gone already.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }

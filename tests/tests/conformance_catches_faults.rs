@@ -1,11 +1,13 @@
 //! The conformance suite must fail for a client that does not do its job: a naive
 //! client that attaches the current token to every request, to every origin, and never
-//! resends. Each scenario below is expected to panic with its own name in the message.
+//! resends; and, for the scenarios about timing and outages, that client with one more
+//! defect ([`Fault`]). Each scenario below is expected to panic with its own name in the
+//! message.
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokenflight::{Authenticator, Builder, Transport};
+use tokenflight::{Authenticator, Backoff, Builder, Retry, Transport};
 use tokenflight_reqwest::{BareTransport, reqwest};
 use tokenflight_tests::conformance::{self, Adapter, TestClient, TestRequest, TestResponse};
 
@@ -24,6 +26,49 @@ impl Adapter for NaiveAdapter {
         Arc::new(NaiveClient {
             auth,
             http: reqwest::Client::new(),
+            refresh_every_request: false,
+        })
+    }
+
+    fn bare_transport(&self) -> Arc<dyn Transport> {
+        Arc::new(BareTransport::default())
+    }
+}
+
+/// The naive client with one more defect, for the scenarios about timing and outages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Every caller that needs a refresh may start one, even right after one failed.
+    NoBackoff,
+    /// A refresh before every request (a token source called per request).
+    RefreshEveryRequest,
+    /// One attempt per flight and no refresh ahead of expiry: one failed token call
+    /// fails every caller waiting for it (the behaviour issue 12 reported).
+    OneAttemptNoRefreshAhead,
+}
+
+struct FaultyAdapter(Fault);
+
+impl Adapter for FaultyAdapter {
+    fn name(&self) -> &'static str {
+        "faulty"
+    }
+
+    fn builder(&self) -> Builder<Authenticator> {
+        match self.0 {
+            Fault::NoBackoff => Builder::new().backoff(Backoff::none()),
+            Fault::RefreshEveryRequest => Builder::new(),
+            Fault::OneAttemptNoRefreshAhead => {
+                Builder::new().retry(Retry::none()).refresh_ahead(None)
+            }
+        }
+    }
+
+    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+        Arc::new(NaiveClient {
+            auth,
+            http: reqwest::Client::new(),
+            refresh_every_request: self.0 == Fault::RefreshEveryRequest,
         })
     }
 
@@ -37,17 +82,19 @@ impl Adapter for NaiveAdapter {
 struct NaiveClient {
     auth: Authenticator,
     http: reqwest::Client,
+    refresh_every_request: bool,
 }
 
 impl TestClient for NaiveClient {
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>> {
         Box::pin(async move {
-            let token = self
-                .auth
-                .flight()
-                .token()
-                .await
-                .map_err(|e| e.to_string())?;
+            let flight = self.auth.flight();
+            let token = if self.refresh_every_request {
+                flight.force_refresh().await
+            } else {
+                flight.token().await
+            }
+            .map_err(|e| e.to_string())?;
             let method = reqwest::Method::from_bytes(request.method.as_bytes()).unwrap();
             let mut builder = self
                 .http
@@ -107,6 +154,31 @@ async fn s11_fails_when_every_origin_gets_the_token() {
 #[should_panic(expected = "S12")]
 async fn s12_fails_when_the_placement_is_ignored() {
     conformance::s12_query_parameter_placement(&NaiveAdapter).await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "token calls in")]
+async fn s16_fails_when_every_request_refreshes() {
+    conformance::s16_short_lifetimes_cost_at_most_two_calls_per_lifetime(&FaultyAdapter(
+        Fault::RefreshEveryRequest,
+    ))
+    .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "requests failed")]
+async fn s17_fails_when_a_failed_token_call_reaches_the_callers() {
+    conformance::s17_flaky_token_endpoint_is_invisible(&FaultyAdapter(
+        Fault::OneAttemptNoRefreshAhead,
+    ))
+    .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "a caller in the backoff window reached the source")]
+async fn s18_fails_without_backoff() {
+    conformance::s18_outage_follows_the_backoff_then_recovers(&FaultyAdapter(Fault::NoBackoff))
+        .await;
 }
 
 /// The other side: what the naive client does right passes (a valid token goes out as

@@ -502,3 +502,89 @@ async fn held_requests_answer_after_release_with_their_arrival_verdict() {
     let recorded = server.requests();
     assert!(recorded[0].accepted && !recorded[1].accepted);
 }
+
+/// The outcome (status) of each of `n` client_credentials calls.
+async fn token_statuses(server: &TestServer, n: usize) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(n);
+    for _ in 0..n {
+        let response = client()
+            .post(server.token_url())
+            .basic_auth(server.client_id(), Some(server.client_secret()))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn an_outage_answers_503_until_switched_off_and_spends_nothing() {
+    let server = TestServer::start(TestServerConfig::default());
+    let refresh_token = server.issue_refresh_token();
+    server.set_token_outage(true);
+    for _ in 0..3 {
+        let (status, headers, body) = refresh(&server, &refresh_token).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json(&body)["error"], "temporarily_unavailable");
+        assert_eq!(headers["cache-control"], "no-store");
+    }
+    // A queued failure still comes first.
+    server.fail_next_token_calls(1, Failure::InvalidGrant);
+    let (status, _, _) = refresh(&server, &refresh_token).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    server.set_token_outage(false);
+    let (status, _, _) = refresh(&server, &refresh_token).await;
+    assert_eq!(status, StatusCode::OK, "the refresh token was not spent");
+    let counters = server.counters();
+    assert_eq!(counters.outage_answers, 3);
+    assert_eq!(counters.token_errors, 4);
+    assert_eq!(counters.tokens_issued, 1);
+    assert_eq!(counters.reuse_detections, 0);
+}
+
+#[tokio::test]
+async fn random_failures_follow_the_seed_call_by_call() {
+    const CALLS: usize = 60;
+    let one = TestServer::start(TestServerConfig::default());
+    let two = TestServer::start(TestServerConfig::default());
+    let other_seed = TestServer::start(TestServerConfig::default());
+    one.set_token_failure_rate(0.3, 7);
+    two.set_token_failure_rate(0.3, 7);
+    other_seed.set_token_failure_rate(0.3, 8);
+    let first = token_statuses(&one, CALLS).await;
+    let second = token_statuses(&two, CALLS).await;
+    let third = token_statuses(&other_seed, CALLS).await;
+    assert_eq!(first, second, "same seed, same outcomes");
+    assert_ne!(first, third, "another seed, other outcomes");
+    assert!(first.iter().all(|s| *s == 200 || *s == 503), "{first:?}");
+    let failed = first.iter().filter(|s| **s == 503).count() as u64;
+    assert!(0 < failed && failed < CALLS as u64, "{first:?}");
+    let counters = one.counters();
+    assert_eq!(counters.random_failures, failed);
+    assert_eq!(counters.tokens_issued, CALLS as u64 - failed);
+
+    // A rate of 0 turns it off.
+    one.set_token_failure_rate(0.0, 7);
+    assert!(token_statuses(&one, 10).await.iter().all(|s| *s == 200));
+    assert_eq!(one.counters().random_failures, failed);
+}
+
+#[tokio::test]
+async fn longest_valid_life_sees_only_valid_tokens_issued_before_the_instant() {
+    let lifetime = Duration::from_secs(3600);
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: lifetime,
+        ..TestServerConfig::default()
+    });
+    assert_eq!(server.longest_valid_life(Instant::now()), None);
+    let before_issue = Instant::now();
+    server.issue_access_token();
+    let after_issue = Instant::now();
+    assert_eq!(server.longest_valid_life(before_issue), None);
+    let life = server.longest_valid_life(after_issue).unwrap();
+    assert!(life <= lifetime && life > Duration::ZERO, "{life:?}");
+    server.expire_all_tokens();
+    assert_eq!(server.longest_valid_life(Instant::now()), None);
+}

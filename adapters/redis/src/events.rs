@@ -12,21 +12,24 @@ use futures_util::StreamExt;
 use redis::aio::PubSubStream;
 use tokio::sync::watch;
 
+use crate::conn::Subscriber;
+
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Keeps a subscription to `channel` and bumps `tx` on every message (and on every
 /// resubscription, since messages may have been missed while it was down).
 pub(crate) async fn listen(
-    client: redis::Client,
+    subscriber: Subscriber,
     channel: String,
     tx: watch::Sender<u64>,
     connect_timeout: Duration,
 ) {
     let bump = |n: &mut u64| *n = n.wrapping_add(1);
     let mut retry = RETRY_MIN;
+    let mut attempt = 0usize;
     loop {
-        match subscribe(&client, &channel, connect_timeout).await {
+        match subscribe(&subscriber, attempt, &channel, connect_timeout).await {
             Ok(mut messages) => {
                 retry = RETRY_MIN;
                 tx.send_modify(bump);
@@ -43,6 +46,8 @@ pub(crate) async fn listen(
             }
             Err(error) => tracing::debug!(%error, "token store subscription failed"),
         }
+        // The next cluster node, if this one is down.
+        attempt = attempt.wrapping_add(1);
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
             () = tx.closed() => return,
@@ -52,12 +57,13 @@ pub(crate) async fn listen(
 }
 
 async fn subscribe(
-    client: &redis::Client,
+    subscriber: &Subscriber,
+    attempt: usize,
     channel: &str,
     timeout: Duration,
 ) -> Result<PubSubStream, String> {
     let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = subscriber.pubsub(attempt).await?;
         pubsub.subscribe(channel).await?;
         Ok::<_, redis::RedisError>(pubsub.into_on_message())
     };

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use redis::{RedisError, RedisResult};
+use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind};
 use tokenflight::StoreError;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -53,10 +53,24 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// Connection trouble is `Unavailable` (retry later); anything else (a script error, a
-/// wrong type under our key) is `Other`.
+/// Connection trouble is `Unavailable` (retry later), and so is a deployment in the
+/// middle of a failover (no primary known yet, a demoted node, a cluster shard down);
+/// anything else (a script error, a wrong type under our key) is `Other`.
 pub(crate) fn redis_error(error: RedisError) -> StoreError {
-    if error.is_io_error()
+    let failing_over = matches!(
+        error.kind(),
+        ErrorKind::MasterNameNotFoundBySentinel
+            | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::BusyLoading
+            )
+    );
+    if failing_over
+        || error.is_io_error()
         || error.is_connection_refusal()
         || error.is_connection_dropped()
         || error.is_timeout()
@@ -66,4 +80,9 @@ pub(crate) fn redis_error(error: RedisError) -> StoreError {
     } else {
         StoreError::Other(Box::new(error))
     }
+}
+
+/// An [`StoreError::Unavailable`] with `message`.
+pub(crate) fn unavailable(message: String) -> StoreError {
+    StoreError::Unavailable(Box::new(io::Error::other(message)))
 }

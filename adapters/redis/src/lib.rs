@@ -10,6 +10,79 @@
 //! another replica already refreshed → else call the token source → fenced save → release.
 //! See [`RedisStore`] for the lock, lease, fencing and failure behaviour.
 //!
+//! ## Deployments
+//!
+//! - One node: [`RedisStore::builder`] with a `redis://` or `rediss://` URL.
+//! - Redis Cluster: [`RedisStore::cluster`] with some of the nodes. The store's keys
+//!   share one hash tag (`{<prefix>}token`, `{<prefix>}lock`), so they live on one
+//!   shard and the scripts that touch both never fail with `CROSSSLOT`; wake-ups use
+//!   classic pub/sub, which every node relays to its subscribers.
+//! - Sentinel: [`RedisStore::sentinel`] with the sentinels and the service name; the
+//!   store asks the sentinels for the primary again after its connection breaks or the
+//!   node answers `READONLY` (it was demoted).
+//!
+//! TLS is rustls (no system OpenSSL): a `rediss://` URL, with
+//! [`RedisStoreBuilder::tls_ca_pem`] for a private CA and
+//! [`RedisStoreBuilder::tls_client_cert_pem`] for mutual TLS. ACL users come from the
+//! URL (`rediss://user:password@host/`) or [`RedisStoreBuilder::credentials`].
+//! Passwords never appear in `Debug` output, errors or logs. If the application has
+//! not installed a rustls crypto provider, the store installs ring's.
+//!
+//! ## What the lease, fencing and `WAIT` guarantee — and what they do not
+//!
+//! The Redlock debate (Kleppmann's "How to do distributed locking" and antirez's reply)
+//! taught that a lock with a timeout is only as safe as the resource's ability to
+//! reject a holder whose lease lapsed. Here there are two resources:
+//!
+//! - **The stored token** checks its fence. The save and the load under the lock are
+//!   atomic scripts that compare the lock's unique value, so a holder whose lease lapsed
+//!   can neither overwrite a newer token nor read the token in order to spend it. This
+//!   holds whatever the timing.
+//! - **The token endpoint** cannot check a fence: it only sees a refresh token. The
+//!   lock is what keeps two replicas from presenting the same one, and that rests on
+//!   timing assumptions:
+//!   - *Pauses.* The lease (45 s by default) is renewed while the holder runs. A holder
+//!     whose process stops for longer than the lease *after* its fenced load and
+//!     *before* the token endpoint answers (a VM freeze, a request stuck in the
+//!     network) may spend the refresh token after the next holder did. Keep the lease
+//!     well above the coordinator's refresh timeout, which bounds a live holder.
+//!   - *Clocks.* Redis expires the lease by its own wall clock; a server clock stepped
+//!     forward ends leases early.
+//!   - *Failover.* Replication is asynchronous, so a lock taken on a primary that dies
+//!     may be missing on the replica promoted after it. With
+//!     [`ReplicaAck::Required(n)`](ReplicaAck::Required) (the default for Sentinel and
+//!     Cluster) the store sends `WAIT n` after taking the lock, and does not refresh
+//!     under a lock that fewer than `n` replicas acknowledged; after the save it waits
+//!     again (and saves again after a failover) before the lock is released, so the
+//!     new token is on a replica before the fleet relies on it. This closes the window
+//!     in which a promoted replica has neither the lock nor the new token, and it stops
+//!     a primary cut off from its replicas (split brain) from handing out locks: its
+//!     `WAIT` gets no acknowledgements. It does not make Redis strongly consistent:
+//!     `WAIT` means "received", not "persisted"; Sentinel may promote a replica that had
+//!     not acknowledged when more than `n` replicas exist and the acknowledging ones
+//!     are down; lease renewals are not waited for, so after a failover a lease may end
+//!     up to one renewal interval early; and if a primary dies after the holder spent
+//!     the refresh token and the holder cannot reach the new primary within the lease,
+//!     its new token stays in its own memory only, and another replica will present
+//!     the spent refresh token (the authorization server then refuses it, and the
+//!     coordinator reports that re-authentication is needed).
+//!
+//! In short: one refresh per expiry holds while holders are not frozen for longer than
+//! a lease and while, through any failover, the replica promoted is one that
+//! acknowledged. An authorization server with reuse detection turns any remaining
+//! double spend into a failed refresh and a re-login, never into two live token
+//! families.
+//!
+//! ## When Redis is unreachable
+//!
+//! A replica that cannot reach Redis degrades to a local single flight: callers in the
+//! process still share one flight and its backoff, and keep the current token while it
+//! is usable. It does not spend the refresh token on its own, because without the
+//! fleet's lock every replica would do the same and the authorization server would
+//! revoke the grant for all of them. Refreshing resumes with the first round trip that
+//! Redis answers. The store logs one warning when Redis becomes unreachable and one
+//! line when it is back, not one per request.
+//!
 //! ## Runtimes
 //!
 //! The store runs its Redis I/O (through the `redis` crate's tokio connection manager),
@@ -44,6 +117,7 @@
 )]
 
 mod config;
+mod conn;
 mod events;
 mod io;
 mod lock;
@@ -51,5 +125,5 @@ mod scripts;
 mod store;
 mod wire;
 
-pub use config::RedisStoreBuilder;
+pub use config::{RedisStoreBuilder, ReplicaAck};
 pub use store::RedisStore;

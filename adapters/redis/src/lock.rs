@@ -1,17 +1,18 @@
-//! The distributed refresh lock: `SET NX PX` with a unique value, a lease renewed while
-//! the lock is held, and compare-and-delete release.
+//! The distributed refresh lock: `SET NX PX` with a unique value (in a script that
+//! also recognises its own value, so it can be resent), a lease renewed while the lock
+//! is held, and compare-and-delete release.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokenflight::StoreError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::io::bounded;
-use crate::scripts::{RELEASE, RENEW};
-use crate::store::Inner;
+use crate::conn::reply;
+use crate::io::{bounded, redis_error, unavailable};
+use crate::scripts::{ACQUIRE, RELEASE, RENEW, RENEW_SOURCE, eval};
+use crate::store::{Inner, wait};
 use crate::wire::millis;
 
 /// The guard inside a [`tokenflight::StoreLock`] from a [`crate::RedisStore`].
@@ -37,7 +38,9 @@ impl RedisLock {
         self.released = true;
         self.stop_renewal();
         self.inner.forget_held(&self.value);
-        release(Arc::clone(&self.inner), self.value.clone())
+        let inner = Arc::clone(&self.inner);
+        let value = self.value.clone();
+        async move { release_or_retry(&inner, value).await }
     }
 
     fn stop_renewal(&mut self) {
@@ -52,10 +55,11 @@ impl Drop for RedisLock {
         self.stop_renewal();
         if !self.released {
             self.inner.forget_held(&self.value);
-            let release = release(Arc::clone(&self.inner), self.value.clone());
+            let inner = Arc::clone(&self.inner);
+            let value = self.value.clone();
             self.inner.runtime.spawn(async move {
-                if let Err(error) = release.await {
-                    tracing::debug!(%error, "releasing a dropped refresh lock failed; its lease will lapse");
+                if let Err(error) = release_or_retry(&inner, value).await {
+                    tracing::debug!(%error, "releasing a dropped refresh lock failed; trying again");
                 }
             });
         }
@@ -74,6 +78,36 @@ async fn release(inner: Arc<Inner>, value: String) -> Result<bool, StoreError> {
     )
     .await?;
     Ok(released == 1)
+}
+
+/// Releases the lock with `value`: once now, and if Redis cannot be reached, again in
+/// the background with backoff for at most about one lease — a lock left behind by a
+/// failover or a lost reply would otherwise stall the whole fleet for a lease.
+async fn release_or_retry(inner: &Arc<Inner>, value: String) -> Result<bool, StoreError> {
+    let first = release(Arc::clone(inner), value.clone()).await;
+    if first.is_err() {
+        let inner = Arc::clone(inner);
+        let runtime = inner.runtime.clone();
+        runtime.spawn(async move {
+            let deadline = Instant::now() + inner.settings.lease;
+            let mut pause = inner.settings.poll_min;
+            while Instant::now() + pause < deadline {
+                tokio::time::sleep(pause).await;
+                if release(Arc::clone(&inner), value.clone()).await.is_ok() {
+                    return;
+                }
+                pause = (pause * 2).min(inner.settings.poll_max);
+            }
+            tracing::debug!("giving back a refresh lock failed; its lease will lapse");
+        });
+    }
+    first
+}
+
+/// Releases a lock this store may hold without knowing it (a request whose reply was
+/// lost, a lock that replicas did not acknowledge).
+async fn give_back(inner: &Arc<Inner>, value: String) {
+    let _ = release_or_retry(inner, value).await;
 }
 
 /// A value no other holder uses: 128 random bits plus the process id.
@@ -98,18 +132,33 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
         // Messages sent before this attempt are already accounted for by it.
         events.borrow_and_update();
         let mut con = inner.con.clone();
-        let taken: Option<String> = bounded(
+        let taken: Result<i64, StoreError> = bounded(
             settings.command_timeout,
-            redis::cmd("SET")
-                .arg(&inner.lock_key)
+            ACQUIRE
+                .key(&inner.lock_key)
                 .arg(&value)
-                .arg("NX")
-                .arg("PX")
                 .arg(millis(settings.lease))
-                .query_async(&mut con),
+                .invoke_async(&mut con),
         )
-        .await?;
-        if taken.is_some() {
+        .await;
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(error) => {
+                // The script may have run before the reply was lost: a lock nobody
+                // knows it holds would stall the fleet for a lease.
+                give_back(&inner, value).await;
+                return Err(error);
+            }
+        };
+        if taken == 1 {
+            if let Some(replicas) = inner.replicas() {
+                if let Err(error) = confirm(&inner, &value, replicas).await {
+                    // Not known to be replicated: a failover could hand the same lock to
+                    // another replica, so give it back and refresh nothing under it.
+                    give_back(&inner, value).await;
+                    return Err(error);
+                }
+            }
             inner.remember_held(&value);
             let renewal = settings.renew_every.map(|every| {
                 inner
@@ -138,12 +187,52 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
     }
 }
 
+/// Waits until `replicas` replicas acknowledged the lock. The lease is touched (a
+/// compare-and-pexpire, itself a write) and `WAIT`ed for in one batch on one connection:
+/// `WAIT` counts acknowledgements of that connection's writes, and replication is one
+/// ordered stream, so a replica that has the touch also has the `SET` before it — even
+/// if the connection that took the lock was replaced in between.
+async fn confirm(inner: &Inner, value: &str, replicas: u32) -> Result<(), StoreError> {
+    let timeout = inner.settings.replica_ack_timeout;
+    let mut pipe = redis::pipe();
+    pipe.add_command(eval(
+        RENEW_SOURCE,
+        &[&inner.lock_key],
+        &[value, &millis(inner.settings.lease).to_string()],
+    ));
+    pipe.add_command(wait(replicas, timeout));
+    let mut con = inner.con.clone();
+    let values = bounded(
+        inner.settings.command_timeout + timeout,
+        con.batch_at(&inner.lock_key, pipe),
+    )
+    .await?;
+    let mut values = values.into_iter();
+    let (Some(touched), Some(acked)) = (values.next(), values.next()) else {
+        return Err(StoreError::Other(
+            "unexpected reply to the lock's WAIT".into(),
+        ));
+    };
+    let touched: i64 = reply(touched).map_err(redis_error)?;
+    let acked: u64 = reply(acked).map_err(redis_error)?;
+    if touched != 1 {
+        return Err(StoreError::LeaseLost);
+    }
+    if acked < u64::from(replicas) {
+        return Err(unavailable(format!(
+            "the refresh lock was acknowledged by {acked} of {replicas} required replica(s) \
+             within {timeout:?}; no refresh under it (see RedisStoreBuilder::replica_ack)"
+        )));
+    }
+    Ok(())
+}
+
 /// Extends the lease every `every` while the lock is still ours. Ends when the lock is
 /// lost; aborted when the guard is released or dropped. A failed renewal is retried at
 /// the next tick: the fenced save catches a lease that lapsed meanwhile.
 async fn renew(inner: Arc<Inner>, value: String, every: Duration) {
     let lease_ms = millis(inner.settings.lease);
-    let mut con: ConnectionManager = inner.con.clone();
+    let mut con = inner.con.clone();
     loop {
         tokio::time::sleep(every).await;
         let renewed: Result<i64, StoreError> = bounded(

@@ -7,53 +7,77 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Takes the lock if it is free, or confirms it if it already holds our value: `SET NX
+/// PX` made idempotent, so a request resent after a dropped connection (which may have
+/// run the first time) finds its own lock instead of waiting a lease for it.
+///
+/// KEYS: lock. ARGV: our value, lease in ms. Returns 1 if the lock is ours.
+pub(crate) const ACQUIRE_SOURCE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if current then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// [`ACQUIRE_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_SOURCE));
+
 /// Compare-and-delete: releases the lock only if it still holds our value, so a holder
 /// whose lease lapsed cannot release someone else's lock.
 ///
 /// KEYS: lock. ARGV: our value, channel. Returns 1 if released.
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) const RELEASE_SOURCE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'released')
   return 1
 end
 return 0
-",
-    )
-});
+";
+
+/// [`RELEASE_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SOURCE));
 
 /// Compare-and-pexpire: extends the lease only while the lock is still ours.
 ///
 /// KEYS: lock. ARGV: our value, lease in ms. Returns 1 if renewed.
-pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) const RENEW_SOURCE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-",
-    )
-});
+";
+
+/// [`RENEW_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_SOURCE));
 
 /// The fenced save: writes the token only if (a) the caller still holds the lock (when
 /// it says it does) and (b) the stored token is older. Both checks and the write are
 /// one atomic step, so a holder whose lease lapsed cannot overwrite a newer token.
+///
+/// Saving the very record that is stored already succeeds (a save whose replica
+/// acknowledgement timed out is sent again).
 ///
 /// A stored value that cannot be decoded counts as generation 0: a save (typically a
 /// new login) repairs it.
 ///
 /// KEYS: token, lock. ARGV: our lock value or "" (no lock), generation, record,
 /// channel. Returns "ok", "lease_lost" or "newer".
-pub(crate) static SAVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) const SAVE_SOURCE: &str = r"
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 'lease_lost'
 end
 local current = redis.call('GET', KEYS[1])
+if current == ARGV[3] then
+  redis.call('PUBLISH', ARGV[4], 'saved:' .. ARGV[2])
+  return 'ok'
+end
 if current then
   local ok, record = pcall(cjson.decode, current)
   if ok and type(record) == 'table' then
@@ -66,9 +90,10 @@ end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'saved:' .. ARGV[2])
 return 'ok'
-",
-    )
-});
+";
+
+/// [`SAVE_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(SAVE_SOURCE));
 
 /// The fenced load: reads the token only if the caller still holds the lock, so a
 /// holder whose lease lapsed learns it before it spends a refresh token that another
@@ -76,9 +101,7 @@ return 'ok'
 ///
 /// KEYS: token, lock. ARGV: our lock value. Returns {"lease_lost"}, {"none"} or
 /// {"ok", record}.
-pub(crate) static LOAD_FENCED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+pub(crate) const LOAD_FENCED_SOURCE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return {'lease_lost'}
 end
@@ -87,6 +110,16 @@ if current then
   return {'ok', current}
 end
 return {'none'}
-",
-    )
-});
+";
+
+/// [`LOAD_FENCED_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static LOAD_FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(LOAD_FENCED_SOURCE));
+
+/// `EVAL source` with `keys` and `args`: for scripts sent in a batch with `WAIT`, where
+/// a `NOSCRIPT` from EVALSHA (a new primary after a failover has an empty script cache)
+/// could not fall back.
+pub(crate) fn eval(source: &str, keys: &[&str], args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(source).arg(keys.len()).arg(keys).arg(args);
+    cmd
+}

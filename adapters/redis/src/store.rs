@@ -1,18 +1,21 @@
 //! `RedisStore`: the [`TokenStore`] a fleet shares.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::IntoConnectionInfo;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokenflight::{StoreError, StoreLock, Token, TokenStore};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::config::{RedisStoreBuilder, Settings};
+use crate::config::{RedisStoreBuilder, ReplicaAck, Settings};
+use crate::conn::{Con, Subscriber, reply};
 use crate::events;
-use crate::io::{bounded, on_runtime, redis_error};
+use crate::io::{bounded, on_runtime, unavailable};
 use crate::lock::{self, RedisLock};
 use crate::scripts::{LOAD_FENCED, SAVE};
 use crate::wire;
@@ -41,14 +44,17 @@ use crate::wire;
 ///
 /// - While Redis is unreachable, refreshes fail (the coordinator backs off and keeps
 ///   serving a still-valid token) rather than fall back to a local refresh: without the
-///   fleet-wide lock two replicas could spend the same refresh token.
+///   fleet-wide lock two replicas could spend the same refresh token. See the crate
+///   docs, "When Redis is unreachable".
 /// - A lock in Redis is not a perfect fence for the token endpoint: if a holder's
 ///   whole process freezes for longer than the lease *after* it sent the refresh token
 ///   and *before* its save, another replica will present the spent refresh token.
 ///   Renewal keeps the lease alive as long as the process runs, so only such a freeze
-///   (longer than the lease) can cause this; size the lease accordingly.
-/// - A saved token is plain JSON in Redis: protect the instance (ACLs, TLS via a
-///   `rediss://` URL with the `redis` crate's TLS features, network isolation).
+///   (longer than the lease) can cause this; size the lease accordingly. Failover has
+///   its own window, narrowed by [`crate::ReplicaAck`]; the crate docs say exactly
+///   what remains.
+/// - A saved token is plain JSON in Redis: protect the instance (an ACL user that
+///   reaches only the store's keys, TLS with a `rediss://` URL, network isolation).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -79,8 +85,11 @@ pub(crate) struct Inner {
     pub(crate) token_key: String,
     pub(crate) lock_key: String,
     pub(crate) channel: String,
-    pub(crate) con: ConnectionManager,
+    pub(crate) con: Con,
     pub(crate) runtime: Handle,
+    /// Whether the last Redis round trip got an answer: warnings about an unreachable
+    /// Redis are logged when this flips, not once per request.
+    reachable: AtomicBool,
     /// Bumped by the pub/sub listener on every save or release in the fleet.
     pub(crate) events: watch::Receiver<u64>,
     /// The lock value this store holds right now, if any: `load` is fenced on it.
@@ -96,6 +105,35 @@ impl Inner {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if held.as_deref() == Some(value) {
             *held = None;
+        }
+    }
+
+    /// Replicas that must acknowledge a write, if any.
+    pub(crate) fn replicas(&self) -> Option<u32> {
+        match self.settings.replica_ack {
+            Some(ReplicaAck::Required(n)) => Some(n),
+            Some(ReplicaAck::None) | None => None,
+        }
+    }
+
+    /// Notes whether Redis answered, and logs only the changes.
+    pub(crate) fn observe<T>(&self, result: &Result<T, StoreError>) {
+        let unavailable = match result {
+            Err(StoreError::Unavailable(error)) => Some(error),
+            _ => None,
+        };
+        match (
+            transition(&self.reachable, unavailable.is_none()),
+            unavailable,
+        ) {
+            (Some(false), Some(error)) => tracing::warn!(
+                %error,
+                "Redis is unavailable: this replica keeps serving its current token and \
+                 refreshes only under the fleet lock once Redis is back (logged once, not \
+                 per request)"
+            ),
+            (Some(true), _) => tracing::info!("Redis is available again"),
+            _ => {}
         }
     }
 
@@ -123,31 +161,53 @@ impl fmt::Debug for RedisStore {
 impl RedisStore {
     /// A builder for a store at `info` (a `redis://` URL or any
     /// [`IntoConnectionInfo`]); see [`RedisStoreBuilder`] for the settings.
+    ///
+    /// A `rediss://` URL connects with TLS (rustls); its user and password are an ACL
+    /// user's (`rediss://user:password@host:6380/`). Secrets in the URL never appear in
+    /// `Debug` output, errors or logs.
     pub fn builder(info: impl IntoConnectionInfo) -> RedisStoreBuilder {
         RedisStoreBuilder::new(info)
     }
 
+    /// A builder for a store in a Redis Cluster reached through any of `nodes` (the
+    /// others are discovered). All of the store's keys share one hash tag, so they live
+    /// on one shard; pub/sub wake-ups reach every replica through any node. Replica
+    /// acknowledgement defaults to one replica ([`RedisStoreBuilder::replica_ack`]).
+    pub fn cluster<I, T>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = T>,
+        T: IntoConnectionInfo,
+    {
+        RedisStoreBuilder::cluster(nodes)
+    }
+
+    /// A builder for a store on the primary that the given Redis Sentinels name for
+    /// `service`; after a failover the store follows the new primary. The data nodes'
+    /// ACL user comes from [`RedisStoreBuilder::credentials`]. Replica acknowledgement
+    /// defaults to one replica ([`RedisStoreBuilder::replica_ack`]).
+    pub fn sentinel<I, T>(sentinels: I, service: impl Into<String>) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = T>,
+        T: IntoConnectionInfo,
+    {
+        RedisStoreBuilder::sentinel(sentinels, service)
+    }
+
+    /// Starts the listener and wraps up; must run inside the runtime's context.
     pub(crate) fn start(
-        client: redis::Client,
+        con: Con,
+        subscriber: Subscriber,
         settings: Settings,
         runtime: Handle,
-    ) -> Result<Self, StoreError> {
-        // The connection manager and the listener need the runtime's context.
-        let _context = runtime.enter();
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.command_timeout))
-            .set_max_delay(settings.connect_timeout);
-        let con =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(redis_error)?;
+    ) -> Self {
         let (tx, events) = watch::channel(0);
         runtime.spawn(events::listen(
-            client,
+            subscriber,
             settings.channel(),
             tx,
             settings.connect_timeout,
         ));
-        Ok(RedisStore {
+        RedisStore {
             inner: Arc::new(Inner {
                 token_key: settings.token_key(),
                 lock_key: settings.lock_key(),
@@ -155,10 +215,11 @@ impl RedisStore {
                 settings,
                 con,
                 runtime,
+                reachable: AtomicBool::new(true),
                 events,
                 held: Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// The key prefix in use.
@@ -169,7 +230,7 @@ impl RedisStore {
     /// Checks that Redis answers (one bounded `PING`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         let inner = Arc::clone(&self.inner);
-        on_runtime(&self.inner.runtime, async move {
+        let result = on_runtime(&self.inner.runtime, async move {
             let mut con = inner.con.clone();
             bounded(
                 inner.settings.command_timeout,
@@ -178,7 +239,9 @@ impl RedisStore {
             .await
             .map(drop)
         })
-        .await
+        .await;
+        self.inner.observe(&result);
+        result
     }
 
     async fn load_token(inner: Arc<Inner>) -> Result<Option<Token>, StoreError> {
@@ -217,25 +280,112 @@ impl RedisStore {
         }
     }
 
+    /// The fenced save; with replica acknowledgement, the save and a `WAIT` travel
+    /// together, and an unacknowledged save is tried again (it is idempotent) until the
+    /// lease would lapse, so the token is on the replicas before the lock is released.
     async fn save_token(
         inner: Arc<Inner>,
         record: String,
         generation: u64,
         lock_value: Option<String>,
     ) -> Result<(), StoreError> {
+        let Some(replicas) = inner.replicas() else {
+            let mut con = inner.con.clone();
+            let outcome: String = bounded(
+                inner.settings.command_timeout,
+                SAVE.key(&inner.token_key)
+                    .key(&inner.lock_key)
+                    .arg(lock_value.as_deref().unwrap_or(""))
+                    .arg(generation)
+                    .arg(&record)
+                    .arg(&inner.channel)
+                    .invoke_async(&mut con),
+            )
+            .await?;
+            return Self::save_outcome(&inner, &outcome, generation, lock_value);
+        };
+        // Past the lease the fenced save would be refused anyway.
+        let deadline = Instant::now() + inner.settings.lease;
+        let mut pause = inner.settings.poll_min;
+        loop {
+            let attempt = Self::save_acknowledged(
+                &inner,
+                &record,
+                generation,
+                lock_value.as_deref(),
+                replicas,
+            )
+            .await;
+            let error = match attempt {
+                Ok((outcome, acked)) => {
+                    if outcome != "ok" || acked >= u64::from(replicas) {
+                        return Self::save_outcome(&inner, &outcome, generation, lock_value);
+                    }
+                    unavailable(format!(
+                        "the saved token was acknowledged by {acked} of {replicas} required \
+                         replica(s) within {:?}",
+                        inner.settings.replica_ack_timeout
+                    ))
+                }
+                Err(StoreError::Unavailable(error)) => StoreError::Unavailable(error),
+                Err(other) => return Err(other),
+            };
+            if Instant::now() + pause >= deadline {
+                tracing::warn!(%error, generation, "the saved token may not be on the replicas");
+                return Err(error);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(inner.settings.poll_max);
+        }
+    }
+
+    /// One fenced save followed by `WAIT` on the same connection: the script's outcome
+    /// and the number of replicas that acknowledged it.
+    async fn save_acknowledged(
+        inner: &Inner,
+        record: &str,
+        generation: u64,
+        lock_value: Option<&str>,
+        replicas: u32,
+    ) -> Result<(String, u64), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(crate::scripts::eval(
+            crate::scripts::SAVE_SOURCE,
+            &[&inner.token_key, &inner.lock_key],
+            &[
+                lock_value.unwrap_or(""),
+                &generation.to_string(),
+                record,
+                &inner.channel,
+            ],
+        ));
+        pipe.add_command(wait(replicas, inner.settings.replica_ack_timeout));
         let mut con = inner.con.clone();
-        let outcome: String = bounded(
-            inner.settings.command_timeout,
-            SAVE.key(&inner.token_key)
-                .key(&inner.lock_key)
-                .arg(lock_value.as_deref().unwrap_or(""))
-                .arg(generation)
-                .arg(record)
-                .arg(&inner.channel)
-                .invoke_async(&mut con),
+        let values = bounded(
+            inner.settings.command_timeout + inner.settings.replica_ack_timeout,
+            con.batch_at(&inner.token_key, pipe),
         )
         .await?;
-        match (outcome.as_str(), lock_value) {
+        let mut values = values.into_iter();
+        match (values.next(), values.next()) {
+            (Some(outcome), Some(acked)) => {
+                let outcome: String = reply(outcome).map_err(crate::io::redis_error)?;
+                let acked: u64 = reply(acked).map_err(crate::io::redis_error)?;
+                Ok((outcome, acked))
+            }
+            _ => Err(StoreError::Other(
+                "unexpected reply to the save and WAIT".into(),
+            )),
+        }
+    }
+
+    fn save_outcome(
+        inner: &Inner,
+        outcome: &str,
+        generation: u64,
+        lock_value: Option<String>,
+    ) -> Result<(), StoreError> {
+        match (outcome, lock_value) {
             ("ok", _) => Ok(()),
             ("lease_lost" | "newer", Some(value)) => {
                 // From here on this holder must not act as the holder (unfenced loads
@@ -243,7 +393,7 @@ impl RedisStore {
                 inner.forget_held(&value);
                 tracing::warn!(
                     generation,
-                    reason = outcome.as_str(),
+                    reason = outcome,
                     "save refused: the refresh lock lease was lost or a newer token is stored"
                 );
                 Err(StoreError::LeaseLost)
@@ -258,10 +408,33 @@ impl RedisStore {
     }
 }
 
+/// Records whether the last round trip got through; `Some(now)` only when that
+/// changed, so a warning is logged once per outage rather than once per request.
+fn transition(reachable: &AtomicBool, now: bool) -> Option<bool> {
+    (reachable.swap(now, Ordering::Relaxed) != now).then_some(now)
+}
+
+/// `WAIT replicas timeout`: blocks until that many replicas acknowledged this
+/// connection's writes, or the timeout passed; answers how many did.
+pub(crate) fn wait(replicas: u32, timeout: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(replicas).arg(
+        u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+    );
+    cmd
+}
+
 impl TokenStore for RedisStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         let inner = Arc::clone(&self.inner);
-        Box::pin(on_runtime(&self.inner.runtime, Self::load_token(inner)))
+        Box::pin(async move {
+            let result =
+                on_runtime(&inner.runtime.clone(), Self::load_token(Arc::clone(&inner))).await;
+            inner.observe(&result);
+            result
+        })
     }
 
     fn save<'a>(
@@ -288,19 +461,22 @@ impl TokenStore for RedisStore {
         let generation = token.generation();
         Box::pin(async move {
             let (record, value) = prepared?;
-            on_runtime(
+            let result = on_runtime(
                 &inner.runtime.clone(),
-                Self::save_token(inner, record, generation, value),
+                Self::save_token(Arc::clone(&inner), record, generation, value),
             )
-            .await
+            .await;
+            inner.observe(&result);
+            result
         })
     }
 
     fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let guard = on_runtime(&self.inner.runtime, lock::acquire(inner)).await?;
-            Ok(StoreLock::new(guard))
+            let result = on_runtime(&self.inner.runtime, lock::acquire(inner)).await;
+            self.inner.observe(&result);
+            Ok(StoreLock::new(result?))
         })
     }
 
@@ -313,9 +489,35 @@ impl TokenStore for RedisStore {
                 Ok(true) => {}
                 Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
                 Err(error) => {
-                    tracing::warn!(%error, "releasing the refresh lock failed; its lease will lapse");
+                    tracing::warn!(%error, "releasing the refresh lock failed; trying again in the background");
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_reported_once_and_so_is_the_recovery() {
+        let reachable = AtomicBool::new(true);
+        let seen: Vec<Option<bool>> = [true, false, false, false, true, true, false]
+            .into_iter()
+            .map(|now| transition(&reachable, now))
+            .collect();
+        assert_eq!(
+            seen,
+            [None, Some(false), None, None, Some(true), None, Some(false)]
+        );
+    }
+
+    #[test]
+    fn wait_never_blocks_forever() {
+        // WAIT with timeout 0 would block until the replicas answer, however long.
+        let packed = wait(1, Duration::from_micros(10)).get_packed_command();
+        let text = String::from_utf8_lossy(&packed);
+        assert!(text.ends_with("$1\r\n1\r\n$1\r\n1\r\n"), "{text:?}");
     }
 }

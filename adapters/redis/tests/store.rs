@@ -40,7 +40,7 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 async fn lock_holder(server: &RedisServer, prefix: &str) -> Option<String> {
     raw(server)
         .await
-        .get(format!("{prefix}lock"))
+        .get(format!("{{{prefix}}}lock"))
         .await
         .unwrap()
 }
@@ -209,7 +209,7 @@ async fn a_waiter_is_woken_by_pubsub_not_by_polling() {
     for _ in 0..400 {
         let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
             .arg("NUMSUB")
-            .arg("t4:events")
+            .arg("{t4:}events")
             .query_async(&mut con)
             .await
             .unwrap();
@@ -220,19 +220,22 @@ async fn a_waiter_is_woken_by_pubsub_not_by_polling() {
     }
 
     let held = a.lock().await.unwrap();
-    let sets_before = set_calls(&mut con).await;
+    let sets_before = script_calls(&mut con).await;
     let waiter = tokio::spawn(async move {
         let lock = b.lock().await;
         (b, lock)
     });
-    // b is waiting once its first SET NX reached the server (and failed: a holds it).
+    // b is waiting once its first attempt reached the server (and failed: a holds it).
     for _ in 0..400 {
-        if set_calls(&mut con).await > sets_before {
+        if script_calls(&mut con).await > sets_before {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(set_calls(&mut con).await > sets_before, "b tried the lock");
+    assert!(
+        script_calls(&mut con).await > sets_before,
+        "b tried the lock"
+    );
     a.unlock(held).await;
     let (b, lock) = guarded("b woken by pub/sub", waiter).await.unwrap();
     let lock = lock.unwrap();
@@ -240,16 +243,22 @@ async fn a_waiter_is_woken_by_pubsub_not_by_polling() {
 }
 
 /// How many SET commands the server has run (INFO commandstats).
-async fn set_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// Scripts the server has run (the lock is taken by a script): while a holds the lock
+/// and nobody else acts, only b's attempts run one.
+async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(con)
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
+        .filter_map(|l| {
+            l.strip_prefix("cmdstat_evalsha:calls=")
+                .or_else(|| l.strip_prefix("cmdstat_eval:calls="))
+        })
+        .filter_map(|rest| rest.split(',').next())
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +301,7 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
     let s = store(&server, "t5:").connect().await.unwrap();
     let mut con = raw(&server).await;
     let _: () = con
-        .set("t5:token", "{\"v\":1,\"access\":\"secret-XYZ\"")
+        .set("{t5:}token", "{\"v\":1,\"access\":\"secret-XYZ\"")
         .await
         .unwrap();
     match guarded("load", s.load()).await {
@@ -300,12 +309,12 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
     // A wrong type under the key is an error too, not a panic.
-    let _: () = con.del("t5:token").await.unwrap();
-    let _: () = con.hset("t5:token", "f", "v").await.unwrap();
+    let _: () = con.del("{t5:}token").await.unwrap();
+    let _: () = con.hset("{t5:}token", "f", "v").await.unwrap();
     assert!(guarded("load hash", s.load()).await.is_err());
-    let _: () = con.del("t5:token").await.unwrap();
+    let _: () = con.del("{t5:}token").await.unwrap();
 
-    let _: () = con.set("t5:token", "garbage").await.unwrap();
+    let _: () = con.set("{t5:}token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
     guarded("save over garbage", s.save(&login, None))
         .await

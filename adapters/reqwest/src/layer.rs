@@ -3,9 +3,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use http::Extensions;
-use reqwest::{Request, Response};
+use reqwest::{Request, Response, Url};
 use reqwest_middleware::{Middleware, Next};
-use tokenflight::{AuthError, Authenticator, Builder, RequestOptions};
+use tokenflight::{AuthError, Authenticator, Builder, Placement, RequestOptions};
 #[cfg(test)]
 use tokenflight::{ForceRefresh, SkipAuth};
 
@@ -22,7 +22,10 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 /// When no token can be had, the request fails with `reqwest_middleware::Error::Middleware`
 /// wrapping a [`tokenflight::Error`] (downcast to inspect it); an invalid token value gives
 /// a wrapped [`tokenflight::InvalidHeader`]. Errors of the client and of the middleware
-/// further down pass through unchanged.
+/// further down pass through unchanged, except that with query placement the token never
+/// shows in them: a `reqwest::Error` gets its URL's token value replaced by `redacted`,
+/// and any other error whose text still shows the token is replaced by one with that
+/// text, redacted (C12).
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
     auth: Authenticator,
@@ -44,10 +47,17 @@ impl TokenLayer {
 
     /// A redirect policy for the client under this layer: like reqwest's default (up to
     /// 10 redirects), except that it does not follow a redirect from an allowed origin
-    /// to another when the token travels in a header other than `Authorization`, which
-    /// reqwest would carry along (the caller gets the redirect response instead). With
-    /// the default `Authorization` placement reqwest already drops the header when a
-    /// redirect leaves the origin, and this policy changes nothing.
+    /// to another when the token would travel along (the caller gets the redirect
+    /// response instead):
+    /// - in a header other than `Authorization`, which reqwest carries to every hop;
+    /// - in the query ([`Placement::Query`]), because reqwest sends the previous URL as
+    ///   the `Referer` of the next request. (A client built with `.referer(false)` does
+    ///   not, but a policy cannot see that.)
+    ///
+    /// With the default `Authorization` placement reqwest already drops the header when
+    /// a redirect leaves the origin, and this policy changes nothing. **With a header
+    /// placement other than `Authorization`, or query placement, build the client with
+    /// this policy.**
     ///
     /// ```
     /// # use tokenflight_reqwest::{TokenLayer, reqwest, tokenflight::{Token, from_fn}};
@@ -94,11 +104,19 @@ impl Middleware for TokenLayer {
         // resend and, at the end, the caller. (If this future is dropped mid-send, the
         // caller is gone too and the extensions with it.)
         let slot = Mutex::new(std::mem::take(extensions));
+        let placement = self.auth.placement();
+        // The URLs that went out with a query token, to find it in errors (C12).
+        let sent = Mutex::new(Vec::new());
         let result = self
             .auth
             .send(Outgoing(request), options, |Outgoing(request)| {
                 let next = next.clone();
                 let slot = &slot;
+                if matches!(placement, Placement::Query { .. }) {
+                    sent.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(request.url().clone());
+                }
                 async move {
                     let mut extensions = std::mem::take(&mut *lock(slot));
                     let result = next.run(request, &mut extensions).await;
@@ -108,11 +126,75 @@ impl Middleware for TokenLayer {
             })
             .await;
         *extensions = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
-        result
-            .map(|Incoming(response)| response)
-            .map_err(middleware_error)
+        match result {
+            Ok(Incoming(response)) => Ok(match placement.redacted(response.url()) {
+                // A token in the query would show in `url()`, in `Debug`, and in the
+                // errors of `error_for_status` and of reading the body (C12).
+                Some(url) => crate::message::with_url(response, url),
+                None => response,
+            }),
+            Err(error) => {
+                let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
+                Err(redact(middleware_error(error), placement, &sent))
+            }
+        }
     }
 }
+
+/// `error` without the query token that went out in `sent` (C12). reqwest's own error
+/// (the request's, or one that middleware further down wrapped as it is) keeps its
+/// type with the token's value in its URL replaced. Any other error whose text
+/// (`Display` of it and its causes, or `Debug`) still shows the token is replaced by
+/// one that carries that text with the token redacted: it no longer downcasts to its
+/// original type, which is the price of not leaking.
+fn redact(
+    mut error: reqwest_middleware::Error,
+    placement: &Placement,
+    sent: &[Url],
+) -> reqwest_middleware::Error {
+    let inner = match &mut error {
+        reqwest_middleware::Error::Reqwest(inner) => Some(inner),
+        reqwest_middleware::Error::Middleware(inner) => inner.downcast_mut::<reqwest::Error>(),
+    };
+    if let Some(url) = inner.and_then(|e| e.url_mut()) {
+        if let Some(redacted) = placement.redacted(url) {
+            *url = redacted;
+        }
+    }
+    for url in sent {
+        let shown = format!("{} {error:?}", chain(&error));
+        if placement.scrub(url, &shown).is_some() {
+            let text = chain(&error);
+            let text = placement.scrub(url, &text).unwrap_or(text);
+            error = reqwest_middleware::Error::middleware(Redacted(text));
+        }
+    }
+    error
+}
+
+/// An error's `Display` followed by its causes'.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// An error whose text showed the token, with the token redacted.
+#[derive(Debug)]
+struct Redacted(String);
+
+impl std::fmt::Display for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
 
 fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)

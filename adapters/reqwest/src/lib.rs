@@ -78,10 +78,21 @@
 //!
 //! The header is marked sensitive. The token goes only to the allowed origins (the core
 //! checks each request's URL). When reqwest follows a redirect to another origin it drops
-//! the `Authorization` header (tested in `tests/redirects.rs`). It keeps other headers, so
-//! with a custom header placement (`.header("x-api-key", None)`) build the client with
-//! [`TokenLayer::redirect_policy`], which does not follow a redirect that would take the
-//! token to an origin not allowed.
+//! the `Authorization` header (tested in `tests/redirects.rs`). It keeps other headers,
+//! and sends the previous URL, query included, as `Referer`; so with a custom header
+//! placement (`.header("x-api-key", None)`) or query placement (`.query_param("token")`)
+//! build the client with [`TokenLayer::redirect_policy`], which does not follow a
+//! redirect that would take the token to an origin not allowed.
+//!
+//! With query placement, the token is kept out of what the layer hands back: the URL in
+//! reqwest's errors, and the response's [`url()`](reqwest::Response::url) (so its
+//! `Debug` and `error_for_status` too), show the parameter as `token=redacted`; the
+//! rest of the query is the caller's, byte for byte.
+//!
+//! A response that reqwest got from another origin than the request's (after a
+//! redirect) is handed back unclassified: its `401` is not about the token, which never
+//! went there, so nothing is refreshed or resent. With query placement the same holds
+//! for a same-origin redirect, whose `Location` does not carry the token.
 //!
 //! ## Cancellation
 //!

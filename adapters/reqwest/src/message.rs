@@ -49,6 +49,12 @@ impl ResponseView for Incoming {
 }
 
 impl AuthResponse for Incoming {
+    /// reqwest follows redirects inside the client: the response may come from
+    /// elsewhere.
+    fn final_url(&self) -> Option<&Url> {
+        Some(self.0.url())
+    }
+
     fn buffer_body(self, limit: usize) -> impl Future<Output = (Self, Option<Bytes>)> + Send {
         buffer_body(self.0, limit)
     }
@@ -111,12 +117,24 @@ fn rebuild(mut response: reqwest::Response, read: Bytes, rest: Rest) -> Incoming
     *rebuilt.version_mut() = version;
     *rebuilt.headers_mut() = headers;
     *rebuilt.extensions_mut() = extensions;
-    // reqwest keeps the response URL in a private extension that only its builder
-    // extension can set.
+    set_url(&mut rebuilt, url);
+    Incoming(reqwest::Response::from(rebuilt))
+}
+
+/// `response` with its URL (`Response::url`, and the URL in errors made from it)
+/// replaced by `url`; status, headers, extensions and the body stream as they were.
+pub(crate) fn with_url(response: reqwest::Response, url: Url) -> reqwest::Response {
+    let mut response = http::Response::<Body>::from(response);
+    set_url(&mut response, url);
+    reqwest::Response::from(response)
+}
+
+/// reqwest keeps the response URL in a private extension that only its builder
+/// extension can set.
+fn set_url<B>(response: &mut http::Response<B>, url: Url) {
     if let Ok(marker) = http::Response::builder().url(url).body(()) {
-        rebuilt
+        response
             .extensions_mut()
             .extend(marker.into_parts().0.extensions);
     }
-    Incoming(reqwest::Response::from(rebuilt))
 }

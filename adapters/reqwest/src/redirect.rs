@@ -1,10 +1,11 @@
 //! A redirect policy that keeps the token on the allowed origins when it travels in a
-//! header reqwest does not strip by itself.
+//! header reqwest does not strip by itself, or in the query.
 //!
 //! The core checks the URL a request is sent to (C12), but reqwest follows redirects
 //! inside the client, below the middleware. On a redirect to another origin reqwest
 //! drops `Authorization` (and cookies), yet keeps every other header, so a token in
-//! `X-Api-Key` would go along.
+//! `X-Api-Key` would go along; and it sends the previous URL, query included, as
+//! `Referer`, so a token in the query would go along too.
 
 use reqwest::redirect::{Attempt, Policy};
 use tokenflight::{AllowedOrigins, Authenticator, Placement};
@@ -13,8 +14,10 @@ pub(crate) fn policy(auth: &Authenticator) -> Policy {
     let origins = auth.allowed_origins().clone();
     let survives_redirects = match auth.placement() {
         Placement::Header { name, .. } => !name.eq_ignore_ascii_case("authorization"),
-        // A query token is part of the old URL, not of the `Location` followed.
-        _ => false,
+        // A query token is part of the old URL, which reqwest sends along as the
+        // `Referer` of the next request (unless the client was built with
+        // `.referer(false)`, which a policy cannot see).
+        _ => true,
     };
     Policy::custom(move |attempt: Attempt<'_>| {
         if survives_redirects && leaves_allowed_origins(&origins, &attempt) {

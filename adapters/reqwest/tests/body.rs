@@ -96,7 +96,13 @@ fn static_layer(origin: &str, limit: usize) -> TokenLayer {
         .source(tokenflight::from_fn(|_cx| async {
             Ok(tokenflight::Token::new("static"))
         }))
-        .classifier(Classifier::new().body(limit, business_code))
+        // The chunked server sends no `Content-Length`: read it anyway, to check that
+        // what was read is handed back intact.
+        .classifier(
+            Classifier::new()
+                .body(limit, business_code)
+                .body_of_unknown_length(true),
+        )
         .allowed_origin(origin)
         .build()
         .unwrap()

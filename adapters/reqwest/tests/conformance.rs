@@ -1,4 +1,4 @@
-//! The conformance suite S1–S15 through reqwest + reqwest-middleware against the
+//! The conformance suite S1–S18 through reqwest + reqwest-middleware against the
 //! testkit server.
 
 use std::sync::Arc;
@@ -27,10 +27,14 @@ impl Adapter for ReqwestAdapter {
     }
 
     fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
-        // reqwest follows redirects by default (S11).
-        let client = ClientBuilder::new(reqwest::Client::new())
-            .with(TokenLayer::from(auth))
-            .build();
+        // reqwest follows redirects by default (S11); the layer's policy keeps a query
+        // token out of a `Referer` sent to another origin (as the crate docs say).
+        let layer = TokenLayer::from(auth);
+        let inner = reqwest::Client::builder()
+            .redirect(layer.redirect_policy())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(inner).with(layer).build();
         Arc::new(ReqwestClient(client))
     }
 
@@ -43,25 +47,7 @@ struct ReqwestClient(ClientWithMiddleware);
 
 impl ReqwestClient {
     async fn send_request(&self, request: TestRequest) -> Result<TestResponse, String> {
-        let method = reqwest::Method::from_bytes(request.method.as_bytes())
-            .map_err(|e| format!("bad method: {e}"))?;
-        let mut builder = self.0.request(method, request.url.as_str());
-        if let Some(body) = request.body {
-            builder = if request.streaming_body {
-                // A stream cannot be replayed: `try_clone` gives `None` (S9).
-                let chunk = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
-                builder.body(reqwest::Body::wrap_stream(chunk))
-            } else {
-                builder.body(body)
-            };
-        }
-        if request.skip_auth {
-            builder = builder.with_extension(SkipAuth);
-        }
-        if request.force_refresh {
-            builder = builder.with_extension(ForceRefresh);
-        }
-        let response = builder.send().await.map_err(|e| error_text(&e))?;
+        let response = self.start(request).await?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
@@ -80,11 +66,45 @@ impl ReqwestClient {
             body: body.to_vec(),
         })
     }
+
+    async fn first_chunk(&self, request: TestRequest) -> Result<(u16, Vec<u8>), String> {
+        let mut response = self.start(request).await?;
+        let status = response.status().as_u16();
+        let chunk = response.chunk().await.map_err(|e| error_text(&e))?;
+        Ok((status, chunk.map(|c| c.to_vec()).unwrap_or_default()))
+    }
+
+    /// Sends `request`; the response's head is in, its body not read yet.
+    async fn start(&self, request: TestRequest) -> Result<reqwest::Response, String> {
+        let method = reqwest::Method::from_bytes(request.method.as_bytes())
+            .map_err(|e| format!("bad method: {e}"))?;
+        let mut builder = self.0.request(method, request.url.as_str());
+        if let Some(body) = request.body {
+            builder = if request.streaming_body {
+                // A stream cannot be replayed: `try_clone` gives `None` (S9).
+                let chunk = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
+                builder.body(reqwest::Body::wrap_stream(chunk))
+            } else {
+                builder.body(body)
+            };
+        }
+        if request.skip_auth {
+            builder = builder.with_extension(SkipAuth);
+        }
+        if request.force_refresh {
+            builder = builder.with_extension(ForceRefresh);
+        }
+        builder.send().await.map_err(|e| error_text(&e))
+    }
 }
 
 impl TestClient for ReqwestClient {
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>> {
         Box::pin(self.send_request(request))
+    }
+
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        Box::pin(ReqwestClient::first_chunk(self, request))
     }
 }
 

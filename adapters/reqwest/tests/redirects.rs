@@ -192,3 +192,190 @@ mod custom_header {
         assert!(!landed.contains("bearer-token"), "{landed}");
     }
 }
+
+mod query_token {
+    //! A token in the query (`.query_param("token")`): reqwest sends the previous URL as
+    //! `Referer` when it follows a redirect, and prints URLs in errors and `Debug`.
+
+    use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+    use tokenflight_reqwest::{TokenLayer, reqwest, reqwest_middleware};
+    use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+
+    use super::common;
+
+    fn client(layer: &TokenLayer, guarded: bool) -> ClientWithMiddleware {
+        let mut builder = reqwest::Client::builder();
+        if guarded {
+            builder = builder.redirect(layer.redirect_policy());
+        }
+        ClientBuilder::new(builder.build().unwrap())
+            .with(layer.clone())
+            .build()
+    }
+
+    #[tokio::test]
+    async fn without_the_policy_reqwest_sends_a_query_token_as_referer() {
+        let (allowed, mut allowed_heads) = common::recording_server().await;
+        let (other, mut other_heads) = common::recording_server().await;
+        let layer = TokenLayer::builder()
+            .source(tokenflight::from_fn(|_cx| async {
+                Ok(tokenflight::Token::new("the-query-token"))
+            }))
+            .query_param("token")
+            .allowed_origin(&allowed)
+            .build()
+            .unwrap();
+        let port = other.rsplit(':').next().unwrap();
+        let url = format!("{allowed}/redirect/{port}/land");
+
+        let response = client(&layer, false).get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("token=the-query-token")
+        );
+        // The leak the policy exists for.
+        let landed = other_heads.recv().await.unwrap();
+        let referer = landed
+            .lines()
+            .find(|l| l.starts_with("referer: "))
+            .unwrap_or("");
+        assert!(referer.contains("token=the-query-token"), "{landed}");
+
+        let response = client(&layer, true).get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 302, "with the policy: not followed");
+        assert!(
+            allowed_heads
+                .recv()
+                .await
+                .unwrap()
+                .contains("token=the-query-token")
+        );
+        assert!(other_heads.try_recv().is_err(), "the redirect was followed");
+    }
+
+    /// Middleware below the layer whose errors show the URL: its own message, and a
+    /// reqwest error wrapped the way retry middleware wraps them.
+    struct FailsShowingTheUrl;
+
+    #[derive(Debug)]
+    struct Wrapped(reqwest_middleware::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("gave up")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl reqwest_middleware::Middleware for FailsShowingTheUrl {
+        async fn handle(
+            &self,
+            req: reqwest::Request,
+            extensions: &mut http::Extensions,
+            next: reqwest_middleware::Next<'_>,
+        ) -> reqwest_middleware::Result<reqwest::Response> {
+            if req.url().path().ends_with("/own") {
+                let message = format!("nothing sent to {}", req.url());
+                return Err(reqwest_middleware::Error::middleware(
+                    std::io::Error::other(message),
+                ));
+            }
+            match next.run(req, extensions).await {
+                Err(e) => Err(reqwest_middleware::Error::middleware(Wrapped(e))),
+                ok => ok,
+            }
+        }
+    }
+
+    /// The error's `Display` and every cause's.
+    fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            text.push_str(" / ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
+    #[tokio::test]
+    async fn c12_query_token_never_in_errors_of_middleware_below_the_layer() {
+        let broken = tokenflight_tests::testkit::ClosingServer::start();
+        let layer = TokenLayer::builder()
+            .source(tokenflight::from_fn(|_cx| async {
+                Ok(tokenflight::Token::new("the-query-token"))
+            }))
+            .query_param("token")
+            .allowed_origin(&broken.origin())
+            .build()
+            .unwrap();
+        let client = ClientBuilder::new(reqwest::Client::new())
+            .with(layer)
+            .with(FailsShowingTheUrl)
+            .build();
+        for path in ["own", "wrapped"] {
+            let url = format!("{}/api/{path}?keep=%7e", broken.origin());
+            let error = client.get(&url).send().await.unwrap_err();
+            let text = format!("{} // {error:?}", chain(&error));
+            assert!(
+                !text.contains("the-query-token"),
+                "the token shows in {text}"
+            );
+            assert!(text.contains("token=redacted"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn c12_query_token_never_in_the_response_url_or_its_errors() {
+        let server = TestServer::start(TestServerConfig {
+            query_token: true,
+            reject_all: true,
+            ..TestServerConfig::default()
+        });
+        let layer = TokenLayer::builder()
+            .source(common::client_credentials(&server))
+            .query_param("token")
+            .allowed_origin(&server.origin())
+            .build()
+            .unwrap();
+        let url = format!("{}?flag&a=%7e", server.api_url("c12"));
+
+        // Refused, refreshed, resent, refused again: the second 401 comes back.
+        let response = client(&layer, true).get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        let sent: Vec<String> = server
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.token)
+            .collect();
+        assert_eq!(sent.len(), 2, "both tokens went out");
+        let shown = [
+            response.url().to_string(),
+            format!("{response:?}"),
+            response.error_for_status_ref().unwrap_err().to_string(),
+        ];
+        for text in &shown {
+            for token in &sent {
+                assert!(!text.contains(token.as_str()), "the token shows in {text}");
+            }
+        }
+        assert_eq!(
+            response.url().as_str(),
+            format!("{url}&token=redacted"),
+            "the caller's URL, the token's value hidden"
+        );
+        // Reading the body is untouched by the new URL.
+        assert_eq!(response.text().await.unwrap(), "invalid token");
+    }
+}

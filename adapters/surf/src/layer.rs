@@ -1,10 +1,14 @@
 //! [`TokenLayer`]: the surf middleware that runs the core's retry driver.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
-use tokenflight::{AuthError, Authenticator, Builder, ForceRefresh, RequestOptions, SkipAuth};
+use tokenflight::{
+    AuthError, AuthRequest, Authenticator, Builder, ForceRefresh, Placement, RequestOptions,
+    SkipAuth,
+};
 
 use crate::message::{Attempt, Reply};
 use crate::runtime::{AsyncStdSpawner, AsyncStdTimer};
@@ -51,6 +55,10 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// backing-off refresh; the typed error is reachable with
 /// `err.downcast_ref::<tokenflight::Error>()`. A token that cannot be a header value
 /// gives `500` with [`tokenflight::InvalidHeader`] inside.
+///
+/// With query placement, an error of middleware after the layer whose text shows the
+/// token (the request URL, say) is replaced by one with the same status and message,
+/// the token's value written `redacted` (C12).
 ///
 /// # The header
 /// The token is never logged by this crate, but http-types has no "sensitive" flag for
@@ -110,15 +118,45 @@ impl Middleware for TokenLayer {
             return next.run(req, client).await;
         }
         let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
-        let sent = self
+        let placement = self.auth.placement();
+        // The URLs that went out with a query token, to find it in errors (C12).
+        let sent = Mutex::new(Vec::new());
+        let result = self
             .auth
             .send(attempt, options, |attempt: Attempt| {
                 let client = client.clone();
+                if matches!(placement, Placement::Query { .. }) {
+                    sent.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(attempt.url().clone());
+                }
                 async move { next.run(attempt.into_request(), client).await.map(Reply) }
             })
             .await;
-        sent.map(|Reply(response)| response).map_err(to_surf_error)
+        let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
+        result
+            .map(|Reply(response)| response)
+            .map_err(|e| redact(to_surf_error(e), placement, &sent))
     }
+}
+
+/// `error` without the query token that went out in `sent` (C12): surf's own errors do
+/// not print URLs, but middleware after the layer may. An error whose `Display` or
+/// `Debug` shows the token is replaced by one with the same status and its message,
+/// the token redacted; it no longer downcasts to its original type.
+fn redact(error: surf::Error, placement: &Placement, sent: &[Url]) -> surf::Error {
+    let mut error = error;
+    for url in sent {
+        if placement
+            .scrub(url, &format!("{error} {error:?}"))
+            .is_some()
+        {
+            let text = error.to_string();
+            let text = placement.scrub(url, &text).unwrap_or(text);
+            error = surf::Error::from_str(error.status(), text);
+        }
+    }
+    error
 }
 
 /// A `surf::Error` with a status that says what happened and the typed error inside.

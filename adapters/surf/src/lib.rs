@@ -44,6 +44,16 @@
 //!
 //! `tests/redirects.rs` shows all three.
 //!
+//! With query placement (`.query_param("token")`) the token is part of the request's
+//! URL: [`FollowRedirects`] sends no `Referer`, so a hop to another origin does not
+//! carry it, and surf's own errors (and its `Response`, which has no URL) do not show
+//! it (the conformance scenarios `c12_query_token_never_in_errors` and
+//! `c12_query_token_never_in_a_referer` check both). Middleware registered after the
+//! layer sees the URL with the token, like the header.
+//!
+//! Since redirects are followed outside the layer, every response the layer classifies
+//! comes from the origin its request (and token) went to.
+//!
 //! ## Dependencies
 //!
 //! Nothing here needs tokio. surf's `h1-client-rustls` backend (the crate feature of

@@ -1,4 +1,4 @@
-//! The conformance suite S1–S15 through surf, on async-std, against the testkit server.
+//! The conformance suite S1–S18 through surf, on async-std, against the testkit server.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -94,6 +94,19 @@ impl TestClient for SurfClient {
                 headers,
                 body,
             })
+        })
+    }
+
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        Box::pin(async move {
+            use futures::AsyncReadExt;
+            let req = Self::request(&request)?;
+            let mut res = self.0.send(req).await.map_err(|e| e.to_string())?;
+            let mut body = res.take_body();
+            let mut buffer = vec![0; 4096];
+            let read = body.read(&mut buffer).await.map_err(|e| e.to_string())?;
+            buffer.truncate(read);
+            Ok((u16::from(res.status()), buffer))
         })
     }
 }

@@ -180,7 +180,8 @@ async fn permanent_refresh_failure_is_a_401_error_with_the_typed_error_inside() 
 
 #[async_std::test]
 async fn transient_refresh_failure_is_a_503_error_with_the_typed_error_inside() {
-    let s = setup();
+    // One attempt per flight, so the one failure is the flight's outcome.
+    let s = setup_with(|b| b.retry(tokenflight::Retry::none()));
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();
     s.server.fail_next_token_calls(1, Failure::Status500);
@@ -366,4 +367,37 @@ async fn query_placement_is_refreshed_and_resent_too() {
     assert_eq!(requests[0].token.as_deref(), Some(s.access.as_str()));
     assert!(requests[1].accepted);
     assert_eq!(s.server.counters().refresh_token_calls, 1);
+}
+
+/// Middleware after the layer that fails with the request's URL in its message, as
+/// logging or retry middleware may.
+struct FailsShowingTheUrl;
+
+#[surf::utils::async_trait]
+impl surf::middleware::Middleware for FailsShowingTheUrl {
+    async fn handle(
+        &self,
+        req: surf::Request,
+        _client: surf::Client,
+        _next: surf::middleware::Next<'_>,
+    ) -> surf::Result<surf::Response> {
+        Err(surf::Error::from_str(
+            StatusCode::BadGateway,
+            format!("nothing sent to {}", req.url()),
+        ))
+    }
+}
+
+#[async_std::test]
+async fn c12_query_token_never_in_errors_of_middleware_after_the_layer() {
+    let s = setup_with(|b| b.query_param("token"));
+    let client = client(s.layer.clone()).with(FailsShowingTheUrl);
+    let error = client
+        .get(format!("{}?keep=%7e", s.server.api_url("q")))
+        .await
+        .unwrap_err();
+    let text = format!("{error} / {error:?}");
+    assert!(!text.contains(&s.access), "the token shows in {text}");
+    assert!(text.contains("?keep=%7e&token=redacted"), "{text}");
+    assert_eq!(error.status(), StatusCode::BadGateway, "the status is kept");
 }

@@ -260,6 +260,10 @@ pub struct FakeResponse {
     pub status: u16,
     pub www_authenticate: Option<String>,
     pub body: Vec<u8>,
+    /// The `Content-Length` header, if any (a body rule reads only bodies that have one).
+    pub content_length: Option<String>,
+    /// Where the response came from, if the client followed a redirect.
+    pub final_url: Option<Url>,
 }
 
 impl FakeResponse {
@@ -268,6 +272,17 @@ impl FakeResponse {
             status,
             www_authenticate: None,
             body: Vec::new(),
+            content_length: None,
+            final_url: None,
+        }
+    }
+
+    /// `status` with `body` and its `Content-Length`.
+    pub fn with_body(status: u16, body: Vec<u8>) -> Self {
+        FakeResponse {
+            content_length: Some(body.len().to_string()),
+            body,
+            ..FakeResponse::status(status)
         }
     }
 }
@@ -279,6 +294,8 @@ impl ResponseView for FakeResponse {
     fn header(&self, name: &str) -> Option<&str> {
         if name.eq_ignore_ascii_case("www-authenticate") {
             self.www_authenticate.as_deref()
+        } else if name.eq_ignore_ascii_case("content-length") {
+            self.content_length.as_deref()
         } else {
             None
         }
@@ -286,6 +303,10 @@ impl ResponseView for FakeResponse {
 }
 
 impl AuthResponse for FakeResponse {
+    fn final_url(&self) -> Option<&Url> {
+        self.final_url.as_ref()
+    }
+
     async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
         let bytes = (self.body.len() <= limit).then(|| Bytes::from(self.body.clone()));
         (self, bytes)

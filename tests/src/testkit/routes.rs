@@ -26,6 +26,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route(TOKEN_PATH, post(token_endpoint))
         .route("/api/{*path}", get(resource).post(resource).put(resource))
         .route("/redirect", any(redirect))
+        .route("/stream", get(stream))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             notice_credentials,
@@ -78,7 +79,7 @@ async fn token_endpoint(
             Some("client_credentials") => state.counters.client_credentials_calls += 1,
             _ => {}
         }
-        (state.failures.pop_front(), state.config.token_latency)
+        (state.next_failure(), state.config.token_latency)
     });
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -242,6 +243,10 @@ fn injected(failure: Failure) -> Response {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             no_store(response)
         }
+        Failure::Unavailable => no_store(json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": "temporarily_unavailable" }),
+        )),
         Failure::InvalidGrant => oauth_error(OAuthError::InvalidGrant),
         Failure::MalformedJson => {
             let mut response = (StatusCode::OK, "{\"access_token\": ").into_response();
@@ -303,6 +308,10 @@ async fn resource(
         state.requests.push(RecordedRequest {
             method: method.to_string(),
             path: uri.path().to_owned(),
+            query: uri.query().map(str::to_owned),
+            referer: headers
+                .get(header::REFERER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             token,
             authorization: headers.contains_key(header::AUTHORIZATION),
             body: body.to_vec(),
@@ -387,3 +396,44 @@ async fn redirect(Extract(shared): Extract<Arc<Shared>>, uri: Uri) -> Response {
     response.headers_mut().insert(header::LOCATION, location);
     response
 }
+
+// ---- stream ---------------------------------------------------------------------------
+
+/// A response whose body never ends by itself: a first chunk at once, then the last
+/// one after a release (or after [`STREAM_CUT_OFF`], counted as cut off). No
+/// `Content-Length`; the `Content-Type` is the `content_type` query parameter
+/// (`text/event-stream` when missing).
+async fn stream(Extract(shared): Extract<Arc<Shared>>, uri: Uri) -> Response {
+    let content_type =
+        query_param(&uri, "content_type").unwrap_or_else(|| "text/event-stream".to_owned());
+    // Counted before a byte goes out: whoever sees the first chunk sees the count.
+    let before = shared.update(|state| {
+        state.counters.streams_opened += 1;
+        state.releases
+    });
+    let first = futures::stream::once(std::future::ready(Ok::<_, std::convert::Infallible>(
+        Bytes::from_static(STREAM_FIRST),
+    )));
+    let last = futures::stream::once(async move {
+        let released = tokio::time::timeout(STREAM_CUT_OFF, wait_for_release(&shared, before));
+        if released.await.is_err() {
+            shared.update(|state| state.counters.streams_cut_off += 1);
+        }
+        Ok(Bytes::from_static(STREAM_LAST))
+    });
+    let mut response = Response::new(Body::from_stream(futures::StreamExt::chain(first, last)));
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// The first chunk of a `/stream` response.
+pub const STREAM_FIRST: &[u8] = b"data: first\n\n";
+/// The last chunk of a `/stream` response.
+pub const STREAM_LAST: &[u8] = b"data: last\n\n";
+/// How long a `/stream` response waits for a release before it ends anyway: a safety
+/// net that turns a client stuck waiting for the end into a failed check
+/// ([`Counters::streams_cut_off`](super::Counters::streams_cut_off)) instead of a hung
+/// test. Not a timing threshold: a client that works never waits for it.
+pub(super) const STREAM_CUT_OFF: std::time::Duration = std::time::Duration::from_secs(30);

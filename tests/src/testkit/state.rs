@@ -44,6 +44,17 @@ pub struct Counters {
     /// [`TestServer::hold_next_resource_calls`](super::TestServer::hold_next_resource_calls)),
     /// counted when they arrive, before they are held.
     pub held_resource_calls: u64,
+    /// Responses of `/stream` started (counted before their first chunk goes out).
+    pub streams_opened: u64,
+    /// Responses of `/stream` that ended because nobody released them in time (see
+    /// [`TestServer::stream_url`](super::TestServer::stream_url)).
+    pub streams_cut_off: u64,
+    /// Token calls answered `503` because of the outage switch (see
+    /// [`TestServer::set_token_outage`](super::TestServer::set_token_outage)).
+    pub outage_answers: u64,
+    /// Token calls answered `503` by the seeded random failures (see
+    /// [`TestServer::set_token_failure_rate`](super::TestServer::set_token_failure_rate)).
+    pub random_failures: u64,
 }
 
 impl Counters {
@@ -66,6 +77,10 @@ pub struct RecordedRequest {
     pub method: String,
     /// The path, without the query.
     pub path: String,
+    /// The query exactly as it arrived (no decoding, no normalising), if there was one.
+    pub query: Option<String>,
+    /// The `Referer` header, if any.
+    pub referer: Option<String>,
     /// The access token it carried, if any (from the header, or from the query in
     /// query mode).
     pub token: Option<String>,
@@ -78,6 +93,7 @@ pub struct RecordedRequest {
 }
 
 struct AccessToken {
+    issued_at: Instant,
     expires_at: Instant,
     family: Option<u64>,
 }
@@ -157,6 +173,12 @@ pub(crate) struct State {
     pub(crate) hold_next: usize,
     /// Bumped by every release; a held call waits until it moves.
     pub(crate) releases: u64,
+    /// Every token call answers `503` while this is on.
+    pub(crate) outage: bool,
+    /// Share of token calls answered `503` at random, and the seeded generator that
+    /// draws them (the same seed gives the same sequence of outcomes, call by call).
+    pub(crate) failure_rate: f64,
+    pub(crate) rng: fastrand::Rng,
     access: HashMap<String, AccessToken>,
     refresh: HashMap<String, RefreshToken>,
     revoked_families: HashSet<u64>,
@@ -183,6 +205,9 @@ impl State {
             failures: VecDeque::new(),
             hold_next: 0,
             releases: 0,
+            outage: false,
+            failure_rate: 0.0,
+            rng: fastrand::Rng::with_seed(0),
             access: HashMap::new(),
             refresh: HashMap::new(),
             revoked_families: HashSet::new(),
@@ -198,11 +223,18 @@ impl State {
     pub(crate) fn issue_access_token(&mut self, family: Option<u64>) -> (String, u64) {
         let token = self.fresh("at");
         let lifetime = self.config.token_lifetime;
-        let expires_at = Instant::now()
+        let issued_at = Instant::now();
+        let expires_at = issued_at
             .checked_add(lifetime)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
-        self.access
-            .insert(token.clone(), AccessToken { expires_at, family });
+            .unwrap_or_else(|| issued_at + Duration::from_secs(86_400 * 365));
+        self.access.insert(
+            token.clone(),
+            AccessToken {
+                issued_at,
+                expires_at,
+                family,
+            },
+        );
         (token, lifetime.as_secs())
     }
 
@@ -237,6 +269,39 @@ impl State {
             Instant::now() < t.expires_at
                 && t.family.is_none_or(|f| !self.revoked_families.contains(&f))
         })
+    }
+
+    /// The remaining life of the valid access token (unexpired, family not revoked)
+    /// that expires last among those issued before `issued_before`; `None` if there is
+    /// none.
+    pub(crate) fn longest_valid_life(&self, issued_before: Instant) -> Option<Duration> {
+        let now = Instant::now();
+        self.access
+            .values()
+            .filter(|t| t.issued_at < issued_before && now < t.expires_at)
+            .filter(|t| t.family.is_none_or(|f| !self.revoked_families.contains(&f)))
+            .map(|t| t.expires_at.saturating_duration_since(now))
+            .max()
+    }
+
+    /// What a token call answers instead of its normal answer, if anything: a queued
+    /// failure first, then the outage switch, then the seeded random failures. Counts
+    /// the two latter.
+    pub(crate) fn next_failure(&mut self) -> Option<Failure> {
+        if let Some(failure) = self.failures.pop_front() {
+            return Some(failure);
+        }
+        if self.outage {
+            self.counters.outage_answers += 1;
+            return Some(Failure::Unavailable);
+        }
+        // Drawn only while a rate is set, so the sequence depends on the seed and the
+        // number of calls made under the rate, nothing else.
+        if self.failure_rate > 0.0 && self.rng.f64() < self.failure_rate {
+            self.counters.random_failures += 1;
+            return Some(Failure::Unavailable);
+        }
+        None
     }
 
     /// `grant_type=refresh_token` (RFC 6749 §6) with rotation and reuse detection.

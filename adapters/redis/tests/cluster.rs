@@ -1,0 +1,133 @@
+//! A 3-primary Redis Cluster on loopback: the store's keys share one hash tag (so the
+//! fenced scripts that touch the token and the lock together never hit CROSSSLOT), the
+//! fleet's promise holds through a cluster connection, and pub/sub wake-ups reach
+//! replicas subscribed on other nodes.
+
+use std::time::Duration;
+
+mod common;
+
+use common::deployments::{Cluster, cli};
+use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
+use tokenflight::{StoreError, Token, TokenStore};
+use tokenflight_redis::{RedisStore, ReplicaAck};
+
+const WORKER: &str = "cluster_fleet_worker";
+
+fn deployment(cluster: &Cluster) -> Deployment {
+    Deployment {
+        kind: "cluster",
+        urls: cluster.urls(),
+        // This test cluster has no replicas to acknowledge anything.
+        ack: "none".into(),
+        ..Deployment::node(String::new())
+    }
+}
+
+#[test]
+fn a_fleet_on_a_three_primary_cluster_makes_one_refresh_per_expiry() {
+    let cluster = Cluster::start();
+    let mut fleet = Fleet::start(&deployment(&cluster), WORKER);
+    for cycle in 1..=CYCLES {
+        fleet.advance(cycle);
+        let reports = fleet.go(cycle);
+        fleet.assert_all_on(&reports, cycle + 1);
+        let counters = fleet.server.counters();
+        assert_eq!(counters.refresh_token_calls, cycle, "one call per expiry");
+        assert_eq!(counters.reuse_detections, 0);
+        assert_eq!(counters.token_errors, 0);
+        assert_eq!(
+            counters.resource_calls,
+            cycle * (PROCESSES * CLIENTS_PER_PROCESS) as u64
+        );
+    }
+    // The keys really are in one slot, on one node of three.
+    let slots: Vec<String> = ["{fleet:}token", "{fleet:}lock"]
+        .iter()
+        .map(|key| cli(cluster.nodes[0].port, &["CLUSTER", "KEYSLOT", key]))
+        .collect();
+    assert_eq!(slots[0], slots[1]);
+    let holding: Vec<u16> = cluster
+        .nodes
+        .iter()
+        .filter(|n| cli(n.port, &["DBSIZE"]).trim() != "0")
+        .map(|n| n.port)
+        .collect();
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    fleet.quit();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_node_is_woken_by_pubsub_across_the_cluster() {
+    let cluster = Cluster::start();
+    let urls = cluster.urls();
+    // a's subscription is on the first node, b's on the second (each store subscribes
+    // through the first URL it is given); the keys live on whichever node owns the slot.
+    let store = |first: usize| {
+        let mut nodes = urls.clone();
+        nodes.rotate_left(first);
+        RedisStore::cluster(nodes)
+            .key_prefix("{wake}:")
+            .replica_ack(ReplicaAck::None)
+            // Polling so slow that only a pub/sub message can wake b within the test.
+            .poll_interval(Duration::from_secs(30), Duration::from_secs(30))
+            .lock_wait(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let a = store(0);
+    let b = store(1);
+    let held = a.lock().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let lock = b.lock().await;
+        (b, lock.map(drop))
+    });
+    // b is subscribed and polled once (its lock attempt failed) before a saves:
+    // wait for the subscriber count on the channel across the cluster.
+    common::deployments::wait_until("b subscribed", || {
+        cli(
+            cluster.nodes[1].port,
+            &["PUBSUB", "NUMSUB", "{wake}:events"],
+        )
+        .contains("\n1")
+    });
+    a.save(&Token::new("x").with_generation(2), Some(&held))
+        .await
+        .unwrap();
+    a.unlock(held).await;
+    let (b, result) = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("b was woken by pub/sub well before its 30 s poll")
+        .unwrap();
+    result.unwrap();
+    assert_eq!(b.load().await.unwrap().unwrap().generation(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_replica_ack_refuses_to_refresh_on_a_cluster_without_replicas() {
+    let cluster = Cluster::start();
+    let store = RedisStore::cluster(cluster.urls())
+        .key_prefix("{ack}:")
+        .replica_ack_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    match store.lock().await {
+        Err(StoreError::Unavailable(error)) => {
+            assert!(
+                error.to_string().contains("0 of 1 required replica"),
+                "{error}"
+            );
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // The unconfirmed lock was given back: nobody holds it.
+    let holder = cli(cluster.nodes[0].port, &["-c", "GET", "{ack}:lock"]);
+    assert_eq!(holder.trim(), "", "{holder}");
+}
+
+/// A fleet worker process (see `common/fleet.rs`); run by the fleet test above.
+#[test]
+#[ignore = "a worker process started by the cluster fleet test"]
+fn cluster_fleet_worker() {
+    common::fleet::worker();
+}
