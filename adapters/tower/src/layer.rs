@@ -181,7 +181,7 @@ where
     };
     auth.send(outgoing, options, send)
         .await
-        .map(|Incoming(response)| response)
+        .map(|incoming| incoming.response)
 }
 
 /// One send of a request through the inner service.
@@ -205,7 +205,7 @@ where
                 service.call(request).await?
             }
         };
-        Ok(Incoming(response.map(BufferedBody::new)))
+        Ok(Incoming::new(response))
     }
 }
 

@@ -59,6 +59,16 @@
 //! or a larger one, is sent as it is: if the token is rejected, the caller gets the
 //! response and the token is marked rejected, so the next request gets a new one (C4).
 //!
+//! ## Redirects
+//!
+//! hyper-util's client and tonic do not follow redirects. Below the layer, tower-http's
+//! `FollowRedirect` does, and its standard policy drops `Authorization` when a redirect
+//! leaves the origin; a token in another header (`.header("x-api-key", None)`) would go
+//! along, so with a custom header placement do not follow redirects to other origins
+//! (a `FollowRedirect` policy that stops there). With the feature `tower-http`, a response
+//! that `FollowRedirect` fetched from another origin is not taken as a verdict on the
+//! token (it never went there): it goes to the caller unclassified (C4).
+//!
 //! ## Responses and errors
 //!
 //! Responses carry a [`BufferedBody`]: the inner service's body, with any bytes a body

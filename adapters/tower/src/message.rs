@@ -122,15 +122,42 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
 }
 
 /// A response on its way back through the [`TokenService`](crate::TokenService).
-pub(crate) struct Incoming<B: http_body::Body>(pub(crate) http::Response<BufferedBody<B>>);
+pub(crate) struct Incoming<B: http_body::Body> {
+    pub(crate) response: http::Response<BufferedBody<B>>,
+    /// Where the response came from, when a redirect-following service below the layer
+    /// says so (tower-http's `FollowRedirect`).
+    final_url: Option<Url>,
+}
+
+impl<B: http_body::Body> Incoming<B> {
+    pub(crate) fn new(response: http::Response<B>) -> Self {
+        let final_url = final_url(&response);
+        Incoming {
+            response: response.map(BufferedBody::new),
+            final_url,
+        }
+    }
+}
+
+#[cfg(feature = "tower-http")]
+fn final_url<B>(response: &http::Response<B>) -> Option<Url> {
+    let tower_http::follow_redirect::RequestUri(uri) = response.extensions().get()?;
+    // A relative URI only follows a relative request, which carried no token.
+    url_of(uri)
+}
+
+#[cfg(not(feature = "tower-http"))]
+fn final_url<B>(_response: &http::Response<B>) -> Option<Url> {
+    None
+}
 
 impl<B: http_body::Body> ResponseView for Incoming<B> {
     fn status(&self) -> u16 {
-        self.0.status().as_u16()
+        self.response.status().as_u16()
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.0.headers().get(name)?.to_str().ok()
+        self.response.headers().get(name)?.to_str().ok()
     }
 }
 
@@ -139,16 +166,30 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin,
     B::Error: Send,
 {
+    fn final_url(&self) -> Option<&Url> {
+        self.final_url.as_ref()
+    }
+
     async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
-        let (parts, body) = self.0.into_parts();
+        let Incoming {
+            response,
+            final_url,
+        } = self;
+        let (parts, body) = response.into_parts();
         // Only a body nothing was read from yet (always the case: one classification
         // per response) can be read here.
-        let body = match body.into_inner() {
-            Ok(body) => body,
-            Err(body) => return (Incoming(http::Response::from_parts(parts, body)), None),
+        let (body, bytes) = match body.into_inner() {
+            Ok(body) => body::read_ahead(body, limit, Wait::Yes).await,
+            Err(body) => (body, None),
         };
-        let (body, bytes) = body::read_ahead(body, limit, Wait::Yes).await;
-        (Incoming(http::Response::from_parts(parts, body)), bytes)
+        let response = http::Response::from_parts(parts, body);
+        (
+            Incoming {
+                response,
+                final_url,
+            },
+            bytes,
+        )
     }
 }
 

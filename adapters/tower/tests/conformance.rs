@@ -1,4 +1,4 @@
-//! The conformance suite through hyper-util's client, tower-http's redirect following
+//! The conformance suite (S1–S18 and the C4/C12 checks) through hyper-util's client, tower-http's redirect following
 //! and the [`TokenLayer`] against the testkit server.
 
 use std::sync::Arc;
@@ -60,6 +60,33 @@ struct TowerClient(Stack);
 
 impl TowerClient {
     async fn send_request(&self, request: TestRequest) -> Result<TestResponse, String> {
+        let response = self.start(request).await?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| error_text(&*e))?
+            .to_bytes();
+        Ok(TestResponse {
+            status,
+            headers,
+            body: body.to_vec(),
+        })
+    }
+
+    /// Sends the request; the response's body is not read yet.
+    async fn start(&self, request: TestRequest) -> Result<http::Response<ResponseBody>, String> {
         let body: RequestBody = match request.body {
             None => Full::default().map_err(BoxError::from).boxed(),
             Some(bytes) if request.streaming_body => {
@@ -87,41 +114,37 @@ impl TowerClient {
             http_request.extensions_mut().insert(ForceRefresh);
         }
         let mut service = self.0.clone();
-        let response = service
+        service
             .ready()
             .await
             .map_err(|e| error_text(&*e))?
             .call(http_request)
             .await
-            .map_err(|e| error_text(&*e))?;
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| error_text(&*e))?
-            .to_bytes();
-        Ok(TestResponse {
-            status,
-            headers,
-            body: body.to_vec(),
-        })
+            .map_err(|e| error_text(&*e))
     }
 }
 
 impl TestClient for TowerClient {
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>> {
         Box::pin(self.send_request(request))
+    }
+
+    fn first_chunk(&self, request: TestRequest) -> BoxFuture<'_, Result<(u16, Vec<u8>), String>> {
+        Box::pin(async move {
+            let response = self.start(request).await?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            // The first data frame (trailers are not data; an ended body is empty).
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| error_text(&*e))?;
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        return Ok((status, data.to_vec()));
+                    }
+                }
+            }
+            Ok((status, Vec::new()))
+        })
     }
 }
 
