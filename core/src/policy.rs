@@ -603,7 +603,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod tests {
+mod header_rule_tests {
     use super::*;
 
     struct Head(u16, &'static [(&'static str, &'static str)]);
