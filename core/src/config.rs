@@ -21,7 +21,7 @@ use crate::token::Token;
 ///
 /// | lifetime `L` | leeway | refresh ahead starts | callers wait from |
 /// |---|---|---|---|
-/// | 1 s   | 100 ms | 667 ms after issue (333 ms before expiry) | 900 ms |
+/// | 1 s   | 100 ms | 667 ms after issue (333 ms before expiry) — but see below | 900 ms — but see below |
 /// | 10 s  | 1 s    | 6.67 s (3.33 s before expiry) | 9 s |
 /// | 1 min | 6 s    | 40 s (20 s before expiry) | 54 s |
 /// | 5 min | 10 s   | 3 min 20 s (100 s before expiry) | 4 min 50 s |
@@ -35,6 +35,11 @@ use crate::token::Token;
 /// refresh-ahead cap — while MSAL refreshes at half-life; a third of the lifetime sits
 /// between the two and keeps steady traffic at about 1.5 source calls per lifetime
 /// for short tokens (half-life would make it 2, with no margin for latency).
+///
+/// The minimum refresh interval (default 1 s) comes first: a token younger than it is
+/// neither refreshed ahead nor counted as expired. For lifetimes up to about 1.5 s this
+/// moves both points to 1 s after the token was obtained (for `L` = 1 s: callers keep
+/// the token until it expires, then wait for one refresh).
 ///
 /// A token younger than `min_refresh_interval` is always usable, even when it arrived
 /// already expired by the local clock (`expires_in: 0`, a skewed `exp`): the server

@@ -287,6 +287,7 @@ pub type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Classifier {
     statuses: Vec<u16>,
+    headers: Vec<(String, String)>,
     www_authenticate: bool,
     head: Option<HeadPredicate>,
     body: Option<(usize, BodyPredicate)>,
@@ -297,6 +298,7 @@ impl Default for Classifier {
     fn default() -> Self {
         Classifier {
             statuses: vec![401],
+            headers: Vec::new(),
             www_authenticate: true,
             head: None,
             body: None,
@@ -309,6 +311,7 @@ impl fmt::Debug for Classifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Classifier")
             .field("statuses", &self.statuses)
+            .field("headers", &self.headers)
             .field("www_authenticate", &self.www_authenticate)
             .field("head_predicate", &self.head.is_some())
             .field("body_limit", &self.body.as_ref().map(|(limit, _)| *limit))
@@ -326,6 +329,22 @@ impl Classifier {
     /// Status codes that mean "token rejected".
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         self.statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// A response header that means "token rejected" whatever the status, when its value
+    /// is `value` (surrounding whitespace ignored); may be repeated. For protocols that
+    /// answer HTTP 200 with the verdict in a header, such as gRPC's `grpc-status: 16`
+    /// (UNAUTHENTICATED) in a trailers-only response. RFC 6750 hints still take
+    /// precedence (an `insufficient_scope` challenge is never a rejection).
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// let grpc = Classifier::new().header_equals("grpc-status", "16");
+    /// # drop(grpc);
+    /// ```
+    pub fn header_equals(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -384,6 +403,11 @@ impl Classifier {
             }
         }
         self.statuses.contains(&response.status())
+            || self.headers.iter().any(|(name, value)| {
+                response
+                    .header(name)
+                    .is_some_and(|found| found.trim() == value.as_str())
+            })
     }
 
     /// The body rule, if any: its byte limit and predicate.
@@ -575,5 +599,42 @@ mod tests {
             None,
             "no body rule"
         );
+    }
+}
+
+#[cfg(test)]
+mod header_rule_tests {
+    use super::*;
+
+    struct Head(u16, &'static [(&'static str, &'static str)]);
+
+    impl ResponseView for Head {
+        fn status(&self) -> u16 {
+            self.0
+        }
+
+        fn header(&self, name: &str) -> Option<&str> {
+            self.1
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        }
+    }
+
+    #[test]
+    fn a_header_rule_rejects_whatever_the_status_and_yields_to_rfc_6750_hints() {
+        let classifier = Classifier::new().header_equals("grpc-status", "16");
+        assert!(classifier.head_rejects(&Head(200, &[("grpc-status", "16")])));
+        assert!(classifier.head_rejects(&Head(200, &[("grpc-status", " 16")])));
+        assert!(!classifier.head_rejects(&Head(200, &[("grpc-status", "160")])));
+        assert!(!classifier.head_rejects(&Head(200, &[])));
+        assert!(
+            classifier.head_rejects(&Head(401, &[])),
+            "statuses still apply"
+        );
+        const SCOPE: (&str, &str) = ("www-authenticate", "Bearer error=\"insufficient_scope\"");
+        assert!(!classifier.head_rejects(&Head(200, &[("grpc-status", "16"), SCOPE])));
+        // Without the rule, the same response is fine.
+        assert!(!Classifier::new().head_rejects(&Head(200, &[("grpc-status", "16")])));
     }
 }

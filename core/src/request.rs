@@ -84,4 +84,28 @@ impl RequestOptions {
             force_refresh,
         }
     }
+
+    /// The options of a request whose extensions are `extensions` (every client built
+    /// on the `http` crate keeps them there): a `RequestOptions` value if there is one
+    /// (extensions hold one value per type, so whoever inserts last, usually the
+    /// request, wins over a client-wide default), then the [`SkipAuth`] and
+    /// [`ForceRefresh`] markers, each of which switches its option on.
+    ///
+    /// ```
+    /// use tokenflight::{RequestOptions, SkipAuth};
+    /// let mut extensions = http::Extensions::new();
+    /// extensions.insert(SkipAuth);
+    /// let options = RequestOptions::from_extensions(&extensions);
+    /// assert!(options.skip_auth && !options.force_refresh);
+    /// ```
+    pub fn from_extensions(extensions: &http::Extensions) -> Self {
+        let base = extensions
+            .get::<RequestOptions>()
+            .copied()
+            .unwrap_or_default();
+        RequestOptions::from_markers(
+            base.skip_auth || extensions.get::<SkipAuth>().is_some(),
+            base.force_refresh || extensions.get::<ForceRefresh>().is_some(),
+        )
+    }
 }

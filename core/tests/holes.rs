@@ -801,3 +801,38 @@ fn c16_budget_bounds_the_retries() {
     assert!(clock.elapsed() <= Duration::from_secs(25) + Duration::from_millis(500));
     assert!(source.calls() <= 3);
 }
+
+/// The table in `FlightConfig`'s docs, observed on a coordinator: the time after issue
+/// at which the refresh-ahead call happens, for every lifetime in the table.
+#[test]
+fn c15_the_documented_table_holds_on_a_coordinator() {
+    let s = Duration::from_secs;
+    let ms = Duration::from_millis;
+    // (lifetime, the refresh starts after)
+    let table = [
+        (s(1), s(1)), // the minimum refresh interval comes first
+        (s(10), ms(6667)),
+        (s(60), s(40)),
+        (s(300), s(200)),
+        (s(3600), s(3375)),
+        (s(86_400), s(86_175)),
+    ];
+    for (lifetime, expected) in table {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(lifetime));
+        let flight = builder(&clock, &source).build_flight().unwrap();
+        futures::executor::block_on(flight.token()).unwrap();
+        let step = (lifetime / 1000).max(ms(1));
+        let mut waited = Duration::ZERO;
+        while source.calls() == 1 && waited < lifetime * 2 {
+            clock.advance(step);
+            waited += step;
+            futures::executor::block_on(flight.token()).unwrap();
+        }
+        assert_eq!(source.calls(), 2, "L = {lifetime:?}");
+        assert!(
+            waited.abs_diff(expected) <= step,
+            "L = {lifetime:?}: refreshed after {waited:?}, documented {expected:?}"
+        );
+    }
+}

@@ -13,7 +13,7 @@ pub mod report;
 pub mod storm;
 
 // The README's code blocks compile (and the runnable ones run) as doc tests here, where
-// both the core and the reqwest adapter are dependencies.
+// the core and the reqwest and tower adapters are dependencies.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;

@@ -7,5 +7,6 @@
 
 pub mod conformance;
 pub mod fuzz_targets;
+pub mod grpc;
 pub mod model;
 pub mod testkit;

@@ -189,6 +189,12 @@ impl TestServer {
         self.shared.read(f)
     }
 
+    /// Whether the API would accept `token` now (issued here, unexpired, not revoked):
+    /// for other servers in a test that share this server's tokens (the gRPC testkit).
+    pub fn access_token_valid(&self, token: &str) -> bool {
+        self.read(|state| state.access_valid(token))
+    }
+
     /// The socket address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr

@@ -27,6 +27,7 @@ impl Adapter for NaiveAdapter {
             auth,
             http: reqwest::Client::new(),
             refresh_every_request: false,
+            surface_refresh_errors: false,
         })
     }
 
@@ -42,8 +43,10 @@ enum Fault {
     NoBackoff,
     /// A refresh before every request (a token source called per request).
     RefreshEveryRequest,
-    /// One attempt per flight and no refresh ahead of expiry: one failed token call
-    /// fails every caller waiting for it (the behaviour issue 12 reported).
+    /// One attempt per flight, no refresh ahead of expiry, and every refresh error goes
+    /// to the caller (a forced refresh once the token is within its leeway, so no
+    /// fallback to the still-valid token): one failed token call fails every caller
+    /// waiting for it (the behaviour issue 12 reported).
     OneAttemptNoRefreshAhead,
 }
 
@@ -69,6 +72,7 @@ impl Adapter for FaultyAdapter {
             auth,
             http: reqwest::Client::new(),
             refresh_every_request: self.0 == Fault::RefreshEveryRequest,
+            surface_refresh_errors: self.0 == Fault::OneAttemptNoRefreshAhead,
         })
     }
 
@@ -83,13 +87,16 @@ struct NaiveClient {
     auth: Authenticator,
     http: reqwest::Client,
     refresh_every_request: bool,
+    /// Refresh (forced) as soon as the token is not valid, and pass its error on.
+    surface_refresh_errors: bool,
 }
 
 impl TestClient for NaiveClient {
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>> {
         Box::pin(async move {
             let flight = self.auth.flight();
-            let token = if self.refresh_every_request {
+            let expired = self.surface_refresh_errors && flight.valid_token().is_none();
+            let token = if self.refresh_every_request || expired {
                 flight.force_refresh().await
             } else {
                 flight.token().await

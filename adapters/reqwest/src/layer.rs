@@ -5,9 +5,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::Extensions;
 use reqwest::{Request, Response, Url};
 use reqwest_middleware::{Middleware, Next};
-use tokenflight::{
-    AuthError, Authenticator, Builder, ForceRefresh, Placement, RequestOptions, SkipAuth,
-};
+use tokenflight::{AuthError, Authenticator, Builder, Placement, RequestOptions};
+#[cfg(test)]
+use tokenflight::{ForceRefresh, SkipAuth};
 
 use crate::message::{Incoming, Outgoing};
 use crate::runtime::{TokioSpawner, TokioTimer};
@@ -200,19 +200,11 @@ fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The options for one request: a [`RequestOptions`] value if there is one (a request's
-/// own replaces a client-wide one, since extensions hold one value per type and the
-/// client's initialisers run before the request adds its own), then the markers, each of
-/// which switches its option on.
+/// The options for one request: see [`RequestOptions::from_extensions`] (a client-wide
+/// `RequestOptions` from reqwest-middleware's initialiser is replaced by the request's own,
+/// since the initialisers run before the request adds its extensions).
 fn request_options(extensions: &Extensions) -> RequestOptions {
-    let base = extensions
-        .get::<RequestOptions>()
-        .copied()
-        .unwrap_or_default();
-    RequestOptions::from_markers(
-        base.skip_auth || extensions.get::<SkipAuth>().is_some(),
-        base.force_refresh || extensions.get::<ForceRefresh>().is_some(),
-    )
+    RequestOptions::from_extensions(extensions)
 }
 
 /// Token errors become `Error::Middleware` holding the core's typed error, so callers

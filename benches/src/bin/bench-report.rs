@@ -123,19 +123,45 @@ fn storm() {
 }
 
 fn end_to_end() {
-    println!("### (d) End to end through reqwest on the testkit server");
+    println!("### (d) End to end on the testkit server");
     println!();
     println!(
-        "Throughput of reqwest + tokenflight relative to bare reqwest (higher is better; 1.00 = same)."
+        "Throughput with tokenflight relative to the same client without it, in one run \
+         (higher is better; 1.00 = same): reqwest + middleware vs bare reqwest, and \
+         hyper-util + the tower `TokenLayer` vs bare hyper-util."
     );
     println!();
-    println!("| mode | throughput ratio |");
-    println!("|---|---|");
+    println!("| mode | reqwest ratio | tower ratio | reqwest, interleaved | tower, interleaved |");
+    println!("|---|---|---|---|---|");
+    let extras = Extras::load("end_to_end");
     for mode in ["sequential", "concurrent_32"] {
         let bare = mean(&format!("end_to_end/{mode}/bare_reqwest"));
         let layered = mean(&format!("end_to_end/{mode}/reqwest_tokenflight"));
-        println!("| {mode} | {} |", ratio(bare, layered));
+        let bare_hyper = mean(&format!("end_to_end/{mode}/bare_hyper"));
+        let tower = mean(&format!("end_to_end/{mode}/tower_tokenflight"));
+        println!(
+            "| {mode} | {} | {} | {} | {} |",
+            ratio(bare, layered),
+            ratio(bare_hyper, tower),
+            fixed(extras.get(&format!("interleaved_{mode}_reqwest")), 2),
+            fixed(extras.get(&format!("interleaved_{mode}_tower")), 2),
+        );
     }
+    println!();
+    println!(
+        "The interleaved columns are the median of 31 short rounds that time both clients \
+         back to back (see `interleaved_ratio` in `benches/benches/end_to_end.rs`), so load \
+         changes on a shared machine hit both alike."
+    );
+    println!();
+    let bare = mean("tower_overhead/bare");
+    let layered = mean("tower_overhead/layered");
+    println!(
+        "The tower layer's own cost per request (`tower_overhead`, no network): {} µs \
+         through the layer vs {} µs bare.",
+        fixed(layered.map(|ns| ns / 1000.0), 2),
+        fixed(bare.map(|ns| ns / 1000.0), 2),
+    );
     println!();
 }
 

@@ -1,0 +1,248 @@
+//! The tower `Layer` and `Service` that run the core's retry driver around any HTTP
+//! service.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Body;
+use tokenflight::{AuthError, Authenticator, Builder, RequestOptions};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::{BufferedBody, ReplayBody};
+use crate::message::{Incoming, Outgoing, url_of};
+use crate::runtime::{TokioSpawner, TokioTimer};
+
+/// Keeps the access token of the services it wraps valid: attaches it, refreshes it
+/// once for everybody when it expires or is rejected, and resends a rejected request
+/// exactly once when its body can be replayed (see [`ReplayBody`]).
+///
+/// Cheap to clone; clones, and every [`TokenService`] made from them, share one token
+/// and one refresh.
+#[derive(Clone, Debug)]
+pub struct TokenLayer {
+    auth: Authenticator,
+    replay_limit: usize,
+}
+
+/// Request bodies up to this many bytes are kept in memory so a rejected request can be
+/// resent (1 MiB, as in the surf adapter). See [`TokenLayer::replay_body_limit`].
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
+
+impl TokenLayer {
+    /// A builder preset for tokio: [`TokioTimer`] for refresh timeouts, and a
+    /// [`TokioSpawner`] on the current runtime (if called inside one) so a refresh
+    /// completes and is stored even when every request waiting for it was cancelled (C6).
+    /// Without a runtime the refresh is driven by the requests waiting for it; call
+    /// `.spawner(Arc::new(TokioSpawner::new(handle)))` to name one.
+    pub fn builder() -> Builder<TokenLayer> {
+        let builder = Builder::for_output().timer(Arc::new(TokioTimer));
+        match TokioSpawner::try_current() {
+            Some(spawner) => builder.spawner(Arc::new(spawner)),
+            None => builder,
+        }
+    }
+
+    /// How many bytes of a request body the layer keeps in memory to resend it (default
+    /// [`DEFAULT_REPLAY_BODY_LIMIT`]). Only bodies of a type that
+    /// holds a buffered body (boxed bodies, tonic's) are read ahead; a body larger than
+    /// this is sent as it is and not replayed (C4). `0` replays only bodies that copy
+    /// cheaply (`Full<Bytes>`, `String`, `Empty`) and empty ones.
+    pub fn replay_body_limit(mut self, bytes: usize) -> Self {
+        self.replay_limit = bytes;
+        self
+    }
+
+    /// The auth layer behind this layer: `stats()`, and `flight()` to install a token
+    /// after a login or read the current one.
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+}
+
+impl From<Authenticator> for TokenLayer {
+    fn from(auth: Authenticator) -> Self {
+        TokenLayer {
+            auth,
+            replay_limit: DEFAULT_REPLAY_BODY_LIMIT,
+        }
+    }
+}
+
+impl<S> Layer<S> for TokenLayer {
+    type Service = TokenService<S>;
+
+    fn layer(&self, inner: S) -> TokenService<S> {
+        TokenService {
+            inner,
+            auth: self.auth.clone(),
+            replay_limit: self.replay_limit,
+        }
+    }
+}
+
+/// The service made by [`TokenLayer`]: sends requests through `S` with a valid token.
+///
+/// # Errors
+/// [`AuthError::Token`] when no token can be had (the core's typed
+/// [`tokenflight::Error`]), [`AuthError::InvalidHeader`] when the token cannot be a
+/// header value, and [`AuthError::Transport`] holding the inner service's error
+/// unchanged.
+#[derive(Clone, Debug)]
+pub struct TokenService<S> {
+    inner: S,
+    auth: Authenticator,
+    replay_limit: usize,
+}
+
+impl<S> TokenService<S> {
+    /// The auth layer: `stats()`, `flight()`.
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for TokenService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: ReplayBody,
+    RB: Body<Data = Bytes> + Send + Unpin + 'static,
+    RB::Error: Send,
+{
+    type Response = http::Response<BufferedBody<RB>>;
+    type Error = AuthError<S::Error>;
+    type Future = ResponseFuture<RB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(AuthError::Transport)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The instance `poll_ready` readied goes with this request; `self` keeps a clone,
+        // which its next `poll_ready` readies (tower's advice for services that move the
+        // inner service into their future).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        let limit = self.replay_limit;
+        ResponseFuture {
+            inner: Box::pin(send(auth, ready, request, limit)),
+        }
+    }
+}
+
+async fn send<S, B, RB>(
+    auth: Authenticator,
+    mut service: S,
+    request: http::Request<B>,
+    replay_limit: usize,
+) -> Result<http::Response<BufferedBody<RB>>, AuthError<S::Error>>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone,
+    B: ReplayBody,
+    RB: Body<Data = Bytes> + Send + Unpin,
+    RB::Error: Send,
+{
+    let options = RequestOptions::from_extensions(request.extensions());
+    let Some(url) = url_of(request.uri()) else {
+        // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
+        // generated clients send such URIs unless made `with_origin`.
+        tracing::debug!("request URI has no origin; sent without a token");
+        let response = service.call(request).await;
+        return response
+            .map(|r| r.map(BufferedBody::new))
+            .map_err(AuthError::Transport);
+    };
+    // Only a request that will carry the token may need a resend, and only then is its
+    // body read ahead.
+    let may_resend = !options.skip_auth && auth.allowed_origins().allows(&url);
+    let outgoing = Outgoing::new(request, url, may_resend.then_some(replay_limit)).await;
+    let mut first = true;
+    let send = move |outgoing: Outgoing<B>| {
+        let request = outgoing.into_request();
+        let attempt = if std::mem::replace(&mut first, false) {
+            Attempt::Ready(service.call(request))
+        } else {
+            // The resend (at most one): a clone, readied before it is called.
+            Attempt::Resend(service.clone(), request)
+        };
+        attempt.run()
+    };
+    auth.send(outgoing, options, send)
+        .await
+        .map(|incoming| incoming.response)
+}
+
+/// One send of a request through the inner service.
+enum Attempt<S: Service<R>, R> {
+    /// The first: the service instance `poll_ready` readied, already called.
+    Ready(S::Future),
+    /// The resend: a clone of the service, not yet ready.
+    Resend(S, R),
+}
+
+impl<S, R, RB> Attempt<S, R>
+where
+    S: Service<R, Response = http::Response<RB>>,
+    RB: Body,
+{
+    async fn run(self) -> Result<Incoming<RB>, S::Error> {
+        let response = match self {
+            Attempt::Ready(future) => future.await?,
+            Attempt::Resend(mut service, request) => {
+                poll_fn(|cx| service.poll_ready(cx)).await?;
+                service.call(request).await?
+            }
+        };
+        Ok(Incoming::new(response))
+    }
+}
+
+/// What a [`TokenService`] call resolves to.
+type Output<RB, E> = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;
+
+/// The future of [`TokenService::call`].
+pub struct ResponseFuture<RB: Body, E> {
+    inner: Pin<Box<dyn Future<Output = Output<RB, E>> + Send>>,
+}
+
+impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<RB: Body, E> Future for ResponseFuture<RB, E> {
+    type Output = Output<RB, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builder_presets_a_spawner_inside_a_runtime_only() {
+        let outside = format!("{:?}", TokenLayer::builder());
+        assert!(outside.contains("spawner: false"), "{outside}");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let inside = runtime.block_on(async { format!("{:?}", TokenLayer::builder()) });
+        assert!(inside.contains("spawner: true"), "{inside}");
+    }
+}

@@ -1,0 +1,108 @@
+//! # tokenflight-tower
+//!
+//! [`tokenflight`] for tower: a [`Layer`](tower_layer::Layer) that keeps the access
+//! token of any tower HTTP service valid — hyper-util's client, a tonic gRPC `Channel`,
+//! or a stack of tower-http middleware. Before a request it checks the token for (near)
+//! expiry; after the response it checks whether the server rejected it. Either way
+//! exactly one refresh runs for all concurrent requests, and each rejected request is
+//! resent exactly once with the new token when its body can be replayed. The
+//! coordination lives in the core; this crate maps `http` types onto it and supplies
+//! tokio's spawner and timer.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tokenflight_tower::tokenflight::oauth2::RefreshTokenGrant;
+//! use tokenflight_tower::{HyperTransport, TokenLayer};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//!
+//! # async fn run(refresh_token_from_login: String) -> Result<(), Box<dyn std::error::Error>> {
+//! // Token sources use a *bare* client: a refresh never passes through the layer.
+//! let bare = Arc::new(HyperTransport::default());
+//! let grant = RefreshTokenGrant::new(bare, "http://auth.internal/oauth/token", "my-app")?
+//!     .initial_refresh_token(refresh_token_from_login);
+//! let layer = TokenLayer::builder()
+//!     .source(grant)
+//!     .allowed_origin("http://api.internal") // the token goes nowhere else
+//!     .build()?;
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let mut service = ServiceBuilder::new().layer(layer).service(client);
+//!
+//! let request = http::Request::get("http://api.internal/me").body(Full::default())?;
+//! let response = service.ready().await?.call(request).await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The README's "With tonic (gRPC)" section shows the layer in front of a tonic
+//! `Channel` (feature `tonic`) with the [`grpc::classifier`].
+//!
+//! ## Requests: absolute URIs, options, replay
+//!
+//! The token goes only to the allowed origins, so the layer needs to know a request's
+//! origin: a request with a relative URI (`/path`) is sent without a token. hyper-util's
+//! client always uses absolute URIs; build a tonic client `with_origin(service, uri)`.
+//!
+//! Per-request options are markers in the request's extensions:
+//! [`SkipAuth`](tokenflight::SkipAuth) sends it without credentials and does not classify
+//! the response; [`ForceRefresh`](tokenflight::ForceRefresh) refreshes before sending; a
+//! [`RequestOptions`](tokenflight::RequestOptions) value sets both.
+//!
+//! A rejected request is resent only if its body can be sent again (see [`ReplayBody`]):
+//! `Full<Bytes>`, `String` and `Empty` bodies copy cheaply; boxed bodies (and tonic's)
+//! are read ahead into memory when the whole body is there, up to
+//! [`TokenLayer::replay_body_limit`]. A body still being produced (a client-streaming call),
+//! or a larger one, is sent as it is: if the token is rejected, the caller gets the
+//! response and the token is marked rejected, so the next request gets a new one (C4).
+//!
+//! ## Redirects
+//!
+//! hyper-util's client and tonic do not follow redirects. Below the layer, tower-http's
+//! `FollowRedirect` does, and its standard policy drops `Authorization` when a redirect
+//! leaves the origin; a token in another header (`.header("x-api-key", None)`) would go
+//! along, so with a custom header placement do not follow redirects to other origins
+//! (a `FollowRedirect` policy that stops there). With the feature `tower-http`, a response
+//! that `FollowRedirect` fetched from another origin is not taken as a verdict on the
+//! token (it never went there): it goes to the caller unclassified (C4).
+//!
+//! ## Responses and errors
+//!
+//! Responses carry a [`BufferedBody`]: the inner service's body, with any bytes a body
+//! classifier looked at put back in front. The service's error is
+//! [`AuthError`](tokenflight::AuthError): `Token` holds the core's typed
+//! [`tokenflight::Error`] when no token can be had, `Transport` holds the inner
+//! service's error unchanged.
+//!
+//! ## Readiness
+//!
+//! `poll_ready` is the inner service's; `call` takes the instance it readied and leaves
+//! a clone behind, as tower advises. A resend uses another clone, which it readies
+//! (`poll_ready`) before calling.
+//!
+//! ## Cancellation
+//!
+//! Dropping a response future is safe at any point: a refresh it started goes on for
+//! the other requests, and with the [`TokioSpawner`] that [`TokenLayer::builder`]
+//! presets it completes and is stored even if every request was dropped (C6).
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod body;
+pub mod grpc;
+mod layer;
+mod message;
+mod runtime;
+mod transport;
+
+pub use body::{BufferedBody, ReplayBody};
+pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, ResponseFuture, TokenLayer, TokenService};
+pub use runtime::{TokioSpawner, TokioTimer};
+pub use transport::HyperTransport;
+
+pub use tokenflight;

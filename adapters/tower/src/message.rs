@@ -1,0 +1,285 @@
+//! `http::Request` and `http::Response` seen through the core's `AuthRequest` and
+//! `AuthResponse`.
+//!
+//! The core works on a `url::Url`; an `http::Request` has a `Uri`. The URL is parsed
+//! once per request and written back only when the core changed it (query placement).
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Uri};
+use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use url::Url;
+
+use crate::body::{self, BufferedBody, ReplayBody, Wait};
+
+/// The URL of an absolute-form request URI; `None` for a relative one (`/path`), which
+/// names no origin.
+pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
+    uri.scheme()?;
+    uri.authority()?;
+    Url::parse(&uri.to_string()).ok()
+}
+
+/// How a request's body is produced again for the resend.
+enum Replay<B: http_body::Body> {
+    /// The body type copies cheaply.
+    Copy,
+    /// The whole body, read ahead, and how to make a `B` of it.
+    Buffered(Bytes, fn(BufferedBody<B>) -> B),
+    /// Not replayable (a stream, too large, or a type that can do neither).
+    No,
+}
+
+/// A request on its way through the [`TokenService`](crate::TokenService).
+pub(crate) struct Outgoing<B: http_body::Body> {
+    parts: http::request::Parts,
+    body: B,
+    url: Url,
+    url_changed: bool,
+    replay: Replay<B>,
+}
+
+impl<B: ReplayBody> Outgoing<B> {
+    /// Prepares `request` (whose URI is `url`). With `read` (a limit), the body is made
+    /// replayable if it can be: a body type that can hold a buffered body is read ahead
+    /// (without waiting); any other is copied with `try_clone` when a resend needs it.
+    pub(crate) async fn new(request: http::Request<B>, url: Url, read: Option<usize>) -> Self {
+        let (parts, body) = request.into_parts();
+        let (body, replay) = match (read, B::wrap_buffered()) {
+            (None, _) => (body, Replay::No),
+            // `try_clone` decides when (if) a copy is needed.
+            (Some(_), None) => (body, Replay::Copy),
+            (Some(limit), Some(wrap)) => {
+                let (buffered, bytes) = body::read_ahead(body, limit, Wait::No).await;
+                let replay = match bytes {
+                    Some(bytes) => Replay::Buffered(bytes, wrap),
+                    None => Replay::No,
+                };
+                // The original when nothing was read (an empty stream not yet ready).
+                let body = buffered.into_inner().unwrap_or_else(wrap);
+                (body, replay)
+            }
+        };
+        Outgoing {
+            parts,
+            body,
+            url,
+            url_changed: false,
+            replay,
+        }
+    }
+
+    /// The request to send, with the URL the core may have changed.
+    pub(crate) fn into_request(self) -> http::Request<B> {
+        let mut parts = self.parts;
+        if self.url_changed {
+            match Uri::try_from(self.url.as_str()) {
+                Ok(uri) => parts.uri = uri,
+                // `url` writes the query with form encoding, which `Uri` accepts; this
+                // cannot happen, and if it did the request would go without the token
+                // (the server rejects it; the token does not go anywhere it should not).
+                Err(_) => tracing::debug!("the URL with the token is not a valid URI"),
+            }
+        }
+        http::Request::from_parts(parts, self.body)
+    }
+}
+
+impl<B: ReplayBody> AuthRequest for Outgoing<B> {
+    fn url(&self) -> &Url {
+        &self.url
+    }
+
+    fn url_mut(&mut self) -> &mut Url {
+        self.url_changed = true;
+        &mut self.url
+    }
+
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader)?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
+        value.set_sensitive(true);
+        self.parts.headers.insert(name, value);
+        Ok(())
+    }
+
+    fn try_clone(&self) -> Option<Self> {
+        let (body, replay) = match &self.replay {
+            Replay::Copy => (self.body.try_clone()?, Replay::Copy),
+            Replay::Buffered(bytes, wrap) => (
+                wrap(BufferedBody::from_bytes(bytes.clone())),
+                Replay::Buffered(bytes.clone(), *wrap),
+            ),
+            Replay::No => return None,
+        };
+        Some(Outgoing {
+            parts: self.parts.clone(),
+            body,
+            url: self.url.clone(),
+            url_changed: self.url_changed,
+            replay,
+        })
+    }
+}
+
+/// A response on its way back through the [`TokenService`](crate::TokenService).
+pub(crate) struct Incoming<B: http_body::Body> {
+    pub(crate) response: http::Response<BufferedBody<B>>,
+    /// Where the response came from, when a redirect-following service below the layer
+    /// says so (tower-http's `FollowRedirect`).
+    final_url: Option<Url>,
+}
+
+impl<B: http_body::Body> Incoming<B> {
+    pub(crate) fn new(response: http::Response<B>) -> Self {
+        let final_url = final_url(&response);
+        Incoming {
+            response: response.map(BufferedBody::new),
+            final_url,
+        }
+    }
+}
+
+#[cfg(feature = "tower-http")]
+fn final_url<B>(response: &http::Response<B>) -> Option<Url> {
+    let tower_http::follow_redirect::RequestUri(uri) = response.extensions().get()?;
+    // A relative URI only follows a relative request, which carried no token.
+    url_of(uri)
+}
+
+#[cfg(not(feature = "tower-http"))]
+fn final_url<B>(_response: &http::Response<B>) -> Option<Url> {
+    None
+}
+
+impl<B: http_body::Body> ResponseView for Incoming<B> {
+    fn status(&self) -> u16 {
+        self.response.status().as_u16()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.response.headers().get(name)?.to_str().ok()
+    }
+}
+
+impl<B> AuthResponse for Incoming<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin,
+    B::Error: Send,
+{
+    fn final_url(&self) -> Option<&Url> {
+        self.final_url.as_ref()
+    }
+
+    async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
+        let Incoming {
+            response,
+            final_url,
+        } = self;
+        let (parts, body) = response.into_parts();
+        // Only a body nothing was read from yet (always the case: one classification
+        // per response) can be read here.
+        let (body, bytes) = match body.into_inner() {
+            Ok(body) => body::read_ahead(body, limit, Wait::Yes).await,
+            Err(body) => (body, None),
+        };
+        let response = http::Response::from_parts(parts, body);
+        (
+            Incoming {
+                response,
+                final_url,
+            },
+            bytes,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, Full};
+
+    fn post<B>(body: B) -> http::Request<B> {
+        http::Request::post("http://127.0.0.1:1/api/x?a=1")
+            .body(body)
+            .unwrap()
+    }
+
+    fn url() -> Url {
+        Url::parse("http://127.0.0.1:1/api/x?a=1").unwrap()
+    }
+
+    #[test]
+    fn only_absolute_uris_have_a_url() {
+        assert!(url_of(&Uri::from_static("/pkg.Service/Method")).is_none());
+        assert_eq!(
+            url_of(&Uri::from_static("https://api.example.com:8443/x?y=1"))
+                .unwrap()
+                .as_str(),
+            "https://api.example.com:8443/x?y=1"
+        );
+    }
+
+    #[tokio::test]
+    async fn full_bodies_are_copied_not_read() {
+        let request = Outgoing::new(
+            post(Full::new(Bytes::from_static(b"payload"))),
+            url(),
+            Some(0),
+        )
+        .await;
+        let copy = request.try_clone().expect("replayable");
+        for r in [request, copy] {
+            let body = r.into_request().into_body().collect().await.unwrap();
+            assert_eq!(body.to_bytes(), "payload");
+        }
+    }
+
+    #[tokio::test]
+    async fn boxed_bodies_are_replayed_within_the_limit_only() {
+        let boxed = || {
+            Full::new(Bytes::from_static(b"0123456789"))
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
+            Outgoing::new(post(boxed()), url(), Some(10)).await;
+        let copy = fits.try_clone().expect("fits the limit");
+        for r in [fits, copy] {
+            let body = r.into_request().into_body().collect().await.unwrap();
+            assert_eq!(body.to_bytes(), "0123456789");
+        }
+        let too_large = Outgoing::new(post(boxed()), url(), Some(9)).await;
+        assert!(too_large.try_clone().is_none());
+        let body = too_large
+            .into_request()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            body.to_bytes(),
+            "0123456789",
+            "intact although not replayable"
+        );
+    }
+
+    #[tokio::test]
+    async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
+        let mut request = Outgoing::new(post(String::new()), url(), Some(0)).await;
+        request
+            .url_mut()
+            .query_pairs_mut()
+            .append_pair("token", "s3cr+t");
+        request
+            .set_sensitive_header("authorization", "Bearer s")
+            .unwrap();
+        assert_eq!(
+            request.set_sensitive_header("authorization", "Bearer a\r\nx-evil: 1"),
+            Err(InvalidHeader)
+        );
+        let sent = request.into_request();
+        assert_eq!(sent.uri().query(), Some("a=1&token=s3cr%2Bt"));
+        assert!(sent.headers()["authorization"].is_sensitive());
+    }
+}

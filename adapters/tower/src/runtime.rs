@@ -1,0 +1,95 @@
+//! tokio's spawner and timer for the core, so a refresh finishes even when every caller
+//! was cancelled (C6) and refresh timeouts use tokio's clock.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use pin_project_lite::pin_project;
+use tokio::runtime::Handle;
+
+/// Spawns the core's background work (refreshes whose callers all left, refresh-ahead)
+/// on a tokio runtime.
+#[derive(Clone, Debug)]
+pub struct TokioSpawner {
+    handle: Handle,
+}
+
+impl TokioSpawner {
+    /// Spawns on the runtime behind `handle`.
+    pub fn new(handle: Handle) -> Self {
+        TokioSpawner { handle }
+    }
+
+    /// Spawns on the runtime this is called from, if there is one.
+    pub fn try_current() -> Option<Self> {
+        Handle::try_current().ok().map(Self::new)
+    }
+}
+
+impl tokenflight::Spawn for TokioSpawner {
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        // Detached on purpose: the task stores its result in the coordinator, which is
+        // where everybody who cares looks for it.
+        drop(self.handle.spawn(task));
+    }
+}
+
+/// Sleeps with `tokio::time::sleep`. The runtime that polls the sleep needs its time
+/// driver enabled (as hyper-util's and tonic's own timeouts do).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioTimer;
+
+impl tokenflight::Timer for TokioTimer {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(Sleep {
+            duration,
+            sleep: None,
+        })
+    }
+}
+
+pin_project! {
+    /// `tokio::time::sleep`, created on first poll, inside the runtime that polls it
+    /// (`tokio::time::sleep` panics when called outside one). Unlike an `async` block
+    /// around it, it may be polled again after it completed (it stays ready): a deadline
+    /// that fired and is then checked again must not panic.
+    struct Sleep {
+        duration: Duration,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.duration)));
+        }
+        match this.sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenflight::Timer;
+
+    #[tokio::test]
+    async fn a_completed_sleep_stays_ready() {
+        let mut sleep = TokioTimer.sleep(Duration::from_millis(1));
+        sleep.as_mut().await;
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // An `async` block around `tokio::time::sleep` panics here.
+        assert!(sleep.as_mut().poll(&mut cx).is_ready(), "polled again");
+    }
+}
