@@ -892,7 +892,9 @@ impl SingleFlight {
             _ => return self.current().ok_or_else(|| self.out_of_budget("reload")),
         };
         let stored = match within(self.inner.parts.store.load(), deadline).await {
-            Some(Ok(stored)) => sane(stored),
+            // A login not saved yet is newer than anything stored (C17): a stored
+            // session then is an older one, perhaps another account's.
+            Some(Ok(stored)) if self.lock_state().unsaved_login.is_none() => sane(stored),
             _ => None,
         };
         let now = self.now();

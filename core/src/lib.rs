@@ -103,7 +103,10 @@
 //!
 //! Beyond these: model-based property tests over generated interleavings, cancellations
 //! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
-//! `c5_c9_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
+//! `c5_c9_…`, and for C15–C18, with logins during flights, stale sessions in the store,
+//! store calls that fail, hang or panic, panicking hooks, wall-clock steps, huge
+//! generations and `Retry-After` values: `c15_c16_…`, `c17_logins_…`, `c17_replicas_…`,
+//! `c5_c18_…`, `c9_backoff_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
 //! mutants (`core/tests/mutants.rs`), the conformance suite S1–S18 and its regression
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
 //! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable

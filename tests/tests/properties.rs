@@ -707,7 +707,6 @@ fn c9_a_wall_clock_step_back_does_not_stretch_backoff() {
 /// login, not saved yet) is newer (C17). `SingleFlight::reload` must not adopt a stored
 /// token while a login is unsaved, as `attempt_locked` already does not.
 #[test]
-#[ignore = "core bug (reload adopts a stale stored session over an unsaved initial token): un-ignore with the fix"]
 fn c17_the_auth_lost_reload_never_adopts_a_stale_session_over_an_unsaved_login() {
     let ops = vec![
         // The second store call (the login's load) fails: the initial token stays unsaved.
