@@ -921,6 +921,14 @@ impl SingleFlight {
         deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
+        // Fleet fast path (issue 20): most often another replica refreshed already, so
+        // one read adopts its token without contending for the lock (flat per-replica
+        // store work). Same guards as under the lock: an unsaved login is newer than
+        // anything stored (C17), a corrupt generation is ignored, and only a usable
+        // token newer than ours serves (C3).
+        if let Some(token) = self.adopt_unlocked(epoch, deadline).await {
+            return Ok(token);
+        }
         let lock = within(store.lock(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
@@ -930,6 +938,36 @@ impl SingleFlight {
             .await;
         self.release(lock, deadline).await;
         result
+    }
+
+    /// Reads the stored token without the lock and returns it if it is usable and
+    /// newer than the one in memory. Any store error or a spent budget just falls
+    /// through to the locked path, which reports it.
+    async fn adopt_unlocked(&self, epoch: u64, deadline: &mut Deadline) -> Option<Arc<Token>> {
+        if self.lock_state().unsaved_login.is_some() {
+            return None;
+        }
+        let stored = sane(
+            within(self.inner.parts.store.load(), deadline)
+                .await?
+                .ok()?,
+        )?;
+        if self.login_since(epoch) || self.lock_state().unsaved_login.is_some() {
+            return None;
+        }
+        let now = self.now();
+        let newer = self
+            .current()
+            .is_none_or(|cur| stored.generation() > cur.generation());
+        if !newer || !self.is_usable(&stored, now) {
+            return None;
+        }
+        bump(&self.inner.counters.adopted);
+        tracing::debug!(
+            generation = stored.generation(),
+            "adopted the stored token without the lock"
+        );
+        Some(Arc::new(stamp(stored, now)))
     }
 
     /// Unlocks within the budget; past it the guard is dropped (stores fall back to

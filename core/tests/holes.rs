@@ -836,3 +836,75 @@ fn c15_the_documented_table_holds_on_a_coordinator() {
         );
     }
 }
+
+// ---- Issue 20: per-replica store work stays flat in a fleet ----
+
+/// Before: every replica took the store's lock each refresh cycle even when another
+/// replica had already saved the next token, so lock traffic grew with the fleet. A
+/// newer usable stored token is now adopted with one read and no lock.
+#[test]
+fn issue20_a_newer_usable_stored_token_is_adopted_without_the_lock() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let store = FaultStore::holding(other_session(&clock, 50));
+    let flight = builder(&clock, &source)
+        .store_arc(store.clone())
+        .build_flight()
+        .unwrap();
+    let first = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(first.generation(), 50);
+    assert_eq!(
+        store.locks.load(Ordering::SeqCst),
+        0,
+        "no lock for an adoption"
+    );
+    assert_eq!(source.calls(), 0);
+    // Another replica refreshes (generation 51) once ours expired: adopted, no lock.
+    clock.advance(LONG + Duration::from_secs(1));
+    *store.token.lock().unwrap() = Some(other_session(&clock, 51));
+    let second = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(second.generation(), 51);
+    assert_eq!(
+        store.locks.load(Ordering::SeqCst),
+        0,
+        "no lock for an adoption"
+    );
+    assert_eq!(source.calls(), 0);
+    assert_eq!(flight.stats().adopted, 2);
+}
+
+/// The unlocked read never adopts a token that is not newer, a corrupt generation, or
+/// anything while a login is unsaved: those go through the lock (and the source).
+#[test]
+fn issue20_the_unlocked_read_keeps_every_guard() {
+    // A corrupt stored generation: lock + source call.
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let store = FaultStore::holding(other_session(&clock, MAX_GENERATION + 1));
+    let flight = builder(&clock, &source)
+        .store_arc(store.clone())
+        .build_flight()
+        .unwrap();
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert!(token.generation() <= MAX_GENERATION);
+    assert_eq!(
+        store.locks.load(Ordering::SeqCst),
+        1,
+        "a corrupt generation is not adopted"
+    );
+    assert_eq!(source.calls(), 1);
+
+    // An unsaved login: the stored session (however high) is never adopted.
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let store = FaultStore::holding(other_session(&clock, 50));
+    let flight = builder(&clock, &source)
+        .store_arc(store.clone())
+        .initial_token(login(&clock, Duration::from_secs(60)))
+        .build_flight()
+        .unwrap();
+    clock.advance(Duration::from_secs(61));
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_ne!(token.access().expose(), "other-account");
+    assert_eq!(flight.stats().adopted, 0);
+}
