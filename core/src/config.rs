@@ -17,7 +17,9 @@ use crate::token::Token;
 ///   refresh never starts before two thirds of the life have passed.
 ///
 /// A token whose lifetime is unknown gets the caps as they are. With the defaults
-/// (caps 10 s and 225 s):
+/// (caps 10 s and 225 s) — "refresh ahead starts" is the earliest point; with
+/// [`FlightConfig::refresh_ahead_jitter`] each coordinator starts at a per-token point
+/// between it and half the window later:
 ///
 /// | lifetime `L` | leeway | refresh ahead starts | callers wait from |
 /// |---|---|---|---|
@@ -55,6 +57,17 @@ pub struct FlightConfig {
     /// still-valid token is used while one refresh runs ahead (C8), scaled to `L / 3`
     /// for short lifetimes. `None` disables it. Default: 225 s.
     pub refresh_ahead: Option<Duration>,
+    /// Spreads refresh-ahead starts over a fleet: each coordinator starts its
+    /// refresh-ahead at `window × f` before expiry, with `f` drawn in
+    /// `[1 - refresh_ahead_jitter / 100, 1]` once per token generation (a hash of the
+    /// generation and a per-coordinator random seed: deterministic, no allocation on
+    /// the fast path). Replicas sharing a store then do not all contend at the same
+    /// instant: the first one refreshes, the rest find its token already stored and
+    /// adopt it with one read. The window in the table above (C15) is the upper bound
+    /// of the start point: refresh-ahead never starts earlier than it says, and with
+    /// the default at most half the window later. A percentage (values above 100
+    /// count as 100); `0` turns the jitter off. Default: 50.
+    pub refresh_ahead_jitter: u8,
     /// Expiry-driven source calls are at least this far apart: a token younger than
     /// this is always usable (C15). Default: 1 s.
     pub min_refresh_interval: Duration,
@@ -74,6 +87,7 @@ impl Default for FlightConfig {
         FlightConfig {
             leeway: Duration::from_secs(10),
             refresh_ahead: Some(Duration::from_secs(225)),
+            refresh_ahead_jitter: 50,
             min_refresh_interval: Duration::from_secs(1),
             refresh_timeout: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(10),

@@ -92,6 +92,8 @@ struct Inner {
     /// Locked after `state` when both are held, never the other way round.
     aliases: Mutex<Vec<(u64, u64)>>,
     counters: Counters,
+    /// Per-coordinator random keys for the refresh-ahead jitter (issue 20).
+    jitter: std::collections::hash_map::RandomState,
 }
 
 #[derive(Default)]
@@ -176,6 +178,7 @@ impl SingleFlight {
                 state: Mutex::new(state),
                 aliases: Mutex::new(Vec::new()),
                 counters: Counters::default(),
+                jitter: std::collections::hash_map::RandomState::new(),
             }),
         }
     }
@@ -262,9 +265,26 @@ impl SingleFlight {
             self.inner.parts.config.refresh_ahead_for(token),
             token.expiry(),
         ) {
-            (Some(window), Some(_)) => !self.is_young(token, now) && token.is_expired(now, window),
+            (Some(window), Some(_)) => {
+                !self.is_young(token, now) && token.is_expired(now, self.jittered(window, token))
+            }
             _ => false,
         }
+    }
+
+    /// `window × f`, `f` in `[1 - refresh_ahead_jitter %, 1]`, fixed per generation and
+    /// coordinator: a fleet's replicas start their refresh-ahead at different points.
+    fn jittered(&self, window: Duration, token: &Token) -> Duration {
+        use std::hash::BuildHasher;
+        let percent = self.inner.parts.config.refresh_ahead_jitter.min(100);
+        if percent == 0 {
+            return window;
+        }
+        let jitter = f64::from(percent) / 100.0;
+        // 53 random bits as a fraction in [0, 1).
+        let unit =
+            (self.inner.jitter.hash_one(token.generation()) >> 11) as f64 / (1u64 << 53) as f64;
+        window.mul_f64(1.0 - jitter * unit)
     }
 
     /// A token to send now.

@@ -124,6 +124,14 @@ impl TokenStore for FaultStore {
     }
 }
 
+/// The documented timing table (C15) gives the window's upper bound; these tests pin
+/// it exactly, so no per-replica jitter.
+fn unjittered() -> FlightConfig {
+    let mut config = FlightConfig::default();
+    config.refresh_ahead_jitter = 0;
+    config
+}
+
 fn other_session(clock: &ManualClock, generation: u64) -> Token {
     Token::new("other-account")
         .with_refresh("other-refresh")
@@ -643,7 +651,10 @@ fn c6_lease_lost_on_save_keeps_the_token_the_server_issued() {
 fn c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(2)));
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source)
+        .config(unjittered())
+        .build_flight()
+        .unwrap();
     // 10 lifetimes, 100 calls per 100 ms.
     for _ in 0..200 {
         for _ in 0..100 {
@@ -745,7 +756,10 @@ fn c16_refresh_ahead_failures_are_invisible() {
     let clock = ManualClock::at_fixed_point();
     let source =
         ScriptedSource::new(&clock, Step::Transient).then(Step::Ok(Duration::from_secs(60)));
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source)
+        .config(unjittered())
+        .build_flight()
+        .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     clock.advance(Duration::from_secs(45)); // inside the 20 s window
     for _ in 0..10 {
@@ -820,7 +834,10 @@ fn c15_the_documented_table_holds_on_a_coordinator() {
     for (lifetime, expected) in table {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(lifetime));
-        let flight = builder(&clock, &source).build_flight().unwrap();
+        let flight = builder(&clock, &source)
+            .config(unjittered())
+            .build_flight()
+            .unwrap();
         futures::executor::block_on(flight.token()).unwrap();
         let step = (lifetime / 1000).max(ms(1));
         let mut waited = Duration::ZERO;
@@ -907,4 +924,30 @@ fn issue20_the_unlocked_read_keeps_every_guard() {
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_ne!(token.access().expose(), "other-account");
     assert_eq!(flight.stats().adopted, 0);
+}
+
+/// The jittered refresh-ahead start stays inside the documented window: never earlier
+/// than the table says (225 s before expiry for a 1 h token), at most half the window
+/// later (112.5 s before expiry) with the default jitter.
+#[test]
+fn issue20_jittered_refresh_ahead_starts_inside_the_window() {
+    for _ in 0..20 {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+        let flight = builder(&clock, &source).build_flight().unwrap();
+        futures::executor::block_on(flight.token()).unwrap();
+        assert_eq!(source.calls(), 1);
+        // Just before the window's upper bound: no refresh yet.
+        clock.advance(LONG - Duration::from_secs(226));
+        futures::executor::block_on(flight.token()).unwrap();
+        assert_eq!(source.calls(), 1, "refresh-ahead started before the window");
+        // Past the latest jittered start: the refresh ran (the caller drives it).
+        clock.advance(Duration::from_secs(226 - 112));
+        futures::executor::block_on(flight.token()).unwrap();
+        assert_eq!(
+            source.calls(),
+            2,
+            "refresh-ahead did not start by half the window"
+        );
+    }
 }

@@ -2936,6 +2936,8 @@ mod compat {
         let mut config = FlightConfig::default();
         config.leeway = LEEWAY;
         config.refresh_ahead = setup.refresh_ahead.then_some(REFRESH_AHEAD);
+        // The model predicts the exact start of refresh-ahead: no per-replica jitter.
+        config.refresh_ahead_jitter = 0;
         config.refresh_timeout = REFRESH_TIMEOUT;
         config.attempt_timeout = ATTEMPT_TIMEOUT;
         config.min_refresh_interval = MIN_REFRESH_INTERVAL;
