@@ -1,0 +1,250 @@
+//! Fleet simulator (issue 20): `REPLICAS` coordinators, each a `SingleFlight` with its
+//! own `RedisStore` connection and its own `RefreshTokenGrant`, as tasks in this
+//! process, against a `redis-server` this bin starts on a free loopback port and the
+//! testkit's authorization server (rotating refresh tokens, reuse detection) with short
+//! tokens. Every replica asks for a token every `--tick-ms`; after a warm-up the bin
+//! counts Redis commands (`INFO commandstats`), token-endpoint calls, refresh-token
+//! reuse, and how long after a token's first appearance the last replica holds it.
+//!
+//! `cargo run --release -p tokenflight-benches --bin fleet-sim -- REPLICAS [SECONDS]`
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokenflight::oauth2::RefreshTokenGrant;
+use tokenflight::{Builder, Token, TokenStore, Transport};
+use tokenflight_redis::RedisStore;
+use tokenflight_reqwest::BareTransport;
+use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+
+/// Token lifetime: short, so a run sees several refresh cycles.
+const LIFETIME: Duration = Duration::from_secs(3);
+
+struct Redis(Child, u16);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (redis-tools) is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn start_redis() -> Redis {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxclients",
+            "10000",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let redis = Redis(child, port);
+    for _ in 0..100 {
+        if cli(port, &["PING"]).contains("PONG") {
+            return redis;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not start");
+}
+
+/// Total calls over all commands in `INFO commandstats` (commands run by scripts
+/// included: Redis counts them too), and the per-command split.
+fn commandstats(port: u16) -> (u64, BTreeMap<String, u64>) {
+    let mut by = BTreeMap::new();
+    for line in cli(port, &["INFO", "commandstats"]).lines() {
+        let Some(rest) = line.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let Some((name, stats)) = rest.split_once(':') else {
+            continue;
+        };
+        let calls = stats
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        by.insert(name.to_owned(), calls);
+    }
+    // The bin's own INFO/CONFIG calls are not the fleet's work.
+    for own in ["info", "config|resetstat", "ping"] {
+        by.remove(own);
+    }
+    (by.values().sum(), by)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let replicas: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);
+    let tick = Duration::from_millis(
+        std::env::var("FLEET_TICK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+
+    let redis = start_redis();
+    let port = redis.1;
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: LIFETIME,
+        ..TestServerConfig::default()
+    });
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let url = format!("redis://127.0.0.1:{port}");
+
+    // The login, stored once for the whole fleet (already obtained now).
+    let (access, _) = server.issue_access_token();
+    let login = Token::new(access)
+        .with_refresh(server.issue_refresh_token())
+        .expires_in(LIFETIME, SystemTime::now())
+        .with_generation(1);
+    let seed = rt.block_on(async {
+        let seed = RedisStore::builder(url.as_str()).connect().await.expect("redis");
+        seed.save(&login, None).await.expect("seed save");
+        seed
+    });
+
+    // first_seen[generation][replica] = when that replica first held it.
+    let seen: Arc<Mutex<BTreeMap<u64, Vec<Instant>>>> = Arc::default();
+    let transport: Arc<dyn Transport> = Arc::new(BareTransport::default());
+    let flights = rt.block_on(async {
+        let mut flights = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            let store = RedisStore::builder(url.as_str())
+                .connect()
+                .await
+                .expect("a replica's redis connection");
+            let grant = RefreshTokenGrant::new(
+                transport.clone(),
+                &server.token_url(),
+                &server.client_id(),
+            )
+            .expect("grant")
+            .client_secret(server.client_secret());
+            flights.push(
+                Builder::new()
+                    .store(store)
+                    .source(grant)
+                    .build_flight()
+                    .expect("a coordinator"),
+            );
+        }
+        flights
+    });
+    // Warm-up: everybody has the login (connections, script loads, first reads done).
+    rt.block_on(async {
+        for f in &flights {
+            f.token().await.expect("the login");
+        }
+    });
+    server.reset_counters();
+    cli(port, &["CONFIG", "RESETSTAT"]);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (index, flight) in flights.iter().cloned().enumerate() {
+            let seen = seen.clone();
+            let errors = errors.clone();
+            // Spread the ticks so the replicas do not ask in lockstep.
+            let offset = tick.mul_f64(index as f64 / replicas as f64);
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(offset).await;
+                let mut last = 1;
+                while Instant::now() < until {
+                    match flight.token().await {
+                        Ok(token) if token.generation() != last => {
+                            last = token.generation();
+                            let at = Instant::now();
+                            let mut seen = seen.lock().expect("seen");
+                            let row = seen
+                                .entry(last)
+                                .or_insert_with(|| vec![started; replicas]);
+                            row[index] = at;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(tick).await;
+                }
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
+    let (commands, by) = commandstats(port);
+    let counters = server.counters();
+    drop(seed);
+
+    // Complete cycles only: generations every replica reached.
+    let seen = seen.lock().expect("seen");
+    let mut spread = Vec::new();
+    for row in seen.values() {
+        if row.iter().all(|at| *at > started) {
+            let first = row.iter().min().copied().unwrap_or(started);
+            let last = row.iter().max().copied().unwrap_or(started);
+            spread.push(last - first);
+        }
+    }
+    spread.sort();
+    let cycles = counters.refresh_token_calls.max(1);
+    println!(
+        "replicas={replicas} seconds={seconds} tick={tick:?} token_endpoint_calls={} refresh_calls={} \
+         generations_seen={} complete_cycles={} reuse={} token_errors={} caller_errors={} \
+         redis_commands={commands} per_replica_per_cycle={:.2} \
+         adoption_spread_p50={:?} adoption_spread_p99={:?} adoption_spread_max={:?}",
+        counters.token_calls,
+        counters.refresh_token_calls,
+        seen.len(),
+        spread.len(),
+        counters.reuse_detections,
+        counters.token_errors,
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+        commands as f64 / (replicas as f64 * cycles as f64),
+        percentile(&spread, 0.5),
+        percentile(&spread, 0.99),
+        spread.last().copied().unwrap_or_default(),
+    );
+    println!("commands: {by:?}");
+}
