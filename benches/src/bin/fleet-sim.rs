@@ -135,7 +135,10 @@ fn main() {
         .expires_in(LIFETIME, SystemTime::now())
         .with_generation(1);
     let seed = rt.block_on(async {
-        let seed = RedisStore::builder(url.as_str()).connect().await.expect("redis");
+        let seed = RedisStore::builder(url.as_str())
+            .connect()
+            .await
+            .expect("redis");
         seed.save(&login, None).await.expect("seed save");
         seed
     });
@@ -150,13 +153,10 @@ fn main() {
                 .connect()
                 .await
                 .expect("a replica's redis connection");
-            let grant = RefreshTokenGrant::new(
-                transport.clone(),
-                &server.token_url(),
-                &server.client_id(),
-            )
-            .expect("grant")
-            .client_secret(server.client_secret());
+            let grant =
+                RefreshTokenGrant::new(transport.clone(), &server.token_url(), &server.client_id())
+                    .expect("grant")
+                    .client_secret(server.client_secret());
             flights.push(
                 Builder::new()
                     .store(store)
@@ -195,9 +195,7 @@ fn main() {
                             last = token.generation();
                             let at = Instant::now();
                             let mut seen = seen.lock().expect("seen");
-                            let row = seen
-                                .entry(last)
-                                .or_insert_with(|| vec![started; replicas]);
+                            let row = seen.entry(last).or_insert_with(|| vec![started; replicas]);
                             row[index] = at;
                         }
                         Ok(_) => {}
