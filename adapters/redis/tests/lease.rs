@@ -35,11 +35,13 @@ enum Phase {
     Save,
 }
 
-/// A `RedisStore` whose first `load` or `save` parks until the test lets it go: the
-/// holder "stalls" at that point while keeping (or, without renewal, losing) the lock.
+/// A `RedisStore` whose first `load` or `save` under the lock parks until the test lets
+/// it go: the holder "stalls" at that point while keeping (or, without renewal, losing)
+/// the lock. (A load before the lock, the coordinator's unlocked read, never stalls.)
 struct StallingStore {
     inner: RedisStore,
     phase: Phase,
+    locked: std::sync::atomic::AtomicBool,
     gate: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
 }
 
@@ -56,13 +58,14 @@ impl StallingStore {
         let store = StallingStore {
             inner,
             phase,
+            locked: std::sync::atomic::AtomicBool::new(false),
             gate: Mutex::new(Some((stalled_tx, resume_rx))),
         };
         (store, Stall { stalled, resume })
     }
 
     async fn maybe_stall(&self, phase: Phase) {
-        if phase != self.phase {
+        if phase != self.phase || !self.locked.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let gate = self.gate.lock().unwrap().take();
@@ -93,7 +96,11 @@ impl TokenStore for StallingStore {
     }
 
     fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        self.inner.lock()
+        Box::pin(async move {
+            let lock = self.inner.lock().await?;
+            self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(lock)
+        })
     }
 
     fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
