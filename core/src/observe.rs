@@ -16,6 +16,11 @@ use std::time::Duration;
 use crate::error::{RefreshError, RefreshErrorKind};
 use crate::source::RefreshReason;
 
+#[cfg(feature = "metrics")]
+mod metrics_observer;
+#[cfg(feature = "metrics")]
+pub use metrics_observer::MetricsObserver;
+
 /// A refresh flight started.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -201,5 +206,28 @@ impl Observers {
                 tracing::warn!("an observer panicked; ignored");
             }
         }
+    }
+}
+
+/// A stable, lower-case name for a refresh reason (used as a metric label).
+pub fn reason_str(reason: Option<RefreshReason>) -> &'static str {
+    match reason {
+        None => "reload",
+        Some(RefreshReason::Initial) => "initial",
+        Some(RefreshReason::Expired) => "expired",
+        Some(RefreshReason::Rejected) => "rejected",
+        Some(RefreshReason::RefreshAhead) => "refresh_ahead",
+        Some(RefreshReason::Forced) => "forced",
+    }
+}
+
+/// A stable, lower-case name for an error kind (used as a metric label).
+pub fn error_kind_str(kind: RefreshErrorKind) -> &'static str {
+    match kind {
+        RefreshErrorKind::Transient => "transient",
+        RefreshErrorKind::Permanent => "permanent",
+        RefreshErrorKind::Timeout => "timeout",
+        RefreshErrorKind::Store => "store",
+        RefreshErrorKind::Panicked => "panicked",
     }
 }
