@@ -33,12 +33,12 @@ use tracing::Instrument;
 
 use crate::config::FlightConfig;
 use crate::error::{Error, RefreshError, RefreshErrorKind};
-use crate::runtime::{Clock, Spawn, Timer};
-use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::observe::{
     AttemptFailed, AuthLost, FlightJoined, Observers, Outcome, RefreshFinished, RefreshStarted,
     ResendKind, TokenInstalled,
 };
+use crate::runtime::{Clock, Spawn, Timer};
+use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
 use crate::store::{StoreError, StoreLock, TokenStore};
 use crate::token::Token;
@@ -1147,8 +1147,8 @@ async fn run_flight(
     let started = flight.mono();
     let counters = &flight.inner.counters;
     let calls_before = counters.source_calls.load(Ordering::Relaxed);
-    let adopted_before = counters.adopted.load(Ordering::Relaxed)
-        + counters.store_reloads.load(Ordering::Relaxed);
+    let adopted_before =
+        counters.adopted.load(Ordering::Relaxed) + counters.store_reloads.load(Ordering::Relaxed);
     // A panic in any pluggable part ends the flight with a typed error for every
     // waiter; `Shared` would otherwise re-panic in each of them (C18).
     let result = AssertUnwindSafe(flight.run(kind, replaces, epoch))

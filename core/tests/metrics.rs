@@ -43,7 +43,10 @@ fn record(f: impl FnOnce()) -> BTreeMap<String, DebugValue> {
 fn counter(metrics: &BTreeMap<String, DebugValue>, key: &str) -> u64 {
     match metrics.get(key) {
         Some(DebugValue::Counter(n)) => *n,
-        other => panic!("{key}: {other:?} in {:?}", metrics.keys().collect::<Vec<_>>()),
+        other => panic!(
+            "{key}: {other:?} in {:?}",
+            metrics.keys().collect::<Vec<_>>()
+        ),
     }
 }
 
@@ -94,12 +97,27 @@ fn hundred_callers_one_flight() {
         source.gate().release();
         assert!(block_on(join_all(callers)).iter().all(Result::is_ok));
     });
-    assert_eq!(counter(&metrics, "tokenflight.refresh.started{reason=expired}"), 1);
-    assert_eq!(counter(&metrics, "tokenflight.flight.waiters{reason=expired}"), 99);
-    assert_eq!(counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"), 1);
-    assert_eq!(histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"), vec![1.0]);
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=expired}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.flight.waiters{reason=expired}"),
+        99
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        1
+    );
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
+        vec![1.0]
+    );
     // ManualClock did not move: the flight took zero monotonic time.
-    assert_eq!(histogram(&metrics, "tokenflight.refresh.duration{outcome=success}"), vec![0.0]);
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.duration{outcome=success}"),
+        vec![0.0]
+    );
     assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
 }
 
@@ -142,17 +160,35 @@ fn stale_rejection_and_retry_and_auth_lost() {
         assert!(block_on(auth.flight().force_refresh()).is_err());
         block_on(auth.flight().install(Token::new("login-secret"))).unwrap();
     });
-    assert_eq!(counter(&metrics, "tokenflight.refresh.started{reason=initial}"), 1);
-    assert_eq!(counter(&metrics, "tokenflight.refresh.started{reason=forced}"), 2);
-    assert_eq!(counter(&metrics, "tokenflight.attempt.failed{kind=transient}"), 1);
-    assert_eq!(counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"), 2);
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=forced}"),
+        2
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.attempt.failed{kind=transient}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        2
+    );
     assert_eq!(
         histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
         vec![1.0, 2.0]
     );
-    assert_eq!(counter(&metrics, "tokenflight.request.resent{kind=stale}"), 1);
+    assert_eq!(
+        counter(&metrics, "tokenflight.request.resent{kind=stale}"),
+        1
+    );
     assert_eq!(counter(&metrics, "tokenflight.rejection.stale{}"), 1);
-    assert_eq!(counter(&metrics, "tokenflight.refresh.outcome{outcome=permanent}"), 1);
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=permanent}"),
+        1
+    );
     assert_eq!(counter(&metrics, "tokenflight.auth.lost{}"), 1);
     assert_eq!(counter(&metrics, "tokenflight.token.installed{}"), 1);
     // No label carries a token, a secret or an unbounded value.

@@ -13,8 +13,8 @@ use futures::executor::block_on;
 use futures::future::join_all;
 use support::{FakeRequest, FakeResponse, FakeServer, ScriptedSource, Step, poll_once};
 use tokenflight::observe::{
-    AttemptFailed, AuthLost, FlightJoined, Outcome, RefreshFinished, RefreshStarted,
-    RequestResent, TokenInstalled,
+    AttemptFailed, AuthLost, FlightJoined, Outcome, RefreshFinished, RefreshStarted, RequestResent,
+    TokenInstalled,
 };
 use tokenflight::{Backoff, Builder, ManualClock, Observer, RequestOptions, Retry, Token};
 
@@ -244,10 +244,10 @@ fn auth_lost_then_login() {
     let rec = Recorder::default();
     let flight = builder(&clock, &source, &rec).build_flight().unwrap();
     assert!(block_on(flight.token()).is_err());
-    let login = block_on(flight.install(Token::new("login-secret").expires_in(
-        LONG,
-        tokenflight::Clock::now(&clock),
-    )))
+    let login = block_on(
+        flight
+            .install(Token::new("login-secret").expires_in(LONG, tokenflight::Clock::now(&clock))),
+    )
     .unwrap();
     let token = block_on(flight.token()).unwrap();
     assert_eq!(token.generation(), login.generation());
@@ -332,7 +332,13 @@ fn no_event_carries_a_token_or_secret() {
     let debug = rec.debug.lock().unwrap().clone();
     assert!(debug.len() >= 6, "events recorded: {debug:?}");
     for line in &debug {
-        for secret in ["token-", "refresh-", "old-secret", "login-secret", "login-refresh"] {
+        for secret in [
+            "token-",
+            "refresh-",
+            "old-secret",
+            "login-secret",
+            "login-refresh",
+        ] {
             assert!(!line.contains(secret), "{secret} leaked into {line}");
         }
     }

@@ -57,8 +57,11 @@ impl MetricsObserver {
 
 impl Observer for MetricsObserver {
     fn refresh_started(&self, e: &RefreshStarted) {
-        metrics::counter!("tokenflight.refresh.started", self.labels(&[("reason", reason_str(e.reason))]))
-            .increment(1);
+        metrics::counter!(
+            "tokenflight.refresh.started",
+            self.labels(&[("reason", reason_str(e.reason))])
+        )
+        .increment(1);
     }
 
     fn attempt_failed(&self, e: &AttemptFailed<'_>) {
@@ -86,8 +89,11 @@ impl Observer for MetricsObserver {
     }
 
     fn request_resent(&self, e: &RequestResent) {
-        metrics::counter!("tokenflight.request.resent", self.labels(&[("kind", e.kind.as_str())]))
-            .increment(1);
+        metrics::counter!(
+            "tokenflight.request.resent",
+            self.labels(&[("kind", e.kind.as_str())])
+        )
+        .increment(1);
         if e.kind == super::ResendKind::Stale {
             metrics::counter!("tokenflight.rejection.stale", self.labels(&[])).increment(1);
         }
