@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,12 +13,14 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
+/// A span's name and its fields as `name=value`.
+type SpanLog = (String, Vec<String>);
+
 /// Keeps every span (name and fields) and every event's fields as text.
 #[derive(Clone, Default)]
 struct Capture {
-    spans: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    spans: Arc<Mutex<Vec<SpanLog>>>,
     events: Arc<Mutex<Vec<String>>>,
-    next: Arc<AtomicU64>,
 }
 
 struct Fields<'a>(&'a mut Vec<String>);
@@ -42,7 +43,6 @@ impl Subscriber for Capture {
         span.record(&mut Fields(&mut fields));
         let mut spans = self.spans.lock().unwrap();
         spans.push((span.metadata().name().to_owned(), fields));
-        self.next.fetch_add(1, Ordering::SeqCst);
         Id::from_u64(spans.len() as u64)
     }
     fn record(&self, span: &Id, values: &Record<'_>) {
