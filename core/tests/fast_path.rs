@@ -39,6 +39,11 @@ fn c10_fast_path_allocates_nothing(with_observer: bool) {
         .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now));
     if with_observer {
         builder = builder.observer(Quiet);
+        // With the feature on, the metrics observer too (issue 16).
+        #[cfg(feature = "metrics")]
+        {
+            builder = builder.observer(tokenflight::observe::MetricsObserver::new());
+        }
     }
     let flight = builder.build_flight().unwrap();
     // Warm up (first use of thread-locals etc. may allocate once).

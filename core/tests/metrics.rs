@@ -198,3 +198,37 @@ fn stale_rejection_and_retry_and_auth_lost() {
         }
     }
 }
+
+#[test]
+fn cancelled_caller() {
+    let metrics = record(|| {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+        let flight = builder(&clock, &source).build_flight().unwrap();
+        source.gate().close();
+        let mut first = Box::pin(flight.token());
+        let mut second = Box::pin(flight.token());
+        assert!(poll_once(&mut first).is_pending());
+        assert!(poll_once(&mut second).is_pending());
+        drop(first);
+        source.gate().release();
+        assert_eq!(block_on(second).unwrap().generation(), 1);
+    });
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.flight.waiters{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        1
+    );
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
+        vec![1.0]
+    );
+    assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
+}
