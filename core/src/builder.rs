@@ -11,6 +11,7 @@ use crate::config::{Backoff, FlightConfig, Retry};
 use crate::driver::{Authenticator, Policy};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
+use crate::observe::{Observer, Observers};
 use crate::policy::{AllowedOrigins, Classifier, Placement};
 use crate::runtime::{Clock, Spawn, SystemClock, Timer, default_timer};
 use crate::source::TokenSource;
@@ -37,6 +38,7 @@ pub struct Builder<Out = Authenticator> {
     timer: Arc<dyn Timer>,
     spawner: Option<Arc<dyn Spawn>>,
     on_auth_lost: Option<AuthLostHook>,
+    observers: Observers,
     initial_token: Option<Token>,
     placement: Placement,
     classifier: Classifier,
@@ -81,6 +83,7 @@ impl<Out> Builder<Out> {
             timer: default_timer(),
             spawner: None,
             on_auth_lost: None,
+            observers: Observers::default(),
             initial_token: None,
             placement: Placement::default(),
             classifier: Classifier::default(),
@@ -146,6 +149,14 @@ impl<Out> Builder<Out> {
     /// Called once when a permanent failure makes re-authentication necessary (C9).
     pub fn on_auth_lost(mut self, hook: impl Fn(&RefreshError) + Send + Sync + 'static) -> Self {
         self.on_auth_lost = Some(Arc::new(hook));
+        self
+    }
+
+    /// Adds an observer of the coordinator's events (refresh started and finished,
+    /// attempts, joins, resends, auth lost, logins). Repeatable: every observer gets
+    /// every event. See [`crate::observe`].
+    pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
+        self.observers.push(Arc::new(observer));
         self
     }
 
@@ -293,6 +304,7 @@ impl<Out> Builder<Out> {
             timer: self.timer,
             spawner: self.spawner,
             on_auth_lost: self.on_auth_lost,
+            observers: self.observers,
             initial_token: self.initial_token,
         });
         Ok((flight, self.placement, self.classifier, self.origins))

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::flight::SingleFlight;
+use crate::observe::RequestResent;
 use crate::policy::{AllowedOrigins, Classifier, Placement};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
@@ -146,11 +147,18 @@ impl Authenticator {
             return Ok(response);
         };
         drop(response);
-        let newer = self
+        let (newer, kind) = self
             .flight
-            .token_after_rejection(token.generation())
+            .token_after_rejection_kind(token.generation())
             .await?;
         self.resend(&mut replay, &newer)?;
+        self.flight.observers().emit(|o| {
+            o.request_resent(&RequestResent {
+                kind,
+                rejected: token.generation(),
+                with: newer.generation(),
+            })
+        });
         send(replay).await.map_err(AuthError::Transport)
     }
 

@@ -29,9 +29,14 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
 use futures_util::future::{self, BoxFuture, Either, Shared, WeakShared};
+use tracing::Instrument;
 
 use crate::config::FlightConfig;
 use crate::error::{Error, RefreshError, RefreshErrorKind};
+use crate::observe::{
+    AttemptFailed, AuthLost, FlightJoined, Observers, Outcome, RefreshFinished, RefreshStarted,
+    ResendKind, TokenInstalled,
+};
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
@@ -70,6 +75,7 @@ pub(crate) struct Parts {
     pub(crate) timer: Arc<dyn Timer>,
     pub(crate) spawner: Option<Arc<dyn Spawn>>,
     pub(crate) on_auth_lost: Option<AuthLostHook>,
+    pub(crate) observers: Observers,
     pub(crate) initial_token: Option<Token>,
 }
 
@@ -349,9 +355,20 @@ impl SingleFlight {
         &self,
         rejected_generation: u64,
     ) -> Result<Arc<Token>, Error> {
+        self.token_after_rejection_kind(rejected_generation)
+            .await
+            .map(|(token, _)| token)
+    }
+
+    /// [`SingleFlight::token_after_rejection`], also saying whether the rejection was
+    /// stale (a newer token already existed).
+    pub(crate) async fn token_after_rejection_kind(
+        &self,
+        rejected_generation: u64,
+    ) -> Result<(Arc<Token>, ResendKind), Error> {
         let rejected_generation = self.resolve_alias(rejected_generation);
         if let Some(token) = self.stale_rejection(rejected_generation) {
-            return Ok(token);
+            return Ok((token, ResendKind::Stale));
         }
         self.wait(
             RefreshReason::Rejected,
@@ -359,6 +376,7 @@ impl SingleFlight {
             self.join_or_start(RefreshReason::Rejected, Some(rejected_generation), false),
         )
         .await
+        .map(|token| (token, ResendKind::Fresh))
     }
 
     /// The generation a rejection of `generation` really concerns: a login renumbered
@@ -449,6 +467,11 @@ impl SingleFlight {
     pub async fn install(&self, token: Token) -> Result<Arc<Token>, StoreError> {
         let installed = self.install_in_memory(token);
         tracing::info!(generation = installed.generation(), "token installed");
+        self.observers().emit(|o| {
+            o.token_installed(&TokenInstalled {
+                generation: installed.generation(),
+            })
+        });
         let saved = AssertUnwindSafe(self.save_login())
             .catch_unwind()
             .await
@@ -579,6 +602,10 @@ impl SingleFlight {
         matches!(self.lock_state().failure, Failure::AuthLost { .. })
     }
 
+    pub(crate) fn observers(&self) -> &Observers {
+        &self.inner.parts.observers
+    }
+
     pub(crate) fn count_retry(&self) {
         bump(&self.inner.counters.retries);
     }
@@ -607,13 +634,21 @@ impl SingleFlight {
         if let Some(token) = self.superseded(reason, replaces, now) {
             return Joined::Ready(token);
         }
-        if let Some((_, weak)) = &state.flight {
+        if let Some((flight_id, weak)) = &state.flight {
             if let Some(flight) = weak.upgrade() {
                 if only_if_idle {
                     return Joined::Busy(flight);
                 }
                 bump(&self.inner.counters.coalesced);
                 tracing::trace!(?reason, "joined the refresh in flight");
+                let flight_id = *flight_id;
+                drop(state);
+                self.observers().emit(|o| {
+                    o.flight_joined(&FlightJoined {
+                        flight: flight_id,
+                        reason,
+                    })
+                });
                 return Joined::Wait(flight);
             }
         }
@@ -653,6 +688,16 @@ impl SingleFlight {
         drop(state);
         bump(&self.inner.counters.flights);
         tracing::debug!(?kind, flight = id, "refresh started");
+        self.observers().emit(|o| {
+            o.refresh_started(&RefreshStarted {
+                reason: match kind {
+                    FlightKind::Refresh(reason) => Some(reason),
+                    FlightKind::Reload => None,
+                },
+                replaces,
+                flight: id,
+            })
+        });
         if let Some(spawner) = &self.inner.parts.spawner {
             let task = flight.clone().map(drop).boxed();
             // A spawner that panics leaves the flight to its waiters (C18).
@@ -838,12 +883,15 @@ impl SingleFlight {
             Ok(_) => None,
             Err(_) => self.still_valid_current(now),
         };
-        if let (Some(error), Some(hook)) = (lost, &self.inner.parts.on_auth_lost) {
+        if let (Some(error), Some(hook)) = (lost.clone(), &self.inner.parts.on_auth_lost) {
             tracing::warn!(error = %error, "re-authentication required");
             // A hook that panics must not take the flight's waiters with it (C18).
             if catch_unwind(AssertUnwindSafe(|| hook(&error))).is_err() {
                 tracing::warn!("the on_auth_lost hook panicked");
             }
+        }
+        if let Some(error) = &lost {
+            self.observers().emit(|o| o.auth_lost(&AuthLost { error }));
         }
         FlightOutput {
             result,
@@ -891,6 +939,13 @@ impl SingleFlight {
                 return Err(error);
             }
             tracing::debug!(attempt, ?delay, error = %error, "refresh attempt failed; retrying");
+            self.observers().emit(|o| {
+                o.attempt_failed(&AttemptFailed {
+                    attempt,
+                    error: &error,
+                    next_delay: delay,
+                })
+            });
             let sleep = self.inner.parts.timer.sleep(delay);
             if within(sleep, &mut deadline).await.is_none() {
                 return Err(error);
@@ -1133,10 +1188,30 @@ async fn run_flight(
     replaces: Option<u64>,
     epoch: u64,
 ) -> FlightOutput {
+    let reason = match kind {
+        FlightKind::Refresh(reason) => Some(reason),
+        FlightKind::Reload => None,
+    };
+    // One span per flight; no field carries a token or a secret (C12).
+    let span = tracing::info_span!(
+        "tokenflight.refresh",
+        flight = id,
+        reason = ?reason,
+        replaces = ?replaces,
+        attempts = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        generation = tracing::field::Empty,
+    );
+    let started = flight.mono();
+    let counters = &flight.inner.counters;
+    let calls_before = counters.source_calls.load(Ordering::Relaxed);
+    let adopted_before =
+        counters.adopted.load(Ordering::Relaxed) + counters.store_reloads.load(Ordering::Relaxed);
     // A panic in any pluggable part ends the flight with a typed error for every
     // waiter; `Shared` would otherwise re-panic in each of them (C18).
     let result = AssertUnwindSafe(flight.run(kind, replaces, epoch))
         .catch_unwind()
+        .instrument(span.clone())
         .await
         .unwrap_or_else(|_| {
             Err(RefreshError::new(
@@ -1144,7 +1219,42 @@ async fn run_flight(
                 "a part of the refresh panicked (token store, clock or timer)",
             ))
         });
-    flight.finish(id, kind, epoch, result)
+    let output = span.in_scope(|| flight.finish(id, kind, epoch, result));
+    // Only one flight runs at a time, so the counters' growth is this flight's.
+    let attempts = counters
+        .source_calls
+        .load(Ordering::Relaxed)
+        .saturating_sub(calls_before);
+    let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+    let adopted = counters.adopted.load(Ordering::Relaxed)
+        + counters.store_reloads.load(Ordering::Relaxed)
+        > adopted_before;
+    let outcome = match &output.result {
+        _ if output.superseded => Outcome::Superseded,
+        Ok(_) if adopted || attempts == 0 => Outcome::Adopted,
+        Ok(_) => Outcome::Success,
+        Err(error) => Outcome::of_error(error),
+    };
+    let generation = output.result.as_ref().ok().map(|t| t.generation());
+    span.record("attempts", attempts);
+    span.record("outcome", outcome.as_str());
+    if let Some(generation) = generation {
+        span.record("generation", generation);
+    }
+    let observers = flight.observers();
+    if !observers.is_empty() {
+        let duration = flight.mono().saturating_duration_since(started);
+        observers.emit(|o| {
+            o.refresh_finished(&RefreshFinished {
+                flight: id,
+                outcome,
+                duration,
+                attempts,
+                generation,
+            })
+        });
+    }
+    output
 }
 
 /// A flight's deadline: a timer sleep that stays ready once it fired. Timers' sleeps

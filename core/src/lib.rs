@@ -127,6 +127,7 @@ mod flight;
 pub mod jwt;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
+pub mod observe;
 mod policy;
 mod request;
 mod runtime;
@@ -146,6 +147,7 @@ pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
 pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
+pub use observe::Observer;
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{
     AuthRequest, AuthResponse, ForceRefresh, InvalidHeader, RequestOptions, ResponseView, SkipAuth,

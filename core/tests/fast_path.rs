@@ -14,22 +14,38 @@ use tokenflight::{Builder, ManualClock, Token, from_fn};
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
 fn main() {
-    c10_fast_path_allocates_nothing();
+    // One profiler for the process (dhat allows one at a time).
+    let _profiler = dhat::Profiler::builder().testing().build();
+    c10_fast_path_allocates_nothing(false);
     println!("test c10_fast_path_allocates_nothing ... ok");
+    // Issue 16: a registered observer costs nothing on the fast path either.
+    c10_fast_path_allocates_nothing(true);
+    println!("test c10_fast_path_allocates_nothing_with_an_observer ... ok");
     println!();
-    println!("test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
+    println!("test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
 }
 
-fn c10_fast_path_allocates_nothing() {
-    let _profiler = dhat::Profiler::builder().testing().build();
+/// Sees every event and does nothing.
+struct Quiet;
+
+impl tokenflight::Observer for Quiet {}
+
+fn c10_fast_path_allocates_nothing(with_observer: bool) {
     let clock = ManualClock::at_fixed_point();
     let now = tokenflight::Clock::now(&clock);
-    let flight = Builder::new()
+    let mut builder = Builder::new()
         .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
         .clock(Arc::new(clock.clone()))
-        .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now))
-        .build_flight()
-        .unwrap();
+        .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now));
+    if with_observer {
+        builder = builder.observer(Quiet);
+        // With the feature on, the metrics observer too (issue 16).
+        #[cfg(feature = "metrics")]
+        {
+            builder = builder.observer(tokenflight::observe::MetricsObserver::new());
+        }
+    }
+    let flight = builder.build_flight().unwrap();
     // Warm up (first use of thread-locals etc. may allocate once).
     futures::executor::block_on(flight.token()).unwrap();
 

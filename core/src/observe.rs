@@ -1,0 +1,233 @@
+//! Observers: what the coordinator does, as events (issue 16).
+//!
+//! Register any number with [`crate::Builder::observer`]. Every method has a no-op
+//! default, so an observer implements only what it needs. Events carry generations,
+//! reasons, error kinds, counts and durations — never a token or a secret (C12).
+//!
+//! An observer runs inline, on the thread that caused the event: keep it quick. One that
+//! panics is contained; the coordinator goes on (C18). With no observer registered the
+//! fast path (a valid token in memory) does no extra work: events are only raised on
+//! the slow paths.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{RefreshError, RefreshErrorKind};
+use crate::source::RefreshReason;
+
+#[cfg(feature = "metrics")]
+mod metrics_observer;
+#[cfg(feature = "metrics")]
+pub use metrics_observer::MetricsObserver;
+
+/// A refresh flight started.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RefreshStarted {
+    /// Why (`None` for a reload from the store while re-authentication is required).
+    pub reason: Option<RefreshReason>,
+    /// The generation the flight replaces, if any.
+    pub replaces: Option<u64>,
+    /// The flight's number in this coordinator.
+    pub flight: u64,
+}
+
+/// One attempt of a flight failed and will be retried inside the flight.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AttemptFailed<'a> {
+    /// The failed attempt (1 = the first).
+    pub attempt: u32,
+    /// Why it failed.
+    pub error: &'a RefreshError,
+    /// The wait before the next attempt.
+    pub next_delay: Duration,
+}
+
+/// How a flight ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// A token was fetched from the source.
+    Success,
+    /// A token was taken from the store (another process refreshed, or a login saved
+    /// elsewhere) or was already newer in memory.
+    Adopted,
+    /// Failed with a transient error.
+    Transient,
+    /// Failed with a permanent error (re-authentication required).
+    Permanent,
+    /// Ran out of its budget.
+    Timeout,
+    /// The token store failed.
+    Store,
+    /// A pluggable part panicked.
+    Panicked,
+    /// A login arrived meanwhile and won (C17).
+    Superseded,
+}
+
+impl Outcome {
+    /// A stable, lower-case name (used as a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Adopted => "adopted",
+            Outcome::Transient => "transient",
+            Outcome::Permanent => "permanent",
+            Outcome::Timeout => "timeout",
+            Outcome::Store => "store",
+            Outcome::Panicked => "panicked",
+            Outcome::Superseded => "superseded",
+        }
+    }
+
+    pub(crate) fn of_error(error: &RefreshError) -> Self {
+        match error.kind() {
+            RefreshErrorKind::Timeout => Outcome::Timeout,
+            RefreshErrorKind::Store => Outcome::Store,
+            RefreshErrorKind::Panicked => Outcome::Panicked,
+            kind if kind.is_permanent() => Outcome::Permanent,
+            _ => Outcome::Transient,
+        }
+    }
+}
+
+/// A refresh flight ended.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RefreshFinished {
+    /// The flight's number.
+    pub flight: u64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// From start to end, on the monotonic clock.
+    pub duration: Duration,
+    /// Source attempts made (0 when the token was adopted without calling the source).
+    pub attempts: u32,
+    /// The generation of the token it produced, if it produced one.
+    pub generation: Option<u64>,
+}
+
+/// A caller joined the flight in progress instead of starting one (C1).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct FlightJoined {
+    /// The flight's number.
+    pub flight: u64,
+    /// Why the caller needed a token.
+    pub reason: RefreshReason,
+}
+
+/// Whether a rejected request was resent with a token that already existed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResendKind {
+    /// The rejection concerned an older token; a newer one existed (C3, no refresh).
+    Stale,
+    /// The request waited for a refresh that replaced the rejected token.
+    Fresh,
+}
+
+impl ResendKind {
+    /// A stable, lower-case name (used as a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResendKind::Stale => "stale",
+            ResendKind::Fresh => "fresh",
+        }
+    }
+}
+
+/// A request rejected by a server was resent once with a newer token (C4).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RequestResent {
+    /// Stale or fresh.
+    pub kind: ResendKind,
+    /// The generation the server rejected.
+    pub rejected: u64,
+    /// The generation the request was resent with.
+    pub with: u64,
+}
+
+/// Re-authentication became necessary (C9).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AuthLost<'a> {
+    /// The permanent failure that caused it.
+    pub error: &'a RefreshError,
+}
+
+/// A token from outside (a login) was installed.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct TokenInstalled {
+    /// The generation it was given.
+    pub generation: u64,
+}
+
+/// Receives the coordinator's events. Every method defaults to doing nothing.
+pub trait Observer: Send + Sync {
+    /// A refresh flight started.
+    fn refresh_started(&self, _event: &RefreshStarted) {}
+    /// An attempt failed and will be retried inside the flight.
+    fn attempt_failed(&self, _event: &AttemptFailed<'_>) {}
+    /// A refresh flight ended.
+    fn refresh_finished(&self, _event: &RefreshFinished) {}
+    /// A caller joined the flight in progress.
+    fn flight_joined(&self, _event: &FlightJoined) {}
+    /// A rejected request was resent.
+    fn request_resent(&self, _event: &RequestResent) {}
+    /// Re-authentication became necessary.
+    fn auth_lost(&self, _event: &AuthLost<'_>) {}
+    /// A login was installed.
+    fn token_installed(&self, _event: &TokenInstalled) {}
+}
+
+/// The registered observers; empty costs one length check per slow-path event.
+#[derive(Clone, Default)]
+pub(crate) struct Observers(Vec<Arc<dyn Observer>>);
+
+impl Observers {
+    pub(crate) fn push(&mut self, observer: Arc<dyn Observer>) {
+        self.0.push(observer);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Calls `f` on every observer; a panic in one is contained (C18).
+    pub(crate) fn emit(&self, f: impl Fn(&dyn Observer)) {
+        for observer in &self.0 {
+            if catch_unwind(AssertUnwindSafe(|| f(observer.as_ref()))).is_err() {
+                tracing::warn!("an observer panicked; ignored");
+            }
+        }
+    }
+}
+
+/// A stable, lower-case name for a refresh reason (used as a metric label).
+pub fn reason_str(reason: Option<RefreshReason>) -> &'static str {
+    match reason {
+        None => "reload",
+        Some(RefreshReason::Initial) => "initial",
+        Some(RefreshReason::Expired) => "expired",
+        Some(RefreshReason::Rejected) => "rejected",
+        Some(RefreshReason::RefreshAhead) => "refresh_ahead",
+        Some(RefreshReason::Forced) => "forced",
+    }
+}
+
+/// A stable, lower-case name for an error kind (used as a metric label).
+pub fn error_kind_str(kind: RefreshErrorKind) -> &'static str {
+    match kind {
+        RefreshErrorKind::Transient => "transient",
+        RefreshErrorKind::Permanent => "permanent",
+        RefreshErrorKind::Timeout => "timeout",
+        RefreshErrorKind::Store => "store",
+        RefreshErrorKind::Panicked => "panicked",
+    }
+}

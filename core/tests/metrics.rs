@@ -1,0 +1,234 @@
+//! Issue 16: `MetricsObserver` (feature `metrics`) records the documented names, labels
+//! and values, checked with `metrics-util`'s `DebuggingRecorder`; no label carries a
+//! token or a secret.
+#![cfg(feature = "metrics")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::executor::block_on;
+use futures::future::join_all;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use support::{FakeRequest, FakeResponse, ScriptedSource, Step, poll_once};
+use tokenflight::observe::MetricsObserver;
+use tokenflight::{Backoff, Builder, ManualClock, RequestOptions, Retry, Token};
+
+const LONG: Duration = Duration::from_secs(3600);
+
+/// `name{label=value,...}` → value, for every metric recorded while `f` ran.
+fn record(f: impl FnOnce()) -> BTreeMap<String, DebugValue> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, f);
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            (format!("{}{{{}}}", key.name(), labels.join(",")), value)
+        })
+        .collect()
+}
+
+fn counter(metrics: &BTreeMap<String, DebugValue>, key: &str) -> u64 {
+    match metrics.get(key) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!(
+            "{key}: {other:?} in {:?}",
+            metrics.keys().collect::<Vec<_>>()
+        ),
+    }
+}
+
+fn histogram(metrics: &BTreeMap<String, DebugValue>, key: &str) -> Vec<f64> {
+    match metrics.get(key) {
+        Some(DebugValue::Histogram(values)) => values.iter().map(|v| v.into_inner()).collect(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Builder {
+    Builder::new()
+        .source_arc(source.clone())
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .backoff(Backoff::none())
+        .retry(Retry::none())
+        .refresh_ahead(None)
+        .observer(MetricsObserver::new())
+}
+
+fn drive<F: std::future::Future + Unpin>(fut: &mut F, clock: &ManualClock) -> F::Output {
+    for _ in 0..10_000 {
+        if let Poll::Ready(out) = poll_once(fut) {
+            return out;
+        }
+        clock.advance(Duration::from_millis(10));
+    }
+    panic!("the future did not complete within 10,000 clock steps");
+}
+
+#[test]
+fn hundred_callers_one_flight() {
+    let metrics = record(|| {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+        let expired = Token::new("old-secret")
+            .expires_at(tokenflight::Clock::now(&clock) - Duration::from_secs(1));
+        let flight = builder(&clock, &source)
+            .initial_token(expired)
+            .build_flight()
+            .unwrap();
+        source.gate().close();
+        let mut callers: Vec<_> = (0..100).map(|_| Box::pin(flight.token())).collect();
+        for caller in &mut callers {
+            assert!(poll_once(caller).is_pending());
+        }
+        source.gate().release();
+        assert!(block_on(join_all(callers)).iter().all(Result::is_ok));
+    });
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=expired}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.flight.waiters{reason=expired}"),
+        99
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        1
+    );
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
+        vec![1.0]
+    );
+    // ManualClock did not move: the flight took zero monotonic time.
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.duration{outcome=success}"),
+        vec![0.0]
+    );
+    assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn stale_rejection_and_retry_and_auth_lost() {
+    let metrics = record(|| {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Permanent)
+            .then(Step::Ok(LONG))
+            .then(Step::Transient)
+            .then(Step::Ok(LONG));
+        let auth = builder(&clock, &source)
+            .retry(Retry::default())
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        block_on(auth.flight().token()).unwrap();
+        let refresher = auth.flight().clone();
+        let clock2 = clock.clone();
+        // The 401 for token-1 arrives after a forced refresh (retried once) replaced it.
+        let mut send = Box::pin(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            move |req| {
+                let refresher = refresher.clone();
+                let clock = clock2.clone();
+                async move {
+                    if req.header("authorization") == Some("Bearer token-1") {
+                        let mut forced = Box::pin(refresher.force_refresh());
+                        drive(&mut forced, &clock).unwrap();
+                        Ok::<_, std::convert::Infallible>(FakeResponse::status(401))
+                    } else {
+                        Ok(FakeResponse::status(200))
+                    }
+                }
+            },
+        ));
+        assert_eq!(block_on(&mut send).unwrap().status, 200);
+        // Permanent failure, then a login.
+        assert!(block_on(auth.flight().force_refresh()).is_err());
+        block_on(auth.flight().install(Token::new("login-secret"))).unwrap();
+    });
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=forced}"),
+        2
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.attempt.failed{kind=transient}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        2
+    );
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
+        vec![1.0, 2.0]
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.request.resent{kind=stale}"),
+        1
+    );
+    assert_eq!(counter(&metrics, "tokenflight.rejection.stale{}"), 1);
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=permanent}"),
+        1
+    );
+    assert_eq!(counter(&metrics, "tokenflight.auth.lost{}"), 1);
+    assert_eq!(counter(&metrics, "tokenflight.token.installed{}"), 1);
+    // No label carries a token, a secret or an unbounded value.
+    for key in metrics.keys() {
+        for secret in ["token-", "refresh-", "secret", "Bearer"] {
+            assert!(!key.contains(secret), "{secret} in {key}");
+        }
+    }
+}
+
+#[test]
+fn cancelled_caller() {
+    let metrics = record(|| {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+        let flight = builder(&clock, &source).build_flight().unwrap();
+        source.gate().close();
+        let mut first = Box::pin(flight.token());
+        let mut second = Box::pin(flight.token());
+        assert!(poll_once(&mut first).is_pending());
+        assert!(poll_once(&mut second).is_pending());
+        drop(first);
+        source.gate().release();
+        assert_eq!(block_on(second).unwrap().generation(), 1);
+    });
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.flight.waiters{reason=initial}"),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tokenflight.refresh.outcome{outcome=success}"),
+        1
+    );
+    assert_eq!(
+        histogram(&metrics, "tokenflight.refresh.attempts{outcome=success}"),
+        vec![1.0]
+    );
+    assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
+}
