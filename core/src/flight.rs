@@ -271,8 +271,12 @@ impl SingleFlight {
             self.inner.parts.config.refresh_ahead_for(token),
             token.expiry(),
         ) {
+            // The jitter only shrinks the window: outside the whole window (nearly every
+            // call of the fast path) no hash is computed.
             (Some(window), Some(_)) => {
-                !self.is_young(token, now) && token.is_expired(now, self.jittered(window, token))
+                token.is_expired(now, window)
+                    && !self.is_young(token, now)
+                    && token.is_expired(now, self.jittered(window, token))
             }
             _ => false,
         }
@@ -963,8 +967,9 @@ impl SingleFlight {
     async fn reload(&self, deadline: &mut Deadline) -> Result<Arc<Token>, RefreshError> {
         let lost = match &self.lock_state().failure {
             Failure::AuthLost { error, .. } => error.clone(),
-            // Ended meanwhile (a login here): nothing to look for.
-            _ => return self.current().ok_or_else(|| self.out_of_budget("reload")),
+            // Ended meanwhile: only a login ends it, and a login supersedes this flight
+            // (its waiters take the login, see `finish`).
+            _ => return Err(superseded_by_login()),
         };
         let stored = match within(self.inner.parts.store.load(), deadline).await {
             // A login not saved yet is newer than anything stored (C17): a stored
