@@ -1,36 +1,42 @@
-//! One builder for the coordinator and the auth layer. Adapters hand out
-//! `Builder<TheirLayer>` with their runtime's spawner and timer preset, so every client
+//! One builder per thing: [`FlightBuilder`] builds a coordinator ([`SingleFlight`]),
+//! [`AuthPolicyBuilder`] builds an auth policy ([`AuthPolicy`]: a coordinator plus where
+//! the token goes, who may receive it and what counts as a rejection). Adapters hand out
+//! an `AuthPolicyBuilder` with their runtime's spawner and timer preset, so every client
 //! is configured the same way.
+//!
+//! Setters take `impl Trait`; an `Arc<dyn Trait>` (or any `Arc<T>`) is accepted too,
+//! since the traits are implemented for `Arc`.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth_policy::{AuthPolicy, Rules};
 use crate::config::{Backoff, FlightConfig, Retry};
-use crate::driver::{Authenticator, Policy};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
 use crate::observe::{Observer, Observers};
-use crate::policy::{AllowedOrigins, Classifier, Placement};
+use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
 use crate::runtime::{Clock, Spawn, SystemClock, Timer, default_timer};
 use crate::source::TokenSource;
 use crate::store::{MemoryStore, TokenStore};
 use crate::token::Token;
 
-/// Configures a [`SingleFlight`] and an [`Authenticator`]; `build()` returns `Out`,
-/// which is an `Authenticator` or an adapter's layer made from one.
+/// Configures a [`SingleFlight`] (the coordinator). Start with
+/// [`SingleFlight::builder`].
 ///
 /// ```
-/// use tokenflight::{Builder, Token, from_fn};
-/// let auth = Builder::new()
+/// use tokenflight::{SingleFlight, Token, from_fn};
+/// use std::time::Duration;
+/// let flight = SingleFlight::builder()
 ///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
-///     .allowed_origin("https://api.example.com")
+///     .leeway(Duration::from_secs(5))
 ///     .build()
 ///     .unwrap();
-/// # let _ = auth;
+/// # let _ = flight;
 /// ```
-pub struct Builder<Out = Authenticator> {
+pub struct FlightBuilder {
     config: FlightConfig,
     source: Option<Arc<dyn TokenSource>>,
     store: Arc<dyn TokenStore>,
@@ -40,42 +46,36 @@ pub struct Builder<Out = Authenticator> {
     on_auth_lost: Option<AuthLostHook>,
     observers: Observers,
     initial_token: Option<Token>,
-    placement: Placement,
-    classifier: Classifier,
-    origins: Option<AllowedOrigins>,
-    invalid: Option<ConfigError>,
-    out: PhantomData<fn() -> Out>,
 }
 
-impl<Out> fmt::Debug for Builder<Out> {
+impl fmt::Debug for FlightBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("FlightBuilder")
             .field("config", &self.config)
-            .field("placement", &self.placement)
-            .field("origins", &self.origins)
+            .field("source", &self.source.is_some())
             .field("spawner", &self.spawner.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl Default for Builder<Authenticator> {
+impl Default for FlightBuilder {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Builder<Authenticator> {
+impl SingleFlight {
     /// A builder with the documented defaults (see [`FlightConfig`]), an in-memory
     /// store, the system clock, the default timer and no spawner.
-    pub fn new() -> Self {
-        Self::for_output()
+    pub fn builder() -> FlightBuilder {
+        FlightBuilder::new()
     }
 }
 
-impl<Out> Builder<Out> {
-    /// A builder whose `build()` produces `Out` (for adapters).
-    pub fn for_output() -> Self {
-        Builder {
+impl FlightBuilder {
+    /// See [`SingleFlight::builder`].
+    pub fn new() -> Self {
+        FlightBuilder {
             config: FlightConfig::default(),
             source: None,
             store: Arc::new(MemoryStore::new()),
@@ -85,33 +85,19 @@ impl<Out> Builder<Out> {
             on_auth_lost: None,
             observers: Observers::default(),
             initial_token: None,
-            placement: Placement::default(),
-            classifier: Classifier::default(),
-            origins: None,
-            invalid: None,
-            out: PhantomData,
         }
     }
 
-    /// The token source (required).
-    pub fn source(self, source: impl TokenSource + 'static) -> Self {
-        self.source_arc(Arc::new(source))
-    }
-
-    /// The token source, shared.
-    pub fn source_arc(mut self, source: Arc<dyn TokenSource>) -> Self {
-        self.source = Some(source);
+    /// The token source (required): [`from_fn`](crate::from_fn), an
+    /// [`oauth2`](crate::oauth2) grant, or your own.
+    pub fn source(mut self, source: impl TokenSource + 'static) -> Self {
+        self.source = Some(Arc::new(source));
         self
     }
 
-    /// Where tokens are kept (default: memory).
-    pub fn store(self, store: impl TokenStore + 'static) -> Self {
-        self.store_arc(Arc::new(store))
-    }
-
-    /// Where tokens are kept, shared.
-    pub fn store_arc(mut self, store: Arc<dyn TokenStore>) -> Self {
-        self.store = store;
+    /// Where tokens are kept (default: memory; see [`crate::store`]).
+    pub fn store(mut self, store: impl TokenStore + 'static) -> Self {
+        self.store = Arc::new(store);
         self
     }
 
@@ -122,21 +108,22 @@ impl<Out> Builder<Out> {
     }
 
     /// The clock (default: the system clock).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
     /// The timer for refresh timeouts (default: `futures-timer`, or the adapter's).
-    pub fn timer(mut self, timer: Arc<dyn Timer>) -> Self {
-        self.timer = timer;
+    pub fn timer(mut self, timer: impl Timer + 'static) -> Self {
+        self.timer = Arc::new(timer);
         self
     }
 
-    /// A spawner, so refreshes finish even if every caller left (C6) and refresh-ahead
-    /// runs in the background (C8).
-    pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = Some(spawner);
+    /// A spawner, so refreshes finish even if every caller left ([C6](crate#c6)) and
+    /// refresh-ahead runs in the background ([C8](crate#c8)). The adapters preset
+    /// their runtime's.
+    pub fn spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Some(Arc::new(spawner));
         self
     }
 
@@ -146,7 +133,8 @@ impl<Out> Builder<Out> {
         self
     }
 
-    /// Called once when a permanent failure makes re-authentication necessary (C9).
+    /// Called once when a permanent failure makes re-authentication necessary
+    /// ([C9](crate#c9)).
     pub fn on_auth_lost(mut self, hook: impl Fn(&RefreshError) + Send + Sync + 'static) -> Self {
         self.on_auth_lost = Some(Arc::new(hook));
         self
@@ -167,21 +155,22 @@ impl<Out> Builder<Out> {
     }
 
     /// Cap on the clock-skew allowance before expiry (default 10 s, scaled to a tenth
-    /// of the token's lifetime; C7, C15).
+    /// of the token's lifetime; [C7](crate#c7), [C15](crate#c15)).
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.config.leeway = leeway;
         self
     }
 
     /// Cap on the refresh-ahead window before expiry, or `None` to disable (default
-    /// 225 s, scaled to a third of the token's lifetime; C8, C15).
+    /// 225 s, scaled to a third of the token's lifetime; [C8](crate#c8),
+    /// [C15](crate#c15)).
     pub fn refresh_ahead(mut self, window: Option<Duration>) -> Self {
         self.config.refresh_ahead = window;
         self
     }
 
     /// One budget for a whole flight: store lock, load, every attempt, save, unlock
-    /// (default 30 s, C10).
+    /// (default 30 s, [C10](crate#c10)).
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.config.refresh_timeout = timeout;
         self
@@ -193,77 +182,27 @@ impl<Out> Builder<Out> {
         self
     }
 
-    /// Expiry-driven source calls are at least this far apart (default 1 s, C15).
+    /// Expiry-driven source calls are at least this far apart (default 1 s,
+    /// [C15](crate#c15)).
     pub fn min_refresh_interval(mut self, interval: Duration) -> Self {
         self.config.min_refresh_interval = interval;
         self
     }
 
-    /// Retries of transient failures inside one flight (default 3 attempts, C16).
+    /// Retries of transient failures inside one flight (default 3 attempts,
+    /// [C16](crate#c16)).
     pub fn retry(mut self, retry: Retry) -> Self {
         self.config.retry = retry;
         self
     }
 
-    /// Backoff after transient failures (C9).
+    /// Backoff after transient failures ([C9](crate#c9)).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.config.backoff = backoff;
         self
     }
 
-    /// Where the token goes (default `Authorization: Bearer`).
-    pub fn placement(mut self, placement: Placement) -> Self {
-        self.placement = placement;
-        self
-    }
-
-    /// Put the token in query parameter `param` (leakier; see [`Placement::Query`]).
-    pub fn query_param(mut self, param: &str) -> Self {
-        match Placement::query(param) {
-            Ok(p) => self.placement = p,
-            Err(e) => self.invalid = Some(e),
-        }
-        self
-    }
-
-    /// Put the token in header `name`, after `scheme` if given.
-    pub fn header(mut self, name: &str, scheme: Option<&str>) -> Self {
-        match Placement::header(name, scheme) {
-            Ok(p) => self.placement = p,
-            Err(e) => self.invalid = Some(e),
-        }
-        self
-    }
-
-    /// What counts as "token rejected" (default: 401 and RFC 6750 hints).
-    pub fn classifier(mut self, classifier: Classifier) -> Self {
-        self.classifier = classifier;
-        self
-    }
-
-    /// Allow the token to go to `origin` (`scheme://host[:port]`); may be repeated.
-    pub fn allowed_origin(mut self, origin: &str) -> Self {
-        match AllowedOrigins::parse_origin(origin) {
-            Ok(origin) => match &mut self.origins {
-                Some(AllowedOrigins::List(list)) => list.push(origin),
-                Some(AllowedOrigins::Any) => {}
-                None => self.origins = Some(AllowedOrigins::List(vec![origin])),
-            },
-            Err(e) => self.invalid = Some(e),
-        }
-        self
-    }
-
-    /// Allow the token to go to every origin (an explicit opt-in, C12).
-    pub fn allow_any_origin(mut self) -> Self {
-        self.origins = Some(AllowedOrigins::Any);
-        self
-    }
-
     fn check(&self) -> Result<(), ConfigError> {
-        if let Some(e) = &self.invalid {
-            return Err(e.clone());
-        }
         if self.config.refresh_timeout.is_zero() || self.config.attempt_timeout.is_zero() {
             return Err(ConfigError::InvalidSetting(
                 "refresh_timeout and attempt_timeout must be above zero".into(),
@@ -286,17 +225,12 @@ impl<Out> Builder<Out> {
         Ok(())
     }
 
-    /// Builds the coordinator alone (no origin needed).
-    pub fn build_flight(self) -> Result<SingleFlight, ConfigError> {
+    /// Builds the coordinator. Fails without a source or with settings that cannot
+    /// work together.
+    pub fn build(self) -> Result<SingleFlight, ConfigError> {
         self.check()?;
-        Ok(self.into_parts()?.0)
-    }
-
-    fn into_parts(
-        self,
-    ) -> Result<(SingleFlight, Placement, Classifier, Option<AllowedOrigins>), ConfigError> {
         let source = self.source.ok_or(ConfigError::MissingSource)?;
-        let flight = SingleFlight::from_parts(Parts {
+        Ok(SingleFlight::from_parts(Parts {
             config: self.config,
             source,
             store: self.store,
@@ -306,27 +240,193 @@ impl<Out> Builder<Out> {
             on_auth_lost: self.on_auth_lost,
             observers: self.observers,
             initial_token: self.initial_token,
-        });
-        Ok((flight, self.placement, self.classifier, self.origins))
+        }))
+    }
+}
+
+/// Configures an [`AuthPolicy`]: its coordinator (the same settings as
+/// [`FlightBuilder`]) and where the token goes, who may receive it, which routes go
+/// without it and what counts as a rejection. `build()` makes one `AuthPolicy` and
+/// hands it to `Out` — an `AuthPolicy` itself, or an adapter's middleware or layer made
+/// from one (`tokenflight_reqwest::TokenMiddleware::builder()` returns an
+/// `AuthPolicyBuilder<TokenMiddleware>` with tokio's spawner and timer preset).
+///
+/// ```
+/// use tokenflight::{AuthPolicy, Placement, Token, from_fn};
+/// let policy = AuthPolicy::builder()
+///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
+///     .placement(Placement::header("x-api-key", None))
+///     .allowed_origin("https://api.example.com")
+///     .skip_route(None, "/health")
+///     .build()
+///     .unwrap();
+/// # let _ = policy;
+/// ```
+pub struct AuthPolicyBuilder<Out = AuthPolicy> {
+    flight: FlightBuilder,
+    placement: Placement,
+    classifier: Classifier,
+    origins: Option<AllowedOrigins>,
+    skip: SkipRoutes,
+    invalid: Option<ConfigError>,
+    out: PhantomData<fn() -> Out>,
+}
+
+impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthPolicyBuilder")
+            .field("flight", &self.flight)
+            .field("placement", &self.placement)
+            .field("origins", &self.origins)
+            .field("skip", &self.skip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Out: From<AuthPolicy>> Default for AuthPolicyBuilder<Out> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The coordinator's setters, forwarded: one definition, documented on
+/// [`FlightBuilder`].
+macro_rules! forward {
+    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, $($arg: $ty),*) -> Self {
+            self.flight = self.flight.$name($($arg),*);
+            self
+        }
+    )*};
+}
+
+impl<Out: From<AuthPolicy>> AuthPolicyBuilder<Out> {
+    /// A builder with the documented defaults: `Authorization: Bearer`, a 401 (and RFC
+    /// 6750 hints) is a rejection, no origin allowed yet, and the coordinator's defaults
+    /// ([`FlightBuilder`]).
+    pub fn new() -> Self {
+        AuthPolicyBuilder {
+            flight: FlightBuilder::new(),
+            placement: Placement::default(),
+            classifier: Classifier::default(),
+            origins: None,
+            skip: SkipRoutes::default(),
+            invalid: None,
+            out: PhantomData,
+        }
     }
 
-    /// Builds the auth layer. Fails without a source or an allowed origin.
-    pub fn build(self) -> Result<Out, ConfigError>
-    where
-        Out: From<Authenticator>,
-    {
-        self.check()?;
-        if self.origins.is_none() {
-            return Err(ConfigError::NoAllowedOrigin);
+    forward! {
+        /// The token source (required); see [`FlightBuilder::source`].
+        source(source: impl TokenSource + 'static);
+        /// Where tokens are kept; see [`FlightBuilder::store`].
+        store(store: impl TokenStore + 'static);
+        /// A token to start with; see [`FlightBuilder::initial_token`].
+        initial_token(token: Token);
+        /// The clock; see [`FlightBuilder::clock`].
+        clock(clock: impl Clock + 'static);
+        /// The timer; see [`FlightBuilder::timer`].
+        timer(timer: impl Timer + 'static);
+        /// A spawner; see [`FlightBuilder::spawner`].
+        spawner(spawner: impl Spawn + 'static);
+        /// No spawner; see [`FlightBuilder::without_spawner`].
+        without_spawner();
+        /// The auth-lost hook; see [`FlightBuilder::on_auth_lost`].
+        on_auth_lost(hook: impl Fn(&RefreshError) + Send + Sync + 'static);
+        /// Adds an observer; see [`FlightBuilder::observer`].
+        observer(observer: impl Observer + 'static);
+        /// All timing settings; see [`FlightBuilder::config`].
+        config(config: FlightConfig);
+        /// See [`FlightBuilder::leeway`].
+        leeway(leeway: Duration);
+        /// See [`FlightBuilder::refresh_ahead`].
+        refresh_ahead(window: Option<Duration>);
+        /// See [`FlightBuilder::refresh_timeout`].
+        refresh_timeout(timeout: Duration);
+        /// See [`FlightBuilder::attempt_timeout`].
+        attempt_timeout(timeout: Duration);
+        /// See [`FlightBuilder::min_refresh_interval`].
+        min_refresh_interval(interval: Duration);
+        /// See [`FlightBuilder::retry`].
+        retry(retry: Retry);
+        /// See [`FlightBuilder::backoff`].
+        backoff(backoff: Backoff);
+    }
+
+    /// Where the token goes (default `Authorization: Bearer`):
+    /// `.placement(Placement::header("x-api-key", None))`,
+    /// `.placement(Placement::query("access_token"))`.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// What counts as "token rejected" (default: 401 and RFC 6750 hints).
+    pub fn classifier(mut self, classifier: Classifier) -> Self {
+        self.classifier = classifier;
+        self
+    }
+
+    /// Allow the token to go to `origin` (`scheme://host[:port]`); may be repeated
+    /// ([C12](crate#c12)).
+    pub fn allowed_origin(mut self, origin: &str) -> Self {
+        match AllowedOrigins::parse_origin(origin) {
+            Ok(origin) => match &mut self.origins {
+                Some(AllowedOrigins::List(list)) => list.push(origin),
+                Some(AllowedOrigins::Any) => {}
+                None => self.origins = Some(AllowedOrigins::List(vec![origin])),
+            },
+            Err(e) => self.invalid = Some(e),
         }
-        let (flight, placement, classifier, origins) = self.into_parts()?;
-        let origins = origins.ok_or(ConfigError::NoAllowedOrigin)?;
-        Ok(Out::from(Authenticator::new(
+        self
+    }
+
+    /// Allow the token to go to every origin (an explicit opt-in, [C12](crate#c12)).
+    pub fn allow_any_origin(mut self) -> Self {
+        self.origins = Some(AllowedOrigins::Any);
+        self
+    }
+
+    /// Send requests to `path` (and below it, segment-wise: `/login` covers
+    /// `/login/sso` but not `/logins`) without a token and do not classify their
+    /// responses, for `method` or, with `None`, any method ([C11](crate#c11)). For a
+    /// login or token endpoint on the API's own origin. May be repeated. The same in
+    /// every adapter; a single request can also carry the [`SkipAuth`](crate::SkipAuth)
+    /// marker.
+    pub fn skip_route(mut self, method: Option<http::Method>, path: &str) -> Self {
+        self.skip.route(method, path);
+        self
+    }
+
+    /// Send the requests for which `predicate(method, url)` is true without a token
+    /// and do not classify their responses ([C11](crate#c11)); like
+    /// [`skip_route`](Self::skip_route) for rules a path prefix cannot say. May be
+    /// repeated.
+    pub fn skip_if(
+        mut self,
+        predicate: impl Fn(&http::Method, &url::Url) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.skip.when(Arc::new(predicate));
+        self
+    }
+
+    /// Builds the policy. Fails without a source or an allowed origin, or with
+    /// settings that cannot work together.
+    pub fn build(self) -> Result<Out, ConfigError> {
+        if let Some(e) = self.invalid {
+            return Err(e);
+        }
+        self.placement.check()?;
+        let origins = self.origins.ok_or(ConfigError::NoAllowedOrigin)?;
+        let flight = self.flight.build()?;
+        Ok(Out::from(AuthPolicy::new(
             flight,
-            Policy {
-                placement,
+            Rules {
+                placement: self.placement,
                 origins,
-                classifier,
+                classifier: self.classifier,
+                skip: self.skip,
             },
         )))
     }

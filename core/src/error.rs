@@ -7,66 +7,98 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A boxed error from a token source, store or transport.
-pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
-/// How a refresh failed, which decides what the coordinator does next (C9).
+/// Where a refresh failed. Whether trying again can help is the other axis:
+/// [`RefreshError::is_permanent`] / [`RefreshError::is_retryable`] ([C9](crate#c9),
+/// [C16](crate#c16)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum RefreshErrorKind {
-    /// Worth retrying later (network, 5xx, 429): backoff, then try again.
-    Transient,
-    /// Retrying cannot help (`invalid_grant`, `invalid_client`, revoked credentials):
-    /// re-authentication is required.
-    Permanent,
-    /// The attempt took longer than the refresh timeout (transient).
+pub enum Cause {
+    /// The token source said so ([`RefreshError::transient`], [`RefreshError::permanent`]):
+    /// a network failure, a 5xx or 429, `invalid_grant`, revoked credentials.
+    TokenSource,
+    /// An attempt or the whole flight took longer than its budget ([C10](crate#c10)).
     Timeout,
-    /// The token store failed (transient).
+    /// The token store failed. Retried unless the store says retrying cannot help (a
+    /// configuration fault such as [`StoreError::Insecure`](crate::store::StoreError::Insecure)).
     Store,
-    /// The token source panicked (transient; the panic is contained).
+    /// A pluggable part (the source, the store, a hook) panicked; the panic was
+    /// contained ([C18](crate#c18)).
     Panicked,
 }
 
-impl RefreshErrorKind {
-    /// True for the kinds that end in "re-authentication required".
-    pub fn is_permanent(self) -> bool {
-        matches!(self, RefreshErrorKind::Permanent)
+impl Cause {
+    /// A stable, lower-case name (used as a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::TokenSource => "source",
+            Cause::Timeout => "timeout",
+            Cause::Store => "store",
+            Cause::Panicked => "panicked",
+        }
     }
 }
 
 struct RefreshErrorInner {
-    kind: RefreshErrorKind,
+    permanent: bool,
+    cause: Cause,
     message: String,
     retry_after: Option<Duration>,
     source: Option<BoxError>,
 }
 
 /// Why a refresh failed. Cloning is cheap (an `Arc`), so every waiter of a flight gets
-/// the same error (C5).
+/// the same error ([C5](crate#c5)).
 ///
-/// Token sources build it with [`RefreshError::transient`], [`RefreshError::permanent`]
-/// and friends. The message must not contain secrets: it is shown to callers (C12).
+/// Two separate axes: **severity** — [`is_permanent`](Self::is_permanent) (retrying
+/// cannot help: re-authentication is required) or [`is_retryable`](Self::is_retryable)
+/// (backoff, then try again) — and **cause** — [`cause`](Self::cause), where it failed.
+///
+/// Token sources build it with [`RefreshError::transient`] and [`RefreshError::permanent`].
+/// The message must not contain secrets: it is shown to callers ([C12](crate#c12)).
+///
+/// ```
+/// use tokenflight::{Cause, RefreshError};
+/// let error = RefreshError::permanent("invalid_grant");
+/// assert!(error.is_permanent() && !error.is_retryable());
+/// assert_eq!(error.cause(), Cause::TokenSource);
+/// ```
 #[derive(Clone)]
 pub struct RefreshError(Arc<RefreshErrorInner>);
 
 impl RefreshError {
-    /// A failure with the given kind and message.
-    pub fn new(kind: RefreshErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(permanent: bool, cause: Cause, message: impl Into<String>) -> Self {
         RefreshError(Arc::new(RefreshErrorInner {
-            kind,
+            permanent,
+            cause,
             message: message.into(),
             retry_after: None,
             source: None,
         }))
     }
 
-    /// A transient failure: the coordinator backs off and tries again later.
+    /// A transient failure of the token source: the coordinator retries inside the
+    /// flight, then backs off and tries again later.
     pub fn transient(message: impl Into<String>) -> Self {
-        Self::new(RefreshErrorKind::Transient, message)
+        Self::new(false, Cause::TokenSource, message)
     }
 
-    /// A permanent failure: the coordinator enters "re-authentication required".
+    /// A permanent failure of the token source: the coordinator enters
+    /// "re-authentication required" ([C9](crate#c9)).
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self::new(RefreshErrorKind::Permanent, message)
+        Self::new(true, Cause::TokenSource, message)
+    }
+
+    /// A transient failure with another cause (a timeout, a panic contained).
+    pub(crate) fn transient_because(cause: Cause, message: impl Into<String>) -> Self {
+        Self::new(false, cause, message)
+    }
+
+    /// A failure of the token store: permanent when the store says retrying cannot
+    /// help (a configuration fault), transient otherwise.
+    pub(crate) fn from_store(error: crate::store::StoreError) -> Self {
+        Self::new(error.is_permanent(), Cause::Store, error.to_string()).with_source(error)
     }
 
     /// Attaches the underlying cause (kept in the `source()` chain).
@@ -85,7 +117,8 @@ impl RefreshError {
             Ok(inner) => inner,
             // Shared already: copy what can be copied; the source stays with the original.
             Err(shared) => RefreshErrorInner {
-                kind: shared.kind,
+                permanent: shared.permanent,
+                cause: shared.cause,
                 message: shared.message.clone(),
                 retry_after: shared.retry_after,
                 source: None,
@@ -95,9 +128,22 @@ impl RefreshError {
         RefreshError(Arc::new(inner))
     }
 
-    /// The kind of failure.
-    pub fn kind(&self) -> RefreshErrorKind {
-        self.0.kind
+    /// True when retrying cannot help: the coordinator requires re-authentication
+    /// (a new login through [`SingleFlight::install`](crate::SingleFlight::install)).
+    pub fn is_permanent(&self) -> bool {
+        self.0.permanent
+    }
+
+    /// True when another attempt may succeed (the opposite of
+    /// [`is_permanent`](Self::is_permanent)): retried inside the flight, then backed off
+    /// ([C16](crate#c16)).
+    pub fn is_retryable(&self) -> bool {
+        !self.0.permanent
+    }
+
+    /// Where the refresh failed.
+    pub fn cause(&self) -> Cause {
+        self.0.cause
     }
 
     /// The message (never contains secrets).
@@ -111,7 +157,8 @@ impl RefreshError {
     }
 
     /// True when two values are clones of the same failure (same flight).
-    pub fn same_as(&self, other: &RefreshError) -> bool {
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(crate) fn same_as(&self, other: &RefreshError) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
 }
@@ -119,7 +166,8 @@ impl RefreshError {
 impl fmt::Debug for RefreshError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RefreshError")
-            .field("kind", &self.0.kind)
+            .field("permanent", &self.0.permanent)
+            .field("cause", &self.0.cause)
             .field("message", &self.0.message)
             .field("retry_after", &self.0.retry_after)
             .finish_non_exhaustive()
@@ -128,14 +176,22 @@ impl fmt::Debug for RefreshError {
 
 impl fmt::Display for RefreshError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.0.kind {
-            RefreshErrorKind::Transient => "transient",
-            RefreshErrorKind::Permanent => "permanent",
-            RefreshErrorKind::Timeout => "timed out",
-            RefreshErrorKind::Store => "token store",
-            RefreshErrorKind::Panicked => "token source panicked",
+        let severity = if self.0.permanent {
+            "permanent"
+        } else {
+            "transient"
         };
-        write!(f, "token refresh failed ({kind}): {}", self.0.message)
+        let cause = match self.0.cause {
+            Cause::TokenSource => "",
+            Cause::Timeout => ", timed out",
+            Cause::Store => ", token store",
+            Cause::Panicked => ", panicked",
+        };
+        write!(
+            f,
+            "token refresh failed ({severity}{cause}): {}",
+            self.0.message
+        )
     }
 }
 
@@ -148,16 +204,27 @@ impl StdError for RefreshError {
     }
 }
 
+impl crate::store::StoreError {
+    /// True for a configuration fault that retrying cannot fix (unsafe permissions
+    /// or ownership): the coordinator does not retry it but requires attention, like a
+    /// permanent refresh failure ([C9](crate#c9)). Every other store failure is
+    /// retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, crate::store::StoreError::Insecure(_))
+    }
+}
+
 /// What a caller of the coordinator or the retry driver can get instead of a token.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The refresh this caller waited for failed. Every waiter of that flight gets a
-    /// clone of the same error (C5).
+    /// clone of the same error ([C5](crate#c5)).
     #[error(transparent)]
     Refresh(RefreshError),
     /// A recent refresh failed transiently; until the backoff ends, callers that need a
-    /// refresh fail fast with the last error instead of hammering the endpoint (C9).
+    /// refresh fail fast with the last error instead of hammering the endpoint
+    /// ([C9](crate#c9)).
     #[error("token refresh is backing off for {remaining:?} after: {last}")]
     BackingOff {
         /// The failure that started the backoff.
@@ -167,7 +234,8 @@ pub enum Error {
         remaining: Duration,
     },
     /// A permanent failure happened; calls fail fast until a new token is installed
-    /// with `SingleFlight::install` (a new login) (C9).
+    /// with [`SingleFlight::install`](crate::SingleFlight::install) (a new login)
+    /// ([C9](crate#c9)).
     #[error("re-authentication required: {cause}")]
     ReauthenticationRequired {
         /// The permanent failure.
@@ -195,7 +263,7 @@ pub enum ConfigError {
     #[error("no token source configured: call `.source(..)`")]
     MissingSource,
     /// No origin may receive the token: name one with `.allowed_origin(..)` or opt in
-    /// to every origin with `.allow_any_origin()` (C12).
+    /// to every origin with `.allow_any_origin()` ([C12](crate#c12)).
     #[error("no allowed origin configured: call `.allowed_origin(..)` or `.allow_any_origin()`")]
     NoAllowedOrigin,
     /// An origin could not be parsed.

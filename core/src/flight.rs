@@ -32,7 +32,7 @@ use futures_util::future::{self, BoxFuture, Either, Shared, WeakShared};
 use tracing::Instrument;
 
 use crate::config::FlightConfig;
-use crate::error::{Error, RefreshError, RefreshErrorKind};
+use crate::error::{Cause, Error, RefreshError};
 use crate::observe::{
     AttemptFailed, AuthLost, FlightJoined, Observers, Outcome, RefreshFinished, RefreshStarted,
     ResendKind, TokenInstalled,
@@ -64,9 +64,9 @@ struct FlightOutput {
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 
 /// A hook called once when the coordinator enters "re-authentication required" (C9).
-pub type AuthLostHook = Arc<dyn Fn(&RefreshError) + Send + Sync>;
+pub(crate) type AuthLostHook = Arc<dyn Fn(&RefreshError) + Send + Sync>;
 
-/// Everything a `SingleFlight` is built from; see [`crate::Builder`].
+/// Everything a `SingleFlight` is built from; see [`crate::FlightBuilder`].
 pub(crate) struct Parts {
     pub(crate) config: FlightConfig,
     pub(crate) source: Arc<dyn TokenSource>,
@@ -149,6 +149,9 @@ enum FlightKind {
 enum Joined {
     Ready(Arc<Token>),
     Wait(FlightFuture),
+    /// A flight this caller started and the spawner drives: it finishes even if nobody
+    /// waits for it (C6).
+    Spawned(FlightFuture),
     /// A flight is running and the caller asked not to wait for it (refresh-ahead).
     Busy(FlightFuture),
     Failed(Error),
@@ -202,11 +205,6 @@ impl SingleFlight {
     /// The settings in use.
     pub fn config(&self) -> &FlightConfig {
         &self.inner.parts.config
-    }
-
-    /// The clock in use.
-    pub fn clock(&self) -> &dyn Clock {
-        &*self.inner.parts.clock
     }
 
     /// The wall clock; a clock that panics reads as the Unix epoch (tokens then count
@@ -336,7 +334,8 @@ impl SingleFlight {
     async fn refresh_ahead(&self, token: Arc<Token>) -> Arc<Token> {
         let flight =
             match self.join_or_start(RefreshReason::RefreshAhead, Some(token.generation()), true) {
-                Joined::Wait(flight) if self.inner.parts.spawner.is_none() => flight,
+                // Not spawned (no spawner, or no runtime to spawn on): this caller drives it.
+                Joined::Wait(flight) => flight,
                 // Spawned, already running, or not allowed now: go on with the valid token.
                 _ => return token,
             };
@@ -371,7 +370,7 @@ impl SingleFlight {
         rejected_generation: u64,
     ) -> Result<(Arc<Token>, ResendKind), Error> {
         let rejected_generation = self.resolve_alias(rejected_generation);
-        if let Some(token) = self.stale_rejection(rejected_generation) {
+        if let Some(token) = self.record_stale_rejection(rejected_generation) {
             return Ok((token, ResendKind::Stale));
         }
         self.wait(
@@ -399,7 +398,7 @@ impl SingleFlight {
         generation
     }
 
-    fn stale_rejection(&self, rejected_generation: u64) -> Option<Arc<Token>> {
+    fn record_stale_rejection(&self, rejected_generation: u64) -> Option<Arc<Token>> {
         bump(&self.inner.counters.rejections);
         let now = self.now();
         match self.usable_at(now) {
@@ -430,7 +429,7 @@ impl SingleFlight {
     pub fn mark_rejected(&self, generation: u64) {
         bump(&self.inner.counters.not_replayable);
         let generation = self.resolve_alias(generation);
-        if self.stale_rejection(generation).is_some() || self.inner.parts.spawner.is_none() {
+        if self.record_stale_rejection(generation).is_some() || self.inner.parts.spawner.is_none() {
             return;
         }
         // The spawner drives the flight; this caller does not wait.
@@ -704,12 +703,18 @@ impl SingleFlight {
         });
         if let Some(spawner) = &self.inner.parts.spawner {
             let task = flight.clone().map(drop).boxed();
-            // A spawner that panics leaves the flight to its waiters (C18).
-            if catch_unwind(AssertUnwindSafe(|| spawner.spawn(task))).is_err() {
-                tracing::warn!(
+            // A spawner that panics leaves the flight to its waiters (C18); one that finds
+            // no runtime to spawn on right now does too.
+            match catch_unwind(AssertUnwindSafe(|| spawner.spawn(task))) {
+                Ok(true) => return Joined::Spawned(flight),
+                Ok(false) => tracing::debug!(
+                    flight = id,
+                    "no runtime to spawn on; waiters drive the refresh"
+                ),
+                Err(_) => tracing::warn!(
                     flight = id,
                     "the spawner panicked; waiters drive the refresh"
-                );
+                ),
             }
         }
         Joined::Wait(flight)
@@ -743,7 +748,7 @@ impl SingleFlight {
             let flight = match joined {
                 Joined::Ready(token) => return Ok(token),
                 Joined::Failed(error) => return Err(error),
-                Joined::Wait(flight) | Joined::Busy(flight) => flight,
+                Joined::Wait(flight) | Joined::Spawned(flight) | Joined::Busy(flight) => flight,
             };
             let output = flight.await;
             if output.superseded {
@@ -765,7 +770,7 @@ impl SingleFlight {
                 (Ok(token), _) => Ok(token),
                 // C16: a token that has not really expired is still worth sending.
                 (Err(_), Some(token)) if reason != RefreshReason::Forced => Ok(token),
-                (Err(error), _) if error.kind().is_permanent() => {
+                (Err(error), _) if error.is_permanent() => {
                     Err(Error::ReauthenticationRequired { cause: error })
                 }
                 (Err(error), _) => Err(Error::Refresh(error)),
@@ -789,8 +794,8 @@ impl SingleFlight {
     }
 
     fn out_of_budget(&self, what: &str) -> RefreshError {
-        RefreshError::new(
-            RefreshErrorKind::Timeout,
+        RefreshError::transient_because(
+                Cause::Timeout,
             format!(
                 "the refresh used up its budget of {:?} ({what})",
                 self.inner.parts.config.refresh_timeout
@@ -841,7 +846,7 @@ impl SingleFlight {
                 if kind != FlightKind::Reload {
                     bump(&self.inner.counters.failures);
                 }
-                if error.kind().is_permanent() {
+                if error.is_permanent() {
                     if !matches!(state.failure, Failure::AuthLost { .. }) {
                         lost = Some(error.clone());
                     }
@@ -1169,8 +1174,8 @@ impl SingleFlight {
             .catch_unwind()
             .map(|outcome| {
                 outcome.unwrap_or_else(|_| {
-                    Err(RefreshError::new(
-                        RefreshErrorKind::Panicked,
+                    Err(RefreshError::transient_because(
+                Cause::Panicked,
                         "the token source panicked",
                     ))
                 })
@@ -1178,8 +1183,8 @@ impl SingleFlight {
         let sleep = self.inner.parts.timer.sleep(timeout);
         match future::select(std::pin::pin!(call), sleep).await {
             Either::Left((result, _)) => result,
-            Either::Right(((), _)) => Err(RefreshError::new(
-                RefreshErrorKind::Timeout,
+            Either::Right(((), _)) => Err(RefreshError::transient_because(
+                Cause::Timeout,
                 format!("the token source took longer than {timeout:?}"),
             )),
         }
@@ -1219,8 +1224,8 @@ async fn run_flight(
         .instrument(span.clone())
         .await
         .unwrap_or_else(|_| {
-            Err(RefreshError::new(
-                RefreshErrorKind::Panicked,
+            Err(RefreshError::transient_because(
+                Cause::Panicked,
                 "a part of the refresh panicked (token store, clock or timer)",
             ))
         });
@@ -1331,10 +1336,7 @@ fn instant_after(at: Instant, delay: Duration) -> Instant {
 
 /// Worth another attempt inside the flight: network, timeouts, 5xx/429, the store.
 fn is_retryable(error: &RefreshError) -> bool {
-    matches!(
-        error.kind(),
-        RefreshErrorKind::Transient | RefreshErrorKind::Timeout | RefreshErrorKind::Store
-    )
+    error.is_retryable()
 }
 
 fn superseded_by_login() -> RefreshError {
@@ -1342,5 +1344,6 @@ fn superseded_by_login() -> RefreshError {
 }
 
 fn store_error(error: StoreError) -> RefreshError {
-    RefreshError::new(RefreshErrorKind::Store, error.to_string()).with_source(error)
+    // A configuration fault (an insecure store) is permanent: never retried (C9).
+    RefreshError::from_store(error)
 }

@@ -69,9 +69,9 @@ pub enum JwtError {
 /// ```
 /// use std::time::{Duration, SystemTime};
 /// // header {"alg":"none"}, payload {"exp":1700000000}
-/// let claims = tokenflight::jwt::time_claims("eyJhbGciOiJub25lIn0.eyJleHAiOjE3MDAwMDAwMDB9.").unwrap();
+/// let claims = tokenflight::oauth2::jwt::time_claims("eyJhbGciOiJub25lIn0.eyJleHAiOjE3MDAwMDAwMDB9.").unwrap();
 /// assert_eq!(claims.exp, Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
-/// assert!(tokenflight::jwt::time_claims("not a jwt").is_err());
+/// assert!(tokenflight::oauth2::jwt::time_claims("not a jwt").is_err());
 /// ```
 pub fn time_claims(token: &str) -> Result<TimeClaims, JwtError> {
     if token.len() > MAX_JWT_LEN {

@@ -1,31 +1,44 @@
 //! # tokenflight
 //!
 //! Keeps an HTTP client's access token valid without the caller noticing. Before a
-//! request the token is checked for (near) expiry; after a response the layer checks
+//! request the token is checked for (near) expiry; after a response the policy checks
 //! whether the server rejected it. Either way exactly one refresh runs, everybody who
 //! needs it waits for that one, and each rejected request is resent exactly once with
 //! the new token. If the refresh fails, every waiter gets the error: nobody hangs,
-//! nobody loops.
+//! nobody loops. What exactly is promised is listed under [Guarantees](#guarantees).
 //!
-//! This crate is the runtime-agnostic core: [`SingleFlight`] (the coordinator),
-//! [`Authenticator`] (the retry driver), the [`TokenSource`], [`TokenStore`] and
-//! [`Transport`] traits. HTTP clients plug in through small adapter crates
-//! (`tokenflight-reqwest`, `tokenflight-surf`) that implement [`AuthRequest`] and
-//! [`AuthResponse`] for their types and supply their runtime's [`Spawn`] and [`Timer`].
+//! This crate is the runtime-agnostic core. Applications use it through an adapter
+//! crate (`tokenflight-reqwest`, `tokenflight-surf`, `tokenflight-tower`) and meet:
+//!
+//! - [`AuthPolicy`], built with an [`AuthPolicyBuilder`] (the adapters' `builder()`):
+//!   a coordinator plus where the token goes ([`Placement`]), who may receive it, which
+//!   routes go without it, and what counts as a rejection ([`Classifier`]);
+//! - [`SingleFlight`], the coordinator (built alone with a [`FlightBuilder`]): one
+//!   current [`Token`], at most one refresh in flight;
+//! - [`TokenSource`] (or [`from_fn`]) where new tokens come from, and the OAuth 2.0
+//!   grants in [`oauth2`];
+//! - the errors [`Error`], [`RefreshError`] (severity and [`Cause`]) and
+//!   [`ConfigError`];
+//! - the per-request markers [`SkipAuth`] and [`ForceRefresh`].
+//!
+//! The modules hold what other audiences need: [`adapter`] what client adapters
+//! implement and call, [`store`] the token store interface and its implementations,
+//! [`config`] the timing settings, [`observe`] events and counters, and `test_util`
+//! (feature `test-util`) a manual clock for deterministic tests.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
 //! use std::sync::Arc;
-//! use tokenflight::{Builder, RefreshContext, Token, from_fn};
+//! use tokenflight::{RefreshContext, SingleFlight, Token, from_fn};
 //!
 //! let calls = Arc::new(AtomicU32::new(0));
 //! let counter = calls.clone();
-//! let flight = Builder::new()
+//! let flight = SingleFlight::builder()
 //!     .source(from_fn(move |_cx: RefreshContext| {
 //!         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
 //!         async move { Ok(Token::new(format!("token-{n}"))) }
 //!     }))
-//!     .build_flight()
+//!     .build()
 //!     .unwrap();
 //! futures::executor::block_on(async {
 //!     let token = flight.token().await.unwrap();
@@ -36,68 +49,80 @@
 //! assert_eq!(calls.load(Ordering::SeqCst), 1);
 //! ```
 //!
-//! ## Contracts
+//! ## Features
 //!
-//! Each contract has tests named after it (in `core/tests/contracts.rs` unless noted).
+//! - `futures-timer` (default): a runtime-free default timer, used unless an adapter
+//!   supplies its runtime's.
+//! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`)
+//!   and the JWT reader [`oauth2::jwt`].
+//! - `file-store` (default): [`store::FileStore`], tokens shared by processes on one
+//!   machine.
+//! - `metrics`: `observe::MetricsObserver`, metrics through the `metrics` facade.
+//! - `test-util`: `test_util::ManualClock` and friends, for deterministic tests.
 //!
-//! - **C1 One flight.** At most one refresh is in flight:
+//! ## Guarantees
+//!
+//! Each guarantee has tests named after it (in `core/tests/contracts.rs` unless noted);
+//! the docs link here as [C6](crate#c6).
+//!
+//! - <a id="c1"></a>**C1 One flight.** At most one refresh is in flight:
 //!   `c1_one_flight_for_concurrent_expired_callers`, `c1_c2_ten_thousand_callers_one_source_call`.
-//! - **C2 Coalescing.** N concurrent callers on an expired token cause one source call:
+//! - <a id="c2"></a>**C2 Coalescing.** N concurrent callers on an expired token cause one source call:
 //!   `c2_coalescing_waiters_share_one_refresh`, `c1_c2_ten_thousand_callers_one_source_call`.
-//! - **C3 Stale rejections are free.** `c3_stale_rejection_resends_without_refresh`,
+//! - <a id="c3"></a>**C3 Stale rejections are free.** `c3_stale_rejection_resends_without_refresh`,
 //!   `c3_late_rejection_after_refresh_is_stale` (driver).
-//! - **C4 Exactly one retry.** `c4_exactly_one_retry_with_newer_token`,
+//! - <a id="c4"></a>**C4 Exactly one retry.** `c4_exactly_one_retry_with_newer_token`,
 //!   `c4_second_rejection_is_returned_as_is`, `c4_not_replayable_is_not_resent_but_marked`,
 //!   `c4_a_401_from_another_origin_is_not_a_rejection`,
 //!   `c4_body_rule_reads_only_bodies_that_say_they_end` (unit); through every adapter,
 //!   `c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection` and
 //!   `c4_a_body_classifier_does_not_hold_back_a_stream` (conformance).
-//! - **C5 Same outcome for all.** `c5_all_waiters_get_the_same_error`.
-//! - **C6 Cancellation safety.** `c6_dropping_the_driver_mid_refresh_does_not_hang_waiters`,
+//! - <a id="c5"></a>**C5 Same outcome for all.** `c5_all_waiters_get_the_same_error`.
+//! - <a id="c6"></a>**C6 Cancellation safety.** `c6_dropping_the_driver_mid_refresh_does_not_hang_waiters`,
 //!   `c6_spawner_finishes_refresh_when_every_caller_left`,
 //!   `c6_without_spawner_last_caller_leaving_cancels_and_next_restarts`.
-//! - **C7 Proactive refresh.** `c7_token_within_leeway_is_refreshed_before_sending`,
+//! - <a id="c7"></a>**C7 Proactive refresh.** `c7_token_within_leeway_is_refreshed_before_sending`,
 //!   `c7_leeway_counts_as_expired` (unit).
-//! - **C8 Refresh ahead.** `c8_refresh_ahead_serves_valid_token_while_refreshing`,
+//! - <a id="c8"></a>**C8 Refresh ahead.** `c8_refresh_ahead_serves_valid_token_while_refreshing`,
 //!   `c8_refresh_ahead_without_spawner_is_driven_by_one_caller`.
-//! - **C9 Failures.** `c9_error_never_replaces_a_valid_token`,
+//! - <a id="c9"></a>**C9 Failures.** `c9_error_never_replaces_a_valid_token`,
 //!   `c9_backoff_fails_fast_then_recovers`, `c9_permanent_failure_fires_hook_once_until_login`,
 //!   `c9_backoff_grows_and_is_capped` (unit).
-//! - **C10 Bounded.** `c10_refresh_timeout_fails_all_waiters_then_recovers`,
+//! - <a id="c10"></a>**C10 Bounded.** `c10_refresh_timeout_fails_all_waiters_then_recovers`,
 //!   `c10_fast_path_allocates_nothing` (`core/tests/fast_path.rs`),
 //!   `c10_a_hanging_store_load_is_bounded_by_the_flight_budget`,
 //!   `c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget` (`holes.rs`).
-//! - **C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
-//! - **C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
+//! - <a id="c11"></a>**C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
+//! - <a id="c12"></a>**C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
 //!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`,
 //!   `c12_query_placement_keeps_the_callers_query_byte_for_byte` (unit and conformance),
 //!   `c12_a_redacted_url_hides_the_query_token_and_keeps_the_rest` (unit); through every
 //!   adapter, `c12_query_token_never_in_errors` and `c12_query_token_never_in_a_referer`
 //!   (conformance).
-//! - **C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
+//! - <a id="c13"></a>**C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
 //!   `fuzz/`.
-//! - **C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
+//! - <a id="c14"></a>**C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
 //!   (`core/tests/runtime_free.rs`); the contract tests run under `futures::executor`,
 //!   tokio, async-std and smol.
-//! - **C15 Timing fits the lifetime.** `leeway` and `refresh_ahead` are caps scaled to
-//!   each token's lifetime (table on [`FlightConfig`]); expiry-driven source calls are at
+//! - <a id="c15"></a>**C15 Timing fits the lifetime.** `leeway` and `refresh_ahead` are caps scaled to
+//!   each token's lifetime (table on [`FlightConfig`](config::FlightConfig)); expiry-driven source calls are at
 //!   least `min_refresh_interval` apart (`core/tests/holes.rs`):
 //!   `c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life`,
 //!   `c15_a_token_born_expired_is_used_and_refreshed_at_most_once_per_interval`,
 //!   `c15_a_clock_stepped_back_does_not_refresh_per_request`, `c15_documented_timing_table`
 //!   (unit); conformance S16.
-//! - **C16 Resilient refresh.** Transient failures retried inside one flight budget;
+//! - <a id="c16"></a>**C16 Resilient refresh.** Transient failures retried inside one flight budget;
 //!   failures invisible while a usable token exists; backoff on the monotonic clock:
 //!   `c16_transient_failures_are_retried_inside_one_flight`,
 //!   `c16_permanent_failures_are_never_retried`, `c16_no_caller_fails_while_a_usable_token_exists`,
 //!   `c16_refresh_ahead_failures_are_invisible`, `c16_budget_bounds_the_retries`,
 //!   `c16_a_huge_retry_after_is_capped_not_ignored`,
 //!   `c16_wall_clock_steps_neither_stretch_nor_cancel_backoff`; conformance S17, S18.
-//! - **C17 The login wins.** `c17_install_is_numbered_above_the_store_and_saved_under_its_lock`,
+//! - <a id="c17"></a>**C17 The login wins.** `c17_install_is_numbered_above_the_store_and_saved_under_its_lock`,
 //!   `c17_an_initial_login_wins_over_an_older_session_in_the_store`,
 //!   `c17_a_successful_refresh_started_before_a_login_does_not_replace_it` (and its
 //!   permanent/transient twins), `c17_auth_lost_notices_a_login_saved_to_the_shared_store`.
-//! - **C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
+//! - <a id="c18"></a>**C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_store_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
 //!
@@ -111,20 +136,19 @@
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
 //! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
 //! `cargo test` replays.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+mod auth_policy;
 mod builder;
-mod config;
-mod driver;
+pub mod config;
 mod error;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;
-#[cfg(feature = "oauth2")]
-pub mod jwt;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 pub mod observe;
@@ -133,30 +157,49 @@ mod request;
 mod runtime;
 mod source;
 mod stats;
-mod store;
+pub mod store;
 mod token;
 #[cfg(feature = "oauth2")]
 mod token_response;
 mod transport;
-pub mod www_authenticate;
+mod www_authenticate;
 
-pub use builder::Builder;
-pub use config::{Backoff, FlightConfig, Retry};
-pub use driver::{AuthError, Authenticator};
-pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
-#[cfg(feature = "file-store")]
-pub use file_store::{FileLock, FileStore};
-pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
-pub use observe::Observer;
-pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
-pub use request::{
-    AuthRequest, AuthResponse, ForceRefresh, InvalidHeader, RequestOptions, ResponseView, SkipAuth,
-};
-#[cfg(feature = "futures-timer")]
-pub use runtime::FuturesTimer;
-pub use runtime::{Clock, ManualClock, NoTimer, Spawn, SystemClock, Timer};
-pub use source::{FnSource, RefreshContext, RefreshReason, TokenSource, from_fn};
-pub use stats::Stats;
-pub use store::{MemoryStore, StoreError, StoreLock, TokenStore};
+pub use auth_policy::AuthPolicy;
+pub use builder::{AuthPolicyBuilder, FlightBuilder};
+pub use error::{Cause, ConfigError, Error, RefreshError};
+pub use flight::SingleFlight;
+pub use policy::{Classifier, Placement};
+pub use request::{ForceRefresh, SkipAuth};
+pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use token::{Secret, Token};
-pub use transport::{HttpRequest, HttpResponse, Transport, TransportError};
+
+/// What client adapters implement and call: the request and response traits the
+/// [`AuthPolicy`] drives, the runtime pieces ([`Spawn`], [`Timer`], [`Clock`]), the
+/// bare [`Transport`] token sources use, and the plumbing of [`AuthPolicy::send`]
+/// ([`RequestOptions`], [`AuthError`]). Applications rarely need it.
+pub mod adapter {
+    pub use crate::auth_policy::AuthError;
+    pub use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView};
+    #[cfg(feature = "futures-timer")]
+    pub use crate::runtime::FuturesTimer;
+    pub use crate::runtime::{Clock, Spawn, Timer};
+    pub use crate::transport::{HttpRequest, HttpResponse, Transport, TransportError};
+
+    /// RFC 6750 `WWW-Authenticate` challenges, as the default [`Classifier`](crate::Classifier)
+    /// reads them; for adapters that classify protocol-specific responses themselves.
+    pub mod www_authenticate {
+        pub use crate::www_authenticate::*;
+    }
+}
+
+/// Helpers for deterministic tests of code that uses tokenflight (feature `test-util`).
+#[cfg(feature = "test-util")]
+pub mod test_util {
+    pub use crate::runtime::ManualClock;
+
+    /// True when `a` and `b` are clones of the same failure: every waiter of one flight
+    /// gets the same error ([C5](crate#c5)).
+    pub fn same_failure(a: &crate::RefreshError, b: &crate::RefreshError) -> bool {
+        a.same_as(b)
+    }
+}

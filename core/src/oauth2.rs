@@ -9,7 +9,7 @@
 //! [`MAX_RESPONSE_BYTES`]. Secrets never appear in errors or `Debug` output (C12).
 //!
 //! ```no_run
-//! # fn demo(transport: std::sync::Arc<dyn tokenflight::Transport>) -> Result<(), tokenflight::ConfigError> {
+//! # fn demo(transport: std::sync::Arc<dyn tokenflight::adapter::Transport>) -> Result<(), tokenflight::ConfigError> {
 //! use tokenflight::oauth2::{ClientAuth, RefreshTokenGrant};
 //! let source = RefreshTokenGrant::new(transport, "https://auth.example/oauth/token", "my-client")?
 //!     .client_secret("s3cret")
@@ -17,7 +17,7 @@
 //!     .scope("read write")
 //!     .param("audience", "https://api.example")
 //!     .initial_refresh_token("refresh-from-login");
-//! let flight = tokenflight::Builder::new().source(source).build_flight()?;
+//! let flight = tokenflight::SingleFlight::builder().source(source).build()?;
 //! # let _ = flight; Ok(()) }
 //! ```
 
@@ -31,12 +31,14 @@ use futures_util::future::BoxFuture;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use url::form_urlencoded;
 
-use crate::error::{ConfigError, RefreshError, RefreshErrorKind};
+use crate::error::{Cause, ConfigError, RefreshError};
 use crate::source::{RefreshContext, TokenSource};
 use crate::token::{Secret, Token};
 use crate::token_response::{printable, retry_after};
 use crate::transport::{HttpResponse, Transport, TransportError};
 
+#[path = "jwt.rs"]
+pub mod jwt;
 pub use crate::token_response::{ErrorResponse, TokenResponse, TokenResponseError};
 
 /// The largest token endpoint response read (passed to the transport as its body limit).
@@ -211,12 +213,14 @@ fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, RefreshEr
 }
 
 fn transport_error(error: TransportError) -> RefreshError {
-    let kind = match &error {
-        TransportError::Timeout => RefreshErrorKind::Timeout,
-        TransportError::InvalidRequest(_) => RefreshErrorKind::Permanent,
-        _ => RefreshErrorKind::Transient,
+    let message = error.to_string();
+    let error_kind = match &error {
+        TransportError::Timeout => RefreshError::transient_because(Cause::Timeout, message),
+        // A request that cannot be built will not build next time either.
+        TransportError::InvalidRequest(_) => RefreshError::permanent(message),
+        _ => RefreshError::transient(message),
     };
-    RefreshError::new(kind, error.to_string()).with_source(error)
+    error_kind.with_source(error)
 }
 
 /// Classifies a non-2xx answer (§5.2 and HTTP semantics).

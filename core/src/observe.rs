@@ -1,6 +1,6 @@
 //! Observers: what the coordinator does, as events (issue 16).
 //!
-//! Register any number with [`crate::Builder::observer`]. Every method has a no-op
+//! Register any number with [`FlightBuilder::observer`](crate::FlightBuilder::observer). Every method has a no-op
 //! default, so an observer implements only what it needs. Events carry generations,
 //! reasons, error kinds, counts and durations — never a token or a secret (C12).
 //!
@@ -13,13 +13,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{RefreshError, RefreshErrorKind};
+use crate::error::{Cause, RefreshError};
 use crate::source::RefreshReason;
 
 #[cfg(feature = "metrics")]
 mod metrics_observer;
 #[cfg(feature = "metrics")]
 pub use metrics_observer::MetricsObserver;
+
+pub use crate::stats::Stats;
 
 /// A refresh flight started.
 #[derive(Clone, Debug)]
@@ -84,11 +86,11 @@ impl Outcome {
     }
 
     pub(crate) fn of_error(error: &RefreshError) -> Self {
-        match error.kind() {
-            RefreshErrorKind::Timeout => Outcome::Timeout,
-            RefreshErrorKind::Store => Outcome::Store,
-            RefreshErrorKind::Panicked => Outcome::Panicked,
-            kind if kind.is_permanent() => Outcome::Permanent,
+        match error.cause() {
+            Cause::Timeout => Outcome::Timeout,
+            Cause::Store => Outcome::Store,
+            Cause::Panicked => Outcome::Panicked,
+            _ if error.is_permanent() => Outcome::Permanent,
             _ => Outcome::Transient,
         }
     }
@@ -210,7 +212,8 @@ impl Observers {
 }
 
 /// A stable, lower-case name for a refresh reason (used as a metric label).
-pub fn reason_str(reason: Option<RefreshReason>) -> &'static str {
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) fn reason_str(reason: Option<RefreshReason>) -> &'static str {
     match reason {
         None => "reload",
         Some(RefreshReason::Initial) => "initial",
@@ -221,13 +224,13 @@ pub fn reason_str(reason: Option<RefreshReason>) -> &'static str {
     }
 }
 
-/// A stable, lower-case name for an error kind (used as a metric label).
-pub fn error_kind_str(kind: RefreshErrorKind) -> &'static str {
-    match kind {
-        RefreshErrorKind::Transient => "transient",
-        RefreshErrorKind::Permanent => "permanent",
-        RefreshErrorKind::Timeout => "timeout",
-        RefreshErrorKind::Store => "store",
-        RefreshErrorKind::Panicked => "panicked",
+/// A stable, lower-case name for what kind of failure `error` is (the metric label
+/// `kind`): its cause, or for the token source's failures their severity.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) fn error_kind_str(error: &RefreshError) -> &'static str {
+    match error.cause() {
+        Cause::TokenSource if error.is_permanent() => "permanent",
+        Cause::TokenSource => "transient",
+        cause => cause.as_str(),
     }
 }

@@ -56,40 +56,52 @@ impl Placement {
         }
     }
 
-    /// A custom header, with an optional scheme.
-    pub fn header(name: impl Into<String>, scheme: Option<&str>) -> Result<Self, ConfigError> {
-        let name = name.into();
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::InvalidPlacement(format!(
-                "{name:?} is not a header name"
-            )));
-        }
-        if let Some(scheme) = scheme {
-            if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::InvalidPlacement(format!(
-                    "{scheme:?} is not an auth scheme"
-                )));
-            }
-        }
-        Ok(Placement::Header {
-            name,
+    /// A custom header, with an optional scheme: `Placement::header("x-api-key", None)`.
+    /// Checked when the policy is built ([`ConfigError::InvalidPlacement`]).
+    pub fn header(name: impl Into<String>, scheme: Option<&str>) -> Self {
+        Placement::Header {
+            name: name.into(),
             scheme: scheme.map(str::to_owned),
-        })
+        }
     }
 
-    /// A query parameter.
-    pub fn query(param: impl Into<String>) -> Result<Self, ConfigError> {
-        let param = param.into();
-        if param.is_empty() {
-            return Err(ConfigError::InvalidPlacement(
-                "empty query parameter".into(),
-            ));
+    /// A query parameter: `Placement::query("access_token")`. Leakier than a header
+    /// (see [`Placement::Query`]). Checked when the policy is built
+    /// ([`ConfigError::InvalidPlacement`]).
+    pub fn query(param: impl Into<String>) -> Self {
+        Placement::Query {
+            param: param.into(),
         }
-        Ok(Placement::Query { param })
+    }
+
+    /// Whether the placement can work: a valid header name and scheme, a non-empty
+    /// parameter.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        match self {
+            Placement::Header { name, scheme } => {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(ConfigError::InvalidPlacement(format!(
+                        "{name:?} is not a header name"
+                    )));
+                }
+                if let Some(scheme) = scheme {
+                    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(ConfigError::InvalidPlacement(format!(
+                            "{scheme:?} is not an auth scheme"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Placement::Query { param } if param.is_empty() => Err(
+                ConfigError::InvalidPlacement("empty query parameter".into()),
+            ),
+            Placement::Query { .. } => Ok(()),
+        }
     }
 
     /// Puts `token` on `request`.
-    pub fn attach<R: AuthRequest>(
+    pub(crate) fn attach<R: AuthRequest>(
         &self,
         request: &mut R,
         token: &Token,
@@ -223,8 +235,7 @@ fn names(piece: &str, name: &str) -> bool {
 
 /// Which origins may receive the token (C12).
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AllowedOrigins {
+pub(crate) enum AllowedOrigins {
     /// Only these origins (scheme, host and port must match).
     List(Vec<Origin>),
     /// Every origin: an explicit opt-in.
@@ -233,7 +244,7 @@ pub enum AllowedOrigins {
 
 impl AllowedOrigins {
     /// Parses `scheme://host[:port]` (a path is ignored).
-    pub fn parse_origin(origin: &str) -> Result<Origin, ConfigError> {
+    pub(crate) fn parse_origin(origin: &str) -> Result<Origin, ConfigError> {
         let url = Url::parse(origin).map_err(|_| ConfigError::InvalidOrigin(origin.to_owned()))?;
         match url.origin() {
             tuple @ Origin::Tuple(..) => Ok(tuple),
@@ -242,7 +253,7 @@ impl AllowedOrigins {
     }
 
     /// True when a request to `url` may carry the token.
-    pub fn allows(&self, url: &Url) -> bool {
+    pub(crate) fn allows(&self, url: &Url) -> bool {
         match self {
             AllowedOrigins::Any => true,
             AllowedOrigins::List(_) => self.allows_origin(&url.origin()),
@@ -259,9 +270,9 @@ impl AllowedOrigins {
 }
 
 /// A predicate on status and headers.
-pub type HeadPredicate = Arc<dyn Fn(&dyn ResponseView) -> bool + Send + Sync>;
+pub(crate) type HeadPredicate = Arc<dyn Fn(&dyn ResponseView) -> bool + Send + Sync>;
 /// A predicate on a buffered body.
-pub type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+pub(crate) type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
 /// Decides whether a response means "the token was rejected".
 ///
@@ -273,7 +284,7 @@ pub type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 /// # Which bodies the body rule reads
 /// Reading a body means holding the response back from the caller until it is read, so
 /// the body rule reads only bodies that say they end soon (see
-/// [`body_rule_for`](Self::body_rule_for)):
+/// below):
 /// - a `Content-Length` of at most `limit` bytes: read whole;
 /// - no `Content-Length` (chunked, or decompressed on the fly): not read, since a long
 ///   poll or a JSON stream looks just like that — unless
@@ -388,7 +399,7 @@ impl Classifier {
     }
 
     /// The verdict of the status and header rules.
-    pub fn head_rejects(&self, response: &dyn ResponseView) -> bool {
+    pub(crate) fn head_rejects(&self, response: &dyn ResponseView) -> bool {
         if let Some(head) = &self.head {
             return head(response);
         }
@@ -410,16 +421,11 @@ impl Classifier {
             })
     }
 
-    /// The body rule, if any: its byte limit and predicate.
-    pub fn body_rule(&self) -> Option<(usize, &BodyPredicate)> {
-        self.body.as_ref().map(|(limit, p)| (*limit, p))
-    }
-
     /// The body rule if it applies to `response`: when its headers say the body can be
     /// read without holding back a stream (see
     /// [which bodies](Self#which-bodies-the-body-rule-reads)). `None`: do not read the
     /// body; the head rules' verdict stands.
-    pub fn body_rule_for(&self, response: &dyn ResponseView) -> Option<(usize, &BodyPredicate)> {
+    pub(crate) fn body_rule_for(&self, response: &dyn ResponseView) -> Option<(usize, &BodyPredicate)> {
         let (limit, predicate) = self.body.as_ref()?;
         if response.header("content-type").is_some_and(declares_stream) {
             return None;
@@ -432,6 +438,71 @@ impl Classifier {
             None => self.body_of_unknown_length,
         };
         readable.then_some((*limit, predicate))
+    }
+}
+
+/// A rule of [`SkipRoutes`]: a method (any if `None`) and a path prefix, or a predicate.
+#[derive(Clone)]
+enum SkipRule {
+    Route {
+        method: Option<http::Method>,
+        path: String,
+    },
+    When(RoutePredicate),
+}
+
+/// A predicate on a request's method and URL.
+pub(crate) type RoutePredicate = Arc<dyn Fn(&http::Method, &Url) -> bool + Send + Sync>;
+
+/// The routes the policy sends without a token and does not classify ([C11](crate#c11)):
+/// a login or token endpoint on the API's own origin, a health check.
+#[derive(Clone, Default)]
+pub(crate) struct SkipRoutes {
+    rules: Vec<SkipRule>,
+}
+
+impl fmt::Debug for SkipRoutes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for rule in &self.rules {
+            match rule {
+                SkipRule::Route { method, path } => list.entry(&(method, path)),
+                SkipRule::When(_) => list.entry(&"<predicate>"),
+            };
+        }
+        list.finish()
+    }
+}
+
+impl SkipRoutes {
+    pub(crate) fn route(&mut self, method: Option<http::Method>, path: &str) {
+        self.rules.push(SkipRule::Route {
+            method,
+            path: path.to_owned(),
+        });
+    }
+
+    pub(crate) fn when(&mut self, predicate: RoutePredicate) {
+        self.rules.push(SkipRule::When(predicate));
+    }
+
+    /// Whether a request with `method` to `url` is sent without a token.
+    pub(crate) fn skips(&self, method: &http::Method, url: &Url) -> bool {
+        self.rules.iter().any(|rule| match rule {
+            SkipRule::Route { method: m, path } => {
+                m.as_ref().is_none_or(|m| m == method) && path_under(url.path(), path)
+            }
+            SkipRule::When(predicate) => predicate(method, url),
+        })
+    }
+}
+
+/// Whether `path` is `prefix` or below it, segment-wise: `/login` covers `/login` and
+/// `/login/x`, not `/loginx`.
+fn path_under(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -599,6 +670,33 @@ mod tests {
             None,
             "no body rule"
         );
+    }
+}
+
+#[cfg(test)]
+mod skip_route_tests {
+    use super::*;
+
+    #[test]
+    fn c11_a_route_rule_matches_method_and_whole_path_segments() {
+        let mut routes = SkipRoutes::default();
+        routes.route(Some(http::Method::POST), "/login");
+        routes.route(None, "/health/");
+        let url = |path: &str| Url::parse(&format!("https://api.example.com{path}")).unwrap();
+        let post = http::Method::POST;
+        let get = http::Method::GET;
+        assert!(routes.skips(&post, &url("/login")));
+        assert!(routes.skips(&post, &url("/login/sso?x=1")));
+        assert!(!routes.skips(&post, &url("/loginx")));
+        assert!(!routes.skips(&get, &url("/login")), "another method");
+        assert!(routes.skips(&get, &url("/health/live")));
+        assert!(!routes.skips(&get, &url("/health")), "the prefix ends with a slash");
+        assert!(!routes.skips(&get, &url("/api/me")));
+        routes.when(Arc::new(|method, url| {
+            method == http::Method::GET && url.path().ends_with(".png")
+        }));
+        assert!(routes.skips(&get, &url("/static/logo.png")));
+        assert!(!routes.skips(&post, &url("/static/logo.png")));
     }
 }
 

@@ -1,4 +1,4 @@
-//! What the retry driver needs from an HTTP client's request and response types.
+//! What the auth policy needs from an HTTP client's request and response types.
 //! Adapters implement these for their client; the core never names a client.
 
 use std::future::Future;
@@ -6,16 +6,19 @@ use std::future::Future;
 use bytes::Bytes;
 use url::Url;
 
-/// A request the auth layer can decorate and, maybe, send again.
+/// A request the auth policy can decorate and, maybe, send again.
 pub trait AuthRequest: Sized + Send {
-    /// The request's URL (for the allowed-origin check, C12).
+    /// The request's method (for the policy's skipped routes, [C11](crate#c11)).
+    fn method(&self) -> http::Method;
+    /// The request's URL (for the allowed-origin check, [C12](crate#c12)).
     fn url(&self) -> &Url;
     /// The request's URL, to add a query parameter (query placement).
     fn url_mut(&mut self) -> &mut Url;
     /// Sets header `name` to `value`, replacing earlier values, marked sensitive so
     /// clients and logs do not print it. `Err` if the value cannot be a header value.
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
-    /// A copy to resend, or `None` when the body cannot be replayed (a stream) (C4).
+    /// A copy to resend, or `None` when the body cannot be replayed (a stream)
+    /// ([C4](crate#c4)).
     fn try_clone(&self) -> Option<Self>;
 }
 
@@ -32,7 +35,7 @@ pub trait ResponseView {
     fn header(&self, name: &str) -> Option<&str>;
 }
 
-/// A response the auth layer can classify.
+/// A response the auth policy can classify.
 pub trait AuthResponse: ResponseView + Sized + Send {
     /// The URL this response came from, when the client may have followed redirects
     /// below the layer (reqwest does). A response from another origin than the request
@@ -56,17 +59,28 @@ pub trait AuthResponse: ResponseView + Sized + Send {
     }
 }
 
-/// Per-request marker: send this request without credentials (C11). Put it in the
-/// request's extensions.
+/// Per-request marker: send this request without credentials and do not classify its
+/// response ([C11](crate#c11)). Put it in the request's extensions — the same in every
+/// adapter:
+///
+/// - reqwest: `client.get(url).with_extension(SkipAuth)`
+/// - surf: `request.set_ext(SkipAuth)`
+/// - tower: `request.extensions_mut().insert(SkipAuth)`
+///
+/// Routes that never need a token (a login endpoint) can be exempted once for all
+/// requests instead, with [`AuthPolicyBuilder::skip_route`](crate::AuthPolicyBuilder::skip_route).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SkipAuth;
 
-/// Per-request marker: refresh the token before sending this request (C11).
+/// Per-request marker: refresh the token before sending this request
+/// ([C11](crate#c11)). Put it in the request's extensions, like [`SkipAuth`]. When
+/// both are present, [`SkipAuth`] wins.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ForceRefresh;
 
-/// The per-request options the driver honours, read by adapters from their request's
-/// extensions (the request's markers win over client-wide defaults).
+/// The per-request options [`AuthPolicy::send`](crate::AuthPolicy::send) honours, read by
+/// adapters from the [`SkipAuth`] and [`ForceRefresh`] markers in their request's
+/// extensions (the one options mechanism of every adapter).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RequestOptions {
@@ -86,26 +100,21 @@ impl RequestOptions {
     }
 
     /// The options of a request whose extensions are `extensions` (every client built
-    /// on the `http` crate keeps them there): a `RequestOptions` value if there is one
-    /// (extensions hold one value per type, so whoever inserts last, usually the
-    /// request, wins over a client-wide default), then the [`SkipAuth`] and
-    /// [`ForceRefresh`] markers, each of which switches its option on.
+    /// on the `http` crate keeps them there): the [`SkipAuth`] and [`ForceRefresh`]
+    /// markers, each of which switches its option on.
     ///
     /// ```
-    /// use tokenflight::{RequestOptions, SkipAuth};
+    /// use tokenflight::SkipAuth;
+    /// use tokenflight::adapter::RequestOptions;
     /// let mut extensions = http::Extensions::new();
     /// extensions.insert(SkipAuth);
     /// let options = RequestOptions::from_extensions(&extensions);
     /// assert!(options.skip_auth && !options.force_refresh);
     /// ```
     pub fn from_extensions(extensions: &http::Extensions) -> Self {
-        let base = extensions
-            .get::<RequestOptions>()
-            .copied()
-            .unwrap_or_default();
         RequestOptions::from_markers(
-            base.skip_auth || extensions.get::<SkipAuth>().is_some(),
-            base.force_refresh || extensions.get::<ForceRefresh>().is_some(),
+            extensions.get::<SkipAuth>().is_some(),
+            extensions.get::<ForceRefresh>().is_some(),
         )
     }
 }

@@ -1,11 +1,7 @@
 //! The three things the core needs from a runtime, as small traits: spawn a task, sleep,
 //! and read the wall clock. The core depends on no runtime (C14); adapters plug theirs in.
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::BoxFuture;
@@ -13,30 +9,39 @@ use futures_util::future::BoxFuture;
 /// Runs a future to completion in the background.
 ///
 /// With a spawner, a refresh finishes and is stored even when every caller that waited
-/// for it was cancelled (C6): a rotating refresh token may already be spent on the server.
+/// for it was cancelled ([C6](crate#c6)): a rotating refresh token may already be spent
+/// on the server. A spawner may look for its runtime when it is asked to spawn (the
+/// adapters' do), so a coordinator can be built outside any runtime.
 pub trait Spawn: Send + Sync {
-    /// Spawns `task`; it must be polled to completion.
-    fn spawn(&self, task: BoxFuture<'static, ()>);
+    /// Spawns `task`, which must then be polled to completion, and returns `true`; or
+    /// returns `false` (dropping `task`) when there is no runtime to spawn on right now:
+    /// the callers that wait for the refresh then drive it, as without a spawner.
+    fn spawn(&self, task: BoxFuture<'static, ()>) -> bool;
 }
 
-impl<F> Spawn for F
-where
-    F: Fn(BoxFuture<'static, ()>) + Send + Sync,
-{
-    fn spawn(&self, task: BoxFuture<'static, ()>) {
-        self(task)
+impl<S: Spawn + ?Sized> Spawn for Arc<S> {
+    fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
+        (**self).spawn(task)
     }
 }
 
-/// Sleeps for a duration; used for refresh timeouts (C10) and nothing on the fast path.
+/// Sleeps for a duration; used for refresh timeouts ([C10](crate#c10)) and nothing on
+/// the fast path.
 pub trait Timer: Send + Sync {
     /// A future that completes after `duration`.
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()>;
 }
 
+impl<T: Timer + ?Sized> Timer for Arc<T> {
+    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+        (**self).sleep(duration)
+    }
+}
+
 /// Reads the clocks. Expiry times are wall-clock times because tokens are shared
 /// between processes through stores; backoff deadlines are on the monotonic clock, so
-/// a wall-clock step (NTP, a suspended VM) neither stretches nor cancels them (C16).
+/// a wall-clock step (NTP, a suspended VM) neither stretches nor cancels them
+/// ([C16](crate#c16)).
 pub trait Clock: Send + Sync {
     /// The current wall-clock time.
     fn now(&self) -> SystemTime;
@@ -48,9 +53,19 @@ pub trait Clock: Send + Sync {
     }
 }
 
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> SystemTime {
+        (**self).now()
+    }
+
+    fn monotonic(&self) -> Instant {
+        (**self).monotonic()
+    }
+}
+
 /// The system's wall clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
@@ -73,7 +88,8 @@ impl Timer for FuturesTimer {
 /// A timer whose sleeps never end; refresh attempts then have no timeout. Used when the
 /// `futures-timer` feature is off and no timer was supplied.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct NoTimer;
+#[cfg_attr(feature = "futures-timer", allow(dead_code))]
+pub(crate) struct NoTimer;
 
 impl Timer for NoTimer {
     fn sleep(&self, _duration: Duration) -> BoxFuture<'static, ()> {
@@ -92,6 +108,22 @@ pub(crate) fn default_timer() -> Arc<dyn Timer> {
         Arc::new(NoTimer)
     }
 }
+
+#[cfg(feature = "test-util")]
+pub use manual::ManualClock;
+
+#[cfg(feature = "test-util")]
+mod manual {
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::future::BoxFuture;
+
+use super::{Clock, Timer};
 
 /// A clock and timer that only move when told to, for deterministic tests.
 ///
@@ -219,4 +251,5 @@ impl Future for ManualSleep {
             }
         }
     }
+}
 }

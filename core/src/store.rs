@@ -158,3 +158,8 @@ impl TokenStore for MemoryStore {
         Box::pin(async { Ok(StoreLock::none()) })
     }
 }
+
+#[cfg(feature = "file-store")]
+pub use crate::file_store::{FileLock, FileStore};
+pub use crate::flight::MAX_GENERATION;
+pub use crate::token::WithGeneration;

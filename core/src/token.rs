@@ -129,8 +129,9 @@ impl Token {
             .map(|at| now.duration_since(at).unwrap_or(Duration::ZERO))
     }
 
-    /// Sets the generation. Normally only stores and the coordinator do this.
-    pub fn with_generation(mut self, generation: u64) -> Self {
+    /// Sets the generation: only stores (through [`WithGeneration`]) and the
+    /// coordinator do this.
+    pub(crate) fn with_generation(mut self, generation: u64) -> Self {
         self.generation = generation;
         self
     }
@@ -167,6 +168,27 @@ impl Token {
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
         self.expires_at
             .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
+    }
+}
+
+/// For [token stores](crate::store::TokenStore) and their tests: a token numbered with
+/// the generation it was saved under. Applications never number tokens; the
+/// coordinator does ([C3](crate#c3), [C17](crate#c17)).
+///
+/// ```
+/// use tokenflight::Token;
+/// use tokenflight::store::WithGeneration;
+/// let stored = Token::new("secret").with_generation(7);
+/// assert_eq!(stored.generation(), 7);
+/// ```
+pub trait WithGeneration {
+    /// The token with `generation`.
+    fn with_generation(self, generation: u64) -> Token;
+}
+
+impl WithGeneration for Token {
+    fn with_generation(self, generation: u64) -> Token {
+        Token::with_generation(self, generation)
     }
 }
 

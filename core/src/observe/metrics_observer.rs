@@ -67,7 +67,7 @@ impl Observer for MetricsObserver {
     fn attempt_failed(&self, e: &AttemptFailed<'_>) {
         metrics::counter!(
             "tokenflight.attempt.failed",
-            self.labels(&[("kind", error_kind_str(e.error.kind()))])
+            self.labels(&[("kind", error_kind_str(e.error))])
         )
         .increment(1);
     }

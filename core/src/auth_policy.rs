@@ -1,0 +1,303 @@
+//! The auth policy: a coordinator plus where the token goes, who may receive it, which
+//! routes go without it and what counts as a rejection. Its `send` is the one retry
+//! loop: attach token → send → classify → on rejection wait for the refresh that
+//! supersedes the token this request used → resend exactly once (C3, C4). Adapters call
+//! [`AuthPolicy::send`] with their request type and a closure that sends it.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::flight::SingleFlight;
+use crate::observe::RequestResent;
+use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
+use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
+use crate::stats::Stats;
+use crate::token::Token;
+
+/// Why [`AuthPolicy::send`] failed: the error of every adapter's authenticated send
+/// (tower's service error; reqwest and surf wrap it in their own).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError<E> {
+    /// No token could be had (the refresh failed, backoff, or re-authentication needed).
+    #[error(transparent)]
+    Token(#[from] Error),
+    /// The access token cannot be put in a header (the source returned bad characters).
+    #[error(transparent)]
+    InvalidHeader(#[from] InvalidHeader),
+    /// The client failed to send the request.
+    #[error("sending the request failed")]
+    Transport(#[source] E),
+}
+
+/// The auth policy: a [`SingleFlight`] (the coordinator) plus where the token goes, who
+/// may receive it, which routes go without it and what counts as a rejection. The
+/// adapters' middleware and layers wrap one; cheap to clone (clones share the token).
+///
+/// Build one with [`AuthPolicy::builder`] (or an adapter's `builder()`, which returns
+/// the same [`AuthPolicyBuilder`](crate::AuthPolicyBuilder) with its runtime preset).
+///
+/// ```
+/// use tokenflight::{AuthPolicy, Token, from_fn};
+/// let policy = AuthPolicy::builder()
+///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
+///     .allowed_origin("https://api.example.com")
+///     .skip_route(Some(http::Method::POST), "/oauth/login")
+///     .build()
+///     .unwrap();
+/// let token = futures::executor::block_on(policy.flight().token()).unwrap();
+/// assert_eq!(token.access().expose(), "secret");
+/// ```
+#[derive(Clone)]
+pub struct AuthPolicy {
+    flight: SingleFlight,
+    rules: Arc<Rules>,
+}
+
+/// What the policy decides besides the token itself.
+pub(crate) struct Rules {
+    pub(crate) placement: Placement,
+    pub(crate) origins: AllowedOrigins,
+    pub(crate) classifier: Classifier,
+    pub(crate) skip: SkipRoutes,
+}
+
+impl fmt::Debug for AuthPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthPolicy")
+            .field("flight", &self.flight)
+            .field("placement", &self.rules.placement)
+            .field("origins", &self.rules.origins)
+            .field("skip", &self.rules.skip)
+            .field("classifier", &self.rules.classifier)
+            .finish()
+    }
+}
+
+impl AuthPolicy {
+    pub(crate) fn new(flight: SingleFlight, rules: Rules) -> Self {
+        AuthPolicy {
+            flight,
+            rules: Arc::new(rules),
+        }
+    }
+
+    /// A builder with the documented defaults (see
+    /// [`FlightConfig`](crate::config::FlightConfig)).
+    pub fn builder() -> crate::AuthPolicyBuilder {
+        crate::AuthPolicyBuilder::new()
+    }
+
+    /// The coordinator behind this policy (for `install`, `current`, `token`).
+    pub fn flight(&self) -> &SingleFlight {
+        &self.flight
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.flight.stats()
+    }
+
+    /// Where the token goes.
+    pub fn placement(&self) -> &Placement {
+        &self.rules.placement
+    }
+
+    /// Whether the token may go to `url`'s origin ([C12](crate#c12)). For adapters, e.g.
+    /// a redirect policy.
+    pub fn allows_origin(&self, url: &url::Url) -> bool {
+        self.rules.origins.allows(url)
+    }
+
+    /// Whether [`send`](Self::send) would put a token on a request with `method` to
+    /// `url` and `options`: not skipped by a marker or a route ([C11](crate#c11)), to an
+    /// allowed origin ([C12](crate#c12)). For adapters that prepare such requests
+    /// differently (buffering a body for a possible resend); `send` decides the same
+    /// way by itself.
+    pub fn attaches_token(
+        &self,
+        method: &http::Method,
+        url: &url::Url,
+        options: RequestOptions,
+    ) -> bool {
+        !options.skip_auth
+            && self.rules.origins.allows_origin(&url.origin())
+            && !self.rules.skip.skips(method, url)
+    }
+
+    /// Sends `request` with a valid token through `send`, and resends it once with a
+    /// newer token if the response says the token was rejected.
+    ///
+    /// - Requests with `skip_auth`, on a skipped route, or to origins not allowed, are
+    ///   sent as they are and not classified ([C11](crate#c11), [C12](crate#c12)).
+    /// - A rejected request whose body cannot be replayed is not resent; the caller
+    ///   gets the original response and the token is marked rejected (C4).
+    /// - A second rejection is returned to the caller as it is: no loop (C4).
+    /// - A response from another origin than the one the request (and its token) was
+    ///   sent to — the client followed a redirect — is returned as it is, unclassified:
+    ///   its 401 is not about the token, which never went there ([C4](crate#c4),
+    ///   [C12](crate#c12)). So is one
+    ///   from a URL without the token's query parameter, with query placement (a
+    ///   same-origin redirect whose `Location` does not repeat the token).
+    ///
+    /// This is the adapters' entry point; applications use an adapter's middleware.
+    ///
+    /// ```
+    /// # use tokenflight::{AuthPolicy, Token, from_fn};
+    /// # use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView};
+    /// // A toy client: a request is a URL and one header; the server accepts "Bearer ok".
+    /// struct Req(url::Url, Option<String>);
+    /// struct Resp(u16);
+    /// impl AuthRequest for Req {
+    ///     fn method(&self) -> http::Method { http::Method::GET }
+    ///     fn url(&self) -> &url::Url { &self.0 }
+    ///     fn url_mut(&mut self) -> &mut url::Url { &mut self.0 }
+    ///     fn set_sensitive_header(&mut self, _: &str, value: &str) -> Result<(), InvalidHeader> {
+    ///         self.1 = Some(value.to_owned());
+    ///         Ok(())
+    ///     }
+    ///     fn try_clone(&self) -> Option<Self> { Some(Req(self.0.clone(), self.1.clone())) }
+    /// }
+    /// impl ResponseView for Resp {
+    ///     fn status(&self) -> u16 { self.0 }
+    ///     fn header(&self, _: &str) -> Option<&str> { None }
+    /// }
+    /// impl AuthResponse for Resp {}
+    ///
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("ok")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let request = Req("https://api.example.com/me".parse().unwrap(), None);
+    /// let response = futures::executor::block_on(policy.send(
+    ///     request,
+    ///     RequestOptions::default(),
+    ///     |req: Req| async move {
+    ///         Ok::<_, std::convert::Infallible>(Resp(if req.1.as_deref() == Some("Bearer ok") { 200 } else { 401 }))
+    ///     },
+    /// ));
+    /// assert_eq!(response.unwrap().0, 200);
+    /// ```
+    ///
+    /// # Cancellation
+    /// Dropping the future at any await point is safe: a refresh it started goes on for
+    /// the other waiters (and, with a spawner, to completion) ([C6](crate#c6)); a
+    /// request already handed to `send` is dropped with it.
+    pub async fn send<Req, Resp, E, F, Fut>(
+        &self,
+        mut request: Req,
+        options: RequestOptions,
+        mut send: F,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        if options.skip_auth || self.rules.skip.skips(&request.method(), request.url()) {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        // Also where the response must come from to be a verdict on the token.
+        let sent_to = request.url().origin();
+        if !self.rules.origins.allows_origin(&sent_to) {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        let token = if options.force_refresh {
+            self.flight.force_refresh().await?
+        } else {
+            self.flight.token().await?
+        };
+        let replay = request.try_clone();
+        self.rules.placement.attach(&mut request, &token)?;
+        let response = send(request).await.map_err(AuthError::Transport)?;
+        if response.final_url().is_some_and(|url| {
+            url.origin() != sent_to || !self.rules.placement.may_carry_token(url)
+        }) {
+            tracing::debug!("the response comes from where the token did not go; not classified");
+            return Ok(response);
+        }
+        let (response, rejected) = self.classify(response).await;
+        if !rejected {
+            return Ok(response);
+        }
+        let Some(mut replay) = replay else {
+            tracing::debug!(
+                generation = token.generation(),
+                "token rejected; the body cannot be replayed, returning the response"
+            );
+            self.flight.mark_rejected(token.generation());
+            return Ok(response);
+        };
+        drop(response);
+        let (newer, kind) = self
+            .flight
+            .token_after_rejection_kind(token.generation())
+            .await?;
+        self.resend(&mut replay, &newer)?;
+        self.flight.observers().emit(|o| {
+            o.request_resent(&RequestResent {
+                kind,
+                rejected: token.generation(),
+                with: newer.generation(),
+            })
+        });
+        send(replay).await.map_err(AuthError::Transport)
+    }
+
+    fn resend<Req: AuthRequest>(
+        &self,
+        replay: &mut Req,
+        token: &Token,
+    ) -> Result<(), InvalidHeader> {
+        self.flight.count_retry();
+        tracing::debug!(
+            generation = token.generation(),
+            "resending once with a newer token"
+        );
+        self.rules.placement.attach(replay, token)
+    }
+
+    /// Classifies `response`; returns it intact with the verdict (`true`: the token was
+    /// rejected). The body is read only when the classifier's body rule applies to the
+    /// response (see [which bodies](Classifier#which-bodies-the-body-rule-reads)). For
+    /// adapters that classify outside [`send`](Self::send); `send` calls it itself.
+    ///
+    /// ```
+    /// # use tokenflight::{AuthPolicy, Token, from_fn};
+    /// # use tokenflight::adapter::{AuthResponse, ResponseView};
+    /// struct Resp(u16);
+    /// impl ResponseView for Resp {
+    ///     fn status(&self) -> u16 { self.0 }
+    ///     fn header(&self, _: &str) -> Option<&str> { None }
+    /// }
+    /// impl AuthResponse for Resp {}
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .build()
+    ///     .unwrap();
+    /// let (_, rejected) = futures::executor::block_on(policy.classify(Resp(401)));
+    /// assert!(rejected);
+    /// ```
+    ///
+    /// # Cancellation
+    /// Dropping the future drops the response (and a body being read).
+    pub async fn classify<Resp: AuthResponse>(&self, response: Resp) -> (Resp, bool) {
+        let classifier = &self.rules.classifier;
+        if classifier.head_rejects(&response) {
+            return (response, true);
+        }
+        match classifier.body_rule_for(&response) {
+            None => (response, false),
+            Some((limit, predicate)) => {
+                let (response, body) = response.buffer_body(limit).await;
+                let rejected = body.is_some_and(|bytes| predicate(&bytes));
+                (response, rejected)
+            }
+        }
+    }
+}
