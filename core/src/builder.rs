@@ -317,6 +317,15 @@ impl<Out: From<AuthPolicy>> AuthPolicyBuilder<Out> {
         }
     }
 
+    /// An auth policy around a coordinator configured with `flight` (its settings as
+    /// they are; the setters below change them further).
+    pub fn from_flight(flight: FlightBuilder) -> Self {
+        AuthPolicyBuilder {
+            flight,
+            ..Self::new()
+        }
+    }
+
     forward! {
         /// The token source (required); see [`FlightBuilder::source`].
         source(source: impl TokenSource + 'static);

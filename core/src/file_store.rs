@@ -41,7 +41,7 @@ const LOCK_POLL_MAX: Duration = Duration::from_millis(50);
 /// A [`TokenStore`] in a file, shared by processes on one machine (see the module docs).
 ///
 /// ```no_run
-/// use tokenflight::FileStore;
+/// use tokenflight::store::FileStore;
 /// let store = FileStore::new("/run/user/1000/myapp/token.json");
 /// # let _ = store;
 /// ```

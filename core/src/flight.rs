@@ -795,7 +795,7 @@ impl SingleFlight {
 
     fn out_of_budget(&self, what: &str) -> RefreshError {
         RefreshError::transient_because(
-                Cause::Timeout,
+            Cause::Timeout,
             format!(
                 "the refresh used up its budget of {:?} ({what})",
                 self.inner.parts.config.refresh_timeout
@@ -1175,7 +1175,7 @@ impl SingleFlight {
             .map(|outcome| {
                 outcome.unwrap_or_else(|_| {
                     Err(RefreshError::transient_because(
-                Cause::Panicked,
+                        Cause::Panicked,
                         "the token source panicked",
                     ))
                 })

@@ -179,7 +179,9 @@ pub use token::{Secret, Token};
 /// ([`RequestOptions`], [`AuthError`]). Applications rarely need it.
 pub mod adapter {
     pub use crate::auth_policy::AuthError;
-    pub use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView};
+    pub use crate::request::{
+        AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
+    };
     #[cfg(feature = "futures-timer")]
     pub use crate::runtime::FuturesTimer;
     pub use crate::runtime::{Clock, Spawn, Timer};

@@ -114,142 +114,142 @@ pub use manual::ManualClock;
 
 #[cfg(feature = "test-util")]
 mod manual {
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime};
+    use std::fmt;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::task::{Context, Poll, Waker};
+    use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::future::BoxFuture;
+    use futures_util::future::BoxFuture;
 
-use super::{Clock, Timer};
+    use super::{Clock, Timer};
 
-/// A clock and timer that only move when told to, for deterministic tests.
-///
-/// It has a wall clock and a monotonic clock. [`ManualClock::advance`] moves both;
-/// [`ManualClock::step_wall_forward`] and [`ManualClock::step_wall_back`] move only the
-/// wall clock, as an NTP step does. Sleeps started through it run on the monotonic
-/// clock and complete when `advance` moves it past their deadline.
-#[derive(Clone)]
-pub struct ManualClock {
-    inner: Arc<Mutex<ManualState>>,
-}
+    /// A clock and timer that only move when told to, for deterministic tests.
+    ///
+    /// It has a wall clock and a monotonic clock. [`ManualClock::advance`] moves both;
+    /// [`ManualClock::step_wall_forward`] and [`ManualClock::step_wall_back`] move only the
+    /// wall clock, as an NTP step does. Sleeps started through it run on the monotonic
+    /// clock and complete when `advance` moves it past their deadline.
+    #[derive(Clone)]
+    pub struct ManualClock {
+        inner: Arc<Mutex<ManualState>>,
+    }
 
-struct ManualState {
-    now: SystemTime,
-    /// Monotonic time: `base + elapsed`.
-    base: Instant,
-    elapsed: Duration,
-    sleepers: Vec<Waker>,
-}
+    struct ManualState {
+        now: SystemTime,
+        /// Monotonic time: `base + elapsed`.
+        base: Instant,
+        elapsed: Duration,
+        sleepers: Vec<Waker>,
+    }
 
-impl ManualClock {
-    /// A clock standing at `start`.
-    pub fn new(start: SystemTime) -> Self {
-        ManualClock {
-            inner: Arc::new(Mutex::new(ManualState {
-                now: start,
-                base: Instant::now(),
-                elapsed: Duration::ZERO,
-                sleepers: Vec::new(),
-            })),
+    impl ManualClock {
+        /// A clock standing at `start`.
+        pub fn new(start: SystemTime) -> Self {
+            ManualClock {
+                inner: Arc::new(Mutex::new(ManualState {
+                    now: start,
+                    base: Instant::now(),
+                    elapsed: Duration::ZERO,
+                    sleepers: Vec::new(),
+                })),
+            }
+        }
+
+        /// Steps the wall clock forward by `by`; monotonic time and sleeps do not move.
+        pub fn step_wall_forward(&self, by: Duration) {
+            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            state.now = state.now.checked_add(by).unwrap_or(state.now);
+        }
+
+        /// Steps the wall clock back by `by`; monotonic time and sleeps do not move.
+        pub fn step_wall_back(&self, by: Duration) {
+            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            state.now = state.now.checked_sub(by).unwrap_or(state.now);
+        }
+
+        /// Monotonic time elapsed since the clock was made.
+        pub fn elapsed(&self) -> Duration {
+            self.inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed
+        }
+
+        /// A clock standing at a fixed, arbitrary point (2023-11-14).
+        pub fn at_fixed_point() -> Self {
+            Self::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        }
+
+        /// Moves the time forward and wakes the sleeps that are due.
+        pub fn advance(&self, by: Duration) {
+            let sleepers = {
+                let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                state.now = state.now.checked_add(by).unwrap_or(state.now);
+                state.elapsed = state.elapsed.saturating_add(by);
+                std::mem::take(&mut state.sleepers)
+            };
+            // Every sleeper re-checks its own deadline when polled.
+            sleepers.into_iter().for_each(Waker::wake);
         }
     }
 
-    /// Steps the wall clock forward by `by`; monotonic time and sleeps do not move.
-    pub fn step_wall_forward(&self, by: Duration) {
-        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        state.now = state.now.checked_add(by).unwrap_or(state.now);
+    impl fmt::Debug for ManualClock {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("ManualClock")
+                .field("now", &self.now())
+                .field("elapsed", &self.elapsed())
+                .finish()
+        }
     }
 
-    /// Steps the wall clock back by `by`; monotonic time and sleeps do not move.
-    pub fn step_wall_back(&self, by: Duration) {
-        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        state.now = state.now.checked_sub(by).unwrap_or(state.now);
+    impl Clock for ManualClock {
+        fn now(&self) -> SystemTime {
+            self.inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .now
+        }
+
+        fn monotonic(&self) -> Instant {
+            let state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            state.base.checked_add(state.elapsed).unwrap_or(state.base)
+        }
     }
 
-    /// Monotonic time elapsed since the clock was made.
-    pub fn elapsed(&self) -> Duration {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed
+    impl Timer for ManualClock {
+        fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
+            let deadline = self.elapsed().checked_add(duration);
+            Box::pin(ManualSleep {
+                clock: self.clone(),
+                deadline,
+            })
+        }
     }
 
-    /// A clock standing at a fixed, arbitrary point (2023-11-14).
-    pub fn at_fixed_point() -> Self {
-        Self::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    struct ManualSleep {
+        clock: ManualClock,
+        /// On the monotonic clock (`elapsed`); `None`: never.
+        deadline: Option<Duration>,
     }
 
-    /// Moves the time forward and wakes the sleeps that are due.
-    pub fn advance(&self, by: Duration) {
-        let sleepers = {
-            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            state.now = state.now.checked_add(by).unwrap_or(state.now);
-            state.elapsed = state.elapsed.saturating_add(by);
-            std::mem::take(&mut state.sleepers)
-        };
-        // Every sleeper re-checks its own deadline when polled.
-        sleepers.into_iter().for_each(Waker::wake);
-    }
-}
+    impl Future for ManualSleep {
+        type Output = ();
 
-impl fmt::Debug for ManualClock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManualClock")
-            .field("now", &self.now())
-            .field("elapsed", &self.elapsed())
-            .finish()
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> SystemTime {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .now
-    }
-
-    fn monotonic(&self) -> Instant {
-        let state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        state.base.checked_add(state.elapsed).unwrap_or(state.base)
-    }
-}
-
-impl Timer for ManualClock {
-    fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
-        let deadline = self.elapsed().checked_add(duration);
-        Box::pin(ManualSleep {
-            clock: self.clone(),
-            deadline,
-        })
-    }
-}
-
-struct ManualSleep {
-    clock: ManualClock,
-    /// On the monotonic clock (`elapsed`); `None`: never.
-    deadline: Option<Duration>,
-}
-
-impl Future for ManualSleep {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut state = self
-            .clock
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match self.deadline {
-            Some(deadline) if state.elapsed >= deadline => Poll::Ready(()),
-            _ => {
-                state.sleepers.push(cx.waker().clone());
-                Poll::Pending
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            let mut state = self
+                .clock
+                .inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match self.deadline {
+                Some(deadline) if state.elapsed >= deadline => Poll::Ready(()),
+                _ => {
+                    state.sleepers.push(cx.waker().clone());
+                    Poll::Pending
+                }
             }
         }
     }
-}
 }

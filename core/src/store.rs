@@ -107,6 +107,28 @@ pub trait TokenStore: Send + Sync {
     }
 }
 
+impl<S: TokenStore + ?Sized> TokenStore for std::sync::Arc<S> {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        (**self).load()
+    }
+
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a StoreLock>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).save(token, lock)
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
+        (**self).lock()
+    }
+
+    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
+        (**self).unlock(lock)
+    }
+}
+
 /// The default store: one token in this process's memory.
 #[derive(Default)]
 pub struct MemoryStore {

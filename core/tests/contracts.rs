@@ -12,28 +12,28 @@ use std::time::Duration;
 use futures::FutureExt;
 use support::*;
 use tokenflight::{
-    Authenticator, Backoff, Builder, Classifier, Error, ManualClock, RefreshErrorKind,
-    RefreshReason, RequestOptions, SingleFlight, Token,
+    AuthPolicy, AuthPolicyBuilder, Classifier, Error, FlightBuilder, Placement, RefreshReason,
+    SingleFlight, Token, adapter::RequestOptions, config::Backoff, test_util::ManualClock,
 };
 
 const LONG: Duration = Duration::from_secs(3600);
 
-fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Builder {
-    Builder::new()
-        .source_arc(source.clone())
+fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> FlightBuilder {
+    SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
-        .retry(tokenflight::Retry::none())
+        .retry(tokenflight::config::Retry::none())
         .refresh_ahead(None)
 }
 
 fn flight(clock: &ManualClock, source: &Arc<ScriptedSource>) -> SingleFlight {
-    builder(clock, source).build_flight().unwrap()
+    builder(clock, source).build().unwrap()
 }
 
-fn authenticator(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Authenticator {
-    builder(clock, source)
+fn authenticator(clock: &ManualClock, source: &Arc<ScriptedSource>) -> AuthPolicy {
+    AuthPolicyBuilder::<AuthPolicy>::from_flight(builder(clock, source))
         .allowed_origin("https://api.test")
         .build()
         .unwrap()
@@ -41,7 +41,7 @@ fn authenticator(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Authentic
 
 /// An expired token of generation 1 from the past.
 fn expired_token(clock: &ManualClock) -> Token {
-    Token::new("old").expires_at(tokenflight::Clock::now(clock) - Duration::from_secs(1))
+    Token::new("old").expires_at(tokenflight::adapter::Clock::now(clock) - Duration::from_secs(1))
 }
 
 async fn c1_one_flight_for_concurrent_expired_callers() {
@@ -49,7 +49,7 @@ async fn c1_one_flight_for_concurrent_expired_callers() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let flight = builder(&clock, &source)
         .initial_token(expired_token(&clock))
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let callers = futures::future::join_all((0..32).map(|_| flight.token()));
@@ -243,7 +243,7 @@ async fn c4_not_replayable_is_not_resent_but_marked() {
 async fn c4_body_classifier_retries_business_code_and_keeps_body() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-    let auth = builder(&clock, &source)
+    let auth = AuthPolicyBuilder::<AuthPolicy>::from_flight(builder(&clock, &source))
         .allowed_origin("https://api.test")
         .classifier(Classifier::new().body(1024, |b| b.starts_with(br#"{"code":401"#)))
         .build()
@@ -319,9 +319,9 @@ async fn c4_a_401_from_another_origin_is_not_a_rejection() {
 
     // Query placement: a same-origin hop whose URL lacks the token got no token.
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-    let auth = builder(&clock, &source)
+    let auth = AuthPolicyBuilder::<AuthPolicy>::from_flight(builder(&clock, &source))
         .allowed_origin("https://api.test")
-        .query_param("token")
+        .placement(Placement::query("token"))
         .build()
         .unwrap();
     let (sends, send) = answer("https://api.test/landing?page=1");
@@ -393,7 +393,11 @@ async fn c5_all_waiters_get_the_same_error() {
     let errors: Vec<Error> = results.into_iter().map(|r| r.unwrap_err()).collect();
     let first = errors[0].refresh_error().clone();
     assert!(errors.iter().all(|e| matches!(e, Error::Refresh(_))));
-    assert!(errors.iter().all(|e| e.refresh_error().same_as(&first)));
+    assert!(
+        errors
+            .iter()
+            .all(|e| tokenflight::test_util::same_failure(e.refresh_error(), &first))
+    );
     assert_eq!(source.calls(), 1);
 }
 
@@ -432,7 +436,7 @@ async fn c6_spawner_finishes_refresh_when_every_caller_left() {
     let spawner = QueueSpawner::default();
     let flight = builder(&clock, &source)
         .spawner(Arc::new(spawner.clone()))
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let mut caller = flight.token().boxed();
@@ -467,8 +471,8 @@ async fn c6_without_spawner_last_caller_leaving_cancels_and_next_restarts() {
 async fn c7_token_within_leeway_is_refreshed_before_sending() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-    let now = tokenflight::Clock::now(&clock);
-    let auth = builder(&clock, &source)
+    let now = tokenflight::adapter::Clock::now(&clock);
+    let auth = AuthPolicyBuilder::<AuthPolicy>::from_flight(builder(&clock, &source))
         .leeway(Duration::from_secs(30))
         .initial_token(Token::new("old").expires_at(now + Duration::from_secs(10)))
         .allowed_origin("https://api.test")
@@ -499,13 +503,13 @@ async fn c8_refresh_ahead_serves_valid_token_while_refreshing() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let spawner = QueueSpawner::default();
-    let now = tokenflight::Clock::now(&clock);
+    let now = tokenflight::adapter::Clock::now(&clock);
     let flight = builder(&clock, &source)
         .leeway(Duration::from_secs(30))
         .refresh_ahead(Some(Duration::from_secs(120)))
         .spawner(Arc::new(spawner.clone()))
         .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     for _ in 0..5 {
@@ -528,11 +532,11 @@ async fn c8_refresh_ahead_serves_valid_token_while_refreshing() {
 async fn c8_refresh_ahead_without_spawner_is_driven_by_one_caller() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-    let now = tokenflight::Clock::now(&clock);
+    let now = tokenflight::adapter::Clock::now(&clock);
     let flight = builder(&clock, &source)
         .refresh_ahead(Some(Duration::from_secs(120)))
         .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let mut driver = flight.token().boxed();
@@ -553,12 +557,12 @@ async fn c8_refresh_ahead_without_spawner_is_driven_by_one_caller() {
 async fn c9_error_never_replaces_a_valid_token() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Transient);
-    let now = tokenflight::Clock::now(&clock);
+    let now = tokenflight::adapter::Clock::now(&clock);
     let flight = builder(&clock, &source)
         .refresh_ahead(Some(Duration::from_secs(120)))
         .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)).with_jitter(0.0))
         .initial_token(Token::new("old").expires_at(now + Duration::from_secs(60)))
-        .build_flight()
+        .build()
         .unwrap();
     assert_eq!(flight.token().await.unwrap().access().expose(), "old");
     assert_eq!(source.calls(), 1);
@@ -569,7 +573,7 @@ async fn c9_error_never_replaces_a_valid_token() {
     // A permanent failure does not throw the valid token away either.
     let flight2 = builder(&clock, &ScriptedSource::new(&clock, Step::Permanent))
         .initial_token(Token::new("still-valid").expires_in(LONG, now))
-        .build_flight()
+        .build()
         .unwrap();
     assert!(flight2.force_refresh().await.is_err());
     assert_eq!(
@@ -583,13 +587,16 @@ async fn c9_backoff_fails_fast_then_recovers() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG)).then(Step::Transient);
     let flight = builder(&clock, &source)
         .backoff(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)).with_jitter(0.0))
-        .build_flight()
+        .build()
         .unwrap();
     let first = flight.token().await.unwrap_err();
-    assert!(matches!(first, Error::Refresh(ref e) if e.kind() == RefreshErrorKind::Transient));
+    assert!(matches!(first, Error::Refresh(ref e) if e.is_retryable()));
     match flight.token().await.unwrap_err() {
         Error::BackingOff { last, remaining } => {
-            assert!(last.same_as(first.refresh_error()));
+            assert!(tokenflight::test_util::same_failure(
+                &last,
+                first.refresh_error()
+            ));
             assert_eq!(remaining, Duration::from_secs(1));
         }
         other => panic!("expected fail-fast backoff, got {other:?}"),
@@ -609,7 +616,7 @@ async fn c9_permanent_failure_fires_hook_once_until_login() {
         .on_auth_lost(move |_e| {
             counter.fetch_add(1, Ordering::SeqCst);
         })
-        .build_flight()
+        .build()
         .unwrap();
     for _ in 0..3 {
         assert!(matches!(
@@ -621,7 +628,9 @@ async fn c9_permanent_failure_fires_hook_once_until_login() {
     assert_eq!(hook_calls.load(Ordering::SeqCst), 1);
     assert!(flight.is_auth_lost());
     let installed = flight
-        .install(Token::new("from-login").expires_in(LONG, tokenflight::Clock::now(&clock)))
+        .install(
+            Token::new("from-login").expires_in(LONG, tokenflight::adapter::Clock::now(&clock)),
+        )
         .await
         .unwrap();
     assert!(!flight.is_auth_lost());
@@ -634,7 +643,7 @@ async fn c10_refresh_timeout_fails_all_waiters_then_recovers() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG)).then(Step::Hang);
     let flight = builder(&clock, &source)
         .refresh_timeout(Duration::from_secs(5))
-        .build_flight()
+        .build()
         .unwrap();
     let callers = futures::future::join_all((0..5).map(|_| flight.token()));
     let ticker = async {
@@ -643,7 +652,7 @@ async fn c10_refresh_timeout_fails_all_waiters_then_recovers() {
     };
     let (results, ()) = futures::join!(callers, ticker);
     assert!(results.iter().all(|r| matches!(
-        r, Err(Error::Refresh(e)) if e.kind() == RefreshErrorKind::Timeout
+        r, Err(Error::Refresh(e)) if e.cause() == tokenflight::Cause::Timeout
     )));
     assert_eq!(
         source.dropped_mid_call.load(Ordering::SeqCst),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenflight::{Builder, ManualClock, Token, from_fn};
+use tokenflight::{SingleFlight, Token, from_fn, test_util::ManualClock};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -28,12 +28,12 @@ fn main() {
 /// Sees every event and does nothing.
 struct Quiet;
 
-impl tokenflight::Observer for Quiet {}
+impl tokenflight::observe::Observer for Quiet {}
 
 fn c10_fast_path_allocates_nothing(with_observer: bool) {
     let clock = ManualClock::at_fixed_point();
-    let now = tokenflight::Clock::now(&clock);
-    let mut builder = Builder::new()
+    let now = tokenflight::adapter::Clock::now(&clock);
+    let mut builder = SingleFlight::builder()
         .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
         .clock(Arc::new(clock.clone()))
         .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now));
@@ -45,7 +45,7 @@ fn c10_fast_path_allocates_nothing(with_observer: bool) {
             builder = builder.observer(tokenflight::observe::MetricsObserver::new());
         }
     }
-    let flight = builder.build_flight().unwrap();
+    let flight = builder.build().unwrap();
     // Warm up (first use of thread-locals etc. may allocate once).
     futures::executor::block_on(flight.token()).unwrap();
 

@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 use futures::executor::block_on;
 use proptest::prelude::*;
 use tokenflight::{
-    Builder, FileLock, FileStore, RefreshContext, StoreError, Token, TokenStore, from_fn,
+    RefreshContext, SingleFlight, Token, from_fn, store::FileLock, store::FileStore,
+    store::StoreError, store::TokenStore, store::WithGeneration,
 };
 
 fn mode(path: &Path) -> u32 {
@@ -206,7 +207,7 @@ fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
     let calls = Arc::new(AtomicU32::new(0));
     let flight = |name: &'static str| {
         let calls = calls.clone();
-        Builder::new()
+        SingleFlight::builder()
             .store(FileStore::new(&path))
             .source(from_fn(move |cx: RefreshContext| {
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
@@ -217,7 +218,7 @@ fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
                         .expires_in(Duration::from_secs(3600), SystemTime::now()))
                 }
             }))
-            .build_flight()
+            .build()
             .unwrap()
     };
     let (a, b) = (flight("a"), flight("b"));

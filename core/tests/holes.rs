@@ -13,9 +13,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use support::*;
 use tokenflight::{
-    Backoff, Builder, Clock, Error, FlightConfig, MAX_GENERATION, ManualClock, MemoryStore,
-    RefreshContext, RefreshError, RefreshErrorKind, Retry, SingleFlight, StoreError, StoreLock,
-    Timer, Token, TokenStore, from_fn,
+    Error, FlightBuilder, RefreshContext, RefreshError, SingleFlight, Token, adapter::Clock,
+    adapter::Timer, config::Backoff, config::FlightConfig, config::Retry, from_fn,
+    store::MAX_GENERATION, store::MemoryStore, store::StoreError, store::StoreLock,
+    store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -24,9 +25,9 @@ fn now(clock: &ManualClock) -> SystemTime {
     Clock::now(clock)
 }
 
-fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Builder {
-    Builder::new()
-        .source_arc(source.clone())
+fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> FlightBuilder {
+    SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
 }
@@ -155,8 +156,8 @@ fn c17_install_is_numbered_above_the_store_and_saved_under_its_lock() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, 50));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let installed = futures::executor::block_on(flight.install(login(&clock, LONG))).unwrap();
     assert!(installed.generation() > 50, "{}", installed.generation());
@@ -179,7 +180,7 @@ fn c17_an_initial_login_wins_over_an_older_session_in_the_store() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen_in_source = seen.clone();
     let source_clock = clock.clone();
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(from_fn(move |cx: RefreshContext| {
             let refresh = cx
                 .previous
@@ -194,9 +195,9 @@ fn c17_an_initial_login_wins_over_an_older_session_in_the_store() {
         }))
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
-        .store_arc(store.clone())
+        .store(store.clone())
         .initial_token(login(&clock, Duration::from_secs(60)))
-        .build_flight()
+        .build()
         .unwrap();
     // The login is used at once.
     let first = futures::executor::block_on(flight.token()).unwrap();
@@ -222,9 +223,9 @@ fn c4_a_rejection_of_a_renumbered_login_is_not_stale() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, 50));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
+        .store(store.clone())
         .initial_token(login(&clock, LONG))
-        .build_flight()
+        .build()
         .unwrap();
     let sent = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(sent.access().expose(), "login");
@@ -258,7 +259,7 @@ fn login_during_refresh(outcome: Step) -> LoginRace {
         .on_auth_lost(move |_| {
             hook_count.fetch_add(1, Ordering::SeqCst);
         })
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let mut waiter = flight.token().boxed();
@@ -313,13 +314,13 @@ fn c17_auth_lost_notices_a_login_saved_to_the_shared_store() {
     let store = Arc::new(MemoryStore::new());
     let lost_source = ScriptedSource::new(&clock, Step::Permanent);
     let replica_a = builder(&clock, &lost_source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let other_source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let replica_b = builder(&clock, &other_source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
 
     let failed = futures::executor::block_on(replica_a.token());
@@ -352,10 +353,10 @@ fn budget_flight(
     store: &Arc<FaultStore>,
 ) -> SingleFlight {
     builder(clock, source)
-        .store_arc(store.clone())
+        .store(store.clone())
         .refresh_timeout(Duration::from_secs(5))
         .retry(Retry::none())
-        .build_flight()
+        .build()
         .unwrap()
 }
 
@@ -372,7 +373,9 @@ fn c10_a_hanging_store_load_is_bounded_by_the_flight_budget() {
     clock.advance(Duration::from_secs(5));
     for waiter in [&mut a, &mut b] {
         match poll_once(waiter) {
-            Poll::Ready(Err(Error::Refresh(e))) => assert_eq!(e.kind(), RefreshErrorKind::Timeout),
+            Poll::Ready(Err(Error::Refresh(e))) => {
+                assert!(e.cause() == tokenflight::Cause::Timeout)
+            }
             other => panic!("expected a timeout, got {:?}", other.map(|r| r.map(|_| ()))),
         }
     }
@@ -403,11 +406,11 @@ fn c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget() {
         // The budget's sleep fires during the save, then the unlock races it again: it
         // must not be polled after it completed.
         let flight = builder(&clock, &source)
-            .store_arc(store.clone())
+            .store(store.clone())
             .timer(Arc::new(StrictTimer(clock.clone())))
             .refresh_timeout(Duration::from_secs(5))
             .retry(Retry::none())
-            .build_flight()
+            .build()
             .unwrap();
         let mut waiter = flight.token().boxed();
         let token = drive(&mut waiter, &clock, Duration::from_secs(1)).unwrap();
@@ -424,7 +427,7 @@ fn c18_a_panicking_hook_gives_every_waiter_a_typed_error() {
     let source = ScriptedSource::new(&clock, Step::Permanent);
     let flight = builder(&clock, &source)
         .on_auth_lost(|_| panic!("hook panicked (test)"))
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let mut a = flight.token().boxed();
@@ -449,8 +452,8 @@ fn c18_a_panicking_store_gives_every_waiter_a_typed_error() {
     let store = Arc::new(FaultStore::default());
     store.panic_load.store(true, Ordering::SeqCst);
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let a = flight.token();
     let b = flight.token();
@@ -459,7 +462,7 @@ fn c18_a_panicking_store_gives_every_waiter_a_typed_error() {
     // the backoff that followed. Both get the same typed error, nobody panics.
     for result in [both.0, both.1] {
         match result {
-            Err(e) => assert_eq!(e.refresh_error().kind(), RefreshErrorKind::Panicked),
+            Err(e) => assert!(e.refresh_error().cause() == tokenflight::Cause::Panicked),
             Ok(_) => panic!("expected Panicked"),
         }
     }
@@ -491,19 +494,19 @@ fn c18_a_panicking_timer_or_clock_never_panics_a_caller() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let flight = builder(&clock, &source)
         .timer(Arc::new(PanickingTimer))
-        .build_flight()
+        .build()
         .unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         futures::executor::block_on(flight.token())
     }));
     match result {
-        Ok(Err(Error::Refresh(e))) => assert_eq!(e.kind(), RefreshErrorKind::Panicked),
+        Ok(Err(Error::Refresh(e))) => assert!(e.cause() == tokenflight::Cause::Panicked),
         other => panic!("expected Panicked, got {:?}", other.map(|r| r.map(|_| ()))),
     }
 
     let flight = builder(&clock, &source)
         .clock(Arc::new(PanickingClock))
-        .build_flight()
+        .build()
         .unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         futures::executor::block_on(flight.token())
@@ -520,7 +523,7 @@ fn backoff_flight(clock: &ManualClock, source: &Arc<ScriptedSource>) -> SingleFl
     builder(clock, source)
         .retry(Retry::none())
         .backoff(Backoff::new(Duration::from_secs(10), Duration::from_secs(60)).with_jitter(0.0))
-        .build_flight()
+        .build()
         .unwrap()
 }
 
@@ -540,12 +543,12 @@ impl tokenflight::TokenSource for RetryAfterSource {
 fn c16_a_huge_retry_after_is_capped_not_ignored() {
     let clock = ManualClock::at_fixed_point();
     let source = Arc::new(RetryAfterSource(Duration::MAX, AtomicUsize::new(0)));
-    let flight = Builder::new()
-        .source_arc(source.clone())
+    let flight = SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .retry(Retry::none())
-        .build_flight()
+        .build()
         .unwrap();
     assert!(futures::executor::block_on(flight.token()).is_err());
     match futures::executor::block_on(flight.token()) {
@@ -601,8 +604,8 @@ fn c3_a_huge_stored_generation_neither_saturates_nor_is_adopted() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, u64::MAX - 1));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(
@@ -635,8 +638,8 @@ fn c6_lease_lost_on_save_keeps_the_token_the_server_issued() {
     let store = Arc::new(FaultStore::default());
     store.lease_lost.store(true, Ordering::SeqCst);
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(token.access().expose(), "token-1");
@@ -653,7 +656,7 @@ fn c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life() {
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(2)));
     let flight = builder(&clock, &source)
         .config(unjittered())
-        .build_flight()
+        .build()
         .unwrap();
     // 10 lifetimes, 100 calls per 100 ms.
     for _ in 0..200 {
@@ -674,7 +677,7 @@ fn c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life() {
 fn c15_a_token_born_expired_is_used_and_refreshed_at_most_once_per_interval() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::ZERO));
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source).build().unwrap();
     for _ in 0..100 {
         let token = futures::executor::block_on(flight.token()).unwrap();
         assert_eq!(token.access().expose(), "token-1");
@@ -697,7 +700,7 @@ fn c16_transient_failures_are_retried_inside_one_flight() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG))
         .then(Step::Transient)
         .then(Step::Transient);
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source).build().unwrap();
     let mut a = flight.token().boxed();
     let mut b = flight.token().boxed();
     assert!(poll_once(&mut b).is_pending());
@@ -717,7 +720,7 @@ fn c16_transient_failures_are_retried_inside_one_flight() {
 fn c16_permanent_failures_are_never_retried() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Permanent);
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source).build().unwrap();
     assert!(matches!(
         futures::executor::block_on(flight.token()),
         Err(Error::ReauthenticationRequired { .. })
@@ -735,7 +738,7 @@ fn c16_no_caller_fails_while_a_usable_token_exists() {
         ScriptedSource::new(&clock, Step::Transient).then(Step::Ok(Duration::from_secs(60)));
     let flight = builder(&clock, &source)
         .retry(Retry::none())
-        .build_flight()
+        .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     // 57 s: past refresh-ahead (20 s before) and inside the 6 s leeway, not expired.
@@ -758,7 +761,7 @@ fn c16_refresh_ahead_failures_are_invisible() {
         ScriptedSource::new(&clock, Step::Transient).then(Step::Ok(Duration::from_secs(60)));
     let flight = builder(&clock, &source)
         .config(unjittered())
-        .build_flight()
+        .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     clock.advance(Duration::from_secs(45)); // inside the 20 s window
@@ -778,7 +781,7 @@ fn c16_refresh_ahead_failures_are_invisible() {
 fn c15_a_clock_stepped_back_does_not_refresh_per_request() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(60)));
-    let flight = builder(&clock, &source).build_flight().unwrap();
+    let flight = builder(&clock, &source).build().unwrap();
     futures::executor::block_on(flight.token()).unwrap();
     clock.step_wall_forward(Duration::from_secs(3600));
     for _ in 0..50 {
@@ -807,11 +810,13 @@ fn c16_budget_bounds_the_retries() {
     let flight = builder(&clock, &source)
         .refresh_timeout(Duration::from_secs(25))
         .attempt_timeout(Duration::from_secs(10))
-        .build_flight()
+        .build()
         .unwrap();
     let mut waiter = flight.token().boxed();
     let result = drive(&mut waiter, &clock, Duration::from_millis(500));
-    assert!(matches!(result, Err(Error::Refresh(ref e)) if e.kind() == RefreshErrorKind::Timeout));
+    assert!(
+        matches!(result, Err(Error::Refresh(ref e)) if e.cause() == tokenflight::Cause::Timeout)
+    );
     assert!(clock.elapsed() <= Duration::from_secs(25) + Duration::from_millis(500));
     assert!(source.calls() <= 3);
 }
@@ -836,7 +841,7 @@ fn c15_the_documented_table_holds_on_a_coordinator() {
         let source = ScriptedSource::new(&clock, Step::Ok(lifetime));
         let flight = builder(&clock, &source)
             .config(unjittered())
-            .build_flight()
+            .build()
             .unwrap();
         futures::executor::block_on(flight.token()).unwrap();
         let step = (lifetime / 1000).max(ms(1));
@@ -865,8 +870,8 @@ fn issue20_a_newer_usable_stored_token_is_adopted_without_the_lock() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, 50));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(first.generation(), 50);
@@ -899,8 +904,8 @@ fn issue20_the_unlocked_read_keeps_every_guard() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, MAX_GENERATION + 1));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
-        .build_flight()
+        .store(store.clone())
+        .build()
         .unwrap();
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert!(token.generation() <= MAX_GENERATION);
@@ -916,9 +921,9 @@ fn issue20_the_unlocked_read_keeps_every_guard() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, 50));
     let flight = builder(&clock, &source)
-        .store_arc(store.clone())
+        .store(store.clone())
         .initial_token(login(&clock, Duration::from_secs(60)))
-        .build_flight()
+        .build()
         .unwrap();
     clock.advance(Duration::from_secs(61));
     let token = futures::executor::block_on(flight.token()).unwrap();
@@ -934,7 +939,7 @@ fn issue20_jittered_refresh_ahead_starts_inside_the_window() {
     for _ in 0..20 {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-        let flight = builder(&clock, &source).build_flight().unwrap();
+        let flight = builder(&clock, &source).build().unwrap();
         futures::executor::block_on(flight.token()).unwrap();
         assert_eq!(source.calls(), 1);
         // Just before the window's upper bound: no refresh yet.

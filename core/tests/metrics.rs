@@ -15,7 +15,10 @@ use futures::future::join_all;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use support::{FakeRequest, FakeResponse, ScriptedSource, Step, poll_once};
 use tokenflight::observe::MetricsObserver;
-use tokenflight::{Backoff, Builder, ManualClock, RequestOptions, Retry, Token};
+use tokenflight::{
+    AuthPolicy, AuthPolicyBuilder, FlightBuilder, SingleFlight, Token, adapter::RequestOptions,
+    config::Backoff, config::Retry, test_util::ManualClock,
+};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -57,9 +60,9 @@ fn histogram(metrics: &BTreeMap<String, DebugValue>, key: &str) -> Vec<f64> {
     }
 }
 
-fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> Builder {
-    Builder::new()
-        .source_arc(source.clone())
+fn builder(clock: &ManualClock, source: &Arc<ScriptedSource>) -> FlightBuilder {
+    SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
@@ -84,10 +87,10 @@ fn hundred_callers_one_flight() {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
         let expired = Token::new("old-secret")
-            .expires_at(tokenflight::Clock::now(&clock) - Duration::from_secs(1));
+            .expires_at(tokenflight::adapter::Clock::now(&clock) - Duration::from_secs(1));
         let flight = builder(&clock, &source)
             .initial_token(expired)
-            .build_flight()
+            .build()
             .unwrap();
         source.gate().close();
         let mut callers: Vec<_> = (0..100).map(|_| Box::pin(flight.token())).collect();
@@ -129,7 +132,7 @@ fn stale_rejection_and_retry_and_auth_lost() {
             .then(Step::Ok(LONG))
             .then(Step::Transient)
             .then(Step::Ok(LONG));
-        let auth = builder(&clock, &source)
+        let auth = AuthPolicyBuilder::<AuthPolicy>::from_flight(builder(&clock, &source))
             .retry(Retry::default())
             .allowed_origin("https://api.test")
             .build()
@@ -204,7 +207,7 @@ fn cancelled_caller() {
     let metrics = record(|| {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
-        let flight = builder(&clock, &source).build_flight().unwrap();
+        let flight = builder(&clock, &source).build().unwrap();
         source.gate().close();
         let mut first = Box::pin(flight.token());
         let mut second = Box::pin(flight.token());

@@ -12,14 +12,18 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use support::{Gate, ScriptedSource, Step, poll_once};
 use tokenflight::{
-    Backoff, Builder, ManualClock, MemoryStore, Placement, RefreshContext, RefreshReason,
-    StoreError, StoreLock, Token, TokenStore, from_fn,
+    AuthPolicy, Placement, RefreshContext, RefreshReason, SingleFlight, Token, config::Backoff,
+    from_fn, store::MemoryStore, store::StoreError, store::StoreLock, store::TokenStore,
+    store::WithGeneration, test_util::ManualClock,
 };
 
 fn valid_token(clock: &ManualClock) -> Token {
     Token::new("access-SECRET-1234")
         .with_refresh("refresh-SECRET-5678")
-        .expires_in(Duration::from_secs(3600), tokenflight::Clock::now(clock))
+        .expires_in(
+            Duration::from_secs(3600),
+            tokenflight::adapter::Clock::now(clock),
+        )
 }
 
 /// `Debug` of the coordinator and of the auth layer says what they are and what state
@@ -27,7 +31,7 @@ fn valid_token(clock: &ManualClock) -> Token {
 #[test]
 fn c12_debug_shows_state_but_no_secret() {
     let clock = ManualClock::at_fixed_point();
-    let auth = Builder::new()
+    let auth = AuthPolicy::builder()
         .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
         .clock(Arc::new(clock.clone()))
         .initial_token(valid_token(&clock))
@@ -40,7 +44,7 @@ fn c12_debug_shows_state_but_no_secret() {
     assert!(flight.contains("generation: Some(1)"), "{flight}");
 
     let layer = format!("{auth:?}");
-    assert!(layer.starts_with("Authenticator"), "{layer}");
+    assert!(layer.starts_with("AuthPolicy"), "{layer}");
     assert!(layer.contains("placement"), "{layer}");
     assert!(layer.contains("api.test"), "{layer}");
 
@@ -52,22 +56,15 @@ fn c12_debug_shows_state_but_no_secret() {
 /// The accessors hand out what was configured.
 #[test]
 fn authenticator_accessors_return_the_configuration() {
-    let auth = Builder::new()
+    let auth = AuthPolicy::builder()
         .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
-        .query_param("access_token")
+        .placement(Placement::query("access_token"))
         .allowed_origin("https://api.test")
         .build()
         .unwrap();
-    assert_eq!(auth.placement(), &Placement::query("access_token").unwrap());
-    assert!(
-        auth.allowed_origins()
-            .allows(&url::Url::parse("https://api.test/x").unwrap())
-    );
-    assert!(
-        !auth
-            .allowed_origins()
-            .allows(&url::Url::parse("https://other.test/x").unwrap())
-    );
+    assert_eq!(auth.placement(), &Placement::query("access_token"));
+    assert!(auth.allows_origin(&url::Url::parse("https://api.test/x").unwrap()));
+    assert!(!auth.allows_origin(&url::Url::parse("https://other.test/x").unwrap()));
 }
 
 /// Rotation: when the store holds a newer token than memory (another process refreshed)
@@ -83,28 +80,28 @@ fn c6_source_gets_the_newest_known_refresh_secret() {
     let seen = Arc::new(Mutex::new(None));
     let record = seen.clone();
     let source_clock = clock.clone();
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(from_fn(move |cx: RefreshContext| {
             *record.lock().unwrap() = cx
                 .previous
                 .as_ref()
                 .and_then(|t| t.refresh().map(|r| r.expose().to_owned()));
-            let at = tokenflight::Clock::now(&source_clock);
+            let at = tokenflight::adapter::Clock::now(&source_clock);
             async move {
                 Ok(Token::new("new")
                     .with_refresh("refresh-memory")
                     .expires_in(Duration::from_secs(60), at))
             }
         }))
-        .store_arc(store.clone())
+        .store(store.clone())
         .clock(Arc::new(clock.clone()))
-        .build_flight()
+        .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();
     // Another process refreshed (generation 5) and its token expired too.
     let stored = Token::new("stored")
         .with_refresh("refresh-stored")
-        .expires_at(tokenflight::Clock::now(&clock) + Duration::from_secs(30))
+        .expires_at(tokenflight::adapter::Clock::now(&clock) + Duration::from_secs(30))
         .with_generation(first.generation() + 4);
     futures::executor::block_on(store.save(&stored, None)).unwrap();
     clock.advance(Duration::from_secs(61));
@@ -140,13 +137,13 @@ impl TokenStore for LeaseLostStore {
 }
 
 fn flight_with_lost_lease(after_loss: Option<Token>) -> tokenflight::SingleFlight {
-    Builder::new()
+    SingleFlight::builder()
         .source(from_fn(|_cx| async { Ok(Token::new("fetched")) }))
         .store(LeaseLostStore {
             loads: AtomicUsize::new(0),
             after_loss,
         })
-        .build_flight()
+        .build()
         .unwrap()
 }
 
@@ -189,7 +186,7 @@ fn recording_source(seen: &Arc<Mutex<Option<String>>>) -> impl tokenflight::Toke
 #[test]
 fn c6_an_older_stored_token_is_not_given_to_the_source() {
     let clock = ManualClock::at_fixed_point();
-    let past = tokenflight::Clock::now(&clock) - Duration::from_secs(1);
+    let past = tokenflight::adapter::Clock::now(&clock) - Duration::from_secs(1);
     let store = MemoryStore::new();
     let stored = Token::new("stored")
         .with_refresh("refresh-old")
@@ -197,7 +194,7 @@ fn c6_an_older_stored_token_is_not_given_to_the_source() {
         .with_generation(1);
     futures::executor::block_on(store.save(&stored, None)).unwrap();
     let seen = Arc::new(Mutex::new(None));
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(recording_source(&seen))
         .store(store)
         .clock(Arc::new(clock.clone()))
@@ -207,7 +204,7 @@ fn c6_an_older_stored_token_is_not_given_to_the_source() {
                 .expires_at(past)
                 .with_generation(5),
         )
-        .build_flight()
+        .build()
         .unwrap();
     futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(seen.lock().unwrap().as_deref(), Some("refresh-memory"));
@@ -217,7 +214,7 @@ fn c6_an_older_stored_token_is_not_given_to_the_source() {
 #[test]
 fn c1_a_newer_usable_stored_token_is_adopted() {
     let clock = ManualClock::at_fixed_point();
-    let now = tokenflight::Clock::now(&clock);
+    let now = tokenflight::adapter::Clock::now(&clock);
     let store = MemoryStore::new();
     let stored = Token::new("theirs")
         .expires_in(Duration::from_secs(3600), now)
@@ -225,11 +222,11 @@ fn c1_a_newer_usable_stored_token_is_adopted() {
     futures::executor::block_on(store.save(&stored, None)).unwrap();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
     // No login here: a login would win over the stored session (C17).
-    let flight = Builder::new()
-        .source_arc(source.clone())
+    let flight = SingleFlight::builder()
+        .source(source.clone())
         .store(store)
         .clock(Arc::new(clock.clone()))
-        .build_flight()
+        .build()
         .unwrap();
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(token.access().expose(), "theirs");
@@ -240,11 +237,11 @@ fn c1_a_newer_usable_stored_token_is_adopted() {
 /// The configuration in use is the one built.
 #[test]
 fn config_returns_the_configured_settings() {
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
         .leeway(Duration::from_secs(7))
         .refresh_timeout(Duration::from_secs(9))
-        .build_flight()
+        .build()
         .unwrap();
     assert_eq!(flight.config().leeway, Duration::from_secs(7));
     assert_eq!(flight.config().refresh_timeout, Duration::from_secs(9));
@@ -256,14 +253,14 @@ fn config_returns_the_configured_settings() {
 #[test]
 fn c4_mark_rejected_without_spawner_defers_the_refresh_to_the_next_caller() {
     let clock = ManualClock::at_fixed_point();
-    let now = tokenflight::Clock::now(&clock);
+    let now = tokenflight::adapter::Clock::now(&clock);
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
-    let flight = Builder::new()
-        .source_arc(source.clone())
+    let flight = SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .refresh_ahead(None)
         .initial_token(Token::new("old").expires_in(Duration::from_secs(3600), now))
-        .build_flight()
+        .build()
         .unwrap();
     let old = flight.valid_token().unwrap();
     flight.mark_rejected(old.generation());
@@ -285,14 +282,14 @@ fn c5_a_finished_flight_is_not_joined_by_later_callers() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
     source.then(Step::Transient);
-    let flight = Builder::new()
-        .source_arc(source.clone())
+    let flight = SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
-        .retry(tokenflight::Retry::none())
+        .retry(tokenflight::config::Retry::none())
         .refresh_ahead(None)
-        .build_flight()
+        .build()
         .unwrap();
     source.gate().close();
     let mut first = flight.token().boxed();
@@ -348,15 +345,15 @@ fn c17_a_login_is_in_use_before_its_slow_save_completes() {
     let gate = Gate::open();
     gate.close();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
-    let flight = Builder::new()
-        .source_arc(source.clone())
+    let flight = SingleFlight::builder()
+        .source(source.clone())
         .store(SlowInstallStore {
             inner: MemoryStore::new(),
             gate: gate.clone(),
         })
         .clock(Arc::new(clock.clone()))
         .refresh_ahead(None)
-        .build_flight()
+        .build()
         .unwrap();
     let mut install = flight.install(Token::new("login")).boxed();
     assert!(poll_once(&mut install).is_pending());

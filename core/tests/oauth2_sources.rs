@@ -16,8 +16,8 @@ use tokenflight::oauth2::{
     ClientAuth, ClientCredentialsGrant, MAX_RESPONSE_BYTES, RefreshTokenGrant,
 };
 use tokenflight::{
-    Builder, HttpRequest, HttpResponse, RefreshContext, RefreshErrorKind, RefreshReason, Token,
-    TokenSource, Transport, TransportError,
+    RefreshContext, RefreshReason, SingleFlight, Token, TokenSource, adapter::HttpRequest,
+    adapter::HttpResponse, adapter::Transport, adapter::TransportError,
 };
 
 const TOKEN_URL: &str = "https://auth.example/oauth/token";
@@ -206,7 +206,7 @@ fn initial_refresh_token_is_the_fallback_and_none_at_all_is_permanent() {
 
     let transport = Scripted::new([]);
     let error = block_on(refresh_grant(&transport).fetch(cx(Some(Token::new("x"))))).unwrap_err();
-    assert_eq!(error.kind(), RefreshErrorKind::Permanent);
+    assert!(error.is_permanent());
     assert!(
         transport.requests().is_empty(),
         "nothing sent without a refresh token"
@@ -307,7 +307,7 @@ fn c9_error_classes() {
             refresh_grant(&transport).fetch(cx(Some(Token::new("a").with_refresh("RT-1")))),
         )
         .unwrap_err();
-        assert_eq!(error.kind(), kind, "case {i}: {error}");
+        assert_eq!(kind_of(&error), kind, "case {i}: {error}");
         assert_eq!(error.retry_after(), retry_after, "case {i}: {error}");
     }
 }
@@ -425,7 +425,7 @@ fn the_flight_hands_the_newest_refresh_token_to_the_grant() {
         ),
     ]);
     let grant = refresh_grant(&transport).initial_refresh_token("RT-1");
-    let flight = Builder::new().source(grant).build_flight().unwrap();
+    let flight = SingleFlight::builder().source(grant).build().unwrap();
     block_on(async {
         let first = flight.token().await.unwrap();
         assert_eq!(first.access().expose(), "AT-1");
@@ -436,4 +436,27 @@ fn the_flight_hands_the_newest_refresh_token_to_the_grant() {
     let sent = transport.requests();
     assert_eq!(field(&form(&sent[0].0), "refresh_token"), Some("RT-1"));
     assert_eq!(field(&form(&sent[1].0), "refresh_token"), Some("RT-2"));
+}
+
+/// A failure's severity and cause as one value, for the tables and assertions here
+/// (the 0.1 API keeps them on two axes: `is_permanent()` and `cause()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(dead_code)]
+enum RefreshErrorKind {
+    Transient,
+    Permanent,
+    Timeout,
+    Store,
+    Panicked,
+}
+
+#[allow(dead_code)]
+fn kind_of(error: &tokenflight::RefreshError) -> RefreshErrorKind {
+    match error.cause() {
+        tokenflight::Cause::Timeout => RefreshErrorKind::Timeout,
+        tokenflight::Cause::Store => RefreshErrorKind::Store,
+        tokenflight::Cause::Panicked => RefreshErrorKind::Panicked,
+        _ if error.is_permanent() => RefreshErrorKind::Permanent,
+        _ => RefreshErrorKind::Transient,
+    }
 }

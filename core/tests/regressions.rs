@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use support::*;
-use tokenflight::{Backoff, Builder, ManualClock, SingleFlight, Token};
+use tokenflight::{SingleFlight, Token, config::Backoff, test_util::ManualClock};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -19,24 +19,25 @@ fn flight(
     source: &Arc<ScriptedSource>,
     spawner: Option<&QueueSpawner>,
 ) -> SingleFlight {
-    let mut builder = Builder::new()
-        .source_arc(source.clone())
+    let mut builder = SingleFlight::builder()
+        .source(source.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
         .backoff(Backoff::none())
-        .retry(tokenflight::Retry::none())
+        .retry(tokenflight::config::Retry::none())
         .refresh_ahead(None)
         .initial_token(
-            Token::new("old").expires_at(tokenflight::Clock::now(clock) - Duration::from_secs(1)),
+            Token::new("old")
+                .expires_at(tokenflight::adapter::Clock::now(clock) - Duration::from_secs(1)),
         );
     if let Some(spawner) = spawner {
         builder = builder.spawner(Arc::new(spawner.clone()));
     }
-    builder.build_flight().unwrap()
+    builder.build().unwrap()
 }
 
 fn login(clock: &ManualClock) -> Token {
-    Token::new("login").expires_in(LONG, tokenflight::Clock::now(clock))
+    Token::new("login").expires_in(LONG, tokenflight::adapter::Clock::now(clock))
 }
 
 /// Found by the property tests: a login installed while a refresh was in flight got the

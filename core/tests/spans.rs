@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::executor::block_on;
 use support::{ScriptedSource, Step};
-use tokenflight::{Backoff, Builder, ManualClock, Retry, Token};
+use tokenflight::{SingleFlight, Token, config::Backoff, config::Retry, test_util::ManualClock};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -68,8 +68,8 @@ fn one_span_per_flight_and_no_secrets() {
         let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)))
             .then(Step::Ok(Duration::from_secs(3600)))
             .then(Step::Permanent);
-        let flight = Builder::new()
-            .source_arc(source.clone())
+        let flight = SingleFlight::builder()
+            .source(source.clone())
             .clock(Arc::new(clock.clone()))
             .timer(Arc::new(clock.clone()))
             .backoff(Backoff::none())
@@ -78,9 +78,9 @@ fn one_span_per_flight_and_no_secrets() {
             .initial_token(
                 Token::new("old-secret")
                     .with_refresh("old-refresh")
-                    .expires_at(tokenflight::Clock::now(&clock) - Duration::from_secs(1)),
+                    .expires_at(tokenflight::adapter::Clock::now(&clock) - Duration::from_secs(1)),
             )
-            .build_flight()
+            .build()
             .unwrap();
         block_on(flight.token()).unwrap();
         assert!(block_on(flight.force_refresh()).is_err());

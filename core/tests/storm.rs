@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokenflight::{Builder, Token, from_fn};
+use tokenflight::{SingleFlight, Token, from_fn};
 
 #[test]
 fn c1_c2_ten_thousand_callers_one_source_call() {
@@ -20,7 +20,7 @@ fn c1_c2_ten_thousand_callers_one_source_call() {
         let (release, released) = futures::channel::oneshot::channel::<()>();
         let released = futures::future::FutureExt::shared(released);
         let counter = calls.clone();
-        let flight = Builder::new()
+        let flight = SingleFlight::builder()
             .source(from_fn(move |_cx| {
                 let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
                 let released = released.clone();
@@ -30,7 +30,7 @@ fn c1_c2_ten_thousand_callers_one_source_call() {
                         .expires_in(Duration::from_secs(3600), std::time::SystemTime::now()))
                 }
             }))
-            .build_flight()
+            .build()
             .unwrap();
         let tasks: Vec<_> = (0..CALLERS)
             .map(|_| {

@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokenflight::{
-    AuthRequest, AuthResponse, InvalidHeader, RefreshContext, RefreshError, RefreshReason,
-    ResponseView, Spawn, Token, TokenSource,
+    RefreshContext, RefreshError, RefreshReason, Token, TokenSource, adapter::AuthRequest,
+    adapter::AuthResponse, adapter::InvalidHeader, adapter::ResponseView, adapter::Spawn,
 };
 use url::Url;
 
@@ -42,11 +42,11 @@ pub struct ScriptedSource {
     script: Mutex<VecDeque<Step>>,
     default: Step,
     gate: Gate,
-    clock: tokenflight::ManualClock,
+    clock: tokenflight::test_util::ManualClock,
 }
 
 impl ScriptedSource {
-    pub fn new(clock: &tokenflight::ManualClock, default: Step) -> Arc<Self> {
+    pub fn new(clock: &tokenflight::test_util::ManualClock, default: Step) -> Arc<Self> {
         Arc::new(ScriptedSource {
             calls: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -104,7 +104,7 @@ impl TokenSource for ScriptedSource {
             let result = match step {
                 Step::Ok(lifetime) => Ok(Token::new(format!("token-{n}"))
                     .with_refresh(format!("refresh-{n}"))
-                    .expires_in(lifetime, tokenflight::Clock::now(&self.clock))),
+                    .expires_in(lifetime, tokenflight::adapter::Clock::now(&self.clock))),
                 Step::Transient => Err(RefreshError::transient(format!("transient failure {n}"))),
                 Step::Permanent => Err(RefreshError::permanent(format!("invalid_grant {n}"))),
                 Step::Hang => futures::future::pending().await,
@@ -200,8 +200,9 @@ impl QueueSpawner {
 }
 
 impl Spawn for QueueSpawner {
-    fn spawn(&self, task: BoxFuture<'static, ()>) {
+    fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
         self.tasks.lock().unwrap().push(task);
+        true
     }
 }
 
@@ -233,6 +234,9 @@ impl FakeRequest {
 }
 
 impl AuthRequest for FakeRequest {
+    fn method(&self) -> http::Method {
+        http::Method::GET
+    }
     fn url(&self) -> &Url {
         &self.url
     }
