@@ -173,11 +173,13 @@ pub use request::{ForceRefresh, SkipAuth};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use token::{Secret, Token};
 
-/// What client adapters implement and call: the request and response traits the
-/// [`AuthPolicy`] drives, the runtime pieces ([`Spawn`], [`Timer`], [`Clock`]), the
-/// bare [`Transport`] token sources use, and the plumbing of [`AuthPolicy::send`]
-/// ([`RequestOptions`], [`AuthError`]). Applications rarely need it.
 pub mod adapter {
+    //! What client adapters implement and call: the request and response traits the
+    //! [`AuthPolicy`](crate::AuthPolicy) drives, the runtime pieces ([`Spawn`],
+    //! [`Timer`], [`Clock`]), the bare [`Transport`] token sources use, and the plumbing
+    //! of [`AuthPolicy::send`](crate::AuthPolicy::send) ([`RequestOptions`],
+    //! [`AuthError`]). Applications rarely need it.
+
     pub use crate::auth_policy::AuthError;
     pub use crate::request::{
         AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,

@@ -53,7 +53,8 @@ impl RefreshContext {
 /// (C1), and decides the token's generation itself.
 ///
 /// A source that talks to a token endpoint should do so through a bare
-/// [`Transport`](crate::Transport), never through the auth layer that waits for it.
+/// [`Transport`](crate::adapter::Transport), never through the auth policy that waits for
+/// it.
 ///
 /// The trait is object-safe; the coordinator holds it as `Arc<dyn TokenSource>`.
 pub trait TokenSource: Send + Sync {

@@ -1,11 +1,12 @@
 //! The reqwest-middleware `Middleware` that runs the core's retry driver.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use http::Extensions;
 use reqwest::{Request, Response, Url};
 use reqwest_middleware::{Middleware, Next};
-use tokenflight::{AuthError, Authenticator, Builder, Placement, RequestOptions};
+use tokenflight::adapter::{AuthError, RequestOptions};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, Placement};
 #[cfg(test)]
 use tokenflight::{ForceRefresh, SkipAuth};
 
@@ -21,28 +22,25 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 /// # Errors
 /// When no token can be had, the request fails with `reqwest_middleware::Error::Middleware`
 /// wrapping a [`tokenflight::Error`] (downcast to inspect it); an invalid token value gives
-/// a wrapped [`tokenflight::InvalidHeader`]. Errors of the client and of the middleware
+/// a wrapped [`tokenflight::adapter::InvalidHeader`]. Errors of the client and of the middleware
 /// further down pass through unchanged, except that with query placement the token never
 /// shows in them: a `reqwest::Error` gets its URL's token value replaced by `redacted`,
 /// and any other error whose text still shows the token is replaced by one with that
 /// text, redacted (C12).
 #[derive(Clone, Debug)]
-pub struct TokenLayer {
-    auth: Authenticator,
+pub struct TokenMiddleware {
+    auth: AuthPolicy,
 }
 
-impl TokenLayer {
-    /// A builder preset for tokio: [`TokioTimer`] for refresh timeouts, and a
-    /// [`TokioSpawner`] on the current runtime (if called inside one) so a refresh
-    /// completes and is stored even when every request waiting for it was cancelled (C6).
-    /// Without a runtime the refresh is driven by the requests waiting for it; call
-    /// `.spawner(Arc::new(TokioSpawner::new(handle)))` to name one.
-    pub fn builder() -> Builder<TokenLayer> {
-        let builder = Builder::for_output().timer(Arc::new(TokioTimer));
-        match TokioSpawner::try_current() {
-            Some(spawner) => builder.spawner(Arc::new(spawner)),
-            None => builder,
-        }
+impl TokenMiddleware {
+    /// The core's [`AuthPolicyBuilder`] preset for tokio: [`TokioTimer`] for refresh
+    /// timeouts, and a [`TokioSpawner`] that finds the runtime a refresh starts on, so
+    /// a refresh completes and is stored even when every request waiting for it was
+    /// cancelled ([C6](tokenflight#c6)). It may be called outside any runtime.
+    pub fn builder() -> AuthPolicyBuilder<TokenMiddleware> {
+        AuthPolicyBuilder::new()
+            .timer(TokioTimer)
+            .spawner(TokioSpawner::current())
     }
 
     /// A redirect policy for the client under this layer: like reqwest's default (up to
@@ -60,10 +58,10 @@ impl TokenLayer {
     /// this policy.**
     ///
     /// ```
-    /// # use tokenflight_reqwest::{TokenLayer, reqwest, tokenflight::{Token, from_fn}};
-    /// let layer = TokenLayer::builder()
+    /// # use tokenflight_reqwest::{TokenMiddleware, reqwest, tokenflight::{Placement, Token, from_fn}};
+    /// let layer = TokenMiddleware::builder()
     ///     .source(from_fn(|_cx| async { Ok(Token::new("key")) }))
-    ///     .header("x-api-key", None)
+    ///     .placement(Placement::header("x-api-key", None))
     ///     .allowed_origin("https://api.example.com")
     ///     .build()
     ///     .unwrap();
@@ -77,21 +75,21 @@ impl TokenLayer {
         crate::redirect::policy(&self.auth)
     }
 
-    /// The auth layer behind this middleware: `stats()`, and `flight()` to install a
+    /// The auth policy behind this middleware: `stats()`, and `flight()` to install a
     /// token after a login or read the current one.
-    pub fn authenticator(&self) -> &Authenticator {
+    pub fn policy(&self) -> &AuthPolicy {
         &self.auth
     }
 }
 
-impl From<Authenticator> for TokenLayer {
-    fn from(auth: Authenticator) -> Self {
-        TokenLayer { auth }
+impl From<AuthPolicy> for TokenMiddleware {
+    fn from(auth: AuthPolicy) -> Self {
+        TokenMiddleware { auth }
     }
 }
 
 #[async_trait::async_trait]
-impl Middleware for TokenLayer {
+impl Middleware for TokenMiddleware {
     async fn handle(
         &self,
         request: Request,
@@ -200,9 +198,8 @@ fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The options for one request: see [`RequestOptions::from_extensions`] (a client-wide
-/// `RequestOptions` from reqwest-middleware's initialiser is replaced by the request's own,
-/// since the initialisers run before the request adds its extensions).
+/// The options for one request: its [`SkipAuth`](tokenflight::SkipAuth) and
+/// [`ForceRefresh`](tokenflight::ForceRefresh) markers, as in every adapter.
 fn request_options(extensions: &Extensions) -> RequestOptions {
     RequestOptions::from_extensions(extensions)
 }
@@ -236,27 +233,5 @@ mod tests {
             request_options(&extensions),
             RequestOptions::from_markers(true, true)
         );
-    }
-
-    #[test]
-    fn a_later_options_value_replaces_an_earlier_one() {
-        let mut extensions = Extensions::new();
-        extensions.insert(RequestOptions::from_markers(true, false));
-        extensions.insert(RequestOptions::from_markers(false, true));
-        assert_eq!(
-            request_options(&extensions),
-            RequestOptions::from_markers(false, true)
-        );
-    }
-
-    #[test]
-    fn the_builder_presets_a_spawner_inside_a_runtime_only() {
-        let outside = format!("{:?}", TokenLayer::builder());
-        assert!(outside.contains("spawner: false"), "{outside}");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let inside = runtime.block_on(async { format!("{:?}", TokenLayer::builder()) });
-        assert!(inside.contains("spawner: true"), "{inside}");
     }
 }

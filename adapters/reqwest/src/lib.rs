@@ -1,6 +1,6 @@
 //! # tokenflight-reqwest
 //!
-//! [`tokenflight`] for reqwest: a [`reqwest_middleware`] layer that keeps a client's
+//! [`tokenflight`] for reqwest: a [`reqwest_middleware`] middleware that keeps a client's
 //! access token valid. Before a request it checks the token for (near) expiry; after the
 //! response it checks whether the server rejected it. Either way exactly one refresh
 //! runs for all concurrent requests, and each rejected request is resent exactly once
@@ -11,7 +11,7 @@
 //! use std::sync::Arc;
 //! use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
 //! use tokenflight_reqwest::tokenflight::oauth2::RefreshTokenGrant;
-//! use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+//! use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 //!
 //! # async fn run(refresh_token_from_login: String) -> Result<(), Box<dyn std::error::Error>> {
 //! // The token source talks to the token endpoint through a *bare* client: a refresh
@@ -20,11 +20,11 @@
 //! let grant = RefreshTokenGrant::new(bare, "https://auth.example.com/oauth/token", "my-app")?
 //!     .client_secret("my-app-secret")
 //!     .initial_refresh_token(refresh_token_from_login);
-//! let layer = TokenLayer::builder()
+//! let middleware = TokenMiddleware::builder()
 //!     .source(grant)
 //!     .allowed_origin("https://api.example.com")
 //!     .build()?;
-//! let client = ClientBuilder::new(reqwest::Client::new()).with(layer).build();
+//! let client = ClientBuilder::new(reqwest::Client::new()).with(middleware).build();
 //!
 //! let response = client.get("https://api.example.com/me").send().await?;
 //! println!("{}", response.status());
@@ -34,11 +34,14 @@
 //!
 //! `tests/example.rs` runs the same setup against a real server.
 //!
-//! ## Per-request options and client-wide defaults
+//! ## Per-request options and exempt routes
 //!
-//! Put a marker in the request's extensions:
+//! Put a marker in the request's extensions, as with every tokenflight adapter:
 //! [`SkipAuth`](tokenflight::SkipAuth) sends it without credentials and does not classify
 //! the response; [`ForceRefresh`](tokenflight::ForceRefresh) refreshes before sending.
+//! Routes that never carry a token (a login endpoint on the API's origin) are exempted
+//! once, on the builder: `.skip_route(Some(Method::POST), "/login")`
+//! ([`AuthPolicyBuilder::skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).
 //!
 //! ```
 //! # use tokenflight_reqwest::{reqwest, reqwest_middleware::ClientWithMiddleware};
@@ -47,15 +50,6 @@
 //! let request = client.get("https://api.example.com/health").with_extension(SkipAuth);
 //! # drop(request);
 //! ```
-//!
-//! Client-wide defaults are a [`RequestOptions`](tokenflight::RequestOptions) value put on
-//! every request by reqwest-middleware's initialiser,
-//! `ClientBuilder::with_init(Extension(RequestOptions::from_markers(skip_auth, force_refresh)))`.
-//! **The request wins**: the initialiser runs when the request builder is created, and
-//! extensions hold one value per type, so a `RequestOptions` the request adds with
-//! `.with_extension(..)` replaces the client's. Markers only ever switch an option on, so
-//! to switch a client-wide default off for one request, give that request its own
-//! `RequestOptions`. (Skipping auth takes precedence over forcing a refresh.)
 //!
 //! ## Errors
 //!
@@ -77,11 +71,12 @@
 //! ## Where the token goes
 //!
 //! The header is marked sensitive. The token goes only to the allowed origins (the core
-//! checks each request's URL). When reqwest follows a redirect to another origin it drops
+//! checks each request's URL, [C12](tokenflight#c12)). When reqwest follows a redirect to another origin it drops
 //! the `Authorization` header (tested in `tests/redirects.rs`). It keeps other headers,
 //! and sends the previous URL, query included, as `Referer`; so with a custom header
-//! placement (`.header("x-api-key", None)`) or query placement (`.query_param("token")`)
-//! build the client with [`TokenLayer::redirect_policy`], which does not follow a
+//! placement (`Placement::header("x-api-key", None)`) or query placement
+//! (`Placement::query("token")`) build the client with
+//! [`TokenMiddleware::redirect_policy`], which does not follow a
 //! redirect that would take the token to an origin not allowed.
 //!
 //! With query placement, the token is kept out of what the layer hands back: the URL in
@@ -97,8 +92,9 @@
 //! ## Cancellation
 //!
 //! Dropping a request's future is safe at any point: a refresh it started goes on for the
-//! other requests, and with the [`TokioSpawner`] that [`TokenLayer::builder`] presets it
-//! completes and is stored even if every request was dropped (C6).
+//! other requests, and with the [`TokioSpawner`] that [`TokenMiddleware::builder`] presets
+//! it completes and is stored even if every request was dropped
+//! ([C6](tokenflight#c6)).
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
@@ -110,10 +106,11 @@ mod redirect;
 mod runtime;
 mod transport;
 
-pub use layer::TokenLayer;
+pub use layer::TokenMiddleware;
 pub use runtime::{TokioSpawner, TokioTimer};
 pub use transport::BareTransport;
 
 pub use reqwest;
 pub use reqwest_middleware;
 pub use tokenflight;
+pub use tokenflight::{ForceRefresh, SkipAuth};

@@ -7,12 +7,16 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, future, stream};
 use http::{HeaderName, HeaderValue};
 use reqwest::{Body, ResponseBuilderExt, Url};
-use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
 
-/// A request on its way through the [`TokenLayer`](crate::TokenLayer).
+/// A request on its way through the [`TokenMiddleware`](crate::TokenMiddleware).
 pub(crate) struct Outgoing(pub(crate) reqwest::Request);
 
 impl AuthRequest for Outgoing {
+    fn method(&self) -> http::Method {
+        self.0.method().clone()
+    }
+
     fn url(&self) -> &Url {
         self.0.url()
     }
@@ -35,7 +39,7 @@ impl AuthRequest for Outgoing {
     }
 }
 
-/// A response on its way back through the [`TokenLayer`](crate::TokenLayer).
+/// A response on its way back through the [`TokenMiddleware`](crate::TokenMiddleware).
 pub(crate) struct Incoming(pub(crate) reqwest::Response);
 
 impl ResponseView for Incoming {

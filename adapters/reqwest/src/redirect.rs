@@ -8,10 +8,10 @@
 //! `Referer`, so a token in the query would go along too.
 
 use reqwest::redirect::{Attempt, Policy};
-use tokenflight::{AllowedOrigins, Authenticator, Placement};
+use tokenflight::{AuthPolicy, Placement};
 
-pub(crate) fn policy(auth: &Authenticator) -> Policy {
-    let origins = auth.allowed_origins().clone();
+pub(crate) fn policy(auth: &AuthPolicy) -> Policy {
+    let origins = auth.clone();
     let survives_redirects = match auth.placement() {
         Placement::Header { name, .. } => !name.eq_ignore_ascii_case("authorization"),
         // A query token is part of the old URL, which reqwest sends along as the
@@ -29,10 +29,10 @@ pub(crate) fn policy(auth: &Authenticator) -> Policy {
     })
 }
 
-fn leaves_allowed_origins(origins: &AllowedOrigins, attempt: &Attempt<'_>) -> bool {
+fn leaves_allowed_origins(origins: &AuthPolicy, attempt: &Attempt<'_>) -> bool {
     let started_allowed = attempt
         .previous()
         .first()
-        .is_some_and(|first| origins.allows(first));
-    started_allowed && !origins.allows(attempt.url())
+        .is_some_and(|first| origins.allows_origin(first));
+    started_allowed && !origins.allows_origin(attempt.url())
 }

@@ -4,11 +4,11 @@
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use tokenflight::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
 
 /// A [`Transport`] over a plain `reqwest::Client`.
 ///
-/// Build it from the client *without* the [`TokenLayer`](crate::TokenLayer); the client
+/// Build it from the client *without* the [`TokenMiddleware`](crate::TokenMiddleware); the client
 /// with the layer is a different type (`ClientWithMiddleware`), so mixing them up does not
 /// compile.
 #[derive(Clone, Debug, Default)]

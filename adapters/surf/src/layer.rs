@@ -1,20 +1,18 @@
-//! [`TokenLayer`]: the surf middleware that runs the core's retry driver.
+//! [`TokenMiddleware`]: the surf middleware that runs the core's auth policy.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
-use tokenflight::{
-    AuthError, AuthRequest, Authenticator, Builder, ForceRefresh, Placement, RequestOptions,
-    SkipAuth,
-};
+use tokenflight::adapter::{AuthError, AuthRequest, RequestOptions};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, Placement, SkipAuth};
 
 use crate::message::{Attempt, Reply};
 use crate::runtime::{AsyncStdSpawner, AsyncStdTimer};
 
 /// Request bodies up to this many bytes are buffered so a rejected request can be resent
-/// (1 MiB). See [`TokenLayer::replay_body_limit`].
+/// (1 MiB). See [`TokenMiddleware::replay_body_limit`].
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 
 /// surf middleware that keeps the access token valid: attaches it, and on a rejection
@@ -23,9 +21,9 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use tokenflight::{Token, from_fn};
-/// use tokenflight_surf::{FollowRedirects, TokenLayer};
+/// use tokenflight_surf::{FollowRedirects, TokenMiddleware};
 ///
-/// let layer = TokenLayer::builder()
+/// let layer = TokenMiddleware::builder()
 ///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
 ///     .allowed_origin("https://api.example.com")
 ///     .build()?;
@@ -46,15 +44,17 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 ///
 /// # Markers
 /// Put [`SkipAuth`] or [`ForceRefresh`] in the request's extensions
-/// (`req.set_ext(SkipAuth)`) to send without credentials or to refresh first (C11). A
-/// resent request lacks the caller's extensions (surf's `clone` drops them).
+/// (`req.set_ext(SkipAuth)`) to send without credentials or to refresh first
+/// ([C11](tokenflight#c11)), as with every tokenflight adapter; exempt routes once with
+/// [`skip_route`](tokenflight::AuthPolicyBuilder::skip_route) on the builder. A resent
+/// request lacks the caller's extensions (surf's `clone` drops them).
 ///
 /// # Errors
 /// When no token can be had the request fails with a `surf::Error` whose status is
 /// `401` for [`tokenflight::Error::ReauthenticationRequired`] and `503` for a failed or
 /// backing-off refresh; the typed error is reachable with
 /// `err.downcast_ref::<tokenflight::Error>()`. A token that cannot be a header value
-/// gives `500` with [`tokenflight::InvalidHeader`] inside.
+/// gives `500` with [`tokenflight::adapter::InvalidHeader`] inside.
 ///
 /// With query placement, an error of middleware after the layer whose text shows the
 /// token (the request URL, say) is replaced by one with the same status and message,
@@ -65,23 +65,23 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// headers: middleware registered after this layer sees it in the request (and its
 /// `Debug`). Register logging middleware before the layer.
 #[derive(Clone, Debug)]
-pub struct TokenLayer {
-    auth: Authenticator,
+pub struct TokenMiddleware {
+    auth: AuthPolicy,
     replay_body_limit: usize,
 }
 
-impl TokenLayer {
-    /// The core builder preset with async-std's spawner and timer; `build()` returns a
-    /// `TokenLayer`.
-    pub fn builder() -> Builder<TokenLayer> {
-        Builder::for_output()
-            .spawner(Arc::new(AsyncStdSpawner))
-            .timer(Arc::new(AsyncStdTimer))
+impl TokenMiddleware {
+    /// The core's [`AuthPolicyBuilder`] preset with async-std's spawner and timer;
+    /// `build()` returns a `TokenMiddleware`.
+    pub fn builder() -> AuthPolicyBuilder<TokenMiddleware> {
+        AuthPolicyBuilder::new()
+            .spawner(AsyncStdSpawner)
+            .timer(AsyncStdTimer)
     }
 
-    /// A layer around an authenticator built elsewhere.
-    pub fn new(auth: Authenticator) -> Self {
-        TokenLayer {
+    /// A middleware around an auth policy built elsewhere.
+    pub fn new(auth: AuthPolicy) -> Self {
+        TokenMiddleware {
             auth,
             replay_body_limit: DEFAULT_REPLAY_BODY_LIMIT,
         }
@@ -94,27 +94,30 @@ impl TokenLayer {
         self
     }
 
-    /// The authenticator behind the layer (stats, `flight().install(..)`).
-    pub fn authenticator(&self) -> &Authenticator {
+    /// The auth policy behind the middleware (`stats()`, `flight().install(..)`).
+    pub fn policy(&self) -> &AuthPolicy {
         &self.auth
     }
 }
 
-impl From<Authenticator> for TokenLayer {
-    fn from(auth: Authenticator) -> Self {
-        TokenLayer::new(auth)
+impl From<AuthPolicy> for TokenMiddleware {
+    fn from(auth: AuthPolicy) -> Self {
+        TokenMiddleware::new(auth)
     }
 }
 
 #[surf::utils::async_trait]
-impl Middleware for TokenLayer {
+impl Middleware for TokenMiddleware {
     async fn handle(&self, req: Request, client: Client, next: Next<'_>) -> surf::Result<Response> {
         let options = RequestOptions::from_markers(
             req.ext::<SkipAuth>().is_some(),
             req.ext::<ForceRefresh>().is_some(),
         );
-        // The driver would pass these through too; deciding here skips buffering.
-        if options.skip_auth || !self.auth.allowed_origins().allows(req.url()) {
+        // The policy would pass these through too; asking it first skips buffering.
+        if !self
+            .auth
+            .attaches_token(&method_of(req.method()), req.url(), options)
+        {
             return next.run(req, client).await;
         }
         let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
@@ -172,5 +175,23 @@ fn to_surf_error(error: AuthError<surf::Error>) -> surf::Error {
         }
         AuthError::InvalidHeader(e) => surf::Error::new(StatusCode::InternalServerError, e),
         _ => surf::Error::from_str(StatusCode::InternalServerError, "authentication failed"),
+    }
+}
+
+/// surf's method as the `http` crate's (the core's [`AuthRequest::method`]).
+pub(crate) fn method_of(method: surf::http::Method) -> http::Method {
+    use surf::http::Method as M;
+    match method {
+        M::Get => http::Method::GET,
+        M::Post => http::Method::POST,
+        M::Put => http::Method::PUT,
+        M::Delete => http::Method::DELETE,
+        M::Head => http::Method::HEAD,
+        M::Options => http::Method::OPTIONS,
+        M::Patch => http::Method::PATCH,
+        M::Connect => http::Method::CONNECT,
+        M::Trace => http::Method::TRACE,
+        // The WebDAV and other extension methods: by name (always a valid token).
+        other => http::Method::from_bytes(other.to_string().as_bytes()).unwrap_or_default(),
     }
 }

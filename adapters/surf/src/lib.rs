@@ -1,34 +1,35 @@
 //! # tokenflight-surf
 //!
-//! [tokenflight] for [surf] on async-std: the [`TokenLayer`]
-//! middleware keeps the access token valid (one refresh for everybody who needs it,
+//! [tokenflight] for [surf] on async-std: the [`TokenMiddleware`]
+//! keeps the access token valid (one refresh for everybody who needs it,
 //! each rejected request resent once), [`BareTransport`] lets token sources reach the
 //! token endpoint with a plain `surf::Client`, and [`AsyncStdSpawner`] /
 //! [`AsyncStdTimer`] are async-std's runtime pieces for the core.
 //!
-//! The builder is the same as the reqwest adapter's, so switching clients is a
-//! one-line change (`tokenflight_reqwest::TokenLayer::builder()` ↔
-//! `tokenflight_surf::TokenLayer::builder()`).
+//! The builder, the markers ([`SkipAuth`], [`ForceRefresh`]) and the route exemptions
+//! are the reqwest adapter's, so switching clients is a one-line change
+//! (`tokenflight_reqwest::TokenMiddleware::builder()` ↔
+//! `tokenflight_surf::TokenMiddleware::builder()`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! use std::sync::Arc;
 //! use tokenflight::oauth2::RefreshTokenGrant;
-//! use tokenflight_surf::{BareTransport, FollowRedirects, TokenLayer};
+//! use tokenflight_surf::{BareTransport, FollowRedirects, TokenMiddleware};
 //!
 //! let bare = Arc::new(BareTransport::new(surf::Client::new()));
 //! let grant = RefreshTokenGrant::new(bare, "https://auth.example.com/oauth/token", "my-app")?
 //!     .initial_refresh_token("refresh-from-login");
-//! let layer = TokenLayer::builder()
+//! let middleware = TokenMiddleware::builder()
 //!     .source(grant)
 //!     .allowed_origin("https://api.example.com")
 //!     .build()?;
-//! let client = surf::client().with(FollowRedirects::default()).with(layer);
+//! let client = surf::client().with(FollowRedirects::default()).with(middleware);
 //! let body = client.get("https://api.example.com/me").recv_string().await?;
 //! # let _ = body; Ok(()) }
 //! ```
 //!
-//! ## Redirects and the token (C12)
+//! ## Redirects and the token ([C12](tokenflight#c12))
 //!
 //! The token goes only to the allowed origins; the layer checks the URL of every
 //! request it sees. What it sees depends on where redirects are followed:
@@ -44,7 +45,7 @@
 //!
 //! `tests/redirects.rs` shows all three.
 //!
-//! With query placement (`.query_param("token")`) the token is part of the request's
+//! With query placement (`Placement::query("token")`) the token is part of the request's
 //! URL: [`FollowRedirects`] sends no `Referer`, so a hop to another origin does not
 //! carry it, and surf's own errors (and its `Response`, which has no URL) do not show
 //! it (the conformance scenarios `c12_query_token_never_in_errors` and
@@ -74,7 +75,7 @@ mod redirect;
 mod runtime;
 mod transport;
 
-pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, TokenLayer};
+pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, TokenMiddleware};
 pub use redirect::FollowRedirects;
 pub use runtime::{AsyncStdSpawner, AsyncStdTimer};
 pub use transport::BareTransport;

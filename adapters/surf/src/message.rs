@@ -11,7 +11,7 @@ use bytes::Bytes;
 use surf::http::headers::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use surf::http::{Mime, Url};
 use surf::{Request, Response, StatusCode};
-use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
 
 use crate::body::{self, Bounded, Unknown};
 
@@ -79,6 +79,10 @@ impl Attempt {
 }
 
 impl AuthRequest for Attempt {
+    fn method(&self) -> http::Method {
+        crate::layer::method_of(self.request.method())
+    }
+
     fn url(&self) -> &Url {
         self.request.url()
     }
@@ -89,7 +93,7 @@ impl AuthRequest for Attempt {
 
     /// http-types has no "sensitive" flag on a header: the value is kept out of this
     /// crate's logs and errors, but `Debug` of the `surf::Request` that middleware after
-    /// the [`TokenLayer`](crate::TokenLayer) sees would show it. Do not log requests there.
+    /// the [`TokenMiddleware`](crate::TokenMiddleware) sees would show it. Do not log requests there.
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
         // http-types only checks for ASCII; the `http` crate also refuses control
         // characters, so a token cannot inject a header line.

@@ -2,7 +2,7 @@
 //!
 //! surf's own `surf::middleware::Redirect` probes each redirect by sending a clone of
 //! the request, headers included, through the bare HTTP client. Registered after the
-//! [`TokenLayer`](crate::TokenLayer), those probes carry the `Authorization` header to
+//! [`TokenMiddleware`](crate::TokenMiddleware), those probes carry the `Authorization` header to
 //! whatever origin the server names (tested in `tests/redirects.rs`). Registered before
 //! it, the token is safe, but every request is sent twice (probe, then the real one).
 //! This middleware sends each hop once, through the rest of the chain, so the token
@@ -12,17 +12,18 @@ use surf::http::headers::{AUTHORIZATION, COOKIE, LOCATION, PROXY_AUTHORIZATION};
 use surf::http::{Method, Url};
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
-use tokenflight::{AuthRequest, SkipAuth};
+use tokenflight::SkipAuth;
+use tokenflight::adapter::AuthRequest;
 
 use crate::layer::DEFAULT_REPLAY_BODY_LIMIT;
 use crate::message::Attempt;
 
 /// Follows `301`, `302`, `303`, `307` and `308` redirects, each hop through the
 /// middleware registered after this one. Register it **before** the
-/// [`TokenLayer`](crate::TokenLayer):
+/// [`TokenMiddleware`](crate::TokenMiddleware):
 ///
 /// ```no_run
-/// # fn demo(layer: tokenflight_surf::TokenLayer) {
+/// # fn demo(layer: tokenflight_surf::TokenMiddleware) {
 /// use tokenflight_surf::FollowRedirects;
 /// let client = surf::client().with(FollowRedirects::default()).with(layer);
 /// # }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokenflight::{Spawn, Timer};
+use tokenflight::adapter::{Spawn, Timer};
 
 /// Spawns the core's background refreshes on async-std, so a refresh finishes and is
 /// stored even when every caller waiting for it was cancelled (C6).
@@ -11,9 +11,11 @@ use tokenflight::{Spawn, Timer};
 pub struct AsyncStdSpawner;
 
 impl Spawn for AsyncStdSpawner {
-    fn spawn(&self, task: BoxFuture<'static, ()>) {
+    fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
         // Dropping an async-std `JoinHandle` detaches the task; it still runs to the end.
+        // async-std starts its runtime on demand: there is always one to spawn on.
         drop(async_std::task::spawn(task));
+        true
     }
 }
 

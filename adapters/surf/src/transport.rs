@@ -6,11 +6,11 @@ use futures_util::future::BoxFuture;
 use surf::http::headers::{CONTENT_TYPE, HeaderName, HeaderValue};
 use surf::http::{Method, Url};
 use surf::{Body, Client, Request};
-use tokenflight::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
 
 use crate::body::{self, Bounded, Unknown};
 
-/// A `surf::Client` *without* the [`TokenLayer`](crate::TokenLayer), for token sources
+/// A `surf::Client` *without* the [`TokenMiddleware`](crate::TokenMiddleware), for token sources
 /// to reach the token endpoint: a refresh request can never wait for itself or loop
 /// through the layer. Give it a client with no auth middleware.
 ///
@@ -28,7 +28,7 @@ pub struct BareTransport {
 }
 
 impl BareTransport {
-    /// Wraps `client` (which must not carry a `TokenLayer`).
+    /// Wraps `client` (which must not carry a `TokenMiddleware`).
     pub fn new(client: Client) -> Self {
         BareTransport { client }
     }

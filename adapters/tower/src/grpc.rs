@@ -40,9 +40,30 @@ pub fn classifier() -> Classifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenflight::ResponseView;
+    use tokenflight::adapter::{AuthResponse, ResponseView};
+    use tokenflight::{AuthPolicy, Token, from_fn};
 
     struct Head(u16, Vec<(&'static str, &'static str)>);
+
+    impl AuthResponse for Head {}
+
+    /// The policy's verdict on `head` with classifier `c` (`AuthPolicy::classify`).
+    trait Verdict {
+        fn head_rejects(&self, head: &Head) -> bool;
+    }
+
+    impl Verdict for Classifier {
+        fn head_rejects(&self, head: &Head) -> bool {
+            let policy = AuthPolicy::builder()
+                .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+                .classifier(self.clone())
+                .allow_any_origin()
+                .build()
+                .unwrap();
+            let head = Head(head.0, head.1.clone());
+            futures::executor::block_on(policy.classify(head)).1
+        }
+    }
 
     impl ResponseView for Head {
         fn status(&self) -> u16 {

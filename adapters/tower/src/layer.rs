@@ -4,12 +4,12 @@
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::Body;
-use tokenflight::{AuthError, Authenticator, Builder, RequestOptions};
+use tokenflight::adapter::{AuthError, RequestOptions};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -25,7 +25,7 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 /// and one refresh.
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
-    auth: Authenticator,
+    auth: AuthPolicy,
     replay_limit: usize,
 }
 
@@ -34,17 +34,14 @@ pub struct TokenLayer {
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 
 impl TokenLayer {
-    /// A builder preset for tokio: [`TokioTimer`] for refresh timeouts, and a
-    /// [`TokioSpawner`] on the current runtime (if called inside one) so a refresh
-    /// completes and is stored even when every request waiting for it was cancelled (C6).
-    /// Without a runtime the refresh is driven by the requests waiting for it; call
-    /// `.spawner(Arc::new(TokioSpawner::new(handle)))` to name one.
-    pub fn builder() -> Builder<TokenLayer> {
-        let builder = Builder::for_output().timer(Arc::new(TokioTimer));
-        match TokioSpawner::try_current() {
-            Some(spawner) => builder.spawner(Arc::new(spawner)),
-            None => builder,
-        }
+    /// The core's [`AuthPolicyBuilder`] preset for tokio: [`TokioTimer`] for refresh
+    /// timeouts, and a [`TokioSpawner`] that finds the runtime a refresh starts on, so
+    /// a refresh completes and is stored even when every request waiting for it was
+    /// cancelled ([C6](tokenflight#c6)). It may be called outside any runtime.
+    pub fn builder() -> AuthPolicyBuilder<TokenLayer> {
+        AuthPolicyBuilder::new()
+            .timer(TokioTimer)
+            .spawner(TokioSpawner::current())
     }
 
     /// How many bytes of a request body the layer keeps in memory to resend it (default
@@ -57,15 +54,15 @@ impl TokenLayer {
         self
     }
 
-    /// The auth layer behind this layer: `stats()`, and `flight()` to install a token
+    /// The auth policy behind this layer: `stats()`, and `flight()` to install a token
     /// after a login or read the current one.
-    pub fn authenticator(&self) -> &Authenticator {
+    pub fn policy(&self) -> &AuthPolicy {
         &self.auth
     }
 }
 
-impl From<Authenticator> for TokenLayer {
-    fn from(auth: Authenticator) -> Self {
+impl From<AuthPolicy> for TokenLayer {
+    fn from(auth: AuthPolicy) -> Self {
         TokenLayer {
             auth,
             replay_limit: DEFAULT_REPLAY_BODY_LIMIT,
@@ -95,13 +92,13 @@ impl<S> Layer<S> for TokenLayer {
 #[derive(Clone, Debug)]
 pub struct TokenService<S> {
     inner: S,
-    auth: Authenticator,
+    auth: AuthPolicy,
     replay_limit: usize,
 }
 
 impl<S> TokenService<S> {
-    /// The auth layer: `stats()`, `flight()`.
-    pub fn authenticator(&self) -> &Authenticator {
+    /// The auth policy: `stats()`, `flight()`.
+    pub fn policy(&self) -> &AuthPolicy {
         &self.auth
     }
 
@@ -143,7 +140,7 @@ where
 }
 
 async fn send<S, B, RB>(
-    auth: Authenticator,
+    auth: AuthPolicy,
     mut service: S,
     request: http::Request<B>,
     replay_limit: usize,
@@ -166,7 +163,7 @@ where
     };
     // Only a request that will carry the token may need a resend, and only then is its
     // body read ahead.
-    let may_resend = !options.skip_auth && auth.allowed_origins().allows(&url);
+    let may_resend = auth.attaches_token(request.method(), &url, options);
     let outgoing = Outgoing::new(request, url, may_resend.then_some(replay_limit)).await;
     let mut first = true;
     let send = move |outgoing: Outgoing<B>| {
@@ -228,21 +225,5 @@ impl<RB: Body, E> Future for ResponseFuture<RB, E> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_builder_presets_a_spawner_inside_a_runtime_only() {
-        let outside = format!("{:?}", TokenLayer::builder());
-        assert!(outside.contains("spawner: false"), "{outside}");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let inside = runtime.block_on(async { format!("{:?}", TokenLayer::builder()) });
-        assert!(inside.contains("spawner: true"), "{inside}");
     }
 }

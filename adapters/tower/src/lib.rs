@@ -47,10 +47,11 @@
 //! origin: a request with a relative URI (`/path`) is sent without a token. hyper-util's
 //! client always uses absolute URIs; build a tonic client `with_origin(service, uri)`.
 //!
-//! Per-request options are markers in the request's extensions:
-//! [`SkipAuth`](tokenflight::SkipAuth) sends it without credentials and does not classify
-//! the response; [`ForceRefresh`](tokenflight::ForceRefresh) refreshes before sending; a
-//! [`RequestOptions`](tokenflight::RequestOptions) value sets both.
+//! Per-request options are markers in the request's extensions, as with every
+//! tokenflight adapter: [`SkipAuth`] sends it without credentials and does not classify
+//! the response; [`ForceRefresh`] refreshes before sending. Routes that never carry a
+//! token are exempted once on the builder
+//! ([`skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).
 //!
 //! A rejected request is resent only if its body can be sent again (see [`ReplayBody`]):
 //! `Full<Bytes>`, `String` and `Empty` bodies copy cheaply; boxed bodies (and tonic's)
@@ -63,7 +64,7 @@
 //!
 //! hyper-util's client and tonic do not follow redirects. Below the layer, tower-http's
 //! `FollowRedirect` does, and its standard policy drops `Authorization` when a redirect
-//! leaves the origin; a token in another header (`.header("x-api-key", None)`) would go
+//! leaves the origin; a token in another header (`Placement::header("x-api-key", None)`) would go
 //! along, so with a custom header placement do not follow redirects to other origins
 //! (a `FollowRedirect` policy that stops there). With the feature `tower-http`, a response
 //! that `FollowRedirect` fetched from another origin is not taken as a verdict on the
@@ -73,7 +74,7 @@
 //!
 //! Responses carry a [`BufferedBody`]: the inner service's body, with any bytes a body
 //! classifier looked at put back in front. The service's error is
-//! [`AuthError`](tokenflight::AuthError): `Token` holds the core's typed
+//! [`AuthError`](tokenflight::adapter::AuthError): `Token` holds the core's typed
 //! [`tokenflight::Error`] when no token can be had, `Transport` holds the inner
 //! service's error unchanged.
 //!
@@ -87,7 +88,8 @@
 //!
 //! Dropping a response future is safe at any point: a refresh it started goes on for
 //! the other requests, and with the [`TokioSpawner`] that [`TokenLayer::builder`]
-//! presets it completes and is stored even if every request was dropped (C6).
+//! presets it completes and is stored even if every request was dropped
+//! ([C6](tokenflight#c6)).
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
@@ -106,3 +108,5 @@ pub use runtime::{TokioSpawner, TokioTimer};
 pub use transport::HyperTransport;
 
 pub use tokenflight;
+pub use tokenflight::adapter::AuthError;
+pub use tokenflight::{ForceRefresh, SkipAuth};

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Uri};
-use tokenflight::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
 use url::Url;
 
 use crate::body::{self, BufferedBody, ReplayBody, Wait};
@@ -85,6 +85,10 @@ impl<B: ReplayBody> Outgoing<B> {
 }
 
 impl<B: ReplayBody> AuthRequest for Outgoing<B> {
+    fn method(&self) -> http::Method {
+        self.parts.method.clone()
+    }
+
     fn url(&self) -> &Url {
         &self.url
     }

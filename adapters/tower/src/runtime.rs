@@ -11,29 +11,42 @@ use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
 
 /// Spawns the core's background work (refreshes whose callers all left, refresh-ahead)
-/// on a tokio runtime.
-#[derive(Clone, Debug)]
+/// on a tokio runtime: a given one, or ([`TokioSpawner::current`], the default) the one
+/// the refresh starts on, found when it starts. So a layer can be built outside any
+/// runtime; a refresh started outside one is driven by the requests waiting for it.
+#[derive(Clone, Debug, Default)]
 pub struct TokioSpawner {
-    handle: Handle,
+    handle: Option<Handle>,
 }
 
 impl TokioSpawner {
     /// Spawns on the runtime behind `handle`.
     pub fn new(handle: Handle) -> Self {
-        TokioSpawner { handle }
+        TokioSpawner {
+            handle: Some(handle),
+        }
     }
 
-    /// Spawns on the runtime this is called from, if there is one.
-    pub fn try_current() -> Option<Self> {
-        Handle::try_current().ok().map(Self::new)
+    /// Spawns on whichever runtime the refresh starts on, found at spawn time.
+    pub fn current() -> Self {
+        TokioSpawner { handle: None }
     }
 }
 
-impl tokenflight::Spawn for TokioSpawner {
-    fn spawn(&self, task: BoxFuture<'static, ()>) {
+impl tokenflight::adapter::Spawn for TokioSpawner {
+    fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
+        let handle = match &self.handle {
+            Some(handle) => handle.clone(),
+            None => match Handle::try_current() {
+                Ok(handle) => handle,
+                // No runtime here: the callers that wait for the refresh drive it.
+                Err(_) => return false,
+            },
+        };
         // Detached on purpose: the task stores its result in the coordinator, which is
         // where everybody who cares looks for it.
-        drop(self.handle.spawn(task));
+        drop(handle.spawn(task));
+        true
     }
 }
 
@@ -42,7 +55,7 @@ impl tokenflight::Spawn for TokioSpawner {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TokioTimer;
 
-impl tokenflight::Timer for TokioTimer {
+impl tokenflight::adapter::Timer for TokioTimer {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         Box::pin(Sleep {
             duration,
@@ -81,7 +94,23 @@ impl Future for Sleep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenflight::Timer;
+    use tokenflight::adapter::{Spawn, Timer};
+
+    #[test]
+    fn the_spawner_finds_the_runtime_at_spawn_time() {
+        let spawner = TokioSpawner::current();
+        assert!(!spawner.spawn(Box::pin(async {})), "no runtime here");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (done, ran) = tokio::sync::oneshot::channel();
+        runtime.block_on(async {
+            assert!(spawner.spawn(Box::pin(async move {
+                let _ = done.send(());
+            })));
+            ran.await.unwrap();
+        });
+    }
 
     #[tokio::test]
     async fn a_completed_sleep_stays_ready() {

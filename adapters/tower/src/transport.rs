@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use tokenflight::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
 
 /// A [`Transport`] over a hyper-util client.
 ///
