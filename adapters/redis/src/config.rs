@@ -10,7 +10,7 @@ use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     RedisResult, TlsCertificates, TlsMode,
 };
-use tokenflight::{Secret, StoreError};
+use tokenflight::{Secret, store::StoreError};
 use tokio::runtime::Handle;
 
 use crate::conn::{Con, SentinelCon, Subscriber};

@@ -9,7 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind};
-use tokenflight::StoreError;
+use tokenflight::store::StoreError;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 

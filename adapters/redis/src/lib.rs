@@ -1,6 +1,6 @@
 //! # tokenflight-redis
 //!
-//! A [`tokenflight::TokenStore`] in Redis, so the single flight spans a whole fleet:
+//! A [`tokenflight::store::TokenStore`] in Redis, so the single flight spans a whole fleet:
 //! many replicas of a service that share one OAuth client with rotating refresh tokens
 //! make one refresh per expiry between them, instead of racing each other into the
 //! authorization server's reuse detection.

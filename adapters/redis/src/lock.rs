@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenflight::StoreError;
+use tokenflight::store::StoreError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -15,10 +15,10 @@ use crate::scripts::{ACQUIRE, RELEASE, RENEW, RENEW_SOURCE, eval};
 use crate::store::{Inner, wait};
 use crate::wire::millis;
 
-/// The guard inside a [`tokenflight::StoreLock`] from a [`crate::RedisStore`].
+/// The guard inside a [`tokenflight::store::StoreLock`] from a [`crate::RedisStore`].
 ///
 /// Dropping it stops the renewal and releases the lock in the background (best effort;
-/// otherwise the lease lapses). [`tokenflight::TokenStore::unlock`] releases it and
+/// otherwise the lease lapses). [`tokenflight::store::TokenStore::unlock`] releases it and
 /// waits for the answer.
 pub(crate) struct RedisLock {
     value: String,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::IntoConnectionInfo;
-use tokenflight::{StoreError, StoreLock, Token, TokenStore};
+use tokenflight::Token;
+use tokenflight::store::{StoreError, StoreLock, TokenStore};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -59,7 +60,7 @@ use crate::wire;
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use tokenflight::{Builder, Token, from_fn};
+/// use tokenflight::{SingleFlight, Token, from_fn};
 /// use tokenflight_redis::RedisStore;
 ///
 /// let store = RedisStore::builder("redis://127.0.0.1:6379/")
@@ -67,10 +68,10 @@ use crate::wire;
 ///     .lease(Duration::from_secs(45))
 ///     .connect()
 ///     .await?;
-/// let flight = Builder::new()
+/// let flight = SingleFlight::builder()
 ///     .store(store)
 ///     .source(from_fn(|_cx| async { Ok(Token::new("...")) }))
-///     .build_flight()?;
+///     .build()?;
 /// # let _ = flight;
 /// # Ok(())
 /// # }

@@ -4,7 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokenflight::{StoreError, Token};
+use tokenflight::{Token, store::StoreError, store::WithGeneration};
 
 /// The format version written today. A reader refuses versions it does not know rather
 /// than guess at their fields.
