@@ -118,8 +118,9 @@ def main(path):
         open(path, 'w').write(text)
         print('rewrote', path)
 
-for p in sys.argv[1:]:
-    main(p)
+if __name__ == '__main__' and len(sys.argv) > 1 and sys.argv[1] != '--all':
+    for p in sys.argv[1:]:
+        main(p)
 
 def wrap_policy_chains(path, helper='builder'):
     """`helper(..)` chains that go on to policy settings become
@@ -170,8 +171,27 @@ def kind_shim(path):
     text = open(path).read()
     if 'RefreshErrorKind' not in text or 'fn kind_of' in text:
         return
-    text = re.sub(r'((?:[a-z_]+\.)*(?:refresh_error\(\)|error|e\.error|refresh|err))\.kind\(\)', r'kind_of(&\1)', text)
+    text = re.sub(r'((?:[a-z_]+\.)*(?:refresh_error\(\)|error|e\.error|refresh|err))\.kind\(\)', r'kind_of(&\1)', text).replace('kind_of(&error.refresh_error())', 'kind_of(error.refresh_error())')
     text = text.replace('kind_of(&e.error)', 'kind_of(e.error)')
     text += SHIM
     open(path, 'w').write(text)
     print('shimmed', path)
+
+def rename_middleware(path):
+    """reqwest's and surf's `TokenLayer` is `TokenMiddleware`; tower's stays a `Layer`."""
+    text = open(path).read()
+    orig = text
+    text = re.sub(r'tokenflight_(reqwest|surf)::TokenLayer\b', r'tokenflight_\1::TokenMiddleware', text)
+    uses_tower = 'tokenflight_tower' in text or 'TokenService' in text
+    if not uses_tower and re.search(r'tokenflight_(reqwest|surf)|crate::TokenLayer', text):
+        text = re.sub(r'\bTokenLayer\b', 'TokenMiddleware', text)
+    if text != orig:
+        open(path, 'w').write(text)
+        print('middleware', path)
+
+if __name__ == '__main__' and len(sys.argv) > 1 and sys.argv[1] == '--all':
+    for p in sys.argv[2:]:
+        main(p)
+        rename_middleware(p)
+        wrap_policy_chains(p)
+        kind_shim(p)

@@ -16,10 +16,10 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokenflight::{Authenticator, Token, from_fn};
+use tokenflight::{AuthPolicy, Token, from_fn};
 use tokenflight_benches::extras::Extras;
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-use tokenflight_reqwest::{TokenLayer, reqwest};
+use tokenflight_reqwest::{TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 use tokenflight_tower::TokenService;
 use tower::ServiceExt;
@@ -119,7 +119,7 @@ fn end_to_end(c: &mut Criterion) {
         header: Arc::from(format!("Bearer {access}")),
     };
     let layer = runtime.block_on(async {
-        TokenLayer::builder()
+        TokenMiddleware::builder()
             .source(from_fn(|_cx| async {
                 Err(tokenflight::RefreshError::permanent(
                     "the benchmark's token never needs a refresh",
@@ -144,8 +144,7 @@ fn end_to_end(c: &mut Criterion) {
             Err(error) => panic!("header: {error}"),
         },
     };
-    let tower_layer =
-        tokenflight_tower::TokenLayer::from(Authenticator::clone(layer.authenticator()));
+    let tower_layer = tokenflight_tower::TokenLayer::from(AuthPolicy::clone(layer.policy()));
     let tower = Sender::Tower {
         service: tower::Layer::layer(&tower_layer, hyper_client()),
     };
@@ -188,7 +187,7 @@ fn end_to_end(c: &mut Criterion) {
     }
     extras.save("end_to_end");
 
-    let stats = layer.authenticator().stats();
+    let stats = layer.policy().stats();
     assert_eq!(stats.source_calls, 0, "the token source must not be called");
     assert_eq!(stats.rejections, 0, "no request may be rejected");
 }

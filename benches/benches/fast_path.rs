@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tokenflight::{Builder, SingleFlight, Token, from_fn};
+use tokenflight::{SingleFlight, Token, from_fn};
 use tokenflight_benches::extras::Extras;
 use tokenflight_benches::poll::poll_to_end;
 use tokenflight_benches::storm::fresh_token;
@@ -68,10 +68,10 @@ const CONTENDERS: [(&str, Get); 6] = [
 
 fn contenders() -> Contenders {
     let token = Arc::new(fresh_token());
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(from_fn(|_cx| async { Ok(fresh_token()) }))
         .initial_token(fresh_token())
-        .build_flight();
+        .build();
     let flight = match flight {
         Ok(flight) => flight,
         Err(error) => panic!("building the flight: {error}"),

@@ -85,7 +85,7 @@ fn overhead(c: &mut Criterion) {
             .iter(|| async { layered.clone().oneshot(request(None)).await })
     });
     group.finish();
-    assert_eq!(layer.authenticator().stats().source_calls, 0);
+    assert_eq!(layer.policy().stats().source_calls, 0);
 }
 
 fn main() {

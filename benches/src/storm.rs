@@ -20,7 +20,7 @@ use futures::channel::oneshot;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::task::noop_waker_ref;
 use stats_alloc::{Region, StatsAlloc};
-use tokenflight::{Builder, SingleFlight, Token, from_fn};
+use tokenflight::{SingleFlight, Token, from_fn};
 
 /// The access secret every refreshed token carries; waiters check they got it.
 pub const FRESH: &str = "fresh-token";
@@ -149,7 +149,7 @@ impl Contender for Tokenflight {
     const NAME: &'static str = "tokenflight";
 
     fn new(refresh: Arc<Refresh>) -> Self {
-        let flight = Builder::new()
+        let flight = SingleFlight::builder()
             .source(from_fn(move |_cx| {
                 let refresh = Arc::clone(&refresh);
                 async move { Ok(refresh.run().await) }
@@ -158,7 +158,7 @@ impl Contender for Tokenflight {
             // What the reqwest adapter presets on tokio. (The core's default timer,
             // `FuturesTimer`, adds ~15 µs per refresh on this path: see BENCHMARKS.md.)
             .timer(Arc::new(tokenflight_reqwest::TokioTimer))
-            .build_flight();
+            .build();
         Tokenflight {
             flight: must(flight, "building the flight"),
         }

@@ -283,7 +283,7 @@ impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
     }
 }
 
-impl<Out: From<AuthPolicy>> Default for AuthPolicyBuilder<Out> {
+impl<Out> Default for AuthPolicyBuilder<Out> {
     fn default() -> Self {
         Self::new()
     }
@@ -301,7 +301,7 @@ macro_rules! forward {
     )*};
 }
 
-impl<Out: From<AuthPolicy>> AuthPolicyBuilder<Out> {
+impl<Out> AuthPolicyBuilder<Out> {
     /// A builder with the documented defaults: `Authorization: Bearer`, a 401 (and RFC
     /// 6750 hints) is a rejection, no origin allowed yet, and the coordinator's defaults
     /// ([`FlightBuilder`]).
@@ -422,7 +422,10 @@ impl<Out: From<AuthPolicy>> AuthPolicyBuilder<Out> {
 
     /// Builds the policy. Fails without a source or an allowed origin, or with
     /// settings that cannot work together.
-    pub fn build(self) -> Result<Out, ConfigError> {
+    pub fn build(self) -> Result<Out, ConfigError>
+    where
+        Out: From<AuthPolicy>,
+    {
         if let Some(e) = self.invalid {
             return Err(e);
         }

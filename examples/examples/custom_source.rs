@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use tokenflight::{RefreshContext, RefreshError, Token, TokenSource, Transport};
+use tokenflight::{RefreshContext, RefreshError, Token, TokenSource, adapter::Transport};
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
-use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{Failure, TestServer, TestServerConfig};
 
 /// Exchanges a long-lived key for short-lived access tokens.
@@ -75,10 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             server.client_secret()
         ),
     };
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(source)
         .allowed_origin(&server.origin())
-        .backoff(tokenflight::Backoff::new(
+        .backoff(tokenflight::config::Backoff::new(
             Duration::from_millis(200),
             Duration::from_secs(5),
         ))

@@ -67,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let seen = grpc_server.counters();
-    let stats = layer.authenticator().stats();
+    let stats = layer.policy().stats();
     let refreshes = auth_server.counters().token_calls;
     let calls = ROUNDS * CALLS_PER_ROUND;
     println!("gRPC calls made:                      {calls}");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
-use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 #[tokio::main]
@@ -22,7 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let grant = RefreshTokenGrant::new(bare, &server.token_url(), &server.client_id())?
         .client_secret(server.client_secret())
         .initial_refresh_token(refresh_token_from_login);
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(grant)
         .allowed_origin(&server.origin())
         .build()?;
@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         response.status()
     );
 
-    let stats = layer.authenticator().stats();
+    let stats = layer.policy().stats();
     println!(
         "token-endpoint calls: {}, requests resent after a refresh: {}",
         server.counters().token_calls,

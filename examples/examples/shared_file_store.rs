@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{FileStore, Token, TokenStore};
+use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
-use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 const CHILDREN: usize = 2;
@@ -105,7 +105,7 @@ fn child(args: &[String]) -> Result<()> {
     runtime.block_on(async {
         let bare = Arc::new(BareTransport::new(reqwest::Client::new()));
         let grant = RefreshTokenGrant::new(bare, token_url, client_id)?.client_secret(secret);
-        let layer = TokenLayer::builder()
+        let layer = TokenMiddleware::builder()
             .source(grant)
             .store(FileStore::new(PathBuf::from(store)))
             .allowed_origin(api_url)
@@ -114,7 +114,7 @@ fn child(args: &[String]) -> Result<()> {
             .with(layer.clone())
             .build();
         let status = client.get(api_url).send().await?.status();
-        let stats = layer.authenticator().stats();
+        let stats = layer.policy().stats();
         println!(
             "process {n} (pid {}): GET -> {status}; refreshed here: {}, adopted the other's token: {}",
             std::process::id(),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, ConfigError, Token, Transport};
+use tokenflight::{AuthPolicyBuilder, ConfigError, Token, adapter::Transport};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
 /// What one request ended with, as the application saw it.
@@ -92,10 +92,10 @@ impl Login {
     /// without tuning anything.
     pub fn configure<Out>(
         &self,
-        builder: Builder<Out>,
+        builder: AuthPolicyBuilder<Out>,
         transport: Arc<dyn Transport>,
         relogins: Arc<AtomicU64>,
-    ) -> Result<Builder<Out>, ConfigError> {
+    ) -> Result<AuthPolicyBuilder<Out>, ConfigError> {
         Ok(builder
             .source(self.grant(transport)?)
             .initial_token(self.token())
@@ -106,7 +106,10 @@ impl Login {
     }
 }
 
-fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> ClientCounters {
+fn tokenflight_counters(
+    stats: tokenflight::observe::Stats,
+    relogins: &AtomicU64,
+) -> ClientCounters {
     ClientCounters {
         source_calls: stats.source_calls,
         flights: Some(stats.flights),
@@ -123,7 +126,7 @@ fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> Clie
 #[derive(Debug)]
 pub struct ReqwestTokenflight {
     client: ClientWithMiddleware,
-    layer: tokenflight_reqwest::TokenLayer,
+    layer: tokenflight_reqwest::TokenMiddleware,
     relogins: Arc<AtomicU64>,
 }
 
@@ -134,7 +137,7 @@ impl ReqwestTokenflight {
         let bare = Arc::new(tokenflight_reqwest::BareTransport::default());
         let layer = login
             .configure(
-                tokenflight_reqwest::TokenLayer::builder(),
+                tokenflight_reqwest::TokenMiddleware::builder(),
                 bare,
                 relogins.clone(),
             )?
@@ -169,7 +172,7 @@ impl Api for ReqwestTokenflight {
     }
 
     fn counters(&self) -> ClientCounters {
-        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+        tokenflight_counters(self.layer.policy().stats(), &self.relogins)
     }
 }
 
@@ -177,7 +180,7 @@ impl Api for ReqwestTokenflight {
 #[derive(Debug)]
 pub struct SurfTokenflight {
     client: surf::Client,
-    layer: tokenflight_surf::TokenLayer,
+    layer: tokenflight_surf::TokenMiddleware,
     relogins: Arc<AtomicU64>,
 }
 
@@ -188,7 +191,7 @@ impl SurfTokenflight {
         let bare = Arc::new(tokenflight_surf::BareTransport::default());
         let layer = login
             .configure(
-                tokenflight_surf::TokenLayer::builder(),
+                tokenflight_surf::TokenMiddleware::builder(),
                 bare,
                 relogins.clone(),
             )?
@@ -221,6 +224,6 @@ impl Api for SurfTokenflight {
     }
 
     fn counters(&self) -> ClientCounters {
-        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+        tokenflight_counters(self.layer.policy().stats(), &self.relogins)
     }
 }

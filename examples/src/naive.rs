@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{RefreshContext, RefreshReason, Token, TokenSource, Transport};
+use tokenflight::{RefreshContext, RefreshReason, Token, TokenSource, adapter::Transport};
 
 use crate::api::{Api, ClientCounters, Outcome};
 
@@ -110,7 +110,7 @@ impl Inner {
         let fresh = match self.grant.fetch(cx).await {
             Ok(fresh) => self.set_current(fresh),
             Err(error) => {
-                if error.kind().is_permanent() {
+                if error.is_permanent() {
                     // The login is gone (its refresh token family was revoked): the user
                     // is sent to log in again.
                     self.relogins.fetch_add(1, Ordering::Relaxed);

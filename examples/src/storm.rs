@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tokenflight::{FuturesTimer, Timer, Token};
+use tokenflight::{Token, adapter::FuturesTimer, adapter::Timer};
 use tokenflight_tests::testkit::{Failure, TestServer, TestServerConfig};
 
 use crate::api::{Api, Login, Outcome, ReqwestTokenflight, SurfTokenflight};
@@ -210,7 +210,7 @@ fn client(
     login: &Login,
     server: &Arc<TestServer>,
 ) -> Result<Arc<dyn Api>, String> {
-    let transport: Arc<dyn tokenflight::Transport> = match adapter {
+    let transport: Arc<dyn tokenflight::adapter::Transport> = match adapter {
         AdapterKind::Reqwest => Arc::new(tokenflight_reqwest::BareTransport::default()),
         AdapterKind::Surf => Arc::new(tokenflight_surf::BareTransport::default()),
     };

@@ -12,7 +12,7 @@
 //! Every scenario starts its own [`TestServer`], takes tokens from the OAuth 2.0
 //! `refresh_token` grant ([`RefreshTokenGrant`]) over the adapter's bare transport, and
 //! checks what happened on the wire through the server's counters (and the layer's
-//! [`stats`](Authenticator::stats)). Waits are joins and counter conditions, never sleeps.
+//! [`stats`](AuthPolicy::stats)). Waits are joins and counter conditions, never sleeps.
 //!
 //! | | scenario | what the wire must show |
 //! |---|---|---|
@@ -58,8 +58,9 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::{BoxFuture, join_all};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
-    Authenticator, Backoff, Builder, Classifier, FileStore, FlightConfig, FuturesTimer,
-    ManualClock, Retry, Timer, Token, TokenStore, Transport,
+    AuthPolicy, AuthPolicyBuilder, Classifier, Placement, Token, adapter::FuturesTimer,
+    adapter::Timer, adapter::Transport, config::Backoff, config::FlightConfig, config::Retry,
+    store::FileStore, store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 
 use crate::testkit::{
@@ -72,10 +73,10 @@ pub trait Adapter: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// A core builder preset the way the adapter's own builder is (its runtime's
     /// spawner and timer); the suite adds source, origins, placement and so on.
-    fn builder(&self) -> Builder<Authenticator>;
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy>;
     /// A client of the adapter's HTTP library with the adapter's auth middleware made
     /// from `auth`. The client must follow redirects (S11).
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient>;
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient>;
     /// A bare client (no auth layer) for token sources.
     fn bare_transport(&self) -> Arc<dyn Transport>;
 }
@@ -174,7 +175,7 @@ enum Start {
 struct World {
     name: &'static str,
     server: TestServer,
-    auth: Authenticator,
+    auth: AuthPolicy,
     client: Arc<dyn TestClient>,
     /// The access token the client starts with.
     first: String,
@@ -189,7 +190,7 @@ impl World {
         adapter: &dyn Adapter,
         config: TestServerConfig,
         start: Start,
-        configure: impl FnOnce(Builder<Authenticator>) -> Builder<Authenticator>,
+        configure: impl FnOnce(AuthPolicyBuilder<AuthPolicy>) -> AuthPolicyBuilder<AuthPolicy>,
     ) -> World {
         let server = TestServer::start(config);
         let (first, expires_in) = server.issue_access_token();
@@ -801,7 +802,9 @@ pub async fn s12_query_parameter_placement(adapter: &dyn Adapter) {
         query_token: true,
         ..TestServerConfig::default()
     };
-    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.placement(Placement::query("token"))
+    });
     let url = format!("{}?page=2", w.server.api_url("s12"));
     let response = w.respond(TestRequest::get(url.clone())).await;
     assert_eq!(response.status, 200, "[{}] S12", w.name);
@@ -1042,7 +1045,9 @@ pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: 
         query_token: true,
         ..TestServerConfig::default()
     };
-    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.placement(Placement::query("token"))
+    });
     let signed = format!("{}?{CALLERS_QUERY}", w.server.api_url("c12/signed"));
     let response = w.respond(TestRequest::get(signed.clone())).await;
     assert_eq!(response.status, 200, "[{}] C12 query", w.name);
@@ -1102,7 +1107,8 @@ pub async fn c12_query_token_never_in_errors(adapter: &dyn Adapter) {
     };
     let origin = broken.origin();
     let w = World::start_with(adapter, config, Start::Valid, |b| {
-        b.query_param("token").allowed_origin(&origin)
+        b.placement(Placement::query("token"))
+            .allowed_origin(&origin)
     });
     for url in [
         format!("{origin}/api/c12/broken?page=2"),
@@ -1129,7 +1135,9 @@ pub async fn c12_query_token_never_in_a_referer(adapter: &dyn Adapter) {
         query_token: true,
         ..TestServerConfig::default()
     };
-    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.placement(Placement::query("token"))
+    });
     let other = TestServer::start(TestServerConfig::other_origin());
     let response = w
         .respond(TestRequest::get(
@@ -1221,7 +1229,9 @@ pub async fn c4_a_401_from_an_origin_the_token_never_reached_is_not_a_rejection(
         query_token: true,
         ..TestServerConfig::default()
     };
-    let w = World::start_with(adapter, config, Start::Valid, |b| b.query_param("token"));
+    let w = World::start_with(adapter, config, Start::Valid, |b| {
+        b.placement(Placement::query("token"))
+    });
     let response = w
         .respond(TestRequest::get(
             w.server.redirect_url(&w.server.api_url("c4/landing")),

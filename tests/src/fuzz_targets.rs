@@ -47,8 +47,8 @@ pub fn www_authenticate(data: &[u8]) {
     let Ok(header) = std::str::from_utf8(data) else {
         return;
     };
-    let parsed = tokenflight::www_authenticate::parse(header);
-    let bearer = tokenflight::www_authenticate::bearer_error(header);
+    let parsed = tokenflight::adapter::www_authenticate::parse(header);
+    let bearer = tokenflight::adapter::www_authenticate::bearer_error(header);
     assert_eq!(
         parsed.is_ok(),
         bearer.is_ok(),
@@ -82,9 +82,9 @@ pub fn jwt_claims(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let claims = tokenflight::jwt::time_claims(text);
+    let claims = tokenflight::oauth2::jwt::time_claims(text);
     assert_eq!(
-        tokenflight::jwt::expiry(text),
+        tokenflight::oauth2::jwt::expiry(text),
         claims.ok().and_then(|c| c.exp),
         "expiry and time_claims disagree"
     );
@@ -99,7 +99,7 @@ pub fn jwt_claims(data: &[u8]) {
 pub fn store_file(data: &[u8]) {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    use tokenflight::{FileStore, StoreError, TokenStore};
+    use tokenflight::{store::FileStore, store::StoreError, store::TokenStore};
 
     let dir = store_dir();
     let path = dir.join("token.json");

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokenflight::{Authenticator, Backoff, Builder, Retry, Transport};
+use tokenflight::{
+    AuthPolicy, AuthPolicyBuilder, adapter::Transport, config::Backoff, config::Retry,
+};
 use tokenflight_reqwest::{BareTransport, reqwest};
 use tokenflight_tests::conformance::{self, Adapter, TestClient, TestRequest, TestResponse};
 
@@ -18,11 +20,11 @@ impl Adapter for NaiveAdapter {
         "naive"
     }
 
-    fn builder(&self) -> Builder<Authenticator> {
-        Builder::new()
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy> {
+        AuthPolicy::builder()
     }
 
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         Arc::new(NaiveClient {
             auth,
             http: reqwest::Client::new(),
@@ -57,17 +59,17 @@ impl Adapter for FaultyAdapter {
         "faulty"
     }
 
-    fn builder(&self) -> Builder<Authenticator> {
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy> {
         match self.0 {
-            Fault::NoBackoff => Builder::new().backoff(Backoff::none()),
-            Fault::RefreshEveryRequest => Builder::new(),
-            Fault::OneAttemptNoRefreshAhead => {
-                Builder::new().retry(Retry::none()).refresh_ahead(None)
-            }
+            Fault::NoBackoff => AuthPolicy::builder().backoff(Backoff::none()),
+            Fault::RefreshEveryRequest => AuthPolicy::builder(),
+            Fault::OneAttemptNoRefreshAhead => AuthPolicy::builder()
+                .retry(Retry::none())
+                .refresh_ahead(None),
         }
     }
 
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         Arc::new(NaiveClient {
             auth,
             http: reqwest::Client::new(),
@@ -84,7 +86,7 @@ impl Adapter for FaultyAdapter {
 /// The axios interceptor without its good parts: a token before each request, no
 /// classification, no retry, no origin check.
 struct NaiveClient {
-    auth: Authenticator,
+    auth: AuthPolicy,
     http: reqwest::Client,
     refresh_every_request: bool,
     /// Refresh (forced) as soon as the token is not valid, and pass its error on.

@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use tokenflight::{FileStore, Token, TokenStore};
+use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 const WORKERS: usize = 5;
@@ -212,7 +212,7 @@ impl Probe for FileStore {
     fn lock_blocking_probe(&self) -> bool {
         matches!(
             futures::executor::block_on(self.lock()),
-            Err(tokenflight::StoreError::LockTimeout)
+            Err(tokenflight::store::StoreError::LockTimeout)
         )
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::{ClientAuth, ClientCredentialsGrant, RefreshTokenGrant};
 use tokenflight::{
-    Builder, RefreshContext, RefreshError, RefreshErrorKind, RefreshReason, Token, TokenSource,
-    Transport,
+    RefreshContext, RefreshError, RefreshReason, SingleFlight, Token, TokenSource,
+    adapter::Transport,
 };
 use tokenflight_reqwest::BareTransport;
 use tokenflight_reqwest::reqwest;
@@ -85,7 +85,7 @@ async fn refresh_grant_with_basic_and_body_auth_rotates_without_reuse() {
 async fn initial_refresh_token_starts_the_chain() {
     let server = TestServer::start(TestServerConfig::default());
     let grant = refresh_grant(&server).initial_refresh_token(server.issue_refresh_token());
-    let flight = Builder::new().source(grant).build_flight().unwrap();
+    let flight = SingleFlight::builder().source(grant).build().unwrap();
     let first = flight.token().await.unwrap();
     assert!(api_accepts(&server, &first).await);
     let second = flight.force_refresh().await.unwrap();
@@ -119,7 +119,7 @@ async fn c9_bad_grant_and_bad_client_are_permanent() {
     let server = TestServer::start(TestServerConfig::default());
     let unknown = Token::new("a").with_refresh("never-issued");
     let error = refresh_error(&refresh_grant(&server), Some(&unknown)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Permanent, "{error}");
+    assert!(error.is_permanent(), "{error}");
     assert!(error.message().contains("invalid_grant"), "{error}");
 
     for auth in [ClientAuth::Basic, ClientAuth::Body] {
@@ -129,7 +129,7 @@ async fn c9_bad_grant_and_bad_client_are_permanent() {
                 .client_secret("wrong-SECRET")
                 .client_auth(auth);
         let error = refresh_error(&wrong, None).await;
-        assert_eq!(error.kind(), RefreshErrorKind::Permanent, "{error}");
+        assert!(error.is_permanent(), "{error}");
         assert!(
             error.message().contains("HTTP 401") && error.message().contains("invalid_client"),
             "{error}"
@@ -141,7 +141,7 @@ async fn c9_bad_grant_and_bad_client_are_permanent() {
     server.fail_next_token_calls(1, Failure::InvalidGrant);
     let login = Token::new("a").with_refresh(server.issue_refresh_token());
     let error = refresh_error(&refresh_grant(&server), Some(&login)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Permanent, "{error}");
+    assert!(error.is_permanent(), "{error}");
     // A refresh token presented to an injected failure is not spent: it still works.
     assert!(refresh_grant(&server).fetch(cx(Some(&login))).await.is_ok());
 }
@@ -154,15 +154,10 @@ async fn c9_replaying_a_spent_refresh_token_is_permanent() {
     let grant = refresh_grant(&server);
     let newer = grant.fetch(cx(Some(&login))).await.unwrap();
     let error = refresh_error(&grant, Some(&login)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Permanent, "{error}");
+    assert!(error.is_permanent(), "{error}");
     assert_eq!(server.counters().reuse_detections, 1);
     // The server revoked the family: the newer token's refresh token is dead too.
-    assert!(
-        refresh_error(&grant, Some(&newer))
-            .await
-            .kind()
-            .is_permanent()
-    );
+    assert!(refresh_error(&grant, Some(&newer)).await.is_permanent());
 }
 
 #[tokio::test]
@@ -173,7 +168,10 @@ async fn c9_server_errors_rate_limits_and_garbage_are_transient() {
 
     server.fail_next_token_calls(1, Failure::Status500);
     let error = refresh_error(&grant, Some(&login)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Transient, "{error}");
+    assert!(
+        error.is_retryable() && error.cause() == tokenflight::Cause::TokenSource,
+        "{error}"
+    );
     assert_eq!(error.retry_after(), None);
 
     server.fail_next_token_calls(
@@ -183,17 +181,26 @@ async fn c9_server_errors_rate_limits_and_garbage_are_transient() {
         },
     );
     let error = refresh_error(&grant, Some(&login)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Transient, "{error}");
+    assert!(
+        error.is_retryable() && error.cause() == tokenflight::Cause::TokenSource,
+        "{error}"
+    );
     assert_eq!(error.retry_after(), Some(Duration::from_secs(9)));
 
     server.fail_next_token_calls(1, Failure::MalformedJson);
     let error = refresh_error(&grant, Some(&login)).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Transient, "{error}");
+    assert!(
+        error.is_retryable() && error.cause() == tokenflight::Cause::TokenSource,
+        "{error}"
+    );
 
     // Same for client_credentials.
     server.fail_next_token_calls(1, Failure::Status500);
     let error = refresh_error(&client_credentials(&server), None).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Transient, "{error}");
+    assert!(
+        error.is_retryable() && error.cause() == tokenflight::Cause::TokenSource,
+        "{error}"
+    );
 
     // After the failures, the (unspent) refresh token still works.
     let token = grant.fetch(cx(Some(&login))).await.unwrap();
@@ -212,7 +219,10 @@ async fn c9_connection_refused_is_transient_and_a_hang_times_out() {
             .unwrap()
             .client_secret("s");
     let error = refresh_error(&grant, None).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Transient, "{error}");
+    assert!(
+        error.is_retryable() && error.cause() == tokenflight::Cause::TokenSource,
+        "{error}"
+    );
 
     let server = TestServer::start(TestServerConfig::default());
     server.fail_next_token_calls(1, Failure::Hang);
@@ -228,7 +238,7 @@ async fn c9_connection_refused_is_transient_and_a_hang_times_out() {
     .unwrap()
     .client_secret(server.client_secret());
     let error = refresh_error(&grant, None).await;
-    assert_eq!(error.kind(), RefreshErrorKind::Timeout, "{error}");
+    assert!(error.cause() == tokenflight::Cause::Timeout, "{error}");
     // The endpoint recovers; so does the grant.
     assert!(grant.fetch(cx(None)).await.is_ok());
 }
@@ -237,7 +247,7 @@ async fn c9_connection_refused_is_transient_and_a_hang_times_out() {
 async fn c9_the_flight_backs_off_on_429_and_reauthenticates_on_invalid_grant() {
     let server = TestServer::start(TestServerConfig::default());
     let grant = refresh_grant(&server).initial_refresh_token(server.issue_refresh_token());
-    let flight = Builder::new().source(grant).build_flight().unwrap();
+    let flight = SingleFlight::builder().source(grant).build().unwrap();
     server.fail_next_token_calls(
         1,
         Failure::TooMany {
@@ -259,7 +269,7 @@ async fn c9_the_flight_backs_off_on_429_and_reauthenticates_on_invalid_grant() {
 
     let server = TestServer::start(TestServerConfig::default());
     let grant = refresh_grant(&server).initial_refresh_token("never-issued");
-    let flight = Builder::new().source(grant).build_flight().unwrap();
+    let flight = SingleFlight::builder().source(grant).build().unwrap();
     let error = flight.token().await.unwrap_err();
     assert!(
         matches!(error, tokenflight::Error::ReauthenticationRequired { .. }),

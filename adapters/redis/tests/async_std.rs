@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::RedisServer;
-use tokenflight::{Builder, RefreshContext, StoreError, Token, TokenStore, from_fn};
+use tokenflight::{
+    RefreshContext, SingleFlight, Token, from_fn, store::StoreError, store::TokenStore,
+};
 use tokenflight_redis::RedisStore;
 
 #[test]
@@ -32,7 +34,7 @@ fn the_store_works_from_async_std_with_a_tokio_handle() {
     let flights: Vec<_> = (0..3)
         .map(|_| {
             let calls = calls.clone();
-            Builder::new()
+            SingleFlight::builder()
                 .store(build())
                 .source(from_fn(move |_cx: RefreshContext| {
                     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
@@ -42,7 +44,7 @@ fn the_store_works_from_async_std_with_a_tokio_handle() {
                         Ok(Token::new(format!("t{n}")))
                     }
                 }))
-                .build_flight()
+                .build()
                 .unwrap()
         })
         .collect();

@@ -9,7 +9,7 @@ mod common;
 
 use common::deployments::{Cluster, cli};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
-use tokenflight::{StoreError, Token, TokenStore};
+use tokenflight::{Token, store::StoreError, store::TokenStore, store::WithGeneration};
 use tokenflight_redis::{RedisStore, ReplicaAck};
 
 const WORKER: &str = "cluster_fleet_worker";

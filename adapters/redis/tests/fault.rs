@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use tokenflight::{
-    Backoff, Builder, Clock, ManualClock, RefreshErrorKind, SingleFlight, StoreError, TokenStore,
+    SingleFlight, adapter::Clock, config::Backoff, store::StoreError, store::TokenStore,
+    store::WithGeneration, test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 
@@ -33,7 +34,7 @@ fn builder(server: &RedisServer) -> tokenflight_redis::RedisStoreBuilder {
 
 fn is_unavailable(error: &tokenflight::Error) -> bool {
     let refresh = error.refresh_error();
-    refresh.kind() == RefreshErrorKind::Store
+    refresh.cause() == tokenflight::Cause::Store
         && matches!(
             std::error::Error::source(refresh).and_then(|e| e.downcast_ref::<StoreError>()),
             Some(StoreError::Unavailable(_))
@@ -59,13 +60,13 @@ async fn redis_killed_mid_run_gives_typed_errors_and_the_fleet_recovers_after_re
     let mut flights: Vec<SingleFlight> = Vec::new();
     for _ in 0..4 {
         flights.push(
-            Builder::new()
+            SingleFlight::builder()
                 .store(builder(&server).connect().await.unwrap())
                 .source(issuer.source())
                 .clock(clock.clone())
                 .refresh_ahead(None)
                 .backoff(Backoff::none())
-                .build_flight()
+                .build()
                 .unwrap(),
         );
     }

@@ -13,8 +13,8 @@ use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use futures::future::BoxFuture;
 use tokenflight::{
-    Backoff, Builder, Clock, ManualClock, SingleFlight, StoreError, StoreLock, Token, TokenStore,
-    from_fn,
+    SingleFlight, Token, adapter::Clock, config::Backoff, from_fn, store::StoreError,
+    store::StoreLock, store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 use tokio::sync::oneshot;
@@ -113,13 +113,13 @@ fn flight(
     source: impl tokenflight::TokenSource + 'static,
     clock: &Arc<ManualClock>,
 ) -> SingleFlight {
-    Builder::new()
+    SingleFlight::builder()
         .store(store)
         .source(source)
         .clock(clock.clone())
         .refresh_ahead(None)
         .backoff(Backoff::none())
-        .build_flight()
+        .build()
         .unwrap()
 }
 

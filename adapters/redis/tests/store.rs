@@ -11,7 +11,10 @@ use std::time::{Duration, SystemTime};
 use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use redis::AsyncCommands;
-use tokenflight::{Builder, ManualClock, StoreError, Token, TokenStore};
+use tokenflight::{
+    SingleFlight, Token, store::StoreError, store::TokenStore, store::WithGeneration,
+    test_util::ManualClock,
+};
 use tokenflight_redis::RedisStore;
 
 /// Bound on anything that should take milliseconds: a hang fails the test instead of
@@ -183,7 +186,7 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
     assert_eq!(guarded("load", b.load()).await.unwrap(), Some(installed));
 
     // a lock that is not a RedisStore's is refused, not trusted.
-    let foreign = tokenflight::StoreLock::none();
+    let foreign = tokenflight::store::StoreLock::none();
     let newest = Token::new("n").with_generation(50);
     assert!(matches!(
         guarded("save foreign", b.save(&newest, Some(&foreign))).await,
@@ -332,7 +335,7 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
     ));
     let seed = store(&server, "t6:").connect().await.unwrap();
     let login = issuer
-        .login(tokenflight::Clock::now(&*clock))
+        .login(tokenflight::adapter::Clock::now(&*clock))
         .with_generation(1);
     seed.save(&login, None).await.unwrap();
 
@@ -340,12 +343,12 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
     for _ in 0..8 {
         let s = store(&server, "t6:").connect().await.unwrap();
         flights.push(
-            Builder::new()
+            SingleFlight::builder()
                 .store(s)
                 .source(issuer.source())
                 .clock(clock.clone())
                 .refresh_ahead(None)
-                .build_flight()
+                .build()
                 .unwrap(),
         );
     }

@@ -9,7 +9,7 @@ mod common;
 
 use common::deployments::{TempDir, TlsRedis};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
-use tokenflight::{StoreError, TokenStore};
+use tokenflight::{store::StoreError, store::TokenStore};
 use tokenflight_redis::RedisStore;
 
 const WORKER: &str = "tls_fleet_worker";

@@ -4,7 +4,7 @@
 mod common;
 
 use tokenflight::Classifier;
-use tokenflight_reqwest::TokenLayer;
+use tokenflight_reqwest::TokenMiddleware;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 fn business_code(body: &[u8]) -> bool {
@@ -12,8 +12,8 @@ fn business_code(body: &[u8]) -> bool {
         .is_ok_and(|v| v.get("code").and_then(|c| c.as_u64()) == Some(401))
 }
 
-fn layer(server: &TestServer, limit: usize) -> TokenLayer {
-    TokenLayer::builder()
+fn layer(server: &TestServer, limit: usize) -> TokenMiddleware {
+    TokenMiddleware::builder()
         .source(common::client_credentials(server))
         .classifier(Classifier::new().body(limit, business_code))
         .allowed_origin(&server.origin())
@@ -29,7 +29,7 @@ async fn a_business_code_rejection_is_refreshed_and_resent() {
     let client = common::client(layer.clone());
     let (login, _) = server.issue_access_token();
     layer
-        .authenticator()
+        .policy()
         .flight()
         .install(tokenflight::Token::new(login))
         .await
@@ -91,8 +91,8 @@ async fn a_body_longer_than_the_limit_is_not_classified_and_stays_whole() {
     assert_eq!(server.counters().resource_calls, 1);
 }
 
-fn static_layer(origin: &str, limit: usize) -> TokenLayer {
-    TokenLayer::builder()
+fn static_layer(origin: &str, limit: usize) -> TokenMiddleware {
+    TokenMiddleware::builder()
         .source(tokenflight::from_fn(|_cx| async {
             Ok(tokenflight::Token::new("static"))
         }))

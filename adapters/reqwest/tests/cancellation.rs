@@ -1,5 +1,5 @@
 //! C6 through reqwest: dropping the request that triggered a refresh does not lose the
-//! refreshed token; the tokio spawner that `TokenLayer::builder()` presets finishes and
+//! refreshed token; the tokio spawner that `TokenMiddleware::builder()` presets finishes and
 //! stores it.
 
 mod common;
@@ -7,17 +7,17 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenflight_reqwest::TokenLayer;
+use tokenflight_reqwest::TokenMiddleware;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Waits until the layer holds a token (the spawned refresh stored it). Polls a
 /// condition rather than sleeping a guessed time; the timeout only turns a lost token
 /// into a failure instead of a hang.
-async fn stored_token(layer: &TokenLayer) -> String {
+async fn stored_token(layer: &TokenMiddleware) -> String {
     let wait = async {
         loop {
-            if let Some(token) = layer.authenticator().flight().current() {
+            if let Some(token) = layer.policy().flight().current() {
                 return token.access().expose().to_owned();
             }
             tokio::task::yield_now().await;
@@ -30,7 +30,7 @@ async fn stored_token(layer: &TokenLayer) -> String {
 
 struct Setup {
     server: TestServer,
-    layer: TokenLayer,
+    layer: TokenMiddleware,
     gate: Arc<Semaphore>,
 }
 
@@ -40,7 +40,7 @@ async fn drop_the_request_mid_refresh(spawner: bool) -> Setup {
     let server = TestServer::start(TestServerConfig::default());
     let (started, mut refresh_started) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
-    let builder = TokenLayer::builder()
+    let builder = TokenMiddleware::builder()
         .source(common::gated_client_credentials(
             &server,
             started,
@@ -85,7 +85,7 @@ async fn dropping_the_request_that_started_a_refresh_keeps_the_new_token() {
     let counters = server.counters();
     assert_eq!(counters.token_calls, 1, "the next request refreshed again");
     assert_eq!(counters.requests_with(&token), 1);
-    assert_eq!(layer.authenticator().stats().source_calls, 1);
+    assert_eq!(layer.policy().stats().source_calls, 1);
 }
 
 /// The control: without a spawner the refresh dies with its last caller, so the next
@@ -97,13 +97,13 @@ async fn without_a_spawner_the_dropped_refresh_is_lost_and_redone() {
         layer,
         gate,
     } = drop_the_request_mid_refresh(false).await;
-    assert!(layer.authenticator().flight().current().is_none());
+    assert!(layer.policy().flight().current().is_none());
     assert_eq!(server.counters().token_calls, 0);
 
     let client = common::client(layer.clone());
     let response = client.get(server.api_url("second")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(server.counters().token_calls, 1);
-    assert_eq!(layer.authenticator().stats().source_calls, 2);
+    assert_eq!(layer.policy().stats().source_calls, 2);
     drop(gate);
 }

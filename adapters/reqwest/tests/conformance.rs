@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokenflight::{Authenticator, Builder, ForceRefresh, SkipAuth, Transport};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-use tokenflight_reqwest::{BareTransport, TokenLayer, TokioSpawner, TokioTimer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, TokioSpawner, TokioTimer, reqwest};
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 
 /// reqwest as the suite sees it.
@@ -17,19 +17,17 @@ impl Adapter for ReqwestAdapter {
         "reqwest"
     }
 
-    /// What `TokenLayer::builder()` presets, for the suite's `Builder<Authenticator>`.
-    fn builder(&self) -> Builder<Authenticator> {
-        let builder = Builder::new().timer(Arc::new(TokioTimer));
-        match TokioSpawner::try_current() {
-            Some(spawner) => builder.spawner(Arc::new(spawner)),
-            None => builder,
-        }
+    /// What `TokenMiddleware::builder()` presets, for the suite's `AuthPolicyBuilder<AuthPolicy>`.
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy> {
+        AuthPolicy::builder()
+            .timer(TokioTimer)
+            .spawner(TokioSpawner::current())
     }
 
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         // reqwest follows redirects by default (S11); the layer's policy keeps a query
         // token out of a `Referer` sent to another origin (as the crate docs say).
-        let layer = TokenLayer::from(auth);
+        let layer = TokenMiddleware::from(auth);
         let inner = reqwest::Client::builder()
             .redirect(layer.redirect_policy())
             .build()

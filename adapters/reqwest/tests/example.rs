@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
 use tokenflight_reqwest::tokenflight::SkipAuth;
 use tokenflight_reqwest::tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 #[tokio::test]
@@ -20,7 +20,7 @@ async fn an_authenticated_request_gets_a_token_and_passes() {
         .unwrap()
         .client_secret(server.client_secret())
         .initial_refresh_token(refresh_token_from_login);
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(grant)
         .allowed_origin(&server.origin())
         .build()
@@ -46,7 +46,7 @@ async fn an_authenticated_request_gets_a_token_and_passes() {
     assert_eq!(counters.token_calls, 1);
     assert_eq!(counters.refresh_token_calls, 1);
     assert_eq!(counters.credentialed_requests, 2);
-    let token = layer.authenticator().flight().current().unwrap();
+    let token = layer.policy().flight().current().unwrap();
     assert_eq!(counters.requests_with(token.access().expose()), 2);
 }
 

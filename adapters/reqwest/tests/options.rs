@@ -3,9 +3,9 @@
 
 mod common;
 
-use tokenflight::{ForceRefresh, RefreshError, RequestOptions, SkipAuth};
+use tokenflight::{ForceRefresh, RefreshError, SkipAuth, adapter::RequestOptions};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, Error, Extension};
-use tokenflight_reqwest::{TokenLayer, reqwest};
+use tokenflight_reqwest::{TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 #[tokio::test]
@@ -15,7 +15,7 @@ async fn force_refresh_refreshes_a_valid_token_before_sending() {
     let client = common::client(layer.clone());
 
     client.get(server.api_url("a")).send().await.unwrap();
-    let first = layer.authenticator().flight().current().unwrap();
+    let first = layer.policy().flight().current().unwrap();
     let response = client
         .get(server.api_url("b"))
         .with_extension(ForceRefresh)
@@ -23,7 +23,7 @@ async fn force_refresh_refreshes_a_valid_token_before_sending() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let second = layer.authenticator().flight().current().unwrap();
+    let second = layer.policy().flight().current().unwrap();
     assert!(second.generation() > first.generation());
     let counters = server.counters();
     assert_eq!(counters.token_calls, 2);
@@ -77,7 +77,7 @@ async fn a_marker_on_the_request_applies_over_a_permissive_default() {
 #[tokio::test]
 async fn a_failed_refresh_is_a_typed_token_error() {
     let server = TestServer::start(TestServerConfig::default());
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(tokenflight::from_fn(|_cx| async {
             Err(RefreshError::permanent("credentials revoked"))
         }))
@@ -102,7 +102,7 @@ async fn a_failed_refresh_is_a_typed_token_error() {
 #[tokio::test]
 async fn a_token_that_cannot_be_a_header_is_a_typed_error() {
     let server = TestServer::start(TestServerConfig::default());
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(tokenflight::from_fn(|_cx| async {
             Ok(tokenflight::Token::new("bad\nvalue"))
         }))
@@ -117,7 +117,11 @@ async fn a_token_that_cannot_be_a_header_is_a_typed_error() {
     let Error::Middleware(inner) = &error else {
         panic!("expected a middleware error, got {error:?}");
     };
-    assert!(inner.downcast_ref::<tokenflight::InvalidHeader>().is_some());
+    assert!(
+        inner
+            .downcast_ref::<tokenflight::adapter::InvalidHeader>()
+            .is_some()
+    );
     assert!(!error.to_string().contains("bad\nvalue"));
     assert_eq!(server.counters().resource_calls, 0);
 }
@@ -131,7 +135,7 @@ async fn a_client_error_passes_through_unchanged() {
         .unwrap()
         .port();
     let origin = format!("http://127.0.0.1:{port}");
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(tokenflight::from_fn(|_cx| async {
             Ok(tokenflight::Token::new("t"))
         }))
@@ -185,7 +189,7 @@ async fn the_header_is_marked_sensitive() {
     let (sensitive, printed) = seen.0.lock().unwrap().clone().unwrap();
     assert!(sensitive);
     assert!(printed.contains("Sensitive"), "{printed}");
-    let token = layer.authenticator().flight().current().unwrap();
+    let token = layer.policy().flight().current().unwrap();
     assert!(!printed.contains(token.access().expose()), "{printed}");
 }
 
@@ -229,7 +233,7 @@ async fn extensions_written_further_down_reach_the_resend_and_the_caller() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(layer.authenticator().stats().retries, 1);
+    assert_eq!(layer.policy().stats().retries, 1);
     // Both sends went through the inner middleware with the same extensions.
     assert_eq!(extensions.get::<Sends>(), Some(&Sends(2)));
 }

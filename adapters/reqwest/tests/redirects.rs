@@ -73,25 +73,25 @@ async fn a_request_to_an_origin_not_allowed_carries_no_token() {
 
 mod custom_header {
     //! A token in a header other than `Authorization`: reqwest carries it across origins
-    //! when it follows a redirect; `TokenLayer::redirect_policy` stops that redirect.
+    //! when it follows a redirect; `TokenMiddleware::redirect_policy` stops that redirect.
 
     use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-    use tokenflight_reqwest::{TokenLayer, reqwest};
+    use tokenflight_reqwest::{TokenMiddleware, reqwest};
 
     use super::common;
 
-    fn layer(origin: &str) -> TokenLayer {
-        TokenLayer::builder()
+    fn layer(origin: &str) -> TokenMiddleware {
+        TokenMiddleware::builder()
             .source(tokenflight::from_fn(|_cx| async {
                 Ok(tokenflight::Token::new("the-api-key"))
             }))
-            .header("x-api-key", None)
+            .placement(tokenflight::Placement::header("x-api-key", None))
             .allowed_origin(origin)
             .build()
             .unwrap()
     }
 
-    fn client(layer: &TokenLayer, guarded: bool) -> ClientWithMiddleware {
+    fn client(layer: &TokenMiddleware, guarded: bool) -> ClientWithMiddleware {
         let mut builder = reqwest::Client::builder();
         if guarded {
             builder = builder.redirect(layer.redirect_policy());
@@ -170,7 +170,7 @@ mod custom_header {
     async fn with_the_policy_an_authorization_token_still_follows_and_is_dropped() {
         let (allowed, mut allowed_heads) = common::recording_server().await;
         let (other, mut other_heads) = common::recording_server().await;
-        let layer = TokenLayer::builder()
+        let layer = TokenMiddleware::builder()
             .source(tokenflight::from_fn(|_cx| async {
                 Ok(tokenflight::Token::new("bearer-token"))
             }))
@@ -194,16 +194,16 @@ mod custom_header {
 }
 
 mod query_token {
-    //! A token in the query (`.query_param("token")`): reqwest sends the previous URL as
+    //! A token in the query (`.placement(tokenflight::Placement::query("token"))`): reqwest sends the previous URL as
     //! `Referer` when it follows a redirect, and prints URLs in errors and `Debug`.
 
     use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-    use tokenflight_reqwest::{TokenLayer, reqwest, reqwest_middleware};
+    use tokenflight_reqwest::{TokenMiddleware, reqwest, reqwest_middleware};
     use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
     use super::common;
 
-    fn client(layer: &TokenLayer, guarded: bool) -> ClientWithMiddleware {
+    fn client(layer: &TokenMiddleware, guarded: bool) -> ClientWithMiddleware {
         let mut builder = reqwest::Client::builder();
         if guarded {
             builder = builder.redirect(layer.redirect_policy());
@@ -217,11 +217,11 @@ mod query_token {
     async fn without_the_policy_reqwest_sends_a_query_token_as_referer() {
         let (allowed, mut allowed_heads) = common::recording_server().await;
         let (other, mut other_heads) = common::recording_server().await;
-        let layer = TokenLayer::builder()
+        let layer = TokenMiddleware::builder()
             .source(tokenflight::from_fn(|_cx| async {
                 Ok(tokenflight::Token::new("the-query-token"))
             }))
-            .query_param("token")
+            .placement(tokenflight::Placement::query("token"))
             .allowed_origin(&allowed)
             .build()
             .unwrap();
@@ -312,11 +312,11 @@ mod query_token {
     #[tokio::test]
     async fn c12_query_token_never_in_errors_of_middleware_below_the_layer() {
         let broken = tokenflight_tests::testkit::ClosingServer::start();
-        let layer = TokenLayer::builder()
+        let layer = TokenMiddleware::builder()
             .source(tokenflight::from_fn(|_cx| async {
                 Ok(tokenflight::Token::new("the-query-token"))
             }))
-            .query_param("token")
+            .placement(tokenflight::Placement::query("token"))
             .allowed_origin(&broken.origin())
             .build()
             .unwrap();
@@ -343,9 +343,9 @@ mod query_token {
             reject_all: true,
             ..TestServerConfig::default()
         });
-        let layer = TokenLayer::builder()
+        let layer = TokenMiddleware::builder()
             .source(common::client_credentials(&server))
-            .query_param("token")
+            .placement(tokenflight::Placement::query("token"))
             .allowed_origin(&server.origin())
             .build()
             .unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use futures::future::join_all;
-use tokenflight_reqwest::TokenLayer;
+use tokenflight_reqwest::TokenMiddleware;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 const CONCURRENT: usize = 1_000;
@@ -16,7 +16,7 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
     let server = TestServer::start(TestServerConfig::default());
     // Start from a login: the token the server issued outside the token endpoint.
     let (login, _expires_in) = server.issue_access_token();
-    let layer = TokenLayer::builder()
+    let layer = TokenMiddleware::builder()
         .source(common::refresh_token_grant(&server))
         .initial_token(tokenflight::Token::new(login))
         .allowed_origin(&server.origin())
@@ -47,7 +47,7 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
             counters.token_calls,
             expiry,
             "after wave {expiry}: {counters:?} {:?}",
-            layer.authenticator().stats()
+            layer.policy().stats()
         );
     }
 
@@ -57,7 +57,7 @@ async fn thousand_concurrent_requests_across_three_expiries_cost_three_token_cal
     assert_eq!(counters.token_errors, 0);
     // A second refresh would have presented a spent (rotated) refresh token.
     assert_eq!(counters.reuse_detections, 0);
-    let stats = layer.authenticator().stats();
+    let stats = layer.policy().stats();
     eprintln!(
         "storm: {} requests, {} token calls, {} rejections resent once, {} stale rejections",
         EXPIRIES * CONCURRENT as u64,

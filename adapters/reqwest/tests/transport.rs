@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokenflight::{Transport, TransportError};
+use tokenflight::{adapter::Transport, adapter::TransportError};
 use tokenflight_reqwest::{BareTransport, reqwest};
 use tokenflight_tests::testkit::{Failure, TestServer, TestServerConfig};
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use surf::http::{Method, Url};
 use surf::{Body, Request};
-use tokenflight::{Authenticator, Builder, ForceRefresh, SkipAuth, Transport};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_surf::{
-    AsyncStdSpawner, AsyncStdTimer, BareTransport, FollowRedirects, TokenLayer,
+    AsyncStdSpawner, AsyncStdTimer, BareTransport, FollowRedirects, TokenMiddleware,
 };
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 
@@ -22,17 +22,17 @@ impl Adapter for SurfAdapter {
         "surf"
     }
 
-    fn builder(&self) -> Builder<Authenticator> {
-        // The same preset as `TokenLayer::builder()`.
-        Builder::new()
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy> {
+        // The same preset as `TokenMiddleware::builder()`.
+        AuthPolicy::builder()
             .spawner(Arc::new(AsyncStdSpawner))
             .timer(Arc::new(AsyncStdTimer))
     }
 
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         let client = surf::Client::new()
             .with(FollowRedirects::default())
-            .with(TokenLayer::from(auth));
+            .with(TokenMiddleware::from(auth));
         Arc::new(SurfClient(client))
     }
 

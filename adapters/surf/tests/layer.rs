@@ -1,4 +1,4 @@
-//! The `TokenLayer` through surf against the testkit server: attaching, resending with
+//! The `TokenMiddleware` through surf against the testkit server: attaching, resending with
 //! the same body (S8), bodies that cannot be resent (C4), markers (C11), error mapping,
 //! body classification with an intact response, and the async-std runtime pieces.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_std::io::Cursor;
 use common::{binary_body, client, setup, setup_with};
 use surf::{Body, StatusCode};
-use tokenflight::{Backoff, Classifier, ForceRefresh, RefreshErrorKind, SkipAuth};
+use tokenflight::{Classifier, ForceRefresh, Placement, SkipAuth, config::Backoff};
 use tokenflight_surf::BareTransport;
 use tokenflight_tests::testkit::Failure;
 
@@ -181,14 +181,17 @@ async fn permanent_refresh_failure_is_a_401_error_with_the_typed_error_inside() 
 #[async_std::test]
 async fn transient_refresh_failure_is_a_503_error_with_the_typed_error_inside() {
     // One attempt per flight, so the one failure is the flight's outcome.
-    let s = setup_with(|b| b.retry(tokenflight::Retry::none()));
+    let s = setup_with(|b| b.retry(tokenflight::config::Retry::none()));
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();
     s.server.fail_next_token_calls(1, Failure::Status500);
     let err = client.get(s.server.api_url("x")).await.unwrap_err();
     assert_eq!(err.status(), StatusCode::ServiceUnavailable);
     let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
-    assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Transient);
+    assert!(
+        typed.refresh_error().is_retryable()
+            && typed.refresh_error().cause() == tokenflight::Cause::TokenSource
+    );
 }
 
 #[async_std::test]
@@ -200,7 +203,7 @@ async fn refresh_timeout_runs_on_the_async_std_timer() {
     let err = client.get(s.server.api_url("x")).await.unwrap_err();
     assert_eq!(err.status(), StatusCode::ServiceUnavailable);
     let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
-    assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+    assert!(typed.refresh_error().cause() == tokenflight::Cause::Timeout);
 }
 
 #[async_std::test]
@@ -214,7 +217,7 @@ async fn hung_refresh_times_out_then_the_next_one_recovers() {
     s.server.fail_next_token_calls(1, Failure::Hang);
     let err = client.get(s.server.api_url("hang")).await.unwrap_err();
     let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
-    assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+    assert!(typed.refresh_error().cause() == tokenflight::Cause::Timeout);
 
     let res = client.get(s.server.api_url("recovered")).await.unwrap();
     assert_eq!(res.status(), StatusCode::Ok);
@@ -237,7 +240,7 @@ async fn pooled_bare_client_is_stuck_behind_a_hung_refresh() {
     let second = client.get(s.server.api_url("stuck")).await.unwrap_err();
     for err in [first, second] {
         let typed = err.downcast_ref::<tokenflight::Error>().unwrap();
-        assert_eq!(typed.refresh_error().kind(), RefreshErrorKind::Timeout);
+        assert!(typed.refresh_error().cause() == tokenflight::Cause::Timeout);
     }
     assert_eq!(
         s.server.counters().refresh_token_calls,
@@ -296,7 +299,7 @@ async fn token_is_not_sent_to_an_origin_that_is_not_allowed() {
 
 #[async_std::test]
 async fn async_std_spawner_runs_the_task() {
-    use tokenflight::Spawn;
+    use tokenflight::adapter::Spawn;
     let (tx, rx) = futures::channel::oneshot::channel();
     tokenflight_surf::AsyncStdSpawner.spawn(Box::pin(async move {
         tx.send(42).unwrap();
@@ -320,7 +323,7 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 #[async_std::test]
 async fn c6_refresh_finishes_on_the_spawner_after_the_caller_was_cancelled() {
     let s = setup();
-    let flight = s.layer.authenticator().flight().clone();
+    let flight = s.layer.policy().flight().clone();
     let before = flight.current().unwrap().generation();
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();
@@ -350,7 +353,7 @@ async fn c6_refresh_finishes_on_the_spawner_after_the_caller_was_cancelled() {
 
 #[async_std::test]
 async fn query_placement_is_refreshed_and_resent_too() {
-    let s = setup_with(|b| b.query_param("token"));
+    let s = setup_with(|b| b.placement(Placement::query("token")));
     s.server.set_query_token(true);
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();
@@ -390,7 +393,7 @@ impl surf::middleware::Middleware for FailsShowingTheUrl {
 
 #[async_std::test]
 async fn c12_query_token_never_in_errors_of_middleware_after_the_layer() {
-    let s = setup_with(|b| b.query_param("token"));
+    let s = setup_with(|b| b.placement(Placement::query("token")));
     let client = client(s.layer.clone()).with(FailsShowingTheUrl);
     let error = client
         .get(format!("{}?keep=%7e", s.server.api_url("q")))

@@ -9,7 +9,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokenflight::{Authenticator, Builder, ForceRefresh, SkipAuth, Transport};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 use tokenflight_tower::{HyperTransport, TokenLayer, TokioSpawner, TokioTimer};
 use tower::util::BoxCloneSyncService;
@@ -29,16 +29,14 @@ impl Adapter for TowerAdapter {
         "tower"
     }
 
-    /// What `TokenLayer::builder()` presets, for the suite's `Builder<Authenticator>`.
-    fn builder(&self) -> Builder<Authenticator> {
-        let builder = Builder::new().timer(Arc::new(TokioTimer));
-        match TokioSpawner::try_current() {
-            Some(spawner) => builder.spawner(Arc::new(spawner)),
-            None => builder,
-        }
+    /// What `TokenLayer::builder()` presets, for the suite's `AuthPolicyBuilder<AuthPolicy>`.
+    fn builder(&self) -> AuthPolicyBuilder<AuthPolicy> {
+        AuthPolicy::builder()
+            .timer(TokioTimer)
+            .spawner(TokioSpawner::current())
     }
 
-    fn client(&self, auth: Authenticator) -> Arc<dyn TestClient> {
+    fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         let client = Client::builder(TokioExecutor::new()).build_http::<RequestBody>();
         // Redirects are followed below the layer, as reqwest does (S11); tower-http's
         // standard policy drops `Authorization` when a redirect leaves the origin.

@@ -97,7 +97,7 @@ async fn a_rejected_unary_call_is_resent_once_transparently_and_succeeds() {
     assert_eq!(seen.rejected, 1, "the first was rejected: {seen:?}");
     assert_eq!(seen.unary_ok, 1);
     assert_eq!(w.api.counters().refresh_token_calls, 1);
-    assert_eq!(w.layer.authenticator().stats().retries, 1);
+    assert_eq!(w.layer.policy().stats().retries, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +142,7 @@ async fn a_client_streaming_call_is_not_replayed_and_its_caller_gets_unauthentic
     assert_eq!(seen.calls, 1, "not resent: {seen:?}");
     assert_eq!(seen.rejected, 1);
     assert_eq!(seen.collect_ok, 0);
-    assert_eq!(w.layer.authenticator().stats().retries, 0);
+    assert_eq!(w.layer.policy().stats().retries, 0);
 
     // The token was marked rejected (C4): the next call gets a new one first and goes
     // through without a rejection.

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use futures::future::ready;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
-use tokenflight::{AuthError, Error as TokenError, RefreshContext, RefreshError, Token, from_fn};
+use tokenflight::{
+    Error as TokenError, RefreshContext, RefreshError, Token, adapter::AuthError, from_fn,
+};
 use tokenflight_tower::{TokenLayer, TokenService};
 use tower::{Layer, Service, ServiceExt};
 
@@ -132,7 +134,7 @@ async fn the_resend_readies_its_service_before_calling_it() {
         [&b"payload"[..], &b"payload"[..]],
         "the same body twice"
     );
-    assert_eq!(service.authenticator().stats().retries, 1);
+    assert_eq!(service.policy().stats().retries, 1);
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! (declared or streamed), and network errors that do not show the URL.
 
 use bytes::Bytes;
-use tokenflight::{Transport, TransportError};
+use tokenflight::{adapter::Transport, adapter::TransportError};
 use tokenflight_tower::HyperTransport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Token, TokenStore, Transport};
+use tokenflight::{
+    SingleFlight, Token, adapter::Transport, store::TokenStore, store::WithGeneration,
+};
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::BareTransport;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
@@ -158,10 +160,10 @@ fn main() {
                     .expect("grant")
                     .client_secret(server.client_secret());
             flights.push(
-                Builder::new()
+                SingleFlight::builder()
                     .store(store)
                     .source(grant)
-                    .build_flight()
+                    .build()
                     .expect("a coordinator"),
             );
         }

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Clock, FileStore, StoreError, TokenStore};
+use tokenflight::{
+    SingleFlight, adapter::Clock, store::FileStore, store::StoreError, store::TokenStore,
+};
 use tokenflight_reqwest::{BareTransport, TokioSpawner, TokioTimer};
 
 /// The wall clock plus an offset the test moves forward.
@@ -68,16 +70,14 @@ async fn run() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?
     .client_secret(env("FSW_CLIENT_SECRET")?);
-    let flight = Builder::new()
+    let flight = SingleFlight::builder()
         .source(grant)
         .store(FileStore::new(&store_path))
         .clock(clock.clone())
         .timer(Arc::new(TokioTimer))
-        .spawner(Arc::new(
-            TokioSpawner::try_current().ok_or("no tokio runtime")?,
-        ))
+        .spawner(TokioSpawner::current())
         .refresh_timeout(Duration::from_secs(30))
-        .build_flight()
+        .build()
         .map_err(|e| e.to_string())?;
     // Held for the rest of the process once `hold` is received.
     let mut held = None;

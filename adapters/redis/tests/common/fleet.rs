@@ -18,7 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
-    Backoff, Builder, Clock, ManualClock, SingleFlight, StoreError, Token, TokenStore, Transport,
+    SingleFlight, Token, adapter::Clock, adapter::Transport, config::Backoff, store::StoreError,
+    store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 use tokenflight_redis::{RedisStore, RedisStoreBuilder, ReplicaAck};
 use tokenflight_reqwest::BareTransport;
@@ -357,14 +358,14 @@ pub fn worker() {
             .unwrap()
             .client_secret(env("FLEET_CLIENT_SECRET"));
             clients.push(
-                Builder::new()
+                SingleFlight::builder()
                     .store(store)
                     .source(grant)
                     .clock(clock.clone())
                     .refresh_ahead(None)
                     // The parent decides when to retry after a failure.
                     .backoff(Backoff::none())
-                    .build_flight()
+                    .build()
                     .unwrap(),
             );
         }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokenflight::{RefreshContext, RefreshError, Token, TokenSource, Transport, from_fn};
+use tokenflight::{RefreshContext, RefreshError, Token, TokenSource, adapter::Transport, from_fn};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
-use tokenflight_reqwest::{BareTransport, TokenLayer, reqwest};
+use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::TestServer;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -106,7 +106,7 @@ pub fn refresh_token_grant(server: &TestServer) -> tokenflight::oauth2::RefreshT
 }
 
 /// A client with `layer` and nothing else.
-pub fn client(layer: TokenLayer) -> ClientWithMiddleware {
+pub fn client(layer: TokenMiddleware) -> ClientWithMiddleware {
     ClientBuilder::new(reqwest::Client::new())
         .with(layer)
         .build()
@@ -114,8 +114,8 @@ pub fn client(layer: TokenLayer) -> ClientWithMiddleware {
 
 /// The layer the tests use unless they need something else: client credentials against
 /// `server`, which is the one allowed origin.
-pub fn layer(server: &TestServer) -> TokenLayer {
-    TokenLayer::builder()
+pub fn layer(server: &TestServer) -> TokenMiddleware {
+    TokenMiddleware::builder()
         .source(client_credentials(server))
         .allowed_origin(&server.origin())
         .build()

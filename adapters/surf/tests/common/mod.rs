@@ -1,4 +1,4 @@
-//! Shared set-up for the surf adapter's tests: a testkit server, a `TokenLayer` that
+//! Shared set-up for the surf adapter's tests: a testkit server, a `TokenMiddleware` that
 //! refreshes through the server's token endpoint, and a client in the recommended order.
 #![allow(dead_code, unreachable_pub)]
 
@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Token};
-use tokenflight_surf::{BareTransport, FollowRedirects, TokenLayer};
+use tokenflight::{AuthPolicyBuilder, Token};
+use tokenflight_surf::{BareTransport, FollowRedirects, TokenMiddleware};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 /// A server, the access token the layer starts with, and the layer.
 pub struct Setup {
     pub server: TestServer,
     pub access: String,
-    pub layer: TokenLayer,
+    pub layer: TokenMiddleware,
 }
 
 /// A surf client that opens a connection per request, as `BareTransport::default()`
@@ -42,20 +42,22 @@ pub fn grant_over(server: &TestServer, bare: BareTransport) -> RefreshTokenGrant
 
 /// A server and a layer holding a valid access token from it, allowed on its origin;
 /// `configure` adjusts the builder.
-pub fn setup_with(configure: impl FnOnce(Builder<TokenLayer>) -> Builder<TokenLayer>) -> Setup {
+pub fn setup_with(
+    configure: impl FnOnce(AuthPolicyBuilder<TokenMiddleware>) -> AuthPolicyBuilder<TokenMiddleware>,
+) -> Setup {
     setup_over(BareTransport::new(one_connection_per_request()), configure)
 }
 
 /// As [`setup_with`], with the token endpoint reached over `bare`.
 pub fn setup_over(
     bare: BareTransport,
-    configure: impl FnOnce(Builder<TokenLayer>) -> Builder<TokenLayer>,
+    configure: impl FnOnce(AuthPolicyBuilder<TokenMiddleware>) -> AuthPolicyBuilder<TokenMiddleware>,
 ) -> Setup {
     let server = TestServer::start(TestServerConfig::default());
     let (access, expires_in) = server.issue_access_token();
     let initial =
         Token::new(access.clone()).expires_in(Duration::from_secs(expires_in), SystemTime::now());
-    let builder = TokenLayer::builder()
+    let builder = TokenMiddleware::builder()
         .source(grant_over(&server, bare))
         .initial_token(initial)
         .allowed_origin(&server.origin());
@@ -72,7 +74,7 @@ pub fn setup() -> Setup {
 }
 
 /// The recommended client: redirects first, then the token layer.
-pub fn client(layer: TokenLayer) -> surf::Client {
+pub fn client(layer: TokenMiddleware) -> surf::Client {
     surf::Client::new()
         .with(FollowRedirects::default())
         .with(layer)
