@@ -1,7 +1,7 @@
 //! The auth policy: a coordinator plus where the token goes, who may receive it, which
 //! routes go without it and what counts as a rejection. Its `send` is the one retry
 //! loop: attach token → send → classify → on rejection wait for the refresh that
-//! supersedes the token this request used → resend exactly once (C3, C4). Adapters call
+//! supersedes the token this request used → resend exactly once ([C3](crate#c3), [C4](crate#c4)). Adapters call
 //! [`AuthPolicy::send`] with their request type and a closure that sends it.
 
 use std::fmt;
@@ -133,8 +133,8 @@ impl AuthPolicy {
     /// - Requests with `skip_auth`, on a skipped route, or to origins not allowed, are
     ///   sent as they are and not classified ([C11](crate#c11), [C12](crate#c12)).
     /// - A rejected request whose body cannot be replayed is not resent; the caller
-    ///   gets the original response and the token is marked rejected (C4).
-    /// - A second rejection is returned to the caller as it is: no loop (C4).
+    ///   gets the original response and the token is marked rejected ([C4](crate#c4)).
+    /// - A second rejection is returned to the caller as it is: no loop ([C4](crate#c4)).
     /// - A response from another origin than the one the request (and its token) was
     ///   sent to — the client followed a redirect — is returned as it is, unclassified:
     ///   its 401 is not about the token, which never went there ([C4](crate#c4),

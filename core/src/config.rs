@@ -6,7 +6,7 @@ use crate::token::Token;
 
 /// Timing settings of a [`SingleFlight`](crate::SingleFlight).
 ///
-/// # Timing scaled to the token's lifetime (C15)
+/// # Timing scaled to the token's lifetime ([C15](crate#c15))
 ///
 /// `leeway` and `refresh_ahead` are *caps*. A token that knows its lifetime `L` (it
 /// records when it was obtained, see [`Token::lifetime`]) gets
@@ -51,10 +51,10 @@ use crate::token::Token;
 #[non_exhaustive]
 pub struct FlightConfig {
     /// Cap on the clock-skew allowance: a token this close to its expiry counts as
-    /// expired (C7), scaled to `L / 10` for short lifetimes. Default: 10 s.
+    /// expired ([C7](crate#c7)), scaled to `L / 10` for short lifetimes. Default: 10 s.
     pub leeway: Duration,
     /// Cap on the refresh-ahead window: inside it (and outside the leeway) the
-    /// still-valid token is used while one refresh runs ahead (C8), scaled to `L / 3`
+    /// still-valid token is used while one refresh runs ahead ([C8](crate#c8)), scaled to `L / 3`
     /// for short lifetimes. `None` disables it. Default: 225 s.
     pub refresh_ahead: Option<Duration>,
     /// Spreads refresh-ahead starts over a fleet: each coordinator starts its
@@ -63,22 +63,22 @@ pub struct FlightConfig {
     /// generation and a per-coordinator random seed: deterministic, no allocation on
     /// the fast path). Replicas sharing a store then do not all contend at the same
     /// instant: the first one refreshes, the rest find its token already stored and
-    /// adopt it with one read. The window in the table above (C15) is the upper bound
+    /// adopt it with one read. The window in the table above ([C15](crate#c15)) is the upper bound
     /// of the start point: refresh-ahead never starts earlier than it says, and with
     /// the default at most half the window later. A percentage (values above 100
     /// count as 100); `0` turns the jitter off. Default: 50.
     pub refresh_ahead_jitter: u8,
     /// Expiry-driven source calls are at least this far apart: a token younger than
-    /// this is always usable (C15). Default: 1 s.
+    /// this is always usable ([C15](crate#c15)). Default: 1 s.
     pub min_refresh_interval: Duration,
     /// One budget for a whole flight: the store's lock, load, every attempt, the
-    /// delays between them, save and unlock (C10, C16). Default: 30 s.
+    /// delays between them, save and unlock ([C10](crate#c10), [C16](crate#c16)). Default: 30 s.
     pub refresh_timeout: Duration,
     /// Bound on one call of the token source, inside the flight's budget. Default: 10 s.
     pub attempt_timeout: Duration,
-    /// Retries of transient failures inside one flight (C16).
+    /// Retries of transient failures inside one flight ([C16](crate#c16)).
     pub retry: Retry,
-    /// Fail-fast backoff after a flight used up its attempts (C9, C16).
+    /// Fail-fast backoff after a flight used up its attempts ([C9](crate#c9), [C16](crate#c16)).
     pub backoff: Backoff,
 }
 
@@ -118,7 +118,7 @@ impl FlightConfig {
 }
 
 /// How a flight retries transient failures (network, timeouts, 5xx, 429, store
-/// failures) before it gives up (C16). Permanent failures are never retried.
+/// failures) before it gives up ([C16](crate#c16)). Permanent failures are never retried.
 ///
 /// Between attempts the flight waits `retry.backoff`'s delay (or a server's
 /// `Retry-After` when it fits in the flight's remaining budget; when it does not, the
@@ -156,7 +156,7 @@ impl Retry {
     }
 }
 
-/// Capped exponential backoff with jitter after transient refresh failures (C9).
+/// Capped exponential backoff with jitter after transient refresh failures ([C9](crate#c9)).
 ///
 /// After the n-th consecutive failure, refreshes are refused for
 /// `min(max, initial * 2^(n-1))`, scaled by a random factor in `[1 - jitter, 1]`, and

@@ -1,5 +1,5 @@
 //! Errors: one `#[non_exhaustive]` enum for callers, and the refresh error that every
-//! waiter of a flight shares as a cheap clone (C5).
+//! waiter of a flight shares as a cheap clone ([C5](crate#c5)).
 
 use std::error::Error as StdError;
 use std::fmt;

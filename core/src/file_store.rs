@@ -433,7 +433,7 @@ struct StoredToken {
     refresh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at: Option<UnixTime>,
-    /// When the token was obtained (its lifetime scales the refresh timing, C15).
+    /// When the token was obtained (its lifetime scales the refresh timing, [C15](crate#c15)).
     /// Optional and additive: records written before it existed still load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     obtained_at: Option<UnixTime>,

@@ -4,20 +4,20 @@
 //! How it works: the valid token sits in an `ArcSwapOption` (the fast path is one atomic
 //! load, no lock, no allocation). A refresh is a `Shared` future; every waiter holds a
 //! clone and whichever waiter is polled drives it, so dropping any waiter — the one that
-//! started it included — leaves the others driving the same refresh (C6). The state
+//! started it included — leaves the others driving the same refresh ([C6](crate#c6)). The state
 //! keeps only a weak handle: when the last waiter leaves and no spawner keeps the flight
 //! alive, the refresh is dropped and the next caller starts a fresh one. The std mutex
 //! around the state is never held across an await, and every write of the current
 //! token happens under it.
 //!
-//! A flight has one time budget (C10, C16): the store's lock, load, every source
+//! A flight has one time budget ([C10](crate#c10), [C16](crate#c16)): the store's lock, load, every source
 //! attempt with the delays between them, save and unlock all race one deadline.
 //! Transient failures are retried inside the flight; only when its attempts are used
 //! up does the coordinator back off, on the monotonic clock. A panic anywhere in the
 //! flight (source, store, clock, timer) ends it with a typed error for every waiter
-//! (C18). A login (initial token or `install`) is numbered above everything known,
+//! ([C18](crate#c18)). A login (initial token or `install`) is numbered above everything known,
 //! saved under the store's lock, and no flight that started before it may replace it,
-//! fail it or fire the auth-lost hook (C17).
+//! fail it or fire the auth-lost hook ([C17](crate#c17)).
 
 use std::fmt;
 use std::future::Future;
@@ -49,21 +49,21 @@ use crate::token::Token;
 /// token would then equal the rejected one: a refresh per request, forever).
 pub const MAX_GENERATION: u64 = 1 << 53;
 
-/// What every waiter of a flight gets (C5): the outcome, and for a failure the token
+/// What every waiter of a flight gets ([C5](crate#c5)): the outcome, and for a failure the token
 /// that was still valid when the flight ended (callers that did not force the refresh
-/// use it instead of failing, C16).
+/// use it instead of failing, [C16](crate#c16)).
 #[derive(Clone)]
 struct FlightOutput {
     result: Result<Arc<Token>, RefreshError>,
     fallback: Option<Arc<Token>>,
-    /// A login arrived while the flight ran: its outcome does not count (C17); each
+    /// A login arrived while the flight ran: its outcome does not count ([C17](crate#c17)); each
     /// waiter takes the login, or joins a new flight if the login does not serve it.
     superseded: bool,
 }
 
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 
-/// A hook called once when the coordinator enters "re-authentication required" (C9).
+/// A hook called once when the coordinator enters "re-authentication required" ([C9](crate#c9)).
 pub(crate) type AuthLostHook = Arc<dyn Fn(&RefreshError) + Send + Sync>;
 
 /// Everything a `SingleFlight` is built from; see [`crate::FlightBuilder`].
@@ -94,7 +94,7 @@ struct Inner {
     rejected: AtomicU64,
     state: Mutex<State>,
     /// Logins renumbered above a store's older session: `(old, new)` generations of the
-    /// same secrets, so a rejection of the old number counts for the new one (C3, C4).
+    /// same secrets, so a rejection of the old number counts for the new one ([C3](crate#c3), [C4](crate#c4)).
     /// Locked after `state` when both are held, never the other way round.
     aliases: Mutex<Vec<(u64, u64)>>,
     counters: Counters,
@@ -109,11 +109,11 @@ struct State {
     consecutive_failures: u32,
     next_flight_id: u64,
     /// The highest generation handed to a token so far: a login installed while a
-    /// refresh is in flight must not get the refresh's generation (C3 tells tokens
+    /// refresh is in flight must not get the refresh's generation ([C3](crate#c3) tells tokens
     /// apart by generation).
     last_generation: u64,
     /// Bumped by every login: a flight that started under an older epoch must not
-    /// replace the login, fail it, or fire the auth-lost hook (C17).
+    /// replace the login, fail it, or fire the auth-lost hook ([C17](crate#c17)).
     login_epoch: u64,
     /// The generation of a login (initial token or `install`) not yet saved to the
     /// store; the next flight saves it, numbered above whatever the store holds.
@@ -125,10 +125,10 @@ enum Failure {
     #[default]
     None,
     /// Fail fast until `until` (monotonic: a wall-clock step neither stretches nor
-    /// cancels it, C16).
+    /// cancels it, [C16](crate#c16)).
     Backoff { until: Instant, error: RefreshError },
     /// Re-authentication required. At most once per `min_refresh_interval` (counted
-    /// from `checked`) a caller looks in the store for a login saved elsewhere (C17).
+    /// from `checked`) a caller looks in the store for a login saved elsewhere ([C17](crate#c17)).
     AuthLost {
         error: RefreshError,
         checked: Instant,
@@ -150,7 +150,7 @@ enum Joined {
     Ready(Arc<Token>),
     Wait(FlightFuture),
     /// A flight this caller started and the spawner drives: it finishes even if nobody
-    /// waits for it (C6).
+    /// waits for it ([C6](crate#c6)).
     Spawned(FlightFuture),
     /// A flight is running and the caller asked not to wait for it (refresh-ahead).
     Busy(FlightFuture),
@@ -208,20 +208,20 @@ impl SingleFlight {
     }
 
     /// The wall clock; a clock that panics reads as the Unix epoch (tokens then count
-    /// as unexpired and the server decides) instead of panicking the caller (C18).
+    /// as unexpired and the server decides) instead of panicking the caller ([C18](crate#c18)).
     fn now(&self) -> SystemTime {
         read_wall(&*self.inner.parts.clock)
     }
 
-    /// The monotonic clock; a clock that panics is replaced by `Instant::now` (C18).
+    /// The monotonic clock; a clock that panics is replaced by `Instant::now` ([C18](crate#c18)).
     fn mono(&self) -> Instant {
         let clock = &self.inner.parts.clock;
         catch_unwind(AssertUnwindSafe(|| clock.monotonic())).unwrap_or_else(|_| Instant::now())
     }
 
     /// The current token if it can be sent as it is: present, not rejected by a
-    /// server, and not within the leeway of its expiry (C7, scaled to its lifetime,
-    /// C15) — or younger than `min_refresh_interval`. Lock-free and allocation-free.
+    /// server, and not within the leeway of its expiry ([C7](crate#c7), scaled to its lifetime,
+    /// [C15](crate#c15)) — or younger than `min_refresh_interval`. Lock-free and allocation-free.
     pub fn valid_token(&self) -> Option<Arc<Token>> {
         self.usable_at(self.now())
     }
@@ -240,7 +240,7 @@ impl SingleFlight {
         token.generation() > self.inner.rejected.load(Ordering::Acquire)
     }
 
-    /// Younger than `min_refresh_interval`: used whatever its expiry says (C15).
+    /// Younger than `min_refresh_interval`: used whatever its expiry says ([C15](crate#c15)).
     fn is_young(&self, token: &Token, now: SystemTime) -> bool {
         token
             .age(now)
@@ -254,7 +254,7 @@ impl SingleFlight {
     }
 
     /// Usable without the leeway: not rejected and not yet expired. Callers that
-    /// would otherwise fail (a failed flight, backoff) use such a token (C16).
+    /// would otherwise fail (a failed flight, backoff) use such a token ([C16](crate#c16)).
     fn still_valid(&self, token: &Token, now: SystemTime) -> bool {
         self.not_rejected(token)
             && (self.is_young(token, now) || !token.is_expired(now, Duration::ZERO))
@@ -299,14 +299,14 @@ impl SingleFlight {
     ///
     /// Fast path: a valid token is returned at once (no lock, no allocation). In the
     /// refresh-ahead window a background refresh starts and the valid token is returned
-    /// (C8); without a spawner the one caller that starts it drives it and the rest go on.
-    /// An expired or missing token waits for the one refresh (C1, C2). If that refresh
+    /// ([C8](crate#c8)); without a spawner the one caller that starts it drives it and the rest go on.
+    /// An expired or missing token waits for the one refresh ([C1](crate#c1), [C2](crate#c2)). If that refresh
     /// fails while the old token has not really expired yet (it was only within the
-    /// leeway), the old token is returned (C16).
+    /// leeway), the old token is returned ([C16](crate#c16)).
     ///
     /// # Cancellation
     /// Dropping the returned future at any await point never hangs other callers and
-    /// never cancels the refresh while anyone else waits for it (C6). With a spawner the
+    /// never cancels the refresh while anyone else waits for it ([C6](crate#c6)). With a spawner the
     /// refresh also completes when every caller has left.
     pub async fn token(&self) -> Result<Arc<Token>, Error> {
         let now = self.now();
@@ -348,12 +348,12 @@ impl SingleFlight {
     /// `rejected_generation`.
     ///
     /// If a newer token already exists the rejection is stale: that token is returned
-    /// and no refresh starts (C3). Otherwise the token is marked rejected and the caller
-    /// waits for the one refresh that supersedes it (C2).
+    /// and no refresh starts ([C3](crate#c3)). Otherwise the token is marked rejected and the caller
+    /// waits for the one refresh that supersedes it ([C2](crate#c2)).
     ///
     /// # Cancellation
     /// As for [`SingleFlight::token`]: dropping the future never hangs others or cancels
-    /// a refresh someone else waits for (C6).
+    /// a refresh someone else waits for ([C6](crate#c6)).
     pub async fn token_after_rejection(
         &self,
         rejected_generation: u64,
@@ -424,7 +424,7 @@ impl SingleFlight {
     }
 
     /// Records that a server rejected the token of `generation` without waiting for a
-    /// new one (a request that cannot be resent, C4). The next caller gets a new token;
+    /// new one (a request that cannot be resent, [C4](crate#c4)). The next caller gets a new token;
     /// with a spawner the refresh starts now.
     pub fn mark_rejected(&self, generation: u64) {
         bump(&self.inner.counters.not_replayable);
@@ -436,7 +436,7 @@ impl SingleFlight {
         let _ = self.join_or_start(RefreshReason::Rejected, Some(generation), false);
     }
 
-    /// Refreshes even though the current token may be valid (C11), joining a refresh
+    /// Refreshes even though the current token may be valid ([C11](crate#c11)), joining a refresh
     /// already in flight.
     ///
     /// # Cancellation
@@ -452,9 +452,9 @@ impl SingleFlight {
     }
 
     /// Installs a token from outside (a new login). Ends "re-authentication required"
-    /// and any backoff (C9).
+    /// and any backoff ([C9](crate#c9)).
     ///
-    /// A login is the user's latest intent (C17): it is numbered above every token
+    /// A login is the user's latest intent ([C17](crate#c17)): it is numbered above every token
     /// known here and in the store, used at once by this process, and saved under the
     /// store's lock (so other processes and replicas see it). A flight that started
     /// before it can neither replace it nor fail it. The whole call is bounded by the
@@ -621,7 +621,7 @@ impl SingleFlight {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Joins the flight in progress, or starts one, or says why not (C1, C2, C9).
+    /// Joins the flight in progress, or starts one, or says why not ([C1](crate#c1), [C2](crate#c2), [C9](crate#c9)).
     /// `only_if_idle` is for refresh-ahead: never wait on someone else's flight.
     fn join_or_start(
         &self,
@@ -721,7 +721,7 @@ impl SingleFlight {
     }
 
     /// A usable token newer than the one a refresh for `reason` would replace: then the
-    /// refresh is not needed (C2, C3). Checked when a caller asks (under the lock, so a
+    /// refresh is not needed ([C2](crate#c2), [C3](crate#c3)). Checked when a caller asks (under the lock, so a
     /// flight that just ended is seen) and again when a flight runs (a spawned flight
     /// may first run much later, after a login). A forced refresh is never superseded.
     fn superseded(
@@ -778,12 +778,12 @@ impl SingleFlight {
         }
     }
 
-    /// Whether a login happened since `epoch` (then it wins, C17).
+    /// Whether a login happened since `epoch` (then it wins, [C17](crate#c17)).
     fn login_since(&self, epoch: u64) -> bool {
         self.lock_state().login_epoch != epoch
     }
 
-    /// A deadline one flight budget from now (C10).
+    /// A deadline one flight budget from now ([C10](crate#c10)).
     fn budget(&self) -> Deadline {
         Deadline(Some(
             self.inner
@@ -804,7 +804,7 @@ impl SingleFlight {
     }
 
     /// Ends flight `id`: publishes the token or records the failure, under the lock so
-    /// a caller that arrives next sees the outcome (C5). Never panics (C18).
+    /// a caller that arrives next sees the outcome ([C5](crate#c5)). Never panics ([C18](crate#c18)).
     fn finish(
         &self,
         id: u64,
@@ -909,7 +909,7 @@ impl SingleFlight {
         }
     }
 
-    /// The flight itself: retries transient failures within one budget (C16).
+    /// The flight itself: retries transient failures within one budget ([C16](crate#c16)).
     async fn run(
         &self,
         kind: FlightKind,
@@ -968,7 +968,7 @@ impl SingleFlight {
     }
 
     /// Re-authentication is required: adopt a newer usable token from the store (a
-    /// login saved by another process or replica), or fail with the same cause (C17).
+    /// login saved by another process or replica), or fail with the same cause ([C17](crate#c17)).
     async fn reload(&self, deadline: &mut Deadline) -> Result<Arc<Token>, RefreshError> {
         let lost = match &self.lock_state().failure {
             Failure::AuthLost { error, .. } => error.clone(),
@@ -1305,7 +1305,7 @@ fn read_wall(clock: &dyn Clock) -> SystemTime {
 }
 
 /// Records when a token arrived if its source did not say (its lifetime then counts
-/// from here, C15).
+/// from here, [C15](crate#c15)).
 fn stamp(token: Token, now: SystemTime) -> Token {
     if token.obtained().is_some() {
         token
@@ -1327,7 +1327,7 @@ fn sane(stored: Option<Token>) -> Option<Token> {
     }
 }
 
-/// `at + delay`, saturating instead of overflowing (C16).
+/// `at + delay`, saturating instead of overflowing ([C16](crate#c16)).
 fn instant_after(at: Instant, delay: Duration) -> Instant {
     at.checked_add(delay)
         .or_else(|| at.checked_add(Duration::from_secs(86_400)))

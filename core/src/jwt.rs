@@ -2,7 +2,7 @@
 //! signature*. This is only for scheduling: an access token's own `exp` tells when to
 //! refresh when a token response has no `expires_in`. Never use it to trust a token.
 //!
-//! Bad input gives a typed [`JwtError`], never a panic (C13).
+//! Bad input gives a typed [`JwtError`], never a panic ([C13](crate#c13)).
 
 use std::time::{Duration, SystemTime};
 
@@ -31,7 +31,7 @@ pub struct TimeClaims {
     pub nbf: Option<SystemTime>,
 }
 
-/// Why a string could not be read as a JWT. Never contains the token itself (C12).
+/// Why a string could not be read as a JWT. Never contains the token itself ([C12](crate#c12)).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum JwtError {

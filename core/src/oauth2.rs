@@ -3,10 +3,10 @@
 //!
 //! Both send a form-encoded POST, authenticate the client with HTTP Basic (default) or
 //! in the body (§2.3.1), and map the answer onto [`RefreshError`]s the coordinator acts
-//! on (C9): `invalid_grant`, `invalid_client`, `unauthorized_client` (and the other
+//! on ([C9](crate#c9)): `invalid_grant`, `invalid_client`, `unauthorized_client` (and the other
 //! codes no retry can cure) are permanent; 5xx, 429, network failures and timeouts are
 //! transient, with the server's `Retry-After` honoured. Responses are read up to
-//! [`MAX_RESPONSE_BYTES`]. Secrets never appear in errors or `Debug` output (C12).
+//! [`MAX_RESPONSE_BYTES`]. Secrets never appear in errors or `Debug` output ([C12](crate#c12)).
 //!
 //! ```no_run
 //! # fn demo(transport: std::sync::Arc<dyn tokenflight::adapter::Transport>) -> Result<(), tokenflight::ConfigError> {

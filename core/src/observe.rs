@@ -2,10 +2,10 @@
 //!
 //! Register any number with [`FlightBuilder::observer`](crate::FlightBuilder::observer). Every method has a no-op
 //! default, so an observer implements only what it needs. Events carry generations,
-//! reasons, error kinds, counts and durations — never a token or a secret (C12).
+//! reasons, error kinds, counts and durations — never a token or a secret ([C12](crate#c12)).
 //!
 //! An observer runs inline, on the thread that caused the event: keep it quick. One that
-//! panics is contained; the coordinator goes on (C18). With no observer registered the
+//! panics is contained; the coordinator goes on ([C18](crate#c18)). With no observer registered the
 //! fast path (a valid token in memory) does no extra work: events are only raised on
 //! the slow paths.
 
@@ -66,7 +66,7 @@ pub enum Outcome {
     Store,
     /// A pluggable part panicked.
     Panicked,
-    /// A login arrived meanwhile and won (C17).
+    /// A login arrived meanwhile and won ([C17](crate#c17)).
     Superseded,
 }
 
@@ -112,7 +112,7 @@ pub struct RefreshFinished {
     pub generation: Option<u64>,
 }
 
-/// A caller joined the flight in progress instead of starting one (C1).
+/// A caller joined the flight in progress instead of starting one ([C1](crate#c1)).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct FlightJoined {
@@ -126,7 +126,7 @@ pub struct FlightJoined {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ResendKind {
-    /// The rejection concerned an older token; a newer one existed (C3, no refresh).
+    /// The rejection concerned an older token; a newer one existed ([C3](crate#c3), no refresh).
     Stale,
     /// The request waited for a refresh that replaced the rejected token.
     Fresh,
@@ -142,7 +142,7 @@ impl ResendKind {
     }
 }
 
-/// A request rejected by a server was resent once with a newer token (C4).
+/// A request rejected by a server was resent once with a newer token ([C4](crate#c4)).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct RequestResent {
@@ -154,7 +154,7 @@ pub struct RequestResent {
     pub with: u64,
 }
 
-/// Re-authentication became necessary (C9).
+/// Re-authentication became necessary ([C9](crate#c9)).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct AuthLost<'a> {
@@ -201,7 +201,7 @@ impl Observers {
         self.0.is_empty()
     }
 
-    /// Calls `f` on every observer; a panic in one is contained (C18).
+    /// Calls `f` on every observer; a panic in one is contained ([C18](crate#c18)).
     pub(crate) fn emit(&self, f: impl Fn(&dyn Observer)) {
         for observer in &self.0 {
             if catch_unwind(AssertUnwindSafe(|| f(observer.as_ref()))).is_err() {

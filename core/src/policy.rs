@@ -233,7 +233,7 @@ fn names(piece: &str, name: &str) -> bool {
         .is_some_and(|(key, _)| key == name)
 }
 
-/// Which origins may receive the token (C12).
+/// Which origins may receive the token ([C12](crate#c12)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum AllowedOrigins {
     /// Only these origins (scheme, host and port must match).

@@ -1,5 +1,5 @@
 //! The three things the core needs from a runtime, as small traits: spawn a task, sleep,
-//! and read the wall clock. The core depends on no runtime (C14); adapters plug theirs in.
+//! and read the wall clock. The core depends on no runtime ([C14](crate#c14)); adapters plug theirs in.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

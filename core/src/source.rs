@@ -16,13 +16,13 @@ use crate::token::Token;
 pub enum RefreshReason {
     /// There is no token yet (and the store had none).
     Initial,
-    /// The token expired, or will within the leeway (C7).
+    /// The token expired, or will within the leeway ([C7](crate#c7)).
     Expired,
-    /// The server rejected the token (C4).
+    /// The server rejected the token ([C4](crate#c4)).
     Rejected,
-    /// The token is still valid but inside the refresh-ahead window (C8).
+    /// The token is still valid but inside the refresh-ahead window ([C8](crate#c8)).
     RefreshAhead,
-    /// A request asked for a refresh explicitly (C11).
+    /// A request asked for a refresh explicitly ([C11](crate#c11)).
     Forced,
 }
 
@@ -50,7 +50,7 @@ impl RefreshContext {
 }
 
 /// Produces new tokens. The coordinator calls it at most once at a time per lock domain
-/// (C1), and decides the token's generation itself.
+/// ([C1](crate#c1)), and decides the token's generation itself.
 ///
 /// A source that talks to a token endpoint should do so through a bare
 /// [`Transport`](crate::adapter::Transport), never through the auth policy that waits for
@@ -70,7 +70,7 @@ impl<S: TokenSource + ?Sized> TokenSource for Arc<S> {
 }
 
 /// A token source made from an async closure; see [`from_fn`].
-pub struct FnSource<F> {
+pub(crate) struct FnSource<F> {
     f: F,
 }
 
@@ -87,7 +87,7 @@ impl<F> fmt::Debug for FnSource<F> {
 /// let source = from_fn(|_cx: RefreshContext| async { Ok(Token::new("secret")) });
 /// # let _ = source;
 /// ```
-pub fn from_fn<F, Fut>(f: F) -> FnSource<F>
+pub fn from_fn<F, Fut>(f: F) -> impl TokenSource
 where
     F: Fn(RefreshContext) -> Fut + Send + Sync,
     Fut: Future<Output = Result<Token, RefreshError>> + Send + 'static,

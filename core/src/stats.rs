@@ -12,10 +12,10 @@ pub struct Stats {
     /// Calls of the token source: every attempt, retries inside a flight included.
     pub source_calls: u64,
     /// Source attempts beyond the first inside one flight (transient failures retried,
-    /// C16).
+    /// [C16](crate#c16)).
     pub attempt_retries: u64,
     /// Tokens adopted from the store while re-authentication was required (a login
-    /// saved by another process or replica, C17).
+    /// saved by another process or replica, [C17](crate#c17)).
     pub store_reloads: u64,
     /// Tokens adopted from the store because another process had refreshed.
     pub adopted: u64,
@@ -25,7 +25,7 @@ pub struct Stats {
     pub coalesced: u64,
     /// Requests resent once with a newer token.
     pub retries: u64,
-    /// Rejections of a token older than the current one (no refresh, C3).
+    /// Rejections of a token older than the current one (no refresh, [C3](crate#c3)).
     pub stale_rejections: u64,
     /// Responses classified as "token rejected".
     pub rejections: u64,

@@ -1,5 +1,5 @@
 //! Where tokens live between requests and processes: the `TokenStore` trait and the
-//! in-memory default. A store's refresh lock is what makes one flight span processes (C1).
+//! in-memory default. A store's refresh lock is what makes one flight span processes ([C1](crate#c1)).
 
 use std::any::Any;
 use std::fmt;
@@ -85,7 +85,7 @@ impl fmt::Debug for StoreLock {
 /// The coordinator's flight is: `lock` → `load` → adopt the stored token if it is newer
 /// than the one being replaced (another process refreshed) → else call the source →
 /// `save` (before the lock is released and before the token is handed out) → `unlock`.
-/// Generations are assigned as `max(stored, current) + 1`, so C3 holds across processes.
+/// Generations are assigned as `max(stored, current) + 1`, so [C3](crate#c3) holds across processes.
 ///
 /// The trait is object-safe.
 pub trait TokenStore: Send + Sync {

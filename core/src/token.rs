@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 /// A secret string (an access or refresh token).
 ///
 /// `Debug` and `Display` print `[redacted]`; the value is reachable only through
-/// [`Secret::expose`], so every place that reads it is easy to find (C12).
+/// [`Secret::expose`], so every place that reads it is easy to find ([C12](crate#c12)).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
 
@@ -51,7 +51,7 @@ impl From<String> for Secret {
 ///
 /// The `generation` grows by one with every new token the coordinator installs (also
 /// across processes when a shared store is used); a request remembers the generation it
-/// carried, so a rejection of an older token is recognised as stale (C3).
+/// carried, so a rejection of an older token is recognised as stale ([C3](crate#c3)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Token {
     access: Secret,
@@ -93,7 +93,7 @@ impl Token {
     }
 
     /// Sets the expiry as a lifetime counted from `now`, and records `now` as the time
-    /// the token was obtained, so the coordinator knows its lifetime (C15).
+    /// the token was obtained, so the coordinator knows its lifetime ([C15](crate#c15)).
     pub fn expires_in(self, lifetime: Duration, now: SystemTime) -> Self {
         match now.checked_add(lifetime) {
             Some(at) => self.expires_at(at).obtained_at(now),
@@ -104,7 +104,7 @@ impl Token {
 
     /// Records when the token was obtained (received from the server). With an expiry
     /// this gives the token's lifetime, to which the coordinator scales its timing
-    /// (C15). The coordinator stamps tokens that arrive without it.
+    /// ([C15](crate#c15)). The coordinator stamps tokens that arrive without it.
     pub fn obtained_at(mut self, at: SystemTime) -> Self {
         self.obtained = Some(at);
         self
@@ -156,7 +156,7 @@ impl Token {
         self.generation
     }
 
-    /// True when the token is expired at `now`, or will be within `leeway` (C7).
+    /// True when the token is expired at `now`, or will be within `leeway` ([C7](crate#c7)).
     pub fn is_expired(&self, now: SystemTime, leeway: Duration) -> bool {
         match self.expires_at {
             None => false,

@@ -1,6 +1,6 @@
 //! Parsing of a token endpoint's answer: the RFC 6749 §5.1 success body, the §5.2 error
-//! body, and `Retry-After`. Bad input gives a typed error, never a panic (C13), and no
-//! error or `Debug` output carries a secret (C12): field values are never echoed.
+//! body, and `Retry-After`. Bad input gives a typed error, never a panic ([C13](crate#c13)), and no
+//! error or `Debug` output carries a secret ([C12](crate#c12)): field values are never echoed.
 
 use std::time::{Duration, SystemTime};
 
@@ -136,7 +136,7 @@ impl TokenResponse {
     /// kept when the response carries no new one, and replaced when it does (rotation).
     ///
     /// The token is marked as obtained at `now`, so its lifetime is known and the
-    /// coordinator's timing scales to it (C15). The relative `expires_in` is preferred
+    /// coordinator's timing scales to it ([C15](crate#c15)). The relative `expires_in` is preferred
     /// over an absolute JWT `exp` because it does not depend on the two clocks agreeing;
     /// an `exp` already past by the local clock gives a lifetime of zero, and such a
     /// token is still sent (the server decides) for `min_refresh_interval`.

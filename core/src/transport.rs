@@ -1,6 +1,6 @@
 //! The bare transport token sources use to reach a token endpoint. It is implemented for
 //! a client *without* the auth layer, so a refresh request can never wait for itself or
-//! loop through the layer (C11) — by construction, not by a flag.
+//! loop through the layer ([C11](crate#c11)) — by construction, not by a flag.
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;

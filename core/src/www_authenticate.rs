@@ -1,11 +1,12 @@
 //! RFC 6750 / RFC 9110 `WWW-Authenticate` parsing: several challenges per header,
 //! auth-params with quoted strings and escapes, token68. Bad input gives a typed error,
-//! never a panic (C13).
+//! never a panic ([C13](crate#c13)).
 
 use std::fmt;
 
 /// One challenge of a `WWW-Authenticate` header.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Challenge {
     /// The auth scheme as written (compare case-insensitively).
     pub scheme: String,
@@ -33,6 +34,7 @@ impl Challenge {
 /// A `WWW-Authenticate` value that does not follow the grammar.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("malformed WWW-Authenticate header at byte {position}: {reason}")]
+#[non_exhaustive]
 pub struct ParseError {
     /// Byte offset where parsing failed.
     pub position: usize,

@@ -42,6 +42,7 @@
 //!
 //! | scenario | what the wire must show |
 //! |---|---|
+//! | [`c11_a_skipped_route_goes_without_a_token`] | a route exempted on the builder goes without a token, for its method and path segment only |
 //! | [`c12_query_placement_keeps_the_callers_query_byte_for_byte`] | the caller's query arrives as written, the token pair added (or put in place of the caller's own) |
 //! | [`c12_query_token_never_in_errors`] | a transport error after query placement does not show the token |
 //! | [`c12_query_token_never_in_a_referer`] | a redirect to another origin carries no `Referer` with the token |
@@ -738,6 +739,48 @@ pub async fn s10_skip_auth_sends_no_credentials(adapter: &dyn Adapter) {
         "[{}] S10",
         w.name
     );
+}
+
+/// A route exempted on the builder (`skip_route`) goes without credentials and starts
+/// no refresh, for its method only and for the whole path segment; every other request
+/// carries the token. One rule in the core's policy, the same in every adapter (C11).
+pub async fn c11_a_skipped_route_goes_without_a_token(adapter: &dyn Adapter) {
+    let w = World::start_with(
+        adapter,
+        TestServerConfig::default(),
+        Start::ExpiredClientSide,
+        |b| b.skip_route(Some(http::Method::POST), "/api/login"),
+    );
+    let login = TestRequest::with_body("POST", w.server.api_url("login/sso"), b"user".to_vec());
+    let response = w.respond(login).await;
+    assert_eq!(
+        response.status, 401,
+        "[{}] C11: the server's answer as it is",
+        w.name
+    );
+    let recorded = w.requests_to("login/sso");
+    assert_eq!(recorded.len(), 1, "[{}] C11: sent once", w.name);
+    assert_eq!(recorded[0].token, None, "[{}] C11", w.name);
+    assert!(!recorded[0].authorization, "[{}] C11", w.name);
+    assert_eq!(
+        w.server.counters().token_calls,
+        0,
+        "[{}] C11: no refresh",
+        w.name
+    );
+    // Another method on the route, and a path that only starts with the same letters,
+    // carry the token.
+    for (method, path) in [("GET", "login"), ("POST", "loginx")] {
+        let request = TestRequest::with_body(method, w.server.api_url(path), b"x".to_vec());
+        let response = w.respond(request).await;
+        assert_eq!(response.status, 200, "[{}] C11: {method} {path}", w.name);
+        let recorded = w.requests_to(path);
+        assert!(
+            recorded.last().is_some_and(|r| r.token.is_some()),
+            "[{}] C11: {method} {path} carries the token",
+            w.name
+        );
+    }
 }
 
 /// S11: the token goes only to the allowed origin: another server never sees it, not
@@ -1941,6 +1984,7 @@ macro_rules! conformance_tests {
             s8_retry_resends_the_same_body,
             s9_streaming_body_is_not_resent,
             s10_skip_auth_sends_no_credentials,
+            c11_a_skipped_route_goes_without_a_token,
             s11_token_only_reaches_allowed_origin,
             s12_query_parameter_placement,
             s13_business_code_classification,

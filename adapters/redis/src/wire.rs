@@ -23,7 +23,7 @@ struct StoredToken {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
     /// Milliseconds since the Unix epoch when the token was obtained: with the expiry it
-    /// gives the lifetime the refresh timing scales to (C15). Optional and additive:
+    /// gives the lifetime the refresh timing scales to ([C15](tokenflight#c15)). Optional and additive:
     /// records written before it existed still load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     obtained_at_ms: Option<u64>,

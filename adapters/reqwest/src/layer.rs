@@ -26,7 +26,7 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 /// further down pass through unchanged, except that with query placement the token never
 /// shows in them: a `reqwest::Error` gets its URL's token value replaced by `redacted`,
 /// and any other error whose text still shows the token is replaced by one with that
-/// text, redacted (C12).
+/// text, redacted ([C12](tokenflight#c12)).
 #[derive(Clone, Debug)]
 pub struct TokenMiddleware {
     auth: AuthPolicy,
@@ -139,7 +139,7 @@ impl Middleware for TokenMiddleware {
     }
 }
 
-/// `error` without the query token that went out in `sent` (C12). reqwest's own error
+/// `error` without the query token that went out in `sent` ([C12](tokenflight#c12)). reqwest's own error
 /// (the request's, or one that middleware further down wrapped as it is) keeps its
 /// type with the token's value in its URL replaced. Any other error whose text
 /// (`Display` of it and its causes, or `Debug`) still shows the token is replaced by

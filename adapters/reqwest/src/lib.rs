@@ -37,8 +37,8 @@
 //! ## Per-request options and exempt routes
 //!
 //! Put a marker in the request's extensions, as with every tokenflight adapter:
-//! [`SkipAuth`](tokenflight::SkipAuth) sends it without credentials and does not classify
-//! the response; [`ForceRefresh`](tokenflight::ForceRefresh) refreshes before sending.
+//! [`SkipAuth`] sends it without credentials and does not classify
+//! the response; [`ForceRefresh`] refreshes before sending.
 //! Routes that never carry a token (a login endpoint on the API's origin) are exempted
 //! once, on the builder: `.skip_route(Some(Method::POST), "/login")`
 //! ([`AuthPolicyBuilder::skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).

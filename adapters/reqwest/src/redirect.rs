@@ -1,7 +1,7 @@
 //! A redirect policy that keeps the token on the allowed origins when it travels in a
 //! header reqwest does not strip by itself, or in the query.
 //!
-//! The core checks the URL a request is sent to (C12), but reqwest follows redirects
+//! The core checks the URL a request is sent to ([C12](tokenflight#c12)), but reqwest follows redirects
 //! inside the client, below the middleware. On a redirect to another origin reqwest
 //! drops `Authorization` (and cookies), yet keeps every other header, so a token in
 //! `X-Api-Key` would go along; and it sends the previous URL, query included, as

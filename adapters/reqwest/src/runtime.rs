@@ -1,5 +1,5 @@
 //! tokio's spawner and timer for the core, so a refresh finishes even when every caller
-//! was cancelled (C6) and refresh timeouts use tokio's clock.
+//! was cancelled ([C6](tokenflight#c6)) and refresh timeouts use tokio's clock.
 
 use std::time::Duration;
 

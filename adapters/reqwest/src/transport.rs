@@ -1,6 +1,6 @@
 //! The bare transport: a plain `reqwest::Client` (no middleware) that token sources use
 //! to reach the token endpoint, so a refresh can never pass through the auth layer that
-//! waits for it (C11).
+//! waits for it ([C11](tokenflight#c11)).
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -67,7 +67,7 @@ impl Transport for BareTransport {
 }
 
 /// The URL is dropped from the error: a token endpoint URL may carry credentials in its
-/// query, and this error is shown to every waiter of the refresh (C12).
+/// query, and this error is shown to every waiter of the refresh ([C12](tokenflight#c12)).
 fn transport_error(error: reqwest::Error) -> TransportError {
     if error.is_timeout() {
         TransportError::Timeout

@@ -1,5 +1,5 @@
-//! Per-request markers, client-wide defaults (the request wins), and how errors reach
-//! the caller.
+//! Per-request markers, exempt routes, a client-wide marker, and how errors reach the
+//! caller.
 
 mod common;
 
@@ -31,47 +31,41 @@ async fn force_refresh_refreshes_a_valid_token_before_sending() {
 }
 
 #[tokio::test]
-async fn a_client_wide_default_applies_and_the_request_overrides_it() {
+async fn a_skipped_route_goes_without_credentials_and_other_routes_with() {
     let server = TestServer::start(TestServerConfig::default());
-    let client = ClientBuilder::new(reqwest::Client::new())
-        .with_init(Extension(RequestOptions::from_markers(true, false)))
-        .with(common::layer(&server))
-        .build();
+    let layer = TokenMiddleware::builder()
+        .source(common::client_credentials(&server))
+        .allowed_origin(&server.origin())
+        .skip_route(None, "/api/a")
+        .build()
+        .unwrap();
+    let client = common::client(layer);
 
-    // The default: no credentials.
+    // The exempt route: no credentials.
     let response = client.get(server.api_url("a")).send().await.unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(server.counters().credentialed_requests, 0);
     assert_eq!(server.counters().token_calls, 0);
 
-    // The request's own options replace the client's.
-    let response = client
-        .get(server.api_url("b"))
-        .with_extension(RequestOptions::default())
-        .send()
-        .await
-        .unwrap();
+    // Any other route carries the token.
+    let response = client.get(server.api_url("b")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(server.counters().credentialed_requests, 1);
     assert_eq!(server.counters().token_calls, 1);
 }
 
 #[tokio::test]
-async fn a_marker_on_the_request_applies_over_a_permissive_default() {
+async fn a_client_wide_marker_from_an_initialiser_applies_to_every_request() {
     let server = TestServer::start(TestServerConfig::default());
     let client = ClientBuilder::new(reqwest::Client::new())
-        .with_init(Extension(RequestOptions::default()))
+        .with_init(Extension(SkipAuth))
         .with(common::layer(&server))
         .build();
 
-    let response = client
-        .get(server.api_url("a"))
-        .with_extension(SkipAuth)
-        .send()
-        .await
-        .unwrap();
+    let response = client.get(server.api_url("a")).send().await.unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(server.counters().credentialed_requests, 0);
+    assert_eq!(server.counters().token_calls, 0);
 }
 
 #[tokio::test]

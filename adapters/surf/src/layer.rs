@@ -40,7 +40,7 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// every attempt a copy. Larger bodies, and streams of unknown length
 /// (`Body::from_reader(r, None)`), are sent as they are but cannot be resent: when such
 /// a request is rejected, the caller gets the rejection and the token is marked
-/// rejected, so the next request refreshes (C4).
+/// rejected, so the next request refreshes ([C4](tokenflight#c4)).
 ///
 /// # Markers
 /// Put [`SkipAuth`] or [`ForceRefresh`] in the request's extensions
@@ -58,7 +58,7 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 ///
 /// With query placement, an error of middleware after the layer whose text shows the
 /// token (the request URL, say) is replaced by one with the same status and message,
-/// the token's value written `redacted` (C12).
+/// the token's value written `redacted` ([C12](tokenflight#c12)).
 ///
 /// # The header
 /// The token is never logged by this crate, but http-types has no "sensitive" flag for
@@ -143,7 +143,7 @@ impl Middleware for TokenMiddleware {
     }
 }
 
-/// `error` without the query token that went out in `sent` (C12): surf's own errors do
+/// `error` without the query token that went out in `sent` ([C12](tokenflight#c12)): surf's own errors do
 /// not print URLs, but middleware after the layer may. An error whose `Display` or
 /// `Debug` shows the token is replaced by one with the same status and its message,
 /// the token redacted; it no longer downcasts to its original type.

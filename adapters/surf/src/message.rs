@@ -3,7 +3,7 @@
 //! Cloning a `surf::Request` silently drops its body (and its extensions), so the body
 //! is read into memory once, bounded, and attached to every attempt. A body that is
 //! larger than the limit, or a stream of unknown length, is sent as it is and the
-//! request is not replayable: on a rejection the caller gets the original response (C4).
+//! request is not replayable: on a rejection the caller gets the original response ([C4](tokenflight#c4)).
 
 use std::str::FromStr;
 

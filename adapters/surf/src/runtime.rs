@@ -1,4 +1,4 @@
-//! async-std's spawner and timer for the core (C6, C10).
+//! async-std's spawner and timer for the core ([C6](tokenflight#c6), [C10](tokenflight#c10)).
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use tokenflight::adapter::{Spawn, Timer};
 
 /// Spawns the core's background refreshes on async-std, so a refresh finishes and is
-/// stored even when every caller waiting for it was cancelled (C6).
+/// stored even when every caller waiting for it was cancelled ([C6](tokenflight#c6)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AsyncStdSpawner;
 
@@ -19,7 +19,7 @@ impl Spawn for AsyncStdSpawner {
     }
 }
 
-/// async-std's `sleep`, for refresh timeouts (C10).
+/// async-std's `sleep`, for refresh timeouts ([C10](tokenflight#c10)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AsyncStdTimer;
 

@@ -15,7 +15,7 @@ use crate::body::{self, Bounded, Unknown};
 /// through the layer. Give it a client with no auth middleware.
 ///
 /// # Use a client without keep-alive
-/// When a refresh attempt times out (C10), its request is dropped mid-flight. surf's h1
+/// When a refresh attempt times out ([C10](tokenflight#c10)), its request is dropped mid-flight. surf's h1
 /// backend then puts the connection back into its pool although the server is still
 /// working on the abandoned request, and the next refresh on that connection waits
 /// behind it: it times out too, and so does every later one (tested in

@@ -1,4 +1,4 @@
-//! Bodies: which request bodies can be sent twice (C4), and reading the first bytes of
+//! Bodies: which request bodies can be sent twice ([C4](tokenflight#c4)), and reading the first bytes of
 //! a body without the receiver noticing.
 //!
 //! A rejected request is resent only if its body can be produced again: either its type

@@ -47,7 +47,7 @@ impl TokenLayer {
     /// How many bytes of a request body the layer keeps in memory to resend it (default
     /// [`DEFAULT_REPLAY_BODY_LIMIT`]). Only bodies of a type that
     /// holds a buffered body (boxed bodies, tonic's) are read ahead; a body larger than
-    /// this is sent as it is and not replayed (C4). `0` replays only bodies that copy
+    /// this is sent as it is and not replayed ([C4](tokenflight#c4)). `0` replays only bodies that copy
     /// cheaply (`Full<Bytes>`, `String`, `Empty`) and empty ones.
     pub fn replay_body_limit(mut self, bytes: usize) -> Self {
         self.replay_limit = bytes;

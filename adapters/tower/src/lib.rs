@@ -58,7 +58,7 @@
 //! are read ahead into memory when the whole body is there, up to
 //! [`TokenLayer::replay_body_limit`]. A body still being produced (a client-streaming call),
 //! or a larger one, is sent as it is: if the token is rejected, the caller gets the
-//! response and the token is marked rejected, so the next request gets a new one (C4).
+//! response and the token is marked rejected, so the next request gets a new one ([C4](tokenflight#c4)).
 //!
 //! ## Redirects
 //!
@@ -68,13 +68,13 @@
 //! along, so with a custom header placement do not follow redirects to other origins
 //! (a `FollowRedirect` policy that stops there). With the feature `tower-http`, a response
 //! that `FollowRedirect` fetched from another origin is not taken as a verdict on the
-//! token (it never went there): it goes to the caller unclassified (C4).
+//! token (it never went there): it goes to the caller unclassified ([C4](tokenflight#c4)).
 //!
 //! ## Responses and errors
 //!
 //! Responses carry a [`BufferedBody`]: the inner service's body, with any bytes a body
 //! classifier looked at put back in front. The service's error is
-//! [`AuthError`](tokenflight::adapter::AuthError): `Token` holds the core's typed
+//! [`AuthError`]: `Token` holds the core's typed
 //! [`tokenflight::Error`] when no token can be had, `Transport` holds the inner
 //! service's error unchanged.
 //!

@@ -1,6 +1,6 @@
 //! The bare transport: a hyper-util client (no layer) that token sources use to reach
 //! the token endpoint, so a refresh can never pass through the layer that waits for it
-//! (C11). hyper-util rather than the reqwest adapter's transport: this crate must not
+//! ([C11](tokenflight#c11)). hyper-util rather than the reqwest adapter's transport: this crate must not
 //! bring reqwest in, and hyper-util is what tower users already have.
 
 use bytes::Bytes;
