@@ -304,6 +304,16 @@ impl SingleFlight {
     /// fails while the old token has not really expired yet (it was only within the
     /// leeway), the old token is returned ([C16](crate#c16)).
     ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("secret")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token()).unwrap();
+    /// assert_eq!(token.access().expose(), "secret");
+    /// ```
+    ///
     /// # Cancellation
     /// Dropping the returned future at any await point never hangs other callers and
     /// never cancels the refresh while anyone else waits for it ([C6](crate#c6)). With a spawner the
@@ -350,6 +360,28 @@ impl SingleFlight {
     /// If a newer token already exists the rejection is stale: that token is returned
     /// and no refresh starts ([C3](crate#c3)). Otherwise the token is marked rejected and the caller
     /// waits for the one refresh that supersedes it ([C2](crate#c2)).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let calls = AtomicU32::new(0);
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(move |_cx| {
+    ///         let n = calls.fetch_add(1, Ordering::SeqCst);
+    ///         async move { Ok(Token::new(format!("token-{n}"))) }
+    ///     }))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     let first = flight.token().await.unwrap();
+    ///     // The server rejected `first`: one refresh, a newer token.
+    ///     let newer = flight.token_after_rejection(first.generation()).await.unwrap();
+    ///     assert!(newer.generation() > first.generation());
+    ///     // A late rejection of `first` is stale: the newer token, no second refresh.
+    ///     let again = flight.token_after_rejection(first.generation()).await.unwrap();
+    ///     assert_eq!(again.generation(), newer.generation());
+    /// });
+    /// ```
     ///
     /// # Cancellation
     /// As for [`SingleFlight::token`]: dropping the future never hangs others or cancels
@@ -439,8 +471,28 @@ impl SingleFlight {
     /// Refreshes even though the current token may be valid ([C11](crate#c11)), joining a refresh
     /// already in flight.
     ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let calls = AtomicU32::new(0);
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(move |_cx| {
+    ///         let n = calls.fetch_add(1, Ordering::SeqCst);
+    ///         async move { Ok(Token::new(format!("token-{n}"))) }
+    ///     }))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     let valid = flight.token().await.unwrap();
+    ///     let forced = flight.force_refresh().await.unwrap();
+    ///     assert_eq!(forced.access().expose(), "token-1");
+    ///     assert!(forced.generation() > valid.generation());
+    /// });
+    /// ```
+    ///
     /// # Cancellation
-    /// As for [`SingleFlight::token`].
+    /// As for [`SingleFlight::token`]: dropping the future never hangs others or cancels
+    /// a refresh someone else waits for ([C6](crate#c6)).
     pub async fn force_refresh(&self) -> Result<Arc<Token>, Error> {
         let replaces = self.current().map(|t| t.generation());
         self.wait(
@@ -462,6 +514,22 @@ impl SingleFlight {
     ///
     /// An error means the login could not be saved: it is still in use here, and the
     /// next flight tries to save it again.
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError, SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Err(RefreshError::permanent("invalid_grant")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     // The refresh token was revoked: re-authentication required.
+    ///     assert!(flight.token().await.is_err());
+    ///     assert!(matches!(flight.token().await, Err(Error::ReauthenticationRequired { .. })));
+    ///     // A new login ends it.
+    ///     flight.install(Token::new("from-login")).await.unwrap();
+    ///     assert_eq!(flight.token().await.unwrap().access().expose(), "from-login");
+    /// });
+    /// ```
     ///
     /// # Cancellation
     /// The token is in use in this process from the first poll. If dropped before the
