@@ -1,5 +1,7 @@
 //! Issue 16: one `tracing` span per flight with reason, generation, attempts and
-//! outcome; no span field and no event of the core carries a token or a secret (C12).
+//! outcome; one `tokenflight.request` span per authenticated request (generation used,
+//! waited or not, resent or not) that ties a slow request to the refresh it waited
+//! for; no span field and no event of the core carries a token or a secret (C12).
 
 mod support;
 
@@ -7,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::executor::block_on;
-use support::{ScriptedSource, Step};
-use tokenflight::{Backoff, Builder, ManualClock, Retry, Token};
+use support::{FakeRequest, FakeServer, ScriptedSource, Step};
+use tokenflight::{Backoff, Builder, ManualClock, RequestOptions, Retry, Token};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -124,6 +126,87 @@ fn one_span_per_flight_and_no_secrets() {
         .chain(events);
     for line in all {
         for secret in ["token-", "refresh-", "old-secret", "old-refresh", "login-"] {
+            assert!(!line.contains(secret), "{secret} leaked into {line}");
+        }
+    }
+}
+
+#[test]
+fn request_span_ties_a_request_to_the_refresh_it_waited_for() {
+    let capture = Capture::default();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+        let auth = Builder::new()
+            .source_arc(source.clone())
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .refresh_ahead(None)
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        let server = FakeServer::default();
+        let send = |path: &str| {
+            block_on(auth.send(
+                FakeRequest::get(&format!("https://api.test/{path}")),
+                RequestOptions::default(),
+                // Token 1 is good for /a and /b; /c rejects it (the server revoked it).
+                server.sender({
+                    let path = path.to_owned();
+                    move |t| path != "c" || t != "token-1"
+                }),
+            ))
+            .unwrap()
+            .status
+        };
+        assert_eq!(send("a"), 200);
+        assert_eq!(send("b"), 200);
+        assert_eq!(send("c"), 200);
+        // Not authenticated: no request span.
+        block_on(auth.send(
+            FakeRequest::get("https://elsewhere.test/"),
+            RequestOptions::default(),
+            server.sender(|_| true),
+        ))
+        .unwrap();
+    });
+    let spans = capture.spans.lock().unwrap().clone();
+    let requests: Vec<_> = spans
+        .iter()
+        .filter(|(name, _)| name == "tokenflight.request")
+        .map(|(_, fields)| fields.clone())
+        .collect();
+    assert_eq!(
+        requests,
+        vec![
+            // Waited for the initial refresh, which produced generation 1.
+            vec!["generation=1", "waited=true", "resent=false"],
+            // A fast-path hit.
+            vec!["generation=1", "waited=false", "resent=false"],
+            // Rejected, resent once with the token of the refresh it waited for.
+            vec![
+                "generation=1",
+                "waited=false",
+                "resent=true",
+                "resent_with=2"
+            ],
+        ]
+    );
+    let refreshes: Vec<_> = spans
+        .iter()
+        .filter(|(name, _)| name == "tokenflight.refresh")
+        .map(|(_, fields)| fields.clone())
+        .collect();
+    assert_eq!(refreshes.len(), 2, "{refreshes:?}");
+    assert!(refreshes[0].contains(&"generation=1".to_owned()));
+    assert!(refreshes[1].contains(&"generation=2".to_owned()));
+    let events = capture.events.lock().unwrap().clone();
+    for line in spans
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .chain(events)
+    {
+        for secret in ["token-", "refresh-", "Bearer"] {
             assert!(!line.contains(secret), "{secret} leaked into {line}");
         }
     }
