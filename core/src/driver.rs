@@ -194,11 +194,7 @@ impl Authenticator {
     /// [`RequestAuthorized`] and on `span`; otherwise this is just the coordinator's
     /// call. Waiting = the token was not ready at the first poll, or it is not the
     /// token that was current before (a refresh ran, possibly without suspending).
-    async fn authorize(
-        &self,
-        force_refresh: bool,
-        span: &Span,
-    ) -> Result<Arc<Token>, Error> {
+    async fn authorize(&self, force_refresh: bool, span: &Span) -> Result<Arc<Token>, Error> {
         let fetch = async {
             if force_refresh {
                 self.flight.force_refresh().await
@@ -224,9 +220,9 @@ impl Authenticator {
         span.record("generation", generation);
         span.record("waited", waited);
         if observed {
-            self.flight.observers().emit(|o| {
-                o.request_authorized(&RequestAuthorized { generation, waited })
-            });
+            self.flight
+                .observers()
+                .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
         }
         Ok(token)
     }

@@ -120,9 +120,13 @@ fn observers_add_no_allocation_to_a_fast_path_send() {
     };
     let without = blocks(false);
     let with = blocks(true);
-    assert!(without > 0, "the measurement sees the sends' own allocations");
+    assert!(
+        without > 0,
+        "the measurement sees the sends' own allocations"
+    );
     assert_eq!(
-        with, without,
+        with,
+        without,
         "observers added {} blocks to 1,000 fast-path sends",
         with.saturating_sub(without)
     );

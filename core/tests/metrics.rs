@@ -266,7 +266,10 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
         1
     );
     assert_eq!(
-        counter(&metrics, "tokenflight.request.fast_path{coordinator=billing}"),
+        counter(
+            &metrics,
+            "tokenflight.request.fast_path{coordinator=billing}"
+        ),
         4
     );
     assert_eq!(
