@@ -259,8 +259,24 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
             .unwrap();
             assert_eq!(response.status, 200);
         }
+        // The server rejects token 1: the request waits for token 2 and is resent.
+        let response = block_on(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            |req| {
+                let status = if req.header("authorization") == Some("Bearer token-1") {
+                    401
+                } else {
+                    200
+                };
+                async move { Ok::<_, std::convert::Infallible>(FakeResponse::status(status)) }
+            },
+        ))
+        .unwrap();
+        assert_eq!(response.status, 200);
     });
-    // The first request waited for the initial token; the other four were fast-path hits.
+    // The first request waited for the initial token; the other four were fast-path hits,
+    // and so was the sixth (token 1 was valid in memory until the server rejected it).
     assert_eq!(
         counter(&metrics, "tokenflight.request.waited{coordinator=billing}"),
         1
@@ -270,7 +286,21 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
             &metrics,
             "tokenflight.request.fast_path{coordinator=billing}"
         ),
-        4
+        5
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.request.resent{coordinator=billing,kind=fresh}"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.refresh.started{coordinator=billing,reason=rejected}"
+        ),
+        1
     );
     assert_eq!(
         counter(
@@ -284,7 +314,7 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
             &metrics,
             "tokenflight.refresh.outcome{coordinator=billing,outcome=success}"
         ),
-        1
+        2
     );
-    assert_eq!(metrics.len(), 6, "{:?}", metrics.keys().collect::<Vec<_>>());
+    assert_eq!(metrics.len(), 8, "{:?}", metrics.keys().collect::<Vec<_>>());
 }

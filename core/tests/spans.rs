@@ -211,3 +211,147 @@ fn request_span_ties_a_request_to_the_refresh_it_waited_for() {
         }
     }
 }
+
+/// Keeps the `Debug` form of every observer event.
+#[derive(Clone, Default)]
+struct DebugAll(Arc<Mutex<Vec<String>>>);
+
+impl DebugAll {
+    fn push(&self, event: &dyn std::fmt::Debug) {
+        self.0.lock().unwrap().push(format!("{event:?}"));
+    }
+}
+
+impl tokenflight::Observer for DebugAll {
+    fn refresh_started(&self, e: &tokenflight::observe::RefreshStarted) {
+        self.push(e);
+    }
+    fn attempt_failed(&self, e: &tokenflight::observe::AttemptFailed<'_>) {
+        self.push(e);
+    }
+    fn refresh_finished(&self, e: &tokenflight::observe::RefreshFinished) {
+        self.push(e);
+    }
+    fn flight_joined(&self, e: &tokenflight::observe::FlightJoined) {
+        self.push(e);
+    }
+    fn request_authorized(&self, e: &tokenflight::observe::RequestAuthorized) {
+        self.push(e);
+    }
+    fn request_resent(&self, e: &tokenflight::observe::RequestResent) {
+        self.push(e);
+    }
+    fn auth_lost(&self, e: &tokenflight::observe::AuthLost<'_>) {
+        self.push(e);
+    }
+    fn token_installed(&self, e: &tokenflight::observe::TokenInstalled) {
+        self.push(e);
+    }
+}
+
+/// A token endpoint that answers from a script (the OAuth grant's transport).
+struct TokenEndpoint(Mutex<std::collections::VecDeque<(u16, &'static str)>>);
+
+impl tokenflight::Transport for TokenEndpoint {
+    fn send(
+        &self,
+        _request: tokenflight::HttpRequest,
+        _limit: usize,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<tokenflight::HttpResponse, tokenflight::TransportError>,
+    > {
+        let (status, body) = self.0.lock().unwrap().pop_front().expect("scripted answer");
+        Box::pin(async move {
+            Ok(http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(bytes::Bytes::from_static(body.as_bytes()))
+                .unwrap())
+        })
+    }
+}
+
+/// Issue 16 with a real OAuth grant holding a client secret and refresh tokens: no
+/// observer event, span field or `tracing` event carries the client secret, a refresh
+/// token or an access token — through a refresh, a transient failure retried, a
+/// rejected request resent, auth lost and a login.
+#[cfg(feature = "oauth2")]
+#[test]
+fn no_secret_in_events_or_span_fields_with_an_oauth_grant() {
+    let capture = Capture::default();
+    let events = DebugAll::default();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let clock = ManualClock::at_fixed_point();
+        let endpoint = Arc::new(TokenEndpoint(Mutex::new(
+            [
+                (200, r#"{"access_token":"at-SECRET-1","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-SECRET-2"}"#),
+                (503, r#"{"error":"temporarily_unavailable"}"#),
+                (200, r#"{"access_token":"at-SECRET-2","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-SECRET-3"}"#),
+                (400, r#"{"error":"invalid_grant"}"#),
+            ]
+            .into(),
+        )));
+        let grant = tokenflight::oauth2::RefreshTokenGrant::new(
+            endpoint,
+            "https://auth.test/oauth/token",
+            "client-1",
+        )
+        .unwrap()
+        .client_secret("client-SECRET")
+        .initial_refresh_token("rt-SECRET-1");
+        let auth = Builder::new()
+            .source(grant)
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .backoff(Backoff::none())
+            .retry(Retry::default())
+            .refresh_ahead(None)
+            .observer(events.clone())
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        let server = FakeServer::default();
+        // Token 1 is rejected: the refresh (one 503 retried on the manual clock) gives
+        // token 2 and the request is resent with it.
+        let mut send = Box::pin(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            server.sender(|t| t == "at-SECRET-2"),
+        ));
+        let response = loop {
+            if let std::task::Poll::Ready(out) = support::poll_once(&mut send) {
+                break out.unwrap();
+            }
+            clock.advance(Duration::from_millis(10));
+        };
+        assert_eq!(response.status, 200);
+        assert!(block_on(auth.flight().force_refresh()).is_err());
+        assert!(auth.flight().is_auth_lost());
+        block_on(
+            auth.flight()
+                .install(Token::new("at-SECRET-login").with_refresh("rt-SECRET-login")),
+        )
+        .unwrap();
+    });
+    let spans = capture.spans.lock().unwrap().clone();
+    let names: Vec<&str> = spans.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(names.contains(&"tokenflight.request"), "{names:?}");
+    assert!(names.contains(&"tokenflight.refresh"), "{names:?}");
+    let observed = events.0.lock().unwrap().clone();
+    assert!(
+        observed.iter().any(|e| e.contains("AttemptFailed"))
+            && observed.iter().any(|e| e.contains("AuthLost"))
+            && observed.iter().any(|e| e.contains("RequestResent")),
+        "{observed:?}"
+    );
+    let traced = capture.events.lock().unwrap().clone();
+    let all = spans
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .chain(traced)
+        .chain(observed);
+    for line in all {
+        assert!(!line.contains("SECRET"), "a secret leaked into {line}");
+    }
+}
