@@ -123,6 +123,7 @@ mod error;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;
+mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod jwt;
 #[cfg(feature = "oauth2")]
@@ -147,6 +148,7 @@ pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
 pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
+pub use keyed::{FlightFactory, KeyedFlights, KeyedFlightsBuilder};
 pub use observe::Observer;
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{
