@@ -163,11 +163,17 @@ impl<K> KeyedFlights<K> {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<K, Entry>> {
-        self.inner.map.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<K, Entry>> {
-        self.inner.map.write().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn now_ms(&self) -> u64 {
@@ -208,11 +214,10 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
 
     /// The coordinator of `key` if one is kept (never calls the factory).
     pub fn get(&self, key: &K) -> Option<SingleFlight> {
-        let entry_flight = self.read().get(key).map(|entry| {
-            entry.last_used.store(self.now_ms(), Ordering::Relaxed);
-            entry.flight.clone()
-        });
-        entry_flight
+        let map = self.read();
+        let entry = map.get(key)?;
+        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        Some(entry.flight.clone())
     }
 
     /// The valid token of `key`, if its coordinator is kept and has one (the keyed

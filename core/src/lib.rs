@@ -123,9 +123,9 @@ mod error;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;
-mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod jwt;
+mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 pub mod observe;

@@ -99,13 +99,7 @@ impl World {
         let world = self.clone();
         KeyedFlights::builder(move |key: &u32| {
             world.factory_calls.fetch_add(1, Ordering::SeqCst);
-            let calls = world
-                .calls
-                .lock()
-                .unwrap()
-                .entry(*key)
-                .or_default()
-                .clone();
+            let calls = world.calls.lock().unwrap().entry(*key).or_default().clone();
             Builder::new()
                 .source(KeySource {
                     key: *key,
@@ -114,7 +108,15 @@ impl World {
                     gate: world.gate(*key),
                     clock: world.clock.clone(),
                 })
-                .store_arc(world.stores.lock().unwrap().entry(*key).or_default().clone())
+                .store_arc(
+                    world
+                        .stores
+                        .lock()
+                        .unwrap()
+                        .entry(*key)
+                        .or_default()
+                        .clone(),
+                )
                 .clock(Arc::new(world.clock.clone()))
                 .refresh_ahead(None)
                 .retry(Retry::none())
@@ -128,13 +130,18 @@ impl World {
     /// Runs `callers` concurrently with every key's source held until each caller has
     /// been polled once: all callers of a key must join one flight (or find a valid
     /// token), none may arrive after it ended.
-    fn run_batch<T: Send + 'static>(&self, callers: impl IntoIterator<Item = BoxFuture<'static, T>>) -> Vec<T> {
+    fn run_batch<T: Send + 'static>(
+        &self,
+        callers: impl IntoIterator<Item = BoxFuture<'static, T>>,
+    ) -> Vec<T> {
         self.holding.store(true, Ordering::SeqCst);
         let gates: Vec<Gate> = self.gates.lock().unwrap().values().cloned().collect();
         gates.iter().for_each(Gate::close);
         let mut all: Vec<BoxFuture<'static, Option<T>>> = callers
             .into_iter()
-            .map(|caller| -> BoxFuture<'static, Option<T>> { Box::pin(async move { Some(caller.await) }) })
+            .map(|caller| -> BoxFuture<'static, Option<T>> {
+                Box::pin(async move { Some(caller.await) })
+            })
             .collect();
         let world = self.clone();
         all.push(Box::pin(async move {
@@ -176,7 +183,11 @@ fn ten_thousand_keys_get_one_source_call_per_key_per_expiry_and_only_their_own_t
             assert_eq!(key_of(&token), key, "a token of another key was handed out");
         }
         for key in 0..KEYS {
-            assert_eq!(world.calls(key), wave, "key {key}: one source call per expiry");
+            assert_eq!(
+                world.calls(key),
+                wave,
+                "key {key}: one source call per expiry"
+            );
         }
         world.clock.advance(LIFETIME);
     }
@@ -371,7 +382,10 @@ proptest! {
 fn the_keyed_fast_path_is_a_plain_valid_token() {
     let world = World::new();
     let flights = world.flights().build();
-    assert!(flights.valid_token(&3).is_none(), "unknown key: nothing, no factory");
+    assert!(
+        flights.valid_token(&3).is_none(),
+        "unknown key: nothing, no factory"
+    );
     assert_eq!(world.factory_calls.load(Ordering::SeqCst), 0);
     let token = block_on(flights.token(&3)).unwrap();
     let again = flights.valid_token(&3).expect("valid");
@@ -379,4 +393,3 @@ fn the_keyed_fast_path_is_a_plain_valid_token() {
     let mut next = Box::pin(flights.token(&3));
     assert!(matches!(poll_once(&mut next), Poll::Ready(Ok(_))));
 }
-
