@@ -52,7 +52,7 @@ pub type FlightFactory<K> = dyn Fn(&K) -> Result<SingleFlight, ConfigError> + Se
 /// .build();
 ///
 /// let token = flights.token(&"acme".to_string()).await?;
-/// assert_eq!(token.secret().expose(), "token-for-acme");
+/// assert_eq!(token.access().expose(), "token-for-acme");
 /// # Ok::<_, tokenflight::Error>(())
 /// # }).unwrap();
 /// ```
