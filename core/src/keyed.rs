@@ -300,3 +300,31 @@ fn factory_failed(error: ConfigError) -> Error {
         RefreshError::permanent("the keyed coordinator's factory failed").with_source(error),
     )
 }
+
+/// A name for `key` that is safe as a file name, a Redis key part or a metric-free log
+/// field: 32 hex digits of SHA-256 over a versioned prefix and the key's bytes.
+///
+/// Stores are namespaced per key with it (`FileStore::new(dir.join(key_namespace(..)))`,
+/// a Redis key prefix), so every process and replica of a fleet finds the same key's
+/// record while raw key values (user ids, e-mail addresses, tenant names) never become
+/// paths or Redis keys. It is stable across processes, machines and releases (unlike
+/// `std::hash`), and 128 bits make a collision between two keys out of reach.
+///
+/// ```
+/// let name = tokenflight::key_namespace(b"alice@example.com");
+/// assert_eq!(name.len(), 32);
+/// assert!(name.bytes().all(|b| b.is_ascii_hexdigit()));
+/// assert_ne!(name, tokenflight::key_namespace(b"bob@example.com"));
+/// ```
+pub fn key_namespace(key: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"tokenflight-key-v1\0")
+        .chain_update(key)
+        .finalize();
+    digest
+        .iter()
+        .take(16)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}

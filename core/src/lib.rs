@@ -148,7 +148,7 @@ pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
 pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
-pub use keyed::{FlightFactory, KeyedFlights, KeyedFlightsBuilder};
+pub use keyed::{FlightFactory, KeyedFlights, KeyedFlightsBuilder, key_namespace};
 pub use observe::Observer;
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{

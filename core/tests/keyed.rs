@@ -393,3 +393,16 @@ fn the_keyed_fast_path_is_a_plain_valid_token() {
     let mut next = Box::pin(flights.token(&3));
     assert!(matches!(poll_once(&mut next), Poll::Ready(Ok(_))));
 }
+
+/// The namespace is a storage format: a fleet upgraded one process at a time must find
+/// the same records. Pinned against an independent computation
+/// (`python3 -c "import hashlib; print(hashlib.sha256(b'tokenflight-key-v1\0alice').hexdigest()[:32])"`).
+#[test]
+fn key_namespaces_are_stable_and_never_show_the_key() {
+    assert_eq!(
+        tokenflight::key_namespace(b"alice"),
+        "0ab917bb5eb8a1c7f5f67d2d4344b330"
+    );
+    let name = tokenflight::key_namespace(b"../../etc/passwd");
+    assert!(name.bytes().all(|b| b.is_ascii_hexdigit()) && name.len() == 32);
+}
