@@ -20,6 +20,8 @@ MOVES = {
     'ManualClock': 'test_util::ManualClock',
     'jwt': 'oauth2::jwt', 'www_authenticate': 'adapter::www_authenticate',
     'Authenticator': 'AuthPolicy',
+    'KeyedFlights': 'keyed::KeyedFlights', 'KeyedFlightsBuilder': 'keyed::KeyedFlightsBuilder',
+    'FlightFactory': 'keyed::FlightFactory', 'key_namespace': 'keyed::key_namespace',
 }
 DROP = {'SystemClock', 'NoTimer', 'FnSource', 'AllowedOrigins', 'HeadPredicate', 'BodyPredicate',
         'AuthLostHook', 'RefreshErrorKind', 'BoxError'}

@@ -23,7 +23,8 @@
 //!
 //! The modules hold what other audiences need: [`adapter`] what client adapters
 //! implement and call, [`store`] the token store interface and its implementations,
-//! [`config`] the timing settings, [`observe`] events and counters, and `test_util`
+//! [`config`] the timing settings, [`observe`] events and counters, [`keyed`] one
+//! coordinator per key (a user, a tenant) for many tokens in one process, and `test_util`
 //! (feature `test-util`) a manual clock for deterministic tests.
 //!
 //! ```
@@ -149,6 +150,7 @@ mod error;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;
+pub mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 pub mod observe;

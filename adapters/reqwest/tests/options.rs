@@ -3,7 +3,7 @@
 
 mod common;
 
-use tokenflight::{ForceRefresh, RefreshError, SkipAuth, adapter::RequestOptions};
+use tokenflight::{ForceRefresh, RefreshError, SkipAuth};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, Error, Extension};
 use tokenflight_reqwest::{TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
