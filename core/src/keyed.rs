@@ -232,6 +232,20 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// A token for `key` to send now: [`SingleFlight::token`] on the key's coordinator
     /// (made on first use). Keys are independent: a refresh of one never delays another.
     ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|user: &u32| {
+    ///     let user = *user;
+    ///     SingleFlight::builder()
+    ///         .source(from_fn(move |_cx| async move { Ok(Token::new(format!("for-{user}"))) }))
+    ///         .build()
+    /// })
+    /// .build();
+    /// let token = futures::executor::block_on(flights.token(&7)).unwrap();
+    /// assert_eq!(token.access().expose(), "for-7");
+    /// ```
+    ///
     /// # Cancellation
     /// As [`SingleFlight::token`]: dropping the future never hangs other callers of the
     /// key and never cancels its refresh while anyone else waits for it. The caller holds

@@ -95,6 +95,11 @@
 //! other requests, and with the [`TokioSpawner`] that [`TokenMiddleware::builder`] presets
 //! it completes and is stored even if every request was dropped
 //! ([C6](tokenflight#c6)).
+//!
+//! ## Features
+//!
+//! - `oauth2` (default): the core's OAuth 2.0 token sources (`tokenflight::oauth2`).
+//! - `file-store`: the core's `tokenflight::store::FileStore`.
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)

@@ -63,6 +63,13 @@
 //! pool (`deadpool` 0.7): no tokio runtime runs. Without that feature (the default),
 //! `cargo tree -p tokenflight-surf -e normal` lists no tokio at all; the application
 //! picks surf's backend.
+//!
+//! ## Features
+//!
+//! - `oauth2` (default): the core's OAuth 2.0 token sources (`tokenflight::oauth2`).
+//! - `file-store`: the core's `tokenflight::store::FileStore`.
+//! - `h1-client-rustls`: surf's async-h1 client with rustls, so `surf::Client::new()` and
+//!   [`BareTransport::default()`](BareTransport) work (pulls tokio's `sync` and `time`, no runtime).
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)

@@ -90,6 +90,14 @@
 //! the other requests, and with the [`TokioSpawner`] that [`TokenLayer::builder`]
 //! presets it completes and is stored even if every request was dropped
 //! ([C6](tokenflight#c6)).
+//!
+//! ## Features
+//!
+//! - `oauth2` (default): the core's OAuth 2.0 token sources (`tokenflight::oauth2`).
+//! - `file-store`: the core's `tokenflight::store::FileStore`.
+//! - `tonic`: [`ReplayBody`] for `tonic::body::Body`, so the layer wraps a tonic `Channel`.
+//! - `tower-http`: responses that tower-http's `FollowRedirect` fetched from another origin
+//!   are not taken as a verdict on the token.
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
