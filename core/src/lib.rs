@@ -63,7 +63,7 @@
 //!
 //! ## Guarantees
 //!
-//! Each guarantee has tests named after it (in `core/tests/contracts.rs` unless noted);
+//! Each guarantee has tests named after it (in `core/tests/all/contracts.rs` unless noted);
 //! the docs link here as [C6](crate#c6).
 //!
 //! - <a id="c1"></a>**C1 One flight.** At most one refresh is in flight:
@@ -92,7 +92,7 @@
 //! - <a id="c10"></a>**C10 Bounded.** `c10_refresh_timeout_fails_all_waiters_then_recovers`,
 //!   `c10_fast_path_allocates_nothing` (`core/tests/fast_path.rs`),
 //!   `c10_a_hanging_store_load_is_bounded_by_the_flight_budget`,
-//!   `c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget` (`holes.rs`).
+//!   `c10_a_hanging_save_or_unlock_keeps_the_issued_token_within_the_budget` (`all/holes.rs`).
 //! - <a id="c11"></a>**C11 Exempt requests.** `c11_skip_auth_sends_no_credentials`, `c11_force_refresh_marker`.
 //! - <a id="c12"></a>**C12 Secrets stay secret.** `c12_secrets_never_print` (unit),
 //!   `c12_token_goes_only_to_allowed_origins`, `c12_errors_and_debug_never_show_secrets`,
@@ -103,11 +103,11 @@
 //! - <a id="c13"></a>**C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
 //!   `fuzz/`.
 //! - <a id="c14"></a>**C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
-//!   (`core/tests/runtime_free.rs`); the contract tests run under `futures::executor`,
+//!   (`core/tests/all/runtime_free.rs`); the contract tests run under `futures::executor`,
 //!   tokio, async-std and smol.
 //! - <a id="c15"></a>**C15 Timing fits the lifetime.** `leeway` and `refresh_ahead` are caps scaled to
 //!   each token's lifetime (table on [`FlightConfig`](config::FlightConfig)); expiry-driven source calls are at
-//!   least `min_refresh_interval` apart (`core/tests/holes.rs`):
+//!   least `min_refresh_interval` apart (`core/tests/all/holes.rs`):
 //!   `c15_a_two_second_token_is_refreshed_once_per_two_thirds_of_its_life`,
 //!   `c15_a_token_born_expired_is_used_and_refreshed_at_most_once_per_interval`,
 //!   `c15_a_clock_stepped_back_does_not_refresh_per_request`, `c15_documented_timing_table`
@@ -132,8 +132,8 @@
 //! `c5_c9_…`, and for C15–C18, with logins during flights, stale sessions in the store,
 //! store calls that fail, hang or panic, panicking hooks, wall-clock steps, huge
 //! generations and `Retry-After` values: `c15_c16_…`, `c17_logins_…`, `c17_replicas_…`,
-//! `c5_c18_…`, `c9_backoff_…`), regressions they found (`core/tests/regressions.rs`), tests written to kill
-//! mutants (`core/tests/mutants.rs`), the conformance suite S1–S18 and its regression
+//! `c5_c18_…`, `c9_backoff_…`), regressions they found (`core/tests/all/regressions.rs`), tests written to kill
+//! mutants (`core/tests/all/mutants.rs`), the conformance suite S1–S18 and its regression
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
 //! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
 //! `cargo test` replays.

@@ -5,6 +5,7 @@
 //! thread of the process allocates meanwhile (the harness's own thread made the count
 //! flaky).
 
+#[path = "all/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

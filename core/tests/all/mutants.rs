@@ -2,15 +2,13 @@
 //! driver (`cargo mutants -p tokenflight -f core/src/flight.rs -f core/src/driver.rs`):
 //! behaviour no other test pinned down.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{Gate, ScriptedSource, Step, poll_once};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use support::{Gate, ScriptedSource, Step, poll_once};
 use tokenflight::{
     AuthPolicy, Placement, RefreshContext, RefreshReason, SingleFlight, Token, config::Backoff,
     from_fn, store::MemoryStore, store::StoreError, store::StoreLock, store::TokenStore,

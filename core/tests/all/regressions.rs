@@ -2,14 +2,12 @@
 //! the `flight_ops` fuzz target: each test replays, by hand, the shrunk scenario that
 //! found a bug, and says what the bug was.
 
-mod support;
-
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::support::*;
 use futures::FutureExt;
-use support::*;
 use tokenflight::{SingleFlight, Token, config::Backoff, test_util::ManualClock};
 
 const LONG: Duration = Duration::from_secs(3600);

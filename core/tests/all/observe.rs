@@ -3,15 +3,13 @@
 //! retry inside a flight, auth lost then login, a cancelled caller), that a panicking
 //! observer is contained, and that no event carries a token or a secret.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::support::{FakeRequest, FakeResponse, FakeServer, ScriptedSource, Step, poll_once};
 use futures::executor::block_on;
 use futures::future::join_all;
-use support::{FakeRequest, FakeResponse, FakeServer, ScriptedSource, Step, poll_once};
 use tokenflight::observe::{
     AttemptFailed, AuthLost, FlightJoined, Outcome, RefreshFinished, RefreshStarted,
     RequestAuthorized, RequestResent, TokenInstalled,

@@ -2,16 +2,14 @@
 //! lifetime-aware timing and in-flight retries (issue 12). Each test is named after the
 //! contract it pins (C15–C18 in the crate docs) and says what used to go wrong.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use crate::support::*;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use support::*;
 use tokenflight::{
     Error, FlightBuilder, RefreshContext, RefreshError, SingleFlight, Token, adapter::Clock,
     adapter::Timer, config::Backoff, config::FlightConfig, config::Retry, from_fn,

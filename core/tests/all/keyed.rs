@@ -2,18 +2,16 @@
 //! key, C1–C5 hold; keys are independent; the map is bounded and eviction never cuts a
 //! running flight short.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
+use crate::support::{Gate, poll_once};
 use futures::executor::block_on;
 use futures::future::{BoxFuture, join_all};
 use proptest::prelude::*;
-use support::{Gate, poll_once};
 use tokenflight::{
     RefreshContext, RefreshError, SingleFlight, Token, TokenSource, adapter::Clock,
     config::Backoff, config::Retry, keyed::KeyedFlights, store::MemoryStore,

@@ -2,15 +2,13 @@
 //! Every scenario is a plain async fn without runtime; `contract_tests!` runs each one
 //! under `futures::executor`, tokio, async-std and smol (C14).
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::support::*;
 use futures::FutureExt;
-use support::*;
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, Classifier, Error, FlightBuilder, Placement, RefreshReason,
     SingleFlight, Token, adapter::RequestOptions, config::Backoff, test_util::ManualClock,

@@ -3,17 +3,15 @@
 //! token or a secret.
 #![cfg(feature = "metrics")]
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use crate::support::{FakeRequest, FakeResponse, ScriptedSource, Step, poll_once};
 use futures::executor::block_on;
 use futures::future::join_all;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use support::{FakeRequest, FakeResponse, ScriptedSource, Step, poll_once};
 use tokenflight::observe::MetricsObserver;
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, FlightBuilder, SingleFlight, Token, adapter::RequestOptions,

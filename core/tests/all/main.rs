@@ -1,0 +1,23 @@
+//! The core's integration tests, in one binary (one link instead of one per file).
+//! `fast_path` stays a binary of its own: it installs a counting global allocator and
+//! runs without the test harness.
+//!
+//! Modules: `contracts` (C1–C18, one test or more per guarantee), `holes` (C10, C15–C17
+//! edge cases), `regressions`, `mutants` (tests written to kill mutants), `observe`,
+//! `spans` and `metrics` (issue 16), `keyed` (issue 17), `file_store`, `oauth2_sources`,
+//! `storm`, `runtime_free` (C14).
+
+mod support;
+
+mod contracts;
+mod file_store;
+mod holes;
+mod keyed;
+mod metrics;
+mod mutants;
+mod oauth2_sources;
+mod observe;
+mod regressions;
+mod runtime_free;
+mod spans;
+mod storm;
