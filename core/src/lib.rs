@@ -128,7 +128,7 @@
 //!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
 //!
 //! Beyond these: model-based property tests over generated interleavings, cancellations
-//! and refresh outcomes (`tests/tests/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
+//! and refresh outcomes (`tests/tests/all/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
 //! `c5_c9_…`, and for C15–C18, with logins during flights, stale sessions in the store,
 //! store calls that fail, hang or panic, panicking hooks, wall-clock steps, huge
 //! generations and `Retry-After` values: `c15_c16_…`, `c17_logins_…`, `c17_replicas_…`,

@@ -1,5 +1,5 @@
 //! Fuzz target `flight_ops`; the body is `tokenflight_tests::fuzz_targets::flight_ops`, so the stable
-//! test suite replays this target's corpus (`tests/tests/fuzz_replay.rs`).
+//! test suite replays this target's corpus (`tests/tests/all/fuzz_replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

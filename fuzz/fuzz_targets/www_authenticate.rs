@@ -1,5 +1,5 @@
 //! Fuzz target `www_authenticate`; the body is `tokenflight_tests::fuzz_targets::www_authenticate`, so the stable
-//! test suite replays this target's corpus (`tests/tests/fuzz_replay.rs`).
+//! test suite replays this target's corpus (`tests/tests/all/fuzz_replay.rs`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,5 @@
 //! The conformance suite S1–S18, written once and run by every adapter against the
-//! testkit server. An adapter implements [`Adapter`] in its own `tests/conformance.rs`
+//! testkit server. An adapter implements [`Adapter`] in its own `tests/all/conformance.rs`
 //! and gets one test per scenario from [`conformance_tests!`](crate::conformance_tests):
 //!
 //! ```ignore

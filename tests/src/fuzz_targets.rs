@@ -1,6 +1,6 @@
 //! The bodies of the fuzz targets in `fuzz/`. They live here, not in the fuzz crate, so
 //! the stable `cargo test` replays the committed corpus and regression inputs
-//! (`tests/tests/fuzz_replay.rs`) through exactly the code libFuzzer runs.
+//! (`tests/tests/all/fuzz_replay.rs`) through exactly the code libFuzzer runs.
 //!
 //! Every body panics on a contract violation (C13: bad input is a typed error, never a
 //! panic or a hang; C1–C6, C9 for `flight_ops`) and returns quietly otherwise.

@@ -13,7 +13,7 @@
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
 //! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
-//! tests (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops`
+//! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the `flight_ops`
 //! fuzz target decodes them with `arbitrary`.
 
 // Indices below come from the runner's own vectors (positions found in them, or taken

@@ -32,7 +32,7 @@
 //! # }
 //! ```
 //!
-//! `tests/example.rs` runs the same setup against a real server.
+//! `tests/all/example.rs` runs the same setup against a real server.
 //!
 //! ## Per-request options and exempt routes
 //!
@@ -72,7 +72,7 @@
 //!
 //! The header is marked sensitive. The token goes only to the allowed origins (the core
 //! checks each request's URL, [C12](tokenflight#c12)). When reqwest follows a redirect to another origin it drops
-//! the `Authorization` header (tested in `tests/redirects.rs`). It keeps other headers,
+//! the `Authorization` header (tested in `tests/all/redirects.rs`). It keeps other headers,
 //! and sends the previous URL, query included, as `Referer`; so with a custom header
 //! placement (`Placement::header("x-api-key", None)`) or query placement
 //! (`Placement::query("token")`) build the client with

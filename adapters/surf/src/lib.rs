@@ -43,7 +43,7 @@
 //! - surf's `Redirect` *before* the layer is safe (its probes carry no token) but sends
 //!   every request twice, the first time without credentials.
 //!
-//! `tests/redirects.rs` shows all three.
+//! `tests/all/redirects.rs` shows all three.
 //!
 //! With query placement (`Placement::query("token")`) the token is part of the request's
 //! URL: [`FollowRedirects`] sends no `Referer`, so a hop to another origin does not

@@ -3,7 +3,7 @@
 //! surf's own `surf::middleware::Redirect` probes each redirect by sending a clone of
 //! the request, headers included, through the bare HTTP client. Registered after the
 //! [`TokenMiddleware`](crate::TokenMiddleware), those probes carry the `Authorization` header to
-//! whatever origin the server names (tested in `tests/redirects.rs`). Registered before
+//! whatever origin the server names (tested in `tests/all/redirects.rs`). Registered before
 //! it, the token is safe, but every request is sent twice (probe, then the real one).
 //! This middleware sends each hop once, through the rest of the chain, so the token
 //! layer decides again for every hop's origin.

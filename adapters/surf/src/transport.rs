@@ -19,7 +19,7 @@ use crate::body::{self, Bounded, Unknown};
 /// backend then puts the connection back into its pool although the server is still
 /// working on the abandoned request, and the next refresh on that connection waits
 /// behind it: it times out too, and so does every later one (tested in
-/// `tests/layer.rs`). Token calls are rare, so give the transport a client that opens a
+/// `tests/all/layer.rs`). Token calls are rare, so give the transport a client that opens a
 /// connection per request: `surf::Config::new().set_http_keep_alive(false)` — which is
 /// what `BareTransport::default()` (feature `h1-client-rustls`) does.
 #[derive(Clone, Debug)]

@@ -1,4 +1,4 @@
-//! A worker process for `tests/tests/file_store_processes.rs`: one `SingleFlight` with a
+//! A worker process for `tests/tests/all/file_store_processes.rs`: one `SingleFlight` with a
 //! `FileStore` and a `RefreshTokenGrant` against the testkit, driven line by line over
 //! stdin so the test can synchronise several processes deterministically.
 //!

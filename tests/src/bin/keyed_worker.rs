@@ -1,4 +1,4 @@
-//! A worker process for `tests/tests/keyed_processes.rs`: a `KeyedFlights` over `KEYS`
+//! A worker process for `tests/tests/all/keyed_processes.rs`: a `KeyedFlights` over `KEYS`
 //! keys, each key's coordinator on its own `FileStore` (namespaced with
 //! `key_namespace`) in a directory shared by several processes, driven line by line over
 //! stdin so the test can synchronise the processes deterministically.

@@ -1,7 +1,6 @@
 //! The bare transport: what token sources use to reach the token endpoint.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
 use bytes::Bytes;

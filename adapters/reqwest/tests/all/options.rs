@@ -1,8 +1,7 @@
 //! Per-request markers, exempt routes, a client-wide marker, and how errors reach the
 //! caller.
 
-mod common;
-
+use crate::common;
 use tokenflight::{ForceRefresh, RefreshError, SkipAuth};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, Error, Extension};
 use tokenflight_reqwest::{TokenMiddleware, reqwest};

@@ -2,8 +2,7 @@
 //! refreshed token; the tokio spawner that `TokenMiddleware::builder()` presets finishes and
 //! stores it.
 
-mod common;
-
+use crate::common;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! Body classification through reqwest (APIs that answer `200 {"code":401}`): the body
 //! is read for the classifier and the caller still gets the whole response, as sent.
 
-mod common;
-
+use crate::common;
 use tokenflight::Classifier;
 use tokenflight_reqwest::TokenMiddleware;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};

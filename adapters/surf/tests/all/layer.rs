@@ -2,12 +2,11 @@
 //! the same body (S8), bodies that cannot be resent (C4), markers (C11), error mapping,
 //! body classification with an intact response, and the async-std runtime pieces.
 
-mod common;
-
+use crate::common;
 use std::time::Duration;
 
+use crate::common::{binary_body, client, setup, setup_with};
 use async_std::io::Cursor;
-use common::{binary_body, client, setup, setup_with};
 use surf::{Body, StatusCode};
 use tokenflight::{Classifier, ForceRefresh, Placement, SkipAuth, config::Backoff};
 use tokenflight_surf::BareTransport;

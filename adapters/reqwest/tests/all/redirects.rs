@@ -3,8 +3,7 @@
 //! `Authorization` header when a redirect leaves the origin, so the token does not
 //! travel with it.
 
-mod common;
-
+use crate::common;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 #[tokio::test]

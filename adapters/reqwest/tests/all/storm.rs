@@ -2,8 +2,7 @@
 //! one `ClientWithMiddleware`: every request succeeds and each expiry costs exactly one
 //! token-endpoint call (the core's OAuth 2.0 refresh_token grant, with rotation).
 
-mod common;
-
+use crate::common;
 use futures::future::join_all;
 use tokenflight_reqwest::TokenMiddleware;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};

@@ -1,7 +1,6 @@
 //! The crate docs' example, run for real against the testkit server.
 
-mod common;
-
+use crate::common;
 use std::sync::Arc;
 
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;

@@ -2,9 +2,7 @@
 //! redirects with surf. The main server redirects to an "other origin" server that only
 //! records whether credentials reached it.
 
-mod common;
-
-use common::{Setup, binary_body, client, setup};
+use crate::common::{Setup, binary_body, client, setup};
 use surf::{Body, StatusCode};
 use tokenflight::SkipAuth;
 use tokenflight_surf::FollowRedirects;

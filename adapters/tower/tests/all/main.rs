@@ -1,0 +1,9 @@
+//! The integration tests of `adapters/tower`, in one binary (one link instead of one per
+//! file); a module per former file.
+
+mod cancellation;
+mod conformance;
+mod dependencies;
+mod grpc;
+mod service;
+mod transport;
