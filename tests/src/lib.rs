@@ -10,3 +10,4 @@ pub mod fuzz_targets;
 pub mod grpc;
 pub mod model;
 pub mod testkit;
+pub mod transport;

@@ -26,7 +26,7 @@ use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
     SingleFlight, adapter::Clock, store::FileStore, store::StoreError, store::TokenStore,
 };
-use tokenflight_reqwest::{BareTransport, TokioSpawner, TokioTimer};
+use tokenflight_tests::transport::{ReqwestTransport as BareTransport, TokioSpawner, TokioTimer};
 
 /// The wall clock plus an offset the test moves forward.
 #[derive(Debug, Default)]
@@ -75,7 +75,7 @@ async fn run() -> Result<(), String> {
         .store(FileStore::new(&store_path))
         .clock(clock.clone())
         .timer(Arc::new(TokioTimer))
-        .spawner(TokioSpawner::current())
+        .spawner(TokioSpawner)
         .refresh_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;

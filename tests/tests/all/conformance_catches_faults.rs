@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, adapter::Transport, config::Backoff, config::Retry,
 };
-use tokenflight_reqwest::{BareTransport, reqwest};
 use tokenflight_tests::conformance::{self, Adapter, TestClient, TestRequest, TestResponse};
+use tokenflight_tests::transport::ReqwestTransport as BareTransport;
 
 struct NaiveAdapter;
 

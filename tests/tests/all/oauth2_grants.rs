@@ -12,9 +12,8 @@ use tokenflight::{
     RefreshContext, RefreshError, RefreshReason, SingleFlight, Token, TokenSource,
     adapter::Transport,
 };
-use tokenflight_reqwest::BareTransport;
-use tokenflight_reqwest::reqwest;
 use tokenflight_tests::testkit::{Failure, TestServer, TestServerConfig};
+use tokenflight_tests::transport::ReqwestTransport as BareTransport;
 
 fn transport() -> Arc<dyn Transport> {
     Arc::new(BareTransport::default())
