@@ -226,7 +226,7 @@ impl Backoff {
     }
 
     /// The delay after `failures` consecutive failures, before jitter.
-    pub fn ceiling(&self, failures: u32) -> Duration {
+    pub(crate) fn ceiling(&self, failures: u32) -> Duration {
         let exponent = failures.saturating_sub(1).min(31);
         self.initial.saturating_mul(1u32 << exponent).min(self.max)
     }
@@ -234,7 +234,7 @@ impl Backoff {
     /// The delay after `failures` consecutive failures, with jitter drawn from `unit`
     /// (a random number in 0.0..1.0) and at least `retry_after` capped at
     /// `max_retry_after`.
-    pub fn delay(&self, failures: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn delay(&self, failures: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
         let ceiling = self.ceiling(failures);
         let unit = if unit.is_finite() {
             unit.clamp(0.0, 1.0)
