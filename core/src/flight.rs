@@ -40,7 +40,7 @@ use crate::observe::{
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
-use crate::store::{StoreError, StoreLock, TokenStore};
+use crate::store::{StoreError, StoreGuard, TokenStore};
 use crate::token::Token;
 
 /// The highest generation accepted from outside (a store, a caller's token). A stored
@@ -503,11 +503,11 @@ impl SingleFlight {
     async fn save_login(&self) -> Result<Option<Arc<Token>>, StoreError> {
         let store = &self.inner.parts.store;
         let mut deadline = self.budget();
-        let lock = within(store.lock(), &mut deadline)
+        let guard = within(store.lock(), &mut deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
-        let saved = self.save_login_locked(&lock, &mut deadline).await;
-        self.release(lock, &mut deadline).await;
+        let saved = self.save_login_locked(&*guard, &mut deadline).await;
+        self.release(guard, &mut deadline).await;
         saved
     }
 
@@ -515,14 +515,13 @@ impl SingleFlight {
     /// store holds. `Ok(None)`: there was nothing to save.
     async fn save_login_locked(
         &self,
-        lock: &StoreLock,
+        guard: &dyn StoreGuard,
         deadline: &mut Deadline,
     ) -> Result<Option<Arc<Token>>, StoreError> {
-        let store = &self.inner.parts.store;
         if self.lock_state().unsaved_login.is_none() {
             return Ok(None);
         }
-        let stored = within(store.load(), deadline)
+        let stored = within(guard.load(), deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
         let stored_generation = sane(stored).map(|t| t.generation());
@@ -566,7 +565,7 @@ impl SingleFlight {
                 current
             }
         };
-        within(store.save(&login, Some(lock)), deadline)
+        within(guard.save(&login), deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
         let mut state = self.lock_state();
@@ -1017,14 +1016,14 @@ impl SingleFlight {
         if let Some(token) = self.adopt_unlocked(epoch, deadline).await {
             return Ok(token);
         }
-        let lock = within(store.lock(), deadline)
+        let guard = within(store.lock(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
             .map_err(store_error)?;
         let result = self
-            .attempt_locked(reason, replaces, epoch, &lock, deadline)
+            .attempt_locked(reason, replaces, epoch, &*guard, deadline)
             .await;
-        self.release(lock, deadline).await;
+        self.release(guard, deadline).await;
         result
     }
 
@@ -1060,8 +1059,8 @@ impl SingleFlight {
 
     /// Unlocks within the budget; past it the guard is dropped (stores fall back to
     /// their lease).
-    async fn release(&self, lock: StoreLock, deadline: &mut Deadline) {
-        let unlock = self.inner.parts.store.unlock(lock);
+    async fn release(&self, guard: Box<dyn StoreGuard>, deadline: &mut Deadline) {
+        let unlock = guard.unlock();
         if within(unlock, deadline).await.is_none() {
             tracing::warn!("unlocking the token store used up the refresh budget");
         }
@@ -1072,15 +1071,15 @@ impl SingleFlight {
         reason: RefreshReason,
         replaces: Option<u64>,
         epoch: u64,
-        lock: &StoreLock,
+        guard: &dyn StoreGuard,
         deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         // A login not saved yet goes first, numbered above the store's session (C17).
-        if let Err(error) = self.save_login_locked(lock, deadline).await {
+        if let Err(error) = self.save_login_locked(guard, deadline).await {
             tracing::warn!(error = %error, "saving the login failed; it stays in use here");
         }
-        let stored = within(store.load(), deadline)
+        let stored = within(guard.load(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("loading the stored token"))?
             .map_err(store_error)?;
@@ -1135,12 +1134,13 @@ impl SingleFlight {
             generation
         };
         let token = Arc::new(stamp(fetched.with_generation(generation), self.now()));
-        match within(store.save(&token, Some(lock)), deadline).await {
+        match within(guard.save(&token), deadline).await {
             Some(Ok(())) => Ok(token),
             Some(Err(StoreError::LeaseLost)) => {
                 // Someone else holds the lock now and may have saved a newer token: the
-                // fleet uses that one. Otherwise keep ours: the server issued it and
-                // its rotated refresh token may be the only live one.
+                // fleet uses that one (an unlocked read: this guard's lease is gone).
+                // Otherwise keep ours: the server issued it and its rotated refresh
+                // token may be the only live one.
                 match within(store.load(), deadline).await {
                     Some(Ok(Some(stored)))
                         if stored.generation() >= token.generation()

@@ -119,11 +119,15 @@
 mod config;
 mod conn;
 mod events;
+mod inner;
 mod io;
 mod lock;
+mod ops;
 mod scripts;
+mod settings;
 mod store;
 mod wire;
 
-pub use config::{RedisStoreBuilder, ReplicaAck};
+pub use config::RedisStoreBuilder;
+pub use settings::ReplicaAck;
 pub use store::RedisStore;
