@@ -1126,7 +1126,7 @@ impl World {
                 .with_refresh("stale-refresh")
                 .expires_in(Duration::from_secs(86_400), now)
                 .with_generation(stale.generation());
-            let _ = futures::executor::block_on(store.inner.save(&token, None));
+            let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
             known
                 .generations
                 .insert(STALE_ACCESS.to_owned(), stale.generation());
@@ -1651,7 +1651,7 @@ impl World {
             .with_refresh(format!("replica-refresh-{n}"))
             .expires_in(Duration::from_secs(3600), self.now())
             .with_generation(generation);
-        let _ = futures::executor::block_on(store.inner.save(&token, None));
+        let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
         self.known.max_generation = generation;
         self.known.generations.insert(access.clone(), generation);
         let issued = Issued {

@@ -52,7 +52,7 @@ async fn redis_killed_mid_run_gives_typed_errors_and_the_fleet_recovers_after_re
         SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
     ));
     let seed = builder(&server).connect().await.unwrap();
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
 

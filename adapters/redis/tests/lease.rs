@@ -136,7 +136,7 @@ async fn seed_expired(server: &RedisServer, prefix: &str, issuer: &Issuer, clock
         .connect()
         .await
         .unwrap();
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
     clock.advance(LIFETIME);

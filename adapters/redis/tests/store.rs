@@ -170,14 +170,14 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
     // The holder itself cannot write an older or equal generation either (an install
     // may have stored a newer token meanwhile).
     let installed = Token::new("login").with_generation(9);
-    guarded("install", b.save(&installed, None)).await.unwrap();
+    guarded("install", tokenflight_tests::save_locked(&b, &installed)).await.unwrap();
     let older = Token::new("older").with_generation(7);
     assert!(matches!(
         guarded("save older", b.save(&older, Some(&b_lock))).await,
         Err(StoreError::LeaseLost)
     ));
     assert!(matches!(
-        guarded("install older", b.save(&older, None)).await,
+        guarded("install older", tokenflight_tests::save_locked(&b, &older)).await,
         Err(StoreError::Other(_))
     ));
     assert_eq!(guarded("load", b.load()).await.unwrap(), Some(installed));
@@ -290,7 +290,7 @@ async fn unreachable_redis_is_a_prompt_unavailable_error() {
     ));
     let token = Token::new("x").with_generation(1);
     assert!(matches!(
-        guarded("save", store.save(&token, None)).await,
+        guarded("save", tokenflight_tests::save_locked(&store, &token)).await,
         Err(StoreError::Unavailable(_))
     ));
 }
@@ -316,7 +316,7 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
 
     let _: () = con.set("{t5:}token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
-    guarded("save over garbage", s.save(&login, None))
+    guarded("save over garbage", tokenflight_tests::save_locked(&s, &login))
         .await
         .unwrap();
     assert_eq!(guarded("load", s.load()).await.unwrap(), Some(login));
@@ -334,7 +334,7 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
     let login = issuer
         .login(tokenflight::Clock::now(&*clock))
         .with_generation(1);
-    seed.save(&login, None).await.unwrap();
+    tokenflight_tests::save_locked(&seed, &login).await.unwrap();
 
     let mut flights = Vec::new();
     for _ in 0..8 {

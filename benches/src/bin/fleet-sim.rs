@@ -139,7 +139,7 @@ fn main() {
             .connect()
             .await
             .expect("redis");
-        seed.save(&login, None).await.expect("seed save");
+        tokenflight_tests::save_locked(&seed, &login).await.expect("seed save");
         seed
     });
 
