@@ -116,12 +116,12 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+#[cfg(feature = "file-store")]
+mod atomic_file;
 mod builder;
 mod config;
 mod driver;
 mod error;
-#[cfg(feature = "file-store")]
-mod atomic_file;
 #[cfg(feature = "file-store")]
 mod file_lock;
 #[cfg(feature = "file-store")]

@@ -104,8 +104,14 @@ pub fn decode(bytes: &[u8]) -> Result<Token, DecodeError> {
                 stored.access,
                 stored.refresh,
                 stored.generation,
-                stored.expires_at.map(|t| t.system_time("expires_at")).transpose()?,
-                stored.obtained_at.map(|t| t.system_time("obtained_at")).transpose()?,
+                stored
+                    .expires_at
+                    .map(|t| t.system_time("expires_at"))
+                    .transpose()?,
+                stored
+                    .obtained_at
+                    .map(|t| t.system_time("obtained_at"))
+                    .transpose()?,
             )
         }
         (Some(newer), _) if newer > FORMAT => Err(DecodeError::Newer(newer)),

@@ -299,12 +299,19 @@ fn c1_coordinators_sharing_one_file_store_make_one_refresh_per_expiry() {
     for cycle in 1..=3u32 {
         clock.advance(lifetime);
         let tokens = block_on(futures::future::join_all(flights.iter().map(|f| f.token())));
-        let generations: Vec<u64> = tokens.iter().map(|t| t.as_ref().unwrap().generation()).collect();
+        let generations: Vec<u64> = tokens
+            .iter()
+            .map(|t| t.as_ref().unwrap().generation())
+            .collect();
         assert!(
             generations.iter().all(|g| *g == u64::from(cycle) + 1),
             "cycle {cycle}: {generations:?}"
         );
-        assert_eq!(calls.load(Ordering::SeqCst), cycle, "one refresh per expiry");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            cycle,
+            "one refresh per expiry"
+        );
         assert_eq!(
             block_on(store.load()).unwrap().map(|t| t.generation()),
             Some(u64::from(cycle) + 1),
@@ -312,7 +319,11 @@ fn c1_coordinators_sharing_one_file_store_make_one_refresh_per_expiry() {
         );
     }
     let adopted: u64 = flights.iter().map(|f| f.stats().adopted).sum();
-    assert_eq!(adopted, 3 * 3, "the other three adopted the saved token each cycle");
+    assert_eq!(
+        adopted,
+        3 * 3,
+        "the other three adopted the saved token each cycle"
+    );
 }
 
 fn arb_token() -> impl Strategy<Value = Token> {

@@ -141,7 +141,6 @@ impl RedisStore {
         self.inner.observe(&result);
         result
     }
-
 }
 
 impl TokenStore for RedisStore {

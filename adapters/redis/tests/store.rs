@@ -170,7 +170,9 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
     // The holder itself cannot write an older or equal generation either (an install
     // may have stored a newer token meanwhile).
     let installed = Token::new("login").with_generation(9);
-    guarded("install", tokenflight_tests::save_locked(&b, &installed)).await.unwrap();
+    guarded("install", tokenflight_tests::save_locked(&b, &installed))
+        .await
+        .unwrap();
     let older = Token::new("older").with_generation(7);
     assert!(matches!(
         guarded("save older", b.save(&older, Some(&b_lock))).await,
@@ -316,9 +318,12 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
 
     let _: () = con.set("{t5:}token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
-    guarded("save over garbage", tokenflight_tests::save_locked(&s, &login))
-        .await
-        .unwrap();
+    guarded(
+        "save over garbage",
+        tokenflight_tests::save_locked(&s, &login),
+    )
+    .await
+    .unwrap();
     assert_eq!(guarded("load", s.load()).await.unwrap(), Some(login));
     assert!(!format!("{s:?}").contains(&server.url()));
 }

@@ -139,7 +139,9 @@ fn main() {
             .connect()
             .await
             .expect("redis");
-        tokenflight_tests::save_locked(&seed, &login).await.expect("seed save");
+        tokenflight_tests::save_locked(&seed, &login)
+            .await
+            .expect("seed save");
         seed
     });
 
