@@ -86,6 +86,13 @@ pub trait StoreGuard: Send + Sync {
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
+impl fmt::Debug for dyn StoreGuard {
+    // A guard may hold a lease value or a file: show neither.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreGuard")
+    }
+}
+
 /// The default store: one token in this process's memory.
 ///
 /// Cheap to clone; clones share the token.

@@ -91,10 +91,10 @@ async fn a_waiter_on_another_node_is_woken_by_pubsub_across_the_cluster() {
         )
         .contains("\n1")
     });
-    a.save(&Token::new("x").with_generation(2), Some(&held))
+    held.save(&Token::new("x").with_generation(2))
         .await
         .unwrap();
-    a.unlock(held).await;
+    held.unlock().await;
     let (b, result) = tokio::time::timeout(Duration::from_secs(20), waiting)
         .await
         .expect("b was woken by pub/sub well before its 30 s poll")
