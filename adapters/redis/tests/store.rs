@@ -440,3 +440,47 @@ async fn guards_of_one_store_are_fenced_each_on_its_own_lease() {
     assert_eq!(lock_holder(&server, "t8:").await, None);
     assert_eq!(guarded("load", shared.load()).await.unwrap(), Some(theirs));
 }
+
+/// Records RedisStore wrote before the shared record format (`v`, `expires_at_ms`)
+/// still load; the next save writes the shared format, and the save script still reads
+/// the old record's generation (a save below it is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_before_the_shared_format_still_load() {
+    let server = RedisServer::start();
+    let s = store(&server, "t9:").connect().await.unwrap();
+    let mut con = raw(&server).await;
+    let old = r#"{"v":1,"generation":5,"access":"acc","refresh":"ref","expires_at_ms":1700000000123,"obtained_at_ms":1699999940123}"#;
+    let _: () = con.set("{t9:}token", old).await.unwrap();
+    let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    let loaded = guarded("load old", s.load()).await.unwrap().unwrap();
+    assert_eq!(
+        loaded,
+        Token::new("acc")
+            .with_refresh("ref")
+            .expires_at(at(1_700_000_000_123))
+            .obtained_at(at(1_699_999_940_123))
+            .with_generation(5)
+    );
+    let guard = guarded("lock", s.lock()).await.unwrap();
+    assert_eq!(
+        guarded("guard load old", guard.load()).await.unwrap(),
+        Some(loaded)
+    );
+    assert!(matches!(
+        guarded(
+            "save below the old record",
+            guard.save(&Token::new("x").with_generation(4))
+        )
+        .await,
+        Err(StoreError::LeaseLost)
+    ));
+    let newer = Token::new("new").with_generation(6);
+    guarded("save", guard.save(&newer)).await.unwrap();
+    guarded("unlock", guard.unlock()).await;
+    let raw_value: String = con.get("{t9:}token").await.unwrap();
+    assert!(
+        raw_value.starts_with(r#"{"format":2,"generation":6,"#),
+        "{raw_value}"
+    );
+    assert_eq!(guarded("load new", s.load()).await.unwrap(), Some(newer));
+}
