@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Token, TokenStore, Transport};
+use tokenflight::{Builder, Token, Transport};
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::BareTransport;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
