@@ -6,7 +6,7 @@ use tokenflight::StoreError;
 
 /// How many replicas must acknowledge the refresh lock (before the refresh token is
 /// spent) and the saved token (before the lock is released); see
-/// [`RedisStoreBuilder::replica_ack`] and the crate docs on what this does and does not
+/// [`RedisStoreBuilder::replica_ack`](crate::RedisStoreBuilder::replica_ack) and the crate docs on what this does and does not
 /// guarantee.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -16,13 +16,13 @@ pub enum ReplicaAck {
     /// was taken can then let two replicas spend one refresh token).
     None,
     /// Wait (Redis `WAIT`) until at least this many replicas acknowledged. If they do
-    /// not within [`RedisStoreBuilder::replica_ack_timeout`], the lock is given back
+    /// not within [`RedisStoreBuilder::replica_ack_timeout`](crate::RedisStoreBuilder::replica_ack_timeout), the lock is given back
     /// and no refresh is attempted under it (the flight fails with
     /// [`StoreError::Unavailable`]; the coordinator keeps serving a usable token).
     Required(u32),
 }
 
-/// Timing and naming settings of a [`RedisStore`].
+/// Timing and naming settings of a [`crate::RedisStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Settings {
     pub(crate) key_prefix: String,
@@ -33,7 +33,7 @@ pub(crate) struct Settings {
     pub(crate) connect_timeout: Duration,
     pub(crate) poll_min: Duration,
     pub(crate) poll_max: Duration,
-    /// `None`: the deployment's default (see [`RedisStoreBuilder::replica_ack`]).
+    /// `None`: the deployment's default (see [`crate::RedisStoreBuilder::replica_ack`]).
     pub(crate) replica_ack: Option<ReplicaAck>,
     pub(crate) replica_ack_timeout: Duration,
 }

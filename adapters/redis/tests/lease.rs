@@ -35,6 +35,9 @@ enum Phase {
     Save,
 }
 
+/// The holder's side of the stall: "I stalled" and "go on", taken by the first stall.
+type SharedGate = Arc<Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>;
+
 /// A `RedisStore` whose first `load` or `save` under the lock (through a guard) parks
 /// until the test lets it go: the holder "stalls" at that point while keeping (or,
 /// without renewal, losing) the lock. (The store's own `load`, the coordinator's
@@ -42,7 +45,7 @@ enum Phase {
 struct StallingStore {
     inner: RedisStore,
     phase: Phase,
-    gate: Arc<Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>,
+    gate: SharedGate,
 }
 
 /// The test's side of the gate: learn that the holder stalled, then let it go.
@@ -84,7 +87,7 @@ impl TokenStore for StallingStore {
 struct StallingGuard {
     inner: Box<dyn StoreGuard>,
     phase: Phase,
-    gate: Arc<Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>,
+    gate: SharedGate,
 }
 
 impl StallingGuard {
