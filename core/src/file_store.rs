@@ -38,6 +38,12 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// A [`TokenStore`] in a file, shared by processes on one machine (see the module docs).
 ///
+/// Any number of coordinators may share one `FileStore` (or its clones): each
+/// [`lock`](TokenStore::lock) opens the lock file anew and its guard holds the OS lock,
+/// so coordinators in one process contend for it exactly as processes do. Saves happen
+/// only through a guard, under the lock. The token is stored as a
+/// [`record`](crate::record); files written in the earlier format still load.
+///
 /// ```no_run
 /// use tokenflight::FileStore;
 /// let store = FileStore::new("/run/user/1000/myapp/token.json");
