@@ -8,7 +8,9 @@
 //! Plug a [`RedisStore`] into the coordinator's builder with `.store(store)`. Each
 //! refresh then runs: take the Redis refresh lock → reload the token → adopt it if
 //! another replica already refreshed → else call the token source → fenced save → release.
-//! See [`RedisStore`] for the lock, lease, fencing and failure behaviour.
+//! See [`RedisStore`] for the lock, lease, fencing and failure behaviour. The lease and
+//! fence of a held lock live in the guard each refresh gets, so one store (one
+//! connection, one pub/sub listener) can serve any number of coordinators.
 //!
 //! ## Deployments
 //!
