@@ -157,6 +157,6 @@ pub use runtime::FuturesTimer;
 pub use runtime::{Clock, ManualClock, NoTimer, Spawn, SystemClock, Timer};
 pub use source::{FnSource, RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use stats::Stats;
-pub use store::{MemoryStore, StoreError, StoreLock, TokenStore};
+pub use store::{MemoryStore, StoreError, StoreLock, StoreWatcher, TokenStore};
 pub use token::{Secret, Token};
 pub use transport::{HttpRequest, HttpResponse, Transport, TransportError};

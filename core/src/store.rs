@@ -105,6 +105,14 @@ pub trait TokenStore: Send + Sync {
         drop(lock);
         Box::pin(async {})
     }
+    /// Issue 20: the store tells `watcher` whenever anyone (another process or
+    /// replica, or another coordinator sharing this store) saved a token, so it can
+    /// adopt it at once instead of reading the store at its next refresh. A store
+    /// keeps a list of watchers and drops those whose `Weak` is dead. The default
+    /// pushes nothing: coordinators then read the store as before.
+    fn watch(&self, watcher: std::sync::Weak<dyn StoreWatcher>) {
+        let _ = watcher;
+    }
 }
 
 /// The default store: one token in this process's memory.
@@ -158,3 +166,15 @@ impl TokenStore for MemoryStore {
         Box::pin(async { Ok(StoreLock::none()) })
     }
 }
+
+/// Told by a [`TokenStore`] when anyone — another replica, another process, another
+/// coordinator sharing the store — saved a token (issue 20). Coordinators register
+/// themselves through [`TokenStore::watch`] when they are built, and adopt a pushed
+/// token by the same rule as their unlocked read of the store: only a usable token
+/// newer than the one they hold, never over a login not yet saved (C17).
+pub trait StoreWatcher: Send + Sync {
+    /// A token was saved to the store. Called from the store's own task or thread, or
+    /// from the saving caller: it must not block or wait.
+    fn token_saved(&self, token: Token);
+}
+
