@@ -2,19 +2,19 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::IntoConnectionInfo;
-use tokenflight::{StoreError, StoreLock, Token, TokenStore};
+use tokenflight::{StoreError, StoreLock, StoreWatcher, Token, TokenStore};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{RedisStoreBuilder, ReplicaAck, Settings};
 use crate::conn::{Con, Subscriber, reply};
-use crate::events;
+use crate::events::{self, Push};
 use crate::io::{bounded, on_runtime, unavailable};
 use crate::lock::{self, RedisLock};
 use crate::scripts::{LOAD_FENCED, SAVE};
@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     pub(crate) events: watch::Receiver<u64>,
     /// The lock value this store holds right now, if any: `load` is fenced on it.
     held: Mutex<Option<String>>,
+    /// The coordinators watching this store, told of every save in the fleet.
+    push: Arc<Push>,
 }
 
 impl Inner {
@@ -201,11 +203,20 @@ impl RedisStore {
         runtime: Handle,
     ) -> Self {
         let (tx, events) = watch::channel(0);
+        let push = Arc::new(Push::default());
+        let reader = runtime.spawn(events::read_pushed(
+            Arc::clone(&push),
+            con.clone(),
+            settings.token_key(),
+            settings.command_timeout,
+        ));
         runtime.spawn(events::listen(
             subscriber,
             settings.channel(),
             tx,
             settings.connect_timeout,
+            Arc::clone(&push),
+            reader,
         ));
         RedisStore {
             inner: Arc::new(Inner {
@@ -218,6 +229,7 @@ impl RedisStore {
                 reachable: AtomicBool::new(true),
                 events,
                 held: Mutex::new(None),
+                push,
             }),
         }
     }
@@ -467,6 +479,11 @@ impl TokenStore for RedisStore {
             )
             .await;
             inner.observe(&result);
+            if result.is_ok() {
+                // This store's other watchers get it now, without a read; its own
+                // announcement on the channel then costs nothing.
+                inner.push.deliver(token);
+            }
             result
         })
     }
@@ -478,6 +495,14 @@ impl TokenStore for RedisStore {
             self.inner.observe(&result);
             Ok(StoreLock::new(result?))
         })
+    }
+
+    /// Pushes every token saved in the fleet to `watcher` (issue 20): the save
+    /// announces its generation on the store's channel (never the token), and this
+    /// store then reads the record once for all its watchers. See the crate docs,
+    /// "Push".
+    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
+        self.inner.push.watch(watcher);
     }
 
     fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {

@@ -4,23 +4,58 @@
 //! testkit's authorization server (rotating refresh tokens, reuse detection) with short
 //! tokens. Every replica asks for a token every `--tick-ms`; after a warm-up the bin
 //! counts Redis commands (`INFO commandstats`), token-endpoint calls, refresh-token
-//! reuse, and how long after a token's first appearance the last replica holds it.
+//! reuse, and the adoption latency: from the save of a new token (the saving store
+//! hands it to its own watchers when Redis confirms the save) to the moment the last
+//! replica's coordinator holds it (each replica's store pushes it to the coordinator,
+//! then to this bin's watcher registered after it — so the watcher's time is the
+//! adoption's). The time until each replica's next `token()` returned it is reported
+//! too (it includes up to one tick).
 //!
 //! `cargo run --release -p tokenflight-benches --bin fleet-sim -- REPLICAS [SECONDS]`
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Token, TokenStore, Transport};
+use tokenflight::{Builder, SingleFlight, StoreWatcher, Token, TokenStore, Transport};
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::BareTransport;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 /// Token lifetime: short, so a run sees several refresh cycles.
 const LIFETIME: Duration = Duration::from_secs(3);
+
+/// Per generation, when each replica's store handed it over (after its coordinator).
+type Pushed = Arc<Mutex<BTreeMap<u64, Vec<Option<Instant>>>>>;
+
+/// This bin's watcher on one replica's store, registered after the coordinator's: when
+/// it is called, the coordinator has adopted the token (or ignored it as its own).
+struct Recorder {
+    index: usize,
+    replicas: usize,
+    flight: SingleFlight,
+    pushed: Pushed,
+    /// Pushes the coordinator did not hold afterwards (should be the saver's only).
+    missed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StoreWatcher for Recorder {
+    fn token_saved(&self, token: Token) {
+        let at = Instant::now();
+        let generation = token.generation();
+        if self.flight.current().is_none_or(|t| t.generation() < generation) {
+            self.missed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut pushed = self.pushed.lock().expect("pushed");
+        let row = pushed
+            .entry(generation)
+            .or_insert_with(|| vec![None; self.replicas]);
+        row[self.index].get_or_insert(at);
+    }
+}
 
 struct Redis(Child, u16);
 
@@ -146,9 +181,12 @@ fn main() {
     // first_seen[generation][replica] = when that replica first held it.
     let seen: Arc<Mutex<BTreeMap<u64, Vec<Instant>>>> = Arc::default();
     let transport: Arc<dyn Transport> = Arc::new(BareTransport::default());
+    let pushed: Pushed = Arc::default();
+    let missed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut recorders = Vec::with_capacity(replicas);
     let flights = rt.block_on(async {
         let mut flights = Vec::with_capacity(replicas);
-        for _ in 0..replicas {
+        for index in 0..replicas {
             let store = RedisStore::builder(url.as_str())
                 .connect()
                 .await
@@ -157,13 +195,22 @@ fn main() {
                 RefreshTokenGrant::new(transport.clone(), &server.token_url(), &server.client_id())
                     .expect("grant")
                     .client_secret(server.client_secret());
-            flights.push(
-                Builder::new()
-                    .store(store)
-                    .source(grant)
-                    .build_flight()
-                    .expect("a coordinator"),
-            );
+            let flight = Builder::new()
+                .store(store.clone())
+                .source(grant)
+                .build_flight()
+                .expect("a coordinator");
+            // After the coordinator's own registration: called after it adopted.
+            let recorder: Arc<dyn StoreWatcher> = Arc::new(Recorder {
+                index,
+                replicas,
+                flight: flight.clone(),
+                pushed: pushed.clone(),
+                missed: missed.clone(),
+            });
+            store.watch(Arc::downgrade(&recorder) as Weak<dyn StoreWatcher>);
+            recorders.push(recorder);
+            flights.push(flight);
         }
         flights
     });
@@ -176,6 +223,8 @@ fn main() {
     server.reset_counters();
     cli(port, &["CONFIG", "RESETSTAT"]);
     let started = Instant::now();
+    pushed.lock().expect("pushed").clear();
+    missed.store(0, std::sync::atomic::Ordering::Relaxed);
     let until = started + Duration::from_secs(seconds);
 
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -226,12 +275,27 @@ fn main() {
         }
     }
     spread.sort();
+    // Save → last replica's coordinator holds it, for generations every replica got.
+    let pushed = pushed.lock().expect("pushed");
+    let mut latency: Vec<Duration> = pushed
+        .values()
+        .filter_map(|row| {
+            let times: Option<Vec<Instant>> = row.iter().copied().collect();
+            let times = times?;
+            let first = times.iter().min()?;
+            let last = times.iter().max()?;
+            Some(*last - *first)
+        })
+        .collect();
+    latency.sort();
     let cycles = counters.refresh_token_calls.max(1);
     println!(
         "replicas={replicas} seconds={seconds} tick={tick:?} token_endpoint_calls={} refresh_calls={} \
          generations_seen={} complete_cycles={} reuse={} token_errors={} caller_errors={} \
          redis_commands={commands} per_replica_per_cycle={:.2} \
-         adoption_spread_p50={:?} adoption_spread_p99={:?} adoption_spread_max={:?}",
+         pushed_generations={} complete_pushes={} push_not_held={} \
+         adoption_latency_p50={:?} adoption_latency_p99={:?} adoption_latency_max={:?} \
+         token_call_spread_p50={:?} token_call_spread_p99={:?} token_call_spread_max={:?}",
         counters.token_calls,
         counters.refresh_token_calls,
         seen.len(),
@@ -240,6 +304,12 @@ fn main() {
         counters.token_errors,
         errors.load(std::sync::atomic::Ordering::Relaxed),
         commands as f64 / (replicas as f64 * cycles as f64),
+        pushed.len(),
+        latency.len(),
+        missed.load(std::sync::atomic::Ordering::Relaxed),
+        percentile(&latency, 0.5),
+        percentile(&latency, 0.99),
+        latency.last().copied().unwrap_or_default(),
         percentile(&spread, 0.5),
         percentile(&spread, 0.99),
         spread.last().copied().unwrap_or_default(),
