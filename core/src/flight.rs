@@ -245,10 +245,7 @@ impl SingleFlight {
             self.inner.current.store(Some(Arc::clone(&token)));
             state.last_generation = state.last_generation.max(token.generation());
             state.consecutive_failures = 0;
-            matches!(
-                std::mem::take(&mut state.failure),
-                Failure::AuthLost { .. }
-            )
+            matches!(std::mem::take(&mut state.failure), Failure::AuthLost { .. })
         };
         bump(&self.inner.counters.pushed);
         if ended_auth_lost {

@@ -177,4 +177,3 @@ pub trait StoreWatcher: Send + Sync {
     /// from the saving caller: it must not block or wait.
     fn token_saved(&self, token: Token);
 }
-

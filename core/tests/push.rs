@@ -130,7 +130,11 @@ impl TokenStore for PushingStore {
     }
 }
 
-fn flight(clock: &ManualClock, source: &Arc<ScriptedSource>, store: &Arc<PushingStore>) -> SingleFlight {
+fn flight(
+    clock: &ManualClock,
+    source: &Arc<ScriptedSource>,
+    store: &Arc<PushingStore>,
+) -> SingleFlight {
     Builder::new()
         .source_arc(source.clone())
         .store_arc(store.clone())
@@ -150,7 +154,11 @@ fn a_pushed_newer_token_is_current_at_once_without_the_source_the_lock_or_a_read
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = PushingStore::holding(saved(&clock, "one", 1));
     let flight = flight(&clock, &source, &store);
-    assert_eq!(store.live_watchers(), 1, "the coordinator registered itself");
+    assert_eq!(
+        store.live_watchers(),
+        1,
+        "the coordinator registered itself"
+    );
     let first = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(first.generation(), 1);
     let (loads, locks) = (store.loads(), store.locks());
@@ -328,7 +336,11 @@ fn a_push_ends_auth_lost_even_while_a_reload_runs() {
     assert_eq!(token.access().expose(), "login-elsewhere");
     assert!(!flight.is_auth_lost());
     assert_eq!(hooks.load(Ordering::SeqCst), 1, "the hook fired once");
-    assert_eq!(source.calls(), 1, "neither the push nor the reload called the source");
+    assert_eq!(
+        source.calls(),
+        1,
+        "neither the push nor the reload called the source"
+    );
     assert_eq!(flight.stats().store_reloads, 1);
 }
 
@@ -345,7 +357,10 @@ fn coordinators_sharing_a_store_adopt_each_others_saves() {
     let token = futures::executor::block_on(a.token()).unwrap();
     assert_eq!(b.current().unwrap().generation(), token.generation());
     assert_eq!(
-        futures::executor::block_on(b.token()).unwrap().access().expose(),
+        futures::executor::block_on(b.token())
+            .unwrap()
+            .access()
+            .expose(),
         token.access().expose()
     );
     assert_eq!((source_a.calls(), source_b.calls()), (1, 0));

@@ -133,6 +133,9 @@ pub(crate) struct Push {
     delivered: AtomicU64,
     /// The highest generation announced on the channel.
     announced: AtomicU64,
+    /// A generation this store is saving right now: its announcement may arrive
+    /// before the save's reply, and needs no `GET` either (the save hands it over).
+    saving: AtomicU64,
     /// A (re)subscription happened: one `GET` whatever was announced.
     catching_up: AtomicBool,
     /// Wakes the reader; holds one permit while it is busy, so a burst of messages
@@ -163,12 +166,41 @@ impl Push {
         self.lock().iter().any(|w| w.strong_count() > 0)
     }
 
-    /// Someone saved `generation`: read it unless it was handed out already.
+    /// The highest generation known here without a read: handed out, or being saved
+    /// through this store.
+    fn known(&self) -> u64 {
+        self.delivered
+            .load(Ordering::Acquire)
+            .max(self.saving.load(Ordering::Acquire))
+    }
+
+    /// Someone saved `generation`: read it unless it is known here already.
     fn announce(&self, generation: u64) {
         self.announced.fetch_max(generation, Ordering::AcqRel);
-        if generation > self.delivered.load(Ordering::Acquire) && self.watched() {
+        if generation > self.known() && self.watched() {
             self.wake.notify_one();
         }
+    }
+
+    /// This store is about to save `generation`.
+    pub(crate) fn saving(&self, generation: u64) {
+        self.saving.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// This store's save of `token` ended: saved (its watchers get it now, without a
+    /// read) or not (one read, in case the save ran but its reply was lost).
+    pub(crate) fn saved(&self, token: &Token, ok: bool) {
+        if ok {
+            self.deliver(token);
+        } else {
+            self.catch_up();
+        }
+        let _ = self.saving.compare_exchange(
+            token.generation(),
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// Messages may have been missed: read once.
@@ -199,18 +231,18 @@ impl Push {
     /// newer than the last handed out was announced, and only if anyone watches.
     fn wanted(&self) -> bool {
         let catching_up = self.catching_up.swap(false, Ordering::AcqRel);
-        (catching_up
-            || self.announced.load(Ordering::Acquire) > self.delivered.load(Ordering::Acquire))
-            && self.watched()
+        (catching_up || self.announced.load(Ordering::Acquire) > self.known()) && self.watched()
     }
 }
 
 /// The reader behind the push: each time it is woken and a read is [`Push::wanted`],
-/// one `GET` of the record, decoded and handed to the watchers. A failed read is only
-/// logged: the next announcement or resubscription reads again, and the coordinators
-/// read the store themselves at their refresh-ahead.
+/// one `GET` of the record, decoded and handed to the watchers. A read that fails
+/// (the first command after Redis restarted often does, while the connection is
+/// re-established) is tried again with backoff; a corrupt record is only logged (the
+/// next save replaces it).
 pub(crate) async fn read_pushed(push: Arc<Push>, con: Con, key: String, timeout: Duration) {
     let mut con = con;
+    let mut retry = RETRY_MIN;
     loop {
         push.wake.notified().await;
         if !push.wanted() {
@@ -218,13 +250,166 @@ pub(crate) async fn read_pushed(push: Arc<Push>, con: Con, key: String, timeout:
         }
         let raw: Result<Option<String>, _> =
             bounded(timeout, redis::cmd("GET").arg(&key).query_async(&mut con)).await;
-        match raw.map(|raw| raw.as_deref().map(wire::decode).transpose()) {
-            Ok(Ok(Some(token))) => push.deliver(&token),
-            Ok(Ok(None)) => {}
-            // Neither error carries the record's content.
-            Ok(Err(error)) | Err(error) => {
-                tracing::debug!(%error, "reading a token announced on the channel failed");
+        match raw {
+            Ok(raw) => {
+                retry = RETRY_MIN;
+                match raw.as_deref().map(wire::decode).transpose() {
+                    Ok(Some(token)) => push.deliver(&token),
+                    Ok(None) => {}
+                    // The error names a position, never the record's content.
+                    Err(error) => tracing::debug!(%error, "the announced token is unreadable"),
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "reading an announced token failed; trying again");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                push.catch_up();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<u64>>);
+
+    impl StoreWatcher for Seen {
+        fn token_saved(&self, token: Token) {
+            self.0.lock().unwrap().push(token.generation());
+        }
+    }
+
+    fn watched() -> (Push, Arc<Seen>) {
+        let push = Push::default();
+        let seen = Arc::new(Seen::default());
+        let weak: Weak<Seen> = Arc::downgrade(&seen);
+        push.watch(weak);
+        (push, seen)
+    }
+
+    /// How many wake-ups the reader would take right now.
+    fn wakeups(push: &Push) -> usize {
+        let mut n = 0;
+        while push.wake.notified().now_or_never().is_some() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_burst_of_announcements_costs_one_read() {
+        let (push, _seen) = watched();
+        for generation in 2..100 {
+            push.announce(generation);
+        }
+        assert_eq!(wakeups(&push), 1, "one permit, not one per message");
+        assert!(push.wanted());
+    }
+
+    #[test]
+    fn announcements_of_what_was_handed_out_cost_nothing() {
+        let (push, seen) = watched();
+        push.deliver(&Token::new("a").with_generation(7));
+        assert_eq!(*seen.0.lock().unwrap(), [7]);
+        for generation in [3, 7] {
+            push.announce(generation);
+        }
+        assert_eq!(wakeups(&push), 0);
+        assert!(!push.wanted());
+        // Read while a newer one was announced: wanted once, not after the delivery.
+        push.announce(8);
+        assert!(push.wanted());
+        push.deliver(&Token::new("b").with_generation(8));
+        assert!(!push.wanted());
+        // Each generation once, and never an older one after a newer one.
+        push.deliver(&Token::new("b").with_generation(8));
+        push.deliver(&Token::new("c").with_generation(5));
+        assert_eq!(*seen.0.lock().unwrap(), [7, 8]);
+    }
+
+    #[test]
+    fn the_announcement_of_a_save_through_this_store_costs_nothing() {
+        let (push, seen) = watched();
+        let token = Token::new("a").with_generation(6);
+        push.saving(6);
+        // The message may arrive before the save's reply.
+        push.announce(6);
+        assert_eq!(wakeups(&push), 0);
+        push.saved(&token, true);
+        assert_eq!(*seen.0.lock().unwrap(), [6]);
+        assert!(!push.wanted());
+        // A save that failed (its reply may have been lost) reads once.
+        push.saving(7);
+        push.saved(&Token::new("b").with_generation(7), false);
+        assert_eq!(wakeups(&push), 1);
+        assert!(push.wanted());
+        // Nothing is pending afterwards: a later announcement of 7 reads.
+        push.announce(7);
+        assert_eq!(wakeups(&push), 1);
+    }
+
+    #[test]
+    fn a_resubscription_reads_once_even_if_nothing_new_was_announced() {
+        let (push, _seen) = watched();
+        push.deliver(&Token::new("a").with_generation(4));
+        push.catch_up();
+        assert_eq!(wakeups(&push), 1);
+        assert!(push.wanted());
+        assert!(!push.wanted(), "once");
+    }
+
+    #[test]
+    fn nobody_watching_means_no_reads_and_dead_watchers_are_dropped() {
+        let (push, seen) = watched();
+        drop(seen);
+        push.announce(3);
+        push.catch_up();
+        assert_eq!(wakeups(&push), 0);
+        assert!(!push.wanted());
+        let alive = Arc::new(Seen::default());
+        let weak: Weak<Seen> = Arc::downgrade(&alive);
+        push.watch(weak);
+        assert_eq!(push.lock().len(), 1, "the dead one was dropped");
+        push.deliver(&Token::new("a").with_generation(3));
+        assert_eq!(*alive.0.lock().unwrap(), [3]);
+    }
+
+    #[test]
+    fn a_panicking_watcher_does_not_keep_the_token_from_the_others() {
+        struct Panics;
+        impl StoreWatcher for Panics {
+            fn token_saved(&self, _token: Token) {
+                panic!("watcher panicked (test)");
+            }
+        }
+        let push = Push::default();
+        let panics = Arc::new(Panics);
+        let weak: Weak<Panics> = Arc::downgrade(&panics);
+        push.watch(weak);
+        let seen = Arc::new(Seen::default());
+        let weak: Weak<Seen> = Arc::downgrade(&seen);
+        push.watch(weak);
+        push.deliver(&Token::new("a").with_generation(1));
+        assert_eq!(*seen.0.lock().unwrap(), [1]);
+    }
+
+    #[test]
+    fn only_saved_messages_carry_a_generation() {
+        let msg = |payload: &str| {
+            let value = redis::Value::Array(vec![
+                redis::Value::BulkString(b"message".to_vec()),
+                redis::Value::BulkString(b"{p}events".to_vec()),
+                redis::Value::BulkString(payload.as_bytes().to_vec()),
+            ]);
+            redis::Msg::from_owned_value(value).unwrap()
+        };
+        assert_eq!(saved_generation(&msg("saved:42")), Some(42));
+        assert_eq!(saved_generation(&msg("released")), None);
+        assert_eq!(saved_generation(&msg("saved:x")), None);
     }
 }

@@ -473,17 +473,16 @@ impl TokenStore for RedisStore {
         let generation = token.generation();
         Box::pin(async move {
             let (record, value) = prepared?;
+            inner.push.saving(generation);
             let result = on_runtime(
                 &inner.runtime.clone(),
                 Self::save_token(Arc::clone(&inner), record, generation, value),
             )
             .await;
             inner.observe(&result);
-            if result.is_ok() {
-                // This store's other watchers get it now, without a read; its own
-                // announcement on the channel then costs nothing.
-                inner.push.deliver(token);
-            }
+            // This store's other watchers get it now, without a read; its own
+            // announcement on the channel costs nothing.
+            inner.push.saved(token, result.is_ok());
             result
         })
     }

@@ -45,7 +45,11 @@ impl StoreWatcher for Recorder {
     fn token_saved(&self, token: Token) {
         let at = Instant::now();
         let generation = token.generation();
-        if self.flight.current().is_none_or(|t| t.generation() < generation) {
+        if self
+            .flight
+            .current()
+            .is_none_or(|t| t.generation() < generation)
+        {
             self.missed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
