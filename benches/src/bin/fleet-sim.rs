@@ -61,6 +61,28 @@ impl StoreWatcher for Recorder {
     }
 }
 
+/// `FLEET_PUSH=0`: the store without its push (as before issue 20's push), to compare.
+struct NoPush(RedisStore);
+
+impl TokenStore for NoPush {
+    fn load(&self) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::StoreError>> {
+        self.0.load()
+    }
+    fn save<'a>(
+        &'a self,
+        token: &'a Token,
+        lock: Option<&'a tokenflight::StoreLock>,
+    ) -> futures::future::BoxFuture<'a, Result<(), tokenflight::StoreError>> {
+        self.0.save(token, lock)
+    }
+    fn lock(&self) -> futures::future::BoxFuture<'_, Result<tokenflight::StoreLock, tokenflight::StoreError>> {
+        self.0.lock()
+    }
+    fn unlock(&self, lock: tokenflight::StoreLock) -> futures::future::BoxFuture<'_, ()> {
+        self.0.unlock(lock)
+    }
+}
+
 struct Redis(Child, u16);
 
 impl Drop for Redis {
@@ -151,6 +173,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let replicas: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);
+    let push = std::env::var("FLEET_PUSH").map_or(true, |v| v != "0");
     let tick = Duration::from_millis(
         std::env::var("FLEET_TICK_MS")
             .ok()
@@ -166,21 +189,6 @@ fn main() {
     });
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let url = format!("redis://127.0.0.1:{port}");
-
-    // The login, stored once for the whole fleet (already obtained now).
-    let (access, _) = server.issue_access_token();
-    let login = Token::new(access)
-        .with_refresh(server.issue_refresh_token())
-        .expires_in(LIFETIME, SystemTime::now())
-        .with_generation(1);
-    let seed = rt.block_on(async {
-        let seed = RedisStore::builder(url.as_str())
-            .connect()
-            .await
-            .expect("redis");
-        seed.save(&login, None).await.expect("seed save");
-        seed
-    });
 
     // first_seen[generation][replica] = when that replica first held it.
     let seen: Arc<Mutex<BTreeMap<u64, Vec<Instant>>>> = Arc::default();
@@ -199,8 +207,12 @@ fn main() {
                 RefreshTokenGrant::new(transport.clone(), &server.token_url(), &server.client_id())
                     .expect("grant")
                     .client_secret(server.client_secret());
-            let flight = Builder::new()
-                .store(store.clone())
+            let builder = if push {
+                Builder::new().store(store.clone())
+            } else {
+                Builder::new().store(NoPush(store.clone()))
+            };
+            let flight = builder
                 .source(grant)
                 .build_flight()
                 .expect("a coordinator");
@@ -218,6 +230,23 @@ fn main() {
         }
         flights
     });
+    // The login, stored once for the whole fleet (obtained now) after the replicas
+    // connected — 1,000 connections take long enough that an older login would be in
+    // every replica's refresh-ahead window at the start.
+    let (access, _) = server.issue_access_token();
+    let login = Token::new(access)
+        .with_refresh(server.issue_refresh_token())
+        .expires_in(LIFETIME, SystemTime::now())
+        .with_generation(1);
+    let seed = rt.block_on(async {
+        let seed = RedisStore::builder(url.as_str())
+            .connect()
+            .await
+            .expect("redis");
+        seed.save(&login, None).await.expect("seed save");
+        seed
+    });
+    let saved_at = Instant::now();
     // Warm-up: everybody has the login (connections, script loads, first reads done).
     rt.block_on(async {
         for f in &flights {
@@ -227,6 +256,9 @@ fn main() {
     server.reset_counters();
     cli(port, &["CONFIG", "RESETSTAT"]);
     let started = Instant::now();
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        eprintln!("login age at start: {:?}", started - saved_at);
+    }
     pushed.lock().expect("pushed").clear();
     missed.store(0, std::sync::atomic::Ordering::Relaxed);
     let until = started + Duration::from_secs(seconds);
@@ -265,6 +297,20 @@ fn main() {
         }
     });
     let (commands, by) = commandstats(port);
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        let sum = |f: fn(&tokenflight::Stats) -> u64| -> u64 {
+            flights.iter().map(|fl| f(&fl.stats())).sum()
+        };
+        eprintln!(
+            "flights={} adopted={} pushed={} coalesced={} source_calls={} ran_for={:?}",
+            sum(|s| s.flights),
+            sum(|s| s.adopted),
+            sum(|s| s.pushed),
+            sum(|s| s.coalesced),
+            sum(|s| s.source_calls),
+            started.elapsed()
+        );
+    }
     let counters = server.counters();
     drop(seed);
 
@@ -292,6 +338,14 @@ fn main() {
         })
         .collect();
     latency.sort();
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        for (generation, row) in pushed.iter() {
+            let times: Vec<Instant> = row.iter().flatten().copied().collect();
+            let first = times.iter().min().map(|t| t.saturating_duration_since(started));
+            let last = times.iter().max().map(|t| t.saturating_duration_since(started));
+            eprintln!("generation {generation}: got by {} first {first:?} last {last:?}", times.len());
+        }
+    }
     let cycles = counters.refresh_token_calls.max(1);
     println!(
         "replicas={replicas} seconds={seconds} tick={tick:?} token_endpoint_calls={} refresh_calls={} \
