@@ -679,6 +679,14 @@ impl SingleFlight {
         matches!(self.lock_state().failure, Failure::AuthLost { .. })
     }
 
+    /// Whether a refresh is running now (a keyed map never evicts such a coordinator).
+    pub(crate) fn refresh_running(&self) -> bool {
+        self.lock_state()
+            .flight
+            .as_ref()
+            .is_some_and(|(_, flight)| flight.upgrade().is_some())
+    }
+
     pub(crate) fn observers(&self) -> &Observers {
         &self.inner.parts.observers
     }

@@ -125,6 +125,7 @@ mod file_store;
 mod flight;
 #[cfg(feature = "oauth2")]
 pub mod jwt;
+mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 pub mod observe;
@@ -147,6 +148,7 @@ pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
 pub use file_store::{FileLock, FileStore};
 pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
+pub use keyed::{FlightFactory, KeyedFlights, KeyedFlightsBuilder, key_namespace};
 pub use observe::Observer;
 pub use policy::{AllowedOrigins, BodyPredicate, Classifier, HeadPredicate, Placement};
 pub use request::{

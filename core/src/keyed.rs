@@ -1,0 +1,330 @@
+//! Many tokens in one process: one [`SingleFlight`] per key (a user, a tenant, an
+//! audience and scope), made on first use from a factory.
+//!
+//! Why a map of whole coordinators and not one coordinator with keyed state: each key
+//! then has every guarantee of the unkeyed coordinator (C1–C18) by construction — its
+//! own token, its own single flight, its own backoff and auth-lost state, its own store —
+//! and a slow refresh of one key never delays another. The key is the *only* way to a
+//! coordinator, so a token of one key cannot be handed to a caller of another (the
+//! mistake behind CVE-2025-26620 was a single-flight key that left parameters out: here
+//! the whole key is the map's key, compared with `Eq`, never a hash of it).
+//!
+//! Memory is bounded: at most `max_entries` coordinators are kept; idle ones (unused for
+//! `idle_timeout`) go first, then the least recently used. A coordinator whose refresh is
+//! running is never evicted, and callers already waiting hold their own handle to it, so
+//! an eviction never cuts a flight short. Keys never appear in `Debug`, logs or errors.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::error::{ConfigError, Error, RefreshError};
+use crate::flight::SingleFlight;
+use crate::token::Token;
+
+/// Builds the coordinator of a key the first time the key is used.
+///
+/// It usually calls [`crate::Builder::build_flight`] with a source and a store made for
+/// the key (a store namespace per key, so a fleet shares per-key refreshes).
+pub type FlightFactory<K> = dyn Fn(&K) -> Result<SingleFlight, ConfigError> + Send + Sync;
+
+/// One [`SingleFlight`] per key, made on first use, bounded in memory.
+///
+/// Cheap to clone; clones share the map.
+///
+/// ```
+/// use tokenflight::{Builder, KeyedFlights, Token, from_fn};
+///
+/// # futures::executor::block_on(async {
+/// let flights = KeyedFlights::builder(|tenant: &String| {
+///     let tenant = tenant.clone();
+///     Builder::new()
+///         .source(from_fn(move |_cx| {
+///             let tenant = tenant.clone();
+///             async move { Ok(Token::new(format!("token-for-{tenant}"))) }
+///         }))
+///         .build_flight()
+/// })
+/// .max_entries(1_000)
+/// .build();
+///
+/// let token = flights.token(&"acme".to_string()).await?;
+/// assert_eq!(token.access().expose(), "token-for-acme");
+/// # Ok::<_, tokenflight::Error>(())
+/// # }).unwrap();
+/// ```
+pub struct KeyedFlights<K> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> Clone for KeyedFlights<K> {
+    fn clone(&self) -> Self {
+        KeyedFlights {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<K> {
+    map: RwLock<HashMap<K, Entry>>,
+    factory: Box<FlightFactory<K>>,
+    max_entries: usize,
+    idle_timeout: Duration,
+    /// The origin of `Entry::last_used` (milliseconds since it).
+    epoch: Instant,
+}
+
+struct Entry {
+    flight: SingleFlight,
+    /// Milliseconds since `Inner::epoch` of the last use; a relaxed store per lookup
+    /// (no lock is written on the fast path).
+    last_used: AtomicU64,
+}
+
+/// Configures a [`KeyedFlights`].
+pub struct KeyedFlightsBuilder<K> {
+    factory: Box<FlightFactory<K>>,
+    max_entries: usize,
+    idle_timeout: Duration,
+}
+
+impl<K> fmt::Debug for KeyedFlightsBuilder<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedFlightsBuilder")
+            .field("max_entries", &self.max_entries)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> KeyedFlightsBuilder<K> {
+    /// The most coordinators kept at once (default 10,000). When a new key would exceed
+    /// it, idle coordinators are dropped first, then the least recently used ones (never
+    /// one whose refresh is running). Values below 1 are read as 1.
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
+    }
+
+    /// A coordinator unused this long may be dropped (default 15 minutes); its key gets a
+    /// new one (which reads its store again) on next use.
+    pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The map.
+    pub fn build(self) -> KeyedFlights<K> {
+        KeyedFlights {
+            inner: Arc::new(Inner {
+                map: RwLock::new(HashMap::new()),
+                factory: self.factory,
+                max_entries: self.max_entries,
+                idle_timeout: self.idle_timeout,
+                epoch: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl<K> fmt::Debug for KeyedFlights<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are user data (user ids, tenants): never printed.
+        f.debug_struct("KeyedFlights")
+            .field("entries", &self.len())
+            .field("max_entries", &self.inner.max_entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K> KeyedFlights<K> {
+    /// A builder; `factory` makes the coordinator of a key on its first use.
+    pub fn builder(
+        factory: impl Fn(&K) -> Result<SingleFlight, ConfigError> + Send + Sync + 'static,
+    ) -> KeyedFlightsBuilder<K> {
+        KeyedFlightsBuilder {
+            factory: Box::new(factory),
+            max_entries: 10_000,
+            idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
+
+    /// How many coordinators are kept now.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no coordinator is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<K, Entry>> {
+        self.inner
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<K, Entry>> {
+        self.inner
+            .map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedFlights<K> {
+    /// The coordinator of `key`, made by the factory if the key has none. Fails only if
+    /// the factory fails (the error is returned, nothing is kept).
+    pub fn flight(&self, key: &K) -> Result<SingleFlight, ConfigError> {
+        let now = self.now_ms();
+        if let Some(entry) = self.read().get(key) {
+            entry.last_used.store(now, Ordering::Relaxed);
+            return Ok(entry.flight.clone());
+        }
+        // The factory runs outside the map's lock (it may be slow or panic-free but
+        // user code); if two callers race, the first insert wins and the other's
+        // coordinator is dropped unused — its source was never called.
+        let made = (self.inner.factory)(key)?;
+        let mut map = self.write();
+        if let Some(entry) = map.get(key) {
+            entry.last_used.store(now, Ordering::Relaxed);
+            return Ok(entry.flight.clone());
+        }
+        if map.len() >= self.inner.max_entries {
+            self.evict(&mut map, now);
+        }
+        map.insert(
+            key.clone(),
+            Entry {
+                flight: made.clone(),
+                last_used: AtomicU64::new(now),
+            },
+        );
+        Ok(made)
+    }
+
+    /// The coordinator of `key` if one is kept (never calls the factory).
+    pub fn get(&self, key: &K) -> Option<SingleFlight> {
+        let map = self.read();
+        let entry = map.get(key)?;
+        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        Some(entry.flight.clone())
+    }
+
+    /// The valid token of `key`, if its coordinator is kept and has one (the keyed
+    /// [`SingleFlight::valid_token`]: no allocation, no write lock).
+    pub fn valid_token(&self, key: &K) -> Option<Arc<Token>> {
+        let map = self.read();
+        let entry = map.get(key)?;
+        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        entry.flight.valid_token()
+    }
+
+    /// A token for `key` to send now: [`SingleFlight::token`] on the key's coordinator
+    /// (made on first use). Keys are independent: a refresh of one never delays another.
+    ///
+    /// # Cancellation
+    /// As [`SingleFlight::token`]: dropping the future never hangs other callers of the
+    /// key and never cancels its refresh while anyone else waits for it. The caller holds
+    /// its own handle to the coordinator, so evicting the key meanwhile changes nothing.
+    pub async fn token(&self, key: &K) -> Result<Arc<Token>, Error> {
+        let flight = self.flight(key).map_err(factory_failed)?;
+        flight.token().await
+    }
+
+    /// Drops coordinators unused for `idle_timeout` whose refresh is not running;
+    /// returns how many were dropped. Also done when a new key finds the map full.
+    pub fn evict_idle(&self) -> usize {
+        let now = self.now_ms();
+        let mut map = self.write();
+        let before = map.len();
+        let idle_ms = self.idle_ms();
+        map.retain(|_, entry| !is_idle(entry, now, idle_ms));
+        before - map.len()
+    }
+
+    fn idle_ms(&self) -> u64 {
+        u64::try_from(self.inner.idle_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes room for one entry: idle ones first; if none, the least recently used
+    /// eighth (one scan serves the next eighth of inserts), never a running flight.
+    fn evict(&self, map: &mut HashMap<K, Entry>, now: u64) {
+        let idle_ms = self.idle_ms();
+        map.retain(|_, entry| !is_idle(entry, now, idle_ms));
+        if map.len() < self.inner.max_entries {
+            return;
+        }
+        let mut ages: Vec<u64> = map
+            .values()
+            .filter(|entry| !entry.flight.refresh_running())
+            .map(|entry| entry.last_used.load(Ordering::Relaxed))
+            .collect();
+        if ages.is_empty() {
+            // Every kept key is refreshing: keep them all (their waiters need them); the
+            // map exceeds its bound until one finishes.
+            return;
+        }
+        ages.sort_unstable();
+        let count = (self.inner.max_entries / 8).clamp(1, ages.len());
+        let cutoff = ages.get(count - 1).copied().unwrap_or(0);
+        let mut removed = 0;
+        map.retain(|_, entry| {
+            let evict = removed < count
+                && entry.last_used.load(Ordering::Relaxed) <= cutoff
+                && !entry.flight.refresh_running();
+            removed += usize::from(evict);
+            !evict
+        });
+    }
+}
+
+fn is_idle(entry: &Entry, now: u64, idle_ms: u64) -> bool {
+    now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= idle_ms
+        && !entry.flight.refresh_running()
+}
+
+/// A factory that cannot make a key's coordinator is a configuration fault: permanent
+/// for this call (the next call asks the factory again). The key is not in the message.
+fn factory_failed(error: ConfigError) -> Error {
+    Error::Refresh(
+        RefreshError::permanent("the keyed coordinator's factory failed").with_source(error),
+    )
+}
+
+/// A name for `key` that is safe as a file name, a Redis key part or a metric-free log
+/// field: 32 hex digits of SHA-256 over a versioned prefix and the key's bytes.
+///
+/// Stores are namespaced per key with it (`FileStore::new(dir.join(key_namespace(..)))`,
+/// a Redis key prefix), so every process and replica of a fleet finds the same key's
+/// record while raw key values (user ids, e-mail addresses, tenant names) never become
+/// paths or Redis keys. It is stable across processes, machines and releases (unlike
+/// `std::hash`), and 128 bits make a collision between two keys out of reach.
+///
+/// ```
+/// let name = tokenflight::key_namespace(b"alice@example.com");
+/// assert_eq!(name.len(), 32);
+/// assert!(name.bytes().all(|b| b.is_ascii_hexdigit()));
+/// assert_ne!(name, tokenflight::key_namespace(b"bob@example.com"));
+/// ```
+pub fn key_namespace(key: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"tokenflight-key-v1\0")
+        .chain_update(key)
+        .finalize();
+    digest
+        .iter()
+        .take(16)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}

@@ -1,0 +1,136 @@
+//! Issue 17 across processes: 3 processes, 50 keys, one `FileStore` per key (namespaced)
+//! in one shared directory: one source call per key per expiry in total, every process
+//! ends on the same token for every key, and no token of one key is used for another.
+#![cfg(unix)]
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const PROCESSES: usize = 3;
+const KEYS: u32 = 50;
+const CYCLES: usize = 3;
+/// Only turns a hung worker into a failure; no test outcome depends on it.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn spawn(dir: &std::path::Path, log: &std::path::Path) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keyed_worker"))
+            .env("KW_DIR", dir)
+            .env("KW_LOG", log)
+            .env("KW_KEYS", KEYS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut worker = Worker {
+            child,
+            stdin,
+            lines,
+        };
+        assert_eq!(worker.answer(), "ready");
+        worker
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn answer(&mut self) -> String {
+        self.lines
+            .recv_timeout(ANSWER_DEADLINE)
+            .unwrap_or_else(|e| panic!("worker {} gave no answer: {e}", self.child.id()))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Only this test's own child, by its id.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn calls_per_key(log: &std::path::Path) -> HashMap<u32, usize> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut calls = HashMap::new();
+    for line in text.lines() {
+        *calls.entry(line.parse::<u32>().unwrap()).or_default() += 1;
+    }
+    calls
+}
+
+#[test]
+fn three_processes_share_one_source_call_per_key_per_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("source-calls.log");
+    let stores = dir.path().join("stores");
+    std::fs::create_dir(&stores).unwrap();
+    let mut workers: Vec<Worker> = (0..PROCESSES)
+        .map(|_| Worker::spawn(&stores, &log))
+        .collect();
+    for cycle in 1..=CYCLES {
+        if cycle > 1 {
+            // Two hours later for every process: every key's token has expired.
+            for worker in &mut workers {
+                worker.send("advance 7200");
+                assert_eq!(worker.answer(), "advanced");
+            }
+        }
+        // All processes at once: every key is contended by every process.
+        for worker in &mut workers {
+            worker.send("tokens");
+        }
+        let answers: Vec<String> = workers.iter_mut().map(Worker::answer).collect();
+        for answer in &answers {
+            assert!(answer.starts_with("tokens "), "cycle {cycle}: {answer}");
+            assert_eq!(
+                answer, &answers[0],
+                "cycle {cycle}: same token for every key everywhere"
+            );
+        }
+        let calls = calls_per_key(&log);
+        for key in 0..KEYS {
+            assert_eq!(
+                calls.get(&key).copied().unwrap_or(0),
+                cycle,
+                "key {key}: one source call per expiry for all processes together"
+            );
+        }
+        assert_eq!(calls.len(), KEYS as usize);
+    }
+    // One record per key, named by its namespace, never by the key itself.
+    let names: Vec<String> = std::fs::read_dir(&stores)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".lock"))
+        .collect();
+    for key in 0..KEYS {
+        let namespace = tokenflight::key_namespace(&key.to_be_bytes());
+        assert!(
+            names.iter().any(|n| n.starts_with(&namespace)),
+            "key {key} has no record"
+        );
+    }
+}
