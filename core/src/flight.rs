@@ -1102,6 +1102,11 @@ impl SingleFlight {
         if let Some(token) = self.adopt_unlocked(epoch, deadline).await {
             return Ok(token);
         }
+        // The store may have pushed the newer token meanwhile (issue 20): then the read
+        // found nothing newer than it, and the lock is not needed either.
+        if let Some(token) = self.superseded(reason, replaces, self.now()) {
+            return Ok(token);
+        }
         let lock = within(store.lock(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?

@@ -381,3 +381,30 @@ fn a_dropped_coordinator_leaves_only_a_dead_watcher() {
     assert_eq!(store.live_watchers(), 0, "the store does not keep it alive");
     store.saved_elsewhere(saved(&clock, "nobody-listens", 1));
 }
+
+#[test]
+fn a_push_during_a_flights_unlocked_read_spares_it_the_lock() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let short = Token::new("one")
+        .expires_in(Duration::from_secs(60), now(&clock))
+        .with_generation(1);
+    let store = PushingStore::holding(short);
+    let flight = flight(&clock, &source, &store);
+    futures::executor::block_on(flight.token()).unwrap();
+    let locks = store.locks();
+
+    // The token expired; the flight reads the store (held), and meanwhile the token
+    // that another replica saved arrives by push. The read then finds nothing newer
+    // than the current token: the flight ends with it, without contending for the lock.
+    clock.advance(Duration::from_secs(120));
+    store.load_gate.close();
+    let mut waiting = flight.token().boxed();
+    assert!(poll_once(&mut waiting).is_pending());
+    store.saved_elsewhere(saved(&clock, "two", 2));
+    store.load_gate.release();
+    let token = futures::executor::block_on(waiting).unwrap();
+    assert_eq!(token.access().expose(), "two");
+    assert_eq!(store.locks(), locks, "no lock taken");
+    assert_eq!(source.calls(), 0);
+}
