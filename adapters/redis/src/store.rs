@@ -33,6 +33,9 @@ use crate::wire;
 ///   replica may already have used.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
 ///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
+/// - Saves announce the new generation (never the token) on `<prefix>events`; the
+///   coordinators watching a store get the new token pushed with one `GET` per store
+///   (crate docs, "Push").
 /// - Every Redis round trip is bounded; connection trouble is
 ///   [`StoreError::Unavailable`], and the connection manager reconnects when Redis is
 ///   back. The coordinator keeps serving its current token meanwhile.
