@@ -58,10 +58,11 @@ pub trait TokenStore: Send + Sync {
     /// Takes the refresh lock, waiting for another holder to finish. The guard is the
     /// only way to read-for-refresh and to save; fenced stores check their lease in it.
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>>;
-    /// Tells `watcher` whenever anyone (this process, another one, another replica)
-    /// saved a token, so coordinators can adopt it without reading the store. The
-    /// store keeps only a weak reference. The default pushes nothing: coordinators
-    /// then read the store as they need it.
+    /// Issue 20: the store tells `watcher` whenever anyone (another process or
+    /// replica, or another coordinator sharing this store) saved a token, so it can
+    /// adopt it at once instead of reading the store at its next refresh. A store
+    /// keeps a list of watchers and drops those whose `Weak` is dead. The default
+    /// pushes nothing: coordinators then read the store as before.
     fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
         let _ = watcher;
     }
@@ -163,10 +164,13 @@ impl StoreGuard for MemoryGuard {
     }
 }
 
-/// Told by a store (see [`TokenStore::watch`]) when a token was saved.
+/// Told by a [`TokenStore`] when anyone — another replica, another process, another
+/// coordinator sharing the store — saved a token (issue 20). Coordinators register
+/// themselves through [`TokenStore::watch`] when they are built, and adopt a pushed
+/// token by the same rule as their unlocked read of the store: only a usable token
+/// newer than the one they hold, never over a login not yet saved (C17).
 pub trait StoreWatcher: Send + Sync {
-    /// A token was saved to the store (by anyone). Called from the store's own task or
-    /// thread; must not block. The coordinator adopts it by the same rule as its
-    /// pre-lock read (a generation newer than what it holds; logins respected).
+    /// A token was saved to the store. Called from the store's own task or thread, or
+    /// from the saving caller: it must not block or wait.
     fn token_saved(&self, token: Token);
 }

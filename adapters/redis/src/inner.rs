@@ -3,6 +3,7 @@
 //! here says who holds the lock: that lives in each guard, so one store can serve many
 //! coordinators.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokenflight::StoreError;
@@ -10,6 +11,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::conn::Con;
+use crate::events::Push;
 use crate::settings::{ReplicaAck, Settings};
 
 pub(crate) struct Inner {
@@ -24,6 +26,8 @@ pub(crate) struct Inner {
     pub(crate) reachable: AtomicBool,
     /// Bumped by the pub/sub listener on every save or release in the fleet.
     pub(crate) events: watch::Receiver<u64>,
+    /// The coordinators watching this store, told of every save in the fleet.
+    pub(crate) push: Arc<Push>,
 }
 
 impl Inner {

@@ -84,12 +84,17 @@ impl StoreGuard for RedisLock {
         let encoded = record::encode(token);
         let generation = token.generation();
         Box::pin(async move {
+            let encoded = encoded?;
+            inner.push.saving(generation);
             let result = on_runtime(
                 &inner.runtime.clone(),
-                ops::save_fenced(Arc::clone(&inner), encoded?, generation, value),
+                ops::save_fenced(Arc::clone(&inner), encoded, generation, value),
             )
             .await;
             inner.observe(&result);
+            // This store's other watchers get it now, without a read; its own
+            // announcement on the channel costs nothing.
+            inner.push.saved(token, result.is_ok());
             result
         })
     }

@@ -1,16 +1,16 @@
 //! `RedisStore`: the [`TokenStore`] a fleet shares.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
 
 use futures_util::future::BoxFuture;
-use tokenflight::{StoreError, StoreGuard, Token, TokenStore};
+use tokenflight::{StoreError, StoreGuard, StoreWatcher, Token, TokenStore};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::conn::{Con, Subscriber};
-use crate::events;
+use crate::events::{self, Push};
 use crate::inner::Inner;
 use crate::io::{bounded, on_runtime};
 use crate::lock;
@@ -31,6 +31,9 @@ use crate::settings::Settings;
 ///   may already have used.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
 ///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
+/// - Saves announce the new generation (never the token) on `<prefix>events`; the
+///   coordinators watching a store get the new token pushed with one `GET` per store
+///   (crate docs, "Push").
 /// - Every Redis round trip is bounded; connection trouble is
 ///   [`StoreError::Unavailable`], and the connection manager reconnects when Redis is
 ///   back. The coordinator keeps serving its current token meanwhile.
@@ -100,11 +103,20 @@ impl RedisStore {
         runtime: Handle,
     ) -> Self {
         let (tx, events) = watch::channel(0);
+        let push = Arc::new(Push::default());
+        let reader = runtime.spawn(events::read_pushed(
+            Arc::clone(&push),
+            con.clone(),
+            settings.token_key(),
+            settings.command_timeout,
+        ));
         runtime.spawn(events::listen(
             subscriber,
             settings.channel(),
             tx,
             settings.connect_timeout,
+            Arc::clone(&push),
+            reader,
         ));
         RedisStore {
             inner: Arc::new(Inner {
@@ -116,6 +128,7 @@ impl RedisStore {
                 runtime,
                 reachable: AtomicBool::new(true),
                 events,
+                push,
             }),
         }
     }
@@ -161,5 +174,13 @@ impl TokenStore for RedisStore {
             let guard: Box<dyn StoreGuard> = Box::new(result?);
             Ok(guard)
         })
+    }
+
+    /// Pushes every token saved in the fleet to `watcher` (issue 20): the save
+    /// announces its generation on the store's channel (never the token), and this
+    /// store then reads the record once for all its watchers. See the crate docs,
+    /// "Push".
+    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
+        self.inner.push.watch(watcher);
     }
 }

@@ -377,12 +377,9 @@ async fn eight_coordinators_make_one_refresh_per_expiry(
         );
     }
     assert_eq!(issuer.reuses(), 0);
-    let adopted: u64 = flights.iter().map(|f| f.stats().adopted).sum();
-    assert_eq!(
-        adopted,
-        7 * 5,
-        "the other seven adopted the stored token each cycle"
-    );
+    // The other seven took the stored token each cycle (read, or pushed by the store).
+    let fetched: u64 = flights.iter().map(|f| f.stats().source_calls).sum();
+    assert_eq!(fetched, 5, "one source call per cycle in the whole fleet");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
