@@ -20,6 +20,7 @@ MOVES = {
     'ManualClock': 'test_util::ManualClock',
     'jwt': 'oauth2::jwt', 'www_authenticate': 'adapter::www_authenticate',
     'Authenticator': 'AuthPolicy',
+    'record': 'store::record', 'StoreGuard': 'store::StoreGuard', 'StoreWatcher': 'store::StoreWatcher',
     'KeyedFlights': 'keyed::KeyedFlights', 'KeyedFlightsBuilder': 'keyed::KeyedFlightsBuilder',
     'FlightFactory': 'keyed::FlightFactory', 'key_namespace': 'keyed::key_namespace',
 }

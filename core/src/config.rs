@@ -234,7 +234,12 @@ impl Backoff {
     /// The delay after `failures` consecutive failures, with jitter drawn from `unit`
     /// (a random number in 0.0..1.0) and at least `retry_after` capped at
     /// `max_retry_after`.
-    pub(crate) fn delay(&self, failures: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn delay(
+        &self,
+        failures: u32,
+        unit: f64,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let ceiling = self.ceiling(failures);
         let unit = if unit.is_finite() {
             unit.clamp(0.0, 1.0)

@@ -143,10 +143,14 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+#[cfg(feature = "file-store")]
+mod atomic_file;
 mod auth_policy;
 mod builder;
 pub mod config;
 mod error;
+#[cfg(feature = "file-store")]
+mod file_lock;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;

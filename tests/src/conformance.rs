@@ -61,7 +61,7 @@ use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, Classifier, Placement, Token, adapter::FuturesTimer,
     adapter::Timer, adapter::Transport, config::Backoff, config::FlightConfig, config::Retry,
-    store::FileStore, store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::FileStore, store::WithGeneration, test_util::ManualClock,
 };
 
 use crate::testkit::{
@@ -1621,10 +1621,12 @@ pub async fn s16_short_lifetimes_across_processes_sharing_a_file_store(
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("token.json");
     // The login, in the store: every process starts from it.
-    FileStore::new(&store_path)
-        .save(&login(&server).with_generation(1), None)
-        .await
-        .unwrap();
+    crate::save_locked(
+        &FileStore::new(&store_path),
+        &login(&server).with_generation(1),
+    )
+    .await
+    .unwrap();
     let duration = load_duration();
     let started = Instant::now();
     let children: Vec<_> = (0..PROCESSES)
@@ -2032,5 +2034,8 @@ macro_rules! conformance_tests {
 /// `Backoff`'s docs state it: `min(max, initial * 2^(failures - 1))`.
 fn ceiling(backoff: &Backoff, failures: u32) -> Duration {
     let exponent = failures.saturating_sub(1).min(31);
-    backoff.initial.saturating_mul(1u32 << exponent).min(backoff.max)
+    backoff
+        .initial
+        .saturating_mul(1u32 << exponent)
+        .min(backoff.max)
 }

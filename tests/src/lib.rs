@@ -11,3 +11,15 @@ pub mod grpc;
 pub mod model;
 pub mod testkit;
 pub mod transport;
+
+/// Saves `token` the only way a store allows: under its lock (lock → save → unlock).
+/// Tests use it to seed a store as another process would have.
+pub async fn save_locked<S: tokenflight::store::TokenStore + ?Sized>(
+    store: &S,
+    token: &tokenflight::Token,
+) -> Result<(), tokenflight::store::StoreError> {
+    let guard = store.lock().await?;
+    let saved = guard.save(token).await;
+    guard.unlock().await;
+    saved
+}

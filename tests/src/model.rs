@@ -13,7 +13,7 @@
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
 //! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
-//! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the `flight_ops`
+//! tests (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops`
 //! fuzz target decodes them with `arbitrary`.
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
@@ -37,7 +37,7 @@ use tokenflight::{
     AuthPolicy, Error, RefreshContext, RefreshError, RefreshReason, SingleFlight, Token,
     TokenSource, adapter::AuthError, adapter::AuthRequest, adapter::AuthResponse, adapter::Clock,
     adapter::InvalidHeader, adapter::RequestOptions, adapter::ResponseView, adapter::Spawn,
-    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreLock, store::TokenStore,
+    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::TokenStore,
     store::WithGeneration, test_util::ManualClock,
 };
 use url::Url;
@@ -697,28 +697,34 @@ struct ModelStore {
 impl ModelStore {
     /// The fault for the store call starting now, if one is armed and due.
     fn fault(&self) -> Option<Fault> {
-        let mut shared = lock(&self.shared);
-        if shared.installing {
-            return None;
-        }
-        let (skip, fault) = shared.armed.as_mut()?;
-        if *skip > 0 {
-            *skip -= 1;
-            return None;
-        }
-        let fault = *fault;
-        shared.armed = None;
-        shared.faults_fired += 1;
-        if matches!(fault, Fault::Hang | Fault::Panic) {
-            // The flight may now end without saving or handing out a token it got.
-            for call in &mut shared.calls {
-                if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
-                    call.at_risk = true;
-                }
+        fault(&self.shared)
+    }
+}
+
+/// The fault for the store call (on the store or a guard) starting now, if one is armed
+/// and due.
+fn fault(shared: &Mutex<Shared>) -> Option<Fault> {
+    let mut shared = lock(shared);
+    if shared.installing {
+        return None;
+    }
+    let (skip, fault) = shared.armed.as_mut()?;
+    if *skip > 0 {
+        *skip -= 1;
+        return None;
+    }
+    let fault = *fault;
+    shared.armed = None;
+    shared.faults_fired += 1;
+    if matches!(fault, Fault::Hang | Fault::Panic) {
+        // The flight may now end without saving or handing out a token it got.
+        for call in &mut shared.calls {
+            if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
+                call.at_risk = true;
             }
         }
-        Some(fault)
     }
+    Some(fault)
 }
 
 fn planted_store_error() -> StoreError {
@@ -734,12 +740,44 @@ impl TokenStore for ModelStore {
             Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store load panic") }),
         }
     }
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
         match self.fault() {
+            None => {
+                let inner = self.inner.lock();
+                let shared = Arc::clone(&self.shared);
+                Box::pin(async move {
+                    let guard: Box<dyn StoreGuard> = Box::new(ModelGuard {
+                        inner: inner.await?,
+                        shared,
+                    });
+                    Ok(guard)
+                })
+            }
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store lock panic") }),
+        }
+    }
+}
+
+/// The memory store's guard with the same planted faults (one armed fault counts store
+/// and guard calls alike, in the order the flight makes them).
+struct ModelGuard {
+    inner: Box<dyn StoreGuard>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl StoreGuard for ModelGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        match fault(&self.shared) {
+            None => self.inner.load(),
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store load panic") }),
+        }
+    }
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        match fault(&self.shared) {
             None => {
                 let mut shared = lock_shared(&self.shared);
                 let access = token.access().expose().to_owned();
@@ -747,7 +785,7 @@ impl TokenStore for ModelStore {
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
                 drop(shared);
-                self.inner.save(token, lock)
+                self.inner.save(token)
             }
             Some(Fault::Fail) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::LeaseLost) => Box::pin(async { Err(StoreError::LeaseLost) }),
@@ -755,23 +793,15 @@ impl TokenStore for ModelStore {
             Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store save panic") }),
         }
     }
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        match self.fault() {
-            None => self.inner.lock(),
-            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
-            Some(Fault::Hang) => Box::pin(futures::future::pending()),
-            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store lock panic") }),
-        }
-    }
-    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
-        match self.fault() {
-            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(lock),
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        match fault(&self.shared) {
+            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(),
             Some(Fault::Hang) => Box::pin(async move {
-                let _lock = lock;
+                let _guard = self;
                 futures::future::pending::<()>().await;
             }),
             Some(Fault::Panic) => Box::pin(async move {
-                drop(lock);
+                drop(self);
                 panic!("{PLANTED}: store unlock panic")
             }),
         }
@@ -1131,7 +1161,7 @@ impl World {
                 .with_refresh("stale-refresh")
                 .expires_in(Duration::from_secs(86_400), now)
                 .with_generation(stale.generation());
-            let _ = futures::executor::block_on(store.inner.save(&token, None));
+            let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
             known
                 .generations
                 .insert(STALE_ACCESS.to_owned(), stale.generation());
@@ -1656,7 +1686,7 @@ impl World {
             .with_refresh(format!("replica-refresh-{n}"))
             .expires_in(Duration::from_secs(3600), self.now())
             .with_generation(generation);
-        let _ = futures::executor::block_on(store.inner.save(&token, None));
+        let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
         self.known.max_generation = generation;
         self.known.generations.insert(access.clone(), generation);
         let issued = Issued {

@@ -118,4 +118,4 @@ pub use transport::BareTransport;
 pub use reqwest;
 pub use reqwest_middleware;
 pub use tokenflight;
-pub use tokenflight::{ForceRefresh, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth};

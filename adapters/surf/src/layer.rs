@@ -20,7 +20,7 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use tokenflight::{Token, from_fn};
+/// use tokenflight::{Token, from_fn, Placement};
 /// use tokenflight_surf::{FollowRedirects, TokenMiddleware};
 ///
 /// let layer = TokenMiddleware::builder()

@@ -117,4 +117,4 @@ pub use transport::HyperTransport;
 
 pub use tokenflight;
 pub use tokenflight::adapter::AuthError;
-pub use tokenflight::{ForceRefresh, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth};

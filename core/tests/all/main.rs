@@ -4,7 +4,7 @@
 //!
 //! Modules: `contracts` (C1–C18, one test or more per guarantee), `holes` (C10, C15–C17
 //! edge cases), `regressions`, `mutants` (tests written to kill mutants), `observe`,
-//! `spans` and `metrics` (issue 16), `keyed` (issue 17), `file_store`, `oauth2_sources`,
+//! `spans` and `metrics` (issue 16), `keyed` (issue 17), `push` (issue 20), `file_store`, `oauth2_sources`,
 //! `storm`, `runtime_free` (C14).
 
 mod support;
@@ -17,6 +17,7 @@ mod metrics;
 mod mutants;
 mod oauth2_sources;
 mod observe;
+mod push;
 mod regressions;
 mod runtime_free;
 mod spans;
