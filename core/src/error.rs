@@ -95,12 +95,6 @@ impl RefreshError {
         Self::new(false, cause, message)
     }
 
-    /// A failure of the token store: permanent when the store says retrying cannot
-    /// help (a configuration fault), transient otherwise.
-    pub(crate) fn from_store(error: crate::store::StoreError) -> Self {
-        Self::new(error.is_permanent(), Cause::Store, error.to_string()).with_source(error)
-    }
-
     /// Attaches the underlying cause (kept in the `source()` chain).
     pub fn with_source(self, source: impl Into<BoxError>) -> Self {
         self.rebuild(|inner| inner.source = Some(source.into()))
@@ -201,16 +195,6 @@ impl StdError for RefreshError {
             .source
             .as_ref()
             .map(|e| e.as_ref() as &(dyn StdError + 'static))
-    }
-}
-
-impl crate::store::StoreError {
-    /// True for a configuration fault that retrying cannot fix (unsafe permissions
-    /// or ownership): the coordinator does not retry it but requires attention, like a
-    /// permanent refresh failure ([C9](crate#c9)). Every other store failure is
-    /// retried.
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, crate::store::StoreError::Insecure(_))
     }
 }
 

@@ -40,14 +40,9 @@ use crate::observe::{
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
+use crate::store::MAX_GENERATION;
 use crate::store::{StoreError, StoreGuard, StoreWatcher, TokenStore};
 use crate::token::Token;
-
-/// The highest generation accepted from outside (a store, a caller's token). A stored
-/// token numbered above it is treated as corrupt: ignored, and overwritten by the next
-/// save, so a hostile or damaged store cannot make generations saturate (every new
-/// token would then equal the rejected one: a refresh per request, forever).
-pub const MAX_GENERATION: u64 = 1 << 53;
 
 /// What every waiter of a flight gets ([C5](crate#c5)): the outcome, and for a failure the token
 /// that was still valid when the flight ended (callers that did not force the refresh

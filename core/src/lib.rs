@@ -143,17 +143,13 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-#[cfg(feature = "file-store")]
-mod atomic_file;
 mod auth_policy;
 mod builder;
 pub mod config;
 mod error;
-#[cfg(feature = "file-store")]
-mod file_lock;
-#[cfg(feature = "file-store")]
-mod file_store;
 mod flight;
+#[cfg(feature = "oauth2")]
+mod jwt;
 pub mod keyed;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;

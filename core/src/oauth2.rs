@@ -37,8 +37,14 @@ use crate::token::{Secret, Token};
 use crate::token_response::{printable, retry_after};
 use crate::transport::{HttpResponse, Transport, TransportError};
 
-#[path = "jwt.rs"]
-pub mod jwt;
+pub mod jwt {
+    //! Reads the time claims (`exp`, `iat`, `nbf`) of a JWT *without verifying its
+    //! signature*. This is only for scheduling: an access token's own `exp` tells when to
+    //! refresh when a token response has no `expires_in`. Never use it to trust a token.
+    //!
+    //! Bad input gives a typed [`JwtError`], never a panic ([C13](crate#c13)).
+    pub use crate::jwt::*;
+}
 pub use crate::token_response::{ErrorResponse, TokenResponse, TokenResponseError};
 
 /// The largest token endpoint response read (passed to the transport as its body limit).

@@ -190,11 +190,44 @@ impl<S: TokenStore + ?Sized> TokenStore for std::sync::Arc<S> {
     }
 }
 
+#[cfg(feature = "file-store")]
+mod atomic_file;
+#[cfg(feature = "file-store")]
+mod file_lock;
+#[cfg(feature = "file-store")]
+mod file_store;
 #[cfg(feature = "store-record")]
-#[path = "record.rs"]
 pub mod record;
 
-#[cfg(feature = "file-store")]
-pub use crate::file_store::FileStore;
-pub use crate::flight::MAX_GENERATION;
 pub use crate::token::WithGeneration;
+#[cfg(feature = "file-store")]
+pub use file_store::FileStore;
+
+/// The highest generation accepted from outside (a store, a caller's token). A stored
+/// token numbered above it is treated as corrupt: ignored, and overwritten by the next
+/// save, so a hostile or damaged store cannot make generations saturate (every new
+/// token would then equal the rejected one: a refresh per request, forever).
+pub const MAX_GENERATION: u64 = 1 << 53;
+
+impl StoreError {
+    /// True for a configuration fault that retrying cannot fix (unsafe permissions
+    /// or ownership): the coordinator does not retry it but requires attention, like a
+    /// permanent refresh failure ([C9](crate#c9)). Every other store failure is
+    /// retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StoreError::Insecure(_))
+    }
+}
+
+impl crate::error::RefreshError {
+    /// A failure of the token store: permanent when the store says retrying cannot
+    /// help (a configuration fault), transient otherwise.
+    pub(crate) fn from_store(error: StoreError) -> Self {
+        Self::new(
+            error.is_permanent(),
+            crate::error::Cause::Store,
+            error.to_string(),
+        )
+        .with_source(error)
+    }
+}

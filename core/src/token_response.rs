@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 
-use crate::oauth2::jwt;
+use crate::jwt;
 use crate::token::{Secret, Token};
 
 /// A successful token response (RFC 6749 §5.1).

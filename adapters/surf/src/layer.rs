@@ -116,7 +116,7 @@ impl Middleware for TokenMiddleware {
         // The policy would pass these through too; asking it first skips buffering.
         if !self
             .auth
-            .attaches_token(&method_of(req.method()), req.url(), options)
+            .attaches_token(&crate::message::method_of(req.method()), req.url(), options)
         {
             return next.run(req, client).await;
         }
@@ -175,23 +175,5 @@ fn to_surf_error(error: AuthError<surf::Error>) -> surf::Error {
         }
         AuthError::InvalidHeader(e) => surf::Error::new(StatusCode::InternalServerError, e),
         _ => surf::Error::from_str(StatusCode::InternalServerError, "authentication failed"),
-    }
-}
-
-/// surf's method as the `http` crate's (the core's [`AuthRequest::method`]).
-pub(crate) fn method_of(method: surf::http::Method) -> http::Method {
-    use surf::http::Method as M;
-    match method {
-        M::Get => http::Method::GET,
-        M::Post => http::Method::POST,
-        M::Put => http::Method::PUT,
-        M::Delete => http::Method::DELETE,
-        M::Head => http::Method::HEAD,
-        M::Options => http::Method::OPTIONS,
-        M::Patch => http::Method::PATCH,
-        M::Connect => http::Method::CONNECT,
-        M::Trace => http::Method::TRACE,
-        // The WebDAV and other extension methods: by name (always a valid token).
-        other => http::Method::from_bytes(other.to_string().as_bytes()).unwrap_or_default(),
     }
 }

@@ -80,7 +80,7 @@ impl Attempt {
 
 impl AuthRequest for Attempt {
     fn method(&self) -> http::Method {
-        crate::layer::method_of(self.request.method())
+        method_of(self.request.method())
     }
 
     fn url(&self) -> &Url {
@@ -153,6 +153,24 @@ impl AuthResponse for Reply {
             self.0.remove_header(CONTENT_TYPE);
         }
         (self, bytes)
+    }
+}
+
+/// surf's method as the `http` crate's (the core's [`AuthRequest::method`]).
+pub(crate) fn method_of(method: surf::http::Method) -> http::Method {
+    use surf::http::Method as M;
+    match method {
+        M::Get => http::Method::GET,
+        M::Post => http::Method::POST,
+        M::Put => http::Method::PUT,
+        M::Delete => http::Method::DELETE,
+        M::Head => http::Method::HEAD,
+        M::Options => http::Method::OPTIONS,
+        M::Patch => http::Method::PATCH,
+        M::Connect => http::Method::CONNECT,
+        M::Trace => http::Method::TRACE,
+        // The WebDAV and other extension methods: by name (always a valid token).
+        other => http::Method::from_bytes(other.to_string().as_bytes()).unwrap_or_default(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::atomic_file::open_private;
+use super::atomic_file::open_private;
 use crate::store::StoreError;
 
 /// Polling backoff while another process holds the lock.

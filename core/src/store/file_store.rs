@@ -27,9 +27,9 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
 
-use crate::atomic_file::{self, FileIdentity, check_private};
-use crate::file_lock::{self, FileLock};
-use crate::store::record::{self, DecodeError};
+use super::atomic_file::{self, FileIdentity, check_private};
+use super::file_lock::{self, FileLock};
+use super::record::{self, DecodeError};
 use crate::store::{StoreError, StoreGuard, TokenStore};
 use crate::token::Token;
 
