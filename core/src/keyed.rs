@@ -36,7 +36,7 @@ pub type FlightFactory<K> = dyn Fn(&K) -> Result<SingleFlight, ConfigError> + Se
 /// Cheap to clone; clones share the map.
 ///
 /// ```
-/// use tokenflight::{AuthPolicy, keyed::KeyedFlights, Token, from_fn, SingleFlight};
+/// use tokenflight::{SingleFlight, Token, from_fn, keyed::KeyedFlights};
 ///
 /// # futures::executor::block_on(async {
 /// let flights = KeyedFlights::builder(|tenant: &String| {

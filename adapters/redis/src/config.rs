@@ -331,6 +331,20 @@ impl RedisStoreBuilder {
 
     /// Builds the store and checks that Redis answers (one bounded `PING`), so a wrong
     /// address shows up at start-up as [`StoreError::Unavailable`].
+    ///
+    /// ```no_run
+    /// # // Not run here: it needs a Redis server (the crate's tests start one).
+    /// # async fn demo() -> Result<(), tokenflight::store::StoreError> {
+    /// let store = tokenflight_redis::RedisStore::builder("redis://127.0.0.1:6379")
+    ///     .key_prefix("myapp")
+    ///     .connect()
+    ///     .await?;
+    /// # drop(store); Ok(()) }
+    /// ```
+    ///
+    /// # Cancellation
+    /// Dropping the future drops the store being built (its connection closes); nothing
+    /// was written to Redis.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         let store = self.build()?;
         store.ping().await?;

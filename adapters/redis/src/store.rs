@@ -141,6 +141,18 @@ impl RedisStore {
     }
 
     /// Checks that Redis answers (one bounded `PING`).
+    ///
+    /// ```no_run
+    /// # // Not run here: it needs a Redis server (the crate's tests start one).
+    /// # async fn demo(store: tokenflight_redis::RedisStore) {
+    /// if let Err(error) = store.ping().await {
+    ///     eprintln!("token store unreachable: {error}");
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Cancellation
+    /// Dropping the future abandons the `PING`; the store is unaffected.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let inner = Arc::clone(&self.inner);
         let result = on_runtime(&self.inner.runtime, async move {

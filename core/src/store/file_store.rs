@@ -45,7 +45,7 @@ const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// [`record`](crate::store::record); files written in the earlier format still load.
 ///
 /// ```no_run
-/// use tokenflight::FileStore;
+/// use tokenflight::store::FileStore;
 /// let store = FileStore::new("/run/user/1000/myapp/token.json");
 /// # let _ = store;
 /// ```
