@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::flight::SingleFlight;
 use crate::observe::RequestResent;
-use crate::policy::{AllowedOrigins, Classifier, Placement};
+use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
 use crate::token::Token;
@@ -35,6 +35,8 @@ pub enum AuthError<E> {
 pub struct Authenticator {
     flight: SingleFlight,
     policy: Arc<Policy>,
+    /// The token's header value, built once per token and shared by all clones.
+    header: Arc<HeaderCache>,
 }
 
 pub(crate) struct Policy {
@@ -57,6 +59,7 @@ impl fmt::Debug for Authenticator {
 impl Authenticator {
     pub(crate) fn new(flight: SingleFlight, policy: Policy) -> Self {
         Authenticator {
+            header: Arc::new(HeaderCache::new(&policy.placement)),
             flight,
             policy: Arc::new(policy),
         }
@@ -125,8 +128,15 @@ impl Authenticator {
         } else {
             self.flight.token().await?
         };
-        let replay = request.try_clone();
-        self.policy.placement.attach(&mut request, &token)?;
+        // A copy to resend only if a response can reject the token at all.
+        let replay = if self.policy.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        };
+        self.policy
+            .placement
+            .attach_cached(&self.header, &mut request, &token)?;
         let response = send(request).await.map_err(AuthError::Transport)?;
         if response.final_url().is_some_and(|url| {
             url.origin() != sent_to || !self.policy.placement.may_carry_token(url)
@@ -165,14 +175,16 @@ impl Authenticator {
     fn resend<Req: AuthRequest>(
         &self,
         replay: &mut Req,
-        token: &Token,
+        token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
         self.flight.count_retry();
         tracing::debug!(
             generation = token.generation(),
             "resending once with a newer token"
         );
-        self.policy.placement.attach(replay, token)
+        self.policy
+            .placement
+            .attach_cached(&self.header, replay, token)
     }
 
     /// Classifies `response`; returns it intact with the verdict. The body is read only
