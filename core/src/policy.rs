@@ -560,6 +560,60 @@ mod tests {
         }
     }
 
+    /// Records the header values it is given.
+    struct HeaderRequest(Url, Vec<http::HeaderValue>);
+
+    impl AuthRequest for HeaderRequest {
+        fn url(&self) -> &Url {
+            &self.0
+        }
+        fn url_mut(&mut self) -> &mut Url {
+            &mut self.0
+        }
+        fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> {
+            unreachable!("the layer hands over ready-made values")
+        }
+        fn set_header_value(
+            &mut self,
+            _: &http::HeaderName,
+            value: &http::HeaderValue,
+        ) -> Result<(), InvalidHeader> {
+            self.1.push(value.clone());
+            Ok(())
+        }
+        fn try_clone(&self) -> Option<Self> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_header_value_is_built_once_per_token_and_shared() {
+        let placement = Placement::bearer();
+        let cache = HeaderCache::new(&placement);
+        let mut request = HeaderRequest(Url::parse("https://api.example.com/").unwrap(), vec![]);
+        let first = Arc::new(Token::new("one"));
+        let second = Arc::new(Token::new("two"));
+        for token in [&first, &first, &second, &second] {
+            placement
+                .attach_cached(&cache, &mut request, token)
+                .unwrap();
+        }
+        let values = &request.1;
+        assert_eq!(values[0], "Bearer one");
+        assert_eq!(values[2], "Bearer two");
+        assert!(values.iter().all(http::HeaderValue::is_sensitive));
+        // The same bytes, not an equal copy: one value per token.
+        assert_eq!(values[0].as_bytes().as_ptr(), values[1].as_bytes().as_ptr());
+        assert_eq!(values[2].as_bytes().as_ptr(), values[3].as_bytes().as_ptr());
+        assert_ne!(values[1].as_bytes().as_ptr(), values[2].as_bytes().as_ptr());
+        // A token that cannot be a header value is refused, not cached.
+        let bad = Arc::new(Token::new("bad\nvalue"));
+        assert_eq!(
+            placement.attach_cached(&cache, &mut request, &bad),
+            Err(InvalidHeader)
+        );
+    }
+
     fn attached(url: &str, token: &str) -> String {
         let mut request = Request(Url::parse(url).unwrap());
         Placement::query("token")
