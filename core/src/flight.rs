@@ -109,9 +109,9 @@ struct Published {
     token: Arc<Token>,
     /// While the coarse wall clock reads before this, the token is usable and outside
     /// its refresh-ahead window: its expiry minus the larger of the leeway (C7) and the
-    /// jittered refresh-ahead window (C8), minus the coarse clock's lag. `None`: no
-    /// expiry, always usable.
-    fast_until: Option<SystemTime>,
+    /// jittered refresh-ahead window (C8), minus the coarse clock's lag, as the time
+    /// since the Unix epoch. `None`: no expiry, always usable.
+    fast_until: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -217,7 +217,7 @@ impl SingleFlight {
 
     /// See [`Published::fast_until`]. Earlier than the true limit is always safe: the
     /// caller then takes the precise path, which decides as before.
-    fn fast_until(&self, token: &Token) -> Option<SystemTime> {
+    fn fast_until(&self, token: &Token) -> Option<Duration> {
         let expiry = token.expiry()?;
         let config = &self.inner.parts.config;
         let window = config
@@ -228,7 +228,12 @@ impl SingleFlight {
             .max(window)
             .saturating_add(self.inner.coarse_lag.unwrap_or(Duration::ZERO));
         // Before the epoch: the fast path never applies.
-        Some(expiry.checked_sub(margin).unwrap_or(SystemTime::UNIX_EPOCH))
+        Some(
+            expiry
+                .checked_sub(margin)
+                .and_then(|until| until.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
     /// The current token, valid or not, without any check or wait.

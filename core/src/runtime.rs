@@ -47,14 +47,15 @@ pub trait Clock: Send + Sync {
         Instant::now()
     }
 
-    /// A cheap reading of the wall clock for the fast path, never ahead of
+    /// A cheap reading of the wall clock for the fast path, as the time since the Unix
+    /// epoch (a plain `Duration` compares without converting), never ahead of
     /// [`Clock::now`] and at most [`Clock::coarse_lag`] behind it. The default, `None`,
     /// makes the fast path read [`Clock::now`].
     ///
     /// The coordinator serves a token from this reading only while the token stays
     /// usable for more than the lag; nearer its limit it reads [`Clock::now`], so the
     /// proactive refresh (C7) and the refresh-ahead start (C8) stay exact.
-    fn coarse_now(&self) -> Option<SystemTime> {
+    fn coarse_now(&self) -> Option<Duration> {
         None
     }
 
@@ -78,11 +79,12 @@ impl Clock for SystemClock {
     /// vDSO in a few nanoseconds where `SystemTime::now` takes tens. It follows wall
     /// clock steps like `CLOCK_REALTIME`.
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    fn coarse_now(&self) -> Option<SystemTime> {
+    #[inline]
+    fn coarse_now(&self) -> Option<Duration> {
         let ts = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
         let secs = u64::try_from(ts.tv_sec).ok()?;
         let nanos = u32::try_from(ts.tv_nsec).ok()?;
-        SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+        Some(Duration::new(secs, nanos))
     }
 
     /// Twice the coarse clock's resolution (one tick: 1–10 ms depending on the
@@ -227,8 +229,8 @@ impl Clock for ManualClock {
 
     /// The wall clock itself, with no lag: tests that step the wall clock exercise the
     /// coordinator's coarse fast path and see it exact.
-    fn coarse_now(&self) -> Option<SystemTime> {
-        Some(self.now())
+    fn coarse_now(&self) -> Option<Duration> {
+        self.now().duration_since(SystemTime::UNIX_EPOCH).ok()
     }
 
     fn coarse_lag(&self) -> Option<Duration> {

@@ -23,9 +23,13 @@ impl Clock for LaggingClock {
         self.precise_reads.fetch_add(1, Ordering::SeqCst);
         self.wall.now()
     }
-    fn coarse_now(&self) -> Option<SystemTime> {
+    fn coarse_now(&self) -> Option<Duration> {
         let lag = Duration::from_millis(self.lag_ms.load(Ordering::SeqCst));
-        self.wall.now().checked_sub(lag)
+        self.wall
+            .now()
+            .checked_sub(lag)?
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
     }
     fn coarse_lag(&self) -> Option<Duration> {
         Some(LAG)
