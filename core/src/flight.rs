@@ -280,6 +280,7 @@ impl SingleFlight {
     /// the token is usable for longer than that reading's lag (a few milliseconds with
     /// [`crate::SystemClock`]), and the precise wall clock within that lag of the
     /// leeway: C7 holds exactly, and a wall-clock step is seen at once.
+    #[inline]
     pub fn valid_token(&self) -> Option<Arc<Token>> {
         match self.fast_token() {
             Some(token) => Some(token),
@@ -394,6 +395,7 @@ impl SingleFlight {
     /// The fast path is decided before any asynchronous state is built: on it the
     /// returned future is ready at once. See [`SingleFlight::valid_token`] for the clock
     /// it reads.
+    #[inline]
     pub fn token(&self) -> impl Future<Output = Result<Arc<Token>, Error>> + Send + '_ {
         match self.fast_token() {
             Some(token) => Either::Left(future::ready(Ok(token))),
