@@ -188,7 +188,8 @@ impl SingleFlight {
             state.unsaved_login = Some(generation);
             Arc::new(token.with_generation(generation))
         });
-        let coarse_lag = catch_unwind(AssertUnwindSafe(|| parts.clock.coarse_lag())).unwrap_or(None);
+        let coarse_lag =
+            catch_unwind(AssertUnwindSafe(|| parts.clock.coarse_lag())).unwrap_or(None);
         let flight = SingleFlight {
             inner: Arc::new(Inner {
                 parts,

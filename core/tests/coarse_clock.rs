@@ -76,7 +76,9 @@ fn c7_stays_exact_within_the_coarse_lag() {
     let reads = || clock.precise_reads.load(Ordering::SeqCst);
     // 1 ms before the leeway starts. A coarse reading as late as declared (4 ms) still
     // vouches for the token: its true time is at most 4 ms later.
-    clock.wall.advance(lifetime - leeway - Duration::from_millis(1));
+    clock
+        .wall
+        .advance(lifetime - leeway - Duration::from_millis(1));
     clock.lag_ms.store(4, Ordering::SeqCst);
     assert!(flight.valid_token().is_some());
     assert_eq!(reads(), 0);
