@@ -4,11 +4,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::error::Error;
 use crate::flight::SingleFlight;
-use crate::observe::RequestResent;
+use crate::observe::{RequestAuthorized, RequestResent};
 use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
@@ -93,6 +97,12 @@ impl Authenticator {
     /// - A rejected request whose body cannot be replayed is not resent; the caller
     ///   gets the original response and the token is marked rejected (C4).
     /// - A second rejection is returned to the caller as it is: no loop (C4).
+    /// - Each request that carries a token runs in an `info` span `tokenflight.request`
+    ///   with the fields `generation` (of the token sent), `waited` (whether the request
+    ///   waited for a token: false is a fast-path hit), `resent` and `resent_with` (the
+    ///   generation of the resend). The refresh a request waited for is the
+    ///   `tokenflight.refresh` span whose `generation` is the one the request carries.
+    ///   No field carries a token or a secret (C12).
     /// - A response from another origin than the one the request (and its token) was
     ///   sent to — the client followed a redirect — is returned as it is, unclassified:
     ///   its 401 is not about the token, which never went there (C4, C12). So is one
@@ -123,11 +133,17 @@ impl Authenticator {
         if !self.policy.origins.allows_origin(&sent_to) {
             return send(request).await.map_err(AuthError::Transport);
         }
-        let token = if options.force_refresh {
-            self.flight.force_refresh().await?
-        } else {
-            self.flight.token().await?
-        };
+        let span = tracing::info_span!(
+            "tokenflight.request",
+            generation = Empty,
+            waited = Empty,
+            resent = Empty,
+            resent_with = Empty,
+        );
+        let token = self
+            .authorize(options.force_refresh, &span)
+            .instrument(span.clone())
+            .await?;
         // A copy to resend only if a response can reject the token at all.
         let replay = if self.policy.classifier.can_reject() {
             request.try_clone()
@@ -137,7 +153,10 @@ impl Authenticator {
         self.policy
             .placement
             .attach_cached(&self.header, &mut request, &token)?;
-        let response = send(request).await.map_err(AuthError::Transport)?;
+        let response = send(request)
+            .instrument(span.clone())
+            .await
+            .map_err(AuthError::Transport)?;
         if response.final_url().is_some_and(|url| {
             url.origin() != sent_to || !self.policy.placement.may_carry_token(url)
         }) {
@@ -146,9 +165,11 @@ impl Authenticator {
         }
         let (response, rejected) = self.classify(response).await;
         if !rejected {
+            span.record("resent", false);
             return Ok(response);
         }
         let Some(mut replay) = replay else {
+            span.record("resent", false);
             tracing::debug!(
                 generation = token.generation(),
                 "token rejected; the body cannot be replayed, returning the response"
@@ -160,7 +181,10 @@ impl Authenticator {
         let (newer, kind) = self
             .flight
             .token_after_rejection_kind(token.generation())
+            .instrument(span.clone())
             .await?;
+        span.record("resent", true);
+        span.record("resent_with", newer.generation());
         self.resend(&mut replay, &newer)?;
         self.flight.observers().emit(|o| {
             o.request_resent(&RequestResent {
@@ -169,7 +193,48 @@ impl Authenticator {
                 with: newer.generation(),
             })
         });
-        send(replay).await.map_err(AuthError::Transport)
+        send(replay)
+            .instrument(span)
+            .await
+            .map_err(AuthError::Transport)
+    }
+
+    /// The token for a request. When anyone looks (an observer is registered, or the
+    /// request's span is enabled) also whether the request waited, reported as
+    /// [`RequestAuthorized`] and on `span`; otherwise this is just the coordinator's
+    /// call. Waiting = the token was not ready at the first poll, or it is not the
+    /// token that was current before (a refresh ran, possibly without suspending).
+    async fn authorize(&self, force_refresh: bool, span: &Span) -> Result<Arc<Token>, Error> {
+        let fetch = async {
+            if force_refresh {
+                self.flight.force_refresh().await
+            } else {
+                self.flight.token().await
+            }
+        };
+        let observed = !self.flight.observers().is_empty();
+        if !observed && span.is_disabled() {
+            return fetch.await;
+        }
+        let before = self.flight.current().map(|t| t.generation());
+        let mut fetch = pin!(fetch);
+        let mut pended = false;
+        let token = std::future::poll_fn(|cx| {
+            let poll = fetch.as_mut().poll(cx);
+            pended |= poll.is_pending();
+            poll
+        })
+        .await?;
+        let generation = token.generation();
+        let waited = force_refresh || pended || before != Some(generation);
+        span.record("generation", generation);
+        span.record("waited", waited);
+        if observed {
+            self.flight
+                .observers()
+                .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
+        }
+        Ok(token)
     }
 
     fn resend<Req: AuthRequest>(

@@ -5,9 +5,11 @@
 //! reasons, error kinds, counts and durations — never a token or a secret (C12).
 //!
 //! An observer runs inline, on the thread that caused the event: keep it quick. One that
-//! panics is contained; the coordinator goes on (C18). With no observer registered the
-//! fast path (a valid token in memory) does no extra work: events are only raised on
-//! the slow paths.
+//! panics is contained; the coordinator goes on (C18). The coordinator's fast path (a
+//! valid token in memory, [`crate::SingleFlight::token`]) raises no event. The
+//! adapters' shared driver reports each authenticated request once
+//! ([`Observer::request_authorized`]: a fast-path hit or a wait), behind a single
+//! "any observer registered?" branch: with none, it does no extra work.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -152,6 +154,21 @@ pub struct RequestResent {
     pub with: u64,
 }
 
+/// A request got its token and is about to be sent (reported by the adapters' shared
+/// driver, [`crate::Authenticator::send`], once per request that carries a token).
+///
+/// `waited == false` is a fast-path hit: the token in memory was valid and the request
+/// went on at once. `waited == true`: the request waited for a refresh (or a forced
+/// one), or got a token another caller's refresh had just produced.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct RequestAuthorized {
+    /// The generation of the token the request carries.
+    pub generation: u64,
+    /// Whether the request had to wait for a token (false: a fast-path hit).
+    pub waited: bool,
+}
+
 /// Re-authentication became necessary (C9).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -178,6 +195,9 @@ pub trait Observer: Send + Sync {
     fn refresh_finished(&self, _event: &RefreshFinished) {}
     /// A caller joined the flight in progress.
     fn flight_joined(&self, _event: &FlightJoined) {}
+    /// A request got its token (a fast-path hit, or after waiting). Raised for every
+    /// authenticated request: keep it cheap (a counter).
+    fn request_authorized(&self, _event: &RequestAuthorized) {}
     /// A rejected request was resent.
     fn request_resent(&self, _event: &RequestResent) {}
     /// Re-authentication became necessary.

@@ -191,6 +191,9 @@ fn stale_rejection_and_retry_and_auth_lost() {
     );
     assert_eq!(counter(&metrics, "tokenflight.auth.lost{}"), 1);
     assert_eq!(counter(&metrics, "tokenflight.token.installed{}"), 1);
+    // The one request found token 1 valid in memory: a fast-path hit.
+    assert_eq!(counter(&metrics, "tokenflight.request.fast_path{}"), 1);
+    assert!(!metrics.contains_key("tokenflight.request.waited{}"));
     // No label carries a token, a secret or an unbounded value.
     for key in metrics.keys() {
         for secret in ["token-", "refresh-", "secret", "Bearer"] {
@@ -231,4 +234,87 @@ fn cancelled_caller() {
         vec![1.0]
     );
     assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
+    let metrics = record(|| {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+        let auth = Builder::new()
+            .source_arc(source.clone())
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .refresh_ahead(None)
+            .observer(MetricsObserver::named("billing"))
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            let response = block_on(auth.send(
+                FakeRequest::get("https://api.test/x"),
+                RequestOptions::default(),
+                |_req| async { Ok::<_, std::convert::Infallible>(FakeResponse::status(200)) },
+            ))
+            .unwrap();
+            assert_eq!(response.status, 200);
+        }
+        // The server rejects token 1: the request waits for token 2 and is resent.
+        let response = block_on(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            |req| {
+                let status = if req.header("authorization") == Some("Bearer token-1") {
+                    401
+                } else {
+                    200
+                };
+                async move { Ok::<_, std::convert::Infallible>(FakeResponse::status(status)) }
+            },
+        ))
+        .unwrap();
+        assert_eq!(response.status, 200);
+    });
+    // The first request waited for the initial token; the other four were fast-path hits,
+    // and so was the sixth (token 1 was valid in memory until the server rejected it).
+    assert_eq!(
+        counter(&metrics, "tokenflight.request.waited{coordinator=billing}"),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.request.fast_path{coordinator=billing}"
+        ),
+        5
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.request.resent{coordinator=billing,kind=fresh}"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.refresh.started{coordinator=billing,reason=rejected}"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.refresh.started{coordinator=billing,reason=initial}"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &metrics,
+            "tokenflight.refresh.outcome{coordinator=billing,outcome=success}"
+        ),
+        2
+    );
+    assert_eq!(metrics.len(), 8, "{:?}", metrics.keys().collect::<Vec<_>>());
 }

@@ -13,8 +13,8 @@ use futures::executor::block_on;
 use futures::future::join_all;
 use support::{FakeRequest, FakeResponse, FakeServer, ScriptedSource, Step, poll_once};
 use tokenflight::observe::{
-    AttemptFailed, AuthLost, FlightJoined, Outcome, RefreshFinished, RefreshStarted, RequestResent,
-    TokenInstalled,
+    AttemptFailed, AuthLost, FlightJoined, Outcome, RefreshFinished, RefreshStarted,
+    RequestAuthorized, RequestResent, TokenInstalled,
 };
 use tokenflight::{Backoff, Builder, ManualClock, Observer, RequestOptions, Retry, Token};
 
@@ -65,6 +65,13 @@ impl Observer for Recorder {
     }
     fn flight_joined(&self, e: &FlightJoined) {
         self.push(format!("joined {:?}", e.reason), format!("{e:?}"));
+    }
+    fn request_authorized(&self, e: &RequestAuthorized) {
+        let how = if e.waited { "waited" } else { "fast" };
+        self.push(
+            format!("authorized {} {how}", e.generation),
+            format!("{e:?}"),
+        );
     }
     fn request_resent(&self, e: &RequestResent) {
         self.push(
@@ -179,6 +186,8 @@ fn stale_rejection_resends_without_a_refresh() {
         vec![
             "started Some(Initial) replaces=None",
             "finished success attempts=1 generation=Some(1)",
+            // The send found token 1 valid in memory: a fast-path hit.
+            "authorized 1 fast",
             "started Some(Forced) replaces=Some(1)",
             "finished success attempts=1 generation=Some(2)",
             "resent stale 1->2",
@@ -208,9 +217,58 @@ fn fresh_rejection_waits_for_the_refresh() {
         vec![
             "started Some(Initial) replaces=None",
             "finished success attempts=1 generation=Some(1)",
+            // No token yet: the send waited for the initial one.
+            "authorized 1 waited",
             "started Some(Rejected) replaces=Some(1)",
             "finished success attempts=1 generation=Some(2)",
             "resent fresh 1->2",
+        ]
+    );
+}
+
+#[test]
+fn fast_path_hits_and_waits_are_reported_per_request() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let rec = Recorder::default();
+    let auth = builder(&clock, &source, &rec)
+        .allowed_origin("https://api.test")
+        .build()
+        .unwrap();
+    let server = FakeServer::default();
+    let send = |options: RequestOptions| {
+        block_on(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            options,
+            server.sender(|_| true),
+        ))
+        .unwrap()
+    };
+    // No token: waits for the initial refresh; then two fast-path hits; a forced
+    // refresh waits; a request to another origin carries no token and is not reported.
+    send(RequestOptions::default());
+    send(RequestOptions::default());
+    send(RequestOptions::default());
+    send(RequestOptions::from_markers(false, true));
+    block_on(auth.send(
+        FakeRequest::get("https://elsewhere.test/x"),
+        RequestOptions::default(),
+        server.sender(|_| true),
+    ))
+    .unwrap();
+    send(RequestOptions::default());
+    assert_eq!(
+        rec.lines(),
+        vec![
+            "started Some(Initial) replaces=None",
+            "finished success attempts=1 generation=Some(1)",
+            "authorized 1 waited",
+            "authorized 1 fast",
+            "authorized 1 fast",
+            "started Some(Forced) replaces=Some(1)",
+            "finished success attempts=1 generation=Some(2)",
+            "authorized 2 waited",
+            "authorized 2 fast",
         ]
     );
 }

@@ -1,5 +1,7 @@
 //! Issue 16: one `tracing` span per flight with reason, generation, attempts and
-//! outcome; no span field and no event of the core carries a token or a secret (C12).
+//! outcome; one `tokenflight.request` span per authenticated request (generation used,
+//! waited or not, resent or not) that ties a slow request to the refresh it waited
+//! for; no span field and no event of the core carries a token or a secret (C12).
 
 mod support;
 
@@ -7,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::executor::block_on;
-use support::{ScriptedSource, Step};
-use tokenflight::{Backoff, Builder, ManualClock, Retry, Token};
+use support::{FakeRequest, FakeServer, ScriptedSource, Step};
+use tokenflight::{Backoff, Builder, ManualClock, RequestOptions, Retry, Token};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -126,5 +128,230 @@ fn one_span_per_flight_and_no_secrets() {
         for secret in ["token-", "refresh-", "old-secret", "old-refresh", "login-"] {
             assert!(!line.contains(secret), "{secret} leaked into {line}");
         }
+    }
+}
+
+#[test]
+fn request_span_ties_a_request_to_the_refresh_it_waited_for() {
+    let capture = Capture::default();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+        let auth = Builder::new()
+            .source_arc(source.clone())
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .refresh_ahead(None)
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        let server = FakeServer::default();
+        let send = |path: &str| {
+            block_on(auth.send(
+                FakeRequest::get(&format!("https://api.test/{path}")),
+                RequestOptions::default(),
+                // Token 1 is good for /a and /b; /c rejects it (the server revoked it).
+                server.sender({
+                    let path = path.to_owned();
+                    move |t| path != "c" || t != "token-1"
+                }),
+            ))
+            .unwrap()
+            .status
+        };
+        assert_eq!(send("a"), 200);
+        assert_eq!(send("b"), 200);
+        assert_eq!(send("c"), 200);
+        // Not authenticated: no request span.
+        block_on(auth.send(
+            FakeRequest::get("https://elsewhere.test/"),
+            RequestOptions::default(),
+            server.sender(|_| true),
+        ))
+        .unwrap();
+    });
+    let spans = capture.spans.lock().unwrap().clone();
+    let requests: Vec<_> = spans
+        .iter()
+        .filter(|(name, _)| name == "tokenflight.request")
+        .map(|(_, fields)| fields.clone())
+        .collect();
+    assert_eq!(
+        requests,
+        vec![
+            // Waited for the initial refresh, which produced generation 1.
+            vec!["generation=1", "waited=true", "resent=false"],
+            // A fast-path hit.
+            vec!["generation=1", "waited=false", "resent=false"],
+            // Rejected, resent once with the token of the refresh it waited for.
+            vec![
+                "generation=1",
+                "waited=false",
+                "resent=true",
+                "resent_with=2"
+            ],
+        ]
+    );
+    let refreshes: Vec<_> = spans
+        .iter()
+        .filter(|(name, _)| name == "tokenflight.refresh")
+        .map(|(_, fields)| fields.clone())
+        .collect();
+    assert_eq!(refreshes.len(), 2, "{refreshes:?}");
+    assert!(refreshes[0].contains(&"generation=1".to_owned()));
+    assert!(refreshes[1].contains(&"generation=2".to_owned()));
+    let events = capture.events.lock().unwrap().clone();
+    for line in spans
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .chain(events)
+    {
+        for secret in ["token-", "refresh-", "Bearer"] {
+            assert!(!line.contains(secret), "{secret} leaked into {line}");
+        }
+    }
+}
+
+/// Keeps the `Debug` form of every observer event.
+#[derive(Clone, Default)]
+struct DebugAll(Arc<Mutex<Vec<String>>>);
+
+impl DebugAll {
+    fn push(&self, event: &dyn std::fmt::Debug) {
+        self.0.lock().unwrap().push(format!("{event:?}"));
+    }
+}
+
+impl tokenflight::Observer for DebugAll {
+    fn refresh_started(&self, e: &tokenflight::observe::RefreshStarted) {
+        self.push(e);
+    }
+    fn attempt_failed(&self, e: &tokenflight::observe::AttemptFailed<'_>) {
+        self.push(e);
+    }
+    fn refresh_finished(&self, e: &tokenflight::observe::RefreshFinished) {
+        self.push(e);
+    }
+    fn flight_joined(&self, e: &tokenflight::observe::FlightJoined) {
+        self.push(e);
+    }
+    fn request_authorized(&self, e: &tokenflight::observe::RequestAuthorized) {
+        self.push(e);
+    }
+    fn request_resent(&self, e: &tokenflight::observe::RequestResent) {
+        self.push(e);
+    }
+    fn auth_lost(&self, e: &tokenflight::observe::AuthLost<'_>) {
+        self.push(e);
+    }
+    fn token_installed(&self, e: &tokenflight::observe::TokenInstalled) {
+        self.push(e);
+    }
+}
+
+/// A token endpoint that answers from a script (the OAuth grant's transport).
+struct TokenEndpoint(Mutex<std::collections::VecDeque<(u16, &'static str)>>);
+
+impl tokenflight::Transport for TokenEndpoint {
+    fn send(
+        &self,
+        _request: tokenflight::HttpRequest,
+        _limit: usize,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<tokenflight::HttpResponse, tokenflight::TransportError>,
+    > {
+        let (status, body) = self.0.lock().unwrap().pop_front().expect("scripted answer");
+        Box::pin(async move {
+            Ok(http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(bytes::Bytes::from_static(body.as_bytes()))
+                .unwrap())
+        })
+    }
+}
+
+/// Issue 16 with a real OAuth grant holding a client secret and refresh tokens: no
+/// observer event, span field or `tracing` event carries the client secret, a refresh
+/// token or an access token — through a refresh, a transient failure retried, a
+/// rejected request resent, auth lost and a login.
+#[cfg(feature = "oauth2")]
+#[test]
+fn no_secret_in_events_or_span_fields_with_an_oauth_grant() {
+    let capture = Capture::default();
+    let events = DebugAll::default();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let clock = ManualClock::at_fixed_point();
+        let endpoint = Arc::new(TokenEndpoint(Mutex::new(
+            [
+                (200, r#"{"access_token":"at-SECRET-1","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-SECRET-2"}"#),
+                (503, r#"{"error":"temporarily_unavailable"}"#),
+                (200, r#"{"access_token":"at-SECRET-2","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-SECRET-3"}"#),
+                (400, r#"{"error":"invalid_grant"}"#),
+            ]
+            .into(),
+        )));
+        let grant = tokenflight::oauth2::RefreshTokenGrant::new(
+            endpoint,
+            "https://auth.test/oauth/token",
+            "client-1",
+        )
+        .unwrap()
+        .client_secret("client-SECRET")
+        .initial_refresh_token("rt-SECRET-1");
+        let auth = Builder::new()
+            .source(grant)
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .backoff(Backoff::none())
+            .retry(Retry::default())
+            .refresh_ahead(None)
+            .observer(events.clone())
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        let server = FakeServer::default();
+        // Token 1 is rejected: the refresh (one 503 retried on the manual clock) gives
+        // token 2 and the request is resent with it.
+        let mut send = Box::pin(auth.send(
+            FakeRequest::get("https://api.test/x"),
+            RequestOptions::default(),
+            server.sender(|t| t == "at-SECRET-2"),
+        ));
+        let response = loop {
+            if let std::task::Poll::Ready(out) = support::poll_once(&mut send) {
+                break out.unwrap();
+            }
+            clock.advance(Duration::from_millis(10));
+        };
+        assert_eq!(response.status, 200);
+        assert!(block_on(auth.flight().force_refresh()).is_err());
+        assert!(auth.flight().is_auth_lost());
+        block_on(
+            auth.flight()
+                .install(Token::new("at-SECRET-login").with_refresh("rt-SECRET-login")),
+        )
+        .unwrap();
+    });
+    let spans = capture.spans.lock().unwrap().clone();
+    let names: Vec<&str> = spans.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(names.contains(&"tokenflight.request"), "{names:?}");
+    assert!(names.contains(&"tokenflight.refresh"), "{names:?}");
+    let observed = events.0.lock().unwrap().clone();
+    assert!(
+        observed.iter().any(|e| e.contains("AttemptFailed"))
+            && observed.iter().any(|e| e.contains("AuthLost"))
+            && observed.iter().any(|e| e.contains("RequestResent")),
+        "{observed:?}"
+    );
+    let traced = capture.events.lock().unwrap().clone();
+    let all = spans
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .chain(traced)
+        .chain(observed);
+    for line in all {
+        assert!(!line.contains("SECRET"), "a secret leaked into {line}");
     }
 }

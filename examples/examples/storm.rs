@@ -3,7 +3,9 @@
 //! Starts the testkit auth + API server on loopback and runs C clients × R requests
 //! through an HTTP client with tokenflight, across several forced token expiries and
 //! injected refresh failures; then the same run with a naive client (each 401 refreshes
-//! on its own) for contrast, and a summary table of both.
+//! on its own) for contrast: a timeline of both runs (per time bucket: requests, 401s on
+//! the wire, token-endpoint calls, requests that waited for a token), one above the
+//! other, and a summary table. `--json` carries the same, timeline series included.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tokenflight_examples::report::{PhaseReport, table};
 use tokenflight_examples::storm::{AdapterKind, Approach, StormConfig, run_phase};
+use tokenflight_examples::timeline;
 
 /// A token-refresh storm against a real (loopback) OAuth server and API, through
 /// tokenflight and through a naive client.
@@ -116,6 +119,11 @@ fn main() -> ExitCode {
             }
         }
     }
+    let width = timeline::bucket_width(&phases.iter().map(|p| p.wall).collect::<Vec<_>>());
+    let series: Vec<_> = phases
+        .iter()
+        .map(|p| timeline::buckets(&p.samples, width))
+        .collect();
     if args.json {
         let json = serde_json::json!({
             "config": {
@@ -128,10 +136,24 @@ fn main() -> ExitCode {
                 "token_latency_ms": args.token_latency_ms,
                 "adapter": config.adapter.name(),
             },
-            "phases": phases.iter().map(PhaseReport::to_json).collect::<Vec<_>>(),
+            "timeline_bucket_s": width.as_secs_f64(),
+            "phases": phases
+                .iter()
+                .zip(&series)
+                .map(|(phase, buckets)| {
+                    let mut json = phase.to_json();
+                    if let Some(object) = json.as_object_mut() {
+                        object.insert("timeline".into(), timeline::to_json(buckets));
+                    }
+                    json
+                })
+                .collect::<Vec<_>>(),
         });
         println!("{json:#}");
     } else {
+        let names: Vec<&str> = phases.iter().map(|p| p.approach.as_str()).collect();
+        println!();
+        print!("{}", timeline::render(width, &names, &series));
         println!();
         print!("{}", table(&phases));
         println!(

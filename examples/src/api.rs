@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, ConfigError, Token, Transport};
+use tokenflight::observe::{RequestAuthorized, RequestResent, ResendKind};
+use tokenflight::{Builder, ConfigError, Observer, Token, Transport};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
 /// What one request ended with, as the application saw it.
@@ -40,6 +41,36 @@ pub struct ClientCounters {
     /// Times the client lost its login (a refresh failed permanently) and had to log in
     /// again.
     pub relogins: u64,
+    /// Requests that waited for a token before they were sent or resent (tokenflight:
+    /// as its observer reports them; naive: one per refresh, its caller waits).
+    pub waited: u64,
+}
+
+/// Counts, through tokenflight's observer interface, the requests that had to wait for
+/// a token: before they were sent ([`RequestAuthorized`] with `waited`) or before they
+/// were resent after a rejection that was not stale ([`RequestResent`], fresh).
+#[derive(Clone, Debug, Default)]
+pub struct WaitCounter(Arc<AtomicU64>);
+
+impl WaitCounter {
+    /// Requests that waited so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Observer for WaitCounter {
+    fn request_authorized(&self, event: &RequestAuthorized) {
+        if event.waited {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn request_resent(&self, event: &RequestResent) {
+        if event.kind == ResendKind::Fresh {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A client of the protected API.
@@ -87,7 +118,8 @@ impl Login {
     }
 
     /// Configures a tokenflight builder for this login: the grant, the login's token,
-    /// the API origin, and a hook that counts lost logins. Timing (leeway, refresh-ahead,
+    /// the API origin, a hook that counts lost logins and an observer that counts the
+    /// requests that waited for a token. Timing (leeway, refresh-ahead,
     /// retries, backoff) stays at the defaults: what the demo shows is what a user gets
     /// without tuning anything.
     pub fn configure<Out>(
@@ -95,8 +127,10 @@ impl Login {
         builder: Builder<Out>,
         transport: Arc<dyn Transport>,
         relogins: Arc<AtomicU64>,
+        waits: WaitCounter,
     ) -> Result<Builder<Out>, ConfigError> {
         Ok(builder
+            .observer(waits)
             .source(self.grant(transport)?)
             .initial_token(self.token())
             .allowed_origin(&self.origin)
@@ -106,7 +140,11 @@ impl Login {
     }
 }
 
-fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> ClientCounters {
+fn tokenflight_counters(
+    stats: tokenflight::Stats,
+    relogins: &AtomicU64,
+    waits: &WaitCounter,
+) -> ClientCounters {
     ClientCounters {
         source_calls: stats.source_calls,
         flights: Some(stats.flights),
@@ -115,6 +153,7 @@ fn tokenflight_counters(stats: tokenflight::Stats, relogins: &AtomicU64) -> Clie
         retries: stats.retries,
         stale_rejections: Some(stats.stale_rejections),
         relogins: relogins.load(Ordering::Relaxed),
+        waited: waits.get(),
     }
 }
 
@@ -125,18 +164,21 @@ pub struct ReqwestTokenflight {
     client: ClientWithMiddleware,
     layer: tokenflight_reqwest::TokenLayer,
     relogins: Arc<AtomicU64>,
+    waits: WaitCounter,
 }
 
 impl ReqwestTokenflight {
     /// A client for `login`.
     pub fn new(login: &Login) -> Result<Self, ConfigError> {
         let relogins = Arc::new(AtomicU64::new(0));
+        let waits = WaitCounter::default();
         let bare = Arc::new(tokenflight_reqwest::BareTransport::default());
         let layer = login
             .configure(
                 tokenflight_reqwest::TokenLayer::builder(),
                 bare,
                 relogins.clone(),
+                waits.clone(),
             )?
             .build()?;
         let client = ClientBuilder::new(tokenflight_reqwest::reqwest::Client::new())
@@ -146,6 +188,7 @@ impl ReqwestTokenflight {
             client,
             layer,
             relogins,
+            waits,
         })
     }
 }
@@ -169,7 +212,11 @@ impl Api for ReqwestTokenflight {
     }
 
     fn counters(&self) -> ClientCounters {
-        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+        tokenflight_counters(
+            self.layer.authenticator().stats(),
+            &self.relogins,
+            &self.waits,
+        )
     }
 }
 
@@ -179,18 +226,21 @@ pub struct SurfTokenflight {
     client: surf::Client,
     layer: tokenflight_surf::TokenLayer,
     relogins: Arc<AtomicU64>,
+    waits: WaitCounter,
 }
 
 impl SurfTokenflight {
     /// A client for `login`.
     pub fn new(login: &Login) -> Result<Self, ConfigError> {
         let relogins = Arc::new(AtomicU64::new(0));
+        let waits = WaitCounter::default();
         let bare = Arc::new(tokenflight_surf::BareTransport::default());
         let layer = login
             .configure(
                 tokenflight_surf::TokenLayer::builder(),
                 bare,
                 relogins.clone(),
+                waits.clone(),
             )?
             .build()?;
         let client = surf::Client::new().with(layer.clone());
@@ -198,6 +248,7 @@ impl SurfTokenflight {
             client,
             layer,
             relogins,
+            waits,
         })
     }
 }
@@ -221,6 +272,10 @@ impl Api for SurfTokenflight {
     }
 
     fn counters(&self) -> ClientCounters {
-        tokenflight_counters(self.layer.authenticator().stats(), &self.relogins)
+        tokenflight_counters(
+            self.layer.authenticator().stats(),
+            &self.relogins,
+            &self.waits,
+        )
     }
 }

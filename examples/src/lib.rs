@@ -11,6 +11,7 @@ pub mod exec;
 pub mod naive;
 pub mod report;
 pub mod storm;
+pub mod timeline;
 
 // The README's code blocks compile (and the runnable ones run) as doc tests here, where
 // the core and the reqwest and tower adapters are dependencies.

@@ -142,6 +142,8 @@ impl Api for NaiveClient {
             retries: self.inner.retries.load(Ordering::Relaxed),
             stale_rejections: None,
             relogins: self.inner.relogins.load(Ordering::Relaxed),
+            // Every refresh is made by the one request that got the 401, waiting for it.
+            waited: self.inner.refreshes.load(Ordering::Relaxed),
         }
     }
 }

@@ -45,6 +45,10 @@ pub struct PhaseReport {
     pub stale_rejections: Option<u64>,
     /// Times the client lost its login and had to log in again.
     pub relogins: u64,
+    /// Requests that waited for a token (see [`crate::timeline::Sample::waited`]).
+    pub waited: u64,
+    /// The counters over time, for the timeline.
+    pub samples: Vec<crate::timeline::Sample>,
     /// Tokens expired by the server while the phase ran.
     pub forced_expiries: u32,
     /// Token-endpoint failures injected.
@@ -124,6 +128,7 @@ impl PhaseReport {
             "retries": self.retries,
             "stale_rejections": self.stale_rejections,
             "relogins": self.relogins,
+            "waited": self.waited,
             "forced_expiries": self.forced_expiries,
             "injected_failures": self.injected_failures,
             "p50_ms": ms(self.p50),
@@ -137,7 +142,7 @@ impl PhaseReport {
 /// The summary table, one column per phase.
 pub fn table(phases: &[PhaseReport]) -> String {
     type Row = (&'static str, fn(&PhaseReport) -> String);
-    let rows: [Row; 21] = [
+    let rows: [Row; 22] = [
         ("client", |p| p.adapter.clone()),
         ("requests", |p| p.requests.to_string()),
         ("successes", |p| p.successes.to_string()),
@@ -154,6 +159,7 @@ pub fn table(phases: &[PhaseReport]) -> String {
         ("  flights (refreshes)", |p| opt(p.flights)),
         ("  failed flights", |p| opt(p.failed_flights)),
         ("coalesced waiters", |p| opt(p.coalesced)),
+        ("requests that waited", |p| p.waited.to_string()),
         ("retries (resent once)", |p| p.retries.to_string()),
         ("stale rejections", |p| opt(p.stale_rejections)),
         ("refresh-token reuse seen", |p| {

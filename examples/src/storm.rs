@@ -19,6 +19,7 @@ use crate::api::{Api, Login, Outcome, ReqwestTokenflight, SurfTokenflight};
 use crate::exec::Exec;
 use crate::naive::NaiveClient;
 use crate::report::{PhaseReport, quantile};
+use crate::timeline::{Sample, Sampler};
 
 /// Which HTTP client carries the requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +261,19 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
     let bar = progress_bar(total, &label, config.progress);
     let base = server.api_url("");
 
+    let sampler = {
+        let (api, server, schedule) = (api.clone(), server.clone(), schedule.clone());
+        Sampler::start(move || {
+            let counters = server.counters();
+            Sample {
+                requests: schedule.done.load(Ordering::Acquire),
+                wire_401s: counters.rejections,
+                token_calls: counters.token_calls,
+                waited: api.counters().waited,
+                ..Sample::default()
+            }
+        })
+    };
     let started = Instant::now();
     let tasks: Vec<_> = (0..config.clients)
         .map(|c| {
@@ -290,6 +304,7 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
         .collect();
     let tallies = exec.block_on(futures::future::join_all(tasks));
     let wall = started.elapsed();
+    let samples = sampler.finish();
     bar.finish_and_clear();
 
     let mut tally = Tally::default();
@@ -314,6 +329,8 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
         retries: own.retries,
         stale_rejections: own.stale_rejections,
         relogins: own.relogins,
+        waited: own.waited,
+        samples,
         forced_expiries: schedule.forced.load(Ordering::Relaxed),
         injected_failures: schedule.injected.load(Ordering::Relaxed),
         p50: quantile(&mut tally.latencies, 0.50),

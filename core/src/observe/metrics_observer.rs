@@ -1,9 +1,18 @@
 //! [`MetricsObserver`]: the coordinator's events as metrics (feature `metrics`).
 
+use metrics::{Key, Label, Level, Metadata};
+
 use super::{
     AttemptFailed, AuthLost, FlightJoined, Observer, RefreshFinished, RefreshStarted,
-    RequestResent, TokenInstalled, error_kind_str, reason_str,
+    RequestAuthorized, RequestResent, TokenInstalled, error_kind_str, reason_str,
 };
+
+/// Where the per-request counters come from (what `metrics::counter!` would give).
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+const FAST_PATH: &str = "tokenflight.request.fast_path";
+const WAITED: &str = "tokenflight.request.waited";
 
 /// Records the coordinator's events through the [`metrics`] facade; install any
 /// `metrics` exporter (Prometheus, StatsD, …) in the application.
@@ -19,6 +28,8 @@ use super::{
 /// | `tokenflight.refresh.attempts` | histogram | `outcome` | source calls per flight (0 = adopted) |
 /// | `tokenflight.attempt.failed` | counter | `kind` = transient\|timeout\|store\|… | attempts retried inside a flight |
 /// | `tokenflight.flight.waiters` | counter | `reason` | callers that joined a flight in progress instead of starting one |
+/// | `tokenflight.request.fast_path` | counter | — | requests sent at once with the token in memory (fast-path hits) |
+/// | `tokenflight.request.waited` | counter | — | requests that waited for a token (a refresh) before being sent |
 /// | `tokenflight.request.resent` | counter | `kind` = stale\|fresh | rejected requests resent once |
 /// | `tokenflight.rejection.stale` | counter | — | rejections of an already-replaced token (no refresh) |
 /// | `tokenflight.auth.lost` | counter | — | entries into "re-authentication required" |
@@ -26,9 +37,25 @@ use super::{
 ///
 /// An optional `coordinator` label (a name the application chooses, e.g. per API) is
 /// added to every metric when set with [`MetricsObserver::named`].
-#[derive(Clone, Debug, Default)]
+///
+/// The two per-request counters (`tokenflight.request.fast_path`, `.waited`) are
+/// counted with keys built once, here: counting them allocates nothing in this observer
+/// (what the installed recorder does is up to it).
+#[derive(Clone, Debug)]
 pub struct MetricsObserver {
     name: Option<&'static str>,
+    fast_path: Key,
+    waited: Key,
+}
+
+impl Default for MetricsObserver {
+    fn default() -> Self {
+        MetricsObserver {
+            name: None,
+            fast_path: Key::from_static_name(FAST_PATH),
+            waited: Key::from_static_name(WAITED),
+        }
+    }
 }
 
 impl MetricsObserver {
@@ -39,7 +66,12 @@ impl MetricsObserver {
 
     /// Metrics labelled `coordinator = name` (a static name: labels stay bounded).
     pub fn named(name: &'static str) -> Self {
-        MetricsObserver { name: Some(name) }
+        let label = || vec![Label::from_static_parts("coordinator", name)];
+        MetricsObserver {
+            name: Some(name),
+            fast_path: Key::from_parts(FAST_PATH, label()),
+            waited: Key::from_parts(WAITED, label()),
+        }
     }
 
     fn labels(&self, extra: &[(&'static str, &'static str)]) -> Vec<metrics::Label> {
@@ -86,6 +118,15 @@ impl Observer for MetricsObserver {
             self.labels(&[("reason", reason_str(Some(e.reason)))])
         )
         .increment(1);
+    }
+
+    fn request_authorized(&self, e: &RequestAuthorized) {
+        let key = if e.waited {
+            &self.waited
+        } else {
+            &self.fast_path
+        };
+        metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA)).increment(1);
     }
 
     fn request_resent(&self, e: &RequestResent) {
