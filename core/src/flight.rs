@@ -399,8 +399,12 @@ impl SingleFlight {
     #[inline]
     pub fn token(&self) -> impl Future<Output = Result<Arc<Token>, Error>> + Send + '_ {
         match self.fast_token() {
-            Some(token) => Either::Left(future::ready(Ok(token))),
-            None => Either::Right(self.token_slow()),
+            Some(token) => TokenFuture::Ready { token: Some(token) },
+            // Boxed: the fast path's future stays two words, which callers move and
+            // store cheaply; only a caller that waits pays for the box.
+            None => TokenFuture::Slow {
+                slow: Box::pin(self.token_slow()),
+            },
         }
     }
 
@@ -1362,6 +1366,34 @@ async fn run_flight(
         });
     }
     output
+}
+
+pin_project_lite::pin_project! {
+    /// What [`SingleFlight::token`] returns: a token ready at once (the fast path, no
+    /// async state built) or the asynchronous slow path.
+    #[project = TokenFutureProj]
+    enum TokenFuture<S> {
+        Ready { token: Option<Arc<Token>> },
+        Slow { #[pin] slow: S },
+    }
+}
+
+impl<S: Future<Output = Result<Arc<Token>, Error>>> Future for TokenFuture<S> {
+    type Output = Result<Arc<Token>, Error>;
+
+    #[inline]
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            TokenFutureProj::Ready { token } => match token.take() {
+                Some(token) => std::task::Poll::Ready(Ok(token)),
+                None => std::task::Poll::Pending,
+            },
+            TokenFutureProj::Slow { slow } => slow.poll(cx),
+        }
+    }
 }
 
 /// A flight's deadline: a timer sleep that stays ready once it fired. Timers' sleeps
