@@ -23,7 +23,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -40,7 +40,7 @@ use crate::observe::{
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshContext, RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
-use crate::store::{StoreError, StoreLock, TokenStore};
+use crate::store::{StoreError, StoreGuard, StoreWatcher, TokenStore};
 use crate::token::Token;
 
 /// The highest generation accepted from outside (a store, a caller's token). A stored
@@ -102,6 +102,20 @@ struct Inner {
     counters: Counters,
     /// Per-coordinator random keys for the refresh-ahead jitter (issue 20).
     jitter: std::collections::hash_map::RandomState,
+    /// What the store holds a `Weak` to, to push saved tokens here (issue 20). It
+    /// points back weakly: a store never keeps a coordinator alive.
+    watcher: Arc<Pushed>,
+}
+
+/// The coordinator as a [`StoreWatcher`]: adopts tokens the store pushes (issue 20).
+struct Pushed(Weak<Inner>);
+
+impl StoreWatcher for Pushed {
+    fn token_saved(&self, token: Token) {
+        if let Some(inner) = self.0.upgrade() {
+            SingleFlight { inner }.adopt_pushed(token);
+        }
+    }
 }
 
 /// The current token with what the fast path needs, computed once per token (issue 18).
@@ -190,22 +204,81 @@ impl SingleFlight {
         });
         let coarse_lag =
             catch_unwind(AssertUnwindSafe(|| parts.clock.coarse_lag())).unwrap_or(None);
-        let flight = SingleFlight {
-            inner: Arc::new(Inner {
-                parts,
-                current: ArcSwapOption::empty(),
-                coarse_lag,
-                rejected: AtomicU64::new(0),
-                state: Mutex::new(state),
-                aliases: Mutex::new(Vec::new()),
-                counters: Counters::default(),
-                jitter: std::collections::hash_map::RandomState::new(),
-            }),
-        };
+        let inner = Arc::new_cyclic(|weak| Inner {
+            parts,
+            current: ArcSwapOption::empty(),
+            coarse_lag,
+            rejected: AtomicU64::new(0),
+            state: Mutex::new(state),
+            aliases: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            jitter: std::collections::hash_map::RandomState::new(),
+            watcher: Arc::new(Pushed(weak.clone())),
+        });
+        // Issue 20: the store pushes tokens that anyone saves. A store that panics
+        // here only loses the push (C18); the coordinator still reads it as before.
+        let watcher: Weak<Pushed> = Arc::downgrade(&inner.watcher);
+        let store = &inner.parts.store;
+        if catch_unwind(AssertUnwindSafe(|| store.watch(watcher))).is_err() {
+            tracing::warn!("the token store panicked registering for pushed tokens");
+        }
+        let flight = SingleFlight { inner };
         if let Some(initial) = initial {
             flight.set_current(initial);
         }
         flight
+    }
+
+    /// A token the store pushed because someone saved it (issue 20): adopted by the
+    /// rule of the unlocked read of the store — usable, not a corrupt generation,
+    /// newer than the one held (and than any this coordinator numbered), and never
+    /// over a login not yet saved (C17). Checked
+    /// and stored under the state lock, as every write of the current token is, so a
+    /// login installed concurrently is either seen here or installed after (and then
+    /// numbered above this token). Wakes nobody: a flight in progress finishes by its
+    /// own rules and finds this token current (it is then superseded, C2, C3).
+    ///
+    /// Ends "re-authentication required" and any backoff, as a flight that adopted
+    /// the same token from the store would.
+    fn adopt_pushed(&self, token: Token) {
+        if token.generation() > MAX_GENERATION {
+            return;
+        }
+        let now = self.now();
+        if !self.is_usable(&token, now) {
+            return;
+        }
+        let token = Arc::new(stamp(token, now));
+        let ended_auth_lost = {
+            let mut state = self.lock_state();
+            if state.unsaved_login.is_some() {
+                return;
+            }
+            // Newer than anything numbered here too: a flight of this coordinator that
+            // is saving its own token (numbered, not yet current) gets that token back
+            // from the store's push, and ignores it.
+            let held = self.current().map_or(0, |cur| cur.generation());
+            if token.generation() <= held.max(state.last_generation) {
+                return;
+            }
+            self.set_current(Arc::clone(&token));
+            state.last_generation = state.last_generation.max(token.generation());
+            state.consecutive_failures = 0;
+            matches!(std::mem::take(&mut state.failure), Failure::AuthLost { .. })
+        };
+        bump(&self.inner.counters.pushed);
+        if ended_auth_lost {
+            bump(&self.inner.counters.store_reloads);
+            tracing::info!(
+                generation = token.generation(),
+                "adopted a token pushed by the store; re-authentication no longer required"
+            );
+        } else {
+            tracing::debug!(
+                generation = token.generation(),
+                "adopted a token pushed by the store"
+            );
+        }
     }
 
     /// Makes `token` the current token, with its fast-path limit.
@@ -601,11 +674,11 @@ impl SingleFlight {
     async fn save_login(&self) -> Result<Option<Arc<Token>>, StoreError> {
         let store = &self.inner.parts.store;
         let mut deadline = self.budget();
-        let lock = within(store.lock(), &mut deadline)
+        let guard = within(store.lock(), &mut deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
-        let saved = self.save_login_locked(&lock, &mut deadline).await;
-        self.release(lock, &mut deadline).await;
+        let saved = self.save_login_locked(&*guard, &mut deadline).await;
+        self.release(guard, &mut deadline).await;
         saved
     }
 
@@ -613,14 +686,13 @@ impl SingleFlight {
     /// store holds. `Ok(None)`: there was nothing to save.
     async fn save_login_locked(
         &self,
-        lock: &StoreLock,
+        guard: &dyn StoreGuard,
         deadline: &mut Deadline,
     ) -> Result<Option<Arc<Token>>, StoreError> {
-        let store = &self.inner.parts.store;
         if self.lock_state().unsaved_login.is_none() {
             return Ok(None);
         }
-        let stored = within(store.load(), deadline)
+        let stored = within(guard.load(), deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
         let stored_generation = sane(stored).map(|t| t.generation());
@@ -664,7 +736,7 @@ impl SingleFlight {
                 current
             }
         };
-        within(store.save(&login, Some(lock)), deadline)
+        within(guard.save(&login), deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
         let mut state = self.lock_state();
@@ -930,6 +1002,18 @@ impl SingleFlight {
                 superseded: true,
             };
         }
+        // Only a login (a new epoch, above) or a pushed token ends "re-authentication
+        // required" while a reload runs: the pushed token is then this reload's outcome
+        // (issue 20), not a second loss.
+        let result = match result {
+            Err(error)
+                if kind == FlightKind::Reload
+                    && !matches!(state.failure, Failure::AuthLost { .. }) =>
+            {
+                self.usable_at(now).ok_or(error)
+            }
+            result => result,
+        };
         let mut lost = None;
         match &result {
             Ok(token) => {
@@ -1073,8 +1157,8 @@ impl SingleFlight {
     async fn reload(&self, deadline: &mut Deadline) -> Result<Arc<Token>, RefreshError> {
         let lost = match &self.lock_state().failure {
             Failure::AuthLost { error, .. } => error.clone(),
-            // Ended meanwhile: only a login ends it, and a login supersedes this flight
-            // (its waiters take the login, see `finish`).
+            // Ended meanwhile: by a login, which supersedes this flight (its waiters
+            // take the login), or by a pushed token, which `finish` makes the outcome.
             _ => return Err(superseded_by_login()),
         };
         let stored = match within(self.inner.parts.store.load(), deadline).await {
@@ -1115,14 +1199,19 @@ impl SingleFlight {
         if let Some(token) = self.adopt_unlocked(epoch, deadline).await {
             return Ok(token);
         }
-        let lock = within(store.lock(), deadline)
+        // The store may have pushed the newer token meanwhile (issue 20): then the read
+        // found nothing newer than it, and the lock is not needed either.
+        if let Some(token) = self.superseded(reason, replaces, self.now()) {
+            return Ok(token);
+        }
+        let guard = within(store.lock(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
             .map_err(store_error)?;
         let result = self
-            .attempt_locked(reason, replaces, epoch, &lock, deadline)
+            .attempt_locked(reason, replaces, epoch, &*guard, deadline)
             .await;
-        self.release(lock, deadline).await;
+        self.release(guard, deadline).await;
         result
     }
 
@@ -1158,8 +1247,8 @@ impl SingleFlight {
 
     /// Unlocks within the budget; past it the guard is dropped (stores fall back to
     /// their lease).
-    async fn release(&self, lock: StoreLock, deadline: &mut Deadline) {
-        let unlock = self.inner.parts.store.unlock(lock);
+    async fn release(&self, guard: Box<dyn StoreGuard>, deadline: &mut Deadline) {
+        let unlock = guard.unlock();
         if within(unlock, deadline).await.is_none() {
             tracing::warn!("unlocking the token store used up the refresh budget");
         }
@@ -1170,15 +1259,15 @@ impl SingleFlight {
         reason: RefreshReason,
         replaces: Option<u64>,
         epoch: u64,
-        lock: &StoreLock,
+        guard: &dyn StoreGuard,
         deadline: &mut Deadline,
     ) -> Result<Arc<Token>, RefreshError> {
         let store = &self.inner.parts.store;
         // A login not saved yet goes first, numbered above the store's session (C17).
-        if let Err(error) = self.save_login_locked(lock, deadline).await {
+        if let Err(error) = self.save_login_locked(guard, deadline).await {
             tracing::warn!(error = %error, "saving the login failed; it stays in use here");
         }
-        let stored = within(store.load(), deadline)
+        let stored = within(guard.load(), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("loading the stored token"))?
             .map_err(store_error)?;
@@ -1233,12 +1322,13 @@ impl SingleFlight {
             generation
         };
         let token = Arc::new(stamp(fetched.with_generation(generation), self.now()));
-        match within(store.save(&token, Some(lock)), deadline).await {
+        match within(guard.save(&token), deadline).await {
             Some(Ok(())) => Ok(token),
             Some(Err(StoreError::LeaseLost)) => {
                 // Someone else holds the lock now and may have saved a newer token: the
-                // fleet uses that one. Otherwise keep ours: the server issued it and
-                // its rotated refresh token may be the only live one.
+                // fleet uses that one (an unlocked read: this guard's lease is gone).
+                // Otherwise keep ours: the server issued it and its rotated refresh
+                // token may be the only live one.
                 match within(store.load(), deadline).await {
                     Some(Ok(Some(stored)))
                         if stored.generation() >= token.generation()

@@ -116,10 +116,14 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+#[cfg(feature = "file-store")]
+mod atomic_file;
 mod builder;
 mod config;
 mod driver;
 mod error;
+#[cfg(feature = "file-store")]
+mod file_lock;
 #[cfg(feature = "file-store")]
 mod file_store;
 mod flight;
@@ -130,6 +134,8 @@ mod keyed;
 pub mod oauth2;
 pub mod observe;
 mod policy;
+#[cfg(feature = "store-record")]
+pub mod record;
 mod request;
 mod runtime;
 mod source;
@@ -146,7 +152,7 @@ pub use config::{Backoff, FlightConfig, Retry};
 pub use driver::{AuthError, Authenticator};
 pub use error::{BoxError, ConfigError, Error, RefreshError, RefreshErrorKind};
 #[cfg(feature = "file-store")]
-pub use file_store::{FileLock, FileStore};
+pub use file_store::FileStore;
 pub use flight::{AuthLostHook, MAX_GENERATION, SingleFlight};
 pub use keyed::{FlightFactory, KeyedFlights, KeyedFlightsBuilder, key_namespace};
 pub use observe::Observer;
@@ -159,6 +165,6 @@ pub use runtime::FuturesTimer;
 pub use runtime::{Clock, ManualClock, NoTimer, Spawn, SystemClock, Timer};
 pub use source::{FnSource, RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use stats::Stats;
-pub use store::{MemoryStore, StoreError, StoreLock, TokenStore};
+pub use store::{MemoryStore, StoreError, StoreGuard, StoreWatcher, TokenStore};
 pub use token::{Secret, Token};
 pub use transport::{HttpRequest, HttpResponse, Transport, TransportError};

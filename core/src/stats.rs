@@ -19,6 +19,9 @@ pub struct Stats {
     pub store_reloads: u64,
     /// Tokens adopted from the store because another process had refreshed.
     pub adopted: u64,
+    /// Tokens adopted because the store pushed them: another replica, process or
+    /// coordinator saved them (issue 20, [`crate::StoreWatcher`]).
+    pub pushed: u64,
     /// Flights that failed.
     pub failures: u64,
     /// Callers that joined a flight someone else started.
@@ -40,6 +43,7 @@ pub(crate) struct Counters {
     pub(crate) attempt_retries: AtomicU64,
     pub(crate) store_reloads: AtomicU64,
     pub(crate) adopted: AtomicU64,
+    pub(crate) pushed: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) coalesced: AtomicU64,
     pub(crate) retries: AtomicU64,
@@ -61,6 +65,7 @@ impl Counters {
             attempt_retries: get(&self.attempt_retries),
             store_reloads: get(&self.store_reloads),
             adopted: get(&self.adopted),
+            pushed: get(&self.pushed),
             failures: get(&self.failures),
             coalesced: get(&self.coalesced),
             retries: get(&self.retries),

@@ -1,9 +1,8 @@
 //! Where tokens live between requests and processes: the `TokenStore` trait and the
 //! in-memory default. A store's refresh lock is what makes one flight span processes (C1).
 
-use std::any::Any;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use futures_util::future::BoxFuture;
 
@@ -38,79 +37,69 @@ pub enum StoreError {
     Other(#[source] BoxError),
 }
 
-/// Proof of holding a store's refresh lock. Dropping it releases the lock (stores that
-/// need async work to release do it in [`TokenStore::unlock`] and fall back to a lease).
-pub struct StoreLock {
-    guard: Box<dyn Any + Send + Sync>,
-}
-
-impl StoreLock {
-    /// Wraps a store-specific guard.
-    pub fn new(guard: impl Any + Send + Sync) -> Self {
-        StoreLock {
-            guard: Box::new(guard),
-        }
-    }
-
-    /// A lock that guards nothing beyond this process (for stores whose only users are
-    /// in one process: the in-process single flight already serialises them).
-    pub fn none() -> Self {
-        Self::new(())
-    }
-
-    /// The store-specific guard.
-    pub fn guard<T: Any>(&self) -> Option<&T> {
-        self.guard.downcast_ref()
-    }
-
-    /// Takes the store-specific guard back.
-    pub fn into_guard<T: Any>(self) -> Result<Box<T>, Self> {
-        match self.guard.downcast::<T>() {
-            Ok(guard) => Ok(guard),
-            Err(guard) => Err(StoreLock {
-                guard: guard as Box<dyn Any + Send + Sync>,
-            }),
-        }
-    }
-}
-
-impl fmt::Debug for StoreLock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StoreLock")
-    }
-}
-
 /// Keeps the current token, and a refresh lock shared by everyone who uses the store.
 ///
-/// The coordinator's flight is: `lock` → `load` → adopt the stored token if it is newer
-/// than the one being replaced (another process refreshed) → else call the source →
-/// `save` (before the lock is released and before the token is handed out) → `unlock`.
-/// Generations are assigned as `max(stored, current) + 1`, so C3 holds across processes.
+/// The coordinator's flight is: [`lock`](Self::lock) → [`StoreGuard::load`] → adopt the
+/// stored token if it is newer than the one being replaced (another process refreshed)
+/// → else call the source → [`StoreGuard::save`] (before the lock is released and
+/// before the token is handed out) → [`StoreGuard::unlock`]. Generations are assigned
+/// as `max(stored, current) + 1`, so C3 holds across processes.
+///
+/// Everything a holder of the lock needs lives in its [`StoreGuard`] (for a fenced
+/// store, the lease it holds), not in the store: one store may be shared by any number
+/// of coordinators, and clones of a store need not track who holds what.
 ///
 /// The trait is object-safe.
 pub trait TokenStore: Send + Sync {
-    /// The stored token, if any.
+    /// The stored token, if any, read without the lock (it may race a writer). The
+    /// coordinator uses it before taking the lock (another process may have refreshed
+    /// already) and to look for a login saved elsewhere.
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>>;
-    /// Stores `token`, replacing what is there. `lock` is the guard from [`Self::lock`]
-    /// (fenced stores check it is still theirs), or `None` for an install (login).
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// Takes the refresh lock, waiting for another holder to finish.
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>>;
-    /// Releases the refresh lock. The default drops the guard.
-    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
-        drop(lock);
-        Box::pin(async {})
+    /// Takes the refresh lock, waiting for another holder to finish. The guard is the
+    /// only way to read-for-refresh and to save; fenced stores check their lease in it.
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>>;
+    /// Issue 20: the store tells `watcher` whenever anyone (another process or
+    /// replica, or another coordinator sharing this store) saved a token, so it can
+    /// adopt it at once instead of reading the store at its next refresh. A store
+    /// keeps a list of watchers and drops those whose `Weak` is dead. The default
+    /// pushes nothing: coordinators then read the store as before.
+    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
+        let _ = watcher;
+    }
+}
+
+/// Proof of holding a store's refresh lock, and the only way to save.
+///
+/// Dropping the guard releases the lock as well as it can without waiting (a fenced
+/// store's lease lapses otherwise); [`unlock`](Self::unlock) releases it and waits.
+pub trait StoreGuard: Send + Sync {
+    /// The stored token, read under the lock. A fenced store refuses with
+    /// [`StoreError::LeaseLost`] once this guard's lease lapsed, so a holder that lost
+    /// the lock cannot go on to spend a refresh token another holder may have spent.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>>;
+    /// Stores `token`, replacing what is there. A fenced store refuses with
+    /// [`StoreError::LeaseLost`] once this guard's lease lapsed, or when a token of the
+    /// same or a newer generation is stored already, so a newer token is never
+    /// overwritten.
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Releases the lock and waits until it is released (or the store gave up; the
+    /// lease then lapses).
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+impl fmt::Debug for dyn StoreGuard {
+    // A guard may hold a lease value or a file: show neither.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoreGuard")
     }
 }
 
 /// The default store: one token in this process's memory.
-#[derive(Default)]
+///
+/// Cheap to clone; clones share the token.
+#[derive(Clone, Default)]
 pub struct MemoryStore {
-    token: Mutex<Option<Token>>,
+    token: Arc<Mutex<Option<Token>>>,
 }
 
 impl MemoryStore {
@@ -118,43 +107,70 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn get(&self) -> Option<Token> {
+        self.token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let generation = self
-            .token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(Token::generation);
         f.debug_struct("MemoryStore")
-            .field("generation", &generation)
+            .field("generation", &self.get().as_ref().map(Token::generation))
             .finish()
     }
 }
 
 impl TokenStore for MemoryStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
-        let token = self
-            .token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let token = self.get();
         Box::pin(async move { Ok(token) })
     }
 
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        _lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        // One process: the coordinator's own single flight is the lock.
+        let guard: Box<dyn StoreGuard> = Box::new(MemoryGuard {
+            store: self.clone(),
+        });
+        Box::pin(async move { Ok(guard) })
+    }
+}
+
+/// A [`MemoryStore`]'s guard: guards nothing beyond what the coordinator's single flight
+/// already serialises.
+struct MemoryGuard {
+    store: MemoryStore,
+}
+
+impl StoreGuard for MemoryGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.store.load()
+    }
+
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        *self
+            .store
+            .token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
         Box::pin(async { Ok(()) })
     }
 
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        // One process: the coordinator's own single flight is the lock.
-        Box::pin(async { Ok(StoreLock::none()) })
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
     }
+}
+
+/// Told by a [`TokenStore`] when anyone — another replica, another process, another
+/// coordinator sharing the store — saved a token (issue 20). Coordinators register
+/// themselves through [`TokenStore::watch`] when they are built, and adopt a pushed
+/// token by the same rule as their unlocked read of the store: only a usable token
+/// newer than the one they hold, never over a login not yet saved (C17).
+pub trait StoreWatcher: Send + Sync {
+    /// A token was saved to the store. Called from the store's own task or thread, or
+    /// from the saving caller: it must not block or wait.
+    fn token_saved(&self, token: Token);
 }

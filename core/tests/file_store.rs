@@ -14,8 +14,16 @@ use std::time::{Duration, SystemTime};
 use futures::executor::block_on;
 use proptest::prelude::*;
 use tokenflight::{
-    Builder, FileLock, FileStore, RefreshContext, StoreError, Token, TokenStore, from_fn,
+    Builder, FileStore, ManualClock, RefreshContext, StoreError, Token, TokenStore, from_fn,
 };
+
+/// Saves `token` the only way a store allows: under its lock.
+async fn save_locked(store: &FileStore, token: &Token) -> Result<(), StoreError> {
+    let guard = store.lock().await?;
+    let saved = guard.save(token).await;
+    guard.unlock().await;
+    saved
+}
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -24,7 +32,8 @@ fn mode(path: &Path) -> u32 {
 fn token(generation: u64) -> Token {
     Token::new(format!("access-{generation}"))
         .with_refresh(format!("refresh-{generation}"))
-        .expires_at(SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 42))
+        // Records keep whole milliseconds.
+        .expires_at(SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_042))
         .with_generation(generation)
 }
 
@@ -42,14 +51,15 @@ fn round_trip_with_private_files_and_no_temp_leftovers() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path().join("token.json"));
     assert_eq!(block_on(store.load()).unwrap(), None);
-    block_on(store.save(&token(1), None)).unwrap();
-    block_on(store.save(&token(2), None)).unwrap();
+    block_on(save_locked(&store, &token(1))).unwrap();
+    block_on(save_locked(&store, &token(2))).unwrap();
     assert_eq!(block_on(store.load()).unwrap(), Some(token(2)));
     assert_eq!(mode(store.path()), 0o600);
     let text = fs::read_to_string(store.path()).unwrap();
-    assert!(text.contains("\"format\": 1"), "{text}");
-    let lock = block_on(store.lock()).unwrap();
-    assert!(lock.guard::<FileLock>().is_some());
+    assert!(text.starts_with("{\"format\":2,"), "{text}");
+    let guard = block_on(store.lock()).unwrap();
+    assert_eq!(block_on(guard.load()).unwrap(), Some(token(2)));
+    block_on(guard.unlock());
     assert_eq!(mode(store.lock_path()), 0o600);
     assert_eq!(leftovers(dir.path()), ["token.json", "token.json.lock"]);
 }
@@ -58,7 +68,7 @@ fn round_trip_with_private_files_and_no_temp_leftovers() {
 fn a_group_or_world_readable_file_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path().join("token.json"));
-    block_on(store.save(&token(1), None)).unwrap();
+    block_on(save_locked(&store, &token(1))).unwrap();
     let before = fs::read(store.path()).unwrap();
     for lax in [0o644, 0o640, 0o604, 0o660] {
         fs::set_permissions(store.path(), fs::Permissions::from_mode(lax)).unwrap();
@@ -67,7 +77,7 @@ fn a_group_or_world_readable_file_is_refused_and_left_alone() {
             matches!(load, Err(StoreError::Insecure(_))),
             "{lax:o}: {load:?}"
         );
-        let save = block_on(store.save(&token(2), None));
+        let save = block_on(save_locked(&store, &token(2)));
         assert!(
             matches!(save, Err(StoreError::Insecure(_))),
             "{lax:o}: {save:?}"
@@ -100,7 +110,7 @@ fn c13_a_corrupt_file_is_a_typed_error_and_is_moved_aside() {
     assert_eq!(fs::read(dir.path().join(&names[0])).unwrap(), garbage);
     // The store is empty now and usable again.
     assert_eq!(block_on(store.load()).unwrap(), None);
-    block_on(store.save(&token(3), None)).unwrap();
+    block_on(save_locked(&store, &token(3))).unwrap();
     assert_eq!(block_on(store.load()).unwrap(), Some(token(3)));
 }
 
@@ -111,7 +121,7 @@ fn a_save_never_overwrites_a_corrupt_file() {
     fs::write(&path, "not json at all").unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     let store = FileStore::new(&path);
-    block_on(store.save(&token(1), None)).unwrap();
+    block_on(save_locked(&store, &token(1))).unwrap();
     let kept: Vec<_> = leftovers(dir.path())
         .into_iter()
         .filter(|n| n.contains(".corrupt-"))
@@ -137,11 +147,12 @@ fn a_newer_format_is_refused_and_left_in_place() {
         Err(StoreError::Corrupt(_))
     ));
     assert!(matches!(
-        block_on(store.save(&token(1), None)),
+        block_on(save_locked(&store, &token(1))),
         Err(StoreError::Corrupt(_))
     ));
     assert_eq!(fs::read_to_string(&path).unwrap(), newer);
-    assert_eq!(leftovers(dir.path()), ["token.json"]);
+    // Only the lock's sidecar (the save took the lock) is new: nothing moved aside.
+    assert_eq!(leftovers(dir.path()), ["token.json", "token.json.lock"]);
 }
 
 #[test]
@@ -176,8 +187,9 @@ fn a_waiting_lock_gets_it_when_the_holder_releases() {
         // Polled once: the lock is busy, so the wait moves to the helper thread.
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         drop(held);
-        let lock = waiting.await.unwrap();
-        assert!(lock.guard::<FileLock>().is_some());
+        let guard = waiting.await.unwrap();
+        guard.save(&token(4)).await.unwrap();
+        guard.unlock().await;
     });
 }
 
@@ -221,15 +233,13 @@ fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
             .unwrap()
     };
     let (a, b) = (flight("a"), flight("b"));
-    block_on(
-        FileStore::new(&path).save(
-            &Token::new("old")
-                .with_refresh("rt")
-                .expires_at(SystemTime::UNIX_EPOCH)
-                .with_generation(5),
-            None,
-        ),
-    )
+    block_on(save_locked(
+        &FileStore::new(&path),
+        &Token::new("old")
+            .with_refresh("rt")
+            .expires_at(SystemTime::UNIX_EPOCH)
+            .with_generation(5),
+    ))
     .unwrap();
     let from_a = block_on(a.token()).unwrap();
     let from_b = block_on(b.token()).unwrap();
@@ -241,11 +251,86 @@ fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
     assert_eq!(b.stats().adopted, 1);
 }
 
+/// One `FileStore` shared by four coordinators (issue 15: the lock lives in the guard,
+/// not in the store): each expiry costs one source call, the other three adopt the
+/// saved token, and every coordinator ends on the same generation.
+#[test]
+fn c1_coordinators_sharing_one_file_store_make_one_refresh_per_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::new(dir.path().join("token.json")));
+    let clock = ManualClock::at_fixed_point();
+    let lifetime = Duration::from_secs(3600);
+    let calls = Arc::new(AtomicU32::new(0));
+    let flights: Vec<_> = (0..4)
+        .map(|_| {
+            let calls = calls.clone();
+            let clock_in_source = clock.clone();
+            Builder::new()
+                .store_arc(store.clone())
+                .clock(Arc::new(clock.clone()))
+                .refresh_ahead(None)
+                .source(from_fn(move |cx: RefreshContext| {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    let spent = cx.previous.and_then(|t| t.refresh().cloned());
+                    let now = tokenflight::Clock::now(&clock_in_source);
+                    async move {
+                        // Rotation: each refresh token is spent once, by one refresh.
+                        assert_eq!(
+                            spent.as_ref().map(|r| r.expose().to_owned()),
+                            Some(format!("rt-{}", n - 1))
+                        );
+                        Ok(Token::new(format!("at-{n}"))
+                            .with_refresh(format!("rt-{n}"))
+                            .expires_in(lifetime, now))
+                    }
+                }))
+                .build_flight()
+                .unwrap()
+        })
+        .collect();
+    block_on(save_locked(
+        &store,
+        &Token::new("at-0")
+            .with_refresh("rt-0")
+            .expires_in(lifetime, tokenflight::Clock::now(&clock))
+            .with_generation(1),
+    ))
+    .unwrap();
+    for cycle in 1..=3u32 {
+        clock.advance(lifetime);
+        let tokens = block_on(futures::future::join_all(flights.iter().map(|f| f.token())));
+        let generations: Vec<u64> = tokens
+            .iter()
+            .map(|t| t.as_ref().unwrap().generation())
+            .collect();
+        assert!(
+            generations.iter().all(|g| *g == u64::from(cycle) + 1),
+            "cycle {cycle}: {generations:?}"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            cycle,
+            "one refresh per expiry"
+        );
+        assert_eq!(
+            block_on(store.load()).unwrap().map(|t| t.generation()),
+            Some(u64::from(cycle) + 1),
+            "saved before it was handed out"
+        );
+    }
+    let adopted: u64 = flights.iter().map(|f| f.stats().adopted).sum();
+    assert_eq!(
+        adopted,
+        3 * 3,
+        "the other three adopted the saved token each cycle"
+    );
+}
+
 fn arb_token() -> impl Strategy<Value = Token> {
     (
         any::<String>(),
         proptest::option::of(any::<String>()),
-        proptest::option::of((0u64..(1 << 40), 0u32..1_000_000_000)),
+        proptest::option::of(0u64..(1 << 50)),
         any::<u64>(),
     )
         .prop_map(|(access, refresh, expiry, generation)| {
@@ -253,8 +338,8 @@ fn arb_token() -> impl Strategy<Value = Token> {
                 .with_refresh_opt(refresh.map(Into::into))
                 .with_generation(generation);
             match expiry {
-                Some((secs, nanos)) => {
-                    token.expires_at(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+                Some(millis) => {
+                    token.expires_at(SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
                 }
                 None => token,
             }
@@ -268,7 +353,7 @@ proptest! {
     fn a_stored_token_round_trips(token in arb_token()) {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path().join("token.json"));
-        block_on(store.save(&token, None)).unwrap();
+        block_on(save_locked(&store, &token)).unwrap();
         prop_assert_eq!(block_on(store.load()).unwrap(), Some(token));
     }
 

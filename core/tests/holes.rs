@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use support::*;
 use tokenflight::{
     Backoff, Builder, Clock, Error, FlightConfig, MAX_GENERATION, ManualClock, MemoryStore,
-    RefreshContext, RefreshError, RefreshErrorKind, Retry, SingleFlight, StoreError, StoreLock,
+    RefreshContext, RefreshError, RefreshErrorKind, Retry, SingleFlight, StoreError, StoreGuard,
     Timer, Token, TokenStore, from_fn,
 };
 
@@ -48,9 +48,12 @@ fn drive<F: std::future::Future + Unpin>(
 }
 
 /// A store for fault injection: an in-memory token plus switches that make a call fail,
-/// hang or panic, and counters.
+/// hang or panic, and counters. Its guards share the switches (through the `Arc`).
 #[derive(Default)]
-struct FaultStore {
+struct FaultStore(Arc<Faults>);
+
+#[derive(Default)]
+struct Faults {
     token: Mutex<Option<Token>>,
     hang_load: std::sync::atomic::AtomicBool,
     hang_save: std::sync::atomic::AtomicBool,
@@ -62,18 +65,26 @@ struct FaultStore {
     loads: AtomicUsize,
 }
 
+impl std::ops::Deref for FaultStore {
+    type Target = Faults;
+    fn deref(&self) -> &Faults {
+        &self.0
+    }
+}
+
 impl FaultStore {
     fn holding(token: Token) -> Arc<Self> {
         let store = FaultStore::default();
         *store.token.lock().unwrap() = Some(token);
         Arc::new(store)
     }
+}
+
+impl Faults {
     fn stored(&self) -> Option<Token> {
         self.token.lock().unwrap().clone()
     }
-}
 
-impl TokenStore for FaultStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         if self.panic_load.load(Ordering::SeqCst) {
@@ -88,38 +99,48 @@ impl TokenStore for FaultStore {
             Ok(token)
         })
     }
+}
 
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        if lock.is_some() {
-            self.saves_with_lock.fetch_add(1, Ordering::SeqCst);
-        }
+impl TokenStore for FaultStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.0.load()
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        self.locks.fetch_add(1, Ordering::SeqCst);
+        let guard: Box<dyn StoreGuard> = Box::new(FaultGuard(self.0.clone()));
+        Box::pin(async { Ok(guard) })
+    }
+}
+
+struct FaultGuard(Arc<Faults>);
+
+impl StoreGuard for FaultGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.0.load()
+    }
+
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        let faults = &self.0;
+        faults.saves_with_lock.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
-            if self.hang_save.load(Ordering::SeqCst) {
+            if faults.hang_save.load(Ordering::SeqCst) {
                 futures::future::pending::<()>().await;
             }
-            if self.lease_lost.load(Ordering::SeqCst) {
+            if faults.lease_lost.load(Ordering::SeqCst) {
                 return Err(StoreError::LeaseLost);
             }
-            *self.token.lock().unwrap() = Some(token.clone());
+            *faults.token.lock().unwrap() = Some(token.clone());
             Ok(())
         })
     }
 
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        self.locks.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(StoreLock::none()) })
-    }
-
-    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            if self.hang_unlock.load(Ordering::SeqCst) {
+            if self.0.hang_unlock.load(Ordering::SeqCst) {
                 futures::future::pending::<()>().await;
             }
-            drop(lock);
+            drop(self);
         })
     }
 }

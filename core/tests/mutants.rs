@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use support::{Gate, ScriptedSource, Step, poll_once};
 use tokenflight::{
     Backoff, Builder, ManualClock, MemoryStore, Placement, RefreshContext, RefreshReason,
-    StoreError, StoreLock, Token, TokenStore, from_fn,
+    StoreError, StoreGuard, Token, TokenStore, from_fn,
 };
 
 fn valid_token(clock: &ManualClock) -> Token {
@@ -106,7 +106,7 @@ fn c6_source_gets_the_newest_known_refresh_secret() {
         .with_refresh("refresh-stored")
         .expires_at(tokenflight::Clock::now(&clock) + Duration::from_secs(30))
         .with_generation(first.generation() + 4);
-    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    futures::executor::block_on(support::save_locked(&*store, &stored)).unwrap();
     clock.advance(Duration::from_secs(61));
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(token.access().expose(), "new");
@@ -114,8 +114,10 @@ fn c6_source_gets_the_newest_known_refresh_secret() {
     assert_eq!(seen.lock().unwrap().as_deref(), Some("refresh-stored"));
 }
 
-/// A fenced store whose lease lapsed during the source call: `save` says `LeaseLost`,
-/// and a second `load` shows what the new holder saved (if anything).
+/// A fenced store whose lease lapsed during the source call: the guard's `save` says
+/// `LeaseLost`, and the store's next (unlocked) `load` shows what the new holder saved
+/// (if anything). Before the loss, both the pre-lock read and the guard's read find the
+/// store empty.
 struct LeaseLostStore {
     loads: AtomicUsize,
     after_loss: Option<Token>,
@@ -123,19 +125,30 @@ struct LeaseLostStore {
 
 impl TokenStore for LeaseLostStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        // The first (pre-lock) read sees nothing; after the loss the new holder's token
+        // is there.
         let first = self.loads.fetch_add(1, Ordering::SeqCst) == 0;
         let token = if first { None } else { self.after_loss.clone() };
         Box::pin(async move { Ok(token) })
     }
-    fn save<'a>(
-        &'a self,
-        _token: &'a Token,
-        _lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        let guard: Box<dyn StoreGuard> = Box::new(LeaseLostGuard);
+        Box::pin(async { Ok(guard) })
+    }
+}
+
+/// The holder whose lease lapses while the source runs.
+struct LeaseLostGuard;
+
+impl StoreGuard for LeaseLostGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn save<'a>(&'a self, _token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Err(StoreError::LeaseLost) })
     }
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        Box::pin(async { Ok(StoreLock::none()) })
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -195,7 +208,7 @@ fn c6_an_older_stored_token_is_not_given_to_the_source() {
         .with_refresh("refresh-old")
         .expires_at(past)
         .with_generation(1);
-    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    futures::executor::block_on(support::save_locked(&store, &stored)).unwrap();
     let seen = Arc::new(Mutex::new(None));
     let flight = Builder::new()
         .source(recording_source(&seen))
@@ -222,7 +235,7 @@ fn c1_a_newer_usable_stored_token_is_adopted() {
     let stored = Token::new("theirs")
         .expires_in(Duration::from_secs(3600), now)
         .with_generation(5);
-    futures::executor::block_on(store.save(&stored, None)).unwrap();
+    futures::executor::block_on(support::save_locked(&store, &stored)).unwrap();
     let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
     // No login here: a login would win over the stored session (C17).
     let flight = Builder::new()
@@ -324,18 +337,36 @@ impl TokenStore for SlowInstallStore {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         self.inner.load()
     }
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        let gate = self.gate.clone();
+        let inner = self.inner.lock();
         Box::pin(async move {
-            self.gate.wait().await;
-            self.inner.save(token, lock).await
+            let guard: Box<dyn StoreGuard> = Box::new(SlowSaveGuard {
+                inner: inner.await?,
+                gate,
+            });
+            Ok(guard)
         })
     }
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        self.inner.lock()
+}
+
+struct SlowSaveGuard {
+    inner: Box<dyn StoreGuard>,
+    gate: Gate,
+}
+
+impl StoreGuard for SlowSaveGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.gate.wait().await;
+            self.inner.save(token).await
+        })
+    }
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.inner.unlock()
     }
 }
 

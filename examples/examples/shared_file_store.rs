@@ -92,7 +92,13 @@ fn seed(path: &Path, refresh_token: String) -> Result<()> {
         .with_refresh(refresh_token)
         .expires_at(expired)
         .with_generation(1);
-    futures::executor::block_on(FileStore::new(path).save(&token, None))?;
+    // A store saves only under its refresh lock.
+    futures::executor::block_on(async {
+        let guard = FileStore::new(path).lock().await?;
+        let saved = guard.save(&token).await;
+        guard.unlock().await;
+        saved
+    })?;
     Ok(())
 }
 

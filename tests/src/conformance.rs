@@ -59,7 +59,7 @@ use futures::future::{BoxFuture, join_all};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
     Authenticator, Backoff, Builder, Classifier, FileStore, FlightConfig, FuturesTimer,
-    ManualClock, Retry, Timer, Token, TokenStore, Transport,
+    ManualClock, Retry, Timer, Token, Transport,
 };
 
 use crate::testkit::{
@@ -1568,10 +1568,12 @@ pub async fn s16_short_lifetimes_across_processes_sharing_a_file_store(
     let dir = tempfile::tempdir().unwrap();
     let store_path = dir.path().join("token.json");
     // The login, in the store: every process starts from it.
-    FileStore::new(&store_path)
-        .save(&login(&server).with_generation(1), None)
-        .await
-        .unwrap();
+    crate::save_locked(
+        &FileStore::new(&store_path),
+        &login(&server).with_generation(1),
+    )
+    .await
+    .unwrap();
     let duration = load_duration();
     let started = Instant::now();
     let children: Vec<_> = (0..PROCESSES)

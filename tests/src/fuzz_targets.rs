@@ -117,7 +117,7 @@ pub fn store_file(data: &[u8]) {
     match futures::executor::block_on(store.load()) {
         Ok(Some(token)) => {
             // What was read can be written and read back unchanged.
-            futures::executor::block_on(store.save(&token, None)).unwrap_or_else(|e| {
+            futures::executor::block_on(crate::save_locked(&store, &token)).unwrap_or_else(|e| {
                 panic!("saving a loaded token failed: {e}");
             });
             let again = futures::executor::block_on(store.load());

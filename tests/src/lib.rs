@@ -10,3 +10,15 @@ pub mod fuzz_targets;
 pub mod grpc;
 pub mod model;
 pub mod testkit;
+
+/// Saves `token` the only way a store allows: under its lock (lock → save → unlock).
+/// Tests use it to seed a store as another process would have.
+pub async fn save_locked<S: tokenflight::TokenStore + ?Sized>(
+    store: &S,
+    token: &tokenflight::Token,
+) -> Result<(), tokenflight::StoreError> {
+    let guard = store.lock().await?;
+    let saved = guard.save(token).await;
+    guard.unlock().await;
+    saved
+}

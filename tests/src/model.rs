@@ -36,7 +36,7 @@ use futures::future::BoxFuture;
 use tokenflight::{
     AuthError, AuthRequest, AuthResponse, Authenticator, Builder, Clock, Error, InvalidHeader,
     ManualClock, MemoryStore, RefreshContext, RefreshError, RefreshErrorKind, RefreshReason,
-    RequestOptions, ResponseView, SingleFlight, Spawn, StoreError, StoreLock, Timer, Token,
+    RequestOptions, ResponseView, SingleFlight, Spawn, StoreError, StoreGuard, Timer, Token,
     TokenSource, TokenStore,
 };
 use url::Url;
@@ -696,28 +696,34 @@ struct ModelStore {
 impl ModelStore {
     /// The fault for the store call starting now, if one is armed and due.
     fn fault(&self) -> Option<Fault> {
-        let mut shared = lock(&self.shared);
-        if shared.installing {
-            return None;
-        }
-        let (skip, fault) = shared.armed.as_mut()?;
-        if *skip > 0 {
-            *skip -= 1;
-            return None;
-        }
-        let fault = *fault;
-        shared.armed = None;
-        shared.faults_fired += 1;
-        if matches!(fault, Fault::Hang | Fault::Panic) {
-            // The flight may now end without saving or handing out a token it got.
-            for call in &mut shared.calls {
-                if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
-                    call.at_risk = true;
-                }
+        fault(&self.shared)
+    }
+}
+
+/// The fault for the store call (on the store or a guard) starting now, if one is armed
+/// and due.
+fn fault(shared: &Mutex<Shared>) -> Option<Fault> {
+    let mut shared = lock(shared);
+    if shared.installing {
+        return None;
+    }
+    let (skip, fault) = shared.armed.as_mut()?;
+    if *skip > 0 {
+        *skip -= 1;
+        return None;
+    }
+    let fault = *fault;
+    shared.armed = None;
+    shared.faults_fired += 1;
+    if matches!(fault, Fault::Hang | Fault::Panic) {
+        // The flight may now end without saving or handing out a token it got.
+        for call in &mut shared.calls {
+            if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
+                call.at_risk = true;
             }
         }
-        Some(fault)
     }
+    Some(fault)
 }
 
 fn planted_store_error() -> StoreError {
@@ -733,12 +739,44 @@ impl TokenStore for ModelStore {
             Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store load panic") }),
         }
     }
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
         match self.fault() {
+            None => {
+                let inner = self.inner.lock();
+                let shared = Arc::clone(&self.shared);
+                Box::pin(async move {
+                    let guard: Box<dyn StoreGuard> = Box::new(ModelGuard {
+                        inner: inner.await?,
+                        shared,
+                    });
+                    Ok(guard)
+                })
+            }
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store lock panic") }),
+        }
+    }
+}
+
+/// The memory store's guard with the same planted faults (one armed fault counts store
+/// and guard calls alike, in the order the flight makes them).
+struct ModelGuard {
+    inner: Box<dyn StoreGuard>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl StoreGuard for ModelGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        match fault(&self.shared) {
+            None => self.inner.load(),
+            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
+            Some(Fault::Hang) => Box::pin(futures::future::pending()),
+            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store load panic") }),
+        }
+    }
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        match fault(&self.shared) {
             None => {
                 let mut shared = lock_shared(&self.shared);
                 let access = token.access().expose().to_owned();
@@ -746,7 +784,7 @@ impl TokenStore for ModelStore {
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
                 drop(shared);
-                self.inner.save(token, lock)
+                self.inner.save(token)
             }
             Some(Fault::Fail) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::LeaseLost) => Box::pin(async { Err(StoreError::LeaseLost) }),
@@ -754,23 +792,15 @@ impl TokenStore for ModelStore {
             Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store save panic") }),
         }
     }
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        match self.fault() {
-            None => self.inner.lock(),
-            Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
-            Some(Fault::Hang) => Box::pin(futures::future::pending()),
-            Some(Fault::Panic) => Box::pin(async { panic!("{PLANTED}: store lock panic") }),
-        }
-    }
-    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
-        match self.fault() {
-            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(lock),
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        match fault(&self.shared) {
+            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(),
             Some(Fault::Hang) => Box::pin(async move {
-                let _lock = lock;
+                let _guard = self;
                 futures::future::pending::<()>().await;
             }),
             Some(Fault::Panic) => Box::pin(async move {
-                drop(lock);
+                drop(self);
                 panic!("{PLANTED}: store unlock panic")
             }),
         }
@@ -1126,7 +1156,7 @@ impl World {
                 .with_refresh("stale-refresh")
                 .expires_in(Duration::from_secs(86_400), now)
                 .with_generation(stale.generation());
-            let _ = futures::executor::block_on(store.inner.save(&token, None));
+            let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
             known
                 .generations
                 .insert(STALE_ACCESS.to_owned(), stale.generation());
@@ -1651,7 +1681,7 @@ impl World {
             .with_refresh(format!("replica-refresh-{n}"))
             .expires_in(Duration::from_secs(3600), self.now())
             .with_generation(generation);
-        let _ = futures::executor::block_on(store.inner.save(&token, None));
+        let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
         self.known.max_generation = generation;
         self.known.generations.insert(access.clone(), generation);
         let issued = Issued {

@@ -109,7 +109,7 @@ fn c1_processes_share_one_refresh_per_expiry_over_three_cycles() {
         .with_refresh(server.issue_refresh_token())
         .expires_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
         .with_generation(1);
-    futures::executor::block_on(store.save(&seed, None)).unwrap();
+    futures::executor::block_on(tokenflight_tests::save_locked(&store, &seed)).unwrap();
     server.reset_counters();
 
     let mut workers: Vec<Worker> = (0..WORKERS)

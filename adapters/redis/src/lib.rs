@@ -8,7 +8,9 @@
 //! Plug a [`RedisStore`] into the coordinator's builder with `.store(store)`. Each
 //! refresh then runs: take the Redis refresh lock → reload the token → adopt it if
 //! another replica already refreshed → else call the token source → fenced save → release.
-//! See [`RedisStore`] for the lock, lease, fencing and failure behaviour.
+//! See [`RedisStore`] for the lock, lease, fencing and failure behaviour. The lease and
+//! fence of a held lock live in the guard each refresh gets, so one store (one
+//! connection, one pub/sub listener) can serve any number of coordinators.
 //!
 //! ## Deployments
 //!
@@ -73,6 +75,22 @@
 //! double spend into a failed refresh and a re-login, never into two live token
 //! families.
 //!
+//! ## Push: a new token reaches every replica at once
+//!
+//! A coordinator built with a [`RedisStore`] registers with it
+//! ([`tokenflight::TokenStore::watch`]). Every save announces the new token's
+//! *generation* on the store's channel (`<prefix>events`) — never the token: secrets
+//! do not travel over pub/sub. Each store that has live watchers then reads the record
+//! once (`GET`) and hands it to them; a coordinator adopts it if it is usable and newer
+//! than its own (never over a login it has not saved yet), without the lock and
+//! without calling its token source. So the rest of the fleet has a refreshed token
+//! within about one round trip of its save, and its Redis work per refresh is one
+//! `GET` per replica, whatever the size of the fleet. A burst of announcements while a
+//! read is in progress costs one more read, not one per message; after every
+//! (re)subscription — a Redis restart, a failover — each store reads once to catch up
+//! with saves it may have missed. Push is a shortcut, not a dependency: a coordinator
+//! that missed it reads the store at its own refresh-ahead, as without push.
+//!
 //! ## When Redis is unreachable
 //!
 //! A replica that cannot reach Redis degrades to a local single flight: callers in the
@@ -119,11 +137,15 @@
 mod config;
 mod conn;
 mod events;
+mod inner;
 mod io;
 mod lock;
+mod ops;
 mod scripts;
+mod settings;
 mod store;
 mod wire;
 
-pub use config::{RedisStoreBuilder, ReplicaAck};
+pub use config::RedisStoreBuilder;
+pub use settings::ReplicaAck;
 pub use store::RedisStore;

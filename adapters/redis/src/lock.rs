@@ -5,21 +5,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenflight::StoreError;
+use futures_util::future::BoxFuture;
+use tokenflight::{StoreError, StoreGuard, Token, record};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conn::reply;
-use crate::io::{bounded, redis_error, unavailable};
+use crate::inner::Inner;
+use crate::io::{bounded, on_runtime, redis_error, unavailable};
+use crate::ops;
 use crate::scripts::{ACQUIRE, RELEASE, RENEW, RENEW_SOURCE, eval};
-use crate::store::{Inner, wait};
-use crate::wire::millis;
+use crate::wire::{millis, wait};
 
-/// The guard inside a [`tokenflight::StoreLock`] from a [`crate::RedisStore`].
+/// The guard a [`crate::RedisStore`] hands out: the lock's unique value (the fence its
+/// load and save are checked against) and the task renewing its lease. Each guard
+/// carries its own, so any number of coordinators can share one store.
 ///
 /// Dropping it stops the renewal and releases the lock in the background (best effort;
-/// otherwise the lease lapses). [`tokenflight::TokenStore::unlock`] releases it and
-/// waits for the answer.
+/// otherwise the lease lapses). [`StoreGuard::unlock`] releases it and waits for the
+/// answer.
 pub(crate) struct RedisLock {
     value: String,
     inner: Arc<Inner>,
@@ -28,16 +32,10 @@ pub(crate) struct RedisLock {
 }
 
 impl RedisLock {
-    /// The unique value this holder wrote under the lock key.
-    pub(crate) fn value(&self) -> &str {
-        &self.value
-    }
-
     /// Releases the lock and waits for Redis to confirm (compare-and-delete).
     pub(crate) fn release(mut self) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.released = true;
         self.stop_renewal();
-        self.inner.forget_held(&self.value);
         let inner = Arc::clone(&self.inner);
         let value = self.value.clone();
         async move { release_or_retry(&inner, value).await }
@@ -54,7 +52,6 @@ impl Drop for RedisLock {
     fn drop(&mut self) {
         self.stop_renewal();
         if !self.released {
-            self.inner.forget_held(&self.value);
             let inner = Arc::clone(&self.inner);
             let value = self.value.clone();
             self.inner.runtime.spawn(async move {
@@ -63,6 +60,58 @@ impl Drop for RedisLock {
                 }
             });
         }
+    }
+}
+
+impl StoreGuard for RedisLock {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let value = self.value.clone();
+        Box::pin(async move {
+            let result = on_runtime(
+                &inner.runtime.clone(),
+                ops::load_fenced(Arc::clone(&inner), value),
+            )
+            .await;
+            inner.observe(&result);
+            result
+        })
+    }
+
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let value = self.value.clone();
+        let encoded = record::encode(token);
+        let generation = token.generation();
+        Box::pin(async move {
+            let encoded = encoded?;
+            inner.push.saving(generation);
+            let result = on_runtime(
+                &inner.runtime.clone(),
+                ops::save_fenced(Arc::clone(&inner), encoded, generation, value),
+            )
+            .await;
+            inner.observe(&result);
+            // This store's other watchers get it now, without a read; its own
+            // announcement on the channel costs nothing.
+            inner.push.saved(token, result.is_ok());
+            result
+        })
+    }
+
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        let inner = Arc::clone(&self.inner);
+        let release = (*self).release();
+        Box::pin(async move {
+            match on_runtime(&inner.runtime, release).await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "releasing the refresh lock failed; trying again in the background"
+                ),
+            }
+        })
     }
 }
 
@@ -159,7 +208,6 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
                     return Err(error);
                 }
             }
-            inner.remember_held(&value);
             let renewal = settings.renew_every.map(|every| {
                 inner
                     .runtime

@@ -57,8 +57,8 @@ return 0
 /// [`RENEW_SOURCE`] as a script (EVALSHA, falling back to EVAL).
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_SOURCE));
 
-/// The fenced save: writes the token only if (a) the caller still holds the lock (when
-/// it says it does) and (b) the stored token is older. Both checks and the write are
+/// The fenced save: writes the token only if (a) the caller still holds the lock and
+/// (b) the stored token is older. Both checks and the write are
 /// one atomic step, so a holder whose lease lapsed cannot overwrite a newer token.
 ///
 /// Saving the very record that is stored already succeeds (a save whose replica
@@ -67,10 +67,13 @@ pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_S
 /// A stored value that cannot be decoded counts as generation 0: a save (typically a
 /// new login) repairs it.
 ///
-/// KEYS: token, lock. ARGV: our lock value or "" (no lock), generation, record,
-/// channel. Returns "ok", "lease_lost" or "newer".
+/// The record is a [`tokenflight::record`]: its top-level `generation` is what the
+/// script compares (RedisStore's records from before the shared format have it there too).
+///
+/// KEYS: token, lock. ARGV: our lock value, generation, record, channel. Returns "ok",
+/// "lease_lost" or "newer".
 pub(crate) const SAVE_SOURCE: &str = r"
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 'lease_lost'
 end
 local current = redis.call('GET', KEYS[1])

@@ -53,7 +53,7 @@ fn the_store_works_from_async_std_with_a_tokio_handle() {
         let store = build();
         assert_eq!(store.load().await.unwrap().map(|t| t.generation()), Some(1));
         let lock = store.lock().await.unwrap();
-        store.unlock(lock).await;
+        lock.unlock().await;
     });
     assert_eq!(
         calls.load(Ordering::SeqCst),

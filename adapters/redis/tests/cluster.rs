@@ -3,13 +3,15 @@
 //! fleet's promise holds through a cluster connection, and pub/sub wake-ups reach
 //! replicas subscribed on other nodes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 mod common;
 
 use common::deployments::{Cluster, cli};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
-use tokenflight::{StoreError, Token, TokenStore};
+use tokenflight::{Builder, RefreshError, StoreError, StoreWatcher, Token, TokenStore, from_fn};
 use tokenflight_redis::{RedisStore, ReplicaAck};
 
 const WORKER: &str = "cluster_fleet_worker";
@@ -91,16 +93,95 @@ async fn a_waiter_on_another_node_is_woken_by_pubsub_across_the_cluster() {
         )
         .contains("\n1")
     });
-    a.save(&Token::new("x").with_generation(2), Some(&held))
+    held.save(&Token::new("x").with_generation(2))
         .await
         .unwrap();
-    a.unlock(held).await;
+    held.unlock().await;
     let (b, result) = tokio::time::timeout(Duration::from_secs(20), waiting)
         .await
         .expect("b was woken by pub/sub well before its 30 s poll")
         .unwrap();
     result.unwrap();
     assert_eq!(b.load().await.unwrap().unwrap().generation(), 2);
+}
+
+/// Issue 20: a save on the cluster is pushed to coordinators whose stores subscribe
+/// through other nodes; each reads the record once (routed to the slot's owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_is_pushed_to_coordinators_subscribed_on_other_nodes() {
+    struct Signal(usize, tokio::sync::mpsc::UnboundedSender<(usize, u64)>);
+    impl StoreWatcher for Signal {
+        fn token_saved(&self, token: Token) {
+            let _ = self.1.send((self.0, token.generation()));
+        }
+    }
+    let cluster = Cluster::start();
+    let urls = cluster.urls();
+    let store = |first: usize| {
+        let mut nodes = urls.clone();
+        nodes.rotate_left(first);
+        RedisStore::cluster(nodes)
+            .key_prefix("{push}:")
+            .replica_ack(ReplicaAck::None)
+            .build()
+            .unwrap()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let calls = Arc::new(AtomicU64::new(0));
+    let mut flights = Vec::new();
+    let mut signals = Vec::new();
+    for node in 0..3 {
+        let s = store(node);
+        let counted = calls.clone();
+        flights.push(
+            Builder::new()
+                .store(s.clone())
+                .source(from_fn(move |_cx| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { Err(RefreshError::transient("not expected in this test")) }
+                }))
+                .build_flight()
+                .unwrap(),
+        );
+        // After the coordinator: called once it has adopted the token.
+        let signal: Arc<dyn StoreWatcher> = Arc::new(Signal(node, tx.clone()));
+        s.watch(Arc::downgrade(&signal) as Weak<dyn StoreWatcher>);
+        signals.push(signal);
+    }
+    // Every store is subscribed (one subscriber per node) before the save.
+    for node in 0..3 {
+        common::deployments::wait_until("subscribed", || {
+            cli(
+                cluster.nodes[node].port,
+                &["PUBSUB", "NUMSUB", "{push}:events"],
+            )
+            .contains("\n1")
+        });
+    }
+    let saver = store(0);
+    let token = Token::new("pushed")
+        .expires_in(Duration::from_secs(3600), std::time::SystemTime::now())
+        .with_generation(7);
+    tokenflight_tests::save_locked(&saver, &token)
+        .await
+        .unwrap();
+    let mut missing = vec![0, 1, 2];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !missing.is_empty() {
+            let (node, generation) = rx.recv().await.unwrap();
+            if generation == 7 {
+                missing.retain(|n| *n != node);
+            }
+        }
+    })
+    .await
+    .expect("the push reached every coordinator");
+    for flight in &flights {
+        let current = flight.current().unwrap();
+        assert_eq!(current.generation(), 7);
+        assert_eq!(current.access().expose(), "pushed");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

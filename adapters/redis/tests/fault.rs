@@ -52,7 +52,7 @@ async fn redis_killed_mid_run_gives_typed_errors_and_the_fleet_recovers_after_re
         SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
     ));
     let seed = builder(&server).connect().await.unwrap();
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
 
@@ -92,7 +92,7 @@ async fn redis_killed_mid_run_gives_typed_errors_and_the_fleet_recovers_after_re
         guarded("waiter", waiting).await.unwrap(),
         Err(StoreError::Unavailable(_))
     ));
-    guarded("unlock with redis down", holder.unlock(held)).await;
+    guarded("unlock with redis down", held.unlock()).await;
     assert!(matches!(
         guarded("load", seed.load()).await,
         Err(StoreError::Unavailable(_))

@@ -13,7 +13,7 @@ use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use futures::future::BoxFuture;
 use tokenflight::{
-    Backoff, Builder, Clock, ManualClock, SingleFlight, StoreError, StoreLock, Token, TokenStore,
+    Backoff, Builder, Clock, ManualClock, SingleFlight, StoreError, StoreGuard, Token, TokenStore,
     from_fn,
 };
 use tokenflight_redis::RedisStore;
@@ -35,14 +35,17 @@ enum Phase {
     Save,
 }
 
-/// A `RedisStore` whose first `load` or `save` under the lock parks until the test lets
-/// it go: the holder "stalls" at that point while keeping (or, without renewal, losing)
-/// the lock. (A load before the lock, the coordinator's unlocked read, never stalls.)
+/// The holder's side of the stall: "I stalled" and "go on", taken by the first stall.
+type SharedGate = Arc<Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>>;
+
+/// A `RedisStore` whose first `load` or `save` under the lock (through a guard) parks
+/// until the test lets it go: the holder "stalls" at that point while keeping (or,
+/// without renewal, losing) the lock. (The store's own `load`, the coordinator's
+/// unlocked read, never stalls.)
 struct StallingStore {
     inner: RedisStore,
     phase: Phase,
-    locked: std::sync::atomic::AtomicBool,
-    gate: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    gate: SharedGate,
 }
 
 /// The test's side of the gate: learn that the holder stalled, then let it go.
@@ -58,14 +61,38 @@ impl StallingStore {
         let store = StallingStore {
             inner,
             phase,
-            locked: std::sync::atomic::AtomicBool::new(false),
-            gate: Mutex::new(Some((stalled_tx, resume_rx))),
+            gate: Arc::new(Mutex::new(Some((stalled_tx, resume_rx)))),
         };
         (store, Stall { stalled, resume })
     }
+}
 
+impl TokenStore for StallingStore {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        Box::pin(async move {
+            let guard: Box<dyn StoreGuard> = Box::new(StallingGuard {
+                inner: self.inner.lock().await?,
+                phase: self.phase,
+                gate: Arc::clone(&self.gate),
+            });
+            Ok(guard)
+        })
+    }
+}
+
+struct StallingGuard {
+    inner: Box<dyn StoreGuard>,
+    phase: Phase,
+    gate: SharedGate,
+}
+
+impl StallingGuard {
     async fn maybe_stall(&self, phase: Phase) {
-        if phase != self.phase || !self.locked.load(std::sync::atomic::Ordering::SeqCst) {
+        if phase != self.phase {
             return;
         }
         let gate = self.gate.lock().unwrap().take();
@@ -76,7 +103,7 @@ impl StallingStore {
     }
 }
 
-impl TokenStore for StallingStore {
+impl StoreGuard for StallingGuard {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         Box::pin(async move {
             self.maybe_stall(Phase::Load).await;
@@ -84,27 +111,15 @@ impl TokenStore for StallingStore {
         })
     }
 
-    fn save<'a>(
-        &'a self,
-        token: &'a Token,
-        lock: Option<&'a StoreLock>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.maybe_stall(Phase::Save).await;
-            self.inner.save(token, lock).await
+            self.inner.save(token).await
         })
     }
 
-    fn lock(&self) -> BoxFuture<'_, Result<StoreLock, StoreError>> {
-        Box::pin(async move {
-            let lock = self.inner.lock().await?;
-            self.locked.store(true, std::sync::atomic::Ordering::SeqCst);
-            Ok(lock)
-        })
-    }
-
-    fn unlock(&self, lock: StoreLock) -> BoxFuture<'_, ()> {
-        self.inner.unlock(lock)
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.inner.unlock()
     }
 }
 
@@ -136,7 +151,7 @@ async fn seed_expired(server: &RedisServer, prefix: &str, issuer: &Issuer, clock
         .connect()
         .await
         .unwrap();
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
     clock.advance(LIFETIME);

@@ -156,7 +156,7 @@ async fn a_failover_while_the_holder_refreshes_loses_neither_its_lock_nor_its_to
         SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
     ));
     let seed = store(&set, "{mid}:");
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
     clock.advance(LIFETIME);
@@ -275,7 +275,7 @@ async fn without_replica_acknowledgement_a_failover_before_the_lock_replicates_l
         SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
     ));
     let seed = unacknowledged(&set);
-    seed.save(&issuer.login(clock.now()).with_generation(1), None)
+    tokenflight_tests::save_locked(&seed, &issuer.login(clock.now()).with_generation(1))
         .await
         .unwrap();
     clock.advance(LIFETIME);

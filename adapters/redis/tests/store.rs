@@ -1,7 +1,7 @@
 //! The store on a real Redis: lock exclusivity across connections, compare-and-delete
 //! release, the fenced save and load, pub/sub wake-up, polling fallback, bounded waits,
 //! corrupt values, and one flight shared by coordinators that each have their own
-//! connection.
+//! connection or all share one store.
 
 mod common;
 
@@ -69,7 +69,7 @@ async fn lock_is_exclusive_across_connections_and_the_wait_is_bounded() {
         "b did not touch a's lock"
     );
 
-    guarded("unlock a", a.unlock(held)).await;
+    guarded("unlock a", held.unlock()).await;
     assert_eq!(lock_holder(&server, "t1:").await, None, "released");
     let b_held = guarded("lock b again", b.lock()).await.unwrap();
     assert!(lock_holder(&server, "t1:").await.is_some());
@@ -78,7 +78,7 @@ async fn lock_is_exclusive_across_connections_and_the_wait_is_bounded() {
         holder,
         "a new, unique value"
     );
-    guarded("unlock b", b.unlock(b_held)).await;
+    guarded("unlock b", b_held.unlock()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +106,7 @@ async fn release_is_compare_and_delete_and_lapsed_leases_free_the_lock() {
     assert!(b_value.is_some());
 
     // a releases late: compare-and-delete leaves b's lock alone.
-    guarded("unlock stale a", a.unlock(stale)).await;
+    guarded("unlock stale a", stale.unlock()).await;
     assert_eq!(
         lock_holder(&server, "t2:").await,
         b_value,
@@ -117,7 +117,7 @@ async fn release_is_compare_and_delete_and_lapsed_leases_free_the_lock() {
         Err(StoreError::LockTimeout)
     ));
 
-    guarded("unlock b", b.unlock(b_held)).await;
+    guarded("unlock b", b_held.unlock()).await;
     let c_held = guarded("lock c after b", c.lock()).await.unwrap();
     drop(c_held); // dropping the guard releases in the background
     let released = guarded("lock b after c's guard dropped", b.lock()).await;
@@ -137,26 +137,31 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
 
     let a_lock = guarded("lock a", a.lock()).await.unwrap();
     // a reads while it still holds the lock: fine.
-    assert_eq!(guarded("load a", a.load()).await.unwrap(), None);
+    assert_eq!(guarded("load a", a_lock.load()).await.unwrap(), None);
 
     // a stalls past its lease; b takes over and saves generation 5.
     let b_lock = guarded("lock b", b.lock()).await.unwrap();
     let b_token = Token::new("from-b").with_refresh("r-b").with_generation(5);
-    guarded("save b", b.save(&b_token, Some(&b_lock)))
-        .await
-        .unwrap();
+    guarded("save b", b_lock.save(&b_token)).await.unwrap();
 
-    // a wakes up: its load is fenced (it must not go on to spend a refresh token) ...
+    // a wakes up: its guard's load is fenced (it must not go on to spend a refresh
+    // token) ...
     assert!(matches!(
-        guarded("load stale a", a.load()).await,
+        guarded("load stale a", a_lock.load()).await,
         Err(StoreError::LeaseLost)
     ));
+    // ... while the store's unlocked read (the coordinator's reload after a lost lease)
+    // sees b's token.
+    assert_eq!(
+        guarded("unlocked load a", a.load()).await.unwrap(),
+        Some(b_token.clone())
+    );
     // ... and its saves are refused, whatever generation they claim.
     for generation in [5, 6, 100] {
         let stale = Token::new("from-a").with_generation(generation);
         assert!(
             matches!(
-                guarded("save stale a", a.save(&stale, Some(&a_lock))).await,
+                guarded("save stale a", a_lock.save(&stale)).await,
                 Err(StoreError::LeaseLost)
             ),
             "generation {generation}"
@@ -167,30 +172,23 @@ async fn fenced_save_refuses_a_lapsed_holder_and_never_overwrites_a_newer_token(
         Some(b_token.clone())
     );
 
-    // The holder itself cannot write an older or equal generation either (an install
-    // may have stored a newer token meanwhile).
-    let installed = Token::new("login").with_generation(9);
-    guarded("install", b.save(&installed, None)).await.unwrap();
-    let older = Token::new("older").with_generation(7);
-    assert!(matches!(
-        guarded("save older", b.save(&older, Some(&b_lock))).await,
-        Err(StoreError::LeaseLost)
-    ));
-    assert!(matches!(
-        guarded("install older", b.save(&older, None)).await,
-        Err(StoreError::Other(_))
-    ));
-    assert_eq!(guarded("load", b.load()).await.unwrap(), Some(installed));
-
-    // a lock that is not a RedisStore's is refused, not trusted.
-    let foreign = tokenflight::StoreLock::none();
-    let newest = Token::new("n").with_generation(50);
-    assert!(matches!(
-        guarded("save foreign", b.save(&newest, Some(&foreign))).await,
-        Err(StoreError::Other(_))
-    ));
-    guarded("unlock a", a.unlock(a_lock)).await;
-    guarded("unlock b", b.unlock(b_lock)).await;
+    // The holder itself cannot write an older or equal generation either (a token
+    // saved meanwhile is never overwritten by an older one).
+    let newer = Token::new("newer").with_generation(9);
+    guarded("save newer", b_lock.save(&newer)).await.unwrap();
+    for generation in [7, 9] {
+        let older = Token::new("older").with_generation(generation);
+        assert!(
+            matches!(
+                guarded("save older", b_lock.save(&older)).await,
+                Err(StoreError::LeaseLost)
+            ),
+            "generation {generation}"
+        );
+    }
+    assert_eq!(guarded("load", b.load()).await.unwrap(), Some(newer));
+    guarded("unlock a", a_lock.unlock()).await;
+    guarded("unlock b", b_lock.unlock()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,10 +234,9 @@ async fn a_waiter_is_woken_by_pubsub_not_by_polling() {
         script_calls(&mut con).await > sets_before,
         "b tried the lock"
     );
-    a.unlock(held).await;
-    let (b, lock) = guarded("b woken by pub/sub", waiter).await.unwrap();
-    let lock = lock.unwrap();
-    b.unlock(lock).await;
+    held.unlock().await;
+    let (_b, lock) = guarded("b woken by pub/sub", waiter).await.unwrap();
+    lock.unwrap().unlock().await;
 }
 
 /// How many SET commands the server has run (INFO commandstats).
@@ -290,7 +287,7 @@ async fn unreachable_redis_is_a_prompt_unavailable_error() {
     ));
     let token = Token::new("x").with_generation(1);
     assert!(matches!(
-        guarded("save", store.save(&token, None)).await,
+        guarded("save", tokenflight_tests::save_locked(&store, &token)).await,
         Err(StoreError::Unavailable(_))
     ));
 }
@@ -316,39 +313,47 @@ async fn c13_a_corrupt_value_is_a_typed_error_and_a_login_repairs_it() {
 
     let _: () = con.set("{t5:}token", "garbage").await.unwrap();
     let login = Token::new("fresh").with_generation(1);
-    guarded("save over garbage", s.save(&login, None))
-        .await
-        .unwrap();
+    guarded(
+        "save over garbage",
+        tokenflight_tests::save_locked(&s, &login),
+    )
+    .await
+    .unwrap();
     assert_eq!(guarded("load", s.load()).await.unwrap(), Some(login));
     assert!(!format!("{s:?}").contains(&server.url()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_expiry() {
-    let server = RedisServer::start();
+/// Eight coordinators on `stores` (one per coordinator, or the same store for all)
+/// through five expiries: one source call per expiry, no refresh token spent twice,
+/// every coordinator on the newest generation, the other seven adopted it.
+async fn eight_coordinators_make_one_refresh_per_expiry(
+    server: &RedisServer,
+    prefix: &str,
+    stores: Vec<RedisStore>,
+) {
     let issuer = Issuer::new();
     let clock = Arc::new(ManualClock::new(
         SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
     ));
-    let seed = store(&server, "t6:").connect().await.unwrap();
+    let seed = store(server, prefix).connect().await.unwrap();
     let login = issuer
         .login(tokenflight::Clock::now(&*clock))
         .with_generation(1);
-    seed.save(&login, None).await.unwrap();
+    tokenflight_tests::save_locked(&seed, &login).await.unwrap();
 
-    let mut flights = Vec::new();
-    for _ in 0..8 {
-        let s = store(&server, "t6:").connect().await.unwrap();
-        flights.push(
+    let flights: Vec<_> = stores
+        .into_iter()
+        .map(|s| {
             Builder::new()
                 .store(s)
                 .source(issuer.source())
                 .clock(clock.clone())
                 .refresh_ahead(None)
                 .build_flight()
-                .unwrap(),
-        );
-    }
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(flights.len(), 8);
     for cycle in 1..=5u64 {
         clock.advance(LIFETIME);
         let results = guarded(
@@ -365,12 +370,114 @@ async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_exp
             "cycle {cycle}: {generations:?}"
         );
         assert_eq!(issuer.calls(), cycle, "one refresh per expiry");
+        assert_eq!(
+            seed.load().await.unwrap().map(|t| t.generation()),
+            Some(cycle + 1),
+            "saved before it was handed out"
+        );
     }
     assert_eq!(issuer.reuses(), 0);
-    let adopted: u64 = flights.iter().map(|f| f.stats().adopted).sum();
+    // The other seven took the stored token each cycle (read, or pushed by the store).
+    let fetched: u64 = flights.iter().map(|f| f.stats().source_calls).sum();
+    assert_eq!(fetched, 5, "one source call per cycle in the whole fleet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_coordinators_with_their_own_connections_share_one_refresh_per_expiry() {
+    let server = RedisServer::start();
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(store(&server, "t6:").connect().await.unwrap());
+    }
+    eight_coordinators_make_one_refresh_per_expiry(&server, "t6:", stores).await;
+}
+
+/// Issue 15: the lease lives in the guard, so one store (one connection, one listener)
+/// serves eight coordinators with the same fleet contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_coordinators_sharing_one_store_share_one_refresh_per_expiry() {
+    let server = RedisServer::start();
+    let shared = store(&server, "t7:").connect().await.unwrap();
+    let stores = std::iter::repeat_n(shared, 8).collect();
+    eight_coordinators_make_one_refresh_per_expiry(&server, "t7:", stores).await;
+}
+
+/// Two holders in turn on ONE store: each guard is fenced on its own lease. (With the
+/// lease kept in the store, the second lock would have made the first holder's fenced
+/// load pass.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_of_one_store_are_fenced_each_on_its_own_lease() {
+    let server = RedisServer::start();
+    let shared = store(&server, "t8:")
+        .lease(Duration::from_millis(200))
+        .renew_every(None)
+        .connect()
+        .await
+        .unwrap();
+    let first = guarded("lock first", shared.lock()).await.unwrap();
+    // first's lease lapses while it is parked; second takes the lock on the same store.
+    let second = guarded("lock second", shared.lock()).await.unwrap();
+    assert!(matches!(
+        guarded("load first", first.load()).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert_eq!(guarded("load second", second.load()).await.unwrap(), None);
+    let theirs = Token::new("second").with_generation(2);
+    guarded("save second", second.save(&theirs)).await.unwrap();
+    let stale = Token::new("first").with_generation(3);
+    assert!(matches!(
+        guarded("save first", first.save(&stale)).await,
+        Err(StoreError::LeaseLost)
+    ));
+    // first's late release is compare-and-delete: second keeps the lock.
+    let holder = lock_holder(&server, "t8:").await;
+    guarded("unlock first", first.unlock()).await;
+    assert_eq!(lock_holder(&server, "t8:").await, holder);
+    guarded("unlock second", second.unlock()).await;
+    assert_eq!(lock_holder(&server, "t8:").await, None);
+    assert_eq!(guarded("load", shared.load()).await.unwrap(), Some(theirs));
+}
+
+/// Records RedisStore wrote before the shared record format (`v`, `expires_at_ms`)
+/// still load; the next save writes the shared format, and the save script still reads
+/// the old record's generation (a save below it is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_before_the_shared_format_still_load() {
+    let server = RedisServer::start();
+    let s = store(&server, "t9:").connect().await.unwrap();
+    let mut con = raw(&server).await;
+    let old = r#"{"v":1,"generation":5,"access":"acc","refresh":"ref","expires_at_ms":1700000000123,"obtained_at_ms":1699999940123}"#;
+    let _: () = con.set("{t9:}token", old).await.unwrap();
+    let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    let loaded = guarded("load old", s.load()).await.unwrap().unwrap();
     assert_eq!(
-        adopted,
-        7 * 5,
-        "the other seven adopted the stored token each cycle"
+        loaded,
+        Token::new("acc")
+            .with_refresh("ref")
+            .expires_at(at(1_700_000_000_123))
+            .obtained_at(at(1_699_999_940_123))
+            .with_generation(5)
     );
+    let guard = guarded("lock", s.lock()).await.unwrap();
+    assert_eq!(
+        guarded("guard load old", guard.load()).await.unwrap(),
+        Some(loaded)
+    );
+    assert!(matches!(
+        guarded(
+            "save below the old record",
+            guard.save(&Token::new("x").with_generation(4))
+        )
+        .await,
+        Err(StoreError::LeaseLost)
+    ));
+    let newer = Token::new("new").with_generation(6);
+    guarded("save", guard.save(&newer)).await.unwrap();
+    guarded("unlock", guard.unlock()).await;
+    let raw_value: String = con.get("{t9:}token").await.unwrap();
+    assert!(
+        raw_value.starts_with(r#"{"format":2,"generation":6,"#),
+        "{raw_value}"
+    );
+    assert_eq!(guarded("load new", s.load()).await.unwrap(), Some(newer));
 }

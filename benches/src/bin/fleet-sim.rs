@@ -4,23 +4,81 @@
 //! testkit's authorization server (rotating refresh tokens, reuse detection) with short
 //! tokens. Every replica asks for a token every `--tick-ms`; after a warm-up the bin
 //! counts Redis commands (`INFO commandstats`), token-endpoint calls, refresh-token
-//! reuse, and how long after a token's first appearance the last replica holds it.
+//! reuse, and the adoption latency: from the save of a new token (the saving store
+//! hands it to its own watchers when Redis confirms the save) to the moment the last
+//! replica's coordinator holds it (each replica's store pushes it to the coordinator,
+//! then to this bin's watcher registered after it — so the watcher's time is the
+//! adoption's). The time until each replica's next `token()` returned it is reported
+//! too (it includes up to one tick).
 //!
 //! `cargo run --release -p tokenflight-benches --bin fleet-sim -- REPLICAS [SECONDS]`
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Builder, Token, TokenStore, Transport};
+use tokenflight::{Builder, SingleFlight, StoreWatcher, Token, TokenStore, Transport};
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::BareTransport;
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 /// Token lifetime: short, so a run sees several refresh cycles.
 const LIFETIME: Duration = Duration::from_secs(3);
+
+/// Per generation, when each replica's store handed it over (after its coordinator).
+type Pushed = Arc<Mutex<BTreeMap<u64, Vec<Option<Instant>>>>>;
+
+/// This bin's watcher on one replica's store, registered after the coordinator's: when
+/// it is called, the coordinator has adopted the token (or ignored it as its own).
+struct Recorder {
+    index: usize,
+    replicas: usize,
+    flight: SingleFlight,
+    pushed: Pushed,
+    /// Pushes the coordinator did not hold afterwards (should be the saver's only).
+    missed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StoreWatcher for Recorder {
+    fn token_saved(&self, token: Token) {
+        let at = Instant::now();
+        let generation = token.generation();
+        if self
+            .flight
+            .current()
+            .is_none_or(|t| t.generation() < generation)
+        {
+            self.missed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut pushed = self.pushed.lock().expect("pushed");
+        let row = pushed
+            .entry(generation)
+            .or_insert_with(|| vec![None; self.replicas]);
+        row[self.index].get_or_insert(at);
+    }
+}
+
+/// `FLEET_PUSH=0`: the store without its push (as before issue 20's push), to compare.
+struct NoPush(RedisStore);
+
+impl TokenStore for NoPush {
+    fn load(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::StoreError>> {
+        self.0.load()
+    }
+    fn lock(
+        &self,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<Box<dyn tokenflight::StoreGuard>, tokenflight::StoreError>,
+    > {
+        self.0.lock()
+    }
+}
 
 struct Redis(Child, u16);
 
@@ -112,6 +170,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let replicas: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);
+    let push = std::env::var("FLEET_PUSH").map_or(true, |v| v != "0");
     let tick = Duration::from_millis(
         std::env::var("FLEET_TICK_MS")
             .ok()
@@ -128,7 +187,50 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let url = format!("redis://127.0.0.1:{port}");
 
-    // The login, stored once for the whole fleet (already obtained now).
+    // first_seen[generation][replica] = when that replica first held it.
+    let seen: Arc<Mutex<BTreeMap<u64, Vec<Instant>>>> = Arc::default();
+    let transport: Arc<dyn Transport> = Arc::new(BareTransport::default());
+    let pushed: Pushed = Arc::default();
+    let missed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut recorders = Vec::with_capacity(replicas);
+    let flights = rt.block_on(async {
+        let mut flights = Vec::with_capacity(replicas);
+        for index in 0..replicas {
+            let store = RedisStore::builder(url.as_str())
+                .connect()
+                .await
+                .expect("a replica's redis connection");
+            let grant =
+                RefreshTokenGrant::new(transport.clone(), &server.token_url(), &server.client_id())
+                    .expect("grant")
+                    .client_secret(server.client_secret());
+            let builder = if push {
+                Builder::new().store(store.clone())
+            } else {
+                Builder::new().store(NoPush(store.clone()))
+            };
+            let flight = builder.source(grant).build_flight().expect("a coordinator");
+            // After the coordinator's own registration: called after it adopted.
+            let recorder: Arc<dyn StoreWatcher> = Arc::new(Recorder {
+                index,
+                replicas,
+                flight: flight.clone(),
+                pushed: pushed.clone(),
+                missed: missed.clone(),
+            });
+            // Without push the store reads nothing for nobody (the figures stay those
+            // of the store without push); the token-call spread is the adoption then.
+            if push {
+                store.watch(Arc::downgrade(&recorder) as Weak<dyn StoreWatcher>);
+            }
+            recorders.push(recorder);
+            flights.push(flight);
+        }
+        flights
+    });
+    // The login, stored once for the whole fleet (obtained now) after the replicas
+    // connected — 1,000 connections take long enough that an older login would be in
+    // every replica's refresh-ahead window at the start.
     let (access, _) = server.issue_access_token();
     let login = Token::new(access)
         .with_refresh(server.issue_refresh_token())
@@ -139,34 +241,16 @@ fn main() {
             .connect()
             .await
             .expect("redis");
-        seed.save(&login, None).await.expect("seed save");
+        // Saved under the lock, which also puts the lock's scripts into Redis's script
+        // cache, so the first cycle's NOSCRIPT/SCRIPT LOAD are not counted as the
+        // fleet's work.
+        let guard = seed.lock().await.expect("seed lock");
+        let _ = guard.load().await;
+        guard.save(&login).await.expect("seed save");
+        guard.unlock().await;
         seed
     });
-
-    // first_seen[generation][replica] = when that replica first held it.
-    let seen: Arc<Mutex<BTreeMap<u64, Vec<Instant>>>> = Arc::default();
-    let transport: Arc<dyn Transport> = Arc::new(BareTransport::default());
-    let flights = rt.block_on(async {
-        let mut flights = Vec::with_capacity(replicas);
-        for _ in 0..replicas {
-            let store = RedisStore::builder(url.as_str())
-                .connect()
-                .await
-                .expect("a replica's redis connection");
-            let grant =
-                RefreshTokenGrant::new(transport.clone(), &server.token_url(), &server.client_id())
-                    .expect("grant")
-                    .client_secret(server.client_secret());
-            flights.push(
-                Builder::new()
-                    .store(store)
-                    .source(grant)
-                    .build_flight()
-                    .expect("a coordinator"),
-            );
-        }
-        flights
-    });
+    let saved_at = Instant::now();
     // Warm-up: everybody has the login (connections, script loads, first reads done).
     rt.block_on(async {
         for f in &flights {
@@ -176,6 +260,11 @@ fn main() {
     server.reset_counters();
     cli(port, &["CONFIG", "RESETSTAT"]);
     let started = Instant::now();
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        eprintln!("login age at start: {:?}", started - saved_at);
+    }
+    pushed.lock().expect("pushed").clear();
+    missed.store(0, std::sync::atomic::Ordering::Relaxed);
     let until = started + Duration::from_secs(seconds);
 
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -212,6 +301,20 @@ fn main() {
         }
     });
     let (commands, by) = commandstats(port);
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        let sum = |f: fn(&tokenflight::Stats) -> u64| -> u64 {
+            flights.iter().map(|fl| f(&fl.stats())).sum()
+        };
+        eprintln!(
+            "flights={} adopted={} pushed={} coalesced={} source_calls={} ran_for={:?}",
+            sum(|s| s.flights),
+            sum(|s| s.adopted),
+            sum(|s| s.pushed),
+            sum(|s| s.coalesced),
+            sum(|s| s.source_calls),
+            started.elapsed()
+        );
+    }
     let counters = server.counters();
     drop(seed);
 
@@ -226,12 +329,44 @@ fn main() {
         }
     }
     spread.sort();
+    // Save → last replica's coordinator holds it, for generations every replica got.
+    let pushed = pushed.lock().expect("pushed");
+    let mut latency: Vec<Duration> = pushed
+        .values()
+        .filter_map(|row| {
+            let times: Option<Vec<Instant>> = row.iter().copied().collect();
+            let times = times?;
+            let first = times.iter().min()?;
+            let last = times.iter().max()?;
+            Some(*last - *first)
+        })
+        .collect();
+    latency.sort();
+    if std::env::var_os("FLEET_DEBUG").is_some() {
+        for (generation, row) in pushed.iter() {
+            let times: Vec<Instant> = row.iter().flatten().copied().collect();
+            let first = times
+                .iter()
+                .min()
+                .map(|t| t.saturating_duration_since(started));
+            let last = times
+                .iter()
+                .max()
+                .map(|t| t.saturating_duration_since(started));
+            eprintln!(
+                "generation {generation}: got by {} first {first:?} last {last:?}",
+                times.len()
+            );
+        }
+    }
     let cycles = counters.refresh_token_calls.max(1);
     println!(
         "replicas={replicas} seconds={seconds} tick={tick:?} token_endpoint_calls={} refresh_calls={} \
          generations_seen={} complete_cycles={} reuse={} token_errors={} caller_errors={} \
          redis_commands={commands} per_replica_per_cycle={:.2} \
-         adoption_spread_p50={:?} adoption_spread_p99={:?} adoption_spread_max={:?}",
+         pushed_generations={} complete_pushes={} push_not_held={} \
+         adoption_latency_p50={:?} adoption_latency_p99={:?} adoption_latency_max={:?} \
+         token_call_spread_p50={:?} token_call_spread_p99={:?} token_call_spread_max={:?}",
         counters.token_calls,
         counters.refresh_token_calls,
         seen.len(),
@@ -240,6 +375,12 @@ fn main() {
         counters.token_errors,
         errors.load(std::sync::atomic::Ordering::Relaxed),
         commands as f64 / (replicas as f64 * cycles as f64),
+        pushed.len(),
+        latency.len(),
+        missed.load(std::sync::atomic::Ordering::Relaxed),
+        percentile(&latency, 0.5),
+        percentile(&latency, 0.99),
+        latency.last().copied().unwrap_or_default(),
         percentile(&spread, 0.5),
         percentile(&spread, 0.99),
         spread.last().copied().unwrap_or_default(),

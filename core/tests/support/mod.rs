@@ -346,3 +346,14 @@ impl FakeServer {
 
 /// An allocation-free check helper: a long-lived token.
 pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// Saves `token` the only way a store allows: under its lock (lock → save → unlock).
+pub async fn save_locked<S: tokenflight::TokenStore + ?Sized>(
+    store: &S,
+    token: &Token,
+) -> Result<(), tokenflight::StoreError> {
+    let guard = store.lock().await?;
+    let saved = guard.save(token).await;
+    guard.unlock().await;
+    saved
+}

@@ -233,7 +233,7 @@ impl Fleet {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let seed = rt.block_on(async {
             let seed = deployment.builder().connect().await.unwrap();
-            seed.save(&login, None).await.unwrap();
+            tokenflight_tests::save_locked(&seed, &login).await.unwrap();
             seed
         });
         server.reset_counters();
