@@ -13,7 +13,7 @@ use tracing::{Instrument, Span};
 use crate::error::Error;
 use crate::flight::SingleFlight;
 use crate::observe::{RequestAuthorized, RequestResent};
-use crate::policy::{AllowedOrigins, Classifier, Placement};
+use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
 use crate::token::Token;
@@ -39,6 +39,8 @@ pub enum AuthError<E> {
 pub struct Authenticator {
     flight: SingleFlight,
     policy: Arc<Policy>,
+    /// The token's header value, built once per token and shared by all clones.
+    header: Arc<HeaderCache>,
 }
 
 pub(crate) struct Policy {
@@ -61,6 +63,7 @@ impl fmt::Debug for Authenticator {
 impl Authenticator {
     pub(crate) fn new(flight: SingleFlight, policy: Policy) -> Self {
         Authenticator {
+            header: Arc::new(HeaderCache::new(&policy.placement)),
             flight,
             policy: Arc::new(policy),
         }
@@ -141,8 +144,15 @@ impl Authenticator {
             .authorize(options.force_refresh, &span)
             .instrument(span.clone())
             .await?;
-        let replay = request.try_clone();
-        self.policy.placement.attach(&mut request, &token)?;
+        // A copy to resend only if a response can reject the token at all.
+        let replay = if self.policy.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        };
+        self.policy
+            .placement
+            .attach_cached(&self.header, &mut request, &token)?;
         let response = send(request)
             .instrument(span.clone())
             .await
@@ -230,14 +240,16 @@ impl Authenticator {
     fn resend<Req: AuthRequest>(
         &self,
         replay: &mut Req,
-        token: &Token,
+        token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
         self.flight.count_retry();
         tracing::debug!(
             generation = token.generation(),
             "resending once with a newer token"
         );
-        self.policy.placement.attach(replay, token)
+        self.policy
+            .placement
+            .attach_cached(&self.header, replay, token)
     }
 
     /// Classifies `response`; returns it intact with the verdict. The body is read only
