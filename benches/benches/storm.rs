@@ -10,6 +10,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokenflight_benches::extras::Extras;
+use tokenflight_benches::peers::{ArrowTokenCache, RwLockRecheck, SmithyExpiringCache};
 use tokenflight_benches::storm::{
     AsyncSingleflight, Contender, Moka, MutexAcrossRefresh, SharedFloor, Tokenflight, release_time,
     waiter_memory,
@@ -80,6 +81,9 @@ fn storms(c: &mut Criterion) {
     record_memory::<Moka>(&mut extras, &runtime);
     record_memory::<AsyncSingleflight>(&mut extras, &runtime);
     record_memory::<MutexAcrossRefresh>(&mut extras, &runtime);
+    record_memory::<ArrowTokenCache>(&mut extras, &runtime);
+    record_memory::<SmithyExpiringCache>(&mut extras, &runtime);
+    record_memory::<RwLockRecheck>(&mut extras, &runtime);
     extras.save("storm");
 
     bench_contender::<SharedFloor>(c, &runtime);
@@ -87,6 +91,9 @@ fn storms(c: &mut Criterion) {
     bench_contender::<Moka>(c, &runtime);
     bench_contender::<AsyncSingleflight>(c, &runtime);
     bench_contender::<MutexAcrossRefresh>(c, &runtime);
+    bench_contender::<ArrowTokenCache>(c, &runtime);
+    bench_contender::<SmithyExpiringCache>(c, &runtime);
+    bench_contender::<RwLockRecheck>(c, &runtime);
 }
 
 fn main() {

@@ -1,5 +1,5 @@
 //! Shared code of tokenflight's benchmarks: the storm harness with its contenders
-//! (tokenflight and three peers), a poll-once helper for the fast path, and the
+//! (tokenflight, the bare-`Shared` floor and six peers), a poll-once helper for the fast path, and the
 //! hand-off of figures criterion cannot record (source calls, bytes per waiter,
 //! allocations per call) to `bench-report`, which prints the table of `BENCHMARKS.md`.
 //!
@@ -7,5 +7,6 @@
 //! `cargo run --release -p tokenflight-benches --bin bench-report`.
 
 pub mod extras;
+pub mod peers;
 pub mod poll;
 pub mod storm;

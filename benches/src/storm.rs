@@ -38,7 +38,8 @@ pub fn expired_token() -> Token {
     Token::new("expired-token").expires_at(past)
 }
 
-fn is_valid(token: &Token) -> bool {
+/// Valid now, without leeway (every contender checks the same way).
+pub fn is_valid(token: &Token) -> bool {
     !token.is_expired(SystemTime::now(), Duration::ZERO)
 }
 

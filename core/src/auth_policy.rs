@@ -15,7 +15,7 @@ use tracing::{Instrument, Span};
 use crate::error::Error;
 use crate::flight::SingleFlight;
 use crate::observe::{RequestAuthorized, RequestResent};
-use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
+use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement, SkipRoutes};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
 use crate::token::Token;
@@ -58,6 +58,8 @@ pub enum AuthError<E> {
 pub struct AuthPolicy {
     flight: SingleFlight,
     rules: Arc<Rules>,
+    /// The token's header value, built once per token and shared by all clones.
+    header: Arc<HeaderCache>,
 }
 
 /// What the policy decides besides the token itself.
@@ -83,6 +85,7 @@ impl fmt::Debug for AuthPolicy {
 impl AuthPolicy {
     pub(crate) fn new(flight: SingleFlight, rules: Rules) -> Self {
         AuthPolicy {
+            header: Arc::new(HeaderCache::new(&rules.placement)),
             flight,
             rules: Arc::new(rules),
         }
@@ -227,8 +230,15 @@ impl AuthPolicy {
             .authorize(options.force_refresh, &span)
             .instrument(span.clone())
             .await?;
-        let replay = request.try_clone();
-        self.rules.placement.attach(&mut request, &token)?;
+        // A copy to resend only if a response can reject the token at all.
+        let replay = if self.rules.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        };
+        self.rules
+            .placement
+            .attach_cached(&self.header, &mut request, &token)?;
         let response = send(request)
             .instrument(span.clone())
             .await
@@ -316,14 +326,16 @@ impl AuthPolicy {
     fn resend<Req: AuthRequest>(
         &self,
         replay: &mut Req,
-        token: &Token,
+        token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
         self.flight.count_retry();
         tracing::debug!(
             generation = token.generation(),
             "resending once with a newer token"
         );
-        self.rules.placement.attach(replay, token)
+        self.rules
+            .placement
+            .attach_cached(&self.header, replay, token)
     }
 
     /// Classifies `response`; returns it intact with the verdict (`true`: the token was

@@ -84,7 +84,9 @@ pub struct SingleFlight {
 
 struct Inner {
     parts: Parts,
-    current: ArcSwapOption<Token>,
+    current: ArcSwapOption<Published>,
+    /// [`Clock::coarse_lag`], read once; `None`: the fast path reads the precise clock.
+    coarse_lag: Option<Duration>,
     /// Highest generation a server rejected; such a token is never handed out again.
     rejected: AtomicU64,
     state: Mutex<State>,
@@ -109,6 +111,16 @@ impl StoreWatcher for Pushed {
             SingleFlight { inner }.adopt_pushed(token);
         }
     }
+}
+
+/// The current token with what the fast path needs, computed once per token (issue 18).
+struct Published {
+    token: Arc<Token>,
+    /// While the coarse wall clock reads before this, the token is usable and outside
+    /// its refresh-ahead window: its expiry minus the larger of the leeway ([C7](crate#c7)) and the
+    /// jittered refresh-ahead window ([C8](crate#c8)), minus the coarse clock's lag, as the time
+    /// since the Unix epoch. `None`: no expiry, always usable.
+    fast_until: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -188,9 +200,12 @@ impl SingleFlight {
             state.unsaved_login = Some(generation);
             Arc::new(token.with_generation(generation))
         });
+        let coarse_lag =
+            catch_unwind(AssertUnwindSafe(|| parts.clock.coarse_lag())).unwrap_or(None);
         let inner = Arc::new_cyclic(|weak| Inner {
             parts,
-            current: ArcSwapOption::new(initial),
+            current: ArcSwapOption::empty(),
+            coarse_lag,
             rejected: AtomicU64::new(0),
             state: Mutex::new(state),
             aliases: Mutex::new(Vec::new()),
@@ -205,7 +220,11 @@ impl SingleFlight {
         if catch_unwind(AssertUnwindSafe(|| store.watch(watcher))).is_err() {
             tracing::warn!("the token store panicked registering for pushed tokens");
         }
-        SingleFlight { inner }
+        let flight = SingleFlight { inner };
+        if let Some(initial) = initial {
+            flight.set_current(initial);
+        }
+        flight
     }
 
     /// A token the store pushed because someone saved it (issue 20): adopted by the
@@ -240,7 +259,7 @@ impl SingleFlight {
             if token.generation() <= held.max(state.last_generation) {
                 return;
             }
-            self.inner.current.store(Some(Arc::clone(&token)));
+            self.set_current(Arc::clone(&token));
             state.last_generation = state.last_generation.max(token.generation());
             state.consecutive_failures = 0;
             matches!(std::mem::take(&mut state.failure), Failure::AuthLost { .. })
@@ -260,9 +279,42 @@ impl SingleFlight {
         }
     }
 
+    /// Makes `token` the current token, with its fast-path limit.
+    fn set_current(&self, token: Arc<Token>) {
+        let fast_until = self.fast_until(&token);
+        self.inner
+            .current
+            .store(Some(Arc::new(Published { token, fast_until })));
+    }
+
+    /// See [`Published::fast_until`]. Earlier than the true limit is always safe: the
+    /// caller then takes the precise path, which decides as before.
+    fn fast_until(&self, token: &Token) -> Option<Duration> {
+        let expiry = token.expiry()?;
+        let config = &self.inner.parts.config;
+        let window = config
+            .refresh_ahead_for(token)
+            .map_or(Duration::ZERO, |window| self.jittered(window, token));
+        let margin = config
+            .leeway_for(token)
+            .max(window)
+            .saturating_add(self.inner.coarse_lag.unwrap_or(Duration::ZERO));
+        // Before the epoch: the fast path never applies.
+        Some(
+            expiry
+                .checked_sub(margin)
+                .and_then(|until| until.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
     /// The current token, valid or not, without any check or wait.
     pub fn current(&self) -> Option<Arc<Token>> {
-        self.inner.current.load_full()
+        self.inner
+            .current
+            .load()
+            .as_ref()
+            .map(|published| Arc::clone(&published.token))
     }
 
     /// A snapshot of the counters.
@@ -290,13 +342,43 @@ impl SingleFlight {
     /// The current token if it can be sent as it is: present, not rejected by a
     /// server, and not within the leeway of its expiry ([C7](crate#c7), scaled to its lifetime,
     /// [C15](crate#c15)) — or younger than `min_refresh_interval`. Lock-free and allocation-free.
+    ///
+    /// The check reads the clock's cheap coarse reading ([`Clock::coarse_now`]) while
+    /// the token is usable for longer than that reading's lag (a few milliseconds with
+    /// the system clock), and the precise wall clock within that lag of the
+    /// leeway: [C7](crate#c7) holds exactly, and a wall-clock step is seen at once.
+    #[inline]
     pub fn valid_token(&self) -> Option<Arc<Token>> {
-        self.usable_at(self.now())
+        match self.fast_token() {
+            Some(token) => Some(token),
+            None => self.usable_at(self.now()),
+        }
+    }
+
+    /// The fast path: the current token if the coarse clock says it is usable and
+    /// outside its refresh-ahead window by more than the coarse clock's lag. `None`
+    /// means "decide on the precise clock", not "unusable".
+    #[inline]
+    fn fast_token(&self) -> Option<Arc<Token>> {
+        self.inner.coarse_lag?;
+        let guard = self.inner.current.load();
+        let published = guard.as_ref()?;
+        if !self.not_rejected(&published.token) {
+            return None;
+        }
+        if let Some(until) = published.fast_until {
+            let clock = &self.inner.parts.clock;
+            let now = catch_unwind(AssertUnwindSafe(|| clock.coarse_now())).ok()??;
+            if now >= until {
+                return None;
+            }
+        }
+        Some(Arc::clone(&published.token))
     }
 
     fn usable_at(&self, now: SystemTime) -> Option<Arc<Token>> {
         let guard = self.inner.current.load();
-        let token = guard.as_ref()?;
+        let token = &guard.as_ref()?.token;
         if self.is_usable(token, now) {
             Some(Arc::clone(token))
         } else {
@@ -386,7 +468,23 @@ impl SingleFlight {
     /// Dropping the returned future at any await point never hangs other callers and
     /// never cancels the refresh while anyone else waits for it ([C6](crate#c6)). With a spawner the
     /// refresh also completes when every caller has left.
-    pub async fn token(&self) -> Result<Arc<Token>, Error> {
+    ///
+    /// The fast path is decided before any asynchronous state is built: on it the
+    /// returned future is ready at once. See [`SingleFlight::valid_token`] for the clock
+    /// it reads.
+    #[inline]
+    pub fn token(&self) -> impl Future<Output = Result<Arc<Token>, Error>> + Send + '_ {
+        match self.fast_token() {
+            Some(token) => TokenFuture::Ready { token: Some(token) },
+            // Boxed: the fast path's future stays two words, which callers move and
+            // store cheaply; only a caller that waits pays for the box.
+            None => TokenFuture::Slow {
+                slow: Box::pin(self.token_slow()),
+            },
+        }
+    }
+
+    async fn token_slow(&self) -> Result<Arc<Token>, Error> {
         let now = self.now();
         if let Some(token) = self.usable_at(now) {
             if self.in_refresh_ahead_window(&token, now) {
@@ -627,7 +725,7 @@ impl SingleFlight {
         state.last_generation = generation;
         let token = Arc::new(token.with_generation(generation));
         // The highest generation there is: no check needed.
-        self.inner.current.store(Some(Arc::clone(&token)));
+        self.set_current(Arc::clone(&token));
         state.failure = Failure::None;
         state.consecutive_failures = 0;
         state.unsaved_login = Some(generation);
@@ -676,7 +774,7 @@ impl SingleFlight {
                 state.last_generation = renumbered;
                 state.unsaved_login = Some(renumbered);
                 let token = Arc::new((*current).clone().with_generation(renumbered));
-                self.inner.current.store(Some(Arc::clone(&token)));
+                self.set_current(Arc::clone(&token));
                 let mut aliases = self
                     .inner
                     .aliases
@@ -729,9 +827,9 @@ impl SingleFlight {
             .current
             .load()
             .as_ref()
-            .is_some_and(|cur| cur.generation() > token.generation());
+            .is_some_and(|cur| cur.token.generation() > token.generation());
         if !newer_present {
-            self.inner.current.store(Some(Arc::clone(token)));
+            self.set_current(Arc::clone(token));
         }
     }
 
@@ -1426,6 +1524,34 @@ async fn run_flight(
         });
     }
     output
+}
+
+pin_project_lite::pin_project! {
+    /// What [`SingleFlight::token`] returns: a token ready at once (the fast path, no
+    /// async state built) or the asynchronous slow path.
+    #[project = TokenFutureProj]
+    enum TokenFuture<S> {
+        Ready { token: Option<Arc<Token>> },
+        Slow { #[pin] slow: S },
+    }
+}
+
+impl<S: Future<Output = Result<Arc<Token>, Error>>> Future for TokenFuture<S> {
+    type Output = Result<Arc<Token>, Error>;
+
+    #[inline]
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            TokenFutureProj::Ready { token } => match token.take() {
+                Some(token) => std::task::Poll::Ready(Ok(token)),
+                None => std::task::Poll::Pending,
+            },
+            TokenFutureProj::Slow { slow } => slow.poll(cx),
+        }
+    }
 }
 
 /// A flight's deadline: a timer sleep that stays ready once it fired. Timers' sleeps

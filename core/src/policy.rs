@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use url::{Origin, Url};
 
 use crate::error::ConfigError;
@@ -39,6 +40,39 @@ pub enum Placement {
         /// Parameter name.
         param: String,
     },
+}
+
+/// The header a layer puts on its requests, built once per token (issue 18). Holds the
+/// secret: never printed.
+pub(crate) struct HeaderCache {
+    /// The header's name, parsed once; `None` for query placement (no cache).
+    name: Option<http::HeaderName>,
+    scheme: Option<String>,
+    value: ArcSwapOption<CachedHeader>,
+}
+
+struct CachedHeader {
+    /// The token the value was built from (compared by pointer: one published token,
+    /// one value).
+    token: Arc<Token>,
+    value: http::HeaderValue,
+}
+
+impl HeaderCache {
+    pub(crate) fn new(placement: &Placement) -> Self {
+        let (name, scheme) = match placement {
+            Placement::Header { name, scheme } => (
+                http::HeaderName::from_bytes(name.as_bytes()).ok(),
+                scheme.clone(),
+            ),
+            Placement::Query { .. } => (None, None),
+        };
+        HeaderCache {
+            name,
+            scheme,
+            value: ArcSwapOption::empty(),
+        }
+    }
 }
 
 impl Default for Placement {
@@ -126,6 +160,45 @@ impl Placement {
                 Ok(())
             }
         }
+    }
+
+    /// Puts `token` on `request` through `cache`: with a header placement the value is
+    /// built once per token and shared by every request that carries it.
+    pub(crate) fn attach_cached<R: AuthRequest>(
+        &self,
+        cache: &HeaderCache,
+        request: &mut R,
+        token: &Arc<Token>,
+    ) -> Result<(), InvalidHeader> {
+        let Some(name) = &cache.name else {
+            return self.attach(request, token);
+        };
+        if let Some(cached) = cache.value.load().as_ref() {
+            if Arc::ptr_eq(&cached.token, token) {
+                return request.set_header_value(name, &cached.value);
+            }
+        }
+        let secret = token.access().expose();
+        let text = match &cache.scheme {
+            Some(scheme) => {
+                let mut value = String::with_capacity(scheme.len() + 1 + secret.len());
+                value.push_str(scheme);
+                value.push(' ');
+                value.push_str(secret);
+                value
+            }
+            None => secret.to_owned(),
+        };
+        let mut value = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+            .map_err(|_| InvalidHeader)?;
+        value.set_sensitive(true);
+        let result = request.set_header_value(name, &value);
+        // Racing builders of the same token store equal values: either one serves.
+        cache.value.store(Some(Arc::new(CachedHeader {
+            token: Arc::clone(token),
+            value,
+        })));
+        result
     }
 
     /// Whether a request to `url` can have carried the token: with a header placement,
@@ -421,6 +494,22 @@ impl Classifier {
             })
     }
 
+    /// Whether any response can be classified as a rejection. When none can, the
+    /// layer keeps no copy of the request for a resend.
+    pub(crate) fn can_reject(&self) -> bool {
+        self.head.is_some()
+            || self.www_authenticate
+            || !self.statuses.is_empty()
+            || !self.headers.is_empty()
+            || self.body.is_some()
+    }
+
+    /// The body rule, if any: its byte limit and predicate.
+    #[allow(dead_code)]
+    pub(crate) fn body_rule(&self) -> Option<(usize, &BodyPredicate)> {
+        self.body.as_ref().map(|(limit, p)| (*limit, p))
+    }
+
     /// The body rule if it applies to `response`: when its headers say the body can be
     /// read without holding back a stream (see
     /// [which bodies](Self#which-bodies-the-body-rule-reads)). `None`: do not read the
@@ -552,6 +641,63 @@ mod tests {
         fn try_clone(&self) -> Option<Self> {
             Some(Request(self.0.clone()))
         }
+    }
+
+    /// Records the header values it is given.
+    struct HeaderRequest(Url, Vec<http::HeaderValue>);
+
+    impl AuthRequest for HeaderRequest {
+        fn method(&self) -> http::Method {
+            http::Method::GET
+        }
+        fn url(&self) -> &Url {
+            &self.0
+        }
+        fn url_mut(&mut self) -> &mut Url {
+            &mut self.0
+        }
+        fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> {
+            unreachable!("the layer hands over ready-made values")
+        }
+        fn set_header_value(
+            &mut self,
+            _: &http::HeaderName,
+            value: &http::HeaderValue,
+        ) -> Result<(), InvalidHeader> {
+            self.1.push(value.clone());
+            Ok(())
+        }
+        fn try_clone(&self) -> Option<Self> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_header_value_is_built_once_per_token_and_shared() {
+        let placement = Placement::bearer();
+        let cache = HeaderCache::new(&placement);
+        let mut request = HeaderRequest(Url::parse("https://api.example.com/").unwrap(), vec![]);
+        let first = Arc::new(Token::new("one"));
+        let second = Arc::new(Token::new("two"));
+        for token in [&first, &first, &second, &second] {
+            placement
+                .attach_cached(&cache, &mut request, token)
+                .unwrap();
+        }
+        let values = &request.1;
+        assert_eq!(values[0], "Bearer one");
+        assert_eq!(values[2], "Bearer two");
+        assert!(values.iter().all(http::HeaderValue::is_sensitive));
+        // The same bytes, not an equal copy: one value per token.
+        assert_eq!(values[0].as_bytes().as_ptr(), values[1].as_bytes().as_ptr());
+        assert_eq!(values[2].as_bytes().as_ptr(), values[3].as_bytes().as_ptr());
+        assert_ne!(values[1].as_bytes().as_ptr(), values[2].as_bytes().as_ptr());
+        // A token that cannot be a header value is refused, not cached.
+        let bad = Arc::new(Token::new("bad\nvalue"));
+        assert_eq!(
+            placement.attach_cached(&cache, &mut request, &bad),
+            Err(InvalidHeader)
+        );
     }
 
     fn attached(url: &str, token: &str) -> String {

@@ -17,6 +17,19 @@ pub trait AuthRequest: Sized + Send {
     /// Sets header `name` to `value`, replacing earlier values, marked sensitive so
     /// clients and logs do not print it. `Err` if the value cannot be a header value.
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
+    /// Sets header `name` to a ready-made `value` (already marked sensitive),
+    /// replacing earlier values. The layer builds the value once per token and hands
+    /// the same one to every request (issue 18): clients built on the `http` crate
+    /// override this to insert a clone (a reference-count increment). The default
+    /// goes through [`AuthRequest::set_sensitive_header`].
+    fn set_header_value(
+        &mut self,
+        name: &http::HeaderName,
+        value: &http::HeaderValue,
+    ) -> Result<(), InvalidHeader> {
+        let text = value.to_str().map_err(|_| InvalidHeader)?;
+        self.set_sensitive_header(name.as_str(), text)
+    }
     /// A copy to resend, or `None` when the body cannot be replayed (a stream)
     /// ([C4](crate#c4)).
     fn try_clone(&self) -> Option<Self>;

@@ -51,6 +51,24 @@ pub trait Clock: Send + Sync {
     fn monotonic(&self) -> Instant {
         Instant::now()
     }
+
+    /// A cheap reading of the wall clock for the fast path, as the time since the Unix
+    /// epoch (a plain `Duration` compares without converting), never ahead of
+    /// [`Clock::now`] and at most [`Clock::coarse_lag`] behind it. The default, `None`,
+    /// makes the fast path read [`Clock::now`].
+    ///
+    /// The coordinator serves a token from this reading only while the token stays
+    /// usable for more than the lag; nearer its limit it reads [`Clock::now`], so the
+    /// proactive refresh ([C7](crate#c7)) and the refresh-ahead start ([C8](crate#c8)) stay exact.
+    fn coarse_now(&self) -> Option<Duration> {
+        None
+    }
+
+    /// How far [`Clock::coarse_now`] may lag behind [`Clock::now`]; read once, when the
+    /// coordinator is built. `None` (the default) means there is no coarse clock.
+    fn coarse_lag(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for Arc<C> {
@@ -61,6 +79,14 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
     fn monotonic(&self) -> Instant {
         (**self).monotonic()
     }
+
+    fn coarse_now(&self) -> Option<Duration> {
+        (**self).coarse_now()
+    }
+
+    fn coarse_lag(&self) -> Option<Duration> {
+        (**self).coarse_lag()
+    }
 }
 
 /// The system's wall clock.
@@ -70,6 +96,30 @@ pub(crate) struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    /// `CLOCK_REALTIME_COARSE` (Linux): the time of the last timer tick, read from the
+    /// vDSO in a few nanoseconds where `SystemTime::now` takes tens. It follows wall
+    /// clock steps like `CLOCK_REALTIME`.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[inline]
+    fn coarse_now(&self) -> Option<Duration> {
+        let ts = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nanos = u32::try_from(ts.tv_nsec).ok()?;
+        Some(Duration::new(secs, nanos))
+    }
+
+    /// Twice the coarse clock's resolution (one tick: 1–10 ms depending on the
+    /// kernel's `HZ`), so a late tick still counts; `None` for a resolution that is
+    /// zero or above 50 ms (then the fast path reads the precise clock).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn coarse_lag(&self) -> Option<Duration> {
+        let res = rustix::time::clock_getres(rustix::time::ClockId::RealtimeCoarse);
+        let secs = u64::try_from(res.tv_sec).ok()?;
+        let nanos = u32::try_from(res.tv_nsec).ok()?;
+        let res = Duration::new(secs, nanos);
+        (!res.is_zero() && res <= Duration::from_millis(50)).then(|| res.saturating_mul(2))
     }
 }
 
@@ -215,6 +265,16 @@ mod manual {
         fn monotonic(&self) -> Instant {
             let state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             state.base.checked_add(state.elapsed).unwrap_or(state.base)
+        }
+
+        /// The wall clock itself, with no lag: tests that step the wall clock exercise
+        /// the coordinator's coarse fast path and see it exact.
+        fn coarse_now(&self) -> Option<Duration> {
+            self.now().duration_since(SystemTime::UNIX_EPOCH).ok()
+        }
+
+        fn coarse_lag(&self) -> Option<Duration> {
+            Some(Duration::ZERO)
         }
     }
 

@@ -33,6 +33,17 @@ impl AuthRequest for Outgoing {
         Ok(())
     }
 
+    fn set_header_value(
+        &mut self,
+        name: &HeaderName,
+        value: &HeaderValue,
+    ) -> Result<(), InvalidHeader> {
+        // The layer's shared value (already sensitive): a reference-count increment,
+        // no formatting or allocation per request (issue 18).
+        self.0.headers_mut().insert(name.clone(), value.clone());
+        Ok(())
+    }
+
     fn try_clone(&self) -> Option<Self> {
         // `None` for streaming bodies: they cannot be replayed (C4).
         self.0.try_clone().map(Outgoing)

@@ -106,6 +106,17 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         Ok(())
     }
 
+    fn set_header_value(
+        &mut self,
+        name: &HeaderName,
+        value: &HeaderValue,
+    ) -> Result<(), InvalidHeader> {
+        // The layer's shared value (already sensitive): a reference-count increment,
+        // no formatting or allocation per request (issue 18).
+        self.parts.headers.insert(name.clone(), value.clone());
+        Ok(())
+    }
+
     fn try_clone(&self) -> Option<Self> {
         let (body, replay) = match &self.replay {
             Replay::Copy => (self.body.try_clone()?, Replay::Copy),

@@ -1,6 +1,7 @@
 //! Prints the tables of `BENCHMARKS.md` from the last `cargo bench -p tokenflight-benches`
 //! run: criterion's mean times turned into ratios, plus the figures the bench binaries
-//! saved (allocations per call, bytes per waiter). Missing results print as `n/a`.
+//! saved (allocations per call, bytes per waiter), and each issue-18 target with its
+//! verdict (pass / miss). Missing results print as `n/a`.
 //!
 //! `cargo run --release -p tokenflight-benches --bin bench-report`
 
@@ -32,12 +33,25 @@ const FAST_PATH: [&str; 6] = [
     "tokio_mutex",
 ];
 
-const STORM: [&str; 5] = [
+const STORM: [&str; 8] = [
     "floor_bare_shared_future",
     "tokenflight",
     "moka_get_with",
     "async_singleflight",
     "mutex_across_refresh",
+    "arrow_object_store_cache",
+    "smithy_expiring_cache",
+    "tokio_rwlock_recheck",
+];
+
+/// The storm rows that are peers (not the floor, not tokenflight).
+const PEERS: [&str; 6] = [
+    "moka_get_with",
+    "async_singleflight",
+    "mutex_across_refresh",
+    "arrow_object_store_cache",
+    "smithy_expiring_cache",
+    "tokio_rwlock_recheck",
 ];
 
 const WAITERS: [usize; 4] = [1, 100, 10_000, 100_000];
@@ -165,8 +179,117 @@ fn end_to_end() {
     println!();
 }
 
+/// One issue-18 target: its figure, the bound, and whether the figure is within it.
+fn verdict(target: &str, figure: Option<f64>, bound: f64, at_most: bool) {
+    let (shown, verdict) = match figure {
+        None => ("n/a".to_owned(), "not measured"),
+        Some(value) => {
+            let pass = if at_most {
+                value <= bound
+            } else {
+                value >= bound
+            };
+            (
+                format!("{value:.2}"),
+                if pass { "pass" } else { "**miss**" },
+            )
+        }
+    };
+    let sign = if at_most { "≤" } else { "≥" };
+    println!("| {target} | {shown} | {sign} {bound} | {verdict} |");
+}
+
+fn targets() {
+    println!("### Issue 18 targets (ratios within this run)");
+    println!();
+    println!("| target | figure | bound | verdict |");
+    println!("|---|---|---|---|");
+    let of = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    for threads in [1, 2] {
+        let floor = mean(&format!("fast_path/{threads}_threads/arc_swap_load_full"));
+        for (name, bound) in [
+            ("tokenflight_valid_token", 1.5),
+            ("tokenflight_token_await", 2.0),
+        ] {
+            let me = mean(&format!("fast_path/{threads}_threads/{name}"));
+            verdict(
+                &format!("{name} ÷ arc_swap_load_full, {threads} thread(s)"),
+                of(me, floor),
+                bound,
+                true,
+            );
+        }
+    }
+    let allocations = Extras::load("fast_path");
+    for name in ["tokenflight_valid_token", "tokenflight_token_await"] {
+        verdict(
+            &format!("{name}: allocations per call"),
+            allocations.get(&format!("fast_path/{name}/allocations_per_call")),
+            0.0,
+            true,
+        );
+    }
+    for mode in ["sequential", "concurrent_32"] {
+        verdict(
+            &format!("end to end, {mode}: reqwest + tokenflight throughput ÷ bare reqwest"),
+            of(
+                mean(&format!("end_to_end/{mode}/bare_reqwest")),
+                mean(&format!("end_to_end/{mode}/reqwest_tokenflight")),
+            ),
+            0.97,
+            false,
+        );
+        verdict(
+            &format!("end to end, {mode}: tower layer throughput ÷ bare hyper-util"),
+            of(
+                mean(&format!("end_to_end/{mode}/bare_hyper")),
+                mean(&format!("end_to_end/{mode}/tower_tokenflight")),
+            ),
+            0.97,
+            false,
+        );
+    }
+    println!(
+        "| end to end through surf | n/a | ≥ 0.97 | not measured (no surf row in `end_to_end`) |"
+    );
+    verdict(
+        "100k waiters: release time ÷ bare `Shared` floor",
+        of(
+            mean("storm/100000/tokenflight"),
+            mean("storm/100000/floor_bare_shared_future"),
+        ),
+        1.1,
+        true,
+    );
+    let storm = Extras::load("storm");
+    verdict(
+        "100k waiters: bytes per waiter",
+        storm.get("storm/100000/tokenflight/bytes_per_waiter"),
+        256.0,
+        true,
+    );
+    for n in [10_000, 100_000] {
+        for peer in PEERS {
+            verdict(
+                &format!("N={n}: {peer} release time ÷ tokenflight's (ahead if ≥ 1)"),
+                of(
+                    mean(&format!("storm/{n}/{peer}")),
+                    mean(&format!("storm/{n}/tokenflight")),
+                ),
+                1.0,
+                false,
+            );
+        }
+    }
+    println!();
+}
+
 fn main() {
     fast_path();
     storm();
     end_to_end();
+    targets();
 }

@@ -9,6 +9,7 @@
 
 mod support;
 
+mod coarse_clock;
 mod contracts;
 mod file_store;
 mod holes;
