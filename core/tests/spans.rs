@@ -3,12 +3,14 @@
 //! waited or not, resent or not) that ties a slow request to the refresh it waited
 //! for; no span field and no event of the core carries a token or a secret (C12).
 
+#[path = "all/support/mod.rs"]
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support;
-use crate::support::{FakeRequest, FakeServer, ScriptedSource, Step};
 use futures::executor::block_on;
+use support::{FakeRequest, FakeServer, ScriptedSource, Step};
 use tokenflight::{
     AuthPolicy, SingleFlight, Token, adapter::RequestOptions, config::Backoff, config::Retry,
     test_util::ManualClock,
