@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{ConfigError, Error, RefreshError};
@@ -73,16 +73,23 @@ struct Inner<K> {
     factory: Box<FlightFactory<K>>,
     max_entries: usize,
     idle_timeout: Duration,
-    /// The origin of `Entry::last_used` (milliseconds since it).
-    epoch: Instant,
+    /// Usage is tracked in ticks of an eighth of `idle_timeout`, not by reading a clock
+    /// per lookup: the fast path only compares two atomics (and writes one when the tick
+    /// changed). The tick advances — by the periods that really passed — when the map
+    /// is written to (a new key, an eviction), the only times it is looked at.
+    tick: AtomicU32,
+    last_tick: Mutex<Instant>,
 }
 
 struct Entry {
     flight: SingleFlight,
-    /// Milliseconds since `Inner::epoch` of the last use; a relaxed store per lookup
-    /// (no lock is written on the fast path).
-    last_used: AtomicU64,
+    /// The tick of the last use (a relaxed store, only when it changed).
+    used: AtomicU32,
 }
+
+/// Ticks per `idle_timeout`: an entry is idle once it was unused for this many ticks,
+/// i.e. between 7/8 and all of `idle_timeout` after its last use.
+const TICKS_PER_IDLE: u32 = 8;
 
 /// Configures a [`KeyedFlights`].
 pub struct KeyedFlightsBuilder<K> {
@@ -124,7 +131,8 @@ impl<K> KeyedFlightsBuilder<K> {
                 factory: self.factory,
                 max_entries: self.max_entries,
                 idle_timeout: self.idle_timeout,
-                epoch: Instant::now(),
+                tick: AtomicU32::new(0),
+                last_tick: Mutex::new(Instant::now()),
             }),
         }
     }
@@ -176,8 +184,44 @@ impl<K> KeyedFlights<K> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// Marks `entry` used now: no clock read, and no write while the tick is unchanged.
+    fn touch(&self, entry: &Entry) {
+        let tick = self.inner.tick.load(Ordering::Relaxed);
+        if entry.used.load(Ordering::Relaxed) != tick {
+            entry.used.store(tick, Ordering::Relaxed);
+        }
+    }
+
+    /// Advances the tick by the periods passed since it last moved; returns it.
+    fn advance_tick(&self) -> u32 {
+        let period = self.inner.idle_timeout / TICKS_PER_IDLE;
+        let mut last = self
+            .inner
+            .last_tick
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let elapsed = last.elapsed();
+        let periods = if period.is_zero() {
+            // A zero timeout: every write sees everything unused as idle.
+            TICKS_PER_IDLE
+        } else {
+            u32::try_from(elapsed.as_nanos() / period.as_nanos()).unwrap_or(u32::MAX)
+        };
+        if periods == 0 {
+            return self.inner.tick.load(Ordering::Relaxed);
+        }
+        // Ages are capped (see `age`), so a long quiet spell needs only a capped step.
+        let step = periods.min(TICKS_PER_IDLE * 2);
+        if period.is_zero() || step < periods {
+            *last = Instant::now();
+        } else {
+            *last += period.saturating_mul(periods);
+        }
+        // Wrapping is harmless: ages use wrapping_sub and are capped.
+        self.inner
+            .tick
+            .fetch_add(step, Ordering::Relaxed)
+            .wrapping_add(step)
     }
 }
 
@@ -185,9 +229,8 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// The coordinator of `key`, made by the factory if the key has none. Fails only if
     /// the factory fails (the error is returned, nothing is kept).
     pub fn flight(&self, key: &K) -> Result<SingleFlight, ConfigError> {
-        let now = self.now_ms();
         if let Some(entry) = self.read().get(key) {
-            entry.last_used.store(now, Ordering::Relaxed);
+            self.touch(entry);
             return Ok(entry.flight.clone());
         }
         // The factory runs outside the map's lock (it may be slow or panic-free but
@@ -196,9 +239,10 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
         let made = (self.inner.factory)(key)?;
         let mut map = self.write();
         if let Some(entry) = map.get(key) {
-            entry.last_used.store(now, Ordering::Relaxed);
+            self.touch(entry);
             return Ok(entry.flight.clone());
         }
+        let now = self.advance_tick();
         if map.len() >= self.inner.max_entries {
             self.evict(&mut map, now);
         }
@@ -206,7 +250,7 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
             key.clone(),
             Entry {
                 flight: made.clone(),
-                last_used: AtomicU64::new(now),
+                used: AtomicU32::new(now),
             },
         );
         Ok(made)
@@ -216,7 +260,7 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     pub fn get(&self, key: &K) -> Option<SingleFlight> {
         let map = self.read();
         let entry = map.get(key)?;
-        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        self.touch(entry);
         Some(entry.flight.clone())
     }
 
@@ -225,7 +269,7 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     pub fn valid_token(&self, key: &K) -> Option<Arc<Token>> {
         let map = self.read();
         let entry = map.get(key)?;
-        entry.last_used.store(self.now_ms(), Ordering::Relaxed);
+        self.touch(entry);
         entry.flight.valid_token()
     }
 
@@ -258,53 +302,53 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// Drops coordinators unused for `idle_timeout` whose refresh is not running;
     /// returns how many were dropped. Also done when a new key finds the map full.
     pub fn evict_idle(&self) -> usize {
-        let now = self.now_ms();
         let mut map = self.write();
+        let now = self.advance_tick();
         let before = map.len();
-        let idle_ms = self.idle_ms();
-        map.retain(|_, entry| !is_idle(entry, now, idle_ms));
+        map.retain(|_, entry| !is_idle(entry, now));
         before - map.len()
-    }
-
-    fn idle_ms(&self) -> u64 {
-        u64::try_from(self.inner.idle_timeout.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Makes room for one entry: idle ones first; if none, the least recently used
     /// eighth (one scan serves the next eighth of inserts), never a running flight.
-    fn evict(&self, map: &mut HashMap<K, Entry>, now: u64) {
-        let idle_ms = self.idle_ms();
-        map.retain(|_, entry| !is_idle(entry, now, idle_ms));
+    fn evict(&self, map: &mut HashMap<K, Entry>, now: u32) {
+        map.retain(|_, entry| !is_idle(entry, now));
         if map.len() < self.inner.max_entries {
             return;
         }
-        let mut ages: Vec<u64> = map
+        // Oldest first: the largest age.
+        let mut ages: Vec<u32> = map
             .values()
             .filter(|entry| !entry.flight.refresh_running())
-            .map(|entry| entry.last_used.load(Ordering::Relaxed))
+            .map(|entry| age(entry, now))
             .collect();
         if ages.is_empty() {
             // Every kept key is refreshing: keep them all (their waiters need them); the
             // map exceeds its bound until one finishes.
             return;
         }
-        ages.sort_unstable();
+        ages.sort_unstable_by(|a, b| b.cmp(a));
         let count = (self.inner.max_entries / 8).clamp(1, ages.len());
         let cutoff = ages.get(count - 1).copied().unwrap_or(0);
         let mut removed = 0;
         map.retain(|_, entry| {
-            let evict = removed < count
-                && entry.last_used.load(Ordering::Relaxed) <= cutoff
-                && !entry.flight.refresh_running();
+            let evict =
+                removed < count && age(entry, now) >= cutoff && !entry.flight.refresh_running();
             removed += usize::from(evict);
             !evict
         });
     }
 }
 
-fn is_idle(entry: &Entry, now: u64, idle_ms: u64) -> bool {
-    now.saturating_sub(entry.last_used.load(Ordering::Relaxed)) >= idle_ms
-        && !entry.flight.refresh_running()
+/// Ticks since the entry's last use (capped: a tick counter that wrapped never makes an
+/// old entry look fresh for long, and never panics).
+fn age(entry: &Entry, now: u32) -> u32 {
+    now.wrapping_sub(entry.used.load(Ordering::Relaxed))
+        .min(TICKS_PER_IDLE * 4)
+}
+
+fn is_idle(entry: &Entry, now: u32) -> bool {
+    age(entry, now) >= TICKS_PER_IDLE && !entry.flight.refresh_running()
 }
 
 /// A factory that cannot make a key's coordinator is a configuration fault: permanent

@@ -405,3 +405,18 @@ fn key_namespaces_are_stable_and_never_show_the_key() {
     let name = tokenflight::keyed::key_namespace(b"../../etc/passwd");
     assert!(name.bytes().all(|b| b.is_ascii_hexdigit()) && name.len() == 32);
 }
+
+#[test]
+fn entries_used_within_the_idle_timeout_are_kept() {
+    let world = World::new();
+    let flights = world
+        .flights()
+        .idle_timeout(Duration::from_secs(3600))
+        .build();
+    for key in 0..50 {
+        block_on(flights.token(&key)).unwrap();
+    }
+    assert_eq!(flights.evict_idle(), 0, "nothing has been idle for an hour");
+    assert_eq!(flights.len(), 50);
+    assert_eq!(world.factory_calls.load(Ordering::SeqCst), 50);
+}
