@@ -7,81 +7,25 @@
 //! the test only moves on once all answers are in.
 #![cfg(unix)]
 
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use crate::worker::Worker;
 use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 
 const WORKERS: usize = 5;
 const CYCLES: u64 = 3;
-/// Only turns a hung worker into a failure; no test outcome depends on it.
-const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
 
-struct Worker {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Worker {
-    fn spawn(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_file_store_worker"))
-            .env("FSW_STORE", store)
-            .env("FSW_TOKEN_URL", token_url)
-            .env("FSW_CLIENT_ID", client_id)
-            .env("FSW_CLIENT_SECRET", client_secret)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut worker = Worker {
-            child,
-            stdin,
-            lines,
-        };
-        assert_eq!(worker.answer(), "ready");
-        worker
-    }
-
-    fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        self.lines
-            .recv_timeout(ANSWER_DEADLINE)
-            .unwrap_or_else(|e| panic!("worker {} gave no answer: {e}", self.child.id()))
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        self.send(command);
-        self.answer()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Only this test's own child, by its id.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Worker {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_file_store_worker"));
+    command
+        .env("FSW_STORE", store)
+        .env("FSW_TOKEN_URL", token_url)
+        .env("FSW_CLIENT_ID", client_id)
+        .env("FSW_CLIENT_SECRET", client_secret);
+    Worker::spawn(command)
 }
 
 fn fnv1a(text: &str) -> String {
@@ -114,7 +58,7 @@ fn c1_processes_share_one_refresh_per_expiry_over_three_cycles() {
 
     let mut workers: Vec<Worker> = (0..WORKERS)
         .map(|_| {
-            Worker::spawn(
+            spawn(
                 &path,
                 &server.token_url(),
                 &server.client_id(),
@@ -182,7 +126,7 @@ fn c6_a_process_killed_while_holding_the_lock_does_not_block_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("token.json");
     // No token endpoint is needed: only the lock is exercised.
-    let spawn = || Worker::spawn(&path, "http://127.0.0.1:9/oauth/token", "c", "s");
+    let spawn = || spawn(&path, "http://127.0.0.1:9/oauth/token", "c", "s");
     let mut holder = spawn();
     let mut other = spawn();
     assert_eq!(holder.ask("hold"), "locked");

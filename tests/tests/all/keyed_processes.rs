@@ -4,72 +4,21 @@
 #![cfg(unix)]
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
+
+use crate::worker::Worker;
 
 const PROCESSES: usize = 3;
 const KEYS: u32 = 50;
 const CYCLES: usize = 3;
-/// Only turns a hung worker into a failure; no test outcome depends on it.
-const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
 
-struct Worker {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Worker {
-    fn spawn(dir: &std::path::Path, log: &std::path::Path) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keyed_worker"))
-            .env("KW_DIR", dir)
-            .env("KW_LOG", log)
-            .env("KW_KEYS", KEYS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut worker = Worker {
-            child,
-            stdin,
-            lines,
-        };
-        assert_eq!(worker.answer(), "ready");
-        worker
-    }
-
-    fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        self.lines
-            .recv_timeout(ANSWER_DEADLINE)
-            .unwrap_or_else(|e| panic!("worker {} gave no answer: {e}", self.child.id()))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Only this test's own child, by its id.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn(dir: &std::path::Path, log: &std::path::Path) -> Worker {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keyed_worker"));
+    command
+        .env("KW_DIR", dir)
+        .env("KW_LOG", log)
+        .env("KW_KEYS", KEYS.to_string());
+    Worker::spawn(command)
 }
 
 fn calls_per_key(log: &std::path::Path) -> HashMap<u32, usize> {
@@ -87,9 +36,7 @@ fn three_processes_share_one_source_call_per_key_per_expiry() {
     let log = dir.path().join("source-calls.log");
     let stores = dir.path().join("stores");
     std::fs::create_dir(&stores).unwrap();
-    let mut workers: Vec<Worker> = (0..PROCESSES)
-        .map(|_| Worker::spawn(&stores, &log))
-        .collect();
+    let mut workers: Vec<Worker> = (0..PROCESSES).map(|_| spawn(&stores, &log)).collect();
     for cycle in 1..=CYCLES {
         if cycle > 1 {
             // Two hours later for every process: every key's token has expired.

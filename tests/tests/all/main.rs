@@ -8,3 +8,5 @@ mod keyed_processes;
 mod oauth2_grants;
 mod properties;
 mod testkit;
+#[cfg(unix)]
+mod worker;
