@@ -1,79 +1,109 @@
-//! The pub/sub listener: turns messages on the store's channel into a counter that
-//! replicas waiting for the lock watch, so they retry as soon as the holder saves or
-//! releases — and pushes saved tokens to the coordinators watching this store (issue
+//! The pub/sub listener: one subscription connection per store, shared by all its
+//! namespaces ([`crate::RedisStore::namespace`]). Messages are dispatched by channel to
+//! their namespace ([`Registry::dispatch`]), where they bump a counter that the
+//! namespace's lock waiters watch, so they retry as soon as the holder saves or
+//! releases — and push saved tokens to the coordinators watching that namespace (issue
 //! 20, [`tokenflight::store::StoreWatcher`]).
 //!
 //! Pub/sub is only a hint: waiters also poll with backoff, and coordinators still read
 //! the store at their own refresh-ahead, so a dropped subscription or a lost message
 //! costs latency, never correctness. The listener reconnects with backoff and ends when
-//! the last clone of the store is dropped.
+//! the last view of the store is dropped.
+//!
+//! # One `SUBSCRIBE` per namespace, not a pattern
+//!
+//! A namespace's channel is subscribed when it gets its first watcher or lock waiter,
+//! and unsubscribed when its last view is dropped. A pattern (`PSUBSCRIBE` over every
+//! namespace of the prefix) would need no bookkeeping, but every replica would then
+//! receive — and parse — the messages of every namespace in the fleet, including the
+//! thousands of users it never serves; with a subscription per namespace each replica
+//! hears only about the namespaces it holds. Redis matches a channel subscription with
+//! one hash lookup, and the subscriptions ride on the one pub/sub connection (each
+//! `SUBSCRIBE` names one channel, so every reply pairs with its request; a batch of
+//! them is pipelined). After a reconnect every wanted channel is subscribed again, and
+//! each namespace then gets one catch-up read (if watched) and one wake-up of its lock
+//! waiters.
 //!
 //! # Push
 //!
 //! A save publishes `saved:<generation>` — the number only: secrets never travel over
-//! pub/sub, which any client allowed to subscribe can read. A store with live watchers
-//! then reads the record with one `GET` and hands the token to each of them. Per
-//! replica and refresh cycle that is one `GET`, whatever the size of the fleet:
+//! pub/sub, which any client allowed to subscribe can read. A namespace with live
+//! watchers then reads its record with one `GET` and hands the token to each of them.
+//! Per replica, namespace and refresh cycle that is one `GET`, whatever the size of the
+//! fleet:
 //!
-//! - announcements of a generation this store already handed out (its own save, which
-//!   it hands to its watchers directly; a repeated message) cost nothing;
+//! - announcements of a generation this namespace already handed out (its own save,
+//!   which it hands to its watchers directly; a repeated message) cost nothing;
 //! - a burst of messages while a `GET` is in progress costs one more `GET` after it,
 //!   not one per message (a single wake-up permit);
 //! - after every (re)subscription one `GET` catches up with saves that happened while
 //!   the subscription was down (a Redis restart, a failover);
-//! - a store nobody watches reads nothing.
+//! - a namespace nobody watches reads nothing.
 
+use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::PubSubStream;
+use futures_util::future::join_all;
+use redis::aio::{PubSubSink, PubSubStream};
 use tokenflight::{Token, store::StoreWatcher, store::record};
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc};
 
 use crate::conn::{Con, Subscriber};
 use crate::io::bounded;
+use crate::namespace::{Namespace, Registry};
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Channels (un)subscribed per pipelined batch, each batch bounded by the connect
+/// timeout: thousands of namespaces resubscribe after a reconnect in a few batches.
+const BATCH: usize = 512;
 
-/// Keeps a subscription to `channel` and bumps `tx` on every message (and on every
-/// resubscription, since messages may have been missed while it was down); hands
-/// `saved:<generation>` announcements and resubscriptions to `push`, whose reader
-/// (`reader`, see [`read_pushed`]) it stops when it ends.
+/// Keeps one pub/sub connection and on it a subscription per namespace that wants one
+/// (`changed` names a channel whose wish may have changed: the registry says what is
+/// wanted now); dispatches every message to its namespace. Ends when every sender of
+/// `changed` is gone: the store's last view was dropped.
 pub(crate) async fn listen(
     subscriber: Subscriber,
-    channel: String,
-    tx: watch::Sender<u64>,
-    connect_timeout: Duration,
-    push: Arc<Push>,
-    reader: JoinHandle<()>,
+    registry: Arc<Registry>,
+    mut changed: mpsc::UnboundedReceiver<String>,
+    timeout: Duration,
 ) {
-    let _reader = AbortOnDrop(reader);
-    let bump = |n: &mut u64| *n = n.wrapping_add(1);
     let mut retry = RETRY_MIN;
     let mut attempt = 0usize;
     loop {
-        match subscribe(&subscriber, attempt, &channel, connect_timeout).await {
-            Ok(mut messages) => {
-                retry = RETRY_MIN;
-                tx.send_modify(bump);
-                push.catch_up();
+        match connect(&subscriber, attempt, timeout).await {
+            Ok((sink, mut messages)) => {
+                let mut subscribed = HashSet::new();
+                // A new connection has no subscriptions: every wanted channel.
+                let mut pending = registry.wanted_channels();
                 loop {
+                    while let Ok(channel) = changed.try_recv() {
+                        pending.push(channel);
+                    }
+                    if !pending.is_empty() {
+                        let channels = std::mem::take(&mut pending);
+                        match reconcile(&sink, &registry, &mut subscribed, channels, timeout).await
+                        {
+                            Ok(()) => retry = RETRY_MIN,
+                            Err(error) => {
+                                tracing::debug!(%error, "token store subscription failed");
+                                break;
+                            }
+                        }
+                    }
                     tokio::select! {
                         message = messages.next() => match message {
-                            Some(message) => {
-                                tx.send_modify(bump);
-                                if let Some(generation) = saved_generation(&message) {
-                                    push.announce(generation);
-                                }
-                            }
+                            Some(message) => registry.dispatch(&message),
                             None => break,
                         },
-                        () = tx.closed() => return,
+                        channel = changed.recv() => match channel {
+                            Some(channel) => pending.push(channel),
+                            None => return,
+                        },
                     }
                 }
                 tracing::debug!("token store subscription lost; resubscribing");
@@ -82,45 +112,104 @@ pub(crate) async fn listen(
         }
         // The next cluster node, if this one is down.
         attempt = attempt.wrapping_add(1);
-        tokio::select! {
-            () = tokio::time::sleep(retry) => {}
-            () = tx.closed() => return,
+        let pause = tokio::time::sleep(retry);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                // What changed meanwhile is read from the registry after reconnecting.
+                channel = changed.recv() => if channel.is_none() { return },
+            }
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
-async fn subscribe(
+async fn connect(
     subscriber: &Subscriber,
     attempt: usize,
-    channel: &str,
     timeout: Duration,
-) -> Result<PubSubStream, String> {
-    let connect = async {
-        let mut pubsub = subscriber.pubsub(attempt).await?;
-        pubsub.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>(pubsub.into_on_message())
-    };
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
+) -> Result<(PubSubSink, PubSubStream), String> {
+    match tokio::time::timeout(timeout, subscriber.pubsub(attempt)).await {
+        Ok(Ok(pubsub)) => Ok(pubsub.split()),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
-/// The generation in a `saved:<generation>` message (the save script's), if it is one.
-fn saved_generation(message: &redis::Msg) -> Option<u64> {
-    let payload: String = message.get_payload().ok()?;
-    payload.strip_prefix("saved:")?.parse().ok()
+/// Brings the subscriptions of `channels` in line with what the registry wants now:
+/// subscribes the wanted ones not yet subscribed (then each gets its catch-up) and
+/// unsubscribes the others. An error means the connection is broken.
+async fn reconcile(
+    sink: &PubSubSink,
+    registry: &Registry,
+    subscribed: &mut HashSet<String>,
+    mut channels: Vec<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    channels.sort_unstable();
+    channels.dedup();
+    let mut subscribe: Vec<(String, Arc<Namespace>)> = Vec::new();
+    let mut unsubscribe = Vec::new();
+    for channel in channels {
+        match (registry.wanted(&channel), subscribed.contains(&channel)) {
+            (Some(namespace), false) => subscribe.push((channel, namespace)),
+            (None, true) => unsubscribe.push(channel),
+            _ => {}
+        }
+    }
+    for batch in subscribe.chunks(BATCH) {
+        let names = batch.iter().map(|(channel, _)| channel.as_str());
+        each(sink, names, timeout, |mut sink, channel| async move {
+            sink.subscribe(channel).await
+        })
+        .await?;
+        for (channel, namespace) in batch {
+            subscribed.insert(channel.clone());
+            namespace.subscribed();
+        }
+    }
+    for batch in unsubscribe.chunks(BATCH) {
+        let names = batch.iter().map(String::as_str);
+        each(sink, names, timeout, |mut sink, channel| async move {
+            sink.unsubscribe(channel).await
+        })
+        .await?;
+        for channel in batch {
+            subscribed.remove(channel);
+        }
+    }
+    Ok(())
 }
 
-/// Aborts the task when dropped: the reader ends with the listener.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Sends one command per channel, pipelined on the one connection (one channel per
+/// command: `(UN)SUBSCRIBE a b` answers once per channel, and the `redis` crate pairs
+/// one answer with each request), and waits for all of them within `timeout`.
+async fn each<'a, F, Fut>(
+    sink: &PubSubSink,
+    channels: impl Iterator<Item = &'a str>,
+    timeout: Duration,
+    command: F,
+) -> Result<(), String>
+where
+    F: Fn(PubSubSink, &'a str) -> Fut,
+    Fut: Future<Output = redis::RedisResult<()>>,
+{
+    let sent = join_all(channels.map(|channel| command(sink.clone(), channel)));
+    match tokio::time::timeout(timeout, sent).await {
+        Ok(results) => results
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(drop)
+            .map_err(|error| error.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
+}
+
+/// The generation in a `saved:<generation>` message (the save script's), if it is one.
+pub(crate) fn saved_generation(message: &redis::Msg) -> Option<u64> {
+    let payload: String = message.get_payload().ok()?;
+    payload.strip_prefix("saved:")?.parse().ok()
 }
 
 /// The coordinators watching one store, and what has been handed to them.
@@ -174,7 +263,7 @@ impl Push {
     }
 
     /// Someone saved `generation`: read it unless it is known here already.
-    fn announce(&self, generation: u64) {
+    pub(crate) fn announce(&self, generation: u64) {
         self.announced.fetch_max(generation, Ordering::AcqRel);
         if generation > self.known() && self.watched() {
             self.wake.notify_one();
@@ -203,7 +292,7 @@ impl Push {
     }
 
     /// Messages may have been missed: read once.
-    fn catch_up(&self) {
+    pub(crate) fn catch_up(&self) {
         if self.watched() {
             self.catching_up.store(true, Ordering::Release);
             self.wake.notify_one();
@@ -224,6 +313,12 @@ impl Push {
                 tracing::warn!("a token store watcher panicked");
             }
         }
+    }
+
+    /// Whether the reader has a wake-up waiting (consumes it).
+    #[cfg(test)]
+    pub(crate) fn wake_pending(&self) -> bool {
+        futures_util::FutureExt::now_or_never(self.wake.notified()).is_some()
     }
 
     /// Whether a `GET` is worth it now: after a resubscription, or when a generation

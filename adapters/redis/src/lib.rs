@@ -140,6 +140,7 @@ mod events;
 mod inner;
 mod io;
 mod lock;
+mod namespace;
 mod ops;
 mod scripts;
 mod settings;
@@ -147,5 +148,6 @@ mod store;
 mod wire;
 
 pub use config::RedisStoreBuilder;
+pub use namespace::InvalidNamespace;
 pub use settings::ReplicaAck;
 pub use store::RedisStore;

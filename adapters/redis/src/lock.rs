@@ -175,7 +175,10 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
     let settings = &inner.settings;
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
-    let mut events = inner.events.clone();
+    // Woken through the namespace's channel: subscribed from now on (the first
+    // subscription wakes this waiter once, covering a release it may have missed).
+    inner.namespace.subscribe();
+    let mut events = inner.namespace.events();
     let mut delay = settings.poll_min;
     loop {
         // Messages sent before this attempt are already accounted for by it.
