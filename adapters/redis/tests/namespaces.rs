@@ -52,7 +52,11 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 /// The clients connected to the server other than `mine`: their `sub=` counts
 /// (subscribed channels), one entry per connection.
 async fn clients(con: &mut redis::aio::MultiplexedConnection) -> Vec<u64> {
-    let mine: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await.unwrap();
+    let mine: u64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(con)
+        .await
+        .unwrap();
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(con)
@@ -181,7 +185,10 @@ async fn pushed(
     guarded("the pushes", async {
         while got.len() < keys.len() {
             let (key, token) = rx.recv().await.expect("signals");
-            assert!(is_of(&token, key), "key {key} was pushed another key's token");
+            assert!(
+                is_of(&token, key),
+                "key {key} was pushed another key's token"
+            );
             if token.generation() == generation && keys.contains(&key) {
                 got.insert(key, token);
             }
@@ -266,7 +273,11 @@ async fn a_thousand_keyed_coordinators_share_two_connections_and_release_their_n
     .await;
     let mut sorted = subs;
     sorted.sort_unstable();
-    assert_eq!(sorted, [0, 1], "still two connections; only the store's channel");
+    assert_eq!(
+        sorted,
+        [0, 1],
+        "still two connections; only the store's channel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +332,10 @@ async fn a_save_in_one_namespace_is_pushed_to_its_watchers_only() {
         assert_eq!(current.generation(), 1);
     }
     assert_eq!(q_calls.load(Ordering::SeqCst), 0, "q never called a source");
-    assert!(rx.try_recv().is_err(), "no other namespace was pushed anything");
+    assert!(
+        rx.try_recv().is_err(),
+        "no other namespace was pushed anything"
+    );
 
     // The same save with only key 0 watched in q: the other 19 namespaces cost the
     // save above no read at all.
@@ -395,7 +409,10 @@ async fn a_lock_waiter_is_woken_by_its_own_namespace_and_never_held_by_another()
         // A pause between questions to the server, not a synchronisation.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(script_calls(&mut con).await > scripts_before, "a tried the lock");
+    assert!(
+        script_calls(&mut con).await > scripts_before,
+        "a tried the lock"
+    );
     held_a.unlock().await;
     let (_waiter_a, lock) = guarded("the waiter in a", waiting).await.unwrap();
     let lock = lock.expect("woken by a's release (it would poll only after 60 s)");
