@@ -44,6 +44,14 @@ use crate::settings::Settings;
 /// one store (or its clones): the lease and fence of a held lock live in the guard that
 /// [`TokenStore::lock`] returns, not in the store.
 ///
+/// # Namespaces
+///
+/// [`RedisStore::namespace`] and [`RedisStore::namespace_for_key`] give views with a
+/// token, lock and channel of their own (`{<prefix>ns:<namespace>}token`, …) on the
+/// same two connections: one namespace per user, tenant or audience of a
+/// [`KeyedFlights`](tokenflight::keyed::KeyedFlights), so the whole fleet makes one
+/// refresh per key per expiry (crate docs, "Namespaces").
+///
 /// # Limits
 ///
 /// - While Redis is unreachable, refreshes fail (the coordinator backs off and keeps
