@@ -175,9 +175,6 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
     let settings = &inner.settings;
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
-    // Woken through the namespace's channel: subscribed from now on (the first
-    // subscription wakes this waiter once, covering a release it may have missed).
-    inner.namespace.subscribe();
     let mut events = inner.namespace.events();
     let mut delay = settings.poll_min;
     loop {
@@ -223,6 +220,10 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
                 released: false,
             });
         }
+        // Held by someone else: woken through the namespace's channel from now on. A
+        // namespace whose lock is never contended never subscribes for it; the first
+        // subscription wakes this waiter once, covering a release it may have missed.
+        inner.namespace.subscribe();
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(StoreError::LockTimeout);
