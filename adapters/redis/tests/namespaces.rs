@@ -374,12 +374,13 @@ async fn a_lock_waiter_is_woken_by_its_own_namespace_and_never_held_by_another()
         .connect()
         .await
         .unwrap();
-    // The waiter would poll only after 60 s and gives up after 20 s: only a pub/sub
-    // message on its own namespace's channel can get it the lock.
+    // The waiter would poll only after 10 minutes (and waits for the lock up to 20 minutes):
+    // within the hang guard only a pub/sub message on its own namespace's channel can
+    // get it the lock.
     let waiter = RedisStore::builder(server.url())
         .key_prefix("ns3:")
-        .poll_interval(Duration::from_secs(60), Duration::from_secs(60))
-        .lock_wait(Duration::from_secs(20))
+        .poll_interval(Duration::from_secs(600), Duration::from_secs(600))
+        .lock_wait(Duration::from_secs(1200))
         .connect()
         .await
         .unwrap();
@@ -418,7 +419,7 @@ async fn a_lock_waiter_is_woken_by_its_own_namespace_and_never_held_by_another()
     );
     held_a.unlock().await;
     let (_waiter_a, lock) = guarded("the waiter in a", waiting).await.unwrap();
-    let lock = lock.expect("woken by a's release (it would poll only after 60 s)");
+    let lock = lock.expect("woken by a's release");
     lock.unlock().await;
     held_b.unlock().await;
     held_c.unlock().await;
