@@ -193,6 +193,7 @@ mod conn;
 mod events;
 mod inner;
 mod io;
+mod listener;
 mod lock;
 mod namespace;
 mod ops;

@@ -8,7 +8,7 @@
 //! [`Namespace`] per name and process: views of the same name share it, so a save
 //! through one is handed to the others' watchers without a read. The [`Registry`] maps
 //! channel names to live namespaces (weakly: it never keeps one alive), and the single
-//! listener ([`crate::events::listen`]) dispatches each message by its channel through
+//! listener (`listener.rs`) dispatches each message by its channel through
 //! it. When the last view of a namespace is dropped (a keyed coordinator evicted), its
 //! entry leaves the registry and its subscription is dropped: nothing grows with the
 //! number of namespaces a process has ever used.
@@ -418,7 +418,10 @@ mod tests {
         second.subscribe();
         assert_eq!(changed.try_recv().unwrap(), keys.channel);
         assert!(changed.try_recv().is_err());
-        assert_eq!(registry.wanted_channels(), [keys.channel.clone()]);
+        assert_eq!(
+            registry.wanted_channels(),
+            std::slice::from_ref(&keys.channel)
+        );
         drop(first);
         assert_eq!(registry.live(), 1, "a view is left");
         drop(second);

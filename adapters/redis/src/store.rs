@@ -11,9 +11,9 @@ use tokenflight::{
 use tokio::runtime::Handle;
 
 use crate::conn::{Con, Subscriber};
-use crate::events;
 use crate::inner::Inner;
 use crate::io::{bounded, on_runtime};
+use crate::listener;
 use crate::lock;
 use crate::namespace::{self, Hub, InvalidNamespace};
 use crate::ops;
@@ -117,7 +117,7 @@ impl RedisStore {
     ) -> Self {
         let timeout = settings.connect_timeout;
         let (hub, registry, changed) = Hub::new(settings, con, runtime.clone());
-        runtime.spawn(events::listen(subscriber, registry, changed, timeout));
+        runtime.spawn(listener::listen(subscriber, registry, changed, timeout));
         let store = RedisStore::view(&hub, None);
         // The store itself subscribes at once, as it always did; namespaces subscribe
         // with their first watcher or lock waiter.
@@ -152,9 +152,9 @@ impl RedisStore {
     /// its namespace, and every replica of a fleet shares each key's refresh.
     ///
     /// `namespace` must be 1 to 64 ASCII letters, digits, `-` or `_`: a name made by
-    /// [`key_namespace`](tokenflight::keyed::key_namespace) (32 hex digits), or a
+    /// [`key_namespace`] (32 hex digits), or a
     /// fixed name of your own (`"billing-api"`). Anything else is refused with
-    /// [`InvalidNamespace`](crate::InvalidNamespace) (which converts into
+    /// [`InvalidNamespace`] (which converts into
     /// [`StoreError`] and [`tokenflight::ConfigError`]): raw key values — user ids,
     /// e-mail addresses — never become Redis keys. [`RedisStore::namespace_for_key`]
     /// hashes a raw key for you.
