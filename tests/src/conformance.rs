@@ -57,6 +57,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
+use tokenflight::keyed::TokenKey;
 use tokenflight::oauth2::{ClientCredentialsGrant, RefreshTokenGrant};
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, Classifier, Placement, Token, adapter::FuturesTimer,
@@ -1497,8 +1498,22 @@ async fn run_load(
     duration: Duration,
     usable: Option<(&TestServer, Duration)>,
 ) -> LoadOutcome {
+    run_load_on(client, &[(api_base, None)], clients, duration, usable).await
+}
+
+/// [`run_load`] over several APIs: client `c` sends to `targets[c % targets.len()]`, a
+/// base URL and the audience whose tokens count as usable for it (`None`: tokens
+/// without one).
+async fn run_load_on(
+    client: &dyn TestClient,
+    targets: &[(&str, Option<&str>)],
+    clients: usize,
+    duration: Duration,
+    usable: Option<(&TestServer, Duration)>,
+) -> LoadOutcome {
     let started = Instant::now();
     let one = |c: usize| async move {
+        let (api_base, audience) = targets[c % targets.len()];
         let mut outcome = LoadOutcome::default();
         let mut n = 0u64;
         while started.elapsed() < duration {
@@ -1526,7 +1541,10 @@ async fn run_load(
             match failure {
                 None => outcome.ok += 1,
                 Some(failure) => {
-                    let life = usable.and_then(|(server, _)| server.longest_valid_life(sent));
+                    let life = usable.and_then(|(server, _)| match audience {
+                        Some(audience) => server.longest_valid_life_for(audience, sent),
+                        None => server.longest_valid_life(sent),
+                    });
                     let had_usable = usable.is_some_and(|(_, margin)| life > Some(margin));
                     if had_usable {
                         outcome.failed_with_usable_token += 1;
@@ -2163,6 +2181,87 @@ pub async fn s20_keyed_by_origin_by_default(adapter: &dyn Adapter) {
     }
 }
 
+/// S21 (issue 17): the keyed defaults on hostile but normal conditions — S16's short
+/// lifetimes and S17's flaky endpoint at once, with 100 clients over two audiences
+/// (a keyed policy, the key found from the path by a key function). Per audience at
+/// most 2 issued tokens per lifetime (C15 per key), no request fails while its
+/// audience had a usable token, at most 1 % fail, no token crosses audiences.
+pub async fn s21_keyed_short_lifetimes_and_a_flaky_endpoint(adapter: &dyn Adapter) {
+    let name = adapter.name();
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: SHORT_LIFETIME,
+        ..TestServerConfig::default()
+    });
+    let auth = audience_policy(adapter, &server, |b| {
+        b.token_key(|_, url| {
+            let audience = url.path().trim_start_matches("/api/aud/");
+            TokenKey::new(audience.split('/').next().unwrap_or_default())
+        })
+    });
+    let client = adapter.client(auth.clone());
+    server.set_token_failure_rate(FLAKY_RATE, FLAKY_SEED);
+    let bases: Vec<String> = AUDIENCES
+        .iter()
+        .map(|a| server.audience_url(a, ""))
+        .collect();
+    let targets: Vec<(&str, Option<&str>)> = bases
+        .iter()
+        .zip(AUDIENCES)
+        .map(|(base, audience)| (base.as_str(), Some(audience)))
+        .collect();
+    let load = run_load_on(
+        &*client,
+        &targets,
+        LOAD_CLIENTS,
+        load_duration(),
+        Some((&server, default_leeway(SHORT_LIFETIME))),
+    )
+    .await;
+    let counters = server.counters();
+    let lifetimes = lifetimes_in(Duration::from_secs_f64(load.elapsed_s));
+    let failed_share = load.not_ok() as f64 / load.requests.max(1) as f64;
+    println!(
+        "[{name}] S21: {LOAD_CLIENTS} clients over {} audiences, {:.1} s = {lifetimes} \
+         lifetimes, {} requests, {} failed ({:.3} %), {} with a usable token; tokens issued \
+         per audience {:?}, {} token calls, {} failed at random",
+        AUDIENCES.len(),
+        load.elapsed_s,
+        load.requests,
+        load.not_ok(),
+        failed_share * 100.0,
+        load.failed_with_usable_token,
+        counters.issued_per_audience,
+        counters.token_calls,
+        counters.random_failures,
+    );
+    assert!(counters.random_failures > 0, "[{name}] S21: nothing failed");
+    assert_eq!(
+        load.failed_with_usable_token, 0,
+        "[{name}] S21: requests failed while their audience had a usable token: {:?}",
+        load.first_failures
+    );
+    assert!(
+        failed_share <= FLAKY_MAX_FAILED,
+        "[{name}] S21: {} of {} requests failed: {:?}",
+        load.not_ok(),
+        load.requests,
+        load.first_failures
+    );
+    for audience in AUDIENCES {
+        let issued = counters
+            .issued_per_audience
+            .get(audience)
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            (1..=2 * lifetimes).contains(&issued),
+            "[{name}] S21: {issued} tokens for {audience} in {lifetimes} lifetimes"
+        );
+    }
+    assert_eq!(counters.cross_audience_requests, 0, "[{name}] S21");
+    assert_eq!(counters.reuse_detections, 0, "[{name}] S21");
+}
+
 /// Expands to one test function per conformance scenario, each run with the given
 /// runtime attribute against a fresh adapter value.
 ///
@@ -2205,6 +2304,7 @@ macro_rules! conformance_tests {
             s18_outage_follows_the_backoff_then_recovers,
             s19_two_audiences_never_share_a_token,
             s20_keyed_by_origin_by_default,
+            s21_keyed_short_lifetimes_and_a_flaky_endpoint,
         );
         $crate::conformance_tests!(
             @processes $runtime, $adapter;

@@ -313,7 +313,16 @@ impl TestServer {
     /// none: whether a client could still have used a token at some point, e.g. when
     /// one of its requests failed.
     pub fn longest_valid_life(&self, issued_before: std::time::Instant) -> Option<Duration> {
-        self.read(|s| s.longest_valid_life(issued_before))
+        self.read(|s| s.longest_valid_life(issued_before, None))
+    }
+
+    /// [`longest_valid_life`](Self::longest_valid_life) among the tokens of `audience`.
+    pub fn longest_valid_life_for(
+        &self,
+        audience: &str,
+        issued_before: std::time::Instant,
+    ) -> Option<Duration> {
+        self.read(|s| s.longest_valid_life(issued_before, Some(audience)))
     }
 
     /// Lifetime of access tokens issued from now on.

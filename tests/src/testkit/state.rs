@@ -304,11 +304,16 @@ impl State {
     /// The remaining life of the valid access token (unexpired, family not revoked)
     /// that expires last among those issued before `issued_before`; `None` if there is
     /// none.
-    pub(crate) fn longest_valid_life(&self, issued_before: Instant) -> Option<Duration> {
+    pub(crate) fn longest_valid_life(
+        &self,
+        issued_before: Instant,
+        audience: Option<&str>,
+    ) -> Option<Duration> {
         let now = Instant::now();
         self.access
             .values()
             .filter(|t| t.issued_at < issued_before && now < t.expires_at)
+            .filter(|t| t.audience.as_deref() == audience)
             .filter(|t| t.family.is_none_or(|f| !self.revoked_families.contains(&f)))
             .map(|t| t.expires_at.saturating_duration_since(now))
             .max()
