@@ -38,6 +38,10 @@
 //!   `KeyedFlights` evicting an idle key — unsubscribes it; after a reconnect every
 //!   namespace is subscribed again and catches up with one read.
 //!
+//! A keyed `AuthPolicy` (`.keyed(|key: &TokenKey, shared| ..)` on an adapter's builder)
+//! does the same in its factory:
+//! `shared.store(store.namespace_for_key(key.as_str().as_bytes()))`.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use tokenflight::keyed::KeyedFlights;
