@@ -27,7 +27,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -37,8 +37,8 @@ use tokenflight::{
     AuthPolicy, Error, RefreshContext, RefreshError, RefreshReason, SingleFlight, Token,
     TokenSource, adapter::AuthError, adapter::AuthRequest, adapter::AuthResponse, adapter::Clock,
     adapter::InvalidHeader, adapter::RequestOptions, adapter::ResponseView, adapter::Spawn,
-    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::TokenStore,
-    store::WithGeneration, test_util::ManualClock,
+    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::StoreWatcher,
+    store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 use url::Url;
 
@@ -191,6 +191,37 @@ pub enum Op {
         /// What happens to the armed call.
         fault: Fault,
     },
+    /// The store pushes a saved token to the coordinator ([`TokenStore::watch`],
+    /// issue 20), between any two steps: while a flight runs, while a login is unsaved,
+    /// while re-authentication is required or a backoff holds.
+    Push(Push),
+}
+
+/// What [`Op::Push`] pushes, and what the coordinator must do with it (it adopts a
+/// pushed token by the rule of its unlocked read of the store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum Push {
+    /// Another replica saved a usable token (an hour) numbered above every generation
+    /// so far. Written to the store too when no flight of this coordinator holds the
+    /// store's lock (no live source call or sleep); else only pushed (a save the
+    /// store's pub/sub delivers out of order). Adopted at once, unless a login is
+    /// unsaved (C17: an unsaved login is newer than anything stored).
+    Newer,
+    /// A different token with the current token's generation (a duplicate or a
+    /// corrupt record): ignored (a generation names one token: C3).
+    Equal,
+    /// A token one generation below the current one (a late push): ignored (C9: the
+    /// current token never goes back).
+    Older,
+    /// A usable token numbered above [`MAX_GENERATION`] (a corrupt store): ignored (C17).
+    AboveMax,
+    /// A token numbered above every generation so far but expired an hour ago:
+    /// ignored (C16: only a usable token replaces the current one).
+    Expired,
+    /// The store's push of this coordinator's own oldest save not pushed back yet
+    /// (Redis pushes every save to every watcher, the saver included): it changes
+    /// nothing the contracts see.
+    Echo,
 }
 
 /// Which generation a [`Op::Reject`] caller reports as rejected.
@@ -380,6 +411,14 @@ pub struct Summary {
     pub expired_on_arrival: usize,
     /// Logins of other replicas written to the shared store.
     pub replica_logins: usize,
+    /// Tokens the store pushed ([`Op::Push`]).
+    pub pushes: usize,
+    /// Pushed tokens the coordinator adopted.
+    pub pushes_adopted: usize,
+    /// Pushes that arrived while a flight ran (a live source call or sleep).
+    pub pushes_during_flights: usize,
+    /// Newer pushes that arrived while a login was unsaved (and had to be ignored).
+    pub pushes_over_unsaved_logins: usize,
 }
 
 /// Runs `scenario` and checks the contracts after every step:
@@ -508,6 +547,8 @@ struct Shared {
     /// Calls of the `on_auth_lost` hook: the error message, and the number of logins
     /// so far.
     hook_calls: Vec<(String, usize)>,
+    /// This coordinator's saves the store has not pushed back yet ([`Push::Echo`]).
+    echoes: std::collections::VecDeque<Token>,
 }
 
 impl Shared {
@@ -535,6 +576,9 @@ struct SourceCall {
     at_risk: bool,
     /// The step whose checks already looked at this call.
     checked: bool,
+    /// The coordinator's current token when it started (a pushed token that makes the
+    /// call needless: C2).
+    current: Option<Arc<Token>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -592,6 +636,7 @@ impl TokenSource for ModelSource {
         }
         let index = shared.calls.len();
         let flight = shared.flights_started();
+        let current = shared.flight.as_ref().and_then(SingleFlight::current);
         let (logins_before, mono, wall_epoch, failure_before) = (
             shared.login_flights.len(),
             shared.mono,
@@ -611,6 +656,7 @@ impl TokenSource for ModelSource {
             failure_before,
             at_risk: false,
             checked: false,
+            current,
         });
         drop(shared);
         Box::pin(SourceFuture {
@@ -688,10 +734,13 @@ impl Drop for SourceFuture {
 
 /// The memory store with planted faults: records the generation of every token saved (a
 /// refresh's token gets its generation before it is handed out, even when it never
-/// becomes current), and makes the armed call fail, hang or panic.
+/// becomes current), and makes the armed call fail, hang or panic. It keeps its
+/// watchers (issue 20) and pushes tokens to them when the scenario says so
+/// ([`Op::Push`]); its own saves are queued for [`Push::Echo`].
 struct ModelStore {
     inner: MemoryStore,
     shared: Arc<Mutex<Shared>>,
+    watchers: Mutex<Vec<Weak<dyn StoreWatcher>>>,
 }
 
 impl ModelStore {
@@ -731,7 +780,24 @@ fn planted_store_error() -> StoreError {
     StoreError::Unavailable(format!("{PLANTED}: store failure").into())
 }
 
+impl ModelStore {
+    /// Pushes `token` to every live watcher, as a store's pub/sub does.
+    fn push(&self, token: &Token) {
+        let live: Vec<Arc<dyn StoreWatcher>> = {
+            let mut watchers = lock(&self.watchers);
+            watchers.retain(|w| w.strong_count() > 0);
+            watchers.iter().filter_map(Weak::upgrade).collect()
+        };
+        for watcher in live {
+            watcher.token_saved(token.clone());
+        }
+    }
+}
+
 impl TokenStore for ModelStore {
+    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
+        lock(&self.watchers).push(watcher);
+    }
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         match self.fault() {
             None => self.inner.load(),
@@ -784,6 +850,7 @@ impl StoreGuard for ModelGuard {
                 shared.saved.insert(access.clone(), token.generation());
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
+                shared.echoes.push_back(token.clone());
                 drop(shared);
                 self.inner.save(token)
             }
@@ -1154,6 +1221,7 @@ impl World {
         let store = Arc::new(ModelStore {
             inner: MemoryStore::new(),
             shared: shared.clone(),
+            watchers: Mutex::new(Vec::new()),
         });
         if let Some(stale) = setup.stale {
             // Another account's session from an earlier run, straight into the store.
@@ -1490,6 +1558,7 @@ impl World {
             Op::Login => self.login()?,
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
             Op::ReplicaLogin => self.replica_login(),
+            Op::Push(push) => self.store_push(push)?,
         }
         self.adopt_spawned();
         Ok(())
@@ -1698,6 +1767,201 @@ impl World {
         let faults = self.shared().faults_fired;
         self.known.replica_logins.push((access, self.mono, faults));
         self.summary.replica_logins += 1;
+    }
+
+    /// Whether the current token is a login (or the initial token) that is not in the
+    /// store yet: nothing pushed may replace it (C17). Logins through [`Op::Login`] are
+    /// saved at once (the memory store's lock is free); the initial token waits for the
+    /// first flight, and a store fault can keep it unsaved.
+    fn login_unsaved(&self) -> bool {
+        let Some(current) = self.flight.current() else {
+            return false;
+        };
+        let access = current.access().expose();
+        (access == "initial" || access.starts_with("login-"))
+            && !self
+                .shared()
+                .saves
+                .iter()
+                .any(|(saved, ..)| saved == access)
+    }
+
+    /// [`Op::Push`]: the store pushes a token to the coordinator; checks at once what
+    /// the coordinator did with it (the steps' checks then look at the rest).
+    fn store_push(&mut self, push: Push) -> Result<(), Violation> {
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let before = self.flight.current();
+        let current = before.as_ref().map_or(0, |t| t.generation());
+        let n = self.summary.pushes + 1;
+        let now = self.now();
+        let during_flight = self.flight_running();
+        let unsaved = self.login_unsaved();
+        // Above everything the coordinator can have numbered, adopted or seen rejected
+        // (a store fault can hide a number it gave a token it never saved: see below).
+        let stored = futures::executor::block_on(store.inner.load())
+            .ok()
+            .flatten()
+            .map(|t| t.generation())
+            .filter(|&g| g <= MAX_GENERATION)
+            .unwrap_or(0);
+        let saved = self
+            .shared()
+            .saves
+            .iter()
+            .map(|s| s.1)
+            .filter(|&g| g <= MAX_GENERATION)
+            .max()
+            .unwrap_or(0);
+        let top = self
+            .known
+            .max_generation
+            .max(current)
+            .max(self.known.rejected)
+            .max(stored)
+            .max(saved);
+        let access = format!("pushed-{n}");
+        let fresh = |generation: u64| {
+            Token::new(access.clone())
+                .with_refresh(format!("pushed-refresh-{n}"))
+                .expires_in(Duration::from_secs(3600), now)
+                .with_generation(generation)
+        };
+        let (token, lifetime) = match push {
+            Push::Newer => (fresh(top.saturating_add(1)), 3600),
+            Push::Equal if current > 0 => (fresh(current), 3600),
+            Push::Older if current > 1 => (fresh(current - 1), 3600),
+            Push::Equal | Push::Older => return Ok(()),
+            Push::AboveMax => (fresh(MAX_GENERATION + 1), 3600),
+            Push::Expired => (
+                compat::obtained_at(
+                    Token::new(access.clone())
+                        .with_refresh(format!("pushed-refresh-{n}"))
+                        .expires_at(now - Duration::from_secs(3600)),
+                    now - Duration::from_secs(7200),
+                )
+                .with_generation(top.saturating_add(1)),
+                -3600,
+            ),
+            Push::Echo => match self.shared().echoes.pop_front() {
+                Some(token) => (token, 0),
+                None => return Ok(()),
+            },
+        };
+        let generation = token.generation();
+        if push != Push::Echo {
+            let issued = Issued {
+                mono: self.mono,
+                wall_epoch: self.shared().wall_epoch,
+                lifetime: Some(lifetime),
+            };
+            self.known.issued.insert(access.clone(), issued);
+            self.known.generations.insert(access.clone(), generation);
+        }
+        if push == Push::Newer && !during_flight {
+            // Another replica saved it under the store's lock (free: no flight here).
+            let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
+            self.known.max_generation = generation;
+        }
+        self.summary.pushes += 1;
+        if during_flight {
+            self.summary.pushes_during_flights += 1;
+        }
+        if push == Push::Newer && unsaved {
+            self.summary.pushes_over_unsaved_logins += 1;
+        }
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| store.push(&token))) {
+            return Err(self.violation(
+                "C18",
+                format!("a pushed token panicked: {}", panic_message(&*panic)),
+            ));
+        }
+        let after = self.flight.current();
+        let changed = match (&before, &after) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, None) => false,
+            _ => true,
+        };
+        let adopted = changed
+            && after
+                .as_ref()
+                .is_some_and(|t| t.access().expose() == token.access().expose());
+        if adopted {
+            self.summary.pushes_adopted += 1;
+            // A pushed token ends the backoff, as a flight that adopted the same token
+            // from the store would (documented on the coordinator's `adopt_pushed`).
+            self.shared().last_failure = None;
+        }
+        let now_gen = after.as_ref().map_or(0, |t| t.generation());
+        let broken = match push {
+            _ if changed && !adopted => Some((
+                "C9",
+                format!(
+                    "a push of generation {generation} changed the current token to another one (generation {now_gen})"
+                ),
+            )),
+            Push::Equal if changed => Some((
+                "C3",
+                format!(
+                    "a different token with the current generation {generation} replaced the current token"
+                ),
+            )),
+            Push::Older if changed => Some((
+                "C9",
+                format!(
+                    "a push of generation {generation} took the current token back from generation {current}"
+                ),
+            )),
+            Push::AboveMax if changed => Some((
+                "C17",
+                format!(
+                    "a pushed token of generation {generation}, above the maximum, was adopted"
+                ),
+            )),
+            Push::Expired if changed => Some((
+                "C16",
+                format!(
+                    "an expired pushed token (generation {generation}) replaced generation {current}"
+                ),
+            )),
+            Push::Echo if changed && generation <= current => Some((
+                "C9",
+                format!(
+                    "the echo of an own save (generation {generation}) replaced generation {current}"
+                ),
+            )),
+            Push::Newer if changed && unsaved => Some((
+                "C17",
+                format!(
+                    "a pushed token (generation {generation}) replaced a login not saved yet (generation {current})"
+                ),
+            )),
+            // Adopting is exact when no store fault fired: a fault can leave a number
+            // the coordinator gave a token it never saved (a hanging save) above `top`.
+            Push::Newer
+                if !changed
+                    && !unsaved
+                    && self.shared().faults_fired == 0
+                    && self.surely_usable(&token) =>
+            {
+                Some((
+                    "C2",
+                    format!(
+                        "a pushed usable token newer than everything (generation {generation})                          was not adopted (current: generation {current}): every replica would                          refresh on its own"
+                    ),
+                ))
+            }
+            Push::Newer if adopted && self.flight.is_auth_lost() => Some((
+                "C17",
+                "a pushed token was adopted but re-authentication is still required".to_owned(),
+            )),
+            _ => None,
+        };
+        match broken {
+            Some((contract, message)) => Err(self.violation(contract, message)),
+            None => Ok(()),
+        }
     }
 
     fn settle(&mut self) -> Result<(), Violation> {
@@ -2517,10 +2781,19 @@ impl World {
             wall_epoch: u32,
             at_risk: bool,
             failure_before: Option<FailureSeen>,
+            current: Option<Arc<Token>>,
+            /// The generation the flight's first call replaced.
+            flight_replaces: Option<u64>,
         }
         let calls: Vec<Seen> = {
             let mut shared = self.shared();
             let flights: Vec<u64> = shared.calls.iter().map(|c| c.flight).collect();
+            let mut first_previous: HashMap<u64, Option<u64>> = HashMap::new();
+            for call in &shared.calls {
+                first_previous
+                    .entry(call.flight)
+                    .or_insert_with(|| call.previous.as_ref().map(|t| t.generation()));
+            }
             shared
                 .calls
                 .iter_mut()
@@ -2542,6 +2815,8 @@ impl World {
                         wall_epoch: c.wall_epoch,
                         at_risk: c.at_risk,
                         failure_before: c.failure_before,
+                        current: c.current.clone(),
+                        flight_replaces: first_previous.get(&c.flight).copied().flatten(),
                     }
                 })
                 .collect()
@@ -2564,6 +2839,27 @@ impl World {
                         call.at,
                         call.first_of_flight,
                     )?;
+                }
+                // C2 (issue 20): a flight whose token to replace was superseded (by a
+                // pushed token, most often while it paused between attempts) ends with
+                // the newer usable token instead of calling the source.
+                if reason != RefreshReason::Forced && !self.known.unseen_rejections {
+                    if let Some(current) = call.current.as_ref().filter(|t| {
+                        self.surely_usable(t)
+                            && call.flight_replaces.is_none_or(|g| t.generation() > g)
+                    }) {
+                        return Err(self.violation(
+                            "C2",
+                            format!(
+                                "source call {n} ({reason:?}, flight {}) started although \
+                                 generation {} was current and usable, newer than the \
+                                 generation {:?} the flight replaces",
+                                call.flight,
+                                current.generation(),
+                                call.flight_replaces
+                            ),
+                        ));
+                    }
                 }
                 let previous_access = call.previous.as_ref().map(|t| t.access().expose());
                 // C17: the stale session's refresh token is never spent over a login.

@@ -21,8 +21,8 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tokenflight_tests::model::{
-    self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, RetryAfter, Scenario, Setup, Stale,
-    Step, Summary, Which,
+    self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Push, RetryAfter, Scenario, Setup,
+    Stale, Step, Summary, Which,
 };
 
 const DEFAULT_CASES: u32 = 256;
@@ -111,6 +111,10 @@ fn add(total: &mut Summary, s: &Summary) {
     total.wall_steps += s.wall_steps;
     total.expired_on_arrival += s.expired_on_arrival;
     total.replica_logins += s.replica_logins;
+    total.pushes += s.pushes;
+    total.pushes_adopted += s.pushes_adopted;
+    total.pushes_during_flights += s.pushes_during_flights;
+    total.pushes_over_unsaved_logins += s.pushes_over_unsaved_logins;
 }
 
 // ----- generators
@@ -137,6 +141,8 @@ struct Weights {
     /// Another replica's login lands in the shared store.
     replica: u32,
     fault: u32,
+    /// The store pushes a token (issue 20).
+    push: u32,
     /// Weight of a stale session in the store (against 3 for none).
     stale: u32,
     /// Probability that the auth-lost hook panics.
@@ -159,6 +165,7 @@ const MIXED: Weights = Weights {
     login: 1,
     replica: 0,
     fault: 0,
+    push: 1,
     stale: 1,
     hook_panics: 0.1,
 };
@@ -244,6 +251,19 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Mostly newer tokens (adopted, or not over an unsaved login), and each kind the
+/// coordinator must ignore.
+fn push() -> impl Strategy<Value = Push> {
+    prop_oneof![
+        4 => Just(Push::Newer),
+        1 => Just(Push::Equal),
+        1 => Just(Push::Older),
+        1 => Just(Push::AboveMax),
+        1 => Just(Push::Expired),
+        2 => Just(Push::Echo),
+    ]
+}
+
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
         Just(Fault::Fail),
@@ -275,10 +295,11 @@ fn op(w: Weights) -> impl Strategy<Value = Op> {
         w.advance => step().prop_map(Op::Advance),
         w.wall => any::<(bool, bool)>().prop_map(|(forward, big)| Op::WallStep { forward, big }),
         // One arm for the rarer operations: `prop_oneof!` takes at most ten.
-        w.login + w.replica + w.fault => prop_oneof![
+        w.login + w.replica + w.fault + w.push => prop_oneof![
             w.login => Just(Op::Login),
             w.replica => Just(Op::ReplicaLogin),
             w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
+            w.push => push().prop_map(Op::Push),
         ],
     ]
 }
@@ -473,6 +494,41 @@ fn c9_backoff_holds_through_wall_steps_and_huge_retry_after() {
     assert!(
         total.wall_steps > 0 && total.errors > 0,
         "the generator never stepped the wall clock or failed: {total:?}"
+    );
+}
+
+/// Issue 20: the store pushes tokens (newer, equal, older, above the maximum, expired,
+/// echoes of this coordinator's own saves) between any two steps — while a flight
+/// waits for its source or pauses between attempts, while the initial login is
+/// unsaved, while re-authentication is required or a backoff holds. Only a usable
+/// token newer than everything is adopted, never over an unsaved login (C17); the
+/// current generation never goes back (C9) nor is reused by another token (C3); a
+/// flight whose token was superseded by a push ends with it instead of calling the
+/// source (C2); and every other contract still holds.
+#[test]
+fn c2_c3_c17_pushed_tokens_are_adopted_only_if_newer_usable_and_over_no_unsaved_login() {
+    let w = Weights {
+        push: 6,
+        login: 1,
+        fault: 1,
+        source: 4,
+        failures: 4,
+        advance: 2,
+        stale: 2,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c2_c3_c17_pushed_tokens_are_adopted_only_if_newer_usable_and_over_no_unsaved_login",
+        scenario(w, 160),
+    );
+    assert!(
+        total.pushes_adopted > 0
+            && total.pushes_during_flights > 0
+            && total.pushes_over_unsaved_logins > 0
+            && total.pushes > total.pushes_adopted,
+        "the generator never pushed during a flight, over an unsaved login, or a token to \
+         ignore: {total:?}"
     );
 }
 
