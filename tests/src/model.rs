@@ -547,6 +547,9 @@ struct Shared {
     /// Calls of the `on_auth_lost` hook: the error message, and the number of logins
     /// so far.
     hook_calls: Vec<(String, usize)>,
+    /// The highest sane generation of a token this coordinator tried to save (every
+    /// token it numbers, it saves at once; the save may fail or hang).
+    max_numbered: u64,
     /// This coordinator's saves the store has not pushed back yet ([`Push::Echo`]).
     echoes: std::collections::VecDeque<Token>,
 }
@@ -843,11 +846,20 @@ impl StoreGuard for ModelGuard {
         }
     }
     fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        {
+            // The coordinator numbered this token, whether or not the save goes through:
+            // a flight whose save hangs or fails still hands it to its waiters.
+            let mut shared = lock_shared(&self.shared);
+            let access = token.access().expose().to_owned();
+            shared.saved.insert(access, token.generation());
+            if token.generation() <= MAX_GENERATION {
+                shared.max_numbered = shared.max_numbered.max(token.generation());
+            }
+        }
         match fault(&self.shared) {
             None => {
                 let mut shared = lock_shared(&self.shared);
                 let access = token.access().expose().to_owned();
-                shared.saved.insert(access.clone(), token.generation());
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
                 shared.echoes.push_back(token.clone());
@@ -1798,22 +1810,14 @@ impl World {
         let now = self.now();
         let during_flight = self.flight_running();
         let unsaved = self.login_unsaved();
-        // Above everything the coordinator can have numbered, adopted or seen rejected
-        // (a store fault can hide a number it gave a token it never saved: see below).
+        // Above everything the coordinator can have numbered, adopted or seen rejected.
         let stored = futures::executor::block_on(store.inner.load())
             .ok()
             .flatten()
             .map(|t| t.generation())
             .filter(|&g| g <= MAX_GENERATION)
             .unwrap_or(0);
-        let saved = self
-            .shared()
-            .saves
-            .iter()
-            .map(|s| s.1)
-            .filter(|&g| g <= MAX_GENERATION)
-            .max()
-            .unwrap_or(0);
+        let saved = self.shared().max_numbered;
         let top = self
             .known
             .max_generation
@@ -1937,21 +1941,14 @@ impl World {
                     "a pushed token (generation {generation}) replaced a login not saved yet (generation {current})"
                 ),
             )),
-            // Adopting is exact when no store fault fired: a fault can leave a number
-            // the coordinator gave a token it never saved (a hanging save) above `top`.
-            Push::Newer
-                if !changed
-                    && !unsaved
-                    && self.shared().faults_fired == 0
-                    && self.surely_usable(&token) =>
-            {
-                Some((
-                    "C2",
-                    format!(
-                        "a pushed usable token newer than everything (generation {generation})                          was not adopted (current: generation {current}): every replica would                          refresh on its own"
-                    ),
-                ))
-            }
+            Push::Newer if !changed && !unsaved && self.surely_usable(&token) => Some((
+                "C2",
+                format!(
+                    "a pushed usable token newer than everything (generation {generation}) \
+                         was not adopted (current: generation {current}): every replica would \
+                         refresh on its own"
+                ),
+            )),
             Push::Newer if adopted && self.flight.is_auth_lost() => Some((
                 "C17",
                 "a pushed token was adopted but re-authentication is still required".to_owned(),
