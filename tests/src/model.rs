@@ -1186,6 +1186,9 @@ struct Knowledge {
     replica_logins: Vec<(String, Duration, usize)>,
     /// Per flight: the error its waiters got, and whether one got its own token (C5).
     flight_outcomes: HashMap<u64, FlightSeen>,
+    /// `Shared::saves` when the last login was installed: a save after it saved the
+    /// login or a refresh of it (a flight that started before it saves nothing: C17).
+    login_saves_from: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1716,6 +1719,8 @@ impl World {
             shared.login_flights.push(flights);
             shared.installing = true;
         }
+        let saves = self.shared().saves.len();
+        self.known.login_saves_from = saves;
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let flight = self.flight.clone();
@@ -1798,6 +1803,22 @@ impl World {
                 .any(|(saved, ..)| saved == access)
     }
 
+    /// Whether the last login (or the initial token) may still be unsaved: neither it
+    /// nor a refresh of it has been saved since it was installed. A push may then be
+    /// ignored (the session here is newer than anything stored) even when the current
+    /// token is a refresh of the login that failed to save.
+    fn login_maybe_unsaved(&self) -> bool {
+        let login = match self.logins() {
+            0 if self.setup.initial == Initial::NoToken => return false,
+            0 => "initial".to_owned(),
+            n => format!("login-{n}"),
+        };
+        let shared = self.shared();
+        !shared.saves[self.known.login_saves_from.min(shared.saves.len())..]
+            .iter()
+            .any(|(access, ..)| *access == login || call_of_access(access).is_some())
+    }
+
     /// [`Op::Push`]: the store pushes a token to the coordinator; checks at once what
     /// the coordinator did with it (the steps' checks then look at the rest).
     fn store_push(&mut self, push: Push) -> Result<(), Violation> {
@@ -1810,6 +1831,7 @@ impl World {
         let now = self.now();
         let during_flight = self.flight_running();
         let unsaved = self.login_unsaved();
+        let maybe_unsaved = self.login_maybe_unsaved();
         // Above everything the coordinator can have numbered, adopted or seen rejected.
         let stored = futures::executor::block_on(store.inner.load())
             .ok()
@@ -1941,7 +1963,7 @@ impl World {
                     "a pushed token (generation {generation}) replaced a login not saved yet (generation {current})"
                 ),
             )),
-            Push::Newer if !changed && !unsaved && self.surely_usable(&token) => Some((
+            Push::Newer if !changed && !maybe_unsaved && self.surely_usable(&token) => Some((
                 "C2",
                 format!(
                     "a pushed usable token newer than everything (generation {generation}) \

@@ -784,3 +784,142 @@ fn c17_the_auth_lost_reload_never_adopts_a_stale_session_over_an_unsaved_login()
     })
     .unwrap();
 }
+
+// ----- issue 20: tokens the store pushes
+
+/// Found by `c2_c3_c17_pushed_tokens_…` (first failing case 112 of 3000): the initial
+/// token's save fails (the login's load under the lock fails), the flight refreshes it
+/// and saves the refresh — and the coordinator kept the login marked unsaved for good:
+/// it ignored every pushed token (and every newer stored one, spending its own refresh
+/// token instead). A flight that saves the refresh of an unsaved login now clears the
+/// mark (C17 still holds: the store's session is the login's successor).
+#[test]
+fn c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again() {
+    let ops = vec![
+        // The first store call (the lock) goes through, the login's load fails.
+        Op::StoreFault {
+            skip: 1,
+            fault: Fault::LeaseLost,
+        },
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Expired, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+}
+
+/// A push that arrives while a flight pauses between attempts ends the flight with the
+/// pushed token: no second source call (C2), its waiter gets the pushed token.
+#[test]
+fn c2_a_push_during_the_retry_pause_ends_the_flight_without_a_second_source_call() {
+    let ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Transient(None)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+        Op::Advance(Step::Quarter),
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |s| s.retries = true),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes_during_flights, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+    assert_eq!(summary.errors, 0, "{summary:?}");
+}
+
+/// The initial token is a login not saved yet: a push (even one saved to the store,
+/// numbered above it) never replaces it (C17); the next flight saves the login above
+/// the stored session, and a push newer than that is adopted.
+#[test]
+fn c17_a_push_never_replaces_an_unsaved_login() {
+    let ops = vec![
+        Op::Push(Push::Newer),
+        Op::Token,
+        Op::Settle,
+        Op::Force,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Valid, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes_over_unsaved_logins, 1, "{summary:?}");
+    assert_eq!(summary.pushes, 2, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+}
+
+/// Older, equal, corrupt and expired pushes, and the echo of an own save, change
+/// nothing (C3, C9, C16, C17).
+#[test]
+fn c3_c9_c16_c17_older_equal_corrupt_expired_and_echoed_pushes_are_ignored() {
+    let mut ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Force,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+    ];
+    ops.extend(
+        [
+            Push::Older,
+            Push::Equal,
+            Push::AboveMax,
+            Push::Expired,
+            Push::Echo,
+        ]
+        .map(Op::Push),
+    );
+    ops.extend([Op::Token, Op::Settle]);
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes, 5, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 0, "{summary:?}");
+    assert_eq!(summary.source_calls, 2, "{summary:?}");
+}
+
+/// While re-authentication is required, a pushed login from another replica ends it:
+/// the next caller gets the pushed token without a source call (C17).
+#[test]
+fn c17_a_pushed_token_ends_reauthentication_required() {
+    let ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Permanent),
+        Op::Settle,
+        Op::Push(Push::Newer),
+        Op::Token,
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.errors, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+}
