@@ -213,6 +213,11 @@ pub enum Push {
     /// A token one generation below the current one (a late push): ignored (C9: the
     /// current token never goes back).
     Older,
+    /// Another token with the generation this coordinator last gave a token of its own
+    /// (one it is saving, not current yet: its save hangs), when that is above the
+    /// current one: ignored (C3: a generation names one token here; the coordinator
+    /// adopts only what is newer than anything it numbered).
+    Numbered,
     /// A usable token numbered above [`MAX_GENERATION`] (a corrupt store): ignored (C17).
     AboveMax,
     /// A token numbered above every generation so far but expired an hour ago:
@@ -1186,6 +1191,8 @@ struct Knowledge {
     replica_logins: Vec<(String, Duration, usize)>,
     /// Per flight: the error its waiters got, and whether one got its own token (C5).
     flight_outcomes: HashMap<u64, FlightSeen>,
+    /// Generations of pushed tokens adopted while a flight ran (C4: see `check_send`).
+    pushed_mid_flight: BTreeSet<u64>,
     /// `Shared::saves` when the last login was installed: a save after it saved the
     /// login or a refresh of it (a flight that started before it saves nothing: C17).
     login_saves_from: usize,
@@ -1786,21 +1793,27 @@ impl World {
         self.summary.replica_logins += 1;
     }
 
-    /// Whether the current token is a login (or the initial token) that is not in the
-    /// store yet: nothing pushed may replace it (C17). Logins through [`Op::Login`] are
-    /// saved at once (the memory store's lock is free); the initial token waits for the
-    /// first flight, and a store fault can keep it unsaved.
+    /// Whether the current token is the last login (or the initial token) and neither
+    /// it nor a refresh of it is in the store yet: nothing pushed may replace it (C17).
+    /// Logins through [`Op::Login`] are saved at once (the memory store's lock is
+    /// free); the initial token waits for the first flight, and a store fault can keep
+    /// it unsaved. (Once a refresh of it is saved, the store's session is its
+    /// successor, and a newer push is a refresh of that.)
     fn login_unsaved(&self) -> bool {
         let Some(current) = self.flight.current() else {
             return false;
         };
-        let access = current.access().expose();
-        (access == "initial" || access.starts_with("login-"))
-            && !self
-                .shared()
-                .saves
-                .iter()
-                .any(|(saved, ..)| saved == access)
+        Some(current.access().expose()) == self.last_login().as_deref()
+            && self.login_maybe_unsaved()
+    }
+
+    /// The access secret of the last login, or of the initial token if none.
+    fn last_login(&self) -> Option<String> {
+        match self.logins() {
+            0 if self.setup.initial == Initial::NoToken => None,
+            0 => Some("initial".to_owned()),
+            n => Some(format!("login-{n}")),
+        }
     }
 
     /// Whether the last login (or the initial token) may still be unsaved: neither it
@@ -1808,10 +1821,8 @@ impl World {
     /// ignored (the session here is newer than anything stored) even when the current
     /// token is a refresh of the login that failed to save.
     fn login_maybe_unsaved(&self) -> bool {
-        let login = match self.logins() {
-            0 if self.setup.initial == Initial::NoToken => return false,
-            0 => "initial".to_owned(),
-            n => format!("login-{n}"),
+        let Some(login) = self.last_login() else {
+            return false;
         };
         let shared = self.shared();
         !shared.saves[self.known.login_saves_from.min(shared.saves.len())..]
@@ -1858,7 +1869,10 @@ impl World {
             Push::Newer => (fresh(top.saturating_add(1)), 3600),
             Push::Equal if current > 0 => (fresh(current), 3600),
             Push::Older if current > 1 => (fresh(current - 1), 3600),
-            Push::Equal | Push::Older => return Ok(()),
+            Push::Numbered if self.shared().max_numbered > current => {
+                (fresh(self.shared().max_numbered), 3600)
+            }
+            Push::Equal | Push::Older | Push::Numbered => return Ok(()),
             Push::AboveMax => (fresh(MAX_GENERATION + 1), 3600),
             Push::Expired => (
                 compat::obtained_at(
@@ -1915,6 +1929,9 @@ impl World {
                 .is_some_and(|t| t.access().expose() == token.access().expose());
         if adopted {
             self.summary.pushes_adopted += 1;
+            if during_flight {
+                self.known.pushed_mid_flight.insert(generation);
+            }
             // A pushed token ends the backoff, as a flight that adopted the same token
             // from the store would (documented on the coordinator's `adopt_pushed`).
             self.shared().last_failure = None;
@@ -1931,6 +1948,13 @@ impl World {
                 "C3",
                 format!(
                     "a different token with the current generation {generation} replaced the current token"
+                ),
+            )),
+            Push::Numbered if changed => Some((
+                "C3",
+                format!(
+                    "a pushed token took generation {generation}, which this coordinator had \
+                     already given a token of its own"
                 ),
             )),
             Push::Older if changed => Some((
@@ -2295,7 +2319,9 @@ impl World {
                 .calls
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.flight == flight)
+                // A waiter whose flight lost to a login may get the token of a later
+                // flight it joined (which a push may have kept from becoming current).
+                .filter(|(_, c)| c.flight == flight || (lost_to_login && c.flight > flight))
                 .map(|(i, c)| (i, c.state))
                 .collect();
             (flight, states)
@@ -2596,11 +2622,20 @@ impl World {
         let first = wires.first().copied();
         match result {
             Ok(response) => {
+                // A flight numbers its token when it arrives; a token pushed while its
+                // save is under way may be newer, and a caller that saw that one
+                // rejected and joined the flight is resent with the flight's token:
+                // another token, though an older generation.
+                let rejected_pushed_mid_flight = first
+                    .and_then(|f| f.1)
+                    .is_some_and(|g0| self.known.pushed_mid_flight.contains(&g0));
                 let expected = match (first, wires.get(1)) {
                     (Some((w, _, Some(true))), None) => Some(w),
                     (Some((w, _, Some(false))), None) if !replayable => Some(w),
                     (Some((_, Some(g0), Some(false))), Some(&(w, Some(g1), _)))
-                        if replayable && g1 > g0 && wires.len() == 2 =>
+                        if replayable
+                            && (g1 > g0 || (rejected_pushed_mid_flight && g1 != g0))
+                            && wires.len() == 2 =>
                     {
                         Some(w)
                     }

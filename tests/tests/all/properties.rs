@@ -258,6 +258,7 @@ fn push() -> impl Strategy<Value = Push> {
         4 => Just(Push::Newer),
         1 => Just(Push::Equal),
         1 => Just(Push::Older),
+        1 => Just(Push::Numbered),
         1 => Just(Push::AboveMax),
         1 => Just(Push::Expired),
         2 => Just(Push::Echo),
