@@ -2,7 +2,8 @@
 //! [`SingleFlight`] behind an [`AuthPolicy`], and a [`Scenario`] says, step by step,
 //! who starts, which woken caller is polled next, what the fake API server answers, what
 //! the token source returns, which store call fails, hangs or panics, who logs in, who is
-//! cancelled and how the clocks move (monotonic time, and wall-clock steps both ways).
+//! cancelled, how the clocks move (monotonic time, and wall-clock steps both ways) and
+//! which tokens the store pushes ([`Op::Push`], issue 20: `TokenStore::watch`).
 //!
 //! There is no runtime: a tiny executor keeps the callers' futures in a `Vec` and polls
 //! only the ones whose waker fired, in the order the scenario picks, so a lost wake-up
@@ -13,8 +14,36 @@
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
 //! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
-//! tests (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops`
-//! fuzz target decodes them with `arbitrary`.
+//! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the
+//! `flight_ops` fuzz target decodes them with `arbitrary`.
+//!
+//! ## Pushed tokens (issue 20): planted bugs and what caught them
+//!
+//! Each bug was planted alone in `core/src/flight.rs` (never committed) and the
+//! properties run at the CI count (256 cases each): `python3 run.py` with the plants
+//! in the session's scratch harness. "First case" is the earliest failing case of the
+//! property that failed first; all were shrunk to a few steps.
+//!
+//! | plant | caught by | first case | contract, shrunk |
+//! |---|---|---|---|
+//! | `adopt_pushed` without the generation check | 11 of 19 properties | 1/256 | C3: another token with the current generation replaced it (step 4); C9: an older push / an own echo took it back |
+//! | `adopt_pushed` over an unsaved login | 11 properties | 2/256 | C17: a push replaced the unsaved initial token (step 1) |
+//! | no `superseded` check after the retry pause, the unlocked read or under the lock | 4 properties (`c2_c3_c17_pushed_…` first) | 1–2/256 | C2: a source call started though a pushed newer usable token was current (step 9–26) |
+//! | ... only after the retry pause | not caught: equivalent (the next attempt's check ends the flight the same way) | – | – |
+//! | `adopt_pushed` accepts generations above `MAX_GENERATION` | 11 properties | 1/256 | C17 (step 1) |
+//! | `adopt_pushed` without the usability check | 11 properties | 1/256 | C16: an expired push replaced the current token (step 1) |
+//! | adopting does not end "re-authentication required" | 11 properties | 1/256 | C17 (step 4–6) |
+//! | pushes never adopted | 14 properties | 1/256 | C2: a newer usable push not adopted (step 1) |
+//! | only compared with the current token, not the last generation numbered | `c2_c3_c17_pushed_…` and `c3_a_push_of_a_generation_…` | 26–39/256 | C3: a push took a generation the coordinator had given its own (saving) token (step 10) |
+//! | `last_generation` not raised by a push | 9 properties | 1–12/256 | C4: a request resent with the same token |
+//! | failure count (backoff) kept after a push | `c5_c18_…` (1 run in 2) | 142/256 | C9: backoff did not hold as the model expects (step 7) |
+//!
+//! The model also found a bug in the core: a flight that saved the refresh of an
+//! unsaved login (its save had failed) left the login marked unsaved for good, so
+//! pushes, the unlocked read and the stored token under the lock were never adopted
+//! again (the coordinator spent its own refresh token instead). Fixed in `attempt_locked`;
+//! `c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again`
+//! pins it (reverting the fix: that test, and `c2_c3_c17_pushed_…` at case 112–157).
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -456,6 +485,13 @@ pub struct Summary {
 ///   session is never adopted (or its refresh token spent) over a login or initial token;
 ///   generations strictly increase, never above [`MAX_GENERATION`].
 /// - **C18** nobody panics: not a caller, not a login, whatever the store or hook does.
+/// - **Pushed tokens** (issue 20, [`Op::Push`], checked as each push is delivered): a
+///   usable token newer than everything is adopted at once (C2) and ends
+///   re-authentication required (C17), unless a login (or its refresh) is unsaved, when
+///   it is never adopted over the login (C17); a push with the current generation or
+///   one the coordinator numbered (C3), an older one or an own echo (C9), a corrupt one
+///   (C17) or an expired one (C16) changes nothing; and a flight whose token to replace
+///   a push superseded makes no further source call (C2).
 ///
 /// At the end every request on the wire is answered and time moves until every caller
 /// has finished; a caller still pending then is a hang (C5/C6).
