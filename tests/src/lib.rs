@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod fuzz_targets;
 pub mod grpc;
+pub mod keyed_source;
 pub mod model;
 pub mod testkit;
 pub mod transport;

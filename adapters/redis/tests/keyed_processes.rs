@@ -21,6 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use common::RedisServer;
+use tokenflight_tests::keyed_source::logged_key_source;
 
 const PROCESSES: usize = 3;
 const KEYS: u32 = 50;
@@ -194,9 +195,7 @@ fn fnv1a(hash: u64, text: &str) -> u64 {
 fn keyed_worker() {
     use futures::future::join_all;
     use tokenflight::test_util::ManualClock;
-    use tokenflight::{
-        SingleFlight, Token, adapter::Clock, from_fn, keyed::KeyedFlights, keyed::key_namespace,
-    };
+    use tokenflight::{SingleFlight, keyed::KeyedFlights, keyed::key_namespace};
     use tokenflight_redis::RedisStore;
 
     if std::env::var_os("KW_WORKER").is_none() {
@@ -224,27 +223,8 @@ fn keyed_worker() {
         let log = log.clone();
         let key = *key;
         let clock = factory_clock.clone();
-        let source_clock = clock.clone();
         SingleFlight::builder()
-            .source(from_fn(move |_cx| {
-                let log = log.clone();
-                let now = source_clock.now();
-                async move {
-                    let line = format!("{key}\n");
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .and_then(|mut file| file.write_all(line.as_bytes()))
-                        .map_err(|e| tokenflight::RefreshError::transient(e.to_string()))?;
-                    Ok(Token::new(format!(
-                        "k{key}-p{}-{}",
-                        std::process::id(),
-                        fastrand::u64(..)
-                    ))
-                    .expires_in(Duration::from_secs(3600), now))
-                }
-            }))
+            .source(logged_key_source(log, key, clock.clone()))
             // The key's own namespace of the one store: its token, lock and channel.
             .store(store.namespace(&key_namespace(&key.to_be_bytes()))?)
             .clock(clock)

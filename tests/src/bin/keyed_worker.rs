@@ -21,9 +21,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::join_all;
 use tokenflight::{
-    SingleFlight, Token, adapter::Clock, from_fn, keyed::KeyedFlights, keyed::key_namespace,
-    store::FileStore,
+    SingleFlight, adapter::Clock, keyed::KeyedFlights, keyed::key_namespace, store::FileStore,
 };
+use tokenflight_tests::keyed_source::logged_key_source;
 
 /// The wall clock plus an offset the test moves forward.
 #[derive(Debug, Default)]
@@ -59,27 +59,8 @@ fn main() -> Result<(), String> {
         let log = log.clone();
         let key = *key;
         let clock = factory_clock.clone();
-        let source_clock = clock.clone();
         SingleFlight::builder()
-            .source(from_fn(move |_cx| {
-                let log = log.clone();
-                let now = source_clock.now();
-                async move {
-                    let line = format!("{key}\n");
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .and_then(|mut file| file.write_all(line.as_bytes()))
-                        .map_err(|e| tokenflight::RefreshError::transient(e.to_string()))?;
-                    Ok(Token::new(format!(
-                        "k{key}-p{}-{}",
-                        std::process::id(),
-                        fastrand::u64(..)
-                    ))
-                    .expires_in(Duration::from_secs(3600), now))
-                }
-            }))
+            .source(logged_key_source(log, key, clock.clone()))
             .store(FileStore::new(dir.join(key_namespace(&key.to_be_bytes()))))
             .clock(clock)
             .refresh_ahead(None)
