@@ -343,6 +343,11 @@ fn end_to_end(c: &mut Criterion) {
                 extras.record(&format!("interleaved_{mode}_{client}"), spread.median);
                 extras.record(&format!("interleaved_{mode}_{client}_q1"), spread.q1);
                 extras.record(&format!("interleaved_{mode}_{client}_q3"), spread.q3);
+                extras.record(&format!("cpu_{mode}_{client}_bare_us"), spread.cpu_bare_us);
+                extras.record(
+                    &format!("cpu_{mode}_{client}_tokenflight_us"),
+                    spread.cpu_layered_us,
+                );
             }
         }
         extras.save("end_to_end");
@@ -361,18 +366,38 @@ struct Rounds {
     batches: usize,
 }
 
-/// The median and quartiles of the interleaved rounds' ratios.
+/// What the interleaved rounds found.
 struct Spread {
+    /// Quartiles and median of the rounds' throughput ratios (bare time ÷ layered time).
     q1: f64,
     median: f64,
     q3: f64,
+    /// Median CPU time per request of the whole process (client and server threads),
+    /// in microseconds: bare, then layered. Load on other processes barely moves it.
+    cpu_bare_us: f64,
+    cpu_layered_us: f64,
+}
+
+/// The process's CPU time so far (all threads: the client's and the server's).
+fn process_cpu() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+fn median(values: &mut [f64], fraction: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len().saturating_sub(1)) as f64 * fraction).round() as usize;
+    values.get(index).copied().unwrap_or(f64::NAN)
 }
 
 /// Throughput of `layered` relative to `bare` (above 1: faster): the median (and
 /// quartiles) over the rounds of (time of `bare`) / (time of `layered`), each round
 /// timing `batches` batches of `in_flight` requests on both, back to back, alternating
 /// which goes first. A stretch where the shared machine stalls spoils one round, not the
-/// figure.
+/// figure. Also the CPU time per request of each (the process's, server included).
 fn interleaved_ratio(
     runtime: &tokio::runtime::Runtime,
     bare: &Sender,
@@ -385,39 +410,45 @@ fn interleaved_ratio(
         in_flight,
         batches,
     } = rounds;
+    let requests = (in_flight * batches) as f64;
+    // (wall seconds, CPU microseconds per request)
     let time = |sender: &Sender| {
         let run = async {
+            let cpu = process_cpu();
             let start = Instant::now();
             for _ in 0..batches {
                 join_all((0..in_flight).map(|_| sender.get(url))).await;
             }
-            start.elapsed().as_secs_f64()
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = process_cpu().saturating_sub(cpu).as_secs_f64() * 1e6 / requests;
+            (wall, cpu)
         };
         match sender.executor() {
             Executor::Tokio => runtime.block_on(run),
             Executor::AsyncStd => async_std::task::block_on(run),
         }
     };
-    let mut ratios: Vec<f64> = (0..rounds)
-        .map(|round| {
-            if round % 2 == 0 {
-                let bare = time(bare);
-                bare / time(layered)
-            } else {
-                let layered = time(layered);
-                time(bare) / layered
-            }
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |fraction: f64| {
-        let index = ((ratios.len().saturating_sub(1)) as f64 * fraction).round() as usize;
-        ratios.get(index).copied().unwrap_or(f64::NAN)
-    };
+    let mut ratios = Vec::with_capacity(rounds);
+    let mut cpu_bare = Vec::with_capacity(rounds);
+    let mut cpu_layered = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (b, l) = if round % 2 == 0 {
+            let b = time(bare);
+            (b, time(layered))
+        } else {
+            let l = time(layered);
+            (time(bare), l)
+        };
+        ratios.push(b.0 / l.0);
+        cpu_bare.push(b.1);
+        cpu_layered.push(l.1);
+    }
     Spread {
-        q1: at(0.25),
-        median: at(0.5),
-        q3: at(0.75),
+        q1: median(&mut ratios, 0.25),
+        median: median(&mut ratios, 0.5),
+        q3: median(&mut ratios, 0.75),
+        cpu_bare_us: median(&mut cpu_bare, 0.5),
+        cpu_layered_us: median(&mut cpu_layered, 0.5),
     }
 }
 
