@@ -19,6 +19,7 @@
 //!   `--profile-time`).
 //! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 31).
 
+use std::alloc::System;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +30,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokenflight::{AuthPolicy, Token, from_fn};
 use tokenflight_benches::extras::Extras;
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
@@ -38,6 +40,11 @@ use tokenflight_tower::TokenService;
 use tower::ServiceExt;
 
 type HyperClient = Client<HttpConnector, Empty<Bytes>>;
+
+// Counts allocations (whole process, server included: the same for both sides of a
+// pair), a figure load does not move, for the interleaved rounds.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Where a sender's futures run.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -326,12 +333,14 @@ fn end_to_end(c: &mut Criterion) {
             .unwrap_or(31);
         let mut extras = Extras::new();
         for (mode, in_flight, batches) in
-            [("sequential", 1, 100), ("concurrent_32", IN_FLIGHT, 10)]
+            [("sequential", 1, 300), ("concurrent_32", IN_FLIGHT, 30)]
         {
             let pairs = [
                 ("reqwest", &bare, &layered),
                 ("tower", &bare_hyper, &tower),
                 ("surf", &bare_surf, &surf),
+                // Control: reqwest-middleware's own cost, no tokenflight.
+                ("reqwest_middleware_only", &bare, &middleware_only),
             ];
             for (client, bare, layered) in pairs {
                 let rounds = Rounds {
@@ -347,6 +356,11 @@ fn end_to_end(c: &mut Criterion) {
                 extras.record(
                     &format!("cpu_{mode}_{client}_tokenflight_us"),
                     spread.cpu_layered_us,
+                );
+                extras.record(&format!("allocs_{mode}_{client}_bare"), spread.allocs_bare);
+                extras.record(
+                    &format!("allocs_{mode}_{client}_tokenflight"),
+                    spread.allocs_layered,
                 );
             }
         }
@@ -376,6 +390,9 @@ struct Spread {
     /// in microseconds: bare, then layered. Load on other processes barely moves it.
     cpu_bare_us: f64,
     cpu_layered_us: f64,
+    /// Median allocations per request (whole process): bare, then layered.
+    allocs_bare: f64,
+    allocs_layered: f64,
 }
 
 /// The process's CPU time so far (all threads: the client's and the server's).
@@ -411,9 +428,10 @@ fn interleaved_ratio(
         batches,
     } = rounds;
     let requests = (in_flight * batches) as f64;
-    // (wall seconds, CPU microseconds per request)
+    // (wall seconds, CPU microseconds per request, allocations per request)
     let time = |sender: &Sender| {
         let run = async {
+            let allocations = GLOBAL.stats().allocations;
             let cpu = process_cpu();
             let start = Instant::now();
             for _ in 0..batches {
@@ -421,7 +439,8 @@ fn interleaved_ratio(
             }
             let wall = start.elapsed().as_secs_f64();
             let cpu = process_cpu().saturating_sub(cpu).as_secs_f64() * 1e6 / requests;
-            (wall, cpu)
+            let allocations = GLOBAL.stats().allocations.saturating_sub(allocations);
+            (wall, cpu, allocations as f64 / requests)
         };
         match sender.executor() {
             Executor::Tokio => runtime.block_on(run),
@@ -431,6 +450,8 @@ fn interleaved_ratio(
     let mut ratios = Vec::with_capacity(rounds);
     let mut cpu_bare = Vec::with_capacity(rounds);
     let mut cpu_layered = Vec::with_capacity(rounds);
+    let mut allocs_bare = Vec::with_capacity(rounds);
+    let mut allocs_layered = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let (b, l) = if round % 2 == 0 {
             let b = time(bare);
@@ -442,6 +463,8 @@ fn interleaved_ratio(
         ratios.push(b.0 / l.0);
         cpu_bare.push(b.1);
         cpu_layered.push(l.1);
+        allocs_bare.push(b.2);
+        allocs_layered.push(l.2);
     }
     Spread {
         q1: median(&mut ratios, 0.25),
@@ -449,6 +472,8 @@ fn interleaved_ratio(
         q3: median(&mut ratios, 0.75),
         cpu_bare_us: median(&mut cpu_bare, 0.5),
         cpu_layered_us: median(&mut cpu_layered, 0.5),
+        allocs_bare: median(&mut allocs_bare, 0.5),
+        allocs_layered: median(&mut allocs_layered, 0.5),
     }
 }
 

@@ -130,7 +130,7 @@ impl AuthPolicy {
         options: RequestOptions,
     ) -> bool {
         !options.skip_auth
-            && self.rules.origins.allows_origin(&url.origin())
+            && self.rules.origins.allows(url)
             && !self.rules.skip.skips(method, url)
     }
 
@@ -215,10 +215,9 @@ impl AuthPolicy {
             return send(request).await.map_err(AuthError::Transport);
         }
         // Also where the response must come from to be a verdict on the token.
-        let sent_to = request.url().origin();
-        if !self.rules.origins.allows_origin(&sent_to) {
+        let Some(sent_to) = self.rules.origins.admit(request.url()) else {
             return send(request).await.map_err(AuthError::Transport);
-        }
+        };
         let span = tracing::info_span!(
             "tokenflight.request",
             generation = Empty,
@@ -244,7 +243,7 @@ impl AuthPolicy {
             .await
             .map_err(AuthError::Transport)?;
         if response.final_url().is_some_and(|url| {
-            url.origin() != sent_to || !self.rules.placement.may_carry_token(url)
+            !sent_to.is_origin_of(url) || !self.rules.placement.may_carry_token(url)
         }) {
             tracing::debug!("the response comes from where the token did not go; not classified");
             return Ok(response);
