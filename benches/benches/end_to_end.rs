@@ -157,7 +157,11 @@ impl Sender {
 
 async fn check_surf(response: surf::Result<surf::Response>) {
     let mut response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
-    assert_eq!(u16::from(response.status()), 200, "the token should be accepted");
+    assert_eq!(
+        u16::from(response.status()),
+        200,
+        "the token should be accepted"
+    );
     if let Err(error) = response.body_bytes().await {
         panic!("reading the body: {error}");
     }
@@ -305,21 +309,21 @@ fn end_to_end(c: &mut Criterion) {
             ("surf_tokenflight", &surf),
         ];
         for (name, sender) in senders {
-            group.bench_function(BenchmarkId::from_parameter(name), |b| match sender
-                .executor()
-            {
-                Executor::Tokio => b.to_async(&runtime).iter(|| async {
-                    join_all((0..in_flight).map(|_| sender.get(&url))).await;
-                }),
-                Executor::AsyncStd => b.iter_custom(|iters| {
-                    async_std::task::block_on(async {
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            join_all((0..in_flight).map(|_| sender.get(&url))).await;
-                        }
-                        start.elapsed()
-                    })
-                }),
+            group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                match sender.executor() {
+                    Executor::Tokio => b.to_async(&runtime).iter(|| async {
+                        join_all((0..in_flight).map(|_| sender.get(&url))).await;
+                    }),
+                    Executor::AsyncStd => b.iter_custom(|iters| {
+                        async_std::task::block_on(async {
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                join_all((0..in_flight).map(|_| sender.get(&url))).await;
+                            }
+                            start.elapsed()
+                        })
+                    }),
+                }
             });
         }
         group.finish();
@@ -332,8 +336,7 @@ fn end_to_end(c: &mut Criterion) {
             .and_then(|n| n.parse().ok())
             .unwrap_or(31);
         let mut extras = Extras::new();
-        for (mode, in_flight, batches) in
-            [("sequential", 1, 300), ("concurrent_32", IN_FLIGHT, 30)]
+        for (mode, in_flight, batches) in [("sequential", 1, 300), ("concurrent_32", IN_FLIGHT, 30)]
         {
             let pairs = [
                 ("reqwest", &bare, &layered),

@@ -129,9 +129,7 @@ impl AuthPolicy {
         url: &url::Url,
         options: RequestOptions,
     ) -> bool {
-        !options.skip_auth
-            && self.rules.origins.allows(url)
-            && !self.rules.skip.skips(method, url)
+        !options.skip_auth && self.rules.origins.allows(url) && !self.rules.skip.skips(method, url)
     }
 
     /// Sends `request` with a valid token through `send`, and resends it once with a

@@ -922,7 +922,10 @@ mod origin_tests {
         let sent_to = list.admit(&url).unwrap();
         assert!(sent_to.is_origin_of(&Url::parse("https://api.example.com:443/y").unwrap()));
         assert!(!sent_to.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
-        assert!(list.admit(&Url::parse("http://api.example.com/").unwrap()).is_none());
+        assert!(
+            list.admit(&Url::parse("http://api.example.com/").unwrap())
+                .is_none()
+        );
         let any = AllowedOrigins::Any.admit(&url).unwrap();
         assert!(any.is_origin_of(&url));
         assert!(!any.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
