@@ -18,6 +18,9 @@
 //! - `TOKENFLIGHT_BENCH_INTERLEAVED=0`: skip the interleaved rounds (for profiling with
 //!   `--profile-time`).
 //! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 31).
+//! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests>"`: send that many requests, one at a
+//!   time, through one contender (e.g. `reqwest_tokenflight`) and stop: for `perf stat`
+//!   and `perf record`, whose counts per request then compare across contenders.
 
 use std::alloc::System;
 use std::sync::Arc;
@@ -198,21 +201,14 @@ fn pin_threads(port: u16) {
     for cpu in 0..cpus - 1 {
         client_cpus.set(cpu);
     }
-    let tasks = std::fs::read_dir("/proc/self/task").unwrap_or_else(|e| panic!("tasks: {e}"));
     let mut pinned = false;
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        // `comm` is cut at 15 bytes.
-        if !server_name.starts_with(comm.trim_end()) || comm.trim_end().is_empty() {
-            continue;
+    // The server thread names itself when it starts running: look again until then.
+    for _ in 0..100 {
+        pinned = pin_named(&server_name, &server_cpu);
+        if pinned {
+            break;
         }
-        let tid = task.file_name().to_string_lossy().parse::<i32>().ok();
-        if let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) {
-            match rustix::thread::sched_setaffinity(Some(pid), &server_cpu) {
-                Ok(()) => pinned = true,
-                Err(error) => eprintln!("pinning the server: {error}"),
-            }
-        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     if let Err(error) = rustix::thread::sched_setaffinity(None, &client_cpus) {
         eprintln!("pinning the client: {error}");
@@ -223,6 +219,27 @@ fn pin_threads(port: u16) {
         cpus - 1,
         cpus - 1
     );
+}
+
+/// Pins the threads of this process named `name` to `cpus`; whether there was one.
+fn pin_named(name: &str, cpus: &rustix::thread::CpuSet) -> bool {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap_or_else(|e| panic!("tasks: {e}"));
+    let mut pinned = false;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // `comm` is cut at 15 bytes.
+        if !name.starts_with(comm.trim_end()) || comm.trim_end().is_empty() {
+            continue;
+        }
+        let tid = task.file_name().to_string_lossy().parse::<i32>().ok();
+        if let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) {
+            match rustix::thread::sched_setaffinity(Some(pid), cpus) {
+                Ok(()) => pinned = true,
+                Err(error) => eprintln!("pinning {name}: {error}"),
+            }
+        }
+    }
+    pinned
 }
 
 fn end_to_end(c: &mut Criterion) {
@@ -293,22 +310,42 @@ fn end_to_end(c: &mut Criterion) {
         client: surf::Client::new().with(surf_layer),
     };
 
+    let all = [
+        ("bare_reqwest", &bare),
+        ("reqwest_tokenflight", &layered),
+        ("reqwest_middleware_only", &middleware_only),
+        ("bare_hyper", &bare_hyper),
+        ("tower_tokenflight", &tower),
+        ("bare_surf", &bare_surf),
+        ("surf_tokenflight", &surf),
+    ];
+    if let Ok(only) = std::env::var("TOKENFLIGHT_BENCH_ONLY") {
+        // For `perf stat` / `perf record` of one client: `<name> <requests>`, sent one
+        // after the other, and nothing else.
+        let mut words = only.split_whitespace();
+        let name = words.next().unwrap_or_default();
+        let requests: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        let Some((_, sender)) = all.iter().find(|(n, _)| *n == name) else {
+            panic!("TOKENFLIGHT_BENCH_ONLY: no sender {name}");
+        };
+        let run = async {
+            for _ in 0..requests {
+                sender.get(&url).await;
+            }
+        };
+        match sender.executor() {
+            Executor::Tokio => runtime.block_on(run),
+            Executor::AsyncStd => async_std::task::block_on(run),
+        }
+        return;
+    }
     for (mode, in_flight) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
         let mut group = c.benchmark_group(format!("end_to_end/{mode}"));
         group
             .sample_size(30)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        let senders = [
-            ("bare_reqwest", &bare),
-            ("reqwest_tokenflight", &layered),
-            ("reqwest_middleware_only", &middleware_only),
-            ("bare_hyper", &bare_hyper),
-            ("tower_tokenflight", &tower),
-            ("bare_surf", &bare_surf),
-            ("surf_tokenflight", &surf),
-        ];
-        for (name, sender) in senders {
+        for (name, sender) in all {
             group.bench_function(BenchmarkId::from_parameter(name), |b| {
                 match sender.executor() {
                     Executor::Tokio => b.to_async(&runtime).iter(|| async {
