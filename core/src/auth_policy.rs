@@ -12,8 +12,9 @@ use std::sync::Arc;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use crate::error::Error;
+use crate::error::{Error, RefreshError};
 use crate::flight::SingleFlight;
+use crate::keyed::{KeyedFlights, TokenKey, factory_failed};
 use crate::observe::{RequestAuthorized, RequestResent};
 use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement, SkipRoutes};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
@@ -51,15 +52,34 @@ pub enum AuthError<E> {
 ///     .skip_route(Some(http::Method::POST), "/oauth/login")
 ///     .build()
 ///     .unwrap();
-/// let token = futures::executor::block_on(policy.flight().token()).unwrap();
+/// let token = futures::executor::block_on(policy.flight().unwrap().token()).unwrap();
 /// assert_eq!(token.access().expose(), "secret");
 /// ```
 #[derive(Clone)]
 pub struct AuthPolicy {
-    flight: SingleFlight,
+    flights: Flights,
     rules: Arc<Rules>,
     /// The token's header value, built once per token and shared by all clones.
     header: Arc<HeaderCache>,
+}
+
+/// The coordinator(s): one, or one per [`TokenKey`].
+#[derive(Clone)]
+pub(crate) enum Flights {
+    One(SingleFlight),
+    Keyed {
+        flights: KeyedFlights<TokenKey>,
+        /// The key of a request without a [`TokenKey`] marker.
+        key_of: Arc<KeyFn>,
+    },
+}
+
+/// A keyed policy's key function.
+pub(crate) type KeyFn = dyn Fn(&http::Method, &url::Url) -> TokenKey + Send + Sync;
+
+/// The default key function: one token per origin.
+pub(crate) fn default_key(_method: &http::Method, url: &url::Url) -> TokenKey {
+    TokenKey::origin(url)
 }
 
 /// What the policy decides besides the token itself.
@@ -72,9 +92,12 @@ pub(crate) struct Rules {
 
 impl fmt::Debug for AuthPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthPolicy")
-            .field("flight", &self.flight)
-            .field("placement", &self.rules.placement)
+        let mut f = f.debug_struct("AuthPolicy");
+        match &self.flights {
+            Flights::One(flight) => f.field("flight", flight),
+            Flights::Keyed { flights, .. } => f.field("keyed", flights),
+        };
+        f.field("placement", &self.rules.placement)
             .field("origins", &self.rules.origins)
             .field("skip", &self.rules.skip)
             .field("classifier", &self.rules.classifier)
@@ -83,10 +106,10 @@ impl fmt::Debug for AuthPolicy {
 }
 
 impl AuthPolicy {
-    pub(crate) fn new(flight: SingleFlight, rules: Rules) -> Self {
+    pub(crate) fn new(flights: Flights, rules: Rules) -> Self {
         AuthPolicy {
             header: Arc::new(HeaderCache::new(&rules.placement)),
-            flight,
+            flights,
             rules: Arc::new(rules),
         }
     }
@@ -97,14 +120,54 @@ impl AuthPolicy {
         crate::AuthPolicyBuilder::new()
     }
 
-    /// The coordinator behind this policy (for `install`, `current`, `token`).
-    pub fn flight(&self) -> &SingleFlight {
-        &self.flight
+    /// The coordinator behind this policy (for `install`, `current`, `token`); `None`
+    /// for a keyed policy, whose coordinators are in [`keyed`](Self::keyed).
+    pub fn flight(&self) -> Option<&SingleFlight> {
+        match &self.flights {
+            Flights::One(flight) => Some(flight),
+            Flights::Keyed { .. } => None,
+        }
     }
 
-    /// A snapshot of the counters.
+    /// A keyed policy's coordinators, one per [`TokenKey`] (to `install` a key's login
+    /// token or read its `stats`); `None` for a policy with one token. See
+    /// [`AuthPolicyBuilder::keyed`](crate::AuthPolicyBuilder::keyed).
+    pub fn keyed(&self) -> Option<&KeyedFlights<TokenKey>> {
+        match &self.flights {
+            Flights::One(_) => None,
+            Flights::Keyed { flights, .. } => Some(flights),
+        }
+    }
+
+    /// A snapshot of the counters (a keyed policy: the sum over the keys kept now).
     pub fn stats(&self) -> Stats {
-        self.flight.stats()
+        match &self.flights {
+            Flights::One(flight) => flight.stats(),
+            Flights::Keyed { flights, .. } => flights.stats(),
+        }
+    }
+
+    /// The coordinator of a request: the policy's one, or its key's (the request's
+    /// [`TokenKey`] marker, else the key function's). A key on a policy with one token
+    /// is refused, not ignored: the request asked for a token this policy does not have.
+    fn flight_for<Req: AuthRequest>(
+        &self,
+        request: &Req,
+        key: Option<&TokenKey>,
+    ) -> Result<MaybeOwned<'_>, Error> {
+        match &self.flights {
+            Flights::One(_) if key.is_some() => Err(Error::Refresh(RefreshError::permanent(
+                "the request carries a TokenKey but the policy is not keyed",
+            ))),
+            Flights::One(flight) => Ok(MaybeOwned::Borrowed(flight)),
+            Flights::Keyed { flights, key_of } => {
+                let flight = match key {
+                    Some(key) => flights.flight(key),
+                    None => flights.flight(&key_of(&request.method(), request.url())),
+                };
+                flight.map(MaybeOwned::Owned).map_err(factory_failed)
+            }
+        }
     }
 
     /// Where the token goes.
@@ -127,7 +190,7 @@ impl AuthPolicy {
         &self,
         method: &http::Method,
         url: &url::Url,
-        options: RequestOptions,
+        options: &RequestOptions,
     ) -> bool {
         !options.skip_auth && self.rules.origins.allows(url) && !self.rules.skip.skips(method, url)
     }
@@ -226,15 +289,17 @@ impl AuthPolicy {
         // Nobody looks (no subscriber wants it): a span without metadata, whose enter,
         // exit and record do nothing. A disabled span still has its metadata, and with
         // tracing's `log` feature (which axum, tower and others switch on) every poll
-        // through `instrument` asks the `log` crate whether to print it: 14 % of the
-        // middleware's own CPU per request in a profile (issue 18).
+        // through `instrument` asks the `log` crate whether to print it: about 10 % of
+        // the middleware's own CPU per request in a profile (issue 18).
         let span = if span.is_disabled() {
             Span::none()
         } else {
             span
         };
+        let flight = self.flight_for(&request, options.key.as_ref())?;
+        let flight = flight.get();
         let token = self
-            .authorize(options.force_refresh, &span)
+            .authorize(flight, options.force_refresh, &span)
             .instrument(span.clone())
             .await?;
         // A copy to resend only if a response can reject the token at all.
@@ -267,19 +332,18 @@ impl AuthPolicy {
                 generation = token.generation(),
                 "token rejected; the body cannot be replayed, returning the response"
             );
-            self.flight.mark_rejected(token.generation());
+            flight.mark_rejected(token.generation());
             return Ok(response);
         };
         drop(response);
-        let (newer, kind) = self
-            .flight
+        let (newer, kind) = flight
             .token_after_rejection_kind(token.generation())
             .instrument(span.clone())
             .await?;
         span.record("resent", true);
         span.record("resent_with", newer.generation());
-        self.resend(&mut replay, &newer)?;
-        self.flight.observers().emit(|o| {
+        self.resend(flight, &mut replay, &newer)?;
+        flight.observers().emit(|o| {
             o.request_resent(&RequestResent {
                 kind,
                 rejected: token.generation(),
@@ -297,19 +361,24 @@ impl AuthPolicy {
     /// [`RequestAuthorized`] and on `span`; otherwise this is just the coordinator's
     /// call. Waiting = the token was not ready at the first poll, or it is not the
     /// token that was current before (a refresh ran, possibly without suspending).
-    async fn authorize(&self, force_refresh: bool, span: &Span) -> Result<Arc<Token>, Error> {
+    async fn authorize(
+        &self,
+        flight: &SingleFlight,
+        force_refresh: bool,
+        span: &Span,
+    ) -> Result<Arc<Token>, Error> {
         let fetch = async {
             if force_refresh {
-                self.flight.force_refresh().await
+                flight.force_refresh().await
             } else {
-                self.flight.token().await
+                flight.token().await
             }
         };
-        let observed = !self.flight.observers().is_empty();
+        let observed = !flight.observers().is_empty();
         if !observed && span.is_disabled() {
             return fetch.await;
         }
-        let before = self.flight.current().map(|t| t.generation());
+        let before = flight.current().map(|t| t.generation());
         let mut fetch = pin!(fetch);
         let mut pended = false;
         let token = std::future::poll_fn(|cx| {
@@ -323,7 +392,7 @@ impl AuthPolicy {
         span.record("generation", generation);
         span.record("waited", waited);
         if observed {
-            self.flight
+            flight
                 .observers()
                 .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
         }
@@ -332,10 +401,11 @@ impl AuthPolicy {
 
     fn resend<Req: AuthRequest>(
         &self,
+        flight: &SingleFlight,
         replay: &mut Req,
         token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
-        self.flight.count_retry();
+        flight.count_retry();
         tracing::debug!(
             generation = token.generation(),
             "resending once with a newer token"
@@ -382,6 +452,22 @@ impl AuthPolicy {
                 let rejected = body.is_some_and(|bytes| predicate(&bytes));
                 (response, rejected)
             }
+        }
+    }
+}
+
+/// The coordinator of one request: borrowed from a policy with one token (no reference
+/// count touched on the fast path), owned for a key (the map hands out a handle).
+enum MaybeOwned<'a> {
+    Borrowed(&'a SingleFlight),
+    Owned(SingleFlight),
+}
+
+impl MaybeOwned<'_> {
+    fn get(&self) -> &SingleFlight {
+        match self {
+            MaybeOwned::Borrowed(flight) => flight,
+            MaybeOwned::Owned(flight) => flight,
         }
     }
 }

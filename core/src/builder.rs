@@ -12,10 +12,11 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth_policy::{AuthPolicy, Rules};
+use crate::auth_policy::{AuthPolicy, Flights, KeyFn, Rules, default_key};
 use crate::config::{Backoff, FlightConfig, Retry};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
+use crate::keyed::{KeyedFlights, TokenKey};
 use crate::observe::{Observer, Observers};
 use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
 use crate::runtime::{Clock, Spawn, SystemClock, Timer, default_timer};
@@ -46,6 +47,8 @@ pub struct FlightBuilder {
     on_auth_lost: Option<AuthLostHook>,
     observers: Observers,
     initial_token: Option<Token>,
+    /// Whether `store` was set (a keyed policy refuses a store shared by every key).
+    store_set: bool,
 }
 
 impl fmt::Debug for FlightBuilder {
@@ -85,6 +88,39 @@ impl FlightBuilder {
             on_auth_lost: None,
             observers: Observers::default(),
             initial_token: None,
+            store_set: false,
+        }
+    }
+
+    /// The settings every key of a keyed policy shares (timing, clock, timer,
+    /// spawner, hooks, observers) without what must be the key's own: no source, no
+    /// initial token and a new memory store.
+    fn for_key(&self) -> FlightBuilder {
+        FlightBuilder {
+            config: self.config.clone(),
+            source: None,
+            store: Arc::new(MemoryStore::new()),
+            clock: Arc::clone(&self.clock),
+            timer: Arc::clone(&self.timer),
+            spawner: self.spawner.clone(),
+            on_auth_lost: self.on_auth_lost.clone(),
+            observers: self.observers.clone(),
+            initial_token: None,
+            store_set: false,
+        }
+    }
+
+    /// What a keyed policy cannot share between keys, if set: a source, a store or an
+    /// initial token would hand one key's token to another.
+    fn shared_by_keys(&self) -> Option<&'static str> {
+        if self.source.is_some() {
+            Some("source")
+        } else if self.store_set {
+            Some("store")
+        } else if self.initial_token.is_some() {
+            Some("initial_token")
+        } else {
+            None
         }
     }
 
@@ -98,6 +134,7 @@ impl FlightBuilder {
     /// Where tokens are kept (default: memory; see [`crate::store`]).
     pub fn store(mut self, store: impl TokenStore + 'static) -> Self {
         self.store = Arc::new(store);
+        self.store_set = true;
         self
     }
 
@@ -268,8 +305,20 @@ pub struct AuthPolicyBuilder<Out = AuthPolicy> {
     classifier: Classifier,
     origins: Option<AllowedOrigins>,
     skip: SkipRoutes,
+    keyed: Option<KeyedSetup>,
+    key_of: Option<Arc<KeyFn>>,
     invalid: Option<ConfigError>,
     out: PhantomData<fn() -> Out>,
+}
+
+/// Makes a key's coordinator from the key and the policy's shared settings.
+type KeyFactory =
+    dyn Fn(&TokenKey, FlightBuilder) -> Result<SingleFlight, ConfigError> + Send + Sync;
+
+struct KeyedSetup {
+    factory: Arc<KeyFactory>,
+    max_keys: usize,
+    idle_timeout: Option<Duration>,
 }
 
 impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
@@ -279,6 +328,7 @@ impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
             .field("placement", &self.placement)
             .field("origins", &self.origins)
             .field("skip", &self.skip)
+            .field("keyed", &self.keyed.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -312,6 +362,8 @@ impl<Out> AuthPolicyBuilder<Out> {
             classifier: Classifier::default(),
             origins: None,
             skip: SkipRoutes::default(),
+            keyed: None,
+            key_of: None,
             invalid: None,
             out: PhantomData,
         }
@@ -420,8 +472,86 @@ impl<Out> AuthPolicyBuilder<Out> {
         self
     }
 
-    /// Builds the policy. Fails without a source or an allowed origin, or with
-    /// settings that cannot work together.
+    /// Many tokens, one per key (a user, a tenant, an audience): a keyed policy keeps a
+    /// coordinator per [`TokenKey`] (a [`KeyedFlights`]), made on first use by
+    /// `factory(key, shared)`. `shared` is a [`FlightBuilder`] with this builder's
+    /// coordinator settings (timing, clock, timer, the adapter's spawner, hooks,
+    /// observers); the factory adds the key's own source and, to share the key's
+    /// refreshes across processes, a store namespaced for the key
+    /// ([`key_namespace`](crate::keyed::key_namespace)). Each request's key is its
+    /// [`TokenKey`] marker, else the [key function](Self::token_key) (default: the
+    /// request's origin). A token of one key is never sent with a request of another.
+    ///
+    /// A source, store or initial token set on this builder would be shared by every
+    /// key, so `build` refuses them for a keyed policy ([`ConfigError::InvalidSetting`]).
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .allowed_origin("https://a.example.com")
+    ///     .allowed_origin("https://b.example.com")
+    ///     .keyed(|key: &TokenKey, shared| {
+    ///         let audience = key.as_str().to_owned();
+    ///         shared
+    ///             .source(from_fn(move |_cx| {
+    ///                 let audience = audience.clone();
+    ///                 async move { Ok(Token::new(format!("token-for-{audience}"))) }
+    ///             }))
+    ///             .build()
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// let key = TokenKey::new("https://a.example.com");
+    /// let token = futures::executor::block_on(policy.keyed().unwrap().token(&key)).unwrap();
+    /// assert_eq!(token.access().expose(), "token-for-https://a.example.com");
+    /// ```
+    pub fn keyed(
+        mut self,
+        factory: impl Fn(&TokenKey, FlightBuilder) -> Result<SingleFlight, ConfigError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.keyed = Some(KeyedSetup {
+            factory: Arc::new(factory),
+            max_keys: 10_000,
+            idle_timeout: None,
+        });
+        self
+    }
+
+    /// A keyed policy's key for requests without a [`TokenKey`] marker (default:
+    /// [`TokenKey::origin`], one token per API). Only with [`keyed`](Self::keyed).
+    pub fn token_key(
+        mut self,
+        key_of: impl Fn(&http::Method, &url::Url) -> TokenKey + Send + Sync + 'static,
+    ) -> Self {
+        self.key_of = Some(Arc::new(key_of));
+        self
+    }
+
+    /// A keyed policy's bounds: at most `max_keys` coordinators (default 10,000), and
+    /// with `idle_timeout` (default 15 minutes) the time after which an unused one may
+    /// go; see [`KeyedFlightsBuilder`](crate::keyed::KeyedFlightsBuilder). Only with
+    /// [`keyed`](Self::keyed) (call it after).
+    pub fn key_bounds(mut self, max_keys: usize, idle_timeout: Option<Duration>) -> Self {
+        match &mut self.keyed {
+            Some(setup) => {
+                setup.max_keys = max_keys;
+                setup.idle_timeout = idle_timeout;
+            }
+            None => {
+                self.invalid = Some(ConfigError::InvalidSetting(
+                    "key_bounds needs a keyed policy: call `.keyed(..)` first".into(),
+                ))
+            }
+        }
+        self
+    }
+
+    /// Builds the policy. Fails without a source (or, keyed, a factory) or an allowed
+    /// origin, or with settings that cannot work together.
     pub fn build(self) -> Result<Out, ConfigError>
     where
         Out: From<AuthPolicy>,
@@ -431,9 +561,37 @@ impl<Out> AuthPolicyBuilder<Out> {
         }
         self.placement.check()?;
         let origins = self.origins.ok_or(ConfigError::NoAllowedOrigin)?;
-        let flight = self.flight.build()?;
+        let flights = match self.keyed {
+            None if self.key_of.is_some() => {
+                return Err(ConfigError::InvalidSetting(
+                    "token_key needs a keyed policy: call `.keyed(..)`".into(),
+                ));
+            }
+            None => Flights::One(self.flight.build()?),
+            Some(setup) => {
+                if let Some(what) = self.flight.shared_by_keys() {
+                    return Err(ConfigError::InvalidSetting(format!(
+                        "a keyed policy takes each key's {what} from its factory; \
+                         set it there, not on the policy"
+                    )));
+                }
+                self.flight.check()?;
+                let shared = self.flight;
+                let factory = setup.factory;
+                let mut flights =
+                    KeyedFlights::builder(move |key: &TokenKey| factory(key, shared.for_key()))
+                        .max_entries(setup.max_keys);
+                if let Some(idle) = setup.idle_timeout {
+                    flights = flights.idle_timeout(idle);
+                }
+                Flights::Keyed {
+                    flights: flights.build(),
+                    key_of: self.key_of.unwrap_or_else(|| Arc::new(default_key)),
+                }
+            }
+        };
         Ok(Out::from(AuthPolicy::new(
-            flight,
+            flights,
             Rules {
                 placement: self.placement,
                 origins,

@@ -23,7 +23,51 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ConfigError, Error, RefreshError};
 use crate::flight::SingleFlight;
+use crate::stats::Stats;
 use crate::token::Token;
+
+/// The key of a request's token in a keyed [`AuthPolicy`](crate::AuthPolicy): which
+/// user, tenant or audience the request acts for.
+///
+/// Put it in a request's extensions (the same way as [`SkipAuth`](crate::SkipAuth)) to
+/// choose the token; without it, the policy's key function decides (by default the
+/// request's origin, [`TokenKey::origin`]). Compared as a whole with `Eq`: two keys
+/// share a token only if they are equal. Its value never appears in `Debug`, logs,
+/// errors or metric labels.
+///
+/// ```
+/// use tokenflight::keyed::TokenKey;
+/// let key = TokenKey::new("tenant-42");
+/// assert_eq!(key.as_str(), "tenant-42");
+/// assert_eq!(format!("{key:?}"), "TokenKey(..)");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey(Arc<str>);
+
+impl TokenKey {
+    /// A key with this value (a user id, a tenant, an audience and scope).
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        TokenKey(value.into())
+    }
+
+    /// The key of `url`'s origin (`scheme://host:port`): one token per API a client
+    /// talks to, the default key of a keyed policy.
+    pub fn origin(url: &url::Url) -> Self {
+        TokenKey(url.origin().ascii_serialization().into())
+    }
+
+    /// The key's value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are user data (user ids, e-mail addresses, tenants): never printed.
+        f.write_str("TokenKey(..)")
+    }
+}
 
 /// Builds the coordinator of a key the first time the key is used.
 ///
@@ -168,6 +212,14 @@ impl<K> KeyedFlights<K> {
     /// Whether no coordinator is kept.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The counters of every coordinator kept now, added up (those of evicted keys are
+    /// gone with them).
+    pub fn stats(&self) -> Stats {
+        self.read()
+            .values()
+            .fold(Stats::default(), |sum, entry| sum + entry.flight.stats())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<K, Entry>> {
@@ -353,7 +405,7 @@ fn is_idle(entry: &Entry, now: u32) -> bool {
 
 /// A factory that cannot make a key's coordinator is a configuration fault: permanent
 /// for this call (the next call asks the factory again). The key is not in the message.
-fn factory_failed(error: ConfigError) -> Error {
+pub(crate) fn factory_failed(error: ConfigError) -> Error {
     Error::Refresh(
         RefreshError::permanent("the keyed coordinator's factory failed").with_source(error),
     )

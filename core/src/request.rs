@@ -6,6 +6,8 @@ use std::future::Future;
 use bytes::Bytes;
 use url::Url;
 
+use crate::keyed::TokenKey;
+
 /// A request the auth policy can decorate and, maybe, send again.
 pub trait AuthRequest: Sized + Send {
     /// The request's method (for the policy's skipped routes, [C11](crate#c11)).
@@ -94,13 +96,16 @@ pub struct ForceRefresh;
 /// The per-request options [`AuthPolicy::send`](crate::AuthPolicy::send) honours, read by
 /// adapters from the [`SkipAuth`] and [`ForceRefresh`] markers in their request's
 /// extensions (the one options mechanism of every adapter).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RequestOptions {
     /// Send without credentials and do not classify.
     pub skip_auth: bool,
     /// Refresh before sending.
     pub force_refresh: bool,
+    /// The key of the token to send, for a keyed policy (the [`TokenKey`] marker);
+    /// `None`: the policy's key function decides.
+    pub key: Option<TokenKey>,
 }
 
 impl RequestOptions {
@@ -109,12 +114,19 @@ impl RequestOptions {
         RequestOptions {
             skip_auth,
             force_refresh,
+            key: None,
         }
+    }
+
+    /// These options with the token key `key` (the [`TokenKey`] marker).
+    pub fn with_key(mut self, key: Option<TokenKey>) -> Self {
+        self.key = key;
+        self
     }
 
     /// The options of a request whose extensions are `extensions` (every client built
     /// on the `http` crate keeps them there): the [`SkipAuth`] and [`ForceRefresh`]
-    /// markers, each of which switches its option on.
+    /// markers, each of which switches its option on, and the [`TokenKey`] marker.
     ///
     /// ```
     /// use tokenflight::SkipAuth;
@@ -129,5 +141,6 @@ impl RequestOptions {
             extensions.get::<SkipAuth>().is_some(),
             extensions.get::<ForceRefresh>().is_some(),
         )
+        .with_key(extensions.get::<TokenKey>().cloned())
     }
 }

@@ -36,6 +36,29 @@ pub struct Stats {
     pub not_replayable: u64,
 }
 
+/// Adds two snapshots field by field (a keyed policy's counters are the sum of its
+/// keys'), saturating.
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    fn add(self, other: Stats) -> Stats {
+        Stats {
+            flights: self.flights.saturating_add(other.flights),
+            source_calls: self.source_calls.saturating_add(other.source_calls),
+            attempt_retries: self.attempt_retries.saturating_add(other.attempt_retries),
+            store_reloads: self.store_reloads.saturating_add(other.store_reloads),
+            adopted: self.adopted.saturating_add(other.adopted),
+            pushed: self.pushed.saturating_add(other.pushed),
+            failures: self.failures.saturating_add(other.failures),
+            coalesced: self.coalesced.saturating_add(other.coalesced),
+            retries: self.retries.saturating_add(other.retries),
+            stale_rejections: self.stale_rejections.saturating_add(other.stale_rejections),
+            rejections: self.rejections.saturating_add(other.rejections),
+            not_replayable: self.not_replayable.saturating_add(other.not_replayable),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) flights: AtomicU64,

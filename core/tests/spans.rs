@@ -330,10 +330,11 @@ fn no_secret_in_events_or_span_fields_with_an_oauth_grant() {
             clock.advance(Duration::from_millis(10));
         };
         assert_eq!(response.status, 200);
-        assert!(block_on(auth.flight().force_refresh()).is_err());
-        assert!(auth.flight().is_auth_lost());
+        assert!(block_on(auth.flight().expect("an unkeyed policy").force_refresh()).is_err());
+        assert!(auth.flight().expect("an unkeyed policy").is_auth_lost());
         block_on(
             auth.flight()
+                .expect("an unkeyed policy")
                 .install(Token::new("at-SECRET-login").with_refresh("rt-SECRET-login")),
         )
         .unwrap();

@@ -57,7 +57,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::{BoxFuture, join_all};
-use tokenflight::oauth2::RefreshTokenGrant;
+use tokenflight::keyed::TokenKey;
+use tokenflight::oauth2::{ClientCredentialsGrant, RefreshTokenGrant};
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, Classifier, Placement, Token, adapter::FuturesTimer,
     adapter::Timer, adapter::Transport, config::Backoff, config::FlightConfig, config::Retry,
@@ -97,6 +98,8 @@ pub struct TestRequest {
     pub skip_auth: bool,
     /// Put the `ForceRefresh` marker on the request.
     pub force_refresh: bool,
+    /// Put a `TokenKey` marker with this value on the request (keyed policies).
+    pub key: Option<String>,
 }
 
 /// What came back, fully read.
@@ -137,6 +140,12 @@ impl TestRequest {
             url: url.into(),
             ..TestRequest::default()
         }
+    }
+
+    /// This request with a `TokenKey` marker of value `key`.
+    pub fn with_key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_owned());
+        self
     }
 
     /// A request with `method` and a replayable `body`.
@@ -245,7 +254,7 @@ impl World {
 
     /// Every secret of this world: none may show in an error message.
     fn assert_no_secret_in(&self, message: &str) {
-        let current = self.auth.flight().current();
+        let current = self.auth.flight().expect("an unkeyed policy").current();
         let mut secrets = vec![self.first.clone(), self.server.client_secret()];
         if let Some(token) = current {
             secrets.push(token.access().expose().to_owned());
@@ -418,7 +427,12 @@ pub async fn s3_concurrent_401s_share_one_refresh(adapter: &dyn Adapter) {
         "[{}] S3: exactly one resend each",
         w.name
     );
-    let current = w.auth.flight().current().unwrap();
+    let current = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert_eq!(
         counters.requests_with(current.access().expose()),
         n,
@@ -462,7 +476,12 @@ pub async fn s4_late_401_for_old_token_does_not_refresh_again(adapter: &dyn Adap
         w.name
     );
     assert_eq!(stats.retries, 2, "[{}] S4", w.name);
-    let current = w.auth.flight().current().unwrap();
+    let current = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert_eq!(
         counters.requests_with(current.access().expose()),
         2,
@@ -541,6 +560,7 @@ pub async fn s6_invalid_grant_needs_a_new_login(adapter: &dyn Adapter) {
     // The server no longer knows the refresh token (revoked): a real invalid_grant.
     w.auth
         .flight()
+        .expect("an unkeyed policy")
         .install(
             Token::new(w.first.clone())
                 .with_refresh("revoked-refresh-token")
@@ -583,7 +603,12 @@ pub async fn s6_invalid_grant_needs_a_new_login(adapter: &dyn Adapter) {
     );
     assert_eq!(w.server.counters().resource_calls, 0, "[{}] S6", w.name);
 
-    w.auth.flight().install(login(&w.server)).await.unwrap();
+    w.auth
+        .flight()
+        .expect("an unkeyed policy")
+        .install(login(&w.server))
+        .await
+        .unwrap();
     let response = w
         .respond(TestRequest::get(w.server.api_url("s6/after-login")))
         .await;
@@ -858,7 +883,12 @@ pub async fn s12_query_parameter_placement(adapter: &dyn Adapter) {
 
     let recorded = w.requests_to("s12");
     assert_eq!(recorded.len(), 3, "[{}] S12", w.name);
-    let current = w.auth.flight().current().unwrap();
+    let current = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     let tokens: Vec<Option<&str>> = recorded.iter().map(|r| r.token.as_deref()).collect();
     assert_eq!(
         tokens,
@@ -946,7 +976,12 @@ pub async fn s14_rotation_uses_newest_refresh_token(adapter: &dyn Adapter) {
         for result in &results {
             ok_body(w.name, &format!("S14 round {round}"), result);
         }
-        let current = w.auth.flight().current().unwrap();
+        let current = w
+            .auth
+            .flight()
+            .expect("an unkeyed policy")
+            .current()
+            .unwrap();
         let refresh = current.refresh().unwrap().expose().to_owned();
         assert!(
             !seen.contains(&refresh),
@@ -967,14 +1002,24 @@ pub async fn s14_rotation_uses_newest_refresh_token(adapter: &dyn Adapter) {
 
     // A forced refresh (the `ForceRefresh` marker) rotates the same way, on a token the
     // server still accepts, and the request goes out with the new token.
-    let before = w.auth.flight().current().unwrap();
+    let before = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     let request = TestRequest {
         force_refresh: true,
         ..TestRequest::get(w.server.api_url("s14/forced"))
     };
     let response = w.respond(request).await;
     assert_eq!(response.status, 200, "[{}] S14 forced", w.name);
-    let after = w.auth.flight().current().unwrap();
+    let after = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert_ne!(before.access(), after.access(), "[{}] S14 forced", w.name);
     let forced = w.requests_to("s14/forced");
     assert_eq!(
@@ -1110,7 +1155,12 @@ pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: 
     let with = |token: &str| {
         CALLERS_QUERY.replace("token=callers", &format!("token={}", form_encoded(token)))
     };
-    let current = w.auth.flight().current().unwrap();
+    let current = w
+        .auth
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     let signed: Vec<Option<String>> = w
         .requests_to("c12/signed")
         .into_iter()
@@ -1448,8 +1498,22 @@ async fn run_load(
     duration: Duration,
     usable: Option<(&TestServer, Duration)>,
 ) -> LoadOutcome {
+    run_load_on(client, &[(api_base, None)], clients, duration, usable).await
+}
+
+/// [`run_load`] over several APIs: client `c` sends to `targets[c % targets.len()]`, a
+/// base URL and the audience whose tokens count as usable for it (`None`: tokens
+/// without one).
+async fn run_load_on(
+    client: &dyn TestClient,
+    targets: &[(&str, Option<&str>)],
+    clients: usize,
+    duration: Duration,
+    usable: Option<(&TestServer, Duration)>,
+) -> LoadOutcome {
     let started = Instant::now();
     let one = |c: usize| async move {
+        let (api_base, audience) = targets[c % targets.len()];
         let mut outcome = LoadOutcome::default();
         let mut n = 0u64;
         while started.elapsed() < duration {
@@ -1477,7 +1541,10 @@ async fn run_load(
             match failure {
                 None => outcome.ok += 1,
                 Some(failure) => {
-                    let life = usable.and_then(|(server, _)| server.longest_valid_life(sent));
+                    let life = usable.and_then(|(server, _)| match audience {
+                        Some(audience) => server.longest_valid_life_for(audience, sent),
+                        None => server.longest_valid_life(sent),
+                    });
                     let had_usable = usable.is_some_and(|(_, margin)| life > Some(margin));
                     if had_usable {
                         outcome.failed_with_usable_token += 1;
@@ -1961,6 +2028,240 @@ pub async fn s18_outage_follows_the_backoff_then_recovers(adapter: &dyn Adapter)
     assert_eq!(w.server.counters().reuse_detections, 0, "[{}] S18", w.name);
 }
 
+/// The two APIs of the keyed scenarios (S19): audiences of one authorization server.
+const AUDIENCES: [&str; 2] = ["orders", "billing"];
+
+/// A keyed policy (issue 17) whose key's source is the `client_credentials` grant
+/// against `server` with `audience=<the key's value>` — the key is the audience.
+fn audience_policy(
+    adapter: &dyn Adapter,
+    server: &TestServer,
+    configure: impl FnOnce(AuthPolicyBuilder<AuthPolicy>) -> AuthPolicyBuilder<AuthPolicy>,
+) -> AuthPolicy {
+    let transport = adapter.bare_transport();
+    let (token_url, client_id, secret) = (
+        server.token_url(),
+        server.client_id(),
+        server.client_secret(),
+    );
+    let builder = adapter
+        .builder()
+        .allowed_origin(&server.origin())
+        .keyed(move |key, shared| {
+            let grant = ClientCredentialsGrant::new(transport.clone(), &token_url, &client_id)?
+                .client_secret(secret.clone())
+                .param("audience", key.as_str());
+            shared.source(grant).build()
+        });
+    configure(builder)
+        .build()
+        .unwrap_or_else(|e| panic!("[{}] building the keyed policy failed: {e}", adapter.name()))
+}
+
+/// Sends 16 requests per audience at once, interleaved, each with its audience's
+/// `TokenKey` marker; expects every one answered 200.
+async fn audience_round(name: &str, client: &dyn TestClient, server: &TestServer, round: usize) {
+    let requests = (0..CONCURRENCY * AUDIENCES.len()).map(|i| {
+        let audience = AUDIENCES[i % AUDIENCES.len()];
+        client.send(
+            TestRequest::get(server.audience_url(audience, &format!("round{round}/{i}")))
+                .with_key(audience),
+        )
+    });
+    for (i, result) in join_all(requests).await.iter().enumerate() {
+        ok_body(name, &format!("S19 round {round}, request {i}"), result);
+    }
+}
+
+/// S19 (issue 17): two audiences of one server, a keyed policy with the audience as
+/// the request's `TokenKey`: a token is valid only at its own audience's API. Three
+/// rounds of 16 concurrent requests per audience (the first with no token yet, the
+/// others after the server expired every token): every request answered 200, not one
+/// request carried the other audience's token, and each audience cost exactly one
+/// token call per round (C1 per key; the 401s of one key shared one refresh, C3).
+pub async fn s19_two_audiences_never_share_a_token(adapter: &dyn Adapter) {
+    let name = adapter.name();
+    let server = TestServer::start(TestServerConfig::default());
+    let auth = audience_policy(adapter, &server, |b| b);
+    let client = adapter.client(auth.clone());
+    for round in 0..3 {
+        if round > 0 {
+            server.expire_all_tokens();
+        }
+        audience_round(name, &*client, &server, round).await;
+        let counters = server.counters();
+        for audience in AUDIENCES {
+            assert_eq!(
+                counters.issued_per_audience.get(audience).copied(),
+                Some(round as u64 + 1),
+                "[{name}] S19 round {round}: token calls for {audience}; wire: {}",
+                wire_summary(&server.requests())
+            );
+        }
+        assert_eq!(
+            counters.cross_audience_requests,
+            0,
+            "[{name}] S19 round {round}: a token went to the other audience; wire: {}",
+            wire_summary(&server.requests())
+        );
+    }
+    let keyed = auth.keyed().expect("a keyed policy");
+    assert_eq!(
+        keyed.len(),
+        AUDIENCES.len(),
+        "[{name}] S19: one coordinator per key"
+    );
+    assert_eq!(auth.stats().source_calls, 6, "[{name}] S19: source calls");
+    // Requests that went out with an expired token were rejected once and resent once
+    // (C4); how many did depends on the interleaving (a later one may wait for the
+    // refresh instead), never more than one per request of the two later rounds.
+    let rejections = server.counters().rejections;
+    assert!(
+        rejections <= (2 * CONCURRENCY * AUDIENCES.len()) as u64,
+        "[{name}] S19: {rejections} rejections"
+    );
+    assert_eq!(
+        auth.stats().retries,
+        rejections,
+        "[{name}] S19: one resend per rejection"
+    );
+}
+
+/// S20 (issue 17): the default key is the request's origin: one keyed policy in front of
+/// two APIs on two servers (each accepts only its own tokens), no `TokenKey` markers.
+/// Every request answered 200 on its first try, one token call per server.
+pub async fn s20_keyed_by_origin_by_default(adapter: &dyn Adapter) {
+    let name = adapter.name();
+    let servers = [
+        TestServer::start(TestServerConfig::default()),
+        TestServer::start(TestServerConfig::default()),
+    ];
+    let transport = adapter.bare_transport();
+    let grants: Vec<(String, String, String, String)> = servers
+        .iter()
+        .map(|s| (s.origin(), s.token_url(), s.client_id(), s.client_secret()))
+        .collect();
+    let auth = adapter
+        .builder()
+        .allowed_origin(&servers[0].origin())
+        .allowed_origin(&servers[1].origin())
+        .keyed(move |key, shared| {
+            // The key is an origin; its token comes from that server's token endpoint.
+            let (_, token_url, client_id, secret) = grants
+                .iter()
+                .find(|(origin, ..)| origin == key.as_str())
+                .ok_or_else(|| tokenflight::ConfigError::InvalidSetting("unknown API".into()))?;
+            let grant = ClientCredentialsGrant::new(transport.clone(), token_url, client_id)?
+                .client_secret(secret.clone());
+            shared.source(grant).build()
+        })
+        .build()
+        .unwrap_or_else(|e| panic!("[{name}] building the keyed policy failed: {e}"));
+    let client = adapter.client(auth);
+    let requests = (0..CONCURRENCY * 2).map(|i| {
+        client.send(TestRequest::get(
+            servers[i % 2].api_url(&format!("by-origin/{i}")),
+        ))
+    });
+    for (i, result) in join_all(requests).await.iter().enumerate() {
+        ok_body(name, &format!("S20 request {i}"), result);
+    }
+    for (i, server) in servers.iter().enumerate() {
+        let counters = server.counters();
+        assert_eq!(
+            counters.token_calls, 1,
+            "[{name}] S20 server {i}: token calls"
+        );
+        assert_eq!(
+            counters.rejections,
+            0,
+            "[{name}] S20 server {i}: a request carried the other server's token; wire: {}",
+            wire_summary(&server.requests())
+        );
+    }
+}
+
+/// S21 (issue 17): the keyed defaults on hostile but normal conditions — S16's short
+/// lifetimes and S17's flaky endpoint at once, with 100 clients over two audiences
+/// (a keyed policy, the key found from the path by a key function). Per audience at
+/// most 2 issued tokens per lifetime (C15 per key), no request fails while its
+/// audience had a usable token, at most 1 % fail, no token crosses audiences.
+pub async fn s21_keyed_short_lifetimes_and_a_flaky_endpoint(adapter: &dyn Adapter) {
+    let name = adapter.name();
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: SHORT_LIFETIME,
+        ..TestServerConfig::default()
+    });
+    let auth = audience_policy(adapter, &server, |b| {
+        b.token_key(|_, url| {
+            let audience = url.path().trim_start_matches("/api/aud/");
+            TokenKey::new(audience.split('/').next().unwrap_or_default())
+        })
+    });
+    let client = adapter.client(auth.clone());
+    server.set_token_failure_rate(FLAKY_RATE, FLAKY_SEED);
+    let bases: Vec<String> = AUDIENCES
+        .iter()
+        .map(|a| server.audience_url(a, ""))
+        .collect();
+    let targets: Vec<(&str, Option<&str>)> = bases
+        .iter()
+        .zip(AUDIENCES)
+        .map(|(base, audience)| (base.as_str(), Some(audience)))
+        .collect();
+    let load = run_load_on(
+        &*client,
+        &targets,
+        LOAD_CLIENTS,
+        load_duration(),
+        Some((&server, default_leeway(SHORT_LIFETIME))),
+    )
+    .await;
+    let counters = server.counters();
+    let lifetimes = lifetimes_in(Duration::from_secs_f64(load.elapsed_s));
+    let failed_share = load.not_ok() as f64 / load.requests.max(1) as f64;
+    println!(
+        "[{name}] S21: {LOAD_CLIENTS} clients over {} audiences, {:.1} s = {lifetimes} \
+         lifetimes, {} requests, {} failed ({:.3} %), {} with a usable token; tokens issued \
+         per audience {:?}, {} token calls, {} failed at random",
+        AUDIENCES.len(),
+        load.elapsed_s,
+        load.requests,
+        load.not_ok(),
+        failed_share * 100.0,
+        load.failed_with_usable_token,
+        counters.issued_per_audience,
+        counters.token_calls,
+        counters.random_failures,
+    );
+    assert!(counters.random_failures > 0, "[{name}] S21: nothing failed");
+    assert_eq!(
+        load.failed_with_usable_token, 0,
+        "[{name}] S21: requests failed while their audience had a usable token: {:?}",
+        load.first_failures
+    );
+    assert!(
+        failed_share <= FLAKY_MAX_FAILED,
+        "[{name}] S21: {} of {} requests failed: {:?}",
+        load.not_ok(),
+        load.requests,
+        load.first_failures
+    );
+    for audience in AUDIENCES {
+        let issued = counters
+            .issued_per_audience
+            .get(audience)
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            (1..=2 * lifetimes).contains(&issued),
+            "[{name}] S21: {issued} tokens for {audience} in {lifetimes} lifetimes"
+        );
+    }
+    assert_eq!(counters.cross_audience_requests, 0, "[{name}] S21");
+    assert_eq!(counters.reuse_detections, 0, "[{name}] S21");
+}
+
 /// Expands to one test function per conformance scenario, each run with the given
 /// runtime attribute against a fresh adapter value.
 ///
@@ -2001,6 +2302,9 @@ macro_rules! conformance_tests {
             s16_short_lifetimes_cost_at_most_two_calls_per_lifetime,
             s17_flaky_token_endpoint_is_invisible,
             s18_outage_follows_the_backoff_then_recovers,
+            s19_two_audiences_never_share_a_token,
+            s20_keyed_by_origin_by_default,
+            s21_keyed_short_lifetimes_and_a_flaky_endpoint,
         );
         $crate::conformance_tests!(
             @processes $runtime, $adapter;

@@ -1225,7 +1225,11 @@ impl World {
             step: 0,
             message: format!("the model's configuration was refused: {error}"),
         })?;
-        let flight = auth.flight().clone();
+        let flight = auth.flight().cloned().ok_or_else(|| Violation {
+            contract: "setup",
+            step: 0,
+            message: "the model's policy is keyed".into(),
+        })?;
         lock(&shared).flight = Some(flight.clone());
         let mut world = World {
             setup,

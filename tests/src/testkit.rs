@@ -192,7 +192,7 @@ impl TestServer {
     /// Whether the API would accept `token` now (issued here, unexpired, not revoked):
     /// for other servers in a test that share this server's tokens (the gRPC testkit).
     pub fn access_token_valid(&self, token: &str) -> bool {
-        self.read(|state| state.access_valid(token))
+        self.read(|state| state.access_valid(token, None))
     }
 
     /// The socket address the server listens on.
@@ -219,6 +219,17 @@ impl TestServer {
     /// is ignored).
     pub fn api_url(&self, path: &str) -> String {
         format!("{}/api/{}", self.base_url(), path.trim_start_matches('/'))
+    }
+
+    /// A protected resource of `audience`, `http://127.0.0.1:PORT/api/aud/<audience>/<path>`:
+    /// it accepts only tokens issued with that `audience` parameter (and the other
+    /// resources only tokens issued without one). `audience` must be one path segment.
+    pub fn audience_url(&self, audience: &str, path: &str) -> String {
+        format!(
+            "{}/api/aud/{audience}/{}",
+            self.base_url(),
+            path.trim_start_matches('/')
+        )
     }
 
     /// `http://127.0.0.1:PORT/redirect?to=<to>`: answers `302 Found` to `to`.
@@ -260,7 +271,7 @@ impl TestServer {
     /// Issues an access token (outside any refresh family, as a login would) and
     /// returns it with its `expires_in` in seconds.
     pub fn issue_access_token(&self) -> (String, u64) {
-        self.with_state(|s| s.issue_access_token(None))
+        self.with_state(|s| s.issue_access_token(None, None))
     }
 
     /// The next `n` token-endpoint calls answer with `failure` instead (queued after
@@ -302,7 +313,16 @@ impl TestServer {
     /// none: whether a client could still have used a token at some point, e.g. when
     /// one of its requests failed.
     pub fn longest_valid_life(&self, issued_before: std::time::Instant) -> Option<Duration> {
-        self.read(|s| s.longest_valid_life(issued_before))
+        self.read(|s| s.longest_valid_life(issued_before, None))
+    }
+
+    /// [`longest_valid_life`](Self::longest_valid_life) among the tokens of `audience`.
+    pub fn longest_valid_life_for(
+        &self,
+        audience: &str,
+        issued_before: std::time::Instant,
+    ) -> Option<Duration> {
+        self.read(|s| s.longest_valid_life(issued_before, Some(audience)))
     }
 
     /// Lifetime of access tokens issued from now on.

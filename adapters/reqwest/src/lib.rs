@@ -38,7 +38,9 @@
 //!
 //! Put a marker in the request's extensions, as with every tokenflight adapter:
 //! [`SkipAuth`] sends it without credentials and does not classify
-//! the response; [`ForceRefresh`] refreshes before sending.
+//! the response; [`ForceRefresh`] refreshes before sending; with a keyed policy
+//! ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)) a
+//! [`TokenKey`](tokenflight::keyed::TokenKey) chooses the request's token.
 //! Routes that never carry a token (a login endpoint on the API's origin) are exempted
 //! once, on the builder: `.skip_route(Some(Method::POST), "/login")`
 //! ([`AuthPolicyBuilder::skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).

@@ -6,6 +6,7 @@ use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
 use tokenflight::adapter::{AuthError, AuthRequest, RequestOptions};
+use tokenflight::keyed::TokenKey;
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, Placement, SkipAuth};
 
 use crate::message::{Attempt, Reply};
@@ -47,7 +48,9 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// (`req.set_ext(SkipAuth)`) to send without credentials or to refresh first
 /// ([C11](tokenflight#c11)), as with every tokenflight adapter; exempt routes once with
 /// [`skip_route`](tokenflight::AuthPolicyBuilder::skip_route) on the builder. A resent
-/// request lacks the caller's extensions (surf's `clone` drops them).
+/// request lacks the caller's extensions (surf's `clone` drops them). With a keyed
+/// policy ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)), a
+/// [`TokenKey`](tokenflight::keyed::TokenKey) in the extensions chooses the token.
 ///
 /// # Errors
 /// When no token can be had the request fails with a `surf::Error` whose status is
@@ -112,12 +115,14 @@ impl Middleware for TokenMiddleware {
         let options = RequestOptions::from_markers(
             req.ext::<SkipAuth>().is_some(),
             req.ext::<ForceRefresh>().is_some(),
-        );
+        )
+        .with_key(req.ext::<TokenKey>().cloned());
         // The policy would pass these through too; asking it first skips buffering.
-        if !self
-            .auth
-            .attaches_token(&crate::message::method_of(req.method()), req.url(), options)
-        {
+        if !self.auth.attaches_token(
+            &crate::message::method_of(req.method()),
+            req.url(),
+            &options,
+        ) {
             return next.run(req, client).await;
         }
         let attempt = Attempt::buffer(req, self.replay_body_limit).await?;

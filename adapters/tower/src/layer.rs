@@ -163,7 +163,7 @@ where
     };
     // Only a request that will carry the token may need a resend, and only then is its
     // body read ahead.
-    let may_resend = auth.attaches_token(request.method(), &url, options);
+    let may_resend = auth.attaches_token(request.method(), &url, &options);
     let outgoing = Outgoing::new(request, url, may_resend.then_some(replay_limit)).await;
     let mut first = true;
     let send = move |outgoing: Outgoing<B>| {

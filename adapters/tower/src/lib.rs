@@ -49,7 +49,9 @@
 //!
 //! Per-request options are markers in the request's extensions, as with every
 //! tokenflight adapter: [`SkipAuth`] sends it without credentials and does not classify
-//! the response; [`ForceRefresh`] refreshes before sending. Routes that never carry a
+//! the response; [`ForceRefresh`] refreshes before sending; with a keyed policy
+//! ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)) a
+//! [`TokenKey`](tokenflight::keyed::TokenKey) chooses the request's token. Routes that never carry a
 //! token are exempted once on the builder
 //! ([`skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).
 //!

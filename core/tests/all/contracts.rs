@@ -119,11 +119,16 @@ async fn c3_late_rejection_after_refresh_is_stale() {
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let auth = authenticator(&clock, &source);
     let server = FakeServer::default();
-    let first = auth.flight().token().await.unwrap();
+    let first = auth
+        .flight()
+        .expect("an unkeyed policy")
+        .token()
+        .await
+        .unwrap();
     assert_eq!(first.access().expose(), "token-1");
     // The server answers 401 for token-1, but only after token-2 was already installed
     // by someone else (a refresh finished while this request was on the wire).
-    let refresher = auth.flight().clone();
+    let refresher = auth.flight().expect("an unkeyed policy").clone();
     let seen = server.seen.clone();
     let response = auth
         .send(
@@ -682,7 +687,11 @@ async fn c11_force_refresh_marker() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let auth = authenticator(&clock, &source);
-    auth.flight().token().await.unwrap();
+    auth.flight()
+        .expect("an unkeyed policy")
+        .token()
+        .await
+        .unwrap();
     let server = FakeServer::default();
     auth.send(
         FakeRequest::get("https://api.test/x"),
@@ -729,10 +738,18 @@ async fn c12_errors_and_debug_never_show_secrets() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG)).then(Step::Ok(LONG));
     let auth = authenticator(&clock, &source);
-    let token = auth.flight().token().await.unwrap();
+    let token = auth
+        .flight()
+        .expect("an unkeyed policy")
+        .token()
+        .await
+        .unwrap();
     let failing = ScriptedSource::new(&clock, Step::Transient);
     let err = flight(&clock, &failing).token().await.unwrap_err();
-    let shown = format!("{auth:?} {:?} {token:?} {err} {err:?}", auth.flight());
+    let shown = format!(
+        "{auth:?} {:?} {token:?} {err} {err:?}",
+        auth.flight().expect("an unkeyed policy")
+    );
     assert!(
         !shown.contains("token-1") && !shown.contains("refresh-1"),
         "{shown}"

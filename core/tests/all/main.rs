@@ -6,7 +6,7 @@
 //!
 //! Modules: `contracts` (C1–C18, one test or more per guarantee), `holes` (C10, C15–C17
 //! edge cases), `regressions`, `mutants` (tests written to kill mutants), `observe`
-//! and `metrics` (issue 16), `keyed` (issue 17), `push` (issue 20), `file_store`, `oauth2_sources`,
+//! and `metrics` (issue 16), `keyed` and `keyed_policy` (issue 17), `push` (issue 20), `file_store`, `oauth2_sources`,
 //! `storm`, `runtime_free` (C14).
 
 mod support;
@@ -16,6 +16,7 @@ mod contracts;
 mod file_store;
 mod holes;
 mod keyed;
+mod keyed_policy;
 mod metrics;
 mod mutants;
 mod oauth2_sources;

@@ -135,8 +135,8 @@ fn stale_rejection_and_retry_and_auth_lost() {
             .allowed_origin("https://api.test")
             .build()
             .unwrap();
-        block_on(auth.flight().token()).unwrap();
-        let refresher = auth.flight().clone();
+        block_on(auth.flight().expect("an unkeyed policy").token()).unwrap();
+        let refresher = auth.flight().expect("an unkeyed policy").clone();
         let clock2 = clock.clone();
         // The 401 for token-1 arrives after a forced refresh (retried once) replaced it.
         let mut send = Box::pin(auth.send(
@@ -158,8 +158,13 @@ fn stale_rejection_and_retry_and_auth_lost() {
         ));
         assert_eq!(block_on(&mut send).unwrap().status, 200);
         // Permanent failure, then a login.
-        assert!(block_on(auth.flight().force_refresh()).is_err());
-        block_on(auth.flight().install(Token::new("login-secret"))).unwrap();
+        assert!(block_on(auth.flight().expect("an unkeyed policy").force_refresh()).is_err());
+        block_on(
+            auth.flight()
+                .expect("an unkeyed policy")
+                .install(Token::new("login-secret")),
+        )
+        .unwrap();
     });
     assert_eq!(
         counter(&metrics, "tokenflight.refresh.started{reason=initial}"),

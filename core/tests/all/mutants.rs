@@ -38,7 +38,7 @@ fn c12_debug_shows_state_but_no_secret() {
         .build()
         .unwrap();
 
-    let flight = format!("{:?}", auth.flight());
+    let flight = format!("{:?}", auth.flight().expect("an unkeyed policy"));
     assert!(flight.starts_with("SingleFlight"), "{flight}");
     assert!(flight.contains("generation: Some(1)"), "{flight}");
 

@@ -162,8 +162,8 @@ fn stale_rejection_resends_without_a_refresh() {
         .build()
         .unwrap();
     let server = FakeServer::default();
-    block_on(auth.flight().token()).unwrap();
-    let refresher = auth.flight().clone();
+    block_on(auth.flight().expect("an unkeyed policy").token()).unwrap();
+    let refresher = auth.flight().expect("an unkeyed policy").clone();
     let seen = server.seen.clone();
     let response = block_on(auth.send(
         FakeRequest::get("https://api.test/x"),

@@ -123,14 +123,16 @@ fn grant_token(
     form: &HashMap<String, String>,
 ) -> Result<Issued, OAuthError> {
     authenticate_client(state, headers, form)?;
+    // The API the token is for: bound into the token, checked by the resource.
+    let audience = form.get("audience").map(String::as_str);
     match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => {
             let presented = form
                 .get("refresh_token")
                 .ok_or(OAuthError::InvalidRequest)?;
-            state.refresh_grant(presented)
+            state.refresh_grant(presented, audience)
         }
-        Some("client_credentials") => Ok(state.client_credentials_grant()),
+        Some("client_credentials") => Ok(state.client_credentials_grant(audience)),
         Some(_) => Err(OAuthError::UnsupportedGrantType),
         None => Err(OAuthError::InvalidRequest),
     }
@@ -274,6 +276,12 @@ fn presented_token(query_mode: bool, uri: &Uri, headers: &HeaderMap) -> Option<S
         .then(|| token.trim().to_owned())
 }
 
+/// The audience of a protected resource: `<audience>` for `/api/aud/<audience>/...`,
+/// none for the other `/api/...` paths.
+fn audience_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/aud/")?.split('/').next()
+}
+
 async fn resource(
     Extract(shared): Extract<Arc<Shared>>,
     method: Method,
@@ -285,9 +293,18 @@ async fn resource(
     // change the answer of a request already in the server.
     let (accepted, token_given, business_code, latency, held) = shared.update(|state| {
         let token = presented_token(state.config.query_token, &uri, &headers);
+        let audience = audience_of(uri.path());
         let accepted = !state.config.require_auth
             || (!state.config.reject_all
-                && token.as_deref().is_some_and(|t| state.access_valid(t)));
+                && token
+                    .as_deref()
+                    .is_some_and(|t| state.access_valid(t, audience)));
+        if token
+            .as_deref()
+            .is_some_and(|t| state.issued_for_other_audience(t, audience))
+        {
+            state.counters.cross_audience_requests += 1;
+        }
         let held = (state.hold_next > 0).then(|| {
             state.hold_next -= 1;
             state.counters.held_resource_calls += 1;

@@ -55,6 +55,13 @@ pub struct Counters {
     /// Token calls answered `503` by the seeded random failures (see
     /// [`TestServer::set_token_failure_rate`](super::TestServer::set_token_failure_rate)).
     pub random_failures: u64,
+    /// Access tokens issued per audience (the token request's `audience` parameter; RFC
+    /// 8707's resource indicator in spirit). Tokens without one are not counted here.
+    pub issued_per_audience: BTreeMap<String, u64>,
+    /// Protected-resource requests that carried a token the server issued for another
+    /// audience than the one of the resource (`/api/aud/<audience>/...`, or none): a
+    /// token sent to the wrong API. Always rejected.
+    pub cross_audience_requests: u64,
 }
 
 impl Counters {
@@ -96,6 +103,8 @@ struct AccessToken {
     issued_at: Instant,
     expires_at: Instant,
     family: Option<u64>,
+    /// The audience it was issued for; valid only at that audience's resources.
+    audience: Option<String>,
 }
 
 struct RefreshToken {
@@ -220,7 +229,11 @@ impl State {
         format!("{prefix}{}.{:016x}", self.next_id, fastrand::u64(..))
     }
 
-    pub(crate) fn issue_access_token(&mut self, family: Option<u64>) -> (String, u64) {
+    pub(crate) fn issue_access_token(
+        &mut self,
+        family: Option<u64>,
+        audience: Option<&str>,
+    ) -> (String, u64) {
         let token = self.fresh("at");
         let lifetime = self.config.token_lifetime;
         let issued_at = Instant::now();
@@ -233,8 +246,16 @@ impl State {
                 issued_at,
                 expires_at,
                 family,
+                audience: audience.map(str::to_owned),
             },
         );
+        if let Some(audience) = audience {
+            *self
+                .counters
+                .issued_per_audience
+                .entry(audience.to_owned())
+                .or_default() += 1;
+        }
         (token, lifetime.as_secs())
     }
 
@@ -263,22 +284,36 @@ impl State {
         }
     }
 
-    /// Whether `token` is a valid, unexpired access token of a family not revoked.
-    pub(crate) fn access_valid(&self, token: &str) -> bool {
+    /// Whether `token` is a valid, unexpired access token of a family not revoked, for
+    /// `audience` (`None`: a token issued without one).
+    pub(crate) fn access_valid(&self, token: &str, audience: Option<&str>) -> bool {
         self.access.get(token).is_some_and(|t| {
             Instant::now() < t.expires_at
+                && t.audience.as_deref() == audience
                 && t.family.is_none_or(|f| !self.revoked_families.contains(&f))
         })
+    }
+
+    /// Whether `token` is one this server issued for another audience than `audience`.
+    pub(crate) fn issued_for_other_audience(&self, token: &str, audience: Option<&str>) -> bool {
+        self.access
+            .get(token)
+            .is_some_and(|t| t.audience.as_deref() != audience)
     }
 
     /// The remaining life of the valid access token (unexpired, family not revoked)
     /// that expires last among those issued before `issued_before`; `None` if there is
     /// none.
-    pub(crate) fn longest_valid_life(&self, issued_before: Instant) -> Option<Duration> {
+    pub(crate) fn longest_valid_life(
+        &self,
+        issued_before: Instant,
+        audience: Option<&str>,
+    ) -> Option<Duration> {
         let now = Instant::now();
         self.access
             .values()
             .filter(|t| t.issued_at < issued_before && now < t.expires_at)
+            .filter(|t| t.audience.as_deref() == audience)
             .filter(|t| t.family.is_none_or(|f| !self.revoked_families.contains(&f)))
             .map(|t| t.expires_at.saturating_duration_since(now))
             .max()
@@ -305,7 +340,11 @@ impl State {
     }
 
     /// `grant_type=refresh_token` (RFC 6749 §6) with rotation and reuse detection.
-    pub(crate) fn refresh_grant(&mut self, presented: &str) -> Result<Issued, OAuthError> {
+    pub(crate) fn refresh_grant(
+        &mut self,
+        presented: &str,
+        audience: Option<&str>,
+    ) -> Result<Issued, OAuthError> {
         let Some(entry) = self.refresh.get_mut(presented) else {
             return Err(OAuthError::InvalidGrant);
         };
@@ -322,7 +361,7 @@ impl State {
         }
         entry.spent = true;
         let refresh_token = self.issue_refresh_token(family);
-        let (access_token, expires_in) = self.issue_access_token(Some(family));
+        let (access_token, expires_in) = self.issue_access_token(Some(family), audience);
         self.counters.tokens_issued += 1;
         Ok(Issued {
             access_token,
@@ -332,8 +371,8 @@ impl State {
     }
 
     /// `grant_type=client_credentials` (RFC 6749 §4.4): no refresh token (§4.4.3).
-    pub(crate) fn client_credentials_grant(&mut self) -> Issued {
-        let (access_token, expires_in) = self.issue_access_token(None);
+    pub(crate) fn client_credentials_grant(&mut self, audience: Option<&str>) -> Issued {
+        let (access_token, expires_in) = self.issue_access_token(None, audience);
         self.counters.tokens_issued += 1;
         Issued {
             access_token,

@@ -96,7 +96,7 @@ struct NaiveClient {
 impl TestClient for NaiveClient {
     fn send(&self, request: TestRequest) -> BoxFuture<'_, Result<TestResponse, String>> {
         Box::pin(async move {
-            let flight = self.auth.flight();
+            let flight = self.auth.flight().expect("an unkeyed policy");
             let expired = self.surface_refresh_errors && flight.valid_token().is_none();
             let token = if self.refresh_every_request || expired {
                 flight.force_refresh().await

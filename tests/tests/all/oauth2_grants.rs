@@ -41,8 +41,13 @@ fn cx(previous: Option<&Token>) -> RefreshContext {
 
 /// The server accepts the token on its protected API.
 async fn api_accepts(server: &TestServer, token: &Token) -> bool {
+    accepted_at(&server.api_url("whoami"), token).await
+}
+
+/// The resource at `url` accepts the token.
+async fn accepted_at(url: &str, token: &Token) -> bool {
     reqwest::Client::new()
-        .get(server.api_url("whoami"))
+        .get(url)
         .bearer_auth(token.access().expose())
         .send()
         .await
@@ -65,14 +70,18 @@ async fn refresh_grant_with_basic_and_body_auth_rotates_without_reuse() {
             .scope("read")
             .param("audience", "testkit");
         let first = grant.fetch(cx(Some(&login))).await.unwrap();
-        assert!(api_accepts(&server, &first).await, "{auth:?}");
+        // The extra parameter reached the server: the token is for that audience's API
+        // and no other.
+        let audience_api = server.audience_url("testkit", "whoami");
+        assert!(accepted_at(&audience_api, &first).await, "{auth:?}");
+        assert!(!api_accepts(&server, &first).await, "{auth:?}");
         let lifetime = first.remaining(SystemTime::now()).unwrap();
         assert!(lifetime <= Duration::from_secs(3600) && lifetime > Duration::ZERO);
         // The server rotates: each answer carries a new refresh token, which is used next.
         assert_ne!(first.refresh(), login.refresh(), "{auth:?}");
         let second = grant.fetch(cx(Some(&first))).await.unwrap();
         assert_ne!(second.refresh(), first.refresh());
-        assert!(api_accepts(&server, &second).await);
+        assert!(accepted_at(&audience_api, &second).await);
     }
     let counters = server.counters();
     assert_eq!(counters.refresh_token_calls, 4);

@@ -30,6 +30,7 @@ async fn a_business_code_rejection_is_refreshed_and_resent() {
     layer
         .policy()
         .flight()
+        .expect("an unkeyed policy")
         .install(tokenflight::Token::new(login))
         .await
         .unwrap();

@@ -16,7 +16,12 @@ use tokio::sync::{Semaphore, mpsc};
 async fn stored_token(layer: &TokenMiddleware) -> String {
     let wait = async {
         loop {
-            if let Some(token) = layer.policy().flight().current() {
+            if let Some(token) = layer
+                .policy()
+                .flight()
+                .expect("an unkeyed policy")
+                .current()
+            {
                 return token.access().expose().to_owned();
             }
             tokio::task::yield_now().await;
@@ -96,7 +101,14 @@ async fn without_a_spawner_the_dropped_refresh_is_lost_and_redone() {
         layer,
         gate,
     } = drop_the_request_mid_refresh(false).await;
-    assert!(layer.policy().flight().current().is_none());
+    assert!(
+        layer
+            .policy()
+            .flight()
+            .expect("an unkeyed policy")
+            .current()
+            .is_none()
+    );
     assert_eq!(server.counters().token_calls, 0);
 
     let client = common::client(layer.clone());

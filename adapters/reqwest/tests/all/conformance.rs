@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use tokenflight::keyed::TokenKey;
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokenflight_reqwest::{BareTransport, TokenMiddleware, TokioSpawner, TokioTimer, reqwest};
@@ -91,6 +92,9 @@ impl ReqwestClient {
         }
         if request.force_refresh {
             builder = builder.with_extension(ForceRefresh);
+        }
+        if let Some(key) = request.key {
+            builder = builder.with_extension(TokenKey::new(key));
         }
         builder.send().await.map_err(|e| error_text(&e))
     }

@@ -45,7 +45,12 @@ async fn an_authenticated_request_gets_a_token_and_passes() {
     assert_eq!(counters.token_calls, 1);
     assert_eq!(counters.refresh_token_calls, 1);
     assert_eq!(counters.credentialed_requests, 2);
-    let token = layer.policy().flight().current().unwrap();
+    let token = layer
+        .policy()
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert_eq!(counters.requests_with(token.access().expose()), 2);
 }
 

@@ -14,7 +14,12 @@ async fn force_refresh_refreshes_a_valid_token_before_sending() {
     let client = common::client(layer.clone());
 
     client.get(server.api_url("a")).send().await.unwrap();
-    let first = layer.policy().flight().current().unwrap();
+    let first = layer
+        .policy()
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     let response = client
         .get(server.api_url("b"))
         .with_extension(ForceRefresh)
@@ -22,7 +27,12 @@ async fn force_refresh_refreshes_a_valid_token_before_sending() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let second = layer.policy().flight().current().unwrap();
+    let second = layer
+        .policy()
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert!(second.generation() > first.generation());
     let counters = server.counters();
     assert_eq!(counters.token_calls, 2);
@@ -182,7 +192,12 @@ async fn the_header_is_marked_sensitive() {
     let (sensitive, printed) = seen.0.lock().unwrap().clone().unwrap();
     assert!(sensitive);
     assert!(printed.contains("Sensitive"), "{printed}");
-    let token = layer.policy().flight().current().unwrap();
+    let token = layer
+        .policy()
+        .flight()
+        .expect("an unkeyed policy")
+        .current()
+        .unwrap();
     assert!(!printed.contains(token.access().expose()), "{printed}");
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use surf::http::{Method, Url};
 use surf::{Body, Request};
+use tokenflight::keyed::TokenKey;
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_surf::{
     AsyncStdSpawner, AsyncStdTimer, BareTransport, FollowRedirects, TokenMiddleware,
@@ -68,6 +69,9 @@ impl SurfClient {
         }
         if request.force_refresh {
             req.set_ext(ForceRefresh);
+        }
+        if let Some(key) = &request.key {
+            req.set_ext(TokenKey::new(key.as_str()));
         }
         Ok(req)
     }

@@ -322,7 +322,12 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 #[async_std::test]
 async fn c6_refresh_finishes_on_the_spawner_after_the_caller_was_cancelled() {
     let s = setup();
-    let flight = s.layer.policy().flight().clone();
+    let flight = s
+        .layer
+        .policy()
+        .flight()
+        .expect("an unkeyed policy")
+        .clone();
     let before = flight.current().unwrap().generation();
     let client = client(s.layer.clone());
     s.server.expire_all_tokens();

@@ -57,7 +57,12 @@ async fn dropping_the_request_that_started_a_refresh_keeps_the_new_token() {
     // lost token into a failure instead of a hang.
     let stored = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(token) = layer.policy().flight().current() {
+            if let Some(token) = layer
+                .policy()
+                .flight()
+                .expect("an unkeyed policy")
+                .current()
+            {
                 return token.access().expose().to_owned();
             }
             tokio::task::yield_now().await;

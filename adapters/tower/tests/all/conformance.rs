@@ -9,6 +9,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokenflight::keyed::TokenKey;
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, SkipAuth, adapter::Transport};
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 use tokenflight_tower::{HyperTransport, TokenLayer, TokioSpawner, TokioTimer};
@@ -110,6 +111,9 @@ impl TowerClient {
         }
         if request.force_refresh {
             http_request.extensions_mut().insert(ForceRefresh);
+        }
+        if let Some(key) = request.key {
+            http_request.extensions_mut().insert(TokenKey::new(key));
         }
         let mut service = self.0.clone();
         service
