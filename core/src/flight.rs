@@ -1393,7 +1393,19 @@ impl SingleFlight {
         };
         let token = Arc::new(stamp(fetched.with_generation(generation), self.now()));
         match within(guard.save(&token), deadline).await {
-            Some(Ok(())) => Ok(token),
+            Some(Ok(())) => {
+                // A login this flight could not save (its store call failed) is now
+                // saved in effect: the store holds its refresh, numbered above it (the
+                // flight started after the login, or it would have been superseded).
+                // Left marked unsaved, it would keep every later read and push of the
+                // store from being adopted, and spend refresh tokens other replicas
+                // already spent (C17, issue 20).
+                let mut state = self.lock_state();
+                if state.unsaved_login.is_some_and(|login| login < generation) {
+                    state.unsaved_login = None;
+                }
+                Ok(token)
+            }
             Some(Err(StoreError::LeaseLost)) => {
                 // Someone else holds the lock now and may have saved a newer token: the
                 // fleet uses that one (an unlocked read: this guard's lease is gone).

@@ -2,7 +2,8 @@
 //! [`SingleFlight`] behind an [`AuthPolicy`], and a [`Scenario`] says, step by step,
 //! who starts, which woken caller is polled next, what the fake API server answers, what
 //! the token source returns, which store call fails, hangs or panics, who logs in, who is
-//! cancelled and how the clocks move (monotonic time, and wall-clock steps both ways).
+//! cancelled, how the clocks move (monotonic time, and wall-clock steps both ways) and
+//! which tokens the store pushes ([`Op::Push`], issue 20: `TokenStore::watch`).
 //!
 //! There is no runtime: a tiny executor keeps the callers' futures in a `Vec` and polls
 //! only the ones whose waker fired, in the order the scenario picks, so a lost wake-up
@@ -13,8 +14,36 @@
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
 //! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
-//! tests (`tests/tests/properties.rs`) generate scenarios with proptest; the `flight_ops`
-//! fuzz target decodes them with `arbitrary`.
+//! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the
+//! `flight_ops` fuzz target decodes them with `arbitrary`.
+//!
+//! ## Pushed tokens (issue 20): planted bugs and what caught them
+//!
+//! Each bug was planted alone in `core/src/flight.rs` (never committed) and the
+//! properties run at the CI count (256 cases each): `python3 run.py` with the plants
+//! in the session's scratch harness. "First case" is the earliest failing case of the
+//! property that failed first; all were shrunk to a few steps.
+//!
+//! | plant | caught by | first case | contract, shrunk |
+//! |---|---|---|---|
+//! | `adopt_pushed` without the generation check | 11 of 19 properties | 1/256 | C3: another token with the current generation replaced it (step 4); C9: an older push / an own echo took it back |
+//! | `adopt_pushed` over an unsaved login | 11 properties | 2/256 | C17: a push replaced the unsaved initial token (step 1) |
+//! | no `superseded` check after the retry pause, the unlocked read or under the lock | 4 properties (`c2_c3_c17_pushed_…` first) | 1–2/256 | C2: a source call started though a pushed newer usable token was current (step 9–26) |
+//! | ... only after the retry pause | not caught: equivalent (the next attempt's check ends the flight the same way) | – | – |
+//! | `adopt_pushed` accepts generations above `MAX_GENERATION` | 11 properties | 1/256 | C17 (step 1) |
+//! | `adopt_pushed` without the usability check | 11 properties | 1/256 | C16: an expired push replaced the current token (step 1) |
+//! | adopting does not end "re-authentication required" | 11 properties | 1/256 | C17 (step 4–6) |
+//! | pushes never adopted | 14 properties | 1/256 | C2: a newer usable push not adopted (step 1) |
+//! | only compared with the current token, not the last generation numbered | `c2_c3_c17_pushed_…` and `c3_a_push_of_a_generation_…` | 26–39/256 | C3: a push took a generation the coordinator had given its own (saving) token (step 10) |
+//! | `last_generation` not raised by a push | 9 properties | 1–12/256 | C4: a request resent with the same token |
+//! | failure count (backoff) kept after a push | `c5_c18_…` (1 run in 2) | 142/256 | C9: backoff did not hold as the model expects (step 7) |
+//!
+//! The model also found a bug in the core: a flight that saved the refresh of an
+//! unsaved login (its save had failed) left the login marked unsaved for good, so
+//! pushes, the unlocked read and the stored token under the lock were never adopted
+//! again (the coordinator spent its own refresh token instead). Fixed in `attempt_locked`;
+//! `c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again`
+//! pins it (reverting the fix: that test, and `c2_c3_c17_pushed_…` at case 112–157).
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -27,7 +56,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -37,8 +66,8 @@ use tokenflight::{
     AuthPolicy, Error, RefreshContext, RefreshError, RefreshReason, SingleFlight, Token,
     TokenSource, adapter::AuthError, adapter::AuthRequest, adapter::AuthResponse, adapter::Clock,
     adapter::InvalidHeader, adapter::RequestOptions, adapter::ResponseView, adapter::Spawn,
-    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::TokenStore,
-    store::WithGeneration, test_util::ManualClock,
+    adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::StoreWatcher,
+    store::TokenStore, store::WithGeneration, test_util::ManualClock,
 };
 use url::Url;
 
@@ -191,6 +220,42 @@ pub enum Op {
         /// What happens to the armed call.
         fault: Fault,
     },
+    /// The store pushes a saved token to the coordinator ([`TokenStore::watch`],
+    /// issue 20), between any two steps: while a flight runs, while a login is unsaved,
+    /// while re-authentication is required or a backoff holds.
+    Push(Push),
+}
+
+/// What [`Op::Push`] pushes, and what the coordinator must do with it (it adopts a
+/// pushed token by the rule of its unlocked read of the store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum Push {
+    /// Another replica saved a usable token (an hour) numbered above every generation
+    /// so far. Written to the store too when no flight of this coordinator holds the
+    /// store's lock (no live source call or sleep); else only pushed (a save the
+    /// store's pub/sub delivers out of order). Adopted at once, unless a login is
+    /// unsaved (C17: an unsaved login is newer than anything stored).
+    Newer,
+    /// A different token with the current token's generation (a duplicate or a
+    /// corrupt record): ignored (a generation names one token: C3).
+    Equal,
+    /// A token one generation below the current one (a late push): ignored (C9: the
+    /// current token never goes back).
+    Older,
+    /// Another token with the generation this coordinator last gave a token of its own
+    /// (one it is saving, not current yet: its save hangs), when that is above the
+    /// current one: ignored (C3: a generation names one token here; the coordinator
+    /// adopts only what is newer than anything it numbered).
+    Numbered,
+    /// A usable token numbered above [`MAX_GENERATION`] (a corrupt store): ignored (C17).
+    AboveMax,
+    /// A token numbered above every generation so far but expired an hour ago:
+    /// ignored (C16: only a usable token replaces the current one).
+    Expired,
+    /// The store's push of this coordinator's own oldest save not pushed back yet
+    /// (Redis pushes every save to every watcher, the saver included): it changes
+    /// nothing the contracts see.
+    Echo,
 }
 
 /// Which generation a [`Op::Reject`] caller reports as rejected.
@@ -380,6 +445,14 @@ pub struct Summary {
     pub expired_on_arrival: usize,
     /// Logins of other replicas written to the shared store.
     pub replica_logins: usize,
+    /// Tokens the store pushed ([`Op::Push`]).
+    pub pushes: usize,
+    /// Pushed tokens the coordinator adopted.
+    pub pushes_adopted: usize,
+    /// Pushes that arrived while a flight ran (a live source call or sleep).
+    pub pushes_during_flights: usize,
+    /// Newer pushes that arrived while a login was unsaved (and had to be ignored).
+    pub pushes_over_unsaved_logins: usize,
 }
 
 /// Runs `scenario` and checks the contracts after every step:
@@ -412,6 +485,13 @@ pub struct Summary {
 ///   session is never adopted (or its refresh token spent) over a login or initial token;
 ///   generations strictly increase, never above [`MAX_GENERATION`].
 /// - **C18** nobody panics: not a caller, not a login, whatever the store or hook does.
+/// - **Pushed tokens** (issue 20, [`Op::Push`], checked as each push is delivered): a
+///   usable token newer than everything is adopted at once (C2) and ends
+///   re-authentication required (C17), unless a login (or its refresh) is unsaved, when
+///   it is never adopted over the login (C17); a push with the current generation or
+///   one the coordinator numbered (C3), an older one or an own echo (C9), a corrupt one
+///   (C17) or an expired one (C16) changes nothing; and a flight whose token to replace
+///   a push superseded makes no further source call (C2).
 ///
 /// At the end every request on the wire is answered and time moves until every caller
 /// has finished; a caller still pending then is a hang (C5/C6).
@@ -508,6 +588,11 @@ struct Shared {
     /// Calls of the `on_auth_lost` hook: the error message, and the number of logins
     /// so far.
     hook_calls: Vec<(String, usize)>,
+    /// The highest sane generation of a token this coordinator tried to save (every
+    /// token it numbers, it saves at once; the save may fail or hang).
+    max_numbered: u64,
+    /// This coordinator's saves the store has not pushed back yet ([`Push::Echo`]).
+    echoes: std::collections::VecDeque<Token>,
 }
 
 impl Shared {
@@ -535,6 +620,9 @@ struct SourceCall {
     at_risk: bool,
     /// The step whose checks already looked at this call.
     checked: bool,
+    /// The coordinator's current token when it started (a pushed token that makes the
+    /// call needless: C2).
+    current: Option<Arc<Token>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -592,6 +680,7 @@ impl TokenSource for ModelSource {
         }
         let index = shared.calls.len();
         let flight = shared.flights_started();
+        let current = shared.flight.as_ref().and_then(SingleFlight::current);
         let (logins_before, mono, wall_epoch, failure_before) = (
             shared.login_flights.len(),
             shared.mono,
@@ -611,6 +700,7 @@ impl TokenSource for ModelSource {
             failure_before,
             at_risk: false,
             checked: false,
+            current,
         });
         drop(shared);
         Box::pin(SourceFuture {
@@ -688,10 +778,13 @@ impl Drop for SourceFuture {
 
 /// The memory store with planted faults: records the generation of every token saved (a
 /// refresh's token gets its generation before it is handed out, even when it never
-/// becomes current), and makes the armed call fail, hang or panic.
+/// becomes current), and makes the armed call fail, hang or panic. It keeps its
+/// watchers (issue 20) and pushes tokens to them when the scenario says so
+/// ([`Op::Push`]); its own saves are queued for [`Push::Echo`].
 struct ModelStore {
     inner: MemoryStore,
     shared: Arc<Mutex<Shared>>,
+    watchers: Mutex<Vec<Weak<dyn StoreWatcher>>>,
 }
 
 impl ModelStore {
@@ -731,7 +824,24 @@ fn planted_store_error() -> StoreError {
     StoreError::Unavailable(format!("{PLANTED}: store failure").into())
 }
 
+impl ModelStore {
+    /// Pushes `token` to every live watcher, as a store's pub/sub does.
+    fn push(&self, token: &Token) {
+        let live: Vec<Arc<dyn StoreWatcher>> = {
+            let mut watchers = lock(&self.watchers);
+            watchers.retain(|w| w.strong_count() > 0);
+            watchers.iter().filter_map(Weak::upgrade).collect()
+        };
+        for watcher in live {
+            watcher.token_saved(token.clone());
+        }
+    }
+}
+
 impl TokenStore for ModelStore {
+    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
+        lock(&self.watchers).push(watcher);
+    }
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         match self.fault() {
             None => self.inner.load(),
@@ -777,13 +887,23 @@ impl StoreGuard for ModelGuard {
         }
     }
     fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        {
+            // The coordinator numbered this token, whether or not the save goes through:
+            // a flight whose save hangs or fails still hands it to its waiters.
+            let mut shared = lock_shared(&self.shared);
+            let access = token.access().expose().to_owned();
+            shared.saved.insert(access, token.generation());
+            if token.generation() <= MAX_GENERATION {
+                shared.max_numbered = shared.max_numbered.max(token.generation());
+            }
+        }
         match fault(&self.shared) {
             None => {
                 let mut shared = lock_shared(&self.shared);
                 let access = token.access().expose().to_owned();
-                shared.saved.insert(access.clone(), token.generation());
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
+                shared.echoes.push_back(token.clone());
                 drop(shared);
                 self.inner.save(token)
             }
@@ -1107,6 +1227,11 @@ struct Knowledge {
     replica_logins: Vec<(String, Duration, usize)>,
     /// Per flight: the error its waiters got, and whether one got its own token (C5).
     flight_outcomes: HashMap<u64, FlightSeen>,
+    /// Generations of pushed tokens adopted while a flight ran (C4: see `check_send`).
+    pushed_mid_flight: BTreeSet<u64>,
+    /// `Shared::saves` when the last login was installed: a save after it saved the
+    /// login or a refresh of it (a flight that started before it saves nothing: C17).
+    login_saves_from: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1154,6 +1279,7 @@ impl World {
         let store = Arc::new(ModelStore {
             inner: MemoryStore::new(),
             shared: shared.clone(),
+            watchers: Mutex::new(Vec::new()),
         });
         if let Some(stale) = setup.stale {
             // Another account's session from an earlier run, straight into the store.
@@ -1494,6 +1620,7 @@ impl World {
             Op::Login => self.login()?,
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
             Op::ReplicaLogin => self.replica_login(),
+            Op::Push(push) => self.store_push(push)?,
         }
         self.adopt_spawned();
         Ok(())
@@ -1639,6 +1766,8 @@ impl World {
             shared.login_flights.push(flights);
             shared.installing = true;
         }
+        let saves = self.shared().saves.len();
+        self.known.login_saves_from = saves;
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let flight = self.flight.clone();
@@ -1702,6 +1831,220 @@ impl World {
         let faults = self.shared().faults_fired;
         self.known.replica_logins.push((access, self.mono, faults));
         self.summary.replica_logins += 1;
+    }
+
+    /// Whether the current token is the last login (or the initial token) and neither
+    /// it nor a refresh of it is in the store yet: nothing pushed may replace it (C17).
+    /// Logins through [`Op::Login`] are saved at once (the memory store's lock is
+    /// free); the initial token waits for the first flight, and a store fault can keep
+    /// it unsaved. (Once a refresh of it is saved, the store's session is its
+    /// successor, and a newer push is a refresh of that.)
+    fn login_unsaved(&self) -> bool {
+        let Some(current) = self.flight.current() else {
+            return false;
+        };
+        Some(current.access().expose()) == self.last_login().as_deref()
+            && self.login_maybe_unsaved()
+    }
+
+    /// The access secret of the last login, or of the initial token if none.
+    fn last_login(&self) -> Option<String> {
+        match self.logins() {
+            0 if self.setup.initial == Initial::NoToken => None,
+            0 => Some("initial".to_owned()),
+            n => Some(format!("login-{n}")),
+        }
+    }
+
+    /// Whether the last login (or the initial token) may still be unsaved: neither it
+    /// nor a refresh of it has been saved since it was installed. A push may then be
+    /// ignored (the session here is newer than anything stored) even when the current
+    /// token is a refresh of the login that failed to save.
+    fn login_maybe_unsaved(&self) -> bool {
+        let Some(login) = self.last_login() else {
+            return false;
+        };
+        let shared = self.shared();
+        !shared.saves[self.known.login_saves_from.min(shared.saves.len())..]
+            .iter()
+            .any(|(access, ..)| *access == login || call_of_access(access).is_some())
+    }
+
+    /// [`Op::Push`]: the store pushes a token to the coordinator; checks at once what
+    /// the coordinator did with it (the steps' checks then look at the rest).
+    fn store_push(&mut self, push: Push) -> Result<(), Violation> {
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let before = self.flight.current();
+        let current = before.as_ref().map_or(0, |t| t.generation());
+        let n = self.summary.pushes + 1;
+        let now = self.now();
+        let during_flight = self.flight_running();
+        let unsaved = self.login_unsaved();
+        let maybe_unsaved = self.login_maybe_unsaved();
+        // Above everything the coordinator can have numbered, adopted or seen rejected.
+        let stored = futures::executor::block_on(store.inner.load())
+            .ok()
+            .flatten()
+            .map(|t| t.generation())
+            .filter(|&g| g <= MAX_GENERATION)
+            .unwrap_or(0);
+        let saved = self.shared().max_numbered;
+        let top = self
+            .known
+            .max_generation
+            .max(current)
+            .max(self.known.rejected)
+            .max(stored)
+            .max(saved);
+        let access = format!("pushed-{n}");
+        let fresh = |generation: u64| {
+            Token::new(access.clone())
+                .with_refresh(format!("pushed-refresh-{n}"))
+                .expires_in(Duration::from_secs(3600), now)
+                .with_generation(generation)
+        };
+        let (token, lifetime) = match push {
+            Push::Newer => (fresh(top.saturating_add(1)), 3600),
+            Push::Equal if current > 0 => (fresh(current), 3600),
+            Push::Older if current > 1 => (fresh(current - 1), 3600),
+            Push::Numbered if self.shared().max_numbered > current => {
+                (fresh(self.shared().max_numbered), 3600)
+            }
+            Push::Equal | Push::Older | Push::Numbered => return Ok(()),
+            Push::AboveMax => (fresh(MAX_GENERATION + 1), 3600),
+            Push::Expired => (
+                compat::obtained_at(
+                    Token::new(access.clone())
+                        .with_refresh(format!("pushed-refresh-{n}"))
+                        .expires_at(now - Duration::from_secs(3600)),
+                    now - Duration::from_secs(7200),
+                )
+                .with_generation(top.saturating_add(1)),
+                -3600,
+            ),
+            Push::Echo => match self.shared().echoes.pop_front() {
+                Some(token) => (token, 0),
+                None => return Ok(()),
+            },
+        };
+        let generation = token.generation();
+        if push != Push::Echo {
+            let issued = Issued {
+                mono: self.mono,
+                wall_epoch: self.shared().wall_epoch,
+                lifetime: Some(lifetime),
+            };
+            self.known.issued.insert(access.clone(), issued);
+            self.known.generations.insert(access.clone(), generation);
+        }
+        if push == Push::Newer && !during_flight {
+            // Another replica saved it under the store's lock (free: no flight here).
+            let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
+            self.known.max_generation = generation;
+        }
+        self.summary.pushes += 1;
+        if during_flight {
+            self.summary.pushes_during_flights += 1;
+        }
+        if push == Push::Newer && unsaved {
+            self.summary.pushes_over_unsaved_logins += 1;
+        }
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| store.push(&token))) {
+            return Err(self.violation(
+                "C18",
+                format!("a pushed token panicked: {}", panic_message(&*panic)),
+            ));
+        }
+        let after = self.flight.current();
+        let changed = match (&before, &after) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, None) => false,
+            _ => true,
+        };
+        let adopted = changed
+            && after
+                .as_ref()
+                .is_some_and(|t| t.access().expose() == token.access().expose());
+        if adopted {
+            self.summary.pushes_adopted += 1;
+            if during_flight {
+                self.known.pushed_mid_flight.insert(generation);
+            }
+            // A pushed token ends the backoff, as a flight that adopted the same token
+            // from the store would (documented on the coordinator's `adopt_pushed`).
+            self.shared().last_failure = None;
+        }
+        let now_gen = after.as_ref().map_or(0, |t| t.generation());
+        let broken = match push {
+            _ if changed && !adopted => Some((
+                "C9",
+                format!(
+                    "a push of generation {generation} changed the current token to another one (generation {now_gen})"
+                ),
+            )),
+            Push::Equal if changed => Some((
+                "C3",
+                format!(
+                    "a different token with the current generation {generation} replaced the current token"
+                ),
+            )),
+            Push::Numbered if changed => Some((
+                "C3",
+                format!(
+                    "a pushed token took generation {generation}, which this coordinator had \
+                     already given a token of its own"
+                ),
+            )),
+            Push::Older if changed => Some((
+                "C9",
+                format!(
+                    "a push of generation {generation} took the current token back from generation {current}"
+                ),
+            )),
+            Push::AboveMax if changed => Some((
+                "C17",
+                format!(
+                    "a pushed token of generation {generation}, above the maximum, was adopted"
+                ),
+            )),
+            Push::Expired if changed => Some((
+                "C16",
+                format!(
+                    "an expired pushed token (generation {generation}) replaced generation {current}"
+                ),
+            )),
+            Push::Echo if changed && generation <= current => Some((
+                "C9",
+                format!(
+                    "the echo of an own save (generation {generation}) replaced generation {current}"
+                ),
+            )),
+            Push::Newer if changed && unsaved => Some((
+                "C17",
+                format!(
+                    "a pushed token (generation {generation}) replaced a login not saved yet (generation {current})"
+                ),
+            )),
+            Push::Newer if !changed && !maybe_unsaved && self.surely_usable(&token) => Some((
+                "C2",
+                format!(
+                    "a pushed usable token newer than everything (generation {generation}) \
+                         was not adopted (current: generation {current}): every replica would \
+                         refresh on its own"
+                ),
+            )),
+            Push::Newer if adopted && self.flight.is_auth_lost() => Some((
+                "C17",
+                "a pushed token was adopted but re-authentication is still required".to_owned(),
+            )),
+            _ => None,
+        };
+        match broken {
+            Some((contract, message)) => Err(self.violation(contract, message)),
+            None => Ok(()),
+        }
     }
 
     fn settle(&mut self) -> Result<(), Violation> {
@@ -2016,7 +2359,9 @@ impl World {
                 .calls
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.flight == flight)
+                // A waiter whose flight lost to a login may get the token of a later
+                // flight it joined (which a push may have kept from becoming current).
+                .filter(|(_, c)| c.flight == flight || (lost_to_login && c.flight > flight))
                 .map(|(i, c)| (i, c.state))
                 .collect();
             (flight, states)
@@ -2317,11 +2662,20 @@ impl World {
         let first = wires.first().copied();
         match result {
             Ok(response) => {
+                // A flight numbers its token when it arrives; a token pushed while its
+                // save is under way may be newer, and a caller that saw that one
+                // rejected and joined the flight is resent with the flight's token:
+                // another token, though an older generation.
+                let rejected_pushed_mid_flight = first
+                    .and_then(|f| f.1)
+                    .is_some_and(|g0| self.known.pushed_mid_flight.contains(&g0));
                 let expected = match (first, wires.get(1)) {
                     (Some((w, _, Some(true))), None) => Some(w),
                     (Some((w, _, Some(false))), None) if !replayable => Some(w),
                     (Some((_, Some(g0), Some(false))), Some(&(w, Some(g1), _)))
-                        if replayable && g1 > g0 && wires.len() == 2 =>
+                        if replayable
+                            && (g1 > g0 || (rejected_pushed_mid_flight && g1 != g0))
+                            && wires.len() == 2 =>
                     {
                         Some(w)
                     }
@@ -2521,10 +2875,19 @@ impl World {
             wall_epoch: u32,
             at_risk: bool,
             failure_before: Option<FailureSeen>,
+            current: Option<Arc<Token>>,
+            /// The generation the flight's first call replaced.
+            flight_replaces: Option<u64>,
         }
         let calls: Vec<Seen> = {
             let mut shared = self.shared();
             let flights: Vec<u64> = shared.calls.iter().map(|c| c.flight).collect();
+            let mut first_previous: HashMap<u64, Option<u64>> = HashMap::new();
+            for call in &shared.calls {
+                first_previous
+                    .entry(call.flight)
+                    .or_insert_with(|| call.previous.as_ref().map(|t| t.generation()));
+            }
             shared
                 .calls
                 .iter_mut()
@@ -2546,6 +2909,8 @@ impl World {
                         wall_epoch: c.wall_epoch,
                         at_risk: c.at_risk,
                         failure_before: c.failure_before,
+                        current: c.current.clone(),
+                        flight_replaces: first_previous.get(&c.flight).copied().flatten(),
                     }
                 })
                 .collect()
@@ -2568,6 +2933,27 @@ impl World {
                         call.at,
                         call.first_of_flight,
                     )?;
+                }
+                // C2 (issue 20): a flight whose token to replace was superseded (by a
+                // pushed token, most often while it paused between attempts) ends with
+                // the newer usable token instead of calling the source.
+                if reason != RefreshReason::Forced && !self.known.unseen_rejections {
+                    if let Some(current) = call.current.as_ref().filter(|t| {
+                        self.surely_usable(t)
+                            && call.flight_replaces.is_none_or(|g| t.generation() > g)
+                    }) {
+                        return Err(self.violation(
+                            "C2",
+                            format!(
+                                "source call {n} ({reason:?}, flight {}) started although \
+                                 generation {} was current and usable, newer than the \
+                                 generation {:?} the flight replaces",
+                                call.flight,
+                                current.generation(),
+                                call.flight_replaces
+                            ),
+                        ));
+                    }
                 }
                 let previous_access = call.previous.as_ref().map(|t| t.access().expose());
                 // C17: the stale session's refresh token is never spent over a login.

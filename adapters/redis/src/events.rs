@@ -1,126 +1,41 @@
-//! The pub/sub listener: turns messages on the store's channel into a counter that
-//! replicas waiting for the lock watch, so they retry as soon as the holder saves or
-//! releases — and pushes saved tokens to the coordinators watching this store (issue
-//! 20, [`tokenflight::store::StoreWatcher`]).
-//!
-//! Pub/sub is only a hint: waiters also poll with backoff, and coordinators still read
-//! the store at their own refresh-ahead, so a dropped subscription or a lost message
-//! costs latency, never correctness. The listener reconnects with backoff and ends when
-//! the last clone of the store is dropped.
+//! Push: the coordinators watching a namespace of the store (issue 20,
+//! [`tokenflight::store::StoreWatcher`]), and the reader that fetches announced tokens
+//! for them. The pub/sub listener that feeds it is `listener.rs`.
 //!
 //! # Push
 //!
 //! A save publishes `saved:<generation>` — the number only: secrets never travel over
-//! pub/sub, which any client allowed to subscribe can read. A store with live watchers
-//! then reads the record with one `GET` and hands the token to each of them. Per
-//! replica and refresh cycle that is one `GET`, whatever the size of the fleet:
+//! pub/sub, which any client allowed to subscribe can read. A namespace with live
+//! watchers then reads its record with one `GET` and hands the token to each of them.
+//! Per replica, namespace and refresh cycle that is one `GET`, whatever the size of the
+//! fleet:
 //!
-//! - announcements of a generation this store already handed out (its own save, which
-//!   it hands to its watchers directly; a repeated message) cost nothing;
+//! - announcements of a generation this namespace already handed out (its own save,
+//!   which it hands to its watchers directly; a repeated message) cost nothing;
 //! - a burst of messages while a `GET` is in progress costs one more `GET` after it,
 //!   not one per message (a single wake-up permit);
 //! - after every (re)subscription one `GET` catches up with saves that happened while
 //!   the subscription was down (a Redis restart, a failover);
-//! - a store nobody watches reads nothing.
+//! - a namespace nobody watches reads nothing.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::PubSubStream;
 use tokenflight::{Token, store::StoreWatcher, store::record};
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 
-use crate::conn::{Con, Subscriber};
+use crate::conn::Con;
 use crate::io::bounded;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Keeps a subscription to `channel` and bumps `tx` on every message (and on every
-/// resubscription, since messages may have been missed while it was down); hands
-/// `saved:<generation>` announcements and resubscriptions to `push`, whose reader
-/// (`reader`, see [`read_pushed`]) it stops when it ends.
-pub(crate) async fn listen(
-    subscriber: Subscriber,
-    channel: String,
-    tx: watch::Sender<u64>,
-    connect_timeout: Duration,
-    push: Arc<Push>,
-    reader: JoinHandle<()>,
-) {
-    let _reader = AbortOnDrop(reader);
-    let bump = |n: &mut u64| *n = n.wrapping_add(1);
-    let mut retry = RETRY_MIN;
-    let mut attempt = 0usize;
-    loop {
-        match subscribe(&subscriber, attempt, &channel, connect_timeout).await {
-            Ok(mut messages) => {
-                retry = RETRY_MIN;
-                tx.send_modify(bump);
-                push.catch_up();
-                loop {
-                    tokio::select! {
-                        message = messages.next() => match message {
-                            Some(message) => {
-                                tx.send_modify(bump);
-                                if let Some(generation) = saved_generation(&message) {
-                                    push.announce(generation);
-                                }
-                            }
-                            None => break,
-                        },
-                        () = tx.closed() => return,
-                    }
-                }
-                tracing::debug!("token store subscription lost; resubscribing");
-            }
-            Err(error) => tracing::debug!(%error, "token store subscription failed"),
-        }
-        // The next cluster node, if this one is down.
-        attempt = attempt.wrapping_add(1);
-        tokio::select! {
-            () = tokio::time::sleep(retry) => {}
-            () = tx.closed() => return,
-        }
-        retry = (retry * 2).min(RETRY_MAX);
-    }
-}
-
-async fn subscribe(
-    subscriber: &Subscriber,
-    attempt: usize,
-    channel: &str,
-    timeout: Duration,
-) -> Result<PubSubStream, String> {
-    let connect = async {
-        let mut pubsub = subscriber.pubsub(attempt).await?;
-        pubsub.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>(pubsub.into_on_message())
-    };
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
-}
-
 /// The generation in a `saved:<generation>` message (the save script's), if it is one.
-fn saved_generation(message: &redis::Msg) -> Option<u64> {
+pub(crate) fn saved_generation(message: &redis::Msg) -> Option<u64> {
     let payload: String = message.get_payload().ok()?;
     payload.strip_prefix("saved:")?.parse().ok()
-}
-
-/// Aborts the task when dropped: the reader ends with the listener.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The coordinators watching one store, and what has been handed to them.
@@ -174,7 +89,7 @@ impl Push {
     }
 
     /// Someone saved `generation`: read it unless it is known here already.
-    fn announce(&self, generation: u64) {
+    pub(crate) fn announce(&self, generation: u64) {
         self.announced.fetch_max(generation, Ordering::AcqRel);
         if generation > self.known() && self.watched() {
             self.wake.notify_one();
@@ -203,7 +118,7 @@ impl Push {
     }
 
     /// Messages may have been missed: read once.
-    fn catch_up(&self) {
+    pub(crate) fn catch_up(&self) {
         if self.watched() {
             self.catching_up.store(true, Ordering::Release);
             self.wake.notify_one();
@@ -224,6 +139,12 @@ impl Push {
                 tracing::warn!("a token store watcher panicked");
             }
         }
+    }
+
+    /// Whether the reader has a wake-up waiting (consumes it).
+    #[cfg(test)]
+    pub(crate) fn wake_pending(&self) -> bool {
+        futures_util::FutureExt::now_or_never(self.wake.notified()).is_some()
     }
 
     /// Whether a `GET` is worth it now: after a resubscription, or when a generation

@@ -1,33 +1,33 @@
-//! What every clone of a [`crate::RedisStore`] and every guard it hands out share: the
-//! settings, key names, connection, runtime and the fleet's wake-up counter. Nothing in
-//! here says who holds the lock: that lives in each guard, so one store can serve many
-//! coordinators.
+//! What every clone of a [`crate::RedisStore`] view and every guard it hands out share:
+//! the settings, the key names of its namespace, the connection, runtime and the
+//! namespace's wake-up counter and watchers. Nothing in here says who holds the lock:
+//! that lives in each guard, so one store can serve many coordinators.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokenflight::store::StoreError;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 
 use crate::conn::Con;
 use crate::events::Push;
+use crate::namespace::{Hub, Namespace};
 use crate::settings::{ReplicaAck, Settings};
 
 pub(crate) struct Inner {
-    pub(crate) settings: Settings,
+    pub(crate) settings: Arc<Settings>,
     pub(crate) token_key: String,
     pub(crate) lock_key: String,
     pub(crate) channel: String,
+    /// The store's one command connection (a clone shares it).
     pub(crate) con: Con,
     pub(crate) runtime: Handle,
-    /// Whether the last Redis round trip got an answer: warnings about an unreachable
-    /// Redis are logged when this flips, not once per request.
-    pub(crate) reachable: AtomicBool,
-    /// Bumped by the pub/sub listener on every save or release in the fleet.
-    pub(crate) events: watch::Receiver<u64>,
-    /// The coordinators watching this store, told of every save in the fleet.
+    /// The coordinators watching this namespace, told of every save in the fleet.
     pub(crate) push: Arc<Push>,
+    /// This namespace's subscription, wake-ups and watchers (shared by its views).
+    pub(crate) namespace: Arc<Namespace>,
+    /// What all views of the store share.
+    pub(crate) hub: Arc<Hub>,
 }
 
 impl Inner {
@@ -46,7 +46,7 @@ impl Inner {
             _ => None,
         };
         match (
-            transition(&self.reachable, unavailable.is_none()),
+            transition(&self.hub.reachable, unavailable.is_none()),
             unavailable,
         ) {
             (Some(false), Some(error)) => tracing::warn!(

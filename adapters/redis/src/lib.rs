@@ -12,6 +12,64 @@
 //! fence of a held lock live in the guard each refresh gets, so one store (one
 //! connection, one pub/sub listener) can serve any number of coordinators.
 //!
+//! ## Namespaces: one refresh per user, tenant or audience for the whole fleet
+//!
+//! A backend that holds a token per end user (each with its own rotating refresh
+//! token), per tenant or per audience keeps one coordinator per key in a
+//! [`KeyedFlights`](tokenflight::keyed::KeyedFlights). Give each key's coordinator its
+//! own namespace of one store — [`RedisStore::namespace_for_key`], or
+//! [`RedisStore::namespace`] with a name from
+//! [`key_namespace`](tokenflight::keyed::key_namespace) — and every replica of the fleet
+//! that serves the same user shares that user's token, refresh lock and pushed updates:
+//! one refresh per user per expiry for the whole fleet, and users never wait for each
+//! other's refreshes.
+//!
+//! - Raw keys never become Redis keys: a namespace is a hash of the key (32 hex digits,
+//!   the same in every process and release), and [`RedisStore::namespace`] refuses
+//!   anything that is not a short token of letters, digits, `-` and `_`
+//!   ([`InvalidNamespace`], which never quotes the value).
+//! - Each namespace has its own keys and channel under a hash tag of its own
+//!   (`{<prefix>ns:<namespace>}token`, `…lock`, `…events`), so in a Cluster the
+//!   namespaces spread over the shards while each one's scripts stay in one slot.
+//! - However many namespaces a process uses, its store keeps **two connections**: the
+//!   command connection (the lock uses it too) and one pub/sub connection, on which each
+//!   namespace with a coordinator or a lock waiter has its own `SUBSCRIBE` (so a replica
+//!   only hears about the users it serves). Dropping the last view of a namespace —
+//!   `KeyedFlights` evicting an idle key — unsubscribes it; after a reconnect every
+//!   namespace is subscribed again and catches up with one read.
+//!
+//! A keyed `AuthPolicy` (`.keyed(|key: &TokenKey, shared| ..)` on an adapter's builder)
+//! does the same in its factory:
+//! `shared.store(store.namespace_for_key(key.as_str().as_bytes()))`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tokenflight::keyed::KeyedFlights;
+//! use tokenflight::{SingleFlight, Token, from_fn};
+//! use tokenflight_redis::RedisStore;
+//!
+//! // One store per process: two connections for every user.
+//! let store = RedisStore::builder("redis://127.0.0.1:6379/")
+//!     .key_prefix("billing:users:")
+//!     .connect()
+//!     .await?;
+//! let users = KeyedFlights::builder(move |user: &String| {
+//!     SingleFlight::builder()
+//!         // This user's namespace: every replica serving the user shares it.
+//!         .store(store.namespace_for_key(user.as_bytes()))
+//!         .source(from_fn(|_cx| async {
+//!             // ... spend this user's refresh token at the authorization server.
+//!             Ok(Token::new("..."))
+//!         }))
+//!         .build()
+//! })
+//! .max_entries(100_000)
+//! .build();
+//! let token = users.token(&"alice@example.com".to_string()).await?;
+//! # drop(token); Ok(())
+//! # }
+//! ```
+//!
 //! ## Deployments
 //!
 //! - One node: [`RedisStore::builder`] with a `redis://` or `rediss://` URL.
@@ -139,7 +197,9 @@ mod conn;
 mod events;
 mod inner;
 mod io;
+mod listener;
 mod lock;
+mod namespace;
 mod ops;
 mod scripts;
 mod settings;
@@ -147,5 +207,6 @@ mod store;
 mod wire;
 
 pub use config::RedisStoreBuilder;
+pub use namespace::InvalidNamespace;
 pub use settings::ReplicaAck;
 pub use store::RedisStore;

@@ -175,7 +175,7 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
     let settings = &inner.settings;
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
-    let mut events = inner.events.clone();
+    let mut events = inner.namespace.events();
     let mut delay = settings.poll_min;
     loop {
         // Messages sent before this attempt are already accounted for by it.
@@ -220,6 +220,10 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
                 released: false,
             });
         }
+        // Held by someone else: woken through the namespace's channel from now on. A
+        // namespace whose lock is never contended never subscribes for it; the first
+        // subscription wakes this waiter once, covering a release it may have missed.
+        inner.namespace.subscribe();
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(StoreError::LockTimeout);

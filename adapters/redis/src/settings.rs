@@ -118,17 +118,48 @@ impl Settings {
         }
     }
 
-    pub(crate) fn token_key(&self) -> String {
-        format!("{}token", self.tagged_prefix())
+    /// The tagged prefix of `namespace`: the store's hash tag with `ns:<namespace>`
+    /// added inside the braces, so each namespace has a hash tag (and a Cluster slot)
+    /// of its own and never shares a key or a channel with another namespace or with
+    /// the store itself. `namespace` is validated ([`crate::namespace::validate`]): it
+    /// holds no brace, so it cannot end the tag early.
+    fn namespaced_prefix(&self, namespace: &str) -> String {
+        let tagged = self.tagged_prefix();
+        // The tag's closing brace: the first `}` after the first `{` (the cluster rule;
+        // `tagged_prefix` always has a non-empty tag).
+        let close = tagged
+            .find('{')
+            .and_then(|open| tagged.get(open..)?.find('}').map(|at| open + at));
+        let Some((head, tail)) = close.and_then(|at| Some((tagged.get(..at)?, tagged.get(at..)?)))
+        else {
+            // Unreachable with a validated prefix; a tag of its own all the same.
+            return format!("{{{tagged}ns:{namespace}}}");
+        };
+        let separator = if head.ends_with(':') { "" } else { ":" };
+        format!("{head}{separator}ns:{namespace}{tail}")
     }
 
-    pub(crate) fn lock_key(&self) -> String {
-        format!("{}lock", self.tagged_prefix())
+    /// The token key, lock key and channel of the store (`None`) or of one of its
+    /// namespaces.
+    pub(crate) fn keys(&self, namespace: Option<&str>) -> Keys {
+        let prefix = match namespace {
+            None => self.tagged_prefix(),
+            Some(namespace) => self.namespaced_prefix(namespace),
+        };
+        Keys {
+            token: format!("{prefix}token"),
+            lock: format!("{prefix}lock"),
+            channel: format!("{prefix}events"),
+        }
     }
+}
 
-    pub(crate) fn channel(&self) -> String {
-        format!("{}events", self.tagged_prefix())
-    }
+/// The names one namespace of a store uses in Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Keys {
+    pub(crate) token: String,
+    pub(crate) lock: String,
+    pub(crate) channel: String,
 }
 
 /// The part of `key` that Redis Cluster hashes: the text between the first `{` and the
@@ -144,16 +175,53 @@ pub(crate) fn hash_tag(key: &str) -> Option<&str> {
 mod key_tests {
     use super::*;
 
-    fn keys(prefix: &str) -> [String; 3] {
+    fn keys_in(prefix: &str, namespace: Option<&str>) -> [String; 3] {
         let settings = Settings {
             key_prefix: prefix.into(),
             ..Settings::default()
         };
-        [
-            settings.token_key(),
-            settings.lock_key(),
-            settings.channel(),
-        ]
+        let keys = settings.keys(namespace);
+        [keys.token, keys.lock, keys.channel]
+    }
+
+    fn keys(prefix: &str) -> [String; 3] {
+        keys_in(prefix, None)
+    }
+
+    #[test]
+    fn each_namespace_has_a_hash_tag_of_its_own() {
+        for prefix in [
+            "tokenflight:",
+            "app:{billing}:",
+            "a{}b:",
+            "{x",
+            "x}{y}",
+            "p",
+        ] {
+            let root = keys(prefix);
+            let a = keys_in(prefix, Some("0a1b"));
+            let b = keys_in(prefix, Some("0a1c"));
+            for keys in [&a, &b] {
+                let tags: Vec<Option<&str>> = keys.iter().map(|k| hash_tag(k)).collect();
+                assert!(tags[0].is_some(), "{prefix:?}: {keys:?}");
+                assert!(tags.iter().all(|t| *t == tags[0]), "{prefix:?}: {keys:?}");
+            }
+            let tag = |keys: &[String; 3]| hash_tag(&keys[0]).map(str::to_owned);
+            assert_ne!(tag(&a), tag(&b), "{prefix:?}");
+            assert_ne!(tag(&a), tag(&root), "{prefix:?}");
+            for (x, y) in [(&a, &b), (&a, &root), (&b, &root)] {
+                assert!(x.iter().all(|k| !y.contains(k)), "{x:?} {y:?}");
+            }
+        }
+        assert_eq!(
+            keys_in("tokenflight:", Some("ab12"))[0],
+            "{tokenflight:ns:ab12}token"
+        );
+        assert_eq!(
+            keys_in("app:{billing}:", Some("ab12"))[1],
+            "app:{billing:ns:ab12}:lock"
+        );
+        assert_eq!(keys_in("p", Some("ab12"))[2], "{p:ns:ab12}events");
     }
 
     #[test]

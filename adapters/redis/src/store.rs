@@ -1,21 +1,21 @@
 //! `RedisStore`: the [`TokenStore`] a fleet shares.
 
 use std::fmt;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
 
 use futures_util::future::BoxFuture;
+use tokenflight::keyed::key_namespace;
 use tokenflight::{
     Token, store::StoreError, store::StoreGuard, store::StoreWatcher, store::TokenStore,
 };
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 
 use crate::conn::{Con, Subscriber};
-use crate::events::{self, Push};
 use crate::inner::Inner;
 use crate::io::{bounded, on_runtime};
+use crate::listener;
 use crate::lock;
+use crate::namespace::{self, Hub, InvalidNamespace};
 use crate::ops;
 use crate::settings::Settings;
 
@@ -43,6 +43,14 @@ use crate::settings::Settings;
 /// Cheap to clone; clones share the connection. Any number of coordinators may share
 /// one store (or its clones): the lease and fence of a held lock live in the guard that
 /// [`TokenStore::lock`] returns, not in the store.
+///
+/// # Namespaces
+///
+/// [`RedisStore::namespace`] and [`RedisStore::namespace_for_key`] give views with a
+/// token, lock and channel of their own (`{<prefix>ns:<namespace>}token`, …) on the
+/// same two connections: one namespace per user, tenant or audience of a
+/// [`KeyedFlights`](tokenflight::keyed::KeyedFlights), so the whole fleet makes one
+/// refresh per key per expiry (crate docs, "Namespaces").
 ///
 /// # Limits
 ///
@@ -82,6 +90,7 @@ use crate::settings::Settings;
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
+    namespaced: bool,
 }
 
 impl fmt::Debug for RedisStore {
@@ -89,6 +98,8 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("key_prefix", &self.inner.settings.key_prefix)
+            // Whether it is a namespace, not which: a namespace may be a key's name.
+            .field("namespaced", &self.namespaced)
             .field("lease", &self.inner.settings.lease)
             .field("renew_every", &self.inner.settings.renew_every)
             .field("lock_wait", &self.inner.settings.lock_wait)
@@ -104,35 +115,93 @@ impl RedisStore {
         settings: Settings,
         runtime: Handle,
     ) -> Self {
-        let (tx, events) = watch::channel(0);
-        let push = Arc::new(Push::default());
-        let reader = runtime.spawn(events::read_pushed(
-            Arc::clone(&push),
-            con.clone(),
-            settings.token_key(),
-            settings.command_timeout,
-        ));
-        runtime.spawn(events::listen(
-            subscriber,
-            settings.channel(),
-            tx,
-            settings.connect_timeout,
-            Arc::clone(&push),
-            reader,
-        ));
+        let timeout = settings.connect_timeout;
+        let (hub, registry, changed) = Hub::new(settings, con, runtime.clone());
+        runtime.spawn(listener::listen(subscriber, registry, changed, timeout));
+        let store = RedisStore::view(&hub, None);
+        // The store itself subscribes at once, as it always did; namespaces subscribe
+        // with their first watcher or lock waiter.
+        store.inner.namespace.subscribe();
+        store
+    }
+
+    /// A view of the store (`None`) or of one of its namespaces, on the shared
+    /// connection and listener.
+    fn view(hub: &Arc<Hub>, namespace: Option<&str>) -> Self {
+        let keys = hub.settings.keys(namespace);
+        let state = hub.namespace(&keys);
         RedisStore {
             inner: Arc::new(Inner {
-                token_key: settings.token_key(),
-                lock_key: settings.lock_key(),
-                channel: settings.channel(),
-                settings,
-                con,
-                runtime,
-                reachable: AtomicBool::new(true),
-                events,
-                push,
+                settings: Arc::clone(&hub.settings),
+                token_key: keys.token,
+                lock_key: keys.lock,
+                channel: keys.channel,
+                con: hub.con.clone(),
+                runtime: hub.runtime.clone(),
+                push: Arc::clone(&state.push),
+                namespace: state,
+                hub: Arc::clone(hub),
             }),
+            namespaced: namespace.is_some(),
         }
+    }
+
+    /// A view of this store for one namespace: a token store of its own (its own token,
+    /// refresh lock and channel in Redis) on this store's connection and pub/sub
+    /// listener. Give every key of a [`KeyedFlights`](tokenflight::keyed::KeyedFlights)
+    /// its namespace, and every replica of a fleet shares each key's refresh.
+    ///
+    /// `namespace` must be 1 to 64 ASCII letters, digits, `-` or `_`: a name made by
+    /// [`key_namespace`] (32 hex digits), or a
+    /// fixed name of your own (`"billing-api"`). Anything else is refused with
+    /// [`InvalidNamespace`] (which converts into
+    /// [`StoreError`] and [`tokenflight::ConfigError`]): raw key values — user ids,
+    /// e-mail addresses — never become Redis keys. [`RedisStore::namespace_for_key`]
+    /// hashes a raw key for you.
+    ///
+    /// The keys are `{<prefix>ns:<namespace>}token` and `…lock`, the channel
+    /// `…events` (with a prefix that has its own hash tag, `ns:<namespace>` goes inside
+    /// it): each namespace has a Redis Cluster hash tag of its own, so namespaces spread
+    /// over the shards while each one's keys share a slot.
+    ///
+    /// Cheap: no round trip, no connection. All views of a store — namespaces and the
+    /// store itself — share its one command connection and its one pub/sub connection;
+    /// a namespace subscribes to its channel on that connection with its first watcher
+    /// (a coordinator) or lock waiter, and unsubscribes when its last view is dropped.
+    /// Views of the same namespace in one process share its watchers, so a save
+    /// through one reaches the others' coordinators without a read. Calling
+    /// `namespace` on a view names a sibling: namespaces do not nest.
+    ///
+    /// ```no_run
+    /// # // Not run here: it needs a Redis server (the crate's tests start one).
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = tokenflight_redis::RedisStore::builder("redis://127.0.0.1/")
+    ///     .key_prefix("billing:oauth:")
+    ///     .connect()
+    ///     .await?;
+    /// let tenant = store.namespace("tenant-42")?;
+    /// assert!(store.namespace("alice@example.com").is_err());
+    /// # drop(tenant); Ok(()) }
+    /// ```
+    pub fn namespace(&self, namespace: &str) -> Result<RedisStore, InvalidNamespace> {
+        namespace::validate(namespace)?;
+        Ok(RedisStore::view(&self.inner.hub, Some(namespace)))
+    }
+
+    /// The namespace of a raw key: [`RedisStore::namespace`] with
+    /// [`key_namespace(key)`](tokenflight::keyed::key_namespace), a SHA-256-based name
+    /// that is the same in every process and release and never shows the key. Every
+    /// replica that uses the same key (a user id, a tenant) shares its token and its
+    /// refresh.
+    ///
+    /// ```no_run
+    /// # // Not run here: it needs a Redis server (the crate's tests start one).
+    /// # async fn demo(store: tokenflight_redis::RedisStore) {
+    /// let alice = store.namespace_for_key(b"alice@example.com");
+    /// # drop(alice); }
+    /// ```
+    pub fn namespace_for_key(&self, key: &[u8]) -> RedisStore {
+        RedisStore::view(&self.inner.hub, Some(&key_namespace(key)))
     }
 
     /// The key prefix in use.
@@ -195,6 +264,6 @@ impl TokenStore for RedisStore {
     /// store then reads the record once for all its watchers. See the crate docs,
     /// "Push".
     fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
-        self.inner.push.watch(watcher);
+        self.inner.namespace.watch(watcher);
     }
 }

@@ -215,3 +215,111 @@ async fn the_default_replica_ack_refuses_to_refresh_on_a_cluster_without_replica
 fn cluster_fleet_worker() {
     common::fleet::worker();
 }
+
+/// Issue 17 on a cluster: a namespace per key, each under a hash tag of its own, so the
+/// keys spread over the shards while each namespace's scripts stay in one slot; three
+/// stores (subscribed through different nodes) share each key's token, and a save in
+/// one namespace is pushed across nodes to that key's coordinators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_spread_over_the_shards_and_share_each_keys_token() {
+    use tokenflight::keyed::KeyedFlights;
+    const KEYS: u32 = 30;
+    struct Signal(usize, tokio::sync::mpsc::UnboundedSender<(usize, Token)>);
+    impl StoreWatcher for Signal {
+        fn token_saved(&self, token: Token) {
+            let _ = self.1.send((self.0, token));
+        }
+    }
+    let cluster = Cluster::start();
+    let urls = cluster.urls();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stores = Vec::new();
+    let mut keyed = Vec::new();
+    let mut signals = Vec::new();
+    for node in 0..3 {
+        let mut nodes = urls.clone();
+        nodes.rotate_left(node);
+        let store = RedisStore::cluster(nodes)
+            .key_prefix("keyed:")
+            .replica_ack(ReplicaAck::None)
+            .build()
+            .unwrap();
+        let factory_store = store.clone();
+        let counted = calls.clone();
+        let flights = KeyedFlights::builder(move |key: &u32| {
+            let key = *key;
+            let counted = counted.clone();
+            SingleFlight::builder()
+                .store(factory_store.namespace_for_key(&key.to_be_bytes()))
+                .source(from_fn(move |_cx| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let token = Token::new(format!("k{key}-{}", fastrand::u64(..)))
+                        .expires_in(Duration::from_secs(3600), std::time::SystemTime::now());
+                    async move { Ok(token) }
+                }))
+                .build()
+        })
+        .build();
+        // Key 0's coordinator, then a test watcher on its namespace.
+        flights.flight(&0).unwrap();
+        let signal: Arc<dyn StoreWatcher> = Arc::new(Signal(node, tx.clone()));
+        store
+            .namespace_for_key(&0u32.to_be_bytes())
+            .watch(Arc::downgrade(&signal) as Weak<dyn StoreWatcher>);
+        signals.push(signal);
+        stores.push(store);
+        keyed.push(flights);
+    }
+    let guard = Duration::from_secs(30);
+    let tokens = |flights: KeyedFlights<u32>| async move {
+        let all = futures::future::join_all((0..KEYS).map(|key| {
+            let flights = flights.clone();
+            async move { flights.token(&key).await.unwrap() }
+        }));
+        tokio::time::timeout(guard, all).await.expect("tokens")
+    };
+    let first = tokens(keyed[0].clone()).await;
+    assert_eq!(calls.load(Ordering::SeqCst), u64::from(KEYS));
+    for flights in &keyed[1..] {
+        let theirs = tokens(flights.clone()).await;
+        for (key, (a, b)) in first.iter().zip(&theirs).enumerate() {
+            assert!(a.access().expose().starts_with(&format!("k{key}-")));
+            assert_eq!(a.access().expose(), b.access().expose(), "key {key}");
+        }
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        u64::from(KEYS),
+        "one call per key"
+    );
+    // Spread over the shards: every primary holds some of the namespaces.
+    for node in &cluster.nodes {
+        assert_ne!(
+            cli(node.port, &["DBSIZE"]).trim(),
+            "0",
+            "node {}",
+            node.port
+        );
+    }
+    // A refresh of key 0 through the first store reaches key 0's coordinators in the
+    // others, subscribed through other nodes.
+    let refreshed = keyed[0].flight(&0).unwrap().force_refresh().await.unwrap();
+    let mut missing = vec![1, 2];
+    tokio::time::timeout(guard, async {
+        while !missing.is_empty() {
+            let (node, token) = rx.recv().await.unwrap();
+            assert!(token.access().expose().starts_with("k0-"));
+            if token.generation() == refreshed.generation() {
+                missing.retain(|n| *n != node);
+            }
+        }
+    })
+    .await
+    .expect("the push reached key 0's coordinators");
+    for flights in &keyed[1..] {
+        let current = flights.get(&0).unwrap().current().unwrap();
+        assert_eq!(current.access().expose(), refreshed.access().expose());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), u64::from(KEYS) + 1);
+}

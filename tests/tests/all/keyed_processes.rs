@@ -1,6 +1,9 @@
 //! Issue 17 across processes: 3 processes, 50 keys, one `FileStore` per key (namespaced)
 //! in one shared directory: one source call per key per expiry in total, every process
 //! ends on the same token for every key, and no token of one key is used for another.
+//! The same test with one `RedisStore` per process and a namespace per key is
+//! `adapters/redis/tests/keyed_processes.rs` (it needs `redis-server`, and the Redis
+//! crate's tests start it).
 #![cfg(unix)]
 
 use std::collections::HashMap;

@@ -3,13 +3,14 @@
 //! outcomes with lifetimes from 1 s to a day, clock skew, `Retry-After`, cancellations,
 //! monotonic and wall-clock steps both ways, logins during flights, other replicas'
 //! logins, stale or corrupt sessions in the store, store calls that fail, hang or panic,
-//! panicking hooks and sources) and `tokenflight_tests::model::run` plays each one
+//! panicking hooks and sources, tokens the store pushes: issue 20) and `tokenflight_tests::model::run` plays each one
 //! deterministically, checking the contracts after every step.
 //!
 //! Each property weights the operations towards one class of bug; every property still
 //! checks every contract. With the core's fixes for issue 13 reverted one at a time, the
 //! properties find each reverted fix within the CI case count (the figures are in the
-//! closing note of issue 13).
+//! closing note of issue 13). The plants for pushed tokens, and what caught each, are
+//! tabled at the top of `tests/src/model.rs`.
 //!
 //! - `TOKENFLIGHT_PROPTEST_CASES=N` runs N cases per property (default 256, the CI
 //!   count: all properties take about 10 s of CPU in a debug build).
@@ -21,8 +22,8 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tokenflight_tests::model::{
-    self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, RetryAfter, Scenario, Setup, Stale,
-    Step, Summary, Which,
+    self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Push, RetryAfter, Scenario, Setup,
+    Stale, Step, Summary, Which,
 };
 
 const DEFAULT_CASES: u32 = 256;
@@ -111,6 +112,10 @@ fn add(total: &mut Summary, s: &Summary) {
     total.wall_steps += s.wall_steps;
     total.expired_on_arrival += s.expired_on_arrival;
     total.replica_logins += s.replica_logins;
+    total.pushes += s.pushes;
+    total.pushes_adopted += s.pushes_adopted;
+    total.pushes_during_flights += s.pushes_during_flights;
+    total.pushes_over_unsaved_logins += s.pushes_over_unsaved_logins;
 }
 
 // ----- generators
@@ -137,6 +142,8 @@ struct Weights {
     /// Another replica's login lands in the shared store.
     replica: u32,
     fault: u32,
+    /// The store pushes a token (issue 20).
+    push: u32,
     /// Weight of a stale session in the store (against 3 for none).
     stale: u32,
     /// Probability that the auth-lost hook panics.
@@ -159,6 +166,7 @@ const MIXED: Weights = Weights {
     login: 1,
     replica: 0,
     fault: 0,
+    push: 1,
     stale: 1,
     hook_panics: 0.1,
 };
@@ -244,6 +252,20 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Mostly newer tokens (adopted, or not over an unsaved login), and each kind the
+/// coordinator must ignore.
+fn push() -> impl Strategy<Value = Push> {
+    prop_oneof![
+        4 => Just(Push::Newer),
+        1 => Just(Push::Equal),
+        1 => Just(Push::Older),
+        2 => Just(Push::Numbered),
+        1 => Just(Push::AboveMax),
+        1 => Just(Push::Expired),
+        2 => Just(Push::Echo),
+    ]
+}
+
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
         Just(Fault::Fail),
@@ -275,10 +297,11 @@ fn op(w: Weights) -> impl Strategy<Value = Op> {
         w.advance => step().prop_map(Op::Advance),
         w.wall => any::<(bool, bool)>().prop_map(|(forward, big)| Op::WallStep { forward, big }),
         // One arm for the rarer operations: `prop_oneof!` takes at most ten.
-        w.login + w.replica + w.fault => prop_oneof![
+        w.login + w.replica + w.fault + w.push => prop_oneof![
             w.login => Just(Op::Login),
             w.replica => Just(Op::ReplicaLogin),
             w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
+            w.push => push().prop_map(Op::Push),
         ],
     ]
 }
@@ -473,6 +496,41 @@ fn c9_backoff_holds_through_wall_steps_and_huge_retry_after() {
     assert!(
         total.wall_steps > 0 && total.errors > 0,
         "the generator never stepped the wall clock or failed: {total:?}"
+    );
+}
+
+/// Issue 20: the store pushes tokens (newer, equal, older, above the maximum, expired,
+/// echoes of this coordinator's own saves) between any two steps — while a flight
+/// waits for its source or pauses between attempts, while the initial login is
+/// unsaved, while re-authentication is required or a backoff holds. Only a usable
+/// token newer than everything is adopted, never over an unsaved login (C17); the
+/// current generation never goes back (C9) nor is reused by another token (C3); a
+/// flight whose token was superseded by a push ends with it instead of calling the
+/// source (C2); and every other contract still holds.
+#[test]
+fn c2_c3_c17_pushed_tokens_are_adopted_only_if_newer_usable_and_over_no_unsaved_login() {
+    let w = Weights {
+        push: 6,
+        login: 1,
+        fault: 2,
+        source: 4,
+        failures: 4,
+        advance: 2,
+        stale: 2,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c2_c3_c17_pushed_tokens_are_adopted_only_if_newer_usable_and_over_no_unsaved_login",
+        scenario(w, 160),
+    );
+    assert!(
+        total.pushes_adopted > 0
+            && total.pushes_during_flights > 0
+            && total.pushes_over_unsaved_logins > 0
+            && total.pushes > total.pushes_adopted,
+        "the generator never pushed during a flight, over an unsaved login, or a token to \
+         ignore: {total:?}"
     );
 }
 
@@ -727,4 +785,173 @@ fn c17_the_auth_lost_reload_never_adopts_a_stale_session_over_an_unsaved_login()
         ops,
     })
     .unwrap();
+}
+
+// ----- issue 20: tokens the store pushes
+
+/// Found by `c2_c3_c17_pushed_tokens_…` (first failing case 112 of 3000): the initial
+/// token's save fails (the login's load under the lock fails), the flight refreshes it
+/// and saves the refresh — and the coordinator kept the login marked unsaved for good:
+/// it ignored every pushed token (and every newer stored one, spending its own refresh
+/// token instead). A flight that saves the refresh of an unsaved login now clears the
+/// mark (C17 still holds: the store's session is the login's successor).
+#[test]
+fn c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again() {
+    let ops = vec![
+        // The first store call (the lock) goes through, the login's load fails.
+        Op::StoreFault {
+            skip: 1,
+            fault: Fault::LeaseLost,
+        },
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Expired, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+}
+
+/// A push that arrives while a flight pauses between attempts ends the flight with the
+/// pushed token: no second source call (C2), its waiter gets the pushed token.
+#[test]
+fn c2_a_push_during_the_retry_pause_ends_the_flight_without_a_second_source_call() {
+    let ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Transient(None)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+        Op::Advance(Step::Quarter),
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |s| s.retries = true),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes_during_flights, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+    assert_eq!(summary.errors, 0, "{summary:?}");
+}
+
+/// The initial token is a login not saved yet: a push (even one saved to the store,
+/// numbered above it) never replaces it (C17); the next flight saves the login above
+/// the stored session, and a push newer than that is adopted.
+#[test]
+fn c17_a_push_never_replaces_an_unsaved_login() {
+    let ops = vec![
+        Op::Push(Push::Newer),
+        Op::Token,
+        Op::Settle,
+        Op::Force,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Push(Push::Newer),
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Valid, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes_over_unsaved_logins, 1, "{summary:?}");
+    assert_eq!(summary.pushes, 2, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+}
+
+/// Older, equal, corrupt and expired pushes, and the echo of an own save, change
+/// nothing (C3, C9, C16, C17).
+#[test]
+fn c3_c9_c16_c17_older_equal_corrupt_expired_and_echoed_pushes_are_ignored() {
+    let mut ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Force,
+        Op::Settle,
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+    ];
+    ops.extend(
+        [
+            Push::Older,
+            Push::Equal,
+            Push::AboveMax,
+            Push::Expired,
+            Push::Echo,
+        ]
+        .map(Op::Push),
+    );
+    ops.extend([Op::Token, Op::Settle]);
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.pushes, 5, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 0, "{summary:?}");
+    assert_eq!(summary.source_calls, 2, "{summary:?}");
+}
+
+/// While re-authentication is required, a pushed login from another replica ends it:
+/// the next caller gets the pushed token without a source call (C17).
+#[test]
+fn c17_a_pushed_token_ends_reauthentication_required() {
+    let ops = vec![
+        Op::Token,
+        Op::Settle,
+        Op::Source(Outcome::Permanent),
+        Op::Settle,
+        Op::Push(Push::Newer),
+        Op::Token,
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.errors, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 1, "{summary:?}");
+}
+
+/// A flight's save hangs: its token is numbered but not current yet. Another token
+/// pushed with that generation is not adopted (C3: a generation names one token here);
+/// the flight then ends with its own token, kept in memory.
+#[test]
+fn c3_a_push_of_a_generation_this_coordinator_numbered_is_ignored() {
+    let ops = vec![
+        Op::Token,
+        Op::Settle,
+        // The next store call is the save of the token the source is about to return.
+        Op::StoreFault {
+            skip: 0,
+            fault: Fault::Hang,
+        },
+        Op::Source(Outcome::Ok(Lifetime::HOUR)),
+        Op::Settle,
+        Op::Push(Push::Numbered),
+        Op::Advance(Step::PastTimeout),
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(summary.pushes, 1, "{summary:?}");
+    assert_eq!(summary.pushes_adopted, 0, "{summary:?}");
+    assert_eq!(summary.errors, 0, "{summary:?}");
 }
