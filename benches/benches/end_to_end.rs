@@ -1,11 +1,28 @@
 //! (d) End to end: requests through reqwest + tokenflight's middleware against bare
-//! reqwest carrying the same valid token, and through hyper-util's client + the tower
-//! `TokenLayer` against the bare hyper-util client, on the testkit server (loopback,
-//! its own runtime thread). One at a time (latency) and 32 in flight (throughput). The token
-//! stays valid throughout, so this measures the middleware's cost on the normal path:
-//! the token check, attaching the header, keeping a replayable copy of the request and
-//! classifying the response.
+//! reqwest carrying the same valid token, through hyper-util's client + the tower
+//! `TokenLayer` against the bare hyper-util client, and through surf + tokenflight's surf
+//! middleware against bare surf, on the testkit server (loopback, its own runtime
+//! thread). One at a time (latency) and 32 in flight (throughput). The token stays valid
+//! throughout, so this measures the middleware's cost on the normal path: the token
+//! check, attaching the header, keeping a replayable copy of the request and classifying
+//! the response.
+//!
+//! reqwest and hyper-util run on a tokio runtime with 2 workers; surf runs on async-std's
+//! executor (`async_std::task::block_on`, the way surf is used), each client against its
+//! own bare twin.
+//!
+//! Environment (all optional):
+//! - `TOKENFLIGHT_BENCH_PIN=1`: pin the testkit server's thread to the last CPU and every
+//!   client thread to the others, so the server's work does not preempt the client's
+//!   (measurement check: what remains is the client's own cost).
+//! - `TOKENFLIGHT_BENCH_INTERLEAVED=0`: skip the interleaved rounds (for profiling with
+//!   `--profile-time`).
+//! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 31).
+//! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests>"`: send that many requests, one at a
+//!   time, through one contender (e.g. `reqwest_tokenflight`) and stop: for `perf stat`
+//!   and `perf record`, whose counts per request then compare across contenders.
 
+use std::alloc::System;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +33,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokenflight::{AuthPolicy, Token, from_fn};
 use tokenflight_benches::extras::Extras;
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
@@ -25,6 +43,20 @@ use tokenflight_tower::TokenService;
 use tower::ServiceExt;
 
 type HyperClient = Client<HttpConnector, Empty<Bytes>>;
+
+// Counts allocations (whole process, server included: the same for both sides of a
+// pair), a figure load does not move, for the interleaved rounds.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Where a sender's futures run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Executor {
+    /// The bench's tokio runtime (2 workers).
+    Tokio,
+    /// async-std's executor, on the calling thread.
+    AsyncStd,
+}
 
 const IN_FLIGHT: usize = 32;
 
@@ -45,11 +77,47 @@ enum Sender {
     Tower {
         service: TokenService<HyperClient>,
     },
+    /// reqwest-middleware's client with no middleware: what the middleware stack itself
+    /// costs (a control row, not a target).
+    ReqwestMiddlewareOnly {
+        client: ClientWithMiddleware,
+        header: Arc<str>,
+    },
+    BareSurf {
+        client: surf::Client,
+        header: Arc<str>,
+    },
+    Surf {
+        client: surf::Client,
+    },
 }
 
 impl Sender {
+    fn executor(&self) -> Executor {
+        match self {
+            Sender::BareSurf { .. } | Sender::Surf { .. } => Executor::AsyncStd,
+            _ => Executor::Tokio,
+        }
+    }
+
     async fn get(&self, url: &str) {
         let response = match self {
+            Sender::BareSurf { client, header } => {
+                let request = client
+                    .get(url)
+                    .header(surf::http::headers::AUTHORIZATION, &**header);
+                return check_surf(request.await).await;
+            }
+            Sender::Surf { client } => return check_surf(client.get(url).await).await,
+            Sender::ReqwestMiddlewareOnly { client, header } => client
+                .get(url)
+                .header(reqwest::header::AUTHORIZATION, &**header)
+                .send()
+                .await
+                .map_err(|e| match e {
+                    tokenflight_reqwest::reqwest_middleware::Error::Reqwest(e) => e,
+                    other => panic!("middleware error: {other}"),
+                }),
             Sender::BareHyper { client, header } => {
                 let request = http::Request::get(url)
                     .header(http::header::AUTHORIZATION, header.clone())
@@ -90,6 +158,18 @@ impl Sender {
     }
 }
 
+async fn check_surf(response: surf::Result<surf::Response>) {
+    let mut response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
+    assert_eq!(
+        u16::from(response.status()),
+        200,
+        "the token should be accepted"
+    );
+    if let Err(error) = response.body_bytes().await {
+        panic!("reading the body: {error}");
+    }
+}
+
 async fn check_hyper<B>(response: http::Response<B>)
 where
     B: http_body::Body,
@@ -101,7 +181,72 @@ where
     }
 }
 
+/// Whether an environment variable is set to `1`.
+fn env_flag(name: &str, default: bool) -> bool {
+    std::env::var(name).map_or(default, |value| value == "1")
+}
+
+/// Pins the testkit server's thread (named `testkit-<port>`) to the last CPU and the
+/// calling thread (and so every thread it starts afterwards) to the others.
+fn pin_threads(port: u16) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("pinning needs 2 CPUs; not pinned");
+        return;
+    }
+    let server_name = format!("testkit-{port}");
+    let mut server_cpu = rustix::thread::CpuSet::new();
+    server_cpu.set(cpus - 1);
+    let mut client_cpus = rustix::thread::CpuSet::new();
+    for cpu in 0..cpus - 1 {
+        client_cpus.set(cpu);
+    }
+    let mut pinned = false;
+    // The server thread names itself when it starts running: look again until then.
+    for _ in 0..100 {
+        pinned = pin_named(&server_name, &server_cpu);
+        if pinned {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Err(error) = rustix::thread::sched_setaffinity(None, &client_cpus) {
+        eprintln!("pinning the client: {error}");
+    }
+    eprintln!(
+        "pinned: server thread {} to CPU {}, client to CPUs 0..{}",
+        if pinned { "found" } else { "NOT found" },
+        cpus - 1,
+        cpus - 1
+    );
+}
+
+/// Pins the threads of this process named `name` to `cpus`; whether there was one.
+fn pin_named(name: &str, cpus: &rustix::thread::CpuSet) -> bool {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap_or_else(|e| panic!("tasks: {e}"));
+    let mut pinned = false;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // `comm` is cut at 15 bytes.
+        if !name.starts_with(comm.trim_end()) || comm.trim_end().is_empty() {
+            continue;
+        }
+        let tid = task.file_name().to_string_lossy().parse::<i32>().ok();
+        if let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) {
+            match rustix::thread::sched_setaffinity(Some(pid), cpus) {
+                Ok(()) => pinned = true,
+                Err(error) => eprintln!("pinning {name}: {error}"),
+            }
+        }
+    }
+    pinned
+}
+
 fn end_to_end(c: &mut Criterion) {
+    let server = TestServer::start(TestServerConfig::default());
+    if env_flag("TOKENFLIGHT_BENCH_PIN", false) {
+        pin_threads(server.addr().port());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -110,7 +255,6 @@ fn end_to_end(c: &mut Criterion) {
         Ok(runtime) => runtime,
         Err(error) => panic!("tokio runtime: {error}"),
     };
-    let server = TestServer::start(TestServerConfig::default());
     let (access, expires_in) = server.issue_access_token();
     let url = server.api_url("bench");
 
@@ -153,79 +297,224 @@ fn end_to_end(c: &mut Criterion) {
             .with(layer.clone())
             .build(),
     };
+    let middleware_only = Sender::ReqwestMiddlewareOnly {
+        client: ClientBuilder::new(reqwest::Client::new()).build(),
+        header: Arc::from(format!("Bearer {access}")),
+    };
+    let bare_surf = Sender::BareSurf {
+        client: surf::Client::new(),
+        header: Arc::from(format!("Bearer {access}")),
+    };
+    let surf_layer = tokenflight_surf::TokenMiddleware::from(AuthPolicy::clone(layer.policy()));
+    let surf = Sender::Surf {
+        client: surf::Client::new().with(surf_layer),
+    };
 
+    let all = [
+        ("bare_reqwest", &bare),
+        ("reqwest_tokenflight", &layered),
+        ("reqwest_middleware_only", &middleware_only),
+        ("bare_hyper", &bare_hyper),
+        ("tower_tokenflight", &tower),
+        ("bare_surf", &bare_surf),
+        ("surf_tokenflight", &surf),
+    ];
+    if let Ok(only) = std::env::var("TOKENFLIGHT_BENCH_ONLY") {
+        // For `perf stat` / `perf record` of one client: `<name> <requests>`, sent one
+        // after the other, and nothing else.
+        let mut words = only.split_whitespace();
+        let name = words.next().unwrap_or_default();
+        let requests: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        let Some((_, sender)) = all.iter().find(|(n, _)| *n == name) else {
+            panic!("TOKENFLIGHT_BENCH_ONLY: no sender {name}");
+        };
+        let run = async {
+            for _ in 0..requests {
+                sender.get(&url).await;
+            }
+        };
+        match sender.executor() {
+            Executor::Tokio => runtime.block_on(run),
+            Executor::AsyncStd => async_std::task::block_on(run),
+        }
+        return;
+    }
     for (mode, in_flight) in [("sequential", 1), ("concurrent_32", IN_FLIGHT)] {
         let mut group = c.benchmark_group(format!("end_to_end/{mode}"));
         group
             .sample_size(30)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        let senders = [
-            ("bare_reqwest", &bare),
-            ("reqwest_tokenflight", &layered),
-            ("bare_hyper", &bare_hyper),
-            ("tower_tokenflight", &tower),
-        ];
-        for (name, sender) in senders {
+        for (name, sender) in all {
             group.bench_function(BenchmarkId::from_parameter(name), |b| {
-                b.to_async(&runtime).iter(|| async {
-                    join_all((0..in_flight).map(|_| sender.get(&url))).await;
-                });
+                match sender.executor() {
+                    Executor::Tokio => b.to_async(&runtime).iter(|| async {
+                        join_all((0..in_flight).map(|_| sender.get(&url))).await;
+                    }),
+                    Executor::AsyncStd => b.iter_custom(|iters| {
+                        async_std::task::block_on(async {
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                join_all((0..in_flight).map(|_| sender.get(&url))).await;
+                            }
+                            start.elapsed()
+                        })
+                    }),
+                }
             });
         }
         group.finish();
     }
     // Criterion measures one contender after the other; on a shared machine the load can
     // change in between. These ratios alternate the two in short rounds instead.
-    let mut extras = Extras::new();
-    for (mode, in_flight, batches) in [("sequential", 1, 100), ("concurrent_32", IN_FLIGHT, 10)] {
-        let pairs = [("reqwest", &bare, &layered), ("tower", &bare_hyper, &tower)];
-        for (client, bare, layered) in pairs {
-            let ratio = interleaved_ratio(&runtime, bare, layered, &url, in_flight, batches);
-            extras.record(&format!("interleaved_{mode}_{client}"), ratio);
+    if env_flag("TOKENFLIGHT_BENCH_INTERLEAVED", true) {
+        let rounds = std::env::var("TOKENFLIGHT_BENCH_ROUNDS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(31);
+        let mut extras = Extras::new();
+        for (mode, in_flight, batches) in [("sequential", 1, 300), ("concurrent_32", IN_FLIGHT, 30)]
+        {
+            let pairs = [
+                ("reqwest", &bare, &layered),
+                ("tower", &bare_hyper, &tower),
+                ("surf", &bare_surf, &surf),
+                // Control: reqwest-middleware's own cost, no tokenflight.
+                ("reqwest_middleware_only", &bare, &middleware_only),
+            ];
+            for (client, bare, layered) in pairs {
+                let rounds = Rounds {
+                    rounds,
+                    in_flight,
+                    batches,
+                };
+                let spread = interleaved_ratio(&runtime, bare, layered, &url, rounds);
+                extras.record(&format!("interleaved_{mode}_{client}"), spread.median);
+                extras.record(&format!("interleaved_{mode}_{client}_q1"), spread.q1);
+                extras.record(&format!("interleaved_{mode}_{client}_q3"), spread.q3);
+                extras.record(&format!("cpu_{mode}_{client}_bare_us"), spread.cpu_bare_us);
+                extras.record(
+                    &format!("cpu_{mode}_{client}_tokenflight_us"),
+                    spread.cpu_layered_us,
+                );
+                extras.record(&format!("allocs_{mode}_{client}_bare"), spread.allocs_bare);
+                extras.record(
+                    &format!("allocs_{mode}_{client}_tokenflight"),
+                    spread.allocs_layered,
+                );
+            }
         }
+        extras.save("end_to_end");
     }
-    extras.save("end_to_end");
 
     let stats = layer.policy().stats();
     assert_eq!(stats.source_calls, 0, "the token source must not be called");
     assert_eq!(stats.rejections, 0, "no request may be rejected");
 }
 
-/// Throughput of `layered` relative to `bare` (above 1: faster): the median over 31
-/// rounds of (time of `bare`) / (time of `layered`), each round timing `batches` batches
-/// of `in_flight` requests on both, back to back, alternating which goes first. A
-/// stretch where the shared machine stalls spoils one round, not the figure.
+/// How the interleaved rounds are made.
+#[derive(Clone, Copy)]
+struct Rounds {
+    rounds: usize,
+    in_flight: usize,
+    batches: usize,
+}
+
+/// What the interleaved rounds found.
+struct Spread {
+    /// Quartiles and median of the rounds' throughput ratios (bare time ÷ layered time).
+    q1: f64,
+    median: f64,
+    q3: f64,
+    /// Median CPU time per request of the whole process (client and server threads),
+    /// in microseconds: bare, then layered. Load on other processes barely moves it.
+    cpu_bare_us: f64,
+    cpu_layered_us: f64,
+    /// Median allocations per request (whole process): bare, then layered.
+    allocs_bare: f64,
+    allocs_layered: f64,
+}
+
+/// The process's CPU time so far (all threads: the client's and the server's).
+fn process_cpu() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+fn median(values: &mut [f64], fraction: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len().saturating_sub(1)) as f64 * fraction).round() as usize;
+    values.get(index).copied().unwrap_or(f64::NAN)
+}
+
+/// Throughput of `layered` relative to `bare` (above 1: faster): the median (and
+/// quartiles) over the rounds of (time of `bare`) / (time of `layered`), each round
+/// timing `batches` batches of `in_flight` requests on both, back to back, alternating
+/// which goes first. A stretch where the shared machine stalls spoils one round, not the
+/// figure. Also the CPU time per request of each (the process's, server included).
 fn interleaved_ratio(
     runtime: &tokio::runtime::Runtime,
     bare: &Sender,
     layered: &Sender,
     url: &str,
-    in_flight: usize,
-    batches: usize,
-) -> f64 {
+    rounds: Rounds,
+) -> Spread {
+    let Rounds {
+        rounds,
+        in_flight,
+        batches,
+    } = rounds;
+    let requests = (in_flight * batches) as f64;
+    // (wall seconds, CPU microseconds per request, allocations per request)
     let time = |sender: &Sender| {
-        runtime.block_on(async {
+        let run = async {
+            let allocations = GLOBAL.stats().allocations;
+            let cpu = process_cpu();
             let start = Instant::now();
             for _ in 0..batches {
                 join_all((0..in_flight).map(|_| sender.get(url))).await;
             }
-            start.elapsed().as_secs_f64()
-        })
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = process_cpu().saturating_sub(cpu).as_secs_f64() * 1e6 / requests;
+            let allocations = GLOBAL.stats().allocations.saturating_sub(allocations);
+            (wall, cpu, allocations as f64 / requests)
+        };
+        match sender.executor() {
+            Executor::Tokio => runtime.block_on(run),
+            Executor::AsyncStd => async_std::task::block_on(run),
+        }
     };
-    let mut ratios: Vec<f64> = (0..31)
-        .map(|round| {
-            if round % 2 == 0 {
-                let bare = time(bare);
-                bare / time(layered)
-            } else {
-                let layered = time(layered);
-                time(bare) / layered
-            }
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
+    let mut ratios = Vec::with_capacity(rounds);
+    let mut cpu_bare = Vec::with_capacity(rounds);
+    let mut cpu_layered = Vec::with_capacity(rounds);
+    let mut allocs_bare = Vec::with_capacity(rounds);
+    let mut allocs_layered = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (b, l) = if round % 2 == 0 {
+            let b = time(bare);
+            (b, time(layered))
+        } else {
+            let l = time(layered);
+            (time(bare), l)
+        };
+        ratios.push(b.0 / l.0);
+        cpu_bare.push(b.1);
+        cpu_layered.push(l.1);
+        allocs_bare.push(b.2);
+        allocs_layered.push(l.2);
+    }
+    Spread {
+        q1: median(&mut ratios, 0.25),
+        median: median(&mut ratios, 0.5),
+        q3: median(&mut ratios, 0.75),
+        cpu_bare_us: median(&mut cpu_bare, 0.5),
+        cpu_layered_us: median(&mut cpu_layered, 0.5),
+        allocs_bare: median(&mut allocs_bare, 0.5),
+        allocs_layered: median(&mut allocs_layered, 0.5),
+    }
 }
 
 fn main() {

@@ -386,6 +386,8 @@ impl SingleFlight {
         }
     }
 
+    // Inlined: it is on the fast path (a separate call was 5 % of `valid_token`).
+    #[inline]
     fn not_rejected(&self, token: &Token) -> bool {
         token.generation() > self.inner.rejected.load(Ordering::Acquire)
     }

@@ -329,17 +329,62 @@ impl AllowedOrigins {
     pub(crate) fn allows(&self, url: &Url) -> bool {
         match self {
             AllowedOrigins::Any => true,
-            AllowedOrigins::List(_) => self.allows_origin(&url.origin()),
+            AllowedOrigins::List(origins) => origins.iter().any(|o| same_origin(o, url)),
         }
     }
 
-    /// True when a request to `origin` may carry the token.
-    pub(crate) fn allows_origin(&self, origin: &Origin) -> bool {
+    /// The origin a request to `url` goes to, if it may carry the token: the listed
+    /// origin it matched (borrowed: no allocation per request, issue 18), or with
+    /// [`AllowedOrigins::Any`] the URL's own.
+    pub(crate) fn admit(&self, url: &Url) -> Option<SentTo<'_>> {
         match self {
-            AllowedOrigins::Any => true,
-            AllowedOrigins::List(origins) => origins.contains(origin),
+            AllowedOrigins::Any => Some(SentTo::Built(url.origin())),
+            AllowedOrigins::List(origins) => origins
+                .iter()
+                .find(|o| same_origin(o, url))
+                .map(SentTo::Listed),
         }
     }
+}
+
+/// The origin a request (and its token) went to; see [`AllowedOrigins::admit`].
+#[derive(Debug)]
+pub(crate) enum SentTo<'a> {
+    /// One of the allowed origins.
+    Listed(&'a Origin),
+    /// Any origin is allowed: the request URL's own.
+    Built(Origin),
+}
+
+impl SentTo<'_> {
+    /// Whether `url` has this origin.
+    pub(crate) fn is_origin_of(&self, url: &Url) -> bool {
+        match self {
+            SentTo::Listed(origin) => same_origin(origin, url),
+            SentTo::Built(origin) => url.origin() == *origin,
+        }
+    }
+}
+
+/// `url.origin() == *origin`, without building `url`'s origin (which allocates its
+/// scheme and host) for the schemes requests use; other schemes take the exact way.
+fn same_origin(origin: &Origin, url: &Url) -> bool {
+    let Origin::Tuple(scheme, host, port) = origin else {
+        // An opaque origin equals no URL's origin (each one is unique).
+        return false;
+    };
+    if !matches!(url.scheme(), "http" | "https" | "ws" | "wss") {
+        return url.origin() == *origin;
+    }
+    // For these schemes `Url::origin` is (scheme, host, port or the scheme's default).
+    url.scheme() == scheme
+        && url.port_or_known_default() == Some(*port)
+        && url.host().is_some_and(|h| match (h, host) {
+            (url::Host::Domain(a), url::Host::Domain(b)) => a == b,
+            (url::Host::Ipv4(a), url::Host::Ipv4(b)) => a == *b,
+            (url::Host::Ipv6(a), url::Host::Ipv6(b)) => a == *b,
+            _ => false,
+        })
 }
 
 /// A predicate on status and headers.
@@ -821,6 +866,69 @@ mod tests {
             None,
             "no body rule"
         );
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn c12_same_origin_agrees_with_url_origin() {
+        let origins = [
+            "http://127.0.0.1:8080",
+            "https://api.example.com",
+            "https://api.example.com:8443",
+            "http://[::1]:80",
+            "wss://push.example.com",
+            "ftp://files.example.com",
+        ];
+        let urls = [
+            "http://127.0.0.1:8080/api/x?y=1",
+            "http://127.0.0.1/api",
+            "https://127.0.0.1:8080/",
+            "http://127.0.0.2:8080/",
+            "https://api.example.com/me",
+            "https://api.example.com:443/me",
+            "https://API.example.com/me",
+            "https://api.example.com:8443/",
+            "http://api.example.com/",
+            "https://api.example.com.evil.test/",
+            "http://[::1]/x",
+            "http://[::1]:8080/x",
+            "wss://push.example.com:443/s",
+            "ws://push.example.com/s",
+            "ftp://files.example.com/a",
+            "blob:https://api.example.com/uuid",
+            "file:///etc/passwd",
+            "data:text/plain,hi",
+            "unknown://api.example.com/",
+        ];
+        for origin in origins {
+            let origin = AllowedOrigins::parse_origin(origin).unwrap();
+            for url in urls {
+                let url = Url::parse(url).unwrap();
+                assert_eq!(
+                    same_origin(&origin, &url),
+                    url.origin() == origin,
+                    "{origin:?} vs {url}"
+                );
+            }
+        }
+        let list = AllowedOrigins::List(vec![
+            AllowedOrigins::parse_origin("https://api.example.com").unwrap(),
+        ]);
+        let url = Url::parse("https://api.example.com/x").unwrap();
+        let sent_to = list.admit(&url).unwrap();
+        assert!(sent_to.is_origin_of(&Url::parse("https://api.example.com:443/y").unwrap()));
+        assert!(!sent_to.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
+        assert!(
+            list.admit(&Url::parse("http://api.example.com/").unwrap())
+                .is_none()
+        );
+        let any = AllowedOrigins::Any.admit(&url).unwrap();
+        assert!(any.is_origin_of(&url));
+        assert!(!any.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
     }
 }
 

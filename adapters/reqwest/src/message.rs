@@ -59,7 +59,16 @@ impl ResponseView for Incoming {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.0.headers().get(name)?.to_str().ok()
+        let headers = self.0.headers();
+        // The names the core looks up on every response, as constants: a lookup by
+        // `&str` parses the name first (issue 18: 9 % of the middleware's own CPU).
+        let value = match name {
+            "www-authenticate" => headers.get(http::header::WWW_AUTHENTICATE),
+            "content-type" => headers.get(http::header::CONTENT_TYPE),
+            "content-length" => headers.get(http::header::CONTENT_LENGTH),
+            _ => headers.get(name),
+        };
+        value?.to_str().ok()
     }
 }
 

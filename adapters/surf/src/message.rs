@@ -32,6 +32,18 @@ impl Attempt {
     /// Takes `request`'s body into memory if it has a known length of at most `limit`
     /// bytes; otherwise the body stays as it is and the request is not replayable.
     pub(crate) async fn buffer(mut request: Request, limit: usize) -> surf::Result<Attempt> {
+        if AsRef::<surf::http::Request>::as_ref(&request).is_empty() == Some(true) {
+            // Nothing to read (a GET, most requests): the body stays as it is and a
+            // resend gets an empty one (issue 18: no body taken, rebuilt and re-typed
+            // per request).
+            return Ok(Attempt {
+                request,
+                replay: Some(Replay {
+                    bytes: Bytes::new(),
+                    mime: surf::http::mime::BYTE_STREAM,
+                }),
+            });
+        }
         let had_content_type = request.header(CONTENT_TYPE).is_some();
         let original = request.take_body();
         let mime = original.mime().clone();
@@ -107,10 +119,38 @@ impl AuthRequest for Attempt {
         Ok(())
     }
 
+    /// The value comes from the `http` crate, which has checked it (no control
+    /// characters): only http-types' own types are made here, and the usual header's
+    /// name is http-types' constant (no allocation for it).
+    fn set_header_value(
+        &mut self,
+        name: &http::HeaderName,
+        value: &http::HeaderValue,
+    ) -> Result<(), InvalidHeader> {
+        let text = value.to_str().map_err(|_| InvalidHeader)?;
+        let value = HeaderValue::from_str(text).map_err(|_| InvalidHeader)?;
+        if name == http::header::AUTHORIZATION {
+            self.request
+                .insert_header(surf::http::headers::AUTHORIZATION, value);
+        } else {
+            let name = HeaderName::from_str(name.as_str()).map_err(|_| InvalidHeader)?;
+            self.request.insert_header(name, value);
+        }
+        Ok(())
+    }
+
     fn try_clone(&self) -> Option<Self> {
         let replay = self.replay.as_ref()?;
         // Clones method, URL and headers; the body comes from the buffer.
         let mut request = self.request.clone();
+        if replay.bytes.is_empty() {
+            // surf's clone already has an empty body; setting one would add a
+            // `Content-Type` only to remove it again.
+            return Some(Attempt {
+                request,
+                replay: Some(replay.clone()),
+            });
+        }
         let had_content_type = request.header(CONTENT_TYPE).is_some();
         request.set_body(body::from_bytes(replay.bytes.clone(), replay.mime.clone()));
         if !had_content_type {

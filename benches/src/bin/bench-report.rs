@@ -136,36 +136,84 @@ fn storm() {
     println!();
 }
 
+/// The end-to-end pairs: (label in the tables, bare bench, tokenflight bench, key of the
+/// interleaved figures, what the bare side is called).
+const CLIENTS: [(&str, &str, &str, &str, &str); 3] = [
+    (
+        "reqwest",
+        "bare_reqwest",
+        "reqwest_tokenflight",
+        "reqwest",
+        "bare reqwest",
+    ),
+    (
+        "tower",
+        "bare_hyper",
+        "tower_tokenflight",
+        "tower",
+        "bare hyper-util",
+    ),
+    ("surf", "bare_surf", "surf_tokenflight", "surf", "bare surf"),
+];
+
 fn end_to_end() {
     println!("### (d) End to end on the testkit server");
     println!();
     println!(
         "Throughput with tokenflight relative to the same client without it, in one run \
-         (higher is better; 1.00 = same): reqwest + middleware vs bare reqwest, and \
-         hyper-util + the tower `TokenLayer` vs bare hyper-util."
+         (higher is better; 1.00 = same): reqwest + middleware vs bare reqwest, \
+         hyper-util + the tower `TokenLayer` vs bare hyper-util, surf + middleware vs \
+         bare surf. \"criterion\" = the ratio of criterion's means (one contender after \
+         the other); \"interleaved\" = the median (and quartiles) of short rounds that \
+         time both back to back."
     );
     println!();
-    println!("| mode | reqwest ratio | tower ratio | reqwest, interleaved | tower, interleaved |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| mode | client | criterion | interleaved (q1–q3) | CPU µs/request, bare → tokenflight | allocations/request, bare → tokenflight |"
+    );
+    println!("|---|---|---|---|---|---|");
     let extras = Extras::load("end_to_end");
+    let get = |key: String| extras.get(&key);
     for mode in ["sequential", "concurrent_32"] {
-        let bare = mean(&format!("end_to_end/{mode}/bare_reqwest"));
-        let layered = mean(&format!("end_to_end/{mode}/reqwest_tokenflight"));
-        let bare_hyper = mean(&format!("end_to_end/{mode}/bare_hyper"));
-        let tower = mean(&format!("end_to_end/{mode}/tower_tokenflight"));
+        for (label, bare, layered, key, _) in CLIENTS {
+            let bare_time = mean(&format!("end_to_end/{mode}/{bare}"));
+            let layered_time = mean(&format!("end_to_end/{mode}/{layered}"));
+            let k = format!("{mode}_{key}");
+            println!(
+                "| {mode} | {label} | {} | {} ({}–{}) | {} → {} | {} → {} |",
+                ratio(bare_time, layered_time),
+                fixed(get(format!("interleaved_{k}")), 2),
+                fixed(get(format!("interleaved_{k}_q1")), 2),
+                fixed(get(format!("interleaved_{k}_q3")), 2),
+                fixed(get(format!("cpu_{k}_bare_us")), 1),
+                fixed(get(format!("cpu_{k}_tokenflight_us")), 1),
+                fixed(get(format!("allocs_{k}_bare")), 1),
+                fixed(get(format!("allocs_{k}_tokenflight")), 1),
+            );
+        }
+        let k = format!("{mode}_reqwest_middleware_only");
         println!(
-            "| {mode} | {} | {} | {} | {} |",
-            ratio(bare, layered),
-            ratio(bare_hyper, tower),
-            fixed(extras.get(&format!("interleaved_{mode}_reqwest")), 2),
-            fixed(extras.get(&format!("interleaved_{mode}_tower")), 2),
+            "| {mode} | control: reqwest-middleware, no middleware | {} | {} ({}–{}) | {} → {} | {} → {} |",
+            ratio(
+                mean(&format!("end_to_end/{mode}/bare_reqwest")),
+                mean(&format!("end_to_end/{mode}/reqwest_middleware_only")),
+            ),
+            fixed(get(format!("interleaved_{k}")), 2),
+            fixed(get(format!("interleaved_{k}_q1")), 2),
+            fixed(get(format!("interleaved_{k}_q3")), 2),
+            fixed(get(format!("cpu_{k}_bare_us")), 1),
+            fixed(get(format!("cpu_{k}_tokenflight_us")), 1),
+            fixed(get(format!("allocs_{k}_bare")), 1),
+            fixed(get(format!("allocs_{k}_tokenflight")), 1),
         );
     }
     println!();
     println!(
-        "The interleaved columns are the median of 31 short rounds that time both clients \
-         back to back (see `interleaved_ratio` in `benches/benches/end_to_end.rs`), so load \
-         changes on a shared machine hit both alike."
+        "CPU is the whole process's (client and the loopback server) per request, the \
+         median over the interleaved rounds; allocations likewise (the server's are the \
+         same on both sides, so the difference is the middleware's). The control row is \
+         reqwest-middleware's client with no middleware against bare reqwest: the stack's \
+         own cost, which any reqwest middleware pays."
     );
     println!();
     let bare = mean("tower_overhead/bare");
@@ -232,29 +280,28 @@ fn targets() {
             true,
         );
     }
+    let e2e = Extras::load("end_to_end");
     for mode in ["sequential", "concurrent_32"] {
-        verdict(
-            &format!("end to end, {mode}: reqwest + tokenflight throughput ÷ bare reqwest"),
-            of(
-                mean(&format!("end_to_end/{mode}/bare_reqwest")),
-                mean(&format!("end_to_end/{mode}/reqwest_tokenflight")),
-            ),
-            0.97,
-            false,
-        );
-        verdict(
-            &format!("end to end, {mode}: tower layer throughput ÷ bare hyper-util"),
-            of(
-                mean(&format!("end_to_end/{mode}/bare_hyper")),
-                mean(&format!("end_to_end/{mode}/tower_tokenflight")),
-            ),
-            0.97,
-            false,
-        );
+        for (label, bare, layered, key, bare_name) in CLIENTS {
+            verdict(
+                &format!("end to end, {mode}: {label} + tokenflight throughput ÷ {bare_name}"),
+                of(
+                    mean(&format!("end_to_end/{mode}/{bare}")),
+                    mean(&format!("end_to_end/{mode}/{layered}")),
+                ),
+                0.97,
+                false,
+            );
+            verdict(
+                &format!(
+                    "end to end, {mode}: {label}, interleaved median (same ratio, load-robust)"
+                ),
+                e2e.get(&format!("interleaved_{mode}_{key}")),
+                0.97,
+                false,
+            );
+        }
     }
-    println!(
-        "| end to end through surf | n/a | ≥ 0.97 | not measured (no surf row in `end_to_end`) |"
-    );
     verdict(
         "100k waiters: release time ÷ bare `Shared` floor",
         of(
