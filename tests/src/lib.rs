@@ -8,10 +8,11 @@
 pub mod conformance;
 pub mod fuzz_targets;
 pub mod grpc;
-pub mod keyed_source;
+pub mod keyed_processes;
 pub mod model;
 pub mod testkit;
 pub mod transport;
+pub mod worker;
 
 /// Saves `token` the only way a store allows: under its lock (lock → save → unlock).
 /// Tests use it to seed a store as another process would have.

@@ -13,100 +13,38 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::BufRead as _;
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use common::RedisServer;
-use tokenflight_tests::keyed_source::logged_key_source;
+use tokenflight_tests::keyed_processes::{logged_key_source, run_keyed_cycles, tokens_answer};
+use tokenflight_tests::worker::Worker;
 
 const PROCESSES: usize = 3;
 const KEYS: u32 = 50;
 const CYCLES: usize = 3;
 const PREFIX: &str = "keyed:";
-/// Only turns a hung worker into a failure; no test outcome depends on it.
-const ANSWER_DEADLINE: Duration = Duration::from_secs(120);
 const WORKER: &str = "keyed_worker";
 
-struct Worker {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Worker {
-    fn spawn(url: &str, log: &std::path::Path) -> Worker {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                WORKER,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("KW_WORKER", "1")
-            .env("KW_URL", url)
-            .env("KW_LOG", log)
-            .env("KW_KEYS", KEYS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            // libtest prints its own lines ("running 1 test", "test keyed_worker ...")
-            // around the worker's; the worker's start with "KW ".
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find("KW ") {
-                    if tx.send(line[at + 3..].to_owned()).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        let mut worker = Worker {
-            child,
-            stdin,
-            lines,
-        };
-        assert_eq!(worker.answer(), "ready");
-        worker
-    }
-
-    fn send(&mut self, command: &str) {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn answer(&mut self) -> String {
-        self.lines
-            .recv_timeout(ANSWER_DEADLINE)
-            .unwrap_or_else(|e| panic!("worker {} gave no answer: {e}", self.child.id()))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Only this test's own child, by its id.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn calls_per_key(log: &std::path::Path) -> HashMap<u32, usize> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut calls = HashMap::new();
-    for line in text.lines() {
-        *calls.entry(line.parse::<u32>().unwrap()).or_default() += 1;
-    }
-    calls
+fn spawn(url: &str, log: &std::path::Path) -> Worker {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            WORKER,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KW_WORKER", "1")
+        .env("KW_URL", url)
+        .env("KW_LOG", log)
+        .env("KW_KEYS", KEYS.to_string());
+    // libtest prints its own lines ("running 1 test", ...) around the worker's, which
+    // start with "KW ".
+    Worker::spawn_marked(command, "KW ")
 }
 
 /// The clients connected to the server, other than the one asking.
@@ -121,42 +59,12 @@ fn three_processes_with_a_redis_namespace_per_key_share_one_source_call_per_key_
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("source-calls.log");
-    let mut workers: Vec<Worker> = (0..PROCESSES)
-        .map(|_| Worker::spawn(&redis.url(), &log))
-        .collect();
-    for cycle in 1..=CYCLES {
-        if cycle > 1 {
-            // Two hours later for every process: every key's token has expired.
-            for worker in &mut workers {
-                worker.send("advance 7200");
-                assert_eq!(worker.answer(), "advanced");
-            }
-        }
-        // All processes at once: every key is contended by every process.
-        for worker in &mut workers {
-            worker.send("tokens");
-        }
-        let answers: Vec<String> = workers.iter_mut().map(Worker::answer).collect();
-        for answer in &answers {
-            assert!(answer.starts_with("tokens "), "cycle {cycle}: {answer}");
-            assert_eq!(
-                answer, &answers[0],
-                "cycle {cycle}: same token for every key everywhere"
-            );
-        }
-        let calls = calls_per_key(&log);
-        for key in 0..KEYS {
-            assert_eq!(
-                calls.get(&key).copied().unwrap_or(0),
-                cycle,
-                "key {key}: one source call per expiry for all processes together"
-            );
-        }
-        assert_eq!(calls.len(), KEYS as usize);
+    let mut workers: Vec<Worker> = (0..PROCESSES).map(|_| spawn(&redis.url(), &log)).collect();
+    run_keyed_cycles(&mut workers, &log, KEYS, CYCLES, |cycle| {
         // 50 keys, 50 namespaces per process: still two connections per process (the
         // command connection and the one pub/sub connection).
         assert_eq!(connections(&redis.url()), 2 * PROCESSES, "cycle {cycle}");
-    }
+    });
     // One token key per key, named by its namespace, never by the key itself.
     let mut con = redis::Client::open(redis.url())
         .unwrap()
@@ -171,12 +79,6 @@ fn three_processes_with_a_redis_namespace_per_key_share_one_source_call_per_key_
             "key {key} has no record"
         );
     }
-}
-
-fn fnv1a(hash: u64, text: &str) -> u64 {
-    text.bytes().fold(hash, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// A worker process (see the module docs); run by the test above, not on its own.
@@ -244,21 +146,7 @@ fn keyed_worker() {
                     let flights = flights.clone();
                     async move { (key, flights.token(&key).await) }
                 })));
-                let mut digest = 0xcbf2_9ce4_8422_2325_u64;
-                let mut answer = None;
-                for (key, result) in all {
-                    match result {
-                        Ok(token) if !token.access().expose().starts_with(&format!("k{key}-")) => {
-                            answer = Some("error cross-key".to_string());
-                        }
-                        Ok(token) => {
-                            digest = fnv1a(digest, &format!("{key}:{}:", token.generation()));
-                            digest = fnv1a(digest, token.access().expose());
-                        }
-                        Err(error) => answer = Some(format!("error key {key}: {error}")),
-                    }
-                }
-                answer.unwrap_or_else(|| format!("tokens {digest:016x}"))
+                tokens_answer(all)
             }
             (Some("advance"), Some(secs)) => {
                 clock.advance(Duration::from_secs(secs.parse().unwrap()));

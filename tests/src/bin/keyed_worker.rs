@@ -23,7 +23,7 @@ use futures::future::join_all;
 use tokenflight::{
     SingleFlight, adapter::Clock, keyed::KeyedFlights, keyed::key_namespace, store::FileStore,
 };
-use tokenflight_tests::keyed_source::logged_key_source;
+use tokenflight_tests::keyed_processes::{logged_key_source, tokens_answer};
 
 /// The wall clock plus an offset the test moves forward.
 #[derive(Debug, Default)]
@@ -39,12 +39,6 @@ impl Clock for OffsetClock {
 
 fn env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("{name} is not set"))
-}
-
-fn fnv1a(hash: u64, text: &str) -> u64 {
-    text.bytes().fold(hash, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 fn main() -> Result<(), String> {
@@ -79,21 +73,7 @@ fn main() -> Result<(), String> {
                     let flights = flights.clone();
                     async move { (key, flights.token(&key).await) }
                 })));
-                let mut digest = 0xcbf2_9ce4_8422_2325_u64;
-                let mut answer = None;
-                for (key, result) in all {
-                    match result {
-                        Ok(token) if !token.access().expose().starts_with(&format!("k{key}-")) => {
-                            answer = Some("error cross-key".to_string());
-                        }
-                        Ok(token) => {
-                            digest = fnv1a(digest, &format!("{key}:{}:", token.generation()));
-                            digest = fnv1a(digest, token.access().expose());
-                        }
-                        Err(error) => answer = Some(format!("error key {key}: {error}")),
-                    }
-                }
-                reply(&answer.unwrap_or_else(|| format!("tokens {digest:016x}")));
+                reply(&tokens_answer(all));
             }
             (Some("advance"), Some(secs)) => {
                 let secs: u64 = secs.parse().map_err(|_| "advance needs seconds")?;

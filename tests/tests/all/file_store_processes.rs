@@ -11,9 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::worker::Worker;
 use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
+use tokenflight_tests::worker::Worker;
 
 const WORKERS: usize = 5;
 const CYCLES: u64 = 3;

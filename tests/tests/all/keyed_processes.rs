@@ -6,10 +6,10 @@
 //! crate's tests start it).
 #![cfg(unix)]
 
-use std::collections::HashMap;
 use std::process::Command;
 
-use crate::worker::Worker;
+use tokenflight_tests::keyed_processes::run_keyed_cycles;
+use tokenflight_tests::worker::Worker;
 
 const PROCESSES: usize = 3;
 const KEYS: u32 = 50;
@@ -24,15 +24,6 @@ fn spawn(dir: &std::path::Path, log: &std::path::Path) -> Worker {
     Worker::spawn(command)
 }
 
-fn calls_per_key(log: &std::path::Path) -> HashMap<u32, usize> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut calls = HashMap::new();
-    for line in text.lines() {
-        *calls.entry(line.parse::<u32>().unwrap()).or_default() += 1;
-    }
-    calls
-}
-
 #[test]
 fn three_processes_share_one_source_call_per_key_per_expiry() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,36 +31,7 @@ fn three_processes_share_one_source_call_per_key_per_expiry() {
     let stores = dir.path().join("stores");
     std::fs::create_dir(&stores).unwrap();
     let mut workers: Vec<Worker> = (0..PROCESSES).map(|_| spawn(&stores, &log)).collect();
-    for cycle in 1..=CYCLES {
-        if cycle > 1 {
-            // Two hours later for every process: every key's token has expired.
-            for worker in &mut workers {
-                worker.send("advance 7200");
-                assert_eq!(worker.answer(), "advanced");
-            }
-        }
-        // All processes at once: every key is contended by every process.
-        for worker in &mut workers {
-            worker.send("tokens");
-        }
-        let answers: Vec<String> = workers.iter_mut().map(Worker::answer).collect();
-        for answer in &answers {
-            assert!(answer.starts_with("tokens "), "cycle {cycle}: {answer}");
-            assert_eq!(
-                answer, &answers[0],
-                "cycle {cycle}: same token for every key everywhere"
-            );
-        }
-        let calls = calls_per_key(&log);
-        for key in 0..KEYS {
-            assert_eq!(
-                calls.get(&key).copied().unwrap_or(0),
-                cycle,
-                "key {key}: one source call per expiry for all processes together"
-            );
-        }
-        assert_eq!(calls.len(), KEYS as usize);
-    }
+    run_keyed_cycles(&mut workers, &log, KEYS, CYCLES, |_| {});
     // One record per key, named by its namespace, never by the key itself.
     let names: Vec<String> = std::fs::read_dir(&stores)
         .unwrap()

@@ -8,5 +8,3 @@ mod keyed_processes;
 mod oauth2_grants;
 mod properties;
 mod testkit;
-#[cfg(unix)]
-mod worker;
