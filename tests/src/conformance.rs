@@ -60,9 +60,10 @@ use futures::future::{BoxFuture, join_all};
 use tokenflight::keyed::TokenKey;
 use tokenflight::oauth2::{ClientCredentialsGrant, RefreshTokenGrant};
 use tokenflight::{
-    AuthPolicy, AuthPolicyBuilder, Classifier, Placement, Token, adapter::FuturesTimer,
-    adapter::Timer, adapter::Transport, config::Backoff, config::FlightConfig, config::Retry,
-    store::FileStore, store::WithGeneration, test_util::ManualClock,
+    AuthPolicy, AuthPolicyBuilder, Classifier, Placement, SingleFlight, Token,
+    adapter::FuturesTimer, adapter::Timer, adapter::Transport, config::Backoff,
+    config::FlightConfig, config::Retry, store::FileStore, store::WithGeneration,
+    test_util::ManualClock,
 };
 
 use crate::testkit::{
@@ -252,9 +253,20 @@ impl World {
         join_all((0..count).map(|i| self.send(request(i)))).await
     }
 
+    /// The coordinator (the suite's worlds have one token; the keyed scenarios build
+    /// their own policy).
+    fn flight(&self) -> &SingleFlight {
+        self.auth.flight().expect("an unkeyed policy")
+    }
+
+    /// The current token.
+    fn current(&self) -> Arc<Token> {
+        self.flight().current().expect("a current token")
+    }
+
     /// Every secret of this world: none may show in an error message.
     fn assert_no_secret_in(&self, message: &str) {
-        let current = self.auth.flight().expect("an unkeyed policy").current();
+        let current = self.flight().current();
         let mut secrets = vec![self.first.clone(), self.server.client_secret()];
         if let Some(token) = current {
             secrets.push(token.access().expose().to_owned());
@@ -427,12 +439,7 @@ pub async fn s3_concurrent_401s_share_one_refresh(adapter: &dyn Adapter) {
         "[{}] S3: exactly one resend each",
         w.name
     );
-    let current = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let current = w.current();
     assert_eq!(
         counters.requests_with(current.access().expose()),
         n,
@@ -476,12 +483,7 @@ pub async fn s4_late_401_for_old_token_does_not_refresh_again(adapter: &dyn Adap
         w.name
     );
     assert_eq!(stats.retries, 2, "[{}] S4", w.name);
-    let current = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let current = w.current();
     assert_eq!(
         counters.requests_with(current.access().expose()),
         2,
@@ -558,9 +560,7 @@ pub async fn s6_invalid_grant_needs_a_new_login(adapter: &dyn Adapter) {
         },
     );
     // The server no longer knows the refresh token (revoked): a real invalid_grant.
-    w.auth
-        .flight()
-        .expect("an unkeyed policy")
+    w.flight()
         .install(
             Token::new(w.first.clone())
                 .with_refresh("revoked-refresh-token")
@@ -603,12 +603,7 @@ pub async fn s6_invalid_grant_needs_a_new_login(adapter: &dyn Adapter) {
     );
     assert_eq!(w.server.counters().resource_calls, 0, "[{}] S6", w.name);
 
-    w.auth
-        .flight()
-        .expect("an unkeyed policy")
-        .install(login(&w.server))
-        .await
-        .unwrap();
+    w.flight().install(login(&w.server)).await.unwrap();
     let response = w
         .respond(TestRequest::get(w.server.api_url("s6/after-login")))
         .await;
@@ -883,12 +878,7 @@ pub async fn s12_query_parameter_placement(adapter: &dyn Adapter) {
 
     let recorded = w.requests_to("s12");
     assert_eq!(recorded.len(), 3, "[{}] S12", w.name);
-    let current = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let current = w.current();
     let tokens: Vec<Option<&str>> = recorded.iter().map(|r| r.token.as_deref()).collect();
     assert_eq!(
         tokens,
@@ -976,12 +966,7 @@ pub async fn s14_rotation_uses_newest_refresh_token(adapter: &dyn Adapter) {
         for result in &results {
             ok_body(w.name, &format!("S14 round {round}"), result);
         }
-        let current = w
-            .auth
-            .flight()
-            .expect("an unkeyed policy")
-            .current()
-            .unwrap();
+        let current = w.current();
         let refresh = current.refresh().unwrap().expose().to_owned();
         assert!(
             !seen.contains(&refresh),
@@ -1002,24 +987,14 @@ pub async fn s14_rotation_uses_newest_refresh_token(adapter: &dyn Adapter) {
 
     // A forced refresh (the `ForceRefresh` marker) rotates the same way, on a token the
     // server still accepts, and the request goes out with the new token.
-    let before = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let before = w.current();
     let request = TestRequest {
         force_refresh: true,
         ..TestRequest::get(w.server.api_url("s14/forced"))
     };
     let response = w.respond(request).await;
     assert_eq!(response.status, 200, "[{}] S14 forced", w.name);
-    let after = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let after = w.current();
     assert_ne!(before.access(), after.access(), "[{}] S14 forced", w.name);
     let forced = w.requests_to("s14/forced");
     assert_eq!(
@@ -1155,12 +1130,7 @@ pub async fn c12_query_placement_keeps_the_callers_query_byte_for_byte(adapter: 
     let with = |token: &str| {
         CALLERS_QUERY.replace("token=callers", &format!("token={}", form_encoded(token)))
     };
-    let current = w
-        .auth
-        .flight()
-        .expect("an unkeyed policy")
-        .current()
-        .unwrap();
+    let current = w.current();
     let signed: Vec<Option<String>> = w
         .requests_to("c12/signed")
         .into_iter()
