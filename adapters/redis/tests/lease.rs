@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
+use common::{RedisServer, script_calls};
 use futures::future::BoxFuture;
 use tokenflight::{
     SingleFlight, Token, adapter::Clock, config::Backoff, from_fn, store::StoreError,
@@ -155,24 +155,6 @@ async fn seed_expired(server: &RedisServer, prefix: &str, issuer: &Issuer, clock
         .await
         .unwrap();
     clock.advance(LIFETIME);
-}
-
-/// EVALSHA/EVAL calls the server has run: during the stall below only the holder's
-/// lease renewals run scripts.
-async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|l| {
-            l.strip_prefix("cmdstat_evalsha:calls=")
-                .or_else(|| l.strip_prefix("cmdstat_eval:calls="))
-        })
-        .filter_map(|rest| rest.split(',').next())
-        .map(|n| n.parse::<u64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use common::RedisServer;
+use common::{RedisServer, commandstats, script_calls};
 use futures::future::join_all;
 use tokenflight::keyed::{KeyedFlights, key_namespace};
 use tokenflight::store::{StoreError, StoreWatcher, TokenStore, WithGeneration};
@@ -92,20 +92,6 @@ async fn until_clients(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("{what}: the server still lists {last:?}");
-}
-
-/// `GET`s the server has run (scripts' own included), from `INFO commandstats`.
-async fn gets(con: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("cmdstat_get:calls="))
-        .filter_map(|rest| rest.split(',').next())
-        .map(|n| n.parse::<u64>().unwrap())
-        .sum()
 }
 
 /// A token of `key`: its value names the key, so a token of another key is spotted.
@@ -315,11 +301,11 @@ async fn a_save_in_one_namespace_is_pushed_to_its_watchers_only() {
 
     // A save in key 0's namespace: pushed to key 0's coordinator, and nobody else's.
     let mut con = raw(&server).await;
-    let before = gets(&mut con).await;
+    let before = commandstats(&mut con).await.calls(&["get"]);
     let second = token_of(0, 2);
     save(&p, 0, &second).await;
     pushed(&mut rx, &[0], 2).await;
-    let gets_watched = gets(&mut con).await - before;
+    let gets_watched = commandstats(&mut con).await.calls(&["get"]) - before;
     let current = q_flights.get(&0).unwrap().current().unwrap();
     assert_eq!(current.access().expose(), second.access().expose());
     for key in 1..KEYS {
@@ -345,10 +331,10 @@ async fn a_save_in_one_namespace_is_pushed_to_its_watchers_only() {
     let only_zero = keyed(&q, &q_calls);
     only_zero.flight(&0).unwrap();
     drop(q_flights);
-    let before = gets(&mut con).await;
+    let before = commandstats(&mut con).await.calls(&["get"]);
     save(&p, 0, &token_of(0, 3)).await;
     pushed(&mut rx, &[0], 3).await;
-    let gets_alone = gets(&mut con).await - before;
+    let gets_alone = commandstats(&mut con).await.calls(&["get"]) - before;
     assert_eq!(
         gets_watched, gets_alone,
         "the namespaces of other keys read nothing"
@@ -423,19 +409,6 @@ async fn a_lock_waiter_is_woken_by_its_own_namespace_and_never_held_by_another()
     lock.unlock().await;
     held_b.unlock().await;
     held_c.unlock().await;
-}
-
-async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next())
-        .map(|n| n.parse::<u64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

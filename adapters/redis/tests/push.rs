@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use common::RedisServer;
 use common::issuer::Issuer;
+use common::{RedisServer, commandstats};
 use tokenflight::{
     RefreshContext, SingleFlight, Token, from_fn, store::StoreWatcher, store::TokenStore,
     store::WithGeneration,
@@ -121,23 +121,6 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// `INFO commandstats` calls per command (scripts' inner commands included).
-async fn commandstats(con: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await
-        .unwrap();
-    let calls = |name: &str| -> u64 {
-        info.lines()
-            .filter_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-            .filter_map(|rest| rest.split(',').next())
-            .map(|n| n.parse::<u64>().unwrap())
-            .sum()
-    };
-    (calls("evalsha") + calls("eval"), calls("get"))
-}
-
 async fn reset_stats(con: &mut redis::aio::MultiplexedConnection) {
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -192,7 +175,9 @@ async fn a_refresh_is_pushed_to_every_replica_for_one_get_each_without_source_or
     let token = guarded("refresh", leader.force_refresh()).await.unwrap();
     assert_eq!(token.generation(), 3);
     all_pushed(&mut rx, &others, 3).await;
-    let (scripts_watched, gets_watched) = commandstats(&mut con).await;
+    let stats = commandstats(&mut con).await;
+    let (scripts_watched, gets_watched) =
+        (stats.calls(&["evalsha", "eval"]), stats.calls(&["get"]));
 
     for &i in &others {
         let r = &replicas[i];
@@ -233,7 +218,8 @@ async fn a_refresh_is_pushed_to_every_replica_for_one_get_each_without_source_or
         .await
         .unwrap();
     assert_eq!(token.generation(), 4);
-    let (scripts_alone, gets_alone) = commandstats(&mut con).await;
+    let stats = commandstats(&mut con).await;
+    let (scripts_alone, gets_alone) = (stats.calls(&["evalsha", "eval"]), stats.calls(&["get"]));
 
     assert_eq!(
         scripts_watched, scripts_alone,

@@ -8,8 +8,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
+use common::{RedisServer, script_calls};
 use redis::AsyncCommands;
 use tokenflight::{
     SingleFlight, Token, store::StoreError, store::TokenStore, store::WithGeneration,
@@ -240,25 +240,6 @@ async fn a_waiter_is_woken_by_pubsub_not_by_polling() {
     held.unlock().await;
     let (_b, lock) = guarded("b woken by pub/sub", waiter).await.unwrap();
     lock.unwrap().unlock().await;
-}
-
-/// How many SET commands the server has run (INFO commandstats).
-/// Scripts the server has run (the lock is taken by a script): while a holds the lock
-/// and nobody else acts, only b's attempts run one.
-async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(con)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|l| {
-            l.strip_prefix("cmdstat_evalsha:calls=")
-                .or_else(|| l.strip_prefix("cmdstat_eval:calls="))
-        })
-        .filter_map(|rest| rest.split(',').next())
-        .map(|n| n.parse::<u64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

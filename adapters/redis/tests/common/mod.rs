@@ -202,3 +202,39 @@ pub mod issuer {
         }
     }
 }
+
+/// A snapshot of `INFO commandstats`: how often the server ran each command (the
+/// commands scripts run included).
+pub struct CommandStats(String);
+
+/// Takes a [`CommandStats`] snapshot.
+pub async fn commandstats(con: &mut redis::aio::MultiplexedConnection) -> CommandStats {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    CommandStats(info)
+}
+
+impl CommandStats {
+    /// The calls of `commands` (lower-case names), added up.
+    pub fn calls(&self, commands: &[&str]) -> u64 {
+        commands
+            .iter()
+            .map(|name| {
+                self.0
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                    .filter_map(|rest| rest.split(',').next())
+                    .map(|n| n.parse::<u64>().unwrap())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+/// Scripts the server has run (`EVAL` and `EVALSHA`).
+pub async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    commandstats(con).await.calls(&["evalsha", "eval"])
+}
