@@ -519,7 +519,18 @@ impl SingleFlight {
             };
         // C9, C16: an error never replaces a still-valid token; after a login the
         // next call takes the login.
-        flight.await.result.unwrap_or(token)
+        let output = flight.await;
+        match output.result {
+            Ok(fresh) => fresh,
+            // The token still valid when the flight ended, if it is this one or newer:
+            // the flight may have renumbered this caller's token (a login saved above
+            // the store's older session), and the caller must get it under the number
+            // it has now, the one later rejections and pushes are compared with (C3).
+            Err(_) => output
+                .fallback
+                .filter(|valid| valid.generation() >= self.resolve_alias(token.generation()))
+                .unwrap_or(token),
+        }
     }
 
     /// A token to resend a request with, after a server rejected the token of

@@ -955,3 +955,35 @@ fn c3_a_push_of_a_generation_this_coordinator_numbered_is_ignored() {
     assert_eq!(summary.pushes_adopted, 0, "{summary:?}");
     assert_eq!(summary.errors, 0, "{summary:?}");
 }
+
+/// The CI fuzz run's first finding on the real code (`fuzz/regressions/flight_ops/
+/// c6-renumbered-token-after-failed-refresh-ahead`): the initial token is not saved yet
+/// when another replica saves a newer session (the push is ignored: C17); a wall-clock
+/// step back puts the expired initial token in its refresh-ahead window again; the
+/// caller that drives that refresh sees the flight save the initial token renumbered
+/// above the store's session, then fail. It must get the token under its new number
+/// (the one later rejections and pushes are compared with), not the copy it held
+/// before the flight (C6: every generation a caller gets is the one saved).
+#[test]
+fn c6_a_failed_refresh_ahead_returns_the_token_under_its_new_number() {
+    for backoff in [false, true] {
+        let summary = model::run(&Scenario {
+            setup: setup_with(Initial::Expired, |s| {
+                s.refresh_ahead = true;
+                s.backoff = backoff;
+            }),
+            ops: vec![
+                Op::Token,
+                Op::Push(Push::Newer),
+                Op::WallStep {
+                    forward: false,
+                    big: false,
+                },
+            ],
+        })
+        .unwrap();
+        assert_eq!(summary.pushes, 1, "{summary:?}");
+        assert_eq!(summary.pushes_adopted, 0, "{summary:?}");
+        assert_eq!(summary.pushes_over_unsaved_logins, 1, "{summary:?}");
+    }
+}
