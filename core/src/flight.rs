@@ -515,21 +515,44 @@ impl SingleFlight {
                 // Not spawned (no spawner, or no runtime to spawn on): this caller drives it.
                 Joined::Wait(flight) => flight,
                 // Spawned, already running, or not allowed now: go on with the valid token.
-                _ => return token,
+                _ => return self.under_current_number(token),
             };
         // C9, C16: an error never replaces a still-valid token; after a login the
         // next call takes the login.
         let output = flight.await;
         match output.result {
             Ok(fresh) => fresh,
-            // The token still valid when the flight ended, if it is this one or newer:
-            // the flight may have renumbered this caller's token (a login saved above
-            // the store's older session), and the caller must get it under the number
-            // it has now, the one later rejections and pushes are compared with (C3).
-            Err(_) => output
-                .fallback
-                .filter(|valid| valid.generation() >= self.resolve_alias(token.generation()))
-                .unwrap_or(token),
+            // The token still valid when the flight ended if it is this one or newer,
+            // else this caller's own token.
+            Err(_) => {
+                let generation = self.resolve_alias(token.generation());
+                match output
+                    .fallback
+                    .filter(|valid| valid.generation() >= generation)
+                {
+                    Some(valid) => valid,
+                    None => self.under_current_number(token),
+                }
+            }
+        }
+    }
+
+    /// `token` under the number it has now. A flight may have renumbered it meanwhile
+    /// (an unsaved login or initial token, saved above an older session in the store
+    /// with a higher number): the caller must get the number later rejections and
+    /// pushes are compared with ([C3](crate#c3)), not the one it read before the flight. Rare:
+    /// only then does it copy the token.
+    fn under_current_number(&self, token: Arc<Token>) -> Arc<Token> {
+        let generation = self.resolve_alias(token.generation());
+        if generation == token.generation() {
+            return token;
+        }
+        match self
+            .current()
+            .filter(|current| current.generation() == generation)
+        {
+            Some(current) => current,
+            None => Arc::new((*token).clone().with_generation(generation)),
         }
     }
 

@@ -987,3 +987,30 @@ fn c6_a_failed_refresh_ahead_returns_the_token_under_its_new_number() {
         assert_eq!(summary.pushes_over_unsaved_logins, 1, "{summary:?}");
     }
 }
+
+/// The same, with a login instead of a failure (fuzz input
+/// `c6-renumbered-token-after-refresh-ahead-superseded-by-login`, found by a longer local
+/// fuzz run after the fix above): a stale session numbered 7 in the store; the initial
+/// token, back in its refresh-ahead window after a wall step, is renumbered above it by
+/// the flight its caller drives; a login then supersedes the flight. The caller goes
+/// on with its own token, under its new number.
+#[test]
+fn c6_a_refresh_ahead_superseded_by_a_login_returns_the_token_under_its_new_number() {
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Expired, |s| {
+            s.refresh_ahead = true;
+            s.stale = Some(Stale::Small);
+        }),
+        ops: vec![
+            Op::WallStep {
+                forward: false,
+                big: false,
+            },
+            Op::Token,
+            Op::Poll(0),
+            Op::Login,
+        ],
+    })
+    .unwrap();
+    assert_eq!(summary.errors, 0, "{summary:?}");
+}
