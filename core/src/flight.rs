@@ -139,6 +139,21 @@ struct State {
     /// The generation of a login (initial token or `install`) not yet saved to the
     /// store; the next flight saves it, numbered above whatever the store holds.
     unsaved_login: Option<u64>,
+    /// The highest generation this coordinator found in the store since the unsaved
+    /// login was installed (`None`: not looked yet). What is stored above it was saved
+    /// after the login, by another process: not an older session (see `reload`).
+    store_seen: Option<u64>,
+}
+
+impl State {
+    /// Notes that the store held `generation` (`None`: nothing usable) when looked at
+    /// while a login is unsaved.
+    fn saw_in_store(&mut self, generation: Option<u64>) {
+        if self.unsaved_login.is_some() {
+            let seen = generation.unwrap_or(0);
+            self.store_seen = Some(self.store_seen.map_or(seen, |before| before.max(seen)));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -198,6 +213,7 @@ impl SingleFlight {
             let generation = token.generation().clamp(1, MAX_GENERATION);
             state.last_generation = generation;
             state.unsaved_login = Some(generation);
+            state.store_seen = None;
             Arc::new(token.with_generation(generation))
         });
         let coarse_lag =
@@ -359,7 +375,7 @@ impl SingleFlight {
     /// outside its refresh-ahead window by more than the coarse clock's lag. `None`
     /// means "decide on the precise clock", not "unusable".
     #[inline]
-    fn fast_token(&self) -> Option<Arc<Token>> {
+    pub(crate) fn fast_token(&self) -> Option<Arc<Token>> {
         self.inner.coarse_lag?;
         let guard = self.inner.current.load();
         let published = guard.as_ref()?;
@@ -765,6 +781,7 @@ impl SingleFlight {
         state.failure = Failure::None;
         state.consecutive_failures = 0;
         state.unsaved_login = Some(generation);
+        state.store_seen = None;
         token
     }
 
@@ -796,6 +813,7 @@ impl SingleFlight {
         let stored_generation = sane(stored).map(|t| t.generation());
         let login = {
             let mut state = self.lock_state();
+            state.saw_in_store(stored_generation);
             let Some(generation) = state.unsaved_login else {
                 return Ok(None);
             };
@@ -1266,15 +1284,34 @@ impl SingleFlight {
             _ => return Err(superseded_by_login()),
         };
         let stored = match within(self.inner.parts.store.load(), deadline).await {
-            // A login not saved yet is newer than anything stored (C17): a stored
-            // session then is an older one, perhaps another account's.
-            Some(Ok(stored)) if self.lock_state().unsaved_login.is_none() => sane(stored),
+            Some(Ok(stored)) => sane(stored),
             _ => None,
+        };
+        // A login not saved yet is newer than anything stored (C17): a stored session
+        // is then an older one, perhaps another account's — unless it was saved after
+        // this coordinator last looked (above everything it found there): another
+        // replica's login. The unsaved login itself is lost (its refresh failed for
+        // good), so that login is what serves now.
+        let (stored, unsaved) = {
+            let state = self.lock_state();
+            let admissible = |stored: &Token| match state.unsaved_login {
+                None => true,
+                Some(_) => state
+                    .store_seen
+                    .is_some_and(|seen| stored.generation() > seen),
+            };
+            (stored.filter(|t| admissible(t)), state.unsaved_login)
         };
         let now = self.now();
         let current = self.current().map_or(0, |t| t.generation());
         match stored {
             Some(stored) if stored.generation() > current && self.is_usable(&stored, now) => {
+                let mut state = self.lock_state();
+                if unsaved.is_some() && state.unsaved_login == unsaved {
+                    // Replaced by a saved session: nothing of it is left to save.
+                    state.unsaved_login = None;
+                }
+                drop(state);
                 bump(&self.inner.counters.store_reloads);
                 tracing::info!(
                     generation = stored.generation(),
@@ -1376,6 +1413,8 @@ impl SingleFlight {
             .ok_or_else(|| self.out_of_budget("loading the stored token"))?
             .map_err(store_error)?;
         let stored = sane(stored);
+        self.lock_state()
+            .saw_in_store(stored.as_ref().map(Token::generation));
         let now = self.now();
         if self.login_since(epoch) {
             return Err(superseded_by_login());

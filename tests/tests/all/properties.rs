@@ -1014,3 +1014,43 @@ fn c6_a_refresh_ahead_superseded_by_a_login_returns_the_token_under_its_new_numb
     .unwrap();
     assert_eq!(summary.errors, 0, "{summary:?}");
 }
+
+/// Fuzz input `c17-replica-login-after-an-unsaved-login-was-lost` (a 20-minute local
+/// run): saving the initial token fails (the store refuses the save: lease lost), its
+/// refresh then fails for good (re-authentication required), and another replica saves
+/// a login. The unsaved initial token used to keep every stored session out ("an
+/// unsaved login is newer than anything stored", meant to keep an older session, maybe
+/// another account's, from replacing it), so the coordinator never noticed the
+/// replica's login. It now adopts a stored login saved after it last looked at the
+/// store (C17), and still never the session it found there (the stale-session
+/// properties).
+#[test]
+fn c17_a_replica_login_serves_after_an_unsaved_login_was_lost() {
+    let ops = vec![
+        Op::Token,
+        // The third store call (the save of the initial token) is refused.
+        Op::StoreFault {
+            skip: 2,
+            fault: Fault::LeaseLost,
+        },
+        Op::Settle,
+        Op::Source(Outcome::Permanent),
+        Op::Settle,
+        Op::ReplicaLogin,
+        Op::Advance(Step::PastTimeout),
+        // Past the minimum interval: this caller reloads the store and finds the login.
+        Op::Send { replayable: true },
+        Op::Settle,
+        Op::Respond { n: 0, accept: true },
+        Op::Settle,
+    ];
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::Expired, |_| {}),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(summary.replica_logins, 1, "{summary:?}");
+    assert_eq!(summary.errors, 1, "{summary:?}");
+    assert_eq!(summary.requests, 1, "{summary:?}");
+}
