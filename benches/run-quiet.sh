@@ -20,9 +20,9 @@ cargo build --release -p tokenflight-benches --bin bench-report
     echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(uptime)"
 } > "$CRITERION_HOME/load.txt"
 # fast_path ~1 min, storm ~5 min, end_to_end ~5 min (criterion + interleaved rounds),
-# tower_overhead ~10 s.
+# middleware_overhead ~30 s.
 cargo bench -p tokenflight-benches --bench fast_path --bench storm --bench end_to_end \
-    --bench tower_overhead
+    --bench middleware_overhead
 echo "ended: $(date -u '+%Y-%m-%d %H:%M UTC'), $(uptime)" >> "$CRITERION_HOME/load.txt"
 cat "$CRITERION_HOME/load.txt"
 target/release/bench-report | tee "$CRITERION_HOME/report.md"

@@ -9,14 +9,18 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use tracing::field::Empty;
+use tracing::instrument::Instrumented;
 use tracing::{Instrument, Span};
 
 use crate::error::{Error, RefreshError};
 use crate::flight::SingleFlight;
 use crate::keyed::{KeyedFlights, TokenKey, factory_failed};
 use crate::observe::{RequestAuthorized, RequestResent};
-use crate::policy::{AllowedOrigins, Classifier, HeaderCache, Placement, SkipRoutes};
+use crate::policy::{
+    AllowedOrigins, BodyPredicate, Classifier, HeaderCache, Placement, SkipRoutes,
+};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
 use crate::token::Token;
@@ -298,10 +302,19 @@ impl AuthPolicy {
         };
         let flight = self.flight_for(&request, options.key.as_ref())?;
         let flight = flight.get();
-        let token = self
-            .authorize(flight, options.force_refresh, &span)
-            .instrument(span.clone())
-            .await?;
+        // The rare roads (waiting for a refresh, reading a body, resending) are boxed:
+        // inline, their states made this future about 2 KB, copied when the adapter
+        // boxes it and again when it is awaited, on every request (issue 18).
+        let token = match self.authorized_at_once(flight, options.force_refresh, &span) {
+            Some(token) => token,
+            None => {
+                Box::pin(
+                    self.authorize(flight, options.force_refresh, &span)
+                        .instrument(span.clone()),
+                )
+                .await?
+            }
+        };
         // A copy to resend only if a response can reject the token at all.
         let replay = if self.rules.classifier.can_reject() {
             request.try_clone()
@@ -311,8 +324,7 @@ impl AuthPolicy {
         self.rules
             .placement
             .attach_cached(&self.header, &mut request, &token)?;
-        let response = send(request)
-            .instrument(span.clone())
+        let response = traced(send(request), &span)
             .await
             .map_err(AuthError::Transport)?;
         if response.final_url().is_some_and(|url| {
@@ -321,12 +333,17 @@ impl AuthPolicy {
             tracing::debug!("the response comes from where the token did not go; not classified");
             return Ok(response);
         }
-        let (response, rejected) = self.classify(response).await;
+        let (response, rejected) = match self.classify_head(response) {
+            Ok(verdict) => verdict,
+            Err((response, limit, predicate)) => {
+                Box::pin(classify_body(response, limit, predicate)).await
+            }
+        };
         if !rejected {
             span.record("resent", false);
             return Ok(response);
         }
-        let Some(mut replay) = replay else {
+        let Some(replay) = replay else {
             span.record("resent", false);
             tracing::debug!(
                 generation = token.generation(),
@@ -336,6 +353,42 @@ impl AuthPolicy {
             return Ok(response);
         };
         drop(response);
+        Box::pin(self.resend_after_rejection(flight, replay, &token, span, send)).await
+    }
+
+    /// The token at once, without building the asynchronous wait: the fast path of
+    /// [`SingleFlight::token`] (observers told as `authorize` would). `None`: wait.
+    fn authorized_at_once(
+        &self,
+        flight: &SingleFlight,
+        force_refresh: bool,
+        span: &Span,
+    ) -> Option<Arc<Token>> {
+        if force_refresh {
+            return None;
+        }
+        let token = flight.fast_token()?;
+        if !flight.observers().is_empty() || !span.is_disabled() {
+            self.authorized(flight, span, token.generation(), false);
+        }
+        Some(token)
+    }
+
+    /// After a rejection: the token that supersedes the rejected one, then the one
+    /// resend ([C3](crate#c3), [C4](crate#c4)).
+    async fn resend_after_rejection<Req, Resp, E, F, Fut>(
+        &self,
+        flight: &SingleFlight,
+        mut replay: Req,
+        token: &Token,
+        span: Span,
+        mut send: F,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
         let (newer, kind) = flight
             .token_after_rejection_kind(token.generation())
             .instrument(span.clone())
@@ -350,17 +403,11 @@ impl AuthPolicy {
                 with: newer.generation(),
             })
         });
-        send(replay)
-            .instrument(span)
+        traced(send(replay), &span)
             .await
             .map_err(AuthError::Transport)
     }
 
-    /// The token for a request. When anyone looks (an observer is registered, or the
-    /// request's span is enabled) also whether the request waited, reported as
-    /// [`RequestAuthorized`] and on `span`; otherwise this is just the coordinator's
-    /// call. Waiting = the token was not ready at the first poll, or it is not the
-    /// token that was current before (a refresh ran, possibly without suspending).
     async fn authorize(
         &self,
         flight: &SingleFlight,
@@ -389,14 +436,19 @@ impl AuthPolicy {
         .await?;
         let generation = token.generation();
         let waited = force_refresh || pended || before != Some(generation);
+        self.authorized(flight, span, generation, waited);
+        Ok(token)
+    }
+
+    /// Records the token a request goes out with on its span and tells the observers.
+    fn authorized(&self, flight: &SingleFlight, span: &Span, generation: u64, waited: bool) {
         span.record("generation", generation);
         span.record("waited", waited);
-        if observed {
+        if !flight.observers().is_empty() {
             flight
                 .observers()
                 .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
         }
-        Ok(token)
     }
 
     fn resend<Req: AuthRequest>(
@@ -441,18 +493,48 @@ impl AuthPolicy {
     /// # Cancellation
     /// Dropping the future drops the response (and a body being read).
     pub async fn classify<Resp: AuthResponse>(&self, response: Resp) -> (Resp, bool) {
+        match self.classify_head(response) {
+            Ok(verdict) => verdict,
+            Err((response, limit, predicate)) => classify_body(response, limit, predicate).await,
+        }
+    }
+
+    /// The verdict from the status and headers, or (`Err`) the response back with the
+    /// body rule when it must read the body.
+    #[allow(clippy::type_complexity)]
+    fn classify_head<Resp: AuthResponse>(
+        &self,
+        response: Resp,
+    ) -> Result<(Resp, bool), (Resp, usize, &BodyPredicate)> {
         let classifier = &self.rules.classifier;
         if classifier.head_rejects(&response) {
-            return (response, true);
+            return Ok((response, true));
         }
         match classifier.body_rule_for(&response) {
-            None => (response, false),
-            Some((limit, predicate)) => {
-                let (response, body) = response.buffer_body(limit).await;
-                let rejected = body.is_some_and(|bytes| predicate(&bytes));
-                (response, rejected)
-            }
+            None => Ok((response, false)),
+            Some((limit, predicate)) => Err((response, limit, predicate)),
         }
+    }
+}
+
+/// The body rule's verdict, reading at most `limit` bytes of the body.
+async fn classify_body<Resp: AuthResponse>(
+    response: Resp,
+    limit: usize,
+    predicate: &BodyPredicate,
+) -> (Resp, bool) {
+    let (response, body) = response.buffer_body(limit).await;
+    let rejected = body.is_some_and(|bytes| predicate(&bytes));
+    (response, rejected)
+}
+
+/// `future` inside `span`, or as it is when nobody looks at the span (no wrapper to
+/// poll through). Not an `async fn`: that would hold `future` twice in its state.
+fn traced<F: Future>(future: F, span: &Span) -> Either<F, Instrumented<F>> {
+    if span.is_none() {
+        Either::Left(future)
+    } else {
+        Either::Right(future.instrument(span.clone()))
     }
 }
 
