@@ -1263,6 +1263,9 @@ struct World {
     step: usize,
     /// Monotonic time since the start.
     mono: Duration,
+    /// `mono` at the last wall-clock step: a step can make a stored token usable or
+    /// not, so what a reload found before it says nothing of now.
+    last_wall_step: Duration,
     /// Print every step.
     trace: bool,
     /// The store, to write other replicas' logins into it.
@@ -1369,6 +1372,7 @@ impl World {
             summary: Summary::default(),
             step: 0,
             mono: Duration::ZERO,
+            last_wall_step: Duration::ZERO,
             trace: false,
             store: Some(store),
         };
@@ -1616,6 +1620,7 @@ impl World {
                 self.summary.wall_steps += 1;
                 compat::step_wall(&self.clock, forward, by);
                 self.shared().wall_epoch += 1;
+                self.last_wall_step = self.mono;
             }
             Op::Login => self.login()?,
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
@@ -2594,7 +2599,11 @@ impl World {
                     && self.surely_usable(t)
                     && undisturbed
             }) {
-                if self.mono.saturating_sub(*at) >= 2 * MIN_REFRESH_INTERVAL {
+                // Usable for two reload intervals: since the login, and since the last
+                // wall step (a reload just before it may have found the login expired,
+                // and reloads are throttled to one per interval).
+                let since = (*at).max(self.last_wall_step);
+                if self.mono.saturating_sub(since) >= 2 * MIN_REFRESH_INTERVAL {
                     return Err(self.violation(
                         "C17",
                         format!(
