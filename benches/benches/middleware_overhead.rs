@@ -9,7 +9,9 @@
 //!
 //! The end-to-end bench puts these next to a loopback round trip; this one resolves the
 //! middleware's share, which a loopback round trip (tens of µs of kernel time) hides.
+//! Also the allocations per request of each (recorded for `bench-report`).
 
+use std::alloc::System;
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::task::{Context, Poll};
@@ -18,12 +20,31 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use criterion::Criterion;
 use http_body_util::{Empty, Full};
+use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokenflight::{Token, from_fn};
+use tokenflight_benches::extras::Extras;
 use tokenflight_reqwest::{reqwest, reqwest_middleware};
 use tokenflight_tower::TokenLayer;
 use tower::{Layer, Service, ServiceExt};
 
 const URL: &str = "http://127.0.0.1:8080/api/bench";
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Allocations per call of `once` (after a warm-up), recorded as `key`.
+fn record_allocations(extras: &mut Extras, key: &str, mut once: impl FnMut()) {
+    for _ in 0..100 {
+        once();
+    }
+    const CALLS: usize = 2_000;
+    let before = GLOBAL.stats().allocations;
+    for _ in 0..CALLS {
+        once();
+    }
+    let allocations = GLOBAL.stats().allocations.saturating_sub(before);
+    extras.record(key, allocations as f64 / CALLS as f64);
+}
 
 /// Answers 200 at once.
 #[derive(Clone)]
@@ -56,7 +77,7 @@ fn request(authorization: Option<&'static str>) -> http::Request<Empty<Bytes>> {
     }
 }
 
-fn overhead(c: &mut Criterion) {
+fn overhead(c: &mut Criterion, extras: &mut Extras) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -93,6 +114,12 @@ fn overhead(c: &mut Criterion) {
             .iter(|| async { layered.clone().oneshot(request(None)).await })
     });
     group.finish();
+    record_allocations(extras, "tower/allocs_bare", || {
+        let _ = runtime.block_on(Ok200.oneshot(request(Some("Bearer token"))));
+    });
+    record_allocations(extras, "tower/allocs_layered", || {
+        let _ = runtime.block_on(layered.clone().oneshot(request(None)));
+    });
     assert_eq!(layer.policy().stats().source_calls, 0);
 }
 
@@ -117,7 +144,7 @@ impl reqwest_middleware::Middleware for ReqwestOk200 {
     }
 }
 
-fn reqwest_overhead(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
+fn reqwest_overhead(c: &mut Criterion, extras: &mut Extras, runtime: &tokio::runtime::Runtime) {
     let layer = runtime.block_on(async {
         tokenflight_reqwest::TokenMiddleware::builder()
             .source(from_fn(|_cx| async {
@@ -162,6 +189,17 @@ fn reqwest_overhead(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
         })
     });
     group.finish();
+    record_allocations(extras, "reqwest/allocs_bare", || {
+        let response = runtime.block_on(
+            bare.get(URL)
+                .header(http::header::AUTHORIZATION, "Bearer token")
+                .send(),
+        );
+        assert!(response.is_ok());
+    });
+    record_allocations(extras, "reqwest/allocs_layered", || {
+        assert!(runtime.block_on(layered.get(URL).send()).is_ok());
+    });
     assert_eq!(layer.policy().stats().source_calls, 0);
 }
 
@@ -182,7 +220,7 @@ impl surf::middleware::Middleware for SurfOk200 {
     }
 }
 
-fn surf_overhead(c: &mut Criterion) {
+fn surf_overhead(c: &mut Criterion, extras: &mut Extras) {
     let layer = tokenflight_surf::TokenMiddleware::builder()
         .source(from_fn(|_cx| async {
             Err(tokenflight::RefreshError::permanent("never refreshed"))
@@ -222,12 +260,21 @@ fn surf_overhead(c: &mut Criterion) {
         })
     });
     group.finish();
+    record_allocations(extras, "surf/allocs_bare", || {
+        let response =
+            async_std::task::block_on(bare.get(URL).header("authorization", "Bearer token").send());
+        assert!(response.is_ok());
+    });
+    record_allocations(extras, "surf/allocs_layered", || {
+        assert!(async_std::task::block_on(layered.get(URL).send()).is_ok());
+    });
     assert_eq!(layer.policy().stats().source_calls, 0);
 }
 
 fn main() {
     let mut criterion = Criterion::default().configure_from_args();
-    overhead(&mut criterion);
+    let mut extras = Extras::new();
+    overhead(&mut criterion, &mut extras);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -235,7 +282,8 @@ fn main() {
         Ok(runtime) => runtime,
         Err(error) => panic!("tokio runtime: {error}"),
     };
-    reqwest_overhead(&mut criterion, &runtime);
-    surf_overhead(&mut criterion);
+    reqwest_overhead(&mut criterion, &mut extras, &runtime);
+    surf_overhead(&mut criterion, &mut extras);
+    extras.save("middleware_overhead");
     criterion.final_summary();
 }

@@ -222,8 +222,11 @@ fn end_to_end() {
          hand):"
     );
     println!();
-    println!("| adapter | bare µs | with tokenflight µs | added µs |");
-    println!("|---|---|---|---|");
+    let overhead = Extras::load("middleware_overhead");
+    println!(
+        "| adapter | bare µs | with tokenflight µs | added µs | allocations, bare → tokenflight |"
+    );
+    println!("|---|---|---|---|---|");
     for adapter in ["reqwest", "tower", "surf"] {
         let bare = mean(&format!("{adapter}_overhead/bare"));
         let layered = mean(&format!("{adapter}_overhead/layered"));
@@ -231,10 +234,12 @@ fn end_to_end() {
             .zip(layered)
             .map(|(bare, layered)| (layered - bare) / 1000.0);
         println!(
-            "| {adapter} | {} | {} | {} |",
+            "| {adapter} | {} | {} | {} | {} → {} |",
             fixed(bare.map(|ns| ns / 1000.0), 2),
             fixed(layered.map(|ns| ns / 1000.0), 2),
             fixed(added, 2),
+            fixed(overhead.get(&format!("{adapter}/allocs_bare")), 1),
+            fixed(overhead.get(&format!("{adapter}/allocs_layered")), 1),
         );
     }
     println!();
