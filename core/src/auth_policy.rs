@@ -4,6 +4,7 @@
 //! supersedes the token this request used → resend exactly once ([C3](crate#c3), [C4](crate#c4)). Adapters call
 //! [`AuthPolicy::send`] with their request type and a closure that sends it.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
@@ -264,96 +265,40 @@ impl AuthPolicy {
     /// Dropping the future at any await point is safe: a refresh it started goes on for
     /// the other waiters (and, with a spawner, to completion) ([C6](crate#c6)); a
     /// request already handed to `send` is dropped with it.
-    pub async fn send<Req, Resp, E, F, Fut>(
+    pub fn send<Req, Resp, E, F, Fut>(
         &self,
-        mut request: Req,
+        request: Req,
         options: RequestOptions,
-        mut send: F,
-    ) -> Result<Resp, AuthError<E>>
+        send: F,
+    ) -> impl Future<Output = Result<Resp, AuthError<E>>>
     where
         Req: AuthRequest,
         Resp: AuthResponse,
         F: FnMut(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
     {
-        if options.skip_auth || self.rules.skip.skips(&request.method(), request.url()) {
-            return send(request).await.map_err(AuthError::Transport);
-        }
-        // Also where the response must come from to be a verdict on the token.
-        let Some(sent_to) = self.rules.origins.admit(request.url()) else {
-            return send(request).await.map_err(AuthError::Transport);
-        };
-        let span = tracing::info_span!(
-            "tokenflight.request",
-            generation = Empty,
-            waited = Empty,
-            resent = Empty,
-            resent_with = Empty,
-        );
-        // Nobody looks (no subscriber wants it): a span without metadata, whose enter,
-        // exit and record do nothing. A disabled span still has its metadata, and with
-        // tracing's `log` feature (which axum, tower and others switch on) every poll
-        // through `instrument` asks the `log` crate whether to print it: about 10 % of
-        // the middleware's own CPU per request in a profile (issue 18).
-        let span = if span.is_disabled() {
-            Span::none()
-        } else {
-            span
-        };
-        let flight = self.flight_for(&request, options.key.as_ref())?;
-        let flight = flight.get();
-        // The rare roads (waiting for a refresh, reading a body, resending) are boxed:
-        // inline, their states made this future about 2 KB, copied when the adapter
-        // boxes it and again when it is awaited, on every request (issue 18).
-        let token = match self.authorized_at_once(flight, options.force_refresh, &span) {
-            Some(token) => token,
-            None => {
-                Box::pin(
-                    self.authorize(flight, options.force_refresh, &span)
-                        .instrument(span.clone()),
-                )
-                .await?
-            }
-        };
-        // A copy to resend only if a response can reject the token at all.
-        let replay = if self.rules.classifier.can_reject() {
-            request.try_clone()
-        } else {
-            None
-        };
-        self.rules
-            .placement
-            .attach_cached(&self.header, &mut request, &token)?;
-        let response = traced(send(request), &span)
-            .await
-            .map_err(AuthError::Transport)?;
-        if response.final_url().is_some_and(|url| {
-            !sent_to.is_origin_of(url) || !self.rules.placement.may_carry_token(url)
-        }) {
-            tracing::debug!("the response comes from where the token did not go; not classified");
-            return Ok(response);
-        }
-        let (response, rejected) = match self.classify_head(response) {
-            Ok(verdict) => verdict,
-            Err((response, limit, predicate)) => {
-                Box::pin(classify_body(response, limit, predicate)).await
-            }
-        };
-        if !rejected {
-            span.record("resent", false);
-            return Ok(response);
-        }
-        let Some(replay) = replay else {
-            span.record("resent", false);
-            tracing::debug!(
-                generation = token.generation(),
-                "token rejected; the body cannot be replayed, returning the response"
-            );
-            flight.mark_rejected(token.generation());
-            return Ok(response);
-        };
-        drop(response);
-        Box::pin(self.resend_after_rejection(flight, replay, &token, span, send)).await
+        send_via(self, request, options, send)
+    }
+
+    /// [`send`](Self::send) on a policy the future owns (a clone: cheap), for a future
+    /// that must not borrow it, such as one a `tower::Service` returns. Made without an
+    /// `async` wrapper around `send`, which would hold the request twice.
+    ///
+    /// # Cancellation
+    /// As for [`send`](Self::send).
+    pub fn send_owned<Req, Resp, E, F, Fut>(
+        self,
+        request: Req,
+        options: RequestOptions,
+        send: F,
+    ) -> impl Future<Output = Result<Resp, AuthError<E>>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        send_via(self, request, options, send)
     }
 
     /// The token at once, without building the asynchronous wait: the fast path of
@@ -514,6 +459,109 @@ impl AuthPolicy {
             None => Ok((response, false)),
             Some((limit, predicate)) => Err((response, limit, predicate)),
         }
+    }
+}
+
+/// [`AuthPolicy::send`] and [`AuthPolicy::send_owned`]: a plain fn returning an `async
+/// move` block, not an `async fn`, which keeps each argument twice in its state (the
+/// captured argument and the local it is moved into); the request is the largest thing
+/// here (issue 18).
+fn send_via<P, Req, Resp, E, F, Fut>(
+    policy: P,
+    request: Req,
+    options: RequestOptions,
+    send: F,
+) -> impl Future<Output = Result<Resp, AuthError<E>>>
+where
+    P: Borrow<AuthPolicy>,
+    Req: AuthRequest,
+    Resp: AuthResponse,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    let (mut request, mut send) = (request, send);
+    async move {
+        let policy: &AuthPolicy = policy.borrow();
+        if options.skip_auth || policy.rules.skip.skips(&request.method(), request.url()) {
+            return send(request).await.map_err(AuthError::Transport);
+        }
+        // Also where the response must come from to be a verdict on the token.
+        let Some(sent_to) = policy.rules.origins.admit(request.url()) else {
+            return send(request).await.map_err(AuthError::Transport);
+        };
+        let span = tracing::info_span!(
+            "tokenflight.request",
+            generation = Empty,
+            waited = Empty,
+            resent = Empty,
+            resent_with = Empty,
+        );
+        // Nobody looks (no subscriber wants it): a span without metadata, whose enter,
+        // exit and record do nothing. A disabled span still has its metadata, and with
+        // tracing's `log` feature (which axum, tower and others switch on) every poll
+        // through `instrument` asks the `log` crate whether to print it: about 10 % of
+        // the middleware's own CPU per request in a profile (issue 18).
+        let span = if span.is_disabled() {
+            Span::none()
+        } else {
+            span
+        };
+        let flight = policy.flight_for(&request, options.key.as_ref())?;
+        let flight = flight.get();
+        // The rare roads (waiting for a refresh, reading a body, resending) are boxed:
+        // inline, their states made this future about 2 KB, copied when the adapter
+        // boxes it and again when it is awaited, on every request (issue 18).
+        let token = match policy.authorized_at_once(flight, options.force_refresh, &span) {
+            Some(token) => token,
+            None => {
+                Box::pin(
+                    policy
+                        .authorize(flight, options.force_refresh, &span)
+                        .instrument(span.clone()),
+                )
+                .await?
+            }
+        };
+        // A copy to resend only if a response can reject the token at all.
+        let replay = if policy.rules.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        };
+        policy
+            .rules
+            .placement
+            .attach_cached(&policy.header, &mut request, &token)?;
+        let response = traced(send(request), &span)
+            .await
+            .map_err(AuthError::Transport)?;
+        if response.final_url().is_some_and(|url| {
+            !sent_to.is_origin_of(url) || !policy.rules.placement.may_carry_token(url)
+        }) {
+            tracing::debug!("the response comes from where the token did not go; not classified");
+            return Ok(response);
+        }
+        let (response, rejected) = match policy.classify_head(response) {
+            Ok(verdict) => verdict,
+            Err((response, limit, predicate)) => {
+                Box::pin(classify_body(response, limit, predicate)).await
+            }
+        };
+        if !rejected {
+            span.record("resent", false);
+            return Ok(response);
+        }
+        let Some(replay) = replay else {
+            span.record("resent", false);
+            tracing::debug!(
+                generation = token.generation(),
+                "token rejected; the body cannot be replayed, returning the response"
+            );
+            flight.mark_rejected(token.generation());
+            return Ok(response);
+        };
+        drop(response);
+        Box::pin(policy.resend_after_rejection(flight, replay, &token, span, send)).await
     }
 }
 

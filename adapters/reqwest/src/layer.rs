@@ -1,5 +1,7 @@
 //! The reqwest-middleware `Middleware` that runs the core's retry driver.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
 use http::Extensions;
@@ -88,54 +90,65 @@ impl From<AuthPolicy> for TokenMiddleware {
     }
 }
 
-#[async_trait::async_trait]
+// Written out, not with `#[async_trait]`: the macro moves every argument into a local of
+// the boxed future, which then holds the request twice (issue 18: the whole future is
+// copied into its box on every request). The signature is the one the macro gives the
+// trait's method.
 impl Middleware for TokenMiddleware {
-    async fn handle(
-        &self,
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
         request: Request,
-        extensions: &mut Extensions,
-        next: Next<'_>,
-    ) -> reqwest_middleware::Result<Response> {
-        let options = request_options(extensions);
-        // The driver may send twice, one send after the other; each borrows the
-        // extensions while it runs, so changes made further down the stack reach the
-        // resend and, at the end, the caller. (If this future is dropped mid-send, the
-        // caller is gone too and the extensions with it.)
-        let slot = Mutex::new(std::mem::take(extensions));
-        let placement = self.auth.placement();
-        // The URLs that went out with a query token, to find it in errors (C12).
-        let sent = Mutex::new(Vec::new());
-        let result = self
-            .auth
-            .send(Outgoing(request), options, |Outgoing(request)| {
-                let next = next.clone();
-                let slot = &slot;
-                if matches!(placement, Placement::Query { .. }) {
-                    sent.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(request.url().clone());
+        extensions: &'life1 mut Extensions,
+        next: Next<'life2>,
+    ) -> Pin<Box<dyn Future<Output = reqwest_middleware::Result<Response>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let options = request_options(extensions);
+            // The driver may send twice, one send after the other; each borrows the
+            // extensions while it runs, so changes made further down the stack reach the
+            // resend and, at the end, the caller. (If this future is dropped mid-send, the
+            // caller is gone too and the extensions with it.)
+            let slot = Mutex::new(std::mem::take(extensions));
+            let placement = self.auth.placement();
+            // The URLs that went out with a query token, to find it in errors (C12).
+            let sent = Mutex::new(Vec::new());
+            let result = self
+                .auth
+                .send(Outgoing(request), options, |Outgoing(request)| {
+                    let next = next.clone();
+                    let slot = &slot;
+                    if matches!(placement, Placement::Query { .. }) {
+                        sent.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(request.url().clone());
+                    }
+                    async move {
+                        let mut extensions = std::mem::take(&mut *lock(slot));
+                        let result = next.run(request, &mut extensions).await;
+                        *lock(slot) = extensions;
+                        result.map(Incoming)
+                    }
+                })
+                .await;
+            *extensions = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+            match result {
+                Ok(Incoming(response)) => Ok(match placement.redacted(response.url()) {
+                    // A token in the query would show in `url()`, in `Debug`, and in the
+                    // errors of `error_for_status` and of reading the body (C12).
+                    Some(url) => crate::message::with_url(response, url),
+                    None => response,
+                }),
+                Err(error) => {
+                    let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
+                    Err(redact(middleware_error(error), placement, &sent))
                 }
-                async move {
-                    let mut extensions = std::mem::take(&mut *lock(slot));
-                    let result = next.run(request, &mut extensions).await;
-                    *lock(slot) = extensions;
-                    result.map(Incoming)
-                }
-            })
-            .await;
-        *extensions = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
-        match result {
-            Ok(Incoming(response)) => Ok(match placement.redacted(response.url()) {
-                // A token in the query would show in `url()`, in `Debug`, and in the
-                // errors of `error_for_status` and of reading the body (C12).
-                Some(url) => crate::message::with_url(response, url),
-                None => response,
-            }),
-            Err(error) => {
-                let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
-                Err(redact(middleware_error(error), placement, &sent))
             }
-        }
+        })
     }
 }
 

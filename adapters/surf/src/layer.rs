@@ -1,5 +1,7 @@
 //! [`TokenMiddleware`]: the surf middleware that runs the core's auth policy.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
 use surf::http::Url;
@@ -109,42 +111,57 @@ impl From<AuthPolicy> for TokenMiddleware {
     }
 }
 
-#[surf::utils::async_trait]
+// Written out, not with `#[async_trait]`: the macro moves every argument into a local of
+// the boxed future, which then holds the request twice (issue 18: the whole future is
+// copied into its box on every request). The signature is the one the macro gives the
+// trait's method.
 impl Middleware for TokenMiddleware {
-    async fn handle(&self, req: Request, client: Client, next: Next<'_>) -> surf::Result<Response> {
-        let options = RequestOptions::from_markers(
-            req.ext::<SkipAuth>().is_some(),
-            req.ext::<ForceRefresh>().is_some(),
-        )
-        .with_key(req.ext::<TokenKey>().cloned());
-        // The policy would pass these through too; asking it first skips buffering.
-        if !self.auth.attaches_token(
-            &crate::message::method_of(req.method()),
-            req.url(),
-            &options,
-        ) {
-            return next.run(req, client).await;
-        }
-        let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
-        let placement = self.auth.placement();
-        // The URLs that went out with a query token, to find it in errors (C12).
-        let sent = Mutex::new(Vec::new());
-        let result = self
-            .auth
-            .send(attempt, options, |attempt: Attempt| {
-                let client = client.clone();
-                if matches!(placement, Placement::Query { .. }) {
-                    sent.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(attempt.url().clone());
-                }
-                async move { next.run(attempt.into_request(), client).await.map(Reply) }
-            })
-            .await;
-        let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
-        result
-            .map(|Reply(response)| response)
-            .map_err(|e| redact(to_surf_error(e), placement, &sent))
+    fn handle<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        req: Request,
+        client: Client,
+        next: Next<'life1>,
+    ) -> Pin<Box<dyn Future<Output = surf::Result<Response>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let options = RequestOptions::from_markers(
+                req.ext::<SkipAuth>().is_some(),
+                req.ext::<ForceRefresh>().is_some(),
+            )
+            .with_key(req.ext::<TokenKey>().cloned());
+            // The policy would pass these through too; asking it first skips buffering.
+            if !self.auth.attaches_token(
+                &crate::message::method_of(req.method()),
+                req.url(),
+                &options,
+            ) {
+                return next.run(req, client).await;
+            }
+            let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
+            let placement = self.auth.placement();
+            // The URLs that went out with a query token, to find it in errors (C12).
+            let sent = Mutex::new(Vec::new());
+            let result = self
+                .auth
+                .send(attempt, options, |attempt: Attempt| {
+                    let client = client.clone();
+                    if matches!(placement, Placement::Query { .. }) {
+                        sent.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(attempt.url().clone());
+                    }
+                    async move { next.run(attempt.into_request(), client).await.map(Reply) }
+                })
+                .await;
+            let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
+            result
+                .map(|Reply(response)| response)
+                .map_err(|e| redact(to_surf_error(e), placement, &sent))
+        })
     }
 }
 

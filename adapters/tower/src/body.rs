@@ -10,7 +10,7 @@
 use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -212,68 +212,117 @@ pub(crate) async fn read_ahead<B>(
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    if body.size_hint().lower() > limit as u64 {
-        return (BufferedBody::new(body), None);
+    let mut reading = match Reading::start(body, limit) {
+        Ok(reading) => reading,
+        Err(too_long) => return (BufferedBody::new(too_long), None),
+    };
+    poll_fn(|cx| reading.poll(cx, wait)).await
+}
+
+/// [`read_ahead`] without waiting, and without a task: what the body has ready now (a
+/// request's body, read before the request's future exists, so that future need not
+/// hold the reading's state). A frame that is not ready stops the reading, as with
+/// [`Wait::No`]; the body is polled again, with its receiver's waker, when it is sent.
+pub(crate) fn read_ready<B>(body: B, limit: usize) -> (BufferedBody<B>, Option<Bytes>)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut reading = match Reading::start(body, limit) {
+        Ok(reading) => reading,
+        Err(too_long) => return (BufferedBody::new(too_long), None),
+    };
+    match reading.poll(&mut Context::from_waker(Waker::noop()), Wait::No) {
+        Poll::Ready(read) => read,
+        // Not reached: without waiting, a frame that is not ready ends the reading.
+        Poll::Pending => reading.unread(),
     }
-    let mut body = Some(body);
-    let mut read = Read::default();
-    while let Some(current) = body.as_mut() {
-        let step = poll_fn(|cx| match Pin::new(&mut *current).poll_frame(cx) {
-            Poll::Pending if wait == Wait::No => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+}
+
+/// A body being read ahead.
+struct Reading<B> {
+    /// `None` once it ended, failed or passed the limit.
+    body: Option<B>,
+    read: Read,
+    limit: usize,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Reading<B> {
+    /// `Err`: the body says it is longer than `limit`; it is not read.
+    fn start(body: B, limit: usize) -> Result<Self, B> {
+        if body.size_hint().lower() > limit as u64 {
+            return Err(body);
+        }
+        Ok(Reading {
+            body: Some(body),
+            read: Read::default(),
+            limit,
         })
-        .await;
-        match step {
-            // Not ready: the caller is still producing it.
-            None => break,
-            Some(None) => {
-                let bytes = read.finish();
-                let buffered = BufferedBody::from_bytes(bytes.clone());
-                return (buffered, Some(bytes));
-            }
-            Some(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => {
-                    read.push(data);
-                    if read.len() > limit {
-                        break;
-                    }
+    }
+
+    /// Reads frames until the body ends, fails, passes the limit or (without waiting) has
+    /// none ready.
+    fn poll(&mut self, cx: &mut Context<'_>, wait: Wait) -> Poll<(BufferedBody<B>, Option<Bytes>)> {
+        while let Some(current) = self.body.as_mut() {
+            let frame = match Pin::new(current).poll_frame(cx) {
+                // Not ready: the caller is still producing it.
+                Poll::Pending if wait == Wait::No => break,
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                None => {
+                    let bytes = std::mem::take(&mut self.read).finish();
+                    let buffered = BufferedBody::from_bytes(bytes.clone());
+                    return Poll::Ready((buffered, Some(bytes)));
                 }
-                Err(frame) => {
-                    // Trailers end the body. Kept for the receiver; such a body is not
-                    // classified or replayed (the trailers would have to come along).
-                    let trailers = frame.into_trailers().ok();
-                    return (
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.read.push(data);
+                        if self.read.len() > self.limit {
+                            break;
+                        }
+                    }
+                    Err(frame) => {
+                        // Trailers end the body. Kept for the receiver; such a body is not
+                        // classified or replayed (the trailers would have to come along).
+                        let trailers = frame.into_trailers().ok();
+                        return Poll::Ready((
+                            BufferedBody {
+                                read: std::mem::take(&mut self.read).finish(),
+                                rest: None,
+                                trailers,
+                                error: None,
+                            },
+                            None,
+                        ));
+                    }
+                },
+                Some(Err(error)) => {
+                    return Poll::Ready((
                         BufferedBody {
-                            read: read.finish(),
+                            read: std::mem::take(&mut self.read).finish(),
                             rest: None,
-                            trailers,
-                            error: None,
+                            trailers: None,
+                            error: Some(error),
                         },
                         None,
-                    );
+                    ));
                 }
-            },
-            Some(Some(Err(error))) => {
-                return (
-                    BufferedBody {
-                        read: read.finish(),
-                        rest: None,
-                        trailers: None,
-                        error: Some(error),
-                    },
-                    None,
-                );
             }
         }
+        Poll::Ready(self.unread())
     }
-    let buffered = BufferedBody {
-        read: read.finish(),
-        rest: body,
-        trailers: None,
-        error: None,
-    };
-    (buffered, None)
+
+    /// What was read, followed by the rest of the body.
+    fn unread(&mut self) -> (BufferedBody<B>, Option<Bytes>) {
+        let buffered = BufferedBody {
+            read: std::mem::take(&mut self.read).finish(),
+            rest: self.body.take(),
+            trailers: None,
+            error: None,
+        };
+        (buffered, None)
+    }
 }
 
 /// Bytes read so far; one chunk (the common case) is kept without copying.

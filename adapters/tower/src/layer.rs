@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body::Body;
 use tokenflight::adapter::{AuthError, RequestOptions};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
@@ -130,55 +131,50 @@ where
         // which its next `poll_ready` readies (tower's advice for services that move the
         // inner service into their future).
         let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        let auth = self.auth.clone();
-        let limit = self.replay_limit;
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        // Everything up to the first send is done here, before the future exists: its
+        // state then holds neither the request twice nor the reading of its body (issue
+        // 18: the boxed future is copied on every request; it was 3 KB).
+        let options = RequestOptions::from_extensions(request.extensions());
+        let Some(url) = url_of(request.uri()) else {
+            // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
+            // generated clients send such URIs unless made `with_origin`.
+            tracing::debug!("request URI has no origin; sent without a token");
+            let response = ready.call(request);
+            return ResponseFuture {
+                inner: Box::pin(async move {
+                    response
+                        .await
+                        .map(|r| r.map(BufferedBody::new))
+                        .map_err(AuthError::Transport)
+                }),
+            };
+        };
+        // Only a request that will carry the token may need a resend, and only then is its
+        // body read ahead.
+        let may_resend = self.auth.attaches_token(request.method(), &url, &options);
+        let outgoing = Outgoing::new(request, url, may_resend.then_some(self.replay_limit));
+        // Sends through the instance `poll_ready` readied, then (the resend, at most
+        // one) through a clone, readied before it is called.
+        let mut first = true;
+        let send = move |outgoing: Outgoing<B>| {
+            let request = outgoing.into_request();
+            if std::mem::replace(&mut first, false) {
+                Attempt::Ready(ready.call(request))
+            } else {
+                Attempt::Resend(ready.clone(), request)
+            }
+            .run()
+        };
+        let future = self
+            .auth
+            .clone()
+            .send_owned(outgoing, options, send)
+            .map(|result| result.map(|incoming| incoming.response));
         ResponseFuture {
-            inner: Box::pin(send(auth, ready, request, limit)),
+            inner: Box::pin(future),
         }
     }
-}
-
-async fn send<S, B, RB>(
-    auth: AuthPolicy,
-    mut service: S,
-    request: http::Request<B>,
-    replay_limit: usize,
-) -> Result<http::Response<BufferedBody<RB>>, AuthError<S::Error>>
-where
-    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone,
-    B: ReplayBody,
-    RB: Body<Data = Bytes> + Send + Unpin,
-    RB::Error: Send,
-{
-    let options = RequestOptions::from_extensions(request.extensions());
-    let Some(url) = url_of(request.uri()) else {
-        // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
-        // generated clients send such URIs unless made `with_origin`.
-        tracing::debug!("request URI has no origin; sent without a token");
-        let response = service.call(request).await;
-        return response
-            .map(|r| r.map(BufferedBody::new))
-            .map_err(AuthError::Transport);
-    };
-    // Only a request that will carry the token may need a resend, and only then is its
-    // body read ahead.
-    let may_resend = auth.attaches_token(request.method(), &url, &options);
-    let outgoing = Outgoing::new(request, url, may_resend.then_some(replay_limit)).await;
-    let mut first = true;
-    let send = move |outgoing: Outgoing<B>| {
-        let request = outgoing.into_request();
-        let attempt = if std::mem::replace(&mut first, false) {
-            Attempt::Ready(service.call(request))
-        } else {
-            // The resend (at most one): a clone, readied before it is called.
-            Attempt::Resend(service.clone(), request)
-        };
-        attempt.run()
-    };
-    auth.send(outgoing, options, send)
-        .await
-        .map(|incoming| incoming.response)
 }
 
 /// One send of a request through the inner service.

@@ -72,15 +72,16 @@ pub(crate) struct Outgoing<B: http_body::Body> {
 impl<B: ReplayBody> Outgoing<B> {
     /// Prepares `request` (whose URI is `url`). With `read` (a limit), the body is made
     /// replayable if it can be: a body type that can hold a buffered body is read ahead
-    /// (without waiting); any other is copied with `try_clone` when a resend needs it.
-    pub(crate) async fn new(request: http::Request<B>, url: Url, read: Option<usize>) -> Self {
+    /// (what is ready now, without waiting); any other is copied with `try_clone` when a
+    /// resend needs it.
+    pub(crate) fn new(request: http::Request<B>, url: Url, read: Option<usize>) -> Self {
         let (parts, body) = request.into_parts();
         let (body, replay) = match (read, B::wrap_buffered()) {
             (None, _) => (body, Replay::No),
             // `try_clone` decides when (if) a copy is needed.
             (Some(_), None) => (body, Replay::Copy),
             (Some(limit), Some(wrap)) => {
-                let (buffered, bytes) = body::read_ahead(body, limit, Wait::No).await;
+                let (buffered, bytes) = body::read_ready(body, limit);
                 let replay = match bytes {
                     Some(bytes) => Replay::Buffered(bytes, wrap),
                     None => Replay::No,
@@ -319,8 +320,7 @@ mod tests {
             post(Full::new(Bytes::from_static(b"payload"))),
             url(),
             Some(0),
-        )
-        .await;
+        );
         let copy = request.try_clone().expect("replayable");
         for r in [request, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
@@ -336,13 +336,13 @@ mod tests {
                 .boxed()
         };
         let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
-            Outgoing::new(post(boxed()), url(), Some(10)).await;
+            Outgoing::new(post(boxed()), url(), Some(10));
         let copy = fits.try_clone().expect("fits the limit");
         for r in [fits, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
             assert_eq!(body.to_bytes(), "0123456789");
         }
-        let too_large = Outgoing::new(post(boxed()), url(), Some(9)).await;
+        let too_large = Outgoing::new(post(boxed()), url(), Some(9));
         assert!(too_large.try_clone().is_none());
         let body = too_large
             .into_request()
@@ -359,7 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
-        let mut request = Outgoing::new(post(String::new()), url(), Some(0)).await;
+        let mut request = Outgoing::new(post(String::new()), url(), Some(0));
         request
             .url_mut()
             .query_pairs_mut()
