@@ -21,7 +21,7 @@ use bytes::Bytes;
 use criterion::Criterion;
 use http_body_util::{Empty, Full};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
-use tokenflight::{Token, from_fn};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder, Token, from_fn};
 use tokenflight_benches::extras::Extras;
 use tokenflight_reqwest::{reqwest, reqwest_middleware};
 use tokenflight_tower::TokenLayer;
@@ -31,6 +31,22 @@ const URL: &str = "http://127.0.0.1:8080/api/bench";
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// The adapter built with a token valid for an hour (never refreshed) for the bench's
+/// origin.
+fn with_valid_token<Out: From<AuthPolicy>>(builder: AuthPolicyBuilder<Out>) -> Out {
+    let built = builder
+        .source(from_fn(|_cx| async {
+            Err(tokenflight::RefreshError::permanent("never refreshed"))
+        }))
+        .initial_token(Token::new("token").expires_in(Duration::from_secs(3600), SystemTime::now()))
+        .allowed_origin("http://127.0.0.1:8080")
+        .build();
+    match built {
+        Ok(built) => built,
+        Err(error) => panic!("building the adapter: {error}"),
+    }
+}
 
 /// Allocations per call of `once` (after a warm-up), recorded as `key`.
 fn record_allocations(extras: &mut Extras, key: &str, mut once: impl FnMut()) {
@@ -85,21 +101,7 @@ fn overhead(c: &mut Criterion, extras: &mut Extras) {
         Ok(runtime) => runtime,
         Err(error) => panic!("tokio runtime: {error}"),
     };
-    let layer = runtime.block_on(async {
-        TokenLayer::builder()
-            .source(from_fn(|_cx| async {
-                Err(tokenflight::RefreshError::permanent("never refreshed"))
-            }))
-            .initial_token(
-                Token::new("token").expires_in(Duration::from_secs(3600), SystemTime::now()),
-            )
-            .allowed_origin("http://127.0.0.1:8080")
-            .build()
-    });
-    let layer = match layer {
-        Ok(layer) => layer,
-        Err(error) => panic!("building the layer: {error}"),
-    };
+    let layer: TokenLayer = runtime.block_on(async { with_valid_token(TokenLayer::builder()) });
     let layered = layer.layer(Ok200);
     let mut group = c.benchmark_group("tower_overhead");
     group
@@ -145,21 +147,8 @@ impl reqwest_middleware::Middleware for ReqwestOk200 {
 }
 
 fn reqwest_overhead(c: &mut Criterion, extras: &mut Extras, runtime: &tokio::runtime::Runtime) {
-    let layer = runtime.block_on(async {
-        tokenflight_reqwest::TokenMiddleware::builder()
-            .source(from_fn(|_cx| async {
-                Err(tokenflight::RefreshError::permanent("never refreshed"))
-            }))
-            .initial_token(
-                Token::new("token").expires_in(Duration::from_secs(3600), SystemTime::now()),
-            )
-            .allowed_origin("http://127.0.0.1:8080")
-            .build()
-    });
-    let layer = match layer {
-        Ok(layer) => layer,
-        Err(error) => panic!("building the middleware: {error}"),
-    };
+    let layer: tokenflight_reqwest::TokenMiddleware = runtime
+        .block_on(async { with_valid_token(tokenflight_reqwest::TokenMiddleware::builder()) });
     let client = reqwest::Client::new();
     let bare = reqwest_middleware::ClientBuilder::new(client.clone())
         .with(ReqwestOk200)
@@ -221,17 +210,8 @@ impl surf::middleware::Middleware for SurfOk200 {
 }
 
 fn surf_overhead(c: &mut Criterion, extras: &mut Extras) {
-    let layer = tokenflight_surf::TokenMiddleware::builder()
-        .source(from_fn(|_cx| async {
-            Err(tokenflight::RefreshError::permanent("never refreshed"))
-        }))
-        .initial_token(Token::new("token").expires_in(Duration::from_secs(3600), SystemTime::now()))
-        .allowed_origin("http://127.0.0.1:8080")
-        .build();
-    let layer: tokenflight_surf::TokenMiddleware = match layer {
-        Ok(layer) => layer,
-        Err(error) => panic!("building the middleware: {error}"),
-    };
+    let layer: tokenflight_surf::TokenMiddleware =
+        with_valid_token(tokenflight_surf::TokenMiddleware::builder());
     let bare = surf::Client::new().with(SurfOk200);
     let layered = surf::Client::new().with(layer.clone()).with(SurfOk200);
     let mut group = c.benchmark_group("surf_overhead");
