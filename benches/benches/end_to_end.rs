@@ -17,7 +17,9 @@
 //!   (measurement check: what remains is the client's own cost).
 //! - `TOKENFLIGHT_BENCH_INTERLEAVED=0`: skip the interleaved rounds (for profiling with
 //!   `--profile-time`).
-//! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 31).
+//! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 201: a
+//!   round's ratio scatters by about ±7 % on the 2-core VM, so the median of 31 rounds
+//!   moved by ±2 % between runs; 201 rounds take about 2 minutes for all pairs).
 //! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests> [in flight]"`: send that many
 //!   requests, one at a time (or in batches of `in flight`), through one contender (e.g.
 //!   `reqwest_tokenflight`) and stop: for `perf stat` and `perf record`, whose counts per
@@ -384,7 +386,7 @@ fn end_to_end(c: &mut Criterion) {
         let rounds = std::env::var("TOKENFLIGHT_BENCH_ROUNDS")
             .ok()
             .and_then(|n| n.parse().ok())
-            .unwrap_or(31);
+            .unwrap_or(201);
         let mut extras = Extras::new();
         for (mode, in_flight, batches) in [("sequential", 1, 300), ("concurrent_32", IN_FLIGHT, 30)]
         {
