@@ -312,7 +312,7 @@ impl AuthPolicy {
         if force_refresh {
             return None;
         }
-        let token = flight.fast_token()?;
+        let token = flight.ready_token()?;
         if !flight.observers().is_empty() || !span.is_disabled() {
             self.authorized(flight, span, token.generation(), false);
         }

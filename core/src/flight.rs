@@ -213,7 +213,6 @@ impl SingleFlight {
             let generation = token.generation().clamp(1, MAX_GENERATION);
             state.last_generation = generation;
             state.unsaved_login = Some(generation);
-            state.store_seen = None;
             Arc::new(token.with_generation(generation))
         });
         let coarse_lag =
@@ -375,7 +374,7 @@ impl SingleFlight {
     /// outside its refresh-ahead window by more than the coarse clock's lag. `None`
     /// means "decide on the precise clock", not "unusable".
     #[inline]
-    pub(crate) fn fast_token(&self) -> Option<Arc<Token>> {
+    fn fast_token(&self) -> Option<Arc<Token>> {
         self.inner.coarse_lag?;
         let guard = self.inner.current.load();
         let published = guard.as_ref()?;
@@ -390,6 +389,21 @@ impl SingleFlight {
             }
         }
         Some(Arc::clone(&published.token))
+    }
+
+    /// The token [`SingleFlight::token`] returns without waiting or starting anything:
+    /// the fast path, else (a clock without a coarse reading, or near the token's limit)
+    /// the current token if the precise clock says it is usable and outside its
+    /// refresh-ahead window. `None`: the caller must take the asynchronous path.
+    /// Allocation-free either way.
+    #[inline]
+    pub(crate) fn ready_token(&self) -> Option<Arc<Token>> {
+        if let Some(token) = self.fast_token() {
+            return Some(token);
+        }
+        let now = self.now();
+        self.usable_at(now)
+            .filter(|token| !self.in_refresh_ahead_window(token, now))
     }
 
     fn usable_at(&self, now: SystemTime) -> Option<Arc<Token>> {
@@ -492,7 +506,7 @@ impl SingleFlight {
     /// it reads.
     #[inline]
     pub fn token(&self) -> impl Future<Output = Result<Arc<Token>, Error>> + Send + '_ {
-        match self.fast_token() {
+        match self.ready_token() {
             Some(token) => TokenFuture::Ready { token: Some(token) },
             // Boxed: the fast path's future stays two words, which callers move and
             // store cheaply; only a caller that waits pays for the box.
@@ -542,13 +556,10 @@ impl SingleFlight {
             // else this caller's own token.
             Err(_) => {
                 let generation = self.resolve_alias(token.generation());
-                match output
+                output
                     .fallback
                     .filter(|valid| valid.generation() >= generation)
-                {
-                    Some(valid) => valid,
-                    None => self.under_current_number(token),
-                }
+                    .unwrap_or_else(|| self.under_current_number(token))
             }
         }
     }

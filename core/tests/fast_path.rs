@@ -29,8 +29,10 @@ fn main() {
     println!("test c10_fast_path_allocates_nothing_with_an_observer ... ok");
     observers_add_no_allocation_to_a_fast_path_send();
     println!("test observers_add_no_allocation_to_a_fast_path_send ... ok");
+    c10_a_clock_without_a_coarse_reading_allocates_nothing_either();
+    println!("test c10_a_clock_without_a_coarse_reading_allocates_nothing_either ... ok");
     println!();
-    println!("test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
+    println!("test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
 }
 
 /// Sees every event and does nothing.
@@ -133,4 +135,80 @@ fn observers_add_no_allocation_to_a_fast_path_send() {
         "observers added {} blocks to 1,000 fast-path sends",
         with.saturating_sub(without)
     );
+}
+
+/// A user's clock that implements only the required `now` (no coarse reading, so the
+/// coarse fast path never applies).
+struct PreciseOnly(ManualClock);
+
+impl tokenflight::adapter::Clock for PreciseOnly {
+    fn now(&self) -> std::time::SystemTime {
+        tokenflight::adapter::Clock::now(&self.0)
+    }
+}
+
+/// C10 with a clock that has no coarse reading: the valid token is still had without
+/// building the asynchronous path (decided on the precise clock), so `token().await`
+/// and a send's token allocate nothing — a send allocates as many blocks as with a
+/// clock that has a coarse reading.
+fn c10_a_clock_without_a_coarse_reading_allocates_nothing_either() {
+    let build = |coarse: bool| {
+        let clock = ManualClock::at_fixed_point();
+        let now = tokenflight::adapter::Clock::now(&clock);
+        let clock: Arc<dyn tokenflight::adapter::Clock> = if coarse {
+            Arc::new(clock)
+        } else {
+            Arc::new(PreciseOnly(clock))
+        };
+        AuthPolicy::builder()
+            .source(from_fn(|_cx| async { Ok(Token::new("unused")) }))
+            .clock(clock)
+            .allowed_origin("https://api.test")
+            .initial_token(Token::new("valid").expires_in(Duration::from_secs(3600), now))
+            .build()
+            .unwrap()
+    };
+    let precise = build(false);
+    let Some(flight) = precise.flight() else {
+        panic!("a policy with one token has a coordinator");
+    };
+    futures::executor::block_on(flight.token()).unwrap();
+    let before = dhat::HeapStats::get();
+    for _ in 0..10_000 {
+        let token = futures::executor::block_on(flight.token()).unwrap();
+        std::hint::black_box(&token);
+    }
+    let after = dhat::HeapStats::get();
+    assert_eq!(
+        after.total_blocks,
+        before.total_blocks,
+        "token() with a precise-only clock allocated {} blocks in 10,000 calls",
+        after.total_blocks - before.total_blocks
+    );
+    let send_blocks = |auth: &AuthPolicy| {
+        let send = || {
+            let response = futures::executor::block_on(auth.send(
+                FakeRequest::get("https://api.test/x"),
+                RequestOptions::default(),
+                |_req| async { Ok::<_, std::convert::Infallible>(FakeResponse::status(200)) },
+            ))
+            .unwrap();
+            assert_eq!(response.status, 200);
+        };
+        send();
+        let before = dhat::HeapStats::get();
+        for _ in 0..1_000 {
+            send();
+        }
+        dhat::HeapStats::get().total_blocks - before.total_blocks
+    };
+    let with_coarse = send_blocks(&build(true));
+    let without = send_blocks(&precise);
+    assert_eq!(
+        without,
+        with_coarse,
+        "1,000 sends with a precise-only clock allocated {} blocks more",
+        without.saturating_sub(with_coarse)
+    );
+    assert_eq!(precise.stats().flights, 0);
 }
