@@ -20,6 +20,8 @@
 //! - `TOKENFLIGHT_BENCH_ROUNDS=N`: the number of interleaved rounds (default 201: a
 //!   round's ratio scatters by about ±7 % on the 2-core VM, so the median of 31 rounds
 //!   moved by ±2 % between runs; 201 rounds take about 2 minutes for all pairs).
+//! - `TOKENFLIGHT_BENCH_PAIRS="tower surf"`: the interleaved rounds of these pairs only
+//!   (`reqwest`, `tower`, `surf`, `reqwest_middleware_only`).
 //! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests> [in flight]"`: send that many
 //!   requests, one at a time (or in batches of `in flight`), through one contender (e.g.
 //!   `reqwest_tokenflight`) and stop: for `perf stat` and `perf record`, whose counts per
@@ -397,7 +399,14 @@ fn end_to_end(c: &mut Criterion) {
                 // Control: reqwest-middleware's own cost, no tokenflight.
                 ("reqwest_middleware_only", &bare, &middleware_only),
             ];
+            let wanted = std::env::var("TOKENFLIGHT_BENCH_PAIRS").ok();
             for (client, bare, layered) in pairs {
+                if wanted
+                    .as_deref()
+                    .is_some_and(|w| !w.split_whitespace().any(|p| p == client))
+                {
+                    continue;
+                }
                 let rounds = Rounds {
                     rounds,
                     in_flight,
@@ -411,6 +420,14 @@ fn end_to_end(c: &mut Criterion) {
                 extras.record(
                     &format!("cpu_{mode}_{client}_tokenflight_us"),
                     spread.cpu_layered_us,
+                );
+                extras.record(
+                    &format!("client_cpu_{mode}_{client}_bare_us"),
+                    spread.client_cpu_bare_us,
+                );
+                extras.record(
+                    &format!("client_cpu_{mode}_{client}_tokenflight_us"),
+                    spread.client_cpu_layered_us,
                 );
                 extras.record(&format!("allocs_{mode}_{client}_bare"), spread.allocs_bare);
                 extras.record(
@@ -445,6 +462,12 @@ struct Spread {
     /// in microseconds: bare, then layered. Load on other processes barely moves it.
     cpu_bare_us: f64,
     cpu_layered_us: f64,
+    /// Median CPU time per request of the thread that polls the requests (where the
+    /// middleware runs; the connections' tasks and the server run on other threads),
+    /// in microseconds: bare, then layered. The middleware's own cost in situ, with the
+    /// caches as a real round trip leaves them.
+    client_cpu_bare_us: f64,
+    client_cpu_layered_us: f64,
     /// Median allocations per request (whole process): bare, then layered.
     allocs_bare: f64,
     allocs_layered: f64,
@@ -452,7 +475,16 @@ struct Spread {
 
 /// The process's CPU time so far (all threads: the client's and the server's).
 fn process_cpu() -> Duration {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    cpu_time(rustix::time::ClockId::ProcessCPUTime)
+}
+
+/// The calling thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    cpu_time(rustix::time::ClockId::ThreadCPUTime)
+}
+
+fn cpu_time(clock: rustix::time::ClockId) -> Duration {
+    let ts = rustix::time::clock_gettime(clock);
     Duration::new(
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
@@ -483,10 +515,12 @@ fn interleaved_ratio(
         batches,
     } = rounds;
     let requests = (in_flight * batches) as f64;
-    // (wall seconds, CPU microseconds per request, allocations per request)
+    // (wall seconds, CPU microseconds per request, allocations per request, the polling
+    // thread's CPU microseconds per request)
     let time = |sender: &Sender| {
         let run = async {
             let allocations = GLOBAL.stats().allocations;
+            let client_cpu = thread_cpu();
             let cpu = process_cpu();
             let start = Instant::now();
             for _ in 0..batches {
@@ -494,8 +528,9 @@ fn interleaved_ratio(
             }
             let wall = start.elapsed().as_secs_f64();
             let cpu = process_cpu().saturating_sub(cpu).as_secs_f64() * 1e6 / requests;
+            let client_cpu = thread_cpu().saturating_sub(client_cpu).as_secs_f64() * 1e6 / requests;
             let allocations = GLOBAL.stats().allocations.saturating_sub(allocations);
-            (wall, cpu, allocations as f64 / requests)
+            (wall, cpu, allocations as f64 / requests, client_cpu)
         };
         match sender.executor() {
             Executor::Tokio => runtime.block_on(run),
@@ -507,6 +542,8 @@ fn interleaved_ratio(
     let mut cpu_layered = Vec::with_capacity(rounds);
     let mut allocs_bare = Vec::with_capacity(rounds);
     let mut allocs_layered = Vec::with_capacity(rounds);
+    let mut client_cpu_bare = Vec::with_capacity(rounds);
+    let mut client_cpu_layered = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let (b, l) = if round % 2 == 0 {
             let b = time(bare);
@@ -520,6 +557,8 @@ fn interleaved_ratio(
         cpu_layered.push(l.1);
         allocs_bare.push(b.2);
         allocs_layered.push(l.2);
+        client_cpu_bare.push(b.3);
+        client_cpu_layered.push(l.3);
     }
     Spread {
         q1: median(&mut ratios, 0.25),
@@ -527,6 +566,8 @@ fn interleaved_ratio(
         q3: median(&mut ratios, 0.75),
         cpu_bare_us: median(&mut cpu_bare, 0.5),
         cpu_layered_us: median(&mut cpu_layered, 0.5),
+        client_cpu_bare_us: median(&mut client_cpu_bare, 0.5),
+        client_cpu_layered_us: median(&mut client_cpu_layered, 0.5),
         allocs_bare: median(&mut allocs_bare, 0.5),
         allocs_layered: median(&mut allocs_layered, 0.5),
     }

@@ -200,6 +200,15 @@ impl AuthPolicy {
         !options.skip_auth && self.rules.origins.allows(url) && !self.rules.skip.skips(method, url)
     }
 
+    /// [`attaches_token`](Self::attaches_token) for a request already seen through
+    /// [`AuthRequest`]: the same answer, reading its full URL only when a skipped route
+    /// needs the path ([`AuthRequest::origin_url`] for the origin).
+    pub fn attaches_token_to<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
+        !options.skip_auth
+            && self.rules.origins.allows(request.origin_url())
+            && !self.rules.skip.skips_request(request)
+    }
+
     /// Sends `request` with a valid token through `send`, and resends it once with a
     /// newer token if the response says the token was rejected.
     ///
@@ -482,11 +491,11 @@ where
     let (mut request, mut send) = (request, send);
     async move {
         let policy: &AuthPolicy = policy.borrow();
-        if options.skip_auth || policy.rules.skip.skips(&request.method(), request.url()) {
+        if options.skip_auth || policy.rules.skip.skips_request(&request) {
             return send(request).await.map_err(AuthError::Transport);
         }
         // Also where the response must come from to be a verdict on the token.
-        let Some(sent_to) = policy.rules.origins.admit(request.url()) else {
+        let Some(sent_to) = policy.rules.origins.admit(request.origin_url()) else {
             return send(request).await.map_err(AuthError::Transport);
         };
         let span = tracing::info_span!(

@@ -623,6 +623,12 @@ impl SkipRoutes {
         self.rules.push(SkipRule::When(predicate));
     }
 
+    /// Whether `request` is sent without a token; its URL is not read when no route is
+    /// skipped.
+    pub(crate) fn skips_request<R: AuthRequest>(&self, request: &R) -> bool {
+        !self.rules.is_empty() && self.skips(&request.method(), request.url())
+    }
+
     /// Whether a request with `method` to `url` is sent without a token.
     pub(crate) fn skips(&self, method: &http::Method, url: &Url) -> bool {
         self.rules.iter().any(|rule| match rule {

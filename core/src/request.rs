@@ -16,6 +16,14 @@ pub trait AuthRequest: Sized + Send {
     fn url(&self) -> &Url;
     /// The request's URL, to add a query parameter (query placement).
     fn url_mut(&mut self) -> &mut Url;
+    /// A URL with the request's scheme, host and port; its path and query may be
+    /// anything. The origin checks ([C12](crate#c12)) read only this, so an adapter
+    /// whose [`url`](Self::url) has to be built per request (from an `http::Uri`) can
+    /// return a shared URL of the origin here and build the full URL only when it is
+    /// asked for (a skipped route, a keyed token, query placement). Default: `url()`.
+    fn origin_url(&self) -> &Url {
+        self.url()
+    }
     /// Sets header `name` to `value`, replacing earlier values, marked sensitive so
     /// clients and logs do not print it. `Err` if the value cannot be a header value.
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;

@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::future::Either;
+use futures_util::{FutureExt, TryFutureExt};
 use http_body::Body;
 use tokenflight::adapter::{AuthError, RequestOptions};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
@@ -15,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BufferedBody, ReplayBody};
-use crate::message::{Incoming, Outgoing, url_of};
+use crate::message::{Incoming, Outgoing, origin_of};
 use crate::runtime::{TokioSpawner, TokioTimer};
 
 /// Keeps the access token of the services it wraps valid: attaches it, refreshes it
@@ -136,7 +137,7 @@ where
         // state then holds neither the request twice nor the reading of its body (issue
         // 18: the boxed future is copied on every request; it was 3 KB).
         let options = RequestOptions::from_extensions(request.extensions());
-        let Some(url) = url_of(request.uri()) else {
+        let Some(origin) = origin_of(request.uri()) else {
             // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
             // generated clients send such URIs unless made `with_origin`.
             tracing::debug!("request URI has no origin; sent without a token");
@@ -152,19 +153,26 @@ where
         };
         // Only a request that will carry the token may need a resend, and only then is its
         // body read ahead.
-        let may_resend = self.auth.attaches_token(request.method(), &url, &options);
-        let outgoing = Outgoing::new(request, url, may_resend.then_some(self.replay_limit));
+        let outgoing = Outgoing::new(request, origin);
+        let may_resend = self.auth.attaches_token_to(&outgoing, &options);
+        let outgoing = outgoing.keep_replayable(may_resend.then_some(self.replay_limit));
         // Sends through the instance `poll_ready` readied, then (the resend, at most
-        // one) through a clone, readied before it is called.
+        // one) through a clone, readied before it is called. The resend is boxed: the
+        // first send's future is then only the inner one (a clone of a hyper-util client
+        // and a request held inline made each request's future 1.6 KB larger, copied on
+        // every request; issue 18).
         let mut first = true;
         let send = move |outgoing: Outgoing<B>| {
             let request = outgoing.into_request();
             if std::mem::replace(&mut first, false) {
-                Attempt::Ready(ready.call(request))
+                Either::Left(ready.call(request).map_ok(Incoming::new))
             } else {
-                Attempt::Resend(ready.clone(), request)
+                let mut service = ready.clone();
+                Either::Right(Box::pin(async move {
+                    poll_fn(|cx| service.poll_ready(cx)).await?;
+                    service.call(request).await.map(Incoming::new)
+                }) as Resend<RB, S::Error>)
             }
-            .run()
         };
         let future = self
             .auth
@@ -177,30 +185,8 @@ where
     }
 }
 
-/// One send of a request through the inner service.
-enum Attempt<S: Service<R>, R> {
-    /// The first: the service instance `poll_ready` readied, already called.
-    Ready(S::Future),
-    /// The resend: a clone of the service, not yet ready.
-    Resend(S, R),
-}
-
-impl<S, R, RB> Attempt<S, R>
-where
-    S: Service<R, Response = http::Response<RB>>,
-    RB: Body,
-{
-    async fn run(self) -> Result<Incoming<RB>, S::Error> {
-        let response = match self {
-            Attempt::Ready(future) => future.await?,
-            Attempt::Resend(mut service, request) => {
-                poll_fn(|cx| service.poll_ready(cx)).await?;
-                service.call(request).await?
-            }
-        };
-        Ok(Incoming::new(response))
-    }
-}
+/// The resend after a rejection, through a clone of the inner service.
+type Resend<RB, E> = Pin<Box<dyn Future<Output = Result<Incoming<RB>, E>> + Send>>;
 
 /// What a [`TokenService`] call resolves to.
 type Output<RB, E> = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;

@@ -4,6 +4,9 @@
 //! The core works on a `url::Url`; an `http::Request` has a `Uri`. The URL is parsed
 //! once per request and written back only when the core changed it (query placement).
 
+use std::cell::OnceCell;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Uri};
 use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
@@ -13,40 +16,52 @@ use crate::body::{self, BufferedBody, ReplayBody, Wait};
 
 /// The URL of an absolute-form request URI; `None` for a relative one (`/path`), which
 /// names no origin.
+#[cfg(any(test, feature = "tower-http"))]
+pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
+    origin_of(uri).map(|origin| url_on(&origin, uri))
+}
+
+/// The origin of an absolute-form request URI, as a URL with an empty path and no
+/// query; `None` for a relative URI (`/path`), which names no origin, or one the URL
+/// parser refuses.
 ///
 /// Parsing a whole URL runs the WHATWG host parser (IDNA mapping, IPv4 forms) every
-/// time: about a third of the layer's own CPU per request in the end-to-end profile
-/// (issue 18). A client's requests go to a few origins, so each thread keeps the URL
-/// of the last scheme and authority it parsed, and a request to the same origin only
-/// has its path and query set on a copy of it — the same parser steps for those parts,
-/// so the same URL as a full parse (`url_of_agrees_with_a_full_parse`).
-pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
+/// time. A client's requests go to a few origins, so each thread keeps the last
+/// origin it parsed, shared: a request to the same origin costs a comparison and a
+/// reference count. The core's origin checks read only this
+/// ([`AuthRequest::origin_url`]); the request's full URL is built from it only when
+/// something needs the path or query (issue 18: building it on every request was a
+/// quarter of the layer's own CPU per request end to end).
+pub(crate) fn origin_of(uri: &Uri) -> Option<Arc<Url>> {
     let scheme = uri.scheme()?;
     let authority = uri.authority()?;
     LAST_ORIGIN.with(|last| {
         let mut last = last.borrow_mut();
-        if let Some((cached_scheme, cached_authority, base)) = last.as_ref()
+        if let Some((cached_scheme, cached_authority, origin)) = last.as_ref()
             && cached_scheme == scheme
             && cached_authority.as_str() == authority.as_str()
         {
-            let mut url = base.clone();
-            url.set_path(uri.path());
-            url.set_query(uri.query());
-            return Some(url);
+            return Some(Arc::clone(origin));
         }
-        let url = Url::parse(&uri.to_string()).ok()?;
-        let mut base = url.clone();
-        base.set_path("");
-        base.set_query(None);
-        *last = Some((scheme.clone(), authority.clone(), base));
-        Some(url)
+        let origin = Arc::new(Url::parse(&format!("{scheme}://{authority}")).ok()?);
+        *last = Some((scheme.clone(), authority.clone(), Arc::clone(&origin)));
+        Some(origin)
     })
 }
 
+/// The URL of `uri`, whose origin is `origin`: the path and query set on a copy of it,
+/// the same parser steps as a full parse takes for them (`url_of_agrees_with_a_full_parse`).
+fn url_on(origin: &Url, uri: &Uri) -> Url {
+    let mut url = origin.clone();
+    url.set_path(uri.path());
+    url.set_query(uri.query());
+    url
+}
+
 thread_local! {
-    /// The last origin `url_of` parsed on this thread: its scheme and authority as the
-    /// URI spelled them, and its URL without path and query.
-    static LAST_ORIGIN: std::cell::RefCell<Option<(http::uri::Scheme, http::uri::Authority, Url)>> =
+    /// The last origin `origin_of` parsed on this thread: its scheme and authority as
+    /// the URI spelled them, and its URL.
+    static LAST_ORIGIN: std::cell::RefCell<Option<(http::uri::Scheme, http::uri::Authority, Arc<Url>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -64,18 +79,41 @@ enum Replay<B: http_body::Body> {
 pub(crate) struct Outgoing<B: http_body::Body> {
     parts: http::request::Parts,
     body: B,
-    url: Url,
+    /// The URI's origin ([`origin_of`]).
+    origin: Arc<Url>,
+    /// The full URL, built when first asked for.
+    url: OnceCell<Url>,
     url_changed: bool,
     replay: Replay<B>,
 }
 
 impl<B: ReplayBody> Outgoing<B> {
-    /// Prepares `request` (whose URI is `url`). With `read` (a limit), the body is made
-    /// replayable if it can be: a body type that can hold a buffered body is read ahead
-    /// (what is ready now, without waiting); any other is copied with `try_clone` when a
-    /// resend needs it.
-    pub(crate) fn new(request: http::Request<B>, url: Url, read: Option<usize>) -> Self {
+    /// Wraps `request`, whose URI's origin is `origin` ([`origin_of`]); its body is
+    /// not replayable until [`Outgoing::keep_replayable`].
+    pub(crate) fn new(request: http::Request<B>, origin: Arc<Url>) -> Self {
         let (parts, body) = request.into_parts();
+        Outgoing {
+            parts,
+            body,
+            origin,
+            url: OnceCell::new(),
+            url_changed: false,
+            replay: Replay::No,
+        }
+    }
+
+    /// With `read` (a limit), makes the body replayable if it can be: a body type that
+    /// can hold a buffered body is read ahead (what is ready now, without waiting); any
+    /// other is copied with `try_clone` when a resend needs it.
+    pub(crate) fn keep_replayable(self, read: Option<usize>) -> Self {
+        let Outgoing {
+            parts,
+            body,
+            origin,
+            url,
+            url_changed,
+            replay: _,
+        } = self;
         let (body, replay) = match (read, B::wrap_buffered()) {
             (None, _) => (body, Replay::No),
             // `try_clone` decides when (if) a copy is needed.
@@ -94,8 +132,9 @@ impl<B: ReplayBody> Outgoing<B> {
         Outgoing {
             parts,
             body,
+            origin,
             url,
-            url_changed: false,
+            url_changed,
             replay,
         }
     }
@@ -103,8 +142,8 @@ impl<B: ReplayBody> Outgoing<B> {
     /// The request to send, with the URL the core may have changed.
     pub(crate) fn into_request(self) -> http::Request<B> {
         let mut parts = self.parts;
-        if self.url_changed {
-            match Uri::try_from(self.url.as_str()) {
+        if let Some(url) = self.url.get().filter(|_| self.url_changed) {
+            match Uri::try_from(url.as_str()) {
                 Ok(uri) => parts.uri = uri,
                 // `url` writes the query with form encoding, which `Uri` accepts; this
                 // cannot happen, and if it did the request would go without the token
@@ -122,12 +161,22 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
     }
 
     fn url(&self) -> &Url {
-        &self.url
+        self.url
+            .get_or_init(|| url_on(&self.origin, &self.parts.uri))
+    }
+
+    fn origin_url(&self) -> &Url {
+        &self.origin
     }
 
     fn url_mut(&mut self) -> &mut Url {
         self.url_changed = true;
-        &mut self.url
+        self.url();
+        match self.url.get_mut() {
+            Some(url) => url,
+            // `url()` has just built it.
+            None => unreachable!("the URL is built"),
+        }
     }
 
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
@@ -161,6 +210,7 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         Some(Outgoing {
             parts: self.parts.clone(),
             body,
+            origin: Arc::clone(&self.origin),
             url: self.url.clone(),
             url_changed: self.url_changed,
             replay,
@@ -261,8 +311,8 @@ mod tests {
             .unwrap()
     }
 
-    fn url() -> Url {
-        Url::parse("http://127.0.0.1:1/api/x?a=1").unwrap()
+    fn origin() -> Arc<Url> {
+        origin_of(&Uri::from_static("http://127.0.0.1:1/api/x?a=1")).unwrap()
     }
 
     #[test]
@@ -276,8 +326,8 @@ mod tests {
         );
     }
 
-    /// The per-thread origin cache gives exactly what a full parse gives, whatever the
-    /// path and query (dot segments, percent-encoding, characters that need encoding,
+    /// The per-thread origin cache gives exactly what a full parse gives (the URL, and
+    /// the origin the token's checks read), whatever the path and query (dot segments, percent-encoding, characters that need encoding,
     /// empty path), for a URI of a cached origin and after a change of origin.
     #[test]
     fn url_of_agrees_with_a_full_parse() {
@@ -309,6 +359,12 @@ mod tests {
                     let uri: Uri = text.parse().unwrap();
                     let full = Url::parse(&uri.to_string()).unwrap();
                     assert_eq!(url_of(&uri).unwrap(), full, "{text} (round {round})");
+                    // What the origin checks read (C12) is the full URL's origin.
+                    assert_eq!(
+                        origin_of(&uri).unwrap().origin(),
+                        full.origin(),
+                        "{text} (round {round})"
+                    );
                 }
             }
         }
@@ -316,11 +372,8 @@ mod tests {
 
     #[tokio::test]
     async fn full_bodies_are_copied_not_read() {
-        let request = Outgoing::new(
-            post(Full::new(Bytes::from_static(b"payload"))),
-            url(),
-            Some(0),
-        );
+        let request = Outgoing::new(post(Full::new(Bytes::from_static(b"payload"))), origin())
+            .keep_replayable(Some(0));
         let copy = request.try_clone().expect("replayable");
         for r in [request, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
@@ -336,13 +389,13 @@ mod tests {
                 .boxed()
         };
         let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
-            Outgoing::new(post(boxed()), url(), Some(10));
+            Outgoing::new(post(boxed()), origin()).keep_replayable(Some(10));
         let copy = fits.try_clone().expect("fits the limit");
         for r in [fits, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
             assert_eq!(body.to_bytes(), "0123456789");
         }
-        let too_large = Outgoing::new(post(boxed()), url(), Some(9));
+        let too_large = Outgoing::new(post(boxed()), origin()).keep_replayable(Some(9));
         assert!(too_large.try_clone().is_none());
         let body = too_large
             .into_request()
@@ -359,7 +412,7 @@ mod tests {
 
     #[tokio::test]
     async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
-        let mut request = Outgoing::new(post(String::new()), url(), Some(0));
+        let mut request = Outgoing::new(post(String::new()), origin()).keep_replayable(Some(0));
         request
             .url_mut()
             .query_pairs_mut()

@@ -21,6 +21,7 @@ mod metrics;
 mod mutants;
 mod oauth2_sources;
 mod observe;
+mod origin_url;
 mod push;
 mod regressions;
 mod runtime_free;
