@@ -557,7 +557,11 @@ where
             }
         };
         if !rejected {
-            span.record("resent", false);
+            // Not even a call when nobody looks (issue 18: recording on a span without
+            // metadata still ran tracing's record path, cold, on every request).
+            if !span.is_none() {
+                span.record("resent", false);
+            }
             return Ok(response);
         }
         let Some(replay) = replay else {

@@ -92,7 +92,8 @@ pin_project! {
         read: Bytes,
         #[pin]
         rest: Option<B>,
-        trailers: Option<HeaderMap>,
+        // Boxed: rare, and every response's future and body carry this field (issue 18).
+        trailers: Option<Box<HeaderMap>>,
         error: Option<B::Error>,
     }
 }
@@ -163,7 +164,7 @@ impl<B: Body<Data = Bytes>> Body for BufferedBody<B> {
             }
         }
         if let Some(trailers) = this.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
         Poll::Ready(this.error.take().map(Err))
     }
@@ -285,7 +286,7 @@ impl<B: Body<Data = Bytes> + Unpin> Reading<B> {
                     Err(frame) => {
                         // Trailers end the body. Kept for the receiver; such a body is not
                         // classified or replayed (the trailers would have to come along).
-                        let trailers = frame.into_trailers().ok();
+                        let trailers = frame.into_trailers().ok().map(Box::new);
                         return Poll::Ready((
                             BufferedBody {
                                 read: std::mem::take(&mut self.read).finish(),

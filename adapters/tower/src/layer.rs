@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::TryFutureExt;
 use futures_util::future::Either;
-use futures_util::{FutureExt, TryFutureExt};
 use http_body::Body;
 use tokenflight::adapter::{AuthError, RequestOptions};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
@@ -146,7 +146,7 @@ where
                 inner: Box::pin(async move {
                     response
                         .await
-                        .map(|r| r.map(BufferedBody::new))
+                        .map(Incoming::new)
                         .map_err(AuthError::Transport)
                 }),
             };
@@ -174,11 +174,8 @@ where
                 }) as Resend<RB, S::Error>)
             }
         };
-        let future = self
-            .auth
-            .clone()
-            .send_owned(outgoing, options, send)
-            .map(|result| result.map(|incoming| incoming.response));
+        // Boxed as it is: a `map` around it would be one more copy of it per request.
+        let future = self.auth.clone().send_owned(outgoing, options, send);
         ResponseFuture {
             inner: Box::pin(future),
         }
@@ -193,7 +190,7 @@ type Output<RB, E> = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;
 
 /// The future of [`TokenService::call`].
 pub struct ResponseFuture<RB: Body, E> {
-    inner: Pin<Box<dyn Future<Output = Output<RB, E>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Result<Incoming<RB>, AuthError<E>>> + Send>>,
 }
 
 impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
@@ -206,6 +203,9 @@ impl<RB: Body, E> Future for ResponseFuture<RB, E> {
     type Output = Output<RB, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+        self.inner
+            .as_mut()
+            .poll(cx)
+            .map(|result| result.map(|incoming| incoming.response))
     }
 }

@@ -81,8 +81,9 @@ pub(crate) struct Outgoing<B: http_body::Body> {
     body: B,
     /// The URI's origin ([`origin_of`]).
     origin: Arc<Url>,
-    /// The full URL, built when first asked for.
-    url: OnceCell<Url>,
+    /// The full URL, built when first asked for (boxed: rarely built, and the request
+    /// and its replay copy live in every request's future; issue 18).
+    url: OnceCell<Box<Url>>,
     url_changed: bool,
     replay: Replay<B>,
 }
@@ -162,7 +163,7 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
 
     fn url(&self) -> &Url {
         self.url
-            .get_or_init(|| url_on(&self.origin, &self.parts.uri))
+            .get_or_init(|| Box::new(url_on(&self.origin, &self.parts.uri)))
     }
 
     fn origin_url(&self) -> &Url {
@@ -223,7 +224,7 @@ pub(crate) struct Incoming<B: http_body::Body> {
     pub(crate) response: http::Response<BufferedBody<B>>,
     /// Where the response came from, when a redirect-following service below the layer
     /// says so (tower-http's `FollowRedirect`).
-    final_url: Option<Url>,
+    final_url: Option<Box<Url>>,
 }
 
 impl<B: http_body::Body> Incoming<B> {
@@ -237,14 +238,14 @@ impl<B: http_body::Body> Incoming<B> {
 }
 
 #[cfg(feature = "tower-http")]
-fn final_url<B>(response: &http::Response<B>) -> Option<Url> {
+fn final_url<B>(response: &http::Response<B>) -> Option<Box<Url>> {
     let tower_http::follow_redirect::RequestUri(uri) = response.extensions().get()?;
     // A relative URI only follows a relative request, which carried no token.
-    url_of(uri)
+    url_of(uri).map(Box::new)
 }
 
 #[cfg(not(feature = "tower-http"))]
-fn final_url<B>(_response: &http::Response<B>) -> Option<Url> {
+fn final_url<B>(_response: &http::Response<B>) -> Option<Box<Url>> {
     None
 }
 
@@ -273,7 +274,7 @@ where
     B::Error: Send,
 {
     fn final_url(&self) -> Option<&Url> {
-        self.final_url.as_ref()
+        self.final_url.as_deref()
     }
 
     async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
