@@ -188,9 +188,12 @@ type Resend<RB, E> = Pin<Box<dyn Future<Output = Result<Incoming<RB>, E>> + Send
 /// What a [`TokenService`] call resolves to.
 type Output<RB, E> = Result<http::Response<BufferedBody<RB>>, AuthError<E>>;
 
+/// The boxed future inside a [`ResponseFuture`].
+type Inner<RB, E> = Pin<Box<dyn Future<Output = Result<Incoming<RB>, AuthError<E>>> + Send>>;
+
 /// The future of [`TokenService::call`].
 pub struct ResponseFuture<RB: Body, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Incoming<RB>, AuthError<E>>> + Send>>,
+    inner: Inner<RB, E>,
 }
 
 impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
