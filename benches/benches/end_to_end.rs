@@ -21,7 +21,7 @@
 //!   round's ratio scatters by about ±7 % on the 2-core VM, so the median of 31 rounds
 //!   moved by ±2 % between runs; 201 rounds take about 2 minutes for all pairs).
 //! - `TOKENFLIGHT_BENCH_PAIRS="tower surf"`: the interleaved rounds of these pairs only
-//!   (`reqwest`, `tower`, `surf`, `reqwest_middleware_only`).
+//!   (`reqwest`, `tower`, `surf`, `reqwest_middleware_only`, `tower_clone_and_box_only`).
 //! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests> [in flight]"`: send that many
 //!   requests, one at a time (or in batches of `in flight`), through one contender (e.g.
 //!   `reqwest_tokenflight`) and stop: for `perf stat` and `perf record`, whose counts per
@@ -88,6 +88,13 @@ enum Sender {
         client: ClientWithMiddleware,
         header: Arc<str>,
     },
+    /// hyper-util's client under a tower layer that only does what any tower middleware
+    /// that may send a request again does: clone the inner service per call and box
+    /// its future (a control row, not a target: the cost of the tower pattern itself).
+    CloneAndBox {
+        service: CloneAndBox<HyperClient>,
+        header: http::HeaderValue,
+    },
     BareSurf {
         client: surf::Client,
         header: Arc<str>,
@@ -132,6 +139,15 @@ impl Sender {
                 let response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
                 return check_hyper(response).await;
             }
+            Sender::CloneAndBox { service, header } => {
+                let request = http::Request::get(url)
+                    .header(http::header::AUTHORIZATION, header.clone())
+                    .body(Empty::new());
+                let request = request.unwrap_or_else(|e| panic!("request: {e}"));
+                let response = service.clone().oneshot(request).await;
+                let response = response.unwrap_or_else(|e| panic!("request failed: {e}"));
+                return check_hyper(response).await;
+            }
             Sender::Tower { service } => {
                 let request = http::Request::get(url).body(Empty::new());
                 let request = request.unwrap_or_else(|e| panic!("request: {e}"));
@@ -160,6 +176,44 @@ impl Sender {
             }
             Err(error) => panic!("request failed: {error}"),
         }
+    }
+}
+
+/// The control layer's service: see [`Sender::CloneAndBox`].
+#[derive(Clone)]
+struct CloneAndBox<S> {
+    inner: S,
+}
+
+impl<S, R> tower::Service<R> for CloneAndBox<S>
+where
+    S: tower::Service<R> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        // tower's advice for services that move the inner one into their future.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        // Called now; the clone stays in the future, as a middleware that may resend
+        // keeps it.
+        let response = ready.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(ready);
+            response
+        })
     }
 }
 
@@ -299,6 +353,15 @@ fn end_to_end(c: &mut Criterion) {
             Err(error) => panic!("header: {error}"),
         },
     };
+    let clone_and_box = Sender::CloneAndBox {
+        service: CloneAndBox {
+            inner: hyper_client.clone(),
+        },
+        header: match http::HeaderValue::from_str(&format!("Bearer {access}")) {
+            Ok(header) => header,
+            Err(error) => panic!("header: {error}"),
+        },
+    };
     let tower_layer = tokenflight_tower::TokenLayer::from(AuthPolicy::clone(layer.policy()));
     let tower = Sender::Tower {
         service: tower::Layer::layer(&tower_layer, hyper_client),
@@ -328,6 +391,7 @@ fn end_to_end(c: &mut Criterion) {
         ("reqwest_middleware_only", &middleware_only),
         ("bare_hyper", &bare_hyper),
         ("tower_tokenflight", &tower),
+        ("tower_clone_and_box_only", &clone_and_box),
         ("bare_surf", &bare_surf),
         ("surf_tokenflight", &surf),
     ];
@@ -398,6 +462,9 @@ fn end_to_end(c: &mut Criterion) {
                 ("surf", &bare_surf, &surf),
                 // Control: reqwest-middleware's own cost, no tokenflight.
                 ("reqwest_middleware_only", &bare, &middleware_only),
+                // Control: the tower pattern's own cost (clone the service, box the
+                // future), no tokenflight.
+                ("tower_clone_and_box_only", &bare_hyper, &clone_and_box),
             ];
             let wanted = std::env::var("TOKENFLIGHT_BENCH_PAIRS").ok();
             for (client, bare, layered) in pairs {
