@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 
+use futures_util::TryFutureExt;
 use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
@@ -127,41 +128,65 @@ impl Middleware for TokenMiddleware {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
-            let options = RequestOptions::from_markers(
-                req.ext::<SkipAuth>().is_some(),
-                req.ext::<ForceRefresh>().is_some(),
-            )
-            .with_key(req.ext::<TokenKey>().cloned());
-            // The policy would pass these through too; asking it first skips buffering.
-            if !self.auth.attaches_token(
-                &crate::message::method_of(req.method()),
-                req.url(),
-                &options,
-            ) {
-                return next.run(req, client).await;
-            }
-            let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
-            let placement = self.auth.placement();
-            // The URLs that went out with a query token, to find it in errors (C12).
-            let sent = Mutex::new(Vec::new());
+        // Everything up to the first send is done here, before the future exists: its
+        // state then holds the request once (issue 18: the boxed future is copied on
+        // every request, and was the largest cost the layer added per request).
+        let options = RequestOptions::from_markers(
+            req.ext::<SkipAuth>().is_some(),
+            req.ext::<ForceRefresh>().is_some(),
+        )
+        .with_key(req.ext::<TokenKey>().cloned());
+        // The policy would pass these through too; asking it first skips buffering.
+        if !self.auth.attaches_token(
+            &crate::message::method_of(req.method()),
+            req.url(),
+            &options,
+        ) {
+            return next.run(req, client);
+        }
+        match Attempt::without_reading(req) {
+            Ok(attempt) => Box::pin(self.send(attempt, options, client, next)),
+            Err(req) => Box::pin(async move {
+                let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
+                self.send(attempt, options, client, next).await
+            }),
+        }
+    }
+}
+
+impl TokenMiddleware {
+    /// Sends `attempt` through the core: the rest of the stack with a valid token, and
+    /// once more if the token was rejected.
+    fn send<'a>(
+        &'a self,
+        attempt: Attempt,
+        options: RequestOptions,
+        client: Client,
+        next: Next<'a>,
+    ) -> impl Future<Output = surf::Result<Response>> + Send + 'a {
+        let placement = self.auth.placement();
+        // The URLs that went out with a query token, to find it in errors (C12).
+        let sent = Mutex::new(Vec::new());
+        async move {
             let result = self
                 .auth
                 .send(attempt, options, |attempt: Attempt| {
-                    let client = client.clone();
                     if matches!(placement, Placement::Query { .. }) {
                         sent.lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .push(attempt.url().clone());
                     }
-                    async move { next.run(attempt.into_request(), client).await.map(Reply) }
+                    // The rest of the stack's future as it is (boxed by surf), not
+                    // wrapped in an async block that would hold the request again.
+                    next.run(attempt.into_request(), client.clone())
+                        .map_ok(Reply)
                 })
                 .await;
             let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
             result
                 .map(|Reply(response)| response)
                 .map_err(|e| redact(to_surf_error(e), placement, &sent))
-        })
+        }
     }
 }
 

@@ -18,41 +18,54 @@ use crate::body::{self, Bounded, Unknown};
 /// One attempt of a request, with the buffered body to make the next one from.
 pub(crate) struct Attempt {
     request: Request,
-    replay: Option<Replay>,
+    replay: Replay,
 }
 
-/// A body kept for replaying.
+/// How the next attempt gets its body.
 #[derive(Clone)]
-struct Replay {
-    bytes: Bytes,
-    mime: Mime,
+enum Replay {
+    /// An empty body (surf's clone gives one).
+    Empty,
+    /// These bytes, of this type (boxed: the attempt and its copy live in every
+    /// request's future, and most requests have no body; issue 18).
+    Bytes(Box<(Bytes, Mime)>),
+    /// Not replayable: a stream, or larger than the limit.
+    No,
 }
 
 impl Attempt {
+    /// `request` as it is when its body is empty (a GET, most requests): nothing to
+    /// read, and a resend gets an empty body. Otherwise the request back, for
+    /// [`Attempt::buffer`].
+    // `Err` is the request handed back whole, not an error worth boxing.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn without_reading(request: Request) -> Result<Attempt, Request> {
+        if AsRef::<surf::http::Request>::as_ref(&request).is_empty() == Some(true) {
+            Ok(Attempt {
+                request,
+                replay: Replay::Empty,
+            })
+        } else {
+            Err(request)
+        }
+    }
+
     /// Takes `request`'s body into memory if it has a known length of at most `limit`
     /// bytes; otherwise the body stays as it is and the request is not replayable.
-    pub(crate) async fn buffer(mut request: Request, limit: usize) -> surf::Result<Attempt> {
-        if AsRef::<surf::http::Request>::as_ref(&request).is_empty() == Some(true) {
-            // Nothing to read (a GET, most requests): the body stays as it is and a
-            // resend gets an empty one (issue 18: no body taken, rebuilt and re-typed
-            // per request).
-            return Ok(Attempt {
-                request,
-                replay: Some(Replay {
-                    bytes: Bytes::new(),
-                    mime: surf::http::mime::BYTE_STREAM,
-                }),
-            });
-        }
+    pub(crate) async fn buffer(request: Request, limit: usize) -> surf::Result<Attempt> {
+        let mut request = match Attempt::without_reading(request) {
+            Ok(attempt) => return Ok(attempt),
+            Err(request) => request,
+        };
         let had_content_type = request.header(CONTENT_TYPE).is_some();
         let original = request.take_body();
         let mime = original.mime().clone();
         let (body, replay) = match body::read_bounded(original, limit, Unknown::Skip).await {
             Ok(Bounded::Complete(bytes)) => {
                 let body = body::from_bytes(bytes.clone(), mime.clone());
-                (body, Some(Replay { bytes, mime }))
+                (body, Replay::Bytes(Box::new((bytes, mime))))
             }
-            Ok(Bounded::TooLarge(body)) => (body, None),
+            Ok(Bounded::TooLarge(body)) => (body, Replay::No),
             Err((_, e)) => return Err(surf::Error::new(StatusCode::UnprocessableEntity, e)),
         };
         request.set_body(body);
@@ -73,10 +86,7 @@ impl Attempt {
         request.remove_header(CONTENT_LENGTH);
         Attempt {
             request,
-            replay: Some(Replay {
-                bytes: Bytes::new(),
-                mime: surf::http::mime::BYTE_STREAM,
-            }),
+            replay: Replay::Empty,
         }
     }
 
@@ -140,25 +150,26 @@ impl AuthRequest for Attempt {
     }
 
     fn try_clone(&self) -> Option<Self> {
-        let replay = self.replay.as_ref()?;
         // Clones method, URL and headers; the body comes from the buffer.
-        let mut request = self.request.clone();
-        if replay.bytes.is_empty() {
+        let request = match &self.replay {
+            Replay::No => return None,
             // surf's clone already has an empty body; setting one would add a
             // `Content-Type` only to remove it again.
-            return Some(Attempt {
-                request,
-                replay: Some(replay.clone()),
-            });
-        }
-        let had_content_type = request.header(CONTENT_TYPE).is_some();
-        request.set_body(body::from_bytes(replay.bytes.clone(), replay.mime.clone()));
-        if !had_content_type {
-            request.remove_header(CONTENT_TYPE);
-        }
+            Replay::Empty => self.request.clone(),
+            Replay::Bytes(buffered) => {
+                let (bytes, mime) = &**buffered;
+                let mut request = self.request.clone();
+                let had_content_type = request.header(CONTENT_TYPE).is_some();
+                request.set_body(body::from_bytes(bytes.clone(), mime.clone()));
+                if !had_content_type {
+                    request.remove_header(CONTENT_TYPE);
+                }
+                request
+            }
+        };
         Some(Attempt {
             request,
-            replay: Some(replay.clone()),
+            replay: self.replay.clone(),
         })
     }
 }
