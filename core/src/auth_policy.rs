@@ -498,23 +498,7 @@ where
         let Some(sent_to) = policy.rules.origins.admit(request.origin_url()) else {
             return send(request).await.map_err(AuthError::Transport);
         };
-        let span = tracing::info_span!(
-            "tokenflight.request",
-            generation = Empty,
-            waited = Empty,
-            resent = Empty,
-            resent_with = Empty,
-        );
-        // Nobody looks (no subscriber wants it): a span without metadata, whose enter,
-        // exit and record do nothing. A disabled span still has its metadata, and with
-        // tracing's `log` feature (which axum, tower and others switch on) every poll
-        // through `instrument` asks the `log` crate whether to print it: about 10 % of
-        // the middleware's own CPU per request in a profile (issue 18).
-        let span = if span.is_disabled() {
-            Span::none()
-        } else {
-            span
-        };
+        let span = request_span();
         let flight = policy.flight_for(&request, options.key.as_ref())?;
         let flight = flight.get();
         // The rare roads (waiting for a refresh, reading a body, resending) are boxed:
@@ -576,6 +560,27 @@ where
         drop(response);
         Box::pin(policy.resend_after_rejection(flight, replay, &token, span, send)).await
     }
+}
+
+/// The span of one request that carries a token; a span without metadata when nobody
+/// looks (no subscriber wants it), whose enter, exit and record do nothing. A disabled
+/// span still has its metadata, and with tracing's `log` feature (which axum, tower and
+/// others switch on) every poll through `instrument` asks the `log` crate whether to
+/// print it: about 10 % of the middleware's own CPU per request in a profile (issue 18).
+/// When no subscriber takes `info` at all, not even the disabled span is made (its
+/// making and dropping were cold code on every request end to end).
+fn request_span() -> Span {
+    if tracing::Level::INFO > tracing::level_filters::LevelFilter::current() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "tokenflight.request",
+        generation = Empty,
+        waited = Empty,
+        resent = Empty,
+        resent_with = Empty,
+    );
+    if span.is_disabled() { Span::none() } else { span }
 }
 
 /// The body rule's verdict, reading at most `limit` bytes of the body.
