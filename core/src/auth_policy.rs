@@ -580,7 +580,11 @@ fn request_span() -> Span {
         resent = Empty,
         resent_with = Empty,
     );
-    if span.is_disabled() { Span::none() } else { span }
+    if span.is_disabled() {
+        Span::none()
+    } else {
+        span
+    }
 }
 
 /// The body rule's verdict, reading at most `limit` bytes of the body.

@@ -64,7 +64,11 @@ fn replay_copy(request: &reqwest::Request) -> Option<reqwest::Request> {
         return request.try_clone();
     }
     let mut copy = reqwest::Request::new(request.method().clone(), request.url().clone());
-    *copy.headers_mut() = request.headers().clone();
+    // An empty map stays as `new` made it: a clone of one that has room allocates its
+    // table (issue 18).
+    if !request.headers().is_empty() {
+        *copy.headers_mut() = request.headers().clone();
+    }
     *copy.version_mut() = request.version();
     Some(copy)
 }
