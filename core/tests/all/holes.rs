@@ -364,6 +364,62 @@ fn c17_auth_lost_notices_a_login_saved_to_the_shared_store() {
     assert_eq!(lost_source.calls(), 1, "a reload never calls the source");
 }
 
+/// Wave 5's fuzz finding 3, one step further: once "re-authentication required" has
+/// adopted another replica's login over a login of its own that was never saved (its
+/// save was refused, then its refresh failed for good), that lost login is gone. The
+/// next refresh adopts what the fleet saved meanwhile, and never saves the lost login
+/// over it. (Before the mend, the mark "a login is not saved yet" outlived the adoption:
+/// stored sessions stayed ignored and the next flight saved the dead login, renumbered
+/// above the fleet's newer session.)
+#[test]
+fn c17_a_lost_unsaved_login_is_never_saved_after_a_replica_login_replaced_it() {
+    let clock = ManualClock::at_fixed_point();
+    let store = FaultStore::holding(other_session(&clock, 50));
+    store.lease_lost.store(true, Ordering::SeqCst);
+    let source = ScriptedSource::new(&clock, Step::Permanent);
+    let flight = builder(&clock, &source)
+        .store(store.clone())
+        .initial_token(login(&clock, Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    clock.advance(Duration::from_secs(61));
+    // Its save is refused, its refresh fails for good.
+    assert!(matches!(
+        futures::executor::block_on(flight.token()),
+        Err(Error::ReauthenticationRequired { .. })
+    ));
+    assert_eq!(store.stored().unwrap().access().expose(), "other-account");
+    // Another replica logs in and saves.
+    store.lease_lost.store(false, Ordering::SeqCst);
+    let replica_login = |access: &str, generation: u64| {
+        Token::new(access)
+            .with_refresh(format!("{access}-refresh"))
+            .expires_in(Duration::from_secs(60), now(&clock))
+            .with_generation(generation)
+    };
+    *store.token.lock().unwrap() = Some(replica_login("replica-login", 100));
+    clock.advance(FlightConfig::default().min_refresh_interval);
+    let adopted = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(adopted.access().expose(), "replica-login");
+    // The fleet refreshes it (another replica); ours expires.
+    clock.advance(Duration::from_secs(30));
+    *store.token.lock().unwrap() = Some(replica_login("replica-refreshed", 101));
+    clock.advance(Duration::from_secs(31));
+    let next = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(next.access().expose(), "replica-refreshed");
+    assert_eq!(next.generation(), 101);
+    assert_eq!(
+        store.stored().unwrap().access().expose(),
+        "replica-refreshed",
+        "the lost login is not saved over the fleet's session"
+    );
+    assert_eq!(
+        source.calls(),
+        1,
+        "the fleet's token is adopted, not fetched"
+    );
+}
+
 // ---- Hole 4: store calls are not bounded ----
 
 fn budget_flight(
