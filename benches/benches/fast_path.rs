@@ -12,6 +12,13 @@
 //!
 //! Allocations per call are counted with a counting allocator and saved for
 //! `bench-report`.
+//!
+//! Criterion times one contender after the other; a ratio of two such means moved by
+//! ±20 % between identical runs here (the machine's speed drifts over seconds). So the
+//! two tokenflight contenders are also timed against `arc_swap_load_full` in short
+//! interleaved rounds (20,000 calls each, back to back, alternating which goes first),
+//! and the median of the rounds' ratios is recorded (`TOKENFLIGHT_BENCH_ROUNDS`,
+//! default 201).
 
 use std::alloc::System;
 use std::hint::black_box;
@@ -121,9 +128,67 @@ fn record_allocations(contenders: &Contenders) {
     extras.save("fast_path");
 }
 
+/// `calls` calls of `get` on `threads` threads at once; the slower thread's time.
+fn timed(contenders: &Contenders, get: Get, threads: usize, calls: u64) -> Duration {
+    if threads == 1 {
+        let began = Instant::now();
+        for _ in 0..calls {
+            black_box(get(black_box(contenders)));
+        }
+        began.elapsed()
+    } else {
+        two_threads(contenders, get, calls)
+    }
+}
+
+/// The median (and quartiles) over interleaved rounds of (time of `get`) ÷ (time of
+/// the floor, `arc_swap_load_full`), saved for `bench-report`.
+fn record_interleaved(contenders: &Contenders) {
+    const CALLS: u64 = 20_000;
+    let rounds: usize = std::env::var("TOKENFLIGHT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(201);
+    let floor = CONTENDERS[0].1;
+    let mut extras = Extras::load("fast_path");
+    for threads in [1, 2] {
+        for (name, get) in CONTENDERS {
+            if !name.starts_with("tokenflight") {
+                continue;
+            }
+            // Warm up both.
+            timed(contenders, floor, threads, CALLS);
+            timed(contenders, get, threads, CALLS);
+            let mut ratios: Vec<f64> = (0..rounds)
+                .map(|round| {
+                    let (base, me) = if round % 2 == 0 {
+                        let base = timed(contenders, floor, threads, CALLS);
+                        (base, timed(contenders, get, threads, CALLS))
+                    } else {
+                        let me = timed(contenders, get, threads, CALLS);
+                        (timed(contenders, floor, threads, CALLS), me)
+                    };
+                    me.as_secs_f64() / base.as_secs_f64().max(f64::MIN_POSITIVE)
+                })
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let at = |fraction: f64| {
+                let index = ((ratios.len().saturating_sub(1)) as f64 * fraction).round() as usize;
+                ratios.get(index).copied().unwrap_or(f64::NAN)
+            };
+            let key = format!("fast_path/{threads}_threads/{name}/interleaved");
+            extras.record(&key, at(0.5));
+            extras.record(&format!("{key}_q1"), at(0.25));
+            extras.record(&format!("{key}_q3"), at(0.75));
+        }
+    }
+    extras.save("fast_path");
+}
+
 fn fast_path(c: &mut Criterion) {
     let contenders = contenders();
     record_allocations(&contenders);
+    record_interleaved(&contenders);
     for threads in [1, 2] {
         let mut group = c.benchmark_group(format!("fast_path/{threads}_threads"));
         group

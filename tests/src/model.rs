@@ -1217,6 +1217,8 @@ struct Knowledge {
     hooks_checked: usize,
     /// "Re-authentication required" at the end of the last step.
     auth_lost: bool,
+    /// `mono` at the end of the step where "re-authentication required" last began.
+    auth_lost_since: Duration,
     /// `stats().failures` at the end of the last poll.
     failures: u64,
     /// Per failed flight: the generation of the usable current token when it failed.
@@ -2599,10 +2601,19 @@ impl World {
                     && self.surely_usable(t)
                     && undisturbed
             }) {
-                // Usable for two reload intervals: since the login, and since the last
+                // Usable for two reload intervals: since the login, since the last
                 // wall step (a reload just before it may have found the login expired,
-                // and reloads are throttled to one per interval).
-                let since = (*at).max(self.last_wall_step);
+                // and reloads are throttled to one per interval), and since
+                // "re-authentication required" began (the throttle counts from there:
+                // a flight that found the login expired before a wall step back fails
+                // after it, and the next reload comes an interval later). Began in this
+                // step if the last step did not end in it.
+                let lost_since = if self.known.auth_lost {
+                    self.known.auth_lost_since
+                } else {
+                    self.mono
+                };
+                let since = (*at).max(self.last_wall_step).max(lost_since);
                 if self.mono.saturating_sub(since) >= 2 * MIN_REFRESH_INTERVAL {
                     return Err(self.violation(
                         "C17",
@@ -3250,6 +3261,9 @@ impl World {
                      before it",
                 ));
             }
+        }
+        if auth_lost && !self.known.auth_lost {
+            self.known.auth_lost_since = self.mono;
         }
         self.known.auth_lost = auth_lost;
         Ok(())

@@ -86,6 +86,26 @@ fn fast_path() {
         );
     }
     println!();
+    println!(
+        "The same ratios from interleaved rounds (20,000 calls of each, back to back, \
+         alternating; median and quartiles), which the machine's drift does not move:"
+    );
+    println!();
+    println!("| contender | 1 thread (q1–q3) | 2 threads (q1–q3) |");
+    println!("|---|---|---|");
+    for name in ["tokenflight_valid_token", "tokenflight_token_await"] {
+        let cell = |threads: u32| {
+            let key = format!("fast_path/{threads}_threads/{name}/interleaved");
+            format!(
+                "{} ({}–{})",
+                fixed(allocations.get(&key), 2),
+                fixed(allocations.get(&format!("{key}_q1")), 2),
+                fixed(allocations.get(&format!("{key}_q3")), 2),
+            )
+        };
+        println!("| {name} | {} | {} |", cell(1), cell(2));
+    }
+    println!();
 }
 
 fn storm() {
@@ -298,6 +318,7 @@ fn targets() {
     };
     for threads in [1, 2] {
         let floor = mean(&format!("fast_path/{threads}_threads/arc_swap_load_full"));
+        let interleaved = Extras::load("fast_path");
         for (name, bound) in [
             ("tokenflight_valid_token", 1.5),
             ("tokenflight_token_await", 2.0),
@@ -306,6 +327,14 @@ fn targets() {
             verdict(
                 &format!("{name} ÷ arc_swap_load_full, {threads} thread(s)"),
                 of(me, floor),
+                bound,
+                true,
+            );
+            verdict(
+                &format!(
+                    "{name}, {threads} thread(s), interleaved median (same ratio, drift-robust)"
+                ),
+                interleaved.get(&format!("fast_path/{threads}_threads/{name}/interleaved")),
                 bound,
                 true,
             );
