@@ -3,6 +3,12 @@
 //! from the refresh's completion to the last waiter resumed. Source calls are asserted
 //! to be 1 in every storm. Bytes per parked waiter are measured with a counting
 //! allocator and saved for `bench-report`.
+//!
+//! At N = 10,000 and 100,000 criterion takes about ten storms per contender, one
+//! contender after the other; the ratios of those means moved by ±15 % between runs.
+//! So these two sizes are also run in interleaved rounds (every contender once per
+//! round, the order reversed every other round), and each ratio is the median over the
+//! rounds of the per-round ratio (`TOKENFLIGHT_BENCH_STORM_ROUNDS`, default 21).
 
 use std::alloc::System;
 use std::time::Duration;
@@ -73,6 +79,60 @@ fn record_memory<C: Contender>(extras: &mut Extras, runtime: &tokio::runtime::Ru
     }
 }
 
+/// One storm of `C` with `waiters` waiters: its release time.
+type Storm = fn(&tokio::runtime::Runtime, usize) -> Duration;
+
+/// Every contender, by its name in the tables.
+const STORMS: [(&str, Storm); 8] = [
+    (SharedFloor::NAME, release_time::<SharedFloor>),
+    (Tokenflight::NAME, release_time::<Tokenflight>),
+    (Moka::NAME, release_time::<Moka>),
+    (AsyncSingleflight::NAME, release_time::<AsyncSingleflight>),
+    (MutexAcrossRefresh::NAME, release_time::<MutexAcrossRefresh>),
+    (ArrowTokenCache::NAME, release_time::<ArrowTokenCache>),
+    (
+        SmithyExpiringCache::NAME,
+        release_time::<SmithyExpiringCache>,
+    ),
+    (RwLockRecheck::NAME, release_time::<RwLockRecheck>),
+];
+
+/// Interleaved rounds at N = 10,000 and 100,000: per round every contender's release
+/// time; recorded, the median over the rounds of each peer's time ÷ tokenflight's and
+/// of tokenflight's ÷ the floor's.
+fn record_interleaved(extras: &mut Extras, runtime: &tokio::runtime::Runtime) {
+    let rounds: usize = std::env::var("TOKENFLIGHT_BENCH_STORM_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(21);
+    for waiters in [10_000, 100_000] {
+        let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); STORMS.len()];
+        for round in 0..rounds {
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..STORMS.len()).collect()
+            } else {
+                (0..STORMS.len()).rev().collect()
+            };
+            for index in order {
+                let (_, storm) = STORMS[index];
+                times[index].push(storm(runtime, waiters).as_secs_f64());
+            }
+        }
+        let tokenflight = 1;
+        for (index, (name, _)) in STORMS.iter().enumerate() {
+            let reference = if index == tokenflight { 0 } else { tokenflight };
+            let mut ratios: Vec<f64> = times[index]
+                .iter()
+                .zip(&times[reference])
+                .map(|(me, reference)| me / reference.max(f64::MIN_POSITIVE))
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+            extras.record(&format!("storm/{waiters}/{name}/interleaved"), median);
+        }
+    }
+}
+
 fn storms(c: &mut Criterion) {
     let runtime = runtime();
     let mut extras = Extras::new();
@@ -84,6 +144,7 @@ fn storms(c: &mut Criterion) {
     record_memory::<ArrowTokenCache>(&mut extras, &runtime);
     record_memory::<SmithyExpiringCache>(&mut extras, &runtime);
     record_memory::<RwLockRecheck>(&mut extras, &runtime);
+    record_interleaved(&mut extras, &runtime);
     extras.save("storm");
 
     bench_contender::<SharedFloor>(c, &runtime);

@@ -147,6 +147,25 @@ fn storm() {
         );
     }
     println!();
+    println!(
+        "The same ratios at N = 10,000 and 100,000 from interleaved rounds (every contender \
+         once per round, the order reversed every other round; median of the per-round \
+         ratios), which the machine's drift does not move:"
+    );
+    println!();
+    println!("| contender | N=10000 | N=100000 |");
+    println!("|---|---|---|");
+    for name in std::iter::once("floor_bare_shared_future")
+        .chain(std::iter::once("tokenflight"))
+        .chain(PEERS)
+    {
+        println!(
+            "| {name} | {} | {} |",
+            fixed(extras.get(&format!("storm/10000/{name}/interleaved")), 2),
+            fixed(extras.get(&format!("storm/100000/{name}/interleaved")), 2),
+        );
+    }
+    println!();
     println!("Absolute release times of this run (for the 50 ms target only):");
     println!();
     for name in ["floor_bare_shared_future", "tokenflight"] {
@@ -371,6 +390,7 @@ fn targets() {
             );
         }
     }
+    let storm = Extras::load("storm");
     verdict(
         "100k waiters: release time ÷ bare `Shared` floor",
         of(
@@ -380,7 +400,12 @@ fn targets() {
         1.1,
         true,
     );
-    let storm = Extras::load("storm");
+    verdict(
+        "100k waiters: release time ÷ floor, interleaved median (drift-robust)",
+        storm.get("storm/100000/tokenflight/interleaved"),
+        1.1,
+        true,
+    );
     verdict(
         "100k waiters: bytes per waiter",
         storm.get("storm/100000/tokenflight/bytes_per_waiter"),
@@ -395,6 +420,12 @@ fn targets() {
                     mean(&format!("storm/{n}/{peer}")),
                     mean(&format!("storm/{n}/tokenflight")),
                 ),
+                1.0,
+                false,
+            );
+            verdict(
+                &format!("N={n}: {peer}, interleaved median (drift-robust)"),
+                storm.get(&format!("storm/{n}/{peer}/interleaved")),
                 1.0,
                 false,
             );
