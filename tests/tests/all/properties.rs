@@ -1054,3 +1054,38 @@ fn c17_a_replica_login_serves_after_an_unsaved_login_was_lost() {
     assert_eq!(summary.errors, 1, "{summary:?}");
     assert_eq!(summary.requests, 1, "{summary:?}");
 }
+
+/// Wave 6's CI draw (`c5_c18_store_faults_and_panics_end_in_typed_errors`, seed
+/// 15161570563663807496, case 191 of 256; also on wave 5's code): the source answered
+/// a transient failure with `Retry-After: 600`, then the flight's next store call
+/// panicked. The flight ended with the panic's error, which has no `Retry-After`, and
+/// the fail-fast backoff (5 s) let the next caller call the source 35 s later — against
+/// the server's request (C9). The coordinator now keeps the source's last `Retry-After`
+/// of the flight (`State::source_retry_after`) and honours it whatever ends the flight.
+#[test]
+fn c9_a_retry_after_holds_when_a_store_panic_ends_the_flight() {
+    // Many callers, so the flight's driver is polled first (the shrunk case kept them).
+    let mut ops = vec![Op::Send { replayable: false }; 43];
+    ops.extend([
+        Op::Poll(0),
+        Op::StoreFault {
+            skip: 0,
+            fault: Fault::Panic,
+        },
+        Op::Source(Outcome::Transient(Some(RetryAfter::Long))),
+        Op::Poll(0),
+        Op::Advance(Step::PastTimeout),
+        Op::Send { replayable: false },
+    ]);
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |s| s.backoff = true),
+        ops,
+    })
+    .unwrap();
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(
+        summary.source_calls, 1,
+        "the source stays quiet: {summary:?}"
+    );
+    assert_eq!(summary.errors, 44, "{summary:?}");
+}
