@@ -1202,7 +1202,7 @@ impl SingleFlight {
                         .source_retry_after
                         .filter(|_| error.retry_after().is_none());
                     if let Some((at, after)) = carried {
-                        let asked = backoff.delay(state.consecutive_failures, 0.0, Some(after));
+                        let asked = after.min(backoff.max_retry_after);
                         let left = instant_after(at, asked).saturating_duration_since(mono);
                         delay = delay.max(left);
                     }
