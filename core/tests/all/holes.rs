@@ -165,6 +165,22 @@ fn login(clock: &ManualClock, lifetime: Duration) -> Token {
         .expires_in(lifetime, now(clock))
 }
 
+/// A coordinator whose initial login (a minute's lifetime, not saved yet) has just
+/// expired, over `store`.
+fn expired_login_over(
+    clock: &ManualClock,
+    source: &Arc<ScriptedSource>,
+    store: &Arc<FaultStore>,
+) -> SingleFlight {
+    let flight = builder(clock, source)
+        .store(store.clone())
+        .initial_token(login(clock, Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    clock.advance(Duration::from_secs(61));
+    flight
+}
+
 // ---- Hole 1: a login loses to an older session left in a persistent store ----
 
 /// Before: `install` numbered the login from memory only, below a stored session of
@@ -377,12 +393,7 @@ fn c17_a_lost_unsaved_login_is_never_saved_after_a_replica_login_replaced_it() {
     let store = FaultStore::holding(other_session(&clock, 50));
     store.lease_lost.store(true, Ordering::SeqCst);
     let source = ScriptedSource::new(&clock, Step::Permanent);
-    let flight = builder(&clock, &source)
-        .store(store.clone())
-        .initial_token(login(&clock, Duration::from_secs(60)))
-        .build()
-        .unwrap();
-    clock.advance(Duration::from_secs(61));
+    let flight = expired_login_over(&clock, &source, &store);
     // Its save is refused, its refresh fails for good.
     assert!(matches!(
         futures::executor::block_on(flight.token()),
@@ -995,12 +1006,7 @@ fn issue20_the_unlocked_read_keeps_every_guard() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = FaultStore::holding(other_session(&clock, 50));
-    let flight = builder(&clock, &source)
-        .store(store.clone())
-        .initial_token(login(&clock, Duration::from_secs(60)))
-        .build()
-        .unwrap();
-    clock.advance(Duration::from_secs(61));
+    let flight = expired_login_over(&clock, &source, &store);
     let token = futures::executor::block_on(flight.token()).unwrap();
     assert_ne!(token.access().expose(), "other-account");
     assert_eq!(flight.stats().adopted, 0);
