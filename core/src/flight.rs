@@ -384,17 +384,43 @@ impl SingleFlight {
         self.inner.coarse_lag?;
         let guard = self.inner.current.load();
         let published = guard.as_ref()?;
-        if !self.not_rejected(&published.token) {
-            return None;
+        self.fast_usable(published)
+            .then(|| Arc::clone(&published.token))
+    }
+
+    /// The fast path's verdict on `published`: `true` if usable and outside the
+    /// refresh-ahead window by the coarse clock; `false` means "decide on the precise
+    /// clock".
+    #[inline]
+    fn fast_usable(&self, published: &Published) -> bool {
+        if self.inner.coarse_lag.is_none() || !self.not_rejected(&published.token) {
+            return false;
         }
-        if let Some(until) = published.fast_until {
-            let clock = &self.inner.parts.clock;
-            let now = catch_unwind(AssertUnwindSafe(|| clock.coarse_now())).ok()??;
-            if now >= until {
-                return None;
-            }
+        let Some(until) = published.fast_until else {
+            return true;
+        };
+        let clock = &self.inner.parts.clock;
+        matches!(
+            catch_unwind(AssertUnwindSafe(|| clock.coarse_now())),
+            Ok(Some(now)) if now < until
+        )
+    }
+
+    /// [`ready_token`](Self::ready_token) lent to `f` rather than returned: no reference
+    /// count is touched. For the middleware, which needs the token only to attach it
+    /// and then its generation (issue 18: the count's increment and decrement, on a
+    /// line all threads share, were part of the per-request cost). `f` runs while the
+    /// token is held, so it must be short.
+    #[inline]
+    pub(crate) fn with_ready_token<R>(&self, f: impl FnOnce(&Arc<Token>) -> R) -> Option<R> {
+        let guard = self.inner.current.load();
+        let published = guard.as_ref()?;
+        let token = &published.token;
+        if self.fast_usable(published) {
+            return Some(f(token));
         }
-        Some(Arc::clone(&published.token))
+        let now = self.now();
+        (self.is_usable(token, now) && !self.in_refresh_ahead_window(token, now)).then(|| f(token))
     }
 
     /// The token [`SingleFlight::token`] returns without waiting or starting anything:
