@@ -183,9 +183,17 @@ impl ResponseView for Reply {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        // `HeaderName::from(&str)` panics on non-ASCII; `from_str` does not.
-        let name = HeaderName::from_str(name).ok()?;
-        self.0.header(name)?.iter().next().map(HeaderValue::as_str)
+        // Found by comparing names, not through a `HeaderName`: `HeaderName::from_str`
+        // allocates the lower-cased name, and the classifier asks on every response
+        // (issue 18). (`HeaderName::from(&str)` would also panic on non-ASCII.) surf
+        // keeps its names lower-cased, one entry per name.
+        self.0
+            .iter()
+            .find(|(have, _)| have.as_str().eq_ignore_ascii_case(name))?
+            .1
+            .iter()
+            .next()
+            .map(HeaderValue::as_str)
     }
 }
 
@@ -277,6 +285,23 @@ mod tests {
             let mut sent = attempt.into_request();
             assert_eq!(sent.take_body().into_bytes().await.unwrap(), vec![7; 11]);
         });
+    }
+
+    #[test]
+    fn response_headers_are_found_whatever_the_case_of_the_name() {
+        let mut response = surf::http::Response::new(StatusCode::Unauthorized);
+        response.insert_header("WWW-Authenticate", "Bearer error=\"invalid_token\"");
+        response.append_header("x-Two", "first");
+        response.append_header("x-two", "second");
+        let reply = Reply(Response::from(response));
+        for name in ["www-authenticate", "WWW-Authenticate", "Www-Authenticate"] {
+            assert_eq!(reply.header(name), Some("Bearer error=\"invalid_token\""));
+        }
+        assert_eq!(reply.header("X-TWO"), Some("first"));
+        assert_eq!(reply.header("x-three"), None);
+        // Not a header name at all: no answer, no panic.
+        assert_eq!(reply.header("wẁw-authenticate"), None);
+        assert_eq!(reply.header(""), None);
     }
 
     #[test]
