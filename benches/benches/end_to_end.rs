@@ -21,7 +21,8 @@
 //!   round's ratio scatters by about ±7 % on the 2-core VM, so the median of 31 rounds
 //!   moved by ±2 % between runs; 201 rounds take about 2 minutes for all pairs).
 //! - `TOKENFLIGHT_BENCH_PAIRS="tower surf"`: the interleaved rounds of these pairs only
-//!   (`reqwest`, `tower`, `surf`, `reqwest_middleware_only`, `tower_clone_and_box_only`).
+//!   (`reqwest`, `tower`, `surf`, `reqwest_middleware_only`, `tower_clone_and_box_only`,
+//!   `surf_pass_through_only`).
 //! - `TOKENFLIGHT_BENCH_ONLY="<contender> <requests> [in flight]"`: send that many
 //!   requests, one at a time (or in batches of `in flight`), through one contender (e.g.
 //!   `reqwest_tokenflight`) and stop: for `perf stat` and `perf record`, whose counts per
@@ -99,6 +100,13 @@ enum Sender {
         client: surf::Client,
         header: Arc<str>,
     },
+    /// surf's client with one middleware that only passes the request on: what surf's
+    /// middleware stack itself costs (a control row, not a target: surf clones the
+    /// client's middleware list per request and boxes each middleware's future).
+    SurfPassThrough {
+        client: surf::Client,
+        header: Arc<str>,
+    },
     Surf {
         client: surf::Client,
     },
@@ -107,14 +115,16 @@ enum Sender {
 impl Sender {
     fn executor(&self) -> Executor {
         match self {
-            Sender::BareSurf { .. } | Sender::Surf { .. } => Executor::AsyncStd,
+            Sender::BareSurf { .. } | Sender::Surf { .. } | Sender::SurfPassThrough { .. } => {
+                Executor::AsyncStd
+            }
             _ => Executor::Tokio,
         }
     }
 
     async fn get(&self, url: &str) {
         let response = match self {
-            Sender::BareSurf { client, header } => {
+            Sender::BareSurf { client, header } | Sender::SurfPassThrough { client, header } => {
                 let request = client
                     .get(url)
                     .header(surf::http::headers::AUTHORIZATION, &**header);
@@ -176,6 +186,29 @@ impl Sender {
             }
             Err(error) => panic!("request failed: {error}"),
         }
+    }
+}
+
+/// The surf control's middleware: see [`Sender::SurfPassThrough`]. Its future is the
+/// rest of the stack's, as it is (no async block around it).
+#[derive(Debug)]
+struct PassThrough;
+
+impl surf::middleware::Middleware for PassThrough {
+    fn handle<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        request: surf::Request,
+        client: surf::Client,
+        next: surf::middleware::Next<'life1>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = surf::Result<surf::Response>> + Send + 'async_trait>,
+    >
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        next.run(request, client)
     }
 }
 
@@ -380,6 +413,10 @@ fn end_to_end(c: &mut Criterion) {
         client: surf_client.clone(),
         header: Arc::from(format!("Bearer {access}")),
     };
+    let surf_pass_through = Sender::SurfPassThrough {
+        client: surf_client.clone().with(PassThrough),
+        header: Arc::from(format!("Bearer {access}")),
+    };
     let surf_layer = tokenflight_surf::TokenMiddleware::from(AuthPolicy::clone(layer.policy()));
     let surf = Sender::Surf {
         client: surf_client.with(surf_layer),
@@ -394,6 +431,7 @@ fn end_to_end(c: &mut Criterion) {
         ("tower_clone_and_box_only", &clone_and_box),
         ("bare_surf", &bare_surf),
         ("surf_tokenflight", &surf),
+        ("surf_pass_through_only", &surf_pass_through),
     ];
     if let Ok(only) = std::env::var("TOKENFLIGHT_BENCH_ONLY") {
         // For `perf stat` / `perf record` of one client: `<name> <requests>`, sent one
@@ -465,6 +503,8 @@ fn end_to_end(c: &mut Criterion) {
                 // Control: the tower pattern's own cost (clone the service, box the
                 // future), no tokenflight.
                 ("tower_clone_and_box_only", &bare_hyper, &clone_and_box),
+                // Control: surf's middleware stack's own cost, no tokenflight.
+                ("surf_pass_through_only", &bare_surf, &surf_pass_through),
             ];
             let wanted = std::env::var("TOKENFLIGHT_BENCH_PAIRS").ok();
             for (client, bare, layered) in pairs {

@@ -254,6 +254,11 @@ fn end_to_end() {
                 "tower_clone_and_box_only",
                 "bare_hyper",
             ),
+            (
+                "control: surf middleware that only passes the request on",
+                "surf_pass_through_only",
+                "bare_surf",
+            ),
         ];
         for (label, key, bare) in controls {
             let criterion = ratio(
@@ -271,7 +276,10 @@ fn end_to_end() {
          reqwest-middleware's client with no middleware against bare reqwest: the stack's \
          own cost, which any reqwest middleware pays; the tower control is a layer that \
          does only what any tower middleware that may send a request again must (clone \
-         the inner service per call, box its future). The client thread is the one that \
+         the inner service per call, box its future); the surf control is one surf \
+         middleware that only passes the request on (surf then clones the client's \
+         middleware list per request and boxes each middleware's future). The client \
+         thread is the one that \
          polls the requests, where the middleware runs (the connections and the server \
          run on others): the middleware's own cost in situ, caches as a round trip \
          leaves them."
