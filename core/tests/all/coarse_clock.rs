@@ -6,9 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use tokenflight::adapter::RequestOptions;
 use tokenflight::{
-    RefreshContext, SingleFlight, Token, adapter::Clock, from_fn, test_util::ManualClock,
+    AuthPolicy, AuthPolicyBuilder, FlightBuilder, RefreshContext, SingleFlight, Token,
+    adapter::Clock, from_fn, test_util::ManualClock,
 };
+
+use crate::support::{FakeRequest, FakeServer};
 
 const LAG: Duration = Duration::from_millis(4);
 
@@ -39,13 +43,20 @@ impl Clock for LaggingClock {
 }
 
 fn setup(lifetime: Duration, leeway: Duration) -> (Arc<LaggingClock>, SingleFlight) {
+    let (clock, builder) = flight_builder(lifetime, leeway);
+    (clock, builder.build().unwrap())
+}
+
+/// A coordinator whose token "t" expires `lifetime` from now on a [`LaggingClock`]; its
+/// source answers "new".
+fn flight_builder(lifetime: Duration, leeway: Duration) -> (Arc<LaggingClock>, FlightBuilder) {
     let clock = Arc::new(LaggingClock {
         wall: ManualClock::at_fixed_point(),
         lag_ms: AtomicU64::new(0),
         precise_reads: AtomicU32::new(0),
     });
     let token = Token::new("t").expires_in(lifetime, clock.wall.now());
-    let flight = SingleFlight::builder()
+    let builder = SingleFlight::builder()
         .source(from_fn(|_cx: RefreshContext| async {
             Ok(Token::new("new"))
         }))
@@ -54,10 +65,8 @@ fn setup(lifetime: Duration, leeway: Duration) -> (Arc<LaggingClock>, SingleFlig
         .leeway(leeway)
         .refresh_ahead(None)
         .min_refresh_interval(Duration::ZERO)
-        .initial_token(token)
-        .build()
-        .unwrap();
-    (clock, flight)
+        .initial_token(token);
+    (clock, builder)
 }
 
 #[test]
@@ -105,4 +114,46 @@ fn a_wall_clock_step_forward_is_seen_at_once() {
     assert!(flight.valid_token().is_none());
     clock.wall.step_wall_back(Duration::from_secs(600));
     assert!(flight.valid_token().is_some());
+}
+
+/// The middleware's own fast path (it borrows the token instead of cloning it, issue
+/// 18) decides as `valid_token` does: the coarse reading vouches only outside its lag,
+/// and from the leeway on the request waits for a new token (C7).
+#[test]
+fn c7_the_middleware_sends_no_token_within_the_leeway() {
+    let lifetime = Duration::from_secs(600);
+    let leeway = Duration::from_secs(30);
+    let (clock, builder) = flight_builder(lifetime, leeway);
+    let policy = AuthPolicyBuilder::<AuthPolicy>::from_flight(builder)
+        .allow_any_origin()
+        .build()
+        .unwrap();
+    let server = FakeServer::default();
+    let send = || {
+        let response = futures::executor::block_on(policy.send(
+            FakeRequest::get("https://api.example.com/x"),
+            RequestOptions::default(),
+            server.sender(|_| true),
+        ));
+        assert_eq!(response.unwrap().status, 200);
+        server.seen().last().cloned().flatten()
+    };
+    let reads = || clock.precise_reads.load(Ordering::SeqCst);
+    clock
+        .wall
+        .advance(lifetime - leeway - Duration::from_millis(1));
+    clock.lag_ms.store(4, Ordering::SeqCst);
+    assert_eq!(send().as_deref(), Some("Bearer t"));
+    assert_eq!(reads(), 0, "the coarse reading vouches for the token");
+    clock.lag_ms.store(0, Ordering::SeqCst);
+    assert_eq!(send().as_deref(), Some("Bearer t"));
+    assert!(reads() > 0, "within the lag the precise clock decides");
+    clock.wall.advance(Duration::from_millis(1));
+    clock.lag_ms.store(4, Ordering::SeqCst);
+    assert_eq!(
+        send().as_deref(),
+        Some("Bearer new"),
+        "at the leeway: refreshed first"
+    );
+    assert_eq!(policy.stats().source_calls, 1);
 }
