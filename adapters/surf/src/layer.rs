@@ -2,9 +2,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use futures_util::TryFutureExt;
+use futures_util::{FutureExt, TryFutureExt};
 use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
@@ -165,28 +165,39 @@ impl TokenMiddleware {
         next: Next<'a>,
     ) -> impl Future<Output = surf::Result<Response>> + Send + 'a {
         let placement = self.auth.placement();
-        // The URLs that went out with a query token, to find it in errors (C12).
-        let sent = Mutex::new(Vec::new());
-        async move {
-            let result = self
-                .auth
-                .send(attempt, options, |attempt: Attempt| {
-                    if matches!(placement, Placement::Query { .. }) {
-                        sent.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(attempt.url().clone());
-                    }
-                    // The rest of the stack's future as it is (boxed by surf), not
-                    // wrapped in an async block that would hold the request again.
-                    next.run(attempt.into_request(), client.clone())
-                        .map_ok(Reply)
+        // The URLs that went out with a query token, to find it in errors (C12): only
+        // query placement puts the token in a URL.
+        let sent = matches!(placement, Placement::Query { .. })
+            .then(|| Arc::new(Mutex::new(Vec::<Url>::new())));
+        let record = sent.clone();
+        // No async block around the core's future: it would be built on the stack and
+        // copied into the block's state, 2 KB per request (issue 18); `map` takes it as
+        // it is.
+        self.auth
+            .send(attempt, options, move |attempt: Attempt| {
+                if let Some(record) = &record {
+                    record
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(attempt.url().clone());
+                }
+                // The rest of the stack's future as it is (boxed by surf), not wrapped
+                // in an async block that would hold the request again.
+                next.run(attempt.into_request(), client.clone())
+                    .map_ok(Reply)
+            })
+            .map(move |result| {
+                result.map(|Reply(response)| response).map_err(|error| {
+                    let sent = sent
+                        .map(|sent| {
+                            std::mem::take(
+                                &mut *sent.lock().unwrap_or_else(PoisonError::into_inner),
+                            )
+                        })
+                        .unwrap_or_default();
+                    redact(to_surf_error(error), placement, &sent)
                 })
-                .await;
-            let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
-            result
-                .map(|Reply(response)| response)
-                .map_err(|e| redact(to_surf_error(e), placement, &sent))
-        }
+            })
     }
 }
 
