@@ -7,8 +7,9 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use futures_util::future::Either;
 use tracing::field::Empty;
@@ -20,7 +21,7 @@ use crate::flight::SingleFlight;
 use crate::keyed::{KeyedFlights, TokenKey, factory_failed};
 use crate::observe::{RequestAuthorized, RequestResent};
 use crate::policy::{
-    AllowedOrigins, BodyPredicate, Classifier, HeaderCache, Placement, SkipRoutes,
+    AllowedOrigins, BodyPredicate, Classifier, HeaderCache, Placement, SentTo, SkipRoutes,
 };
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
@@ -472,10 +473,12 @@ impl AuthPolicy {
     }
 }
 
-/// [`AuthPolicy::send`] and [`AuthPolicy::send_owned`]: a plain fn returning an `async
-/// move` block, not an `async fn`, which keeps each argument twice in its state (the
-/// captured argument and the local it is moved into); the request is the largest thing
-/// here (issue 18).
+/// [`AuthPolicy::send`] and [`AuthPolicy::send_owned`]: a hand-written future for the
+/// common road (a token at once, one send, a response that rejects nothing), the rare
+/// roads in one boxed `async fn` ([`slow_road`]). An `async` block kept each argument in
+/// its state for its whole life, so the request was held three times (the argument, the
+/// replay copy, inside the send future), and its state machine, entered twice per
+/// request, was the largest code the middleware ran (issue 18).
 fn send_via<P, Req, Resp, E, F, Fut>(
     policy: P,
     request: Req,
@@ -489,80 +492,326 @@ where
     F: FnMut(Req) -> Fut,
     Fut: Future<Output = Result<Resp, E>>,
 {
-    let (mut request, mut send) = (request, send);
-    async move {
-        let policy: &AuthPolicy = policy.borrow();
-        if options.skip_auth || policy.inner.rules.skip.skips_request(&request) {
-            return send(request).await.map_err(AuthError::Transport);
+    SendFuture {
+        policy: Some(policy),
+        send: Some(send),
+        make_slow: slow_road::<P, Req, Resp, E, F, Fut>,
+        step: Step::Start { request, options },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`send_via`]. `Slow` is the type of [`slow_road`]'s future, named through
+    /// `make_slow` (the function itself), so it is boxed without `dyn` (which would
+    /// need `Send` decided here).
+    struct SendFuture<P, Req, F, Fut, Make, Slow> {
+        // Both handed to the slow road when it is taken.
+        policy: Option<P>,
+        send: Option<F>,
+        make_slow: Make,
+        #[pin]
+        step: Step<Req, Fut, Slow>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StepProj]
+    #[project_replace = StepOwned]
+    enum Step<Req, Fut, Slow> {
+        // Not yet polled: nothing is decided before the first poll.
+        Start { request: Req, options: RequestOptions },
+        // The request is out. `sent: None`: it goes without a token (skipped, or to an
+        // origin not allowed), and its response is not classified.
+        Sending {
+            #[pin]
+            future: Either<Fut, Instrumented<Fut>>,
+            sent: Option<Sent<Req>>,
+        },
+        // A rare road: waiting for a token, reading a body, resending.
+        Slow { future: Pin<Box<Slow>> },
+        Done,
+    }
+}
+
+/// What a request that went out with a token needs when its response comes.
+struct Sent<Req> {
+    replay: Option<Req>,
+    generation: u64,
+    span: Span,
+    sent_to: SentTo,
+}
+
+/// Where a request leaves [`SendFuture`]'s common road.
+enum Road<Req, Resp> {
+    /// Before the first send: no token at once, a forced refresh, or a keyed policy.
+    Start {
+        request: Req,
+        options: RequestOptions,
+        span: Span,
+    },
+    /// A response the head alone does not clear (a rejection, or a body to read).
+    Classify { response: Resp, sent: Sent<Req> },
+}
+
+/// What the first poll decided.
+enum Begin<Req, Fut> {
+    Send(Either<Fut, Instrumented<Fut>>, Option<Sent<Req>>),
+    Slow(Req, RequestOptions, Span),
+}
+
+impl<P, Req, Resp, E, F, Fut, Make, Slow> Future for SendFuture<P, Req, F, Fut, Make, Slow>
+where
+    P: Borrow<AuthPolicy>,
+    Req: AuthRequest,
+    Resp: AuthResponse,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, E>>,
+    Make: Fn(P, F, Road<Req, Resp>) -> Slow,
+    Slow: Future<Output = Result<Resp, AuthError<E>>>,
+{
+    type Output = Result<Resp, AuthError<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let road = match this.step.as_mut().project() {
+                StepProj::Start { .. } => {
+                    let StepOwned::Start { request, options } =
+                        this.step.as_mut().project_replace(Step::Done)
+                    else {
+                        unreachable!("the step was Start")
+                    };
+                    let (Some(policy), Some(send)) = (this.policy.as_ref(), this.send.as_mut())
+                    else {
+                        unreachable!("the policy and send leave only with the slow road")
+                    };
+                    match begin(policy.borrow(), request, options, send) {
+                        Ok(Begin::Send(future, sent)) => {
+                            this.step.set(Step::Sending { future, sent });
+                            continue;
+                        }
+                        Ok(Begin::Slow(request, options, span)) => Road::Start {
+                            request,
+                            options,
+                            span,
+                        },
+                        Err(error) => return Poll::Ready(Err(error)),
+                    }
+                }
+                StepProj::Sending { future, .. } => {
+                    let result = ready!(future.poll(cx));
+                    let StepOwned::Sending { sent, .. } =
+                        this.step.as_mut().project_replace(Step::Done)
+                    else {
+                        unreachable!("the step was Sending")
+                    };
+                    let response = match result {
+                        Ok(response) => response,
+                        Err(error) => return Poll::Ready(Err(AuthError::Transport(error))),
+                    };
+                    let Some(sent) = sent else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    let Some(policy) = this.policy.as_ref() else {
+                        unreachable!("the policy leaves only with the slow road")
+                    };
+                    match policy.borrow().verdict(response, sent) {
+                        Ok(response) => return Poll::Ready(Ok(response)),
+                        Err((response, sent)) => Road::Classify { response, sent },
+                    }
+                }
+                StepProj::Slow { future } => {
+                    let output = ready!(future.as_mut().poll(cx));
+                    this.step.set(Step::Done);
+                    return Poll::Ready(output);
+                }
+                StepProj::Done => panic!("tokenflight's send future polled after it completed"),
+            };
+            let (Some(policy), Some(send)) = (this.policy.take(), this.send.take()) else {
+                unreachable!("the slow road is taken once")
+            };
+            let future = Box::pin((this.make_slow)(policy, send, road));
+            this.step.set(Step::Slow { future });
         }
-        // Also where the response must come from to be a verdict on the token.
-        let Some(sent_to) = policy.inner.rules.origins.admit(request.origin_url()) else {
+    }
+}
+
+/// The first poll: the request sent at once (without a token, or with the current one),
+/// or the slow road. Errors: the token cannot be a header value.
+fn begin<Req, Resp, E, F, Fut>(
+    policy: &AuthPolicy,
+    mut request: Req,
+    options: RequestOptions,
+    send: &mut F,
+) -> Result<Begin<Req, Fut>, AuthError<E>>
+where
+    Req: AuthRequest,
+    Resp: AuthResponse,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    let rules = &policy.inner.rules;
+    if options.skip_auth || rules.skip.skips_request(&request) {
+        return Ok(Begin::Send(Either::Left(send(request)), None));
+    }
+    // Also where the response must come from to be a verdict on the token.
+    let Some(sent_to) = rules.origins.admit(request.origin_url()) else {
+        return Ok(Begin::Send(Either::Left(send(request)), None));
+    };
+    let span = request_span();
+    // Only a policy with one token takes the common road (a keyed one looks its key
+    // up; a key on a policy with one token is refused, on the slow road).
+    let Flights::One(flight) = &policy.inner.flights else {
+        return Ok(Begin::Slow(request, options, span));
+    };
+    if options.force_refresh || options.key.is_some() {
+        return Ok(Begin::Slow(request, options, span));
+    }
+    // A copy to resend only if a response can reject the token at all. Made before the
+    // token is attached: the copy gets the newer token if it is ever sent.
+    let replay = if rules.classifier.can_reject() {
+        request.try_clone()
+    } else {
+        None
+    };
+    // The token is lent, not cloned: after attaching it the request needs only its
+    // generation.
+    let attached = flight.with_ready_token(|token| {
+        rules
+            .placement
+            .attach_cached(&policy.inner.header, &mut request, token)
+            .map(|()| token.generation())
+    });
+    let Some(attached) = attached else {
+        // No token at once. The copy is made again after the wait (rare).
+        return Ok(Begin::Slow(request, options, span));
+    };
+    let generation = attached?;
+    policy.authorized_at_once(flight, &span, generation);
+    let future = traced(send(request), &span);
+    let sent = Sent {
+        replay,
+        generation,
+        span,
+        sent_to,
+    };
+    Ok(Begin::Send(future, Some(sent)))
+}
+
+impl AuthPolicy {
+    /// The verdict on a response to a request that carried a token, from its head:
+    /// `Ok` to return it as it is, `Err` (the response back) to classify it on the
+    /// slow road (a rejection, or a body to read).
+    #[allow(clippy::type_complexity)]
+    fn verdict<Req, Resp: AuthResponse>(
+        &self,
+        response: Resp,
+        sent: Sent<Req>,
+    ) -> Result<Resp, (Resp, Sent<Req>)> {
+        let rules = &self.inner.rules;
+        if response.final_url().is_some_and(|url| {
+            !sent.sent_to.is_origin_of(&rules.origins, url) || !rules.placement.may_carry_token(url)
+        }) {
+            tracing::debug!("the response comes from where the token did not go; not classified");
+            return Ok(response);
+        }
+        if rules.classifier.head_rejects(&response)
+            || rules.classifier.body_rule_for(&response).is_some()
+        {
+            return Err((response, sent));
+        }
+        // Not even a call when nobody looks (issue 18: recording on a span without
+        // metadata still ran tracing's record path, cold, on every request).
+        if !sent.span.is_none() {
+            sent.span.record("resent", false);
+        }
+        Ok(response)
+    }
+
+    /// The slow road from the start: the token (waiting for it if need be), the send,
+    /// then [`finish`](Self::finish).
+    async fn send_slowly<Req, Resp, E, F, Fut>(
+        &self,
+        mut request: Req,
+        options: RequestOptions,
+        span: Span,
+        mut send: F,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let flight = self.flight_for(&request, options.key.as_ref())?;
+        let flight = flight.get();
+        let rules = &self.inner.rules;
+        let Some(sent_to) = rules.origins.admit(request.origin_url()) else {
             return send(request).await.map_err(AuthError::Transport);
         };
-        let span = request_span();
-        let flight = policy.flight_for(&request, options.key.as_ref())?;
-        let flight = flight.get();
-        // A copy to resend only if a response can reject the token at all. Made before
-        // the token is attached: the copy gets the newer token if it is ever sent.
-        let rules = &policy.inner.rules;
+        let token = match options.force_refresh {
+            false => flight.ready_token(),
+            true => None,
+        };
+        let token = match token {
+            Some(token) => {
+                self.authorized_at_once(flight, &span, token.generation());
+                token
+            }
+            None => {
+                self.authorize(flight, options.force_refresh, &span)
+                    .instrument(span.clone())
+                    .await?
+            }
+        };
         let replay = if rules.classifier.can_reject() {
             request.try_clone()
         } else {
             None
         };
-        let header = &policy.inner.header;
-        // The token is lent, not cloned, on the fast path: after attaching it the
-        // request needs only its generation (issue 18).
-        let attached = match options.force_refresh {
-            true => None,
-            false => flight.with_ready_token(|token| {
-                rules
-                    .placement
-                    .attach_cached(header, &mut request, token)
-                    .map(|()| token.generation())
-            }),
-        };
-        // The rare roads (waiting for a refresh, reading a body, resending) are boxed:
-        // inline, their states made this future about 2 KB, copied when the adapter
-        // boxes it and again when it is awaited, on every request (issue 18).
-        let generation = match attached {
-            Some(attached) => {
-                let generation = attached?;
-                policy.authorized_at_once(flight, &span, generation);
-                generation
-            }
-            None => {
-                let token = Box::pin(
-                    policy
-                        .authorize(flight, options.force_refresh, &span)
-                        .instrument(span.clone()),
-                )
-                .await?;
-                rules
-                    .placement
-                    .attach_cached(header, &mut request, &token)?;
-                token.generation()
-            }
-        };
+        rules
+            .placement
+            .attach_cached(&self.inner.header, &mut request, &token)?;
+        let generation = token.generation();
+        drop(token);
         let response = traced(send(request), &span)
             .await
             .map_err(AuthError::Transport)?;
-        if response
-            .final_url()
-            .is_some_and(|url| !sent_to.is_origin_of(url) || !rules.placement.may_carry_token(url))
-        {
-            tracing::debug!("the response comes from where the token did not go; not classified");
-            return Ok(response);
-        }
-        let (response, rejected) = match policy.classify_head(response) {
-            Ok(verdict) => verdict,
-            Err((response, limit, predicate)) => {
-                Box::pin(classify_body(response, limit, predicate)).await
-            }
+        let sent = Sent {
+            replay,
+            generation,
+            span,
+            sent_to,
         };
+        match self.verdict(response, sent) {
+            Ok(response) => Ok(response),
+            Err((response, sent)) => self.finish(flight, response, sent, send).await,
+        }
+    }
+
+    /// A response the head did not clear: classified (reading the body if the rule
+    /// says so); if rejected, the one resend ([C3](crate#c3), [C4](crate#c4)).
+    async fn finish<Req, Resp, E, F, Fut>(
+        &self,
+        flight: &SingleFlight,
+        response: Resp,
+        sent: Sent<Req>,
+        send: F,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let Sent {
+            replay,
+            generation,
+            span,
+            ..
+        } = sent;
+        let (response, rejected) = self.classify(response).await;
         if !rejected {
-            // Not even a call when nobody looks (issue 18: recording on a span without
-            // metadata still ran tracing's record path, cold, on every request).
             if !span.is_none() {
                 span.record("resent", false);
             }
@@ -578,7 +827,38 @@ where
             return Ok(response);
         };
         drop(response);
-        Box::pin(policy.resend_after_rejection(flight, replay, generation, span, send)).await
+        self.resend_after_rejection(flight, replay, generation, span, send)
+            .await
+    }
+}
+
+/// Every rare road of [`send_via`], as one `async fn` (its future is boxed there).
+async fn slow_road<P, Req, Resp, E, F, Fut>(
+    policy: P,
+    send: F,
+    road: Road<Req, Resp>,
+) -> Result<Resp, AuthError<E>>
+where
+    P: Borrow<AuthPolicy>,
+    Req: AuthRequest,
+    Resp: AuthResponse,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    let policy: &AuthPolicy = policy.borrow();
+    match road {
+        Road::Start {
+            request,
+            options,
+            span,
+        } => policy.send_slowly(request, options, span, send).await,
+        Road::Classify { response, sent } => {
+            // Only a policy with one token takes the common road.
+            let Some(flight) = policy.flight() else {
+                return Ok(response);
+            };
+            policy.finish(flight, response, sent, send).await
+        }
     }
 }
 

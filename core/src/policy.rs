@@ -334,14 +334,15 @@ impl AllowedOrigins {
     }
 
     /// The origin a request to `url` goes to, if it may carry the token: the listed
-    /// origin it matched (borrowed: no allocation per request, issue 18), or with
+    /// origin it matched (by its place in the list: no allocation per request, and the
+    /// answer borrows nothing, so a request's future can keep it; issue 18), or with
     /// [`AllowedOrigins::Any`] the URL's own.
-    pub(crate) fn admit(&self, url: &Url) -> Option<SentTo<'_>> {
+    pub(crate) fn admit(&self, url: &Url) -> Option<SentTo> {
         match self {
             AllowedOrigins::Any => Some(SentTo::Built(url.origin())),
             AllowedOrigins::List(origins) => origins
                 .iter()
-                .find(|o| same_origin(o, url))
+                .position(|o| same_origin(o, url))
                 .map(SentTo::Listed),
         }
     }
@@ -349,19 +350,23 @@ impl AllowedOrigins {
 
 /// The origin a request (and its token) went to; see [`AllowedOrigins::admit`].
 #[derive(Debug)]
-pub(crate) enum SentTo<'a> {
-    /// One of the allowed origins.
-    Listed(&'a Origin),
+pub(crate) enum SentTo {
+    /// The allowed origin at this place in the list.
+    Listed(usize),
     /// Any origin is allowed: the request URL's own.
     Built(Origin),
 }
 
-impl SentTo<'_> {
-    /// Whether `url` has this origin.
-    pub(crate) fn is_origin_of(&self, url: &Url) -> bool {
-        match self {
-            SentTo::Listed(origin) => same_origin(origin, url),
-            SentTo::Built(origin) => url.origin() == *origin,
+impl SentTo {
+    /// Whether `url` has this origin (`origins`: the list that admitted the request).
+    pub(crate) fn is_origin_of(&self, origins: &AllowedOrigins, url: &Url) -> bool {
+        match (self, origins) {
+            (SentTo::Listed(at), AllowedOrigins::List(list)) => {
+                list.get(*at).is_some_and(|origin| same_origin(origin, url))
+            }
+            (SentTo::Built(origin), _) => url.origin() == *origin,
+            // Admitted by another list than this one: not the same origin.
+            (SentTo::Listed(_), AllowedOrigins::Any) => false,
         }
     }
 }
@@ -926,15 +931,18 @@ mod origin_tests {
         ]);
         let url = Url::parse("https://api.example.com/x").unwrap();
         let sent_to = list.admit(&url).unwrap();
-        assert!(sent_to.is_origin_of(&Url::parse("https://api.example.com:443/y").unwrap()));
-        assert!(!sent_to.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
+        assert!(sent_to.is_origin_of(&list, &Url::parse("https://api.example.com:443/y").unwrap()));
+        assert!(!sent_to.is_origin_of(&list, &Url::parse("https://other.example.com/").unwrap()));
         assert!(
             list.admit(&Url::parse("http://api.example.com/").unwrap())
                 .is_none()
         );
         let any = AllowedOrigins::Any.admit(&url).unwrap();
-        assert!(any.is_origin_of(&url));
-        assert!(!any.is_origin_of(&Url::parse("https://other.example.com/").unwrap()));
+        assert!(any.is_origin_of(&AllowedOrigins::Any, &url));
+        assert!(!any.is_origin_of(
+            &AllowedOrigins::Any,
+            &Url::parse("https://other.example.com/").unwrap()
+        ));
     }
 }
 
