@@ -539,16 +539,25 @@ struct Sent<Req> {
     generation: u64,
     span: Span,
     sent_to: SentTo,
+    /// The request's key's coordinator; `None`: the policy's one.
+    keyed: Option<SingleFlight>,
+}
+
+/// A request that will carry a token but has none yet (no token at once, or a forced
+/// refresh), with what the first poll found out about it.
+struct Unsent<Req> {
+    request: Req,
+    force_refresh: bool,
+    span: Span,
+    sent_to: SentTo,
+    /// As in [`Sent`].
+    keyed: Option<SingleFlight>,
 }
 
 /// Where a request leaves [`SendFuture`]'s common road.
 enum Road<Req, Resp> {
-    /// Before the first send: no token at once, a forced refresh, or a keyed policy.
-    Start {
-        request: Req,
-        options: RequestOptions,
-        span: Span,
-    },
+    /// Before the first send: waiting for a token.
+    Start(Unsent<Req>),
     /// A response the head alone does not clear (a rejection, or a body to read).
     Classify { response: Resp, sent: Sent<Req> },
 }
@@ -556,7 +565,7 @@ enum Road<Req, Resp> {
 /// What the first poll decided.
 enum Begin<Req, Fut> {
     Send(Either<Fut, Instrumented<Fut>>, Option<Sent<Req>>),
-    Slow(Req, RequestOptions, Span),
+    Slow(Unsent<Req>),
 }
 
 impl<P, Req, Resp, E, F, Fut, Make, Slow> Future for SendFuture<P, Req, F, Fut, Make, Slow>
@@ -590,11 +599,7 @@ where
                             this.step.set(Step::Sending { future, sent });
                             continue;
                         }
-                        Ok(Begin::Slow(request, options, span)) => Road::Start {
-                            request,
-                            options,
-                            span,
-                        },
+                        Ok(Begin::Slow(unsent)) => Road::Start(unsent),
                         Err(error) => return Poll::Ready(Err(error)),
                     }
                 }
@@ -659,13 +664,16 @@ where
         return Ok(Begin::Send(Either::Left(send(request)), None));
     };
     let span = request_span();
-    // Only a policy with one token takes the common road (a keyed one looks its key
-    // up; a key on a policy with one token is refused, on the slow road).
-    let Flights::One(flight) = &policy.inner.flights else {
-        return Ok(Begin::Slow(request, options, span));
-    };
-    if options.force_refresh || options.key.is_some() {
-        return Ok(Begin::Slow(request, options, span));
+    let flight = policy.flight_for(&request, options.key.as_ref())?;
+    if options.force_refresh {
+        let keyed = flight.into_keyed();
+        return Ok(Begin::Slow(Unsent {
+            request,
+            force_refresh: true,
+            span,
+            sent_to,
+            keyed,
+        }));
     }
     // A copy to resend only if a response can reject the token at all. Made before the
     // token is attached: the copy gets the newer token if it is ever sent.
@@ -676,7 +684,7 @@ where
     };
     // The token is lent, not cloned: after attaching it the request needs only its
     // generation.
-    let attached = flight.with_ready_token(|token| {
+    let attached = flight.get().with_ready_token(|token| {
         rules
             .placement
             .attach_cached(&policy.inner.header, &mut request, token)
@@ -684,16 +692,24 @@ where
     });
     let Some(attached) = attached else {
         // No token at once. The copy is made again after the wait (rare).
-        return Ok(Begin::Slow(request, options, span));
+        let keyed = flight.into_keyed();
+        return Ok(Begin::Slow(Unsent {
+            request,
+            force_refresh: false,
+            span,
+            sent_to,
+            keyed,
+        }));
     };
     let generation = attached?;
-    policy.authorized_at_once(flight, &span, generation);
+    policy.authorized_at_once(flight.get(), &span, generation);
     let future = traced(send(request), &span);
     let sent = Sent {
         replay,
         generation,
         span,
         sent_to,
+        keyed: flight.into_keyed(),
     };
     Ok(Begin::Send(future, Some(sent)))
 }
@@ -728,13 +744,12 @@ impl AuthPolicy {
         Ok(response)
     }
 
-    /// The slow road from the start: the token (waiting for it if need be), the send,
-    /// then [`finish`](Self::finish).
+    /// The slow road from the start: the token (waiting for it), the send, then
+    /// [`finish`](Self::finish).
     async fn send_slowly<Req, Resp, E, F, Fut>(
         &self,
-        mut request: Req,
-        options: RequestOptions,
-        span: Span,
+        flight: &SingleFlight,
+        unsent: Unsent<Req>,
         mut send: F,
     ) -> Result<Resp, AuthError<E>>
     where
@@ -743,27 +758,18 @@ impl AuthPolicy {
         F: FnMut(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
     {
-        let flight = self.flight_for(&request, options.key.as_ref())?;
-        let flight = flight.get();
+        let Unsent {
+            mut request,
+            force_refresh,
+            span,
+            sent_to,
+            keyed,
+        } = unsent;
+        let token = self
+            .authorize(flight, force_refresh, &span)
+            .instrument(span.clone())
+            .await?;
         let rules = &self.inner.rules;
-        let Some(sent_to) = rules.origins.admit(request.origin_url()) else {
-            return send(request).await.map_err(AuthError::Transport);
-        };
-        let token = match options.force_refresh {
-            false => flight.ready_token(),
-            true => None,
-        };
-        let token = match token {
-            Some(token) => {
-                self.authorized_at_once(flight, &span, token.generation());
-                token
-            }
-            None => {
-                self.authorize(flight, options.force_refresh, &span)
-                    .instrument(span.clone())
-                    .await?
-            }
-        };
         let replay = if rules.classifier.can_reject() {
             request.try_clone()
         } else {
@@ -782,6 +788,7 @@ impl AuthPolicy {
             generation,
             span,
             sent_to,
+            keyed,
         };
         match self.verdict(response, sent) {
             Ok(response) => Ok(response),
@@ -846,19 +853,18 @@ where
     Fut: Future<Output = Result<Resp, E>>,
 {
     let policy: &AuthPolicy = policy.borrow();
+    let keyed = match &road {
+        Road::Start(unsent) => &unsent.keyed,
+        Road::Classify { sent, .. } => &sent.keyed,
+    };
+    // The request's coordinator, as the first poll found it (a clone: the slow road is
+    // rare).
+    let Some(flight) = keyed.as_ref().or(policy.flight()).cloned() else {
+        unreachable!("a keyed policy gives each request its key's coordinator")
+    };
     match road {
-        Road::Start {
-            request,
-            options,
-            span,
-        } => policy.send_slowly(request, options, span, send).await,
-        Road::Classify { response, sent } => {
-            // Only a policy with one token takes the common road.
-            let Some(flight) = policy.flight() else {
-                return Ok(response);
-            };
-            policy.finish(flight, response, sent, send).await
-        }
+        Road::Start(unsent) => policy.send_slowly(&flight, unsent, send).await,
+        Road::Classify { response, sent } => policy.finish(&flight, response, sent, send).await,
     }
 }
 
@@ -920,6 +926,14 @@ impl MaybeOwned<'_> {
         match self {
             MaybeOwned::Borrowed(flight) => flight,
             MaybeOwned::Owned(flight) => flight,
+        }
+    }
+
+    /// A key's coordinator, to keep; `None` for the policy's own (found again there).
+    fn into_keyed(self) -> Option<SingleFlight> {
+        match self {
+            MaybeOwned::Borrowed(_) => None,
+            MaybeOwned::Owned(flight) => Some(flight),
         }
     }
 }

@@ -430,12 +430,7 @@ impl SingleFlight {
     /// Allocation-free either way.
     #[inline]
     pub(crate) fn ready_token(&self) -> Option<Arc<Token>> {
-        if let Some(token) = self.fast_token() {
-            return Some(token);
-        }
-        let now = self.now();
-        self.usable_at(now)
-            .filter(|token| !self.in_refresh_ahead_window(token, now))
+        self.with_ready_token(Arc::clone)
     }
 
     fn usable_at(&self, now: SystemTime) -> Option<Arc<Token>> {
