@@ -675,13 +675,7 @@ where
             keyed,
         }));
     }
-    // A copy to resend only if a response can reject the token at all. Made before the
-    // token is attached: the copy gets the newer token if it is ever sent.
-    let replay = if rules.classifier.can_reject() {
-        request.try_clone()
-    } else {
-        None
-    };
+    let replay = policy.replay_copy(&request);
     // The token is lent, not cloned: after attaching it the request needs only its
     // generation.
     let attached = flight.get().with_ready_token(|token| {
@@ -715,6 +709,16 @@ where
 }
 
 impl AuthPolicy {
+    /// A copy to resend, only if a response can reject the token at all. Taken before
+    /// the token is attached: the copy gets the newer token if it is ever sent.
+    fn replay_copy<Req: AuthRequest>(&self, request: &Req) -> Option<Req> {
+        if self.inner.rules.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        }
+    }
+
     /// The verdict on a response to a request that carried a token, from its head:
     /// `Ok` to return it as it is, `Err` (the response back) to classify it on the
     /// slow road (a rejection, or a body to read).
@@ -769,13 +773,9 @@ impl AuthPolicy {
             .authorize(flight, force_refresh, &span)
             .instrument(span.clone())
             .await?;
-        let rules = &self.inner.rules;
-        let replay = if rules.classifier.can_reject() {
-            request.try_clone()
-        } else {
-            None
-        };
-        rules
+        let replay = self.replay_copy(&request);
+        self.inner
+            .rules
             .placement
             .attach_cached(&self.inner.header, &mut request, &token)?;
         let generation = token.generation();
