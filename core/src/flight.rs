@@ -996,6 +996,13 @@ impl SingleFlight {
         let kind = match &mut state.failure {
             Failure::AuthLost { error, checked } => {
                 if only_if_idle || mono.saturating_duration_since(*checked) < min_interval {
+                    // C16 whatever the failure: a token that has not really expired
+                    // still serves, as in backoff; the error only once it has.
+                    if reason != RefreshReason::Forced {
+                        if let Some(token) = self.still_valid_current(now) {
+                            return Joined::Ready(token);
+                        }
+                    }
                     return Joined::Failed(Error::ReauthenticationRequired {
                         cause: error.clone(),
                     });

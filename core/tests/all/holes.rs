@@ -840,6 +840,51 @@ fn c16_no_caller_fails_while_a_usable_token_exists() {
     );
 }
 
+/// A permanent failure (`invalid_grant`) while the old token is inside its leeway but
+/// not yet expired: every caller gets the old token until it really expires, not only
+/// the ones who waited for the failed flight. (The fail-fast answer of
+/// "re-authentication required" used to come before the look at the still-valid token,
+/// so the next caller at the same instant got an error.)
+#[test]
+fn c16_a_permanent_failure_inside_the_leeway_serves_the_token_until_it_expires() {
+    let clock = ManualClock::at_fixed_point();
+    let source =
+        ScriptedSource::new(&clock, Step::Permanent).then(Step::Ok(Duration::from_secs(60)));
+    let lost = Arc::new(AtomicUsize::new(0));
+    let hook = Arc::clone(&lost);
+    let flight = builder(&clock, &source)
+        .on_auth_lost(move |_| {
+            hook.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    let first = futures::executor::block_on(flight.token()).unwrap();
+    // 57 s: past refresh-ahead and inside the 6 s leeway, not expired.
+    clock.advance(Duration::from_secs(57));
+    let waited = futures::executor::block_on(flight.token()).unwrap();
+    assert!(Arc::ptr_eq(&waited, &first), "the flight's waiter");
+    assert_eq!(source.calls(), 2);
+    assert!(flight.is_auth_lost());
+    assert_eq!(lost.load(Ordering::SeqCst), 1);
+    for _ in 0..3 {
+        let next = futures::executor::block_on(flight.token()).unwrap();
+        assert!(Arc::ptr_eq(&next, &first), "a caller after the failure");
+    }
+    clock.advance(Duration::from_secs(2));
+    let later = futures::executor::block_on(flight.token()).unwrap();
+    assert!(Arc::ptr_eq(&later, &first), "still not expired");
+    assert_eq!(source.calls(), 2, "no second call of a source that said no");
+    clock.advance(Duration::from_secs(2));
+    assert!(
+        matches!(
+            futures::executor::block_on(flight.token()),
+            Err(Error::ReauthenticationRequired { .. })
+        ),
+        "expired: now re-authentication is required"
+    );
+    assert_eq!(lost.load(Ordering::SeqCst), 1, "the hook fired once");
+}
+
 #[test]
 fn c16_refresh_ahead_failures_are_invisible() {
     let clock = ManualClock::at_fixed_point();
