@@ -260,9 +260,9 @@ impl SingleFlight {
     /// Ends "re-authentication required" and any backoff, as a flight that adopted
     /// the same token from the store would.
     fn adopt_pushed(&self, token: Token) {
-        if token.generation() > MAX_GENERATION {
+        let Some(token) = sane(Some(token)) else {
             return;
-        }
+        };
         let now = self.now();
         if !self.is_usable(&token, now) {
             return;
@@ -1550,14 +1550,15 @@ impl SingleFlight {
                 // fleet uses that one (an unlocked read: this guard's lease is gone).
                 // Otherwise keep ours: the server issued it and its rotated refresh
                 // token may be the only live one.
-                match within(store.load(), deadline).await {
-                    Some(Ok(Some(stored)))
-                        if stored.generation() >= token.generation()
-                            && stored.generation() <= MAX_GENERATION =>
-                    {
-                        Ok(Arc::new(stamp(stored, now)))
+                let newer = match within(store.load(), deadline).await {
+                    Some(Ok(stored)) => {
+                        sane(stored).filter(|stored| stored.generation() >= token.generation())
                     }
-                    _ => {
+                    _ => None,
+                };
+                match newer {
+                    Some(stored) => Ok(Arc::new(stamp(stored, now))),
+                    None => {
                         tracing::warn!("refresh lock lease lost; keeping the new token in memory");
                         Ok(token)
                     }
@@ -1594,6 +1595,7 @@ impl SingleFlight {
             });
         let sleep = self.inner.parts.timer.sleep(timeout);
         match future::select(std::pin::pin!(call), sleep).await {
+            Either::Left((Ok(token), _)) if !token.is_sendable() => Err(unsendable()),
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => Err(RefreshError::transient_because(
                 Cause::Timeout,
@@ -1755,7 +1757,8 @@ fn stamp(token: Token, now: SystemTime) -> Token {
     }
 }
 
-/// A stored token with a generation beyond [`MAX_GENERATION`] is corrupt: ignored.
+/// A stored token with a generation beyond [`MAX_GENERATION`], or one that cannot be
+/// sent ([`Token::is_sendable`]), is corrupt: ignored (the next save replaces it).
 fn sane(stored: Option<Token>) -> Option<Token> {
     match stored {
         Some(token) if token.generation() > MAX_GENERATION => {
@@ -1764,8 +1767,24 @@ fn sane(stored: Option<Token>) -> Option<Token> {
             );
             None
         }
+        Some(token) if !token.is_sendable() => {
+            tracing::warn!(
+                "the stored access token has characters no request can carry; ignoring it (the next save replaces it)"
+            );
+            None
+        }
         other => other,
     }
+}
+
+/// A source answered with an access token no request can carry ([`Token::is_sendable`]):
+/// transient, as a malformed answer of the token endpoint is (the next attempt may get a
+/// good one). The message never shows the token.
+fn unsendable() -> RefreshError {
+    RefreshError::transient_because(
+        Cause::TokenSource,
+        "the token source returned an access token with characters no HTTP request can carry (control characters or non-ASCII); refused",
+    )
 }
 
 /// `at + delay`, saturating instead of overflowing ([C16](crate#c16)).

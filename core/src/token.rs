@@ -141,6 +141,18 @@ impl Token {
         &self.access
     }
 
+    /// Whether the access secret can be sent at all: only the characters RFC 6749
+    /// allows in an access token (VSCHAR, `%x20-7E`). A control character or a
+    /// non-ASCII byte would make every request fail to build its header, and a token
+    /// that never reaches a server is never rejected by one, so the coordinator
+    /// refuses such a token where it arrives instead of serving it until it expires.
+    pub(crate) fn is_sendable(&self) -> bool {
+        self.access
+            .expose()
+            .bytes()
+            .all(|byte| (0x20..=0x7e).contains(&byte))
+    }
+
     /// The refresh secret, if any.
     pub fn refresh(&self) -> Option<&Secret> {
         self.refresh.as_ref()

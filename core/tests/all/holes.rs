@@ -1082,3 +1082,71 @@ fn issue20_jittered_refresh_ahead_starts_inside_the_window() {
         );
     }
 }
+
+/// A source whose access token has a control character (an OAuth 2.0 parser accepts any
+/// JSON string) gives a typed error for that attempt, never a token that every request
+/// then fails to carry: the next attempt's good token serves, and with no attempt left
+/// the callers get the error (transient: the source is asked again after the backoff).
+/// Tokens the store holds or pushes with such characters are ignored as corrupt. (Such a
+/// token used to be served until it expired: every request failed with `InvalidHeader`,
+/// and no server ever rejected it to start a refresh.)
+#[test]
+fn c13_an_access_token_no_request_can_carry_is_refused_where_it_arrives() {
+    let clock = ManualClock::at_fixed_point();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let answers = ["bad\u{1}token", "caf\u{e9}", "good-token"];
+    let source = from_fn(move |_cx| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        let access = answers.get(n).copied().unwrap_or("good-token");
+        async move { Ok(Token::new(access)) }
+    });
+    let flight = SingleFlight::builder()
+        .source(source)
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .retry(Retry::new(2, Backoff::none()))
+        .build()
+        .unwrap();
+    let error = match futures::executor::block_on(flight.token()) {
+        Err(Error::Refresh(error)) => error,
+        other => panic!("expected a transient refresh error, got {other:?}"),
+    };
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "both attempts of the flight"
+    );
+    let message = format!("{error} {error:?}");
+    assert!(message.contains("no HTTP request can carry"), "{message}");
+    assert!(
+        !message.contains("bad") && !message.contains("caf"),
+        "{message}"
+    );
+    assert!(flight.current().is_none(), "neither bad token was kept");
+    // After the backoff the source is asked again, and its good token serves.
+    clock.advance(Duration::from_secs(600));
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "good-token");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    // The store's copy with a control character is ignored; the source's token serves.
+    let store = Arc::new(MemoryStore::new());
+    futures::executor::block_on(async {
+        let guard = store.lock().await.unwrap();
+        guard
+            .save(&Token::new("stored\u{7f}").with_generation(5))
+            .await
+            .unwrap();
+        guard.unlock().await;
+    });
+    let flight = SingleFlight::builder()
+        .source(from_fn(|_cx| async { Ok(Token::new("fresh")) }))
+        .store(store)
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    let token = futures::executor::block_on(flight.token()).unwrap();
+    assert_eq!(token.access().expose(), "fresh");
+}
