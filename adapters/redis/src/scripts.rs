@@ -65,7 +65,20 @@ pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_S
 /// acknowledgement timed out is sent again).
 ///
 /// A stored value that cannot be decoded counts as generation 0: a save (typically a
-/// new login) repairs it.
+/// new login) repairs it. (The guard's load moves an undecodable record aside first, so
+/// a damaged record that still shows a generation is no obstacle either.)
+///
+/// A stored generation counts only if it is one the coordinator would accept: a number,
+/// a whole one, at least 0 and below [`tokenflight::store::MAX_GENERATION`] (2^53). The
+/// coordinator ignores a stored token numbered above it and numbers its save from its
+/// own counters; if the script still compared such a generation, it would answer
+/// "newer" to every save forever and every replica would refresh on its own. Lua
+/// numbers are doubles, so the comparison is made where doubles are exact: every whole
+/// number below 2^53 is exact, and rounding is monotonic, so a JSON integer decodes
+/// below 2^53 exactly when it is below 2^53. Exactly 2^53 counts as out of range too:
+/// a decoded 2^53 may stand for 2^53 + 1, and a token at the ceiling could never be
+/// followed by a higher number anyway. Against a stored generation below 2^53 the new
+/// one (`ARGV[2]`, rounded if it is larger) compares exactly as well.
 ///
 /// The record is a [`tokenflight::store::record`]: its top-level `generation` is what the
 /// script compares (RedisStore's records from before the shared format have it there too).
@@ -84,8 +97,10 @@ end
 if current then
   local ok, record = pcall(cjson.decode, current)
   if ok and type(record) == 'table' then
-    local stored = tonumber(record['generation'])
-    if stored and stored >= tonumber(ARGV[2]) then
+    local stored = record['generation']
+    if type(stored) == 'number' and stored == stored and stored >= 0
+        and stored < 9007199254740992 and stored == math.floor(stored)
+        and stored >= tonumber(ARGV[2]) then
       return 'newer'
     end
   end

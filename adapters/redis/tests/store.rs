@@ -465,3 +465,102 @@ async fn records_written_before_the_shared_format_still_load() {
     );
     assert_eq!(guarded("load new", s.load()).await.unwrap(), Some(newer));
 }
+
+/// A coordinator on `store` whose source hands out `access` tokens valid for an hour,
+/// counting its calls.
+fn counted_flight(
+    store: RedisStore,
+    access: &'static str,
+) -> (SingleFlight, Arc<std::sync::atomic::AtomicU64>) {
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&calls);
+    let flight = SingleFlight::builder()
+        .store(store)
+        .source(tokenflight::from_fn(
+            move |cx: tokenflight::RefreshContext| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let token = Token::new(access).expires_in(LIFETIME, cx.now);
+                async move { Ok(token) }
+            },
+        ))
+        .refresh_ahead(None)
+        .build()
+        .unwrap();
+    (flight, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c1_a_stored_generation_above_max_generation_is_overwritten_and_the_fleet_shares_one_refresh()
+ {
+    use tokenflight::store::{MAX_GENERATION, record};
+    let server = RedisServer::start();
+    let mut con = raw(&server).await;
+    // 2^53 + 1 decodes as 2^53 in Lua's doubles: the precision edge.
+    for (n, hostile) in [MAX_GENERATION + 1, MAX_GENERATION + 2, u64::MAX]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = format!("t-hostile-{n}:");
+        let key = format!("{{{prefix}}}token");
+        let planted = Token::new("planted")
+            .expires_in(LIFETIME, SystemTime::now())
+            .with_generation(hostile);
+        let _: () = con
+            .set(&key, record::encode(&planted).unwrap())
+            .await
+            .unwrap();
+        // Two replicas, each with its own connection.
+        let a = store(&server, &prefix).connect().await.unwrap();
+        let b = store(&server, &prefix).connect().await.unwrap();
+        let (replica_a, calls_a) = counted_flight(a.clone(), "from-a");
+        let (replica_b, calls_b) = counted_flight(b, "from-b");
+        let token = guarded("replica a", replica_a.token()).await.unwrap();
+        assert_eq!(token.access().expose(), "from-a");
+        assert!(token.generation() <= MAX_GENERATION);
+        let stored = guarded("load", a.load()).await.unwrap().unwrap();
+        assert_eq!(
+            stored.generation(),
+            token.generation(),
+            "case {n}: the save left generation {hostile} in place"
+        );
+        let token_b = guarded("replica b", replica_b.token()).await.unwrap();
+        assert_eq!(token_b.access().expose(), "from-a", "case {n}");
+        assert_eq!(calls_a.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            calls_b.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "case {n}: replica b refreshed on its own"
+        );
+    }
+
+    // The save script on its own (a save with no load before it): generations that
+    // are no whole number in range are overwritten, a valid newer one is not.
+    let s = store(&server, "t-hostile-script:").connect().await.unwrap();
+    let key = "{t-hostile-script:}token";
+    let token = Token::new("fresh").with_generation(5);
+    for stored in [
+        "9007199254740993",
+        "9007199254740992",
+        "1e300",
+        "1.5",
+        "-7",
+        "\"99\"",
+    ] {
+        let value = format!("{{\"format\":2,\"generation\":{stored},\"access\":\"x\"}}");
+        let _: () = con.set(key, &value).await.unwrap();
+        guarded("save", tokenflight_tests::save_locked(&s, &token))
+            .await
+            .unwrap_or_else(|e| panic!("generation {stored} was not overwritten: {e}"));
+        assert_eq!(
+            guarded("load", s.load()).await.unwrap(),
+            Some(token.clone())
+        );
+    }
+    let newer =
+        record::encode(&Token::new("newer").with_generation(9_007_199_254_740_991)).unwrap();
+    let _: () = con.set(key, &newer).await.unwrap();
+    assert!(matches!(
+        guarded("save", tokenflight_tests::save_locked(&s, &token)).await,
+        Err(StoreError::LeaseLost)
+    ));
+}
