@@ -117,21 +117,60 @@ pub(crate) static SAVE: LazyLock<Script> = LazyLock::new(|| Script::new(SAVE_SOU
 /// holder whose lease lapsed learns it before it spends a refresh token that another
 /// replica may already have spent.
 ///
-/// KEYS: token, lock. ARGV: our lock value. Returns {"lease_lost"}, {"none"} or
-/// {"ok", record}.
+/// A value of another type than a string under the key (another program's hash, list,
+/// …) is no record: it is reported as `foreign` rather than failing the `GET`, so the
+/// holder can move it aside like any other undecodable value.
+///
+/// KEYS: token, lock. ARGV: our lock value. Returns {"lease_lost"}, {"none"},
+/// {"foreign"} or {"ok", record}.
 pub(crate) const LOAD_FENCED_SOURCE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return {'lease_lost'}
 end
-local current = redis.call('GET', KEYS[1])
-if current then
-  return {'ok', current}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+  return {'none'}
 end
-return {'none'}
+if kind ~= 'string' then
+  return {'foreign'}
+end
+return {'ok', redis.call('GET', KEYS[1])}
 ";
 
 /// [`LOAD_FENCED_SOURCE`] as a script (EVALSHA, falling back to EVAL).
 pub(crate) static LOAD_FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(LOAD_FENCED_SOURCE));
+
+/// Moves an undecodable value out of the token key, under the lock: renamed to a side
+/// key (same hash tag, so same Cluster slot) that expires after a while. Only if the
+/// caller still holds the lock and the value is still the one it read (a string equal
+/// to `ARGV[3]`, or a value of another type when `ARGV[2]` is `foreign`), so nothing
+/// written meanwhile is moved unseen. `RENAME` moves any type and keeps nothing
+/// behind, so the save that follows finds the key empty.
+///
+/// KEYS: token, lock, side key. ARGV: our lock value, `string` or `foreign`, the value
+/// read, how long to keep it in ms. Returns "moved", "changed" or "lease_lost".
+pub(crate) const MOVE_ASIDE_SOURCE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 'lease_lost'
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+  return 'changed'
+end
+if ARGV[2] == 'string' then
+  if kind ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[3] then
+    return 'changed'
+  end
+elseif kind == 'string' then
+  return 'changed'
+end
+redis.call('RENAME', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return 'moved'
+";
+
+/// [`MOVE_ASIDE_SOURCE`] as a script (EVALSHA, falling back to EVAL).
+pub(crate) static MOVE_ASIDE: LazyLock<Script> = LazyLock::new(|| Script::new(MOVE_ASIDE_SOURCE));
 
 /// `EVAL source` with `keys` and `args`: for scripts sent in a batch with `WAIT`, where
 /// a `NOSCRIPT` from EVALSHA (a new primary after a failover has an empty script cache)

@@ -489,6 +489,93 @@ fn counted_flight(
     (flight, calls)
 }
 
+/// The side keys a store moved corrupt values to.
+async fn kept_aside(con: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    con.keys(format!("{{{prefix}}}token.corrupt-*"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c13_a_corrupt_record_is_replaced_by_the_next_save() {
+    let server = RedisServer::start();
+    let mut con = raw(&server).await;
+    // What a stray `SET`, a truncated write or another program leaves under the key,
+    // among them valid JSON with a high `generation` (the save script alone would
+    // refuse to overwrite it) and a float generation the record format refuses.
+    let values: [&[u8]; 5] = [
+        b"garbage",
+        b"{\"format\":2,\"generation\":3,\"access\":\"secret-XYZ\"",
+        b"{\"generation\":99,\"access\":\"secret-XYZ\"}",
+        b"{\"format\":2,\"generation\":1.5,\"access\":\"secret-XYZ\"}",
+        b"\xff\xfe not even UTF-8",
+    ];
+    for (n, value) in values.into_iter().enumerate() {
+        let prefix = format!("t-corrupt-{n}:");
+        let key = format!("{{{prefix}}}token");
+        let _: () = con.set(&key, value).await.unwrap();
+        let store = store(&server, &prefix).connect().await.unwrap();
+        // The unlocked read still reports it (the coordinator then takes the lock).
+        assert!(matches!(
+            guarded("load", store.load()).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        let (flight, calls) = counted_flight(store.clone(), "fresh");
+        let token = guarded("refresh over a corrupt record", flight.token())
+            .await
+            .unwrap_or_else(|e| panic!("case {n}: the corrupt record stopped the refresh: {e}"));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "case {n}"
+        );
+        let stored = guarded("load", store.load()).await.unwrap().unwrap();
+        assert_eq!(stored.access().expose(), "fresh", "case {n}");
+        assert_eq!(stored.generation(), token.generation(), "case {n}");
+        // Kept aside, byte for byte, for a while: nothing is lost to the save.
+        let aside = kept_aside(&mut con, &prefix).await;
+        assert_eq!(aside.len(), 1, "case {n}: {aside:?}");
+        let kept: Vec<u8> = con.get(&aside[0]).await.unwrap();
+        assert_eq!(kept, value, "case {n}");
+        let ttl: i64 = con.pttl(&aside[0]).await.unwrap();
+        assert!(ttl > 0, "case {n}: the copy must expire, PTTL {ttl}");
+    }
+
+    // Another program's hash under the key: moved aside as it is; a login replaces it.
+    let prefix = "t-corrupt-hash:";
+    let key = format!("{{{prefix}}}token");
+    let _: () = con.hset(&key, "f", "v").await.unwrap();
+    let store_h = store(&server, prefix).connect().await.unwrap();
+    let (flight, calls) = counted_flight(store_h.clone(), "unused");
+    let login = Token::new("login").expires_in(LIFETIME, SystemTime::now());
+    guarded("install over a foreign value", flight.install(login))
+        .await
+        .unwrap_or_else(|e| panic!("a login could not replace the foreign value: {e}"));
+    let stored = guarded("load", store_h.load()).await.unwrap().unwrap();
+    assert_eq!(stored.access().expose(), "login");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let aside = kept_aside(&mut con, prefix).await;
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept: String = con.hget(&aside[0], "f").await.unwrap();
+    assert_eq!(kept, "v");
+
+    // A record of a newer format stays untouched: a newer release wrote it.
+    let prefix = "t-corrupt-newer:";
+    let key = format!("{{{prefix}}}token");
+    let newer = "{\"format\":99,\"generation\":1,\"access\":\"secret-XYZ\"}";
+    let _: () = con.set(&key, newer).await.unwrap();
+    let store_n = store(&server, prefix).connect().await.unwrap();
+    let (flight, calls) = counted_flight(store_n, "fresh");
+    let error = guarded("refresh over a newer record", flight.token())
+        .await
+        .unwrap_err();
+    assert!(!error.to_string().contains("XYZ"), "{error}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let still: String = con.get(&key).await.unwrap();
+    assert_eq!(still, newer);
+    assert!(kept_aside(&mut con, prefix).await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c1_a_stored_generation_above_max_generation_is_overwritten_and_the_fleet_shares_one_refresh()
  {
