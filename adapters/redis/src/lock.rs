@@ -23,7 +23,7 @@ use crate::wire::{millis, wait};
 ///
 /// Dropping it stops the renewal and releases the lock in the background (best effort;
 /// otherwise the lease lapses). [`StoreGuard::unlock`] releases it and waits for the
-/// answer.
+/// answer; the release completes even if that wait is cancelled.
 pub(crate) struct RedisLock {
     value: String,
     inner: Arc<Inner>,
@@ -100,15 +100,27 @@ impl StoreGuard for RedisLock {
     }
 
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
-        let inner = Arc::clone(&self.inner);
-        let release = (*self).release();
+        // The release is spawned here, before the returned future is first polled, and
+        // detached from it: from this point on the guard counts as released (renewal
+        // stops, `Drop` does nothing), so the compare-and-delete must happen whatever
+        // becomes of the caller. A coordinator whose budget ran out, or a cancelled
+        // `install`, drops this future mid-release; had the release been aborted with
+        // it, the lock would stay held for a whole lease and the fleet would wait for
+        // nobody. The task is bounded: one command timeout, then background retries
+        // for at most about a lease (`release_or_retry`).
+        let runtime = self.inner.runtime.clone();
+        let task = runtime.spawn((*self).release());
         Box::pin(async move {
-            match on_runtime(&inner.runtime, release).await {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
-                Err(error) => tracing::warn!(
+            match task.await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => tracing::debug!("refresh lock was no longer ours at release"),
+                Ok(Err(error)) => tracing::warn!(
                     %error,
                     "releasing the refresh lock failed; trying again in the background"
+                ),
+                Err(_) => tracing::warn!(
+                    "the Redis store's runtime ended the release of the refresh lock; its \
+                     lease will lapse"
                 ),
             }
         })

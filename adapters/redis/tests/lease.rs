@@ -362,3 +362,148 @@ async fn a_holder_whose_lease_lapsed_cannot_overwrite_the_newer_token() {
     );
     assert_eq!(fetched.load(Ordering::SeqCst), 2);
 }
+
+/// The flight's budget as a switch: every sleep of this timer ends when the test (or a
+/// part of the flight it instruments) fires it, so the budget runs out at a chosen step
+/// of the flight instead of after a duration.
+#[derive(Clone)]
+struct Budget(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Budget {
+    fn new() -> Budget {
+        Budget(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    fn run_out(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl tokenflight::adapter::Timer for Budget {
+    fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+        let mut spent = self.0.subscribe();
+        Box::pin(async move {
+            let _ = spent.wait_for(|spent| *spent).await;
+        })
+    }
+}
+
+/// A `RedisStore` whose guards use up the flight's budget the moment a save succeeds:
+/// the next step, the unlock, is then past the budget.
+struct SpendOnSave {
+    inner: RedisStore,
+    budget: Budget,
+}
+
+struct SpendOnSaveGuard {
+    inner: Box<dyn StoreGuard>,
+    budget: Budget,
+}
+
+impl TokenStore for SpendOnSave {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        Box::pin(async move {
+            let guard: Box<dyn StoreGuard> = Box::new(SpendOnSaveGuard {
+                inner: self.inner.lock().await?,
+                budget: self.budget.clone(),
+            });
+            Ok(guard)
+        })
+    }
+}
+
+impl StoreGuard for SpendOnSaveGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let saved = self.inner.save(token).await;
+            self.budget.run_out();
+            saved
+        })
+    }
+
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.inner.unlock()
+    }
+}
+
+/// A store whose lease outlives the test by far: a lock left behind shows up as a
+/// `LockTimeout` of the next holder, not as a lock that lapsed meanwhile.
+async fn long_lease_store(server: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::builder(server.url())
+        .key_prefix(prefix)
+        .lease(Duration::from_secs(600))
+        .lock_wait(Duration::from_secs(15))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Another replica takes the lock: at once if the holder released it, only after the
+/// whole lease (here: never within its lock wait) if it was left behind.
+async fn next_holder_gets_the_lock(server: &RedisServer, prefix: &str, after: &str) {
+    let other = long_lease_store(server, prefix).await;
+    match guarded("the next holder's lock", other.lock()).await {
+        Ok(guard) => guard.unlock().await,
+        Err(error) => panic!("{after}, the refresh lock was left held: {error}"),
+    }
+}
+
+// A current-thread runtime: a task the store spawns runs only when the test's thread
+// yields, so a release that the cancelled unlock aborts never reaches Redis (and one
+// that survives the cancellation always does), with no race to lose either way.
+#[tokio::test(flavor = "current_thread")]
+async fn c10_a_flight_out_of_budget_still_releases_the_redis_lock() {
+    let server = RedisServer::start();
+
+    // The budget runs out inside the source: the flight ends with a timeout and
+    // unlocks past its budget.
+    let budget = Budget::new();
+    let spend = budget.clone();
+    let flight = SingleFlight::builder()
+        .store(long_lease_store(&server, "t-budget-source:").await)
+        .source(from_fn(move |_cx| {
+            spend.run_out();
+            std::future::pending::<Result<Token, tokenflight::RefreshError>>()
+        }))
+        .timer(budget)
+        .refresh_timeout(Duration::from_secs(3600))
+        .refresh_ahead(None)
+        .backoff(Backoff::none())
+        .build()
+        .unwrap();
+    let error = guarded("flight", flight.token()).await.unwrap_err();
+    assert!(error.to_string().contains("budget"), "{error}");
+    next_holder_gets_the_lock(&server, "t-budget-source:", "after a flight out of budget").await;
+
+    // The budget runs out right after a login's save: the unlock is cut off.
+    let budget = Budget::new();
+    let flight = SingleFlight::builder()
+        .store(SpendOnSave {
+            inner: long_lease_store(&server, "t-budget-login:").await,
+            budget: budget.clone(),
+        })
+        .source(from_fn(|_cx| async {
+            Err::<Token, _>(tokenflight::RefreshError::permanent("not called"))
+        }))
+        .timer(budget)
+        .refresh_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let login = Token::new("login").expires_in(LIFETIME, SystemTime::now());
+    let installed = guarded("install", flight.install(login)).await.unwrap();
+    assert_eq!(installed.access().expose(), "login");
+    next_holder_gets_the_lock(
+        &server,
+        "t-budget-login:",
+        "after an install cut off in its unlock",
+    )
+    .await;
+}
