@@ -31,6 +31,12 @@ use crate::settings::Settings;
 /// - The guard's `load` is fenced too: a holder whose lease lapsed gets
 ///   [`StoreError::LeaseLost`] before it can spend a refresh token that another replica
 ///   may already have used.
+/// - A value under the token key that does not decode (a stray `SET`, a truncated
+///   write, another program's value of any type) counts as no token for the holder of
+///   the lock, so its save or a login replaces it; it is first renamed to a side key
+///   `<token key>.corrupt-<unix ms>-<random>` that expires after 7 days, so nothing is
+///   lost. A record of a newer format is left alone ([`StoreError::Corrupt`]); the
+///   unlocked [`TokenStore::load`] reports any undecodable value as `Corrupt`.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
 ///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
 /// - Saves announce the new generation (never the token) on `<prefix>events`; the
