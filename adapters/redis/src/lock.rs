@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokenflight::{Token, store::StoreError, store::StoreGuard, store::record};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -181,15 +182,42 @@ fn unique_value() -> String {
     )
 }
 
+/// Where a lock taken for a caller goes: the caller, if it still waits.
+type Caller = oneshot::Sender<Result<RedisLock, StoreError>>;
+
+/// Takes the lock on the store's runtime for a caller that may give up (a flight whose
+/// budget ran out, a cancelled `install`). The task is detached from the caller rather
+/// than aborted with it: an `ACQUIRE` already sent may have taken the lock on the
+/// server, and a task aborted before its reply would leave that lock held for a whole
+/// lease with nobody to release it. A lock that arrives after the caller left is
+/// dropped here, and its `Drop` gives it back. The task stops by itself at the next
+/// wait once the caller is gone, and is bounded by the lock wait in any case.
+pub(crate) fn acquire_detached(
+    inner: Arc<Inner>,
+) -> oneshot::Receiver<Result<RedisLock, StoreError>> {
+    let (mut caller, taken) = oneshot::channel();
+    let runtime = inner.runtime.clone();
+    runtime.spawn(async move {
+        let result = acquire(inner, &mut caller).await;
+        // Err: the caller left; the lock (if any) is dropped with the result and
+        // released in the background.
+        let _ = caller.send(result);
+    });
+    taken
+}
+
 /// Takes the lock, waiting (pub/sub, else polling with backoff) up to the configured
-/// lock wait. Runs on the store's runtime.
-pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> {
+/// lock wait, or until `caller` stops waiting. Runs on the store's runtime.
+async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, StoreError> {
     let settings = &inner.settings;
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
     let mut events = inner.namespace.events();
     let mut delay = settings.poll_min;
     loop {
+        if caller.is_closed() {
+            return Err(StoreError::LockTimeout);
+        }
         // Messages sent before this attempt are already accounted for by it.
         events.borrow_and_update();
         let mut con = inner.con.clone();
@@ -241,7 +269,12 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
             return Err(StoreError::LockTimeout);
         }
         let pause = delay.min(left);
-        match tokio::time::timeout(pause, events.changed()).await {
+        let woken = tokio::select! {
+            woken = tokio::time::timeout(pause, events.changed()) => woken,
+            // Nobody waits for this lock any more: stop asking for it.
+            () = caller.closed() => return Err(StoreError::LockTimeout),
+        };
+        match woken {
             // Woken by a save or release: try again now.
             Ok(Ok(())) => {}
             // The listener is gone (the runtime is shutting down): plain polling.

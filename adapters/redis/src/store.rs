@@ -258,7 +258,14 @@ impl TokenStore for RedisStore {
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let result = on_runtime(&self.inner.runtime, lock::acquire(inner)).await;
+            // Not `on_runtime`: an acquire in progress must not be aborted with this
+            // future (see `acquire_detached`).
+            let result = lock::acquire_detached(inner).await.unwrap_or_else(|_| {
+                Err(StoreError::Other(
+                    "the Redis store's lock task ended early (a panic, or its runtime shut down)"
+                        .into(),
+                ))
+            });
             self.inner.observe(&result);
             let guard: Box<dyn StoreGuard> = Box::new(result?);
             Ok(guard)

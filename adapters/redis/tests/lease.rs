@@ -507,3 +507,110 @@ async fn c10_a_flight_out_of_budget_still_releases_the_redis_lock() {
     )
     .await;
 }
+
+/// A TCP proxy in front of a `redis-server` that can hold back the server's replies
+/// (requests still reach the server): a command then runs on the server while its
+/// client is still waiting for the answer.
+struct ReplyHoldingProxy {
+    port: u16,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(upstream: u16) -> ReplyHoldingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(tokio::sync::watch::channel(false).0);
+        let holding = Arc::clone(&hold);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut released = holding.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if released.wait_for(|held| !*held).await.is_err() {
+                            return;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ReplyHoldingProxy { port, hold }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn hold_replies(&self, hold: bool) {
+        self.hold.send_replace(hold);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_a_lock_request_given_up_before_its_reply_still_releases_the_lock() {
+    use futures::StreamExt;
+    let server = RedisServer::start();
+    let prefix = "t-budget-acquire:";
+    let proxy = ReplyHoldingProxy::start(server.port()).await;
+    let store = RedisStore::builder(proxy.url())
+        .key_prefix(prefix)
+        .lease(Duration::from_secs(600))
+        .connect()
+        .await
+        .unwrap();
+    // One round first: the server then has the script cached, and the request below is
+    // a single EVALSHA (a NOSCRIPT answer held back would stop it before the server
+    // ran anything).
+    guarded("a first lock", store.lock())
+        .await
+        .unwrap()
+        .unlock()
+        .await;
+    // The signal that the lock was taken on the server: a keyspace event for its key
+    // (subscribed after the first round, so its event is not among them).
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut events = client.get_async_pubsub().await.unwrap();
+    events
+        .subscribe(format!("__keyspace@0__:{{{prefix}}}lock"))
+        .await
+        .unwrap();
+    let mut events = events.into_on_message();
+
+    // The caller gives up (a flight's budget ran out) after its request took the lock
+    // on the server and before the reply came back.
+    proxy.hold_replies(true);
+    tokio::select! {
+        taken = store.lock() => panic!("lock() returned with its reply held: {:?}", taken.map(drop)),
+        event = guarded("the lock's keyspace event", events.next()) => {
+            assert_eq!(event.unwrap().get_payload::<String>().unwrap(), "set");
+        }
+    }
+    proxy.hold_replies(false);
+    next_holder_gets_the_lock(&server, prefix, "after a lock() given up before its reply").await;
+}
