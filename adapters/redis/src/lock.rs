@@ -120,8 +120,8 @@ impl StoreGuard for RedisLock {
                     "releasing the refresh lock failed; trying again in the background"
                 ),
                 Err(_) => tracing::warn!(
-                    "the Redis store's runtime ended the release of the refresh lock; its \
-                     lease will lapse"
+                    "the release of the refresh lock did not finish (a panic, or the Redis \
+                     store's runtime shut down); its lease will lapse"
                 ),
             }
         })

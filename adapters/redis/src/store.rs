@@ -35,8 +35,10 @@ use crate::settings::Settings;
 ///   write, another program's value of any type) counts as no token for the holder of
 ///   the lock, so its save or a login replaces it; it is first renamed to a side key
 ///   `<token key>.corrupt-<unix ms>-<random>` that expires after 7 days, so nothing is
-///   lost. A record of a newer format is left alone ([`StoreError::Corrupt`]); the
-///   unlocked [`TokenStore::load`] reports any undecodable value as `Corrupt`.
+///   lost. A record of a newer format is left alone ([`StoreError::Corrupt`]). The
+///   unlocked [`TokenStore::load`] moves nothing: it reports an undecodable string as
+///   [`StoreError::Corrupt`] (another type as [`StoreError::Other`]), and the
+///   coordinator then takes the lock.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
 ///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
 /// - Saves announce the new generation (never the token) on `<prefix>events`; the
