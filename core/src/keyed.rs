@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ConfigError, Error, RefreshError};
 use crate::flight::SingleFlight;
+use crate::runtime::Clock;
 use crate::stats::Stats;
 use crate::token::Token;
 
@@ -123,6 +124,7 @@ struct Inner<K> {
     /// is written to (a new key, an eviction), the only times it is looked at.
     tick: AtomicU32,
     last_tick: Mutex<Instant>,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 struct Entry {
@@ -140,6 +142,7 @@ pub struct KeyedFlightsBuilder<K> {
     factory: Box<FlightFactory<K>>,
     max_entries: usize,
     idle_timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<K> fmt::Debug for KeyedFlightsBuilder<K> {
@@ -167,8 +170,15 @@ impl<K> KeyedFlightsBuilder<K> {
         self
     }
 
+    /// The clock.
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
     /// The map.
     pub fn build(self) -> KeyedFlights<K> {
+        let start = self.clock.as_ref().map_or_else(Instant::now, |c| c.monotonic());
         KeyedFlights {
             inner: Arc::new(Inner {
                 map: RwLock::new(HashMap::new()),
@@ -176,7 +186,8 @@ impl<K> KeyedFlightsBuilder<K> {
                 max_entries: self.max_entries,
                 idle_timeout: self.idle_timeout,
                 tick: AtomicU32::new(0),
-                last_tick: Mutex::new(Instant::now()),
+                last_tick: Mutex::new(start),
+                clock: self.clock,
             }),
         }
     }
@@ -201,6 +212,7 @@ impl<K> KeyedFlights<K> {
             factory: Box::new(factory),
             max_entries: 10_000,
             idle_timeout: Duration::from_secs(15 * 60),
+            clock: None,
         }
     }
 
@@ -252,7 +264,8 @@ impl<K> KeyedFlights<K> {
             .last_tick
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let elapsed = last.elapsed();
+        let now = self.inner.clock.as_ref().map_or_else(Instant::now, |c| c.monotonic());
+        let elapsed = now.saturating_duration_since(*last);
         let periods = if period.is_zero() {
             // A zero timeout: every write sees everything unused as idle.
             TICKS_PER_IDLE
@@ -265,7 +278,7 @@ impl<K> KeyedFlights<K> {
         // Ages are capped (see `age`), so a long quiet spell needs only a capped step.
         let step = periods.min(TICKS_PER_IDLE * 2);
         if period.is_zero() || step < periods {
-            *last = Instant::now();
+            *last = now;
         } else {
             *last += period.saturating_mul(periods);
         }
