@@ -47,7 +47,7 @@ async fn c12_tower_response_uri_never_shows_the_query_token() {
         .into_iter()
         .filter_map(|r| r.token)
         .collect();
-    assert_eq!(sent, [token.clone()]);
+    assert_eq!(sent, std::slice::from_ref(&token));
 
     let RequestUri(shown) = response
         .extensions()
