@@ -451,3 +451,38 @@ fn c22_eviction_never_leaves_two_coordinators_for_one_key() {
     assert_eq!(block_on(next).unwrap().0, 200);
     assert!(policy.keyed().unwrap().len() <= 2);
 }
+
+/// C22 through the policy builder: a keyed policy measures its keys' idle time on the
+/// clock set on its builder (a test's manual clock moves it), not on the system's.
+#[test]
+fn c22_a_keyed_policy_measures_idle_keys_on_its_clock() {
+    let clock = tokenflight::test_util::ManualClock::at_fixed_point();
+    let policy = AuthPolicy::builder()
+        .allow_any_origin()
+        .clock(clock.clone())
+        .keyed(|_key: &TokenKey, shared| {
+            shared
+                .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+                .build()
+        })
+        .key_bounds(10, Some(std::time::Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let request = Req {
+        url: "https://a.example/r".parse().unwrap(),
+        authorization: None,
+    };
+    let sent = policy.send(request, RequestOptions::default(), |_r: Req| async {
+        Ok::<_, std::convert::Infallible>(Resp(200))
+    });
+    assert_eq!(block_on(sent).unwrap().0, 200);
+    let keyed = policy.keyed().unwrap();
+    clock.advance(std::time::Duration::from_secs(59));
+    assert_eq!(keyed.evict_idle(), 0, "used 59 s ago by the policy's clock");
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(
+        keyed.evict_idle(),
+        1,
+        "unused for a minute by the policy's clock"
+    );
+}
