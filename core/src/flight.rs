@@ -942,6 +942,12 @@ impl SingleFlight {
             .is_some_and(|(_, flight)| flight.upgrade().is_some())
     }
 
+    /// How many handles to this coordinator exist (clones of it, and a running flight's
+    /// own). A keyed map that holds the only one knows nobody else can be using it.
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     pub(crate) fn observers(&self) -> &Observers {
         &self.inner.parts.observers
     }
