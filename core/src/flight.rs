@@ -1453,8 +1453,8 @@ impl SingleFlight {
         Some(Arc::new(stamp(stored, now)))
     }
 
-    /// Unlocks within the budget; past it the guard is dropped (stores fall back to
-    /// their lease).
+    /// Unlocks within the budget; past it the unlock future is dropped, and the store
+    /// finishes the release on its own ([`StoreGuard::unlock`]'s contract).
     async fn release(&self, guard: Box<dyn StoreGuard>, deadline: &mut Deadline) {
         let unlock = guard.unlock();
         if within(unlock, deadline).await.is_none() {
