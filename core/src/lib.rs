@@ -25,7 +25,9 @@
 //! implement and call, [`store`] the token store interface and its implementations,
 //! [`config`] the timing settings, [`observe`] events and counters, [`keyed`] one
 //! coordinator per key (a user, a tenant) for many tokens in one process, and `test_util`
-//! (feature `test-util`) a manual clock for deterministic tests.
+//! (feature `test-util`) a manual clock for deterministic tests. Running it in
+//! production — which store, a Redis fleet, metrics and alerts, troubleshooting — is
+//! the [`guide`].
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
@@ -155,6 +157,7 @@ mod builder;
 pub mod config;
 mod error;
 mod flight;
+pub mod guide;
 #[cfg(feature = "oauth2")]
 mod jwt;
 pub mod keyed;
