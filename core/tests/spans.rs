@@ -147,20 +147,26 @@ fn one_span_per_flight_and_no_secrets() {
     }
 }
 
+/// A policy for `https://api.test` on a manual clock, refresh-ahead off: every request
+/// span is followed by the refresh it waited for, if any.
+fn policy_for_api_test(clock: &ManualClock, source: &Arc<ScriptedSource>) -> AuthPolicy {
+    AuthPolicy::builder()
+        .source(source.clone())
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .refresh_ahead(None)
+        .allowed_origin("https://api.test")
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn request_span_ties_a_request_to_the_refresh_it_waited_for() {
     let capture = Capture::default();
     tracing::subscriber::with_default(capture.clone(), || {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
-        let auth = AuthPolicy::builder()
-            .source(source.clone())
-            .clock(Arc::new(clock.clone()))
-            .timer(Arc::new(clock.clone()))
-            .refresh_ahead(None)
-            .allowed_origin("https://api.test")
-            .build()
-            .unwrap();
+        let auth = policy_for_api_test(&clock, &source);
         let server = FakeServer::default();
         let send = |path: &str| {
             block_on(auth.send(
@@ -236,14 +242,7 @@ fn the_guide_lists_every_span_field_and_no_other() {
     tracing::subscriber::with_default(capture.clone(), || {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
-        let auth = AuthPolicy::builder()
-            .source(source.clone())
-            .clock(Arc::new(clock.clone()))
-            .timer(Arc::new(clock.clone()))
-            .refresh_ahead(None)
-            .allowed_origin("https://api.test")
-            .build()
-            .unwrap();
+        let auth = policy_for_api_test(&clock, &source);
         let server = FakeServer::default();
         // The first request waits for the initial refresh: one span of each kind.
         let response = block_on(auth.send(
