@@ -127,7 +127,10 @@ async fn c13_a_token_that_cannot_be_a_header_is_refused_with_a_typed_error() {
         panic!("expected a refresh error, got {inner:?}");
     };
     assert!(!refresh.is_permanent());
-    assert!(error.to_string().contains("no HTTP request can carry"), "{error}");
+    assert!(
+        error.to_string().contains("no HTTP request can carry"),
+        "{error}"
+    );
     assert!(!format!("{error} {error:?}").contains("bad\nvalue"));
     assert_eq!(server.counters().resource_calls, 0);
 }
