@@ -72,7 +72,8 @@
 //! carries A's token to B; a token in another header
 //! (`Placement::header("x-api-key", None)`) goes along on every hop, a query token
 //! wherever a `Location` repeats the query. So with the feature `tower-http`, **build
-//! `FollowRedirect` with [`TokenLayer::redirect_policy`]**, whatever the placement:
+//! `FollowRedirect` with
+//! [`TokenLayer::redirect_policy`](struct.TokenLayer.html#method.redirect_policy)**, whatever the placement:
 //!
 //! ```
 //! # use tokenflight_tower::{TokenLayer, tokenflight::{Token, from_fn}};
@@ -128,7 +129,7 @@
 //! - `oauth2` (default): the core's OAuth 2.0 token sources (`tokenflight::oauth2`).
 //! - `file-store`: the core's `tokenflight::store::FileStore`.
 //! - `tonic`: [`ReplayBody`] for `tonic::body::Body`, so the layer wraps a tonic `Channel`.
-//! - `tower-http`: [`TokenLayer::redirect_policy`], the `FollowRedirect` policy that keeps
+//! - `tower-http`: [`TokenLayer::redirect_policy`](struct.TokenLayer.html#method.redirect_policy), the `FollowRedirect` policy that keeps
 //!   the token where it may go; responses that tower-http's `FollowRedirect` fetched from
 //!   another origin are not taken as a verdict on the token.
 #![cfg_attr(

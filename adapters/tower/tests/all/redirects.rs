@@ -93,7 +93,10 @@ where
 /// Whether `secret` shows anywhere in what `request` carried: its query or any header.
 fn carries(request: &RecordedRequest, secret: &str) -> bool {
     request.query.as_deref().unwrap_or("").contains(secret)
-        || request.headers.iter().any(|(_, value)| value.contains(secret))
+        || request
+            .headers
+            .iter()
+            .any(|(_, value)| value.contains(secret))
 }
 
 fn fixed_token(token: &'static str) -> impl tokenflight::TokenSource {
@@ -128,9 +131,15 @@ async fn c12_a_tower_second_hop_inside_another_origin_never_carries_the_authoriz
             "the first request, with the token, went to the allowed origin"
         );
         let seen = other.counters();
-        assert_eq!(seen.redirects, 1, "the hop into the other origin was followed");
+        assert_eq!(
+            seen.redirects, 1,
+            "the hop into the other origin was followed"
+        );
         if guarded {
-            assert_eq!(seen.credentialed_requests, 0, "the token went to another origin");
+            assert_eq!(
+                seen.credentialed_requests, 0,
+                "the token went to another origin"
+            );
             assert!(other.requests().is_empty(), "the second hop was sent");
             assert_eq!(status, 302, "the second hop was followed");
             assert_eq!(location.as_deref(), Some(&*landing));
@@ -204,7 +213,11 @@ async fn c12_a_tower_redirect_never_carries_one_keys_token_to_another_key() {
         let (status, location) = get_through(&layer, layer.redirect_policy(), &url).await;
         assert_eq!(a.counters().redirects, 1, "{shown}");
         // Whatever reached B (nothing, if the hop was stopped) carries no A token.
-        assert_eq!(b.counters().credentialed_requests, 0, "{shown}: A's token went to B");
+        assert_eq!(
+            b.counters().credentialed_requests,
+            0,
+            "{shown}: A's token went to B"
+        );
         for request in b.requests() {
             assert!(
                 !carries(&request, &a_token),
