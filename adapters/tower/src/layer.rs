@@ -25,6 +25,11 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 ///
 /// Cheap to clone; clones, and every [`TokenService`] made from them, share one token
 /// and one refresh.
+///
+/// With tower-http's `FollowRedirect` below it, build that with the layer's
+/// `redirect_policy()` (feature `tower-http`), never with `FollowRedirectLayer::new()`:
+/// the standard policy lets hops carry the token to origins it may not go to (see
+/// [Redirects](crate#redirects)).
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
     auth: AuthPolicy,
