@@ -196,11 +196,13 @@ impl AuthPolicy {
     }
 
     /// Whether a token put on a request to `from` may go along to `to` when the HTTP
-    /// client follows a redirect by itself, below the policy (reqwest does), keeping
+    /// client follows a redirect by itself, below the policy (reqwest and tower-http's
+    /// `FollowRedirect` do), keeping
     /// what the first request carried: only if `to`'s origin is allowed
     /// ([C12](crate#c12)) and, for a keyed policy, `to` is of the same key as `from`
     /// by the policy's key function, so that a token of one key never goes with a
-    /// request of another ([C22](crate#c22)). For adapters' redirect hooks; a client
+    /// request of another ([C22](crate#c22)). For adapters' redirect hooks, on the hops
+    /// that carry the token at all ([`Placement::travels_on_redirect`]); a client
     /// that sends every hop through the policy needs none (the policy decides each
     /// hop's token itself).
     ///

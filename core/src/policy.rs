@@ -214,6 +214,54 @@ impl Placement {
         }
     }
 
+    /// Whether the token a request carried goes along on a redirect hop from `previous`
+    /// to `next`, when the HTTP client follows redirects by itself, below the policy, the
+    /// way reqwest and tower-http's standard `FollowRedirect` policy do: the first
+    /// request's headers are put back on every hop, `Authorization` is dropped only on
+    /// a hop that itself changes origin, and a hop goes to its `Location` as it is.
+    ///
+    /// - `Authorization` travels on every hop that stays on `previous`'s origin —
+    ///   including the second hop of A → B → B, inside an origin the token may not go to;
+    /// - any other header travels on every hop;
+    /// - a query token travels when `next` has the parameter (a `Location` that repeats
+    ///   the query) and, if the client sends the previous URL as `Referer`
+    ///   (`sends_referer`: reqwest does, tower-http does not), when `previous` has it.
+    ///
+    /// For adapters' redirect hooks, together with
+    /// [`AuthPolicy::token_may_follow`](crate::AuthPolicy::token_may_follow): a hop that
+    /// carries the token where it may not go is not followed. A client that sends every
+    /// hop through the policy needs neither.
+    ///
+    /// ```
+    /// use tokenflight::Placement;
+    /// let url = |s: &str| url::Url::parse(s).unwrap();
+    /// let (a, b) = (url("https://a.example/x"), url("https://b.example/y"));
+    /// // Dropped on the hop that changes origin, back on the next one inside it.
+    /// assert!(!Placement::bearer().travels_on_redirect(&a, &b, false));
+    /// assert!(Placement::bearer().travels_on_redirect(&b, &url("https://b.example/z"), false));
+    /// // Another header is never dropped.
+    /// assert!(Placement::header("x-api-key", None).travels_on_redirect(&a, &b, false));
+    /// // A query token: in the next URL, or in the `Referer` the client sends.
+    /// let query = Placement::query("token");
+    /// let from = url("https://a.example/x?token=t");
+    /// assert!(!query.travels_on_redirect(&from, &b, false));
+    /// assert!(query.travels_on_redirect(&from, &b, true));
+    /// assert!(query.travels_on_redirect(&a, &url("https://b.example/y?token=t"), false));
+    /// ```
+    pub fn travels_on_redirect(&self, previous: &Url, next: &Url, sends_referer: bool) -> bool {
+        match self {
+            Placement::Header { name, .. } if name.eq_ignore_ascii_case("authorization") => {
+                previous.scheme() == next.scheme()
+                    && previous.host_str() == next.host_str()
+                    && previous.port_or_known_default() == next.port_or_known_default()
+            }
+            Placement::Header { .. } => true,
+            Placement::Query { .. } => {
+                self.may_carry_token(next) || (sends_referer && self.may_carry_token(previous))
+            }
+        }
+    }
+
     /// `url` with the value of the token's query parameter replaced by `redacted`, for
     /// errors and URLs shown to people; `None` when there is nothing to hide (a header
     /// placement, or no such parameter in `url`). Every other byte stays as it is.

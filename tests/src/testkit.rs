@@ -240,6 +240,14 @@ impl TestServer {
         format!("{}/redirect?{query}", self.base_url())
     }
 
+    /// `http://127.0.0.1:PORT/redirect?to=<to>&keep_query`: answers `302 Found` to `to`
+    /// with the rest of the request's query (everything but `to` and `keep_query`, byte
+    /// for byte) added to `to`'s query, as a site that moved keeps the query. A query
+    /// token added to this URL is in the `Location`.
+    pub fn redirect_keeping_query_url(&self, to: &str) -> String {
+        format!("{}&keep_query", self.redirect_url(to))
+    }
+
     /// `http://127.0.0.1:PORT/stream?content_type=<content_type>`: answers `200` with
     /// `content_type`, no `Content-Length`, [`STREAM_FIRST`] at once and [`STREAM_LAST`]
     /// after the next [`release_held`](Self::release_held). A stream nobody releases

@@ -22,9 +22,8 @@
 //! the middleware, which attaches that URL's own token (or none). Every other hop is
 //! followed as reqwest's default policy would.
 
-use reqwest::Url;
 use reqwest::redirect::{Attempt, Policy};
-use tokenflight::{AuthPolicy, Placement};
+use tokenflight::AuthPolicy;
 
 pub(crate) fn policy(auth: &AuthPolicy) -> Policy {
     let auth = auth.clone();
@@ -40,8 +39,9 @@ pub(crate) fn policy(auth: &AuthPolicy) -> Policy {
 fn carries_token_where_it_may_not_go(auth: &AuthPolicy, attempt: &Attempt<'_>) -> bool {
     // The request the middleware attached the token to (if it did: it went to an
     // allowed origin; a skipped request cannot be told apart here, and is judged as
-    // if it carried one).
-    let Some(first) = attempt.previous().first() else {
+    // if it carried one), and the hop before this one.
+    let (Some(first), Some(previous)) = (attempt.previous().first(), attempt.previous().last())
+    else {
         return false;
     };
     if !auth.allows_origin(first) {
@@ -50,32 +50,8 @@ fn carries_token_where_it_may_not_go(auth: &AuthPolicy, attempt: &Attempt<'_>) -
     let next = attempt.url();
     // A redirect hook does not know the method of the hop (a 303 turns it into a GET);
     // key functions that ignore the method (the default, by origin) are judged exactly.
-    travels(auth.placement(), attempt.previous().last(), next)
+    // reqwest sends the previous URL as `Referer` (with `.referer(false)` it would not,
+    // but a policy cannot see that).
+    auth.placement().travels_on_redirect(previous, next, true)
         && !auth.token_may_follow(&http::Method::GET, first, next)
-}
-
-/// Whether the hop to `next`, after the hop to `previous`, carries the token the first
-/// request carried (see the module's notes on what reqwest keeps).
-fn travels(placement: &Placement, previous: Option<&Url>, next: &Url) -> bool {
-    match placement {
-        Placement::Header { name, .. } if name.eq_ignore_ascii_case("authorization") => {
-            // reqwest's own test for "the hop changes origin", as it is.
-            previous.is_none_or(|previous| {
-                previous.scheme() == next.scheme()
-                    && previous.host_str() == next.host_str()
-                    && previous.port_or_known_default() == next.port_or_known_default()
-            })
-        }
-        // A header reqwest does not strip.
-        Placement::Header { .. } => true,
-        // In the `Referer` when the previous URL has it, in the URL when `next` has it.
-        // (With `.referer(false)` it would not be in the `Referer`, but a policy cannot
-        // see that.)
-        Placement::Query { .. } => {
-            previous.is_some_and(|previous| placement.redacted(previous).is_some())
-                || placement.redacted(next).is_some()
-        }
-        // A placement this adapter does not know: assume it goes along.
-        _ => true,
-    }
 }

@@ -25,6 +25,11 @@ use crate::runtime::{TokioSpawner, TokioTimer};
 ///
 /// Cheap to clone; clones, and every [`TokenService`] made from them, share one token
 /// and one refresh.
+///
+/// With tower-http's `FollowRedirect` below it, build that with the layer's
+/// `redirect_policy()` (feature `tower-http`), never with `FollowRedirectLayer::new()`:
+/// the standard policy lets hops carry the token to origins it may not go to (see
+/// [Redirects](crate#redirects)).
 #[derive(Clone, Debug)]
 pub struct TokenLayer {
     auth: AuthPolicy,
@@ -60,6 +65,64 @@ impl TokenLayer {
     /// after a login or read the current one.
     pub fn policy(&self) -> &AuthPolicy {
         &self.auth
+    }
+
+    /// A redirect policy for tower-http's `FollowRedirect` under this layer (feature
+    /// `tower-http`): tower-http's standard policy, except that it does not follow a
+    /// hop that would carry the token to an origin not allowed or, with a keyed
+    /// policy, to a URL of another key ([`AuthPolicy::token_may_follow`]); the caller
+    /// gets the redirect response instead, and following it is a new request through
+    /// the layer, with that URL's own token. `FollowRedirect` puts the first request's
+    /// headers back on every hop, so the token travels along:
+    /// - in `Authorization`, on every hop that stays on the origin of the hop before
+    ///   it (the standard policy drops the header only on the hop that changes origin,
+    ///   so A → B → B brings A's token to B);
+    /// - in any other header, on every hop;
+    /// - in the query ([`Placement::Query`](tokenflight::Placement::Query)), when a
+    ///   `Location` repeats the query.
+    ///
+    /// **Build `FollowRedirect` with this policy**
+    /// (`FollowRedirectLayer::with_policy(layer.redirect_policy())`), never with
+    /// `FollowRedirectLayer::new()`, whatever the placement. See [`RedirectPolicy`](crate::RedirectPolicy).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tokenflight_tower::TokenLayer;
+    /// use tokenflight_tower::tokenflight::{Placement, Token, from_fn};
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    /// use tower_http::follow_redirect::FollowRedirectLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = TokenLayer::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("key")) }))
+    ///     .placement(Placement::header("x-api-key", None))
+    ///     .allowed_origin("http://api.example")
+    ///     .build()
+    ///     .unwrap();
+    /// // hyper-util's client in real code; here a server that sends everyone elsewhere.
+    /// let client = service_fn(|request: http::Request<Full<Bytes>>| async move {
+    ///     assert_eq!(request.uri().host(), Some("api.example"), "a hop left the origin");
+    ///     http::Response::builder()
+    ///         .status(302)
+    ///         .header("location", "http://elsewhere.example/")
+    ///         .body(Full::<Bytes>::default())
+    /// });
+    /// let service = ServiceBuilder::new()
+    ///     .layer(layer.clone())
+    ///     .layer(FollowRedirectLayer::with_policy(layer.redirect_policy()))
+    ///     .service(client);
+    ///
+    /// let request = http::Request::get("http://api.example/files").body(Full::default()).unwrap();
+    /// let response = service.oneshot(request).await.unwrap();
+    /// // Not followed: the key would have gone along to elsewhere.example.
+    /// assert_eq!(response.status(), 302);
+    /// # }
+    /// ```
+    #[cfg(feature = "tower-http")]
+    pub fn redirect_policy(&self) -> crate::RedirectPolicy {
+        crate::RedirectPolicy::new(self.auth.clone())
     }
 }
 

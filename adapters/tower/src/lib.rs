@@ -65,12 +65,43 @@
 //! ## Redirects
 //!
 //! hyper-util's client and tonic do not follow redirects. Below the layer, tower-http's
-//! `FollowRedirect` does, and its standard policy drops `Authorization` when a redirect
-//! leaves the origin; a token in another header (`Placement::header("x-api-key", None)`) would go
-//! along, so with a custom header placement do not follow redirects to other origins
-//! (a `FollowRedirect` policy that stops there). With the feature `tower-http`, a response
-//! that `FollowRedirect` fetched from another origin is not taken as a verdict on the
-//! token (it never went there): it goes to the caller unclassified ([C4](tokenflight#c4)).
+//! `FollowRedirect` does, by itself: the layer sees only the first request, and every
+//! hop keeps what that request carried. `FollowRedirect` puts the first request's headers
+//! back on every hop, and its standard policy (`FollowRedirectLayer::new()`) drops
+//! `Authorization` only on the hop that changes origin, so on A → B → B the second hop
+//! carries A's token to B; a token in another header
+//! (`Placement::header("x-api-key", None)`) goes along on every hop, a query token
+//! wherever a `Location` repeats the query. So with the feature `tower-http`, **build
+//! `FollowRedirect` with
+//! [`TokenLayer::redirect_policy`](struct.TokenLayer.html#method.redirect_policy)**, whatever the placement:
+//!
+//! ```
+//! # use tokenflight_tower::{TokenLayer, tokenflight::{Token, from_fn}};
+//! # use http_body_util::Full;
+//! # use bytes::Bytes;
+//! # use hyper_util::client::legacy::Client;
+//! # use hyper_util::rt::TokioExecutor;
+//! use tower::ServiceBuilder;
+//! use tower_http::follow_redirect::FollowRedirectLayer;
+//! # let layer = TokenLayer::builder()
+//! #     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+//! #     .allowed_origin("http://api.internal")
+//! #     .build()
+//! #     .unwrap();
+//! # let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let service = ServiceBuilder::new()
+//!     .layer(layer.clone())
+//!     .layer(FollowRedirectLayer::with_policy(layer.redirect_policy()))
+//!     .service(client);
+//! # drop(service);
+//! ```
+//!
+//! It does not follow a hop that would carry the token to an origin not allowed, or with
+//! a keyed policy to a URL of another key: the caller gets the redirect response, and
+//! following it is a new request through the layer, with that URL's own token (or none).
+//! Every other hop is followed as the standard policy would. A response that
+//! `FollowRedirect` fetched from another origin is not taken as a verdict on the token
+//! (it never went there): it goes to the caller unclassified ([C4](tokenflight#c4)).
 //!
 //! ## Responses and errors
 //!
@@ -98,8 +129,9 @@
 //! - `oauth2` (default): the core's OAuth 2.0 token sources (`tokenflight::oauth2`).
 //! - `file-store`: the core's `tokenflight::store::FileStore`.
 //! - `tonic`: [`ReplayBody`] for `tonic::body::Body`, so the layer wraps a tonic `Channel`.
-//! - `tower-http`: responses that tower-http's `FollowRedirect` fetched from another origin
-//!   are not taken as a verdict on the token.
+//! - `tower-http`: [`TokenLayer::redirect_policy`](struct.TokenLayer.html#method.redirect_policy), the `FollowRedirect` policy that keeps
+//!   the token where it may go; responses that tower-http's `FollowRedirect` fetched from
+//!   another origin are not taken as a verdict on the token.
 #![cfg_attr(
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
@@ -109,11 +141,15 @@ mod body;
 pub mod grpc;
 mod layer;
 mod message;
+#[cfg(feature = "tower-http")]
+mod redirect;
 mod runtime;
 mod transport;
 
 pub use body::{BufferedBody, ReplayBody};
 pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, ResponseFuture, TokenLayer, TokenService};
+#[cfg(feature = "tower-http")]
+pub use redirect::RedirectPolicy;
 pub use runtime::{TokioSpawner, TokioTimer};
 pub use transport::HyperTransport;
 

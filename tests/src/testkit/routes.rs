@@ -331,6 +331,15 @@ async fn resource(
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             token,
             authorization: headers.contains_key(header::AUTHORIZATION),
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_owned(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
             body: body.to_vec(),
             accepted,
         });
@@ -402,9 +411,25 @@ fn echo(method: &Method, uri: &Uri, body: Bytes) -> Response {
 // ---- redirect -------------------------------------------------------------------------
 
 async fn redirect(Extract(shared): Extract<Arc<Shared>>, uri: Uri) -> Response {
-    let Some(target) = query_param(&uri, "to") else {
+    let Some(mut target) = query_param(&uri, "to") else {
         return (StatusCode::BAD_REQUEST, "missing `to`").into_response();
     };
+    if query_param(&uri, "keep_query").is_some() {
+        // The rest of the query, byte for byte, as a site that moved keeps it.
+        let rest: Vec<&str> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|piece| {
+                let name = piece.split('=').next().unwrap_or("");
+                !piece.is_empty() && name != "to" && name != "keep_query"
+            })
+            .collect();
+        if !rest.is_empty() {
+            target.push(if target.contains('?') { '&' } else { '?' });
+            target.push_str(&rest.join("&"));
+        }
+    }
     let Ok(location) = HeaderValue::from_str(&target) else {
         return (StatusCode::BAD_REQUEST, "bad `to`").into_response();
     };

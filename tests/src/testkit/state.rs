@@ -93,6 +93,9 @@ pub struct RecordedRequest {
     pub token: Option<String>,
     /// Whether it had an `Authorization` header (whatever the mode).
     pub authorization: bool,
+    /// Every header as it arrived: the name (lowercase) and the value (lossily as text),
+    /// for credentials in headers the server does not read (`x-api-key`).
+    pub headers: Vec<(String, String)>,
     /// The body, byte for byte.
     pub body: Vec<u8>,
     /// Whether the token was accepted.

@@ -39,11 +39,14 @@ impl Adapter for TowerAdapter {
 
     fn client(&self, auth: AuthPolicy) -> Arc<dyn TestClient> {
         let client = Client::builder(TokioExecutor::new()).build_http::<RequestBody>();
-        // Redirects are followed below the layer, as reqwest does (S11); tower-http's
-        // standard policy drops `Authorization` when a redirect leaves the origin.
+        // Redirects are followed below the layer, as reqwest does (S11), with the
+        // layer's policy, as the crate docs say: tower-http's standard policy alone
+        // drops `Authorization` only on the hop that leaves an origin (the raw leak is
+        // pinned in `redirects.rs`).
+        let layer = TokenLayer::from(auth);
         let stack = ServiceBuilder::new()
-            .layer(TokenLayer::from(auth))
-            .layer(FollowRedirectLayer::new())
+            .layer(layer.clone())
+            .layer(FollowRedirectLayer::with_policy(layer.redirect_policy()))
             .service(client)
             .map_response(|response| response.map(|body| body.map_err(BoxError::from).boxed()))
             .map_err(BoxError::from);
