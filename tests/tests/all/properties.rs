@@ -23,7 +23,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use tokenflight_tests::model::{
     self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Push, RetryAfter, Scenario, Setup,
-    Stale, Step, Summary, Which,
+    Stale, Step, Stray, Summary, Which,
 };
 
 const DEFAULT_CASES: u32 = 256;
@@ -116,6 +116,8 @@ fn add(total: &mut Summary, s: &Summary) {
     total.pushes_adopted += s.pushes_adopted;
     total.pushes_during_flights += s.pushes_during_flights;
     total.pushes_over_unsaved_logins += s.pushes_over_unsaved_logins;
+    total.strays += s.strays;
+    total.auth_lost_inside_leeway += s.auth_lost_inside_leeway;
 }
 
 // ----- generators
@@ -148,6 +150,12 @@ struct Weights {
     stale: u32,
     /// Probability that the auth-lost hook panics.
     hook_panics: f64,
+    /// The clocks move into the current token's leeway (issue 26).
+    leeway: u32,
+    /// Another program writes the store's record (issue 26).
+    stray: u32,
+    /// The next unlock hangs past the budget (issue 26).
+    unlock: u32,
 }
 
 const MIXED: Weights = Weights {
@@ -169,6 +177,10 @@ const MIXED: Weights = Weights {
     push: 1,
     stale: 1,
     hook_panics: 0.1,
+    // Zero in the older properties: their scenarios stay as they were.
+    leeway: 0,
+    stray: 0,
+    unlock: 0,
 };
 
 fn setup(w: Weights) -> impl Strategy<Value = Setup> {
@@ -303,7 +315,21 @@ fn op(w: Weights) -> impl Strategy<Value = Op> {
             w.fault => (0u8..4, fault()).prop_map(|(skip, fault)| Op::StoreFault { skip, fault }),
             w.push => push().prop_map(Op::Push),
         ],
+        // Issue 26's operations, in a tenth arm (zero weights in the older properties).
+        w.leeway + w.stray + w.unlock => prop_oneof![
+            w.leeway => Just(Op::IntoLeeway),
+            w.stray => stray().prop_map(Op::Stray),
+            w.unlock => Just(Op::UnlockHangs),
+        ],
     ]
+}
+
+/// Undecodable records and generations above the maximum. Not `Stray::AtMax`: a stored
+/// generation of exactly 2^53 makes the coordinator number its next token 2^53 + 1,
+/// above the maximum (see `c17_a_stored_generation_at_the_maximum_is_never_exceeded`,
+/// an open finding of issue 26); the fuzz target generates it.
+fn stray() -> impl Strategy<Value = Stray> {
+    prop_oneof![Just(Stray::Undecodable), Just(Stray::AboveMax)]
 }
 
 /// A burst of 1–64 callers, then up to `len` operations of weights `w`.
@@ -531,6 +557,57 @@ fn c2_c3_c17_pushed_tokens_are_adopted_only_if_newer_usable_and_over_no_unsaved_
             && total.pushes > total.pushes_adopted,
         "the generator never pushed during a flight, over an unsaved login, or a token to \
          ignore: {total:?}"
+    );
+}
+
+/// Issue 26, item 9: after any failure (transient, permanent `invalid_grant`, a
+/// budget or store failure), a token that has not really expired is served: a caller
+/// that found it current never fails while it stays valid, inside its leeway too (C16).
+#[test]
+fn c16_a_usable_token_is_served_until_it_really_expires_whatever_the_failure() {
+    let w = Weights {
+        start: 6,
+        source: 4,
+        failures: 6,
+        leeway: 4,
+        login: 0,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c16_a_usable_token_is_served_until_it_really_expires_whatever_the_failure",
+        scenario(w, 120),
+    );
+    assert!(
+        total.auth_lost_inside_leeway > 0 && total.errors > 0,
+        "the generator never lost the login inside a token's leeway: {total:?}"
+    );
+}
+
+/// Issue 26, items 1–3: records that do not decode, stored generations at and above
+/// 2^53, unlocks that hang until the budget drops them. Under the lock an undecodable
+/// record counts as no token and a save replaces it (C13); a save replaces a generation
+/// above the maximum (C1 across processes); a dropped guard leaves the lock free for
+/// the next holder (C10); and every other contract still holds.
+#[test]
+fn c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks() {
+    let w = Weights {
+        stray: 4,
+        unlock: 2,
+        fault: 1,
+        login: 2,
+        advance: 3,
+        stale: 2,
+        hook_panics: 0.0,
+        ..MIXED
+    };
+    let total = check(
+        "c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks",
+        scenario(w, 160),
+    );
+    assert!(
+        total.strays > 0 && total.source_successes > 0,
+        "the generator never wrote a stray record: {total:?}"
     );
 }
 
