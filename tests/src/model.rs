@@ -3237,7 +3237,7 @@ impl World {
         let Some(store) = self.store.clone() else {
             return Ok(());
         };
-        let held = store.held.load(Ordering::SeqCst) + self.shared().leaked_guards.len();
+        let held = store.held.load(Ordering::SeqCst);
         if held > 0 {
             return Err(self.violation(
                 "C10",
