@@ -49,6 +49,8 @@
 // modulo their length), never from raw input.
 #![allow(clippy::indexing_slicing)]
 
+pub mod keyed;
+
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::fmt;
@@ -1821,7 +1823,7 @@ impl World {
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
             Op::ReplicaLogin => self.replica_login(),
             Op::Push(push) => self.store_push(push)?,
-            Op::IntoLeeway => self.into_leeway(),
+            Op::IntoLeeway => self.advance_into_leeway(),
             Op::Stray(stray) => self.stray(stray),
             Op::UnlockHangs => self.shared().unlock_hangs = true,
         }
@@ -1830,7 +1832,7 @@ impl World {
     }
 
     /// [`Op::IntoLeeway`].
-    fn into_leeway(&mut self) {
+    fn advance_into_leeway(&mut self) {
         let Some(token) = self.flight.current() else {
             return;
         };

@@ -21,6 +21,7 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+use tokenflight_tests::model::keyed::{self, KeyedOp, KeyedScenario, KeyedSetup, KeyedSummary};
 use tokenflight_tests::model::{
     self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Push, RetryAfter, Scenario, Setup,
     Stale, Step, Stray, Summary, Which,
@@ -1272,4 +1273,129 @@ fn c17_a_stored_generation_at_the_maximum_is_never_exceeded() {
         ops: vec![Op::Stray(Stray::AtMax), Op::Login],
     })
     .unwrap();
+}
+
+// ----- issue 26, items 4–5: keyed coordinators evicted while requests are in flight
+
+fn keyed_op() -> impl Strategy<Value = KeyedOp> {
+    let key = 0u8..(keyed::KEYS as u8);
+    prop_oneof![
+        4 => (key.clone(), any::<bool>()).prop_map(|(key, replayable)| KeyedOp::Send { key, replayable }),
+        1 => key.prop_map(|key| KeyedOp::Token { key }),
+        6 => any::<u8>().prop_map(KeyedOp::Poll),
+        2 => Just(KeyedOp::Settle),
+        4 => (any::<u8>(), prop::bool::weighted(0.6))
+            .prop_map(|(n, accept)| KeyedOp::Respond { n, accept }),
+        3 => (any::<u8>(), outcome(MIXED)).prop_map(|(n, outcome)| KeyedOp::Source { n, outcome }),
+        1 => any::<u8>().prop_map(KeyedOp::Cancel),
+        1 => step().prop_map(KeyedOp::Advance),
+        2 => Just(KeyedOp::Evict),
+    ]
+}
+
+fn keyed_scenario(len: usize) -> impl Strategy<Value = KeyedScenario> {
+    (
+        any::<(bool, bool)>(),
+        prop::collection::vec(keyed_op(), 1..len),
+    )
+        .prop_map(|((one_coordinator, store), ops)| KeyedScenario {
+            setup: KeyedSetup {
+                one_coordinator,
+                store,
+            },
+            ops,
+        })
+}
+
+/// Issue 26, item 5: keyed coordinators evicted while their requests are on the wire
+/// or their callers wait (a new key finds the map full, `evict_idle`): never two live
+/// coordinators of one key that both refresh (C22), one source call per key at a time
+/// (C1), a token only to its own key's origin (C12), one resend (C4).
+#[test]
+fn c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator() {
+    let seed = seed();
+    let config = Config {
+        cases: cases(),
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let ran = std::cell::Cell::new(0u32);
+    let first_failure = std::cell::RefCell::new(None);
+    let total = std::cell::RefCell::new(KeyedSummary::default());
+    let result = runner.run(&keyed_scenario(80), |scenario| {
+        ran.set(ran.get() + 1);
+        let summary = keyed::run_keyed(&scenario).map_err(|v| {
+            first_failure
+                .borrow_mut()
+                .get_or_insert_with(|| format!("{} ({v})", ran.get()));
+            TestCaseError::fail(v.to_string())
+        })?;
+        let mut total = total.borrow_mut();
+        total.resends += summary.resends;
+        total.evictions_in_flight += summary.evictions_in_flight;
+        Ok(())
+    });
+    if let Err(error) = result {
+        panic!(
+            "{error}\n\nfirst failing case: {} of {}\nreproduce with: \
+             TOKENFLIGHT_SCENARIO_SEED={seed}",
+            first_failure.borrow().as_deref().unwrap_or("?"),
+            cases()
+        );
+    }
+    let total = total.into_inner();
+    assert!(
+        total.resends > 0 && total.evictions_in_flight > 0,
+        "the generator never evicted while a request was in flight: {total:?}"
+    );
+}
+
+/// Issue 26, item 5, by hand: key 0's request is on the wire when key 1 evicts key 0's
+/// coordinator (a map of one); key 0's next request makes a second coordinator, which
+/// gets a token; then the first request's 401 arrives: its old coordinator must not
+/// refresh beside the new one (C22).
+#[test]
+fn c22_a_401_on_an_evicted_coordinator_does_not_refresh_beside_the_new_one() {
+    let send = |key| KeyedOp::Send {
+        key,
+        replayable: true,
+    };
+    let ok = |n| KeyedOp::Source {
+        n,
+        outcome: Outcome::Ok(Lifetime::HOUR),
+    };
+    let result = keyed::run_keyed(&KeyedScenario {
+        setup: KeyedSetup {
+            one_coordinator: true,
+            store: false,
+        },
+        ops: vec![
+            send(0),
+            KeyedOp::Settle,
+            ok(0),
+            KeyedOp::Settle,
+            // Key 0's request is on the wire; key 1 evicts key 0's coordinator.
+            send(1),
+            KeyedOp::Settle,
+            ok(0),
+            KeyedOp::Settle,
+            // Key 0 again: a new coordinator, and its initial token.
+            send(0),
+            KeyedOp::Settle,
+            ok(0),
+            KeyedOp::Settle,
+            // The first request is rejected.
+            KeyedOp::Respond {
+                n: 0,
+                accept: false,
+            },
+            KeyedOp::Settle,
+        ],
+    });
+    let summary = result.unwrap();
+    // The rejected request was resent once, with a token of key 0 (checked per step).
+    assert_eq!(summary.resends, 1, "{summary:?}");
+    assert_eq!(summary.evictions_in_flight, 2, "{summary:?}");
 }
