@@ -12,10 +12,12 @@
 //! live sleeps) its timer: flight budgets, attempt timeouts and retry pauses.
 //!
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
-//! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
+//! C10, C13, C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
 //! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the
-//! `flight_ops` fuzz target decodes them with `arbitrary`.
+//! `flight_ops` fuzz target decodes them with `arbitrary`. Keyed policies, whose
+//! coordinators are evicted while requests are in flight, have a second, smaller runner:
+//! [`keyed`] (issue 26).
 //!
 //! ## Pushed tokens (issue 20): planted bugs and what caught them
 //!
@@ -44,6 +46,48 @@
 //! again (the coordinator spent its own refresh token instead). Fixed in `attempt_locked`;
 //! `c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again`
 //! pins it (reverting the fix: that test, and `c2_c3_c17_pushed_…` at case 112–157).
+
+//!
+//! ## Stores, keys and leeway (issue 26): planted bugs and what caught them
+//!
+//! New operations: [`Op::IntoLeeway`] (the clocks move to half the current token's
+//! leeway before its expiry), [`Op::Stray`] (another program writes the store's record:
+//! one that does not decode, a usable token numbered 2^53, one numbered above it) and
+//! [`Op::UnlockHangs`] (the next unlock hangs until the flight's budget drops it). The
+//! model store keeps the store contract for them: an undecodable record fails an
+//! unlocked load with `Corrupt`, counts as no token under the lock and is replaced by
+//! the next save; a save overwrites a generation above the maximum; a dropped guard
+//! releases the lock. New checks: C16 (a caller that found the current token, not
+//! rejected and not expired, gets it after any failure, inside its leeway too), C13 (a
+//! flight that read an undecodable record under the lock does not fail without calling
+//! its source), and, once every caller and flight has ended, C10 (the lock is free for
+//! the next holder) and C1 across processes (a save attempted over a generation above
+//! the maximum replaced it). Keyed coordinators have their own runner, [`keyed`] (C1 per
+//! key, C22, C12 per key, C4), where eviction is deterministic (a zero idle timeout).
+//!
+//! Items 9 and 5 are bugs on main today: their rows are the measurement itself. The
+//! Redis items (1–3) are planted in the model store with `TOKENFLIGHT_MODEL_PLANT=<name>`
+//! (off by default; never set in CI). All at the CI count and seed (256 cases,
+//! `TOKENFLIGHT_SCENARIO_SEED=1`). "First case" is the earliest failing case of each
+//! property that failed.
+//!
+//! | plant | caught by | first case | contract, shrunk |
+//! |---|---|---|---|
+//! | item 9 (on main): `join_or_start`'s "re-authentication required" fail-fast path serves no still-valid token | `c16_a_usable_token_is_served_until_it_really_expires_whatever_the_failure`; `c9_backoff_holds_through_wall_steps_and_huge_retry_after` (wall steps put a login 5 s from expiry); the scenario `c16_after_invalid_grant_inside_the_leeway_…` | 1/256; 186/256 | C16: login, wall step back 40 s, 35 s, wall step forward 1 h, a send's flight gets `invalid_grant`, the next send fails with "re-authentication required" although the login is valid 5 s more (11 ops) |
+//! | item 5 (on main): eviction while a request holds the key's coordinator | `c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator`; the scenario `c22_a_401_on_an_evicted_coordinator_…` (C22) | 38/256 | C1 per key: key 0's request on the wire, `evict_idle`, key 0 again (a second coordinator fetches), the first request's 401: its old coordinator refreshes beside the new one (14 ops) |
+//! | `corrupt-under-lock` (item 1): a load under the lock fails with `Corrupt` on an undecodable record | `c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks` (the only property that writes such records); the scenario `c13_an_undecodable_record_…` | 1/256 | C13: a send, an undecodable record, 250 ms: the flight fails without a source call (3 steps); unshrunk, C9: a login cannot repair it ("installing a login failed: stored token is corrupt") |
+//! | `hostile-generation-newer` (item 3): a save refuses ("newer", `LeaseLost`) over a stored generation above the maximum | 10 properties: `c1_c10_c13_…` 1, `c6_cancelling_any_caller_…` 2, `c2_c3_c17_pushed_…` 3, `c17_logins_win_…` 8, `c5_c18_…` 8, `c5_c9_…` 10, `c3_c4_…` 11, `c1_c2_c5_…` 15 (their stale sessions numbered `u64::MAX - 1` and 2^53 + 1 are hostile too); the scenarios `c1_a_save_replaces_…` and `c17_a_stale_stored_session_…` | 1–15/256 | C9: a send, a record numbered 2^53 + 1, a login: "installing a login failed: refresh lock lease lost" (3 steps); C1: the store still holds `u64::MAX - 1` after the flight's save |
+//! | `cancelled-unlock-keeps-lock` (item 2): an unlock the budget cut short never releases the lock | `c1_c10_c13_…` 1, `c2_c3_c17_pushed_…` 10, `c5_c18_…` 14 (their hang faults land on an unlock); the scenario `c10_an_unlock_cut_short_…` | 1–14/256 | C10: a send, the unlock hangs, the flight ends at its budget: "every flight has ended but the store's refresh lock is still held" (3 steps) |
+//! | item 4: a key in constant use evicted as idle | not modelled: `KeyedFlights` reads the real `Instant`, which a deterministic runner cannot move | – | – |
+//! | item 6: a redirect carries key A's token to key B's origin | not modelled: the hop is the adapter's (reqwest's redirect policy), below the core's `send` | – | – |
+//!
+//! The model also found a boundary bug nobody planted: a usable token numbered exactly
+//! `MAX_GENERATION` (2^53, accepted as sane) in the store makes the coordinator number
+//! its next token (a login's renumbering, a refresh) 2^53 + 1, which every reader of
+//! the store, itself included, then ignores as corrupt (C17, and C1 across processes).
+//! `c17_a_stored_generation_at_the_maximum_is_never_exceeded` pins it (ignored until
+//! fixed); the property generators leave [`Stray::AtMax`] out meanwhile, the fuzz
+//! target does not.
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -527,6 +571,12 @@ pub struct Summary {
 ///   one the coordinator numbered (C3), an older one or an own echo (C9), a corrupt one
 ///   (C17) or an expired one (C16) changes nothing; and a flight whose token to replace
 ///   a push superseded makes no further source call (C2).
+/// - **Issue 26**: a caller that found the current token, not rejected and not yet
+///   expired (its leeway aside), never fails while it stays current and valid, whatever
+///   the failure (C16); a flight that read an undecodable record under the lock does not
+///   fail without calling its source (C13); once every caller and flight has ended, the
+///   store's lock is free (C10) and a generation above the maximum that a save was
+///   attempted over is gone (C1 across processes).
 ///
 /// At the end every request on the wire is answered and time moves until every caller
 /// has finished; a caller still pending then is a hang (C5/C6).

@@ -1,16 +1,21 @@
-//! Model-based property tests of the coordinator (C1–C6, C9, C15–C18): proptest
+//! Model-based property tests of the coordinator (C1–C6, C9, C10, C13, C15–C18, C22): proptest
 //! generates scenarios (1–64 concurrent callers, interleavings, server answers, refresh
 //! outcomes with lifetimes from 1 s to a day, clock skew, `Retry-After`, cancellations,
 //! monotonic and wall-clock steps both ways, logins during flights, other replicas'
 //! logins, stale or corrupt sessions in the store, store calls that fail, hang or panic,
-//! panicking hooks and sources, tokens the store pushes: issue 20) and `tokenflight_tests::model::run` plays each one
-//! deterministically, checking the contracts after every step.
+//! panicking hooks and sources, tokens the store pushes: issue 20; tokens inside their
+//! leeway, records that do not decode, generations above 2^53, unlocks that hang past
+//! the budget: issue 26) and `tokenflight_tests::model::run` plays each one
+//! deterministically, checking the contracts after every step. Keyed policies whose
+//! coordinators are evicted while requests are in flight run in
+//! `tokenflight_tests::model::keyed::run_keyed` (issue 26).
 //!
 //! Each property weights the operations towards one class of bug; every property still
 //! checks every contract. With the core's fixes for issue 13 reverted one at a time, the
 //! properties find each reverted fix within the CI case count (the figures are in the
-//! closing note of issue 13). The plants for pushed tokens, and what caught each, are
-//! tabled at the top of `tests/src/model.rs`.
+//! closing note of issue 13). The plants for pushed tokens (issue 20) and for stores,
+//! keys and leeway (issue 26), and what caught each, are tabled at the top of
+//! `tests/src/model.rs`.
 //!
 //! - `TOKENFLIGHT_PROPTEST_CASES=N` runs N cases per property (default 256, the CI
 //!   count: all properties take about 10 s of CPU in a debug build).
