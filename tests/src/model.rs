@@ -53,7 +53,8 @@
 //! New operations: [`Op::IntoLeeway`] (the clocks move to half the current token's
 //! leeway before its expiry), [`Op::Stray`] (another program writes the store's record:
 //! one that does not decode, a usable token numbered 2^53, one numbered above it) and
-//! [`Op::UnlockHangs`] (the next unlock hangs until the flight's budget drops it). The
+//! [`Op::UnlockHangs`] (the next unlock hangs until the flight's budget drops it; a
+//! login's, until the runner cancels the login). The
 //! model store keeps the store contract for them: an undecodable record fails an
 //! unlocked load with `Corrupt`, counts as no token under the lock and is replaced by
 //! the next save; a save overwrites a generation above the maximum; a dropped guard
@@ -75,9 +76,9 @@
 //! |---|---|---|---|
 //! | item 9 (on main): `join_or_start`'s "re-authentication required" fail-fast path serves no still-valid token | `c16_a_usable_token_is_served_until_it_really_expires_whatever_the_failure`; `c9_backoff_holds_through_wall_steps_and_huge_retry_after` (wall steps put a login 5 s from expiry); the scenario `c16_after_invalid_grant_inside_the_leeway_…` | 1/256; 186/256 | C16: login, wall step back 40 s, 35 s, wall step forward 1 h, a send's flight gets `invalid_grant`, the next send fails with "re-authentication required" although the login is valid 5 s more (11 ops) |
 //! | item 5 (on main): eviction while a request holds the key's coordinator | `c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator`; the scenario `c22_a_401_on_an_evicted_coordinator_…` (C22) | 38/256 | C1 per key: key 0's request on the wire, `evict_idle`, key 0 again (a second coordinator fetches), the first request's 401: its old coordinator refreshes beside the new one (14 ops) |
-//! | `corrupt-under-lock` (item 1): a load under the lock fails with `Corrupt` on an undecodable record | `c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks` (the only property that writes such records); the scenario `c13_an_undecodable_record_…` | 1/256 | C13: a send, an undecodable record, 250 ms: the flight fails without a source call (3 steps); unshrunk, C9: a login cannot repair it ("installing a login failed: stored token is corrupt") |
+//! | `corrupt-under-lock` (item 1): a load under the lock fails with `Corrupt` on an undecodable record | `c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks` (the only property that writes such records); the scenario `c13_an_undecodable_record_…` | 1/256 | C13: a send, an undecodable record, 250 ms: the flight fails without a source call (3 steps); in other cases C9: a login cannot repair it ("installing a login failed: stored token is corrupt") |
 //! | `hostile-generation-newer` (item 3): a save refuses ("newer", `LeaseLost`) over a stored generation above the maximum | 10 properties: `c1_c10_c13_…` 1, `c6_cancelling_any_caller_…` 2, `c2_c3_c17_pushed_…` 3, `c17_logins_win_…` 8, `c5_c18_…` 8, `c5_c9_…` 10, `c3_c4_…` 11, `c1_c2_c5_…` 15 (their stale sessions numbered `u64::MAX - 1` and 2^53 + 1 are hostile too); the scenarios `c1_a_save_replaces_…` and `c17_a_stale_stored_session_…` | 1–15/256 | C9: a send, a record numbered 2^53 + 1, a login: "installing a login failed: refresh lock lease lost" (3 steps); C1: the store still holds `u64::MAX - 1` after the flight's save |
-//! | `cancelled-unlock-keeps-lock` (item 2): an unlock the budget cut short never releases the lock | `c1_c10_c13_…` 1, `c2_c3_c17_pushed_…` 10, `c5_c18_…` 14 (their hang faults land on an unlock); the scenario `c10_an_unlock_cut_short_…` | 1–14/256 | C10: a send, the unlock hangs, the flight ends at its budget: "every flight has ended but the store's refresh lock is still held" (3 steps) |
+//! | `cancelled-unlock-keeps-lock` (item 2): an unlock the budget cut short never releases the lock | `c1_c10_c13_…` 1, `c2_c3_c17_pushed_…` 10, `c5_c18_…` 14 (their hang faults land on an unlock); the scenarios `c10_an_unlock_cut_short_…` and `c10_a_login_cancelled_while_its_unlock_hangs_…` | 1–14/256 | C10: a send, the unlock hangs, the flight ends at its budget: "every flight has ended but the store's refresh lock is still held" (3 steps) |
 //! | item 4: a key in constant use evicted as idle | not modelled: `KeyedFlights` reads the real `Instant`, which a deterministic runner cannot move | – | – |
 //! | item 6: a redirect carries key A's token to key B's origin | not modelled: the hop is the adapter's (reqwest's redirect policy), below the core's `send` | – | – |
 //!
@@ -279,7 +280,8 @@ pub enum Op {
     /// and 3).
     Stray(Stray),
     /// The next `unlock` hangs until the flight's budget drops it (issue 26, item 2):
-    /// the dropped guard must leave the lock free for the next holder (a replica).
+    /// the dropped guard must leave the lock free for the next holder (a replica). A
+    /// login's unlock hangs too, and the login is then cancelled (`install()` dropped).
     UnlockHangs,
 }
 
@@ -686,6 +688,8 @@ struct Shared {
     undecodable_locked_read: Option<(usize, usize, u64)>,
     /// The next `unlock` hangs ([`Op::UnlockHangs`]).
     unlock_hangs: bool,
+    /// A login's unlock hung: the runner cancels the login (drops `install()`).
+    unlock_hung_in_install: bool,
     /// Guards whose cancelled unlock never released the lock (planted:
     /// [`StorePlant::CancelledUnlockKeepsLock`]); taken out at shutdown.
     leaked_guards: Vec<Box<dyn StoreGuard>>,
@@ -1128,11 +1132,13 @@ impl StoreGuard for ModelGuard {
     }
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
         let hangs = {
-            // Logins are not faulted (see `fault`).
+            // A login's unlock hangs too: the runner then cancels the login (item 2: a
+            // cancelled `install()` during unlock must release the lock as well).
             let mut shared = lock(&self.shared);
-            let hangs = !shared.installing && std::mem::take(&mut shared.unlock_hangs);
+            let hangs = std::mem::take(&mut shared.unlock_hangs);
             if hangs {
                 shared.faults_fired += 1;
+                shared.unlock_hung_in_install |= shared.installing;
                 mark_at_risk(&mut shared);
             }
             hangs
@@ -2121,6 +2127,17 @@ impl World {
             }
             Ok(Poll::Ready(Err(error))) => {
                 Err(self.violation("C9", format!("installing a login failed: {error}")))
+            }
+            // Its unlock hung and the login was cancelled (the future is dropped): it was
+            // installed and saved before the unlock.
+            Ok(Poll::Pending) if std::mem::take(&mut self.shared().unlock_hung_in_install) => {
+                if let Some(installed) = self.flight.current() {
+                    self.known.generations.insert(
+                        installed.access().expose().to_owned(),
+                        installed.generation(),
+                    );
+                }
+                Ok(())
             }
             Ok(Poll::Pending) => Err(self.violation(
                 "C6",

@@ -1404,3 +1404,19 @@ fn c22_a_401_on_an_evicted_coordinator_does_not_refresh_beside_the_new_one() {
     assert_eq!(summary.resends, 1, "{summary:?}");
     assert_eq!(summary.evictions_in_flight, 2, "{summary:?}");
 }
+
+/// Issue 26, item 2, for logins: a login whose unlock hangs is cancelled (its
+/// `install()` dropped); it was installed and saved before the unlock, so callers get
+/// it without a source call, and the dropped guard leaves the lock free (C10).
+#[test]
+fn c10_a_login_cancelled_while_its_unlock_hangs_leaves_the_lock_free() {
+    let summary = model::run(&Scenario {
+        setup: setup_with(Initial::NoToken, |_| {}),
+        ops: vec![Op::UnlockHangs, Op::Login, Op::Token, Op::Settle],
+    })
+    .unwrap();
+    assert_eq!(summary.logins, 1, "{summary:?}");
+    assert_eq!(summary.store_faults, 1, "{summary:?}");
+    assert_eq!(summary.source_calls, 0, "{summary:?}");
+    assert_eq!(summary.errors, 0, "{summary:?}");
+}
