@@ -195,6 +195,46 @@ impl AuthPolicy {
         self.inner.rules.origins.allows(url)
     }
 
+    /// Whether a token put on a request to `from` may go along to `to` when the HTTP
+    /// client follows a redirect by itself, below the policy (reqwest does), keeping
+    /// what the first request carried: only if `to`'s origin is allowed
+    /// ([C12](crate#c12)) and, for a keyed policy, `to` is of the same key as `from`
+    /// by the policy's key function, so that a token of one key never goes with a
+    /// request of another ([C22](crate#c22)). For adapters' redirect hooks; a client
+    /// that sends every hop through the policy needs none (the policy decides each
+    /// hop's token itself).
+    ///
+    /// A client's redirect hook does not see the request's
+    /// [`TokenKey`](crate::keyed::TokenKey) marker: a marked request is judged by the
+    /// key function too, which can only stop a hop that needed no stopping.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn, keyed::TokenKey};
+    /// let policy = AuthPolicy::builder()
+    ///     .allowed_origin("https://a.example")
+    ///     .allowed_origin("https://b.example")
+    ///     .keyed(|_key: &TokenKey, shared| {
+    ///         shared.source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// let url = |s: &str| url::Url::parse(s).unwrap();
+    /// let get = http::Method::GET;
+    /// // One key per origin (the default key function).
+    /// assert!(policy.token_may_follow(&get, &url("https://a.example/x"), &url("https://a.example/y")));
+    /// assert!(!policy.token_may_follow(&get, &url("https://a.example/x"), &url("https://b.example/y")));
+    /// assert!(!policy.token_may_follow(&get, &url("https://a.example/x"), &url("https://evil.example/")));
+    /// ```
+    pub fn token_may_follow(&self, method: &http::Method, from: &url::Url, to: &url::Url) -> bool {
+        if !self.inner.rules.origins.allows(to) {
+            return false;
+        }
+        match &self.inner.flights {
+            Flights::One(_) => true,
+            Flights::Keyed { key_of, .. } => key_of(method, from) == key_of(method, to),
+        }
+    }
+
     /// Whether [`send`](Self::send) would put a token on a request with `method` to
     /// `url` and `options`: not skipped by a marker or a route ([C11](crate#c11)), to an
     /// allowed origin ([C12](crate#c12)). For adapters that prepare such requests

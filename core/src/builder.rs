@@ -49,6 +49,8 @@ pub struct FlightBuilder {
     initial_token: Option<Token>,
     /// Whether `store` was set (a keyed policy refuses a store shared by every key).
     store_set: bool,
+    /// Whether `clock` was set (a keyed policy then measures idle keys on it too).
+    clock_set: bool,
 }
 
 impl fmt::Debug for FlightBuilder {
@@ -89,6 +91,7 @@ impl FlightBuilder {
             observers: Observers::default(),
             initial_token: None,
             store_set: false,
+            clock_set: false,
         }
     }
 
@@ -107,6 +110,7 @@ impl FlightBuilder {
             observers: self.observers.clone(),
             initial_token: None,
             store_set: false,
+            clock_set: self.clock_set,
         }
     }
 
@@ -147,6 +151,7 @@ impl FlightBuilder {
     /// The clock (default: the system clock).
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self.clock_set = true;
         self
     }
 
@@ -577,10 +582,16 @@ impl<Out> AuthPolicyBuilder<Out> {
                 }
                 self.flight.check()?;
                 let shared = self.flight;
+                // The keys' idle times are measured on the policy's clock when one was
+                // set (a test's manual clock), else on the map's cheap system clock.
+                let clock = shared.clock_set.then(|| Arc::clone(&shared.clock));
                 let factory = setup.factory;
                 let mut flights =
                     KeyedFlights::builder(move |key: &TokenKey| factory(key, shared.for_key()))
                         .max_entries(setup.max_keys);
+                if let Some(clock) = clock {
+                    flights = flights.clock(clock);
+                }
                 if let Some(idle) = setup.idle_timeout {
                     flights = flights.idle_timeout(idle);
                 }

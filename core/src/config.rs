@@ -11,10 +11,16 @@ use crate::token::Token;
 /// `leeway` and `refresh_ahead` are *caps*. A token that knows its lifetime `L` (it
 /// records when it was obtained, see [`Token::lifetime`]) gets
 ///
-/// - effective leeway = `min(leeway, L / 10)`: callers never start waiting for a new
-///   token before 90 % of its life has passed;
-/// - effective refresh-ahead window = `min(refresh_ahead, L / 3)`: the background
-///   refresh never starts before two thirds of the life have passed.
+/// - effective leeway = `min(leeway, L / 10 + 1 s)`: callers start waiting for a new
+///   token in the last tenth of its life, one second earlier;
+/// - effective refresh-ahead window = `min(refresh_ahead, L / 3 + 1 s)`: the background
+///   refresh starts in the last third of the life, one second earlier.
+///
+/// The second is [`EXPIRY_GRANULARITY`]: `expires_in` counts whole seconds and servers
+/// round the issue time down, so a token announced as living 3 s may live only 2 s on
+/// the server. Without it, a short token would still be sent (or a rejected request
+/// resent with it) after the server already counts it expired. Long tokens do not
+/// notice: their leeway is the cap.
 ///
 /// A token whose lifetime is unknown gets the caps as they are. With the defaults
 /// (caps 10 s and 225 s) — "refresh ahead starts" is the earliest point; with
@@ -23,10 +29,12 @@ use crate::token::Token;
 ///
 /// | lifetime `L` | leeway | refresh ahead starts | callers wait from |
 /// |---|---|---|---|
-/// | 1 s   | 100 ms | 667 ms after issue (333 ms before expiry) — but see below | 900 ms — but see below |
-/// | 10 s  | 1 s    | 6.67 s (3.33 s before expiry) | 9 s |
-/// | 1 min | 6 s    | 40 s (20 s before expiry) | 54 s |
-/// | 5 min | 10 s   | 3 min 20 s (100 s before expiry) | 4 min 50 s |
+/// | 1 s   | 1.1 s  | at once (1.33 s window) — but see below | at once — but see below |
+/// | 2 s   | 1.2 s  | 333 ms after issue (1.67 s before expiry) — but see below | 800 ms — but see below |
+/// | 3 s   | 1.3 s  | 1 s (2 s before expiry) | 1.7 s |
+/// | 10 s  | 2 s    | 5.67 s (4.33 s before expiry) | 8 s |
+/// | 1 min | 7 s    | 39 s (21 s before expiry) | 53 s |
+/// | 5 min | 10 s   | 3 min 19 s (101 s before expiry) | 4 min 50 s |
 /// | 1 h   | 10 s   | 56 min 15 s (225 s before expiry) | 59 min 50 s |
 /// | 24 h  | 10 s   | 23 h 56 min 15 s (225 s before expiry) | 23 h 59 min 50 s |
 ///
@@ -39,9 +47,11 @@ use crate::token::Token;
 /// for short tokens (half-life would make it 2, with no margin for latency).
 ///
 /// The minimum refresh interval (default 1 s) comes first: a token younger than it is
-/// neither refreshed ahead nor counted as expired. For lifetimes up to about 1.5 s this
+/// neither refreshed ahead nor counted as expired. For lifetimes up to about 2 s this
 /// moves both points to 1 s after the token was obtained (for `L` = 1 s: callers keep
-/// the token until it expires, then wait for one refresh).
+/// the token until it expires, then wait for one refresh; for `L` = 2 s: one refresh
+/// per second, which is what a 2 s token whose issue time the server rounded down
+/// really lives).
 ///
 /// A token younger than `min_refresh_interval` is always usable, even when it arrived
 /// already expired by the local clock (`expires_in: 0`, a skewed `exp`): the server
@@ -51,11 +61,11 @@ use crate::token::Token;
 #[non_exhaustive]
 pub struct FlightConfig {
     /// Cap on the clock-skew allowance: a token this close to its expiry counts as
-    /// expired ([C7](crate#c7)), scaled to `L / 10` for short lifetimes. Default: 10 s.
+    /// expired ([C7](crate#c7)), scaled to `L / 10 + 1 s` for short lifetimes. Default: 10 s.
     pub leeway: Duration,
     /// Cap on the refresh-ahead window: inside it (and outside the leeway) the
-    /// still-valid token is used while one refresh runs ahead ([C8](crate#c8)), scaled to `L / 3`
-    /// for short lifetimes. `None` disables it. Default: 225 s.
+    /// still-valid token is used while one refresh runs ahead ([C8](crate#c8)), scaled to
+    /// `L / 3 + 1 s` for short lifetimes. `None` disables it. Default: 225 s.
     pub refresh_ahead: Option<Duration>,
     /// Spreads refresh-ahead starts over a fleet: each coordinator starts its
     /// refresh-ahead at `window × f` before expiry, with `f` drawn in
@@ -97,21 +107,40 @@ impl Default for FlightConfig {
     }
 }
 
+/// How far a server's idea of a token's expiry may lie before the client's when both
+/// are right: `expires_in` (and a JWT's `exp`) counts whole seconds, and servers round
+/// the issue time down, so a token announced as living 3 s may live only 2 s on the
+/// server. Added to the lifetime-scaled leeway and window (within their caps).
+pub const EXPIRY_GRANULARITY: Duration = Duration::from_secs(1);
+
 impl FlightConfig {
-    /// The leeway that applies to `token`: `min(leeway, L / 10)` (see the type's docs).
+    /// The leeway that applies to `token`: `min(leeway, L / 10 + 1 s)` (see the type's
+    /// docs and [`EXPIRY_GRANULARITY`]).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::{Token, config::FlightConfig};
+    /// let config = FlightConfig::default();
+    /// let token = Token::new("t").expires_in(Duration::from_secs(3), SystemTime::now());
+    /// assert_eq!(config.leeway_for(&token), Duration::from_millis(1300));
+    /// ```
     pub fn leeway_for(&self, token: &Token) -> Duration {
         match token.lifetime() {
-            Some(lifetime) => self.leeway.min(lifetime / 10),
+            Some(lifetime) => self
+                .leeway
+                .min((lifetime / 10).saturating_add(EXPIRY_GRANULARITY)),
             None => self.leeway,
         }
     }
 
-    /// The refresh-ahead window that applies to `token`: `min(refresh_ahead, L / 3)`,
-    /// or `None` when refresh-ahead is off (see the type's docs).
+    /// The refresh-ahead window that applies to `token`: `min(refresh_ahead, L / 3 +
+    /// 1 s)`, or `None` when refresh-ahead is off (see the type's docs). Always longer
+    /// than the leeway when both are scaled: a window remains in which the token still
+    /// serves while one refresh runs.
     pub fn refresh_ahead_for(&self, token: &Token) -> Option<Duration> {
         let cap = self.refresh_ahead?;
         Some(match token.lifetime() {
-            Some(lifetime) => cap.min(lifetime / 3),
+            Some(lifetime) => cap.min((lifetime / 3).saturating_add(EXPIRY_GRANULARITY)),
             None => cap,
         })
     }
@@ -311,10 +340,12 @@ mod tests {
         let s = Duration::from_secs;
         // (lifetime, leeway, refresh-ahead window)
         let table = [
-            (s(1), ms(100), ms(333)),
-            (s(10), s(1), ms(3333)),
-            (s(60), s(6), s(20)),
-            (s(300), s(10), s(100)),
+            (s(1), ms(1100), ms(1333)),
+            (s(2), ms(1200), ms(1667)),
+            (s(3), ms(1300), s(2)),
+            (s(10), s(2), ms(4333)),
+            (s(60), s(7), s(21)),
+            (s(300), s(10), s(101)),
             (s(3600), s(10), s(225)),
             (s(86_400), s(10), s(225)),
         ];
@@ -332,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn c15_unknown_lifetime_uses_the_caps_and_zero_lifetime_gives_zero() {
+    fn c15_unknown_lifetime_uses_the_caps_and_zero_lifetime_gives_the_granularity() {
         let config = FlightConfig::default();
         let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let no_lifetime = Token::new("t").expires_at(now);
@@ -341,11 +372,12 @@ mod tests {
             config.refresh_ahead_for(&no_lifetime),
             Some(Duration::from_secs(225))
         );
+        // Born expired: only the granularity's second is left of either.
         let born_expired = Token::new("t").expires_in(Duration::ZERO, now);
-        assert_eq!(config.leeway_for(&born_expired), Duration::ZERO);
+        assert_eq!(config.leeway_for(&born_expired), EXPIRY_GRANULARITY);
         assert_eq!(
             config.refresh_ahead_for(&born_expired),
-            Some(Duration::ZERO)
+            Some(EXPIRY_GRANULARITY)
         );
         let off = FlightConfig {
             refresh_ahead: None,

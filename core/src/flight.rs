@@ -260,9 +260,9 @@ impl SingleFlight {
     /// Ends "re-authentication required" and any backoff, as a flight that adopted
     /// the same token from the store would.
     fn adopt_pushed(&self, token: Token) {
-        if token.generation() > MAX_GENERATION {
+        let Some(token) = sane(Some(token)) else {
             return;
-        }
+        };
         let now = self.now();
         if !self.is_usable(&token, now) {
             return;
@@ -942,6 +942,12 @@ impl SingleFlight {
             .is_some_and(|(_, flight)| flight.upgrade().is_some())
     }
 
+    /// How many handles to this coordinator exist (clones of it, and a running flight's
+    /// own). A keyed map that holds the only one knows nobody else can be using it.
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     pub(crate) fn observers(&self) -> &Observers {
         &self.inner.parts.observers
     }
@@ -996,6 +1002,13 @@ impl SingleFlight {
         let kind = match &mut state.failure {
             Failure::AuthLost { error, checked } => {
                 if only_if_idle || mono.saturating_duration_since(*checked) < min_interval {
+                    // C16 whatever the failure: a token that has not really expired
+                    // still serves, as in backoff; the error only once it has.
+                    if reason != RefreshReason::Forced {
+                        if let Some(token) = self.still_valid_current(now) {
+                            return Joined::Ready(token);
+                        }
+                    }
                     return Joined::Failed(Error::ReauthenticationRequired {
                         cause: error.clone(),
                     });
@@ -1440,8 +1453,8 @@ impl SingleFlight {
         Some(Arc::new(stamp(stored, now)))
     }
 
-    /// Unlocks within the budget; past it the guard is dropped (stores fall back to
-    /// their lease).
+    /// Unlocks within the budget; past it the unlock future is dropped, and the store
+    /// finishes the release on its own ([`StoreGuard::unlock`]'s contract).
     async fn release(&self, guard: Box<dyn StoreGuard>, deadline: &mut Deadline) {
         let unlock = guard.unlock();
         if within(unlock, deadline).await.is_none() {
@@ -1543,14 +1556,15 @@ impl SingleFlight {
                 // fleet uses that one (an unlocked read: this guard's lease is gone).
                 // Otherwise keep ours: the server issued it and its rotated refresh
                 // token may be the only live one.
-                match within(store.load(), deadline).await {
-                    Some(Ok(Some(stored)))
-                        if stored.generation() >= token.generation()
-                            && stored.generation() <= MAX_GENERATION =>
-                    {
-                        Ok(Arc::new(stamp(stored, now)))
+                let newer = match within(store.load(), deadline).await {
+                    Some(Ok(stored)) => {
+                        sane(stored).filter(|stored| stored.generation() >= token.generation())
                     }
-                    _ => {
+                    _ => None,
+                };
+                match newer {
+                    Some(stored) => Ok(Arc::new(stamp(stored, now))),
+                    None => {
                         tracing::warn!("refresh lock lease lost; keeping the new token in memory");
                         Ok(token)
                     }
@@ -1587,6 +1601,7 @@ impl SingleFlight {
             });
         let sleep = self.inner.parts.timer.sleep(timeout);
         match future::select(std::pin::pin!(call), sleep).await {
+            Either::Left((Ok(token), _)) if !token.is_sendable() => Err(unsendable()),
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => Err(RefreshError::transient_because(
                 Cause::Timeout,
@@ -1748,7 +1763,8 @@ fn stamp(token: Token, now: SystemTime) -> Token {
     }
 }
 
-/// A stored token with a generation beyond [`MAX_GENERATION`] is corrupt: ignored.
+/// A stored token with a generation beyond [`MAX_GENERATION`], or one that cannot be
+/// sent ([`Token::is_sendable`]), is corrupt: ignored (the next save replaces it).
 fn sane(stored: Option<Token>) -> Option<Token> {
     match stored {
         Some(token) if token.generation() > MAX_GENERATION => {
@@ -1757,8 +1773,24 @@ fn sane(stored: Option<Token>) -> Option<Token> {
             );
             None
         }
+        Some(token) if !token.is_sendable() => {
+            tracing::warn!(
+                "the stored access token has characters no request can carry; ignoring it (the next save replaces it)"
+            );
+            None
+        }
         other => other,
     }
+}
+
+/// A source answered with an access token no request can carry ([`Token::is_sendable`]):
+/// transient, as a malformed answer of the token endpoint is (the next attempt may get a
+/// good one). The message never shows the token.
+fn unsendable() -> RefreshError {
+    RefreshError::transient_because(
+        Cause::TokenSource,
+        "the token source returned an access token with characters no HTTP request can carry (control characters or non-ASCII); refused",
+    )
 }
 
 /// `at + delay`, saturating instead of overflowing ([C16](crate#c16)).

@@ -10,19 +10,24 @@
 //! the whole key is the map's key, compared with `Eq`, never a hash of it).
 //!
 //! Memory is bounded: at most `max_entries` coordinators are kept; idle ones (unused for
-//! `idle_timeout`) go first, then the least recently used. A coordinator whose refresh is
-//! running is never evicted, and callers already waiting hold their own handle to it, so
-//! an eviction never cuts a flight short. Keys never appear in `Debug`, logs or errors.
+//! `idle_timeout`, measured on a monotonic clock every lookup reads) go first, then the
+//! least recently used. A coordinator in use — a handle to it held outside the map by a
+//! request in flight, a caller waiting for its refresh or the application, or its
+//! refresh running — is never evicted: a key never has two live coordinators (C22), and
+//! an eviction never cuts a flight short. While more keys than `max_entries` are in use
+//! at once, the map holds them all. Keys never appear in `Debug`, logs or errors.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{ConfigError, Error, RefreshError};
 use crate::flight::SingleFlight;
+use crate::runtime::Clock;
 use crate::stats::Stats;
 use crate::token::Token;
 
@@ -79,6 +84,13 @@ pub type FlightFactory<K> = dyn Fn(&K) -> Result<SingleFlight, ConfigError> + Se
 ///
 /// Cheap to clone; clones share the map.
 ///
+/// A key's coordinator is *in use* while anyone holds a handle to it besides the map
+/// (what [`flight`](Self::flight) and [`get`](Self::get) return, a request of a keyed
+/// [`AuthPolicy`](crate::AuthPolicy) from its send until its response is classified, a
+/// caller of [`token`](Self::token)) or its refresh runs. One in use is never evicted,
+/// so a key has at most one live coordinator ([C22](crate#c22)); it is idle only once
+/// unused for `idle_timeout`.
+///
 /// ```
 /// use tokenflight::{SingleFlight, Token, from_fn, keyed::KeyedFlights};
 ///
@@ -117,29 +129,93 @@ struct Inner<K> {
     factory: Box<FlightFactory<K>>,
     max_entries: usize,
     idle_timeout: Duration,
-    /// Usage is tracked in ticks of an eighth of `idle_timeout`, not by reading a clock
-    /// per lookup: the fast path only compares two atomics (and writes one when the tick
-    /// changed). The tick advances — by the periods that really passed — when the map
-    /// is written to (a new key, an eviction), the only times it is looked at.
-    tick: AtomicU32,
-    last_tick: Mutex<Instant>,
+    /// What "when was this key last used" is measured on.
+    clock: UsageClock,
 }
 
 struct Entry {
     flight: SingleFlight,
-    /// The tick of the last use (a relaxed store, only when it changed).
-    used: AtomicU32,
+    /// The last use, in milliseconds of the map's [`UsageClock`]: every lookup moves it
+    /// (a relaxed store, only when the millisecond changed), so a key in constant use
+    /// is never idle.
+    used: AtomicU64,
 }
 
-/// Ticks per `idle_timeout`: an entry is idle once it was unused for this many ticks,
-/// i.e. between 7/8 and all of `idle_timeout` after its last use.
-const TICKS_PER_IDLE: u32 = 8;
+/// The clock that idle times are measured on, as milliseconds since the map was built.
+///
+/// Every lookup reads it, so it must be cheap: by default the system's coarse monotonic
+/// clock (on Linux `CLOCK_MONOTONIC_COARSE`, the time of the last timer tick, read from
+/// the vDSO in a few nanoseconds: no lock, no allocation, no system call). Its
+/// resolution (1–10 ms) is nothing next to an idle timeout. A clock given to the
+/// builder (a test's `test_util::ManualClock`) is read through
+/// [`Clock::monotonic`], so that time moves only when the test says.
+enum UsageClock {
+    System {
+        start: Duration,
+    },
+    Given {
+        clock: Arc<dyn Clock>,
+        start: Instant,
+    },
+}
+
+impl UsageClock {
+    fn new(clock: Option<Arc<dyn Clock>>) -> Self {
+        match clock {
+            None => UsageClock::System {
+                start: coarse_monotonic(),
+            },
+            Some(clock) => {
+                // A panicking user clock is contained as everywhere else (C18): the map
+                // then counts from the system's monotonic clock.
+                let start = catch_unwind(AssertUnwindSafe(|| clock.monotonic()))
+                    .unwrap_or_else(|_| Instant::now());
+                UsageClock::Given { clock, start }
+            }
+        }
+    }
+
+    /// Milliseconds since the map was built (saturating; never goes back for the
+    /// system clock, which is monotonic).
+    fn now_ms(&self) -> u64 {
+        let elapsed = match self {
+            UsageClock::System { start } => coarse_monotonic().saturating_sub(*start),
+            UsageClock::Given { clock, start } => {
+                match catch_unwind(AssertUnwindSafe(|| clock.monotonic())) {
+                    Ok(now) => now.saturating_duration_since(*start),
+                    // Nothing is idle by a clock that cannot be read.
+                    Err(_) => Duration::ZERO,
+                }
+            }
+        };
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The system's coarse monotonic time (Linux and Android: `CLOCK_MONOTONIC_COARSE`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[inline]
+fn coarse_monotonic() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    Duration::from_secs(secs).saturating_add(Duration::from_nanos(nanos))
+}
+
+/// The system's monotonic time, elsewhere: [`Instant`] since the first reading.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[inline]
+fn coarse_monotonic() -> Duration {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed()
+}
 
 /// Configures a [`KeyedFlights`].
 pub struct KeyedFlightsBuilder<K> {
     factory: Box<FlightFactory<K>>,
     max_entries: usize,
     idle_timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<K> fmt::Debug for KeyedFlightsBuilder<K> {
@@ -153,17 +229,49 @@ impl<K> fmt::Debug for KeyedFlightsBuilder<K> {
 
 impl<K> KeyedFlightsBuilder<K> {
     /// The most coordinators kept at once (default 10,000). When a new key would exceed
-    /// it, idle coordinators are dropped first, then the least recently used ones (never
-    /// one whose refresh is running). Values below 1 are read as 1.
+    /// it, idle coordinators are dropped first, then the least recently used ones, never
+    /// one that is in use (see [`KeyedFlights`]): while more keys than this are in use
+    /// at once, the map holds them all. Values below 1 are read as 1.
     pub fn max_entries(mut self, max_entries: usize) -> Self {
         self.max_entries = max_entries.max(1);
         self
     }
 
-    /// A coordinator unused this long may be dropped (default 15 minutes); its key gets a
-    /// new one (which reads its store again) on next use.
+    /// A coordinator nobody used for this long (no lookup, no handle held) may be
+    /// dropped (default 15 minutes); its key gets a new one (which reads its store
+    /// again) on next use.
     pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
         self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The clock that idle times and recent use are measured on, through its
+    /// [`Clock::monotonic`] (default: the system's coarse monotonic clock, cheap enough
+    /// for every lookup). Tests pass a `test_util::ManualClock`
+    /// to move time themselves; a keyed [`AuthPolicy`](crate::AuthPolicy) passes the
+    /// clock set on its builder.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{SingleFlight, Token, from_fn, keyed::KeyedFlights, test_util::ManualClock};
+    ///
+    /// let clock = ManualClock::at_fixed_point();
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder()
+    ///         .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///         .build()
+    /// })
+    /// .idle_timeout(Duration::from_secs(60))
+    /// .clock(clock.clone())
+    /// .build();
+    /// flights.flight(&1).unwrap();
+    /// clock.advance(Duration::from_secs(59));
+    /// assert_eq!(flights.evict_idle(), 0, "used 59 s ago");
+    /// clock.advance(Duration::from_secs(1));
+    /// assert_eq!(flights.evict_idle(), 1, "unused for a minute");
+    /// ```
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Some(Arc::new(clock));
         self
     }
 
@@ -175,8 +283,7 @@ impl<K> KeyedFlightsBuilder<K> {
                 factory: self.factory,
                 max_entries: self.max_entries,
                 idle_timeout: self.idle_timeout,
-                tick: AtomicU32::new(0),
-                last_tick: Mutex::new(Instant::now()),
+                clock: UsageClock::new(self.clock),
             }),
         }
     }
@@ -201,6 +308,7 @@ impl<K> KeyedFlights<K> {
             factory: Box::new(factory),
             max_entries: 10_000,
             idle_timeout: Duration::from_secs(15 * 60),
+            clock: None,
         }
     }
 
@@ -236,45 +344,40 @@ impl<K> KeyedFlights<K> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Marks `entry` used now: no clock read, and no write while the tick is unchanged.
+    /// Marks `entry` used now: one cheap clock reading, and a write only when the
+    /// millisecond changed. Racing lookups may store readings a moment apart in either
+    /// order; the difference is far below any idle timeout.
     fn touch(&self, entry: &Entry) {
-        let tick = self.inner.tick.load(Ordering::Relaxed);
-        if entry.used.load(Ordering::Relaxed) != tick {
-            entry.used.store(tick, Ordering::Relaxed);
+        let now = self.inner.clock.now_ms();
+        if entry.used.load(Ordering::Relaxed) < now {
+            entry.used.store(now, Ordering::Relaxed);
         }
     }
 
-    /// Advances the tick by the periods passed since it last moved; returns it.
-    fn advance_tick(&self) -> u32 {
-        let period = self.inner.idle_timeout / TICKS_PER_IDLE;
-        let mut last = self
-            .inner
-            .last_tick
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let elapsed = last.elapsed();
-        let periods = if period.is_zero() {
-            // A zero timeout: every write sees everything unused as idle.
-            TICKS_PER_IDLE
-        } else {
-            u32::try_from(elapsed.as_nanos() / period.as_nanos()).unwrap_or(u32::MAX)
-        };
-        if periods == 0 {
-            return self.inner.tick.load(Ordering::Relaxed);
+    /// Whether `entry` is idle at `now`: not in use, and its last use at least
+    /// `idle_timeout` ago. An entry in use counts as used now (its last use moves to
+    /// `now`), so its idle time starts at the latest when it was last seen in use.
+    fn is_idle(&self, entry: &Entry, now: u64) -> bool {
+        if in_use(entry) {
+            entry.used.fetch_max(now, Ordering::Relaxed);
+            return false;
         }
-        // Ages are capped (see `age`), so a long quiet spell needs only a capped step.
-        let step = periods.min(TICKS_PER_IDLE * 2);
-        if period.is_zero() || step < periods {
-            *last = Instant::now();
-        } else {
-            *last += period.saturating_mul(periods);
-        }
-        // Wrapping is harmless: ages use wrapping_sub and are capped.
-        self.inner
-            .tick
-            .fetch_add(step, Ordering::Relaxed)
-            .wrapping_add(step)
+        let idle_ms = u64::try_from(self.inner.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(entry.used.load(Ordering::Relaxed)) >= idle_ms
     }
+}
+
+/// Whether anyone but the map can use `entry`'s coordinator: a handle is held outside
+/// the map (a request in flight holds its key's until its response is classified, a
+/// caller waits for its refresh, the application kept a clone), or its refresh runs.
+///
+/// Such a coordinator is never evicted: a new one for the same key would be a second
+/// live coordinator, and a rejection seen by the old handle would refresh there — two
+/// refreshes for one key, with rotating refresh tokens a revoked login (C22). The check
+/// is exact under the map's write lock: the map hands out handles only under its lock,
+/// so an entry the map alone holds cannot gain a handle while it is looked at.
+fn in_use(entry: &Entry) -> bool {
+    entry.flight.handles() > 1 || entry.flight.refresh_running()
 }
 
 impl<K: Hash + Eq + Clone> KeyedFlights<K> {
@@ -294,7 +397,7 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
             self.touch(entry);
             return Ok(entry.flight.clone());
         }
-        let now = self.advance_tick();
+        let now = self.inner.clock.now_ms();
         if map.len() >= self.inner.max_entries {
             self.evict(&mut map, now);
         }
@@ -302,7 +405,7 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
             key.clone(),
             Entry {
                 flight: made.clone(),
-                used: AtomicU32::new(now),
+                used: AtomicU64::new(now),
             },
         );
         Ok(made)
@@ -345,38 +448,40 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// # Cancellation
     /// As [`SingleFlight::token`]: dropping the future never hangs other callers of the
     /// key and never cancels its refresh while anyone else waits for it. The caller holds
-    /// its own handle to the coordinator, so evicting the key meanwhile changes nothing.
+    /// its own handle to the coordinator, which keeps it in the map until the call ends.
     pub async fn token(&self, key: &K) -> Result<Arc<Token>, Error> {
         let flight = self.flight(key).map_err(factory_failed)?;
         flight.token().await
     }
 
-    /// Drops coordinators unused for `idle_timeout` whose refresh is not running;
-    /// returns how many were dropped. Also done when a new key finds the map full.
+    /// Drops coordinators unused for `idle_timeout` that nobody else holds (see
+    /// [`KeyedFlights`]); returns how many were dropped. Also done when a new key finds
+    /// the map full.
     pub fn evict_idle(&self) -> usize {
         let mut map = self.write();
-        let now = self.advance_tick();
+        let now = self.inner.clock.now_ms();
         let before = map.len();
-        map.retain(|_, entry| !is_idle(entry, now));
+        map.retain(|_, entry| !self.is_idle(entry, now));
         before - map.len()
     }
 
     /// Makes room for one entry: idle ones first; if none, the least recently used
-    /// eighth (one scan serves the next eighth of inserts), never a running flight.
-    fn evict(&self, map: &mut HashMap<K, Entry>, now: u32) {
-        map.retain(|_, entry| !is_idle(entry, now));
+    /// eighth (one scan serves the next eighth of inserts), never one in use.
+    fn evict(&self, map: &mut HashMap<K, Entry>, now: u64) {
+        map.retain(|_, entry| !self.is_idle(entry, now));
         if map.len() < self.inner.max_entries {
             return;
         }
         // Oldest first: the largest age.
-        let mut ages: Vec<u32> = map
+        let mut ages: Vec<u64> = map
             .values()
-            .filter(|entry| !entry.flight.refresh_running())
+            .filter(|entry| !in_use(entry))
             .map(|entry| age(entry, now))
             .collect();
         if ages.is_empty() {
-            // Every kept key is refreshing: keep them all (their waiters need them); the
-            // map exceeds its bound until one finishes.
+            // Every kept key is in use: keep them all (their requests and waiters need
+            // them, and a second coordinator for one of their keys would break C22); the
+            // map exceeds its bound until some are released.
             return;
         }
         ages.sort_unstable_by(|a, b| b.cmp(a));
@@ -384,23 +489,16 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
         let cutoff = ages.get(count - 1).copied().unwrap_or(0);
         let mut removed = 0;
         map.retain(|_, entry| {
-            let evict =
-                removed < count && age(entry, now) >= cutoff && !entry.flight.refresh_running();
+            let evict = removed < count && age(entry, now) >= cutoff && !in_use(entry);
             removed += usize::from(evict);
             !evict
         });
     }
 }
 
-/// Ticks since the entry's last use (capped: a tick counter that wrapped never makes an
-/// old entry look fresh for long, and never panics).
-fn age(entry: &Entry, now: u32) -> u32 {
-    now.wrapping_sub(entry.used.load(Ordering::Relaxed))
-        .min(TICKS_PER_IDLE * 4)
-}
-
-fn is_idle(entry: &Entry, now: u32) -> bool {
-    age(entry, now) >= TICKS_PER_IDLE && !entry.flight.refresh_running()
+/// Milliseconds since the entry's last use.
+fn age(entry: &Entry, now: u64) -> u64 {
+    now.saturating_sub(entry.used.load(Ordering::Relaxed))
 }
 
 /// A factory that cannot make a key's coordinator is a configuration fault: permanent

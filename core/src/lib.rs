@@ -25,7 +25,9 @@
 //! implement and call, [`store`] the token store interface and its implementations,
 //! [`config`] the timing settings, [`observe`] events and counters, [`keyed`] one
 //! coordinator per key (a user, a tenant) for many tokens in one process, and `test_util`
-//! (feature `test-util`) a manual clock for deterministic tests.
+//! (feature `test-util`) a manual clock for deterministic tests. Running it in
+//! production — which store, a Redis fleet, metrics and alerts, troubleshooting — is
+//! the [`guide`].
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
@@ -99,7 +101,10 @@
 //!   `c12_query_placement_keeps_the_callers_query_byte_for_byte` (unit and conformance),
 //!   `c12_a_redacted_url_hides_the_query_token_and_keeps_the_rest` (unit); through every
 //!   adapter, `c12_query_token_never_in_errors` and `c12_query_token_never_in_a_referer`
-//!   (conformance).
+//!   (conformance); through reqwest's redirects,
+//!   `c12_a_redirect_never_carries_one_keys_token_to_another_key` and
+//!   `c12_a_second_hop_inside_another_origin_never_carries_the_authorization_token`; through
+//!   tower-http's `FollowRedirect`, `c12_tower_response_uri_never_shows_the_query_token`.
 //! - <a id="c13"></a>**C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
 //!   `fuzz/`.
 //! - <a id="c14"></a>**C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
@@ -126,6 +131,10 @@
 //! - <a id="c18"></a>**C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_store_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
+//! - <a id="c22"></a>**C22 One coordinator per key.** A keyed map never evicts a coordinator
+//!   in use, and only one unused for `idle_timeout` is idle (`core/tests/all/keyed.rs`,
+//!   `keyed_policy.rs`): `c22_a_key_in_constant_use_is_never_evicted_as_idle`,
+//!   `c22_eviction_never_leaves_two_coordinators_for_one_key`.
 //!
 //! Beyond these: model-based property tests over generated interleavings, cancellations
 //! and refresh outcomes (`tests/tests/all/properties.rs`: `c1_c2_c5_…`, `c3_c4_…`, `c6_…`,
@@ -148,6 +157,7 @@ mod builder;
 pub mod config;
 mod error;
 mod flight;
+pub mod guide;
 #[cfg(feature = "oauth2")]
 mod jwt;
 pub mod keyed;

@@ -84,6 +84,12 @@ pub trait StoreGuard: Send + Sync {
     fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Releases the lock and waits until it is released (or the store gave up; the
     /// lease then lapses).
+    ///
+    /// The returned future may be dropped before it completes (the flight's budget ran
+    /// out, a caller of `install` was cancelled): the release must still happen — done
+    /// synchronously before the future is returned, or started detached on the store's
+    /// runtime (as the Redis store does) — or the lock stays held until its lease lapses
+    /// and every other holder waits for nobody.
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 

@@ -4,12 +4,37 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use zeroize::Zeroize;
+
 /// A secret string (an access or refresh token).
 ///
 /// `Debug` and `Display` print `[redacted]`; the value is reachable only through
 /// [`Secret::expose`], so every place that reads it is easy to find ([C12](crate#c12)).
+///
+/// Clones share one allocation. When the last clone is dropped, its bytes are
+/// overwritten with zeros (the [`zeroize`] crate) before the memory is freed;
+/// [`Secret::from`] a `String` also wipes the `String` it copied. Copies made elsewhere
+/// are not wiped (header values, HTTP clients' buffers, parsers' buffers): see the
+/// guide, [Secrets in memory](crate::guide::secrets).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
+
+/// Overwrites `value` with zeros if this is its only holder; says whether it did.
+fn wipe_if_last(value: &mut Arc<str>) -> bool {
+    match Arc::get_mut(value) {
+        Some(bytes) => {
+            bytes.zeroize();
+            true
+        }
+        None => false,
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        wipe_if_last(&mut self.0);
+    }
+}
 
 impl Secret {
     /// Wraps a secret value.
@@ -42,8 +67,11 @@ impl From<&str> for Secret {
 }
 
 impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Secret::new(value)
+    /// Copies the value into the secret's shared allocation and wipes the `String`.
+    fn from(mut value: String) -> Self {
+        let secret = Secret::new(value.as_str());
+        value.zeroize();
+        secret
     }
 }
 
@@ -141,6 +169,18 @@ impl Token {
         &self.access
     }
 
+    /// Whether the access secret can be sent at all: only the characters RFC 6749
+    /// allows in an access token (VSCHAR, `%x20-7E`). A control character or a
+    /// non-ASCII byte would make every request fail to build its header, and a token
+    /// that never reaches a server is never rejected by one, so the coordinator
+    /// refuses such a token where it arrives instead of serving it until it expires.
+    pub(crate) fn is_sendable(&self) -> bool {
+        self.access
+            .expose()
+            .bytes()
+            .all(|byte| (0x20..=0x7e).contains(&byte))
+    }
+
     /// The refresh secret, if any.
     pub fn refresh(&self) -> Option<&Secret> {
         self.refresh.as_ref()
@@ -203,6 +243,30 @@ mod tests {
         assert!(!shown.contains("XYZ") && !shown.contains("ABC"), "{shown}");
         assert!(shown.contains("[redacted]"));
         assert_eq!(token.access().expose(), "access-XYZ");
+    }
+
+    #[test]
+    fn c12_the_last_holder_wipes_the_secret() {
+        let mut value: Arc<str> = Arc::from("access-XYZ");
+        let other = Arc::clone(&value);
+        // Shared: nobody wipes what another holder still reads.
+        assert!(!wipe_if_last(&mut value));
+        assert_eq!(&*other, "access-XYZ");
+        drop(other);
+        // The last holder: the bytes themselves are zeros before the memory is freed.
+        assert!(wipe_if_last(&mut value));
+        assert_eq!(value.as_bytes(), &[0u8; 10]);
+    }
+
+    #[test]
+    fn c12_dropping_a_clone_leaves_the_others_intact() {
+        let secret = Secret::from(String::from("refresh-ABC"));
+        let token = Token::new(secret.clone());
+        drop(secret);
+        assert_eq!(token.access().expose(), "refresh-ABC");
+        let copy = token.clone();
+        drop(token);
+        assert_eq!(copy.access().expose(), "refresh-ABC");
     }
 
     #[test]

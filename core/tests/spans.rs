@@ -6,6 +6,10 @@
 #[path = "all/support/mod.rs"]
 mod support;
 
+#[path = "all/guide_tables.rs"]
+mod guide_tables;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +31,8 @@ type SpanLog = (String, Vec<String>);
 struct Capture {
     spans: Arc<Mutex<Vec<SpanLog>>>,
     events: Arc<Mutex<Vec<String>>>,
+    /// Span name → every field its call site declares (recorded or not).
+    declared: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
 }
 
 struct Fields<'a>(&'a mut Vec<String>);
@@ -45,6 +51,12 @@ impl Subscriber for Capture {
         true
     }
     fn new_span(&self, span: &Attributes<'_>) -> Id {
+        self.declared
+            .lock()
+            .unwrap()
+            .entry(span.metadata().name().to_owned())
+            .or_default()
+            .extend(span.metadata().fields().iter().map(|f| f.name().to_owned()));
         let mut fields = Vec::new();
         span.record(&mut Fields(&mut fields));
         let mut spans = self.spans.lock().unwrap();
@@ -213,6 +225,59 @@ fn request_span_ties_a_request_to_the_refresh_it_waited_for() {
         for secret in ["token-", "refresh-", "Bearer"] {
             assert!(!line.contains(secret), "{secret} leaked into {line}");
         }
+    }
+}
+
+/// The guide's span table (`guide/observability.md`, rendered as
+/// `tokenflight::guide::observability`) lists exactly the fields the two spans declare.
+#[test]
+fn the_guide_lists_every_span_field_and_no_other() {
+    let capture = Capture::default();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let clock = ManualClock::at_fixed_point();
+        let source = ScriptedSource::new(&clock, Step::Ok(Duration::from_secs(3600)));
+        let auth = AuthPolicy::builder()
+            .source(source.clone())
+            .clock(Arc::new(clock.clone()))
+            .timer(Arc::new(clock.clone()))
+            .refresh_ahead(None)
+            .allowed_origin("https://api.test")
+            .build()
+            .unwrap();
+        let server = FakeServer::default();
+        // The first request waits for the initial refresh: one span of each kind.
+        let response = block_on(auth.send(
+            FakeRequest::get("https://api.test/a"),
+            RequestOptions::default(),
+            server.sender(|_| true),
+        ))
+        .unwrap();
+        assert_eq!(response.status, 200);
+    });
+    let declared = capture.declared.lock().unwrap().clone();
+    let guide = guide_tables::span_fields(guide_tables::OBSERVABILITY);
+    for span in ["tokenflight.refresh", "tokenflight.request"] {
+        let fields = declared
+            .get(span)
+            .unwrap_or_else(|| panic!("no {span} span: {declared:?}"));
+        let lacking = guide_tables::fields_not_declared(&guide, span, fields);
+        assert!(
+            lacking.is_empty(),
+            "the guide lists fields the code does not declare: {lacking:?}"
+        );
+        let listed: BTreeSet<&str> = guide
+            .iter()
+            .filter(|(name, _)| name == span)
+            .map(|(_, field)| field.as_str())
+            .collect();
+        let unlisted: Vec<&String> = fields
+            .iter()
+            .filter(|f| !listed.contains(f.as_str()))
+            .collect();
+        assert!(
+            unlisted.is_empty(),
+            "{span} declares fields the guide does not list: {unlisted:?}"
+        );
     }
 }
 

@@ -1408,7 +1408,7 @@ fn lifetimes_in(elapsed: Duration) -> u64 {
 }
 
 /// The effective leeway of a token living `lifetime` with the default settings
-/// (documented as `min(10 s, lifetime / 10)`): within it a token no longer counts as
+/// (documented as `min(10 s, lifetime / 10 + 1 s)`): within it a token no longer counts as
 /// usable.
 fn default_leeway(lifetime: Duration) -> Duration {
     let now = SystemTime::now();

@@ -1698,7 +1698,8 @@ impl World {
     }
 
     /// The documented leeway for `token` (C15): the cap, scaled down to a tenth of the
-    /// lifetime the runner issued it with (the cap when unknown).
+    /// lifetime the runner issued it with plus the second of `expires_in`'s granularity
+    /// (the cap when unknown).
     fn leeway_for(&self, token: &Token) -> Duration {
         let lifetime = self
             .known
@@ -1708,7 +1709,7 @@ impl World {
             .and_then(|l| u64::try_from(l).ok())
             .filter(|&l| l > 0);
         match lifetime {
-            Some(l) => LEEWAY.min(Duration::from_secs(l) / 10),
+            Some(l) => LEEWAY.min(Duration::from_secs(l) / 10 + Duration::from_secs(1)),
             None => LEEWAY,
         }
     }

@@ -11,7 +11,7 @@ use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     RedisResult, TlsCertificates, TlsMode,
 };
-use tokenflight::{Secret, store::StoreError};
+use tokenflight::{ConfigError, Secret, store::StoreError};
 use tokio::runtime::Handle;
 
 use crate::conn::{Con, SentinelCon, Subscriber};
@@ -65,6 +65,51 @@ enum Target {
 }
 
 impl Target {
+    /// How many of the parsed URLs are `rediss://` and how many are not (a URL that did
+    /// not parse counts as neither: its error is reported when connecting).
+    fn schemes(&self) -> (usize, usize) {
+        let nodes: &[ConnectionInfo] = match self {
+            Target::Node(Ok(info)) => std::slice::from_ref(info),
+            Target::Cluster(Ok(nodes))
+            | Target::Sentinel {
+                sentinels: Ok(nodes),
+                ..
+            } => nodes,
+            _ => &[],
+        };
+        let tls = nodes
+            .iter()
+            .filter(|info| matches!(info.addr(), ConnectionAddr::TcpTls { .. }))
+            .count();
+        (tls, nodes.len() - tls)
+    }
+
+    /// Refuses TLS settings that cannot take effect. Certificates only apply to
+    /// `rediss://` connections: with a plaintext URL they would be dropped without a
+    /// word and the store would talk to Redis in the clear, the opposite of what
+    /// whoever configured a CA or a client certificate asked for. A Cluster or a set of
+    /// sentinels reached partly with and partly without TLS cannot work either: one TLS
+    /// mode applies to all of their connections (and to the nodes found through them).
+    fn check_tls(&self, certificates: bool) -> Result<(), StoreError> {
+        let (tls, plain) = self.schemes();
+        if certificates && plain > 0 {
+            return Err(invalid_setting(format!(
+                "a CA or client certificate (tls_ca_pem, tls_client_cert_pem) needs \
+                 rediss:// URLs, but {plain} of the {} URL(s) are not rediss://: the \
+                 connection would not be encrypted",
+                self.kind()
+            )));
+        }
+        if tls > 0 && plain > 0 {
+            return Err(invalid_setting(format!(
+                "{tls} of the {} URLs are rediss:// and {plain} are not: use one scheme \
+                 for all of them",
+                self.kind()
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether any URL is `rediss://`.
     fn uses_tls(&self) -> bool {
         let tls = |info: &ConnectionInfo| matches!(info.addr(), ConnectionAddr::TcpTls { .. });
@@ -251,13 +296,20 @@ impl RedisStoreBuilder {
     /// Trusts this CA (PEM, one or more certificates) for `rediss://` connections
     /// instead of the system's roots: a private CA, as managed Redis services and
     /// self-run TLS deployments use. TLS is rustls; no system OpenSSL is involved.
+    ///
+    /// Every URL must then be `rediss://`: with a `redis://` URL the certificate could
+    /// not take effect and the connection would be plaintext, so
+    /// [`build`](Self::build) refuses it ([`StoreError::Other`] with a
+    /// [`ConfigError::InvalidSetting`] as its source).
     pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.get_or_insert_with(no_certificates).root_cert = Some(pem.into());
         self
     }
 
     /// Presents this client certificate and key (PEM) on `rediss://` connections, for
-    /// servers that require mutual TLS (`tls-auth-clients yes`).
+    /// servers that require mutual TLS (`tls-auth-clients yes`). As with
+    /// [`tls_ca_pem`](Self::tls_ca_pem), a `redis://` URL is refused at
+    /// [`build`](Self::build).
     pub fn tls_client_cert_pem(
         mut self,
         cert: impl Into<Vec<u8>>,
@@ -290,10 +342,14 @@ impl RedisStoreBuilder {
     }
 
     /// Builds the store without contacting Redis (it connects on first use), so a
-    /// service can start while Redis is down. Fails if the URL is invalid or no tokio
-    /// runtime is available.
+    /// service can start while Redis is down. Fails if the URL is invalid, if settings
+    /// cannot work together ([`StoreError::Other`] with a [`ConfigError`] as its source:
+    /// a lease renewed no faster than it lapses, a certificate with a `redis://` URL,
+    /// `rediss://` and `redis://` mixed among a Cluster's nodes or the sentinels), or if
+    /// no tokio runtime is available.
     pub fn build(self) -> Result<RedisStore, StoreError> {
         self.settings.validate()?;
+        self.target.check_tls(self.tls.is_some())?;
         let runtime = match self.runtime {
             Some(handle) => handle,
             None => Handle::try_current().map_err(|_| {
@@ -350,6 +406,14 @@ impl RedisStoreBuilder {
         store.ping().await?;
         Ok(store)
     }
+}
+
+/// Settings that cannot work together: a [`ConfigError`] (the error's source), carried
+/// by [`StoreError::Other`] as every builder error of the store is.
+pub(crate) fn invalid_setting(why: String) -> StoreError {
+    StoreError::Other(Box::new(ConfigError::InvalidSetting(format!(
+        "invalid RedisStore settings: {why}"
+    ))))
 }
 
 fn no_certificates() -> TlsCertificates {
@@ -487,7 +551,11 @@ mod tests {
 
     #[test]
     fn settings_that_cannot_work_are_refused() {
-        let refused = |b: RedisStoreBuilder| matches!(b.build(), Err(StoreError::Other(e)) if e.to_string().contains("invalid RedisStore settings"));
+        let refused = |b: RedisStoreBuilder| {
+            matches!(b.build(), Err(StoreError::Other(e))
+                if e.to_string().contains("invalid RedisStore settings")
+                    && matches!(e.downcast_ref(), Some(ConfigError::InvalidSetting(_))))
+        };
         let b = || RedisStoreBuilder::new("redis://127.0.0.1/");
         assert!(refused(b().renew_every(Some(Duration::from_secs(60)))));
         assert!(refused(b().lease(Duration::ZERO)));

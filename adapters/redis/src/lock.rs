@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokenflight::{Token, store::StoreError, store::StoreGuard, store::record};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -23,7 +24,7 @@ use crate::wire::{millis, wait};
 ///
 /// Dropping it stops the renewal and releases the lock in the background (best effort;
 /// otherwise the lease lapses). [`StoreGuard::unlock`] releases it and waits for the
-/// answer.
+/// answer; the release completes even if that wait is cancelled.
 pub(crate) struct RedisLock {
     value: String,
     inner: Arc<Inner>,
@@ -100,15 +101,27 @@ impl StoreGuard for RedisLock {
     }
 
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
-        let inner = Arc::clone(&self.inner);
-        let release = (*self).release();
+        // The release is spawned here, before the returned future is first polled, and
+        // detached from it: from this point on the guard counts as released (renewal
+        // stops, `Drop` does nothing), so the compare-and-delete must happen whatever
+        // becomes of the caller. A coordinator whose budget ran out, or a cancelled
+        // `install`, drops this future mid-release; had the release been aborted with
+        // it, the lock would stay held for a whole lease and the fleet would wait for
+        // nobody. The task is bounded: one command timeout, then background retries
+        // for at most about a lease (`release_or_retry`).
+        let runtime = self.inner.runtime.clone();
+        let task = runtime.spawn((*self).release());
         Box::pin(async move {
-            match on_runtime(&inner.runtime, release).await {
-                Ok(true) => {}
-                Ok(false) => tracing::debug!("refresh lock was no longer ours at release"),
-                Err(error) => tracing::warn!(
+            match task.await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => tracing::debug!("refresh lock was no longer ours at release"),
+                Ok(Err(error)) => tracing::warn!(
                     %error,
                     "releasing the refresh lock failed; trying again in the background"
+                ),
+                Err(_) => tracing::warn!(
+                    "the release of the refresh lock did not finish (a panic, or the Redis \
+                     store's runtime shut down); its lease will lapse"
                 ),
             }
         })
@@ -169,15 +182,42 @@ fn unique_value() -> String {
     )
 }
 
+/// Where a lock taken for a caller goes: the caller, if it still waits.
+type Caller = oneshot::Sender<Result<RedisLock, StoreError>>;
+
+/// Takes the lock on the store's runtime for a caller that may give up (a flight whose
+/// budget ran out, a cancelled `install`). The task is detached from the caller rather
+/// than aborted with it: an `ACQUIRE` already sent may have taken the lock on the
+/// server, and a task aborted before its reply would leave that lock held for a whole
+/// lease with nobody to release it. A lock that arrives after the caller left is
+/// dropped here, and its `Drop` gives it back. The task stops by itself at the next
+/// wait once the caller is gone, and is bounded by the lock wait in any case.
+pub(crate) fn acquire_detached(
+    inner: Arc<Inner>,
+) -> oneshot::Receiver<Result<RedisLock, StoreError>> {
+    let (mut caller, taken) = oneshot::channel();
+    let runtime = inner.runtime.clone();
+    runtime.spawn(async move {
+        let result = acquire(inner, &mut caller).await;
+        // Err: the caller left; the lock (if any) is dropped with the result and
+        // released in the background.
+        let _ = caller.send(result);
+    });
+    taken
+}
+
 /// Takes the lock, waiting (pub/sub, else polling with backoff) up to the configured
-/// lock wait. Runs on the store's runtime.
-pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> {
+/// lock wait, or until `caller` stops waiting. Runs on the store's runtime.
+async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, StoreError> {
     let settings = &inner.settings;
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
     let mut events = inner.namespace.events();
     let mut delay = settings.poll_min;
     loop {
+        if caller.is_closed() {
+            return Err(StoreError::LockTimeout);
+        }
         // Messages sent before this attempt are already accounted for by it.
         events.borrow_and_update();
         let mut con = inner.con.clone();
@@ -229,7 +269,12 @@ pub(crate) async fn acquire(inner: Arc<Inner>) -> Result<RedisLock, StoreError> 
             return Err(StoreError::LockTimeout);
         }
         let pause = delay.min(left);
-        match tokio::time::timeout(pause, events.changed()).await {
+        let woken = tokio::select! {
+            woken = tokio::time::timeout(pause, events.changed()) => woken,
+            // Nobody waits for this lock any more: stop asking for it.
+            () = caller.closed() => return Err(StoreError::LockTimeout),
+        };
+        match woken {
             // Woken by a save or release: try again now.
             Ok(Ok(())) => {}
             // The listener is gone (the runtime is shutting down): plain polling.

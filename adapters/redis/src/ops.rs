@@ -2,15 +2,17 @@
 //! lock holder makes, fenced on the lock's value.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokenflight::{Token, store::StoreError, store::record};
+use tokenflight::store::record::{self, DecodeError};
+use tokenflight::{Token, store::StoreError};
 use tokio::time::Instant;
 
 use crate::conn::reply;
 use crate::inner::Inner;
 use crate::io::{bounded, redis_error, unavailable};
-use crate::scripts::{LOAD_FENCED, SAVE, SAVE_SOURCE, eval};
-use crate::wire::wait;
+use crate::scripts::{LOAD_FENCED, MOVE_ASIDE, SAVE, SAVE_SOURCE, eval};
+use crate::wire::{millis, wait};
 
 /// The stored token, read without the lock.
 pub(crate) async fn load(inner: Arc<Inner>) -> Result<Option<Token>, StoreError> {
@@ -25,24 +27,119 @@ pub(crate) async fn load(inner: Arc<Inner>) -> Result<Option<Token>, StoreError>
     Ok(raw.as_deref().map(record::decode).transpose()?)
 }
 
+/// How long a value moved out of the token key stays in Redis: long enough to notice
+/// the warning and look at it, bounded so a writer that keeps damaging the key cannot
+/// fill the server.
+const CORRUPT_KEPT_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How often the holder reads again when the value changed between its read and its
+/// move (only a writer that ignores the lock can do that).
+const MOVE_ASIDE_TRIES: usize = 3;
+
+/// What the fenced load found under the token key.
+enum Found {
+    Nothing,
+    /// A string value: a record, or something undecodable.
+    Value(Vec<u8>),
+    /// A value of another Redis type: never a record.
+    Foreign,
+}
+
 /// The stored token, read only while the lock still holds `value`.
+///
+/// An undecodable value (not a record of a newer format) counts as no token: the lock
+/// holder is the one that will write the key next, and a value nobody can read would
+/// otherwise fail every refresh and every login for good. It is not overwritten
+/// blindly but moved aside first, as `FileStore` renames a corrupt file: renamed to a
+/// side key `<token key>.corrupt-<unix ms>-<random>` that expires after
+/// [`CORRUPT_KEPT_FOR`], so whatever was there can still be inspected and nothing is
+/// lost to the save that follows. A record of a newer format stays where it is (a newer
+/// release wrote it) and remains [`StoreError::Corrupt`].
 pub(crate) async fn load_fenced(
     inner: Arc<Inner>,
     value: String,
 ) -> Result<Option<Token>, StoreError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (kind, raw, reason) = match read_fenced(&inner, &value).await? {
+            Found::Nothing => return Ok(None),
+            Found::Value(raw) => match record::decode(&raw) {
+                Ok(token) => return Ok(Some(token)),
+                Err(newer @ DecodeError::Newer(_)) => return Err(newer.into()),
+                Err(DecodeError::Corrupt(reason)) => ("string", raw, reason),
+                Err(other) => return Err(other.into()),
+            },
+            Found::Foreign => (
+                "foreign",
+                Vec::new(),
+                "the key holds a value of another Redis type".to_owned(),
+            ),
+        };
+        let aside = format!(
+            "{}.corrupt-{}-{:08x}",
+            inner.token_key,
+            unix_millis(),
+            fastrand::u32(..)
+        );
+        let mut con = inner.con.clone();
+        let moved: String = bounded(
+            inner.settings.command_timeout,
+            MOVE_ASIDE
+                .key(&inner.token_key)
+                .key(&inner.lock_key)
+                .key(&aside)
+                .arg(&value)
+                .arg(kind)
+                .arg(raw.as_slice())
+                .arg(millis(CORRUPT_KEPT_FOR))
+                .invoke_async(&mut con),
+        )
+        .await?;
+        match moved.as_str() {
+            "moved" => {
+                tracing::warn!(
+                    kept = %aside,
+                    %reason,
+                    "corrupt token record moved aside; the next save replaces it"
+                );
+                return Ok(None);
+            }
+            "changed" if tries < MOVE_ASIDE_TRIES => {}
+            "changed" => {
+                return Err(StoreError::Corrupt(format!(
+                    "{reason}; it kept changing while it was being moved aside"
+                )));
+            }
+            "lease_lost" => {
+                tracing::warn!("refresh lock lease lapsed before a corrupt record was moved aside");
+                return Err(StoreError::LeaseLost);
+            }
+            _ => {
+                return Err(StoreError::Other(
+                    "unexpected reply from the move-aside script".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// One fenced read of the token key.
+async fn read_fenced(inner: &Inner, value: &str) -> Result<Found, StoreError> {
     let mut con = inner.con.clone();
     let reply: Vec<Vec<u8>> = bounded(
         inner.settings.command_timeout,
         LOAD_FENCED
             .key(&inner.token_key)
             .key(&inner.lock_key)
-            .arg(&value)
+            .arg(value)
             .invoke_async(&mut con),
     )
     .await?;
     match reply.as_slice() {
-        [status, raw] if status == b"ok" => Ok(Some(record::decode(raw)?)),
-        [status] if status == b"none" => Ok(None),
+        [status, raw] if status == b"ok" => Ok(Found::Value(raw.clone())),
+        [status] if status == b"none" => Ok(Found::Nothing),
+        [status] if status == b"foreign" => Ok(Found::Foreign),
         [status] if status == b"lease_lost" => {
             tracing::warn!("refresh lock lease lapsed before the token was read");
             Err(StoreError::LeaseLost)
@@ -51,6 +148,13 @@ pub(crate) async fn load_fenced(
             "unexpected reply from the load script".into(),
         )),
     }
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it): names a side key.
+fn unix_millis() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// The fenced save under the lock holding `value`; with replica acknowledgement, the

@@ -65,11 +65,7 @@ impl Settings {
     /// Refuses settings that cannot work: a lease renewed no faster than it lapses, or
     /// zero durations (a zero poll interval would spin).
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
-        let invalid = |why: &str| {
-            Err(StoreError::Other(
-                format!("invalid RedisStore settings: {why}").into(),
-            ))
-        };
+        let invalid = |why: &str| Err(crate::config::invalid_setting(why.to_owned()));
         if self.lease.is_zero() || self.command_timeout.is_zero() || self.connect_timeout.is_zero()
         {
             return invalid("lease and timeouts must be longer than zero");

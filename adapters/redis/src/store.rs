@@ -31,6 +31,14 @@ use crate::settings::Settings;
 /// - The guard's `load` is fenced too: a holder whose lease lapsed gets
 ///   [`StoreError::LeaseLost`] before it can spend a refresh token that another replica
 ///   may already have used.
+/// - A value under the token key that does not decode (a stray `SET`, a truncated
+///   write, another program's value of any type) counts as no token for the holder of
+///   the lock, so its save or a login replaces it; it is first renamed to a side key
+///   `<token key>.corrupt-<unix ms>-<random>` that expires after 7 days, so nothing is
+///   lost. A record of a newer format is left alone ([`StoreError::Corrupt`]). The
+///   unlocked [`TokenStore::load`] moves nothing: it reports an undecodable string as
+///   [`StoreError::Corrupt`] (another type as [`StoreError::Other`]), and the
+///   coordinator then takes the lock.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
 ///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
 /// - Saves announce the new generation (never the token) on `<prefix>events`; the
@@ -252,7 +260,14 @@ impl TokenStore for RedisStore {
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let result = on_runtime(&self.inner.runtime, lock::acquire(inner)).await;
+            // Not `on_runtime`: an acquire in progress must not be aborted with this
+            // future (see `acquire_detached`).
+            let result = lock::acquire_detached(inner).await.unwrap_or_else(|_| {
+                Err(StoreError::Other(
+                    "the Redis store's lock task ended early (a panic, or its runtime shut down)"
+                        .into(),
+                ))
+            });
             self.inner.observe(&result);
             let guard: Box<dyn StoreGuard> = Box::new(result?);
             Ok(guard)

@@ -362,3 +362,255 @@ async fn a_holder_whose_lease_lapsed_cannot_overwrite_the_newer_token() {
     );
     assert_eq!(fetched.load(Ordering::SeqCst), 2);
 }
+
+/// The flight's budget as a switch: every sleep of this timer ends when the test (or a
+/// part of the flight it instruments) fires it, so the budget runs out at a chosen step
+/// of the flight instead of after a duration.
+#[derive(Clone)]
+struct Budget(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Budget {
+    fn new() -> Budget {
+        Budget(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    fn run_out(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl tokenflight::adapter::Timer for Budget {
+    fn sleep(&self, _: Duration) -> BoxFuture<'static, ()> {
+        let mut spent = self.0.subscribe();
+        Box::pin(async move {
+            let _ = spent.wait_for(|spent| *spent).await;
+        })
+    }
+}
+
+/// A `RedisStore` whose guards use up the flight's budget the moment a save succeeds:
+/// the next step, the unlock, is then past the budget.
+struct SpendOnSave {
+    inner: RedisStore,
+    budget: Budget,
+}
+
+struct SpendOnSaveGuard {
+    inner: Box<dyn StoreGuard>,
+    budget: Budget,
+}
+
+impl TokenStore for SpendOnSave {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>> {
+        Box::pin(async move {
+            let guard: Box<dyn StoreGuard> = Box::new(SpendOnSaveGuard {
+                inner: self.inner.lock().await?,
+                budget: self.budget.clone(),
+            });
+            Ok(guard)
+        })
+    }
+}
+
+impl StoreGuard for SpendOnSaveGuard {
+    fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
+        self.inner.load()
+    }
+
+    fn save<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let saved = self.inner.save(token).await;
+            self.budget.run_out();
+            saved
+        })
+    }
+
+    fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
+        self.inner.unlock()
+    }
+}
+
+/// A store whose lease outlives the test by far: a lock left behind shows up as a
+/// `LockTimeout` of the next holder, not as a lock that lapsed meanwhile.
+async fn long_lease_store(server: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::builder(server.url())
+        .key_prefix(prefix)
+        .lease(Duration::from_secs(600))
+        .lock_wait(Duration::from_secs(15))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Another replica takes the lock: at once if the holder released it, only after the
+/// whole lease (here: never within its lock wait) if it was left behind.
+async fn next_holder_gets_the_lock(server: &RedisServer, prefix: &str, after: &str) {
+    let other = long_lease_store(server, prefix).await;
+    match guarded("the next holder's lock", other.lock()).await {
+        Ok(guard) => guard.unlock().await,
+        Err(error) => panic!("{after}, the refresh lock was left held: {error}"),
+    }
+}
+
+// A current-thread runtime: a task the store spawns runs only when the test's thread
+// yields, so a release that the cancelled unlock aborts never reaches Redis (and one
+// that survives the cancellation always does), with no race to lose either way.
+#[tokio::test(flavor = "current_thread")]
+async fn c10_a_flight_out_of_budget_still_releases_the_redis_lock() {
+    let server = RedisServer::start();
+
+    // The budget runs out inside the source: the flight ends with a timeout and
+    // unlocks past its budget.
+    let budget = Budget::new();
+    let spend = budget.clone();
+    let flight = SingleFlight::builder()
+        .store(long_lease_store(&server, "t-budget-source:").await)
+        .source(from_fn(move |_cx| {
+            spend.run_out();
+            std::future::pending::<Result<Token, tokenflight::RefreshError>>()
+        }))
+        .timer(budget)
+        .refresh_timeout(Duration::from_secs(3600))
+        .refresh_ahead(None)
+        .backoff(Backoff::none())
+        .build()
+        .unwrap();
+    let error = guarded("flight", flight.token()).await.unwrap_err();
+    assert!(error.to_string().contains("budget"), "{error}");
+    next_holder_gets_the_lock(&server, "t-budget-source:", "after a flight out of budget").await;
+
+    // The budget runs out right after a login's save: the unlock is cut off.
+    let budget = Budget::new();
+    let flight = SingleFlight::builder()
+        .store(SpendOnSave {
+            inner: long_lease_store(&server, "t-budget-login:").await,
+            budget: budget.clone(),
+        })
+        .source(from_fn(|_cx| async {
+            Err::<Token, _>(tokenflight::RefreshError::permanent("not called"))
+        }))
+        .timer(budget)
+        .refresh_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let login = Token::new("login").expires_in(LIFETIME, SystemTime::now());
+    let installed = guarded("install", flight.install(login)).await.unwrap();
+    assert_eq!(installed.access().expose(), "login");
+    next_holder_gets_the_lock(
+        &server,
+        "t-budget-login:",
+        "after an install cut off in its unlock",
+    )
+    .await;
+}
+
+/// A TCP proxy in front of a `redis-server` that can hold back the server's replies
+/// (requests still reach the server): a command then runs on the server while its
+/// client is still waiting for the answer.
+struct ReplyHoldingProxy {
+    port: u16,
+    hold: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(upstream: u16) -> ReplyHoldingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(tokio::sync::watch::channel(false).0);
+        let holding = Arc::clone(&hold);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut released = holding.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if released.wait_for(|held| !*held).await.is_err() {
+                            return;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ReplyHoldingProxy { port, hold }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn hold_replies(&self, hold: bool) {
+        self.hold.send_replace(hold);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c10_a_lock_request_given_up_before_its_reply_still_releases_the_lock() {
+    use futures::StreamExt;
+    let server = RedisServer::start();
+    let prefix = "t-budget-acquire:";
+    let proxy = ReplyHoldingProxy::start(server.port()).await;
+    let store = RedisStore::builder(proxy.url())
+        .key_prefix(prefix)
+        .lease(Duration::from_secs(600))
+        .connect()
+        .await
+        .unwrap();
+    // One round first: the server then has the script cached, and the request below is
+    // a single EVALSHA (a NOSCRIPT answer held back would stop it before the server
+    // ran anything).
+    guarded("a first lock", store.lock())
+        .await
+        .unwrap()
+        .unlock()
+        .await;
+    // The signal that the lock was taken on the server: a keyspace event for its key
+    // (subscribed after the first round, so its event is not among them).
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut events = client.get_async_pubsub().await.unwrap();
+    events
+        .subscribe(format!("__keyspace@0__:{{{prefix}}}lock"))
+        .await
+        .unwrap();
+    let mut events = events.into_on_message();
+
+    // The caller gives up (a flight's budget ran out) after its request took the lock
+    // on the server and before the reply came back.
+    proxy.hold_replies(true);
+    tokio::select! {
+        taken = store.lock() => panic!("lock() returned with its reply held: {:?}", taken.map(drop)),
+        event = guarded("the lock's keyspace event", events.next()) => {
+            assert_eq!(event.unwrap().get_payload::<String>().unwrap(), "set");
+        }
+    }
+    proxy.hold_replies(false);
+    next_holder_gets_the_lock(&server, prefix, "after a lock() given up before its reply").await;
+}

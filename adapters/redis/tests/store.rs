@@ -465,3 +465,189 @@ async fn records_written_before_the_shared_format_still_load() {
     );
     assert_eq!(guarded("load new", s.load()).await.unwrap(), Some(newer));
 }
+
+/// A coordinator on `store` whose source hands out `access` tokens valid for an hour,
+/// counting its calls.
+fn counted_flight(
+    store: RedisStore,
+    access: &'static str,
+) -> (SingleFlight, Arc<std::sync::atomic::AtomicU64>) {
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&calls);
+    let flight = SingleFlight::builder()
+        .store(store)
+        .source(tokenflight::from_fn(
+            move |cx: tokenflight::RefreshContext| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let token = Token::new(access).expires_in(LIFETIME, cx.now);
+                async move { Ok(token) }
+            },
+        ))
+        .refresh_ahead(None)
+        .build()
+        .unwrap();
+    (flight, calls)
+}
+
+/// The side keys a store moved corrupt values to.
+async fn kept_aside(con: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    con.keys(format!("{{{prefix}}}token.corrupt-*"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c13_a_corrupt_record_is_replaced_by_the_next_save() {
+    let server = RedisServer::start();
+    let mut con = raw(&server).await;
+    // What a stray `SET`, a truncated write or another program leaves under the key,
+    // among them valid JSON with a high `generation` (the save script alone would
+    // refuse to overwrite it) and a float generation the record format refuses.
+    let values: [&[u8]; 5] = [
+        b"garbage",
+        b"{\"format\":2,\"generation\":3,\"access\":\"secret-XYZ\"",
+        b"{\"generation\":99,\"access\":\"secret-XYZ\"}",
+        b"{\"format\":2,\"generation\":1.5,\"access\":\"secret-XYZ\"}",
+        b"\xff\xfe not even UTF-8",
+    ];
+    for (n, value) in values.into_iter().enumerate() {
+        let prefix = format!("t-corrupt-{n}:");
+        let key = format!("{{{prefix}}}token");
+        let _: () = con.set(&key, value).await.unwrap();
+        let store = store(&server, &prefix).connect().await.unwrap();
+        // The unlocked read still reports it (the coordinator then takes the lock).
+        assert!(matches!(
+            guarded("load", store.load()).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        let (flight, calls) = counted_flight(store.clone(), "fresh");
+        let token = guarded("refresh over a corrupt record", flight.token())
+            .await
+            .unwrap_or_else(|e| panic!("case {n}: the corrupt record stopped the refresh: {e}"));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "case {n}"
+        );
+        let stored = guarded("load", store.load()).await.unwrap().unwrap();
+        assert_eq!(stored.access().expose(), "fresh", "case {n}");
+        assert_eq!(stored.generation(), token.generation(), "case {n}");
+        // Kept aside, byte for byte, for a while: nothing is lost to the save.
+        let aside = kept_aside(&mut con, &prefix).await;
+        assert_eq!(aside.len(), 1, "case {n}: {aside:?}");
+        let kept: Vec<u8> = con.get(&aside[0]).await.unwrap();
+        assert_eq!(kept, value, "case {n}");
+        let ttl: i64 = con.pttl(&aside[0]).await.unwrap();
+        assert!(ttl > 0, "case {n}: the copy must expire, PTTL {ttl}");
+    }
+
+    // Another program's hash under the key: moved aside as it is; a login replaces it.
+    let prefix = "t-corrupt-hash:";
+    let key = format!("{{{prefix}}}token");
+    let _: () = con.hset(&key, "f", "v").await.unwrap();
+    let store_h = store(&server, prefix).connect().await.unwrap();
+    let (flight, calls) = counted_flight(store_h.clone(), "unused");
+    let login = Token::new("login").expires_in(LIFETIME, SystemTime::now());
+    guarded("install over a foreign value", flight.install(login))
+        .await
+        .unwrap_or_else(|e| panic!("a login could not replace the foreign value: {e}"));
+    let stored = guarded("load", store_h.load()).await.unwrap().unwrap();
+    assert_eq!(stored.access().expose(), "login");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let aside = kept_aside(&mut con, prefix).await;
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept: String = con.hget(&aside[0], "f").await.unwrap();
+    assert_eq!(kept, "v");
+
+    // A record of a newer format stays untouched: a newer release wrote it.
+    let prefix = "t-corrupt-newer:";
+    let key = format!("{{{prefix}}}token");
+    let newer = "{\"format\":99,\"generation\":1,\"access\":\"secret-XYZ\"}";
+    let _: () = con.set(&key, newer).await.unwrap();
+    let store_n = store(&server, prefix).connect().await.unwrap();
+    let (flight, calls) = counted_flight(store_n, "fresh");
+    let error = guarded("refresh over a newer record", flight.token())
+        .await
+        .unwrap_err();
+    assert!(!error.to_string().contains("XYZ"), "{error}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let still: String = con.get(&key).await.unwrap();
+    assert_eq!(still, newer);
+    assert!(kept_aside(&mut con, prefix).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c1_a_stored_generation_above_max_generation_is_overwritten_and_the_fleet_shares_one_refresh()
+ {
+    use tokenflight::store::{MAX_GENERATION, record};
+    let server = RedisServer::start();
+    let mut con = raw(&server).await;
+    // 2^53 + 1 decodes as 2^53 in Lua's doubles: the precision edge.
+    for (n, hostile) in [MAX_GENERATION + 1, MAX_GENERATION + 2, u64::MAX]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = format!("t-hostile-{n}:");
+        let key = format!("{{{prefix}}}token");
+        let planted = Token::new("planted")
+            .expires_in(LIFETIME, SystemTime::now())
+            .with_generation(hostile);
+        let _: () = con
+            .set(&key, record::encode(&planted).unwrap())
+            .await
+            .unwrap();
+        // Two replicas, each with its own connection.
+        let a = store(&server, &prefix).connect().await.unwrap();
+        let b = store(&server, &prefix).connect().await.unwrap();
+        let (replica_a, calls_a) = counted_flight(a.clone(), "from-a");
+        let (replica_b, calls_b) = counted_flight(b, "from-b");
+        let token = guarded("replica a", replica_a.token()).await.unwrap();
+        assert_eq!(token.access().expose(), "from-a");
+        assert!(token.generation() <= MAX_GENERATION);
+        let stored = guarded("load", a.load()).await.unwrap().unwrap();
+        assert_eq!(
+            stored.generation(),
+            token.generation(),
+            "case {n}: the save left generation {hostile} in place"
+        );
+        let token_b = guarded("replica b", replica_b.token()).await.unwrap();
+        assert_eq!(token_b.access().expose(), "from-a", "case {n}");
+        assert_eq!(calls_a.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            calls_b.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "case {n}: replica b refreshed on its own"
+        );
+    }
+
+    // The save script on its own (a save with no load before it): generations that
+    // are no whole number in range are overwritten, a valid newer one is not.
+    let s = store(&server, "t-hostile-script:").connect().await.unwrap();
+    let key = "{t-hostile-script:}token";
+    let token = Token::new("fresh").with_generation(5);
+    for stored in [
+        "9007199254740993",
+        "9007199254740992",
+        "1e300",
+        "1.5",
+        "-7",
+        "\"99\"",
+    ] {
+        let value = format!("{{\"format\":2,\"generation\":{stored},\"access\":\"x\"}}");
+        let _: () = con.set(key, &value).await.unwrap();
+        guarded("save", tokenflight_tests::save_locked(&s, &token))
+            .await
+            .unwrap_or_else(|e| panic!("generation {stored} was not overwritten: {e}"));
+        assert_eq!(
+            guarded("load", s.load()).await.unwrap(),
+            Some(token.clone())
+        );
+    }
+    let newer =
+        record::encode(&Token::new("newer").with_generation(9_007_199_254_740_991)).unwrap();
+    let _: () = con.set(key, &newer).await.unwrap();
+    assert!(matches!(
+        guarded("save", tokenflight_tests::save_locked(&s, &token)).await,
+        Err(StoreError::LeaseLost)
+    ));
+}

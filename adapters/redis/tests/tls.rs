@@ -9,7 +9,7 @@ mod common;
 
 use common::deployments::{TempDir, TlsRedis};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
-use tokenflight::{store::StoreError, store::TokenStore};
+use tokenflight::{ConfigError, store::StoreError, store::TokenStore};
 use tokenflight_redis::RedisStore;
 
 const WORKER: &str = "tls_fleet_worker";
@@ -169,6 +169,75 @@ fn the_tls_stack_is_rustls_without_openssl() {
             .all(|c| *c == "openssl-probe"),
         "{crates:?}"
     );
+}
+
+/// Builds `builder` and expects the refusal of settings that cannot work together;
+/// `what` names the case. A store that was built anyway is pinged, so the failure says
+/// whether it talks to Redis in plaintext.
+async fn expect_config_error(builder: tokenflight_redis::RedisStoreBuilder, what: &str) -> String {
+    match builder.build() {
+        Err(StoreError::Other(source)) => match source.downcast_ref::<ConfigError>() {
+            Some(ConfigError::InvalidSetting(why)) => why.clone(),
+            _ => panic!("{what}: expected a ConfigError, got {source}"),
+        },
+        Err(other) => panic!("{what}: expected a ConfigError, got {other}"),
+        Ok(store) => panic!(
+            "{what}: the settings were accepted; PING over the connection: {:?}",
+            store.ping().await
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c12_tls_settings_with_a_plaintext_url_are_a_config_error() {
+    let server = common::RedisServer::start();
+    let pki = common::deployments::certificates();
+    let password = "hunter2-secret";
+    // The server has no password: a store built anyway answers PING in plaintext.
+    let plain = server.url();
+    let with_password = format!("redis://:{password}@127.0.0.1:{}/", server.port());
+    let secure = format!("rediss://:{password}@127.0.0.1:{}/", server.port());
+    let (cert, key) = pki.client.clone();
+    let cases = [
+        (
+            RedisStore::builder(plain.as_str()).tls_ca_pem(pki.ca.clone()),
+            "node with a CA",
+        ),
+        (
+            RedisStore::builder(plain.as_str()).tls_client_cert_pem(cert.clone(), key.clone()),
+            "node with a client certificate",
+        ),
+        (
+            RedisStore::cluster([plain.as_str()]).tls_ca_pem(pki.ca.clone()),
+            "cluster with a CA",
+        ),
+        (
+            RedisStore::sentinel([with_password.as_str()], "primary")
+                .tls_client_cert_pem(cert, key),
+            "sentinel with a client certificate",
+        ),
+        (
+            RedisStore::cluster([secure.as_str(), plain.as_str()]),
+            "cluster nodes with and without TLS",
+        ),
+        (
+            RedisStore::sentinel([secure.as_str(), with_password.as_str()], "primary")
+                .tls_ca_pem(pki.ca.clone()),
+            "sentinels with and without TLS",
+        ),
+    ];
+    for (builder, what) in cases {
+        let why = expect_config_error(builder, what).await;
+        assert!(why.contains("rediss://"), "{what}: {why}");
+        assert!(!why.contains(password), "{what}: {why}");
+    }
+    // Without certificates the plaintext URL is what it says, and it works.
+    let store = RedisStore::builder(server.url())
+        .key_prefix("{tls-none}:")
+        .connect()
+        .await
+        .unwrap();
+    assert!(store.load().await.unwrap().is_none());
 }
 
 /// A fleet worker process (see `common/fleet.rs`); run by the fleet test above.

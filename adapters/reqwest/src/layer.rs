@@ -46,18 +46,25 @@ impl TokenMiddleware {
     }
 
     /// A redirect policy for the client under this layer: like reqwest's default (up to
-    /// 10 redirects), except that it does not follow a redirect from an allowed origin
-    /// to another when the token would travel along (the caller gets the redirect
-    /// response instead):
-    /// - in a header other than `Authorization`, which reqwest carries to every hop;
-    /// - in the query ([`Placement::Query`]), because reqwest sends the previous URL as
-    ///   the `Referer` of the next request. (A client built with `.referer(false)` does
-    ///   not, but a policy cannot see that.)
+    /// 10 redirects), except that it does not follow a hop that would carry the token
+    /// to an origin not allowed or, with a keyed policy, to a URL of another key
+    /// ([`AuthPolicy::token_may_follow`]); the caller gets the redirect response
+    /// instead, and following it is a new request, with that URL's own token. The
+    /// token travels along:
+    /// - in `Authorization`, on every hop that stays on the origin of the hop before
+    ///   it (reqwest drops the header on the hop that changes origin, but puts the
+    ///   caller's headers back on every hop, so A → B → B brings A's token to B);
+    /// - in any other header, on every hop;
+    /// - in the query ([`Placement::Query`]), in the `Referer` of the next hop (reqwest
+    ///   sends the previous URL), and in the next URL when a `Location` repeats the
+    ///   query. (A client built with `.referer(false)` sends no `Referer`, but a policy
+    ///   cannot see that.)
     ///
-    /// With the default `Authorization` placement reqwest already drops the header when
-    /// a redirect leaves the origin, and this policy changes nothing. **With a header
-    /// placement other than `Authorization`, or query placement, build the client with
-    /// this policy.**
+    /// **Build the client with this policy** (or with redirects off).
+    ///
+    /// Only the token's own rule is checked: a request sent without a token
+    /// ([`SkipAuth`](tokenflight::SkipAuth), a skipped route) is judged as if it carried
+    /// one, since a redirect policy cannot see the request's markers.
     ///
     /// ```
     /// # use tokenflight_reqwest::{TokenMiddleware, reqwest, tokenflight::{Placement, Token, from_fn}};

@@ -73,13 +73,16 @@
 //! ## Where the token goes
 //!
 //! The header is marked sensitive. The token goes only to the allowed origins (the core
-//! checks each request's URL, [C12](tokenflight#c12)). When reqwest follows a redirect to another origin it drops
-//! the `Authorization` header (tested in `tests/all/redirects.rs`). It keeps other headers,
-//! and sends the previous URL, query included, as `Referer`; so with a custom header
-//! placement (`Placement::header("x-api-key", None)`) or query placement
-//! (`Placement::query("token")`) build the client with
-//! [`TokenMiddleware::redirect_policy`], which does not follow a
-//! redirect that would take the token to an origin not allowed.
+//! checks each request's URL, [C12](tokenflight#c12)). reqwest follows redirects below the middleware, and
+//! every hop keeps what the first request carried: it drops the `Authorization` header
+//! only on a hop that changes origin (a second hop inside the new origin gets it back),
+//! keeps other headers (`Placement::header("x-api-key", None)`) on every hop, and sends
+//! the previous URL, query included (`Placement::query("token")`), as `Referer` (tested
+//! in `tests/all/redirects.rs`). So build the client with
+//! [`TokenMiddleware::redirect_policy`], which does not follow a redirect that would
+//! take the token to an origin not allowed, or with a keyed policy to a request of
+//! another key: the caller gets the redirect response, and following it is a request
+//! of its own, with its own token.
 //!
 //! With query placement, the token is kept out of what the layer hands back: the URL in
 //! reqwest's errors, and the response's [`url()`](reqwest::Response::url) (so its

@@ -1,27 +1,35 @@
-//! A redirect policy that keeps the token on the allowed origins when it travels in a
-//! header reqwest does not strip by itself, or in the query.
+//! A redirect policy that never lets reqwest carry a token where it may not go: to an
+//! origin not allowed, or — with a keyed policy — to a request of another key.
 //!
 //! The core checks the URL a request is sent to ([C12](tokenflight#c12)), but reqwest follows redirects
-//! inside the client, below the middleware. On a redirect to another origin reqwest
-//! drops `Authorization` (and cookies), yet keeps every other header, so a token in
-//! `X-Api-Key` would go along; and it sends the previous URL, query included, as
-//! `Referer`, so a token in the query would go along too.
+//! inside the client, below the middleware, and every hop keeps what the first request
+//! carried:
+//! - reqwest puts the caller's headers back on every hop and drops `Authorization`
+//!   (and cookies) only on a hop that itself changes origin, so a token in
+//!   `Authorization` goes along on every hop that stays on the origin of the hop
+//!   before it — including the second hop of A → B → B;
+//! - a token in any other header (`X-Api-Key`) goes along on every hop;
+//! - a token in the query goes along in the `Referer` of the next hop (reqwest sends
+//!   the previous URL, query included) and in the next URL itself when a `Location`
+//!   repeats the query.
+//!
+//! A reqwest `Policy` cannot change a hop's headers, and the middleware never sees the
+//! hops, so the token cannot be decided per hop (as the surf adapter, which sends each
+//! hop through the middleware, does). What a reqwest user expects instead is what
+//! reqwest itself does with credentials: they do not cross to another party on a
+//! redirect. So a hop that would carry the token where it may not go is not followed:
+//! the caller gets the redirect response, and following it is a new request through
+//! the middleware, which attaches that URL's own token (or none). Every other hop is
+//! followed as reqwest's default policy would.
 
+use reqwest::Url;
 use reqwest::redirect::{Attempt, Policy};
 use tokenflight::{AuthPolicy, Placement};
 
 pub(crate) fn policy(auth: &AuthPolicy) -> Policy {
-    let origins = auth.clone();
-    let survives_redirects = match auth.placement() {
-        Placement::Header { name, .. } => !name.eq_ignore_ascii_case("authorization"),
-        // A query token is part of the old URL, which reqwest sends along as the
-        // `Referer` of the next request (unless the client was built with
-        // `.referer(false)`, which a policy cannot see).
-        _ => true,
-    };
+    let auth = auth.clone();
     Policy::custom(move |attempt: Attempt<'_>| {
-        if survives_redirects && leaves_allowed_origins(&origins, &attempt) {
-            // The caller gets the redirect response itself, without the token leaving.
+        if carries_token_where_it_may_not_go(&auth, &attempt) {
             attempt.stop()
         } else {
             Policy::default().redirect(attempt)
@@ -29,10 +37,45 @@ pub(crate) fn policy(auth: &AuthPolicy) -> Policy {
     })
 }
 
-fn leaves_allowed_origins(origins: &AuthPolicy, attempt: &Attempt<'_>) -> bool {
-    let started_allowed = attempt
-        .previous()
-        .first()
-        .is_some_and(|first| origins.allows_origin(first));
-    started_allowed && !origins.allows_origin(attempt.url())
+fn carries_token_where_it_may_not_go(auth: &AuthPolicy, attempt: &Attempt<'_>) -> bool {
+    // The request the middleware attached the token to (if it did: it went to an
+    // allowed origin; a skipped request cannot be told apart here, and is judged as
+    // if it carried one).
+    let Some(first) = attempt.previous().first() else {
+        return false;
+    };
+    if !auth.allows_origin(first) {
+        return false;
+    }
+    let next = attempt.url();
+    // A redirect hook does not know the method of the hop (a 303 turns it into a GET);
+    // key functions that ignore the method (the default, by origin) are judged exactly.
+    travels(auth.placement(), attempt.previous().last(), next)
+        && !auth.token_may_follow(&http::Method::GET, first, next)
+}
+
+/// Whether the hop to `next`, after the hop to `previous`, carries the token the first
+/// request carried (see the module's notes on what reqwest keeps).
+fn travels(placement: &Placement, previous: Option<&Url>, next: &Url) -> bool {
+    match placement {
+        Placement::Header { name, .. } if name.eq_ignore_ascii_case("authorization") => {
+            // reqwest's own test for "the hop changes origin", as it is.
+            previous.is_none_or(|previous| {
+                previous.scheme() == next.scheme()
+                    && previous.host_str() == next.host_str()
+                    && previous.port_or_known_default() == next.port_or_known_default()
+            })
+        }
+        // A header reqwest does not strip.
+        Placement::Header { .. } => true,
+        // In the `Referer` when the previous URL has it, in the URL when `next` has it.
+        // (With `.referer(false)` it would not be in the `Referer`, but a policy cannot
+        // see that.)
+        Placement::Query { .. } => {
+            previous.is_some_and(|previous| placement.redacted(previous).is_some())
+                || placement.redacted(next).is_some()
+        }
+        // A placement this adapter does not know: assume it goes along.
+        _ => true,
+    }
 }

@@ -149,6 +149,9 @@ where
                         .map(Incoming::new)
                         .map_err(AuthError::Transport)
                 }),
+                // Sent without a token: nothing to hide.
+                #[cfg(feature = "tower-http")]
+                redact: None,
             };
         };
         // Only a request that will carry the token may need a resend, and only then is its
@@ -178,6 +181,11 @@ where
         let future = self.auth.clone().send_owned(outgoing, options, send);
         ResponseFuture {
             inner: Box::pin(future),
+            // Only a query token can show in the response (in `RequestUri`); a header
+            // placement pays nothing for this.
+            #[cfg(feature = "tower-http")]
+            redact: matches!(self.auth.placement(), tokenflight::Placement::Query { .. })
+                .then(|| self.auth.clone()),
         }
     }
 }
@@ -194,6 +202,10 @@ type Inner<RB, E> = Pin<Box<dyn Future<Output = Result<Incoming<RB>, AuthError<E
 /// The future of [`TokenService::call`].
 pub struct ResponseFuture<RB: Body, E> {
     inner: Inner<RB, E>,
+    /// With query placement, the policy whose placement says which parameter to hide
+    /// in the URI that tower-http's `FollowRedirect` puts on the response ([C12](tokenflight#c12)).
+    #[cfg(feature = "tower-http")]
+    redact: Option<AuthPolicy>,
 }
 
 impl<RB: Body, E> fmt::Debug for ResponseFuture<RB, E> {
@@ -206,9 +218,17 @@ impl<RB: Body, E> Future for ResponseFuture<RB, E> {
     type Output = Output<RB, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner
-            .as_mut()
-            .poll(cx)
-            .map(|result| result.map(|incoming| incoming.response))
+        let this = &mut *self;
+        this.inner.as_mut().poll(cx).map(|result| {
+            result.map(|incoming| {
+                #[cfg_attr(not(feature = "tower-http"), allow(unused_mut))]
+                let mut response = incoming.response;
+                #[cfg(feature = "tower-http")]
+                if let Some(policy) = &this.redact {
+                    crate::message::redact_request_uri(&mut response, policy.placement());
+                }
+                response
+            })
+        })
     }
 }

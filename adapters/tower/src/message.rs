@@ -260,6 +260,33 @@ fn final_url<B>(response: &http::Response<B>) -> Option<Box<Url>> {
     url_of(uri).map(Box::new)
 }
 
+/// Hides the query token in the `RequestUri` that tower-http's `FollowRedirect` (below
+/// the layer) puts on a response: the URI of the last request it sent, which without
+/// a redirect (or after a redirect whose `Location` repeats the query) is a request
+/// the layer put the token in. The caller gets it with the token's value replaced by
+/// `redacted`, the rest as it was, as reqwest's `Response::url()` ([C12](tokenflight#c12)).
+/// A redacted URI that `http` would not take back is removed rather than shown.
+#[cfg(feature = "tower-http")]
+pub(crate) fn redact_request_uri<B>(
+    response: &mut http::Response<B>,
+    placement: &tokenflight::Placement,
+) {
+    use tower_http::follow_redirect::RequestUri;
+    let extensions = response.extensions_mut();
+    let Some(RequestUri(uri)) = extensions.get_mut::<RequestUri>() else {
+        return;
+    };
+    let Some(redacted) = url_of(uri).and_then(|url| placement.redacted(&url)) else {
+        return;
+    };
+    match Uri::try_from(redacted.as_str()) {
+        Ok(redacted) => *uri = redacted,
+        Err(_) => {
+            extensions.remove::<RequestUri>();
+        }
+    }
+}
+
 #[cfg(not(feature = "tower-http"))]
 fn final_url<B>(_response: &http::Response<B>) -> Option<Box<Url>> {
     None

@@ -144,8 +144,8 @@ fn token_from(
     expires_at: Option<SystemTime>,
     obtained_at: Option<SystemTime>,
 ) -> Result<Token, DecodeError> {
-    let mut token = Token::new(Secret::new(access))
-        .with_refresh_opt(refresh.map(Secret::new))
+    let mut token = Token::new(Secret::from(access))
+        .with_refresh_opt(refresh.map(Secret::from))
         .with_generation(generation);
     if let Some(at) = expires_at {
         token = token.expires_at(at);

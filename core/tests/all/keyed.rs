@@ -420,3 +420,51 @@ fn entries_used_within_the_idle_timeout_are_kept() {
     assert_eq!(flights.len(), 50);
     assert_eq!(world.factory_calls.load(Ordering::SeqCst), 50);
 }
+
+/// C22: "idle" means unused for `idle_timeout`, on a clock that moves between the map's
+/// writes. A key looked up every 5 s is never idle, neither for the idle rule nor for
+/// the least-recently-used rule, however long it has been kept and whatever new keys
+/// arrive; a key nobody used for the timeout is.
+#[test]
+fn c22_a_key_in_constant_use_is_never_evicted_as_idle() {
+    let world = World::new();
+    let flights = world
+        .flights()
+        .clock(world.clock.clone())
+        .idle_timeout(Duration::from_secs(60))
+        .max_entries(2)
+        .build();
+    block_on(flights.token(&1)).unwrap(); // in constant use from here on
+    block_on(flights.token(&2)).unwrap(); // used once
+    let use_key_1_for = |seconds: u64| {
+        for _ in 0..seconds / 5 {
+            world.clock.advance(Duration::from_secs(5));
+            assert!(
+                flights.valid_token(&1).is_some(),
+                "key 1 is kept, its token valid"
+            );
+        }
+    };
+    use_key_1_for(70);
+    // A new key finds the map full: key 2 (unused for 70 s) is idle, key 1 is not.
+    block_on(flights.token(&3)).unwrap();
+    assert!(
+        flights.get(&1).is_some(),
+        "the key in use was evicted as idle"
+    );
+    assert!(flights.get(&2).is_none(), "the unused key was kept");
+    // Neither is idle now; the least recently used of the two goes, never key 1.
+    use_key_1_for(15);
+    block_on(flights.token(&4)).unwrap();
+    assert!(
+        flights.get(&1).is_some(),
+        "the key in use was evicted as least recent"
+    );
+    assert!(flights.get(&3).is_none());
+    assert_eq!(
+        world.calls(1),
+        1,
+        "key 1 kept its coordinator and its token"
+    );
+    assert_eq!(world.factory_calls.load(Ordering::SeqCst), 4);
+}

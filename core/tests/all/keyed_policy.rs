@@ -16,7 +16,7 @@ use tokenflight::adapter::{
 use tokenflight::keyed::TokenKey;
 use tokenflight::{AuthPolicy, ConfigError, Error, Token, from_fn, store::MemoryStore};
 
-use crate::support::yield_now;
+use crate::support::{poll_once, yield_now};
 
 /// A toy request: URL, method and the header the policy sets.
 struct Req {
@@ -71,6 +71,11 @@ impl Calls {
 
 /// A keyed policy whose key `k`'s source hands out `k#1`, `k#2`, ...
 fn keyed_policy(calls: &Calls) -> AuthPolicy {
+    keyed_policy_keeping(calls, 10_000)
+}
+
+/// [`keyed_policy`] keeping at most `max_keys` coordinators.
+fn keyed_policy_keeping(calls: &Calls, max_keys: usize) -> AuthPolicy {
     let calls = calls.clone();
     AuthPolicy::builder()
         .allow_any_origin()
@@ -87,6 +92,7 @@ fn keyed_policy(calls: &Calls) -> AuthPolicy {
                 }))
                 .build()
         })
+        .key_bounds(max_keys, None)
         .build()
         .unwrap()
 }
@@ -373,4 +379,110 @@ proptest! {
             }
         }
     }
+}
+
+/// C22: a request that went out holds its key's coordinator until its response is
+/// classified. Evicting the key meanwhile (a new key arrives at a full map) must not
+/// leave a second coordinator for it: new requests of the key share the one the request
+/// holds, and its rejection refreshes that one — one refresh for the key, and every
+/// request of the key carries the same tokens.
+#[test]
+fn c22_eviction_never_leaves_two_coordinators_for_one_key() {
+    let calls = Calls::default();
+    let policy = keyed_policy_keeping(&calls, 1);
+    let a = "https://a.example";
+    let request = |origin: &str| Req {
+        url: format!("{origin}/r").parse().unwrap(),
+        authorization: None,
+    };
+    // Every send of key `a`: the token it carried.
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let send = |answer: Option<futures::channel::oneshot::Receiver<u16>>| {
+        let sent = sent.clone();
+        let mut answer = answer;
+        move |r: Req| {
+            sent.lock().unwrap().push(r.authorization.unwrap());
+            let answer = answer.take();
+            async move {
+                let status = match answer {
+                    Some(answer) => answer.await.unwrap_or(500),
+                    None => 200,
+                };
+                Ok::<_, std::convert::Infallible>(Resp(status))
+            }
+        }
+    };
+    // A request of `a` is out; its answer is held.
+    let (answer, held) = futures::channel::oneshot::channel();
+    let mut first = Box::pin(policy.send(request(a), RequestOptions::default(), send(Some(held))));
+    assert!(poll_once(&mut first).is_pending());
+    // Key `b` arrives at the full map.
+    let other = policy.send(
+        request("https://b.example"),
+        RequestOptions::default(),
+        |_r: Req| async { Ok::<_, std::convert::Infallible>(Resp(200)) },
+    );
+    assert_eq!(block_on(other).unwrap().0, 200);
+    // Another request of `a` while the first is out.
+    let second = policy.send(request(a), RequestOptions::default(), send(None));
+    assert_eq!(block_on(second).unwrap().0, 200);
+    // The first request's token is rejected: refreshed once, resent.
+    answer.send(401).unwrap();
+    assert_eq!(block_on(first).unwrap().0, 200);
+    let third = policy.send(request(a), RequestOptions::default(), send(None));
+    assert_eq!(block_on(third).unwrap().0, 200);
+    assert_eq!(
+        *sent.lock().unwrap(),
+        [
+            "Bearer https://a.example#1", // the first request
+            "Bearer https://a.example#1", // the second: the same coordinator's token
+            "Bearer https://a.example#2", // the first's resend, after the one refresh
+            "Bearer https://a.example#2", // the third: that refresh, not another's
+        ]
+    );
+    assert_eq!(calls.of(a), 2, "one first token and one refresh for key a");
+    // Once nothing holds it, key `a`'s coordinator is an ordinary entry again: the map
+    // returns to its bound at the next new key.
+    let next = policy.send(
+        request("https://c.example"),
+        RequestOptions::default(),
+        |_r: Req| async { Ok::<_, std::convert::Infallible>(Resp(200)) },
+    );
+    assert_eq!(block_on(next).unwrap().0, 200);
+    assert!(policy.keyed().unwrap().len() <= 2);
+}
+
+/// C22 through the policy builder: a keyed policy measures its keys' idle time on the
+/// clock set on its builder (a test's manual clock moves it), not on the system's.
+#[test]
+fn c22_a_keyed_policy_measures_idle_keys_on_its_clock() {
+    let clock = tokenflight::test_util::ManualClock::at_fixed_point();
+    let policy = AuthPolicy::builder()
+        .allow_any_origin()
+        .clock(clock.clone())
+        .keyed(|_key: &TokenKey, shared| {
+            shared
+                .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+                .build()
+        })
+        .key_bounds(10, Some(std::time::Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    let request = Req {
+        url: "https://a.example/r".parse().unwrap(),
+        authorization: None,
+    };
+    let sent = policy.send(request, RequestOptions::default(), |_r: Req| async {
+        Ok::<_, std::convert::Infallible>(Resp(200))
+    });
+    assert_eq!(block_on(sent).unwrap().0, 200);
+    let keyed = policy.keyed().unwrap();
+    clock.advance(std::time::Duration::from_secs(59));
+    assert_eq!(keyed.evict_idle(), 0, "used 59 s ago by the policy's clock");
+    clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(
+        keyed.evict_idle(),
+        1,
+        "unused for a minute by the policy's clock"
+    );
 }

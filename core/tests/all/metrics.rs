@@ -3,7 +3,7 @@
 //! token or a secret.
 #![cfg(feature = "metrics")]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -79,9 +79,9 @@ fn drive<F: std::future::Future + Unpin>(fut: &mut F, clock: &ManualClock) -> F:
     panic!("the future did not complete within 10,000 clock steps");
 }
 
-#[test]
-fn hundred_callers_one_flight() {
-    let metrics = record(|| {
+/// What `hundred_callers_one_flight`'s scenario records.
+fn hundred_callers_one_flight_metrics() -> BTreeMap<String, DebugValue> {
+    record(|| {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
         let expired = Token::new("old-secret")
@@ -97,7 +97,12 @@ fn hundred_callers_one_flight() {
         }
         source.gate().release();
         assert!(block_on(join_all(callers)).iter().all(Result::is_ok));
-    });
+    })
+}
+
+#[test]
+fn hundred_callers_one_flight() {
+    let metrics = hundred_callers_one_flight_metrics();
     assert_eq!(
         counter(&metrics, "tokenflight.refresh.started{reason=expired}"),
         1
@@ -122,9 +127,9 @@ fn hundred_callers_one_flight() {
     assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
 }
 
-#[test]
-fn stale_rejection_and_retry_and_auth_lost() {
-    let metrics = record(|| {
+/// What `stale_rejection_and_retry_and_auth_lost`'s scenario records.
+fn stale_rejection_and_retry_and_auth_lost_metrics() -> BTreeMap<String, DebugValue> {
+    record(|| {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Permanent)
             .then(Step::Ok(LONG))
@@ -165,7 +170,12 @@ fn stale_rejection_and_retry_and_auth_lost() {
                 .install(Token::new("login-secret")),
         )
         .unwrap();
-    });
+    })
+}
+
+#[test]
+fn stale_rejection_and_retry_and_auth_lost() {
+    let metrics = stale_rejection_and_retry_and_auth_lost_metrics();
     assert_eq!(
         counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
         1
@@ -208,9 +218,9 @@ fn stale_rejection_and_retry_and_auth_lost() {
     }
 }
 
-#[test]
-fn cancelled_caller() {
-    let metrics = record(|| {
+/// What `cancelled_caller`'s scenario records.
+fn cancelled_caller_metrics() -> BTreeMap<String, DebugValue> {
+    record(|| {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
         let flight = builder(&clock, &source).build().unwrap();
@@ -222,7 +232,12 @@ fn cancelled_caller() {
         drop(first);
         source.gate().release();
         assert_eq!(block_on(second).unwrap().generation(), 1);
-    });
+    })
+}
+
+#[test]
+fn cancelled_caller() {
+    let metrics = cancelled_caller_metrics();
     assert_eq!(
         counter(&metrics, "tokenflight.refresh.started{reason=initial}"),
         1
@@ -242,9 +257,10 @@ fn cancelled_caller() {
     assert_eq!(metrics.len(), 5, "{:?}", metrics.keys().collect::<Vec<_>>());
 }
 
-#[test]
-fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
-    let metrics = record(|| {
+/// What `fast_path_hits_and_waits_per_request_with_a_coordinator_label`'s scenario records.
+fn fast_path_hits_and_waits_per_request_with_a_coordinator_label_metrics()
+-> BTreeMap<String, DebugValue> {
+    record(|| {
         let clock = ManualClock::at_fixed_point();
         let source = ScriptedSource::new(&clock, Step::Ok(LONG));
         let auth = AuthPolicy::builder()
@@ -280,7 +296,12 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
         ))
         .unwrap();
         assert_eq!(response.status, 200);
-    });
+    })
+}
+
+#[test]
+fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
+    let metrics = fast_path_hits_and_waits_per_request_with_a_coordinator_label_metrics();
     // The first request waited for the initial token; the other four were fast-path hits,
     // and so was the sixth (token 1 was valid in memory until the server rejected it).
     assert_eq!(
@@ -323,4 +344,50 @@ fn fast_path_hits_and_waits_per_request_with_a_coordinator_label() {
         2
     );
     assert_eq!(metrics.len(), 8, "{:?}", metrics.keys().collect::<Vec<_>>());
+}
+
+/// The guide's metric table (`guide/observability.md`, rendered as
+/// `tokenflight::guide::observability`) lists exactly the metric names the code records,
+/// and for each only labels the code records with it: the union of what the scenarios
+/// above record covers every metric. `coordinator` is the one label added to every
+/// metric by `MetricsObserver::named`; the named scenario checks it is on every metric
+/// it records.
+#[test]
+fn the_guide_lists_every_recorded_metric_and_no_other() {
+    let scenarios = [
+        hundred_callers_one_flight_metrics(),
+        stale_rejection_and_retry_and_auth_lost_metrics(),
+        cancelled_caller_metrics(),
+        fast_path_hits_and_waits_per_request_with_a_coordinator_label_metrics(),
+    ];
+    let recorded = crate::guide_tables::recorded_names_and_labels(
+        scenarios
+            .iter()
+            .flat_map(|metrics| metrics.keys().map(String::as_str)),
+    );
+    let named =
+        crate::guide_tables::recorded_names_and_labels(scenarios[3].keys().map(String::as_str));
+    assert!(
+        named.values().all(|labels| labels.contains("coordinator")),
+        "{named:?}"
+    );
+    let guide = crate::guide_tables::metrics(crate::guide_tables::OBSERVABILITY);
+    assert!(
+        guide.len() >= 12,
+        "the guide's metric table was not found: {guide:?}"
+    );
+    let lacking = crate::guide_tables::listed_but_not_recorded(&guide, &recorded, &["coordinator"]);
+    assert!(
+        lacking.is_empty(),
+        "the guide lists what the code does not record: {lacking:?}"
+    );
+    let listed: BTreeSet<&str> = guide.iter().map(|row| row.name.as_str()).collect();
+    let unlisted: Vec<&String> = recorded
+        .keys()
+        .filter(|name| !listed.contains(name.as_str()))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "the code records metrics the guide does not list: {unlisted:?}"
+    );
 }

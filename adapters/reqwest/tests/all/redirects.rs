@@ -35,6 +35,49 @@ async fn a_cross_origin_redirect_does_not_carry_the_token() {
     );
 }
 
+/// reqwest drops `Authorization` only on the hop that changes origin, and puts the
+/// caller's headers back on every hop: on A → B → B the second hop carries A's token to
+/// B (pinned here, so a reqwest that stops doing it is noticed). With
+/// `TokenMiddleware::redirect_policy` that hop is not followed.
+#[tokio::test]
+async fn c12_a_second_hop_inside_another_origin_never_carries_the_authorization_token() {
+    use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
+    use tokenflight_reqwest::{TokenMiddleware, reqwest};
+    let (allowed, mut allowed_heads) = common::recording_server().await;
+    let (other, mut other_heads) = common::recording_server().await;
+    let layer = TokenMiddleware::builder()
+        .source(tokenflight::from_fn(|_cx| async {
+            Ok(tokenflight::Token::new("bearer-token"))
+        }))
+        .allowed_origin(&allowed)
+        .build()
+        .unwrap();
+    let port = other.rsplit(':').next().unwrap();
+    let url = format!("{allowed}/redirect/{port}/redirect/{port}/land");
+    for guarded in [false, true] {
+        let mut builder = reqwest::Client::builder();
+        if guarded {
+            builder = builder.redirect(layer.redirect_policy());
+        }
+        let client = ClientBuilder::new(builder.build().unwrap())
+            .with(layer.clone())
+            .build();
+        let response = client.get(&url).send().await.unwrap();
+        assert!(allowed_heads.recv().await.unwrap().contains("bearer-token"));
+        let first_hop = other_heads.recv().await.unwrap();
+        assert!(!first_hop.contains("bearer-token"), "{first_hop}");
+        let second_hop = other_heads.try_recv();
+        if guarded {
+            assert_eq!(response.status(), 302, "the second hop was followed");
+            assert!(second_hop.is_err(), "{second_hop:?}");
+        } else {
+            // The leak the policy exists for.
+            assert_eq!(response.status(), 200);
+            assert!(second_hop.unwrap().contains("bearer-token"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_same_origin_redirect_keeps_the_token() {
     let server = TestServer::start(TestServerConfig::default());
@@ -376,5 +419,100 @@ mod query_token {
         );
         // Reading the body is untouched by the new URL.
         assert_eq!(response.text().await.unwrap(), "invalid token");
+    }
+}
+
+mod keyed {
+    //! A keyed policy (one token per origin) over two allowed origins: reqwest follows
+    //! redirects below the middleware, so what the first request carried goes along on
+    //! every hop that keeps it. `TokenMiddleware::redirect_policy` stops a hop that
+    //! would carry one key's token to a request of another.
+
+    use tokenflight::keyed::TokenKey;
+    use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+    use tokenflight_reqwest::{TokenMiddleware, reqwest};
+
+    use super::common;
+
+    /// Key `k`'s token is `tok-<port of k>`.
+    fn layer(placement: tokenflight::Placement, [a, b]: [&str; 2]) -> TokenMiddleware {
+        TokenMiddleware::builder()
+            .placement(placement)
+            .allowed_origin(a)
+            .allowed_origin(b)
+            .keyed(|key: &TokenKey, shared| {
+                let token = format!("tok-{}", key.as_str().rsplit(':').next().unwrap_or(""));
+                shared
+                    .source(tokenflight::from_fn(move |_cx| {
+                        let token = token.clone();
+                        async move { Ok(tokenflight::Token::new(token)) }
+                    }))
+                    .build()
+            })
+            .build()
+            .unwrap()
+    }
+
+    fn client(layer: &TokenMiddleware) -> ClientWithMiddleware {
+        let client = reqwest::Client::builder()
+            .redirect(layer.redirect_policy())
+            .build()
+            .unwrap();
+        ClientBuilder::new(client).with(layer.clone()).build()
+    }
+
+    fn port(origin: &str) -> &str {
+        origin.rsplit(':').next().unwrap()
+    }
+
+    /// The README's promise through reqwest's own redirect following: a 302 from key
+    /// A's origin to key B's (allowed) origin does not take A's token to B — not in a
+    /// custom header (reqwest keeps it on every hop), not in the `Referer` (query
+    /// placement), and not in `Authorization` on a second hop inside B's origin
+    /// (reqwest drops it only on the hop that changes origin, and puts the caller's
+    /// headers back on every hop). The caller gets the redirect response; following
+    /// it with a request of its own gives B's token to B.
+    #[tokio::test]
+    async fn c12_a_redirect_never_carries_one_keys_token_to_another_key() {
+        let (a, mut a_heads) = common::recording_server().await;
+        let (b, mut b_heads) = common::recording_server().await;
+        let a_token = format!("tok-{}", port(&a));
+        let b_token = format!("tok-{}", port(&b));
+        let cases = [
+            (tokenflight::Placement::header("x-api-key", None), "land"),
+            (tokenflight::Placement::query("token"), "land"),
+            (
+                tokenflight::Placement::bearer(),
+                &*format!("redirect/{}/land", port(&b)),
+            ),
+        ];
+        for (placement, path) in cases {
+            let shown = format!("{placement:?}");
+            let layer = layer(placement, [&a, &b]);
+            let client = client(&layer);
+            let url = format!("{a}/redirect/{}/{path}", port(&b));
+            let response = client.get(&url).send().await.unwrap();
+            let first = a_heads.recv().await.unwrap();
+            assert!(first.contains(&a_token), "{shown}: key A's token went to A");
+            // Whatever reached B (nothing, if the hop was stopped) carries no A token.
+            while let Ok(head) = b_heads.try_recv() {
+                assert!(
+                    !head.contains(&a_token),
+                    "{shown}: A's token went to B: {head}"
+                );
+            }
+            assert_eq!(response.status(), 302, "{shown}: the hop to B was followed");
+            let location = response.headers()["location"].to_str().unwrap().to_owned();
+            // The caller follows it through the middleware: B's own token.
+            let landed = client.get(&location).send().await.unwrap();
+            assert_eq!(landed.status(), 200, "{shown}");
+            let head = b_heads.recv().await.unwrap();
+            assert!(
+                head.contains(&b_token),
+                "{shown}: B's request has B's token: {head}"
+            );
+            assert!(!head.contains(&a_token), "{shown}: {head}");
+            while b_heads.try_recv().is_ok() {}
+        }
     }
 }

@@ -5,5 +5,6 @@ mod cancellation;
 mod conformance;
 mod dependencies;
 mod grpc;
+mod redirects;
 mod service;
 mod transport;
