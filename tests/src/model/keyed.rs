@@ -1,13 +1,15 @@
 //! A second, smaller runner (issue 26, items 4–5): a keyed [`AuthPolicy`] whose keys'
-//! coordinators are evicted while their requests are in flight.
+//! coordinators are evicted while their requests are in flight, and whose keys are
+//! looked up again and again while the policy's (manual) clock moves.
 //!
 //! Three keys, one per origin (`https://k0.test` …, the policy's default key); each
 //! coordinator the factory makes has its own source, whose calls stay pending until the
 //! scenario answers them, and (with [`KeyedSetup::store`]) the key's store, shared by
 //! every coordinator of that key as a namespaced store is. Coordinators are evicted
 //! deterministically: the idle timeout is zero, so every write of the map (a new key
-//! that finds it full, [`KeyedOp::Evict`]) drops every coordinator whose refresh is not
-//! running — also one whose request is on the wire or whose caller waits to resend.
+//! that finds it full, [`KeyedOp::Evict`]) may drop every coordinator not in use; or,
+//! with [`KeyedSetup::idle`], it is [`IDLE_TIMEOUT`] on the policy's clock, which
+//! [`KeyedOp::Advance`] moves, and only `evict_idle` evicts (a map of ten, three keys).
 //! The same executor discipline as the main runner: only woken tasks are polled, in the
 //! order the scenario picks.
 //!
@@ -17,16 +19,19 @@
 //!   whichever coordinator makes it.
 //! - **C22**: never two live coordinators of one key that both refresh: a source call
 //!   of a coordinator while another live coordinator of its key made a source call
-//!   since the first was made is a second refresh for the key.
+//!   since the first was made is a second refresh for the key. And a coordinator is
+//!   never evicted while in use (a task that looked its key up holds a handle until it
+//!   ends) nor, at `evict_idle`, when its key was looked up less than the idle timeout
+//!   ago: when a key gets a new coordinator, the old one must have been evictable at
+//!   one of the map's eviction points since it was made.
 //! - **C12 per key**: a request to key B's origin never carries a token of key A.
 //! - **C4**: a request is sent at most twice, and a resend carries another token.
 //!
 //! At the end every request is answered, every source call returns a token, and time
 //! passes until every caller has finished; one still pending is a hang (C5/C6).
 //!
-//! Not modelled: idle time (item 4). `KeyedFlights` measures idleness on the real
-//! `Instant` clock, not the coordinator's, so a deterministic runner cannot let time
-//! pass for it; with a clock the runner can drive, [`KeyedOp::Advance`] would move it.
+//! The keyed map measures idleness on the policy's clock (issue 26's fix of item 4), the
+//! runner's manual clock.
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -61,6 +66,8 @@ pub const KEYS: usize = 3;
 const SETTLE_LIMIT: usize = 5_000;
 /// Rounds of "answer everything, let time pass" the final drain may take.
 const DRAIN_ROUNDS: usize = 100;
+/// The idle timeout of [`KeyedSetup::idle`].
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A generated keyed run.
 #[derive(Clone, Debug, Arbitrary)]
@@ -75,8 +82,13 @@ pub struct KeyedScenario {
 #[derive(Clone, Copy, Debug, Arbitrary)]
 pub struct KeyedSetup {
     /// At most one coordinator kept (`key_bounds(1, ..)`): every new key evicts the
-    /// others that are not refreshing. Else ten, and only [`KeyedOp::Evict`] evicts.
+    /// others that are not in use. Else ten, and only [`KeyedOp::Evict`] evicts.
+    /// Ignored with [`idle`](Self::idle) (ten: with a map of one, least-recently-used
+    /// eviction between keys of the same age would follow the hash map's order).
     pub one_coordinator: bool,
+    /// An idle timeout of [`IDLE_TIMEOUT`] on the policy's (manual) clock instead of
+    /// zero: a key looked up less than that ago is not idle (issue 26, item 4).
+    pub idle: bool,
     /// Each key has a store, shared by every coordinator made for it (a namespaced
     /// store): a new coordinator of an evicted key reads the old one's token there.
     pub store: bool,
@@ -161,6 +173,18 @@ struct Coordinator {
     made: usize,
     /// Event numbers of its source calls.
     calls: Vec<usize>,
+    /// `points.len()` when it was made: the eviction points it was in the map for.
+    made_at_point: usize,
+}
+
+/// A moment the map may evict (C22: only coordinators not in use, and at
+/// `evict_idle` only those also unused for the idle timeout): per key, whether the
+/// model knows it in use then.
+struct Point {
+    /// `KeyedOp::Evict` (else a new key's insert, which may evict the least recently
+    /// used coordinator that is not in use).
+    evict: bool,
+    used: [bool; KEYS],
 }
 
 struct Wire {
@@ -181,6 +205,63 @@ struct KeyedShared {
     /// A contract broken inside a fake (at a source call's start).
     violation: Option<(&'static str, String)>,
     calls_beside_an_old_coordinator: usize,
+    /// Per key, live tasks that have been polled: each holds a handle to the key's
+    /// coordinator (from its lookup at the first poll until it ends).
+    holders: [usize; KEYS],
+    /// Per key, the clock (since the start) at its last lookup.
+    last_lookup: [Option<Duration>; KEYS],
+    /// The clock since the start.
+    now: Duration,
+    /// The idle timeout (zero, or [`IDLE_TIMEOUT`]).
+    idle: Duration,
+    /// Every moment the map may have evicted.
+    points: Vec<Point>,
+}
+
+impl KeyedShared {
+    /// Per key, whether the model knows it in use now: a handle held, or (`evict`:
+    /// for the idle rule) a lookup less than the idle timeout ago (1 ms of slack for
+    /// the map's millisecond readings).
+    fn used(&self, evict: bool) -> [bool; KEYS] {
+        std::array::from_fn(|k| {
+            self.holders[k] > 0
+                || (evict
+                    && self.last_lookup[k].is_some_and(|at| {
+                        self.now.saturating_sub(at) + Duration::from_millis(1) < self.idle
+                    }))
+        })
+    }
+}
+
+/// C22 at a new coordinator for `key`: the one before it (if any) was evicted at one
+/// of the points since it was made; if the model knew it in use at every one of them,
+/// it was evicted in use (or, at `evict_idle`, used less than the idle timeout ago).
+fn remade_check(shared: &mut KeyedShared, key: usize) {
+    let Some((index, previous)) = shared
+        .coordinators
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, c)| c.key == key)
+    else {
+        return;
+    };
+    let points = &shared.points[previous.made_at_point.min(shared.points.len())..];
+    if shared.violation.is_none() && points.iter().all(|p| p.used[key]) {
+        let message = format!(
+            "coordinator {} of key {key} was evicted although in use at every chance the \
+             map had ({} eviction points: {} evict_idle, the others new keys){}",
+            index + 1,
+            points.len(),
+            points.iter().filter(|p| p.evict).count(),
+            if points.is_empty() {
+                " (none at all)"
+            } else {
+                ""
+            }
+        );
+        shared.violation = Some(("C22", message));
+    }
 }
 
 fn key_url(key: usize) -> Url {
@@ -386,6 +467,8 @@ enum Finished {
 
 struct Task {
     key: usize,
+    /// Polled at least once: it looked its key up and holds a handle.
+    polled: bool,
     future: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
     flag: Arc<Flag>,
     waker: Waker,
@@ -445,7 +528,17 @@ impl KeyedWorld {
                 .collect(),
         );
         let factory_shared = Arc::clone(&shared);
-        let max_keys = if setup.one_coordinator { 1 } else { 10 };
+        let max_keys = if setup.one_coordinator && !setup.idle {
+            1
+        } else {
+            10
+        };
+        let idle = if setup.idle {
+            IDLE_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        lock(&shared).idle = idle;
         let mut builder = AuthPolicy::builder()
             .clock(Arc::new(clock.clone()))
             .timer(Arc::new(clock.clone()));
@@ -458,14 +551,19 @@ impl KeyedWorld {
                     .find(|&k| TokenKey::origin(&key_url(k)) == *key)
                     .unwrap_or(usize::MAX);
                 let mut shared = lock(&factory_shared);
+                remade_check(&mut shared, index);
+                let used = shared.used(false);
+                shared.points.push(Point { evict: false, used });
                 let coordinator = shared.coordinators.len();
                 let made = shared.events;
                 shared.events += 1;
+                let made_at_point = shared.points.len();
                 shared.coordinators.push(Coordinator {
                     key: index,
                     alive: true,
                     made,
                     calls: Vec::new(),
+                    made_at_point,
                 });
                 drop(shared);
                 let mut flight = flight.source(KeySource {
@@ -480,7 +578,7 @@ impl KeyedWorld {
                 }
                 flight.build()
             })
-            .key_bounds(max_keys, Some(Duration::ZERO))
+            .key_bounds(max_keys, Some(idle))
             .build()
             .map_err(|error| Violation {
                 contract: "setup",
@@ -594,9 +692,9 @@ impl KeyedWorld {
                     let index = live[usize::from(n) % live.len()];
                     self.tasks[index].cancelled = true;
                     let future = self.tasks[index].future.take();
-                    if let Err(panic) =
-                        std::panic::catch_unwind(AssertUnwindSafe(move || drop(future)))
-                    {
+                    let dropped = std::panic::catch_unwind(AssertUnwindSafe(move || drop(future)));
+                    self.release(index);
+                    if let Err(panic) = dropped {
                         return Err(self.violation(
                             "C18",
                             format!("dropping task {index} panicked: {}", panic_message(&*panic)),
@@ -604,14 +702,35 @@ impl KeyedWorld {
                     }
                 }
             }
-            KeyedOp::Advance(step) => self.clock.advance(step.duration()),
+            KeyedOp::Advance(step) => self.advance(step.duration()),
             KeyedOp::Evict => {
+                {
+                    let mut shared = lock(&self.shared);
+                    let used = shared.used(true);
+                    shared.points.push(Point { evict: true, used });
+                }
                 if let Some(flights) = self.policy.keyed() {
                     flights.evict_idle();
                 }
             }
         }
         Ok(())
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.clock.advance(by);
+        lock(&self.shared).now += by;
+    }
+
+    /// A task ended (finished or dropped): if it was polled, it held a handle.
+    fn release(&mut self, index: usize) {
+        let task = &self.tasks[index];
+        if task.polled {
+            let mut shared = lock(&self.shared);
+            if let Some(h) = shared.holders.get_mut(task.key) {
+                *h = h.saturating_sub(1);
+            }
+        }
     }
 
     fn answer_call(&mut self, n: usize, outcome: Outcome) {
@@ -638,6 +757,7 @@ impl KeyedWorld {
         let waker = Waker::from(Arc::clone(&flag));
         self.tasks.push(Task {
             key,
+            polled: false,
             future: Some(future),
             flag,
             waker,
@@ -689,6 +809,15 @@ impl KeyedWorld {
     }
 
     fn poll(&mut self, index: usize) -> Result<(), Violation> {
+        if !self.tasks[index].polled && self.tasks[index].future.is_some() {
+            // The first poll looks the key up (a new coordinator, or a touch) and keeps
+            // the handle until the task ends.
+            self.tasks[index].polled = true;
+            let key = self.tasks[index].key;
+            let mut shared = lock(&self.shared);
+            shared.holders[key] += 1;
+            shared.last_lookup[key] = Some(shared.now);
+        }
         let task = &mut self.tasks[index];
         let Some(future) = task.future.as_mut() else {
             return Ok(());
@@ -700,6 +829,7 @@ impl KeyedWorld {
             Err(panic) => {
                 task.done = true;
                 task.future = None;
+                self.release(index);
                 Err(self.violation(
                     "C18",
                     format!("task {index} panicked: {}", panic_message(&*panic)),
@@ -710,6 +840,7 @@ impl KeyedWorld {
                 task.done = true;
                 task.future = None;
                 let key = task.key;
+                self.release(index);
                 if let Finished::Token(Ok(token)) = &finished {
                     let access = token.access().expose();
                     if key_of_access(access) != Some(key) {
@@ -805,7 +936,7 @@ impl KeyedWorld {
                 self.answer_call(0, Outcome::Ok(Lifetime::HOUR));
             }
             self.settle()?;
-            self.clock.advance(Step::PastTimeout.duration());
+            self.advance(Step::PastTimeout.duration());
             self.step += 1;
         }
         let stuck: Vec<usize> = (0..self.tasks.len())

@@ -1286,36 +1286,39 @@ fn keyed_op() -> impl Strategy<Value = KeyedOp> {
     let key = 0u8..(keyed::KEYS as u8);
     prop_oneof![
         4 => (key.clone(), any::<bool>()).prop_map(|(key, replayable)| KeyedOp::Send { key, replayable }),
-        1 => key.prop_map(|key| KeyedOp::Token { key }),
+        2 => key.prop_map(|key| KeyedOp::Token { key }),
         6 => any::<u8>().prop_map(KeyedOp::Poll),
-        2 => Just(KeyedOp::Settle),
+        3 => Just(KeyedOp::Settle),
         4 => (any::<u8>(), prop::bool::weighted(0.6))
             .prop_map(|(n, accept)| KeyedOp::Respond { n, accept }),
         3 => (any::<u8>(), outcome(MIXED)).prop_map(|(n, outcome)| KeyedOp::Source { n, outcome }),
         1 => any::<u8>().prop_map(KeyedOp::Cancel),
-        1 => step().prop_map(KeyedOp::Advance),
+        3 => step().prop_map(KeyedOp::Advance),
         2 => Just(KeyedOp::Evict),
     ]
 }
 
 fn keyed_scenario(len: usize) -> impl Strategy<Value = KeyedScenario> {
     (
-        any::<(bool, bool)>(),
+        any::<(bool, bool, bool)>(),
         prop::collection::vec(keyed_op(), 1..len),
     )
-        .prop_map(|((one_coordinator, store), ops)| KeyedScenario {
+        .prop_map(|((one_coordinator, store, idle), ops)| KeyedScenario {
             setup: KeyedSetup {
                 one_coordinator,
+                idle,
                 store,
             },
             ops,
         })
 }
 
-/// Issue 26, item 5: keyed coordinators evicted while their requests are on the wire
-/// or their callers wait (a new key finds the map full, `evict_idle`): never two live
-/// coordinators of one key that both refresh (C22), one source call per key at a time
-/// (C1), a token only to its own key's origin (C12), one resend (C4).
+/// Issue 26, items 4 and 5: keyed coordinators evicted while their requests are on the
+/// wire or their callers wait (a new key finds the map full, `evict_idle`), keys looked
+/// up again and again as the policy's clock moves: a coordinator in use, or (with an
+/// idle timeout) used less than the timeout ago, is never evicted, and never two live
+/// coordinators of one key both refresh (C22); one source call per key at a time (C1),
+/// a token only to its own key's origin (C12), one resend (C4).
 #[test]
 fn c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator() {
     let seed = seed();
@@ -1374,6 +1377,7 @@ fn c22_a_401_on_an_evicted_coordinator_does_not_refresh_beside_the_new_one() {
     let result = keyed::run_keyed(&KeyedScenario {
         setup: KeyedSetup {
             one_coordinator: true,
+            idle: false,
             store: false,
         },
         ops: vec![
@@ -1419,4 +1423,45 @@ fn c10_a_login_cancelled_while_its_unlock_hangs_leaves_the_lock_free() {
     assert_eq!(summary.store_faults, 1, "{summary:?}");
     assert_eq!(summary.source_calls, 0, "{summary:?}");
     assert_eq!(summary.errors, 0, "{summary:?}");
+}
+
+/// Issue 26, item 4, by hand: a key looked up every 35 s is never idle for a 60 s idle
+/// timeout, however long it has existed (C22: only coordinators really unused for the
+/// idle timeout are idle); unused for an hour, it is evicted and made again.
+#[test]
+fn c22_a_key_in_constant_use_is_never_evicted_as_idle() {
+    let token = KeyedOp::Token { key: 0 };
+    let later = KeyedOp::Advance(Step::PastTimeout);
+    let mut ops = vec![
+        token,
+        KeyedOp::Settle,
+        KeyedOp::Source {
+            n: 0,
+            outcome: Outcome::Ok(Lifetime::HOUR),
+        },
+        KeyedOp::Settle,
+    ];
+    for _ in 0..4 {
+        ops.extend([later, token, KeyedOp::Settle, KeyedOp::Evict]);
+    }
+    let setup = KeyedSetup {
+        one_coordinator: false,
+        idle: true,
+        store: false,
+    };
+    let used = keyed::run_keyed(&KeyedScenario {
+        setup,
+        ops: ops.clone(),
+    })
+    .unwrap();
+    assert_eq!(used.coordinators, 1, "{used:?}");
+    ops.extend([
+        KeyedOp::Advance(Step::Hour),
+        KeyedOp::Evict,
+        token,
+        KeyedOp::Settle,
+    ]);
+    let unused = keyed::run_keyed(&KeyedScenario { setup, ops }).unwrap();
+    assert_eq!(unused.coordinators, 2, "{unused:?}");
+    assert_eq!(unused.remade, 1, "{unused:?}");
 }
