@@ -64,7 +64,8 @@
 //! its source), and, once every caller and flight has ended, C10 (the lock is free for
 //! the next holder) and C1 across processes (a save attempted over a generation above
 //! the maximum replaced it). Keyed coordinators have their own runner, [`keyed`] (C1 per
-//! key, C22, C12 per key, C4), where eviction is deterministic (a zero idle timeout).
+//! key, C22, C12 per key, C4), where eviction is deterministic (a zero idle timeout, or
+//! one on the policy's manual clock); the `keyed_ops` fuzz target decodes its scenarios.
 //!
 //! Items 9, 4 and 5 were bugs on main when this began; their fixes were merged while it
 //! ran. Item 5 was measured on the unfixed main (first row), then every core bug again

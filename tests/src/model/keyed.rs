@@ -28,7 +28,10 @@
 //! - **C4**: a request is sent at most twice, and a resend carries another token.
 //!
 //! At the end every request is answered, every source call returns a token, and time
-//! passes until every caller has finished; one still pending is a hang (C5/C6).
+//! passes until every caller has finished; one still pending is a hang (C5/C6). The
+//! property `c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator`
+//! generates scenarios with proptest; the `keyed_ops` fuzz target decodes them with
+//! `arbitrary`.
 //!
 //! The keyed map measures idleness on the policy's clock (issue 26's fix of item 4), the
 //! runner's manual clock.
