@@ -3,22 +3,24 @@
 //! (`tests/tests/all/fuzz_replay.rs`) through exactly the code libFuzzer runs.
 //!
 //! Every body panics on a contract violation (C13: bad input is a typed error, never a
-//! panic or a hang; C1–C6, C9 for `flight_ops`) and returns quietly otherwise.
+//! panic or a hang; C1–C6, C9 for `flight_ops`; C1 per key, C4, C12, C22 for
+//! `keyed_ops`) and returns quietly otherwise.
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use crate::model::{self, Scenario};
+use crate::model::{self, Scenario, keyed::KeyedScenario};
 
 /// Longest operation sequence `flight_ops` runs: longer inputs add time, not coverage.
 pub const MAX_FLIGHT_OPS: usize = 256;
 
 /// The names of all targets, as in `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>`.
-pub const TARGETS: &[&str] = &["flight_ops", "www_authenticate"];
+pub const TARGETS: &[&str] = &["flight_ops", "keyed_ops", "www_authenticate"];
 
 /// Runs target `name` on `data`; `false` if there is no such target.
 pub fn run(name: &str, data: &[u8]) -> bool {
     match name {
         "flight_ops" => flight_ops(data),
+        "keyed_ops" => keyed_ops(data),
         "jwt_claims" => jwt_claims(data),
         "store_file" => store_file(data),
         "token_response" => token_response(data),
@@ -37,6 +39,19 @@ pub fn flight_ops(data: &[u8]) {
     };
     scenario.ops.truncate(MAX_FLIGHT_OPS);
     if let Err(violation) = model::run(&scenario) {
+        panic!("{violation}\n{scenario:#?}");
+    }
+}
+
+/// An `Arbitrary` sequence of operations on a keyed policy whose coordinators are
+/// evicted while requests are in flight (issue 26), driven by the keyed runner
+/// ([`model::keyed`]), which checks C1 per key, C22, C12 per key and C4 after every step.
+pub fn keyed_ops(data: &[u8]) {
+    let Ok(mut scenario) = KeyedScenario::arbitrary_take_rest(Unstructured::new(data)) else {
+        return;
+    };
+    scenario.ops.truncate(MAX_FLIGHT_OPS);
+    if let Err(violation) = model::keyed::run_keyed(&scenario) {
         panic!("{violation}\n{scenario:#?}");
     }
 }

@@ -12,10 +12,12 @@
 //! live sleeps) its timer: flight budgets, attempt timeouts and retry pauses.
 //!
 //! After every step the runner checks the contracts it can see from outside (C1–C6, C9,
-//! C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
+//! C10, C13, C15–C18; see [`run`]); at the end it answers every request on the wire and lets time
 //! pass until every caller has finished, and reports a hang if one has not. The property
 //! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the
-//! `flight_ops` fuzz target decodes them with `arbitrary`.
+//! `flight_ops` fuzz target decodes them with `arbitrary`. Keyed policies, whose
+//! coordinators are evicted while requests are in flight, have a second, smaller runner:
+//! [`keyed`] (issue 26).
 //!
 //! ## Pushed tokens (issue 20): planted bugs and what caught them
 //!
@@ -45,9 +47,58 @@
 //! `c2_c17_a_login_whose_save_failed_is_saved_by_its_refresh_and_pushes_are_adopted_again`
 //! pins it (reverting the fix: that test, and `c2_c3_c17_pushed_…` at case 112–157).
 
+//!
+//! ## Stores, keys and leeway (issue 26): planted bugs and what caught them
+//!
+//! New operations: [`Op::IntoLeeway`] (the clocks move to half the current token's
+//! leeway before its expiry), [`Op::Stray`] (another program writes the store's record:
+//! one that does not decode, a usable token numbered 2^53, one numbered above it) and
+//! [`Op::UnlockHangs`] (the next unlock hangs until the flight's budget drops it; a
+//! login's, until the runner cancels the login). The
+//! model store keeps the store contract for them: an undecodable record fails an
+//! unlocked load with `Corrupt`, counts as no token under the lock and is replaced by
+//! the next save; a save overwrites a generation above the maximum; a dropped guard
+//! releases the lock. New checks: C16 (a caller that found the current token, not
+//! rejected and not expired, gets it after any failure, inside its leeway too), C13 (a
+//! flight that read an undecodable record under the lock does not fail without calling
+//! its source), and, once every caller and flight has ended, C10 (the lock is free for
+//! the next holder) and C1 across processes (a save attempted over a generation above
+//! the maximum replaced it). Keyed coordinators have their own runner, [`keyed`] (C1 per
+//! key, C22, C12 per key, C4), where eviction is deterministic (a zero idle timeout, or
+//! one on the policy's manual clock); the `keyed_ops` fuzz target decodes its scenarios.
+//!
+//! Items 9, 4 and 5 were bugs on main when this began; their fixes were merged while it
+//! ran. Item 5 was measured on the unfixed main (first row), then every core bug again
+//! on the merged main with its fix reverted (never committed). The Redis items (1–3)
+//! are planted in the model store with `TOKENFLIGHT_MODEL_PLANT=<name>` (off by default;
+//! never set in CI). All at the CI count and seed (256 cases,
+//! `TOKENFLIGHT_SCENARIO_SEED=1`). "First case" is the earliest failing case of each
+//! property that failed; "ops" counts the shrunk scenario's operations.
+//!
+//! | plant | caught by | first case | contract, shrunk |
+//! |---|---|---|---|
+//! | item 9: `join_or_start`'s "re-authentication required" fail-fast path serves no still-valid token (the fix reverted) | `c16_a_usable_token_is_served_until_it_really_expires_whatever_the_failure`; `c9_backoff_holds_through_wall_steps_and_huge_retry_after` (wall steps put a login 5 s from expiry); the scenario `c16_after_invalid_grant_inside_the_leeway_…` | 1/256; 186/256 | C16: login, wall step back 40 s, 35 s, wall step forward 1 h, a send's flight gets `invalid_grant`, the next send fails with "re-authentication required" although the login is valid 5 s more (11 ops) |
+//! | item 5, on the unfixed main: eviction while a request holds the key's coordinator | `c1_c22_a_key_evicted_while_its_requests_are_in_flight_gets_no_second_coordinator` (its first version: without the eviction-point check); the scenario `c22_a_401_on_an_evicted_coordinator_…` | 38/256 | C1 per key: key 0's request on the wire, `evict_idle`, key 0 again (a second coordinator fetches), the first request's 401: its old coordinator refreshes beside the new one (14 ops) |
+//! | item 5 (the fix reverted: "in use" ignores the handles held outside the map) | `c1_c22_…`; the scenario `c22_a_401_on_an_evicted_coordinator_…` | 17/256 | C22: two sends of key 1, one polled and given its token, `evict_idle` while it is on the wire, a send of key 0: "coordinator 2 of key 1 was evicted although in use" (7 ops) |
+//! | item 4 (the fix reverted in effect: a lookup does not move the key's last use) | `c1_c22_…` (its idle-timeout setups); the scenario `c22_a_key_in_constant_use_is_never_evicted_as_idle` | 44/256 | C22: a 60 s idle timeout, a send of key 0, an hour, another send of key 0 looks it up, `evict_idle` evicts it as idle (7 ops) |
+//! | `corrupt-under-lock` (item 1): a load under the lock fails with `Corrupt` on an undecodable record | `c1_c10_c13_undecodable_records_hostile_generations_and_hanging_unlocks` (the only property that writes such records); the scenario `c13_an_undecodable_record_…` | 1/256 | C13: a send, an undecodable record, 250 ms: the flight fails without a source call (3 ops); in other cases C9: a login cannot repair it ("installing a login failed: stored token is corrupt") |
+//! | `hostile-generation-newer` (item 3): a save refuses ("newer", `LeaseLost`) over a stored generation above the maximum | 11 properties: `c1_c10_c13_…` 1, `c6_cancelling_any_caller_…` 2, `c2_c3_c17_pushed_…` 3, `c16_a_usable_token_…` 5, `c17_logins_win_…` 8, `c5_c18_…` 8, `c5_c9_…` 10, `c3_c4_…` 11, `c1_c2_c5_…` 15 (their stale sessions numbered `u64::MAX - 1` and 2^53 + 1 are hostile too); the scenarios `c1_a_save_replaces_…` and `c17_a_stale_stored_session_…` | 1–15/256 | C9: a send, a record numbered 2^53 + 1, a login: "installing a login failed: refresh lock lease lost" (3 ops); C1: the store still holds the hostile generation after the flight's save |
+//! | `cancelled-unlock-keeps-lock` (item 2): an unlock the budget (or a cancelled login) cut short never releases the lock | `c1_c10_c13_…` 1, `c2_c3_c17_pushed_…` 10, `c5_c18_…` 14 (their hang faults land on an unlock); the scenarios `c10_an_unlock_cut_short_…` and `c10_a_login_cancelled_while_its_unlock_hangs_…` | 1–14/256 | C10: a send, the unlock hangs, the flight ends at its budget: "every flight has ended but the store's refresh lock is still held" (3 ops) |
+//! | item 6: a redirect carries key A's token to key B's origin | not modelled: the hop is the adapter's (reqwest's redirect policy), below the core's `send` | – | – |
+//!
+//! The model also found a boundary bug nobody planted: a usable token numbered exactly
+//! `MAX_GENERATION` (2^53, accepted as sane) in the store makes the coordinator number
+//! its next token (a login's renumbering, a refresh) 2^53 + 1, which every reader of
+//! the store, itself included, then ignores as corrupt (C17, and C1 across processes).
+//! `c17_a_stored_generation_at_the_maximum_is_never_exceeded` pins it (ignored until
+//! fixed); the property generators leave [`Stray::AtMax`] out meanwhile, the fuzz
+//! target does not.
+
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
 #![allow(clippy::indexing_slicing)]
+
+pub mod keyed;
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -61,6 +112,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, SystemTime};
 
 use arbitrary::Arbitrary;
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokenflight::{
     AuthPolicy, Error, RefreshContext, RefreshError, RefreshReason, SingleFlight, Token,
@@ -224,6 +276,34 @@ pub enum Op {
     /// issue 20), between any two steps: while a flight runs, while a login is unsaved,
     /// while re-authentication is required or a backoff holds.
     Push(Push),
+    /// Moves monotonic and wall-clock time into the current token's leeway (issue 26,
+    /// item 9): to half its scaled leeway before its expiry, where it counts as expired
+    /// for sending but is still valid. Nothing if it has no expiry or is past that point.
+    IntoLeeway,
+    /// Another program writes the store's record, outside its lock (issue 26, items 1
+    /// and 3).
+    Stray(Stray),
+    /// The next `unlock` hangs until the flight's budget drops it (issue 26, item 2):
+    /// the dropped guard must leave the lock free for the next holder (a replica). A
+    /// login's unlock hangs too, and the login is then cancelled (`install()` dropped).
+    UnlockHangs,
+}
+
+/// What [`Op::Stray`] writes into the store (issue 26).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Arbitrary)]
+pub enum Stray {
+    /// A value that does not decode (a stray `SET`, a truncated write, another
+    /// program's value). The store's contract: an unlocked load fails with
+    /// `StoreError::Corrupt`, a load under the lock counts it as no token, and the next
+    /// save replaces it.
+    Undecodable,
+    /// A usable token of another replica numbered [`MAX_GENERATION`] (2^53): the
+    /// highest sane generation.
+    AtMax,
+    /// A usable token numbered just above [`MAX_GENERATION`] (a hostile or damaged
+    /// store): ignored by the coordinator, and the store's contract is that the next
+    /// save overwrites it.
+    AboveMax,
 }
 
 /// What [`Op::Push`] pushes, and what the coordinator must do with it (it adopts a
@@ -453,6 +533,11 @@ pub struct Summary {
     pub pushes_during_flights: usize,
     /// Newer pushes that arrived while a login was unsaved (and had to be ignored).
     pub pushes_over_unsaved_logins: usize,
+    /// Records written by another program ([`Op::Stray`]).
+    pub strays: usize,
+    /// Flights that ended in "re-authentication required" while the current token was
+    /// inside its leeway, not expired (issue 26, item 9).
+    pub auth_lost_inside_leeway: usize,
 }
 
 /// Runs `scenario` and checks the contracts after every step:
@@ -492,6 +577,12 @@ pub struct Summary {
 ///   one the coordinator numbered (C3), an older one or an own echo (C9), a corrupt one
 ///   (C17) or an expired one (C16) changes nothing; and a flight whose token to replace
 ///   a push superseded makes no further source call (C2).
+/// - **Issue 26**: a caller that found the current token, not rejected and not yet
+///   expired (its leeway aside), never fails while it stays current and valid, whatever
+///   the failure (C16); a flight that read an undecodable record under the lock does not
+///   fail without calling its source (C13); once every caller and flight has ended, the
+///   store's lock is free (C10) and a generation above the maximum that a save was
+///   attempted over is gone (C1 across processes).
 ///
 /// At the end every request on the wire is answered and time moves until every caller
 /// has finished; a caller still pending then is a hang (C5/C6).
@@ -593,6 +684,22 @@ struct Shared {
     max_numbered: u64,
     /// This coordinator's saves the store has not pushed back yet ([`Push::Echo`]).
     echoes: std::collections::VecDeque<Token>,
+    /// The store's record does not decode ([`Stray::Undecodable`]); a save clears it.
+    undecodable: bool,
+    /// A load under the lock found the undecodable record: source calls, store faults
+    /// fired and `stats().failures` then (a flight that fails after it without a source
+    /// call or a fault was stopped by the record).
+    undecodable_locked_read: Option<(usize, usize, u64)>,
+    /// The next `unlock` hangs ([`Op::UnlockHangs`]).
+    unlock_hangs: bool,
+    /// A login's unlock hung: the runner cancels the login (drops `install()`).
+    unlock_hung_in_install: bool,
+    /// Guards whose cancelled unlock never released the lock (planted:
+    /// [`StorePlant::CancelledUnlockKeepsLock`]); taken out at shutdown.
+    leaked_guards: Vec<Box<dyn StoreGuard>>,
+    /// Saves attempted (no fault) while the store held a generation above
+    /// [`MAX_GENERATION`] ([`Stray::AboveMax`] or a stale session): one must replace it.
+    saves_over_hostile: usize,
 }
 
 impl Shared {
@@ -785,6 +892,9 @@ struct ModelStore {
     inner: MemoryStore,
     shared: Arc<Mutex<Shared>>,
     watchers: Mutex<Vec<Weak<dyn StoreWatcher>>>,
+    /// Guards alive: holders of the store's refresh lock (issue 26, item 2: after every
+    /// flight ended, none).
+    held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ModelStore {
@@ -810,14 +920,51 @@ fn fault(shared: &Mutex<Shared>) -> Option<Fault> {
     shared.armed = None;
     shared.faults_fired += 1;
     if matches!(fault, Fault::Hang | Fault::Panic) {
-        // The flight may now end without saving or handing out a token it got.
-        for call in &mut shared.calls {
-            if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
-                call.at_risk = true;
-            }
-        }
+        mark_at_risk(&mut shared);
     }
     Some(fault)
+}
+
+/// The flight may now end without saving or handing out a token it got.
+fn mark_at_risk(shared: &mut Shared) {
+    for call in &mut shared.calls {
+        if matches!(call.state, CallState::Returned(Outcome::Ok(_))) {
+            call.at_risk = true;
+        }
+    }
+}
+
+/// A store bug planted in the model's store (issue 26's Redis items), named by
+/// `TOKENFLIGHT_MODEL_PLANT` to measure which property catches it; none by default.
+/// Never set in CI: with a plant, the properties must fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StorePlant {
+    /// `corrupt-under-lock`: a load under the lock fails with `Corrupt` on an
+    /// undecodable record instead of counting it as no token (issue 26, item 1).
+    CorruptUnderLock,
+    /// `hostile-generation-newer`: a save compares a stored generation above
+    /// [`MAX_GENERATION`] as a number and refuses as if a newer token were stored
+    /// (`LeaseLost`) instead of overwriting it (item 3).
+    HostileGenerationNewer,
+    /// `cancelled-unlock-keeps-lock`: an unlock dropped before it completed (the
+    /// flight's budget ran out) never releases the lock (item 2).
+    CancelledUnlockKeepsLock,
+}
+
+fn store_plant() -> Option<StorePlant> {
+    static PLANT: std::sync::OnceLock<Option<StorePlant>> = std::sync::OnceLock::new();
+    *PLANT.get_or_init(
+        || match std::env::var("TOKENFLIGHT_MODEL_PLANT").ok()?.as_str() {
+            "corrupt-under-lock" => Some(StorePlant::CorruptUnderLock),
+            "hostile-generation-newer" => Some(StorePlant::HostileGenerationNewer),
+            "cancelled-unlock-keeps-lock" => Some(StorePlant::CancelledUnlockKeepsLock),
+            _ => None,
+        },
+    )
+}
+
+fn corrupt_record_error() -> StoreError {
+    StoreError::Corrupt("the stored record does not decode (written by the model)".into())
 }
 
 fn planted_store_error() -> StoreError {
@@ -844,6 +991,9 @@ impl TokenStore for ModelStore {
     }
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         match self.fault() {
+            None if lock(&self.shared).undecodable => {
+                Box::pin(async { Err(corrupt_record_error()) })
+            }
             None => self.inner.load(),
             Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::Hang) => Box::pin(futures::future::pending()),
@@ -855,10 +1005,14 @@ impl TokenStore for ModelStore {
             None => {
                 let inner = self.inner.lock();
                 let shared = Arc::clone(&self.shared);
+                let held = Arc::clone(&self.held);
                 Box::pin(async move {
+                    let inner = inner.await?;
+                    held.fetch_add(1, Ordering::SeqCst);
                     let guard: Box<dyn StoreGuard> = Box::new(ModelGuard {
-                        inner: inner.await?,
+                        inner,
                         shared,
+                        _held: Held(held),
                     });
                     Ok(guard)
                 })
@@ -875,11 +1029,62 @@ impl TokenStore for ModelStore {
 struct ModelGuard {
     inner: Box<dyn StoreGuard>,
     shared: Arc<Mutex<Shared>>,
+    _held: Held,
+}
+
+/// One holder of the model store's lock; dropping it releases the lock (the
+/// `StoreGuard` contract: dropping a guard releases it as well as it can).
+struct Held(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An unlock that hangs ([`Op::UnlockHangs`], or a hang fault on `unlock`) until the
+/// flight's budget drops it: the guard is dropped with it (the lock is free), unless
+/// [`StorePlant::CancelledUnlockKeepsLock`] keeps it held.
+struct HangingUnlock {
+    guard: Option<Box<ModelGuard>>,
+}
+
+impl Future for HangingUnlock {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+}
+
+impl Drop for HangingUnlock {
+    fn drop(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            if store_plant() == Some(StorePlant::CancelledUnlockKeepsLock) {
+                let shared = Arc::clone(&guard.shared);
+                lock(&shared).leaked_guards.push(guard);
+            }
+        }
+    }
 }
 
 impl StoreGuard for ModelGuard {
     fn load(&self) -> BoxFuture<'_, Result<Option<Token>, StoreError>> {
         match fault(&self.shared) {
+            None if lock(&self.shared).undecodable => {
+                let mut shared = lock(&self.shared);
+                let failures = shared.flight.as_ref().map_or(0, |f| f.stats().failures);
+                shared.undecodable_locked_read =
+                    Some((shared.calls.len(), shared.faults_fired, failures));
+                drop(shared);
+                if store_plant() == Some(StorePlant::CorruptUnderLock) {
+                    Box::pin(async { Err(corrupt_record_error()) })
+                } else {
+                    // The contract: an undecodable record counts as no token under the
+                    // lock, so the flight's save (or a login) replaces it.
+                    Box::pin(async { Ok(None) })
+                }
+            }
             None => self.inner.load(),
             Some(Fault::Fail | Fault::LeaseLost) => Box::pin(async { Err(planted_store_error()) }),
             Some(Fault::Hang) => Box::pin(futures::future::pending()),
@@ -899,11 +1104,27 @@ impl StoreGuard for ModelGuard {
         }
         match fault(&self.shared) {
             None => {
+                let stored = self
+                    .inner
+                    .load()
+                    .now_or_never()
+                    .and_then(Result::ok)
+                    .flatten()
+                    .map(|t| t.generation());
                 let mut shared = lock_shared(&self.shared);
+                if stored.is_some_and(|g| g > MAX_GENERATION) && !shared.undecodable {
+                    shared.saves_over_hostile += 1;
+                    if store_plant() == Some(StorePlant::HostileGenerationNewer)
+                        && stored.is_some_and(|g| g >= token.generation())
+                    {
+                        return Box::pin(async { Err(StoreError::LeaseLost) });
+                    }
+                }
                 let access = token.access().expose().to_owned();
                 let logins = shared.login_flights.len();
                 shared.saves.push((access, token.generation(), logins));
                 shared.echoes.push_back(token.clone());
+                shared.undecodable = false;
                 drop(shared);
                 self.inner.save(token)
             }
@@ -914,12 +1135,30 @@ impl StoreGuard for ModelGuard {
         }
     }
     fn unlock(self: Box<Self>) -> BoxFuture<'static, ()> {
-        match fault(&self.shared) {
-            None | Some(Fault::Fail | Fault::LeaseLost) => self.inner.unlock(),
-            Some(Fault::Hang) => Box::pin(async move {
-                let _guard = self;
-                futures::future::pending::<()>().await;
-            }),
+        let hangs = {
+            // A login's unlock hangs too: the runner then cancels the login (item 2: a
+            // cancelled `install()` during unlock must release the lock as well).
+            let mut shared = lock(&self.shared);
+            let hangs = std::mem::take(&mut shared.unlock_hangs);
+            if hangs {
+                shared.faults_fired += 1;
+                shared.unlock_hung_in_install |= shared.installing;
+                mark_at_risk(&mut shared);
+            }
+            hangs
+        };
+        let fault = if hangs {
+            Some(Fault::Hang)
+        } else {
+            fault(&self.shared)
+        };
+        match fault {
+            None | Some(Fault::Fail | Fault::LeaseLost) => {
+                // Released when the unlock starts (the memory store's own is immediate).
+                let ModelGuard { inner, .. } = *self;
+                inner.unlock()
+            }
+            Some(Fault::Hang) => Box::pin(HangingUnlock { guard: Some(self) }),
             Some(Fault::Panic) => Box::pin(async move {
                 drop(self);
                 panic!("{PLANTED}: store unlock panic")
@@ -1160,6 +1399,9 @@ struct Task {
     rejection_seen: bool,
     /// Polls since its last request went out (more than one: it waited).
     phase_polls: usize,
+    /// The wall epoch at its first poll (C16: a token valid now was valid all along
+    /// only if the wall clock did not step since).
+    wall_epoch_at_first_poll: u32,
 }
 
 impl Task {
@@ -1285,6 +1527,7 @@ impl World {
             inner: MemoryStore::new(),
             shared: shared.clone(),
             watchers: Mutex::new(Vec::new()),
+            held: Arc::default(),
         });
         if let Some(stale) = setup.stale {
             // Another account's session from an earlier run, straight into the store.
@@ -1394,6 +1637,8 @@ impl World {
         }));
         let flight = self.shared().flight.take();
         drop(flight);
+        let leaked = std::mem::take(&mut self.shared().leaked_guards);
+        drop(leaked);
         self.store = None;
     }
 
@@ -1444,6 +1689,16 @@ impl World {
             return false;
         }
         !token.is_expired(self.now(), self.leeway_for(token)) || self.young(token)
+    }
+
+    /// Whether `token` is valid now, the leeway aside (C16: served after any failure
+    /// until it really expires): not reported rejected, sane, not a forbidden stale
+    /// session, and not expired.
+    fn really_valid(&self, token: &Token) -> bool {
+        token.generation() > self.known.rejected
+            && token.generation() <= MAX_GENERATION
+            && !(token.access().expose() == STALE_ACCESS && self.stale_forbidden())
+            && !token.is_expired(self.now(), Duration::ZERO)
     }
 
     /// The documented leeway for `token` (C15): the cap, scaled down to a tenth of the
@@ -1629,9 +1884,86 @@ impl World {
             Op::StoreFault { skip, fault } => self.shared().armed = Some((skip % 4, fault)),
             Op::ReplicaLogin => self.replica_login(),
             Op::Push(push) => self.store_push(push)?,
+            Op::IntoLeeway => self.advance_into_leeway(),
+            Op::Stray(stray) => self.stray(stray),
+            Op::UnlockHangs => self.shared().unlock_hangs = true,
         }
         self.adopt_spawned();
         Ok(())
+    }
+
+    /// [`Op::IntoLeeway`].
+    fn advance_into_leeway(&mut self) {
+        let Some(token) = self.flight.current() else {
+            return;
+        };
+        let Some(expiry) = token.expiry() else {
+            return;
+        };
+        let Some(target) = expiry.checked_sub(self.leeway_for(&token) / 2) else {
+            return;
+        };
+        if let Ok(by) = target.duration_since(self.now()) {
+            if !by.is_zero() && by <= Duration::from_secs(u64::from(MAX_LIFETIME_SECS)) {
+                self.advance(by);
+            }
+        }
+    }
+
+    /// [`Op::Stray`]: another program writes the store's record.
+    fn stray(&mut self, stray: Stray) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        self.summary.strays += 1;
+        let generation = match stray {
+            Stray::Undecodable => {
+                let mut shared = self.shared();
+                shared.undecodable = true;
+                shared.undecodable_locked_read = None;
+                drop(shared);
+                self.forget_stored_generation();
+                return;
+            }
+            Stray::AtMax => MAX_GENERATION,
+            Stray::AboveMax => {
+                self.forget_stored_generation();
+                MAX_GENERATION + 1
+            }
+        };
+        let access = format!("stray-{}", self.summary.strays);
+        let token = Token::new(access.clone())
+            .with_refresh(format!("stray-refresh-{}", self.summary.strays))
+            .expires_in(Duration::from_secs(3600), self.now())
+            .with_generation(generation);
+        let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
+        {
+            let mut shared = self.shared();
+            shared.undecodable = false;
+            if generation > MAX_GENERATION {
+                shared.saves_over_hostile = 0;
+            }
+        }
+        self.known.generations.insert(access.clone(), generation);
+        if generation <= MAX_GENERATION {
+            self.known.max_generation = self.known.max_generation.max(generation);
+        }
+        let issued = Issued {
+            mono: self.mono,
+            wall_epoch: self.shared().wall_epoch,
+            lifetime: Some(3600),
+        };
+        self.known.issued.insert(access, issued);
+    }
+
+    /// A record that does not decode or is corrupt replaced the store's: its
+    /// generation counter is gone with it, so the next save needs to be above only what
+    /// this coordinator numbered or holds (a stored generation it never read is lost
+    /// to everyone).
+    fn forget_stored_generation(&mut self) {
+        let numbered = self.shared().max_numbered;
+        let current = self.flight.current().map_or(0, |t| t.generation());
+        self.known.max_generation = numbered.max(current.min(MAX_GENERATION));
     }
 
     fn advance(&mut self, by: Duration) {
@@ -1705,6 +2037,7 @@ impl World {
             waited_on: vec![None],
             rejection_seen: false,
             phase_polls: 0,
+            wall_epoch_at_first_poll: 0,
         });
     }
 
@@ -1800,6 +2133,17 @@ impl World {
             Ok(Poll::Ready(Err(error))) => {
                 Err(self.violation("C9", format!("installing a login failed: {error}")))
             }
+            // Its unlock hung and the login was cancelled (the future is dropped): it was
+            // installed and saved before the unlock.
+            Ok(Poll::Pending) if std::mem::take(&mut self.shared().unlock_hung_in_install) => {
+                if let Some(installed) = self.flight.current() {
+                    self.known.generations.insert(
+                        installed.access().expose().to_owned(),
+                        installed.generation(),
+                    );
+                }
+                Ok(())
+            }
             Ok(Poll::Pending) => Err(self.violation(
                 "C6",
                 "install() with a memory store did not complete at once",
@@ -1828,6 +2172,7 @@ impl World {
             .expires_in(Duration::from_secs(3600), self.now())
             .with_generation(generation);
         let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
+        self.shared().undecodable = false;
         self.known.max_generation = generation;
         self.known.generations.insert(access.clone(), generation);
         let issued = Issued {
@@ -1950,6 +2295,7 @@ impl World {
         if push == Push::Newer && !during_flight {
             // Another replica saved it under the store's lock (free: no flight here).
             let _ = futures::executor::block_on(crate::save_locked(&store.inner, &token));
+            self.shared().undecodable = false;
             self.known.max_generation = generation;
         }
         self.summary.pushes += 1;
@@ -2111,6 +2457,7 @@ impl World {
         task.flag.0.store(false, Ordering::SeqCst);
         let first_poll = task.polls == 0;
         if first_poll {
+            task.wall_epoch_at_first_poll = lock(&self.shared).wall_epoch;
             task.usable_at_first_poll = usable_before.is_some();
             task.current_at_first_poll = current_before;
             task.logins_at_first_poll = logins;
@@ -2141,6 +2488,7 @@ impl World {
         }
         self.observe_current();
         self.track_failures();
+        self.check_undecodable()?;
         let new_calls = self.source_calls() > calls_before;
         let wires_after = self.wires_of(index);
         if let Some(&(w, None, _)) = wires_after.last() {
@@ -2265,6 +2613,36 @@ impl World {
         Ok(())
     }
 
+    /// Issue 26, item 1: an undecodable record counts as no token under the lock, so a
+    /// flight that read it there goes on to its source (whose token's save replaces
+    /// it); a flight that failed after that read without a source call or a store
+    /// fault was stopped by the record.
+    fn check_undecodable(&mut self) -> Result<(), Violation> {
+        let mut shared = self.shared();
+        let Some((calls, faults, failures)) = shared.undecodable_locked_read else {
+            return Ok(());
+        };
+        let failed = shared
+            .flight
+            .as_ref()
+            .is_some_and(|f| f.stats().failures > failures);
+        if !failed {
+            return Ok(());
+        }
+        shared.undecodable_locked_read = None;
+        let stopped = shared.calls.len() == calls && shared.faults_fired == faults;
+        drop(shared);
+        if stopped {
+            return Err(self.violation(
+                "C13",
+                "a flight failed after its load under the lock found an undecodable record, \
+                 without calling its source: the record must count as no token (the save \
+                 then replaces it)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Notices a failed flight (`stats().failures` grew) that must be followed by a
     /// backoff: transient, not auth-lost, and not of a flight a login superseded.
     fn track_failures(&mut self) {
@@ -2273,6 +2651,13 @@ impl World {
             return;
         }
         self.known.failures = failures;
+        if self.flight.is_auth_lost() {
+            if let Some(t) = self.flight.current() {
+                if self.really_valid(&t) && !self.surely_usable(&t) {
+                    self.summary.auth_lost_inside_leeway += 1;
+                }
+            }
+        }
         let usable = self.usable_current().map(|t| t.generation());
         let flight = self.shared().flights_started();
         self.known.usable_at_failure.insert(flight, usable);
@@ -2543,6 +2928,31 @@ impl World {
         wires: &[(usize, Option<u64>, Option<bool>)],
     ) -> Result<(), Violation> {
         let task = &self.tasks[index];
+        // C16 (issue 26, item 9): a usable token is served until it really expires,
+        // whatever the failure (transient, permanent, budget, store): a caller that
+        // found the current token, not rejected and not expired (its leeway aside),
+        // gets it, not an error, while it stays current and valid (no wall step since
+        // the caller began: then it was valid all along). A forced refresh may fail.
+        if task.kind != Kind::Force && task.wall_epoch_at_first_poll == self.shared().wall_epoch {
+            if let Some(valid) = self.flight.current().filter(|t| {
+                Some(t.generation()) == task.current_at_first_poll && self.really_valid(t)
+            }) {
+                return Err(self.violation(
+                    "C16",
+                    format!(
+                        "task {index} ({:?}) failed with {error} although generation {} \
+                         it found current has not expired (it is {}inside its leeway)",
+                        task.kind,
+                        valid.generation(),
+                        if self.surely_usable(&valid) {
+                            "not "
+                        } else {
+                            ""
+                        },
+                    ),
+                ));
+            }
+        }
         // C16: no failure while a usable token newer than the one to replace exists.
         if task.kind != Kind::Force {
             let replaced = self.replaced_by(index, wires);
@@ -2582,11 +2992,17 @@ impl World {
         if let (Error::ReauthenticationRequired { .. }, Some((access, at, faults))) =
             (error, self.known.replica_logins.last())
         {
-            let stored = self.store.as_ref().and_then(|store| {
-                futures::executor::block_on(store.inner.load())
-                    .ok()
-                    .flatten()
-            });
+            // (Not if another program wrote an undecodable record over it since.)
+            let undecodable = self.shared().undecodable;
+            let stored = self
+                .store
+                .as_ref()
+                .filter(|_| !undecodable)
+                .and_then(|store| {
+                    futures::executor::block_on(store.inner.load())
+                        .ok()
+                        .flatten()
+                });
             let shared = self.shared();
             // A caller that waited got its flight's settled outcome; one that failed
             // fast decided now.
@@ -2836,6 +3252,7 @@ impl World {
         self.check_calls()?;
         self.check_logins()?;
         self.check_current()?;
+        self.check_quiet_store()?;
         // C5/C6: a waiting caller that nothing will wake is a hang.
         let (live_call, live_sleeps) = {
             let shared = self.shared();
@@ -2877,6 +3294,52 @@ impl World {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Issue 26, items 2 and 3, once every caller and flight has ended: the store's
+    /// refresh lock is free for the next holder (a replica; a flight whose budget ran
+    /// out during its unlock dropped its guard, and dropping a guard releases the
+    /// lock), and a generation above [`MAX_GENERATION`] that a save was attempted over
+    /// is gone (else every other replica ignores the record and refreshes on its own:
+    /// C1 across processes).
+    fn check_quiet_store(&mut self) -> Result<(), Violation> {
+        if self.tasks.iter().any(Task::live) || !lock(&self.spawner.queue).is_empty() {
+            return Ok(());
+        }
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let held = store.held.load(Ordering::SeqCst);
+        if held > 0 {
+            return Err(self.violation(
+                "C10",
+                format!(
+                    "every flight has ended but the store's refresh lock is still held \
+                     ({held} guard(s)): another replica would wait for nobody until the \
+                     lease lapses"
+                ),
+            ));
+        }
+        let stored = store
+            .inner
+            .load()
+            .now_or_never()
+            .and_then(Result::ok)
+            .flatten()
+            .map(|t| t.generation());
+        let shared = self.shared();
+        let (undecodable, attempts) = (shared.undecodable, shared.saves_over_hostile);
+        drop(shared);
+        if let Some(g) = stored.filter(|&g| g > MAX_GENERATION && !undecodable && attempts > 0) {
+            return Err(self.violation(
+                "C1",
+                format!(
+                    "the store still holds generation {g}, above the maximum, after {attempts} \
+                     save(s) over it: other replicas ignore the record and refresh on their own"
+                ),
+            ));
         }
         Ok(())
     }
