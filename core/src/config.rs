@@ -13,14 +13,17 @@ use crate::token::Token;
 ///
 /// - effective leeway = `min(leeway, L / 10 + 1 s)`: callers start waiting for a new
 ///   token in the last tenth of its life, one second earlier;
-/// - effective refresh-ahead window = `min(refresh_ahead, L / 3 + 1 s)`: the background
-///   refresh starts in the last third of the life, one second earlier.
+/// - effective refresh-ahead window = `min(refresh_ahead, L / 3)`: the background
+///   refresh never starts before two thirds of the life have passed.
 ///
 /// The second is [`EXPIRY_GRANULARITY`]: `expires_in` counts whole seconds and servers
 /// round the issue time down, so a token announced as living 3 s may live only 2 s on
 /// the server. Without it, a short token would still be sent (or a rejected request
 /// resent with it) after the server already counts it expired. Long tokens do not
-/// notice: their leeway is the cap.
+/// notice: their leeway is the cap. The window gets no such second: it is when to
+/// start early, not when the token stops being good, and widening it would refresh
+/// short tokens more than twice per lifetime. For tokens shorter than about 5 s it lies
+/// inside the leeway, so callers wait for one refresh at the leeway.
 ///
 /// A token whose lifetime is unknown gets the caps as they are. With the defaults
 /// (caps 10 s and 225 s) — "refresh ahead starts" is the earliest point; with
@@ -29,12 +32,12 @@ use crate::token::Token;
 ///
 /// | lifetime `L` | leeway | refresh ahead starts | callers wait from |
 /// |---|---|---|---|
-/// | 1 s   | 1.1 s  | at once (1.33 s window) — but see below | at once — but see below |
-/// | 2 s   | 1.2 s  | 333 ms after issue (1.67 s before expiry) — but see below | 800 ms — but see below |
-/// | 3 s   | 1.3 s  | 1 s (2 s before expiry) | 1.7 s |
-/// | 10 s  | 2 s    | 5.67 s (4.33 s before expiry) | 8 s |
-/// | 1 min | 7 s    | 39 s (21 s before expiry) | 53 s |
-/// | 5 min | 10 s   | 3 min 19 s (101 s before expiry) | 4 min 50 s |
+/// | 1 s   | 1.1 s  | — (inside the leeway) | at once — but see below |
+/// | 2 s   | 1.2 s  | — (inside the leeway) | 800 ms — but see below |
+/// | 3 s   | 1.3 s  | — (inside the leeway) | 1.7 s |
+/// | 10 s  | 2 s    | 6.67 s (3.33 s before expiry) | 8 s |
+/// | 1 min | 7 s    | 40 s (20 s before expiry) | 53 s |
+/// | 5 min | 10 s   | 3 min 20 s (100 s before expiry) | 4 min 50 s |
 /// | 1 h   | 10 s   | 56 min 15 s (225 s before expiry) | 59 min 50 s |
 /// | 24 h  | 10 s   | 23 h 56 min 15 s (225 s before expiry) | 23 h 59 min 50 s |
 ///
@@ -65,7 +68,7 @@ pub struct FlightConfig {
     pub leeway: Duration,
     /// Cap on the refresh-ahead window: inside it (and outside the leeway) the
     /// still-valid token is used while one refresh runs ahead ([C8](crate#c8)), scaled to
-    /// `L / 3 + 1 s` for short lifetimes. `None` disables it. Default: 225 s.
+    /// `L / 3` for short lifetimes. `None` disables it. Default: 225 s.
     pub refresh_ahead: Option<Duration>,
     /// Spreads refresh-ahead starts over a fleet: each coordinator starts its
     /// refresh-ahead at `window × f` before expiry, with `f` drawn in
@@ -110,7 +113,7 @@ impl Default for FlightConfig {
 /// How far a server's idea of a token's expiry may lie before the client's when both
 /// are right: `expires_in` (and a JWT's `exp`) counts whole seconds, and servers round
 /// the issue time down, so a token announced as living 3 s may live only 2 s on the
-/// server. Added to the lifetime-scaled leeway and window (within their caps).
+/// server. Added to the lifetime-scaled leeway (within its cap).
 pub const EXPIRY_GRANULARITY: Duration = Duration::from_secs(1);
 
 impl FlightConfig {
@@ -133,14 +136,14 @@ impl FlightConfig {
         }
     }
 
-    /// The refresh-ahead window that applies to `token`: `min(refresh_ahead, L / 3 +
-    /// 1 s)`, or `None` when refresh-ahead is off (see the type's docs). Always longer
-    /// than the leeway when both are scaled: a window remains in which the token still
-    /// serves while one refresh runs.
+    /// The refresh-ahead window that applies to `token`: `min(refresh_ahead, L / 3)`,
+    /// or `None` when refresh-ahead is off (see the type's docs). For tokens shorter than
+    /// about 5 s it lies inside the leeway: callers then wait for the refresh at the
+    /// leeway instead.
     pub fn refresh_ahead_for(&self, token: &Token) -> Option<Duration> {
         let cap = self.refresh_ahead?;
         Some(match token.lifetime() {
-            Some(lifetime) => cap.min((lifetime / 3).saturating_add(EXPIRY_GRANULARITY)),
+            Some(lifetime) => cap.min(lifetime / 3),
             None => cap,
         })
     }
@@ -340,12 +343,12 @@ mod tests {
         let s = Duration::from_secs;
         // (lifetime, leeway, refresh-ahead window)
         let table = [
-            (s(1), ms(1100), ms(1333)),
-            (s(2), ms(1200), ms(1667)),
-            (s(3), ms(1300), s(2)),
-            (s(10), s(2), ms(4333)),
-            (s(60), s(7), s(21)),
-            (s(300), s(10), s(101)),
+            (s(1), ms(1100), ms(333)),
+            (s(2), ms(1200), ms(667)),
+            (s(3), ms(1300), s(1)),
+            (s(10), s(2), ms(3333)),
+            (s(60), s(7), s(20)),
+            (s(300), s(10), s(100)),
             (s(3600), s(10), s(225)),
             (s(86_400), s(10), s(225)),
         ];
@@ -358,7 +361,12 @@ mod tests {
                 window.abs_diff(ahead) < ms(1),
                 "window for {lifetime:?}: {window:?}"
             );
-            assert!(window > leeway, "a window remains for {lifetime:?}");
+            // The table's dashes: a window remains from 10 s on, not below 5 s.
+            assert_eq!(
+                window > leeway,
+                lifetime >= s(10),
+                "a window remains for {lifetime:?}"
+            );
         }
     }
 
@@ -372,12 +380,12 @@ mod tests {
             config.refresh_ahead_for(&no_lifetime),
             Some(Duration::from_secs(225))
         );
-        // Born expired: only the granularity's second is left of either.
+        // Born expired: only the granularity's second is left of the leeway.
         let born_expired = Token::new("t").expires_in(Duration::ZERO, now);
         assert_eq!(config.leeway_for(&born_expired), EXPIRY_GRANULARITY);
         assert_eq!(
             config.refresh_ahead_for(&born_expired),
-            Some(EXPIRY_GRANULARITY)
+            Some(Duration::ZERO)
         );
         let off = FlightConfig {
             refresh_ahead: None,

@@ -216,7 +216,7 @@ impl SingleFlight {
         // first flight, numbered above whatever the store holds (C17). It is not
         // stamped as obtained now: it may come from an earlier session.
         let initial = parts.initial_token.take().map(|token| {
-            let generation = token.generation().clamp(1, MAX_GENERATION);
+            let generation = token.generation().clamp(1, MAX_GENERATION - 1);
             state.last_generation = generation;
             state.unsaved_login = Some(generation);
             Arc::new(token.with_generation(generation))
@@ -815,7 +815,7 @@ impl SingleFlight {
         state.login_epoch = state.login_epoch.wrapping_add(1);
         let generation = self
             .next_generation_locked(&mut state, None)
-            .max(token.generation().min(MAX_GENERATION));
+            .max(token.generation().min(MAX_GENERATION - 1));
         state.last_generation = generation;
         let token = Arc::new(token.with_generation(generation));
         // The highest generation there is: no check needed.
@@ -910,7 +910,7 @@ impl SingleFlight {
         let rejected = self.inner.rejected.load(Ordering::Acquire);
         current
             .max(rejected)
-            .max(stored.unwrap_or(0).min(MAX_GENERATION))
+            .max(stored.unwrap_or(0).min(MAX_GENERATION - 1))
             .max(state.last_generation)
             .saturating_add(1)
     }
@@ -1763,11 +1763,11 @@ fn stamp(token: Token, now: SystemTime) -> Token {
     }
 }
 
-/// A stored token with a generation beyond [`MAX_GENERATION`], or one that cannot be
-/// sent ([`Token::is_sendable`]), is corrupt: ignored (the next save replaces it).
+/// A stored token with a generation at or beyond [`MAX_GENERATION`], or one that cannot
+/// be sent ([`Token::is_sendable`]), is corrupt: ignored (the next save replaces it).
 fn sane(stored: Option<Token>) -> Option<Token> {
     match stored {
-        Some(token) if token.generation() > MAX_GENERATION => {
+        Some(token) if token.generation() >= MAX_GENERATION => {
             tracing::warn!(
                 "the stored token's generation is out of range; ignoring it (the next save replaces it)"
             );

@@ -209,10 +209,16 @@ pub use crate::token::WithGeneration;
 #[cfg(feature = "file-store")]
 pub use file_store::FileStore;
 
-/// The highest generation accepted from outside (a store, a caller's token). A stored
-/// token numbered above it is treated as corrupt: ignored, and overwritten by the next
-/// save, so a hostile or damaged store cannot make generations saturate (every new
-/// token would then equal the rejected one: a refresh per request, forever).
+/// The bound on generations accepted from outside (a store, a push, a caller's token):
+/// a stored token numbered at or above it is treated as corrupt — ignored, and
+/// overwritten by the next save — so a hostile or damaged store cannot make
+/// generations saturate (every new token would then equal the rejected one: a refresh
+/// per request, forever). 2^53 itself is out of range because stores that compare
+/// generations as doubles (the Redis store's Lua scripts) cannot tell it from 2^53 + 1.
+///
+/// ```
+/// assert_eq!(tokenflight::store::MAX_GENERATION, 1 << 53);
+/// ```
 pub const MAX_GENERATION: u64 = 1 << 53;
 
 impl StoreError {

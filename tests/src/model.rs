@@ -87,12 +87,13 @@
 //! | item 6: a redirect carries key A's token to key B's origin | not modelled: the hop is the adapter's (reqwest's redirect policy), below the core's `send` | – | – |
 //!
 //! The model also found a boundary bug nobody planted: a usable token numbered exactly
-//! `MAX_GENERATION` (2^53, accepted as sane) in the store makes the coordinator number
-//! its next token (a login's renumbering, a refresh) 2^53 + 1, which every reader of
-//! the store, itself included, then ignores as corrupt (C17, and C1 across processes).
-//! `c17_a_stored_generation_at_the_maximum_is_never_exceeded` pins it (ignored until
-//! fixed); the property generators leave [`Stray::AtMax`] out meanwhile, the fuzz
-//! target does not.
+//! `MAX_GENERATION` (2^53, then accepted as sane) in the store made the coordinator
+//! number its next token (a login's renumbering, a refresh) 2^53 + 1, which every reader
+//! of the store, itself included, then ignored as corrupt (C17, and C1 across
+//! processes); the Redis store's script already counted 2^53 as out of range (doubles
+//! cannot tell it from 2^53 + 1). Fixed in the core: 2^53 is the first corrupt
+//! generation, as in the script. `c17_a_stored_generation_at_the_maximum_is_never_exceeded`
+//! pins it (fails without the fix).
 
 // Indices below come from the runner's own vectors (positions found in them, or taken
 // modulo their length), never from raw input.
@@ -142,8 +143,9 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(5);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(20);
 /// Cap on a server's `Retry-After`.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
-/// Highest generation a sane store holds (`tokenflight::store::MAX_GENERATION`).
-pub const MAX_GENERATION: u64 = 1 << 53;
+/// Highest generation a sane store holds: one below `tokenflight::store::MAX_GENERATION`
+/// (2^53, the first one counted as corrupt).
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 /// At most this many callers are started; further start operations are ignored.
 pub const MAX_CALLERS: usize = 64;
 /// Longest token lifetime the runner issues (a day); longer ones are clamped.
@@ -297,8 +299,10 @@ pub enum Stray {
     /// `StoreError::Corrupt`, a load under the lock counts it as no token, and the next
     /// save replaces it.
     Undecodable,
-    /// A usable token of another replica numbered [`MAX_GENERATION`] (2^53): the
-    /// highest sane generation.
+    /// A usable token of another replica numbered exactly at the core's bound
+    /// (`tokenflight::store::MAX_GENERATION`, 2^53, one above this model's
+    /// [`MAX_GENERATION`]): the first generation counted as corrupt, ignored like any
+    /// above it, and overwritten by the next save.
     AtMax,
     /// A usable token numbered just above [`MAX_GENERATION`] (a hostile or damaged
     /// store): ignored by the coordinator, and the store's contract is that the next
@@ -1925,10 +1929,13 @@ impl World {
                 self.forget_stored_generation();
                 return;
             }
-            Stray::AtMax => MAX_GENERATION,
-            Stray::AboveMax => {
+            Stray::AtMax => {
                 self.forget_stored_generation();
                 MAX_GENERATION + 1
+            }
+            Stray::AboveMax => {
+                self.forget_stored_generation();
+                MAX_GENERATION + 2
             }
         };
         let access = format!("stray-{}", self.summary.strays);
