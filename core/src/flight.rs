@@ -139,10 +139,10 @@ struct State {
     /// The generation of a login (initial token or `install`) not yet saved to the
     /// store; the next flight saves it, numbered above whatever the store holds.
     unsaved_login: Option<u64>,
-    /// The highest generation this coordinator found in the store since the unsaved
-    /// login was installed (`None`: not looked yet). What is stored above it was saved
-    /// after the login, by another process: not an older session (see `reload`).
-    store_seen: Option<u64>,
+    /// What this coordinator last found in the store since the unsaved login was
+    /// installed (`None`: not looked yet). A stored record other than this one was saved
+    /// after that look, by another process: not an older session (see `reload`).
+    store_seen: Option<Seen>,
     /// The token source's last answer in the running flight, if it was a failure with a
     /// `Retry-After`: when (monotonic) and how long. A flight that then ends with
     /// another failure (a store call that panicked or failed, the budget) still keeps
@@ -152,12 +152,36 @@ struct State {
 }
 
 impl State {
-    /// Notes that the store held `generation` (`None`: nothing usable) when looked at
-    /// while a login is unsaved.
-    fn saw_in_store(&mut self, generation: Option<u64>) {
+    /// Notes what the store held (`None`: nothing usable) when looked at while a login
+    /// is unsaved.
+    fn saw_in_store(&mut self, stored: Option<&Token>) {
         if self.unsaved_login.is_some() {
-            let seen = generation.unwrap_or(0);
-            self.store_seen = Some(self.store_seen.map_or(seen, |before| before.max(seen)));
+            self.store_seen = Some(Seen::of(stored));
+        }
+    }
+}
+
+/// A stored record as a coordinator saw it: its generation and a fingerprint of its
+/// access secret (an in-memory hash, never shown). Compared as a whole: a record other
+/// than the one seen was written after the look — by generation alone that is missed
+/// when the store's numbering started again (a corrupt record, which the next save
+/// replaces, takes the store's highest generation with it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    generation: u64,
+    fingerprint: u64,
+}
+
+impl Seen {
+    fn of(stored: Option<&Token>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        stored
+            .map(|token| token.access().expose())
+            .hash(&mut hasher);
+        Seen {
+            generation: stored.map_or(0, Token::generation),
+            fingerprint: hasher.finish(),
         }
     }
 }
@@ -852,10 +876,11 @@ impl SingleFlight {
         let stored = within(guard.load(), deadline)
             .await
             .ok_or(StoreError::LockTimeout)??;
-        let stored_generation = sane(stored).map(|t| t.generation());
+        let stored = sane(stored);
+        let stored_generation = stored.as_ref().map(Token::generation);
         let login = {
             let mut state = self.lock_state();
-            state.saw_in_store(stored_generation);
+            state.saw_in_store(stored.as_ref());
             let Some(generation) = state.unsaved_login else {
                 return Ok(None);
             };
@@ -1356,7 +1381,7 @@ impl SingleFlight {
         };
         // A login not saved yet is newer than anything stored (C17): a stored session
         // is then an older one, perhaps another account's — unless it was saved after
-        // this coordinator last looked (above everything it found there): another
+        // this coordinator last looked (it is not the record found then): another
         // replica's login. The unsaved login itself is lost (its refresh failed for
         // good), so that login is what serves now.
         let (stored, unsaved) = {
@@ -1365,7 +1390,7 @@ impl SingleFlight {
                 None => true,
                 Some(_) => state
                     .store_seen
-                    .is_some_and(|seen| stored.generation() > seen),
+                    .is_some_and(|seen| Seen::of(Some(stored)) != seen),
             };
             (stored.filter(|t| admissible(t)), state.unsaved_login)
         };
@@ -1480,8 +1505,7 @@ impl SingleFlight {
             .ok_or_else(|| self.out_of_budget("loading the stored token"))?
             .map_err(store_error)?;
         let stored = sane(stored);
-        self.lock_state()
-            .saw_in_store(stored.as_ref().map(Token::generation));
+        self.lock_state().saw_in_store(stored.as_ref());
         let now = self.now();
         if self.login_since(epoch) {
             return Err(superseded_by_login());

@@ -1465,3 +1465,40 @@ fn c22_a_key_in_constant_use_is_never_evicted_as_idle() {
     assert_eq!(unused.coordinators, 2, "{unused:?}");
     assert_eq!(unused.remade, 1, "{unused:?}");
 }
+
+/// Found by an exploring fuzz run: the shared store held an older session that this
+/// coordinator saw while its initial token was unsaved, then its refresh failed for
+/// good; a stray record above the maximum generation replaced the store's record and
+/// another replica's login overwrote that, numbered from the replica's own count (the
+/// corrupt record took the store's highest generation with it), below the session
+/// seen. "Re-authentication required" admitted only a stored session numbered above
+/// what it had seen, so the login was never adopted (C17: replicas see a login saved to
+/// the shared store). A record other than the one last seen is now adopted.
+#[test]
+fn c17_a_replica_login_after_a_corrupt_record_restarted_the_numbering_serves() {
+    model::run(&Scenario {
+        setup: setup_with(Initial::Expired, |s| {
+            s.spawner = true;
+            s.refresh_ahead = true;
+            s.backoff = true;
+            s.retries = true;
+            s.stale = Some(Stale::Small);
+            s.hook_panics = true;
+        }),
+        ops: vec![
+            Op::Token,
+            Op::StoreFault {
+                skip: 21,
+                fault: Fault::Fail,
+            },
+            Op::Poll(142),
+            Op::Source(Outcome::Permanent),
+            Op::Stray(Stray::AboveMax),
+            Op::Poll(14),
+            Op::ReplicaLogin,
+            Op::Advance(Step::PastTimeout),
+            Op::Send { replayable: false },
+        ],
+    })
+    .unwrap();
+}
