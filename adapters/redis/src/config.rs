@@ -11,11 +11,11 @@ use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     RedisResult, TlsCertificates, TlsMode,
 };
-use tokenflight::{ConfigError, Secret, store::StoreError};
+use tokenflight::{Secret, store::StoreError};
 use tokio::runtime::Handle;
 
 use crate::conn::{Con, SentinelCon, Subscriber};
-use crate::settings::{ReplicaAck, Settings};
+use crate::settings::{ReplicaAck, Settings, invalid_setting};
 use crate::store::RedisStore;
 
 impl RedisStore {
@@ -300,7 +300,7 @@ impl RedisStoreBuilder {
     /// Every URL must then be `rediss://`: with a `redis://` URL the certificate could
     /// not take effect and the connection would be plaintext, so
     /// [`build`](Self::build) refuses it ([`StoreError::Other`] with a
-    /// [`ConfigError::InvalidSetting`] as its source).
+    /// [`ConfigError::InvalidSetting`](tokenflight::ConfigError::InvalidSetting) as its source).
     pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.tls.get_or_insert_with(no_certificates).root_cert = Some(pem.into());
         self
@@ -343,7 +343,7 @@ impl RedisStoreBuilder {
 
     /// Builds the store without contacting Redis (it connects on first use), so a
     /// service can start while Redis is down. Fails if the URL is invalid, if settings
-    /// cannot work together ([`StoreError::Other`] with a [`ConfigError`] as its source:
+    /// cannot work together ([`StoreError::Other`] with a [`ConfigError`](tokenflight::ConfigError) as its source:
     /// a lease renewed no faster than it lapses, a certificate with a `redis://` URL,
     /// `rediss://` and `redis://` mixed among a Cluster's nodes or the sentinels), or if
     /// no tokio runtime is available.
@@ -406,14 +406,6 @@ impl RedisStoreBuilder {
         store.ping().await?;
         Ok(store)
     }
-}
-
-/// Settings that cannot work together: a [`ConfigError`] (the error's source), carried
-/// by [`StoreError::Other`] as every builder error of the store is.
-pub(crate) fn invalid_setting(why: String) -> StoreError {
-    StoreError::Other(Box::new(ConfigError::InvalidSetting(format!(
-        "invalid RedisStore settings: {why}"
-    ))))
 }
 
 fn no_certificates() -> TlsCertificates {
@@ -554,7 +546,7 @@ mod tests {
         let refused = |b: RedisStoreBuilder| {
             matches!(b.build(), Err(StoreError::Other(e))
                 if e.to_string().contains("invalid RedisStore settings")
-                    && matches!(e.downcast_ref(), Some(ConfigError::InvalidSetting(_))))
+                    && matches!(e.downcast_ref(), Some(tokenflight::ConfigError::InvalidSetting(_))))
         };
         let b = || RedisStoreBuilder::new("redis://127.0.0.1/");
         assert!(refused(b().renew_every(Some(Duration::from_secs(60)))));

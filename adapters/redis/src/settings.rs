@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tokenflight::store::StoreError;
+use tokenflight::{ConfigError, store::StoreError};
 
 /// How many replicas must acknowledge the refresh lock (before the refresh token is
 /// spent) and the saved token (before the lock is released); see
@@ -65,7 +65,7 @@ impl Settings {
     /// Refuses settings that cannot work: a lease renewed no faster than it lapses, or
     /// zero durations (a zero poll interval would spin).
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
-        let invalid = |why: &str| Err(crate::config::invalid_setting(why.to_owned()));
+        let invalid = |why: &str| Err(invalid_setting(why.to_owned()));
         if self.lease.is_zero() || self.command_timeout.is_zero() || self.connect_timeout.is_zero()
         {
             return invalid("lease and timeouts must be longer than zero");
@@ -165,6 +165,14 @@ pub(crate) fn hash_tag(key: &str) -> Option<&str> {
     let rest = key.get(open + 1..)?;
     let close = rest.find('}')?;
     rest.get(..close).filter(|tag| !tag.is_empty())
+}
+
+/// Settings that cannot work together: a [`ConfigError`] (the error's source), carried
+/// by [`StoreError::Other`] as every builder error of the store is.
+pub(crate) fn invalid_setting(why: String) -> StoreError {
+    StoreError::Other(Box::new(ConfigError::InvalidSetting(format!(
+        "invalid RedisStore settings: {why}"
+    ))))
 }
 
 #[cfg(test)]
