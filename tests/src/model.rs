@@ -1303,22 +1303,34 @@ impl Future for WireFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut shared = lock(&self.shared);
-        let index = self.index;
-        let Some(wire) = shared.wire.get_mut(index) else {
-            return Poll::Ready(Ok(ModelResponse {
-                status: 500,
-                wire: index,
-            }));
-        };
-        match wire.answer {
-            Some(accept) => Poll::Ready(Ok(ModelResponse {
-                status: if accept { 200 } else { 401 },
-                wire: index,
-            })),
-            None => {
-                wire.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
+        let slot = shared
+            .wire
+            .get_mut(self.index)
+            .map(|wire| (wire.answer, &mut wire.waker));
+        answer_or_park(slot, self.index, cx)
+    }
+}
+
+/// What the future of the request on wire `index` answers: the scenario's verdict
+/// (200, or 401 for a rejection), a 500 for a wire the runner no longer has, or pending
+/// until the scenario answers (the waker kept in the wire's slot).
+fn answer_or_park(
+    slot: Option<(Option<bool>, &mut Option<Waker>)>,
+    index: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<ModelResponse, Infallible>> {
+    match slot {
+        None => Poll::Ready(Ok(ModelResponse {
+            status: 500,
+            wire: index,
+        })),
+        Some((Some(accept), _)) => Poll::Ready(Ok(ModelResponse {
+            status: if accept { 200 } else { 401 },
+            wire: index,
+        })),
+        Some((None, waker)) => {
+            *waker = Some(cx.waker().clone());
+            Poll::Pending
         }
     }
 }

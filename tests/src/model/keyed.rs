@@ -60,7 +60,7 @@ use url::Url;
 
 use super::{
     CallState, Flag, Lifetime, MAX_CALLERS, ModelRequest, ModelResponse, Outcome, PLANTED, Step,
-    Violation, lock, panic_message, quiet_planted_panics,
+    Violation, answer_or_park, lock, panic_message, quiet_planted_panics,
 };
 
 /// The keys (origins) a keyed scenario uses.
@@ -414,23 +414,11 @@ impl Future for KeyWire {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut shared = lock(&self.shared);
-        let index = self.index;
-        let Some(wire) = shared.wire.get_mut(index) else {
-            return Poll::Ready(Ok(ModelResponse {
-                status: 500,
-                wire: index,
-            }));
-        };
-        match wire.answer {
-            Some(accept) => Poll::Ready(Ok(ModelResponse {
-                status: if accept { 200 } else { 401 },
-                wire: index,
-            })),
-            None => {
-                wire.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
+        let slot = shared
+            .wire
+            .get_mut(self.index)
+            .map(|wire| (wire.answer, &mut wire.waker));
+        answer_or_park(slot, self.index, cx)
     }
 }
 
