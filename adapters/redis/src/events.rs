@@ -27,6 +27,7 @@ use tokenflight::{Token, store::StoreWatcher, store::record};
 use tokio::sync::Notify;
 
 use crate::conn::Con;
+use crate::counts::{Counts, bump};
 use crate::io::bounded;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -51,7 +52,7 @@ pub(crate) struct Push {
     /// before the save's reply, and needs no `GET` either (the save hands it over).
     saving: AtomicU64,
     /// A (re)subscription happened: one `GET` whatever was announced.
-    catching_up: AtomicBool,
+    pub(crate) catching_up: AtomicBool,
     /// Wakes the reader; holds one permit while it is busy, so a burst of messages
     /// during a `GET` costs one more `GET`, not one per message.
     wake: Notify,
@@ -160,13 +161,24 @@ impl Push {
 /// (the first command after Redis restarted often does, while the connection is
 /// re-established) is tried again with backoff; a corrupt record is only logged (the
 /// next save replaces it).
-pub(crate) async fn read_pushed(push: Arc<Push>, con: Con, key: String, timeout: Duration) {
+pub(crate) async fn read_pushed(
+    push: Arc<Push>,
+    con: Con,
+    key: String,
+    timeout: Duration,
+    counts: Arc<Counts>,
+) {
     let mut con = con;
     let mut retry = RETRY_MIN;
     loop {
         push.wake.notified().await;
+        let catching_up = push.catching_up.load(Ordering::Acquire);
         if !push.wanted() {
             continue;
+        }
+        bump(&counts.push_reads);
+        if catching_up {
+            bump(&counts.catch_up_reads);
         }
         let raw: Result<Option<Vec<u8>>, _> =
             bounded(timeout, redis::cmd("GET").arg(&key).query_async(&mut con)).await;

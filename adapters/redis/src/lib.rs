@@ -194,6 +194,7 @@
 
 mod config;
 mod conn;
+mod counts;
 mod events;
 mod inner;
 mod io;
@@ -207,6 +208,7 @@ mod store;
 mod wire;
 
 pub use config::RedisStoreBuilder;
+pub use counts::RedisStoreCounters;
 pub use namespace::InvalidNamespace;
 pub use settings::ReplicaAck;
 pub use store::RedisStore;

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::conn::reply;
+use crate::counts::bump;
 use crate::inner::Inner;
 use crate::io::{bounded, on_runtime, redis_error, unavailable};
 use crate::ops;
@@ -129,6 +130,7 @@ impl StoreGuard for RedisLock {
 }
 
 async fn release(inner: Arc<Inner>, value: String) -> Result<bool, StoreError> {
+    bump(&inner.hub.counts.releases);
     let mut con = inner.con.clone();
     let released: i64 = bounded(
         inner.settings.command_timeout,
@@ -220,6 +222,7 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
         }
         // Messages sent before this attempt are already accounted for by it.
         events.borrow_and_update();
+        bump(&inner.hub.counts.lock_attempts);
         let mut con = inner.con.clone();
         let taken: Result<i64, StoreError> = bounded(
             settings.command_timeout,
@@ -240,6 +243,7 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
             }
         };
         if taken == 1 {
+            bump(&inner.hub.counts.locks_taken);
             if let Some(replicas) = inner.replicas() {
                 if let Err(error) = confirm(&inner, &value, replicas).await {
                     // Not known to be replicated: a failover could hand the same lock to
@@ -268,7 +272,9 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
         if left.is_zero() {
             return Err(StoreError::LockTimeout);
         }
-        let pause = delay.min(left);
+        // Jittered (between half the delay and the delay): waiters that started
+        // together do not poll together.
+        let pause = delay.mul_f64(0.5 + fastrand::f64() / 2.0).min(left);
         let woken = tokio::select! {
             woken = tokio::time::timeout(pause, events.changed()) => woken,
             // Nobody waits for this lock any more: stop asking for it.
@@ -276,10 +282,16 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
         };
         match woken {
             // Woken by a save or release: try again now.
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => bump(&inner.hub.counts.lock_retries_woken),
             // The listener is gone (the runtime is shutting down): plain polling.
-            Ok(Err(_)) => tokio::time::sleep(pause).await,
-            Err(_) => delay = (delay * 2).min(settings.poll_max),
+            Ok(Err(_)) => {
+                tokio::time::sleep(pause).await;
+                bump(&inner.hub.counts.lock_retries_polled);
+            }
+            Err(_) => {
+                delay = (delay * 2).min(settings.poll_max);
+                bump(&inner.hub.counts.lock_retries_polled);
+            }
         }
     }
 }
@@ -332,6 +344,7 @@ async fn renew(inner: Arc<Inner>, value: String, every: Duration) {
     let mut con = inner.con.clone();
     loop {
         tokio::time::sleep(every).await;
+        bump(&inner.hub.counts.lease_renewals);
         let renewed: Result<i64, StoreError> = bounded(
             inner.settings.command_timeout,
             RENEW

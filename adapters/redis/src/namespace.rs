@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::conn::Con;
+use crate::counts::Counts;
 use crate::events::{self, Push};
 use crate::settings::{Keys, Settings};
 
@@ -92,6 +93,8 @@ pub(crate) struct Hub {
     /// Whether the last Redis round trip got an answer (one warning per outage for the
     /// whole store, not one per namespace).
     pub(crate) reachable: AtomicBool,
+    /// Round trips by reason, for every view of the store.
+    pub(crate) counts: Arc<Counts>,
     registry: Arc<Registry>,
     /// Tells the listener that a channel's wish changed (a namespace wants its
     /// subscription, or is gone). The listener ends when the last sender is dropped,
@@ -112,6 +115,7 @@ impl Hub {
             con,
             runtime,
             reachable: AtomicBool::new(true),
+            counts: Arc::default(),
             registry: Arc::clone(&registry),
             changed,
         });
@@ -239,6 +243,7 @@ impl Namespace {
                     self.hub.con.clone(),
                     self.token_key.clone(),
                     self.hub.settings.command_timeout,
+                    Arc::clone(&self.hub.counts),
                 )));
             }
         }

@@ -9,6 +9,7 @@ use tokenflight::{Token, store::StoreError};
 use tokio::time::Instant;
 
 use crate::conn::reply;
+use crate::counts::bump;
 use crate::inner::Inner;
 use crate::io::{bounded, redis_error, unavailable};
 use crate::scripts::{LOAD_FENCED, MOVE_ASIDE, SAVE, SAVE_SOURCE, eval};
@@ -16,6 +17,7 @@ use crate::wire::{millis, wait};
 
 /// The stored token, read without the lock.
 pub(crate) async fn load(inner: Arc<Inner>) -> Result<Option<Token>, StoreError> {
+    bump(&inner.hub.counts.loads);
     let mut con = inner.con.clone();
     let raw: Option<Vec<u8>> = bounded(
         inner.settings.command_timeout,
@@ -126,6 +128,7 @@ pub(crate) async fn load_fenced(
 
 /// One fenced read of the token key.
 async fn read_fenced(inner: &Inner, value: &str) -> Result<Found, StoreError> {
+    bump(&inner.hub.counts.fenced_loads);
     let mut con = inner.con.clone();
     let reply: Vec<Vec<u8>> = bounded(
         inner.settings.command_timeout,
@@ -168,6 +171,7 @@ pub(crate) async fn save_fenced(
     value: String,
 ) -> Result<(), StoreError> {
     let Some(replicas) = inner.replicas() else {
+        bump(&inner.hub.counts.fenced_saves);
         let mut con = inner.con.clone();
         let outcome: String = bounded(
             inner.settings.command_timeout,
@@ -218,6 +222,7 @@ async fn save_acknowledged(
     value: &str,
     replicas: u32,
 ) -> Result<(String, u64), StoreError> {
+    bump(&inner.hub.counts.fenced_saves);
     let mut pipe = redis::pipe();
     // EVAL, not EVALSHA: a NOSCRIPT inside a batch could not fall back.
     let mut save = eval(

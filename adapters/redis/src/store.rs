@@ -154,6 +154,22 @@ impl RedisStore {
         }
     }
 
+    /// The round trips this store and all its views (namespaces, clones) made so far,
+    /// by reason: what a replica costs Redis, split by cause.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = tokenflight_redis::RedisStore::builder("redis://127.0.0.1/")
+    ///     .connect()
+    ///     .await?;
+    /// let counters = store.counters();
+    /// println!("{} round trips, {} lock attempts", counters.round_trips(), counters.lock_attempts);
+    /// # Ok(()) }
+    /// ```
+    pub fn counters(&self) -> crate::RedisStoreCounters {
+        self.inner.hub.counts.snapshot()
+    }
+
     /// A view of this store for one namespace: a token store of its own (its own token,
     /// refresh lock and channel in Redis) on this store's connection and pub/sub
     /// listener. Give every key of a [`KeyedFlights`](tokenflight::keyed::KeyedFlights)

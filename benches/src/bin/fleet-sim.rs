@@ -12,6 +12,14 @@
 //! too (it includes up to one tick).
 //!
 //! `cargo run --release -p tokenflight-benches --bin fleet-sim -- REPLICAS [SECONDS]`
+//!
+//! Multi-process mode: `fleet-sim --processes N [SECONDS]` starts N real OS processes
+//! (this bin again), each one tokenflight-reqwest client with default settings and its
+//! own `RedisStore`, with 5 workers calling the testkit's protected API; see
+//! `processes.rs`.
+
+#[path = "fleet-sim/processes.rs"]
+mod processes;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -83,7 +91,7 @@ impl TokenStore for NoPush {
     }
 }
 
-struct Redis(Child, u16);
+pub(crate) struct Redis(Child, pub(crate) u16);
 
 impl Drop for Redis {
     fn drop(&mut self) {
@@ -99,7 +107,7 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn cli(port: u16, args: &[&str]) -> String {
+pub(crate) fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)
@@ -108,7 +116,7 @@ fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start_redis() -> Redis {
+pub(crate) fn start_redis() -> Redis {
     let port = free_port();
     let child = Command::new("redis-server")
         .args([
@@ -138,7 +146,7 @@ fn start_redis() -> Redis {
 
 /// Total calls over all commands in `INFO commandstats` (commands run by scripts
 /// included: Redis counts them too), and the per-command split.
-fn commandstats(port: u16) -> (u64, BTreeMap<String, u64>) {
+pub(crate) fn commandstats(port: u16) -> (u64, BTreeMap<String, u64>) {
     let mut by = BTreeMap::new();
     for line in cli(port, &["INFO", "commandstats"]).lines() {
         let Some(rest) = line.strip_prefix("cmdstat_") else {
@@ -161,7 +169,7 @@ fn commandstats(port: u16) -> (u64, BTreeMap<String, u64>) {
     (by.values().sum(), by)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -170,6 +178,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
+    if std::env::var_os(processes::CHILD).is_some() {
+        processes::child();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("--processes") {
+        let mut args = std::env::args().skip(2);
+        let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+        let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(15);
+        processes::parent(n, seconds);
+        return;
+    }
     let mut args = std::env::args().skip(1);
     let replicas: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(12);
