@@ -35,10 +35,11 @@ pub struct RedisStoreCounters {
     /// Of `push_reads`, those made to catch up after a (re)subscription or a save whose
     /// reply was lost: announcements that may have been missed.
     pub catch_up_reads: u64,
-    /// Lock waits that ended without the lock because a newer token saved by another
-    /// replica reached this store's watchers meanwhile (the guard takes the lock only
-    /// if it is used).
-    pub waits_ended_by_push: u64,
+    /// Lock requests put off because another replica's save was announced and this
+    /// store was fetching the new token for its coordinators: the request is sent
+    /// only if the waiter still waits once the token arrived (or after one poll
+    /// interval).
+    pub waits_for_push: u64,
 }
 
 impl RedisStoreCounters {
@@ -73,7 +74,7 @@ pub(crate) struct Counts {
     pub(crate) releases: AtomicU64,
     pub(crate) push_reads: AtomicU64,
     pub(crate) catch_up_reads: AtomicU64,
-    pub(crate) waits_ended_by_push: AtomicU64,
+    pub(crate) waits_for_push: AtomicU64,
 }
 
 /// One more.
@@ -96,7 +97,7 @@ impl Counts {
             releases: get(&self.releases),
             push_reads: get(&self.push_reads),
             catch_up_reads: get(&self.catch_up_reads),
-            waits_ended_by_push: get(&self.waits_ended_by_push),
+            waits_for_push: get(&self.waits_for_push),
         }
     }
 }

@@ -56,6 +56,9 @@ pub(crate) struct Push {
     /// Wakes the reader; holds one permit while it is busy, so a burst of messages
     /// during a `GET` costs one more `GET`, not one per message.
     wake: Notify,
+    /// Told after each hand-over to the watchers: lock waiters that wait for an
+    /// announced token to arrive.
+    pub(crate) handed_out: Notify,
 }
 
 impl Push {
@@ -140,6 +143,13 @@ impl Push {
                 tracing::warn!("a token store watcher panicked");
             }
         }
+        self.handed_out.notify_waiters();
+    }
+
+    /// Whether a generation newer than any handed out was announced and the reader
+    /// will fetch it for the watchers.
+    pub(crate) fn pending(&self) -> bool {
+        self.announced.load(Ordering::Acquire) > self.known() && self.watched()
     }
 
     /// Whether the reader has a wake-up waiting (consumes it).

@@ -215,7 +215,15 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
     let value = unique_value();
     let deadline = Instant::now() + settings.lock_wait;
     let mut events = inner.namespace.events();
-    let mut delay = settings.poll_min;
+    // With a confirmed subscription the holder's release and save arrive as messages:
+    // polling is then only the fallback for a lost message, at the longest interval,
+    // so waiters do not ask again and again while a slow holder refreshes. Before
+    // that (or with the listener gone) the polls back off from the shortest.
+    let mut delay = if inner.namespace.confirmed() {
+        settings.poll_max
+    } else {
+        settings.poll_min
+    };
     loop {
         if caller.is_closed() {
             return Err(StoreError::LockTimeout);
@@ -281,8 +289,35 @@ async fn acquire(inner: Arc<Inner>, caller: &mut Caller) -> Result<RedisLock, St
             () = caller.closed() => return Err(StoreError::LockTimeout),
         };
         match woken {
-            // Woken by a save or release: try again now.
-            Ok(Ok(())) => bump(&inner.hub.counts.lock_retries_woken),
+            // Woken by a save or release: try again now — unless another replica's
+            // save was announced and this store is fetching that token for its
+            // coordinators. They adopt it, and a flight it supersedes stops waiting
+            // here (it drops this request). Asking for the lock before the token
+            // arrives would cost a request that fails while the saver still holds the
+            // lock, and then take the lock only to find the new token. The wait is
+            // bounded: a lost read costs one poll interval, never the lock.
+            Ok(Ok(())) => {
+                if inner.push.pending() {
+                    let handed_out = inner.push.handed_out.notified();
+                    if inner.push.pending() {
+                        bump(&inner.hub.counts.waits_for_push);
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tokio::select! {
+                            _ = tokio::time::timeout(settings.poll_max.min(left), handed_out) => {}
+                            () = caller.closed() => return Err(StoreError::LockTimeout),
+                        }
+                        // The coordinators had it: a superseded flight drops its request
+                        // now, from its own task. One short grace, bounded.
+                        if tokio::time::timeout(settings.poll_min, caller.closed())
+                            .await
+                            .is_ok()
+                        {
+                            return Err(StoreError::LockTimeout);
+                        }
+                    }
+                }
+                bump(&inner.hub.counts.lock_retries_woken);
+            }
             // The listener is gone (the runtime is shutting down): plain polling.
             Ok(Err(_)) => {
                 tokio::time::sleep(pause).await;

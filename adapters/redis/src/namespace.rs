@@ -138,6 +138,7 @@ impl Hub {
             push: Arc::new(Push::default()),
             reader: Mutex::new(None),
             wants_subscription: AtomicBool::new(false),
+            confirmed: AtomicBool::new(false),
             hub: Arc::clone(self),
         });
         map.insert(keys.channel.clone(), Arc::downgrade(&namespace));
@@ -211,6 +212,10 @@ pub(crate) struct Namespace {
     /// Set once: with the first watcher or lock waiter (a view that only loads never
     /// subscribes).
     wants_subscription: AtomicBool,
+    /// Set once the listener confirmed a subscription of the channel: from then on a
+    /// release or save reaches the waiters as a message, and their polls are only a
+    /// fallback for a lost one.
+    confirmed: AtomicBool,
     hub: Arc<Hub>,
 }
 
@@ -225,6 +230,11 @@ impl Namespace {
             // Err: the listener is gone (the runtime shut down); waiters poll.
             let _ = self.hub.changed.send(self.channel.clone());
         }
+    }
+
+    /// Whether the channel's subscription was confirmed at least once.
+    pub(crate) fn confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Acquire)
     }
 
     /// A receiver of the wake-up counter, for a lock waiter.
@@ -262,6 +272,7 @@ impl Namespace {
     /// The channel was (re)subscribed: messages may have been missed meanwhile, so the
     /// lock waiters try again and the watchers get one catch-up read.
     pub(crate) fn subscribed(&self) {
+        self.confirmed.store(true, Ordering::Release);
         self.events.send_modify(|n| *n = n.wrapping_add(1));
         self.push.catch_up();
     }

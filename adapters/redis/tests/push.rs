@@ -300,3 +300,58 @@ async fn pushes_survive_a_redis_restart_and_missed_saves_are_caught_up() {
     }
     assert_eq!(issuer.reuses(), 0);
 }
+
+/// The store's counters name each round trip's reason: a holder's attempt, fenced
+/// load, fenced save and release on one store; one push read on the other, whose
+/// watcher gets the token; no unlocked loads anywhere.
+#[tokio::test]
+async fn the_counters_split_a_refresh_by_reason() {
+    let server = RedisServer::start();
+    let saver = RedisStore::builder(server.url())
+        .key_prefix("counters:")
+        .connect()
+        .await
+        .unwrap();
+    let other = RedisStore::builder(server.url())
+        .key_prefix("counters:")
+        .connect()
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let signal: Arc<dyn StoreWatcher> = Arc::new(Signal { index: 1, tx });
+    other.watch(Arc::downgrade(&signal) as Weak<dyn StoreWatcher>);
+    // The subscription's catch-up read (nothing stored yet) is counted too: wait for it.
+    guarded("the catch-up read", async {
+        while other.counters().catch_up_reads == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let guard = guarded("lock", saver.lock()).await.unwrap();
+    assert_eq!(guarded("load", guard.load()).await.unwrap(), None);
+    let token = Token::new("a").with_generation(1);
+    guarded("save", guard.save(&token)).await.unwrap();
+    guarded("unlock", guard.unlock()).await;
+    assert_eq!(guarded("push", rx.recv()).await, Some((1, 1)));
+    let c = saver.counters();
+    assert_eq!(
+        (
+            c.lock_attempts,
+            c.locks_taken,
+            c.fenced_loads,
+            c.fenced_saves,
+            c.releases
+        ),
+        (1, 1, 1, 1, 1),
+        "{c:?}"
+    );
+    assert_eq!(
+        (c.loads, c.push_reads, c.lease_renewals),
+        (0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!(c.round_trips(), 4);
+    let o = other.counters();
+    assert_eq!((o.push_reads, o.catch_up_reads), (2, 1), "{o:?}");
+    assert_eq!(o.round_trips(), 2, "{o:?}");
+}

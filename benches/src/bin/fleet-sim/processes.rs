@@ -59,7 +59,10 @@ impl StoreWatcher for Arrivals {
             .entry(token.generation())
             .or_insert(at);
         let mut newest = self.newest.lock().expect("newest");
-        if newest.as_ref().is_none_or(|t| t.generation() < token.generation()) {
+        if newest
+            .as_ref()
+            .is_none_or(|t| t.generation() < token.generation())
+        {
             *newest = Some(token);
         }
         drop(newest);
@@ -112,8 +115,7 @@ struct Superseded(Token);
 impl tokenflight::store::StoreGuard for Superseded {
     fn load(
         &self,
-    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>>
-    {
+    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>> {
         let token = self.0.clone();
         Box::pin(async move { Ok(Some(token)) })
     }
@@ -131,8 +133,7 @@ impl tokenflight::store::StoreGuard for Superseded {
 impl TokenStore for RaceWithPush {
     fn load(
         &self,
-    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>>
-    {
+    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>> {
         self.store.load()
     }
     fn lock(
@@ -240,7 +241,7 @@ pub(crate) fn child() {
         println!(
             "report loads={} lock_attempts={} locks_taken={} lock_retries_woken={} \
              lock_retries_polled={} lease_renewals={} fenced_loads={} fenced_saves={} \
-             releases={} push_reads={} catch_up_reads={} waits_ended_by_push={} ok={} errors={} \
+             releases={} push_reads={} catch_up_reads={} waits_for_push={} ok={} errors={} \
              arrivals={}",
             c.loads - before.loads,
             c.lock_attempts - before.lock_attempts,
@@ -253,7 +254,7 @@ pub(crate) fn child() {
             c.releases - before.releases,
             c.push_reads - before.push_reads,
             c.catch_up_reads - before.catch_up_reads,
-            c.waits_ended_by_push - before.waits_ended_by_push,
+            c.waits_for_push - before.waits_for_push,
             ok.load(std::sync::atomic::Ordering::Relaxed),
             errors.load(std::sync::atomic::Ordering::Relaxed),
             arrivals.join(","),
@@ -273,7 +274,7 @@ const REASONS: [&str; 14] = [
     "releases",
     "push_reads",
     "catch_up_reads",
-    "waits_ended_by_push",
+    "waits_for_push",
     "ok",
     "errors",
 ];
@@ -423,11 +424,17 @@ pub(crate) fn parent(processes: usize, seconds: u64) {
         .iter()
         .map(|(k, v)| format!("{k}={v} ({:.2})", per(*v)))
         .collect();
-    println!("by reason (total, per process per refresh): {}", reasons.join(" "));
+    println!(
+        "by reason (total, per process per refresh): {}",
+        reasons.join(" ")
+    );
     let commands: Vec<String> = by
         .iter()
         .map(|(k, v)| format!("{k}={v} ({:.2})", per(*v)))
         .collect();
-    println!("by command (total, per process per refresh): {}", commands.join(" "));
+    println!(
+        "by command (total, per process per refresh): {}",
+        commands.join(" ")
+    );
     drop(redis);
 }
