@@ -40,7 +40,13 @@ use crate::settings::Settings;
 ///   [`StoreError::Corrupt`] (another type as [`StoreError::Other`]), and the
 ///   coordinator then takes the lock.
 /// - Replicas waiting for the lock are woken through pub/sub on `<prefix>events` and
-///   also poll with backoff; the wait is bounded ([`StoreError::LockTimeout`]).
+///   also poll with jittered backoff (once the subscription is confirmed, only at the
+///   longest interval: the poll is then the fallback for a lost message); the wait is
+///   bounded ([`StoreError::LockTimeout`]). A waiter told of another replica's save
+///   waits for this store's push of that token (bounded by one poll interval) before
+///   it asks again: a flight the pushed token supersedes stops waiting then, and the
+///   store stops asking for it. [`RedisStore::counters`] counts the round trips by
+///   reason.
 /// - Saves announce the new generation (never the token) on `<prefix>events`; the
 ///   coordinators watching a store get the new token pushed with one `GET` per store
 ///   (crate docs, "Push").

@@ -307,15 +307,21 @@ async fn pushes_survive_a_redis_restart_and_missed_saves_are_caught_up() {
 #[tokio::test]
 async fn the_counters_split_a_refresh_by_reason() {
     let server = RedisServer::start();
+    // Namespaces: a namespace subscribes with its first watcher, so its catch-up read
+    // after the subscription comes after the watcher registered, always.
     let saver = RedisStore::builder(server.url())
         .key_prefix("counters:")
         .connect()
         .await
+        .unwrap()
+        .namespace("n")
         .unwrap();
     let other = RedisStore::builder(server.url())
         .key_prefix("counters:")
         .connect()
         .await
+        .unwrap()
+        .namespace("n")
         .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let signal: Arc<dyn StoreWatcher> = Arc::new(Signal { index: 1, tx });
