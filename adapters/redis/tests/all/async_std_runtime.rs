@@ -2,7 +2,7 @@
 //! (see the crate docs): the store's futures are awaited on async-std, the Redis work
 //! runs on tokio.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,12 +10,12 @@
 
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::RedisServer;
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
 
-const WORKER: &str = "fleet_worker";
+const WORKER: &str = "fleet::fleet_worker";
 
 #[test]
 fn a_fleet_of_processes_makes_one_refresh_per_expiry() {

@@ -3,7 +3,7 @@
 //! corrupt values, and one flight shared by coordinators that each have their own
 //! connection or all share one store.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -3,7 +3,7 @@
 //! served from memory, and after a restart on the same port the fleet recovers with one
 //! refresh and no refresh-token reuse.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::deployments::{Cluster, cli};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
@@ -17,7 +17,7 @@ use tokenflight::{
 };
 use tokenflight_redis::{RedisStore, ReplicaAck};
 
-const WORKER: &str = "cluster_fleet_worker";
+const WORKER: &str = "cluster::cluster_fleet_worker";
 
 fn deployment(cluster: &Cluster) -> Deployment {
     Deployment {

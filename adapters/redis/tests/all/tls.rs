@@ -5,14 +5,14 @@
 use std::process::Command;
 use std::time::Duration;
 
-mod common;
+use crate::common;
 
 use common::deployments::{TempDir, TlsRedis};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
 use tokenflight::{ConfigError, store::StoreError, store::TokenStore};
 use tokenflight_redis::RedisStore;
 
-const WORKER: &str = "tls_fleet_worker";
+const WORKER: &str = "tls::tls_fleet_worker";
 
 #[test]
 fn a_fleet_over_tls_as_an_acl_user_makes_one_refresh_per_expiry() {

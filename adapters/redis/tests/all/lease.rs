@@ -3,7 +3,7 @@
 //! that parks one call) neither spends a refresh token another replica may have spent
 //! nor overwrites the newer token that replica saved.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -15,7 +15,7 @@
 //! server-side state such as subscriptions, by asking the server until it agrees, with
 //! a bound that fails the test.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

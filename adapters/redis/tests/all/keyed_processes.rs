@@ -9,9 +9,8 @@
 //! Redis in place of the shared directory. The workers are this test binary run again
 //! (the `keyed_worker` test below, ignored unless started by the test), driven line by
 //! line over stdin so the processes are synchronised deterministically.
-#![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::io::BufRead as _;
 use std::process::Command;
@@ -26,7 +25,7 @@ const PROCESSES: usize = 3;
 const KEYS: u32 = 50;
 const CYCLES: usize = 3;
 const PREFIX: &str = "keyed:";
-const WORKER: &str = "keyed_worker";
+const WORKER: &str = "keyed_processes::keyed_worker";
 
 fn spawn(url: &str, log: &std::path::Path) -> Worker {
     let mut command = Command::new(std::env::current_exe().unwrap());

@@ -7,7 +7,7 @@
 //! its coordinator, so when it is called the coordinator has adopted the token; every
 //! wait has a generous overall guard that fails the test.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};

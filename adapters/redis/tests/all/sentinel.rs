@@ -4,7 +4,7 @@
 //! failover the fleet keeps its one-refresh-per-expiry promise with zero refresh-token
 //! reuse.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,7 +19,7 @@ use tokenflight::{
 use tokenflight_redis::RedisStore;
 use tokio::sync::oneshot;
 
-const WORKER: &str = "sentinel_fleet_worker";
+const WORKER: &str = "sentinel::sentinel_fleet_worker";
 
 fn deployment(set: &SentinelSet) -> Deployment {
     Deployment {
