@@ -56,8 +56,11 @@
 //!
 //! - `futures-timer` (default): a runtime-free default timer, used unless an adapter
 //!   supplies its runtime's.
-//! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`)
-//!   and the JWT reader [`oauth2::jwt`].
+//! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`,
+//!   token exchange), the JWT reader [`oauth2::jwt`], and [`sources`] (a token file).
+//! - `private-key-jwt`: client authentication by signed assertion (`private_key_jwt`,
+//!   RFC 7523 §2.2) and the JWT bearer grant (§2.1), with [`oauth2::SigningKey`]
+//!   (RS256, ES256 from PEM; signed with ring, no OpenSSL).
 //! - `file-store` (default): [`store::FileStore`], tokens shared by processes on one
 //!   machine.
 //! - `metrics`: `observe::MetricsObserver`, metrics through the `metrics` facade.
@@ -156,8 +159,12 @@ mod auth_policy;
 mod builder;
 pub mod config;
 mod error;
+#[cfg(feature = "oauth2")]
+mod file_source;
 mod flight;
 pub mod guide;
+#[cfg(feature = "private-key-jwt")]
+mod jws;
 #[cfg(feature = "oauth2")]
 mod jwt;
 pub mod keyed;
@@ -165,6 +172,17 @@ pub mod keyed;
 pub mod oauth2;
 pub mod observe;
 mod policy;
+#[cfg(feature = "oauth2")]
+pub mod sources {
+    //! Token sources for services that hold no client secret: a token read from a file
+    //! the platform rotates ([`FileTokenSource`], a Kubernetes projected
+    //! service-account token), to use as a bearer token or as the subject of a token
+    //! exchange ([`oauth2::TokenExchangeGrant`](crate::oauth2::TokenExchangeGrant)).
+    //!
+    //! Which grant and client authentication fit which platform is the table in the
+    //! [workload identity guide](crate::guide::workload_identity).
+    pub use crate::file_source::*;
+}
 mod request;
 mod runtime;
 mod source;
