@@ -32,7 +32,8 @@ pub const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FileSourceError {
-    /// The file does not exist (yet, or for the moment of a rotation).
+    /// The file does not exist (yet, or for the moment of a rotation) and no token read
+    /// from it earlier is still valid.
     #[error("token file missing")]
     Missing,
     /// The file exists but cannot be read (permissions, a directory, an I/O error).
@@ -120,6 +121,7 @@ pub struct FileTokenSource {
     cached: Mutex<Option<Cached>>,
     reads: AtomicU64,
     checks: AtomicU64,
+    missing: AtomicU64,
 }
 
 impl fmt::Debug for FileTokenSource {
@@ -142,6 +144,7 @@ impl FileTokenSource {
             cached: Mutex::new(None),
             reads: AtomicU64::new(0),
             checks: AtomicU64::new(0),
+            missing: AtomicU64::new(0),
         }
     }
 
@@ -169,12 +172,35 @@ impl FileTokenSource {
         self.checks.load(Ordering::Relaxed)
     }
 
+    /// How many times the file was found missing (a rotation's rename dance, or a
+    /// platform that has not written it yet).
+    pub fn missing(&self) -> u64 {
+        self.missing.load(Ordering::Relaxed)
+    }
+
     /// The token the file holds now, as [`fetch`](TokenSource::fetch) gives it: reads
     /// the file only if its metadata changed since the last read.
+    ///
+    /// A file missing for a moment (a writer that removes it before renaming the new
+    /// one in) is no failure while the token last read from it is still valid: that
+    /// token is handed out again, and the file looked at again on the next refresh.
     pub fn current(&self, now: SystemTime) -> Result<Token, RefreshError> {
-        self.contents()
+        let contents = match self.contents() {
+            Err(FileSourceError::Missing) => {
+                self.missing.fetch_add(1, Ordering::Relaxed);
+                self.last_good().ok_or(FileSourceError::Missing)
+            }
+            other => other,
+        };
+        contents
             .and_then(|contents| self.token(contents, now))
             .map_err(|error| RefreshError::transient(error.to_string()).with_source(error))
+    }
+
+    /// What the last read gave, if it was a token.
+    fn last_good(&self) -> Option<Contents> {
+        let cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
+        cached.as_ref().and_then(|c| c.contents.clone().ok())
     }
 
     fn contents(&self) -> Result<Contents, FileSourceError> {
@@ -249,7 +275,9 @@ fn parse(bytes: &[u8]) -> Result<Contents, FileSourceError> {
         return Err(malformed("empty"));
     }
     if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(malformed("whitespace or control characters inside the token"));
+        return Err(malformed(
+            "whitespace or control characters inside the token",
+        ));
     }
     let exp = match jwt::time_claims(token) {
         Ok(claims) => claims.exp,
@@ -320,27 +348,64 @@ mod tests {
         for bad in ["", " \n", "a b", "\u{0}x"] {
             std::fs::write(&path, bad).unwrap();
             let source = FileTokenSource::new(&path);
-            assert!(matches!(kind(&source, secs(1)), FileSourceError::Malformed(_)), "{bad:?}");
+            assert!(
+                matches!(kind(&source, secs(1)), FileSourceError::Malformed(_)),
+                "{bad:?}"
+            );
         }
         std::fs::write(&path, [0xff, 0xfe]).unwrap();
-        assert!(matches!(kind(&FileTokenSource::new(&path), secs(1)), FileSourceError::Malformed(_)));
+        assert!(matches!(
+            kind(&FileTokenSource::new(&path), secs(1)),
+            FileSourceError::Malformed(_)
+        ));
         // A JWT whose claims are broken is malformed, and the message shows no token.
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let broken = format!("{}.{}.sig", b64.encode(r#"{"alg":"RS256"}"#), b64.encode(r#"{"exp":"soon"}"#));
+        let broken = format!(
+            "{}.{}.sig",
+            b64.encode(r#"{"alg":"RS256"}"#),
+            b64.encode(r#"{"exp":"soon"}"#)
+        );
         std::fs::write(&path, &broken).unwrap();
         let source = FileTokenSource::new(&path);
         let error = source.current(secs(1)).unwrap_err();
         assert!(!error.to_string().contains(&broken));
-        assert!(matches!(kind(&source, secs(1)), FileSourceError::Malformed(_)));
+        assert!(matches!(
+            kind(&source, secs(1)),
+            FileSourceError::Malformed(_)
+        ));
         // The broken version is not read again while it stays.
         assert_eq!(source.reads(), 1);
         std::fs::write(&path, jwt(10)).unwrap();
-        assert_eq!(kind(&FileTokenSource::new(&path), secs(10)), FileSourceError::Expired);
+        assert_eq!(
+            kind(&FileTokenSource::new(&path), secs(10)),
+            FileSourceError::Expired
+        );
         std::fs::create_dir(dir.path().join("dir")).unwrap();
         assert!(matches!(
             kind(&FileTokenSource::new(dir.path().join("dir")), secs(1)),
             FileSourceError::Unreadable(_)
         ));
+    }
+
+    #[test]
+    fn a_file_missing_for_a_moment_hands_out_the_last_valid_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, jwt(2_000)).unwrap();
+        let source = FileTokenSource::new(&path);
+        source.current(secs(1_000)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let token = source.current(secs(1_100)).unwrap();
+        assert_eq!(token.expiry(), Some(secs(2_000)));
+        assert_eq!(source.missing(), 1);
+        // Once that token has expired, a missing file is the typed error.
+        let error = source.current(secs(2_000)).unwrap_err();
+        assert!(error.is_retryable());
+        std::fs::write(&path, jwt(3_000)).unwrap();
+        assert_eq!(
+            source.current(secs(2_001)).unwrap().expiry(),
+            Some(secs(3_000))
+        );
     }
 
     #[test]

@@ -193,7 +193,11 @@ impl SigningKey {
 
     /// Signs `claims` as a compact JWS with the header type `typ` (`"JWT"`,
     /// `"dpop+jwt"`, …).
-    pub(crate) fn sign_jws(&self, typ: &str, claims: &serde_json::Value) -> Result<Secret, KeyError> {
+    pub(crate) fn sign_jws(
+        &self,
+        typ: &str,
+        claims: &serde_json::Value,
+    ) -> Result<Secret, KeyError> {
         let mut header = serde_json::json!({ "alg": self.algorithm().as_str(), "typ": typ });
         if let (Some(kid), Some(map)) = (&self.kid, header.as_object_mut()) {
             map.insert("kid".into(), kid.clone().into());
@@ -213,8 +217,13 @@ impl SigningKey {
         match &*self.inner {
             Inner::Rsa(key) => {
                 let mut signature = vec![0; key.public().modulus_len()];
-                key.sign(&signature::RSA_PKCS1_SHA256, &self.rng, message, &mut signature)
-                    .map_err(|_| KeyError::Signing)?;
+                key.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &self.rng,
+                    message,
+                    &mut signature,
+                )
+                .map_err(|_| KeyError::Signing)?;
                 Ok(signature)
             }
             Inner::Ec(key) => key
@@ -349,7 +358,10 @@ mod tests {
         // A PKCS#8 block with garbage DER.
         let garbage = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n";
         let error = SigningKey::from_pem(garbage).unwrap_err();
-        assert!(matches!(error, KeyError::Invalid { .. } | KeyError::Unsupported), "{error:?}");
+        assert!(
+            matches!(error, KeyError::Invalid { .. } | KeyError::Unsupported),
+            "{error:?}"
+        );
         assert!(!error.to_string().contains("MIGH"));
         let key = SigningKey::from_pem(RS256).unwrap();
         assert!(!format!("{key:?}").contains("MII"));

@@ -137,14 +137,15 @@ impl fmt::Debug for Endpoint {
         // Extra parameter values are not shown: users put all sorts in them.
         let params: Vec<&str> = self.params.iter().map(|(name, _)| name.as_str()).collect();
         let mut f = f.debug_struct("Endpoint");
-        f
-            .field("token_url", &self.token_url)
+        f.field("token_url", &self.token_url)
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .field("client_auth", &self.client_auth);
         #[cfg(feature = "private-key-jwt")]
         f.field("signing_key", &self.signing_key);
-        f.field("scope", &self.scope).field("params", &params).finish()
+        f.field("scope", &self.scope)
+            .field("params", &params)
+            .finish()
     }
 }
 
