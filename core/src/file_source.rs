@@ -87,7 +87,13 @@ struct Contents {
     exp: Option<SystemTime>,
 }
 
-/// A [`TokenSource`] that reads its token from a file; see the [module](self) docs.
+/// A [`TokenSource`] that reads its token from a file the platform rotates.
+///
+/// The file is looked at only when the coordinator asks for a token (at refresh time,
+/// never per request), and read again only when its metadata changed — its length,
+/// modification time or (on Unix) device and inode: kubelet rotates by atomic rename,
+/// which always gives a new inode. No watcher thread, no runtime ([C14](crate#c14)).
+/// The read is a small local one, done inline.
 ///
 /// The token's expiry is the JWT `exp` when the file holds a JWT, otherwise the
 /// configured [`lifetime`](Self::lifetime) counted from when the file was looked at

@@ -35,7 +35,8 @@ struct Control {
 }
 
 /// A token file in its own temporary directory, rotated by a helper thread until
-/// dropped. Its first token is in place when [`start`](Self::start) returns.
+/// dropped (made by [`TestServer::rotating_token_file`](super::TestServer::rotating_token_file)).
+/// Its first token is in place when it is returned.
 #[derive(Debug)]
 pub struct RotatingTokenFile {
     dir: tempfile::TempDir,
