@@ -225,6 +225,8 @@ impl Endpoint {
         grant: &[(&str, &str)],
         now: SystemTime,
     ) -> Result<(http::Request<Bytes>, Option<Secret>), RefreshError> {
+        // `now` dates client assertions; without them it is not needed.
+        #[cfg(not(feature = "private-key-jwt"))]
         let _ = now;
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.extend_pairs(grant.iter().copied());
@@ -233,6 +235,7 @@ impl Endpoint {
         }
         form.extend_pairs(self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         let mut authorization = None;
+        #[cfg_attr(not(feature = "private-key-jwt"), allow(unused_mut))]
         let mut assertion = None;
         match (self.client_auth, &self.client_secret) {
             #[cfg(feature = "private-key-jwt")]

@@ -358,3 +358,191 @@ impl TokenSource for TokenExchangeGrant {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::source::RefreshReason;
+    use crate::transport::{HttpRequest, HttpResponse, TransportError};
+
+    /// Answers every request with `status` and `body`, and keeps the forms it was sent.
+    struct Canned {
+        status: u16,
+        body: &'static str,
+        forms: Mutex<Vec<HashMap<String, String>>>,
+    }
+
+    impl Transport for Canned {
+        fn send(
+            &self,
+            request: HttpRequest,
+            _limit: usize,
+        ) -> BoxFuture<'_, Result<HttpResponse, TransportError>> {
+            let form = url::form_urlencoded::parse(request.body())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            self.forms.lock().unwrap().push(form);
+            let response = http::Response::builder()
+                .status(self.status)
+                .body(Bytes::from_static(self.body.as_bytes()))
+                .unwrap();
+            Box::pin(async move { Ok(response) })
+        }
+    }
+
+    fn canned(status: u16, body: &'static str) -> Arc<Canned> {
+        Arc::new(Canned {
+            status,
+            body,
+            forms: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn cx() -> RefreshContext {
+        RefreshContext::new(RefreshReason::Initial, None, SystemTime::now())
+    }
+
+    /// A subject that counts its calls and records the rejected token it was told of.
+    #[derive(Default)]
+    struct Counting {
+        calls: AtomicU32,
+        told_rejected: Mutex<Vec<String>>,
+    }
+
+    impl SubjectToken for Counting {
+        fn subject_token(
+            &self,
+            rejected: Option<Arc<Token>>,
+            _now: SystemTime,
+        ) -> BoxFuture<'_, Result<Arc<Token>, RefreshError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(rejected) = rejected {
+                let seen = rejected.access().expose().to_owned();
+                self.told_rejected.lock().unwrap().push(seen);
+            }
+            Box::pin(async move { Ok(Arc::new(Token::new(format!("subject-{n}")))) })
+        }
+    }
+
+    #[test]
+    fn the_request_carries_every_rfc_8693_parameter() {
+        let transport = canned(
+            200,
+            r#"{"access_token":"exchanged","token_type":"Bearer","expires_in":60,"issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}"#,
+        );
+        let actor = subject_from_fn(|_now| async { Ok(Secret::new("actor-token")) });
+        let grant = TokenExchangeGrant::new(
+            transport.clone(),
+            "https://sts.example/token",
+            Counting::default(),
+        )
+        .unwrap()
+        .subject_token_type(token_type::ID_TOKEN)
+        .actor_token(actor, token_type::JWT)
+        .audience("orders")
+        .resource("https://orders.example/")
+        .scope("read")
+        .requested_token_type(token_type::ACCESS_TOKEN)
+        .client_id("svc")
+        .client_secret("svc-secret")
+        .client_auth(ClientAuth::SECRET_POST);
+        let token = futures::executor::block_on(grant.fetch(cx())).unwrap();
+        assert_eq!(token.access().expose(), "exchanged");
+        let forms = transport.forms.lock().unwrap();
+        let form = &forms[0];
+        for (name, value) in [
+            ("grant_type", TOKEN_EXCHANGE_GRANT),
+            ("subject_token", "subject-1"),
+            ("subject_token_type", token_type::ID_TOKEN),
+            ("actor_token", "actor-token"),
+            ("actor_token_type", token_type::JWT),
+            ("audience", "orders"),
+            ("resource", "https://orders.example/"),
+            ("scope", "read"),
+            ("requested_token_type", token_type::ACCESS_TOKEN),
+            ("client_id", "svc"),
+            ("client_secret", "svc-secret"),
+        ] {
+            assert_eq!(form.get(name).map(String::as_str), Some(value), "{name}");
+        }
+        // Debug shows the shape, never the secret.
+        assert!(!format!("{grant:?}").contains("svc-secret"));
+    }
+
+    #[test]
+    fn invalid_target_is_permanent_and_invalid_grant_retries_with_a_newer_subject() {
+        let transport = canned(400, r#"{"error":"invalid_target"}"#);
+        let grant =
+            TokenExchangeGrant::new(transport, "https://sts.example/token", Counting::default())
+                .unwrap();
+        let error = futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+        assert!(error.is_permanent(), "{error}");
+
+        let subject = Arc::new(Counting::default());
+        let transport = canned(
+            400,
+            r#"{"error":"invalid_grant","error_description":"bad subject-1"}"#,
+        );
+        let grant =
+            TokenExchangeGrant::new(transport, "https://sts.example/token", subject.clone())
+                .unwrap();
+        let error = futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+        assert!(error.is_retryable(), "{error}");
+        // The server's echo of the subject token is redacted.
+        assert!(!error.to_string().contains("subject-1"), "{error}");
+        futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+        assert_eq!(*subject.told_rejected.lock().unwrap(), ["subject-1"]);
+    }
+
+    #[cfg(feature = "private-key-jwt")]
+    #[test]
+    fn private_key_jwt_signs_a_new_assertion_for_the_token_endpoint_per_attempt() {
+        use base64::Engine as _;
+        let key = SigningKey::from_pem(include_str!(
+            "../../../tests/src/testkit/keys/test-es256.pem"
+        ))
+        .unwrap();
+        let transport = canned(503, r#"{"error":"temporarily_unavailable"}"#);
+        let grant = super::super::ClientCredentialsGrant::new(
+            transport.clone(),
+            "https://auth.example/token",
+            "svc",
+        )
+        .unwrap()
+        .private_key_jwt(key);
+        for _ in 0..2 {
+            let error = futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+            assert!(error.is_retryable());
+        }
+        let forms = transport.forms.lock().unwrap();
+        let claims: Vec<serde_json::Value> = forms
+            .iter()
+            .map(|form| {
+                assert_eq!(
+                    form.get("client_assertion_type").map(String::as_str),
+                    Some(super::super::JWT_BEARER_ASSERTION)
+                );
+                assert!(!form.contains_key("client_secret"));
+                let assertion = &form["client_assertion"];
+                let payload = assertion.split('.').nth(1).unwrap();
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload)
+                    .unwrap();
+                serde_json::from_slice(&bytes).unwrap()
+            })
+            .collect();
+        for c in &claims {
+            assert_eq!(c["iss"], "svc");
+            assert_eq!(c["sub"], "svc");
+            assert_eq!(c["aud"], "https://auth.example/token");
+            assert!(c["exp"].as_u64().unwrap() > c["iat"].as_u64().unwrap());
+        }
+        assert_ne!(claims[0]["jti"], claims[1]["jti"], "a jti was reused");
+        assert!(!format!("{grant:?}").contains("PRIVATE"));
+    }
+}
