@@ -147,7 +147,9 @@
 //! `c5_c18_…`, `c9_backoff_…`), regressions they found (`core/tests/all/regressions.rs`), tests written to kill
 //! mutants (`core/tests/all/mutants.rs`), the conformance suite S1–S18 and its regression
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
-//! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
+//! (`tests/src/conformance.rs`), the source scenarios W1–W6 every adapter runs (a rotating
+//! token file, token exchange per audience, `private_key_jwt` never replaying a `jti`:
+//! `tests/src/sources.rs`), and the fuzz targets in `fuzz/` whose corpus stable
 //! `cargo test` replays.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(
