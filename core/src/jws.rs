@@ -15,7 +15,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
-use rustls_pki_types::pem::{self, PemObject as _};
+use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{PrivateKeyDer, PrivateSec1KeyDer};
 
 use crate::token::Secret;
@@ -114,10 +114,9 @@ impl SigningKey {
     /// Loads the first private key in `pem`: PKCS#8 (RSA or P-256), PKCS#1 RSA, or
     /// SEC1 P-256. The algorithm follows from the key: RS256 for RSA, ES256 for P-256.
     pub fn from_pem(pem: impl AsRef<[u8]>) -> Result<Self, KeyError> {
-        let der = PrivateKeyDer::from_pem_slice(pem.as_ref()).map_err(|error| match error {
-            pem::Error::NoItemsFound => KeyError::NotPem,
-            _ => KeyError::NotPem,
-        })?;
+        // Whatever the PEM reader says (no block, broken base64), no key came out of it;
+        // its errors are not passed on, as they could quote the input.
+        let der = PrivateKeyDer::from_pem_slice(pem.as_ref()).map_err(|_| KeyError::NotPem)?;
         let rng = SystemRandom::new();
         let inner = match der {
             PrivateKeyDer::Pkcs8(der) => {

@@ -99,8 +99,8 @@ pub enum ClientAuth {
     Body,
     /// A JWT signed by the client's private key (`private_key_jwt`, RFC 7523 §2.2):
     /// `client_assertion_type` and `client_assertion` in the body, a new assertion
-    /// (fresh `jti`, `iat`, `exp`, `aud` = the token endpoint) for every attempt. Set
-    /// with the grants' `private_key_jwt(key)`.
+    /// (fresh `jti`, `iat`, `exp`, `aud` = the token endpoint) for every attempt, dated
+    /// by the coordinator's clock. Set with the grants' `private_key_jwt(key)`.
     #[cfg(feature = "private-key-jwt")]
     #[doc(alias = "private_key_jwt")]
     PrivateKeyJwt,

@@ -16,6 +16,7 @@
 //! | [`w4_a_client_assertion_is_never_sent_twice_even_on_a_retried_attempt`] | `private_key_jwt` (RS256, ES256) with failing attempts: every attempt a new `jti`; a replayed assertion is refused |
 //! | [`w5_jwt_bearer_grant_signs_a_new_assertion_per_attempt`] | the JWT bearer grant: a new assertion per attempt; a wrong `aud` is refused |
 //! | [`w6_token_exchange_errors_follow_rfc_8693`] | `invalid_target` needs a new login; a refused subject is retried with a newer one |
+//! | [`w7_a_rotating_subject_under_load_costs_no_caller_error`] | W1's file as the subject of an exchange (2 s tokens) under 100 clients: 0 caller errors, ≤ 2 reads per version, ≤ 2 exchanges per lifetime |
 
 // Test support: a panic is how a scenario reports a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -116,6 +117,84 @@ pub async fn w1_a_rotating_token_file_costs_no_caller_error_and_one_read_per_rot
         "[{name}] W1: {} looks at the file for {} requests",
         source.checks(),
         load.requests
+    );
+}
+
+/// W7: W1's rotating file as the subject of a token exchange whose tokens live 2 s, 100
+/// clients for 5 rotations: no caller error, the file read at most twice per version,
+/// the subject refreshed through its own coordinator (not per exchange), and at most
+/// two exchanges per exchanged-token lifetime (C15), never one per request.
+pub async fn w7_a_rotating_subject_under_load_costs_no_caller_error(adapter: &dyn Adapter) {
+    let name = adapter.name();
+    let lifetime = Duration::from_secs(2);
+    let server = TestServer::start(TestServerConfig {
+        token_lifetime: lifetime,
+        ..TestServerConfig::default()
+    });
+    let file = server.rotating_token_file(ROTATE_EVERY, FILE_TOKEN_LIFETIME, Rotation::Kubelet);
+    let file_source = Arc::new(FileTokenSource::new(file.path()));
+    let subject = Arc::new(
+        SingleFlight::builder()
+            .source(file_source.clone())
+            .build()
+            .unwrap(),
+    );
+    let grant = TokenExchangeGrant::new(
+        adapter.bare_transport(),
+        &server.token_url(),
+        subject.clone(),
+    )
+    .unwrap()
+    .subject_token_type(token_type::JWT);
+    let auth = adapter
+        .builder()
+        .source(grant)
+        .allowed_origin(&server.origin())
+        .build()
+        .unwrap();
+    let client = adapter.client(auth.clone());
+    let duration = ROTATE_EVERY * ROTATIONS + ROTATE_EVERY / 2;
+    let load = run_load(&*client, &server.api_url(""), CLIENTS, duration, None).await;
+    let counters = server.counters();
+    let versions = file.rotations() + 1;
+    let lifetimes = (load.elapsed_s / lifetime.as_secs_f64()).ceil() as u64;
+    println!(
+        "[{name}] W7: {} requests in {:.1} s, {} rotations, {} reads, {} subject refreshes, \
+         {} exchanges ({lifetimes} exchanged-token lifetimes)",
+        load.requests,
+        load.elapsed_s,
+        file.rotations(),
+        file_source.reads(),
+        subject.stats().source_calls,
+        counters.token_exchange_calls,
+    );
+    assert_eq!(
+        load.failed + load.unauthorized,
+        0,
+        "[{name}] W7: {:?}",
+        load.first_failures
+    );
+    assert!(
+        file_source.reads() <= 2 * versions,
+        "[{name}] W7: {} reads",
+        file_source.reads()
+    );
+    assert!(
+        file_source.reads() >= 2,
+        "[{name}] W7: rotations were never picked up"
+    );
+    assert!(
+        subject.stats().source_calls < counters.token_exchange_calls,
+        "[{name}] W7: the subject was refreshed per exchange"
+    );
+    assert!(
+        counters.token_exchange_calls <= 2 * lifetimes,
+        "[{name}] W7: {} exchanges in {lifetimes} lifetimes",
+        counters.token_exchange_calls
+    );
+    assert_eq!(
+        counters.token_errors, 0,
+        "[{name}] W7: an exchange was refused"
     );
 }
 
@@ -553,6 +632,7 @@ macro_rules! source_tests {
             w4_a_client_assertion_is_never_sent_twice_even_on_a_retried_attempt,
             w5_jwt_bearer_grant_signs_a_new_assertion_per_attempt,
             w6_token_exchange_errors_follow_rfc_8693,
+            w7_a_rotating_subject_under_load_costs_no_caller_error,
         );
     };
     (@each $runtime:meta, $adapter:expr; $($scenario:ident),+ $(,)?) => {
