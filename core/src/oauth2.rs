@@ -80,8 +80,7 @@ const RESERVED_PARAMS: [&str; 11] = [
 ];
 
 /// `client_assertion_type` of a signed JWT (RFC 7523 §2.2).
-#[cfg(feature = "private-key-jwt")]
-const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const CLIENT_ASSERTION_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1, RFC 7523 §2.2;
 /// the names in parentheses are OpenID Connect's `token_endpoint_auth_method`).
@@ -104,6 +103,11 @@ pub enum ClientAuth {
     #[cfg(feature = "private-key-jwt")]
     #[doc(alias = "private_key_jwt")]
     PrivateKeyJwt,
+    /// A client assertion the client does not sign itself (RFC 7521 §4.2): a token
+    /// from a [`SubjectToken`] — the federated token file of Azure / Entra workload
+    /// identity — sent as the `client_assertion` of type JWT bearer, fetched anew for
+    /// every attempt. Set with the grants' `client_assertion(source)`.
+    ClientAssertion,
 }
 
 impl ClientAuth {
@@ -128,6 +132,8 @@ struct Endpoint {
     client_auth: ClientAuth,
     #[cfg(feature = "private-key-jwt")]
     signing_key: Option<SigningKey>,
+    /// Where a [`ClientAuth::ClientAssertion`] comes from.
+    assertion_source: Option<Arc<dyn SubjectToken>>,
     scope: Option<String>,
     params: Vec<(String, String)>,
 }
@@ -174,9 +180,15 @@ impl Endpoint {
             client_auth: ClientAuth::default(),
             #[cfg(feature = "private-key-jwt")]
             signing_key: None,
+            assertion_source: None,
             scope: None,
             params: Vec::new(),
         })
+    }
+
+    fn set_assertion_source(&mut self, source: impl SubjectToken + 'static) {
+        self.assertion_source = Some(Arc::new(source));
+        self.client_auth = ClientAuth::ClientAssertion;
     }
 
     #[cfg(feature = "private-key-jwt")]
@@ -224,6 +236,7 @@ impl Endpoint {
         &self,
         grant: &[(&str, &str)],
         now: SystemTime,
+        external: Option<&Secret>,
     ) -> Result<(http::Request<Bytes>, Option<Secret>), RefreshError> {
         // `now` dates client assertions; without them it is not needed.
         #[cfg(not(feature = "private-key-jwt"))]
@@ -238,6 +251,16 @@ impl Endpoint {
         #[cfg_attr(not(feature = "private-key-jwt"), allow(unused_mut))]
         let mut assertion = None;
         match (self.client_auth, &self.client_secret) {
+            (ClientAuth::ClientAssertion, _) => {
+                let external = external.ok_or_else(|| {
+                    RefreshError::permanent("client_assertion needs an assertion source")
+                })?;
+                if !self.client_id.is_empty() {
+                    form.append_pair("client_id", &self.client_id);
+                }
+                form.append_pair("client_assertion_type", CLIENT_ASSERTION_JWT);
+                form.append_pair("client_assertion", external.expose());
+            }
             #[cfg(feature = "private-key-jwt")]
             (ClientAuth::PrivateKeyJwt, _) => {
                 let key = self.signing_key.as_ref().ok_or_else(|| {
@@ -247,7 +270,7 @@ impl Endpoint {
                 if !self.client_id.is_empty() {
                     form.append_pair("client_id", &self.client_id);
                 }
-                form.append_pair("client_assertion_type", JWT_BEARER_ASSERTION);
+                form.append_pair("client_assertion_type", CLIENT_ASSERTION_JWT);
                 form.append_pair("client_assertion", signed.expose());
                 assertion = Some(signed);
             }
@@ -302,7 +325,24 @@ impl Endpoint {
         used_refresh: Option<Secret>,
         secrets: &[&Secret],
     ) -> Result<Token, (RefreshError, Option<String>)> {
-        let (request, assertion) = self.request(grant, now).map_err(|e| (e, None))?;
+        let external = match (&self.client_auth, &self.assertion_source) {
+            (ClientAuth::ClientAssertion, Some(source)) => Some(
+                source
+                    .subject_token(None, now)
+                    .await
+                    .map_err(|e| (e, None))?
+                    .access()
+                    .clone(),
+            ),
+            _ => None,
+        };
+        let (request, mut assertion) = self
+            .request(grant, now, external.as_ref())
+            .map_err(|e| (e, None))?;
+        // The external assertion is a secret of the request too.
+        if assertion.is_none() {
+            assertion = external;
+        }
         let response = self
             .transport
             .send(request, MAX_RESPONSE_BYTES)
@@ -466,6 +506,15 @@ impl RefreshTokenGrant {
         self
     }
 
+    /// Authenticates the client with an assertion it is given rather than signs: the
+    /// current token of `source` (Azure / Entra workload identity's federated token
+    /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
+    /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
+        self.endpoint.set_assertion_source(source);
+        self
+    }
+
     /// The `scope` parameter.
     pub fn scope(mut self, scope: &str) -> Self {
         self.endpoint.scope = Some(scope.to_owned());
@@ -555,6 +604,15 @@ impl ClientCredentialsGrant {
     #[cfg(feature = "private-key-jwt")]
     pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
         self.endpoint.set_signing_key(key);
+        self
+    }
+
+    /// Authenticates the client with an assertion it is given rather than signs: the
+    /// current token of `source` (Azure / Entra workload identity's federated token
+    /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
+    /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
+        self.endpoint.set_assertion_source(source);
         self
     }
 

@@ -499,6 +499,47 @@ mod tests {
         assert_eq!(*subject.told_rejected.lock().unwrap(), ["subject-1"]);
     }
 
+    #[test]
+    fn a_federated_token_file_is_the_client_assertion_of_each_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("azure-identity-token");
+        std::fs::write(&path, "federated-1").unwrap();
+        let transport = canned(
+            401,
+            r#"{"error":"invalid_client","error_description":"federated-1 is not trusted"}"#,
+        );
+        let grant = super::super::ClientCredentialsGrant::new(
+            transport.clone(),
+            "https://login.example/tenant/oauth2/v2.0/token",
+            "app-id",
+        )
+        .unwrap()
+        .scope("api://orders/.default")
+        .client_assertion(FileTokenSource::new(&path).lifetime(std::time::Duration::from_secs(60)));
+        let error = futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+        assert!(error.is_permanent());
+        assert!(!error.to_string().contains("federated-1"), "{error}");
+        // Rotated: the next attempt presents the new file.
+        let next = dir.path().join("next");
+        std::fs::write(&next, "federated-2").unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        futures::executor::block_on(grant.fetch(cx())).unwrap_err();
+        let forms = transport.forms.lock().unwrap();
+        let sent: Vec<&str> = forms
+            .iter()
+            .map(|f| f["client_assertion"].as_str())
+            .collect();
+        assert_eq!(sent, ["federated-1", "federated-2"]);
+        for form in forms.iter() {
+            assert_eq!(
+                form["client_assertion_type"],
+                super::super::CLIENT_ASSERTION_JWT
+            );
+            assert_eq!(form["client_id"], "app-id");
+            assert_eq!(form["grant_type"], "client_credentials");
+        }
+    }
+
     #[cfg(feature = "private-key-jwt")]
     #[test]
     fn private_key_jwt_signs_a_new_assertion_for_the_token_endpoint_per_attempt() {
@@ -525,7 +566,7 @@ mod tests {
             .map(|form| {
                 assert_eq!(
                     form.get("client_assertion_type").map(String::as_str),
-                    Some(super::super::JWT_BEARER_ASSERTION)
+                    Some(super::super::CLIENT_ASSERTION_JWT)
                 );
                 assert!(!form.contains_key("client_secret"));
                 let assertion = &form["client_assertion"];
