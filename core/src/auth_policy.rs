@@ -4,25 +4,22 @@
 //! supersedes the token this request used → resend exactly once ([C3](crate#c3), [C4](crate#c4)). Adapters call
 //! [`AuthPolicy::send`] with their request type and a closure that sends it.
 
-use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use futures_util::future::Either;
+use futures_util::future::{BoxFuture, Either};
 use tracing::field::Empty;
 use tracing::instrument::Instrumented;
 use tracing::{Instrument, Span};
 
-use crate::error::{Error, RefreshError};
+use crate::error::{ConfigError, Error, RefreshError};
 use crate::flight::SingleFlight;
 use crate::keyed::{KeyedFlights, TokenKey, factory_failed};
 use crate::observe::{RequestAuthorized, RequestResent};
-use crate::policy::{
-    AllowedOrigins, BodyPredicate, Classifier, HeaderCache, Placement, SentTo, SkipRoutes,
-};
+use crate::policy::{Head, Placement, Rules, SentTo};
 use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions};
 use crate::stats::Stats;
 use crate::token::Token;
@@ -41,6 +38,34 @@ pub enum AuthError<E> {
     /// The client failed to send the request.
     #[error("sending the request failed")]
     Transport(#[source] E),
+}
+
+impl<E> AuthError<E> {
+    /// True when no token comes until a new login is installed ([C9](crate#c9)): the
+    /// caller should sign the user in again.
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// use tokenflight::{Error, RefreshError};
+    /// let error: AuthError<std::io::Error> =
+    ///     Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") }.into();
+    /// assert!(error.is_reauthentication_required() && !error.is_misconfigured());
+    /// ```
+    pub fn is_reauthentication_required(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_reauthentication_required())
+    }
+
+    /// True when the policy's configuration does not fit the request (see
+    /// [`Error::is_misconfigured`]).
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// let error: AuthError<std::io::Error> = AuthError::Transport(std::io::Error::other("reset"));
+    /// assert!(!error.is_misconfigured());
+    /// ```
+    pub fn is_misconfigured(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_misconfigured())
+    }
 }
 
 /// The auth policy: a [`SingleFlight`] (the coordinator) plus where the token goes, who
@@ -63,16 +88,13 @@ pub enum AuthError<E> {
 /// ```
 #[derive(Clone)]
 pub struct AuthPolicy {
-    /// One reference count for a clone (tower clones the policy into each request's
-    /// future: three counts were ≈0.25 µs per request in situ, issue 18).
+    /// One reference count for a clone: each request's future holds a clone.
     inner: Arc<PolicyInner>,
 }
 
 struct PolicyInner {
     flights: Flights,
     rules: Rules,
-    /// The token's header value, built once per token and shared by all clones.
-    header: HeaderCache,
 }
 
 /// The coordinator(s): one, or one per [`TokenKey`].
@@ -94,14 +116,6 @@ pub(crate) fn default_key(_method: &http::Method, url: &url::Url) -> TokenKey {
     TokenKey::origin(url)
 }
 
-/// What the policy decides besides the token itself.
-pub(crate) struct Rules {
-    pub(crate) placement: Placement,
-    pub(crate) origins: AllowedOrigins,
-    pub(crate) classifier: Classifier,
-    pub(crate) skip: SkipRoutes,
-}
-
 impl fmt::Debug for AuthPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut f = f.debug_struct("AuthPolicy");
@@ -109,29 +123,15 @@ impl fmt::Debug for AuthPolicy {
             Flights::One(flight) => f.field("flight", flight),
             Flights::Keyed { flights, .. } => f.field("keyed", flights),
         };
-        f.field("placement", &self.inner.rules.placement)
-            .field("origins", &self.inner.rules.origins)
-            .field("skip", &self.inner.rules.skip)
-            .field("classifier", &self.inner.rules.classifier)
-            .finish()
+        f.field("rules", &self.inner.rules).finish()
     }
 }
 
 impl AuthPolicy {
     pub(crate) fn new(flights: Flights, rules: Rules) -> Self {
         AuthPolicy {
-            inner: Arc::new(PolicyInner {
-                header: HeaderCache::new(&rules.placement),
-                flights,
-                rules,
-            }),
+            inner: Arc::new(PolicyInner { flights, rules }),
         }
-    }
-
-    /// A builder with the documented defaults (see
-    /// [`FlightConfig`](crate::config::FlightConfig)).
-    pub fn builder() -> crate::AuthPolicyBuilder {
-        crate::AuthPolicyBuilder::new()
     }
 
     /// The coordinator behind this policy (for `install`, `current`, `token`); `None`
@@ -168,19 +168,19 @@ impl AuthPolicy {
         &self,
         request: &Req,
         key: Option<&TokenKey>,
-    ) -> Result<MaybeOwned<'_>, Error> {
+    ) -> Result<SingleFlight, Error> {
         match &self.inner.flights {
-            Flights::One(_) if key.is_some() => Err(Error::Refresh(RefreshError::permanent(
-                "the request carries a TokenKey but the policy is not keyed",
+            Flights::One(_) if key.is_some() => Err(Error::Refresh(RefreshError::misconfigured(
+                ConfigError::InvalidSetting(
+                    "the request carries a TokenKey but the policy is not keyed".into(),
+                ),
             ))),
-            Flights::One(flight) => Ok(MaybeOwned::Borrowed(flight)),
-            Flights::Keyed { flights, key_of } => {
-                let flight = match key {
-                    Some(key) => flights.flight(key),
-                    None => flights.flight(&key_of(&request.method(), request.url())),
-                };
-                flight.map(MaybeOwned::Owned).map_err(factory_failed)
+            Flights::One(flight) => Ok(flight.clone()),
+            Flights::Keyed { flights, key_of } => match key {
+                Some(key) => flights.flight(key),
+                None => flights.flight(&key_of(&request.method(), request.url())),
             }
+            .map_err(factory_failed),
         }
     }
 
@@ -248,18 +248,14 @@ impl AuthPolicy {
         url: &url::Url,
         options: &RequestOptions,
     ) -> bool {
-        !options.skip_auth
-            && self.inner.rules.origins.allows(url)
-            && !self.inner.rules.skip.skips(method, url)
+        self.inner.rules.attaches(method, url, options)
     }
 
     /// [`attaches_token`](Self::attaches_token) for a request already seen through
     /// [`AuthRequest`]: the same answer, reading its full URL only when a skipped route
     /// needs the path ([`AuthRequest::origin_url`] for the origin).
     pub fn attaches_token_to<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
-        !options.skip_auth
-            && self.inner.rules.origins.allows(request.origin_url())
-            && !self.inner.rules.skip.skips_request(request)
+        self.inner.rules.admit(request, options).is_some()
     }
 
     /// Sends `request` with a valid token through `send`, and resends it once with a
@@ -284,6 +280,8 @@ impl AuthPolicy {
     ///   same-origin redirect whose `Location` does not repeat the token).
     ///
     /// This is the adapters' entry point; applications use an adapter's middleware.
+    /// The future owns a clone of the policy (it borrows nothing of `self`), so a
+    /// `tower::Service` can return it. It is `Send`: so must the client's send be.
     ///
     /// ```
     /// # use tokenflight::{AuthPolicy, Token, from_fn};
@@ -327,148 +325,35 @@ impl AuthPolicy {
     /// Dropping the future at any await point is safe: a refresh it started goes on for
     /// the other waiters (and, with a spawner, to completion) ([C6](crate#c6)); a
     /// request already handed to `send` is dropped with it.
-    pub fn send<Req, Resp, E, F, Fut>(
+    pub fn send<'a, Req, Resp, E, F, Fut>(
         &self,
         request: Req,
         options: RequestOptions,
         send: F,
-    ) -> impl Future<Output = Result<Resp, AuthError<E>>>
+    ) -> SendFuture<'a, Req, Resp, E, F, Fut>
     where
-        Req: AuthRequest,
-        Resp: AuthResponse,
-        F: FnMut(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, E>>,
+        Req: AuthRequest + 'a,
+        Resp: AuthResponse + 'a,
+        E: Send + 'a,
+        F: FnMut(Req) -> Fut + Send + 'a,
+        Fut: Future<Output = Result<Resp, E>> + Send + 'a,
     {
-        send_via(self, request, options, send)
-    }
-
-    /// [`send`](Self::send) on a policy the future owns (a clone: cheap), for a future
-    /// that must not borrow it, such as one a `tower::Service` returns. Made without an
-    /// `async` wrapper around `send`, which would hold the request twice.
-    ///
-    /// # Cancellation
-    /// As for [`send`](Self::send).
-    pub fn send_owned<Req, Resp, E, F, Fut>(
-        self,
-        request: Req,
-        options: RequestOptions,
-        send: F,
-    ) -> impl Future<Output = Result<Resp, AuthError<E>>>
-    where
-        Req: AuthRequest,
-        Resp: AuthResponse,
-        F: FnMut(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, E>>,
-    {
-        send_via(self, request, options, send)
-    }
-
-    /// Tells the span and the observers about a token taken on the fast path (as
-    /// `authorize` does after a wait).
-    fn authorized_at_once(&self, flight: &SingleFlight, span: &Span, generation: u64) {
-        if !flight.observers().is_empty() || !span.is_disabled() {
-            self.authorized(flight, span, generation, false);
-        }
-    }
-
-    /// After a rejection: the token that supersedes the rejected one, then the one
-    /// resend ([C3](crate#c3), [C4](crate#c4)).
-    async fn resend_after_rejection<Req, Resp, E, F, Fut>(
-        &self,
-        flight: &SingleFlight,
-        mut replay: Req,
-        rejected: u64,
-        span: Span,
-        mut send: F,
-    ) -> Result<Resp, AuthError<E>>
-    where
-        Req: AuthRequest,
-        F: FnMut(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, E>>,
-    {
-        let (newer, kind) = flight
-            .token_after_rejection_kind(rejected)
-            .instrument(span.clone())
-            .await?;
-        span.record("resent", true);
-        span.record("resent_with", newer.generation());
-        self.resend(flight, &mut replay, &newer)?;
-        flight.observers().emit(|o| {
-            o.request_resent(&RequestResent {
-                kind,
-                rejected,
-                with: newer.generation(),
-            })
-        });
-        traced(send(replay), &span)
-            .await
-            .map_err(AuthError::Transport)
-    }
-
-    async fn authorize(
-        &self,
-        flight: &SingleFlight,
-        force_refresh: bool,
-        span: &Span,
-    ) -> Result<Arc<Token>, Error> {
-        let fetch = async {
-            if force_refresh {
-                flight.force_refresh().await
-            } else {
-                flight.token().await
-            }
+        let start = Start {
+            policy: self.clone(),
+            request,
+            options,
+            send,
         };
-        let observed = !flight.observers().is_empty();
-        if !observed && span.is_disabled() {
-            return fetch.await;
+        SendFuture {
+            state: State::Idle { start: Some(start) },
         }
-        let before = flight.current().map(|t| t.generation());
-        let mut fetch = pin!(fetch);
-        let mut pended = false;
-        let token = std::future::poll_fn(|cx| {
-            let poll = fetch.as_mut().poll(cx);
-            pended |= poll.is_pending();
-            poll
-        })
-        .await?;
-        let generation = token.generation();
-        let waited = force_refresh || pended || before != Some(generation);
-        self.authorized(flight, span, generation, waited);
-        Ok(token)
-    }
-
-    /// Records the token a request goes out with on its span and tells the observers.
-    fn authorized(&self, flight: &SingleFlight, span: &Span, generation: u64, waited: bool) {
-        span.record("generation", generation);
-        span.record("waited", waited);
-        if !flight.observers().is_empty() {
-            flight
-                .observers()
-                .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
-        }
-    }
-
-    fn resend<Req: AuthRequest>(
-        &self,
-        flight: &SingleFlight,
-        replay: &mut Req,
-        token: &Arc<Token>,
-    ) -> Result<(), InvalidHeader> {
-        flight.count_retry();
-        tracing::debug!(
-            generation = token.generation(),
-            "resending once with a newer token"
-        );
-        self.inner
-            .rules
-            .placement
-            .attach_cached(&self.inner.header, replay, token)
     }
 
     /// Classifies `response`; returns it intact with the verdict (`true`: the token was
     /// rejected). The body is read only when the classifier's body rule applies to the
-    /// response (see [which bodies](Classifier#which-bodies-the-body-rule-reads)). For
-    /// adapters that classify outside [`send`](Self::send); `send` calls it itself.
+    /// response (see [which bodies](crate::Classifier#which-bodies-the-body-rule-reads)).
+    /// For adapters that classify outside [`send`](Self::send); `send` asks the same
+    /// rules itself.
     ///
     /// ```
     /// # use tokenflight::{AuthPolicy, Token, from_fn};
@@ -491,167 +376,119 @@ impl AuthPolicy {
     /// # Cancellation
     /// Dropping the future drops the response (and a body being read).
     pub async fn classify<Resp: AuthResponse>(&self, response: Resp) -> (Resp, bool) {
-        match self.classify_head(response) {
-            Ok(verdict) => verdict,
-            Err((response, limit, predicate)) => classify_body(response, limit, predicate).await,
-        }
-    }
-
-    /// The verdict from the status and headers, or (`Err`) the response back with the
-    /// body rule when it must read the body.
-    #[allow(clippy::type_complexity)]
-    fn classify_head<Resp: AuthResponse>(
-        &self,
-        response: Resp,
-    ) -> Result<(Resp, bool), (Resp, usize, &BodyPredicate)> {
-        let classifier = &self.inner.rules.classifier;
-        if classifier.head_rejects(&response) {
-            return Ok((response, true));
-        }
-        match classifier.body_rule_for(&response) {
-            None => Ok((response, false)),
-            Some((limit, predicate)) => Err((response, limit, predicate)),
-        }
-    }
-}
-
-/// [`AuthPolicy::send`] and [`AuthPolicy::send_owned`]: a hand-written future for the
-/// common road (a token at once, one send, a response that rejects nothing), the rare
-/// roads in one boxed `async fn` ([`slow_road`]). An `async` block kept each argument in
-/// its state for its whole life, so the request was held three times (the argument, the
-/// replay copy, inside the send future), and its state machine, entered twice per
-/// request, was the largest code the middleware ran (issue 18).
-fn send_via<P, Req, Resp, E, F, Fut>(
-    policy: P,
-    request: Req,
-    options: RequestOptions,
-    send: F,
-) -> impl Future<Output = Result<Resp, AuthError<E>>>
-where
-    P: Borrow<AuthPolicy>,
-    Req: AuthRequest,
-    Resp: AuthResponse,
-    F: FnMut(Req) -> Fut,
-    Fut: Future<Output = Result<Resp, E>>,
-{
-    SendFuture {
-        policy: Some(policy),
-        send: Some(send),
-        make_slow: slow_road::<P, Req, Resp, E, F, Fut>,
-        step: Step::Start { request, options },
+        let head = self.inner.rules.head(&response, None);
+        Rules::classify(response, head).await
     }
 }
 
 pin_project_lite::pin_project! {
-    /// See [`send_via`]. `Slow` is the type of [`slow_road`]'s future, named through
-    /// `make_slow` (the function itself), so it is boxed without `dyn` (which would
-    /// need `Send` decided here).
-    struct SendFuture<P, Req, F, Fut, Make, Slow> {
-        // Both handed to the slow road when it is taken.
-        policy: Option<P>,
-        send: Option<F>,
-        make_slow: Make,
+    /// The future of [`AuthPolicy::send`]. Its common road — a token at once, one send,
+    /// a response whose head clears the token — is polled here without an allocation;
+    /// every other road (waiting for a token, reading a body, the resend) is one
+    /// boxed `async fn`. Polled again after it completed, it stays pending (as
+    /// `futures::future::Fuse` does).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct SendFuture<'a, Req, Resp, E, F, Fut> {
         #[pin]
-        step: Step<Req, Fut, Slow>,
+        state: State<'a, Req, Resp, E, F, Fut>,
     }
 }
 
 pin_project_lite::pin_project! {
-    #[project = StepProj]
-    #[project_replace = StepOwned]
-    enum Step<Req, Fut, Slow> {
-        // Not yet polled: nothing is decided before the first poll.
-        Start { request: Req, options: RequestOptions },
-        // The request is out. `sent: None`: it goes without a token (skipped, or to an
+    #[project = StateProj]
+    enum State<'a, Req, Resp, E, F, Fut> {
+        // `Some`: not yet polled (nothing is decided before the first poll); `None`:
+        // completed. The request waits here, in the place its send future takes.
+        Idle { start: Option<Start<Req, F>> },
+        // The request is out. `sent: None`: it went without a token (skipped, or to an
         // origin not allowed), and its response is not classified.
         Sending {
             #[pin]
             future: Either<Fut, Instrumented<Fut>>,
-            sent: Option<Sent<Req>>,
+            sent: Option<Sent<Req, F>>,
         },
-        // A rare road: waiting for a token, reading a body, resending.
-        Slow { future: Pin<Box<Slow>> },
-        Done,
+        Slow { future: BoxFuture<'a, Result<Resp, AuthError<E>>> },
     }
 }
 
-/// What a request that went out with a token needs when its response comes.
-struct Sent<Req> {
+impl<Req, Resp, E, F, Fut> fmt::Debug for SendFuture<'_, Req, Resp, E, F, Fut> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Idle { start: Some(_) } => "not polled",
+            State::Idle { start: None } => "done",
+            State::Sending { .. } => "sending",
+            State::Slow { .. } => "waiting, classifying or resending",
+        };
+        f.debug_struct("SendFuture").field("state", &state).finish()
+    }
+}
+
+/// A request before the first poll.
+struct Start<Req, F> {
+    policy: AuthPolicy,
+    request: Req,
+    options: RequestOptions,
+    send: F,
+}
+
+/// What a request that carries a token keeps until its response is judged.
+struct Attempt<F> {
+    policy: AuthPolicy,
+    /// The request's coordinator: the policy's one, or its key's.
+    flight: SingleFlight,
+    send: F,
+    span: Span,
+    /// Where the response must come from to be a verdict on the token.
+    sent_to: SentTo,
+}
+
+/// A request that went out with a token.
+struct Sent<Req, F> {
+    attempt: Attempt<F>,
     replay: Option<Req>,
     generation: u64,
-    span: Span,
-    sent_to: SentTo,
-    /// The request's key's coordinator; `None`: the policy's one.
-    keyed: Option<SingleFlight>,
 }
 
-/// A request that will carry a token but has none yet (no token at once, or a forced
-/// refresh), with what the first poll found out about it.
-struct Unsent<Req> {
-    request: Req,
-    force_refresh: bool,
-    span: Span,
-    sent_to: SentTo,
-    /// As in [`Sent`].
-    keyed: Option<SingleFlight>,
-}
-
-/// Where a request leaves [`SendFuture`]'s common road.
+/// Where a request leaves the common road.
 enum Road<Req, Resp> {
-    /// Before the first send: waiting for a token.
-    Start(Unsent<Req>),
-    /// A response the head alone does not clear (a rejection, or a body to read).
-    Classify { response: Resp, sent: Sent<Req> },
+    /// Before its first send: waiting for a token (or a forced refresh).
+    Wait { request: Req, force_refresh: bool },
+    /// A response whose head did not clear the token.
+    Judge {
+        response: Resp,
+        head: Head,
+        replay: Option<Req>,
+        generation: u64,
+    },
 }
 
-/// What the first poll decided.
-enum Begin<Req, Fut> {
-    Send(Either<Fut, Instrumented<Fut>>, Option<Sent<Req>>),
-    Slow(Unsent<Req>),
-}
-
-impl<P, Req, Resp, E, F, Fut, Make, Slow> Future for SendFuture<P, Req, F, Fut, Make, Slow>
+impl<'a, Req, Resp, E, F, Fut> Future for SendFuture<'a, Req, Resp, E, F, Fut>
 where
-    P: Borrow<AuthPolicy>,
-    Req: AuthRequest,
-    Resp: AuthResponse,
-    F: FnMut(Req) -> Fut,
-    Fut: Future<Output = Result<Resp, E>>,
-    Make: Fn(P, F, Road<Req, Resp>) -> Slow,
-    Slow: Future<Output = Result<Resp, AuthError<E>>>,
+    Req: AuthRequest + 'a,
+    Resp: AuthResponse + 'a,
+    E: Send + 'a,
+    F: FnMut(Req) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<Resp, E>> + Send + 'a,
 {
     type Output = Result<Resp, AuthError<E>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            let road = match this.step.as_mut().project() {
-                StepProj::Start { .. } => {
-                    let StepOwned::Start { request, options } =
-                        this.step.as_mut().project_replace(Step::Done)
-                    else {
-                        unreachable!("the step was Start")
+            match this.state.as_mut().project() {
+                StateProj::Idle { start } => {
+                    let Some(start) = start.take() else {
+                        return Poll::Pending;
                     };
-                    let (Some(policy), Some(send)) = (this.policy.as_ref(), this.send.as_mut())
-                    else {
-                        unreachable!("the policy and send leave only with the slow road")
-                    };
-                    match begin(policy.borrow(), request, options, send) {
-                        Ok(Begin::Send(future, sent)) => {
-                            this.step.set(Step::Sending { future, sent });
-                            continue;
-                        }
-                        Ok(Begin::Slow(unsent)) => Road::Start(unsent),
+                    match start.begin() {
+                        Ok(state) => this.state.set(state),
                         Err(error) => return Poll::Ready(Err(error)),
                     }
                 }
-                StepProj::Sending { future, .. } => {
+                StateProj::Sending { future, sent } => {
                     let result = ready!(future.poll(cx));
-                    let StepOwned::Sending { sent, .. } =
-                        this.step.as_mut().project_replace(Step::Done)
-                    else {
-                        unreachable!("the step was Sending")
-                    };
+                    let sent = sent.take();
+                    this.state.set(State::Idle { start: None });
                     let response = match result {
                         Ok(response) => response,
                         Err(error) => return Poll::Ready(Err(AuthError::Transport(error))),
@@ -659,254 +496,257 @@ where
                     let Some(sent) = sent else {
                         return Poll::Ready(Ok(response));
                     };
-                    let Some(policy) = this.policy.as_ref() else {
-                        unreachable!("the policy leaves only with the slow road")
-                    };
-                    match policy.borrow().verdict(response, sent) {
-                        Ok(response) => return Poll::Ready(Ok(response)),
-                        Err((response, sent)) => Road::Classify { response, sent },
+                    let Sent {
+                        attempt,
+                        replay,
+                        generation,
+                    } = sent;
+                    let head = attempt
+                        .policy
+                        .inner
+                        .rules
+                        .head(&response, Some(&attempt.sent_to));
+                    if let Head::Clears = head {
+                        attempt.cleared();
+                        return Poll::Ready(Ok(response));
                     }
+                    let road = Road::Judge {
+                        response,
+                        head,
+                        replay,
+                        generation,
+                    };
+                    let future = Box::pin(attempt.slow_road(road));
+                    this.state.set(State::Slow { future });
                 }
-                StepProj::Slow { future } => {
+                StateProj::Slow { future } => {
                     let output = ready!(future.as_mut().poll(cx));
-                    this.step.set(Step::Done);
+                    this.state.set(State::Idle { start: None });
                     return Poll::Ready(output);
                 }
-                StepProj::Done => panic!("tokenflight's send future polled after it completed"),
-            };
-            let (Some(policy), Some(send)) = (this.policy.take(), this.send.take()) else {
-                unreachable!("the slow road is taken once")
-            };
-            let future = Box::pin((this.make_slow)(policy, send, road));
-            this.step.set(Step::Slow { future });
-        }
-    }
-}
-
-/// The first poll: the request sent at once (without a token, or with the current one),
-/// or the slow road. Errors: the token cannot be a header value.
-fn begin<Req, Resp, E, F, Fut>(
-    policy: &AuthPolicy,
-    mut request: Req,
-    options: RequestOptions,
-    send: &mut F,
-) -> Result<Begin<Req, Fut>, AuthError<E>>
-where
-    Req: AuthRequest,
-    Resp: AuthResponse,
-    F: FnMut(Req) -> Fut,
-    Fut: Future<Output = Result<Resp, E>>,
-{
-    let rules = &policy.inner.rules;
-    if options.skip_auth || rules.skip.skips_request(&request) {
-        return Ok(Begin::Send(Either::Left(send(request)), None));
-    }
-    // Also where the response must come from to be a verdict on the token.
-    let Some(sent_to) = rules.origins.admit(request.origin_url()) else {
-        return Ok(Begin::Send(Either::Left(send(request)), None));
-    };
-    let span = request_span();
-    let flight = policy.flight_for(&request, options.key.as_ref())?;
-    if options.force_refresh {
-        let keyed = flight.into_keyed();
-        return Ok(Begin::Slow(Unsent {
-            request,
-            force_refresh: true,
-            span,
-            sent_to,
-            keyed,
-        }));
-    }
-    let replay = policy.replay_copy(&request);
-    // The token is lent, not cloned: after attaching it the request needs only its
-    // generation.
-    let attached = flight.get().with_ready_token(|token| {
-        rules
-            .placement
-            .attach_cached(&policy.inner.header, &mut request, token)
-            .map(|()| token.generation())
-    });
-    let Some(attached) = attached else {
-        // No token at once. The copy is made again after the wait (rare).
-        let keyed = flight.into_keyed();
-        return Ok(Begin::Slow(Unsent {
-            request,
-            force_refresh: false,
-            span,
-            sent_to,
-            keyed,
-        }));
-    };
-    let generation = attached?;
-    policy.authorized_at_once(flight.get(), &span, generation);
-    let future = traced(send(request), &span);
-    let sent = Sent {
-        replay,
-        generation,
-        span,
-        sent_to,
-        keyed: flight.into_keyed(),
-    };
-    Ok(Begin::Send(future, Some(sent)))
-}
-
-impl AuthPolicy {
-    /// A copy to resend, only if a response can reject the token at all. Taken before
-    /// the token is attached: the copy gets the newer token if it is ever sent.
-    fn replay_copy<Req: AuthRequest>(&self, request: &Req) -> Option<Req> {
-        if self.inner.rules.classifier.can_reject() {
-            request.try_clone()
-        } else {
-            None
-        }
-    }
-
-    /// The verdict on a response to a request that carried a token, from its head:
-    /// `Ok` to return it as it is, `Err` (the response back) to classify it on the
-    /// slow road (a rejection, or a body to read).
-    #[allow(clippy::type_complexity)]
-    fn verdict<Req, Resp: AuthResponse>(
-        &self,
-        response: Resp,
-        sent: Sent<Req>,
-    ) -> Result<Resp, (Resp, Sent<Req>)> {
-        let rules = &self.inner.rules;
-        if response.final_url().is_some_and(|url| {
-            !sent.sent_to.is_origin_of(&rules.origins, url) || !rules.placement.may_carry_token(url)
-        }) {
-            tracing::debug!("the response comes from where the token did not go; not classified");
-            return Ok(response);
-        }
-        if rules.classifier.head_rejects(&response)
-            || rules.classifier.body_rule_for(&response).is_some()
-        {
-            return Err((response, sent));
-        }
-        // Not even a call when nobody looks (issue 18: recording on a span without
-        // metadata still ran tracing's record path, cold, on every request).
-        if !sent.span.is_none() {
-            sent.span.record("resent", false);
-        }
-        Ok(response)
-    }
-
-    /// The slow road from the start: the token (waiting for it), the send, then
-    /// [`finish`](Self::finish).
-    async fn send_slowly<Req, Resp, E, F, Fut>(
-        &self,
-        flight: &SingleFlight,
-        unsent: Unsent<Req>,
-        mut send: F,
-    ) -> Result<Resp, AuthError<E>>
-    where
-        Req: AuthRequest,
-        Resp: AuthResponse,
-        F: FnMut(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, E>>,
-    {
-        let Unsent {
-            mut request,
-            force_refresh,
-            span,
-            sent_to,
-            keyed,
-        } = unsent;
-        let token = self
-            .authorize(flight, force_refresh, &span)
-            .instrument(span.clone())
-            .await?;
-        let replay = self.replay_copy(&request);
-        self.inner
-            .rules
-            .placement
-            .attach_cached(&self.inner.header, &mut request, &token)?;
-        let generation = token.generation();
-        drop(token);
-        let response = traced(send(request), &span)
-            .await
-            .map_err(AuthError::Transport)?;
-        let sent = Sent {
-            replay,
-            generation,
-            span,
-            sent_to,
-            keyed,
-        };
-        match self.verdict(response, sent) {
-            Ok(response) => Ok(response),
-            Err((response, sent)) => self.finish(flight, response, sent, send).await,
-        }
-    }
-
-    /// A response the head did not clear: classified (reading the body if the rule
-    /// says so); if rejected, the one resend ([C3](crate#c3), [C4](crate#c4)).
-    async fn finish<Req, Resp, E, F, Fut>(
-        &self,
-        flight: &SingleFlight,
-        response: Resp,
-        sent: Sent<Req>,
-        send: F,
-    ) -> Result<Resp, AuthError<E>>
-    where
-        Req: AuthRequest,
-        Resp: AuthResponse,
-        F: FnMut(Req) -> Fut,
-        Fut: Future<Output = Result<Resp, E>>,
-    {
-        let Sent {
-            replay,
-            generation,
-            span,
-            ..
-        } = sent;
-        let (response, rejected) = self.classify(response).await;
-        if !rejected {
-            if !span.is_none() {
-                span.record("resent", false);
             }
+        }
+    }
+}
+
+impl<'a, Req, F> Start<Req, F> {
+    /// The first poll: the request sent at once (without a token, or with the current
+    /// one), or the slow road. Errors: no coordinator for the request (misuse), or the
+    /// token cannot be a header value.
+    fn begin<Resp, E, Fut>(self) -> Result<State<'a, Req, Resp, E, F, Fut>, AuthError<E>>
+    where
+        Req: AuthRequest + 'a,
+        Resp: AuthResponse + 'a,
+        E: Send + 'a,
+        F: FnMut(Req) -> Fut + Send + 'a,
+        Fut: Future<Output = Result<Resp, E>> + Send + 'a,
+    {
+        let Start {
+            policy,
+            mut request,
+            options,
+            mut send,
+        } = self;
+        let Some(sent_to) = policy.inner.rules.admit(&request, &options) else {
+            let future = Either::Left(send(request));
+            return Ok(State::Sending { future, sent: None });
+        };
+        let flight = policy.flight_for(&request, options.key.as_ref())?;
+        let replay = match options.force_refresh {
+            true => None,
+            false => policy.inner.rules.replay_copy(&request),
+        };
+        // The token is lent, not cloned: after attaching it the request needs only its
+        // generation.
+        let attached = match options.force_refresh {
+            true => None,
+            false => flight.with_ready_token(|token| {
+                let attached = policy.inner.rules.attach(&mut request, token);
+                attached.map(|()| token.generation())
+            }),
+        };
+        let mut attempt = Attempt {
+            policy,
+            flight,
+            send,
+            span: request_span(),
+            sent_to,
+        };
+        let Some(attached) = attached else {
+            // No token at once (or a forced refresh). The copy is made again after the
+            // wait, with the token's place still empty.
+            let road = Road::Wait {
+                request,
+                force_refresh: options.force_refresh,
+            };
+            let future = Box::pin(attempt.slow_road(road));
+            return Ok(State::Slow { future });
+        };
+        let generation = attached?;
+        attempt.authorized_at_once(generation);
+        let future = traced((attempt.send)(request), &attempt.span);
+        let sent = Sent {
+            attempt,
+            replay,
+            generation,
+        };
+        Ok(State::Sending {
+            future,
+            sent: Some(sent),
+        })
+    }
+}
+
+impl<F> Attempt<F> {
+    /// Every road but the common one: the token (waiting for it), the send, the
+    /// verdict (reading the body if the rule says so), and after a rejection the
+    /// token that supersedes the rejected one and the one resend ([C3](crate#c3),
+    /// [C4](crate#c4)).
+    async fn slow_road<Req, Resp, E, Fut>(
+        mut self,
+        road: Road<Req, Resp>,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let (response, head, replay, generation) = match road {
+            Road::Judge {
+                response,
+                head,
+                replay,
+                generation,
+            } => (response, head, replay, generation),
+            Road::Wait {
+                mut request,
+                force_refresh,
+            } => {
+                let token = authorize(&self.flight, &self.span, force_refresh).await?;
+                let rules = &self.policy.inner.rules;
+                let replay = rules.replay_copy(&request);
+                rules.attach(&mut request, &token)?;
+                let generation = token.generation();
+                drop(token);
+                let response = traced((self.send)(request), &self.span)
+                    .await
+                    .map_err(AuthError::Transport)?;
+                let head = self.policy.inner.rules.head(&response, Some(&self.sent_to));
+                (response, head, replay, generation)
+            }
+        };
+        let (response, rejected) = Rules::classify(response, head).await;
+        if !rejected {
+            self.cleared();
             return Ok(response);
         }
         let Some(replay) = replay else {
-            span.record("resent", false);
+            self.span.record("resent", false);
             tracing::debug!(
                 generation,
                 "token rejected; the body cannot be replayed, returning the response"
             );
-            flight.mark_rejected(generation);
+            self.flight.mark_rejected(generation);
             return Ok(response);
         };
         drop(response);
-        self.resend_after_rejection(flight, replay, generation, span, send)
+        self.resend(replay, generation).await
+    }
+
+    /// After a rejection of `rejected`: the token that supersedes it, then the resend.
+    async fn resend<Req, Resp, E, Fut>(
+        mut self,
+        mut replay: Req,
+        rejected: u64,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let (newer, kind) = self
+            .flight
+            .token_after_rejection_kind(rejected)
+            .instrument(self.span.clone())
+            .await?;
+        let with = newer.generation();
+        self.span.record("resent", true);
+        self.span.record("resent_with", with);
+        self.flight.count_retry();
+        tracing::debug!(generation = with, "resending once with a newer token");
+        self.policy.inner.rules.attach(&mut replay, &newer)?;
+        drop(newer);
+        self.flight.observers().emit(|o| {
+            o.request_resent(&RequestResent {
+                kind,
+                rejected,
+                with,
+            })
+        });
+        traced((self.send)(replay), &self.span)
             .await
+            .map_err(AuthError::Transport)
+    }
+
+    /// Tells the span and the observers about a token taken on the common road.
+    fn authorized_at_once(&self, generation: u64) {
+        if !self.flight.observers().is_empty() || !self.span.is_disabled() {
+            authorized(&self.flight, &self.span, generation, false);
+        }
+    }
+
+    /// The response stands: no resend. Not even a call into the span when nobody looks
+    /// (recording on a span without metadata still runs tracing's record path).
+    fn cleared(&self) {
+        if !self.span.is_none() {
+            self.span.record("resent", false);
+        }
     }
 }
 
-/// Every rare road of [`send_via`], as one `async fn` (its future is boxed there).
-async fn slow_road<P, Req, Resp, E, F, Fut>(
-    policy: P,
-    send: F,
-    road: Road<Req, Resp>,
-) -> Result<Resp, AuthError<E>>
-where
-    P: Borrow<AuthPolicy>,
-    Req: AuthRequest,
-    Resp: AuthResponse,
-    F: FnMut(Req) -> Fut,
-    Fut: Future<Output = Result<Resp, E>>,
-{
-    let policy: &AuthPolicy = policy.borrow();
-    let keyed = match &road {
-        Road::Start(unsent) => &unsent.keyed,
-        Road::Classify { sent, .. } => &sent.keyed,
+/// The token for a request that had none at once, telling the span whether it waited.
+/// Borrows only the coordinator and the span (not the client's `send`, which need not
+/// be `Sync`).
+async fn authorize(
+    flight: &SingleFlight,
+    span: &Span,
+    force_refresh: bool,
+) -> Result<Arc<Token>, Error> {
+    let fetch = async {
+        if force_refresh {
+            flight.force_refresh().await
+        } else {
+            flight.token().await
+        }
     };
-    // The request's coordinator, as the first poll found it (a clone: the slow road is
-    // rare).
-    let Some(flight) = keyed.as_ref().or(policy.flight()).cloned() else {
-        unreachable!("a keyed policy gives each request its key's coordinator")
-    };
-    match road {
-        Road::Start(unsent) => policy.send_slowly(&flight, unsent, send).await,
-        Road::Classify { response, sent } => policy.finish(&flight, response, sent, send).await,
+    let fetch = fetch.instrument(span.clone());
+    if flight.observers().is_empty() && span.is_disabled() {
+        return fetch.await;
+    }
+    let before = flight.current().map(|t| t.generation());
+    let mut fetch = pin!(fetch);
+    let mut pended = false;
+    let token = std::future::poll_fn(|cx| {
+        let poll = fetch.as_mut().poll(cx);
+        pended |= poll.is_pending();
+        poll
+    })
+    .await?;
+    let generation = token.generation();
+    let waited = force_refresh || pended || before != Some(generation);
+    authorized(flight, span, generation, waited);
+    Ok(token)
+}
+
+/// Records the token a request goes out with on its span and tells the observers.
+fn authorized(flight: &SingleFlight, span: &Span, generation: u64, waited: bool) {
+    span.record("generation", generation);
+    span.record("waited", waited);
+    if !flight.observers().is_empty() {
+        flight
+            .observers()
+            .emit(|o| o.request_authorized(&RequestAuthorized { generation, waited }));
     }
 }
 
@@ -914,9 +754,7 @@ where
 /// looks (no subscriber wants it), whose enter, exit and record do nothing. A disabled
 /// span still has its metadata, and with tracing's `log` feature (which axum, tower and
 /// others switch on) every poll through `instrument` asks the `log` crate whether to
-/// print it: about 10 % of the middleware's own CPU per request in a profile (issue 18).
-/// When no subscriber takes `info` at all, not even the disabled span is made (its
-/// making and dropping were cold code on every request end to end).
+/// print it. When no subscriber takes `info` at all, not even the disabled span is made.
 fn request_span() -> Span {
     if tracing::Level::INFO > tracing::level_filters::LevelFilter::current() {
         return Span::none();
@@ -935,17 +773,6 @@ fn request_span() -> Span {
     }
 }
 
-/// The body rule's verdict, reading at most `limit` bytes of the body.
-async fn classify_body<Resp: AuthResponse>(
-    response: Resp,
-    limit: usize,
-    predicate: &BodyPredicate,
-) -> (Resp, bool) {
-    let (response, body) = response.buffer_body(limit).await;
-    let rejected = body.is_some_and(|bytes| predicate(&bytes));
-    (response, rejected)
-}
-
 /// `future` inside `span`, or as it is when nobody looks at the span (no wrapper to
 /// poll through). Not an `async fn`: that would hold `future` twice in its state.
 fn traced<F: Future>(future: F, span: &Span) -> Either<F, Instrumented<F>> {
@@ -953,29 +780,5 @@ fn traced<F: Future>(future: F, span: &Span) -> Either<F, Instrumented<F>> {
         Either::Left(future)
     } else {
         Either::Right(future.instrument(span.clone()))
-    }
-}
-
-/// The coordinator of one request: borrowed from a policy with one token (no reference
-/// count touched on the fast path), owned for a key (the map hands out a handle).
-enum MaybeOwned<'a> {
-    Borrowed(&'a SingleFlight),
-    Owned(SingleFlight),
-}
-
-impl MaybeOwned<'_> {
-    fn get(&self) -> &SingleFlight {
-        match self {
-            MaybeOwned::Borrowed(flight) => flight,
-            MaybeOwned::Owned(flight) => flight,
-        }
-    }
-
-    /// A key's coordinator, to keep; `None` for the policy's own (found again there).
-    fn into_keyed(self) -> Option<SingleFlight> {
-        match self {
-            MaybeOwned::Borrowed(_) => None,
-            MaybeOwned::Owned(flight) => Some(flight),
-        }
     }
 }

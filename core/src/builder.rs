@@ -12,12 +12,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth_policy::{AuthPolicy, Flights, KeyFn, Rules, default_key};
+use crate::auth_policy::{AuthPolicy, Flights, KeyFn, default_key};
 use crate::config::{Backoff, FlightConfig, Retry};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
 use crate::keyed::{KeyedFlights, TokenKey};
 use crate::observe::{Observer, Observers};
+use crate::policy::Rules;
 use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
 use crate::runtime::{Clock, Spawn, SystemClock, Timer, default_timer};
 use crate::source::TokenSource;
@@ -338,6 +339,25 @@ impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
     }
 }
 
+impl AuthPolicy {
+    /// A builder with the documented defaults (see [`FlightConfig`]); an adapter's
+    /// `builder()` returns the same builder with its runtime preset.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError, Token, from_fn};
+    /// let missing = AuthPolicy::builder().allow_any_origin().build();
+    /// assert!(matches!(missing, Err(ConfigError::MissingSource)));
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
+    pub fn builder() -> AuthPolicyBuilder {
+        AuthPolicyBuilder::new()
+    }
+}
+
 impl<Out> Default for AuthPolicyBuilder<Out> {
     fn default() -> Self {
         Self::new()
@@ -601,14 +621,7 @@ impl<Out> AuthPolicyBuilder<Out> {
                 }
             }
         };
-        Ok(Out::from(AuthPolicy::new(
-            flights,
-            Rules {
-                placement: self.placement,
-                origins,
-                classifier: self.classifier,
-                skip: self.skip,
-            },
-        )))
+        let rules = Rules::new(self.placement, origins, self.classifier, self.skip);
+        Ok(Out::from(AuthPolicy::new(flights, rules)))
     }
 }

@@ -26,6 +26,11 @@ pub enum Cause {
     /// A pluggable part (the source, the store, a hook) panicked; the panic was
     /// contained ([C18](crate#c18)).
     Panicked,
+    /// The policy's configuration does not fit the request: a
+    /// [`TokenKey`](crate::TokenKey) on a policy that is not keyed, or a key factory
+    /// that could not make the key's coordinator. The [`ConfigError`] is the error's
+    /// `source()`; retrying cannot help.
+    Config,
 }
 
 impl Cause {
@@ -36,6 +41,7 @@ impl Cause {
             Cause::Timeout => "timeout",
             Cause::Store => "store",
             Cause::Panicked => "panicked",
+            Cause::Config => "config",
         }
     }
 }
@@ -88,6 +94,13 @@ impl RefreshError {
     /// "re-authentication required" ([C9](crate#c9)).
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(true, Cause::TokenSource, message)
+    }
+
+    /// A configuration fault met by one request (not the token source's): permanent for
+    /// this request, with `error` as its source.
+    pub(crate) fn misconfigured(error: ConfigError) -> Self {
+        let message = error.to_string();
+        Self::new(true, Cause::Config, message).with_source(error)
     }
 
     /// A transient failure with another cause (a timeout, a panic contained).
@@ -180,6 +193,7 @@ impl fmt::Display for RefreshError {
             Cause::Timeout => ", timed out",
             Cause::Store => ", token store",
             Cause::Panicked => ", panicked",
+            Cause::Config => ", misconfigured",
         };
         write!(
             f,
@@ -229,6 +243,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when no token comes until a new login is installed ([C9](crate#c9)).
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError};
+    /// let error = Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") };
+    /// assert!(error.is_reauthentication_required());
+    /// assert!(!Error::Refresh(RefreshError::transient("503")).is_reauthentication_required());
+    /// ```
+    pub fn is_reauthentication_required(&self) -> bool {
+        matches!(self, Error::ReauthenticationRequired { .. })
+    }
+
+    /// True when the policy's configuration does not fit the request
+    /// ([`Cause::Config`]): a fault to fix in the code, not a failing token endpoint.
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError};
+    /// assert!(!Error::Refresh(RefreshError::permanent("invalid_grant")).is_misconfigured());
+    /// ```
+    pub fn is_misconfigured(&self) -> bool {
+        self.refresh_error().cause() == Cause::Config
+    }
+
     /// The refresh failure behind this error.
     pub fn refresh_error(&self) -> &RefreshError {
         match self {

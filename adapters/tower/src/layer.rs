@@ -241,7 +241,7 @@ where
             }
         };
         // Boxed as it is: a `map` around it would be one more copy of it per request.
-        let future = self.auth.clone().send_owned(outgoing, options, send);
+        let future = self.auth.send(outgoing, options, send);
         ResponseFuture {
             inner: Box::pin(future),
             // Only a query token can show in the response (in `RequestUri`); a header
