@@ -276,6 +276,50 @@ impl Error {
     }
 }
 
+/// Why [`AuthPolicy::send`](crate::AuthPolicy::send) failed: the error of every adapter's authenticated send
+/// (tower's service error; reqwest and surf wrap it in their own).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError<E> {
+    /// No token could be had (the refresh failed, backoff, or re-authentication needed).
+    #[error(transparent)]
+    Token(#[from] Error),
+    /// The access token cannot be put in a header (the source returned bad characters).
+    #[error(transparent)]
+    InvalidHeader(#[from] crate::request::InvalidHeader),
+    /// The client failed to send the request.
+    #[error("sending the request failed")]
+    Transport(#[source] E),
+}
+
+impl<E> AuthError<E> {
+    /// True when no token comes until a new login is installed ([C9](crate#c9)): the
+    /// caller should sign the user in again.
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// use tokenflight::{Error, RefreshError};
+    /// let error: AuthError<std::io::Error> =
+    ///     Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") }.into();
+    /// assert!(error.is_reauthentication_required() && !error.is_misconfigured());
+    /// ```
+    pub fn is_reauthentication_required(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_reauthentication_required())
+    }
+
+    /// True when the policy's configuration does not fit the request (see
+    /// [`Error::is_misconfigured`]).
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// let error: AuthError<std::io::Error> = AuthError::Transport(std::io::Error::other("reset"));
+    /// assert!(!error.is_misconfigured());
+    /// ```
+    pub fn is_misconfigured(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_misconfigured())
+    }
+}
+
 /// A builder was given settings that cannot work together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

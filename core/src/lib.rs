@@ -193,7 +193,8 @@ pub mod adapter {
     //! of [`AuthPolicy::send`](crate::AuthPolicy::send) ([`RequestOptions`],
     //! [`AuthError`]). Applications rarely need it.
 
-    pub use crate::auth_policy::{AuthError, SendFuture};
+    pub use crate::auth_policy::SendFuture;
+    pub use crate::error::AuthError;
     pub use crate::request::{
         AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
     };
