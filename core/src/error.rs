@@ -286,7 +286,7 @@ pub enum AuthError<E> {
     Token(#[from] Error),
     /// The access token cannot be put in a header (the source returned bad characters).
     #[error(transparent)]
-    InvalidHeader(#[from] crate::request::InvalidHeader),
+    InvalidHeader(#[from] InvalidHeader),
     /// The client failed to send the request.
     #[error("sending the request failed")]
     Transport(#[source] E),
@@ -319,6 +319,11 @@ impl<E> AuthError<E> {
         matches!(self, AuthError::Token(error) if error.is_misconfigured())
     }
 }
+
+/// A header name or value that HTTP cannot carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the token cannot be sent in a header (invalid characters)")]
+pub struct InvalidHeader;
 
 /// A builder was given settings that cannot work together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,6 +6,7 @@ use std::future::Future;
 use bytes::Bytes;
 use url::Url;
 
+pub use crate::error::InvalidHeader;
 use crate::keyed::TokenKey;
 
 /// A request the auth policy can decorate and, maybe, send again.
@@ -44,11 +45,6 @@ pub trait AuthRequest: Sized + Send {
     /// ([C4](crate#c4)).
     fn try_clone(&self) -> Option<Self>;
 }
-
-/// A header name or value that HTTP cannot carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the token cannot be sent in a header (invalid characters)")]
-pub struct InvalidHeader;
 
 /// The parts of a response that classification looks at.
 pub trait ResponseView {
