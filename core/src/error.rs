@@ -345,4 +345,32 @@ pub enum ConfigError {
     /// A duration or limit is out of range.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// More than one setting is invalid: each of them, in the order of the calls.
+    #[error("{} invalid settings: {}", .0.len(), Several(.0))]
+    Several(Vec<ConfigError>),
+}
+
+/// The list of a [`ConfigError::Several`], for its message.
+struct Several<'a>(&'a [ConfigError]);
+
+impl fmt::Display for Several<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, error) in self.0.iter().enumerate() {
+            if at > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// One error for `all` (one of them as it is, more as [`ConfigError::Several`]).
+    pub(crate) fn of_all(mut all: Vec<ConfigError>) -> Self {
+        match all.len() {
+            1 => all.remove(0),
+            _ => ConfigError::Several(all),
+        }
+    }
 }
