@@ -30,7 +30,7 @@ pub trait AuthRequest: Sized + Send {
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
     /// Sets header `name` to a ready-made `value` (already marked sensitive),
     /// replacing earlier values. The layer builds the value once per token and hands
-    /// the same one to every request (issue 18): clients built on the `http` crate
+    /// the same one to every request: clients built on the `http` crate
     /// override this to insert a clone (a reference-count increment). The default
     /// goes through [`AuthRequest::set_sensitive_header`].
     fn set_header_value(

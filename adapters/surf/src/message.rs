@@ -27,7 +27,7 @@ enum Replay {
     /// An empty body (surf's clone gives one).
     Empty,
     /// These bytes, of this type (boxed: the attempt and its copy live in every
-    /// request's future, and most requests have no body; issue 18).
+    /// request's future, and most requests have no body).
     Bytes(Box<(Bytes, Mime)>),
     /// Not replayable: a stream, or larger than the limit.
     No,
@@ -184,8 +184,8 @@ impl ResponseView for Reply {
 
     fn header(&self, name: &str) -> Option<&str> {
         // Found by comparing names, not through a `HeaderName`: `HeaderName::from_str`
-        // allocates the lower-cased name, and the classifier asks on every response
-        // (issue 18). (`HeaderName::from(&str)` would also panic on non-ASCII.) surf
+        // allocates the lower-cased name, and the classifier asks on every response.
+        // (`HeaderName::from(&str)` would also panic on non-ASCII.) surf
         // keeps its names lower-cased, one entry per name.
         self.0
             .iter()
