@@ -252,7 +252,7 @@ impl AuthPolicy {
     /// }
     /// impl ResponseView for Resp {
     ///     fn status(&self) -> u16 { self.0 }
-    ///     fn header(&self, _: &str) -> Option<&str> { None }
+    ///     fn header(&self, _: &http::HeaderName) -> Option<&str> { None }
     /// }
     /// impl AuthResponse for Resp {}
     ///
@@ -304,7 +304,7 @@ impl AuthPolicy {
     /// struct Resp(u16);
     /// impl ResponseView for Resp {
     ///     fn status(&self) -> u16 { self.0 }
-    ///     fn header(&self, _: &str) -> Option<&str> { None }
+    ///     fn header(&self, _: &http::HeaderName) -> Option<&str> { None }
     /// }
     /// impl AuthResponse for Resp {}
     /// let policy = AuthPolicy::builder()

@@ -603,7 +603,7 @@ pub(crate) type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Classifier {
     statuses: Vec<u16>,
-    headers: Vec<(String, String)>,
+    headers: Vec<(http::HeaderName, String)>,
     www_authenticate: bool,
     head: Option<HeadPredicate>,
     body: Option<(usize, BodyPredicate)>,
@@ -660,7 +660,10 @@ impl Classifier {
     /// # drop(grpc);
     /// ```
     pub fn header_equals(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_owned(), value.to_owned()));
+        // A name HTTP cannot carry is on no response: such a rule could never match.
+        if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
+            self.headers.push((name, value.to_owned()));
+        }
         self
     }
 
@@ -709,7 +712,7 @@ impl Classifier {
             return head(response);
         }
         if self.www_authenticate {
-            if let Some(value) = response.header("www-authenticate") {
+            if let Some(value) = response.header(&http::header::WWW_AUTHENTICATE) {
                 match bearer_error(value) {
                     Ok(Some(BearerError::InvalidToken)) => return true,
                     Ok(Some(BearerError::InsufficientScope)) => return false,
@@ -745,10 +748,13 @@ impl Classifier {
         response: &dyn ResponseView,
     ) -> Option<(usize, &BodyPredicate)> {
         let (limit, predicate) = self.body.as_ref()?;
-        if response.header("content-type").is_some_and(declares_stream) {
+        if response
+            .header(&http::header::CONTENT_TYPE)
+            .is_some_and(declares_stream)
+        {
             return None;
         }
-        let readable = match response.header("content-length") {
+        let readable = match response.header(&http::header::CONTENT_LENGTH) {
             Some(length) => length
                 .trim()
                 .parse::<u64>()
@@ -1005,10 +1011,10 @@ mod tests {
         fn status(&self) -> u16 {
             200
         }
-        fn header(&self, name: &str) -> Option<&str> {
+        fn header(&self, name: &http::HeaderName) -> Option<&str> {
             self.0
                 .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| *v)
         }
     }
@@ -1163,10 +1169,10 @@ mod header_rule_tests {
             self.0
         }
 
-        fn header(&self, name: &str) -> Option<&str> {
+        fn header(&self, name: &http::HeaderName) -> Option<&str> {
             self.1
                 .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| *v)
         }
     }

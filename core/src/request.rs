@@ -50,8 +50,11 @@ pub trait AuthRequest: Sized + Send {
 pub trait ResponseView {
     /// The HTTP status code.
     fn status(&self) -> u16;
-    /// The first value of header `name` (case-insensitive), if it is valid text.
-    fn header(&self, name: &str) -> Option<&str>;
+    /// The first value of header `name`, if it is valid text. Names are `http`'s, so
+    /// a client built on the `http` crate looks them up as they are (no parse per
+    /// response); others compare [`HeaderName::as_str`](http::HeaderName::as_str),
+    /// always lower-case, with their own names case-insensitively.
+    fn header(&self, name: &http::HeaderName) -> Option<&str>;
 }
 
 /// A response the auth policy can classify.

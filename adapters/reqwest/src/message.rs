@@ -81,17 +81,8 @@ impl ResponseView for Incoming {
         self.0.status().as_u16()
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
-        let headers = self.0.headers();
-        // The names the core looks up on every response, as constants: a lookup by
-        // `&str` parses the name first, on every response.
-        let value = match name {
-            "www-authenticate" => headers.get(http::header::WWW_AUTHENTICATE),
-            "content-type" => headers.get(http::header::CONTENT_TYPE),
-            "content-length" => headers.get(http::header::CONTENT_LENGTH),
-            _ => headers.get(name),
-        };
-        value?.to_str().ok()
+    fn header(&self, name: &http::HeaderName) -> Option<&str> {
+        self.0.headers().get(name)?.to_str().ok()
     }
 }
 

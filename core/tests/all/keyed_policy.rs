@@ -52,7 +52,7 @@ impl ResponseView for Resp {
     fn status(&self) -> u16 {
         self.0
     }
-    fn header(&self, _: &str) -> Option<&str> {
+    fn header(&self, _: &http::HeaderName) -> Option<&str> {
         None
     }
 }
@@ -190,7 +190,7 @@ impl ResponseView for Answer {
     fn status(&self) -> u16 {
         self.0
     }
-    fn header(&self, _: &str) -> Option<&str> {
+    fn header(&self, _: &http::HeaderName) -> Option<&str> {
         None
     }
 }
