@@ -200,6 +200,7 @@ pub use auth_policy::AuthPolicy;
 pub use builder::{AuthPolicyBuilder, FlightBuilder};
 pub use error::{Cause, ConfigError, Error, RefreshError};
 pub use flight::SingleFlight;
+pub use keyed::TokenKey;
 pub use policy::{Classifier, Placement};
 pub use request::{ForceRefresh, SkipAuth};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
@@ -212,7 +213,8 @@ pub mod adapter {
     //! of [`AuthPolicy::send`](crate::AuthPolicy::send) ([`RequestOptions`],
     //! [`AuthError`]). Applications rarely need it.
 
-    pub use crate::auth_policy::AuthError;
+    pub use crate::auth_policy::SendFuture;
+    pub use crate::error::AuthError;
     pub use crate::request::{
         AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
     };
