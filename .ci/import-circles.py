@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Finds import circles between the modules of each crate: an edge a -> b for every
-`use crate::b...` (and `crate::b::` paths) in module a's file; reports cycles."""
+`use crate::b...` (and `crate::b::` paths) in module a's file, and for `crate::Name`
+where Name is one of the crate root's re-exports (`pub use b::Name;` in lib.rs), an
+edge a -> b as well: a root re-export is an import of the module that defines it.
+Reports cycles."""
 import os, re, sys
 root = sys.argv[1] if len(sys.argv) > 1 else "."
 crates = []
@@ -9,8 +12,30 @@ for dirpath, dirs, files in os.walk(root):
     if "Cargo.toml" in files and os.path.isdir(os.path.join(dirpath, "src")):
         crates.append(os.path.join(dirpath, "src"))
 found = 0
+def root_reexports(src):
+    """Name -> defining top module, from the crate root's `pub use m::...` lines."""
+    names = {}
+    for root in ("lib.rs", "main.rs"):
+        path = os.path.join(src, root)
+        if not os.path.isfile(path):
+            continue
+        text = "\n".join(l.split("//")[0] for l in open(path).read().split("\n"))
+        for m in re.finditer(r"pub\s+use\s+(?:self::|crate::)?(\w+)::([^;]*);", text):
+            module, rest = m.group(1), m.group(2)
+            for part in re.split(r"[{},\s]+", rest):
+                part = part.strip()
+                if not part or part in ("self", "*"):
+                    continue
+                leaf = part.split("::")[-1]
+                if " as " in part:
+                    leaf = part.split(" as ")[-1].strip()
+                names.setdefault(leaf, module)
+    return names
+
+
 for src in sorted(crates):
     graph = {}
+    reexports = root_reexports(src)
     for dirpath, _, files in os.walk(src):
         for f in files:
             if not f.endswith(".rs"):
@@ -39,6 +64,8 @@ for src in sorted(crates):
                     name = part.strip().split("::")[0]
                     if name:
                         deps.add(name)
+            # `crate::Name` through the root: the module that defines Name
+            deps = {reexports.get(d, d) for d in deps}
             deps.discard(top)
             graph.setdefault(top, set()).update(deps)
     # cycles: DFS

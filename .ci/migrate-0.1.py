@@ -92,6 +92,9 @@ def main(path):
     text = re.sub(r'Builder::(?:<[A-Za-z]+>::)?for_output\(\)', 'AuthPolicyBuilder::new()', text)
     text = text.replace('.source_arc(', '.source(').replace('.store_arc(', '.store(')
     text = re.sub(r'\.query_param\(([^()]*)\)', r'.placement(Placement::query(\1))', text)
+    # The driver's twins: one `send`, whose future borrows nothing of the policy.
+    text = re.sub(r'\.clone\(\)\.send_owned\(', '.send(', text)
+    text = re.sub(r'\.send_owned\(', '.send(', text)
     text = re.sub(r'(Placement::(?:query|header)\([^()]*\))\.unwrap\(\)', r'\1', text)
     text = re.sub(r'RefreshError::new\(\s*RefreshErrorKind::Transient,', 'RefreshError::transient(', text)
     text = re.sub(r'RefreshError::new\(\s*RefreshErrorKind::Permanent,', 'RefreshError::permanent(', text)

@@ -12,12 +12,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth_policy::{AuthPolicy, Flights, KeyFn, Rules, default_key};
+use crate::auth_policy::{AuthPolicy, Flights, KeyFn, default_key};
 use crate::config::{Backoff, FlightConfig, Retry};
 use crate::error::{ConfigError, RefreshError};
 use crate::flight::{AuthLostHook, Parts, SingleFlight};
 use crate::keyed::{KeyedFlights, TokenKey};
 use crate::observe::{Observer, Observers};
+use crate::policy::Rules;
 use crate::policy::{AllowedOrigins, Classifier, Placement, SkipRoutes};
 use crate::runtime::{Clock, Spawn, SystemClock, Timer, default_timer};
 use crate::source::TokenSource;
@@ -308,11 +309,16 @@ pub struct AuthPolicyBuilder<Out = AuthPolicy> {
     flight: FlightBuilder,
     placement: Placement,
     classifier: Classifier,
-    origins: Option<AllowedOrigins>,
+    /// The listed origins, and whether every origin was allowed: decided at `build`,
+    /// so the result does not depend on the order of the calls.
+    origins: Vec<url::Origin>,
+    any_origin: bool,
     skip: SkipRoutes,
     keyed: Option<KeyedSetup>,
     key_of: Option<Arc<KeyFn>>,
-    invalid: Option<ConfigError>,
+    key_bounds: Option<(usize, Option<Duration>)>,
+    /// Every invalid setting, in the order of the calls; `build` reports them all.
+    invalid: Vec<ConfigError>,
     out: PhantomData<fn() -> Out>,
 }
 
@@ -335,6 +341,25 @@ impl<Out> fmt::Debug for AuthPolicyBuilder<Out> {
             .field("skip", &self.skip)
             .field("keyed", &self.keyed.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+impl AuthPolicy {
+    /// A builder with the documented defaults (see [`FlightConfig`]); an adapter's
+    /// `builder()` returns the same builder with its runtime preset.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError, Token, from_fn};
+    /// let missing = AuthPolicy::builder().allow_any_origin().build();
+    /// assert!(matches!(missing, Err(ConfigError::MissingSource)));
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
+    pub fn builder() -> AuthPolicyBuilder {
+        AuthPolicyBuilder::new()
     }
 }
 
@@ -365,11 +390,13 @@ impl<Out> AuthPolicyBuilder<Out> {
             flight: FlightBuilder::new(),
             placement: Placement::default(),
             classifier: Classifier::default(),
-            origins: None,
+            origins: Vec::new(),
+            any_origin: false,
+            key_bounds: None,
             skip: SkipRoutes::default(),
             keyed: None,
             key_of: None,
-            invalid: None,
+            invalid: Vec::new(),
             out: PhantomData,
         }
     }
@@ -438,19 +465,27 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// ([C12](crate#c12)).
     pub fn allowed_origin(mut self, origin: &str) -> Self {
         match AllowedOrigins::parse_origin(origin) {
-            Ok(origin) => match &mut self.origins {
-                Some(AllowedOrigins::List(list)) => list.push(origin),
-                Some(AllowedOrigins::Any) => {}
-                None => self.origins = Some(AllowedOrigins::List(vec![origin])),
-            },
-            Err(e) => self.invalid = Some(e),
+            Ok(origin) => self.origins.push(origin),
+            Err(e) => self.invalid.push(e),
         }
         self
     }
 
     /// Allow the token to go to every origin (an explicit opt-in, [C12](crate#c12)).
+    /// Together with [`allowed_origin`](Self::allowed_origin), in either order, `build`
+    /// refuses both: a list that would be ignored is a mistake.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError, Token, from_fn};
+    /// let both = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build();
+    /// assert!(matches!(both, Err(ConfigError::InvalidSetting(_))));
+    /// ```
     pub fn allow_any_origin(mut self) -> Self {
-        self.origins = Some(AllowedOrigins::Any);
+        self.any_origin = true;
         self
     }
 
@@ -539,49 +574,102 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// A keyed policy's bounds: at most `max_keys` coordinators (default 10,000), and
     /// with `idle_timeout` (default 15 minutes) the time after which an unused one may
     /// go; see [`KeyedFlightsBuilder`](crate::keyed::KeyedFlightsBuilder). Only with
-    /// [`keyed`](Self::keyed) (call it after).
+    /// [`keyed`](Self::keyed), before or after it.
     pub fn key_bounds(mut self, max_keys: usize, idle_timeout: Option<Duration>) -> Self {
-        match &mut self.keyed {
-            Some(setup) => {
-                setup.max_keys = max_keys;
-                setup.idle_timeout = idle_timeout;
-            }
-            None => {
-                self.invalid = Some(ConfigError::InvalidSetting(
-                    "key_bounds needs a keyed policy: call `.keyed(..)` first".into(),
-                ))
-            }
-        }
+        self.key_bounds = Some((max_keys, idle_timeout));
         self
     }
 
     /// Builds the policy. Fails without a source (or, keyed, a factory) or an allowed
-    /// origin, or with settings that cannot work together.
-    pub fn build(self) -> Result<Out, ConfigError>
+    /// origin, or with settings that cannot work together; with more than one invalid
+    /// setting, [`ConfigError::Several`] lists each. The result does not depend on the
+    /// order of the calls.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError};
+    /// let error = AuthPolicy::builder()
+    ///     .allowed_origin("not an origin")
+    ///     .allowed_origin("nor this")
+    ///     .key_bounds(10, None)
+    ///     .build()
+    ///     .unwrap_err();
+    /// let ConfigError::Several(all) = error else { panic!("{error}") };
+    /// assert!(all.contains(&ConfigError::InvalidOrigin("not an origin".into())));
+    /// assert!(all.contains(&ConfigError::InvalidOrigin("nor this".into())));
+    /// assert!(all.contains(&ConfigError::MissingSource));
+    /// ```
+    pub fn build(mut self) -> Result<Out, ConfigError>
     where
         Out: From<AuthPolicy>,
     {
-        if let Some(e) = self.invalid {
-            return Err(e);
+        let mut invalid = std::mem::take(&mut self.invalid);
+        if let Err(e) = self.placement.check() {
+            invalid.push(e);
         }
-        self.placement.check()?;
-        let origins = self.origins.ok_or(ConfigError::NoAllowedOrigin)?;
-        let flights = match self.keyed {
-            None if self.key_of.is_some() => {
-                return Err(ConfigError::InvalidSetting(
+        let origins = match (self.any_origin, self.origins.is_empty()) {
+            (true, true) => Some(AllowedOrigins::Any),
+            (false, false) => Some(AllowedOrigins::List(std::mem::take(&mut self.origins))),
+            (false, true) => {
+                // Invalid origins were reported already; no need to say "none" too.
+                if !invalid
+                    .iter()
+                    .any(|e| matches!(e, ConfigError::InvalidOrigin(_)))
+                {
+                    invalid.push(ConfigError::NoAllowedOrigin);
+                }
+                None
+            }
+            (true, false) => {
+                invalid.push(ConfigError::InvalidSetting(
+                    "allow_any_origin and allowed_origin exclude each other: choose one".into(),
+                ));
+                None
+            }
+        };
+        if self.keyed.is_none() {
+            if self.key_of.is_some() {
+                invalid.push(ConfigError::InvalidSetting(
                     "token_key needs a keyed policy: call `.keyed(..)`".into(),
                 ));
             }
-            None => Flights::One(self.flight.build()?),
-            Some(setup) => {
-                if let Some(what) = self.flight.shared_by_keys() {
+            if self.key_bounds.is_some() {
+                invalid.push(ConfigError::InvalidSetting(
+                    "key_bounds needs a keyed policy: call `.keyed(..)`".into(),
+                ));
+            }
+        }
+        let flights = self.flights();
+        let (flights, origins) = match (flights, origins) {
+            (Ok(flights), Some(origins)) if invalid.is_empty() => (flights, origins),
+            (flights, _) => {
+                if let Err(e) = flights {
+                    invalid.push(e);
+                }
+                return Err(ConfigError::of_all(invalid));
+            }
+        };
+        let rules = Rules::new(self.placement, origins, self.classifier, self.skip);
+        Ok(Out::from(AuthPolicy::new(flights, rules)))
+    }
+
+    /// The coordinator(s), taken out of the builder.
+    fn flights(&mut self) -> Result<Flights, ConfigError> {
+        let flight = std::mem::take(&mut self.flight);
+        let flights = match self.keyed.take() {
+            None => Flights::One(flight.build()?),
+            Some(mut setup) => {
+                if let Some((max_keys, idle_timeout)) = self.key_bounds {
+                    setup.max_keys = max_keys;
+                    setup.idle_timeout = idle_timeout;
+                }
+                if let Some(what) = flight.shared_by_keys() {
                     return Err(ConfigError::InvalidSetting(format!(
                         "a keyed policy takes each key's {what} from its factory; \
                          set it there, not on the policy"
                     )));
                 }
-                self.flight.check()?;
-                let shared = self.flight;
+                flight.check()?;
+                let shared = flight;
                 // The keys' idle times are measured on the policy's clock when one was
                 // set (a test's manual clock), else on the map's cheap system clock.
                 let clock = shared.clock_set.then(|| Arc::clone(&shared.clock));
@@ -597,18 +685,10 @@ impl<Out> AuthPolicyBuilder<Out> {
                 }
                 Flights::Keyed {
                     flights: flights.build(),
-                    key_of: self.key_of.unwrap_or_else(|| Arc::new(default_key)),
+                    key_of: self.key_of.take().unwrap_or_else(|| Arc::new(default_key)),
                 }
             }
         };
-        Ok(Out::from(AuthPolicy::new(
-            flights,
-            Rules {
-                placement: self.placement,
-                origins,
-                classifier: self.classifier,
-                skip: self.skip,
-            },
-        )))
+        Ok(flights)
     }
 }

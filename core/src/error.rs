@@ -26,6 +26,11 @@ pub enum Cause {
     /// A pluggable part (the source, the store, a hook) panicked; the panic was
     /// contained ([C18](crate#c18)).
     Panicked,
+    /// The policy's configuration does not fit the request: a
+    /// [`TokenKey`](crate::TokenKey) on a policy that is not keyed, or a key factory
+    /// that could not make the key's coordinator. The [`ConfigError`] is the error's
+    /// `source()`; retrying cannot help.
+    Config,
 }
 
 impl Cause {
@@ -36,6 +41,7 @@ impl Cause {
             Cause::Timeout => "timeout",
             Cause::Store => "store",
             Cause::Panicked => "panicked",
+            Cause::Config => "config",
         }
     }
 }
@@ -88,6 +94,13 @@ impl RefreshError {
     /// "re-authentication required" ([C9](crate#c9)).
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(true, Cause::TokenSource, message)
+    }
+
+    /// A configuration fault met by one request (not the token source's): permanent for
+    /// this request, with `error` as its source.
+    pub(crate) fn misconfigured(error: ConfigError) -> Self {
+        let message = error.to_string();
+        Self::new(true, Cause::Config, message).with_source(error)
     }
 
     /// A transient failure with another cause (a timeout, a panic contained).
@@ -180,6 +193,7 @@ impl fmt::Display for RefreshError {
             Cause::Timeout => ", timed out",
             Cause::Store => ", token store",
             Cause::Panicked => ", panicked",
+            Cause::Config => ", misconfigured",
         };
         write!(
             f,
@@ -229,6 +243,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when no token comes until a new login is installed ([C9](crate#c9)).
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError};
+    /// let error = Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") };
+    /// assert!(error.is_reauthentication_required());
+    /// assert!(!Error::Refresh(RefreshError::transient("503")).is_reauthentication_required());
+    /// ```
+    pub fn is_reauthentication_required(&self) -> bool {
+        matches!(self, Error::ReauthenticationRequired { .. })
+    }
+
+    /// True when the policy's configuration does not fit the request
+    /// ([`Cause::Config`]): a fault to fix in the code, not a failing token endpoint.
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError};
+    /// assert!(!Error::Refresh(RefreshError::permanent("invalid_grant")).is_misconfigured());
+    /// ```
+    pub fn is_misconfigured(&self) -> bool {
+        self.refresh_error().cause() == Cause::Config
+    }
+
     /// The refresh failure behind this error.
     pub fn refresh_error(&self) -> &RefreshError {
         match self {
@@ -238,6 +275,55 @@ impl Error {
         }
     }
 }
+
+/// Why [`AuthPolicy::send`](crate::AuthPolicy::send) failed: the error of every adapter's authenticated send
+/// (tower's service error; reqwest and surf wrap it in their own).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError<E> {
+    /// No token could be had (the refresh failed, backoff, or re-authentication needed).
+    #[error(transparent)]
+    Token(#[from] Error),
+    /// The access token cannot be put in a header (the source returned bad characters).
+    #[error(transparent)]
+    InvalidHeader(#[from] InvalidHeader),
+    /// The client failed to send the request.
+    #[error("sending the request failed")]
+    Transport(#[source] E),
+}
+
+impl<E> AuthError<E> {
+    /// True when no token comes until a new login is installed ([C9](crate#c9)): the
+    /// caller should sign the user in again.
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// use tokenflight::{Error, RefreshError};
+    /// let error: AuthError<std::io::Error> =
+    ///     Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") }.into();
+    /// assert!(error.is_reauthentication_required() && !error.is_misconfigured());
+    /// ```
+    pub fn is_reauthentication_required(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_reauthentication_required())
+    }
+
+    /// True when the policy's configuration does not fit the request (see
+    /// [`Error::is_misconfigured`]).
+    ///
+    /// ```
+    /// use tokenflight::adapter::AuthError;
+    /// let error: AuthError<std::io::Error> = AuthError::Transport(std::io::Error::other("reset"));
+    /// assert!(!error.is_misconfigured());
+    /// ```
+    pub fn is_misconfigured(&self) -> bool {
+        matches!(self, AuthError::Token(error) if error.is_misconfigured())
+    }
+}
+
+/// A header name or value that HTTP cannot carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the token cannot be sent in a header (invalid characters)")]
+pub struct InvalidHeader;
 
 /// A builder was given settings that cannot work together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -259,4 +345,32 @@ pub enum ConfigError {
     /// A duration or limit is out of range.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// More than one setting is invalid: each of them, in the order of the calls.
+    #[error("{} invalid settings: {}", .0.len(), Several(.0))]
+    Several(Vec<ConfigError>),
+}
+
+/// The list of a [`ConfigError::Several`], for its message.
+struct Several<'a>(&'a [ConfigError]);
+
+impl fmt::Display for Several<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (at, error) in self.0.iter().enumerate() {
+            if at > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// One error for `all` (one of them as it is, more as [`ConfigError::Several`]).
+    pub(crate) fn of_all(mut all: Vec<ConfigError>) -> Self {
+        match all.len() {
+            1 => all.remove(0),
+            _ => ConfigError::Several(all),
+        }
+    }
 }

@@ -13,6 +13,8 @@
 //! - [Metrics, spans and alerts](observability).
 //! - [Troubleshooting](troubleshooting): refresh storms, logged-out users, clock skew,
 //!   "why did my request wait".
+//! - [Workload identity](workload_identity): which grant and client authentication
+//!   fit Kubernetes, GKE and Google service accounts, Azure, AWS, Okta and Keycloak.
 //! - [Secrets in memory](secrets): what is wiped when a token is dropped, and what is not.
 
 #[doc = include_str!("../guide/stores.md")]
@@ -29,3 +31,6 @@ pub mod troubleshooting {}
 
 #[doc = include_str!("../guide/secrets.md")]
 pub mod secrets {}
+
+#[doc = include_str!("../guide/workload_identity.md")]
+pub mod workload_identity {}

@@ -504,9 +504,7 @@ fn age(entry: &Entry, now: u64) -> u64 {
 /// A factory that cannot make a key's coordinator is a configuration fault: permanent
 /// for this call (the next call asks the factory again). The key is not in the message.
 pub(crate) fn factory_failed(error: ConfigError) -> Error {
-    Error::Refresh(
-        RefreshError::permanent("the keyed coordinator's factory failed").with_source(error),
-    )
+    Error::Refresh(RefreshError::misconfigured(error))
 }
 
 /// A name for `key` that is safe as a file name, a Redis key part or a metric-free log

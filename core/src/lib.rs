@@ -56,8 +56,11 @@
 //!
 //! - `futures-timer` (default): a runtime-free default timer, used unless an adapter
 //!   supplies its runtime's.
-//! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`)
-//!   and the JWT reader [`oauth2::jwt`].
+//! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`,
+//!   token exchange), the JWT reader [`oauth2::jwt`], and [`sources`] (a token file).
+//! - `private-key-jwt`: client authentication by signed assertion (`private_key_jwt`,
+//!   RFC 7523 §2.2) and the JWT bearer grant (§2.1), with [`oauth2::SigningKey`]
+//!   (RS256, ES256 from PEM; signed with ring, no OpenSSL).
 //! - `file-store` (default): [`store::FileStore`], tokens shared by processes on one
 //!   machine.
 //! - `metrics`: `observe::MetricsObserver`, metrics through the `metrics` facade.
@@ -144,7 +147,9 @@
 //! `c5_c18_…`, `c9_backoff_…`), regressions they found (`core/tests/all/regressions.rs`), tests written to kill
 //! mutants (`core/tests/all/mutants.rs`), the conformance suite S1–S18 and its regression
 //! scenarios (`c4_…`, `c12_…`) that every adapter runs against a real loopback server
-//! (`tests/src/conformance.rs`), and the fuzz targets in `fuzz/` whose corpus stable
+//! (`tests/src/conformance.rs`), the source scenarios W1–W6 every adapter runs (a rotating
+//! token file, token exchange per audience, `private_key_jwt` never replaying a `jti`:
+//! `tests/src/sources.rs`), and the fuzz targets in `fuzz/` whose corpus stable
 //! `cargo test` replays.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(
@@ -156,8 +161,12 @@ mod auth_policy;
 mod builder;
 pub mod config;
 mod error;
+#[cfg(feature = "oauth2")]
+mod file_source;
 mod flight;
 pub mod guide;
+#[cfg(feature = "private-key-jwt")]
+mod jws;
 #[cfg(feature = "oauth2")]
 mod jwt;
 pub mod keyed;
@@ -165,6 +174,17 @@ pub mod keyed;
 pub mod oauth2;
 pub mod observe;
 mod policy;
+#[cfg(feature = "oauth2")]
+pub mod sources {
+    //! Token sources for services that hold no client secret: a token read from a file
+    //! the platform rotates ([`FileTokenSource`], a Kubernetes projected
+    //! service-account token), to use as a bearer token or as the subject of a token
+    //! exchange ([`oauth2::TokenExchangeGrant`](crate::oauth2::TokenExchangeGrant)).
+    //!
+    //! Which grant and client authentication fit which platform is the table in the
+    //! [workload identity guide](crate::guide::workload_identity).
+    pub use crate::file_source::*;
+}
 mod request;
 mod runtime;
 mod source;
@@ -180,6 +200,7 @@ pub use auth_policy::AuthPolicy;
 pub use builder::{AuthPolicyBuilder, FlightBuilder};
 pub use error::{Cause, ConfigError, Error, RefreshError};
 pub use flight::SingleFlight;
+pub use keyed::TokenKey;
 pub use policy::{Classifier, Placement};
 pub use request::{ForceRefresh, SkipAuth};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
@@ -192,7 +213,8 @@ pub mod adapter {
     //! of [`AuthPolicy::send`](crate::AuthPolicy::send) ([`RequestOptions`],
     //! [`AuthError`]). Applications rarely need it.
 
-    pub use crate::auth_policy::AuthError;
+    pub use crate::auth_policy::SendFuture;
+    pub use crate::error::AuthError;
     pub use crate::request::{
         AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
     };

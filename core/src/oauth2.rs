@@ -1,8 +1,12 @@
 //! OAuth 2.0 token sources over a bare [`Transport`]: the `refresh_token` grant
-//! (RFC 6749 §6) and the `client_credentials` grant (§4.4).
+//! (RFC 6749 §6), the `client_credentials` grant (§4.4), token exchange (RFC 8693,
+//! [`TokenExchangeGrant`]) and, with the feature `private-key-jwt`, the JWT bearer grant
+//! (RFC 7523 §2.1, `JwtBearerGrant`).
 //!
-//! Both send a form-encoded POST, authenticate the client with HTTP Basic (default) or
-//! in the body (§2.3.1), and map the answer onto [`RefreshError`]s the coordinator acts
+//! All send a form-encoded POST, authenticate the client with HTTP Basic
+//! (`client_secret_basic`, the default), in the body (`client_secret_post`, §2.3.1) or,
+//! with the feature `private-key-jwt`, with an assertion signed by the client's key
+//! (`private_key_jwt`, RFC 7523 §2.2: a new assertion for every attempt), and map the answer onto [`RefreshError`]s the coordinator acts
 //! on ([C9](crate#c9)): `invalid_grant`, `invalid_client`, `unauthorized_client` (and the other
 //! codes no retry can cure) are permanent; 5xx, 429, network failures and timeouts are
 //! transient, with the server's `Retry-After` honoured. Responses are read up to
@@ -47,29 +51,77 @@ pub mod jwt {
 }
 pub use crate::token_response::{ErrorResponse, TokenResponse, TokenResponseError};
 
+#[cfg(feature = "private-key-jwt")]
+pub use crate::jws::{Algorithm, KeyError, SigningKey};
+#[cfg(feature = "private-key-jwt")]
+pub use assertion::JwtBearerGrant;
+pub use exchange::{SubjectToken, TokenExchangeGrant, subject_from_fn, token_type};
+
+#[cfg(feature = "private-key-jwt")]
+mod assertion;
+mod exchange;
+
 /// The largest token endpoint response read (passed to the transport as its body limit).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Parameter names the grants set themselves; [`RefreshTokenGrant::param`] ignores them.
-const RESERVED_PARAMS: [&str; 5] = [
+const RESERVED_PARAMS: [&str; 11] = [
     "grant_type",
     "refresh_token",
     "client_id",
     "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+    "assertion",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
     "scope",
 ];
 
-/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+/// `client_assertion_type` of a signed JWT (RFC 7523 §2.2).
+const CLIENT_ASSERTION_JWT: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1, RFC 7523 §2.2;
+/// the names in parentheses are OpenID Connect's `token_endpoint_auth_method`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ClientAuth {
-    /// HTTP Basic with the form-urlencoded id and secret (the default, which servers
-    /// must support). A client without a secret sends its `client_id` in the body.
+    /// HTTP Basic with the form-urlencoded id and secret (`client_secret_basic`; the
+    /// default, which servers must support). A client without a secret sends its
+    /// `client_id` in the body.
     #[default]
+    #[doc(alias = "client_secret_basic")]
     Basic,
-    /// `client_id` and `client_secret` as body parameters.
+    /// `client_id` and `client_secret` as body parameters (`client_secret_post`).
+    #[doc(alias = "client_secret_post")]
     Body,
+    /// A JWT signed by the client's private key (`private_key_jwt`, RFC 7523 §2.2):
+    /// `client_assertion_type` and `client_assertion` in the body, a new assertion
+    /// (fresh `jti`, `iat`, `exp`, `aud` = the token endpoint) for every attempt, dated
+    /// by the coordinator's clock. Set with the grants' `private_key_jwt(key)`.
+    #[cfg(feature = "private-key-jwt")]
+    #[doc(alias = "private_key_jwt")]
+    PrivateKeyJwt,
+    /// A client assertion the client does not sign itself (RFC 7521 §4.2): a token
+    /// from a [`SubjectToken`] — the federated token file of Azure / Entra workload
+    /// identity — sent as the `client_assertion` of type JWT bearer, fetched anew for
+    /// every attempt. Set with the grants' `client_assertion(source)`.
+    ClientAssertion,
 }
+
+impl ClientAuth {
+    /// `client_secret_basic`: [`ClientAuth::Basic`].
+    pub const SECRET_BASIC: ClientAuth = ClientAuth::Basic;
+    /// `client_secret_post`: [`ClientAuth::Body`].
+    pub const SECRET_POST: ClientAuth = ClientAuth::Body;
+}
+
+/// How long a client assertion is valid after it is signed: long enough for a slow
+/// round trip, short enough that a leaked one is soon useless (RFC 7523 §3 asks for a
+/// limited window).
+#[cfg(feature = "private-key-jwt")]
+const ASSERTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What both grants share: where and how to ask.
 struct Endpoint {
@@ -78,6 +130,10 @@ struct Endpoint {
     client_id: String,
     client_secret: Option<Secret>,
     client_auth: ClientAuth,
+    #[cfg(feature = "private-key-jwt")]
+    signing_key: Option<SigningKey>,
+    /// Where a [`ClientAuth::ClientAssertion`] comes from.
+    assertion_source: Option<Arc<dyn SubjectToken>>,
     scope: Option<String>,
     params: Vec<(String, String)>,
 }
@@ -86,12 +142,14 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Extra parameter values are not shown: users put all sorts in them.
         let params: Vec<&str> = self.params.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("Endpoint")
-            .field("token_url", &self.token_url)
+        let mut f = f.debug_struct("Endpoint");
+        f.field("token_url", &self.token_url)
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
-            .field("client_auth", &self.client_auth)
-            .field("scope", &self.scope)
+            .field("client_auth", &self.client_auth);
+        #[cfg(feature = "private-key-jwt")]
+        f.field("signing_key", &self.signing_key);
+        f.field("scope", &self.scope)
             .field("params", &params)
             .finish()
     }
@@ -120,9 +178,45 @@ impl Endpoint {
             client_id: client_id.to_owned(),
             client_secret: None,
             client_auth: ClientAuth::default(),
+            #[cfg(feature = "private-key-jwt")]
+            signing_key: None,
+            assertion_source: None,
             scope: None,
             params: Vec::new(),
         })
+    }
+
+    fn set_assertion_source(&mut self, source: impl SubjectToken + 'static) {
+        self.assertion_source = Some(Arc::new(source));
+        self.client_auth = ClientAuth::ClientAssertion;
+    }
+
+    #[cfg(feature = "private-key-jwt")]
+    fn set_signing_key(&mut self, key: SigningKey) {
+        self.signing_key = Some(key);
+        self.client_auth = ClientAuth::PrivateKeyJwt;
+    }
+
+    /// Where the token endpoint is, as the `aud` of a client assertion.
+    #[cfg(feature = "private-key-jwt")]
+    fn audience(&self) -> String {
+        self.token_url.to_string()
+    }
+
+    /// A new client assertion (RFC 7523 §3): `iss` and `sub` the client, `aud` the token
+    /// endpoint, a fresh `jti`; valid from `now` for [`ASSERTION_LIFETIME`].
+    #[cfg(feature = "private-key-jwt")]
+    fn client_assertion(&self, key: &SigningKey, now: SystemTime) -> Result<Secret, RefreshError> {
+        let claims = assertion::claims(
+            key,
+            &self.client_id,
+            &self.client_id,
+            &self.audience(),
+            now,
+            ASSERTION_LIFETIME,
+            None,
+        )?;
+        key.sign_jwt(&claims).map_err(assertion::sign_error)
     }
 
     fn add_param(&mut self, name: &str, value: &str) {
@@ -136,7 +230,17 @@ impl Endpoint {
         self.params.push((name.to_owned(), value.to_owned()));
     }
 
-    fn request(&self, grant: &[(&str, &str)]) -> Result<http::Request<Bytes>, RefreshError> {
+    /// The request for `grant`, and the client assertion it carries (a secret of the
+    /// request, kept out of error messages).
+    fn request(
+        &self,
+        grant: &[(&str, &str)],
+        now: SystemTime,
+        external: Option<&Secret>,
+    ) -> Result<(http::Request<Bytes>, Option<Secret>), RefreshError> {
+        // `now` dates client assertions; without them it is not needed.
+        #[cfg(not(feature = "private-key-jwt"))]
+        let _ = now;
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.extend_pairs(grant.iter().copied());
         if let Some(scope) = &self.scope {
@@ -144,7 +248,32 @@ impl Endpoint {
         }
         form.extend_pairs(self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         let mut authorization = None;
+        #[cfg_attr(not(feature = "private-key-jwt"), allow(unused_mut))]
+        let mut assertion = None;
         match (self.client_auth, &self.client_secret) {
+            (ClientAuth::ClientAssertion, _) => {
+                let external = external.ok_or_else(|| {
+                    RefreshError::permanent("client_assertion needs an assertion source")
+                })?;
+                if !self.client_id.is_empty() {
+                    form.append_pair("client_id", &self.client_id);
+                }
+                form.append_pair("client_assertion_type", CLIENT_ASSERTION_JWT);
+                form.append_pair("client_assertion", external.expose());
+            }
+            #[cfg(feature = "private-key-jwt")]
+            (ClientAuth::PrivateKeyJwt, _) => {
+                let key = self.signing_key.as_ref().ok_or_else(|| {
+                    RefreshError::permanent("private_key_jwt needs a signing key")
+                })?;
+                let signed = self.client_assertion(key, now)?;
+                if !self.client_id.is_empty() {
+                    form.append_pair("client_id", &self.client_id);
+                }
+                form.append_pair("client_assertion_type", CLIENT_ASSERTION_JWT);
+                form.append_pair("client_assertion", signed.expose());
+                assertion = Some(signed);
+            }
             (ClientAuth::Basic, Some(secret)) => {
                 authorization = Some(basic_auth(&self.client_id, secret)?);
             }
@@ -152,9 +281,12 @@ impl Endpoint {
                 form.append_pair("client_id", &self.client_id);
                 form.append_pair("client_secret", secret.expose());
             }
-            // A public client identifies itself in the body (§3.2.1).
+            // A public client identifies itself in the body (§3.2.1); a grant that
+            // needs no client (an STS that trusts the subject token) sends nothing.
             (_, None) => {
-                form.append_pair("client_id", &self.client_id);
+                if !self.client_id.is_empty() {
+                    form.append_pair("client_id", &self.client_id);
+                }
             }
         }
         let mut request = http::Request::builder()
@@ -167,7 +299,7 @@ impl Endpoint {
         if let Some(value) = authorization {
             request.headers_mut().insert(AUTHORIZATION, value);
         }
-        Ok(request)
+        Ok((request, assertion))
     }
 
     /// Sends one grant request and turns the answer into a token. `used_refresh` is
@@ -178,31 +310,76 @@ impl Endpoint {
         now: SystemTime,
         used_refresh: Option<Secret>,
     ) -> Result<Token, RefreshError> {
-        let request = self.request(grant)?;
+        self.exchange_with(grant, now, used_refresh, &[])
+            .await
+            .map_err(|(error, _)| error)
+    }
+
+    /// [`exchange`](Self::exchange) that also says which §5.2 `error` code the server
+    /// answered (for grants that classify some codes their own way) and keeps
+    /// `secrets` (tokens the grant sent) out of the error message.
+    async fn exchange_with(
+        &self,
+        grant: &[(&str, &str)],
+        now: SystemTime,
+        used_refresh: Option<Secret>,
+        secrets: &[&Secret],
+    ) -> Result<Token, (RefreshError, Option<String>)> {
+        let external = match (&self.client_auth, &self.assertion_source) {
+            (ClientAuth::ClientAssertion, Some(source)) => Some(
+                source
+                    .subject_token(None, now)
+                    .await
+                    .map_err(|e| (e, None))?
+                    .access()
+                    .clone(),
+            ),
+            _ => None,
+        };
+        let (request, mut assertion) = self
+            .request(grant, now, external.as_ref())
+            .map_err(|e| (e, None))?;
+        // The external assertion is a secret of the request too.
+        if assertion.is_none() {
+            assertion = external;
+        }
         let response = self
             .transport
             .send(request, MAX_RESPONSE_BYTES)
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| (transport_error(e), None))?;
         let status = response.status();
         tracing::debug!(status = status.as_u16(), "token endpoint answered");
-        let secrets = [self.client_secret.as_ref(), used_refresh.as_ref()];
+        let mut known = vec![
+            self.client_secret.as_ref(),
+            used_refresh.as_ref(),
+            assertion.as_ref(),
+        ];
+        known.extend(secrets.iter().map(|s| Some(*s)));
         if response.body().len() > MAX_RESPONSE_BYTES {
             // The transport should have enforced the limit; do not trust that it did.
-            return Err(transport_error(TransportError::TooLarge {
-                limit: MAX_RESPONSE_BYTES,
-            }));
+            return Err((
+                transport_error(TransportError::TooLarge {
+                    limit: MAX_RESPONSE_BYTES,
+                }),
+                None,
+            ));
         }
         if !status.is_success() {
-            return Err(error_response(&response, now, &secrets));
+            let code = ErrorResponse::parse(response.body()).ok().map(|e| e.error);
+            return Err((error_response(&response, now, &known), code));
         }
         match TokenResponse::parse(response.body()) {
             Ok(parsed) => Ok(parsed.into_token(now, used_refresh)),
-            Err(error @ TokenResponseError::UnsupportedTokenType(_)) => {
-                Err(RefreshError::permanent(error.to_string()).with_source(error))
-            }
+            Err(error @ TokenResponseError::UnsupportedTokenType(_)) => Err((
+                RefreshError::permanent(error.to_string()).with_source(error),
+                None,
+            )),
             // A proxy's error page or a truncated body: the next attempt may do better.
-            Err(error) => Err(RefreshError::transient(error.to_string()).with_source(error)),
+            Err(error) => Err((
+                RefreshError::transient(error.to_string()).with_source(error),
+                None,
+            )),
         }
     }
 }
@@ -321,6 +498,23 @@ impl RefreshTokenGrant {
         self
     }
 
+    /// Authenticates the client with assertions signed by `key` (`private_key_jwt`,
+    /// RFC 7523 §2.2) instead of a secret: a new one for every attempt.
+    #[cfg(feature = "private-key-jwt")]
+    pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
+        self.endpoint.set_signing_key(key);
+        self
+    }
+
+    /// Authenticates the client with an assertion it is given rather than signs: the
+    /// current token of `source` (Azure / Entra workload identity's federated token
+    /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
+    /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
+        self.endpoint.set_assertion_source(source);
+        self
+    }
+
     /// The `scope` parameter.
     pub fn scope(mut self, scope: &str) -> Self {
         self.endpoint.scope = Some(scope.to_owned());
@@ -402,6 +596,23 @@ impl ClientCredentialsGrant {
     /// How to send the client's credentials (default: HTTP Basic).
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.endpoint.client_auth = auth;
+        self
+    }
+
+    /// Authenticates the client with assertions signed by `key` (`private_key_jwt`,
+    /// RFC 7523 §2.2) instead of a secret: a new one for every attempt.
+    #[cfg(feature = "private-key-jwt")]
+    pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
+        self.endpoint.set_signing_key(key);
+        self
+    }
+
+    /// Authenticates the client with an assertion it is given rather than signs: the
+    /// current token of `source` (Azure / Entra workload identity's federated token
+    /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
+    /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
+        self.endpoint.set_assertion_source(source);
         self
     }
 

@@ -1,4 +1,4 @@
-//! Observers: what the coordinator does, as events (issue 16).
+//! Observers: what the coordinator does, as events.
 //!
 //! Register any number with [`FlightBuilder::observer`](crate::FlightBuilder::observer). Every method has a no-op
 //! default, so an observer implements only what it needs. Events carry generations,

@@ -8,9 +8,143 @@ use arc_swap::ArcSwapOption;
 use url::{Origin, Url};
 
 use crate::error::ConfigError;
-use crate::request::{AuthRequest, InvalidHeader, ResponseView};
+use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView};
 use crate::token::Token;
 use crate::www_authenticate::{BearerError, bearer_error};
+
+/// What a policy decides besides the token itself: where it goes, who may receive it,
+/// which routes go without it and what counts as a rejection. The retry driver asks
+/// these questions and does what the answers say; it reads no rule itself.
+pub(crate) struct Rules {
+    pub(crate) placement: Placement,
+    pub(crate) origins: AllowedOrigins,
+    pub(crate) classifier: Classifier,
+    pub(crate) skip: SkipRoutes,
+    /// The token's header value, built once per token and shared by all requests.
+    header: HeaderCache,
+}
+
+/// The verdict of a response's head on the token a request carried.
+pub(crate) enum Head {
+    /// The token stands: return the response as it is.
+    Clears,
+    /// The token was rejected.
+    Rejects,
+    /// The body rule decides: read at most `limit` bytes and ask `predicate`.
+    ReadBody {
+        limit: usize,
+        predicate: BodyPredicate,
+    },
+}
+
+impl fmt::Debug for Rules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rules")
+            .field("placement", &self.placement)
+            .field("origins", &self.origins)
+            .field("skip", &self.skip)
+            .field("classifier", &self.classifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rules {
+    pub(crate) fn new(
+        placement: Placement,
+        origins: AllowedOrigins,
+        classifier: Classifier,
+        skip: SkipRoutes,
+    ) -> Self {
+        Rules {
+            header: HeaderCache::new(&placement),
+            placement,
+            origins,
+            classifier,
+            skip,
+        }
+    }
+
+    /// Where a request goes if it is to carry a token ([C11](crate#c11),
+    /// [C12](crate#c12)); `None`: it goes as it is and its response is not classified.
+    pub(crate) fn admit<R: AuthRequest>(
+        &self,
+        request: &R,
+        options: &RequestOptions,
+    ) -> Option<SentTo> {
+        if options.skip_auth || self.skip.skips_request(request) {
+            return None;
+        }
+        self.origins.admit(request.origin_url())
+    }
+
+    /// Whether a request with `method` to `url` and `options` carries a token.
+    pub(crate) fn attaches(&self, method: &http::Method, url: &Url, o: &RequestOptions) -> bool {
+        !o.skip_auth && self.origins.allows(url) && !self.skip.skips(method, url)
+    }
+
+    /// A copy to resend, only if a response can reject the token at all. Taken before
+    /// the token is attached: the copy gets the newer token if it is ever sent.
+    pub(crate) fn replay_copy<R: AuthRequest>(&self, request: &R) -> Option<R> {
+        if self.classifier.can_reject() {
+            request.try_clone()
+        } else {
+            None
+        }
+    }
+
+    /// Puts `token` on `request`; with a header placement through the shared value.
+    pub(crate) fn attach<R: AuthRequest>(
+        &self,
+        request: &mut R,
+        token: &Arc<Token>,
+    ) -> Result<(), InvalidHeader> {
+        self.placement.attach_cached(&self.header, request, token)
+    }
+
+    /// The verdict of `response`'s head on the token of a request sent to `sent_to`
+    /// (`None`: a caller that classifies outside the driver, from the request's URL).
+    /// A response from where the token did not go (a redirect to another origin, or a
+    /// hop without the query token) is not about the token: it clears
+    /// ([C4](crate#c4), [C12](crate#c12)).
+    pub(crate) fn head<Resp: AuthResponse>(
+        &self,
+        response: &Resp,
+        sent_to: Option<&SentTo>,
+    ) -> Head {
+        if let (Some(sent_to), Some(url)) = (sent_to, response.final_url()) {
+            if !sent_to.is_origin_of(&self.origins, url) || !self.placement.may_carry_token(url) {
+                tracing::debug!(
+                    "the response comes from where the token did not go; not classified"
+                );
+                return Head::Clears;
+            }
+        }
+        if self.classifier.head_rejects(response) {
+            return Head::Rejects;
+        }
+        match self.classifier.body_rule_for(response) {
+            None => Head::Clears,
+            Some((limit, predicate)) => Head::ReadBody {
+                limit,
+                predicate: Arc::clone(predicate),
+            },
+        }
+    }
+
+    /// Classifies `response` by `head` (reading the body if it says so); returns it
+    /// intact with the verdict (`true`: the token was rejected).
+    pub(crate) async fn classify<Resp: AuthResponse>(response: Resp, head: Head) -> (Resp, bool) {
+        match head {
+            Head::Clears => (response, false),
+            Head::Rejects => (response, true),
+            Head::ReadBody { limit, predicate } => {
+                let (response, body) = response.buffer_body(limit).await;
+                let rejected = body.is_some_and(|bytes| predicate(&bytes));
+                (response, rejected)
+            }
+        }
+    }
+}
 
 /// Where the access token is put on a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,8 +176,8 @@ pub enum Placement {
     },
 }
 
-/// The header a layer puts on its requests, built once per token (issue 18). Holds the
-/// secret: never printed.
+/// The header a layer puts on its requests, built once per token. Holds the secret:
+/// never printed.
 pub(crate) struct HeaderCache {
     /// The header's name, parsed once; `None` for query placement (no cache).
     name: Option<http::HeaderName>,
@@ -383,7 +517,7 @@ impl AllowedOrigins {
 
     /// The origin a request to `url` goes to, if it may carry the token: the listed
     /// origin it matched (by its place in the list: no allocation per request, and the
-    /// answer borrows nothing, so a request's future can keep it; issue 18), or with
+    /// answer borrows nothing, so a request's future can keep it), or with
     /// [`AllowedOrigins::Any`] the URL's own.
     pub(crate) fn admit(&self, url: &Url) -> Option<SentTo> {
         match self {
@@ -469,7 +603,7 @@ pub(crate) type BodyPredicate = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Classifier {
     statuses: Vec<u16>,
-    headers: Vec<(String, String)>,
+    headers: Vec<(http::HeaderName, String)>,
     www_authenticate: bool,
     head: Option<HeadPredicate>,
     body: Option<(usize, BodyPredicate)>,
@@ -526,7 +660,10 @@ impl Classifier {
     /// # drop(grpc);
     /// ```
     pub fn header_equals(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_owned(), value.to_owned()));
+        // A name HTTP cannot carry is on no response: such a rule could never match.
+        if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
+            self.headers.push((name, value.to_owned()));
+        }
         self
     }
 
@@ -575,7 +712,7 @@ impl Classifier {
             return head(response);
         }
         if self.www_authenticate {
-            if let Some(value) = response.header("www-authenticate") {
+            if let Some(value) = response.header(&http::header::WWW_AUTHENTICATE) {
                 match bearer_error(value) {
                     Ok(Some(BearerError::InvalidToken)) => return true,
                     Ok(Some(BearerError::InsufficientScope)) => return false,
@@ -602,12 +739,6 @@ impl Classifier {
             || self.body.is_some()
     }
 
-    /// The body rule, if any: its byte limit and predicate.
-    #[allow(dead_code)]
-    pub(crate) fn body_rule(&self) -> Option<(usize, &BodyPredicate)> {
-        self.body.as_ref().map(|(limit, p)| (*limit, p))
-    }
-
     /// The body rule if it applies to `response`: when its headers say the body can be
     /// read without holding back a stream (see
     /// [which bodies](Self#which-bodies-the-body-rule-reads)). `None`: do not read the
@@ -617,10 +748,13 @@ impl Classifier {
         response: &dyn ResponseView,
     ) -> Option<(usize, &BodyPredicate)> {
         let (limit, predicate) = self.body.as_ref()?;
-        if response.header("content-type").is_some_and(declares_stream) {
+        if response
+            .header(&http::header::CONTENT_TYPE)
+            .is_some_and(declares_stream)
+        {
             return None;
         }
-        let readable = match response.header("content-length") {
+        let readable = match response.header(&http::header::CONTENT_LENGTH) {
             Some(length) => length
                 .trim()
                 .parse::<u64>()
@@ -877,10 +1011,10 @@ mod tests {
         fn status(&self) -> u16 {
             200
         }
-        fn header(&self, name: &str) -> Option<&str> {
+        fn header(&self, name: &http::HeaderName) -> Option<&str> {
             self.0
                 .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| *v)
         }
     }
@@ -1035,10 +1169,10 @@ mod header_rule_tests {
             self.0
         }
 
-        fn header(&self, name: &str) -> Option<&str> {
+        fn header(&self, name: &http::HeaderName) -> Option<&str> {
             self.1
                 .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| *v)
         }
     }

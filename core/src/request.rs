@@ -6,6 +6,7 @@ use std::future::Future;
 use bytes::Bytes;
 use url::Url;
 
+pub use crate::error::InvalidHeader;
 use crate::keyed::TokenKey;
 
 /// A request the auth policy can decorate and, maybe, send again.
@@ -29,7 +30,7 @@ pub trait AuthRequest: Sized + Send {
     fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
     /// Sets header `name` to a ready-made `value` (already marked sensitive),
     /// replacing earlier values. The layer builds the value once per token and hands
-    /// the same one to every request (issue 18): clients built on the `http` crate
+    /// the same one to every request: clients built on the `http` crate
     /// override this to insert a clone (a reference-count increment). The default
     /// goes through [`AuthRequest::set_sensitive_header`].
     fn set_header_value(
@@ -45,17 +46,15 @@ pub trait AuthRequest: Sized + Send {
     fn try_clone(&self) -> Option<Self>;
 }
 
-/// A header name or value that HTTP cannot carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the token cannot be sent in a header (invalid characters)")]
-pub struct InvalidHeader;
-
 /// The parts of a response that classification looks at.
 pub trait ResponseView {
     /// The HTTP status code.
     fn status(&self) -> u16;
-    /// The first value of header `name` (case-insensitive), if it is valid text.
-    fn header(&self, name: &str) -> Option<&str>;
+    /// The first value of header `name`, if it is valid text. Names are `http`'s, so
+    /// a client built on the `http` crate looks them up as they are (no parse per
+    /// response); others compare [`HeaderName::as_str`](http::HeaderName::as_str),
+    /// always lower-case, with their own names case-insensitively.
+    fn header(&self, name: &http::HeaderName) -> Option<&str>;
 }
 
 /// A response the auth policy can classify.

@@ -20,7 +20,7 @@ pub struct Stats {
     /// Tokens adopted from the store because another process had refreshed.
     pub adopted: u64,
     /// Tokens adopted because the store pushed them: another replica, process or
-    /// coordinator saved them (issue 20, [`crate::store::StoreWatcher`]).
+    /// coordinator saved them ([`crate::store::StoreWatcher`]).
     pub pushed: u64,
     /// Flights that failed.
     pub failures: u64,

@@ -58,7 +58,7 @@ pub trait TokenStore: Send + Sync {
     /// Takes the refresh lock, waiting for another holder to finish. The guard is the
     /// only way to read-for-refresh and to save; fenced stores check their lease in it.
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn StoreGuard>, StoreError>>;
-    /// Issue 20: the store tells `watcher` whenever anyone (another process or
+    /// The store tells `watcher` whenever anyone (another process or
     /// replica, or another coordinator sharing this store) saved a token, so it can
     /// adopt it at once instead of reading the store at its next refresh. A store
     /// keeps a list of watchers and drops those whose `Weak` is dead. The default
@@ -171,7 +171,7 @@ impl StoreGuard for MemoryGuard {
 }
 
 /// Told by a [`TokenStore`] when anyone — another replica, another process, another
-/// coordinator sharing the store — saved a token (issue 20). Coordinators register
+/// coordinator sharing the store — saved a token. Coordinators register
 /// themselves through [`TokenStore::watch`] when they are built, and adopt a pushed
 /// token by the same rule as their unlocked read of the store: only a usable token
 /// newer than the one they hold, never over a login not yet saved ([C17](crate#c17)).

@@ -174,7 +174,8 @@ impl ErrorResponse {
         })
     }
 
-    /// True for the codes that retrying cannot cure: the grant or the client is bad,
+    /// True for the codes that retrying cannot cure (RFC 6749 §5.2, and RFC 8693
+    /// §2.2.2's `invalid_target`): the grant or the client is bad,
     /// or the request can never succeed as configured. A new login (or a config fix)
     /// is needed.
     pub fn is_permanent(&self) -> bool {
@@ -186,6 +187,7 @@ impl ErrorResponse {
                 | "unsupported_grant_type"
                 | "invalid_scope"
                 | "invalid_request"
+                | "invalid_target"
         )
     }
 }

@@ -309,7 +309,7 @@ fn login(server: &TestServer) -> Token {
         .expires_in(Duration::from_secs(expires_in), SystemTime::now())
 }
 
-fn ok_body(name: &str, what: &str, result: &Result<TestResponse, String>) -> Vec<u8> {
+pub(crate) fn ok_body(name: &str, what: &str, result: &Result<TestResponse, String>) -> Vec<u8> {
     match result {
         Ok(response) if response.status == 200 => response.body.clone(),
         Ok(response) => panic!("[{name}] {what}: status {}", response.status),
@@ -1461,7 +1461,7 @@ impl LoadOutcome {
 /// checked against the server: did a token issued before the request was sent still
 /// have more than the given margin to live? (Checked after the failure, so a token that
 /// qualifies then certainly qualified when the request failed.)
-async fn run_load(
+pub(crate) async fn run_load(
     client: &dyn TestClient,
     api_base: &str,
     clients: usize,

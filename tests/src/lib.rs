@@ -10,6 +10,7 @@ pub mod fuzz_targets;
 pub mod grpc;
 pub mod keyed_processes;
 pub mod model;
+pub mod sources;
 pub mod testkit;
 pub mod transport;
 pub mod worker;

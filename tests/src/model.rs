@@ -1285,7 +1285,7 @@ impl ResponseView for ModelResponse {
     fn status(&self) -> u16 {
         self.status
     }
-    fn header(&self, _name: &str) -> Option<&str> {
+    fn header(&self, _name: &http::HeaderName) -> Option<&str> {
         None
     }
 }

@@ -11,6 +11,12 @@
 //!   (a spent refresh token revokes its whole family and answers `invalid_grant`), and
 //!   `grant_type=client_credentials`; RFC 6749 §5.1 answers and §5.2 errors; client
 //!   authentication by HTTP Basic or by the form fields `client_id`/`client_secret`.
+//!   Also token exchange (RFC 8693: a [workload token](TestServer::issue_workload_token)
+//!   as the subject, a token for the `audience` asked; [`REFUSED_AUDIENCE`] answers
+//!   `invalid_target`), the JWT bearer grant (RFC 7523 §2.1), and client assertions
+//!   (`private_key_jwt`) verified against [registered keys](TestServer::register_client_key):
+//!   signature, `iss`/`sub`, `aud`, `exp`, and `jti` replay (recorded on arrival, so a
+//!   replay after an injected failure is refused too).
 //! - `GET/POST/PUT /api/{*path}`: needs a valid, unexpired access token (in
 //!   `Authorization: Bearer`, or `?token=` in query mode). Answers `200` with the
 //!   request body echoed byte for byte and headers `x-echo-method` / `x-echo-path`;
@@ -24,12 +30,16 @@
 //! [`ClosingServer`] plays an origin whose connections break: every request to it
 //! fails in the client's transport.
 //!
+//! [`RotatingTokenFile`] plays a platform that rotates a projected token file.
+//!
 //! Everything the server saw is counted in [`Counters`]; knobs on the handle inject
 //! token-endpoint failures (queued, seeded random, or a whole outage) and latency, and
 //! expire tokens.
 
+mod assertions;
 mod routes;
 mod state;
+mod token_file;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +48,15 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-pub use routes::{STREAM_FIRST, STREAM_LAST};
+pub use routes::{REFUSED_AUDIENCE, STREAM_FIRST, STREAM_LAST};
+pub use token_file::{RotatingTokenFile, Rotation};
+
+/// A P-256 private key (PKCS#8 PEM) for tests of `private_key_jwt` and the JWT bearer
+/// grant; register it with [`TestServer::register_client_key`]. Never use it for
+/// anything real.
+pub const TEST_ES256_PEM: &str = include_str!("testkit/keys/test-es256.pem");
+/// A 2048-bit RSA private key (PKCS#8 PEM), as [`TEST_ES256_PEM`].
+pub const TEST_RS256_PEM: &str = include_str!("testkit/keys/test-rs256.pem");
 pub use state::{Counters, RecordedRequest};
 use state::{Shared, State};
 
@@ -274,6 +292,38 @@ impl TestServer {
     /// its first refresh token.
     pub fn issue_refresh_token(&self) -> String {
         self.with_state(|s| s.issue_refresh_token_new_family())
+    }
+
+    /// Registers `key`'s public half for the pre-registered client: the token endpoint
+    /// then accepts `client_assertion`s (`private_key_jwt`) and JWT bearer `assertion`s
+    /// it signed, with `iss` = the client id, `aud` = the token endpoint, an unexpired
+    /// `exp` and a `jti` it has not seen before.
+    pub fn register_client_key(&self, key: &tokenflight::oauth2::SigningKey) {
+        let client_key = assertions::ClientKey {
+            alg: key.algorithm().as_str().to_owned(),
+            public: key.public_key().to_vec(),
+        };
+        self.with_state(|s| s.client_keys.push(client_key));
+    }
+
+    /// Issues a workload token: a JWT with `exp` = now + `lifetime` (whole seconds),
+    /// accepted as the `subject_token` of a token exchange (RFC 8693; the exchange at
+    /// [`token_url`](Self::token_url) answers a token for the request's `audience`) and
+    /// as a bearer token at the resources without an audience, until its `exp`. Not
+    /// touched by [`expire_all_tokens`](Self::expire_all_tokens).
+    pub fn issue_workload_token(&self, lifetime: Duration) -> String {
+        self.with_state(|s| s.issue_workload_token(lifetime))
+    }
+
+    /// A token file rotated with a new [workload token](Self::issue_workload_token)
+    /// living `lifetime` every `every`, as `rotation` says; stops when dropped.
+    pub fn rotating_token_file(
+        &self,
+        every: Duration,
+        lifetime: Duration,
+        rotation: Rotation,
+    ) -> RotatingTokenFile {
+        RotatingTokenFile::start(self.shared.clone(), every, lifetime, rotation)
     }
 
     /// Issues an access token (outside any refresh family, as a login would) and

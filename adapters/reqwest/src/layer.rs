@@ -98,7 +98,7 @@ impl From<AuthPolicy> for TokenMiddleware {
 }
 
 // Written out, not with `#[async_trait]`: the macro moves every argument into a local of
-// the boxed future, which then holds the request twice (issue 18: the whole future is
+// the boxed future, which then holds the request twice (and the whole future is
 // copied into its box on every request). The signature is the one the macro gives the
 // trait's method.
 impl Middleware for TokenMiddleware {

@@ -113,7 +113,7 @@ impl From<AuthPolicy> for TokenMiddleware {
 }
 
 // Written out, not with `#[async_trait]`: the macro moves every argument into a local of
-// the boxed future, which then holds the request twice (issue 18: the whole future is
+// the boxed future, which then holds the request twice (and the whole future is
 // copied into its box on every request). The signature is the one the macro gives the
 // trait's method.
 impl Middleware for TokenMiddleware {
@@ -129,8 +129,8 @@ impl Middleware for TokenMiddleware {
         Self: 'async_trait,
     {
         // Everything up to the first send is done here, before the future exists: its
-        // state then holds the request once (issue 18: the boxed future is copied on
-        // every request, and was the largest cost the layer added per request).
+        // state then holds the request once (the boxed future is copied on every
+        // request).
         let options = RequestOptions::from_markers(
             req.ext::<SkipAuth>().is_some(),
             req.ext::<ForceRefresh>().is_some(),
@@ -171,7 +171,7 @@ impl TokenMiddleware {
             .then(|| Arc::new(Mutex::new(Vec::<Url>::new())));
         let record = sent.clone();
         // No async block around the core's future: it would be built on the stack and
-        // copied into the block's state, 2 KB per request (issue 18); `map` takes it as
+        // copied into the block's state on every request; `map` takes it as
         // it is.
         self.auth
             .send(attempt, options, move |attempt: Attempt| {

@@ -92,7 +92,7 @@ pin_project! {
         read: Bytes,
         #[pin]
         rest: Option<B>,
-        // Boxed: rare, and every response's future and body carry this field (issue 18).
+        // Boxed: rare, and every response's future and body carry this field.
         trailers: Option<Box<HeaderMap>>,
         error: Option<B::Error>,
     }

@@ -70,8 +70,11 @@ mod tests {
             self.0
         }
 
-        fn header(&self, name: &str) -> Option<&str> {
-            self.1.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        fn header(&self, name: &http::HeaderName) -> Option<&str> {
+            self.1
+                .iter()
+                .find(|(n, _)| *n == name.as_str())
+                .map(|(_, v)| *v)
         }
     }
 

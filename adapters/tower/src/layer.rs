@@ -225,8 +225,8 @@ where
         // Sends through the instance `poll_ready` readied, then (the resend, at most
         // one) through a clone, readied before it is called. The resend is boxed: the
         // first send's future is then only the inner one (a clone of a hyper-util client
-        // and a request held inline made each request's future 1.6 KB larger, copied on
-        // every request; issue 18).
+        // and a request held inline made each request's future larger, and it is copied
+        // on every request).
         let mut first = true;
         let send = move |outgoing: Outgoing<B>| {
             let request = outgoing.into_request();
@@ -241,7 +241,7 @@ where
             }
         };
         // Boxed as it is: a `map` around it would be one more copy of it per request.
-        let future = self.auth.clone().send_owned(outgoing, options, send);
+        let future = self.auth.send(outgoing, options, send);
         ResponseFuture {
             inner: Box::pin(future),
             // Only a query token can show in the response (in `RequestUri`); a header

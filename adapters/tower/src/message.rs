@@ -30,8 +30,8 @@ pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
 /// origin it parsed, shared: a request to the same origin costs a comparison and a
 /// reference count. The core's origin checks read only this
 /// ([`AuthRequest::origin_url`]); the request's full URL is built from it only when
-/// something needs the path or query (issue 18: building it on every request was a
-/// quarter of the layer's own CPU per request end to end).
+/// something needs the path or query (building it on every request was the largest
+/// cost of the layer's own per request).
 pub(crate) fn origin_of(uri: &Uri) -> Option<Arc<Url>> {
     let scheme = uri.scheme()?;
     let authority = uri.authority()?;
@@ -82,7 +82,7 @@ pub(crate) struct Outgoing<B: http_body::Body> {
     /// The URI's origin ([`origin_of`]).
     origin: Arc<Url>,
     /// The full URL, built when first asked for (boxed: rarely built, and the request
-    /// and its replay copy live in every request's future; issue 18).
+    /// and its replay copy live in every request's future).
     url: OnceCell<Box<Url>>,
     url_changed: bool,
     replay: Replay<B>,
@@ -194,7 +194,7 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         value: &HeaderValue,
     ) -> Result<(), InvalidHeader> {
         // The layer's shared value (already sensitive): a reference-count increment,
-        // no formatting or allocation per request (issue 18).
+        // no formatting or allocation per request.
         self.parts.headers.insert(name.clone(), value.clone());
         Ok(())
     }
@@ -297,17 +297,8 @@ impl<B: http_body::Body> ResponseView for Incoming<B> {
         self.response.status().as_u16()
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
-        let headers = self.response.headers();
-        // The names the core looks up on every response, as constants: a lookup by
-        // `&str` parses the name first (issue 18: 9 % of the middleware's own CPU).
-        let value = match name {
-            "www-authenticate" => headers.get(http::header::WWW_AUTHENTICATE),
-            "content-type" => headers.get(http::header::CONTENT_TYPE),
-            "content-length" => headers.get(http::header::CONTENT_LENGTH),
-            _ => headers.get(name),
-        };
-        value?.to_str().ok()
+    fn header(&self, name: &http::HeaderName) -> Option<&str> {
+        self.response.headers().get(name)?.to_str().ok()
     }
 }
 

@@ -52,7 +52,7 @@ impl ResponseView for Resp {
     fn status(&self) -> u16 {
         self.0
     }
-    fn header(&self, _: &str) -> Option<&str> {
+    fn header(&self, _: &http::HeaderName) -> Option<&str> {
         None
     }
 }
@@ -190,7 +190,7 @@ impl ResponseView for Answer {
     fn status(&self) -> u16 {
         self.0
     }
-    fn header(&self, _: &str) -> Option<&str> {
+    fn header(&self, _: &http::HeaderName) -> Option<&str> {
         None
     }
 }
@@ -222,7 +222,59 @@ fn a_key_on_a_policy_with_one_token_is_refused_not_ignored() {
         error,
         tokenflight::adapter::AuthError::Token(Error::Refresh(_))
     ));
+    // A fault of the caller's configuration, not of the token source.
+    assert!(error.is_misconfigured(), "{error:?}");
+    let tokenflight::adapter::AuthError::Token(token_error) = &error else {
+        panic!("not a token error: {error:?}")
+    };
+    assert_eq!(
+        token_error.refresh_error().cause(),
+        tokenflight::Cause::Config
+    );
+    assert!(
+        std::error::Error::source(token_error.refresh_error())
+            .and_then(|e| e.downcast_ref::<ConfigError>())
+            .is_some(),
+        "the ConfigError is the source"
+    );
     assert!(!error.to_string().contains("alice"), "{error}");
+    assert_eq!(sent.load(Ordering::SeqCst), 0, "nothing was sent");
+}
+
+#[test]
+fn a_failing_key_factory_is_a_configuration_error_not_the_sources() {
+    let policy = AuthPolicy::builder()
+        .allow_any_origin()
+        .keyed(|_key: &TokenKey, shared: tokenflight::FlightBuilder| {
+            // No source: the factory cannot make the key's coordinator.
+            shared.build()
+        })
+        .build()
+        .unwrap();
+    let request = Req {
+        url: "https://a.example/".parse().unwrap(),
+        authorization: None,
+    };
+    let sent = AtomicUsize::new(0);
+    let result = block_on(policy.send(request, RequestOptions::default(), |_r: Req| {
+        sent.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(Resp(200)) }
+    }));
+    let error = result.err().expect("a typed error");
+    assert!(error.is_misconfigured(), "{error:?}");
+    assert!(!error.is_reauthentication_required(), "{error:?}");
+    let tokenflight::adapter::AuthError::Token(token_error) = &error else {
+        panic!("not a token error: {error:?}")
+    };
+    assert_eq!(
+        token_error.refresh_error().cause(),
+        tokenflight::Cause::Config
+    );
+    assert_eq!(
+        std::error::Error::source(token_error.refresh_error())
+            .and_then(|e| e.downcast_ref::<ConfigError>()),
+        Some(&ConfigError::MissingSource)
+    );
     assert_eq!(sent.load(Ordering::SeqCst), 0, "nothing was sent");
 }
 

@@ -12,6 +12,7 @@
 
 mod support;
 
+mod builder_order;
 mod coarse_clock;
 mod contracts;
 mod file_store;

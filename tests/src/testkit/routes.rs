@@ -17,7 +17,15 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 
 use super::Failure;
+use super::assertions::{self, Refused};
 use super::state::{Issued, OAuthError, RecordedRequest, Shared, State};
+
+/// RFC 8693 §2.1.
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 7523 §2.1.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.2.
+const JWT_CLIENT_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 const TOKEN_PATH: &str = "/oauth/token";
 
@@ -72,14 +80,26 @@ async fn token_endpoint(
         .as_ref()
         .ok()
         .and_then(|f| f.get("grant_type").cloned());
-    let (failure, latency) = shared.update(|state| {
+    // The assertion's `jti` is recorded on arrival, before any injected failure: a
+    // client that resends one after a failed attempt is caught.
+    let assertion_jti = form.as_ref().ok().and_then(|f| {
+        f.get("client_assertion")
+            .or_else(|| f.get("assertion"))
+            .map(|a| assertions::jti_of(a))
+    });
+    let (failure, latency, replayed) = shared.update(|state| {
         state.counters.token_calls += 1;
         match grant.as_deref() {
             Some("refresh_token") => state.counters.refresh_token_calls += 1,
             Some("client_credentials") => state.counters.client_credentials_calls += 1,
+            Some(TOKEN_EXCHANGE) => state.counters.token_exchange_calls += 1,
+            Some(JWT_BEARER) => state.counters.jwt_bearer_calls += 1,
             _ => {}
         }
-        (state.next_failure(), state.config.token_latency)
+        let replayed = assertion_jti
+            .as_ref()
+            .is_some_and(|jti| state.note_assertion(jti.as_deref()));
+        (state.next_failure(), state.config.token_latency, replayed)
     });
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -93,7 +113,7 @@ async fn token_endpoint(
         return injected(failure);
     }
     let outcome = shared.update(|state| {
-        let outcome = form.and_then(|form| grant_token(state, &headers, &form));
+        let outcome = form.and_then(|form| grant_token(state, &headers, &form, replayed));
         if outcome.is_err() {
             state.counters.token_errors += 1;
         }
@@ -117,15 +137,31 @@ fn parse_form(body: &[u8]) -> Result<HashMap<String, String>, OAuthError> {
     Ok(form)
 }
 
+/// The `aud` an assertion must name: this token endpoint, as the client addressed it.
+fn token_endpoint_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    format!("http://{host}{TOKEN_PATH}")
+}
+
 fn grant_token(
     state: &mut State,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
+    replayed: bool,
 ) -> Result<Issued, OAuthError> {
-    authenticate_client(state, headers, form)?;
+    let grant = form.get("grant_type").map(String::as_str);
+    let client = authenticate_client(state, headers, form, replayed)?;
     // The API the token is for: bound into the token, checked by the resource.
     let audience = form.get("audience").map(String::as_str);
-    match form.get("grant_type").map(String::as_str) {
+    // A security token service may trust the subject (or the assertion) alone; the
+    // other grants need an authenticated client.
+    if !client && !matches!(grant, Some(TOKEN_EXCHANGE | JWT_BEARER)) {
+        return Err(OAuthError::InvalidClient);
+    }
+    match grant {
         Some("refresh_token") => {
             let presented = form
                 .get("refresh_token")
@@ -133,18 +169,89 @@ fn grant_token(
             state.refresh_grant(presented, audience)
         }
         Some("client_credentials") => Ok(state.client_credentials_grant(audience)),
+        Some(TOKEN_EXCHANGE) => {
+            let subject = form
+                .get("subject_token")
+                .ok_or(OAuthError::InvalidRequest)?;
+            match form.get("subject_token_type").map(String::as_str) {
+                Some(
+                    "urn:ietf:params:oauth:token-type:jwt"
+                    | "urn:ietf:params:oauth:token-type:access_token",
+                ) => {}
+                _ => return Err(OAuthError::InvalidRequest),
+            }
+            if audience == Some(REFUSED_AUDIENCE) {
+                return Err(OAuthError::InvalidTarget);
+            }
+            state.exchange_grant(subject, audience)
+        }
+        Some(JWT_BEARER) => {
+            let assertion = form.get("assertion").ok_or(OAuthError::InvalidRequest)?;
+            let keys = state.client_keys.clone();
+            let issuer = state.config.client_id.clone();
+            match assertions::verify(
+                assertion,
+                &keys,
+                &issuer,
+                true,
+                &token_endpoint_url(headers),
+                replayed,
+            ) {
+                Ok(_) => Ok(state.client_credentials_grant(audience)),
+                Err(refused) => {
+                    if refused != Refused::Replayed {
+                        state.counters.assertions_refused += 1;
+                    }
+                    Err(OAuthError::InvalidGrant)
+                }
+            }
+        }
         Some(_) => Err(OAuthError::UnsupportedGrantType),
         None => Err(OAuthError::InvalidRequest),
     }
 }
 
-/// RFC 6749 §2.3.1: HTTP Basic (id and secret form-urlencoded first) or the form fields
-/// `client_id` and `client_secret`, not both.
+/// The audience the token exchange refuses with `invalid_target` (RFC 8693 §2.2.2).
+pub const REFUSED_AUDIENCE: &str = "refused-audience";
+
+/// RFC 6749 §2.3.1: HTTP Basic (id and secret form-urlencoded first), the form fields
+/// `client_id` and `client_secret`, or (RFC 7523 §2.2) a `client_assertion` signed by a
+/// registered key — exactly one of them. `Ok(false)`: no client credentials at all.
 fn authenticate_client(
-    state: &State,
+    state: &mut State,
     headers: &HeaderMap,
     form: &HashMap<String, String>,
-) -> Result<(), OAuthError> {
+    replayed: bool,
+) -> Result<bool, OAuthError> {
+    if let Some(assertion) = form.get("client_assertion") {
+        if headers.contains_key(header::AUTHORIZATION) || form.contains_key("client_secret") {
+            return Err(OAuthError::InvalidRequest);
+        }
+        if form.get("client_assertion_type").map(String::as_str) != Some(JWT_CLIENT_ASSERTION) {
+            return Err(OAuthError::InvalidRequest);
+        }
+        let client_id = state.config.client_id.clone();
+        if form.get("client_id").is_some_and(|id| *id != client_id) {
+            return Err(OAuthError::InvalidClient);
+        }
+        let keys = state.client_keys.clone();
+        return match assertions::verify(
+            assertion,
+            &keys,
+            &client_id,
+            false,
+            &token_endpoint_url(headers),
+            replayed,
+        ) {
+            Ok(_) => Ok(true),
+            Err(refused) => {
+                if refused != Refused::Replayed {
+                    state.counters.assertions_refused += 1;
+                }
+                Err(OAuthError::InvalidClient)
+            }
+        };
+    }
     let (id, secret) = match headers.get(header::AUTHORIZATION) {
         Some(value) => {
             if form.contains_key("client_secret") {
@@ -153,13 +260,16 @@ fn authenticate_client(
             basic_credentials(value).ok_or(OAuthError::InvalidClient)?
         }
         None => {
+            if !form.contains_key("client_id") && !form.contains_key("client_secret") {
+                return Ok(false);
+            }
             let id = form.get("client_id").ok_or(OAuthError::InvalidClient)?;
             let secret = form.get("client_secret").ok_or(OAuthError::InvalidClient)?;
             (id.clone(), secret.clone())
         }
     };
     if id == state.config.client_id && secret == state.config.client_secret {
-        Ok(())
+        Ok(true)
     } else {
         Err(OAuthError::InvalidClient)
     }

@@ -62,12 +62,34 @@ pub struct Counters {
     /// audience than the one of the resource (`/api/aud/<audience>/...`, or none): a
     /// token sent to the wrong API. Always rejected.
     pub cross_audience_requests: u64,
+    /// Token calls with `grant_type=urn:ietf:params:oauth:grant-type:token-exchange`
+    /// (RFC 8693).
+    pub token_exchange_calls: u64,
+    /// Token calls with `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523 §2.1).
+    pub jwt_bearer_calls: u64,
+    /// Token calls that carried a signed assertion (a `client_assertion` or a JWT bearer
+    /// `assertion`), counted on arrival, before any injected failure.
+    pub assertions_seen: u64,
+    /// Assertions whose `jti` had been seen on an earlier call: refused (`invalid_client`
+    /// or `invalid_grant`), whatever else they got right.
+    pub assertion_replays: u64,
+    /// Assertions refused for their signature, issuer, audience or expiry (replays not
+    /// included).
+    pub assertions_refused: u64,
+    /// Workload tokens issued (see
+    /// [`TestServer::issue_workload_token`](super::TestServer::issue_workload_token)).
+    pub workload_tokens_issued: u64,
 }
 
 impl Counters {
     /// Token calls of either grant.
     pub fn grant_calls(&self) -> u64 {
         self.refresh_token_calls + self.client_credentials_calls
+    }
+
+    /// Token exchanges that issued a token for `audience`.
+    pub fn issued_for(&self, audience: &str) -> u64 {
+        self.issued_per_audience.get(audience).copied().unwrap_or(0)
     }
 
     /// How many protected-resource requests carried `token`.
@@ -122,6 +144,7 @@ pub(crate) enum OAuthError {
     InvalidClient,
     InvalidGrant,
     UnsupportedGrantType,
+    InvalidTarget,
 }
 
 impl OAuthError {
@@ -131,6 +154,7 @@ impl OAuthError {
             OAuthError::InvalidClient => "invalid_client",
             OAuthError::InvalidGrant => "invalid_grant",
             OAuthError::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthError::InvalidTarget => "invalid_target",
         }
     }
 }
@@ -195,6 +219,13 @@ pub(crate) struct State {
     refresh: HashMap<String, RefreshToken>,
     revoked_families: HashSet<u64>,
     next_id: u64,
+    /// Workload tokens (the subject tokens of an exchange, a projected token file's
+    /// contents) and when each expires; valid as bearer tokens without an audience too.
+    workload: HashMap<String, Instant>,
+    /// Public keys of the client's assertions.
+    pub(crate) client_keys: Vec<super::assertions::ClientKey>,
+    /// Every assertion `jti` seen, for replay detection.
+    seen_jtis: HashSet<String>,
 }
 
 // Never prints tokens or the client secret.
@@ -224,6 +255,9 @@ impl State {
             refresh: HashMap::new(),
             revoked_families: HashSet::new(),
             next_id: 0,
+            workload: HashMap::new(),
+            client_keys: Vec::new(),
+            seen_jtis: HashSet::new(),
         }
     }
 
@@ -290,10 +324,82 @@ impl State {
     /// Whether `token` is a valid, unexpired access token of a family not revoked, for
     /// `audience` (`None`: a token issued without one).
     pub(crate) fn access_valid(&self, token: &str, audience: Option<&str>) -> bool {
+        if audience.is_none() && self.workload_valid(token) {
+            return true;
+        }
         self.access.get(token).is_some_and(|t| {
             Instant::now() < t.expires_at
                 && t.audience.as_deref() == audience
                 && t.family.is_none_or(|f| !self.revoked_families.contains(&f))
+        })
+    }
+
+    /// Whether `token` is an unexpired workload token issued here.
+    pub(crate) fn workload_valid(&self, token: &str) -> bool {
+        self.workload
+            .get(token)
+            .is_some_and(|expires| Instant::now() < *expires)
+    }
+
+    /// A workload token: a JWT (not signed by anything a client checks) with `iss`,
+    /// `sub`, `aud`, `iat` and `exp` = `iat` + `lifetime` in whole seconds, valid here
+    /// until that `exp`.
+    pub(crate) fn issue_workload_token(&mut self, lifetime: Duration) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let iat = now.as_secs();
+        let exp = iat + lifetime.as_secs().max(1);
+        self.next_id += 1;
+        let claims = serde_json::json!({
+            "iss": "https://testkit.invalid/workload",
+            "sub": "system:serviceaccount:default:testkit",
+            "aud": "testkit-sts",
+            "iat": iat,
+            "exp": exp,
+            "jti": format!("wl{}.{:016x}", self.next_id, fastrand::u64(..)),
+        });
+        let token = format!(
+            "{}.{}.{}",
+            b64.encode(r#"{"alg":"RS256","typ":"JWT","kid":"testkit"}"#),
+            b64.encode(claims.to_string()),
+            b64.encode(fastrand::u64(..).to_be_bytes())
+        );
+        // Valid here exactly until its `exp`, as a verifier of the JWT would see it.
+        let left = Duration::from_secs(exp).saturating_sub(now);
+        self.workload.insert(token.clone(), Instant::now() + left);
+        self.counters.workload_tokens_issued += 1;
+        token
+    }
+
+    /// Records an assertion's `jti` on arrival; true if it had been seen before.
+    pub(crate) fn note_assertion(&mut self, jti: Option<&str>) -> bool {
+        self.counters.assertions_seen += 1;
+        let replayed = jti.is_some_and(|jti| !self.seen_jtis.insert(jti.to_owned()));
+        if replayed {
+            self.counters.assertion_replays += 1;
+        }
+        replayed
+    }
+
+    /// `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693 §2.1): a
+    /// valid workload token as the subject, a token for `audience` in return.
+    pub(crate) fn exchange_grant(
+        &mut self,
+        subject: &str,
+        audience: Option<&str>,
+    ) -> Result<Issued, OAuthError> {
+        if !self.workload_valid(subject) {
+            return Err(OAuthError::InvalidGrant);
+        }
+        let (access_token, expires_in) = self.issue_access_token(None, audience);
+        self.counters.tokens_issued += 1;
+        Ok(Issued {
+            access_token,
+            expires_in,
+            refresh_token: None,
         })
     }
 

@@ -2,6 +2,7 @@
 //! file); a module per former file.
 
 mod conformance_catches_faults;
+mod file_source_properties;
 mod file_store_processes;
 mod fuzz_replay;
 mod keyed_processes;

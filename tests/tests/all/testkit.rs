@@ -588,3 +588,140 @@ async fn longest_valid_life_sees_only_valid_tokens_issued_before_the_instant() {
     server.expire_all_tokens();
     assert_eq!(server.longest_valid_life(Instant::now()), None);
 }
+
+/// Posts `client_credentials` with `assertion` as the client assertion; the status.
+async fn with_assertion(server: &TestServer, assertion: &str) -> StatusCode {
+    client()
+        .post(server.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn client_assertions_are_checked_for_signature_issuer_audience_expiry_and_replay() {
+    use tokenflight::oauth2::SigningKey;
+    use tokenflight_tests::testkit::{TEST_ES256_PEM, TEST_RS256_PEM};
+    let server = TestServer::start(TestServerConfig::default());
+    let registered = SigningKey::from_pem(TEST_ES256_PEM).unwrap();
+    server.register_client_key(&registered);
+    let other = SigningKey::from_pem(TEST_RS256_PEM).unwrap();
+    let now = unix_now();
+    let claims = |jti: &str, iss: &str, aud: &str, exp: u64| serde_json::json!({"iss": iss, "sub": iss, "aud": aud, "iat": now, "exp": exp, "jti": jti});
+    let (id, url) = (server.client_id(), server.token_url());
+    let sign = |key: &SigningKey, claims| key.sign_jwt(&claims).unwrap().expose().to_owned();
+    let cases = [
+        (
+            sign(&registered, claims("ok", &id, &url, now + 60)),
+            StatusCode::OK,
+        ),
+        (
+            sign(&other, claims("unregistered", &id, &url, now + 60)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            sign(
+                &registered,
+                claims("issuer", "someone-else", &url, now + 60),
+            ),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            sign(
+                &registered,
+                claims("audience", &id, "http://elsewhere/token", now + 60),
+            ),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            sign(&registered, claims("expired", &id, &url, now - 1)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            sign(&registered, claims("too-long", &id, &url, now + 7200)),
+            StatusCode::UNAUTHORIZED,
+        ),
+    ];
+    for (i, (assertion, status)) in cases.iter().enumerate() {
+        assert_eq!(
+            with_assertion(&server, assertion).await,
+            *status,
+            "case {i}"
+        );
+    }
+    let counters = server.counters();
+    assert_eq!(counters.assertions_refused, 5);
+    assert_eq!(counters.assertion_replays, 0);
+    // The accepted one, again: a replay.
+    assert_eq!(
+        with_assertion(&server, &cases[0].0).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(server.counters().assertion_replays, 1);
+}
+
+#[tokio::test]
+async fn token_exchange_takes_a_workload_token_for_an_audience() {
+    let server = TestServer::start(TestServerConfig::default());
+    let subject = server.issue_workload_token(Duration::from_secs(60));
+    let exchange = |subject: String, audience: &'static str| {
+        let url = server.token_url();
+        async move {
+            let response = client()
+                .post(url)
+                .form(&[
+                    (
+                        "grant_type",
+                        "urn:ietf:params:oauth:grant-type:token-exchange",
+                    ),
+                    ("subject_token", subject.as_str()),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                    ("audience", audience),
+                ])
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            (status, body)
+        }
+    };
+    let (status, body) = exchange(subject.clone(), "orders").await;
+    assert_eq!(status, StatusCode::OK);
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let api = client()
+        .get(server.audience_url("orders", "x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), StatusCode::OK);
+    let (status, body) = exchange("not-a-workload-token".into(), "orders").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant"))
+    );
+    let refused = tokenflight_tests::testkit::REFUSED_AUDIENCE;
+    let (status, body) = exchange(subject, refused).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_target"))
+    );
+    assert_eq!(server.counters().token_exchange_calls, 3);
+}

@@ -134,3 +134,4 @@ fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
 // scenarios check come out different. The storm test (`tests/storm.rs`) covers the
 // multi-thread runtime with assertions that hold under any interleaving.
 tokenflight_tests::conformance_tests!(tokio::test(flavor = "current_thread"), ReqwestAdapter);
+tokenflight_tests::source_tests!(tokio::test(flavor = "current_thread"), ReqwestAdapter);

@@ -14,6 +14,7 @@ use tokenflight_surf::{
 use tokenflight_tests::conformance::{Adapter, TestClient, TestRequest, TestResponse};
 
 tokenflight_tests::conformance_tests!(async_std::test, SurfAdapter);
+tokenflight_tests::source_tests!(async_std::test, SurfAdapter);
 
 /// surf with the recommended middleware order: redirects, then the token layer.
 struct SurfAdapter;

@@ -172,3 +172,4 @@ fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
 // test: the scenarios that start N requests at once assume every request is on its way
 // before any answer is processed.
 tokenflight_tests::conformance_tests!(tokio::test(flavor = "current_thread"), TowerAdapter);
+tokenflight_tests::source_tests!(tokio::test(flavor = "current_thread"), TowerAdapter);

@@ -295,10 +295,10 @@ impl ResponseView for FakeResponse {
     fn status(&self) -> u16 {
         self.status
     }
-    fn header(&self, name: &str) -> Option<&str> {
-        if name.eq_ignore_ascii_case("www-authenticate") {
+    fn header(&self, name: &http::HeaderName) -> Option<&str> {
+        if name == http::header::WWW_AUTHENTICATE {
             self.www_authenticate.as_deref()
-        } else if name.eq_ignore_ascii_case("content-length") {
+        } else if name == http::header::CONTENT_LENGTH {
             self.content_length.as_deref()
         } else {
             None
