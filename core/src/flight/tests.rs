@@ -1,0 +1,1 @@
+//! The coordinator's own tests: the state lock's cost per refresh.
