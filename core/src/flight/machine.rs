@@ -220,14 +220,19 @@ pub(super) enum Join {
     Wait(u64),
     /// A flight runs and the caller asked not to wait (refresh-ahead).
     Busy,
-    /// Start flight `id` of `kind`, under login epoch `epoch`. `unsaved_login`: a login
-    /// was unsaved when it started (the unlocked store read is then pointless).
-    Start {
-        id: u64,
-        kind: FlightKind,
-        epoch: u64,
-        unsaved_login: bool,
-    },
+    /// Start this flight.
+    Start(Started),
+}
+
+/// A flight to start: `id`, of `kind`, for `ask`, under login epoch `epoch`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Started {
+    pub(super) id: u64,
+    pub(super) kind: FlightKind,
+    pub(super) ask: Ask,
+    pub(super) epoch: u64,
+    /// A login was unsaved when it started: the unlocked store read is then pointless.
+    pub(super) unsaved_login: bool,
 }
 
 /// [`Machine::after_load`]'s decision, with the store's lock held.
@@ -457,7 +462,11 @@ impl<H> Machine<H> {
         if generation == token.generation() {
             return token;
         }
-        match self.current.as_ref().filter(|c| c.generation() == generation) {
+        match self
+            .current
+            .as_ref()
+            .filter(|c| c.generation() == generation)
+        {
             Some(current) => Arc::clone(current),
             None => Arc::new((*token).clone().with_generation(generation)),
         }
@@ -481,7 +490,12 @@ impl<H> Machine<H> {
 
     /// A usable token newer than the one `ask` would replace: then the refresh is not
     /// needed ([C2](crate#c2), [C3](crate#c3)). A forced refresh is never superseded.
-    pub(super) fn superseded(&self, rules: &Rules, ask: Ask, now: SystemTime) -> Option<Arc<Token>> {
+    pub(super) fn superseded(
+        &self,
+        rules: &Rules,
+        ask: Ask,
+        now: SystemTime,
+    ) -> Option<Arc<Token>> {
         if ask.reason == RefreshReason::Forced {
             return None;
         }
@@ -492,7 +506,12 @@ impl<H> Machine<H> {
 
     /// After a flight a login superseded: the login serves the caller if it is usable
     /// and newer than what the caller replaces (any usable token, for a forced refresh).
-    pub(super) fn login_serves(&self, rules: &Rules, ask: Ask, now: SystemTime) -> Option<Arc<Token>> {
+    pub(super) fn login_serves(
+        &self,
+        rules: &Rules,
+        ask: Ask,
+        now: SystemTime,
+    ) -> Option<Arc<Token>> {
         let replaces = ask.replaces.map(|g| self.resolve_alias(g));
         self.usable_current(rules, now).filter(|t| {
             ask.reason == RefreshReason::Forced || replaces.is_none_or(|g| t.generation() > g)
@@ -542,7 +561,12 @@ impl<H> Machine<H> {
     /// A token the store pushed (sane): adopted if usable, newer than anything
     /// numbered here, and no login is unsaved ([C17](crate#c17)). `Some(ended_auth_lost)` if
     /// adopted. Wakes nobody: a flight in progress finds it current.
-    pub(super) fn adopt_pushed(&mut self, rules: &Rules, token: Token, now: SystemTime) -> Option<bool> {
+    pub(super) fn adopt_pushed(
+        &mut self,
+        rules: &Rules,
+        token: Token,
+        now: SystemTime,
+    ) -> Option<bool> {
         if !self.assess(rules, &token, now).usable() || self.unsaved_login.is_some() {
             return None;
         }
@@ -568,7 +592,11 @@ impl<H> Machine<H> {
         self.saw_in_store(stored);
         let generation = self.unsaved_login?;
         // Replaced meanwhile (a newer login saves itself).
-        let current = Arc::clone(self.current.as_ref().filter(|t| t.generation() == generation)?);
+        let current = Arc::clone(
+            self.current
+                .as_ref()
+                .filter(|t| t.generation() == generation)?,
+        );
         let stored_generation = stored.map(Token::generation);
         if !stored_generation.is_some_and(|stored| stored >= generation) {
             return Some(current);
@@ -754,7 +782,11 @@ impl<H> Machine<H> {
             return Join::Ready(token);
         }
         if let Some(id) = live {
-            return if only_if_idle { Join::Busy } else { Join::Wait(id) };
+            return if only_if_idle {
+                Join::Busy
+            } else {
+                Join::Wait(id)
+            };
         }
         let kind = match self.failing(rules, ask, only_if_idle, now, mono) {
             Ok(kind) => kind,
@@ -763,12 +795,13 @@ impl<H> Machine<H> {
         let id = self.next_flight_id;
         self.next_flight_id = id.wrapping_add(1);
         self.source_retry_after = None;
-        Join::Start {
+        Join::Start(Started {
             id,
             kind,
+            ask,
             epoch: self.login_epoch,
             unsaved_login: self.unsaved_login.is_some(),
-        }
+        })
     }
 
     /// Under a failure: what kind of flight may start, or the answer instead of one.
@@ -815,34 +848,21 @@ impl<H> Machine<H> {
         }
     }
 
-    /// Flight `id` of `kind`, started under `epoch`, ended with `result` ([C5](crate#c5)): publishes
-    /// the token or records the failure; says what every waiter gets. `unit` is the
-    /// backoff's jitter draw in `[0, 1)`.
-    #[allow(clippy::too_many_arguments)]
+    /// The flight `started` ended with `result` ([C5](crate#c5)): publishes the token or records
+    /// the failure; says what every waiter gets. `unit` is the backoff's jitter draw in
+    /// `[0, 1)`.
     pub(super) fn finish(
         &mut self,
         rules: &Rules,
-        id: u64,
-        kind: FlightKind,
-        epoch: u64,
+        started: &Started,
         result: Result<Flown, RefreshError>,
-        now: SystemTime,
-        mono: Instant,
-        unit: f64,
+        (now, mono, unit): (SystemTime, Instant, f64),
     ) -> Finished {
-        let own = self.flight.as_ref().is_some_and(|(f, _)| *f == id);
-        if own {
+        let (kind, epoch) = (started.kind, started.epoch);
+        if self.flight.as_ref().is_some_and(|(f, _)| *f == started.id) {
             self.flight = None;
         }
-        if let Ok(flown) = &result {
-            // A login this flight could not save is saved in effect: the store holds
-            // its refresh, numbered above it. Left marked unsaved, it would keep every
-            // later read and push of the store from being adopted ([C17](crate#c17)).
-            if flown.saved && self.unsaved_login.is_some_and(|l| l < flown.token.generation()) {
-                self.unsaved_login = None;
-            }
-        }
-        let result = result.map(|flown| flown.token);
+        let result = result.map(|flown| self.settle_login(flown));
         if self.login_epoch != epoch {
             // A login arrived while this flight ran: the login wins (C17). Nothing this
             // flight got replaces it, and its failure is not the login's.
@@ -888,6 +908,20 @@ impl<H> Machine<H> {
             lost,
             failed,
         }
+    }
+
+    /// A flight saved its token: a login this flight could not save is saved in effect
+    /// (the store holds its refresh, numbered above it). Left marked unsaved, it would
+    /// keep every later read and push of the store from being adopted ([C17](crate#c17)).
+    fn settle_login(&mut self, flown: Flown) -> Arc<Token> {
+        if flown.saved
+            && self
+                .unsaved_login
+                .is_some_and(|login| login < flown.token.generation())
+        {
+            self.unsaved_login = None;
+        }
+        flown.token
     }
 
     fn fallback(

@@ -43,8 +43,7 @@ use crate::stats::{Counters, Stats, bump};
 use crate::store::{StoreError, StoreWatcher, TokenStore};
 use crate::token::Token;
 
-use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, assess, jittered};
-use run::Started;
+use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, Started, assess, jittered};
 
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 type WeakFlight = WeakShared<BoxFuture<'static, FlightOutput>>;
@@ -685,12 +684,18 @@ impl SingleFlight {
                 .flight
                 .as_ref()
                 .and_then(|(id, weak)| weak.upgrade().map(|f| (*id, f)));
-            let decision = m.join(rules, ask, only_if_idle, live.as_ref().map(|l| l.0), now, mono);
-            if let Join::Start { id, kind, epoch, unsaved_login } = decision {
-                let started = Started { id, kind, ask, epoch, unsaved_login };
+            let decision = m.join(
+                rules,
+                ask,
+                only_if_idle,
+                live.as_ref().map(|l| l.0),
+                now,
+                mono,
+            );
+            if let Join::Start(started) = decision {
                 let shared = self.clone().run_flight(started).boxed().shared();
                 // `downgrade` is `None` only for a completed future; this one was never polled.
-                m.flight = shared.downgrade().map(|weak| (id, weak));
+                m.flight = shared.downgrade().map(|weak| (started.id, weak));
                 flight = Some(shared);
             } else {
                 flight = live.map(|(_, f)| f);
@@ -709,7 +714,7 @@ impl SingleFlight {
                     .emit(|o| o.flight_joined(&FlightJoined { flight: id, reason }));
                 Joined::Wait(flight)
             }
-            (Join::Start { id, kind, .. }, Some(flight)) => self.started(id, kind, ask, flight),
+            (Join::Start(started), Some(flight)) => self.started(started, flight),
             // The machine saw a live flight only when the handle upgraded.
             (_, None) => Joined::Failed(Error::Refresh(RefreshError::transient(
                 "the refresh in flight ended while joining it",
@@ -718,7 +723,8 @@ impl SingleFlight {
     }
 
     /// A flight started: counts and announces it, hands it to the spawner if any.
-    fn started(&self, id: u64, kind: machine::FlightKind, ask: Ask, flight: FlightFuture) -> Joined {
+    fn started(&self, started: Started, flight: FlightFuture) -> Joined {
+        let (id, kind, ask) = (started.id, started.kind, started.ask);
         bump(&self.inner.counters.flights);
         tracing::debug!(?kind, flight = id, "refresh started");
         self.observers().emit(|o| {
@@ -813,5 +819,3 @@ impl<S: Future<Output = Result<Arc<Token>, Error>>> Future for TokenFuture<S> {
         }
     }
 }
-
-

@@ -15,24 +15,15 @@ use futures_util::future::{self, BoxFuture, Either};
 use tracing::Instrument;
 
 use super::SingleFlight;
-use super::machine::{AfterLoad, Ask, FlightKind, FlightOutput, Flown, stamp, superseded_by_login};
+use super::machine::{
+    AfterLoad, FlightKind, FlightOutput, Flown, Started, stamp, superseded_by_login,
+};
 use crate::error::{Cause, RefreshError};
 use crate::observe::{AttemptFailed, AuthLost, Outcome, RefreshFinished};
 use crate::source::RefreshContext;
 use crate::stats::bump;
 use crate::store::{MAX_GENERATION, StoreError, StoreGuard};
 use crate::token::Token;
-
-/// A started flight, as the machine's [`super::machine::Join::Start`] described it.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Started {
-    pub(super) id: u64,
-    pub(super) kind: FlightKind,
-    pub(super) ask: Ask,
-    pub(super) epoch: u64,
-    /// A login was unsaved when the flight started: the unlocked store read is skipped.
-    pub(super) unsaved_login: bool,
-}
 
 impl SingleFlight {
     /// The whole flight: run it, contain its panics, let the machine finish it, carry
@@ -119,9 +110,8 @@ impl SingleFlight {
         let now = self.now();
         let mono = self.mono();
         let unit = fastrand::f64();
-        let finished = self.with_state(|m, rules| {
-            m.finish(rules, started.id, started.kind, started.epoch, result, now, mono, unit)
-        });
+        let finished =
+            self.with_state(|m, rules| m.finish(rules, &started, result, (now, mono, unit)));
         let id = started.id;
         match &finished.output.result {
             _ if finished.output.superseded => {
@@ -214,7 +204,11 @@ impl SingleFlight {
     }
 
     /// One attempt: (unlocked read) → lock → load → adopt or fetch → save → unlock.
-    async fn attempt(&self, started: Started, deadline: &mut Deadline) -> Result<Flown, RefreshError> {
+    async fn attempt(
+        &self,
+        started: Started,
+        deadline: &mut Deadline,
+    ) -> Result<Flown, RefreshError> {
         let store = &self.inner.parts.store;
         // Fleet fast path: most often another replica refreshed already, so one read
         // adopts its token without contending for the lock (flat per-replica store
@@ -233,9 +227,7 @@ impl SingleFlight {
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
             .map_err(RefreshError::from_store)?;
-        let result = self
-            .attempt_locked(started, &*guard, deadline)
-            .await;
+        let result = self.attempt_locked(started, &*guard, deadline).await;
         self.release(guard, deadline).await;
         result
     }
@@ -244,7 +236,11 @@ impl SingleFlight {
     /// store error or a spent budget just falls through to the locked path, which
     /// reports it. Lock-free unless the stored token is newer than the current one.
     async fn adopt_unlocked(&self, epoch: u64, deadline: &mut Deadline) -> Option<Arc<Token>> {
-        let stored = sane(within(self.inner.parts.store.load(), deadline).await?.ok()?)?;
+        let stored = sane(
+            within(self.inner.parts.store.load(), deadline)
+                .await?
+                .ok()?,
+        )?;
         let held = self.current().map_or(0, |t| t.generation());
         if stored.generation() <= held {
             return None;
@@ -272,7 +268,9 @@ impl SingleFlight {
             let stored = match within(guard.load(), deadline).await {
                 None => return Err(self.out_of_budget("loading the stored token")),
                 Some(Ok(stored)) => sane(stored),
-                Some(Err(error)) if !login_tried && self.with_state(|m, _| m.has_unsaved_login()) => {
+                Some(Err(error))
+                    if !login_tried && self.with_state(|m, _| m.has_unsaved_login()) =>
+                {
                     tracing::warn!(error = %error, "saving the login failed; it stays in use here");
                     login_tried = true;
                     continue;
@@ -282,8 +280,8 @@ impl SingleFlight {
             let stored_generation = stored.as_ref().map(Token::generation);
             let now = self.now();
             let (ask, epoch) = (started.ask, started.epoch);
-            let decision =
-                self.with_state(|m, rules| m.after_load(rules, stored, ask, epoch, login_tried, now));
+            let decision = self
+                .with_state(|m, rules| m.after_load(rules, stored, ask, epoch, login_tried, now));
             match decision {
                 AfterLoad::SaveLogin(login) => {
                     if let Err(error) = self.save_login_token(guard, &login, deadline).await {
@@ -370,7 +368,9 @@ impl SingleFlight {
                 unsaved(token)
             }
             None => {
-                tracing::warn!("saving the refreshed token used up the budget; keeping it in memory");
+                tracing::warn!(
+                    "saving the refreshed token used up the budget; keeping it in memory"
+                );
                 unsaved(token)
             }
         }

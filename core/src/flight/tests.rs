@@ -39,14 +39,20 @@ fn one_refresh_through_a_memory_store_takes_the_state_lock_at_most_four_times() 
     assert!(second.generation() > first.generation());
     assert_eq!(flight.stats().source_calls, 2);
     eprintln!("refresh: {taken} lock(s)");
-    assert!(taken <= 4, "the state lock was taken {taken} times for one refresh");
+    assert!(
+        taken <= 4,
+        "the state lock was taken {taken} times for one refresh"
+    );
     // A rejection of the current token: one more, to record it.
     let before = locks(&flight);
     let third = block_on(flight.token_after_rejection(second.generation())).unwrap();
     let taken = locks(&flight) - before;
     assert!(third.generation() > second.generation());
     eprintln!("rejection refresh: {taken} lock(s)");
-    assert!(taken <= 5, "the state lock was taken {taken} times for a rejection's refresh");
+    assert!(
+        taken <= 5,
+        "the state lock was taken {taken} times for a rejection's refresh"
+    );
 }
 
 /// The fast path takes no lock.
@@ -86,6 +92,9 @@ fn the_state_machine_does_no_io_and_reads_no_clock() {
         ".save(",
         "fastrand",
     ] {
-        assert!(!code.contains(forbidden), "machine.rs contains `{forbidden}`");
+        assert!(
+            !code.contains(forbidden),
+            "machine.rs contains `{forbidden}`"
+        );
     }
 }
