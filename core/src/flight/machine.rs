@@ -301,7 +301,7 @@ pub(super) struct Plant {
 /// The coordinator's mutable state, all of it (besides the published copy of
 /// `current` that the fast path reads). `H` is the handle of the running flight (a
 /// weak handle to its shared future); the machine only stores it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Machine<H> {
     /// The running flight, if any, by id.
     pub(super) flight: Option<(u64, H)>,

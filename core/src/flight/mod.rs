@@ -19,6 +19,8 @@
 //! waiter leaves and no spawner keeps the flight alive, the refresh is dropped and the
 //! next caller starts a fresh one.
 
+#[cfg(test)]
+mod explore;
 mod machine;
 mod run;
 #[cfg(test)]
