@@ -44,7 +44,10 @@ struct Flight {
 enum Caller {
     Idle,
     /// Waiting for the flight; `ahead`: the still-valid token a refresh-ahead caller holds.
-    Waiting { ask: Ask, ahead: Option<Arc<Token>> },
+    Waiting {
+        ask: Ask,
+        ahead: Option<Arc<Token>>,
+    },
     Done,
 }
 
@@ -166,8 +169,14 @@ impl Explorer<'_> {
             if matches!(caller, Caller::Idle) {
                 events.push(Event::Ask(i));
                 if w.rejections > 0 && w.m.current().is_some() {
-                    events.push(Event::Reject { caller: i, old: false });
-                    events.push(Event::Reject { caller: i, old: true });
+                    events.push(Event::Reject {
+                        caller: i,
+                        old: false,
+                    });
+                    events.push(Event::Reject {
+                        caller: i,
+                        old: true,
+                    });
                 }
             }
         }
@@ -205,7 +214,15 @@ impl Explorer<'_> {
             ]);
         }
         if w.steps > 0 {
-            events.extend([Target::Ahead, Target::Leeway, Target::Expired, Target::Throttle].map(Event::Step));
+            events.extend(
+                [
+                    Target::Ahead,
+                    Target::Leeway,
+                    Target::Expired,
+                    Target::Throttle,
+                ]
+                .map(Event::Step),
+            );
         }
         events
     }
@@ -217,7 +234,11 @@ impl Explorer<'_> {
             Event::Reject { caller, old } => {
                 w.rejections -= 1;
                 let current = w.m.current().map_or(0, |t| t.generation());
-                let generation = if old { current.saturating_sub(1) } else { current };
+                let generation = if old {
+                    current.saturating_sub(1)
+                } else {
+                    current
+                };
                 let generation = w.m.resolve_alias(generation);
                 let fresh_before = w.m.usable_current(self.rules, now);
                 match w.m.record_rejection(self.rules, generation, now) {
@@ -227,13 +248,18 @@ impl Explorer<'_> {
                         if fresh_before.is_some_and(|t| t.generation() > generation) {
                             return Err("C3");
                         }
-                        let ask = Ask { reason: RefreshReason::Rejected, replaces: Some(generation) };
+                        let ask = Ask {
+                            reason: RefreshReason::Rejected,
+                            replaces: Some(generation),
+                        };
                         return self.join(w, caller, ask, None, now, mono);
                     }
                 }
                 Ok(w)
             }
-            Event::Load | Event::LoadFails | Event::SaveLoginFails => self.load(w, event, now, mono),
+            Event::Load | Event::LoadFails | Event::SaveLoginFails => {
+                self.load(w, event, now, mono)
+            }
             Event::SourceOk
             | Event::SourceRetryAfter
             | Event::SourceRetryAfterThenStorePanics
@@ -256,7 +282,12 @@ impl Explorer<'_> {
             }
             Event::ReplicaSaves { push } => {
                 w.replicas -= 1;
-                let generation = w.store.as_ref().map_or(0, Token::generation).max(w.m.current().map_or(0, |t| t.generation())) + 1;
+                let generation = w
+                    .store
+                    .as_ref()
+                    .map_or(0, Token::generation)
+                    .max(w.m.current().map_or(0, |t| t.generation()))
+                    + 1;
                 let token = w.token(now).with_generation(generation);
                 w.replica_login = w.m.is_auth_lost();
                 w.store = Some(token.clone());
@@ -295,7 +326,10 @@ impl Explorer<'_> {
             Some(super::machine::Assessment::Rejected) => RefreshReason::Rejected,
             Some(_) => RefreshReason::Expired,
         };
-        let ask = Ask { reason, replaces: current.as_ref().map(|t| t.generation()) };
+        let ask = Ask {
+            reason,
+            replaces: current.as_ref().map(|t| t.generation()),
+        };
         let ahead = current.filter(|_| reason == RefreshReason::RefreshAhead);
         self.join(w, i, ask, ahead, now, mono)
     }
@@ -323,7 +357,9 @@ impl Explorer<'_> {
                 w.callers[i] = Caller::Done;
             }
             Join::Failed(_) => {
-                let valid = w.m.current().is_some_and(|t| w.m.assess(self.rules, t, now).valid());
+                let valid =
+                    w.m.current()
+                        .is_some_and(|t| w.m.assess(self.rules, t, now).valid());
                 if ask.reason != RefreshReason::Forced && valid {
                     return Err("C16");
                 }
@@ -340,7 +376,10 @@ impl Explorer<'_> {
                     return Err("C9");
                 }
                 w.m.flight = Some((started.id, ()));
-                w.flight = Some(Flight { started, phase: Phase::Load { login_tried: false } });
+                w.flight = Some(Flight {
+                    started,
+                    phase: Phase::Load { login_tried: false },
+                });
                 w.callers[i] = Caller::Waiting { ask, ahead };
             }
         }
@@ -348,8 +387,12 @@ impl Explorer<'_> {
     }
 
     fn load(&self, mut w: World, event: Event, now: SystemTime, mono: Instant) -> Step {
-        let Some(flight) = w.flight.clone() else { return Ok(w) };
-        let Phase::Load { login_tried } = flight.phase else { return Ok(w) };
+        let Some(flight) = w.flight.clone() else {
+            return Ok(w);
+        };
+        let Phase::Load { login_tried } = flight.phase else {
+            return Ok(w);
+        };
         let started = flight.started;
         if started.kind == FlightKind::Reload {
             return self.reload(w, event, now, mono);
@@ -358,17 +401,32 @@ impl Explorer<'_> {
             Event::LoadFails => {
                 w.store_faults -= 1;
                 if !login_tried && w.m.has_unsaved_login() {
-                    w.flight = Some(Flight { started, phase: Phase::Load { login_tried: true } });
+                    w.flight = Some(Flight {
+                        started,
+                        phase: Phase::Load { login_tried: true },
+                    });
                     return Ok(w);
                 }
-                return self.finish(w, Err(RefreshError::transient("the store failed")), now, mono);
+                return self.finish(
+                    w,
+                    Err(RefreshError::transient("the store failed")),
+                    now,
+                    mono,
+                );
             }
             Event::SaveLoginFails => w.store_faults -= 1,
             _ => {}
         }
         let stored = w.store.clone();
         let stored_generation = stored.as_ref().map(Token::generation);
-        let phase = match w.m.after_load(self.rules, stored, started.ask, started.epoch, login_tried, now) {
+        let phase = match w.m.after_load(
+            self.rules,
+            stored,
+            started.ask,
+            started.epoch,
+            login_tried,
+            now,
+        ) {
             AfterLoad::SaveLogin(login) => {
                 if !matches!(event, Event::SaveLoginFails) {
                     w.store = Some((*login).clone());
@@ -381,9 +439,19 @@ impl Explorer<'_> {
                 return self.finish(w, Err(super::machine::superseded_by_login()), now, mono);
             }
             AfterLoad::Ready(token) | AfterLoad::Adopted(token) => {
-                return self.finish(w, Ok(Flown { token, saved: false }), now, mono);
+                return self.finish(
+                    w,
+                    Ok(Flown {
+                        token,
+                        saved: false,
+                    }),
+                    now,
+                    mono,
+                );
             }
-            AfterLoad::Fetch { .. } => Phase::Source { stored: stored_generation },
+            AfterLoad::Fetch { .. } => Phase::Source {
+                stored: stored_generation,
+            },
         };
         w.flight = Some(Flight { started, phase });
         Ok(w)
@@ -407,21 +475,34 @@ impl Explorer<'_> {
                 s.generation() > current && w.m.assess(self.rules, s, now).usable()
             });
         match w.m.reload_adopt(self.rules, stored, now) {
-            Some(token) => self.finish(w, Ok(Flown { token, saved: false }), now, mono),
+            Some(token) => self.finish(
+                w,
+                Ok(Flown {
+                    token,
+                    saved: false,
+                }),
+                now,
+                mono,
+            ),
             None if owed => Err("C17"),
             None => self.finish(w, Err(lost), now, mono),
         }
     }
 
     fn answer(&self, mut w: World, event: Event, now: SystemTime, mono: Instant) -> Step {
-        let Some(Flight { started, phase: Phase::Source { stored } }) = w.flight.clone() else {
+        let Some(Flight {
+            started,
+            phase: Phase::Source { stored },
+        }) = w.flight.clone()
+        else {
             return Ok(w);
         };
         w.answers -= 1;
         let quiet = Duration::from_secs(30);
         let error = match event {
             Event::SourceOk => {
-                let Some(generation) = w.m.number(true, None, stored, started.epoch, mono) else {
+                let Some((generation, _)) = w.m.number(true, None, stored, started.epoch, mono)
+                else {
                     return self.finish(w, Err(super::machine::superseded_by_login()), now, mono);
                 };
                 let token = Arc::new(w.token(now).with_generation(generation));
@@ -450,10 +531,13 @@ impl Explorer<'_> {
         now: SystemTime,
         mono: Instant,
     ) -> Step {
-        let Some(flight) = w.flight.take() else { return Ok(w) };
+        let Some(flight) = w.flight.take() else {
+            return Ok(w);
+        };
         let before = w.m.current().cloned();
         let superseded = w.m.login_epoch() != flight.started.epoch;
-        let finished = w.m.finish(self.rules, &flight.started, result, (now, mono, 0.5));
+        let finished =
+            w.m.finish(self.rules, &flight.started, result, (now, mono, 0.5));
         if w.m.flight.is_some() {
             return Err("C1");
         }
@@ -466,7 +550,9 @@ impl Explorer<'_> {
             w.quiet_until = None;
         }
         for i in 0..w.callers.len() {
-            let Caller::Waiting { ask, ahead } = w.callers[i].clone() else { continue };
+            let Caller::Waiting { ask, ahead } = w.callers[i].clone() else {
+                continue;
+            };
             w.callers[i] = Caller::Done;
             if let Some(token) = ahead {
                 if let Err(_) = &output.result {
@@ -489,7 +575,9 @@ impl Explorer<'_> {
                 Ok(_) => {}
                 Err(_) if output.fallback.is_some() || ask.reason == RefreshReason::Forced => {}
                 Err(_) => {
-                    let valid = w.m.current().is_some_and(|t| w.m.assess(self.rules, t, now).valid());
+                    let valid =
+                        w.m.current()
+                            .is_some_and(|t| w.m.assess(self.rules, t, now).valid());
                     if valid {
                         return Err("C16");
                     }
@@ -504,7 +592,9 @@ impl Explorer<'_> {
         let config = &self.rules.config;
         let current = w.m.current().cloned();
         let expiry = current.as_ref().and_then(|t| t.expiry());
-        let leeway = current.as_ref().map_or(Duration::ZERO, |t| config.leeway_for(t));
+        let leeway = current
+            .as_ref()
+            .map_or(Duration::ZERO, |t| config.leeway_for(t));
         let to = match (target, expiry) {
             (Target::Ahead, Some(expiry)) => expiry.checked_sub(leeway + Duration::from_secs(1)),
             (Target::Leeway, Some(expiry)) => expiry.checked_sub(leeway / 2),
@@ -541,7 +631,10 @@ fn explore(plant: Plant, setup: Setup, depth: usize) -> Explored {
         config: FlightConfig::default(),
         jitter: RandomState::new(),
     };
-    let explorer = Explorer { rules: &rules, clocks: &clocks };
+    let explorer = Explorer {
+        rules: &rules,
+        clocks: &clocks,
+    };
     let (initial, store) = setup.world(clocks.wall);
     let mut start = World::new(plant, initial, store);
     if let Setup::InitialOverOlderSession = setup {
@@ -562,7 +655,9 @@ fn explore(plant: Plant, setup: Setup, depth: usize) -> Explored {
         for event in explorer.events(&world) {
             let mut next_trace = trace.clone();
             next_trace.push(event);
-            let step = explorer.apply(world.clone(), event).and_then(|w| check(&w).map(|()| w));
+            let step = explorer
+                .apply(world.clone(), event)
+                .and_then(|w| check(&w).map(|()| w));
             match step {
                 Err(invariant) => {
                     let trace = next_trace.iter().map(|e| format!("{e:?}")).collect();
@@ -595,8 +690,18 @@ impl Setup {
         match self {
             Setup::Empty => (None, None),
             Setup::InitialOverOlderSession => (
-                Some(Token::new("initial").expires_in(HOUR, wall).obtained_at(wall).with_generation(1)),
-                Some(Token::new("older").expires_in(HOUR, wall).obtained_at(wall).with_generation(5)),
+                Some(
+                    Token::new("initial")
+                        .expires_in(HOUR, wall)
+                        .obtained_at(wall)
+                        .with_generation(1),
+                ),
+                Some(
+                    Token::new("older")
+                        .expires_in(HOUR, wall)
+                        .obtained_at(wall)
+                        .with_generation(5),
+                ),
             ),
         }
     }
@@ -632,27 +737,42 @@ fn the_explorer_finds_every_planted_bug() {
     let plants: [(&str, Plant, Setup); 5] = [
         (
             "C9 Retry-After forgotten after a store panic",
-            Plant { c9_forget_retry_after: true, ..Plant::default() },
+            Plant {
+                c9_forget_retry_after: true,
+                ..Plant::default()
+            },
             Setup::Empty,
         ),
         (
             "C16 valid token refused after invalid_grant",
-            Plant { c16_refuse_valid_after_invalid_grant: true, ..Plant::default() },
+            Plant {
+                c16_refuse_valid_after_invalid_grant: true,
+                ..Plant::default()
+            },
             Setup::Empty,
         ),
         (
             "C6 pre-flight copy of a renumbered token",
-            Plant { c6_pre_flight_copy: true, ..Plant::default() },
+            Plant {
+                c6_pre_flight_copy: true,
+                ..Plant::default()
+            },
             Setup::InitialOverOlderSession,
         ),
         (
             "C17 unsaved login keeps a replica's login out",
-            Plant { c17_unsaved_login_blocks_replica: true, ..Plant::default() },
+            Plant {
+                c17_unsaved_login_blocks_replica: true,
+                ..Plant::default()
+            },
             Setup::InitialOverOlderSession,
         ),
         (
             "C17 replica login admitted by generation only",
-            Plant { c17_replica_login_by_generation: true, ..Plant::default() },
+            Plant {
+                c17_replica_login_by_generation: true,
+                ..Plant::default()
+            },
             Setup::InitialOverOlderSession,
         ),
     ];

@@ -692,7 +692,9 @@ impl<H> Machine<H> {
     /// The source answered (`retry_after`: its failure asked for quiet; `ok`: it
     /// returned a token) at `mono`. For a token: its generation, numbered now, above
     /// any login installed or rejection reported meanwhile ([C3](crate#c3), [C4](crate#c4)) — or `None`
-    /// if a login arrived since the flight started: it wins ([C17](crate#c17)).
+    /// if a login arrived since the flight started: it wins ([C17](crate#c17)). With the
+    /// generation: whether a login is unsaved (once the token is saved, call
+    /// [`Machine::token_saved`] at once).
     pub(super) fn number(
         &mut self,
         ok: bool,
@@ -700,7 +702,7 @@ impl<H> Machine<H> {
         stored: Option<u64>,
         epoch: u64,
         mono: Instant,
-    ) -> Option<u64> {
+    ) -> Option<(u64, bool)> {
         self.source_retry_after = retry_after.map(|after| (mono, after));
         if !ok {
             return None;
@@ -710,7 +712,17 @@ impl<H> Machine<H> {
         }
         let generation = self.next_generation(stored);
         self.last_generation = generation;
-        Some(generation)
+        Some((generation, self.unsaved_login.is_some()))
+    }
+
+    /// A flight saved its token of `generation` under the store's lock: a login it could
+    /// not save is saved in effect (the store holds its refresh, numbered above it).
+    /// Left marked unsaved, it would keep every later read and push of the store from
+    /// being adopted ([C17](crate#c17)) — also while the unlock still runs.
+    pub(super) fn token_saved(&mut self, generation: u64) {
+        if self.unsaved_login.is_some_and(|login| login < generation) {
+            self.unsaved_login = None;
+        }
     }
 
     /// Re-authentication is required and a reload flight starts: the cause to keep, or
@@ -910,16 +922,10 @@ impl<H> Machine<H> {
         }
     }
 
-    /// A flight saved its token: a login this flight could not save is saved in effect
-    /// (the store holds its refresh, numbered above it). Left marked unsaved, it would
-    /// keep every later read and push of the store from being adopted ([C17](crate#c17)).
+    /// See [`Machine::token_saved`].
     fn settle_login(&mut self, flown: Flown) -> Arc<Token> {
-        if flown.saved
-            && self
-                .unsaved_login
-                .is_some_and(|login| login < flown.token.generation())
-        {
-            self.unsaved_login = None;
+        if flown.saved {
+            self.token_saved(flown.token.generation());
         }
         flown.token
     }

@@ -329,9 +329,14 @@ impl SingleFlight {
         let generation =
             self.with_state(|m, _| m.number(ok, retry_after, stored_generation, epoch, mono));
         let fetched = fetched?;
-        let generation = generation.ok_or_else(superseded_by_login)?;
+        let (generation, login_unsaved) = generation.ok_or_else(superseded_by_login)?;
         let token = Arc::new(stamp(fetched.with_generation(generation), self.now()));
-        Ok(self.save_fetched(token, guard, deadline, now).await)
+        let flown = self.save_fetched(token, guard, deadline, now).await;
+        if flown.saved && login_unsaved {
+            // At once, not when the flight ends: the unlock may take long.
+            self.with_state(|m, _| m.token_saved(generation));
+        }
+        Ok(flown)
     }
 
     /// Saves a fetched token under the lock. The server already issued it (and may
