@@ -555,7 +555,7 @@ impl Explorer<'_> {
             };
             w.callers[i] = Caller::Done;
             if let Some(token) = ahead {
-                if let Err(_) = &output.result {
+                if output.result.is_err() {
                     let resolved = w.m.resolve_alias(token.generation());
                     let got = w.m.ahead_fallback(output.fallback.clone(), token);
                     if got.generation() < resolved {

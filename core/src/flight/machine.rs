@@ -598,7 +598,7 @@ impl<H> Machine<H> {
                 .filter(|t| t.generation() == generation)?,
         );
         let stored_generation = stored.map(Token::generation);
-        if !stored_generation.is_some_and(|stored| stored >= generation) {
+        if stored_generation.is_none_or(|stored| stored < generation) {
             return Some(current);
         }
         let renumbered = self.next_generation(stored_generation);
