@@ -21,7 +21,7 @@
 //!
 //! ## Pushed tokens (issue 20): planted bugs and what caught them
 //!
-//! Each bug was planted alone in `core/src/flight.rs` (never committed) and the
+//! Each bug was planted alone in `core/src/flight/` (never committed) and the
 //! properties run at the CI count (256 cases each): `python3 run.py` with the plants
 //! in the session's scratch harness. "First case" is the earliest failing case of the
 //! property that failed first; all were shrunk to a few steps.

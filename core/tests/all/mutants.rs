@@ -1,5 +1,5 @@
 //! Tests that kill mutants `cargo mutants` found alive in the coordinator and the retry
-//! driver (`cargo mutants -p tokenflight -f core/src/flight.rs -f core/src/driver.rs`):
+//! driver (`cargo mutants -p tokenflight -f "core/src/flight/*.rs" -f core/src/driver.rs`):
 //! behaviour no other test pinned down.
 
 use crate::support;
