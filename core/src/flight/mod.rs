@@ -88,6 +88,9 @@ struct Inner {
     /// What the store holds a `Weak` to, to push saved tokens here. It points back
     /// weakly: a store never keeps a coordinator alive.
     watcher: Arc<Pushed>,
+    /// Notified after the store pushed a token and it was adopted: a flight waiting for
+    /// the store's lock wakes and stops waiting if that token supersedes it.
+    adopted_push: event_listener::Event,
     /// How often the state lock was taken (for the test that bounds it per refresh).
     #[cfg(test)]
     locks: std::sync::atomic::AtomicU64,
@@ -156,6 +159,7 @@ impl SingleFlight {
             state: Mutex::new(machine),
             counters: Counters::default(),
             watcher: Arc::new(Pushed(weak.clone())),
+            adopted_push: event_listener::Event::new(),
             #[cfg(test)]
             locks: std::sync::atomic::AtomicU64::new(0),
         });
@@ -211,6 +215,7 @@ impl SingleFlight {
             return;
         };
         bump(&self.inner.counters.pushed);
+        self.inner.adopted_push.notify(usize::MAX);
         if ended_auth_lost {
             bump(&self.inner.counters.store_reloads);
             tracing::info!(

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::SingleFlight;
 use super::machine::{
-    AfterLoad, FlightKind, FlightOutput, Flown, Started, stamp, superseded_by_login,
+    AfterLoad, Ask, FlightKind, FlightOutput, Flown, Started, stamp, superseded_by_login,
 };
 use crate::error::{Cause, RefreshError};
 use crate::observe::{AttemptFailed, AuthLost, Outcome, RefreshFinished};
@@ -209,7 +209,6 @@ impl SingleFlight {
         started: Started,
         deadline: &mut Deadline,
     ) -> Result<Flown, RefreshError> {
-        let store = &self.inner.parts.store;
         // Fleet fast path: most often another replica refreshed already, so one read
         // adopts its token without contending for the lock (flat per-replica store
         // work). The machine applies the same rules as under the lock.
@@ -218,18 +217,43 @@ impl SingleFlight {
                 return Ok(unsaved(token));
             }
         }
-        // The store may have pushed the newer token meanwhile: then the lock is not
-        // needed either.
-        if let Some(token) = self.superseded_now(started.ask) {
-            return Ok(unsaved(token));
-        }
-        let guard = within(store.lock(), deadline)
+        // The store may have pushed the newer token meanwhile, or may push it while
+        // this replica waits for the lock: then the lock is not needed either.
+        let guard = match within(self.lock_unless_pushed(started.ask), deadline)
             .await
             .ok_or_else(|| self.out_of_budget("waiting for the store's refresh lock"))?
-            .map_err(RefreshError::from_store)?;
+        {
+            Locked::Guard(guard) => guard.map_err(RefreshError::from_store)?,
+            Locked::Superseded(token) => return Ok(unsaved(token)),
+        };
         let result = self.attempt_locked(started, &*guard, deadline).await;
         self.release(guard, deadline).await;
         result
+    }
+
+    /// Waits for the store's lock, unless a token the store pushes meanwhile supersedes
+    /// this flight: another replica refreshed while this one queued for the lock, and
+    /// taking the lock now would only read that token back. In a fleet that turns one
+    /// lock round per replica and refresh into none. The lock request is then dropped;
+    /// a store gives back a lock it took for a request given up (the same rule as for a
+    /// flight out of budget). A forced refresh is never superseded, so it always waits.
+    async fn lock_unless_pushed(&self, ask: Ask) -> Locked {
+        // Listen before each check, so a push between the check and the wait wakes it.
+        let mut pushed = self.inner.adopted_push.listen();
+        if let Some(token) = self.superseded_now(ask) {
+            return Locked::Superseded(token);
+        }
+        let mut lock = self.inner.parts.store.lock();
+        loop {
+            match future::select(&mut lock, pushed).await {
+                Either::Left((guard, _)) => return Locked::Guard(guard),
+                Either::Right(((), _)) => {}
+            }
+            pushed = self.inner.adopted_push.listen();
+            if let Some(token) = self.superseded_now(ask) {
+                return Locked::Superseded(token);
+            }
+        }
     }
 
     /// Reads the stored token without the lock; the machine adopts it if it may. Any
@@ -502,6 +526,14 @@ impl SingleFlight {
             ),
         )
     }
+}
+
+/// What waiting for the store's lock ended with.
+enum Locked {
+    /// The lock (or the store's error).
+    Guard(Result<Box<dyn StoreGuard>, StoreError>),
+    /// A pushed token that supersedes the flight; the lock request was dropped.
+    Superseded(Arc<Token>),
 }
 
 fn adopted_count(flight: &SingleFlight) -> u64 {

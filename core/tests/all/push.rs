@@ -1,8 +1,9 @@
 //! Issue 20: a store that pushes saved tokens (`TokenStore::watch`, `StoreWatcher`).
 //! A coordinator adopts a pushed token at once — without its source, the store's lock
 //! or a read — by the rule of its unlocked read: only a usable token newer than the
-//! one it holds, never over a login not yet saved (C17); and a push neither wakes a
-//! flight's waiters early nor breaks single flight.
+//! one it holds, never over a login not yet saved (C17); a push that supersedes a flight
+//! waiting for the store's lock ends it (a forced refresh excepted); and a push never
+//! breaks single flight.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -286,7 +287,7 @@ fn a_login_installed_after_a_push_is_numbered_above_it() {
 }
 
 #[test]
-fn a_push_during_a_flight_serves_new_callers_and_the_flight_adopts_it() {
+fn a_push_during_a_flight_serves_new_callers_and_ends_the_flight_waiting_for_the_lock() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Ok(LONG));
     let store = PushingStore::new();
@@ -306,19 +307,45 @@ fn a_push_during_a_flight_serves_new_callers_and_the_flight_adopts_it() {
     let c = futures::executor::block_on(flight.token()).unwrap();
     assert_eq!(c.access().expose(), "pushed");
     assert_eq!(flight.stats().coalesced, 1, "only b joined the flight");
-    // The flight's waiters are not woken by the push: they wait for the flight.
-    assert!(poll_once(&mut a).is_pending() && poll_once(&mut b).is_pending());
-
-    // The flight gets the lock, finds the pushed token current and ends with it.
-    store.lock_gate.release();
-    let a = futures::executor::block_on(a).unwrap();
-    let b = futures::executor::block_on(b).unwrap();
-    assert_eq!(a.access().expose(), "pushed");
-    assert_eq!(b.access().expose(), "pushed");
+    // The pushed token supersedes the flight: it stops waiting for the lock (which
+    // another replica holds, and which would only read that token back) and ends with
+    // it, while the lock is still held. One outcome for both waiters (C5).
+    let (std::task::Poll::Ready(a), std::task::Poll::Ready(b)) =
+        (poll_once(&mut a), poll_once(&mut b))
+    else {
+        panic!("the flight still waits for a lock it no longer needs");
+    };
+    assert_eq!(a.unwrap().access().expose(), "pushed");
+    assert_eq!(b.unwrap().access().expose(), "pushed");
     assert_eq!(source.calls(), 0, "nobody called the source");
-    assert_eq!(store.locks(), 1, "one flight, one lock");
+    assert_eq!(store.locks(), 1, "one flight, one lock request, given up");
     let stats = flight.stats();
     assert_eq!((stats.flights, stats.pushed, stats.failures), (1, 1, 0));
+}
+
+#[test]
+fn a_forced_refresh_waiting_for_the_lock_is_not_ended_by_a_push() {
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let store = PushingStore::holding(saved(&clock, "one", 1));
+    let flight = flight(&clock, &source, &store);
+    futures::executor::block_on(flight.token()).unwrap();
+
+    // A forced refresh asks for a new token from the source (C11): a pushed token does
+    // not answer it, so it keeps waiting for the lock.
+    store.lock_gate.close();
+    let mut forced = flight.force_refresh().boxed();
+    assert!(poll_once(&mut forced).is_pending());
+    store.saved_elsewhere(saved(&clock, "two", 2));
+    assert!(
+        poll_once(&mut forced).is_pending(),
+        "still waiting for the lock"
+    );
+    assert_eq!(source.calls(), 0);
+    store.lock_gate.release();
+    let token = futures::executor::block_on(forced).unwrap();
+    assert_eq!(source.calls(), 1, "the forced refresh called the source");
+    assert!(token.generation() > 2, "numbered above the pushed token");
 }
 
 #[test]
