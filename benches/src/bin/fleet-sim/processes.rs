@@ -41,13 +41,10 @@ fn unix_micros() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// When each generation first reached this process (after its coordinator), and the
-/// newest token that did.
+/// When each generation first reached this process (after its coordinator).
 #[derive(Default)]
 struct Arrivals {
     at: Mutex<BTreeMap<u64, u64>>,
-    newest: Mutex<Option<Token>>,
-    arrived: tokio::sync::Notify,
 }
 
 impl StoreWatcher for Arrivals {
@@ -58,104 +55,6 @@ impl StoreWatcher for Arrivals {
             .expect("arrivals")
             .entry(token.generation())
             .or_insert(at);
-        let mut newest = self.newest.lock().expect("newest");
-        if newest
-            .as_ref()
-            .is_none_or(|t| t.generation() < token.generation())
-        {
-            *newest = Some(token);
-        }
-        drop(newest);
-        self.arrived.notify_waiters();
-    }
-}
-
-impl Arrivals {
-    fn newest_generation(&self) -> u64 {
-        self.newest
-            .lock()
-            .expect("newest")
-            .as_ref()
-            .map_or(0, Token::generation)
-    }
-
-    /// The first token newer than `than` that reaches this process.
-    async fn newer(&self, than: u64) -> Token {
-        loop {
-            let arrived = self.arrived.notified();
-            if let Some(token) = self
-                .newest
-                .lock()
-                .expect("newest")
-                .clone()
-                .filter(|t| t.generation() > than)
-            {
-                return token;
-            }
-            arrived.await;
-        }
-    }
-}
-
-/// `FLEET_COORD=race`: the coordinator behaviour proposed for the fleet, emulated
-/// around the store (the bench has no forced refreshes, which it would not cover): a
-/// flight waiting for the store's lock stops waiting when a newer token was pushed
-/// meanwhile (its coordinator has adopted it, and the flight is superseded), and drops
-/// the lock request; the Redis store then stops asking for the lock, and gives back a
-/// lock taken meanwhile.
-struct RaceWithPush {
-    store: RedisStore,
-    arrivals: Arc<Arrivals>,
-}
-
-/// What the flight gets when the push won: the pushed token as the "stored" one (the
-/// coordinator holds it already, so the flight is superseded and ends).
-struct Superseded(Token);
-
-impl tokenflight::store::StoreGuard for Superseded {
-    fn load(
-        &self,
-    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>> {
-        let token = self.0.clone();
-        Box::pin(async move { Ok(Some(token)) })
-    }
-    fn save<'a>(
-        &'a self,
-        _token: &'a Token,
-    ) -> futures::future::BoxFuture<'a, Result<(), tokenflight::store::StoreError>> {
-        Box::pin(async { Err(tokenflight::store::StoreError::LeaseLost) })
-    }
-    fn unlock(self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
-        Box::pin(async {})
-    }
-}
-
-impl TokenStore for RaceWithPush {
-    fn load(
-        &self,
-    ) -> futures::future::BoxFuture<'_, Result<Option<Token>, tokenflight::store::StoreError>> {
-        self.store.load()
-    }
-    fn lock(
-        &self,
-    ) -> futures::future::BoxFuture<
-        '_,
-        Result<Box<dyn tokenflight::store::StoreGuard>, tokenflight::store::StoreError>,
-    > {
-        Box::pin(async move {
-            let held = self.arrivals.newest_generation();
-            tokio::select! {
-                guard = self.store.lock() => guard,
-                token = self.arrivals.newer(held) => {
-                    let guard: Box<dyn tokenflight::store::StoreGuard> =
-                        Box::new(Superseded(token));
-                    Ok(guard)
-                }
-            }
-        })
-    }
-    fn watch(&self, watcher: Weak<dyn StoreWatcher>) {
-        self.store.watch(watcher);
     }
 }
 
@@ -179,15 +78,7 @@ pub(crate) fn child() {
             .expect("grant")
             .client_secret(env("FLEET_CLIENT_SECRET"));
         let arrivals = Arc::new(Arrivals::default());
-        let builder = TokenMiddleware::builder();
-        let builder = if std::env::var("FLEET_COORD").as_deref() == Ok("race") {
-            builder.store(RaceWithPush {
-                store: store.clone(),
-                arrivals: arrivals.clone(),
-            })
-        } else {
-            builder.store(store.clone())
-        };
+        let builder = TokenMiddleware::builder().store(store.clone());
         let middleware = builder
             .source(grant)
             .allowed_origin(&env("FLEET_ORIGIN"))
@@ -314,10 +205,6 @@ pub(crate) fn parent(processes: usize, seconds: u64) {
             .env(CHILD, "1")
             .env("FLEET_SECONDS", seconds.to_string())
             .env("FLEET_TICK_MS", &tick)
-            .env(
-                "FLEET_COORD",
-                std::env::var("FLEET_COORD").unwrap_or_default(),
-            )
             .env("FLEET_REDIS_URL", &url)
             .env("FLEET_TOKEN_URL", server.token_url())
             .env("FLEET_API_URL", server.api_url("me"))
