@@ -59,7 +59,7 @@
 //! - `oauth2` (default): the [`oauth2`] grants (`refresh_token`, `client_credentials`,
 //!   token exchange), the JWT reader [`oauth2::jwt`], and [`sources`] (a token file).
 //! - `private-key-jwt`: client authentication by signed assertion (`private_key_jwt`,
-//!   RFC 7523 §2.2) and the JWT bearer grant (§2.1), with [`oauth2::SigningKey`]
+//!   RFC 7523 §2.2) and the JWT bearer grant (§2.1), with `oauth2::SigningKey`
 //!   (RS256, ES256 from PEM; signed with ring, no OpenSSL).
 //! - `file-store` (default): [`store::FileStore`], tokens shared by processes on one
 //!   machine.
