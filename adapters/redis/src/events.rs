@@ -1,5 +1,5 @@
-//! Push: the coordinators watching a namespace of the store (issue 20,
-//! [`tokenflight::store::StoreWatcher`]), and the reader that fetches announced tokens
+//! Push: the coordinators watching a namespace of the store
+//! ([`tokenflight::store::StoreWatcher`]), and the reader that fetches announced tokens
 //! for them. The pub/sub listener that feeds it is `listener.rs`.
 //!
 //! # Push

@@ -296,7 +296,7 @@ impl TokenStore for RedisStore {
         })
     }
 
-    /// Pushes every token saved in the fleet to `watcher` (issue 20): the save
+    /// Pushes every token saved in the fleet to `watcher`: the save
     /// announces its generation on the store's channel (never the token), and this
     /// store then reads the record once for all its watchers. See the crate docs,
     /// "Push".
