@@ -155,6 +155,27 @@ impl SigningKey {
         Self::from_pem(&*pem)
     }
 
+    /// A new random P-256 key (ES256) as PKCS#8 PEM (`BEGIN PRIVATE KEY`), from the
+    /// system's secure random generator: what [`from_pem`](Self::from_pem) loads.
+    #[cfg_attr(not(feature = "dpop"), allow(dead_code))]
+    pub(crate) fn generate_es256_pem() -> Result<Secret, KeyError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| KeyError::Signing)?;
+        let body = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref()),
+        );
+        let mut pem = zeroize::Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
+        // PEM lines carry 64 base64 characters (RFC 7468 §2); base64 is ASCII, so
+        // byte chunks are whole characters.
+        for line in body.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        Ok(Secret::new(pem.as_str()))
+    }
+
     /// Puts `kid` in the header of every JWS this key signs (the key's id at the
     /// server, when it knows several).
     pub fn with_key_id(mut self, kid: impl Into<String>) -> Self {
@@ -197,9 +218,24 @@ impl SigningKey {
         typ: &str,
         claims: &serde_json::Value,
     ) -> Result<Secret, KeyError> {
+        self.sign_jws_with(typ, serde_json::Map::new(), claims)
+    }
+
+    /// [`sign_jws`](Self::sign_jws) with more header parameters (`jwk`, say) after
+    /// `alg`, `typ` and `kid`.
+    #[cfg_attr(not(feature = "dpop"), allow(dead_code))]
+    pub(crate) fn sign_jws_with(
+        &self,
+        typ: &str,
+        extra: serde_json::Map<String, serde_json::Value>,
+        claims: &serde_json::Value,
+    ) -> Result<Secret, KeyError> {
         let mut header = serde_json::json!({ "alg": self.algorithm().as_str(), "typ": typ });
-        if let (Some(kid), Some(map)) = (&self.kid, header.as_object_mut()) {
-            map.insert("kid".into(), kid.clone().into());
+        if let Some(map) = header.as_object_mut() {
+            if let Some(kid) = &self.kid {
+                map.insert("kid".into(), kid.clone().into());
+            }
+            map.extend(extra);
         }
         let mut jws = format!(
             "{}.{}",

@@ -160,6 +160,8 @@
 mod auth_policy;
 mod builder;
 pub mod config;
+#[cfg(feature = "dpop")]
+pub mod dpop;
 mod error;
 #[cfg(feature = "oauth2")]
 mod file_source;

@@ -67,6 +67,26 @@ impl fmt::Display for BearerError {
     }
 }
 
+/// True when a `DPoP` challenge of the header says `error="use_dpop_nonce"` (RFC 9449
+/// §9): the server wants a proof with the nonce of its `DPoP-Nonce` header. A header
+/// that does not parse says no such thing.
+///
+/// ```
+/// use tokenflight::adapter::www_authenticate::is_use_dpop_nonce;
+/// assert!(is_use_dpop_nonce(r#"DPoP error="use_dpop_nonce", algs="ES256""#));
+/// assert!(is_use_dpop_nonce(r#"Bearer realm="x", DPoP error="use_dpop_nonce""#));
+/// assert!(!is_use_dpop_nonce(r#"DPoP error="invalid_token""#));
+/// assert!(!is_use_dpop_nonce(r#"Bearer error="use_dpop_nonce""#));
+/// assert!(!is_use_dpop_nonce("DPoP error=\"unterminated"));
+/// ```
+pub fn is_use_dpop_nonce(header: &str) -> bool {
+    parse(header).is_ok_and(|challenges| {
+        challenges.iter().any(|c| {
+            c.scheme.eq_ignore_ascii_case("dpop") && c.param("error") == Some("use_dpop_nonce")
+        })
+    })
+}
+
 /// The `error` of the first Bearer challenge in a header value, if any.
 pub fn bearer_error(header: &str) -> Result<Option<BearerError>, ParseError> {
     let challenges = parse(header)?;
