@@ -59,6 +59,8 @@ pub use exchange::{SubjectToken, TokenExchangeGrant, subject_from_fn, token_type
 
 #[cfg(feature = "private-key-jwt")]
 mod assertion;
+#[cfg(all(test, feature = "dpop"))]
+mod dpop_tests;
 mod exchange;
 
 /// The largest token endpoint response read (passed to the transport as its body limit).
@@ -132,6 +134,10 @@ struct Endpoint {
     client_auth: ClientAuth,
     #[cfg(feature = "private-key-jwt")]
     signing_key: Option<SigningKey>,
+    /// The DPoP key and nonces every token request proves possession with, and the
+    /// token endpoint as a URL (its `htu`).
+    #[cfg(feature = "dpop")]
+    dpop: Option<(crate::dpop::Dpop, url::Url)>,
     /// Where a [`ClientAuth::ClientAssertion`] comes from.
     assertion_source: Option<Arc<dyn SubjectToken>>,
     scope: Option<String>,
@@ -149,6 +155,8 @@ impl fmt::Debug for Endpoint {
             .field("client_auth", &self.client_auth);
         #[cfg(feature = "private-key-jwt")]
         f.field("signing_key", &self.signing_key);
+        #[cfg(feature = "dpop")]
+        f.field("dpop", &self.dpop.as_ref().map(|(dpop, _)| dpop));
         f.field("scope", &self.scope)
             .field("params", &params)
             .finish()
@@ -180,6 +188,8 @@ impl Endpoint {
             client_auth: ClientAuth::default(),
             #[cfg(feature = "private-key-jwt")]
             signing_key: None,
+            #[cfg(feature = "dpop")]
+            dpop: None,
             assertion_source: None,
             scope: None,
             params: Vec::new(),
@@ -195,6 +205,73 @@ impl Endpoint {
     fn set_signing_key(&mut self, key: SigningKey) {
         self.signing_key = Some(key);
         self.client_auth = ClientAuth::PrivateKeyJwt;
+    }
+
+    #[cfg(feature = "dpop")]
+    fn set_dpop(&mut self, dpop: crate::dpop::Dpop) {
+        // The URL was validated by `new`; `http::Uri` and `url::Url` agree on it.
+        if let Ok(url) = url::Url::parse(&self.token_url.to_string()) {
+            self.dpop = Some((dpop, url));
+        }
+    }
+
+    /// Sends the grant request; with a DPoP key, each request carries a new proof, and
+    /// a `400 use_dpop_nonce` answer (RFC 9449 §8) is followed by one resend with the
+    /// server's nonce and a new proof and client assertion. That resend is part of the
+    /// same attempt: the server refused the request before looking at the grant, so a
+    /// refresh token is not spent by it. A second nonce demand is answered as is.
+    async fn send_grant(
+        &self,
+        grant: &[(&str, &str)],
+        now: SystemTime,
+        external: Option<Secret>,
+    ) -> Result<(HttpResponse, Option<Secret>), RefreshError> {
+        #[cfg(feature = "dpop")]
+        let mut nonce_resend = true;
+        // Without DPoP there is nothing to resend for: the loop runs once.
+        #[cfg_attr(not(feature = "dpop"), allow(clippy::never_loop))]
+        loop {
+            #[cfg_attr(not(feature = "dpop"), allow(unused_mut))]
+            let (mut request, assertion) = self.request(grant, now, external.as_ref())?;
+            #[cfg(feature = "dpop")]
+            if let Some((dpop, url)) = &self.dpop {
+                let nonce = dpop.nonces().get(url);
+                let proof = dpop
+                    .key()
+                    .proof_at(&http::Method::POST, url, None, nonce.as_deref(), now)
+                    .map_err(assertion::sign_error)?;
+                let value = HeaderValue::try_from(proof.expose())
+                    .map_err(|_| RefreshError::permanent("could not build the DPoP header"))?;
+                request.headers_mut().insert(crate::dpop::DPOP, value);
+            }
+            let response = self
+                .transport
+                .send(request, MAX_RESPONSE_BYTES)
+                .await
+                .map_err(transport_error)?;
+            // The external assertion is a secret of the request too.
+            let assertion = assertion.or_else(|| external.clone());
+            #[cfg(feature = "dpop")]
+            if let Some((dpop, url)) = &self.dpop {
+                let nonce = response
+                    .headers()
+                    .get(crate::dpop::DPOP_NONCE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty());
+                if let Some(nonce) = nonce {
+                    dpop.nonces().set(url, nonce);
+                    let demanded = response.status() == http::StatusCode::BAD_REQUEST
+                        && ErrorResponse::parse(response.body())
+                            .is_ok_and(|e| e.error == "use_dpop_nonce");
+                    if demanded && std::mem::take(&mut nonce_resend) {
+                        tracing::debug!("token endpoint demanded a DPoP nonce; resending once");
+                        continue;
+                    }
+                }
+            }
+            return Ok((response, assertion));
+        }
     }
 
     /// Where the token endpoint is, as the `aud` of a client assertion.
@@ -217,6 +294,13 @@ impl Endpoint {
             None,
         )?;
         key.sign_jwt(&claims).map_err(assertion::sign_error)
+    }
+
+    fn has_dpop(&self) -> bool {
+        #[cfg(feature = "dpop")]
+        return self.dpop.is_some();
+        #[cfg(not(feature = "dpop"))]
+        false
     }
 
     fn add_param(&mut self, name: &str, value: &str) {
@@ -336,18 +420,10 @@ impl Endpoint {
             ),
             _ => None,
         };
-        let (request, mut assertion) = self
-            .request(grant, now, external.as_ref())
-            .map_err(|e| (e, None))?;
-        // The external assertion is a secret of the request too.
-        if assertion.is_none() {
-            assertion = external;
-        }
-        let response = self
-            .transport
-            .send(request, MAX_RESPONSE_BYTES)
+        let (response, assertion) = self
+            .send_grant(grant, now, external)
             .await
-            .map_err(|e| (transport_error(e), None))?;
+            .map_err(|e| (e, None))?;
         let status = response.status();
         tracing::debug!(status = status.as_u16(), "token endpoint answered");
         let mut known = vec![
@@ -370,6 +446,14 @@ impl Endpoint {
             return Err((error_response(&response, now, &known), code));
         }
         match TokenResponse::parse(response.body()) {
+            // A DPoP-bound token is of no use without the key it is bound to.
+            Ok(parsed) if parsed.token_type.eq_ignore_ascii_case("dpop") && !self.has_dpop() => {
+                let error = TokenResponseError::UnsupportedTokenType(parsed.token_type);
+                Err((
+                    RefreshError::permanent(error.to_string()).with_source(error),
+                    None,
+                ))
+            }
             Ok(parsed) => Ok(parsed.into_token(now, used_refresh)),
             Err(error @ TokenResponseError::UnsupportedTokenType(_)) => Err((
                 RefreshError::permanent(error.to_string()).with_source(error),
@@ -506,6 +590,26 @@ impl RefreshTokenGrant {
         self
     }
 
+    /// Proves possession of `dpop`'s key on every token request (DPoP, RFC 9449): a
+    /// new proof each time, the server's nonce once it demands one (one resend within
+    /// the same attempt), and `token_type: DPoP` tokens accepted. The resource
+    /// requests must then carry proofs of the same key: pass the same `Dpop`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # fn demo(transport: Arc<dyn tokenflight::adapter::Transport>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokenflight::dpop::{Dpop, DpopKey};
+    /// let dpop = Dpop::new(DpopKey::generate()?);
+    /// let grant = tokenflight::oauth2::RefreshTokenGrant::new(transport, "https://idp.example/token", "app")?
+    ///     .dpop(dpop.clone());
+    /// # let _ = grant; Ok(()) }
+    /// ```
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.set_dpop(dpop);
+        self
+    }
+
     /// Authenticates the client with an assertion it is given rather than signs: the
     /// current token of `source` (Azure / Entra workload identity's federated token
     /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
@@ -604,6 +708,26 @@ impl ClientCredentialsGrant {
     #[cfg(feature = "private-key-jwt")]
     pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
         self.endpoint.set_signing_key(key);
+        self
+    }
+
+    /// Proves possession of `dpop`'s key on every token request (DPoP, RFC 9449): a
+    /// new proof each time, the server's nonce once it demands one (one resend within
+    /// the same attempt), and `token_type: DPoP` tokens accepted. The resource
+    /// requests must then carry proofs of the same key: pass the same `Dpop`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # fn demo(transport: Arc<dyn tokenflight::adapter::Transport>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokenflight::dpop::{Dpop, DpopKey};
+    /// let dpop = Dpop::new(DpopKey::generate()?);
+    /// let grant = tokenflight::oauth2::ClientCredentialsGrant::new(transport, "https://idp.example/token", "app")?
+    ///     .dpop(dpop.clone());
+    /// # let _ = grant; Ok(()) }
+    /// ```
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.endpoint.set_dpop(dpop);
         self
     }
 

@@ -15,7 +15,7 @@ use crate::token::{Secret, Token};
 pub struct TokenResponse {
     /// `access_token`.
     pub access_token: Secret,
-    /// `token_type` as sent (always `Bearer` in some letter case, or absent → `Bearer`).
+    /// `token_type` as sent (`Bearer` or `DPoP` in some letter case, or absent → `Bearer`).
     pub token_type: String,
     /// `expires_in`, if the server sent it.
     pub expires_in: Option<Duration>,
@@ -59,8 +59,9 @@ pub enum TokenResponseError {
         /// The field's name.
         field: &'static str,
     },
-    /// `token_type` is not `Bearer` (e.g. `DPoP` or `mac`), which this library cannot use.
-    #[error("unsupported token_type {0:?}: only Bearer is supported")]
+    /// `token_type` is neither `Bearer` nor `DPoP` (e.g. `mac`), or is `DPoP` for a
+    /// grant without a DPoP key: a token this client cannot use.
+    #[error("unsupported token_type {0:?}: only Bearer (and DPoP with a DPoP key) is supported")]
     UnsupportedTokenType(String),
 }
 
@@ -90,7 +91,13 @@ impl TokenResponse {
         };
         let token_type = match map.get("token_type") {
             None | Some(Value::Null) => "Bearer".to_owned(),
-            Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => t.clone(),
+            // DPoP (RFC 9449 §5) is parsed too; the grant decides whether it can use it
+            // (only with a DPoP key).
+            Some(Value::String(t))
+                if t.eq_ignore_ascii_case("bearer") || t.eq_ignore_ascii_case("dpop") =>
+            {
+                t.clone()
+            }
             Some(Value::String(t)) => {
                 return Err(TokenResponseError::UnsupportedTokenType(printable(t, 32)));
             }
