@@ -319,6 +319,8 @@ pub struct AuthPolicyBuilder<Out = AuthPolicy> {
     key_bounds: Option<(usize, Option<Duration>)>,
     /// Every invalid setting, in the order of the calls; `build` reports them all.
     invalid: Vec<ConfigError>,
+    #[cfg(feature = "dpop")]
+    dpop: Option<crate::dpop::Dpop>,
     out: PhantomData<fn() -> Out>,
 }
 
@@ -397,6 +399,8 @@ impl<Out> AuthPolicyBuilder<Out> {
             keyed: None,
             key_of: None,
             invalid: Vec::new(),
+            #[cfg(feature = "dpop")]
+            dpop: None,
             out: PhantomData,
         }
     }
@@ -452,6 +456,32 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// `.placement(Placement::query("access_token"))`.
     pub fn placement(mut self, placement: Placement) -> Self {
         self.placement = placement;
+        self
+    }
+
+    /// DPoP (RFC 9449): every request that carries the token carries a new proof of
+    /// `dpop`'s key too, and the token goes as `Authorization: DPoP <token>` (a later
+    /// [`placement`](Self::placement) overrides that). A `401` with
+    /// `WWW-Authenticate: DPoP error="use_dpop_nonce"` and a `DPoP-Nonce` is resent
+    /// once with a proof carrying the nonce, without a refresh; a second demand is the
+    /// answer. Every response's nonce is kept per origin. Pass the same `Dpop` to the
+    /// token source ([`RefreshTokenGrant::dpop`](crate::oauth2::RefreshTokenGrant::dpop)).
+    ///
+    /// ```
+    /// use tokenflight::dpop::{Dpop, DpopKey};
+    /// let dpop = Dpop::new(DpopKey::generate()?);
+    /// let policy = tokenflight::AuthPolicy::builder()
+    ///     .source(tokenflight::from_fn(|_| async { Ok(tokenflight::Token::new("AT")) }))
+    ///     .allowed_origin("https://api.example")
+    ///     .dpop(dpop)
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, dpop: crate::dpop::Dpop) -> Self {
+        self.dpop = Some(dpop);
+        self.placement = Placement::header("authorization", Some("DPoP"));
         self
     }
 
@@ -648,7 +678,14 @@ impl<Out> AuthPolicyBuilder<Out> {
                 return Err(ConfigError::of_all(invalid));
             }
         };
-        let rules = Rules::new(self.placement, origins, self.classifier, self.skip);
+        #[cfg(feature = "dpop")]
+        let dpop = self.dpop.take();
+        #[cfg_attr(not(feature = "dpop"), allow(unused_mut))]
+        let mut rules = Rules::new(self.placement, origins, self.classifier, self.skip);
+        #[cfg(feature = "dpop")]
+        {
+            rules.dpop = dpop;
+        }
         Ok(Out::from(AuthPolicy::new(flights, rules)))
     }
 

@@ -22,6 +22,9 @@ pub(crate) struct Rules {
     pub(crate) skip: SkipRoutes,
     /// The token's header value, built once per token and shared by all requests.
     header: HeaderCache,
+    /// With DPoP: the key every request proves possession of, and the nonces.
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::Dpop>,
 }
 
 /// The verdict of a response's head on the token a request carried.
@@ -61,6 +64,8 @@ impl Rules {
             origins,
             classifier,
             skip,
+            #[cfg(feature = "dpop")]
+            dpop: None,
         }
     }
 
@@ -98,7 +103,37 @@ impl Rules {
         request: &mut R,
         token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
-        self.placement.attach_cached(&self.header, request, token)
+        self.placement.attach_cached(&self.header, request, token)?;
+        // With DPoP, a new proof for this send of this request with this token (a
+        // resend gets its own): `htm`, `htu`, `ath` and the origin's current nonce.
+        #[cfg(feature = "dpop")]
+        if let Some(dpop) = &self.dpop {
+            let proof = dpop
+                .proof(
+                    &request.method(),
+                    request.url(),
+                    Some(token.access().expose()),
+                )
+                .map_err(|_| InvalidHeader)?;
+            request.set_sensitive_header(crate::dpop::DPOP.as_str(), proof.expose())?;
+        }
+        Ok(())
+    }
+
+    /// With DPoP: records the response's `DPoP-Nonce` for the origin of `sent` (the
+    /// request's URL; a request without a copy to resend has none here) and says
+    /// whether the response demands a nonce (a resend with a new proof cures it, not a
+    /// refresh).
+    #[cfg(feature = "dpop")]
+    pub(crate) fn dpop_nonce_demanded<Resp: AuthResponse>(
+        &self,
+        response: &Resp,
+        sent: Option<&Url>,
+    ) -> bool {
+        match (&self.dpop, sent) {
+            (Some(dpop), Some(url)) => dpop.observe_resource(url, response),
+            _ => false,
+        }
     }
 
     /// The verdict of `response`'s head on the token of a request sent to `sent_to`

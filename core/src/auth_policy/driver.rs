@@ -159,6 +159,15 @@ where
                         .inner
                         .rules
                         .head(&response, Some(&attempt.sent_to));
+                    // Every response's DPoP nonce is recorded, a success's too.
+                    #[cfg(feature = "dpop")]
+                    if let Head::Clears = head {
+                        let rules = &attempt.policy.inner.rules;
+                        rules.dpop_nonce_demanded(
+                            &response,
+                            replay.as_ref().map(AuthRequest::origin_url),
+                        );
+                    }
                     if let Head::Clears = head {
                         attempt.cleared();
                         return Poll::Ready(Ok(response));
@@ -289,6 +298,20 @@ impl<F> Attempt<F> {
                 (response, head, replay, generation)
             }
         };
+        // A DPoP nonce demand is cured by one resend with a proof carrying the nonce,
+        // not by a refresh: the token is not marked rejected.
+        #[cfg(feature = "dpop")]
+        if self
+            .policy
+            .inner
+            .rules
+            .dpop_nonce_demanded(&response, replay.as_ref().map(AuthRequest::origin_url))
+        {
+            if let Some(replay) = replay {
+                drop(response);
+                return self.nonce_resend(replay).await;
+            }
+        }
         let (response, rejected) = Rules::classify(response, head).await;
         if !rejected {
             self.cleared();
@@ -340,6 +363,37 @@ impl<F> Attempt<F> {
         traced((self.send)(replay), &self.span)
             .await
             .map_err(AuthError::Transport)
+    }
+
+    /// After a DPoP nonce demand: the one resend, with the current token and a new
+    /// proof carrying the nonce. Its response is the answer, whatever it is (a second
+    /// demand included: no loop, [C4](crate#c4)); its nonce is recorded.
+    #[cfg(feature = "dpop")]
+    async fn nonce_resend<Req, Resp, E, Fut>(
+        mut self,
+        mut replay: Req,
+    ) -> Result<Resp, AuthError<E>>
+    where
+        Req: AuthRequest,
+        Resp: AuthResponse,
+        F: FnMut(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let token = authorize(&self.flight, &self.span, false).await?;
+        let rules = &self.policy.inner.rules;
+        let origin = replay.origin_url().clone();
+        rules.attach(&mut replay, &token)?;
+        drop(token);
+        self.span.record("resent", true);
+        tracing::debug!("the resource server demanded a DPoP nonce; resending once");
+        let response = traced((self.send)(replay), &self.span)
+            .await
+            .map_err(AuthError::Transport)?;
+        self.policy
+            .inner
+            .rules
+            .dpop_nonce_demanded(&response, Some(&origin));
+        Ok(response)
     }
 
     /// Tells the span and the observers about a token taken on the common road.

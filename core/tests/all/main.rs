@@ -15,6 +15,8 @@ mod support;
 mod builder_order;
 mod coarse_clock;
 mod contracts;
+#[cfg(feature = "dpop")]
+mod dpop;
 mod file_store;
 mod future_size;
 mod guide_tables;
