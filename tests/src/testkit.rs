@@ -37,6 +37,7 @@
 //! expire tokens.
 
 mod assertions;
+pub mod dpop;
 mod routes;
 mod state;
 mod token_file;
