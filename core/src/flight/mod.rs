@@ -18,6 +18,32 @@
 //! the same refresh ([C6](crate#c6)). The machine keeps only a weak handle: when the last
 //! waiter leaves and no spawner keeps the flight alive, the refresh is dropped and the
 //! next caller starts a fresh one.
+//!
+//! # Reading map: where each contract's rule lives
+//!
+//! One place per rule; everything else calls it. `machine` is `machine.rs`, `run` is
+//! `run.rs`, `api` is this file.
+//!
+//! | contract | the rule | enforced by |
+//! |---|---|---|
+//! | C1 one flight | `machine`: `Machine::join` (one flight slot, started only when empty) | `api`: `join_or_start` holds the lock while it fills the slot |
+//! | C2 coalescing | `machine`: `Machine::join` (`Join::Wait` for a live flight) | `api`: `wait` |
+//! | C3 stale rejections | `machine`: `Machine::record_rejection` (and `resolve_alias` for renumbered logins) | `api`: `record_rejection` |
+//! | C4 one retry | `auth_policy.rs`: the retry driver (resends once, `try_clone`) | `api`: `mark_rejected` marks a non-replayable request's token rejected |
+//! | C5 same outcome | `machine`: `Machine::finish` builds the one `FlightOutput` | `api`: `wait` (every waiter reads the same output) |
+//! | C6 cancellation | `api`: `started` (spawner keeps the flight) and the flight handle kept weakly by the machine | `run`: `release` (the lock is given back on every path) |
+//! | C7 proactive | `machine`: `assess` (`Assessment::WithinLeeway`, `Expired`) | `api`: `valid_token`, `fast_until` |
+//! | C8 refresh ahead | `machine`: `assess` (`Assessment::RefreshAhead`), `jittered` | `api`: `refresh_ahead` |
+//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` fires `on_auth_lost` |
+//! | C10 bounded | `run`: `within` and the flight's `Deadline` (`budget`) | every store and source call in `run` goes through `within` |
+//! | C11 exempt requests | `request.rs`: `SkipAuth`, `ForceRefresh` | `auth_policy.rs`; `api`: `force_refresh` |
+//! | C12 secrets | `token.rs`: the redacted secret type; `policy.rs`: allowed origins | `observe.rs` and the spans in `run` carry no secret |
+//! | C13 bad input | `token_response.rs`, `jwt.rs`, `www_authenticate.rs`, the stores' decoders | `run`: `sane` rejects a stored token that makes no sense |
+//! | C14 runtime-agnostic | `runtime.rs`: the `Clock`, `Timer`, `Spawn` traits | the core's `Cargo.toml` (no runtime dependency) |
+//! | C15 timing fits the lifetime | `config.rs`: `leeway_for`, `refresh_ahead_for`, `min_refresh_interval` | `machine`: `assess` |
+//! | C16 resilient refresh | `run`: `attempt` (retries inside one budget) | `machine`: `Machine::finish` and `fallback` (a valid token survives a failure) |
+//! | C17 the login wins | `machine`: `Machine::install`, `number` (epoch check), `login_to_save`, `token_saved` | `run`: `fetch_and_save` clears the unsaved mark right after the save |
+//! | C18 containment | `run`: `run_flight` (`catch_unwind` around the flight) | `api`: `now`, `mono`, `started` (clock and spawner panics) |
 
 #[cfg(test)]
 mod explore;
