@@ -23,6 +23,7 @@
 mod explore;
 mod machine;
 mod run;
+mod subscribe;
 #[cfg(test)]
 mod tests;
 
@@ -44,6 +45,9 @@ use crate::source::{RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
 use crate::store::{StoreError, StoreWatcher, TokenStore};
 use crate::token::Token;
+
+use subscribe::{Changes, ChangesOwner};
+pub use subscribe::{Subscription, TokenChange};
 
 use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, Started, assess, jittered};
 
@@ -91,6 +95,8 @@ struct Inner {
     /// Notified after the store pushed a token and it was adopted: a flight waiting for
     /// the store's lock wakes and stops waiting if that token supersedes it.
     adopted_push: event_listener::Event,
+    /// Token changes for subscribers ([C21](crate#c21)); written only under the state lock.
+    changes: ChangesOwner,
     /// How often the state lock was taken (for the test that bounds it per refresh).
     #[cfg(test)]
     locks: std::sync::atomic::AtomicU64,
@@ -160,6 +166,7 @@ impl SingleFlight {
             counters: Counters::default(),
             watcher: Arc::new(Pushed(weak.clone())),
             adopted_push: event_listener::Event::new(),
+            changes: ChangesOwner(Changes::new()),
             #[cfg(test)]
             locks: std::sync::atomic::AtomicU64::new(0),
         });
@@ -197,6 +204,7 @@ impl SingleFlight {
                 Arc::new(self.published(Arc::clone(token), rejected))
             });
             self.inner.current.store(published);
+            self.inner.changes.0.token(machine.current());
         }
         result
     }
@@ -631,6 +639,42 @@ impl SingleFlight {
             .await
             .unwrap_or_else(|_| Err(StoreError::Other("the token store panicked".into())))?;
         Ok(saved.unwrap_or(installed))
+    }
+
+    /// A stream of this coordinator's token changes, for connections that stay open
+    /// and must re-authenticate or reconnect when the token changes ([C21](crate#c21)):
+    /// each new generation (a refresh, a login, a token adopted from the store or pushed
+    /// by another replica) and "re-authentication required" as
+    /// [`TokenChange::AuthLost`]. Lossy but latest: a slow subscriber skips to the
+    /// newest change, never sees an older generation after a newer one. The first item
+    /// is the current token, if any. The stream ends when the coordinator is dropped.
+    /// Runtime-free; a subscription is a few words and no task.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// use tokenflight::subscribe::TokenChange;
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("fresh")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// let mut changes = flight.subscribe();
+    /// futures::executor::block_on(async {
+    ///     let token = flight.force_refresh().await.unwrap();
+    ///     let Some(TokenChange::Token(seen)) = changes.next().await else { panic!() };
+    ///     assert_eq!(seen.generation(), token.generation());
+    ///     drop(flight);
+    ///     assert!(changes.next().await.is_none());
+    /// });
+    /// ```
+    pub fn subscribe(&self) -> Subscription {
+        self.inner.changes.subscribe()
+    }
+
+    /// How many subscriptions are alive (a keyed map never evicts a coordinator with
+    /// subscribers: their streams would end while the key is still in use).
+    pub(crate) fn subscribers(&self) -> usize {
+        Arc::strong_count(&self.inner.changes.0) - 1
     }
 
     /// Whether "re-authentication required" is in force.
