@@ -134,6 +134,11 @@
 //! - <a id="c18"></a>**C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_store_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
+//! - <a id="c20"></a>**C20 Long enough.** A request that says how long its token must stay
+//!   valid ([`ValidFor`], [`SingleFlight::token_valid_for`]) gets a token that does, after
+//!   one shared refresh, or the freshest token and an event (`core/tests/all/deadline.rs`):
+//!   `c20_fifty_long_requests_share_one_refresh_and_none_expires_on_the_wire`,
+//!   `c20_a_deadline_longer_than_the_lifetime_gets_the_freshest_token_and_an_event`.
 //! - <a id="c21"></a>**C21 In order.** Subscribers to token changes
 //!   ([`SingleFlight::subscribe`]) never see an older generation after a newer one; a
 //!   slow subscriber skips to the latest (`core/tests/all/subscribe.rs`):
@@ -215,7 +220,7 @@ pub use error::{Cause, ConfigError, Error, RefreshError};
 pub use flight::SingleFlight;
 pub use keyed::TokenKey;
 pub use policy::{Classifier, Placement};
-pub use request::{ForceRefresh, SkipAuth};
+pub use request::{ForceRefresh, SkipAuth, ValidFor};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use token::{Secret, Token};
 

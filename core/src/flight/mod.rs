@@ -39,7 +39,9 @@ use futures_util::future::{BoxFuture, Shared, WeakShared};
 
 use crate::config::FlightConfig;
 use crate::error::{Error, RefreshError};
-use crate::observe::{FlightJoined, Observers, RefreshStarted, ResendKind, TokenInstalled};
+use crate::observe::{
+    FlightJoined, Observers, RefreshStarted, ResendKind, ShorterThanAsked, TokenInstalled,
+};
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
@@ -49,7 +51,9 @@ use crate::token::Token;
 use subscribe::{Changes, ChangesOwner};
 pub use subscribe::{Subscription, TokenChange};
 
-use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, Started, assess, jittered};
+use machine::{
+    Ask, Assessment, FlightOutput, Join, Lasts, Machine, Rules, Started, assess, jittered, lasts,
+};
 
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 type WeakFlight = WeakShared<BoxFuture<'static, FlightOutput>>;
@@ -439,6 +443,72 @@ impl SingleFlight {
         let replaces = self.current().map(|t| t.generation());
         let ask = Ask { reason, replaces };
         self.wait(ask, self.join_or_start(ask, false)).await
+    }
+
+    /// A token to send now that stays valid for at least `need` after now, plus the
+    /// leeway ([C20](crate#c20)): the current token if it lasts that long, else the one
+    /// refresh every such caller shares ([C1](crate#c1), [C2](crate#c2)). If no token can
+    /// last that long (the token's whole lifetime is shorter than asked), the freshest
+    /// token, and observers get [`ShorterThanAsked`].
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async {
+    ///         Ok(Token::new("hour").expires_in(Duration::from_secs(3600), SystemTime::now()))
+    ///     }))
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token_valid_for(Duration::from_secs(600)));
+    /// let left = token.unwrap().remaining(SystemTime::now()).unwrap();
+    /// assert!(left > Duration::from_secs(600));
+    /// ```
+    ///
+    /// # Cancellation
+    /// As for [`SingleFlight::token`]: dropping the future never hangs others or cancels
+    /// a refresh someone else waits for ([C6](crate#c6)).
+    pub async fn token_valid_for(&self, need: Duration) -> Result<Arc<Token>, Error> {
+        let token = self.token().await?;
+        let verdict = lasts(&self.inner.rules, &token, need, self.now());
+        let token = match verdict {
+            Lasts::Enough => return Ok(token),
+            Lasts::Short => token,
+            Lasts::Refresh => {
+                let ask = Ask {
+                    reason: RefreshReason::RefreshAhead,
+                    replaces: Some(token.generation()),
+                };
+                let fresh = self.wait(ask, self.join_or_start(ask, false)).await?;
+                if lasts(&self.inner.rules, &fresh, need, self.now()) == Lasts::Enough {
+                    return Ok(fresh);
+                }
+                fresh
+            }
+        };
+        self.shorter_than_asked(&token, need);
+        Ok(token)
+    }
+
+    /// Whether `token` stays valid for `need` after now, plus the leeway ([C20](crate#c20)).
+    pub(crate) fn lasts_for(&self, token: &Token, need: Duration) -> bool {
+        lasts(&self.inner.rules, token, need, self.now()) == Lasts::Enough
+    }
+
+    fn shorter_than_asked(&self, token: &Token, need: Duration) {
+        let remaining = token.remaining(self.now());
+        tracing::debug!(
+            generation = token.generation(),
+            asked_ms = need.as_millis() as u64,
+            "the token lasts less than the request asked"
+        );
+        self.observers().emit(|o| {
+            o.token_shorter_than_asked(&ShorterThanAsked {
+                generation: token.generation(),
+                asked: need,
+                remaining,
+            })
+        });
     }
 
     async fn refresh_ahead(&self, token: Arc<Token>) -> Arc<Token> {

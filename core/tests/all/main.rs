@@ -15,6 +15,7 @@ mod support;
 mod builder_order;
 mod coarse_clock;
 mod contracts;
+mod deadline;
 mod file_store;
 mod future_size;
 mod guide_tables;
