@@ -106,6 +106,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             async move { Ok(Token::new(secret).expires_in(LIFETIME, now)) }
         }))
+        // One-second tokens: the defaults would count a token younger than the
+        // one-second `min_refresh_interval` as fresh until it expires (C15), and allow
+        // a second of leeway for servers that round `expires_in`, longer than its life.
+        // This server's expiry is exact, to the millisecond.
+        .leeway(Duration::from_millis(200))
+        .min_refresh_interval(Duration::from_millis(200))
         .build()?;
     let mut changes = flight.subscribe();
     changes.skip_current();
