@@ -138,7 +138,8 @@
 //!   valid ([`ValidFor`], [`SingleFlight::token_valid_for`]) gets a token that does, after
 //!   one shared refresh, or the freshest token and an event (`core/tests/all/deadline.rs`):
 //!   `c20_fifty_long_requests_share_one_refresh_and_none_expires_on_the_wire`,
-//!   `c20_a_deadline_longer_than_the_lifetime_gets_the_freshest_token_and_an_event`.
+//!   `c20_a_deadline_longer_than_the_lifetime_gets_the_freshest_token_and_an_event`,
+//!   `c20_through_the_driver_no_request_is_rejected_for_expiry`.
 //! - <a id="c21"></a>**C21 In order.** Subscribers to token changes
 //!   ([`SingleFlight::subscribe`]) never see an older generation after a newer one; a
 //!   slow subscriber skips to the latest (`core/tests/all/subscribe.rs`):

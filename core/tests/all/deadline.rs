@@ -28,6 +28,14 @@ fn two_second_flight(
     calls: &Arc<AtomicU32>,
     shorter: &Shorter,
 ) -> SingleFlight {
+    two_second_builder(clock, calls, shorter).build().unwrap()
+}
+
+fn two_second_builder(
+    clock: &ManualClock,
+    calls: &Arc<AtomicU32>,
+    shorter: &Shorter,
+) -> tokenflight::FlightBuilder {
     let (source_clock, calls) = (clock.clone(), Arc::clone(calls));
     SingleFlight::builder()
         .source(from_fn(move |_cx| {
@@ -41,8 +49,6 @@ fn two_second_flight(
         .refresh_ahead(None)
         .min_refresh_interval(Duration::from_millis(100))
         .observer(shorter.clone())
-        .build()
-        .unwrap()
 }
 
 /// 50 requests whose deadline (1.5 s) exceeds the token's remaining life (0.9 s): one
@@ -122,5 +128,72 @@ fn c20_a_deadline_longer_than_the_lifetime_gets_the_freshest_token_and_an_event(
             (first.generation(), need),
             (fresher.generation(), need)
         ]
+    );
+}
+
+/// Through the retry driver, with the `ValidFor` option an adapter derives from a
+/// request's deadline: 50 requests needing 1.5 s while the token has 0.9 s left. The
+/// fake server answers at each request's deadline and rejects a token expired by then:
+/// 0 rejections, one refresh. Without the option the first request goes out with the
+/// short token and is rejected (the control below).
+#[test]
+fn c20_through_the_driver_no_request_is_rejected_for_expiry() {
+    use tokenflight::adapter::RequestOptions;
+    use tokenflight::{AuthPolicy, AuthPolicyBuilder};
+
+    use crate::support::{FakeRequest, FakeResponse};
+
+    let need = Duration::from_millis(1_500);
+    let run = |valid_for: Option<Duration>| {
+        let clock = ManualClock::at_fixed_point();
+        let calls = Arc::new(AtomicU32::new(0));
+        let policy = AuthPolicyBuilder::<AuthPolicy>::from_flight(two_second_builder(
+            &clock,
+            &calls,
+            &Shorter::default(),
+        ))
+        .allowed_origin("https://api.test")
+        .build()
+        .unwrap();
+        let flight = policy.flight().unwrap().clone();
+        futures::executor::block_on(flight.token()).unwrap();
+        clock.advance(Duration::from_millis(1_100));
+        let deadline = Clock::now(&clock) + need;
+        let rejected = Arc::new(AtomicU32::new(0));
+        let sends = (0..50).map(|_| {
+            let (flight, rejected) = (flight.clone(), Arc::clone(&rejected));
+            policy.send(
+                FakeRequest::get("https://api.test/upload"),
+                RequestOptions::default().with_valid_for(valid_for),
+                move |request: FakeRequest| {
+                    // The server checks the token it got against the time the request
+                    // ends: the current token if it is this one, else an older one.
+                    let current = flight.current().unwrap();
+                    let carried = request.header("authorization").map(str::to_owned);
+                    let same = carried.as_deref()
+                        == Some(format!("Bearer {}", current.access().expose()).as_str());
+                    let alive = same && !current.is_expired(deadline, Duration::ZERO);
+                    if !alive {
+                        rejected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    futures::future::ready(Ok::<_, std::convert::Infallible>(FakeResponse::status(
+                        if alive { 200 } else { 401 },
+                    )))
+                },
+            )
+        });
+        let _ = futures::executor::block_on(futures::future::join_all(sends));
+        (
+            rejected.load(Ordering::SeqCst),
+            calls.load(Ordering::SeqCst),
+        )
+    };
+    let (rejected, calls) = run(Some(need));
+    assert_eq!(rejected, 0, "requests rejected on the wire for expiry");
+    assert_eq!(calls, 2, "the first token and one refresh for all 50");
+    let (rejected, _) = run(None);
+    assert!(
+        rejected >= 1,
+        "without a deadline the first request goes out with the short token: {rejected}"
     );
 }
