@@ -39,6 +39,17 @@ pub enum TokenChange {
 
 impl TokenChange {
     /// The token, for a [`TokenChange::Token`].
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token()).unwrap();
+    /// let change = flight.subscribe().try_next().unwrap();
+    /// assert_eq!(change.token().unwrap().generation(), token.generation());
+    /// ```
     pub fn token(&self) -> Option<&Arc<Token>> {
         match self {
             TokenChange::Token(token) => Some(token),
@@ -167,6 +178,22 @@ impl fmt::Debug for Subscription {
 
 impl Subscription {
     /// The newest change not seen yet, without waiting; `None` if there is none.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// let mut changes = flight.subscribe();
+    /// assert!(changes.try_next().is_none());
+    /// futures::executor::block_on(flight.token()).unwrap();
+    /// futures::executor::block_on(flight.force_refresh()).unwrap();
+    /// // Two generations since: only the latest is delivered.
+    /// let latest = changes.try_next().unwrap();
+    /// assert_eq!(latest.token().unwrap().generation(), flight.current().unwrap().generation());
+    /// assert!(changes.try_next().is_none());
+    /// ```
     pub fn try_next(&mut self) -> Option<TokenChange> {
         let guard = self.changes.latest.load();
         let latest = guard.as_ref()?;
@@ -178,6 +205,18 @@ impl Subscription {
     }
 
     /// Marks everything published so far as seen: the next item is the next change.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(flight.token()).unwrap();
+    /// let mut changes = flight.subscribe();
+    /// changes.skip_current();
+    /// assert!(changes.try_next().is_none());
+    /// ```
     pub fn skip_current(&mut self) {
         let _ = self.try_next();
     }
