@@ -377,7 +377,7 @@ impl<K> KeyedFlights<K> {
 /// is exact under the map's write lock: the map hands out handles only under its lock,
 /// so an entry the map alone holds cannot gain a handle while it is looked at.
 fn in_use(entry: &Entry) -> bool {
-    entry.flight.handles() > 1 || entry.flight.refresh_running()
+    entry.flight.handles() > 1 || entry.flight.refresh_running() || entry.flight.subscribers() > 0
 }
 
 impl<K: Hash + Eq + Clone> KeyedFlights<K> {
@@ -409,6 +409,31 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
             },
         );
         Ok(made)
+    }
+
+    /// The token changes of `key` ([`SingleFlight::subscribe`] on the key's
+    /// coordinator, made by the factory if the key has none). A coordinator with live
+    /// subscriptions is never evicted.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn, keyed::KeyedFlights};
+    /// let flights = KeyedFlights::builder(|tenant: &String| {
+    ///     let tenant = tenant.clone();
+    ///     SingleFlight::builder()
+    ///         .source(from_fn(move |_cx| {
+    ///             let tenant = tenant.clone();
+    ///             async move { Ok(Token::new(format!("token-for-{tenant}"))) }
+    ///         }))
+    ///         .build()
+    /// })
+    /// .build();
+    /// let mut changes = flights.subscribe(&"acme".to_string()).unwrap();
+    /// assert!(changes.try_next().is_none());
+    /// futures::executor::block_on(flights.token(&"acme".to_string())).unwrap();
+    /// assert!(changes.try_next().is_some_and(|change| change.token().is_some()));
+    /// ```
+    pub fn subscribe(&self, key: &K) -> Result<crate::subscribe::Subscription, ConfigError> {
+        Ok(self.flight(key)?.subscribe())
     }
 
     /// The coordinator of `key` if one is kept (never calls the factory).
