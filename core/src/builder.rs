@@ -333,21 +333,20 @@ impl FlightBuilder {
     /// use std::sync::atomic::{AtomicU32, Ordering};
     /// use tokenflight::observe::{Observer, RefreshStarted};
     /// use tokenflight::{SingleFlight, Token, from_fn};
-    /// #[derive(Default)]
-    /// struct Count(AtomicU32);
+    /// struct Count(Arc<AtomicU32>);
     /// impl Observer for Count {
     ///     fn refresh_started(&self, _event: &RefreshStarted) {
     ///         self.0.fetch_add(1, Ordering::SeqCst);
     ///     }
     /// }
-    /// let count = Arc::new(Count::default());
+    /// let started = Arc::new(AtomicU32::new(0));
     /// let flight = SingleFlight::builder()
     ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
-    ///     .observer(count.clone())
+    ///     .observer(Count(started.clone()))
     ///     .build()
     ///     .unwrap();
     /// futures::executor::block_on(flight.token()).unwrap();
-    /// assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    /// assert_eq!(started.load(Ordering::SeqCst), 1);
     /// ```
     pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
         self.observers.push(Arc::new(observer));
@@ -360,10 +359,8 @@ impl FlightBuilder {
     /// use std::time::Duration;
     /// use tokenflight::config::FlightConfig;
     /// use tokenflight::{SingleFlight, Token, from_fn};
-    /// let config = FlightConfig {
-    ///     refresh_timeout: Duration::from_secs(5),
-    ///     ..FlightConfig::default()
-    /// };
+    /// let mut config = FlightConfig::default();
+    /// config.refresh_timeout = Duration::from_secs(5);
     /// let flight = SingleFlight::builder()
     ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
     ///     .config(config)

@@ -149,7 +149,8 @@ impl FlightConfig {
     /// assert_eq!(config.refresh_ahead_for(&hour), Some(Duration::from_secs(225)));
     /// let minute = Token::new("t").expires_in(Duration::from_secs(60), SystemTime::now());
     /// assert_eq!(config.refresh_ahead_for(&minute), Some(Duration::from_secs(20)));
-    /// let off = FlightConfig { refresh_ahead: None, ..FlightConfig::default() };
+    /// let mut off = FlightConfig::default();
+    /// off.refresh_ahead = None;
     /// assert_eq!(off.refresh_ahead_for(&hour), None);
     /// ```
     pub fn refresh_ahead_for(&self, token: &Token) -> Option<Duration> {
