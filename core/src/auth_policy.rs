@@ -87,6 +87,18 @@ impl AuthPolicy {
 
     /// The coordinator behind this policy (for `install`, `current`, `token`); `None`
     /// for a keyed policy, whose coordinators are in [`keyed`](Self::keyed).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Err(tokenflight::RefreshError::permanent("no login yet")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let flight = policy.flight().unwrap();
+    /// futures::executor::block_on(flight.install(Token::new("from-login"))).unwrap();
+    /// assert_eq!(flight.current().unwrap().access().expose(), "from-login");
+    /// ```
     pub fn flight(&self) -> Option<&SingleFlight> {
         match &self.inner.flights {
             Flights::One(flight) => Some(flight),
@@ -97,6 +109,21 @@ impl AuthPolicy {
     /// A keyed policy's coordinators, one per [`TokenKey`] (to `install` a key's login
     /// token or read its `stats`); `None` for a policy with one token. See
     /// [`AuthPolicyBuilder::keyed`](crate::AuthPolicyBuilder::keyed).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, TokenKey, from_fn};
+    /// # let source = || from_fn(|_cx| async { Ok(Token::new("t")) });
+    /// let one = AuthPolicy::builder().source(source()).allow_any_origin().build().unwrap();
+    /// assert!(one.keyed().is_none());
+    /// let keyed = AuthPolicy::builder()
+    ///     .allow_any_origin()
+    ///     .keyed(move |_key: &TokenKey, shared| shared.source(source()).build())
+    ///     .build()
+    ///     .unwrap();
+    /// let key = TokenKey::new("tenant-1");
+    /// futures::executor::block_on(keyed.keyed().unwrap().token(&key)).unwrap();
+    /// assert_eq!(keyed.keyed().unwrap().len(), 1);
+    /// ```
     pub fn keyed(&self) -> Option<&KeyedFlights<TokenKey>> {
         match &self.inner.flights {
             Flights::One(_) => None,
@@ -105,6 +132,17 @@ impl AuthPolicy {
     }
 
     /// A snapshot of the counters (a keyed policy: the sum over the keys kept now).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(policy.flight().unwrap().token()).unwrap();
+    /// assert_eq!(policy.stats().source_calls, 1);
+    /// ```
     pub fn stats(&self) -> Stats {
         match &self.inner.flights {
             Flights::One(flight) => flight.stats(),
@@ -136,12 +174,35 @@ impl AuthPolicy {
     }
 
     /// Where the token goes.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Placement, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allow_any_origin()
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(policy.placement(), &Placement::bearer());
+    /// ```
     pub fn placement(&self) -> &Placement {
         &self.inner.rules.placement
     }
 
     /// Whether the token may go to `url`'s origin ([C12](crate#c12)). For adapters, e.g.
     /// a redirect policy.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let url = |s: &str| url::Url::parse(s).unwrap();
+    /// assert!(policy.allows_origin(&url("https://api.example.com/v1")));
+    /// assert!(!policy.allows_origin(&url("http://api.example.com/v1")), "another scheme");
+    /// assert!(!policy.allows_origin(&url("https://api.example.com:8443/")), "another port");
+    /// ```
     pub fn allows_origin(&self, url: &url::Url) -> bool {
         self.inner.rules.origins.allows(url)
     }
@@ -193,6 +254,25 @@ impl AuthPolicy {
     /// allowed origin ([C12](crate#c12)). For adapters that prepare such requests
     /// differently (buffering a body for a possible resend); `send` decides the same
     /// way by itself.
+    ///
+    /// ```
+    /// use tokenflight::adapter::RequestOptions;
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .skip_route(None, "/health")
+    ///     .build()
+    ///     .unwrap();
+    /// let url = |s: &str| url::Url::parse(s).unwrap();
+    /// let get = http::Method::GET;
+    /// let plain = RequestOptions::default();
+    /// assert!(policy.attaches_token(&get, &url("https://api.example.com/items"), &plain));
+    /// assert!(!policy.attaches_token(&get, &url("https://api.example.com/health"), &plain));
+    /// assert!(!policy.attaches_token(&get, &url("https://other.example.com/items"), &plain));
+    /// let skipped = RequestOptions::from_markers(true, false);
+    /// assert!(!policy.attaches_token(&get, &url("https://api.example.com/items"), &skipped));
+    /// ```
     pub fn attaches_token(
         &self,
         method: &http::Method,

@@ -73,6 +73,15 @@ impl Default for FlightBuilder {
 impl SingleFlight {
     /// A builder with the documented defaults (see [`FlightConfig`]), an in-memory
     /// store, the system clock, the default timer and no spawner.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(flight.current().is_none());
+    /// ```
     pub fn builder() -> FlightBuilder {
         FlightBuilder::new()
     }
@@ -80,6 +89,14 @@ impl SingleFlight {
 
 impl FlightBuilder {
     /// See [`SingleFlight::builder`].
+    ///
+    /// ```
+    /// use tokenflight::{FlightBuilder, Token, from_fn};
+    /// let built = FlightBuilder::new()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build();
+    /// assert!(built.is_ok());
+    /// ```
     pub fn new() -> Self {
         FlightBuilder {
             config: FlightConfig::default(),
@@ -131,12 +148,39 @@ impl FlightBuilder {
 
     /// The token source (required): [`from_fn`](crate::from_fn), an
     /// [`oauth2`](crate::oauth2) grant, or your own.
+    ///
+    /// ```
+    /// use tokenflight::{ConfigError, RefreshContext, SingleFlight, Token, from_fn};
+    /// let built = SingleFlight::builder().build();
+    /// assert!(matches!(built, Err(ConfigError::MissingSource)));
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|cx: RefreshContext| async move {
+    ///         // `cx` says why the refresh runs and what the previous token was.
+    ///         let _ = cx.reason;
+    ///         Ok(Token::new("fresh"))
+    ///     }))
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token()).unwrap();
+    /// assert_eq!(token.access().expose(), "fresh");
+    /// ```
     pub fn source(mut self, source: impl TokenSource + 'static) -> Self {
         self.source = Some(Arc::new(source));
         self
     }
 
     /// Where tokens are kept (default: memory; see [`crate::store`]).
+    ///
+    /// ```
+    /// use tokenflight::store::MemoryStore;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .store(MemoryStore::new())
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = flight;
+    /// ```
     pub fn store(mut self, store: impl TokenStore + 'static) -> Self {
         self.store = Arc::new(store);
         self.store_set = true;
@@ -144,12 +188,43 @@ impl FlightBuilder {
     }
 
     /// A token to start with (e.g. from a login).
+    ///
+    /// ```
+    /// use tokenflight::{RefreshError, SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Err(RefreshError::transient("not needed")) }))
+    ///     .initial_token(Token::new("from-login"))
+    ///     .build()
+    ///     .unwrap();
+    /// // The login's token is used without asking the source.
+    /// let token = futures::executor::block_on(flight.token()).unwrap();
+    /// assert_eq!(token.access().expose(), "from-login");
+    /// ```
     pub fn initial_token(mut self, token: Token) -> Self {
         self.initial_token = Some(token);
         self
     }
 
     /// The clock (default: the system clock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::test_util::ManualClock;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let clock = ManualClock::at_fixed_point();
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|cx| async move {
+    ///         Ok(Token::new("t").expires_in(Duration::from_secs(60), cx.now))
+    ///     }))
+    ///     .clock(clock.clone())
+    ///     .timer(clock.clone())
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(flight.token()).unwrap();
+    /// assert!(flight.valid_token().is_some());
+    /// clock.advance(Duration::from_secs(120));
+    /// assert!(flight.valid_token().is_none());
+    /// ```
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
         self.clock_set = true;
@@ -157,6 +232,19 @@ impl FlightBuilder {
     }
 
     /// The timer for refresh timeouts (default: `futures-timer`, or the adapter's).
+    ///
+    /// ```
+    /// use tokenflight::test_util::ManualClock;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// // Timeouts and backoff sleeps then move only when the test says.
+    /// let clock = ManualClock::at_fixed_point();
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .timer(clock)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = flight;
+    /// ```
     pub fn timer(mut self, timer: impl Timer + 'static) -> Self {
         self.timer = Arc::new(timer);
         self
@@ -165,12 +253,44 @@ impl FlightBuilder {
     /// A spawner, so refreshes finish even if every caller left ([C6](crate#c6)) and
     /// refresh-ahead runs in the background ([C8](crate#c8)). The adapters preset
     /// their runtime's.
+    ///
+    /// ```
+    /// use futures::future::BoxFuture;
+    /// use tokenflight::adapter::Spawn;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// /// Runs each task on a thread of its own (a runtime's spawner would do better).
+    /// struct ThreadSpawner;
+    /// impl Spawn for ThreadSpawner {
+    ///     fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
+    ///         std::thread::spawn(move || futures::executor::block_on(task));
+    ///         true
+    ///     }
+    /// }
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .spawner(ThreadSpawner)
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token()).unwrap();
+    /// assert_eq!(token.access().expose(), "t");
+    /// ```
     pub fn spawner(mut self, spawner: impl Spawn + 'static) -> Self {
         self.spawner = Some(Arc::new(spawner));
         self
     }
 
     /// No spawner: refreshes are driven by the callers that wait for them.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .without_spawner()
+    ///     .build()
+    ///     .unwrap();
+    /// // The caller's own poll drives the refresh.
+    /// assert!(futures::executor::block_on(flight.token()).is_ok());
+    /// ```
     pub fn without_spawner(mut self) -> Self {
         self.spawner = None;
         self
@@ -178,6 +298,27 @@ impl FlightBuilder {
 
     /// Called once when a permanent failure makes re-authentication necessary
     /// ([C9](crate#c9)).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tokenflight::{RefreshError, SingleFlight, from_fn};
+    /// let lost = Arc::new(AtomicU32::new(0));
+    /// let seen = lost.clone();
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Err(RefreshError::permanent("invalid_grant")) }))
+    ///     .on_auth_lost(move |_error| {
+    ///         seen.fetch_add(1, Ordering::SeqCst);
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     assert!(flight.token().await.is_err());
+    ///     assert!(flight.token().await.is_err());
+    /// });
+    /// // Once, until the next login.
+    /// assert_eq!(lost.load(Ordering::SeqCst), 1);
+    /// ```
     pub fn on_auth_lost(mut self, hook: impl Fn(&RefreshError) + Send + Sync + 'static) -> Self {
         self.on_auth_lost = Some(Arc::new(hook));
         self
@@ -186,12 +327,47 @@ impl FlightBuilder {
     /// Adds an observer of the coordinator's events (refresh started and finished,
     /// attempts, joins, resends, auth lost, logins). Repeatable: every observer gets
     /// every event. See [`crate::observe`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tokenflight::observe::{Observer, RefreshStarted};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// struct Count(Arc<AtomicU32>);
+    /// impl Observer for Count {
+    ///     fn refresh_started(&self, _event: &RefreshStarted) {
+    ///         self.0.fetch_add(1, Ordering::SeqCst);
+    ///     }
+    /// }
+    /// let started = Arc::new(AtomicU32::new(0));
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .observer(Count(started.clone()))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(flight.token()).unwrap();
+    /// assert_eq!(started.load(Ordering::SeqCst), 1);
+    /// ```
     pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
         self.observers.push(Arc::new(observer));
         self
     }
 
     /// All timing settings at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::FlightConfig;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let mut config = FlightConfig::default();
+    /// config.refresh_timeout = Duration::from_secs(5);
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .config(config)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = flight;
+    /// ```
     pub fn config(mut self, config: FlightConfig) -> Self {
         self.config = config;
         self
@@ -199,6 +375,17 @@ impl FlightBuilder {
 
     /// Cap on the clock-skew allowance before expiry (default 10 s, scaled to a tenth
     /// of the token's lifetime; [C7](crate#c7), [C15](crate#c15)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .leeway(Duration::from_secs(30))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = flight;
+    /// ```
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.config.leeway = leeway;
         self
@@ -207,6 +394,21 @@ impl FlightBuilder {
     /// Cap on the refresh-ahead window before expiry, or `None` to disable (default
     /// 225 s, scaled to a third of the token's lifetime; [C8](crate#c8),
     /// [C15](crate#c15)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{ConfigError, SingleFlight, Token, from_fn};
+    /// # let source = || from_fn(|_cx| async { Ok(Token::new("t")) });
+    /// let off = SingleFlight::builder().source(source()).refresh_ahead(None).build();
+    /// assert!(off.is_ok());
+    /// // The window must be longer than the leeway.
+    /// let short = SingleFlight::builder()
+    ///     .source(source())
+    ///     .leeway(Duration::from_secs(10))
+    ///     .refresh_ahead(Some(Duration::from_secs(5)))
+    ///     .build();
+    /// assert!(matches!(short, Err(ConfigError::InvalidSetting(_))));
+    /// ```
     pub fn refresh_ahead(mut self, window: Option<Duration>) -> Self {
         self.config.refresh_ahead = window;
         self
@@ -214,12 +416,35 @@ impl FlightBuilder {
 
     /// One budget for a whole flight: store lock, load, every attempt, save, unlock
     /// (default 30 s, [C10](crate#c10)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{ConfigError, SingleFlight, Token, from_fn};
+    /// # let source = || from_fn(|_cx| async { Ok(Token::new("t")) });
+    /// let flight = SingleFlight::builder()
+    ///     .source(source())
+    ///     .refresh_timeout(Duration::from_secs(5))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// let zero = SingleFlight::builder().source(source()).refresh_timeout(Duration::ZERO).build();
+    /// assert!(matches!(zero, Err(ConfigError::InvalidSetting(_))));
+    /// ```
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.config.refresh_timeout = timeout;
         self
     }
 
     /// Bound on one call of the token source (default 10 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .attempt_timeout(Duration::from_secs(2))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// ```
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.config.attempt_timeout = timeout;
         self
@@ -227,6 +452,16 @@ impl FlightBuilder {
 
     /// Expiry-driven source calls are at least this far apart (default 1 s,
     /// [C15](crate#c15)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .min_refresh_interval(Duration::from_millis(500))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// ```
     pub fn min_refresh_interval(mut self, interval: Duration) -> Self {
         self.config.min_refresh_interval = interval;
         self
@@ -234,12 +469,34 @@ impl FlightBuilder {
 
     /// Retries of transient failures inside one flight (default 3 attempts,
     /// [C16](crate#c16)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::{Backoff, Retry};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .retry(Retry::new(5, Backoff::new(Duration::from_millis(50), Duration::from_secs(1))))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// ```
     pub fn retry(mut self, retry: Retry) -> Self {
         self.config.retry = retry;
         self
     }
 
     /// Backoff after transient failures ([C9](crate#c9)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::Backoff;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .backoff(Backoff::new(Duration::from_secs(1), Duration::from_secs(60)))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// ```
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.config.backoff = backoff;
         self
@@ -270,6 +527,15 @@ impl FlightBuilder {
 
     /// Builds the coordinator. Fails without a source or with settings that cannot
     /// work together.
+    ///
+    /// ```
+    /// use tokenflight::{ConfigError, SingleFlight, Token, from_fn};
+    /// assert!(matches!(SingleFlight::builder().build(), Err(ConfigError::MissingSource)));
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build();
+    /// assert!(flight.is_ok());
+    /// ```
     pub fn build(self) -> Result<SingleFlight, ConfigError> {
         self.check()?;
         let source = self.source.ok_or(ConfigError::MissingSource)?;
@@ -387,6 +653,16 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// A builder with the documented defaults: `Authorization: Bearer`, a 401 (and RFC
     /// 6750 hints) is a rejection, no origin allowed yet, and the coordinator's defaults
     /// ([`FlightBuilder`]).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, AuthPolicyBuilder, Token, from_fn};
+    /// let policy: AuthPolicy = AuthPolicyBuilder::new()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = policy;
+    /// ```
     pub fn new() -> Self {
         AuthPolicyBuilder {
             flight: FlightBuilder::new(),
@@ -407,6 +683,19 @@ impl<Out> AuthPolicyBuilder<Out> {
 
     /// An auth policy around a coordinator configured with `flight` (its settings as
     /// they are; the setters below change them further).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::{AuthPolicy, AuthPolicyBuilder, SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .leeway(Duration::from_secs(5));
+    /// let policy: AuthPolicy = AuthPolicyBuilder::from_flight(flight)
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = policy;
+    /// ```
     pub fn from_flight(flight: FlightBuilder) -> Self {
         AuthPolicyBuilder {
             flight,
@@ -454,6 +743,17 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// Where the token goes (default `Authorization: Bearer`):
     /// `.placement(Placement::header("x-api-key", None))`,
     /// `.placement(Placement::query("access_token"))`.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Placement, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .placement(Placement::query("access_token"))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(policy.placement(), &Placement::query("access_token"));
+    /// ```
     pub fn placement(mut self, placement: Placement) -> Self {
         self.placement = placement;
         self
@@ -486,6 +786,17 @@ impl<Out> AuthPolicyBuilder<Out> {
     }
 
     /// What counts as "token rejected" (default: 401 and RFC 6750 hints).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Classifier, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     // Some APIs answer an expired token with 403.
+    ///     .classifier(Classifier::new().statuses([401, 403]))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn classifier(mut self, classifier: Classifier) -> Self {
         self.classifier = classifier;
         self
@@ -493,6 +804,22 @@ impl<Out> AuthPolicyBuilder<Out> {
 
     /// Allow the token to go to `origin` (`scheme://host[:port]`); may be repeated
     /// ([C12](crate#c12)).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(policy.allows_origin(&"https://api.example.com/v1/items".parse().unwrap()));
+    /// assert!(!policy.allows_origin(&"https://elsewhere.example.com/".parse().unwrap()));
+    /// let bad = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("not an origin")
+    ///     .build();
+    /// assert!(matches!(bad, Err(ConfigError::InvalidOrigin(_))));
+    /// ```
     pub fn allowed_origin(mut self, origin: &str) -> Self {
         match AllowedOrigins::parse_origin(origin) {
             Ok(origin) => self.origins.push(origin),
@@ -525,6 +852,17 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// login or token endpoint on the API's own origin. May be repeated. The same in
     /// every adapter; a single request can also carry the [`SkipAuth`](crate::SkipAuth)
     /// marker.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .skip_route(Some(http::Method::POST), "/login")
+    ///     .skip_route(None, "/health")
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn skip_route(mut self, method: Option<http::Method>, path: &str) -> Self {
         self.skip.route(method, path);
         self
@@ -534,6 +872,16 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// and do not classify their responses ([C11](crate#c11)); like
     /// [`skip_route`](Self::skip_route) for rules a path prefix cannot say. May be
     /// repeated.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .skip_if(|_method, url| url.path().ends_with(".public.json"))
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn skip_if(
         mut self,
         predicate: impl Fn(&http::Method, &url::Url) -> bool + Send + Sync + 'static,
@@ -593,6 +941,22 @@ impl<Out> AuthPolicyBuilder<Out> {
 
     /// A keyed policy's key for requests without a [`TokenKey`] marker (default:
     /// [`TokenKey::origin`], one token per API). Only with [`keyed`](Self::keyed).
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .allow_any_origin()
+    ///     .keyed(|_key: &TokenKey, shared| {
+    ///         shared.source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    ///     })
+    ///     // One token per tenant, named by the first path segment.
+    ///     .token_key(|_method, url| {
+    ///         TokenKey::new(url.path_segments().and_then(|mut s| s.next()).unwrap_or(""))
+    ///     })
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn token_key(
         mut self,
         key_of: impl Fn(&http::Method, &url::Url) -> TokenKey + Send + Sync + 'static,
@@ -605,6 +969,20 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// with `idle_timeout` (default 15 minutes) the time after which an unused one may
     /// go; see [`KeyedFlightsBuilder`](crate::keyed::KeyedFlightsBuilder). Only with
     /// [`keyed`](Self::keyed), before or after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::keyed::TokenKey;
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .allow_any_origin()
+    ///     .key_bounds(100, Some(Duration::from_secs(60)))
+    ///     .keyed(|_key: &TokenKey, shared| {
+    ///         shared.source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    ///     })
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn key_bounds(mut self, max_keys: usize, idle_timeout: Option<Duration>) -> Self {
         self.key_bounds = Some((max_keys, idle_timeout));
         self

@@ -140,6 +140,19 @@ impl FlightConfig {
     /// or `None` when refresh-ahead is off (see the type's docs). For tokens shorter than
     /// about 5 s it lies inside the leeway: callers then wait for the refresh at the
     /// leeway instead.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::{Token, config::FlightConfig};
+    /// let config = FlightConfig::default();
+    /// let hour = Token::new("t").expires_in(Duration::from_secs(3600), SystemTime::now());
+    /// assert_eq!(config.refresh_ahead_for(&hour), Some(Duration::from_secs(225)));
+    /// let minute = Token::new("t").expires_in(Duration::from_secs(60), SystemTime::now());
+    /// assert_eq!(config.refresh_ahead_for(&minute), Some(Duration::from_secs(20)));
+    /// let mut off = FlightConfig::default();
+    /// off.refresh_ahead = None;
+    /// assert_eq!(off.refresh_ahead_for(&hour), None);
+    /// ```
     pub fn refresh_ahead_for(&self, token: &Token) -> Option<Duration> {
         let cap = self.refresh_ahead?;
         Some(match token.lifetime() {
@@ -175,6 +188,15 @@ impl Default for Retry {
 
 impl Retry {
     /// `max_attempts` attempts per flight with the given delays.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::{Backoff, Retry};
+    /// let retry = Retry::new(5, Backoff::new(Duration::from_millis(50), Duration::from_secs(2)));
+    /// assert_eq!(retry.max_attempts, 5);
+    /// // At least one attempt.
+    /// assert_eq!(Retry::new(0, Backoff::none()).max_attempts, 1);
+    /// ```
     pub fn new(max_attempts: u32, backoff: Backoff) -> Self {
         Retry {
             max_attempts: max_attempts.max(1),
@@ -183,6 +205,11 @@ impl Retry {
     }
 
     /// One attempt per flight: no retries inside a flight.
+    ///
+    /// ```
+    /// use tokenflight::config::Retry;
+    /// assert_eq!(Retry::none().max_attempts, 1);
+    /// ```
     pub fn none() -> Self {
         Retry::new(1, Backoff::none())
     }
@@ -223,6 +250,14 @@ impl Default for Backoff {
 
 impl Backoff {
     /// A backoff with the given first delay and cap, and the default jitter.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::Backoff;
+    /// let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    /// assert_eq!((backoff.initial, backoff.max), (Duration::from_secs(1), Duration::from_secs(30)));
+    /// assert_eq!(backoff.jitter, Backoff::default().jitter);
+    /// ```
     pub fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
@@ -232,6 +267,14 @@ impl Backoff {
     }
 
     /// No backoff: every caller that needs a refresh may try again at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::Backoff;
+    /// let none = Backoff::none();
+    /// assert_eq!(none.initial, Duration::ZERO);
+    /// assert_eq!(none.max, Duration::ZERO);
+    /// ```
     pub fn none() -> Self {
         Backoff {
             initial: Duration::ZERO,
@@ -242,6 +285,14 @@ impl Backoff {
     }
 
     /// Sets the jitter fraction (clamped to 0.0..=1.0).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::Backoff;
+    /// let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).with_jitter(0.2);
+    /// assert_eq!(backoff.jitter, 0.2);
+    /// assert_eq!(Backoff::default().with_jitter(7.0).jitter, 1.0);
+    /// ```
     pub fn with_jitter(mut self, jitter: f64) -> Self {
         self.jitter = if jitter.is_nan() {
             0.0
@@ -252,6 +303,13 @@ impl Backoff {
     }
 
     /// Sets the cap on a server's `Retry-After`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::config::Backoff;
+    /// let backoff = Backoff::default().with_max_retry_after(Duration::from_secs(60));
+    /// assert_eq!(backoff.max_retry_after, Duration::from_secs(60));
+    /// ```
     pub fn with_max_retry_after(mut self, cap: Duration) -> Self {
         self.max_retry_after = cap;
         self

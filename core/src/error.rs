@@ -35,6 +35,12 @@ pub enum Cause {
 
 impl Cause {
     /// A stable, lower-case name (used as a metric label).
+    ///
+    /// ```
+    /// use tokenflight::{Cause, RefreshError};
+    /// assert_eq!(RefreshError::transient("503").cause().as_str(), "source");
+    /// assert_eq!(Cause::Timeout.as_str(), "timeout");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::TokenSource => "source",
@@ -86,12 +92,25 @@ impl RefreshError {
 
     /// A transient failure of the token source: the coordinator retries inside the
     /// flight, then backs off and tries again later.
+    ///
+    /// ```
+    /// use tokenflight::RefreshError;
+    /// let error = RefreshError::transient("token endpoint answered 503");
+    /// assert!(error.is_retryable() && !error.is_permanent());
+    /// ```
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(false, Cause::TokenSource, message)
     }
 
     /// A permanent failure of the token source: the coordinator enters
     /// "re-authentication required" ([C9](crate#c9)).
+    ///
+    /// ```
+    /// use tokenflight::RefreshError;
+    /// let error = RefreshError::permanent("invalid_grant");
+    /// assert!(error.is_permanent());
+    /// assert_eq!(error.message(), "invalid_grant");
+    /// ```
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(true, Cause::TokenSource, message)
     }
@@ -109,12 +128,27 @@ impl RefreshError {
     }
 
     /// Attaches the underlying cause (kept in the `source()` chain).
+    ///
+    /// ```
+    /// use std::error::Error as _;
+    /// use tokenflight::RefreshError;
+    /// let io = std::io::Error::other("connection reset");
+    /// let error = RefreshError::transient("token endpoint unreachable").with_source(io);
+    /// assert_eq!(error.source().unwrap().to_string(), "connection reset");
+    /// ```
     pub fn with_source(self, source: impl Into<BoxError>) -> Self {
         self.rebuild(|inner| inner.source = Some(source.into()))
     }
 
     /// Asks the coordinator to wait at least this long before the next attempt
     /// (a server's `Retry-After`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::RefreshError;
+    /// let error = RefreshError::transient("429").with_retry_after(Duration::from_secs(30));
+    /// assert_eq!(error.retry_after(), Some(Duration::from_secs(30)));
+    /// ```
     pub fn with_retry_after(self, after: Duration) -> Self {
         self.rebuild(|inner| inner.retry_after = Some(after))
     }
@@ -137,6 +171,12 @@ impl RefreshError {
 
     /// True when retrying cannot help: the coordinator requires re-authentication
     /// (a new login through [`SingleFlight::install`](crate::SingleFlight::install)).
+    ///
+    /// ```
+    /// use tokenflight::RefreshError;
+    /// assert!(RefreshError::permanent("invalid_grant").is_permanent());
+    /// assert!(!RefreshError::transient("503").is_permanent());
+    /// ```
     pub fn is_permanent(&self) -> bool {
         self.0.permanent
     }
@@ -144,21 +184,47 @@ impl RefreshError {
     /// True when another attempt may succeed (the opposite of
     /// [`is_permanent`](Self::is_permanent)): retried inside the flight, then backed off
     /// ([C16](crate#c16)).
+    ///
+    /// ```
+    /// use tokenflight::RefreshError;
+    /// assert!(RefreshError::transient("503").is_retryable());
+    /// assert!(!RefreshError::permanent("invalid_client").is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         !self.0.permanent
     }
 
     /// Where the refresh failed.
+    ///
+    /// ```
+    /// use tokenflight::{Cause, RefreshError};
+    /// assert_eq!(RefreshError::permanent("invalid_grant").cause(), Cause::TokenSource);
+    /// ```
     pub fn cause(&self) -> Cause {
         self.0.cause
     }
 
     /// The message (never contains secrets).
+    ///
+    /// ```
+    /// use tokenflight::RefreshError;
+    /// let error = RefreshError::transient("token endpoint answered 503");
+    /// assert_eq!(error.message(), "token endpoint answered 503");
+    /// assert!(error.to_string().contains("503"));
+    /// ```
     pub fn message(&self) -> &str {
         &self.0.message
     }
 
     /// The server's requested delay before the next attempt, if any.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::RefreshError;
+    /// assert_eq!(RefreshError::transient("503").retry_after(), None);
+    /// let later = RefreshError::transient("429").with_retry_after(Duration::from_secs(5));
+    /// assert_eq!(later.retry_after(), Some(Duration::from_secs(5)));
+    /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         self.0.retry_after
     }
@@ -267,6 +333,12 @@ impl Error {
     }
 
     /// The refresh failure behind this error.
+    ///
+    /// ```
+    /// use tokenflight::{Error, RefreshError};
+    /// let error = Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") };
+    /// assert_eq!(error.refresh_error().message(), "invalid_grant");
+    /// ```
     pub fn refresh_error(&self) -> &RefreshError {
         match self {
             Error::Refresh(e) => e,

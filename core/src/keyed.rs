@@ -51,17 +51,34 @@ pub struct TokenKey(Arc<str>);
 
 impl TokenKey {
     /// A key with this value (a user id, a tenant, an audience and scope).
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// let key = TokenKey::new("tenant-42");
+    /// assert_eq!(key, TokenKey::new(String::from("tenant-42")));
+    /// ```
     pub fn new(value: impl Into<Arc<str>>) -> Self {
         TokenKey(value.into())
     }
 
     /// The key of `url`'s origin (`scheme://host:port`): one token per API a client
     /// talks to, the default key of a keyed policy.
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// let url = url::Url::parse("https://api.example.com:8443/v1/items?page=2").unwrap();
+    /// assert_eq!(TokenKey::origin(&url).as_str(), "https://api.example.com:8443");
+    /// ```
     pub fn origin(url: &url::Url) -> Self {
         TokenKey(url.origin().ascii_serialization().into())
     }
 
     /// The key's value.
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// assert_eq!(TokenKey::new("user-7").as_str(), "user-7");
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -232,6 +249,21 @@ impl<K> KeyedFlightsBuilder<K> {
     /// it, idle coordinators are dropped first, then the least recently used ones, never
     /// one that is in use (see [`KeyedFlights`]): while more keys than this are in use
     /// at once, the map holds them all. Values below 1 are read as 1.
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .max_entries(2)
+    /// .build();
+    /// for user in 0..3 {
+    ///     flights.flight(&user).unwrap();
+    /// }
+    /// // Nobody holds the coordinators: the oldest made room.
+    /// assert_eq!(flights.len(), 2);
+    /// ```
     pub fn max_entries(mut self, max_entries: usize) -> Self {
         self.max_entries = max_entries.max(1);
         self
@@ -240,6 +272,20 @@ impl<K> KeyedFlightsBuilder<K> {
     /// A coordinator nobody used for this long (no lookup, no handle held) may be
     /// dropped (default 15 minutes); its key gets a new one (which reads its store
     /// again) on next use.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .idle_timeout(Duration::from_secs(300))
+    /// .build();
+    /// flights.flight(&1).unwrap();
+    /// // Used just now: not idle.
+    /// assert_eq!(flights.evict_idle(), 0);
+    /// ```
     pub fn idle_timeout(mut self, idle_timeout: Duration) -> Self {
         self.idle_timeout = idle_timeout;
         self
@@ -276,6 +322,16 @@ impl<K> KeyedFlightsBuilder<K> {
     }
 
     /// The map.
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_tenant: &String| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// assert!(flights.is_empty());
+    /// ```
     pub fn build(self) -> KeyedFlights<K> {
         KeyedFlights {
             inner: Arc::new(Inner {
@@ -301,6 +357,20 @@ impl<K> fmt::Debug for KeyedFlights<K> {
 
 impl<K> KeyedFlights<K> {
     /// A builder; `factory` makes the coordinator of a key on its first use.
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|user: &u32| {
+    ///     let user = *user;
+    ///     SingleFlight::builder()
+    ///         .source(from_fn(move |_cx| async move { Ok(Token::new(format!("for-{user}"))) }))
+    ///         .build()
+    /// })
+    /// .build();
+    /// let token = futures::executor::block_on(flights.token(&3)).unwrap();
+    /// assert_eq!(token.access().expose(), "for-3");
+    /// ```
     pub fn builder(
         factory: impl Fn(&K) -> Result<SingleFlight, ConfigError> + Send + Sync + 'static,
     ) -> KeyedFlightsBuilder<K> {
@@ -313,17 +383,56 @@ impl<K> KeyedFlights<K> {
     }
 
     /// How many coordinators are kept now.
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// flights.flight(&1).unwrap();
+    /// flights.flight(&2).unwrap();
+    /// flights.flight(&1).unwrap();
+    /// assert_eq!(flights.len(), 2);
+    /// ```
     pub fn len(&self) -> usize {
         self.read().len()
     }
 
     /// Whether no coordinator is kept.
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// assert!(flights.is_empty());
+    /// flights.flight(&1).unwrap();
+    /// assert!(!flights.is_empty());
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The counters of every coordinator kept now, added up (those of evicted keys are
     /// gone with them).
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// futures::executor::block_on(async {
+    ///     flights.token(&1).await.unwrap();
+    ///     flights.token(&2).await.unwrap();
+    /// });
+    /// assert_eq!(flights.stats().source_calls, 2);
+    /// ```
     pub fn stats(&self) -> Stats {
         self.read()
             .values()
@@ -377,12 +486,28 @@ impl<K> KeyedFlights<K> {
 /// is exact under the map's write lock: the map hands out handles only under its lock,
 /// so an entry the map alone holds cannot gain a handle while it is looked at.
 fn in_use(entry: &Entry) -> bool {
-    entry.flight.handles() > 1 || entry.flight.refresh_running()
+    entry.flight.handles() > 1 || entry.flight.refresh_running() || entry.flight.subscribers() > 0
 }
 
 impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// The coordinator of `key`, made by the factory if the key has none. Fails only if
     /// the factory fails (the error is returned, nothing is kept).
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{ConfigError, SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|user: &u32| {
+    ///     if *user == 0 {
+    ///         return Err(ConfigError::InvalidSetting("no user 0".into()));
+    ///     }
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// let flight = flights.flight(&1).unwrap();
+    /// futures::executor::block_on(flight.install(Token::new("from-login"))).unwrap();
+    /// assert!(flights.flight(&0).is_err());
+    /// assert_eq!(flights.len(), 1);
+    /// ```
     pub fn flight(&self, key: &K) -> Result<SingleFlight, ConfigError> {
         if let Some(entry) = self.read().get(key) {
             self.touch(entry);
@@ -411,7 +536,44 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
         Ok(made)
     }
 
+    /// The token changes of `key` ([`SingleFlight::subscribe`] on the key's
+    /// coordinator, made by the factory if the key has none). A coordinator with live
+    /// subscriptions is never evicted.
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn, keyed::KeyedFlights};
+    /// let flights = KeyedFlights::builder(|tenant: &String| {
+    ///     let tenant = tenant.clone();
+    ///     SingleFlight::builder()
+    ///         .source(from_fn(move |_cx| {
+    ///             let tenant = tenant.clone();
+    ///             async move { Ok(Token::new(format!("token-for-{tenant}"))) }
+    ///         }))
+    ///         .build()
+    /// })
+    /// .build();
+    /// let mut changes = flights.subscribe(&"acme".to_string()).unwrap();
+    /// assert!(changes.try_next().is_none());
+    /// futures::executor::block_on(flights.token(&"acme".to_string())).unwrap();
+    /// assert!(changes.try_next().is_some_and(|change| change.token().is_some()));
+    /// ```
+    pub fn subscribe(&self, key: &K) -> Result<crate::subscribe::Subscription, ConfigError> {
+        Ok(self.flight(key)?.subscribe())
+    }
+
     /// The coordinator of `key` if one is kept (never calls the factory).
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// assert!(flights.get(&1).is_none(), "get never makes one");
+    /// flights.flight(&1).unwrap();
+    /// assert!(flights.get(&1).is_some());
+    /// ```
     pub fn get(&self, key: &K) -> Option<SingleFlight> {
         let map = self.read();
         let entry = map.get(key)?;
@@ -421,6 +583,18 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
 
     /// The valid token of `key`, if its coordinator is kept and has one (the keyed
     /// [`SingleFlight::valid_token`]: no allocation, no write lock).
+    ///
+    /// ```
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .build();
+    /// assert!(flights.valid_token(&1).is_none());
+    /// futures::executor::block_on(flights.token(&1)).unwrap();
+    /// assert_eq!(flights.valid_token(&1).unwrap().access().expose(), "t");
+    /// ```
     pub fn valid_token(&self, key: &K) -> Option<Arc<Token>> {
         let map = self.read();
         let entry = map.get(key)?;
@@ -457,6 +631,27 @@ impl<K: Hash + Eq + Clone> KeyedFlights<K> {
     /// Drops coordinators unused for `idle_timeout` that nobody else holds (see
     /// [`KeyedFlights`]); returns how many were dropped. Also done when a new key finds
     /// the map full.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::keyed::KeyedFlights;
+    /// use tokenflight::test_util::ManualClock;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let clock = ManualClock::at_fixed_point();
+    /// let flights = KeyedFlights::builder(|_user: &u32| {
+    ///     SingleFlight::builder().source(from_fn(|_cx| async { Ok(Token::new("t")) })).build()
+    /// })
+    /// .idle_timeout(Duration::from_secs(60))
+    /// .clock(clock.clone())
+    /// .build();
+    /// let held = flights.flight(&1).unwrap();
+    /// flights.flight(&2).unwrap();
+    /// clock.advance(Duration::from_secs(61));
+    /// // Key 2 is idle; key 1's coordinator is still held, so it stays.
+    /// assert_eq!(flights.evict_idle(), 1);
+    /// assert!(flights.get(&1).is_some());
+    /// # drop(held);
+    /// ```
     pub fn evict_idle(&self) -> usize {
         let mut map = self.write();
         let now = self.inner.clock.now_ms();

@@ -134,6 +134,19 @@
 //! - <a id="c18"></a>**C18 Containment.** `c18_a_panicking_hook_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_store_gives_every_waiter_a_typed_error`,
 //!   `c18_a_panicking_timer_or_clock_never_panics_a_caller`.
+//! - <a id="c20"></a>**C20 Long enough.** A request that says how long its token must stay
+//!   valid ([`ValidFor`], [`SingleFlight::token_valid_for`]) gets a token that does, after
+//!   one shared refresh, or the freshest token and an event (`core/tests/all/deadline.rs`):
+//!   `c20_fifty_long_requests_share_one_refresh_and_none_expires_on_the_wire`,
+//!   `c20_a_deadline_longer_than_the_lifetime_gets_the_freshest_token_and_an_event`,
+//!   `c20_through_the_driver_no_request_is_rejected_for_expiry`.
+//! - <a id="c21"></a>**C21 In order.** Subscribers to token changes
+//!   ([`SingleFlight::subscribe`]) never see an older generation after a newer one; a
+//!   slow subscriber skips to the latest (`core/tests/all/subscribe.rs`):
+//!   `c21_thousand_subscribers_in_order_or_latest`,
+//!   `c21_pending_subscribers_are_woken_in_order`,
+//!   `c21_auth_lost_is_an_item_and_a_login_follows`; across processes sharing a
+//!   `FileStore`, `c21_subscribers_in_three_processes_see_a_token_adopted_from_another`.
 //! - <a id="c22"></a>**C22 One coordinator per key.** A keyed map never evicts a coordinator
 //!   in use, and only one unused for `idle_timeout` is idle (`core/tests/all/keyed.rs`,
 //!   `keyed_policy.rs`): `c22_a_key_in_constant_use_is_never_evicted_as_idle`,
@@ -192,6 +205,12 @@ mod runtime;
 mod source;
 mod stats;
 pub mod store;
+pub mod subscribe {
+    //! Token changes as a stream, for connections that stay open (WebSocket, SSE, gRPC
+    //! streams, database sessions): [`SingleFlight::subscribe`](crate::SingleFlight::subscribe)
+    //! and [`KeyedFlights::subscribe`](crate::keyed::KeyedFlights::subscribe) ([C21](crate#c21)).
+    pub use crate::flight::{Subscription, TokenChange};
+}
 mod token;
 #[cfg(feature = "oauth2")]
 mod token_response;
@@ -204,7 +223,7 @@ pub use error::{Cause, ConfigError, Error, RefreshError};
 pub use flight::SingleFlight;
 pub use keyed::TokenKey;
 pub use policy::{Classifier, Placement};
-pub use request::{ForceRefresh, SkipAuth};
+pub use request::{ForceRefresh, SkipAuth, ValidFor};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use token::{Secret, Token};
 

@@ -559,6 +559,37 @@ pub struct RefreshTokenGrant {
 impl RefreshTokenGrant {
     /// A grant against `token_url` for the client `client_id`; fails if the URL is not
     /// an absolute http(s) URL.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// let grant = RefreshTokenGrant::new(transport.clone(), "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .initial_refresh_token("from-login");
+    /// assert!(sent(&grant).contains("grant_type=refresh_token&refresh_token=from-login"));
+    /// assert!(RefreshTokenGrant::new(transport, "not a url", "my-app").is_err());
+    /// ```
     pub fn new(
         transport: Arc<dyn Transport>,
         token_url: &str,
@@ -571,12 +602,78 @@ impl RefreshTokenGrant {
     }
 
     /// The client secret (a confidential client).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .client_secret("s3cret")
+    ///     .initial_refresh_token("from-login");
+    /// // HTTP Basic by default: base64("my-app:s3cret").
+    /// assert!(sent(&grant).starts_with("Basic bXktYXBwOnMzY3JldA=="));
+    /// ```
     pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
         self.endpoint.client_secret = Some(secret.into());
         self
     }
 
     /// How to send the client's credentials (default: HTTP Basic).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::{ClientAuth, RefreshTokenGrant};
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .client_secret("s3cret")
+    ///     .client_auth(ClientAuth::Body)
+    ///     .initial_refresh_token("from-login");
+    /// let sent = sent(&grant);
+    /// assert!(sent.starts_with("- "), "no Authorization header");
+    /// assert!(sent.contains("client_id=my-app") && sent.contains("client_secret=s3cret"));
+    /// ```
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.endpoint.client_auth = auth;
         self
@@ -584,6 +681,16 @@ impl RefreshTokenGrant {
 
     /// Authenticates the client with assertions signed by `key` (`private_key_jwt`,
     /// RFC 7523 §2.2) instead of a secret: a new one for every attempt.
+    ///
+    /// ```
+    /// # fn demo(key: tokenflight::oauth2::SigningKey, transport: std::sync::Arc<dyn tokenflight::adapter::Transport>) {
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// // `key` from `SigningKey::from_pem(..)`: every attempt sends a new signed assertion.
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .private_key_jwt(key);
+    /// # let _ = grant; }
+    /// ```
     #[cfg(feature = "private-key-jwt")]
     pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
         self.endpoint.set_signing_key(key);
@@ -614,12 +721,75 @@ impl RefreshTokenGrant {
     /// current token of `source` (Azure / Entra workload identity's federated token
     /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
     /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::{RefreshTokenGrant, subject_from_fn};
+    /// let federated = subject_from_fn(|_now| async { Ok(tokenflight::Secret::new("federated-jwt")) });
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .client_assertion(federated)
+    ///     .initial_refresh_token("from-login");
+    /// assert!(sent(&grant).contains("client_assertion=federated-jwt"));
+    /// ```
     pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
         self.endpoint.set_assertion_source(source);
         self
     }
 
     /// The `scope` parameter.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .scope("read write")
+    ///     .initial_refresh_token("from-login");
+    /// assert!(sent(&grant).contains("scope=read+write"));
+    /// ```
     pub fn scope(mut self, scope: &str) -> Self {
         self.endpoint.scope = Some(scope.to_owned());
         self
@@ -628,6 +798,40 @@ impl RefreshTokenGrant {
     /// An extra body parameter (e.g. `audience`, `resource`); may be repeated. Names
     /// the grant sets itself (`grant_type`, `refresh_token`, `client_id`,
     /// `client_secret`, `scope`) are ignored.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .param("audience", "https://api.example")
+    ///     .param("grant_type", "ignored")
+    ///     .initial_refresh_token("from-login");
+    /// let sent = sent(&grant);
+    /// assert!(sent.contains("audience=https%3A%2F%2Fapi.example"));
+    /// assert!(!sent.contains("ignored"));
+    /// ```
     pub fn param(mut self, name: &str, value: &str) -> Self {
         self.endpoint.add_param(name, value);
         self
@@ -635,6 +839,36 @@ impl RefreshTokenGrant {
 
     /// The refresh token to use while the token being replaced carries none (e.g. the
     /// one a login returned).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::RefreshTokenGrant;
+    /// let grant = RefreshTokenGrant::new(transport, "https://auth.example/token", "my-app")
+    ///     .unwrap()
+    ///     .initial_refresh_token("from-login");
+    /// assert!(sent(&grant).contains("refresh_token=from-login"));
+    /// ```
     pub fn initial_refresh_token(mut self, refresh: impl Into<Secret>) -> Self {
         self.initial_refresh = Some(refresh.into());
         self
@@ -681,6 +915,37 @@ pub struct ClientCredentialsGrant {
 impl ClientCredentialsGrant {
     /// A grant against `token_url` for the client `client_id`; fails if the URL is not
     /// an absolute http(s) URL.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::ClientCredentialsGrant;
+    /// let grant = ClientCredentialsGrant::new(transport.clone(), "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .client_secret("s3cret");
+    /// assert!(sent(&grant).contains("grant_type=client_credentials"));
+    /// assert!(ClientCredentialsGrant::new(transport, "ftp://auth.example/", "svc").is_err());
+    /// ```
     pub fn new(
         transport: Arc<dyn Transport>,
         token_url: &str,
@@ -692,12 +957,74 @@ impl ClientCredentialsGrant {
     }
 
     /// The client secret.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::ClientCredentialsGrant;
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .client_secret("s3cret");
+    /// // HTTP Basic by default: base64("svc:s3cret").
+    /// assert!(sent(&grant).starts_with("Basic c3ZjOnMzY3JldA=="));
+    /// ```
     pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
         self.endpoint.client_secret = Some(secret.into());
         self
     }
 
     /// How to send the client's credentials (default: HTTP Basic).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::{ClientAuth, ClientCredentialsGrant};
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .client_secret("s3cret")
+    ///     .client_auth(ClientAuth::SECRET_POST);
+    /// assert!(sent(&grant).contains("client_secret=s3cret"));
+    /// ```
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.endpoint.client_auth = auth;
         self
@@ -705,6 +1032,16 @@ impl ClientCredentialsGrant {
 
     /// Authenticates the client with assertions signed by `key` (`private_key_jwt`,
     /// RFC 7523 §2.2) instead of a secret: a new one for every attempt.
+    ///
+    /// ```
+    /// # fn demo(key: tokenflight::oauth2::SigningKey, transport: std::sync::Arc<dyn tokenflight::adapter::Transport>) {
+    /// use tokenflight::oauth2::ClientCredentialsGrant;
+    /// // `key` from `SigningKey::from_pem(..)`: every attempt sends a new signed assertion.
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .private_key_jwt(key);
+    /// # let _ = grant; }
+    /// ```
     #[cfg(feature = "private-key-jwt")]
     pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
         self.endpoint.set_signing_key(key);
@@ -735,12 +1072,75 @@ impl ClientCredentialsGrant {
     /// current token of `source` (Azure / Entra workload identity's federated token
     /// file, through a [`FileTokenSource`](crate::sources::FileTokenSource)), fetched
     /// for every attempt ([`ClientAuth::ClientAssertion`]).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::{ClientCredentialsGrant, subject_from_fn};
+    /// let federated = subject_from_fn(|_now| async { Ok(tokenflight::Secret::new("federated-jwt")) });
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .client_assertion(federated);
+    /// let sent = sent(&grant);
+    /// assert!(sent.contains("client_assertion=federated-jwt"));
+    /// assert!(sent.contains("client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"));
+    /// ```
     pub fn client_assertion(mut self, source: impl SubjectToken + 'static) -> Self {
         self.endpoint.set_assertion_source(source);
         self
     }
 
     /// The `scope` parameter.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::ClientCredentialsGrant;
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .scope("orders:read");
+    /// assert!(sent(&grant).contains("scope=orders%3Aread"));
+    /// ```
     pub fn scope(mut self, scope: &str) -> Self {
         self.endpoint.scope = Some(scope.to_owned());
         self
@@ -748,6 +1148,36 @@ impl ClientCredentialsGrant {
 
     /// An extra body parameter (e.g. `audience`, `resource`); may be repeated. Names
     /// the grant sets itself are ignored.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::oauth2::ClientCredentialsGrant;
+    /// let grant = ClientCredentialsGrant::new(transport, "https://auth.example/token", "svc")
+    ///     .unwrap()
+    ///     .param("resource", "https://api.example");
+    /// assert!(sent(&grant).contains("resource=https%3A%2F%2Fapi.example"));
+    /// ```
     pub fn param(mut self, name: &str, value: &str) -> Self {
         self.endpoint.add_param(name, value);
         self

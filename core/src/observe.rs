@@ -179,6 +179,20 @@ pub struct AuthLost<'a> {
     pub error: &'a RefreshError,
 }
 
+/// A request asked for a token valid longer than the token's whole lifetime (or
+/// than a refresh could give now, [C15](crate#c15)): it was sent with the freshest token
+/// ([C20](crate#c20)).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ShorterThanAsked {
+    /// The generation the request is sent with.
+    pub generation: u64,
+    /// How long the request asked the token to stay valid.
+    pub asked: Duration,
+    /// How long the token has left, if it expires.
+    pub remaining: Option<Duration>,
+}
+
 /// A token from outside (a login) was installed.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -206,6 +220,8 @@ pub trait Observer: Send + Sync {
     fn auth_lost(&self, _event: &AuthLost<'_>) {}
     /// A login was installed.
     fn token_installed(&self, _event: &TokenInstalled) {}
+    /// A request was sent with a token that lasts less than it asked ([C20](crate#c20)).
+    fn token_shorter_than_asked(&self, _event: &ShorterThanAsked) {}
 }
 
 /// The registered observers; empty costs one length check per slow-path event.

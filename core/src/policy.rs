@@ -252,6 +252,12 @@ impl Default for Placement {
 
 impl Placement {
     /// `Authorization: Bearer <token>`.
+    ///
+    /// ```
+    /// use tokenflight::Placement;
+    /// assert_eq!(Placement::bearer(), Placement::header("authorization", Some("Bearer")));
+    /// assert_eq!(Placement::default(), Placement::bearer());
+    /// ```
     pub fn bearer() -> Self {
         Placement::Header {
             name: "authorization".into(),
@@ -261,6 +267,17 @@ impl Placement {
 
     /// A custom header, with an optional scheme: `Placement::header("x-api-key", None)`.
     /// Checked when the policy is built ([`ConfigError::InvalidPlacement`]).
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, ConfigError, Placement, Token, from_fn};
+    /// # let source = || from_fn(|_cx| async { Ok(Token::new("t")) });
+    /// let api_key = Placement::header("x-api-key", None);
+    /// let policy = AuthPolicy::builder().source(source()).placement(api_key).allow_any_origin().build();
+    /// assert!(policy.is_ok());
+    /// let bad = Placement::header("not a header", None);
+    /// let refused = AuthPolicy::builder().source(source()).placement(bad).allow_any_origin().build();
+    /// assert!(matches!(refused, Err(ConfigError::InvalidPlacement(_))));
+    /// ```
     pub fn header(name: impl Into<String>, scheme: Option<&str>) -> Self {
         Placement::Header {
             name: name.into(),
@@ -271,6 +288,13 @@ impl Placement {
     /// A query parameter: `Placement::query("access_token")`. Leakier than a header
     /// (see [`Placement::Query`]). Checked when the policy is built
     /// ([`ConfigError::InvalidPlacement`]).
+    ///
+    /// ```
+    /// use tokenflight::Placement;
+    /// let query = Placement::query("access_token");
+    /// let url = url::Url::parse("https://api.example.com/v1?access_token=s3cr3t&page=2").unwrap();
+    /// assert!(!query.redacted(&url).unwrap().as_str().contains("s3cr3t"));
+    /// ```
     pub fn query(param: impl Into<String>) -> Self {
         Placement::Query {
             param: param.into(),
@@ -434,6 +458,18 @@ impl Placement {
     /// `url` with the value of the token's query parameter replaced by `redacted`, for
     /// errors and URLs shown to people; `None` when there is nothing to hide (a header
     /// placement, or no such parameter in `url`). Every other byte stays as it is.
+    ///
+    /// ```
+    /// use tokenflight::Placement;
+    /// let query = Placement::query("token");
+    /// let url = url::Url::parse("https://api.example.com/v1?page=2&token=s3cr3t").unwrap();
+    /// let shown = query.redacted(&url).unwrap();
+    /// assert!(!shown.as_str().contains("s3cr3t"));
+    /// assert!(shown.as_str().starts_with("https://api.example.com/v1?page=2&token="));
+    /// // Nothing to hide: no token parameter, or a header placement.
+    /// assert!(query.redacted(&url::Url::parse("https://api.example.com/v1").unwrap()).is_none());
+    /// assert!(Placement::bearer().redacted(&url).is_none());
+    /// ```
     pub fn redacted(&self, url: &Url) -> Option<Url> {
         let Placement::Query { param } = self else {
             return None;
@@ -452,6 +488,16 @@ impl Placement {
     /// `None` when `text` shows no such token (or the placement is a header). For errors
     /// of other code that print the request URL in ways [`redacted`](Self::redacted)
     /// cannot reach.
+    ///
+    /// ```
+    /// use tokenflight::Placement;
+    /// let query = Placement::query("token");
+    /// let sent = url::Url::parse("https://api.example.com/v1?token=s3cr3t").unwrap();
+    /// let message = "error sending request for url (https://api.example.com/v1?token=s3cr3t)";
+    /// let scrubbed = query.scrub(&sent, message).unwrap();
+    /// assert!(!scrubbed.contains("s3cr3t"));
+    /// assert!(query.scrub(&sent, "connection refused").is_none());
+    /// ```
     pub fn scrub(&self, sent: &Url, text: &str) -> Option<String> {
         let Placement::Query { param } = self else {
             return None;
@@ -673,11 +719,28 @@ impl fmt::Debug for Classifier {
 
 impl Classifier {
     /// The default: 401, with `WWW-Authenticate` hints.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Classifier, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .classifier(Classifier::new())
+    ///     .allow_any_origin()
+    ///     .build();
+    /// assert!(policy.is_ok());
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Status codes that mean "token rejected".
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// // An API that answers an expired token with 401 or 419.
+    /// let classifier = Classifier::new().statuses([401, 419]);
+    /// # drop(classifier);
+    /// ```
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         self.statuses = statuses.into_iter().collect();
         self
@@ -703,12 +766,28 @@ impl Classifier {
     }
 
     /// Whether RFC 6750 `WWW-Authenticate` hints are honoured (default: yes).
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// // Only the status decides, whatever the server's challenge says.
+    /// let classifier = Classifier::new().www_authenticate(false);
+    /// # drop(classifier);
+    /// ```
     pub fn www_authenticate(mut self, honour: bool) -> Self {
         self.www_authenticate = honour;
         self
     }
 
     /// A predicate on status and headers that replaces the status and header rules.
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// let classifier = Classifier::new().when(|response| {
+    ///     response.status() == 401
+    ///         || response.header(&http::HeaderName::from_static("x-token-expired")).is_some()
+    /// });
+    /// # drop(classifier);
+    /// ```
     pub fn when(
         mut self,
         predicate: impl Fn(&dyn ResponseView) -> bool + Send + Sync + 'static,
@@ -721,6 +800,15 @@ impl Classifier {
     /// "not rejected" and the response says its body can be read without holding back a
     /// stream (see [which bodies](Self#which-bodies-the-body-rule-reads)). The caller
     /// still gets the full, intact response.
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// // An API that answers 200 with `{"code":"TOKEN_EXPIRED"}`.
+    /// let classifier = Classifier::new().body(256, |body| {
+    ///     body.windows(13).any(|w| w == b"TOKEN_EXPIRED")
+    /// });
+    /// # drop(classifier);
+    /// ```
     pub fn body(
         mut self,
         limit: usize,
@@ -736,6 +824,14 @@ impl Classifier {
     /// then get only after `limit` bytes or its end. Switch it on for an API that answers
     /// business codes chunked and never streams. Declared streams (server-sent events
     /// and the like) are never read either way.
+    ///
+    /// ```
+    /// use tokenflight::Classifier;
+    /// let classifier = Classifier::new()
+    ///     .body(256, |body| body.starts_with(b"{\"code\":\"TOKEN_EXPIRED\""))
+    ///     .body_of_unknown_length(true);
+    /// # drop(classifier);
+    /// ```
     pub fn body_of_unknown_length(mut self, read: bool) -> Self {
         self.body_of_unknown_length = read;
         self

@@ -2,6 +2,7 @@
 //! Adapters implement these for their client; the core never names a client.
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use url::Url;
@@ -100,6 +101,31 @@ pub struct SkipAuth;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ForceRefresh;
 
+/// Per-request marker: the token this request is sent with must stay valid for at
+/// least this long after it is sent — a large upload, a long poll, a server stream
+/// with a deadline ([C20](crate#c20)). Put it in the request's extensions, like
+/// [`SkipAuth`]; adapters also derive it where the client knows the deadline (a
+/// per-request timeout in reqwest, `grpc-timeout` in the tower adapter), and the
+/// marker wins over what they derive.
+///
+/// If the current token would expire before then (plus the leeway), the request waits
+/// for the one refresh first (the same single flight, [C1](crate#c1), [C2](crate#c2)). A
+/// token whose whole lifetime is shorter than asked cannot do better: the request gets
+/// the freshest token and observers get
+/// [`ShorterThanAsked`](crate::observe::ShorterThanAsked).
+///
+/// ```
+/// use std::time::Duration;
+/// use tokenflight::ValidFor;
+/// use tokenflight::adapter::RequestOptions;
+/// let mut extensions = http::Extensions::new();
+/// extensions.insert(ValidFor(Duration::from_secs(90)));
+/// let options = RequestOptions::from_extensions(&extensions);
+/// assert_eq!(options.valid_for, Some(Duration::from_secs(90)));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValidFor(pub Duration);
+
 /// The per-request options [`AuthPolicy::send`](crate::AuthPolicy::send) honours, read by
 /// adapters from the [`SkipAuth`] and [`ForceRefresh`] markers in their request's
 /// extensions (the one options mechanism of every adapter).
@@ -113,6 +139,9 @@ pub struct RequestOptions {
     /// The key of the token to send, for a keyed policy (the [`TokenKey`] marker);
     /// `None`: the policy's key function decides.
     pub key: Option<TokenKey>,
+    /// How long the token must stay valid after sending (the [`ValidFor`] marker, or
+    /// what the adapter derived from the request's deadline); `None`: only now.
+    pub valid_for: Option<Duration>,
 }
 
 impl RequestOptions {
@@ -122,6 +151,7 @@ impl RequestOptions {
             skip_auth,
             force_refresh,
             key: None,
+            valid_for: None,
         }
     }
 
@@ -131,9 +161,26 @@ impl RequestOptions {
         self
     }
 
+    /// These options with the required validity `valid_for` (the [`ValidFor`]
+    /// marker); `None` leaves them as they are.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::adapter::RequestOptions;
+    /// let options = RequestOptions::default().with_valid_for(Some(Duration::from_secs(5)));
+    /// assert_eq!(options.valid_for, Some(Duration::from_secs(5)));
+    /// ```
+    pub fn with_valid_for(mut self, valid_for: Option<Duration>) -> Self {
+        if valid_for.is_some() {
+            self.valid_for = valid_for;
+        }
+        self
+    }
+
     /// The options of a request whose extensions are `extensions` (every client built
     /// on the `http` crate keeps them there): the [`SkipAuth`] and [`ForceRefresh`]
-    /// markers, each of which switches its option on, and the [`TokenKey`] marker.
+    /// markers, each of which switches its option on, and the [`TokenKey`] and
+    /// [`ValidFor`] markers.
     ///
     /// ```
     /// use tokenflight::SkipAuth;
@@ -149,5 +196,6 @@ impl RequestOptions {
             extensions.get::<ForceRefresh>().is_some(),
         )
         .with_key(extensions.get::<TokenKey>().cloned())
+        .with_valid_for(extensions.get::<ValidFor>().map(|v| v.0))
     }
 }

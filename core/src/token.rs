@@ -38,11 +38,25 @@ impl Drop for Secret {
 
 impl Secret {
     /// Wraps a secret value.
+    ///
+    /// ```
+    /// use tokenflight::Secret;
+    /// let secret = Secret::new("s3cr3t");
+    /// assert_eq!(secret.expose(), "s3cr3t");
+    /// ```
     pub fn new(value: impl Into<Arc<str>>) -> Self {
         Secret(value.into())
     }
 
     /// The secret value. Do not log it.
+    ///
+    /// ```
+    /// use tokenflight::Secret;
+    /// let secret = Secret::new("s3cr3t");
+    /// assert_eq!(secret.expose(), "s3cr3t");
+    /// // Debug never shows it.
+    /// assert!(!format!("{secret:?}").contains("s3cr3t"));
+    /// ```
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -92,6 +106,14 @@ pub struct Token {
 impl Token {
     /// A token with the given access secret, no refresh token, no known expiry and
     /// generation 0 (the coordinator assigns generations when it installs a token).
+    ///
+    /// ```
+    /// use tokenflight::Token;
+    /// let token = Token::new("access");
+    /// assert_eq!(token.access().expose(), "access");
+    /// assert!(token.refresh().is_none() && token.expiry().is_none());
+    /// assert_eq!(token.generation(), 0);
+    /// ```
     pub fn new(access: impl Into<Secret>) -> Self {
         Token {
             access: access.into(),
@@ -103,18 +125,39 @@ impl Token {
     }
 
     /// Sets the refresh token.
+    ///
+    /// ```
+    /// use tokenflight::Token;
+    /// let token = Token::new("access").with_refresh("refresh");
+    /// assert_eq!(token.refresh().map(|r| r.expose()), Some("refresh"));
+    /// ```
     pub fn with_refresh(mut self, refresh: impl Into<Secret>) -> Self {
         self.refresh = Some(refresh.into());
         self
     }
 
     /// Sets or clears the refresh token.
+    ///
+    /// ```
+    /// use tokenflight::{Secret, Token};
+    /// let kept: Option<Secret> = None;
+    /// let token = Token::new("access").with_refresh("old").with_refresh_opt(kept);
+    /// assert!(token.refresh().is_none());
+    /// ```
     pub fn with_refresh_opt(mut self, refresh: Option<Secret>) -> Self {
         self.refresh = refresh;
         self
     }
 
     /// Sets the absolute expiry time.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("access").expires_at(at);
+    /// assert_eq!(token.expiry(), Some(at));
+    /// ```
     pub fn expires_at(mut self, at: SystemTime) -> Self {
         self.expires_at = Some(at);
         self
@@ -122,6 +165,16 @@ impl Token {
 
     /// Sets the expiry as a lifetime counted from `now`, and records `now` as the time
     /// the token was obtained, so the coordinator knows its lifetime ([C15](crate#c15)).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("access").expires_in(Duration::from_secs(3600), now);
+    /// assert_eq!(token.expiry(), Some(now + Duration::from_secs(3600)));
+    /// assert_eq!(token.obtained(), Some(now));
+    /// assert_eq!(token.lifetime(), Some(Duration::from_secs(3600)));
+    /// ```
     pub fn expires_in(self, lifetime: Duration, now: SystemTime) -> Self {
         match now.checked_add(lifetime) {
             Some(at) => self.expires_at(at).obtained_at(now),
@@ -133,18 +186,45 @@ impl Token {
     /// Records when the token was obtained (received from the server). With an expiry
     /// this gives the token's lifetime, to which the coordinator scales its timing
     /// ([C15](crate#c15)). The coordinator stamps tokens that arrive without it.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("access")
+    ///     .obtained_at(now)
+    ///     .expires_at(now + Duration::from_secs(60));
+    /// assert_eq!(token.lifetime(), Some(Duration::from_secs(60)));
+    /// ```
     pub fn obtained_at(mut self, at: SystemTime) -> Self {
         self.obtained = Some(at);
         self
     }
 
     /// When the token was obtained, if known.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// assert_eq!(Token::new("a").obtained(), None);
+    /// assert_eq!(Token::new("a").obtained_at(now).obtained(), Some(now));
+    /// ```
     pub fn obtained(&self) -> Option<SystemTime> {
         self.obtained
     }
 
     /// The token's whole lifetime (expiry minus the time it was obtained), if both are
     /// known. Zero for a token that arrived already expired.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("a").expires_in(Duration::from_secs(300), now);
+    /// assert_eq!(token.lifetime(), Some(Duration::from_secs(300)));
+    /// assert_eq!(Token::new("a").expires_at(now).lifetime(), None);
+    /// ```
     pub fn lifetime(&self) -> Option<Duration> {
         let (obtained, expires) = (self.obtained?, self.expires_at?);
         Some(expires.duration_since(obtained).unwrap_or(Duration::ZERO))
@@ -152,6 +232,15 @@ impl Token {
 
     /// How long ago the token was obtained at `now` (zero if the clock stepped back past
     /// it), if known.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("a").obtained_at(now);
+    /// assert_eq!(token.age(now + Duration::from_secs(7)), Some(Duration::from_secs(7)));
+    /// assert_eq!(token.age(now - Duration::from_secs(7)), Some(Duration::ZERO));
+    /// ```
     pub fn age(&self, now: SystemTime) -> Option<Duration> {
         self.obtained
             .map(|at| now.duration_since(at).unwrap_or(Duration::ZERO))
@@ -165,6 +254,13 @@ impl Token {
     }
 
     /// The access secret.
+    ///
+    /// ```
+    /// use tokenflight::Token;
+    /// let token = Token::new("access");
+    /// let header = format!("Bearer {}", token.access().expose());
+    /// assert_eq!(header, "Bearer access");
+    /// ```
     pub fn access(&self) -> &Secret {
         &self.access
     }
@@ -182,21 +278,60 @@ impl Token {
     }
 
     /// The refresh secret, if any.
+    ///
+    /// ```
+    /// use tokenflight::Token;
+    /// assert!(Token::new("a").refresh().is_none());
+    /// let token = Token::new("a").with_refresh("r");
+    /// assert_eq!(token.refresh().unwrap().expose(), "r");
+    /// ```
     pub fn refresh(&self) -> Option<&Secret> {
         self.refresh.as_ref()
     }
 
     /// When the token expires, if known. `None` means "valid until rejected".
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// assert_eq!(Token::new("a").expiry(), None);
+    /// let at = SystemTime::UNIX_EPOCH + Duration::from_secs(60);
+    /// assert_eq!(Token::new("a").expires_at(at).expiry(), Some(at));
+    /// ```
     pub fn expiry(&self) -> Option<SystemTime> {
         self.expires_at
     }
 
     /// The generation (see the type's docs).
+    ///
+    /// ```
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     let first = flight.token().await.unwrap();
+    ///     let second = flight.force_refresh().await.unwrap();
+    ///     assert!(second.generation() > first.generation());
+    /// });
+    /// ```
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
     /// True when the token is expired at `now`, or will be within `leeway` ([C7](crate#c7)).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("a").expires_at(now + Duration::from_secs(30));
+    /// assert!(!token.is_expired(now, Duration::from_secs(10)));
+    /// // Within the leeway counts as expired.
+    /// assert!(token.is_expired(now, Duration::from_secs(30)));
+    /// assert!(!Token::new("no expiry").is_expired(now, Duration::from_secs(3600)));
+    /// ```
     pub fn is_expired(&self, now: SystemTime, leeway: Duration) -> bool {
         match self.expires_at {
             None => false,
@@ -205,6 +340,16 @@ impl Token {
     }
 
     /// Time left until expiry at `now` (zero if already expired, `None` if unknown).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::Token;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    /// let token = Token::new("a").expires_at(now + Duration::from_secs(30));
+    /// assert_eq!(token.remaining(now), Some(Duration::from_secs(30)));
+    /// assert_eq!(token.remaining(now + Duration::from_secs(60)), Some(Duration::ZERO));
+    /// assert_eq!(Token::new("a").remaining(now), None);
+    /// ```
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
         self.expires_at
             .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))

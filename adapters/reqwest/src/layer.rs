@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use http::Extensions;
 use reqwest::{Request, Response, Url};
@@ -115,7 +116,7 @@ impl Middleware for TokenMiddleware {
         Self: 'async_trait,
     {
         Box::pin(async move {
-            let options = request_options(extensions);
+            let options = request_options(extensions, request.timeout().copied());
             // The driver may send twice, one send after the other; each borrows the
             // extensions while it runs, so changes made further down the stack reach the
             // resend and, at the end, the caller. (If this future is dropped mid-send, the
@@ -219,9 +220,16 @@ fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {
 }
 
 /// The options for one request: its [`SkipAuth`](tokenflight::SkipAuth) and
-/// [`ForceRefresh`](tokenflight::ForceRefresh) markers, as in every adapter.
-fn request_options(extensions: &Extensions) -> RequestOptions {
-    RequestOptions::from_extensions(extensions)
+/// [`ForceRefresh`](tokenflight::ForceRefresh) markers, as in every adapter, and how long
+/// its token must stay valid ([C20](tokenflight#c20)): the
+/// [`ValidFor`](tokenflight::ValidFor) marker, else the request's own timeout — the
+/// longest the server may still be reading the request or writing its response.
+fn request_options(extensions: &Extensions, timeout: Option<Duration>) -> RequestOptions {
+    let options = RequestOptions::from_extensions(extensions);
+    match options.valid_for {
+        Some(_) => options,
+        None => options.with_valid_for(timeout),
+    }
 }
 
 /// Token errors become `Error::Middleware` holding the core's typed error, so callers
@@ -242,16 +250,31 @@ mod tests {
     #[test]
     fn markers_switch_options_on() {
         let mut extensions = Extensions::new();
-        assert_eq!(request_options(&extensions), RequestOptions::default());
+        assert_eq!(
+            request_options(&extensions, None),
+            RequestOptions::default()
+        );
         extensions.insert(SkipAuth);
         assert_eq!(
-            request_options(&extensions),
+            request_options(&extensions, None),
             RequestOptions::from_markers(true, false)
         );
         extensions.insert(ForceRefresh);
         assert_eq!(
-            request_options(&extensions),
+            request_options(&extensions, None),
             RequestOptions::from_markers(true, true)
+        );
+    }
+
+    #[test]
+    fn c20_the_timeout_is_the_validity_unless_a_marker_says_otherwise() {
+        let mut extensions = Extensions::new();
+        let timeout = Some(Duration::from_secs(30));
+        assert_eq!(request_options(&extensions, timeout).valid_for, timeout);
+        extensions.insert(tokenflight::ValidFor(Duration::from_secs(5)));
+        assert_eq!(
+            request_options(&extensions, timeout).valid_for,
+            Some(Duration::from_secs(5))
         );
     }
 }

@@ -199,7 +199,10 @@ where
         // Everything up to the first send is done here, before the future exists: its
         // state then holds neither the request twice nor the reading of its body (issue
         // 18: the boxed future is copied on every request; it was 3 KB).
-        let options = RequestOptions::from_extensions(request.extensions());
+        let mut options = RequestOptions::from_extensions(request.extensions());
+        if options.valid_for.is_none() {
+            options = options.with_valid_for(grpc_timeout(request.headers()));
+        }
         let Some(origin) = origin_of(request.uri()) else {
             // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
             // generated clients send such URIs unless made `with_origin`.
@@ -293,5 +296,54 @@ impl<RB: Body, E> Future for ResponseFuture<RB, E> {
                 response
             })
         })
+    }
+}
+
+/// A gRPC call's deadline from its `grpc-timeout` header: how long its token must stay
+/// valid ([C20](tokenflight#c20)), so a server stream is admitted with a token that
+/// outlives it. The format is the gRPC spec's: at most 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`); anything else is no deadline.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = (value.get(..split)?, value.get(split..)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod grpc_timeout_tests {
+    use std::time::Duration;
+
+    use super::grpc_timeout;
+
+    fn parse(value: &str) -> Option<Duration> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-timeout", http::HeaderValue::from_str(value).ok()?);
+        grpc_timeout(&headers)
+    }
+
+    #[test]
+    fn c20_grpc_timeout_is_the_validity_a_call_asks_for() {
+        assert_eq!(parse("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S", "é"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 }

@@ -105,7 +105,12 @@ struct Sent<Req, F> {
 /// Where a request leaves the common road.
 enum Road<Req, Resp> {
     /// Before its first send: waiting for a token (or a forced refresh).
-    Wait { request: Req, force_refresh: bool },
+    Wait {
+        request: Req,
+        force_refresh: bool,
+        /// How long the token must stay valid after sending ([C20](crate#c20)).
+        valid_for: Option<std::time::Duration>,
+    },
     /// A response whose head did not clear the token.
     Judge {
         response: Resp,
@@ -222,10 +227,19 @@ impl<'a, Req, F> Start<Req, F> {
         // generation.
         let attached = match options.force_refresh {
             true => None,
-            false => flight.with_ready_token(|token| {
-                let attached = policy.inner.rules.attach(&mut request, token);
-                attached.map(|()| token.generation())
-            }),
+            false => flight
+                .with_ready_token(|token| {
+                    // C20: a token that would expire before the request's deadline
+                    // waits for the refresh on the slow road.
+                    if let Some(need) = options.valid_for {
+                        if !flight.lasts_for(token, need) {
+                            return None;
+                        }
+                    }
+                    let attached = policy.inner.rules.attach(&mut request, token);
+                    Some(attached.map(|()| token.generation()))
+                })
+                .flatten(),
         };
         let mut attempt = Attempt {
             policy,
@@ -240,6 +254,7 @@ impl<'a, Req, F> Start<Req, F> {
             let road = Road::Wait {
                 request,
                 force_refresh: options.force_refresh,
+                valid_for: options.valid_for,
             };
             let future = Box::pin(attempt.slow_road(road));
             return Ok(State::Slow { future });
@@ -284,8 +299,9 @@ impl<F> Attempt<F> {
             Road::Wait {
                 mut request,
                 force_refresh,
+                valid_for,
             } => {
-                let token = authorize(&self.flight, &self.span, force_refresh).await?;
+                let token = authorize(&self.flight, &self.span, force_refresh, valid_for).await?;
                 let rules = &self.policy.inner.rules;
                 let replay = rules.replay_copy(&request);
                 rules.attach(&mut request, &token)?;
@@ -379,7 +395,7 @@ impl<F> Attempt<F> {
         F: FnMut(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
     {
-        let token = authorize(&self.flight, &self.span, false).await?;
+        let token = authorize(&self.flight, &self.span, false, None).await?;
         let rules = &self.policy.inner.rules;
         let origin = replay.origin_url().clone();
         rules.attach(&mut replay, &token)?;
@@ -419,12 +435,13 @@ async fn authorize(
     flight: &SingleFlight,
     span: &Span,
     force_refresh: bool,
+    valid_for: Option<std::time::Duration>,
 ) -> Result<Arc<Token>, Error> {
     let fetch = async {
-        if force_refresh {
-            flight.force_refresh().await
-        } else {
-            flight.token().await
+        match (force_refresh, valid_for) {
+            (true, _) => flight.force_refresh().await,
+            (false, Some(need)) => flight.token_valid_for(need).await,
+            (false, None) => flight.token().await,
         }
     };
     let fetch = fetch.instrument(span.clone());

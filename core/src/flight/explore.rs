@@ -616,8 +616,19 @@ fn check(w: &World) -> Result<(), &'static str> {
     if w.flight.is_some() != w.m.flight.is_some() {
         return Err("C1");
     }
-    // C3: the current token is never below a rejection that its own number did not
-    // cause (a rejected current token is replaced by the next flight, never reused).
+    // C5: nobody waits for a flight that is not running: a flight's end releases
+    // every waiter (with the outcome, or back to idle to ask again after a login).
+    if w.flight.is_none()
+        && w.callers
+            .iter()
+            .any(|c| matches!(c, Caller::Waiting { .. }))
+    {
+        return Err("C5");
+    }
+    // C17: a login not yet saved is in use here: it (or its renumbered copy) is current.
+    if w.m.has_unsaved_login() && w.m.current().is_none() {
+        return Err("C17");
+    }
     Ok(())
 }
 

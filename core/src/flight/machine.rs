@@ -107,6 +107,54 @@ pub(super) fn assess(rules: &Rules, token: &Token, rejected: bool, now: SystemTi
     }
 }
 
+/// Whether a token lasts as long as a request needs ([C20](crate#c20)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lasts {
+    /// Valid until `now + need`, plus its leeway: send it.
+    Enough,
+    /// Not long enough, and a new token would be: refresh first.
+    Refresh,
+    /// Not long enough, and a refresh cannot help (the whole lifetime is shorter than
+    /// asked and this token is in its first half, or it is younger than
+    /// `min_refresh_interval`, [C15](crate#c15)): send it and say so.
+    Short,
+}
+
+/// [`assess`] for a request that needs the token to stay valid for `need` after `now`
+/// ([C20](crate#c20)). Refreshing a token whose lifetime is shorter than asked is worth it
+/// only once it has used half of it: at most two source calls per lifetime under steady
+/// traffic ([C15](crate#c15)).
+pub(super) fn lasts(rules: &Rules, token: &Token, need: Duration, now: SystemTime) -> Lasts {
+    let config = &rules.config;
+    let Some(expiry) = token.expiry() else {
+        return Lasts::Enough;
+    };
+    let leeway = config.leeway_for(token);
+    if now
+        .checked_add(need)
+        .is_some_and(|at| !token.is_expired(at, leeway))
+    {
+        return Lasts::Enough;
+    }
+    if token
+        .age(now)
+        .is_some_and(|age| age < config.min_refresh_interval)
+    {
+        return Lasts::Short;
+    }
+    match token.lifetime() {
+        Some(lifetime) if lifetime < need.saturating_add(leeway) => {
+            let remaining = expiry.duration_since(now).unwrap_or(Duration::ZERO);
+            if remaining >= lifetime / 2 {
+                Lasts::Short
+            } else {
+                Lasts::Refresh
+            }
+        }
+        _ => Lasts::Refresh,
+    }
+}
+
 /// `window × f`, `f` in `[1 - refresh_ahead_jitter %, 1]`, fixed per generation and
 /// coordinator.
 pub(super) fn jittered(rules: &Rules, window: Duration, token: &Token) -> Duration {

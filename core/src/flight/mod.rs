@@ -18,11 +18,38 @@
 //! the same refresh ([C6](crate#c6)). The machine keeps only a weak handle: when the last
 //! waiter leaves and no spawner keeps the flight alive, the refresh is dropped and the
 //! next caller starts a fresh one.
+//!
+//! # Reading map: where each contract's rule lives
+//!
+//! One place per rule; everything else calls it. `machine` is `machine.rs`, `run` is
+//! `run.rs`, `api` is this file.
+//!
+//! | contract | the rule | enforced by |
+//! |---|---|---|
+//! | C1 one flight | `machine`: `Machine::join` (one flight slot, started only when empty) | `api`: `join_or_start` holds the lock while it fills the slot |
+//! | C2 coalescing | `machine`: `Machine::join` (`Join::Wait` for a live flight) | `api`: `wait` |
+//! | C3 stale rejections | `machine`: `Machine::record_rejection` (and `resolve_alias` for renumbered logins) | `api`: `record_rejection` |
+//! | C4 one retry | `auth_policy.rs`: the retry driver (resends once, `try_clone`) | `api`: `mark_rejected` marks a non-replayable request's token rejected |
+//! | C5 same outcome | `machine`: `Machine::finish` builds the one `FlightOutput` | `api`: `wait` (every waiter reads the same output) |
+//! | C6 cancellation | `api`: `started` (spawner keeps the flight) and the flight handle kept weakly by the machine | `run`: `release` (the lock is given back on every path) |
+//! | C7 proactive | `machine`: `assess` (`Assessment::WithinLeeway`, `Expired`) | `api`: `valid_token`, `fast_until` |
+//! | C8 refresh ahead | `machine`: `assess` (`Assessment::RefreshAhead`), `jittered` | `api`: `refresh_ahead` |
+//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` fires `on_auth_lost` |
+//! | C10 bounded | `run`: `within` and the flight's `Deadline` (`budget`) | every store and source call in `run` goes through `within` |
+//! | C11 exempt requests | `request.rs`: `SkipAuth`, `ForceRefresh` | `auth_policy.rs`; `api`: `force_refresh` |
+//! | C12 secrets | `token.rs`: the redacted secret type; `policy.rs`: allowed origins | `observe.rs` and the spans in `run` carry no secret |
+//! | C13 bad input | `token_response.rs`, `jwt.rs`, `www_authenticate.rs`, the stores' decoders | `run`: `sane` rejects a stored token that makes no sense |
+//! | C14 runtime-agnostic | `runtime.rs`: the `Clock`, `Timer`, `Spawn` traits | the core's `Cargo.toml` (no runtime dependency) |
+//! | C15 timing fits the lifetime | `config.rs`: `leeway_for`, `refresh_ahead_for`, `min_refresh_interval` | `machine`: `assess` |
+//! | C16 resilient refresh | `run`: `attempt` (retries inside one budget) | `machine`: `Machine::finish` and `fallback` (a valid token survives a failure) |
+//! | C17 the login wins | `machine`: `Machine::install`, `number` (epoch check), `login_to_save`, `token_saved` | `run`: `fetch_and_save` clears the unsaved mark right after the save |
+//! | C18 containment | `run`: `run_flight` (`catch_unwind` around the flight) | `api`: `now`, `mono`, `started` (clock and spawner panics) |
 
 #[cfg(test)]
 mod explore;
 mod machine;
 mod run;
+mod subscribe;
 #[cfg(test)]
 mod tests;
 
@@ -38,14 +65,21 @@ use futures_util::future::{BoxFuture, Shared, WeakShared};
 
 use crate::config::FlightConfig;
 use crate::error::{Error, RefreshError};
-use crate::observe::{FlightJoined, Observers, RefreshStarted, ResendKind, TokenInstalled};
+use crate::observe::{
+    FlightJoined, Observers, RefreshStarted, ResendKind, ShorterThanAsked, TokenInstalled,
+};
 use crate::runtime::{Clock, Spawn, Timer};
 use crate::source::{RefreshReason, TokenSource};
 use crate::stats::{Counters, Stats, bump};
 use crate::store::{StoreError, StoreWatcher, TokenStore};
 use crate::token::Token;
 
-use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, Started, assess, jittered};
+use subscribe::{Changes, ChangesOwner};
+pub use subscribe::{Subscription, TokenChange};
+
+use machine::{
+    Ask, Assessment, FlightOutput, Join, Lasts, Machine, Rules, Started, assess, jittered, lasts,
+};
 
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 type WeakFlight = WeakShared<BoxFuture<'static, FlightOutput>>;
@@ -91,6 +125,8 @@ struct Inner {
     /// Notified after the store pushed a token and it was adopted: a flight waiting for
     /// the store's lock wakes and stops waiting if that token supersedes it.
     adopted_push: event_listener::Event,
+    /// Token changes for subscribers ([C21](crate#c21)); written only under the state lock.
+    changes: ChangesOwner,
     /// How often the state lock was taken (for the test that bounds it per refresh).
     #[cfg(test)]
     locks: std::sync::atomic::AtomicU64,
@@ -160,6 +196,7 @@ impl SingleFlight {
             counters: Counters::default(),
             watcher: Arc::new(Pushed(weak.clone())),
             adopted_push: event_listener::Event::new(),
+            changes: ChangesOwner(Changes::new()),
             #[cfg(test)]
             locks: std::sync::atomic::AtomicU64::new(0),
         });
@@ -197,6 +234,7 @@ impl SingleFlight {
                 Arc::new(self.published(Arc::clone(token), rejected))
             });
             self.inner.current.store(published);
+            self.inner.changes.0.token(machine.current());
         }
         result
     }
@@ -433,6 +471,72 @@ impl SingleFlight {
         self.wait(ask, self.join_or_start(ask, false)).await
     }
 
+    /// A token to send now that stays valid for at least `need` after now, plus the
+    /// leeway ([C20](crate#c20)): the current token if it lasts that long, else the one
+    /// refresh every such caller shares ([C1](crate#c1), [C2](crate#c2)). If no token can
+    /// last that long (the token's whole lifetime is shorter than asked), the freshest
+    /// token, and observers get [`ShorterThanAsked`].
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async {
+    ///         Ok(Token::new("hour").expires_in(Duration::from_secs(3600), SystemTime::now()))
+    ///     }))
+    ///     .build()
+    ///     .unwrap();
+    /// let token = futures::executor::block_on(flight.token_valid_for(Duration::from_secs(600)));
+    /// let left = token.unwrap().remaining(SystemTime::now()).unwrap();
+    /// assert!(left > Duration::from_secs(600));
+    /// ```
+    ///
+    /// # Cancellation
+    /// As for [`SingleFlight::token`]: dropping the future never hangs others or cancels
+    /// a refresh someone else waits for ([C6](crate#c6)).
+    pub async fn token_valid_for(&self, need: Duration) -> Result<Arc<Token>, Error> {
+        let token = self.token().await?;
+        let verdict = lasts(&self.inner.rules, &token, need, self.now());
+        let token = match verdict {
+            Lasts::Enough => return Ok(token),
+            Lasts::Short => token,
+            Lasts::Refresh => {
+                let ask = Ask {
+                    reason: RefreshReason::RefreshAhead,
+                    replaces: Some(token.generation()),
+                };
+                let fresh = self.wait(ask, self.join_or_start(ask, false)).await?;
+                if lasts(&self.inner.rules, &fresh, need, self.now()) == Lasts::Enough {
+                    return Ok(fresh);
+                }
+                fresh
+            }
+        };
+        self.shorter_than_asked(&token, need);
+        Ok(token)
+    }
+
+    /// Whether `token` stays valid for `need` after now, plus the leeway ([C20](crate#c20)).
+    pub(crate) fn lasts_for(&self, token: &Token, need: Duration) -> bool {
+        lasts(&self.inner.rules, token, need, self.now()) == Lasts::Enough
+    }
+
+    fn shorter_than_asked(&self, token: &Token, need: Duration) {
+        let remaining = token.remaining(self.now());
+        tracing::debug!(
+            generation = token.generation(),
+            asked_ms = need.as_millis() as u64,
+            "the token lasts less than the request asked"
+        );
+        self.observers().emit(|o| {
+            o.token_shorter_than_asked(&ShorterThanAsked {
+                generation: token.generation(),
+                asked: need,
+                remaining,
+            })
+        });
+    }
+
     async fn refresh_ahead(&self, token: Arc<Token>) -> Arc<Token> {
         let ask = Ask {
             reason: RefreshReason::RefreshAhead,
@@ -631,6 +735,42 @@ impl SingleFlight {
             .await
             .unwrap_or_else(|_| Err(StoreError::Other("the token store panicked".into())))?;
         Ok(saved.unwrap_or(installed))
+    }
+
+    /// A stream of this coordinator's token changes, for connections that stay open
+    /// and must re-authenticate or reconnect when the token changes ([C21](crate#c21)):
+    /// each new generation (a refresh, a login, a token adopted from the store or pushed
+    /// by another replica) and "re-authentication required" as
+    /// [`TokenChange::AuthLost`]. Lossy but latest: a slow subscriber skips to the
+    /// newest change, never sees an older generation after a newer one. The first item
+    /// is the current token, if any. The stream ends when the coordinator is dropped.
+    /// Runtime-free; a subscription is a few words and no task.
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use tokenflight::{SingleFlight, Token, from_fn};
+    /// use tokenflight::subscribe::TokenChange;
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("fresh")) }))
+    ///     .build()
+    ///     .unwrap();
+    /// let mut changes = flight.subscribe();
+    /// futures::executor::block_on(async {
+    ///     let token = flight.force_refresh().await.unwrap();
+    ///     let Some(TokenChange::Token(seen)) = changes.next().await else { panic!() };
+    ///     assert_eq!(seen.generation(), token.generation());
+    ///     drop(flight);
+    ///     assert!(changes.next().await.is_none());
+    /// });
+    /// ```
+    pub fn subscribe(&self) -> Subscription {
+        self.inner.changes.subscribe()
+    }
+
+    /// How many subscriptions are alive (a keyed map never evicts a coordinator with
+    /// subscribers: their streams would end while the key is still in use).
+    pub(crate) fn subscribers(&self) -> usize {
+        Arc::strong_count(&self.inner.changes.0) - 1
     }
 
     /// Whether "re-authentication required" is in force.

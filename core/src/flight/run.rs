@@ -110,8 +110,14 @@ impl SingleFlight {
         let now = self.now();
         let mono = self.mono();
         let unit = fastrand::f64();
-        let finished =
-            self.with_state(|m, rules| m.finish(rules, &started, result, (now, mono, unit)));
+        let finished = self.with_state(|m, rules| {
+            let finished = m.finish(rules, &started, result, (now, mono, unit));
+            // Under the state lock: a login right after cannot be overtaken (C21).
+            if let Some(error) = &finished.lost {
+                self.inner.changes.0.auth_lost(error);
+            }
+            finished
+        });
         let id = started.id;
         match &finished.output.result {
             _ if finished.output.superseded => {

@@ -220,6 +220,38 @@ impl TokenExchangeGrant {
     /// otherwise); fails if the URL is not an absolute http(s) URL. No client
     /// authentication unless configured: many security token services trust the
     /// subject token alone.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject).unwrap();
+    /// let sent = sent(&grant);
+    /// assert!(sent.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"));
+    /// assert!(sent.contains("subject_token=k8s-jwt"));
+    /// ```
     pub fn new(
         transport: Arc<dyn Transport>,
         token_url: &str,
@@ -236,12 +268,77 @@ impl TokenExchangeGrant {
     }
 
     /// The `subject_token_type` (a [`token_type`] URI).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn, token_type};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("opaque")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .subject_token_type(token_type::ACCESS_TOKEN);
+    /// assert!(sent(&grant).contains("subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token"));
+    /// ```
     pub fn subject_token_type(mut self, kind: &str) -> Self {
         self.subject_type = kind.to_owned();
         self
     }
 
     /// An actor token (delegation, RFC 8693 §1.1) of type `kind`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn, token_type};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("user-token")) });
+    /// let actor = subject_from_fn(|_now| async { Ok(Secret::new("service-token")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .actor_token(actor, token_type::JWT);
+    /// assert!(sent(&grant).contains("actor_token=service-token"));
+    /// ```
     pub fn actor_token(mut self, actor: impl SubjectToken + 'static, kind: &str) -> Self {
         self.actor = Some((Arc::new(actor), kind.to_owned()));
         self
@@ -249,6 +346,40 @@ impl TokenExchangeGrant {
 
     /// An `audience` parameter: the logical name of the service the token is for. May
     /// be repeated.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .audience("orders")
+    ///     .audience("billing");
+    /// let sent = sent(&grant);
+    /// assert!(sent.contains("audience=orders") && sent.contains("audience=billing"));
+    /// ```
     pub fn audience(mut self, audience: &str) -> Self {
         self.endpoint
             .params
@@ -258,6 +389,38 @@ impl TokenExchangeGrant {
 
     /// A `resource` parameter: the URI of the service the token is for. May be
     /// repeated.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .resource("https://api.example");
+    /// assert!(sent(&grant).contains("resource=https%3A%2F%2Fapi.example"));
+    /// ```
     pub fn resource(mut self, resource: &str) -> Self {
         self.endpoint
             .params
@@ -266,42 +429,254 @@ impl TokenExchangeGrant {
     }
 
     /// The `requested_token_type` (a [`token_type`] URI).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn, token_type};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .requested_token_type(token_type::ACCESS_TOKEN);
+    /// assert!(sent(&grant).contains("requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token"));
+    /// ```
     pub fn requested_token_type(mut self, kind: &str) -> Self {
         self.requested_type = Some(kind.to_owned());
         self
     }
 
     /// The `scope` parameter.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .scope("orders:read");
+    /// assert!(sent(&grant).contains("scope=orders%3Aread"));
+    /// ```
     pub fn scope(mut self, scope: &str) -> Self {
         self.endpoint.scope = Some(scope.to_owned());
         self
     }
 
     /// An extra body parameter; names the grant sets itself are ignored.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .param("tenant", "acme")
+    ///     .param("subject_token", "ignored");
+    /// let sent = sent(&grant);
+    /// assert!(sent.contains("tenant=acme") && !sent.contains("ignored"));
+    /// ```
     pub fn param(mut self, name: &str, value: &str) -> Self {
         self.endpoint.add_param(name, value);
         self
     }
 
     /// The client's id, for a server that authenticates the client of an exchange.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{ClientAuth, TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .client_id("gateway")
+    ///     .client_secret("s3cret")
+    ///     .client_auth(ClientAuth::Body);
+    /// assert!(sent(&grant).contains("client_id=gateway"));
+    /// ```
     pub fn client_id(mut self, client_id: &str) -> Self {
         self.endpoint.client_id = client_id.to_owned();
         self
     }
 
     /// The client secret, sent as [`client_auth`](Self::client_auth) says.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .client_id("gateway")
+    ///     .client_secret("s3cret");
+    /// // HTTP Basic by default: base64("gateway:s3cret").
+    /// assert!(sent(&grant).starts_with("Basic Z2F0ZXdheTpzM2NyZXQ="));
+    /// ```
     pub fn client_secret(mut self, secret: impl Into<Secret>) -> Self {
         self.endpoint.client_secret = Some(secret.into());
         self
     }
 
     /// How to send the client's credentials (default: HTTP Basic).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+    /// # use tokenflight::{RefreshContext, RefreshReason, TokenSource};
+    /// # // Answers every request with a token whose value shows what was sent: the
+    /// # // Authorization header (or "-") and the form body.
+    /// # struct Echo;
+    /// # impl Transport for Echo {
+    /// #     fn send(&self, request: HttpRequest, _limit: usize)
+    /// #         -> futures::future::BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    /// #         let auth = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    /// #         let body = String::from_utf8_lossy(request.body());
+    /// #         let value = format!("{} {body}", auth.unwrap_or("-"));
+    /// #         let json = serde_json::json!({"access_token": value, "token_type": "Bearer"});
+    /// #         Box::pin(async move { Ok(http::Response::new(json.to_string().into())) })
+    /// #     }
+    /// # }
+    /// # let transport: Arc<dyn Transport> = Arc::new(Echo);
+    /// # let sent = |source: &dyn TokenSource| {
+    /// #     let cx = RefreshContext::new(RefreshReason::Initial, None, std::time::SystemTime::now());
+    /// #     let token = futures::executor::block_on(source.fetch(cx)).unwrap();
+    /// #     token.access().expose().to_owned()
+    /// # };
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{ClientAuth, TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .client_id("gateway")
+    ///     .client_secret("s3cret")
+    ///     .client_auth(ClientAuth::Body);
+    /// assert!(sent(&grant).contains("client_secret=s3cret"));
+    /// ```
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.endpoint.client_auth = auth;
         self
     }
 
     /// Authenticates the client with assertions signed by `key` (`private_key_jwt`).
+    ///
+    /// ```
+    /// # fn demo(key: tokenflight::oauth2::SigningKey, transport: std::sync::Arc<dyn tokenflight::adapter::Transport>) {
+    /// use tokenflight::Secret;
+    /// use tokenflight::oauth2::{TokenExchangeGrant, subject_from_fn};
+    /// let subject = subject_from_fn(|_now| async { Ok(Secret::new("k8s-jwt")) });
+    /// let grant = TokenExchangeGrant::new(transport, "https://sts.example/token", subject)
+    ///     .unwrap()
+    ///     .client_id("gateway")
+    ///     .private_key_jwt(key);
+    /// # let _ = grant; }
+    /// ```
     #[cfg(feature = "private-key-jwt")]
     pub fn private_key_jwt(mut self, key: SigningKey) -> Self {
         self.endpoint.set_signing_key(key);

@@ -7,7 +7,7 @@
 //! Modules: `contracts` (C1–C18, one test or more per guarantee), `holes` (C10, C15–C17
 //! edge cases), `regressions`, `mutants` (tests written to kill mutants), `observe`
 //! and `metrics` (issue 16), `keyed` and `keyed_policy` (issue 17), `push` (issue 20), `file_store`, `oauth2_sources`,
-//! `storm`, `runtime_free` (C14), `future_size` (issue 18), `guide_tables` (the guide's
+//! `storm`, `subscribe` (C21, token changes), `deadline` (C20), `runtime_free` (C14), `future_size` (issue 18), `guide_tables` (the guide's
 //! metric and span tables, compared with the code by `metrics` and `spans`).
 
 mod support;
@@ -15,6 +15,7 @@ mod support;
 mod builder_order;
 mod coarse_clock;
 mod contracts;
+mod deadline;
 #[cfg(feature = "dpop")]
 mod dpop;
 mod file_store;
@@ -32,3 +33,4 @@ mod push;
 mod regressions;
 mod runtime_free;
 mod storm;
+mod subscribe;

@@ -11,6 +11,9 @@
 //! - `advance <secs>` → `advanced`: moves this process's clock forward, so tokens
 //!   expire without waiting.
 //! - `stats` → `stats <source calls> <adopted>`.
+//! - `seen` → `seen <generation> <access hash>` of the newest token the process's
+//!   subscription (made at start) delivered so far, `seen none`, or `error ..` if it
+//!   ever delivered an older generation after a newer one.
 //! - `hold` → `locked` once the store's refresh lock is held; it stays held until the
 //!   process ends (the test kills it).
 //! - `lock <timeout ms>` → `locked` (released again at once), `timeout` or `error ..`.
@@ -79,6 +82,9 @@ async fn run() -> Result<(), String> {
         .refresh_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;
+    let mut changes = flight.subscribe();
+    let mut last_seen: Option<(u64, String)> = None;
+    let mut out_of_order = false;
     // Held for the rest of the process once `hold` is received.
     let mut held = None;
 
@@ -112,6 +118,21 @@ async fn run() -> Result<(), String> {
             (Some("stats"), None) => {
                 let stats = flight.stats();
                 reply(&format!("stats {} {}", stats.source_calls, stats.adopted));
+            }
+            (Some("seen"), None) => {
+                while let Some(change) = changes.try_next() {
+                    if let Some(token) = change.token() {
+                        out_of_order |= last_seen
+                            .as_ref()
+                            .is_some_and(|(g, _)| *g >= token.generation());
+                        last_seen = Some((token.generation(), fnv1a(token.access().expose())));
+                    }
+                }
+                match &last_seen {
+                    _ if out_of_order => reply("error out of order"),
+                    Some((generation, hash)) => reply(&format!("seen {generation} {hash}")),
+                    None => reply("seen none"),
+                }
             }
             (Some("hold"), None) => match FileStore::new(&store_path).lock().await {
                 Ok(lock) => {

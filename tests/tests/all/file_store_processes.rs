@@ -121,6 +121,64 @@ fn c1_processes_share_one_refresh_per_expiry_over_three_cycles() {
     assert_eq!(server.counters().reuse_detections, 0);
 }
 
+/// Subscribers in 3 processes sharing a `FileStore` (C21): in each cycle one process
+/// refreshes and the others adopt its token from the store; every process's
+/// subscription delivers that adopted token (same generation, same secret), in order.
+#[test]
+fn c21_subscribers_in_three_processes_see_a_token_adopted_from_another() {
+    let server = TestServer::start(TestServerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let store = FileStore::new(&path);
+    let seed = Token::new("seed-access")
+        .with_refresh(server.issue_refresh_token())
+        .expires_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+        .with_generation(1);
+    futures::executor::block_on(tokenflight_tests::save_locked(&store, &seed)).unwrap();
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|_| {
+            spawn(
+                &path,
+                &server.token_url(),
+                &server.client_id(),
+                &server.client_secret(),
+            )
+        })
+        .collect();
+    for cycle in 0..3_usize {
+        if cycle > 0 {
+            for worker in &mut workers {
+                assert_eq!(worker.ask("advance 7200"), "advanced");
+            }
+        }
+        // One after the other: the first refreshes, the others adopt its token.
+        let refresher = cycle % workers.len();
+        let mut order: Vec<usize> = (0..workers.len()).collect();
+        order.rotate_left(refresher);
+        let answers: Vec<String> = order.iter().map(|&i| workers[i].ask("token")).collect();
+        let words: Vec<&str> = answers[0].split(' ').collect();
+        assert_eq!(words[0], "token", "{answers:?}");
+        let expected = format!("seen {} {}", words[1], words[2]);
+        for (&i, answer) in order.iter().zip(&answers) {
+            assert_eq!(
+                answer, &answers[0],
+                "cycle {cycle}: the same token everywhere"
+            );
+            assert_eq!(
+                workers[i].ask("seen"),
+                expected,
+                "cycle {cycle}, process {i}"
+            );
+        }
+        let (source_calls, adopted) = workers
+            .iter_mut()
+            .map(stats)
+            .fold((0, 0), |(s, a), (ws, wa)| (s + ws, a + wa));
+        assert_eq!(source_calls, cycle as u64 + 1, "one refresh per cycle");
+        assert_eq!(adopted, 2 * (cycle as u64 + 1), "the others adopted it");
+    }
+}
+
 #[test]
 fn c6_a_process_killed_while_holding_the_lock_does_not_block_the_others() {
     let dir = tempfile::tempdir().unwrap();
