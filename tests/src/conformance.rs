@@ -35,6 +35,9 @@
 //! | S17 | 30 % of token calls fail (503, seeded) | at most 1 % of requests fail, none while a usable token existed |
 //! | S18 | the token endpoint down, then back | one flight per backoff window, callers fail fast in between; the first flight after the window recovers |
 //!
+//! The DPoP scenarios D1–D4 (RFC 9449: nonce storms, the token endpoint's nonce demand,
+//! a stolen token, a resent body) are in [`dpop`], against the DPoP testkit.
+//!
 //! S16 and S17 run in real time (5.5 token lifetimes each); S16's process variant starts
 //! the adapter's test binary again as workers (see [`S16_WORKER_ENV`]).
 //!
@@ -51,6 +54,8 @@
 
 // Test support: a panic is how a scenario reports a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+pub mod dpop;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -2286,6 +2291,23 @@ macro_rules! conformance_tests {
             @processes $runtime, $adapter;
             s16_short_lifetimes_across_processes_sharing_a_file_store,
         );
+        $crate::conformance_tests!(
+            @dpop $runtime, $adapter;
+            d1_a_nonce_storm_costs_no_error_no_refresh_and_one_resend_at_most,
+            d2_a_token_endpoint_nonce_demand_costs_no_refresh_token,
+            d3_a_stolen_token_is_refused_without_its_key,
+            d4_a_nonce_resend_carries_the_same_body_and_a_new_proof,
+        );
+    };
+    // The DPoP scenarios (RFC 9449), against the DPoP testkit.
+    (@dpop $runtime:meta, $adapter:expr; $($scenario:ident),+ $(,)?) => {
+        $(
+            #[$runtime]
+            async fn $scenario() {
+                let adapter = $adapter;
+                $crate::conformance::dpop::$scenario(&adapter).await;
+            }
+        )+
     };
     // Scenarios that start this test binary again as worker processes: they are told
     // their own test name, to run only themselves there.

@@ -38,6 +38,7 @@
 
 mod assertions;
 pub mod dpop;
+pub mod dpop_server;
 mod routes;
 mod state;
 mod token_file;

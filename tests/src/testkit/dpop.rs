@@ -46,11 +46,14 @@ pub struct Expect<'a> {
     pub now: u64,
 }
 
-/// A server's DPoP state: the current nonce (if it demands one) and every `jti` seen.
+/// A server's DPoP state: the current nonce (if it demands one), the one it replaced
+/// (still accepted, as servers do, so a request in flight across a rotation is not
+/// refused twice) and every `jti` seen.
 #[derive(Debug, Default)]
 pub struct Verifier {
     /// The nonce proofs must carry; `None`: no nonce demanded.
     pub nonce: Option<String>,
+    previous: Option<String>,
     seen: HashSet<String>,
     /// Every proof checked, accepted or not (for "no jti reused" counts).
     pub checked: u64,
@@ -85,6 +88,31 @@ pub fn thumbprint(jwk: &serde_json::Value) -> Option<String> {
 }
 
 impl Verifier {
+    /// A verifier that demands `nonce`.
+    pub fn with_nonce(nonce: impl Into<String>) -> Self {
+        Verifier {
+            nonce: Some(nonce.into()),
+            ..Verifier::default()
+        }
+    }
+
+    /// Demands `next` from now on; the nonce it replaces is still accepted until the
+    /// next rotation.
+    pub fn rotate_nonce(&mut self, next: impl Into<String>) {
+        self.previous = self.nonce.replace(next.into());
+    }
+
+    /// Demands `next` from now on and no longer accepts any earlier nonce.
+    pub fn replace_nonce(&mut self, next: impl Into<String>) {
+        self.nonce = Some(next.into());
+        self.previous = None;
+    }
+
+    /// The number of distinct `jti`s seen.
+    pub fn jtis_seen(&self) -> usize {
+        self.seen.len()
+    }
+
     /// Checks `proof` against `expect`; returns the key's thumbprint on success. A
     /// `jti` is remembered once the signature holds, whether or not the rest passes.
     pub fn verify(&mut self, proof: &str, expect: &Expect<'_>) -> Result<String, Refusal> {
@@ -149,7 +177,8 @@ impl Verifier {
             return Err(Refusal::WrongKey);
         }
         if let Some(nonce) = &self.nonce {
-            if field(&claims, "nonce") != nonce.as_str() {
+            let sent = field(&claims, "nonce");
+            if sent != nonce.as_str() && self.previous.as_deref().is_none_or(|p| sent != p) {
                 return Err(Refusal::UseNonce);
             }
         }
@@ -240,6 +269,16 @@ mod tests {
         );
         let p = proof(&key, Some("AT"), Some("n-1"), NOW);
         assert!(server.verify(&p, &expect(Some("AT"), None)).is_ok());
+        // After a rotation the replaced nonce still passes, the one before it not.
+        server.rotate_nonce("n-2");
+        let p = proof(&key, Some("AT"), Some("n-1"), NOW);
+        assert!(server.verify(&p, &expect(Some("AT"), None)).is_ok());
+        server.rotate_nonce("n-3");
+        let p = proof(&key, Some("AT"), Some("n-1"), NOW);
+        assert_eq!(
+            server.verify(&p, &expect(Some("AT"), None)),
+            Err(Refusal::UseNonce)
+        );
         assert_eq!(
             server.verify("a.b", &expect(None, None)),
             Err(Refusal::Malformed)
