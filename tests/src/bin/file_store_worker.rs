@@ -4,6 +4,9 @@
 //!
 //! Configuration comes from the environment (secrets are not put on command lines):
 //! `FSW_STORE` (token file), `FSW_TOKEN_URL`, `FSW_CLIENT_ID`, `FSW_CLIENT_SECRET`.
+//! With `FSW_DPOP_KEY` (a PEM file: every process of the fleet loads the same key) and
+//! `FSW_DPOP_ORIGIN` (a resource server's origin), tokens are DPoP-bound (RFC 9449): the
+//! grant sends proofs, and `get` goes through an `AuthPolicy` with that key.
 //!
 //! Commands (one per line) and answers (one line each):
 //! - `token` → `token <generation> <access hash> <refresh hash>` or `error <message>`;
@@ -17,6 +20,9 @@
 //! - `hold` → `locked` once the store's refresh lock is held; it stays held until the
 //!   process ends (the test kills it).
 //! - `lock <timeout ms>` → `locked` (released again at once), `timeout` or `error ..`.
+//! - `jkt` (DPoP) → `jkt <thumbprint>` of the key this process signs with.
+//! - `get <path>` (DPoP) → `status <code>` of `GET <origin>/api/<path>` through the
+//!   policy, or `error <message>`.
 //!
 //! It prints `ready` when set up, and exits at the end of stdin.
 
@@ -25,9 +31,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use tokenflight::adapter::{
+    AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
+};
+use tokenflight::dpop::{Dpop, DpopKey};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
-    SingleFlight, adapter::Clock, store::FileStore, store::StoreError, store::TokenStore,
+    AuthPolicy, SingleFlight, adapter::Clock, store::FileStore, store::StoreError,
+    store::TokenStore,
 };
 use tokenflight_tests::transport::{ReqwestTransport as BareTransport, TokioSpawner, TokioTimer};
 
@@ -73,15 +84,43 @@ async fn run() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?
     .client_secret(env("FSW_CLIENT_SECRET")?);
-    let flight = SingleFlight::builder()
-        .source(grant)
-        .store(FileStore::new(&store_path))
-        .clock(clock.clone())
-        .timer(Arc::new(TokioTimer))
-        .spawner(TokioSpawner)
-        .refresh_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let dpop = match std::env::var("FSW_DPOP_KEY") {
+        Ok(path) => Some((
+            Dpop::new(DpopKey::from_pem_file(&path).map_err(|e| e.to_string())?),
+            env("FSW_DPOP_ORIGIN")?,
+        )),
+        Err(_) => None,
+    };
+    let (flight, policy) = match &dpop {
+        None => {
+            let flight = SingleFlight::builder()
+                .source(grant)
+                .store(FileStore::new(&store_path))
+                .clock(clock.clone())
+                .timer(Arc::new(TokioTimer))
+                .spawner(TokioSpawner)
+                .refresh_timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| e.to_string())?;
+            (flight, None)
+        }
+        Some((dpop, origin)) => {
+            let policy = AuthPolicy::builder()
+                .source(grant.dpop(dpop.clone()))
+                .store(FileStore::new(&store_path))
+                .clock(clock.clone())
+                .timer(Arc::new(TokioTimer))
+                .spawner(TokioSpawner)
+                .refresh_timeout(Duration::from_secs(30))
+                .allowed_origin(origin)
+                .dpop(dpop.clone())
+                .build()
+                .map_err(|e| e.to_string())?;
+            let flight = policy.flight().ok_or("an unkeyed policy")?.clone();
+            (flight, Some(policy))
+        }
+    };
+    let http = reqwest::Client::new();
     let mut changes = flight.subscribe();
     let mut last_seen: Option<(u64, String)> = None;
     let mut out_of_order = false;
@@ -153,11 +192,89 @@ async fn run() -> Result<(), String> {
                     Err(error) => reply(&format!("error {error}")),
                 }
             }
+            (Some("jkt"), None) => match &dpop {
+                Some((dpop, _)) => reply(&format!("jkt {}", dpop.key().thumbprint())),
+                None => reply("error no DPoP key"),
+            },
+            (Some("get"), Some(path)) => match (&policy, &dpop) {
+                (Some(policy), Some((_, origin))) => {
+                    match get(policy, &http, &format!("{origin}/api/{path}")).await {
+                        Ok(status) => reply(&format!("status {status}")),
+                        Err(error) => reply(&format!("error {error}")),
+                    }
+                }
+                _ => reply("error no DPoP key"),
+            },
             _ => reply(&format!("error unknown command {line:?}")),
         }
     }
     drop(held);
     Ok(())
+}
+
+/// A GET as the policy sees it: a URL and the headers it sets.
+struct Get {
+    url: url::Url,
+    headers: Vec<(String, String)>,
+}
+
+impl AuthRequest for Get {
+    fn method(&self) -> http::Method {
+        http::Method::GET
+    }
+    fn url(&self) -> &url::Url {
+        &self.url
+    }
+    fn url_mut(&mut self) -> &mut url::Url {
+        &mut self.url
+    }
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self.headers.push((name.to_owned(), value.to_owned()));
+        Ok(())
+    }
+    fn try_clone(&self) -> Option<Self> {
+        Some(Get {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+        })
+    }
+}
+
+/// A response's status and headers (the body is not needed).
+struct Got(u16, http::HeaderMap);
+
+impl ResponseView for Got {
+    fn status(&self) -> u16 {
+        self.0
+    }
+    fn header(&self, name: &http::HeaderName) -> Option<&str> {
+        self.1.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl AuthResponse for Got {}
+
+async fn get(policy: &AuthPolicy, http: &reqwest::Client, url: &str) -> Result<u16, String> {
+    let url = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let request = Get {
+        url,
+        headers: Vec::new(),
+    };
+    let response = policy
+        .send(request, RequestOptions::default(), |request: Get| {
+            let mut builder = http.get(request.url.as_str());
+            for (name, value) in &request.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+            async move {
+                let response = builder.send().await?;
+                Ok::<_, reqwest::Error>(Got(response.status().as_u16(), response.headers().clone()))
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(response.0)
 }
 
 fn reply(line: &str) {

@@ -437,6 +437,15 @@ impl DpopServer {
         s.token.replace_nonce(next);
     }
 
+    /// Every access token issued so far is refused from now on (`invalid_token`): the
+    /// server revoked them.
+    pub fn expire_all_tokens(&self) {
+        let expired = SystemTime::UNIX_EPOCH;
+        for bound in lock(&self.shared).bound.values_mut() {
+            bound.expires = expired;
+        }
+    }
+
     /// Everything counted so far.
     pub fn counts(&self) -> DpopCounts {
         lock(&self.shared).counts.clone()

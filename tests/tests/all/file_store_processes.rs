@@ -18,14 +18,18 @@ use tokenflight_tests::worker::Worker;
 const WORKERS: usize = 5;
 const CYCLES: u64 = 3;
 
-fn spawn(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Worker {
+fn command(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_file_store_worker"));
     command
         .env("FSW_STORE", store)
         .env("FSW_TOKEN_URL", token_url)
         .env("FSW_CLIENT_ID", client_id)
         .env("FSW_CLIENT_SECRET", client_secret);
-    Worker::spawn(command)
+    command
+}
+
+fn spawn(store: &Path, token_url: &str, client_id: &str, client_secret: &str) -> Worker {
+    Worker::spawn(command(store, token_url, client_id, client_secret))
 }
 
 fn fnv1a(text: &str) -> String {
@@ -216,5 +220,96 @@ impl Probe for FileStore {
             futures::executor::block_on(self.lock()),
             Err(tokenflight::store::StoreError::LockTimeout)
         )
+    }
+}
+
+/// DPoP across 3 processes on one `FileStore` (RFC 9449): every process loads the same
+/// PEM key, so a token one process fetched (bound to that key) serves the others. Per
+/// cycle one refresh for all, the others adopt it from the store, every process's resource request
+/// passes the server's binding check (`cnf.jkt`), and the server only ever bound tokens
+/// to that one key. The token endpoint's nonce demand spends no refresh token.
+#[test]
+fn dpop_three_processes_share_one_refresh_and_one_key() {
+    use tokenflight::dpop::DpopKey;
+    use tokenflight_tests::testkit::dpop_server::{DpopServer, DpopServerConfig};
+
+    const PROCESSES: usize = 3;
+    let server = DpopServer::start(DpopServerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token.json");
+    let key_path = dir.path().join("dpop.pem");
+    std::fs::write(&key_path, DpopKey::generate_pem().unwrap().expose()).unwrap();
+    let jkt = DpopKey::from_pem_file(&key_path)
+        .unwrap()
+        .thumbprint()
+        .to_owned();
+    let seed = Token::new("seed-access")
+        .with_refresh(server.issue_refresh_token())
+        .expires_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+        .with_generation(1);
+    let store = FileStore::new(&path);
+    futures::executor::block_on(tokenflight_tests::save_locked(&store, &seed)).unwrap();
+    let mut workers: Vec<Worker> = (0..PROCESSES)
+        .map(|_| {
+            let mut command = command(&path, &server.token_url(), "app", "app-secret");
+            command
+                .env("FSW_DPOP_KEY", &key_path)
+                .env("FSW_DPOP_ORIGIN", server.resource_origin());
+            Worker::spawn(command)
+        })
+        .collect();
+    for worker in &mut workers {
+        assert_eq!(
+            worker.ask("jkt"),
+            format!("jkt {jkt}"),
+            "one key everywhere"
+        );
+    }
+    for cycle in 1..=3_u64 {
+        // The first cycle starts from the expired seed; later ones from a token the
+        // server revoked (`invalid_token` still means a refresh, with DPoP too). The
+        // processes' clocks are not moved: the servers check every proof's `iat`.
+        if cycle > 1 {
+            server.expire_all_tokens();
+        }
+        // All at once: every process needs a new token and competes for the lock.
+        for (i, worker) in workers.iter_mut().enumerate() {
+            worker.send(&format!("get p{i}-c{cycle}"));
+        }
+        let answers: Vec<String> = workers.iter_mut().map(Worker::answer).collect();
+        assert!(
+            answers.iter().all(|a| a == "status 200"),
+            "cycle {cycle}: {answers:?}"
+        );
+        let counts = server.counts();
+        assert_eq!(counts.issued, cycle, "cycle {cycle}: one refresh for all");
+        assert_eq!(counts.refresh_reuse, 0, "cycle {cycle}");
+        assert!(
+            counts.refresh_presented.values().all(|&n| n == 1),
+            "cycle {cycle}: a refresh token reached the grant twice"
+        );
+        assert_eq!(
+            counts.bound_keys.iter().collect::<Vec<_>>(),
+            vec![&jkt],
+            "cycle {cycle}: every token bound to the one key"
+        );
+        assert!(
+            counts.refused.is_empty(),
+            "cycle {cycle}: {:?}",
+            counts.refused
+        );
+        for i in 0..PROCESSES {
+            let hits = counts.hits.get(&format!("p{i}-c{cycle}")).copied();
+            assert!(
+                matches!(hits, Some(1..=2)),
+                "cycle {cycle}: process {i} sent {hits:?} times"
+            );
+        }
+        let (source_calls, adopted) = workers
+            .iter_mut()
+            .map(stats)
+            .fold((0, 0), |(s, a), (ws, wa)| (s + ws, a + wa));
+        assert_eq!(source_calls, cycle, "cycle {cycle}");
+        assert_eq!(adopted, cycle * (PROCESSES as u64 - 1), "cycle {cycle}");
     }
 }
