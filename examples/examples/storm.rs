@@ -56,6 +56,11 @@ struct Args {
     /// and, when the naive client ran, fewer requests not successful than it (or none).
     #[arg(long)]
     check: bool,
+    /// DPoP (RFC 9449): the embedded server enforces proofs, demands a nonce and
+    /// rotates it during the run, and binds tokens to the client's key. Implies
+    /// --no-naive (the naive client has no key).
+    #[arg(long)]
+    dpop: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
             Adapter::Surf => AdapterKind::Surf,
         },
         progress: !args.json && std::io::stdout().is_terminal(),
+        dpop: args.dpop,
     };
     if !args.json {
         println!(
@@ -106,7 +112,7 @@ fn main() -> ExitCode {
         );
     }
     let mut approaches = vec![Approach::Tokenflight];
-    if !args.no_naive {
+    if !args.no_naive && !args.dpop {
         approaches.push(Approach::Naive);
     }
     let mut phases: Vec<PhaseReport> = Vec::new();

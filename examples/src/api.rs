@@ -98,23 +98,32 @@ pub struct Login {
     pub expires_in: u64,
     /// The refresh token the login gave.
     pub refresh_token: String,
+    /// DPoP (RFC 9449): the key and nonces every token request and API call proves
+    /// possession with; `None`: bearer tokens.
+    pub dpop: Option<tokenflight::dpop::Dpop>,
 }
 
 impl Login {
     /// The login's token as tokenflight's `Token`.
     pub fn token(&self) -> Token {
-        Token::new(self.access_token.as_str())
-            .with_refresh(self.refresh_token.as_str())
-            .expires_in(Duration::from_secs(self.expires_in), SystemTime::now())
+        let token = Token::new(self.access_token.as_str()).with_refresh(self.refresh_token.as_str());
+        if self.dpop.is_some() {
+            // A DPoP access token must be bound to the key; the login's is not, so the
+            // client starts from the refresh token alone (the first request refreshes).
+            return token.expires_at(SystemTime::UNIX_EPOCH);
+        }
+        token.expires_in(Duration::from_secs(self.expires_in), SystemTime::now())
     }
 
     /// The refresh_token grant over `transport` (a bare client).
     pub fn grant(&self, transport: Arc<dyn Transport>) -> Result<RefreshTokenGrant, ConfigError> {
-        Ok(
-            RefreshTokenGrant::new(transport, &self.token_url, &self.client_id)?
-                .client_secret(self.client_secret.as_str())
-                .initial_refresh_token(self.refresh_token.as_str()),
-        )
+        let grant = RefreshTokenGrant::new(transport, &self.token_url, &self.client_id)?
+            .client_secret(self.client_secret.as_str())
+            .initial_refresh_token(self.refresh_token.as_str());
+        Ok(match &self.dpop {
+            Some(dpop) => grant.dpop(dpop.clone()),
+            None => grant,
+        })
     }
 
     /// Configures a tokenflight builder for this login: the grant, the login's token,
@@ -129,6 +138,10 @@ impl Login {
         relogins: Arc<AtomicU64>,
         waits: WaitCounter,
     ) -> Result<AuthPolicyBuilder<Out>, ConfigError> {
+        let builder = match &self.dpop {
+            Some(dpop) => builder.dpop(dpop.clone()),
+            None => builder,
+        };
         Ok(builder
             .observer(waits)
             .source(self.grant(transport)?)

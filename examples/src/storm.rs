@@ -80,7 +80,13 @@ pub struct StormConfig {
     pub adapter: AdapterKind,
     /// Show a progress bar.
     pub progress: bool,
+    /// DPoP (RFC 9449): the server demands proofs and nonces (rotated during the run)
+    /// and binds tokens to the client's key.
+    pub dpop: bool,
 }
+
+/// In DPoP mode the server's nonce rotates after this many accepted API calls.
+const DPOP_ROTATE_EVERY: u64 = 2_000;
 
 /// Expires tokens (and injects failures) at evenly spaced points of progress.
 struct Schedule {
@@ -192,9 +198,9 @@ fn progress_bar(total: u64, label: &str, visible: bool) -> ProgressBar {
     bar
 }
 
-fn login(server: &TestServer) -> Login {
+fn login(server: &TestServer, dpop: bool) -> Result<Login, String> {
     let (access_token, expires_in) = server.issue_access_token();
-    Login {
+    Ok(Login {
         token_url: server.token_url(),
         client_id: server.client_id(),
         client_secret: server.client_secret(),
@@ -202,7 +208,13 @@ fn login(server: &TestServer) -> Login {
         access_token,
         expires_in,
         refresh_token: server.issue_refresh_token(),
-    }
+        dpop: match dpop {
+            true => Some(tokenflight::dpop::Dpop::new(
+                tokenflight::dpop::DpopKey::generate().map_err(|e| e.to_string())?,
+            )),
+            false => None,
+        },
+    })
 }
 
 fn client(
@@ -246,9 +258,11 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
         token_lifetime: config.ttl,
         token_latency: config.token_latency,
         resource_latency: config.api_latency,
+        dpop: config.dpop,
+        dpop_rotate_every: if config.dpop { DPOP_ROTATE_EVERY } else { 0 },
         ..TestServerConfig::default()
     }));
-    let login = login(&server);
+    let login = login(&server, config.dpop)?;
     let exec = match config.adapter {
         AdapterKind::Reqwest => Exec::tokio().map_err(|e| format!("tokio runtime: {e}"))?,
         AdapterKind::Surf => Exec::AsyncStd,
@@ -311,6 +325,17 @@ pub fn run_phase(config: &StormConfig, approach: Approach) -> Result<PhaseReport
     tallies.into_iter().for_each(|t| tally.merge(t));
     let counters = server.counters();
     let own = api.counters();
+    if config.dpop {
+        eprintln!(
+            "storm --dpop ({}): {} nonce demands answered by one resend each, {} proofs refused",
+            approach.name(),
+            counters.dpop_nonce_demands,
+            counters.dpop_refused
+        );
+        if counters.dpop_refused > 0 {
+            return Err(format!("{} DPoP proofs refused", counters.dpop_refused));
+        }
+    }
     Ok(PhaseReport {
         approach: approach.name().to_owned(),
         adapter: config.adapter.name().to_owned(),

@@ -39,6 +39,7 @@
 mod assertions;
 pub mod dpop;
 pub mod dpop_server;
+mod dpop_mode;
 mod routes;
 mod state;
 mod token_file;
@@ -85,6 +86,14 @@ pub struct TestServerConfig {
     /// server that plays "another origin" and only records what it is sent.
     /// Default: on.
     pub require_auth: bool,
+    /// DPoP (RFC 9449): the token endpoint and the protected resources demand a valid
+    /// proof with the server's nonce (`use_dpop_nonce` until the client sends it), tokens
+    /// are `token_type: DPoP` and bound to the proof's key, and resources take them
+    /// only as `Authorization: DPoP` with a proof by that key. Default: off.
+    pub dpop: bool,
+    /// In DPoP mode, the nonce rotates after this many accepted resource requests (the
+    /// replaced one is still accepted until the next rotation); 0: never. Default: 0.
+    pub dpop_rotate_every: u64,
     /// The pre-registered client's id. Default: `"testkit-client"`.
     pub client_id: String,
     /// The pre-registered client's secret. Default: `"testkit-secret"`.
@@ -101,6 +110,8 @@ impl Default for TestServerConfig {
             query_token: false,
             reject_all: false,
             require_auth: true,
+            dpop: false,
+            dpop_rotate_every: 0,
             client_id: "testkit-client".into(),
             client_secret: "testkit-secret".into(),
         }

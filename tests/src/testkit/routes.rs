@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
+
+use super::dpop::Refusal;
 use axum::body::Body;
 use axum::extract::{Request, State as Extract};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -112,17 +114,59 @@ async fn token_endpoint(
         shared.update(|state| state.counters.token_errors += 1);
         return injected(failure);
     }
+    // DPoP mode: the proof is checked before the grant, so a refused proof spends no
+    // refresh token (RFC 9449 §8).
+    let proof = shared.update(|state| {
+        let htu = token_endpoint_url(&headers);
+        let dpop = state.dpop.as_mut()?;
+        let verdict = dpop.check_token_request(&headers, &htu);
+        let nonce = dpop.nonce().map(str::to_owned);
+        match &verdict {
+            Err(Refusal::UseNonce) => state.counters.dpop_nonce_demands += 1,
+            Err(_) => state.counters.dpop_refused += 1,
+            Ok(_) => {}
+        }
+        Some((verdict, nonce))
+    });
+    let (jkt, nonce) = match proof {
+        None => (None, None),
+        Some((Ok(jkt), nonce)) => (Some(jkt), nonce),
+        Some((Err(refusal), nonce)) => {
+            let error = if refusal == Refusal::UseNonce {
+                "use_dpop_nonce"
+            } else {
+                "invalid_dpop_proof"
+            };
+            let response = json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": error }),
+            );
+            return with_dpop_nonce(no_store(response), nonce.as_deref());
+        }
+    };
     let outcome = shared.update(|state| {
         let outcome = form.and_then(|form| grant_token(state, &headers, &form, replayed));
         if outcome.is_err() {
             state.counters.token_errors += 1;
         }
+        if let (Ok(issued), Some(jkt), Some(dpop)) = (&outcome, &jkt, state.dpop.as_mut()) {
+            dpop.bind(&issued.access_token, jkt.clone());
+        }
         outcome
     });
-    match outcome {
-        Ok(issued) => token_answer(&issued),
+    let response = match outcome {
+        Ok(issued) => token_answer(&issued, jkt.is_some()),
         Err(error) => oauth_error(error),
+    };
+    with_dpop_nonce(response, nonce.as_deref())
+}
+
+/// Adds the `DPoP-Nonce` header (DPoP mode).
+fn with_dpop_nonce(mut response: Response, nonce: Option<&str>) -> Response {
+    if let Some(value) = nonce.and_then(|n| HeaderValue::from_str(n).ok()) {
+        response.headers_mut().insert("dpop-nonce", value);
     }
+    response
 }
 
 /// Parses `application/x-www-form-urlencoded`; a repeated parameter is an
@@ -310,10 +354,10 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 }
 
 /// RFC 6749 §5.1.
-fn token_answer(issued: &Issued) -> Response {
+fn token_answer(issued: &Issued, dpop: bool) -> Response {
     let mut body = serde_json::json!({
         "access_token": issued.access_token,
-        "token_type": "Bearer",
+        "token_type": if dpop { "DPoP" } else { "Bearer" },
         "expires_in": issued.expires_in,
     });
     if let (Some(refresh), Some(map)) = (&issued.refresh_token, body.as_object_mut()) {
@@ -375,14 +419,15 @@ fn injected(failure: Failure) -> Response {
 
 // ---- protected resources --------------------------------------------------------------
 
-fn presented_token(query_mode: bool, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+fn presented_token(query_mode: bool, dpop: bool, uri: &Uri, headers: &HeaderMap) -> Option<String> {
     if query_mode {
         return query_param(uri, "token");
     }
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
+    let expected = if dpop { "dpop" } else { "bearer" };
     scheme
-        .eq_ignore_ascii_case("bearer")
+        .eq_ignore_ascii_case(expected)
         .then(|| token.trim().to_owned())
 }
 
@@ -401,14 +446,38 @@ async fn resource(
 ) -> Response {
     // The verdict is taken on arrival, so a test that expires tokens afterwards does not
     // change the answer of a request already in the server.
-    let (accepted, token_given, business_code, latency, held) = shared.update(|state| {
-        let token = presented_token(state.config.query_token, &uri, &headers);
+    let (accepted, token_given, business_code, latency, held, dpop) = shared.update(|state| {
+        let token = presented_token(
+            state.config.query_token,
+            state.dpop.is_some(),
+            &uri,
+            &headers,
+        );
         let audience = audience_of(uri.path());
-        let accepted = !state.config.require_auth
+        let mut accepted = !state.config.require_auth
             || (!state.config.reject_all
                 && token
                     .as_deref()
                     .is_some_and(|t| state.access_valid(t, audience)));
+        // DPoP mode: a valid token also needs a proof by the key it is bound to.
+        let mut dpop = None;
+        if let (true, Some(mode), Some(token)) = (accepted, state.dpop.as_mut(), &token) {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let htu = format!("http://{host}{}", uri.path());
+            let verdict = mode.check_resource(&headers, method.as_str(), &htu, token);
+            match &verdict {
+                Err(Refusal::UseNonce) => state.counters.dpop_nonce_demands += 1,
+                Err(_) => state.counters.dpop_refused += 1,
+                Ok(()) => {}
+            }
+            accepted = verdict.is_ok();
+            dpop = Some((verdict.err(), mode.nonce().map(str::to_owned)));
+        } else if let Some(mode) = &state.dpop {
+            dpop = Some((None, mode.nonce().map(str::to_owned)));
+        }
         if token
             .as_deref()
             .is_some_and(|t| state.issued_for_other_audience(t, audience))
@@ -459,6 +528,7 @@ async fn resource(
             state.config.business_code,
             state.config.resource_latency,
             held,
+            dpop,
         )
     });
     if let Some(before) = held {
@@ -466,6 +536,22 @@ async fn resource(
     }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
+    }
+    if let Some((refusal, nonce)) = dpop {
+        if accepted {
+            return with_dpop_nonce(echo(&method, &uri, body), nonce.as_deref());
+        }
+        let challenge = if refusal == Some(Refusal::UseNonce) {
+            "DPoP error=\"use_dpop_nonce\", algs=\"ES256\""
+        } else {
+            "DPoP error=\"invalid_token\", algs=\"ES256\""
+        };
+        let mut response = (StatusCode::UNAUTHORIZED, "invalid token").into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+        return with_dpop_nonce(response, nonce.as_deref());
     }
     if accepted {
         return echo(&method, &uri, body);

@@ -28,6 +28,10 @@ pub struct Counters {
     pub reuse_detections: u64,
     /// Requests to protected resources (`/api/...`).
     pub resource_calls: u64,
+    /// DPoP mode: requests answered `use_dpop_nonce` (token endpoint and resources).
+    pub dpop_nonce_demands: u64,
+    /// DPoP mode: requests refused for a bad proof (any other reason than the nonce).
+    pub dpop_refused: u64,
     /// Protected-resource requests refused for a missing or bad token (`401`s sent, or
     /// `{"code":401}` answers in business-code mode).
     pub rejections: u64,
@@ -226,6 +230,8 @@ pub(crate) struct State {
     pub(crate) client_keys: Vec<super::assertions::ClientKey>,
     /// Every assertion `jti` seen, for replay detection.
     seen_jtis: HashSet<String>,
+    /// DPoP mode's proofs, nonce and bindings.
+    pub(crate) dpop: Option<super::dpop_mode::DpopMode>,
 }
 
 // Never prints tokens or the client secret.
@@ -241,6 +247,9 @@ impl fmt::Debug for State {
 
 impl State {
     pub(crate) fn new(config: TestServerConfig) -> Self {
+        let dpop = config
+            .dpop
+            .then(|| super::dpop_mode::DpopMode::new(config.dpop_rotate_every));
         State {
             config,
             counters: Counters::default(),
@@ -258,6 +267,7 @@ impl State {
             workload: HashMap::new(),
             client_keys: Vec::new(),
             seen_jtis: HashSet::new(),
+            dpop,
         }
     }
 
