@@ -114,8 +114,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         (failed == 0, "every request succeeded"),
         (most_sends <= 2, "at most one resend per request"),
         (counts.issued == 1, "nonce demands cost no refresh"),
-        (counts.refused.is_empty(), "no proof refused (no jti reused)"),
-        (counts.resource_rotations >= 1, "the nonce rotated mid-storm"),
+        (
+            counts.refused.is_empty(),
+            "no proof refused (no jti reused)",
+        ),
+        (
+            counts.resource_rotations >= 1,
+            "the nonce rotated mid-storm",
+        ),
         (
             thief_status == 401 && wrong_key,
             "the stolen token was refused for its key",

@@ -106,7 +106,8 @@ pub struct Login {
 impl Login {
     /// The login's token as tokenflight's `Token`.
     pub fn token(&self) -> Token {
-        let token = Token::new(self.access_token.as_str()).with_refresh(self.refresh_token.as_str());
+        let token =
+            Token::new(self.access_token.as_str()).with_refresh(self.refresh_token.as_str());
         if self.dpop.is_some() {
             // A DPoP access token must be bound to the key; the login's is not, so the
             // client starts from the refresh token alone (the first request refreshes).

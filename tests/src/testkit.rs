@@ -38,8 +38,8 @@
 
 mod assertions;
 pub mod dpop;
-pub mod dpop_server;
 mod dpop_mode;
+pub mod dpop_server;
 mod routes;
 mod state;
 mod token_file;
