@@ -725,3 +725,85 @@ async fn token_exchange_takes_a_workload_token_for_an_audience() {
     );
     assert_eq!(server.counters().token_exchange_calls, 3);
 }
+
+/// The DPoP mode by hand: a refresh without a proof is refused, one without the nonce
+/// is answered `use_dpop_nonce` with the nonce (and spends nothing), one with it gets a
+/// `DPoP` token bound to the key; the resource takes it only with a proof by that key.
+#[tokio::test]
+async fn dpop_mode_checks_proofs_nonces_and_the_binding() {
+    use tokenflight::dpop::DpopKey;
+    let server = TestServer::start(TestServerConfig {
+        dpop: true,
+        ..TestServerConfig::default()
+    });
+    let key = DpopKey::generate().unwrap();
+    let token_url = url::Url::parse(&server.token_url()).unwrap();
+    let refresh_token = server.issue_refresh_token();
+    let post = |proof: Option<String>| {
+        let mut request = client()
+            .post(server.token_url())
+            .basic_auth(server.client_id(), Some(server.client_secret()))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.as_str()),
+            ]);
+        if let Some(proof) = proof {
+            request = request.header("dpop", proof);
+        }
+        request.send()
+    };
+    let no_proof = post(None).await.unwrap();
+    assert_eq!(no_proof.status(), 400);
+    assert!(
+        no_proof
+            .text()
+            .await
+            .unwrap()
+            .contains("invalid_dpop_proof")
+    );
+    let proof = key
+        .proof(&http::Method::POST, &token_url, None, None)
+        .unwrap();
+    let demand = post(Some(proof.expose().to_owned())).await.unwrap();
+    assert_eq!(demand.status(), 400);
+    let nonce = demand.headers()["dpop-nonce"].to_str().unwrap().to_owned();
+    assert!(demand.text().await.unwrap().contains("use_dpop_nonce"));
+    let proof = key
+        .proof(&http::Method::POST, &token_url, None, Some(&nonce))
+        .unwrap();
+    let issued = post(Some(proof.expose().to_owned())).await.unwrap();
+    assert_eq!(issued.status(), 200, "the demand spent no refresh token");
+    let body = json(&issued.text().await.unwrap());
+    assert_eq!(body["token_type"], "DPoP");
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    let api = url::Url::parse(&server.api_url("x")).unwrap();
+    let get = |proof_key: &DpopKey, scheme: &str| {
+        let proof = proof_key
+            .proof(&http::Method::GET, &api, Some(&access), Some(&nonce))
+            .unwrap();
+        client()
+            .get(api.as_str())
+            .header("authorization", format!("{scheme} {access}"))
+            .header("dpop", proof.expose())
+            .send()
+    };
+    assert_eq!(get(&key, "DPoP").await.unwrap().status(), 200);
+    let thief = DpopKey::generate().unwrap();
+    let refused = get(&thief, "DPoP").await.unwrap();
+    assert_eq!(refused.status(), 401, "another key");
+    assert!(
+        refused.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    assert_eq!(
+        get(&key, "Bearer").await.unwrap().status(),
+        401,
+        "as a bearer token"
+    );
+    let counters = server.counters();
+    assert_eq!(counters.dpop_nonce_demands, 1);
+    assert_eq!(counters.dpop_refused, 2, "no proof, then the thief's key");
+    assert_eq!(counters.reuse_detections, 0);
+}
