@@ -8,8 +8,10 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Uri};
-use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use http::Uri;
+#[cfg(test)]
+use tokenflight::adapter::InvalidHeader;
+use tokenflight::adapter::{AuthRequest, AuthResponse, ResponseView};
 use url::Url;
 
 use crate::body::{self, BufferedBody, ReplayBody, Wait};
@@ -180,23 +182,8 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         }
     }
 
-    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader)?;
-        let mut value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
-        value.set_sensitive(true);
-        self.parts.headers.insert(name, value);
-        Ok(())
-    }
-
-    fn set_header_value(
-        &mut self,
-        name: &HeaderName,
-        value: &HeaderValue,
-    ) -> Result<(), InvalidHeader> {
-        // The layer's shared value (already sensitive): a reference-count increment,
-        // no formatting or allocation per request.
-        self.parts.headers.insert(name.clone(), value.clone());
-        Ok(())
+    fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
+        Some(&mut self.parts.headers)
     }
 
     fn try_clone(&self) -> Option<Self> {

@@ -142,7 +142,9 @@ impl Service<http::Request<Empty<Bytes>>> for Ok200 {
     }
 
     fn call(&mut self, _request: http::Request<Empty<Bytes>>) -> Self::Future {
-        ready(Ok(http::Response::new(Full::new(Bytes::from_static(b"ok")))))
+        ready(Ok(http::Response::new(Full::new(Bytes::from_static(
+            b"ok",
+        )))))
     }
 }
 
@@ -155,8 +157,8 @@ fn main() {
         Err(error) => panic!("tokio runtime: {error}"),
     };
 
-    let layer: tokenflight_reqwest::TokenMiddleware =
-        runtime.block_on(async { with_valid_token(tokenflight_reqwest::TokenMiddleware::builder()) });
+    let layer: tokenflight_reqwest::TokenMiddleware = runtime
+        .block_on(async { with_valid_token(tokenflight_reqwest::TokenMiddleware::builder()) });
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(ReqwestProbe)
         .with(layer)

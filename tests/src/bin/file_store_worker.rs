@@ -78,7 +78,7 @@ async fn run() -> Result<(), String> {
         .store(FileStore::new(&store_path))
         .clock(clock.clone())
         .timer(Arc::new(TokioTimer))
-        .spawner(TokioSpawner)
+        .spawner(TokioSpawner::current())
         .refresh_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;
