@@ -75,6 +75,44 @@ impl RequestOptions {
     }
 }
 
+impl crate::AuthPolicy {
+    /// Whether following a redirect from `previous` to `next` would carry the token
+    /// where it may not go, for a client that follows redirects below the layer and
+    /// puts the first request's token back on every hop: the token travels on that hop
+    /// ([`Placement::travels_on_redirect`]; `sends_referer`: the client sends the
+    /// previous URL as `Referer`) and may not follow the first request, whose token went
+    /// to `first`, to `next` ([`token_may_follow`](Self::token_may_follow), judged with
+    /// the hop's `method`). A redirect policy stops such a hop: the caller gets the
+    /// redirect response, and following it is a new request with that URL's own token.
+    ///
+    /// ```
+    /// use tokenflight::{AuthPolicy, Placement, Token, from_fn};
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .placement(Placement::header("x-api-key", None))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let url = |s: &str| url::Url::parse(s).unwrap();
+    /// let first = url("https://api.example.com/a");
+    /// let get = http::Method::GET;
+    /// assert!(!policy.redirect_carries_token_away(&get, &first, &first, &url("https://api.example.com/b"), true));
+    /// assert!(policy.redirect_carries_token_away(&get, &first, &first, &url("https://elsewhere.example/"), true));
+    /// ```
+    pub fn redirect_carries_token_away(
+        &self,
+        method: &http::Method,
+        first: &Url,
+        previous: &Url,
+        next: &Url,
+        sends_referer: bool,
+    ) -> bool {
+        self.placement()
+            .travels_on_redirect(previous, next, sends_referer)
+            && !self.token_may_follow(method, first, next)
+    }
+}
+
 /// The URLs a request went out with, when the token is in the query, so that an error
 /// that prints one of them (reqwest's, or one of middleware further down) can be shown
 /// with the token's value written `redacted` ([C12](crate#c12)). With a header
