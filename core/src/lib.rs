@@ -189,6 +189,7 @@ pub mod keyed;
 pub mod oauth2;
 pub mod observe;
 mod policy;
+mod seam;
 #[cfg(feature = "oauth2")]
 pub mod sources {
     //! Token sources for services that hold no client secret: a token read from a file
@@ -205,6 +206,8 @@ mod runtime;
 mod source;
 mod stats;
 pub mod store;
+#[cfg(feature = "tokio")]
+mod tokio_runtime;
 pub mod subscribe {
     //! Token changes as a stream, for connections that stay open (WebSocket, SSE, gRPC
     //! streams, database sessions): [`SingleFlight::subscribe`](crate::SingleFlight::subscribe)
@@ -242,7 +245,14 @@ pub mod adapter {
     #[cfg(feature = "futures-timer")]
     pub use crate::runtime::FuturesTimer;
     pub use crate::runtime::{Clock, Spawn, Timer};
-    pub use crate::transport::{HttpRequest, HttpResponse, Transport, TransportError};
+    #[cfg(feature = "http-body")]
+    pub use crate::seam::collect_response;
+    pub use crate::seam::{Markers, SentUrls, sensitive_header};
+    #[cfg(feature = "tokio")]
+    pub use crate::tokio_runtime::{TokioSpawner, TokioTimer};
+    pub use crate::transport::{
+        HttpRequest, HttpResponse, Transport, TransportError, TransportFuture,
+    };
 
     /// RFC 6750 `WWW-Authenticate` challenges, as the default [`Classifier`](crate::Classifier)
     /// reads them; for adapters that classify protocol-specific responses themselves.

@@ -26,19 +26,37 @@ pub trait AuthRequest: Sized + Send {
     fn origin_url(&self) -> &Url {
         self.url()
     }
+    /// The request's headers, for a client built on the `http` crate: with them, the
+    /// two setters below need no implementation of their own (the token's header is
+    /// inserted there, marked sensitive; the layer's shared value as a clone, a
+    /// reference-count increment). A client with other header types returns `None`
+    /// (the default) and implements [`set_sensitive_header`](Self::set_sensitive_header).
+    fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
+        None
+    }
     /// Sets header `name` to `value`, replacing earlier values, marked sensitive so
     /// clients and logs do not print it. `Err` if the value cannot be a header value.
-    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader>;
+    /// The default inserts it into [`header_map`](Self::header_map), and fails when
+    /// there is none.
+    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
+        let (name, value) = crate::adapter::sensitive_header(name, value)?;
+        self.header_map().ok_or(InvalidHeader)?.insert(name, value);
+        Ok(())
+    }
     /// Sets header `name` to a ready-made `value` (already marked sensitive),
     /// replacing earlier values. The layer builds the value once per token and hands
-    /// the same one to every request: clients built on the `http` crate
-    /// override this to insert a clone (a reference-count increment). The default
-    /// goes through [`AuthRequest::set_sensitive_header`].
+    /// the same one to every request. The default inserts a clone into
+    /// [`header_map`](Self::header_map), or without one goes through
+    /// [`AuthRequest::set_sensitive_header`].
     fn set_header_value(
         &mut self,
         name: &http::HeaderName,
         value: &http::HeaderValue,
     ) -> Result<(), InvalidHeader> {
+        if let Some(headers) = self.header_map() {
+            headers.insert(name.clone(), value.clone());
+            return Ok(());
+        }
         let text = value.to_str().map_err(|_| InvalidHeader)?;
         self.set_sensitive_header(name.as_str(), text)
     }
@@ -178,7 +196,7 @@ impl RequestOptions {
     }
 
     /// The options of a request whose extensions are `extensions` (every client built
-    /// on the `http` crate keeps them there): the [`SkipAuth`] and [`ForceRefresh`]
+    /// on the `http` crate keeps them in an `http::Extensions`): the [`SkipAuth`] and [`ForceRefresh`]
     /// markers, each of which switches its option on, and the [`TokenKey`] and
     /// [`ValidFor`] markers.
     ///
@@ -190,12 +208,15 @@ impl RequestOptions {
     /// let options = RequestOptions::from_extensions(&extensions);
     /// assert!(options.skip_auth && !options.force_refresh);
     /// ```
-    pub fn from_extensions(extensions: &http::Extensions) -> Self {
+    ///
+    /// A client whose extension map is not `http::Extensions` implements
+    /// [`Markers`](crate::adapter::Markers) on a wrapper of its request.
+    pub fn from_extensions<X: crate::adapter::Markers + ?Sized>(extensions: &X) -> Self {
         RequestOptions::from_markers(
-            extensions.get::<SkipAuth>().is_some(),
-            extensions.get::<ForceRefresh>().is_some(),
+            extensions.marker::<SkipAuth>().is_some(),
+            extensions.marker::<ForceRefresh>().is_some(),
         )
-        .with_key(extensions.get::<TokenKey>().cloned())
-        .with_valid_for(extensions.get::<ValidFor>().map(|v| v.0))
+        .with_key(extensions.marker::<TokenKey>())
+        .with_valid_for(extensions.marker::<ValidFor>().map(|v| v.0))
     }
 }

@@ -12,15 +12,14 @@ pub type HttpRequest = http::Request<Bytes>;
 /// A fully buffered response.
 pub type HttpResponse = http::Response<Bytes>;
 
+/// What [`Transport::send`] returns: a boxed future of one buffered response.
+pub type TransportFuture<'a> = BoxFuture<'a, Result<HttpResponse, TransportError>>;
+
 /// Sends one request and returns one buffered response. Object-safe.
 pub trait Transport: Send + Sync {
     /// Sends `request`; fails with [`TransportError::TooLarge`] if the response body is
     /// longer than `body_limit` bytes.
-    fn send(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> BoxFuture<'_, Result<HttpResponse, TransportError>>;
+    fn send(&self, request: HttpRequest, body_limit: usize) -> TransportFuture<'_>;
 }
 
 /// Why a bare transport could not deliver a response.

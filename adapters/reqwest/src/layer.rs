@@ -3,18 +3,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
 use http::Extensions;
-use reqwest::{Request, Response, Url};
+use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
-use tokenflight::adapter::{AuthError, RequestOptions};
+use tokenflight::adapter::{AuthError, RequestOptions, SentUrls, TokioSpawner, TokioTimer};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, Placement};
-#[cfg(test)]
-use tokenflight::{ForceRefresh, SkipAuth};
 
 use crate::message::{Incoming, Outgoing};
-use crate::runtime::{TokioSpawner, TokioTimer};
 
 /// Keeps the access token of a `ClientWithMiddleware` valid: attaches it, refreshes it
 /// once for everybody when it expires or is rejected, and resends a rejected request
@@ -116,7 +112,10 @@ impl Middleware for TokenMiddleware {
         Self: 'async_trait,
     {
         Box::pin(async move {
-            let options = request_options(extensions, request.timeout().copied());
+            // The timeout is the longest the server may still be reading the request or
+            // writing its response: the token must stay valid that long (C20).
+            let options = RequestOptions::from_extensions(&*extensions)
+                .or_valid_for(request.timeout().copied());
             // The driver may send twice, one send after the other; each borrows the
             // extensions while it runs, so changes made further down the stack reach the
             // resend and, at the end, the caller. (If this future is dropped mid-send, the
@@ -124,17 +123,13 @@ impl Middleware for TokenMiddleware {
             let slot = Mutex::new(std::mem::take(extensions));
             let placement = self.auth.placement();
             // The URLs that went out with a query token, to find it in errors (C12).
-            let sent = Mutex::new(Vec::new());
+            let sent = SentUrls::new(placement);
             let result = self
                 .auth
                 .send(Outgoing(request), options, |Outgoing(request)| {
                     let next = next.clone();
                     let slot = &slot;
-                    if matches!(placement, Placement::Query { .. }) {
-                        sent.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(request.url().clone());
-                    }
+                    sent.record(request.url());
                     async move {
                         let mut extensions = std::mem::take(&mut *lock(slot));
                         let result = next.run(request, &mut extensions).await;
@@ -151,10 +146,7 @@ impl Middleware for TokenMiddleware {
                     Some(url) => crate::message::with_url(response, url),
                     None => response,
                 }),
-                Err(error) => {
-                    let sent = sent.into_inner().unwrap_or_else(PoisonError::into_inner);
-                    Err(redact(middleware_error(error), placement, &sent))
-                }
+                Err(error) => Err(redact(middleware_error(error), placement, &sent)),
             }
         })
     }
@@ -169,7 +161,7 @@ impl Middleware for TokenMiddleware {
 fn redact(
     mut error: reqwest_middleware::Error,
     placement: &Placement,
-    sent: &[Url],
+    sent: &SentUrls<'_>,
 ) -> reqwest_middleware::Error {
     let inner = match &mut error {
         reqwest_middleware::Error::Reqwest(inner) => Some(inner),
@@ -180,27 +172,10 @@ fn redact(
             *url = redacted;
         }
     }
-    for url in sent {
-        let shown = format!("{} {error:?}", chain(&error));
-        if placement.scrub(url, &shown).is_some() {
-            let text = chain(&error);
-            let text = placement.scrub(url, &text).unwrap_or(text);
-            error = reqwest_middleware::Error::middleware(Redacted(text));
-        }
+    match sent.scrub_error(&error) {
+        Some(text) => reqwest_middleware::Error::middleware(Redacted(text)),
+        None => error,
     }
-    error
-}
-
-/// An error's `Display` followed by its causes'.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// An error whose text showed the token, with the token redacted.
@@ -219,19 +194,6 @@ fn lock(slot: &Mutex<Extensions>) -> std::sync::MutexGuard<'_, Extensions> {
     slot.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The options for one request: its [`SkipAuth`](tokenflight::SkipAuth) and
-/// [`ForceRefresh`](tokenflight::ForceRefresh) markers, as in every adapter, and how long
-/// its token must stay valid ([C20](tokenflight#c20)): the
-/// [`ValidFor`](tokenflight::ValidFor) marker, else the request's own timeout — the
-/// longest the server may still be reading the request or writing its response.
-fn request_options(extensions: &Extensions, timeout: Option<Duration>) -> RequestOptions {
-    let options = RequestOptions::from_extensions(extensions);
-    match options.valid_for {
-        Some(_) => options,
-        None => options.with_valid_for(timeout),
-    }
-}
-
 /// Token errors become `Error::Middleware` holding the core's typed error, so callers
 /// can `downcast_ref::<tokenflight::Error>()`; the client's own errors pass through.
 fn middleware_error(error: AuthError<reqwest_middleware::Error>) -> reqwest_middleware::Error {
@@ -240,41 +202,5 @@ fn middleware_error(error: AuthError<reqwest_middleware::Error>) -> reqwest_midd
         AuthError::Token(error) => reqwest_middleware::Error::middleware(error),
         AuthError::InvalidHeader(error) => reqwest_middleware::Error::middleware(error),
         other => reqwest_middleware::Error::middleware(other),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn markers_switch_options_on() {
-        let mut extensions = Extensions::new();
-        assert_eq!(
-            request_options(&extensions, None),
-            RequestOptions::default()
-        );
-        extensions.insert(SkipAuth);
-        assert_eq!(
-            request_options(&extensions, None),
-            RequestOptions::from_markers(true, false)
-        );
-        extensions.insert(ForceRefresh);
-        assert_eq!(
-            request_options(&extensions, None),
-            RequestOptions::from_markers(true, true)
-        );
-    }
-
-    #[test]
-    fn c20_the_timeout_is_the_validity_unless_a_marker_says_otherwise() {
-        let mut extensions = Extensions::new();
-        let timeout = Some(Duration::from_secs(30));
-        assert_eq!(request_options(&extensions, timeout).valid_for, timeout);
-        extensions.insert(tokenflight::ValidFor(Duration::from_secs(5)));
-        assert_eq!(
-            request_options(&extensions, timeout).valid_for,
-            Some(Duration::from_secs(5))
-        );
     }
 }

@@ -113,11 +113,10 @@
 mod layer;
 mod message;
 mod redirect;
-mod runtime;
 mod transport;
 
 pub use layer::TokenMiddleware;
-pub use runtime::{TokioSpawner, TokioTimer};
+pub use tokenflight::adapter::{TokioSpawner, TokioTimer};
 pub use transport::BareTransport;
 
 pub use reqwest;

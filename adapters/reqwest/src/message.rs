@@ -5,9 +5,8 @@ use std::future::Future;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, future, stream};
-use http::{HeaderName, HeaderValue};
 use reqwest::{Body, ResponseBuilderExt, Url};
-use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, ResponseView};
 
 /// A request on its way through the [`TokenMiddleware`](crate::TokenMiddleware).
 pub(crate) struct Outgoing(pub(crate) reqwest::Request);
@@ -25,23 +24,8 @@ impl AuthRequest for Outgoing {
         self.0.url_mut()
     }
 
-    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader)?;
-        let mut value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
-        value.set_sensitive(true);
-        self.0.headers_mut().insert(name, value);
-        Ok(())
-    }
-
-    fn set_header_value(
-        &mut self,
-        name: &HeaderName,
-        value: &HeaderValue,
-    ) -> Result<(), InvalidHeader> {
-        // The layer's shared value (already sensitive): a reference-count increment,
-        // no formatting or allocation per request.
-        self.0.headers_mut().insert(name.clone(), value.clone());
-        Ok(())
+    fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
+        Some(self.0.headers_mut())
     }
 
     fn try_clone(&self) -> Option<Self> {

@@ -52,6 +52,5 @@ fn carries_token_where_it_may_not_go(auth: &AuthPolicy, attempt: &Attempt<'_>) -
     // key functions that ignore the method (the default, by origin) are judged exactly.
     // reqwest sends the previous URL as `Referer` (with `.referer(false)` it would not,
     // but a policy cannot see that).
-    auth.placement().travels_on_redirect(previous, next, true)
-        && !auth.token_may_follow(&http::Method::GET, first, next)
+    auth.redirect_carries_token_away(&http::Method::GET, first, previous, next, true)
 }

@@ -2,9 +2,9 @@
 //! to reach the token endpoint, so a refresh can never pass through the auth layer that
 //! waits for it ([C11](tokenflight#c11)).
 
-use bytes::{Bytes, BytesMut};
-use futures_util::future::BoxFuture;
-use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{
+    HttpRequest, Transport, TransportError, TransportFuture, collect_response,
+};
 
 /// A [`Transport`] over a plain `reqwest::Client`.
 ///
@@ -21,57 +21,21 @@ impl BareTransport {
     pub fn new(client: reqwest::Client) -> Self {
         BareTransport { client }
     }
-
-    async fn send_buffered(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> Result<HttpResponse, TransportError> {
-        let request = reqwest::Request::try_from(request)
-            .map_err(|e| TransportError::InvalidRequest(e.without_url().to_string()))?;
-        let mut response = self
-            .client
-            .execute(request)
-            .await
-            .map_err(transport_error)?;
-        let too_large = TransportError::TooLarge { limit: body_limit };
-        if response
-            .content_length()
-            .is_some_and(|length| length > body_limit as u64)
-        {
-            return Err(too_large);
-        }
-        let mut body = BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
-            if body.len().saturating_add(chunk.len()) > body_limit {
-                return Err(too_large);
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let mut buffered = http::Response::new(Bytes::from(body));
-        *buffered.status_mut() = response.status();
-        *buffered.version_mut() = response.version();
-        *buffered.headers_mut() = std::mem::take(response.headers_mut());
-        Ok(buffered)
-    }
 }
 
 impl Transport for BareTransport {
-    fn send(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> BoxFuture<'_, Result<HttpResponse, TransportError>> {
-        Box::pin(self.send_buffered(request, body_limit))
+    fn send(&self, request: HttpRequest, body_limit: usize) -> TransportFuture<'_> {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request)
+                .map_err(|e| TransportError::InvalidRequest(e.without_url().to_string()))?;
+            let response = self.client.execute(request).await.map_err(failed)?;
+            collect_response(http::Response::from(response), body_limit, failed).await
+        })
     }
 }
 
 /// The URL is dropped from the error: a token endpoint URL may carry credentials in its
 /// query, and this error is shown to every waiter of the refresh ([C12](tokenflight#c12)).
-fn transport_error(error: reqwest::Error) -> TransportError {
-    if error.is_timeout() {
-        TransportError::Timeout
-    } else {
-        TransportError::Network(Box::new(error.without_url()))
-    }
+fn failed(error: reqwest::Error) -> TransportError {
+    TransportError::from_client(error.is_timeout(), error.without_url())
 }

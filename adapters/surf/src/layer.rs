@@ -2,15 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::{FutureExt, TryFutureExt};
-use surf::http::Url;
 use surf::middleware::{Middleware, Next};
 use surf::{Client, Request, Response, StatusCode};
-use tokenflight::adapter::{AuthError, AuthRequest, RequestOptions};
-use tokenflight::keyed::TokenKey;
-use tokenflight::{AuthPolicy, AuthPolicyBuilder, ForceRefresh, Placement, SkipAuth};
+use tokenflight::adapter::{AuthError, AuthRequest, Markers, RequestOptions, SentUrls};
+use tokenflight::{AuthPolicy, AuthPolicyBuilder};
 
 use crate::message::{Attempt, Reply};
 use crate::runtime::{AsyncStdSpawner, AsyncStdTimer};
@@ -47,13 +44,14 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 1024 * 1024;
 /// rejected, so the next request refreshes ([C4](tokenflight#c4)).
 ///
 /// # Markers
-/// Put [`SkipAuth`] or [`ForceRefresh`] in the request's extensions
+/// Put [`SkipAuth`](crate::SkipAuth) or [`ForceRefresh`](crate::ForceRefresh) in the request's extensions
 /// (`req.set_ext(SkipAuth)`) to send without credentials or to refresh first
 /// ([C11](tokenflight#c11)), as with every tokenflight adapter; exempt routes once with
 /// [`skip_route`](tokenflight::AuthPolicyBuilder::skip_route) on the builder. A resent
 /// request lacks the caller's extensions (surf's `clone` drops them). With a keyed
 /// policy ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)), a
-/// [`TokenKey`](tokenflight::keyed::TokenKey) in the extensions chooses the token.
+/// [`TokenKey`](tokenflight::keyed::TokenKey) in the extensions chooses the token, and a
+/// [`ValidFor`](tokenflight::ValidFor) says how long the token must stay valid.
 ///
 /// # Errors
 /// When no token can be had the request fails with a `surf::Error` whose status is
@@ -131,11 +129,7 @@ impl Middleware for TokenMiddleware {
         // Everything up to the first send is done here, before the future exists: its
         // state then holds the request once (the boxed future is copied on every
         // request).
-        let options = RequestOptions::from_markers(
-            req.ext::<SkipAuth>().is_some(),
-            req.ext::<ForceRefresh>().is_some(),
-        )
-        .with_key(req.ext::<TokenKey>().cloned());
+        let options = RequestOptions::from_extensions(&Ext(&req));
         // The policy would pass these through too; asking it first skips buffering.
         if !self.auth.attaches_token(
             &crate::message::method_of(req.method()),
@@ -164,40 +158,35 @@ impl TokenMiddleware {
         client: Client,
         next: Next<'a>,
     ) -> impl Future<Output = surf::Result<Response>> + Send + 'a {
-        let placement = self.auth.placement();
         // The URLs that went out with a query token, to find it in errors (C12): only
         // query placement puts the token in a URL.
-        let sent = matches!(placement, Placement::Query { .. })
-            .then(|| Arc::new(Mutex::new(Vec::<Url>::new())));
+        let sent = SentUrls::new(self.auth.placement());
         let record = sent.clone();
         // No async block around the core's future: it would be built on the stack and
         // copied into the block's state on every request; `map` takes it as
         // it is.
         self.auth
             .send(attempt, options, move |attempt: Attempt| {
-                if let Some(record) = &record {
-                    record
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(attempt.url().clone());
-                }
+                record.record(attempt.url());
                 // The rest of the stack's future as it is (boxed by surf), not wrapped
                 // in an async block that would hold the request again.
                 next.run(attempt.into_request(), client.clone())
                     .map_ok(Reply)
             })
             .map(move |result| {
-                result.map(|Reply(response)| response).map_err(|error| {
-                    let sent = sent
-                        .map(|sent| {
-                            std::mem::take(
-                                &mut *sent.lock().unwrap_or_else(PoisonError::into_inner),
-                            )
-                        })
-                        .unwrap_or_default();
-                    redact(to_surf_error(error), placement, &sent)
-                })
+                result
+                    .map(|Reply(response)| response)
+                    .map_err(|error| redact(to_surf_error(error), &sent))
             })
+    }
+}
+
+/// A surf request's extensions, where the markers are.
+struct Ext<'a>(&'a Request);
+
+impl Markers for Ext<'_> {
+    fn marker<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.0.ext::<T>().cloned()
     }
 }
 
@@ -205,19 +194,11 @@ impl TokenMiddleware {
 /// not print URLs, but middleware after the layer may. An error whose `Display` or
 /// `Debug` shows the token is replaced by one with the same status and its message,
 /// the token redacted; it no longer downcasts to its original type.
-fn redact(error: surf::Error, placement: &Placement, sent: &[Url]) -> surf::Error {
-    let mut error = error;
-    for url in sent {
-        if placement
-            .scrub(url, &format!("{error} {error:?}"))
-            .is_some()
-        {
-            let text = error.to_string();
-            let text = placement.scrub(url, &text).unwrap_or(text);
-            error = surf::Error::from_str(error.status(), text);
-        }
+fn redact(error: surf::Error, sent: &SentUrls<'_>) -> surf::Error {
+    match sent.scrub(&format!("{error} {error:?}"), &error.to_string()) {
+        Some(text) => surf::Error::from_str(error.status(), text),
+        None => error,
     }
-    error
 }
 
 /// A `surf::Error` with a status that says what happened and the typed error inside.

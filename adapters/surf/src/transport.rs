@@ -2,11 +2,10 @@
 
 use std::str::FromStr;
 
-use futures_util::future::BoxFuture;
 use surf::http::headers::{CONTENT_TYPE, HeaderName, HeaderValue};
 use surf::http::{Method, Url};
 use surf::{Body, Client, Request};
-use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError, TransportFuture};
 
 use crate::body::{self, Bounded, Unknown};
 
@@ -48,11 +47,7 @@ impl Default for BareTransport {
 }
 
 impl Transport for BareTransport {
-    fn send(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> BoxFuture<'_, Result<HttpResponse, TransportError>> {
+    fn send(&self, request: HttpRequest, body_limit: usize) -> TransportFuture<'_> {
         Box::pin(async move {
             let request = to_surf(request)?;
             let response = self.client.send(request).await.map_err(network)?;

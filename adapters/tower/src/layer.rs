@@ -10,14 +10,13 @@ use bytes::Bytes;
 use futures_util::TryFutureExt;
 use futures_util::future::Either;
 use http_body::Body;
-use tokenflight::adapter::{AuthError, RequestOptions};
+use tokenflight::adapter::{AuthError, RequestOptions, TokioSpawner, TokioTimer};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BufferedBody, ReplayBody};
 use crate::message::{Incoming, Outgoing, origin_of};
-use crate::runtime::{TokioSpawner, TokioTimer};
 
 /// Keeps the access token of the services it wraps valid: attaches it, refreshes it
 /// once for everybody when it expires or is rejected, and resends a rejected request
@@ -197,12 +196,10 @@ where
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
         // Everything up to the first send is done here, before the future exists: its
-        // state then holds neither the request twice nor the reading of its body (issue
-        // 18: the boxed future is copied on every request; it was 3 KB).
-        let mut options = RequestOptions::from_extensions(request.extensions());
-        if options.valid_for.is_none() {
-            options = options.with_valid_for(grpc_timeout(request.headers()));
-        }
+        // state then holds neither the request twice nor the reading of its body (the
+        // boxed future is copied on every request).
+        let options = RequestOptions::from_extensions(request.extensions())
+            .or_valid_for(grpc_timeout(request.headers()));
         let Some(origin) = origin_of(request.uri()) else {
             // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
             // generated clients send such URIs unless made `with_origin`.

@@ -143,14 +143,13 @@ mod layer;
 mod message;
 #[cfg(feature = "tower-http")]
 mod redirect;
-mod runtime;
 mod transport;
 
 pub use body::{BufferedBody, ReplayBody};
 pub use layer::{DEFAULT_REPLAY_BODY_LIMIT, ResponseFuture, TokenLayer, TokenService};
 #[cfg(feature = "tower-http")]
 pub use redirect::RedirectPolicy;
-pub use runtime::{TokioSpawner, TokioTimer};
+pub use tokenflight::adapter::{TokioSpawner, TokioTimer};
 pub use transport::HyperTransport;
 
 pub use tokenflight;

@@ -8,8 +8,10 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Uri};
-use tokenflight::adapter::{AuthRequest, AuthResponse, InvalidHeader, ResponseView};
+use http::Uri;
+#[cfg(test)]
+use tokenflight::adapter::InvalidHeader;
+use tokenflight::adapter::{AuthRequest, AuthResponse, ResponseView};
 use url::Url;
 
 use crate::body::{self, BufferedBody, ReplayBody, Wait};
@@ -84,7 +86,8 @@ pub(crate) struct Outgoing<B: http_body::Body> {
     /// The full URL, built when first asked for (boxed: rarely built, and the request
     /// and its replay copy live in every request's future).
     url: OnceCell<Box<Url>>,
-    url_changed: bool,
+    /// The URL once the core changed it (query placement), moved out of `url`.
+    edited: Option<Box<Url>>,
     replay: Replay<B>,
 }
 
@@ -98,7 +101,7 @@ impl<B: ReplayBody> Outgoing<B> {
             body,
             origin,
             url: OnceCell::new(),
-            url_changed: false,
+            edited: None,
             replay: Replay::No,
         }
     }
@@ -112,7 +115,7 @@ impl<B: ReplayBody> Outgoing<B> {
             body,
             origin,
             url,
-            url_changed,
+            edited,
             replay: _,
         } = self;
         let (body, replay) = match (read, B::wrap_buffered()) {
@@ -135,7 +138,7 @@ impl<B: ReplayBody> Outgoing<B> {
             body,
             origin,
             url,
-            url_changed,
+            edited,
             replay,
         }
     }
@@ -143,7 +146,7 @@ impl<B: ReplayBody> Outgoing<B> {
     /// The request to send, with the URL the core may have changed.
     pub(crate) fn into_request(self) -> http::Request<B> {
         let mut parts = self.parts;
-        if let Some(url) = self.url.get().filter(|_| self.url_changed) {
+        if let Some(url) = &self.edited {
             match Uri::try_from(url.as_str()) {
                 Ok(uri) => parts.uri = uri,
                 // `url` writes the query with form encoding, which `Uri` accepts; this
@@ -162,8 +165,12 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
     }
 
     fn url(&self) -> &Url {
-        self.url
-            .get_or_init(|| Box::new(url_on(&self.origin, &self.parts.uri)))
+        match &self.edited {
+            Some(url) => url,
+            None => self
+                .url
+                .get_or_init(|| Box::new(url_on(&self.origin, &self.parts.uri))),
+        }
     }
 
     fn origin_url(&self) -> &Url {
@@ -171,32 +178,13 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
     }
 
     fn url_mut(&mut self) -> &mut Url {
-        self.url_changed = true;
-        self.url();
-        match self.url.get_mut() {
-            Some(url) => url,
-            // `url()` has just built it.
-            None => unreachable!("the URL is built"),
-        }
+        let (origin, uri, built) = (&self.origin, &self.parts.uri, self.url.take());
+        self.edited
+            .get_or_insert_with(|| built.unwrap_or_else(|| Box::new(url_on(origin, uri))))
     }
 
-    fn set_sensitive_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader)?;
-        let mut value = HeaderValue::from_str(value).map_err(|_| InvalidHeader)?;
-        value.set_sensitive(true);
-        self.parts.headers.insert(name, value);
-        Ok(())
-    }
-
-    fn set_header_value(
-        &mut self,
-        name: &HeaderName,
-        value: &HeaderValue,
-    ) -> Result<(), InvalidHeader> {
-        // The layer's shared value (already sensitive): a reference-count increment,
-        // no formatting or allocation per request.
-        self.parts.headers.insert(name.clone(), value.clone());
-        Ok(())
+    fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
+        Some(&mut self.parts.headers)
     }
 
     fn try_clone(&self) -> Option<Self> {
@@ -213,7 +201,7 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
             body,
             origin: Arc::clone(&self.origin),
             url: self.url.clone(),
-            url_changed: self.url_changed,
+            edited: self.edited.clone(),
             replay,
         })
     }

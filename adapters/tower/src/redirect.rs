@@ -104,10 +104,9 @@ impl RedirectPolicy {
             // Cannot be judged (tower-http resolved both, so this does not happen).
             return true;
         };
+        // tower-http sends no `Referer`.
         self.auth
-            .placement()
-            .travels_on_redirect(&previous, &next, false)
-            && !self.auth.token_may_follow(attempt.method(), first, &next)
+            .redirect_carries_token_away(attempt.method(), first, &previous, &next, false)
     }
 }
 

@@ -4,12 +4,13 @@
 //! bring reqwest in, and hyper-util is what tower users already have.
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
-use tokenflight::adapter::{HttpRequest, HttpResponse, Transport, TransportError};
+use tokenflight::adapter::{
+    HttpRequest, Transport, TransportError, TransportFuture, collect_response,
+};
 
 /// A [`Transport`] over a hyper-util client.
 ///
@@ -40,43 +41,20 @@ where
     pub fn new(client: Client<C, Full<Bytes>>) -> Self {
         HyperTransport { client }
     }
-
-    async fn send_buffered(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> Result<HttpResponse, TransportError> {
-        let response = self
-            .client
-            .request(request.map(Full::new))
-            .await
-            .map_err(|e| TransportError::Network(Box::new(e)))?;
-        let (parts, body) = response.into_parts();
-        let too_large = TransportError::TooLarge { limit: body_limit };
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > body_limit as u64) {
-            return Err(too_large);
-        }
-        match Limited::new(body, body_limit).collect().await {
-            Ok(collected) => Ok(http::Response::from_parts(parts, collected.to_bytes())),
-            Err(e) if e.is::<LengthLimitError>() => Err(too_large),
-            Err(e) => Err(TransportError::Network(e)),
-        }
-    }
 }
 
 impl<C> Transport for HyperTransport<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    fn send(
-        &self,
-        request: HttpRequest,
-        body_limit: usize,
-    ) -> BoxFuture<'_, Result<HttpResponse, TransportError>> {
-        Box::pin(self.send_buffered(request, body_limit))
+    fn send(&self, request: HttpRequest, body_limit: usize) -> TransportFuture<'_> {
+        Box::pin(async move {
+            let response = self.client.request(request.map(Full::new));
+            collect_response(response.await.map_err(failed)?, body_limit, failed).await
+        })
     }
+}
+
+fn failed(error: impl std::error::Error + Send + Sync + 'static) -> TransportError {
+    TransportError::from_client(false, error)
 }

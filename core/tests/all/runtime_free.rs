@@ -44,7 +44,7 @@ fn runtimes_in(tree: &str) -> Vec<String> {
 fn c14_core_has_no_runtime_in_its_dependency_tree() {
     for features in [
         &[][..],
-        &["--all-features"][..],
+        &["--features", EVERY_FEATURE_BUT_TOKIO][..],
         &["--no-default-features"][..],
     ] {
         let tree = normal_tree(features);
@@ -58,6 +58,38 @@ fn c14_core_has_no_runtime_in_its_dependency_tree() {
             "runtime crates in the core ({features:?}): {found:?}"
         );
     }
+}
+
+/// Every feature of the core except `tokio`, the one that brings a runtime's pieces
+/// (a spawner and a timer) for adapters that ask for it.
+const EVERY_FEATURE_BUT_TOKIO: &str =
+    "futures-timer,metrics,oauth2,private-key-jwt,file-store,store-record,test-util,http-body";
+
+#[test]
+fn c14_only_the_tokio_feature_brings_tokio_and_nothing_else() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .expect("the manifest");
+    let features = manifest
+        .split("[features]")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a [features] table");
+    let named: Vec<&str> = features
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(" = ").map(|(name, _)| name.trim()))
+        .filter(|name| *name != "default" && *name != "tokio")
+        .collect();
+    let mut listed: Vec<&str> = EVERY_FEATURE_BUT_TOKIO.split(',').collect();
+    let mut named_sorted = named.clone();
+    listed.sort_unstable();
+    named_sorted.sort_unstable();
+    assert_eq!(
+        listed, named_sorted,
+        "the list above names every other feature"
+    );
+    let found = runtimes_in(&normal_tree(&["--features", "tokio"]));
+    assert_eq!(found, vec!["tokio"], "tokio alone, no other runtime");
 }
 
 #[test]

@@ -98,7 +98,7 @@ async fn run() -> Result<(), String> {
                 .store(FileStore::new(&store_path))
                 .clock(clock.clone())
                 .timer(Arc::new(TokioTimer))
-                .spawner(TokioSpawner)
+                .spawner(TokioSpawner::current())
                 .refresh_timeout(Duration::from_secs(30))
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -110,7 +110,7 @@ async fn run() -> Result<(), String> {
                 .store(FileStore::new(&store_path))
                 .clock(clock.clone())
                 .timer(Arc::new(TokioTimer))
-                .spawner(TokioSpawner)
+                .spawner(TokioSpawner::current())
                 .refresh_timeout(Duration::from_secs(30))
                 .allowed_origin(origin)
                 .dpop(dpop.clone())

@@ -1,5 +1,7 @@
-//! tokio's spawner and timer for the core, so a refresh finishes even when every caller
-//! was cancelled ([C6](tokenflight#c6)) and refresh timeouts use tokio's clock.
+//! tokio's spawner and timer (feature `tokio`), for adapters of clients that run on
+//! tokio: a refresh finishes even when every caller was cancelled ([C6](crate#c6)) and
+//! refresh timeouts use tokio's clock ([C10](crate#c10)). Without the feature the core
+//! names no runtime ([C14](crate#c14)).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,10 +12,21 @@ use futures_util::future::BoxFuture;
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
 
+use crate::runtime::{Spawn, Timer};
+
 /// Spawns the core's background work (refreshes whose callers all left, refresh-ahead)
 /// on a tokio runtime: a given one, or ([`TokioSpawner::current`], the default) the one
 /// the refresh starts on, found when it starts. So a layer can be built outside any
 /// runtime; a refresh started outside one is driven by the requests waiting for it.
+///
+/// ```
+/// use tokenflight::adapter::{Spawn, TokioSpawner};
+/// let spawner = TokioSpawner::current();
+/// // No runtime on this thread: the callers that wait for the refresh drive it.
+/// assert!(!spawner.spawn(Box::pin(async {})));
+/// let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// runtime.block_on(async { assert!(spawner.spawn(Box::pin(async {}))) });
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct TokioSpawner {
     handle: Option<Handle>,
@@ -21,6 +34,14 @@ pub struct TokioSpawner {
 
 impl TokioSpawner {
     /// Spawns on the runtime behind `handle`.
+    ///
+    /// ```
+    /// use tokenflight::adapter::{Spawn, TokioSpawner};
+    /// let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let spawner = TokioSpawner::new(runtime.handle().clone());
+    /// // Spawns there from any thread.
+    /// assert!(spawner.spawn(Box::pin(async {})));
+    /// ```
     pub fn new(handle: Handle) -> Self {
         TokioSpawner {
             handle: Some(handle),
@@ -28,12 +49,19 @@ impl TokioSpawner {
     }
 
     /// Spawns on whichever runtime the refresh starts on, found at spawn time.
+    ///
+    /// ```
+    /// use tokenflight::adapter::TokioSpawner;
+    /// // May be made outside any runtime.
+    /// let spawner = TokioSpawner::current();
+    /// # drop(spawner);
+    /// ```
     pub fn current() -> Self {
         TokioSpawner { handle: None }
     }
 }
 
-impl tokenflight::adapter::Spawn for TokioSpawner {
+impl Spawn for TokioSpawner {
     fn spawn(&self, task: BoxFuture<'static, ()>) -> bool {
         let handle = match &self.handle {
             Some(handle) => handle.clone(),
@@ -51,11 +79,20 @@ impl tokenflight::adapter::Spawn for TokioSpawner {
 }
 
 /// Sleeps with `tokio::time::sleep`. The runtime that polls the sleep needs its time
-/// driver enabled (as hyper-util's and tonic's own timeouts do).
+/// driver enabled (as the clients' own timeouts do).
+///
+/// ```
+/// use std::time::Duration;
+/// use tokenflight::adapter::{Timer, TokioTimer};
+/// // Made anywhere; the sleep starts on its first poll, inside the runtime.
+/// let sleep = TokioTimer.sleep(Duration::from_millis(1));
+/// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+/// runtime.block_on(sleep);
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TokioTimer;
 
-impl tokenflight::adapter::Timer for TokioTimer {
+impl Timer for TokioTimer {
     fn sleep(&self, duration: Duration) -> BoxFuture<'static, ()> {
         Box::pin(Sleep {
             duration,
@@ -94,7 +131,6 @@ impl Future for Sleep {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenflight::adapter::{Spawn, Timer};
 
     #[test]
     fn the_spawner_finds_the_runtime_at_spawn_time() {
