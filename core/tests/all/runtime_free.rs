@@ -63,7 +63,7 @@ fn c14_core_has_no_runtime_in_its_dependency_tree() {
 /// Every feature of the core except `tokio`, the one that brings a runtime's pieces
 /// (a spawner and a timer) for adapters that ask for it.
 const EVERY_FEATURE_BUT_TOKIO: &str =
-    "futures-timer,metrics,oauth2,private-key-jwt,file-store,store-record,test-util,http-body";
+    "futures-timer,metrics,oauth2,private-key-jwt,dpop,file-store,store-record,test-util,http-body";
 
 #[test]
 fn c14_only_the_tokio_feature_brings_tokio_and_nothing_else() {
