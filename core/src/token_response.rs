@@ -143,7 +143,7 @@ impl TokenResponse {
     pub fn into_token(self, now: SystemTime, used_refresh: Option<Secret>) -> Token {
         let expires_at = self.expires_at(now);
         let token = Token::new(self.access_token)
-            .with_refresh_opt(self.refresh_token.or(used_refresh))
+            .set_refresh(self.refresh_token.or(used_refresh))
             .obtained_at(now);
         match expires_at {
             Some(at) => token.expires_at(at),

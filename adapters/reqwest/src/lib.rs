@@ -123,4 +123,4 @@ pub use transport::BareTransport;
 pub use reqwest;
 pub use reqwest_middleware;
 pub use tokenflight;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};

@@ -89,4 +89,4 @@ pub use transport::BareTransport;
 
 pub use surf;
 pub use tokenflight;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};

@@ -155,4 +155,4 @@ pub use transport::HyperTransport;
 
 pub use tokenflight;
 pub use tokenflight::adapter::AuthError;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};

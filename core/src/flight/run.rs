@@ -137,13 +137,8 @@ impl SingleFlight {
             bump(&self.inner.counters.failures);
         }
         if let Some(error) = &finished.lost {
-            if let Some(hook) = &self.inner.parts.on_auth_lost {
-                tracing::warn!(error = %error, "re-authentication required");
-                // A hook that panics must not take the flight's waiters with it (C18).
-                if std::panic::catch_unwind(AssertUnwindSafe(|| hook(error))).is_err() {
-                    tracing::warn!("the on_auth_lost hook panicked");
-                }
-            }
+            tracing::warn!(error = %error, "re-authentication required");
+            // An observer that panics does not take the flight's waiters with it (C18).
             self.observers().emit(|o| o.auth_lost(&AuthLost { error }));
         }
         finished.output

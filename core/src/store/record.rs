@@ -145,7 +145,7 @@ fn token_from(
     obtained_at: Option<SystemTime>,
 ) -> Result<Token, DecodeError> {
     let mut token = Token::new(Secret::from(access))
-        .with_refresh_opt(refresh.map(Secret::from))
+        .set_refresh(refresh.map(Secret::from))
         .with_generation(generation);
     if let Some(at) = expires_at {
         token = token.expires_at(at);
