@@ -74,6 +74,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// A stable, lower-case name (used as a metric label).
+    ///
+    /// ```
+    /// use tokenflight::observe::Outcome;
+    /// assert_eq!(Outcome::Success.as_str(), "success");
+    /// assert_eq!(Outcome::Superseded.as_str(), "superseded");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -136,6 +142,12 @@ pub enum ResendKind {
 
 impl ResendKind {
     /// A stable, lower-case name (used as a metric label).
+    ///
+    /// ```
+    /// use tokenflight::observe::ResendKind;
+    /// assert_eq!(ResendKind::Stale.as_str(), "stale");
+    /// assert_eq!(ResendKind::Fresh.as_str(), "fresh");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             ResendKind::Stale => "stale",

@@ -207,6 +207,13 @@ pub struct RequestOptions {
 
 impl RequestOptions {
     /// Options from the presence of the two markers.
+    ///
+    /// ```
+    /// use tokenflight::adapter::RequestOptions;
+    /// let options = RequestOptions::from_markers(true, false);
+    /// assert!(options.skip_auth && !options.force_refresh);
+    /// assert_eq!(RequestOptions::from_markers(false, false), RequestOptions::default());
+    /// ```
     pub fn from_markers(skip_auth: bool, force_refresh: bool) -> Self {
         RequestOptions {
             skip_auth,
@@ -217,6 +224,13 @@ impl RequestOptions {
     }
 
     /// These options with the token key `key` (the [`TokenKey`] marker).
+    ///
+    /// ```
+    /// use tokenflight::TokenKey;
+    /// use tokenflight::adapter::RequestOptions;
+    /// let options = RequestOptions::default().with_key(Some(TokenKey::new("tenant-42")));
+    /// assert_eq!(options.key, Some(TokenKey::new("tenant-42")));
+    /// ```
     pub fn with_key(mut self, key: Option<TokenKey>) -> Self {
         self.key = key;
         self
