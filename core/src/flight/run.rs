@@ -27,7 +27,7 @@ use crate::token::Token;
 
 impl SingleFlight {
     /// The whole flight: run it, contain its panics, let the machine finish it, carry
-    /// out the effects (hook, observers, span).
+    /// out the effects (observers, span).
     pub(super) async fn run_flight(self, started: Started) -> FlightOutput {
         // One span per flight; no field carries a token or a secret (C12).
         let span = tracing::info_span!(
@@ -105,7 +105,7 @@ impl SingleFlight {
     }
 
     /// Ends the flight in the machine (one lock), then carries out its effects: the
-    /// failure count, the auth-lost hook and event ([C9](crate#c9)). Never panics ([C18](crate#c18)).
+    /// failure count, the auth-lost event ([C9](crate#c9)). Never panics ([C18](crate#c18)).
     fn finish(&self, started: Started, result: Result<Flown, RefreshError>) -> FlightOutput {
         let now = self.now();
         let mono = self.mono();
