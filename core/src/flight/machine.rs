@@ -322,7 +322,7 @@ pub(super) struct FlightOutput {
 #[derive(Debug)]
 pub(super) struct Finished {
     pub(super) output: FlightOutput,
-    /// Re-authentication became required: fire the hook and tell observers, once.
+    /// Re-authentication became required: tell observers (`Observer::auth_lost`), once.
     pub(super) lost: Option<RefreshError>,
     /// Count a failure.
     pub(super) failed: bool,
@@ -368,7 +368,7 @@ pub(super) struct Machine<H> {
     /// refresh is in flight must not get the refresh's generation ([C3](crate#c3)).
     last_generation: u64,
     /// Bumped by every login: a flight that started under an older epoch must not
-    /// replace the login, fail it, or fire the auth-lost hook ([C17](crate#c17)).
+    /// replace the login, fail it, or tell observers auth was lost ([C17](crate#c17)).
     login_epoch: u64,
     /// The generation of a login (initial token or `install`) not yet saved to the
     /// store; the next flight saves it, numbered above whatever the store holds.
@@ -995,7 +995,7 @@ impl<H> Machine<H> {
     }
 
     /// A flight failed with `error`: permanent failures enter "re-authentication
-    /// required" (returned once, for the hook), transient ones back off ([C9](crate#c9), [C16](crate#c16)).
+    /// required" (returned once, for the observers), transient ones back off ([C9](crate#c9), [C16](crate#c16)).
     fn record_failure(
         &mut self,
         rules: &Rules,

@@ -34,7 +34,7 @@
 //! | C6 cancellation | `api`: `started` (spawner keeps the flight) and the flight handle kept weakly by the machine | `run`: `release` (the lock is given back on every path) |
 //! | C7 proactive | `machine`: `assess` (`Assessment::WithinLeeway`, `Expired`) | `api`: `valid_token`, `fast_until` |
 //! | C8 refresh ahead | `machine`: `assess` (`Assessment::RefreshAhead`), `jittered` | `api`: `refresh_ahead` |
-//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` fires `on_auth_lost` |
+//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` emits `Observer::auth_lost` |
 //! | C10 bounded | `run`: `within` and the flight's `Deadline` (`budget`) | every store and source call in `run` goes through `within` |
 //! | C11 exempt requests | `request.rs`: `SkipAuth`, `ForceRefresh` | `auth_policy.rs`; `api`: `force_refresh` |
 //! | C12 secrets | `token.rs`: the redacted secret type; `policy.rs`: allowed origins | `observe.rs` and the spans in `run` carry no secret |
@@ -84,9 +84,6 @@ use machine::{
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 type WeakFlight = WeakShared<BoxFuture<'static, FlightOutput>>;
 
-/// A hook called once when the coordinator enters "re-authentication required" ([C9](crate#c9)).
-pub(crate) type AuthLostHook = Arc<dyn Fn(&RefreshError) + Send + Sync>;
-
 /// Everything a `SingleFlight` is built from; see [`crate::FlightBuilder`].
 pub(crate) struct Parts {
     pub(crate) config: FlightConfig,
@@ -95,7 +92,6 @@ pub(crate) struct Parts {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) timer: Arc<dyn Timer>,
     pub(crate) spawner: Option<Arc<dyn Spawn>>,
-    pub(crate) on_auth_lost: Option<AuthLostHook>,
     pub(crate) observers: Observers,
     pub(crate) initial_token: Option<Token>,
 }
