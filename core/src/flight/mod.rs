@@ -446,9 +446,13 @@ impl SingleFlight {
             Some(token) => TokenFuture::Ready { token: Some(token) },
             // Nothing is decided before the first poll: a future dropped unpolled
             // starts nothing.
+            // Boxed: the fast path's future stays two words, which callers move and
+            // store cheaply; only a caller that waits pays for the (small) box.
             None => TokenFuture::Slow {
-                flight: self,
-                step: Slow::Start,
+                slow: Box::new(SlowPath {
+                    flight: self,
+                    step: Slow::Start,
+                }),
             },
         }
     }
@@ -969,7 +973,7 @@ enum Answer {
 
 /// The steps of [`SingleFlight::token`]'s slow path, written out by hand rather than
 /// as an `async fn`: a parked waiter holds only the flight handle and what it asked,
-/// inline in the caller's future, with no allocation of its own.
+/// in one small box.
 enum Slow<'a> {
     /// Not polled yet.
     Start,
@@ -1009,7 +1013,10 @@ impl<'a> Slow<'a> {
         loop {
             let step = match self {
                 Slow::Start => flight.token_slow(),
-                Slow::Waiting { ask, flight: shared } => {
+                Slow::Waiting {
+                    ask,
+                    flight: shared,
+                } => {
                     let Poll::Ready(output) = shared.poll_unpin(cx) else {
                         return Poll::Pending;
                     };
@@ -1040,13 +1047,14 @@ impl<'a> Slow<'a> {
 /// What [`SingleFlight::token`] returns: a token ready at once (the fast path, no
 /// async state built) or the slow path's steps.
 enum TokenFuture<'a> {
-    Ready {
-        token: Option<Arc<Token>>,
-    },
-    Slow {
-        flight: &'a SingleFlight,
-        step: Slow<'a>,
-    },
+    Ready { token: Option<Arc<Token>> },
+    Slow { slow: Box<SlowPath<'a>> },
+}
+
+/// The slow path: the coordinator and the step it is at.
+struct SlowPath<'a> {
+    flight: &'a SingleFlight,
+    step: Slow<'a>,
 }
 
 impl Future for TokenFuture<'_> {
@@ -1062,7 +1070,10 @@ impl Future for TokenFuture<'_> {
                 Some(token) => std::task::Poll::Ready(Ok(token)),
                 None => std::task::Poll::Pending,
             },
-            TokenFuture::Slow { flight, step } => step.poll(flight, cx),
+            TokenFuture::Slow { slow } => {
+                let SlowPath { flight, step } = &mut **slow;
+                step.poll(flight, cx)
+            }
         }
     }
 }
