@@ -282,13 +282,6 @@ impl AuthPolicy {
         self.inner.rules.attaches(method, url, options)
     }
 
-    /// [`attaches_token`](Self::attaches_token) for a request already seen through
-    /// [`AuthRequest`]: the same answer, reading its full URL only when a skipped route
-    /// needs the path ([`AuthRequest::origin_url`] for the origin).
-    pub fn attaches_token_to<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
-        self.inner.rules.admit(request, options).is_some()
-    }
-
     /// Sends `request` with a valid token through `send`, and resends it once with a
     /// newer token if the response says the token was rejected.
     ///

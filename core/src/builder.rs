@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::auth_policy::{AuthPolicy, Flights, KeyFn, default_key};
 use crate::config::{Backoff, FlightConfig, Retry};
-use crate::error::{ConfigError, RefreshError};
-use crate::flight::{AuthLostHook, Parts, SingleFlight};
+use crate::error::ConfigError;
+use crate::flight::{Parts, SingleFlight};
 use crate::keyed::{KeyedFlights, TokenKey};
 use crate::observe::{Observer, Observers};
 use crate::policy::Rules;
@@ -45,7 +45,6 @@ pub struct FlightBuilder {
     clock: Arc<dyn Clock>,
     timer: Arc<dyn Timer>,
     spawner: Option<Arc<dyn Spawn>>,
-    on_auth_lost: Option<AuthLostHook>,
     observers: Observers,
     initial_token: Option<Token>,
     /// Whether `store` was set (a keyed policy refuses a store shared by every key).
@@ -105,7 +104,6 @@ impl FlightBuilder {
             clock: Arc::new(SystemClock),
             timer: default_timer(),
             spawner: None,
-            on_auth_lost: None,
             observers: Observers::default(),
             initial_token: None,
             store_set: false,
@@ -114,7 +112,7 @@ impl FlightBuilder {
     }
 
     /// The settings every key of a keyed policy shares (timing, clock, timer,
-    /// spawner, hooks, observers) without what must be the key's own: no source, no
+    /// spawner, observers) without what must be the key's own: no source, no
     /// initial token and a new memory store.
     fn for_key(&self) -> FlightBuilder {
         FlightBuilder {
@@ -124,7 +122,6 @@ impl FlightBuilder {
             clock: Arc::clone(&self.clock),
             timer: Arc::clone(&self.timer),
             spawner: self.spawner.clone(),
-            on_auth_lost: self.on_auth_lost.clone(),
             observers: self.observers.clone(),
             initial_token: None,
             store_set: false,
@@ -293,34 +290,6 @@ impl FlightBuilder {
     /// ```
     pub fn without_spawner(mut self) -> Self {
         self.spawner = None;
-        self
-    }
-
-    /// Called once when a permanent failure makes re-authentication necessary
-    /// ([C9](crate#c9)).
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::sync::atomic::{AtomicU32, Ordering};
-    /// use tokenflight::{RefreshError, SingleFlight, from_fn};
-    /// let lost = Arc::new(AtomicU32::new(0));
-    /// let seen = lost.clone();
-    /// let flight = SingleFlight::builder()
-    ///     .source(from_fn(|_cx| async { Err(RefreshError::permanent("invalid_grant")) }))
-    ///     .on_auth_lost(move |_error| {
-    ///         seen.fetch_add(1, Ordering::SeqCst);
-    ///     })
-    ///     .build()
-    ///     .unwrap();
-    /// futures::executor::block_on(async {
-    ///     assert!(flight.token().await.is_err());
-    ///     assert!(flight.token().await.is_err());
-    /// });
-    /// // Once, until the next login.
-    /// assert_eq!(lost.load(Ordering::SeqCst), 1);
-    /// ```
-    pub fn on_auth_lost(mut self, hook: impl Fn(&RefreshError) + Send + Sync + 'static) -> Self {
-        self.on_auth_lost = Some(Arc::new(hook));
         self
     }
 
@@ -546,7 +515,6 @@ impl FlightBuilder {
             clock: self.clock,
             timer: self.timer,
             spawner: self.spawner,
-            on_auth_lost: self.on_auth_lost,
             observers: self.observers,
             initial_token: self.initial_token,
         }))
@@ -718,8 +686,6 @@ impl<Out> AuthPolicyBuilder<Out> {
         spawner(spawner: impl Spawn + 'static);
         /// No spawner; see [`FlightBuilder::without_spawner`].
         without_spawner();
-        /// The auth-lost hook; see [`FlightBuilder::on_auth_lost`].
-        on_auth_lost(hook: impl Fn(&RefreshError) + Send + Sync + 'static);
         /// Adds an observer; see [`FlightBuilder::observer`].
         observer(observer: impl Observer + 'static);
         /// All timing settings; see [`FlightBuilder::config`].
@@ -893,7 +859,7 @@ impl<Out> AuthPolicyBuilder<Out> {
     /// Many tokens, one per key (a user, a tenant, an audience): a keyed policy keeps a
     /// coordinator per [`TokenKey`] (a [`KeyedFlights`]), made on first use by
     /// `factory(key, shared)`. `shared` is a [`FlightBuilder`] with this builder's
-    /// coordinator settings (timing, clock, timer, the adapter's spawner, hooks,
+    /// coordinator settings (timing, clock, timer, the adapter's spawner,
     /// observers); the factory adds the key's own source and, to share the key's
     /// refreshes across processes, a store namespaced for the key
     /// ([`key_namespace`](crate::keyed::key_namespace)). Each request's key is its

@@ -98,6 +98,15 @@ pub fn time_claims(token: &str) -> Result<TimeClaims, JwtError> {
 }
 
 /// The `exp` claim of `token` if it is a JWT that has one; `None` for anything else.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use tokenflight::oauth2::jwt::expiry;
+/// // header {"alg":"none"}, payload {"exp":1700000000}
+/// let jwt = "eyJhbGciOiJub25lIn0.eyJleHAiOjE3MDAwMDAwMDB9.";
+/// assert_eq!(expiry(jwt), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
+/// assert_eq!(expiry("an opaque token"), None);
+/// ```
 pub fn expiry(token: &str) -> Option<SystemTime> {
     time_claims(token).ok().and_then(|claims| claims.exp)
 }

@@ -31,65 +31,7 @@ use crate::runtime::Clock;
 use crate::stats::Stats;
 use crate::token::Token;
 
-/// The key of a request's token in a keyed [`AuthPolicy`](crate::AuthPolicy): which
-/// user, tenant or audience the request acts for.
-///
-/// Put it in a request's extensions (the same way as [`SkipAuth`](crate::SkipAuth)) to
-/// choose the token; without it, the policy's key function decides (by default the
-/// request's origin, [`TokenKey::origin`]). Compared as a whole with `Eq`: two keys
-/// share a token only if they are equal. Its value never appears in `Debug`, logs,
-/// errors or metric labels.
-///
-/// ```
-/// use tokenflight::keyed::TokenKey;
-/// let key = TokenKey::new("tenant-42");
-/// assert_eq!(key.as_str(), "tenant-42");
-/// assert_eq!(format!("{key:?}"), "TokenKey(..)");
-/// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TokenKey(Arc<str>);
-
-impl TokenKey {
-    /// A key with this value (a user id, a tenant, an audience and scope).
-    ///
-    /// ```
-    /// use tokenflight::keyed::TokenKey;
-    /// let key = TokenKey::new("tenant-42");
-    /// assert_eq!(key, TokenKey::new(String::from("tenant-42")));
-    /// ```
-    pub fn new(value: impl Into<Arc<str>>) -> Self {
-        TokenKey(value.into())
-    }
-
-    /// The key of `url`'s origin (`scheme://host:port`): one token per API a client
-    /// talks to, the default key of a keyed policy.
-    ///
-    /// ```
-    /// use tokenflight::keyed::TokenKey;
-    /// let url = url::Url::parse("https://api.example.com:8443/v1/items?page=2").unwrap();
-    /// assert_eq!(TokenKey::origin(&url).as_str(), "https://api.example.com:8443");
-    /// ```
-    pub fn origin(url: &url::Url) -> Self {
-        TokenKey(url.origin().ascii_serialization().into())
-    }
-
-    /// The key's value.
-    ///
-    /// ```
-    /// use tokenflight::keyed::TokenKey;
-    /// assert_eq!(TokenKey::new("user-7").as_str(), "user-7");
-    /// ```
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for TokenKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Keys are user data (user ids, e-mail addresses, tenants): never printed.
-        f.write_str("TokenKey(..)")
-    }
-}
+pub use crate::request::TokenKey;
 
 /// Builds the coordinator of a key the first time the key is used.
 ///

@@ -224,9 +224,8 @@ pub use auth_policy::AuthPolicy;
 pub use builder::{AuthPolicyBuilder, FlightBuilder};
 pub use error::{Cause, ConfigError, Error, RefreshError};
 pub use flight::SingleFlight;
-pub use keyed::TokenKey;
 pub use policy::{Classifier, Placement};
-pub use request::{ForceRefresh, SkipAuth, ValidFor};
+pub use request::{ForceRefresh, SkipAuth, TokenKey, ValidFor};
 pub use source::{RefreshContext, RefreshReason, TokenSource, from_fn};
 pub use token::{Secret, Token};
 

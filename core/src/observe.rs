@@ -74,6 +74,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// A stable, lower-case name (used as a metric label).
+    ///
+    /// ```
+    /// use tokenflight::observe::Outcome;
+    /// assert_eq!(Outcome::Success.as_str(), "success");
+    /// assert_eq!(Outcome::Superseded.as_str(), "superseded");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -136,6 +142,12 @@ pub enum ResendKind {
 
 impl ResendKind {
     /// A stable, lower-case name (used as a metric label).
+    ///
+    /// ```
+    /// use tokenflight::observe::ResendKind;
+    /// assert_eq!(ResendKind::Stale.as_str(), "stale");
+    /// assert_eq!(ResendKind::Fresh.as_str(), "fresh");
+    /// ```
     pub fn as_str(self) -> &'static str {
         match self {
             ResendKind::Stale => "stale",
@@ -216,7 +228,35 @@ pub trait Observer: Send + Sync {
     fn request_authorized(&self, _event: &RequestAuthorized) {}
     /// A rejected request was resent.
     fn request_resent(&self, _event: &RequestResent) {}
-    /// Re-authentication became necessary.
+    /// Re-authentication became necessary: a permanent failure ([C9](crate#c9)). Called
+    /// once, until the next login; the place to start a re-login. A panic here is
+    /// caught and logged, the waiters still get their error ([C18](crate#c18)).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use tokenflight::observe::{AuthLost, Observer};
+    /// use tokenflight::{RefreshError, SingleFlight, from_fn};
+    /// struct Relogin(Arc<AtomicU32>);
+    /// impl Observer for Relogin {
+    ///     fn auth_lost(&self, event: &AuthLost<'_>) {
+    ///         assert!(event.error.is_permanent());
+    ///         self.0.fetch_add(1, Ordering::SeqCst);
+    ///     }
+    /// }
+    /// let lost = Arc::new(AtomicU32::new(0));
+    /// let flight = SingleFlight::builder()
+    ///     .source(from_fn(|_cx| async { Err(RefreshError::permanent("invalid_grant")) }))
+    ///     .observer(Relogin(lost.clone()))
+    ///     .build()
+    ///     .unwrap();
+    /// futures::executor::block_on(async {
+    ///     assert!(flight.token().await.unwrap_err().is_reauthentication_required());
+    ///     assert!(flight.token().await.is_err());
+    /// });
+    /// // Once, until the next login.
+    /// assert_eq!(lost.load(Ordering::SeqCst), 1);
+    /// ```
     fn auth_lost(&self, _event: &AuthLost<'_>) {}
     /// A login was installed.
     fn token_installed(&self, _event: &TokenInstalled) {}

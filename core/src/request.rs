@@ -1,14 +1,15 @@
 //! What the auth policy needs from an HTTP client's request and response types.
 //! Adapters implement these for their client; the core never names a client.
 
+use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use url::Url;
 
 pub use crate::error::InvalidHeader;
-use crate::keyed::TokenKey;
 
 /// A request the auth policy can decorate and, maybe, send again.
 pub trait AuthRequest: Sized + Send {
@@ -119,6 +120,66 @@ pub struct SkipAuth;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ForceRefresh;
 
+/// The key of a request's token in a keyed [`AuthPolicy`](crate::AuthPolicy): which
+/// user, tenant or audience the request acts for.
+///
+/// A per-request marker like [`SkipAuth`]: put it in a request's extensions to
+/// choose the token; without it, the policy's key function decides (by default the
+/// request's origin, [`TokenKey::origin`]). Compared as a whole with `Eq`: two keys
+/// share a token only if they are equal. Its value never appears in `Debug`, logs,
+/// errors or metric labels.
+///
+/// ```
+/// use tokenflight::keyed::TokenKey;
+/// let key = TokenKey::new("tenant-42");
+/// assert_eq!(key.as_str(), "tenant-42");
+/// assert_eq!(format!("{key:?}"), "TokenKey(..)");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey(Arc<str>);
+
+impl TokenKey {
+    /// A key with this value (a user id, a tenant, an audience and scope).
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// let key = TokenKey::new("tenant-42");
+    /// assert_eq!(key, TokenKey::new(String::from("tenant-42")));
+    /// ```
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        TokenKey(value.into())
+    }
+
+    /// The key of `url`'s origin (`scheme://host:port`): one token per API a client
+    /// talks to, the default key of a keyed policy.
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// let url = url::Url::parse("https://api.example.com:8443/v1/items?page=2").unwrap();
+    /// assert_eq!(TokenKey::origin(&url).as_str(), "https://api.example.com:8443");
+    /// ```
+    pub fn origin(url: &url::Url) -> Self {
+        TokenKey(url.origin().ascii_serialization().into())
+    }
+
+    /// The key's value.
+    ///
+    /// ```
+    /// use tokenflight::keyed::TokenKey;
+    /// assert_eq!(TokenKey::new("user-7").as_str(), "user-7");
+    /// ```
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are user data (user ids, e-mail addresses, tenants): never printed.
+        f.write_str("TokenKey(..)")
+    }
+}
+
 /// Per-request marker: the token this request is sent with must stay valid for at
 /// least this long after it is sent — a large upload, a long poll, a server stream
 /// with a deadline ([C20](crate#c20)). Put it in the request's extensions, like
@@ -164,6 +225,13 @@ pub struct RequestOptions {
 
 impl RequestOptions {
     /// Options from the presence of the two markers.
+    ///
+    /// ```
+    /// use tokenflight::adapter::RequestOptions;
+    /// let options = RequestOptions::from_markers(true, false);
+    /// assert!(options.skip_auth && !options.force_refresh);
+    /// assert_eq!(RequestOptions::from_markers(false, false), RequestOptions::default());
+    /// ```
     pub fn from_markers(skip_auth: bool, force_refresh: bool) -> Self {
         RequestOptions {
             skip_auth,
@@ -174,6 +242,13 @@ impl RequestOptions {
     }
 
     /// These options with the token key `key` (the [`TokenKey`] marker).
+    ///
+    /// ```
+    /// use tokenflight::TokenKey;
+    /// use tokenflight::adapter::RequestOptions;
+    /// let options = RequestOptions::default().with_key(Some(TokenKey::new("tenant-42")));
+    /// assert_eq!(options.key, Some(TokenKey::new("tenant-42")));
+    /// ```
     pub fn with_key(mut self, key: Option<TokenKey>) -> Self {
         self.key = key;
         self

@@ -196,6 +196,16 @@ mod manual {
 
     impl ManualClock {
         /// A clock standing at `start`.
+        ///
+        /// ```
+        /// use std::time::{Duration, SystemTime};
+        /// use tokenflight::adapter::Clock;
+        /// use tokenflight::test_util::ManualClock;
+        /// let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        /// let clock = ManualClock::new(start);
+        /// assert_eq!(clock.now(), start);
+        /// assert_eq!(clock.elapsed(), Duration::ZERO);
+        /// ```
         pub fn new(start: SystemTime) -> Self {
             ManualClock {
                 inner: Arc::new(Mutex::new(ManualState {
@@ -208,18 +218,49 @@ mod manual {
         }
 
         /// Steps the wall clock forward by `by`; monotonic time and sleeps do not move.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tokenflight::adapter::Clock;
+        /// use tokenflight::test_util::ManualClock;
+        /// let clock = ManualClock::at_fixed_point();
+        /// let (wall, mono) = (clock.now(), clock.monotonic());
+        /// clock.step_wall_forward(Duration::from_secs(30));
+        /// assert_eq!(clock.now(), wall + Duration::from_secs(30));
+        /// assert_eq!(clock.monotonic(), mono, "an NTP step does not move monotonic time");
+        /// ```
         pub fn step_wall_forward(&self, by: Duration) {
             let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             state.now = state.now.checked_add(by).unwrap_or(state.now);
         }
 
         /// Steps the wall clock back by `by`; monotonic time and sleeps do not move.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tokenflight::adapter::Clock;
+        /// use tokenflight::test_util::ManualClock;
+        /// let clock = ManualClock::at_fixed_point();
+        /// let wall = clock.now();
+        /// clock.step_wall_back(Duration::from_secs(30));
+        /// assert_eq!(clock.now(), wall - Duration::from_secs(30));
+        /// assert_eq!(clock.elapsed(), Duration::ZERO);
+        /// ```
         pub fn step_wall_back(&self, by: Duration) {
             let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             state.now = state.now.checked_sub(by).unwrap_or(state.now);
         }
 
         /// Monotonic time elapsed since the clock was made.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tokenflight::test_util::ManualClock;
+        /// let clock = ManualClock::at_fixed_point();
+        /// clock.advance(Duration::from_secs(2));
+        /// clock.step_wall_forward(Duration::from_secs(60));
+        /// assert_eq!(clock.elapsed(), Duration::from_secs(2));
+        /// ```
         pub fn elapsed(&self) -> Duration {
             self.inner
                 .lock()
@@ -228,11 +269,32 @@ mod manual {
         }
 
         /// A clock standing at a fixed, arbitrary point (2023-11-14).
+        ///
+        /// ```
+        /// use std::time::{Duration, SystemTime};
+        /// use tokenflight::adapter::Clock;
+        /// use tokenflight::test_util::ManualClock;
+        /// let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        /// assert_eq!(ManualClock::at_fixed_point().now(), at);
+        /// ```
         pub fn at_fixed_point() -> Self {
             Self::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
         }
 
         /// Moves the time forward and wakes the sleeps that are due.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use futures::FutureExt;
+        /// use tokenflight::adapter::Timer;
+        /// use tokenflight::test_util::ManualClock;
+        /// let clock = ManualClock::at_fixed_point();
+        /// let mut sleep = clock.sleep(Duration::from_secs(5));
+        /// clock.advance(Duration::from_secs(4));
+        /// assert!((&mut sleep).now_or_never().is_none(), "not due yet");
+        /// clock.advance(Duration::from_secs(1));
+        /// assert!(sleep.now_or_never().is_some());
+        /// ```
         pub fn advance(&self, by: Duration) {
             let sleepers = {
                 let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

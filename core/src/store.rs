@@ -205,7 +205,6 @@ mod file_store;
 #[cfg(feature = "store-record")]
 pub mod record;
 
-pub use crate::token::WithGeneration;
 #[cfg(feature = "file-store")]
 pub use file_store::FileStore;
 

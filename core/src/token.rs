@@ -136,15 +136,8 @@ impl Token {
         self
     }
 
-    /// Sets or clears the refresh token.
-    ///
-    /// ```
-    /// use tokenflight::{Secret, Token};
-    /// let kept: Option<Secret> = None;
-    /// let token = Token::new("access").with_refresh("old").with_refresh_opt(kept);
-    /// assert!(token.refresh().is_none());
-    /// ```
-    pub fn with_refresh_opt(mut self, refresh: Option<Secret>) -> Self {
+    /// Sets or clears the refresh token (for a response that may or may not carry one).
+    pub(crate) fn set_refresh(mut self, refresh: Option<Secret>) -> Self {
         self.refresh = refresh;
         self
     }
@@ -246,9 +239,17 @@ impl Token {
             .map(|at| now.duration_since(at).unwrap_or(Duration::ZERO))
     }
 
-    /// Sets the generation: only stores (through [`WithGeneration`]) and the
-    /// coordinator do this.
-    pub(crate) fn with_generation(mut self, generation: u64) -> Self {
+    /// For [token stores](crate::store::TokenStore) and their tests: the token numbered
+    /// with the generation it was saved under. Applications never number tokens; the
+    /// coordinator does ([C3](crate#c3), [C17](crate#c17)), and numbers every token a
+    /// source returns itself.
+    ///
+    /// ```
+    /// use tokenflight::Token;
+    /// let stored = Token::new("secret").with_generation(7);
+    /// assert_eq!(stored.generation(), 7);
+    /// ```
+    pub fn with_generation(mut self, generation: u64) -> Self {
         self.generation = generation;
         self
     }
@@ -353,27 +354,6 @@ impl Token {
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
         self.expires_at
             .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
-    }
-}
-
-/// For [token stores](crate::store::TokenStore) and their tests: a token numbered with
-/// the generation it was saved under. Applications never number tokens; the
-/// coordinator does ([C3](crate#c3), [C17](crate#c17)).
-///
-/// ```
-/// use tokenflight::Token;
-/// use tokenflight::store::WithGeneration;
-/// let stored = Token::new("secret").with_generation(7);
-/// assert_eq!(stored.generation(), 7);
-/// ```
-pub trait WithGeneration {
-    /// The token with `generation`.
-    fn with_generation(self, generation: u64) -> Token;
-}
-
-impl WithGeneration for Token {
-    fn with_generation(self, generation: u64) -> Token {
-        Token::with_generation(self, generation)
     }
 }
 

@@ -132,6 +132,16 @@ impl TokenResponse {
 
     /// When the access token expires: `now + expires_in`, else the access token's JWT
     /// `exp` (read without verification), else unknown.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::oauth2::TokenResponse;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    /// let timed = TokenResponse::parse(br#"{"access_token":"a","expires_in":60}"#).unwrap();
+    /// assert_eq!(timed.expires_at(now), Some(now + Duration::from_secs(60)));
+    /// let untimed = TokenResponse::parse(br#"{"access_token":"opaque"}"#).unwrap();
+    /// assert_eq!(untimed.expires_at(now), None);
+    /// ```
     pub fn expires_at(&self, now: SystemTime) -> Option<SystemTime> {
         match self.expires_in {
             Some(lifetime) => now.checked_add(lifetime),
@@ -147,10 +157,27 @@ impl TokenResponse {
     /// over an absolute JWT `exp` because it does not depend on the two clocks agreeing;
     /// an `exp` already past by the local clock gives a lifetime of zero, and such a
     /// token is still sent (the server decides) for `min_refresh_interval`.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tokenflight::oauth2::TokenResponse;
+    /// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    /// let body = br#"{"access_token":"a","expires_in":60}"#;
+    /// // No new refresh token in the response: the one the request spent is kept.
+    /// let token = TokenResponse::parse(body).unwrap().into_token(now, Some("spent".into()));
+    /// assert_eq!(token.access().expose(), "a");
+    /// assert_eq!(token.refresh().map(|r| r.expose()), Some("spent"));
+    /// assert_eq!(token.expiry(), Some(now + Duration::from_secs(60)));
+    /// assert_eq!(token.obtained(), Some(now));
+    /// // A rotated one replaces it.
+    /// let rotated = br#"{"access_token":"b","refresh_token":"next"}"#;
+    /// let token = TokenResponse::parse(rotated).unwrap().into_token(now, Some("spent".into()));
+    /// assert_eq!(token.refresh().map(|r| r.expose()), Some("next"));
+    /// ```
     pub fn into_token(self, now: SystemTime, used_refresh: Option<Secret>) -> Token {
         let expires_at = self.expires_at(now);
         let token = Token::new(self.access_token)
-            .with_refresh_opt(self.refresh_token.or(used_refresh))
+            .set_refresh(self.refresh_token.or(used_refresh))
             .obtained_at(now);
         match expires_at {
             Some(at) => token.expires_at(at),
@@ -161,6 +188,14 @@ impl TokenResponse {
 
 impl ErrorResponse {
     /// Parses a §5.2 body.
+    ///
+    /// ```
+    /// use tokenflight::oauth2::{ErrorResponse, TokenResponseError};
+    /// let parsed = ErrorResponse::parse(br#"{"error":"invalid_grant","error_description":"revoked"}"#).unwrap();
+    /// assert_eq!(parsed.error, "invalid_grant");
+    /// assert_eq!(parsed.error_description.as_deref(), Some("revoked"));
+    /// assert_eq!(ErrorResponse::parse(b"{}"), Err(TokenResponseError::Missing { field: "error" }));
+    /// ```
     pub fn parse(body: &[u8]) -> Result<Self, TokenResponseError> {
         let map = object(body)?;
         let error = match map.get("error") {
@@ -185,6 +220,13 @@ impl ErrorResponse {
     /// §2.2.2's `invalid_target`): the grant or the client is bad,
     /// or the request can never succeed as configured. A new login (or a config fix)
     /// is needed.
+    ///
+    /// ```
+    /// use tokenflight::oauth2::ErrorResponse;
+    /// let code = |body: &[u8]| ErrorResponse::parse(body).unwrap();
+    /// assert!(code(br#"{"error":"invalid_grant"}"#).is_permanent());
+    /// assert!(!code(br#"{"error":"temporarily_unavailable"}"#).is_permanent());
+    /// ```
     pub fn is_permanent(&self) -> bool {
         matches!(
             self.error.as_str(),

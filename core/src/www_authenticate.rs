@@ -18,6 +18,13 @@ pub struct Challenge {
 
 impl Challenge {
     /// The value of parameter `name` (case-insensitive).
+    ///
+    /// ```
+    /// use tokenflight::adapter::www_authenticate::parse;
+    /// let challenges = parse(r#"Bearer realm="api", error="invalid_token""#).unwrap();
+    /// assert_eq!(challenges[0].param("ERROR"), Some("invalid_token"));
+    /// assert_eq!(challenges[0].param("scope"), None);
+    /// ```
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
@@ -26,6 +33,13 @@ impl Challenge {
     }
 
     /// True when the scheme is `Bearer`.
+    ///
+    /// ```
+    /// use tokenflight::adapter::www_authenticate::parse;
+    /// let challenges = parse(r#"Basic realm="x", bearer realm="y""#).unwrap();
+    /// assert!(!challenges[0].is_bearer());
+    /// assert!(challenges[1].is_bearer(), "schemes compare case-insensitively");
+    /// ```
     pub fn is_bearer(&self) -> bool {
         self.scheme.eq_ignore_ascii_case("bearer")
     }
@@ -88,6 +102,14 @@ pub fn is_use_dpop_nonce(header: &str) -> bool {
 }
 
 /// The `error` of the first Bearer challenge in a header value, if any.
+///
+/// ```
+/// use tokenflight::adapter::www_authenticate::{BearerError, bearer_error};
+/// let header = r#"Basic realm="x", Bearer error="invalid_token""#;
+/// assert_eq!(bearer_error(header).unwrap(), Some(BearerError::InvalidToken));
+/// assert_eq!(bearer_error(r#"Bearer realm="api""#).unwrap(), None);
+/// assert!(bearer_error(r#"Bearer error="unclosed"#).is_err());
+/// ```
 pub fn bearer_error(header: &str) -> Result<Option<BearerError>, ParseError> {
     let challenges = parse(header)?;
     let code = challenges
@@ -207,6 +229,17 @@ impl Cursor<'_> {
 }
 
 /// Parses all challenges of one `WWW-Authenticate` header value.
+///
+/// ```
+/// use tokenflight::adapter::www_authenticate::parse;
+/// let challenges = parse(r#"Bearer realm="api", scope="read write", DPoP algs="ES256""#).unwrap();
+/// assert_eq!(challenges.len(), 2);
+/// assert_eq!(challenges[0].params, [
+///     ("realm".to_owned(), "api".to_owned()),
+///     ("scope".to_owned(), "read write".to_owned()),
+/// ]);
+/// assert_eq!(challenges[1].param("algs"), Some("ES256"));
+/// ```
 pub fn parse(header: &str) -> Result<Vec<Challenge>, ParseError> {
     let mut cur = Cursor {
         bytes: header.as_bytes(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
+use tokenflight::{Token, store::FileStore, store::TokenStore};
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
 use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::observe::{RequestAuthorized, RequestResent, ResendKind};
+use tokenflight::observe::{AuthLost, RequestAuthorized, RequestResent, ResendKind};
 use tokenflight::{AuthPolicyBuilder, ConfigError, Token, adapter::Transport, observe::Observer};
 use tokenflight_reqwest::reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 
@@ -148,9 +148,16 @@ impl Login {
             .source(self.grant(transport)?)
             .initial_token(self.token())
             .allowed_origin(&self.origin)
-            .on_auth_lost(move |_| {
-                relogins.fetch_add(1, Ordering::Relaxed);
-            }))
+            .observer(Relogins(relogins)))
+    }
+}
+
+/// Counts the times re-authentication became necessary.
+struct Relogins(Arc<AtomicU64>);
+
+impl Observer for Relogins {
+    fn auth_lost(&self, _event: &AuthLost<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 

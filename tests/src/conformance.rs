@@ -67,8 +67,7 @@ use tokenflight::oauth2::{ClientCredentialsGrant, RefreshTokenGrant};
 use tokenflight::{
     AuthPolicy, AuthPolicyBuilder, Classifier, Placement, SingleFlight, Token,
     adapter::FuturesTimer, adapter::Timer, adapter::Transport, config::Backoff,
-    config::FlightConfig, config::Retry, store::FileStore, store::WithGeneration,
-    test_util::ManualClock,
+    config::FlightConfig, config::Retry, store::FileStore, test_util::ManualClock,
 };
 
 use crate::testkit::{
@@ -559,9 +558,9 @@ pub async fn s6_invalid_grant_needs_a_new_login(adapter: &dyn Adapter) {
         TestServerConfig::default(),
         Start::ExpiredClientSide,
         move |b| {
-            b.on_auth_lost(move |_| {
+            b.observer(crate::on_auth_lost(move |_| {
                 fired.fetch_add(1, Ordering::SeqCst);
-            })
+            }))
         },
     );
     // The server no longer knows the refresh token (revoked): a real invalid_grant.

@@ -120,7 +120,7 @@ use tokenflight::{
     TokenSource, adapter::AuthError, adapter::AuthRequest, adapter::AuthResponse, adapter::Clock,
     adapter::InvalidHeader, adapter::RequestOptions, adapter::ResponseView, adapter::Spawn,
     adapter::Timer, store::MemoryStore, store::StoreError, store::StoreGuard, store::StoreWatcher,
-    store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::TokenStore, test_util::ManualClock,
 };
 use url::Url;
 
@@ -183,7 +183,7 @@ pub struct Setup {
     pub retries: bool,
     /// A session from an earlier run (another account's secrets) left in the store.
     pub stale: Option<Stale>,
-    /// The `on_auth_lost` hook panics.
+    /// The `auth_lost` observer panics.
     pub hook_panics: bool,
 }
 
@@ -521,7 +521,7 @@ pub struct Summary {
     pub logins_during_flights: usize,
     /// Store faults that fired.
     pub store_faults: usize,
-    /// Calls of the `on_auth_lost` hook.
+    /// Calls of the `auth_lost` observer.
     pub hook_calls: usize,
     /// Wall-clock steps.
     pub wall_steps: usize,
@@ -680,7 +680,7 @@ struct Shared {
     last_failure: Option<FailureSeen>,
     /// Tokens the source issued since the runner last looked.
     issued: Vec<(String, Issued)>,
-    /// Calls of the `on_auth_lost` hook: the error message, and the number of logins
+    /// Calls of the `auth_lost` observer: the error message, and the number of logins
     /// so far.
     hook_calls: Vec<(String, usize)>,
     /// The highest sane generation of a token this coordinator tried to save (every
@@ -1573,7 +1573,7 @@ impl World {
                 shared: shared.clone(),
             }))
             .config(compat::config(&setup))
-            .on_auth_lost(move |error: &RefreshError| {
+            .observer(crate::on_auth_lost(move |error: &RefreshError| {
                 let mut shared = lock(&hook_shared);
                 let logins = shared.login_flights.len();
                 shared.hook_calls.push((error.message().to_owned(), logins));
@@ -1581,7 +1581,7 @@ impl World {
                 if hook_panics {
                     panic!("{PLANTED}: auth-lost hook panic");
                 }
-            })
+            }))
             .allowed_origin("https://api.test");
         if setup.spawner {
             builder = builder.spawner(Arc::new(spawner.clone()));

@@ -216,7 +216,6 @@ pub(crate) async fn read_pushed(
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-    use tokenflight::store::WithGeneration;
 
     #[derive(Default)]
     struct Seen(Mutex<Vec<u64>>);

@@ -40,7 +40,7 @@
 //! [`SkipAuth`] sends it without credentials and does not classify
 //! the response; [`ForceRefresh`] refreshes before sending; with a keyed policy
 //! ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)) a
-//! [`TokenKey`](tokenflight::keyed::TokenKey) chooses the request's token.
+//! [`TokenKey`] chooses the request's token.
 //! Routes that never carry a token (a login endpoint on the API's origin) are exempted
 //! once, on the builder: `.skip_route(Some(Method::POST), "/login")`
 //! ([`AuthPolicyBuilder::skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).
@@ -56,14 +56,13 @@
 //! ## Errors
 //!
 //! When no token can be had, the request fails with
-//! [`reqwest_middleware::Error::Middleware`] wrapping a [`tokenflight::Error`]:
+//! [`reqwest_middleware::Error::Middleware`] wrapping a [`tokenflight::Error`];
+//! [`token_error`] finds it, and its predicates say what happened:
 //!
 //! ```
 //! fn needs_login(error: &tokenflight_reqwest::reqwest_middleware::Error) -> bool {
-//!     use tokenflight_reqwest::reqwest_middleware::Error;
-//!     matches!(error, Error::Middleware(e)
-//!         if matches!(e.downcast_ref(),
-//!             Some(tokenflight_reqwest::tokenflight::Error::ReauthenticationRequired { .. })))
+//!     tokenflight_reqwest::token_error(error)
+//!         .is_some_and(tokenflight_reqwest::tokenflight::Error::is_reauthentication_required)
 //! }
 //! # let _ = needs_login;
 //! ```
@@ -122,4 +121,24 @@ pub use transport::BareTransport;
 pub use reqwest;
 pub use reqwest_middleware;
 pub use tokenflight;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};
+
+/// The [`tokenflight::Error`] a request failed with because no token could be had;
+/// `None` for errors of reqwest and of other middleware.
+///
+/// ```
+/// use tokenflight_reqwest::reqwest_middleware::Error;
+/// use tokenflight_reqwest::tokenflight::{self, RefreshError};
+/// let lost = Error::middleware(tokenflight::Error::ReauthenticationRequired {
+///     cause: RefreshError::permanent("invalid_grant"),
+/// });
+/// assert!(tokenflight_reqwest::token_error(&lost).is_some_and(tokenflight::Error::is_reauthentication_required));
+/// let other = Error::middleware(std::io::Error::other("another middleware's error"));
+/// assert!(tokenflight_reqwest::token_error(&other).is_none());
+/// ```
+pub fn token_error(error: &reqwest_middleware::Error) -> Option<&tokenflight::Error> {
+    match error {
+        reqwest_middleware::Error::Middleware(inner) => inner.downcast_ref(),
+        reqwest_middleware::Error::Reqwest(_) => None,
+    }
+}

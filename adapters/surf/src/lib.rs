@@ -89,4 +89,23 @@ pub use transport::BareTransport;
 
 pub use surf;
 pub use tokenflight;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};
+
+/// The [`tokenflight::Error`] a request failed with because no token could be had;
+/// `None` for surf's own errors and other middleware's. Its predicates say what
+/// happened ([`is_reauthentication_required`](tokenflight::Error::is_reauthentication_required)).
+///
+/// ```
+/// use tokenflight_surf::surf;
+/// use tokenflight_surf::tokenflight::{self, RefreshError};
+/// let lost = surf::Error::new(
+///     surf::StatusCode::Unauthorized,
+///     tokenflight::Error::ReauthenticationRequired { cause: RefreshError::permanent("invalid_grant") },
+/// );
+/// assert!(tokenflight_surf::token_error(&lost).is_some_and(tokenflight::Error::is_reauthentication_required));
+/// let other = surf::Error::from_str(surf::StatusCode::BadGateway, "another middleware's error");
+/// assert!(tokenflight_surf::token_error(&other).is_none());
+/// ```
+pub fn token_error(error: &surf::Error) -> Option<&tokenflight::Error> {
+    error.downcast_ref()
+}

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::TryFutureExt;
 use futures_util::future::Either;
 use http_body::Body;
-use tokenflight::adapter::{AuthError, RequestOptions, TokioSpawner, TokioTimer};
+use tokenflight::adapter::{AuthError, AuthRequest, RequestOptions, TokioSpawner, TokioTimer};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -220,7 +220,9 @@ where
         // Only a request that will carry the token may need a resend, and only then is its
         // body read ahead.
         let outgoing = Outgoing::new(request, origin);
-        let may_resend = self.auth.attaches_token_to(&outgoing, &options);
+        let may_resend = self
+            .auth
+            .attaches_token(&outgoing.method(), outgoing.url(), &options);
         let outgoing = outgoing.keep_replayable(may_resend.then_some(self.replay_limit));
         // Sends through the instance `poll_ready` readied, then (the resend, at most
         // one) through a clone, readied before it is called. The resend is boxed: the

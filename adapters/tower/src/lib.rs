@@ -51,7 +51,7 @@
 //! tokenflight adapter: [`SkipAuth`] sends it without credentials and does not classify
 //! the response; [`ForceRefresh`] refreshes before sending; with a keyed policy
 //! ([`keyed`](tokenflight::AuthPolicyBuilder::keyed)) a
-//! [`TokenKey`](tokenflight::keyed::TokenKey) chooses the request's token. Routes that never carry a
+//! [`TokenKey`] chooses the request's token. Routes that never carry a
 //! token are exempted once on the builder
 //! ([`skip_route`](tokenflight::AuthPolicyBuilder::skip_route)).
 //!
@@ -154,4 +154,4 @@ pub use transport::HyperTransport;
 
 pub use tokenflight;
 pub use tokenflight::adapter::AuthError;
-pub use tokenflight::{ForceRefresh, Placement, SkipAuth};
+pub use tokenflight::{ForceRefresh, Placement, SkipAuth, TokenKey, ValidFor};

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
     SingleFlight, Token, adapter::Transport, store::StoreWatcher, store::TokenStore,
-    store::WithGeneration,
 };
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::BareTransport;

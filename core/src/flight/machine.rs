@@ -46,13 +46,23 @@ pub(super) struct Rules {
     pub(super) jitter: RandomState,
 }
 
-/// How good a token is at one instant ([C7](crate#c7), [C8](crate#c8), [C15](crate#c15)).
+/// How good a token is at one instant, for a request that needs it to stay valid for
+/// some time after that instant ([C7](crate#c7), [C8](crate#c8), [C15](crate#c15),
+/// [C20](crate#c20)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Assessment {
     /// Send it; nothing to do.
     Fresh,
     /// Send it, and one refresh should run ([C8](crate#c8)).
     RefreshAhead,
+    /// It does not stay valid (plus the leeway) as long as the request needs, and a new
+    /// token would: refresh first ([C20](crate#c20)).
+    EndsTooSoon,
+    /// It does not stay valid as long as the request needs, and a refresh cannot help
+    /// (the whole lifetime is shorter than asked and this token is in its first half,
+    /// or it is younger than `min_refresh_interval`, [C15](crate#c15)): send it and say
+    /// so ([C20](crate#c20)).
+    ShorterThanAsked,
     /// Within the leeway of its expiry: not sent, but it serves a caller whose refresh
     /// failed ([C7](crate#c7), [C16](crate#c16)).
     WithinLeeway,
@@ -63,7 +73,7 @@ pub(super) enum Assessment {
 }
 
 impl Assessment {
-    /// Can be sent now.
+    /// Can be sent now (and, for a request that needs more time, lasts that long).
     pub(super) fn usable(self) -> bool {
         matches!(self, Assessment::Fresh | Assessment::RefreshAhead)
     }
@@ -75,17 +85,33 @@ impl Assessment {
 }
 
 /// The one judgement of a token: `rejected` says whether a server rejected it (or a
-/// newer one). A token younger than `min_refresh_interval` is fresh whatever its expiry
-/// says ([C15](crate#c15)); the leeway and the window scale to its lifetime.
-pub(super) fn assess(rules: &Rules, token: &Token, rejected: bool, now: SystemTime) -> Assessment {
+/// newer one); `need`, if the request states one, is how long after `now` it needs the
+/// token to stay valid, plus its leeway ([C20](crate#c20)). A token younger than
+/// `min_refresh_interval` is fresh whatever its expiry says, and too young to be
+/// replaced for a longer need ([C15](crate#c15)); the leeway and the window scale to
+/// its lifetime.
+pub(super) fn assess(
+    rules: &Rules,
+    token: &Token,
+    rejected: bool,
+    need: Option<Duration>,
+    now: SystemTime,
+) -> Assessment {
     let config = &rules.config;
     if rejected {
         return Assessment::Rejected;
     }
-    if token
+    let young = token
         .age(now)
-        .is_some_and(|age| age < config.min_refresh_interval)
-    {
+        .is_some_and(|age| age < config.min_refresh_interval);
+    if let Some(need) = need.filter(|&need| !lasts(config, token, need, now)) {
+        return if young || !worth_replacing(config, token, need, now) {
+            Assessment::ShorterThanAsked
+        } else {
+            Assessment::EndsTooSoon
+        };
+    }
+    if young {
         return Assessment::Fresh;
     }
     if token.is_expired(now, Duration::ZERO) {
@@ -107,51 +133,26 @@ pub(super) fn assess(rules: &Rules, token: &Token, rejected: bool, now: SystemTi
     }
 }
 
-/// Whether a token lasts as long as a request needs ([C20](crate#c20)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Lasts {
-    /// Valid until `now + need`, plus its leeway: send it.
-    Enough,
-    /// Not long enough, and a new token would be: refresh first.
-    Refresh,
-    /// Not long enough, and a refresh cannot help (the whole lifetime is shorter than
-    /// asked and this token is in its first half, or it is younger than
-    /// `min_refresh_interval`, [C15](crate#c15)): send it and say so.
-    Short,
+/// Valid until `now + need`, plus its leeway (a token without an expiry always is).
+fn lasts(config: &FlightConfig, token: &Token, need: Duration, now: SystemTime) -> bool {
+    token.expiry().is_none()
+        || now
+            .checked_add(need)
+            .is_some_and(|at| !token.is_expired(at, config.leeway_for(token)))
 }
 
-/// [`assess`] for a request that needs the token to stay valid for `need` after `now`
-/// ([C20](crate#c20)). Refreshing a token whose lifetime is shorter than asked is worth it
-/// only once it has used half of it: at most two source calls per lifetime under steady
-/// traffic ([C15](crate#c15)).
-pub(super) fn lasts(rules: &Rules, token: &Token, need: Duration, now: SystemTime) -> Lasts {
-    let config = &rules.config;
-    let Some(expiry) = token.expiry() else {
-        return Lasts::Enough;
-    };
-    let leeway = config.leeway_for(token);
-    if now
-        .checked_add(need)
-        .is_some_and(|at| !token.is_expired(at, leeway))
-    {
-        return Lasts::Enough;
-    }
-    if token
-        .age(now)
-        .is_some_and(|age| age < config.min_refresh_interval)
-    {
-        return Lasts::Short;
-    }
-    match token.lifetime() {
-        Some(lifetime) if lifetime < need.saturating_add(leeway) => {
-            let remaining = expiry.duration_since(now).unwrap_or(Duration::ZERO);
-            if remaining >= lifetime / 2 {
-                Lasts::Short
-            } else {
-                Lasts::Refresh
-            }
+/// For a token that does not last `need`: whether a new one would be worth it.
+/// Refreshing a token whose lifetime is shorter than asked is worth it only once it
+/// has used half of it: at most two source calls per lifetime under steady traffic
+/// ([C15](crate#c15)).
+fn worth_replacing(config: &FlightConfig, token: &Token, need: Duration, now: SystemTime) -> bool {
+    match (token.lifetime(), token.expiry()) {
+        (Some(lifetime), Some(expiry))
+            if lifetime < need.saturating_add(config.leeway_for(token)) =>
+        {
+            expiry.duration_since(now).unwrap_or(Duration::ZERO) < lifetime / 2
         }
-        _ => Lasts::Refresh,
+        _ => true,
     }
 }
 
@@ -322,7 +323,7 @@ pub(super) struct FlightOutput {
 #[derive(Debug)]
 pub(super) struct Finished {
     pub(super) output: FlightOutput,
-    /// Re-authentication became required: fire the hook and tell observers, once.
+    /// Re-authentication became required: tell observers (`Observer::auth_lost`), once.
     pub(super) lost: Option<RefreshError>,
     /// Count a failure.
     pub(super) failed: bool,
@@ -368,7 +369,7 @@ pub(super) struct Machine<H> {
     /// refresh is in flight must not get the refresh's generation ([C3](crate#c3)).
     last_generation: u64,
     /// Bumped by every login: a flight that started under an older epoch must not
-    /// replace the login, fail it, or fire the auth-lost hook ([C17](crate#c17)).
+    /// replace the login, fail it, or tell observers auth was lost ([C17](crate#c17)).
     login_epoch: u64,
     /// The generation of a login (initial token or `install`) not yet saved to the
     /// store; the next flight saves it, numbered above whatever the store holds.
@@ -432,7 +433,13 @@ impl<H> Machine<H> {
     }
 
     pub(super) fn assess(&self, rules: &Rules, token: &Token, now: SystemTime) -> Assessment {
-        assess(rules, token, self.is_rejected(token.generation()), now)
+        assess(
+            rules,
+            token,
+            self.is_rejected(token.generation()),
+            None,
+            now,
+        )
     }
 
     /// The current token if it can be sent now.
@@ -995,7 +1002,7 @@ impl<H> Machine<H> {
     }
 
     /// A flight failed with `error`: permanent failures enter "re-authentication
-    /// required" (returned once, for the hook), transient ones back off ([C9](crate#c9), [C16](crate#c16)).
+    /// required" (returned once, for the observers), transient ones back off ([C9](crate#c9), [C16](crate#c16)).
     fn record_failure(
         &mut self,
         rules: &Rules,

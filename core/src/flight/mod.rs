@@ -34,7 +34,7 @@
 //! | C6 cancellation | `api`: `started` (spawner keeps the flight) and the flight handle kept weakly by the machine | `run`: `release` (the lock is given back on every path) |
 //! | C7 proactive | `machine`: `assess` (`Assessment::WithinLeeway`, `Expired`) | `api`: `valid_token`, `fast_until` |
 //! | C8 refresh ahead | `machine`: `assess` (`Assessment::RefreshAhead`), `jittered` | `api`: `refresh_ahead` |
-//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` fires `on_auth_lost` |
+//! | C9 failures, backoff | `machine`: `record_failure`, `backoff_delay`, `failing` | `machine`: `Machine::join` fails fast during backoff; `run`: `finish` emits `Observer::auth_lost` |
 //! | C10 bounded | `run`: `within` and the flight's `Deadline` (`budget`) | every store and source call in `run` goes through `within` |
 //! | C11 exempt requests | `request.rs`: `SkipAuth`, `ForceRefresh` | `auth_policy.rs`; `api`: `force_refresh` |
 //! | C12 secrets | `token.rs`: the redacted secret type; `policy.rs`: allowed origins | `observe.rs` and the spans in `run` carry no secret |
@@ -77,15 +77,10 @@ use crate::token::Token;
 use subscribe::{Changes, ChangesOwner};
 pub use subscribe::{Subscription, TokenChange};
 
-use machine::{
-    Ask, Assessment, FlightOutput, Join, Lasts, Machine, Rules, Started, assess, jittered, lasts,
-};
+use machine::{Ask, Assessment, FlightOutput, Join, Machine, Rules, Started, assess, jittered};
 
 type FlightFuture = Shared<BoxFuture<'static, FlightOutput>>;
 type WeakFlight = WeakShared<BoxFuture<'static, FlightOutput>>;
-
-/// A hook called once when the coordinator enters "re-authentication required" ([C9](crate#c9)).
-pub(crate) type AuthLostHook = Arc<dyn Fn(&RefreshError) + Send + Sync>;
 
 /// Everything a `SingleFlight` is built from; see [`crate::FlightBuilder`].
 pub(crate) struct Parts {
@@ -95,7 +90,6 @@ pub(crate) struct Parts {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) timer: Arc<dyn Timer>,
     pub(crate) spawner: Option<Arc<dyn Spawn>>,
-    pub(crate) on_auth_lost: Option<AuthLostHook>,
     pub(crate) observers: Observers,
     pub(crate) initial_token: Option<Token>,
 }
@@ -332,7 +326,13 @@ impl SingleFlight {
 
     /// The published token's assessment on the precise clock.
     fn assess_published(&self, published: &Published, now: SystemTime) -> Assessment {
-        assess(&self.inner.rules, &published.token, published.rejected, now)
+        assess(
+            &self.inner.rules,
+            &published.token,
+            published.rejected,
+            None,
+            now,
+        )
     }
 
     /// The current token if it can be sent as it is: present, not rejected by a
@@ -440,15 +440,22 @@ impl SingleFlight {
     pub fn token(&self) -> impl Future<Output = Result<Arc<Token>, Error>> + Send + '_ {
         match self.ready_token() {
             Some(token) => TokenFuture::Ready { token: Some(token) },
+            // Nothing is decided before the first poll: a future dropped unpolled
+            // starts nothing.
             // Boxed: the fast path's future stays two words, which callers move and
-            // store cheaply; only a caller that waits pays for the box.
+            // store cheaply; only a caller that waits pays for the (small) box.
             None => TokenFuture::Slow {
-                slow: Box::pin(self.token_slow()),
+                slow: Box::new(SlowPath {
+                    flight: self,
+                    step: Slow::Start,
+                }),
             },
         }
     }
 
-    async fn token_slow(&self) -> Result<Arc<Token>, Error> {
+    /// The slow path's first step, on the first poll: the token if the precise clock
+    /// says it can be sent, else the flight to wait for (or why not).
+    fn token_slow(&self) -> Step<'_> {
         let now = self.now();
         let (assessment, current) = match self.inner.current.load().as_ref() {
             Some(published) => (
@@ -458,9 +465,9 @@ impl SingleFlight {
             None => (None, None),
         };
         let reason = match (assessment, current) {
-            (Some(Assessment::Fresh), Some(token)) => return Ok(token),
+            (Some(Assessment::Fresh), Some(token)) => return Step::Answer(Ok(token)),
             (Some(Assessment::RefreshAhead), Some(token)) => {
-                return Ok(self.refresh_ahead(token).await);
+                return Step::Then(Slow::Ahead(Box::pin(self.refresh_ahead(token))));
             }
             (None, _) | (_, None) => RefreshReason::Initial,
             (Some(Assessment::Rejected), _) => RefreshReason::Rejected,
@@ -468,7 +475,7 @@ impl SingleFlight {
         };
         let replaces = self.current().map(|t| t.generation());
         let ask = Ask { reason, replaces };
-        self.wait(ask, self.join_or_start(ask, false)).await
+        Slow::joined(ask, self.join_or_start(ask, false))
     }
 
     /// A token to send now that stays valid for at least `need` after now, plus the
@@ -496,29 +503,35 @@ impl SingleFlight {
     /// a refresh someone else waits for ([C6](crate#c6)).
     pub async fn token_valid_for(&self, need: Duration) -> Result<Arc<Token>, Error> {
         let token = self.token().await?;
-        let verdict = lasts(&self.inner.rules, &token, need, self.now());
-        let token = match verdict {
-            Lasts::Enough => return Ok(token),
-            Lasts::Short => token,
-            Lasts::Refresh => {
+        let token = match self.assess_for(&token, need) {
+            Assessment::EndsTooSoon => {
                 let ask = Ask {
                     reason: RefreshReason::RefreshAhead,
                     replaces: Some(token.generation()),
                 };
                 let fresh = self.wait(ask, self.join_or_start(ask, false)).await?;
-                if lasts(&self.inner.rules, &fresh, need, self.now()) == Lasts::Enough {
+                if self.assess_for(&fresh, need).usable() {
                     return Ok(fresh);
                 }
                 fresh
             }
+            Assessment::ShorterThanAsked => token,
+            _ => return Ok(token),
         };
         self.shorter_than_asked(&token, need);
         Ok(token)
     }
 
+    /// How `token`, just handed out, fares for a request that needs it for `need` after
+    /// now ([C20](crate#c20)). Only its lifetime counts here: whether it was rejected is
+    /// the next response's business.
+    fn assess_for(&self, token: &Token, need: Duration) -> Assessment {
+        assess(&self.inner.rules, token, false, Some(need), self.now())
+    }
+
     /// Whether `token` stays valid for `need` after now, plus the leeway ([C20](crate#c20)).
     pub(crate) fn lasts_for(&self, token: &Token, need: Duration) -> bool {
-        lasts(&self.inner.rules, token, need, self.now()) == Lasts::Enough
+        self.assess_for(token, need).usable()
     }
 
     fn shorter_than_asked(&self, token: &Token, need: Duration) {
@@ -909,47 +922,138 @@ impl SingleFlight {
                 Joined::Failed(error) => return Err(error),
                 Joined::Wait(flight) | Joined::Spawned(flight) | Joined::Busy(flight) => flight,
             };
-            let output = flight.await;
-            if output.superseded {
-                // C17: the login serves this caller if it is usable (and newer than
-                // what the caller replaces); otherwise a flight started after the
-                // login does. Each login can send a caller round once.
-                let now = self.now();
-                let (served, resolved) = self.with_state(|m, rules| {
-                    let resolved = ask.replaces.map(|g| m.resolve_alias(g));
-                    (m.login_serves(rules, ask, now), resolved)
-                });
-                if let Some(token) = served {
-                    return Ok(token);
-                }
-                ask.replaces = resolved;
-                joined = self.join_or_start(ask, false);
-                continue;
+            match self.answer(&mut ask, flight.await) {
+                Answer::Done(result) => return result,
+                Answer::Again(again) => joined = again,
             }
-            return match (output.result, output.fallback) {
-                (Ok(token), _) => Ok(token),
-                // C16: a token that has not really expired is still worth sending.
-                (Err(_), Some(token)) if ask.reason != RefreshReason::Forced => Ok(token),
-                (Err(error), _) if error.is_permanent() => {
-                    Err(Error::ReauthenticationRequired { cause: error })
+        }
+    }
+
+    /// A flight's output as the answer to the caller who asked `ask`, or the next
+    /// flight to wait for after a login superseded it ([C5](crate#c5), [C16](crate#c16),
+    /// [C17](crate#c17)).
+    fn answer(&self, ask: &mut Ask, output: FlightOutput) -> Answer {
+        if output.superseded {
+            // C17: the login serves this caller if it is usable (and newer than
+            // what the caller replaces); otherwise a flight started after the
+            // login does. Each login can send a caller round once.
+            let now = self.now();
+            let (served, resolved) = self.with_state(|m, rules| {
+                let resolved = ask.replaces.map(|g| m.resolve_alias(g));
+                (m.login_serves(rules, *ask, now), resolved)
+            });
+            if let Some(token) = served {
+                return Answer::Done(Ok(token));
+            }
+            ask.replaces = resolved;
+            return Answer::Again(self.join_or_start(*ask, false));
+        }
+        Answer::Done(match (output.result, output.fallback) {
+            (Ok(token), _) => Ok(token),
+            // C16: a token that has not really expired is still worth sending.
+            (Err(_), Some(token)) if ask.reason != RefreshReason::Forced => Ok(token),
+            (Err(error), _) if error.is_permanent() => {
+                Err(Error::ReauthenticationRequired { cause: error })
+            }
+            (Err(error), _) => Err(Error::Refresh(error)),
+        })
+    }
+}
+
+/// What a waiter does with a flight's output.
+enum Answer {
+    Done(Result<Arc<Token>, Error>),
+    /// A login superseded the flight and does not serve this caller: wait for this.
+    Again(Joined),
+}
+
+/// The steps of [`SingleFlight::token`]'s slow path, written out by hand rather than
+/// as an `async fn`: a parked waiter holds only the flight handle and what it asked,
+/// in one small box.
+enum Slow<'a> {
+    /// Not polled yet.
+    Start,
+    /// Waiting for the flight that answers `ask`.
+    Waiting { ask: Ask, flight: FlightFuture },
+    /// The token is in its refresh-ahead window: the one caller that starts the refresh
+    /// (without a spawner) drives it; rare, so boxed.
+    Ahead(BoxFuture<'a, Arc<Token>>),
+    /// Answered.
+    Done,
+}
+
+/// The next step of the slow path: the answer, or a step to poll.
+enum Step<'a> {
+    Answer(Result<Arc<Token>, Error>),
+    Then(Slow<'a>),
+}
+
+impl<'a> Slow<'a> {
+    /// The step after joining: the answer at once, or the flight to wait for.
+    fn joined(ask: Ask, joined: Joined) -> Step<'a> {
+        match joined {
+            Joined::Ready(token) => Step::Answer(Ok(token)),
+            Joined::Failed(error) => Step::Answer(Err(error)),
+            Joined::Wait(flight) | Joined::Spawned(flight) | Joined::Busy(flight) => {
+                Step::Then(Slow::Waiting { ask, flight })
+            }
+        }
+    }
+
+    fn poll(
+        &mut self,
+        flight: &'a SingleFlight,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Arc<Token>, Error>> {
+        use std::task::Poll;
+        loop {
+            let step = match self {
+                Slow::Start => flight.token_slow(),
+                Slow::Waiting {
+                    ask,
+                    flight: shared,
+                } => {
+                    let Poll::Ready(output) = shared.poll_unpin(cx) else {
+                        return Poll::Pending;
+                    };
+                    match flight.answer(ask, output) {
+                        Answer::Done(result) => Step::Answer(result),
+                        Answer::Again(joined) => Slow::joined(*ask, joined),
+                    }
                 }
-                (Err(error), _) => Err(Error::Refresh(error)),
+                Slow::Ahead(ahead) => match ahead.poll_unpin(cx) {
+                    Poll::Ready(token) => Step::Answer(Ok(token)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Slow::Done => return Poll::Pending,
             };
+            match step {
+                // Dropped here, not when the caller drops this future: the flight
+                // handle goes as soon as the answer is known.
+                Step::Answer(answer) => {
+                    *self = Slow::Done;
+                    return Poll::Ready(answer);
+                }
+                Step::Then(next) => *self = next,
+            }
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// What [`SingleFlight::token`] returns: a token ready at once (the fast path, no
-    /// async state built) or the asynchronous slow path.
-    #[project = TokenFutureProj]
-    enum TokenFuture<S> {
-        Ready { token: Option<Arc<Token>> },
-        Slow { #[pin] slow: S },
-    }
+/// What [`SingleFlight::token`] returns: a token ready at once (the fast path, no
+/// async state built) or the slow path's steps.
+enum TokenFuture<'a> {
+    Ready { token: Option<Arc<Token>> },
+    Slow { slow: Box<SlowPath<'a>> },
 }
 
-impl<S: Future<Output = Result<Arc<Token>, Error>>> Future for TokenFuture<S> {
+/// The slow path: the coordinator and the step it is at.
+struct SlowPath<'a> {
+    flight: &'a SingleFlight,
+    step: Slow<'a>,
+}
+
+impl Future for TokenFuture<'_> {
     type Output = Result<Arc<Token>, Error>;
 
     #[inline]
@@ -957,12 +1061,15 @@ impl<S: Future<Output = Result<Arc<Token>, Error>>> Future for TokenFuture<S> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        match self.project() {
-            TokenFutureProj::Ready { token } => match token.take() {
+        match self.get_mut() {
+            TokenFuture::Ready { token } => match token.take() {
                 Some(token) => std::task::Poll::Ready(Ok(token)),
                 None => std::task::Poll::Pending,
             },
-            TokenFutureProj::Slow { slow } => slow.poll(cx),
+            TokenFuture::Slow { slow } => {
+                let SlowPath { flight, step } = &mut **slow;
+                step.poll(flight, cx)
+            }
         }
     }
 }

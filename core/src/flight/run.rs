@@ -27,7 +27,7 @@ use crate::token::Token;
 
 impl SingleFlight {
     /// The whole flight: run it, contain its panics, let the machine finish it, carry
-    /// out the effects (hook, observers, span).
+    /// out the effects (observers, span).
     pub(super) async fn run_flight(self, started: Started) -> FlightOutput {
         // One span per flight; no field carries a token or a secret (C12).
         let span = tracing::info_span!(
@@ -105,7 +105,7 @@ impl SingleFlight {
     }
 
     /// Ends the flight in the machine (one lock), then carries out its effects: the
-    /// failure count, the auth-lost hook and event ([C9](crate#c9)). Never panics ([C18](crate#c18)).
+    /// failure count, the auth-lost event ([C9](crate#c9)). Never panics ([C18](crate#c18)).
     fn finish(&self, started: Started, result: Result<Flown, RefreshError>) -> FlightOutput {
         let now = self.now();
         let mono = self.mono();
@@ -137,13 +137,8 @@ impl SingleFlight {
             bump(&self.inner.counters.failures);
         }
         if let Some(error) = &finished.lost {
-            if let Some(hook) = &self.inner.parts.on_auth_lost {
-                tracing::warn!(error = %error, "re-authentication required");
-                // A hook that panics must not take the flight's waiters with it (C18).
-                if std::panic::catch_unwind(AssertUnwindSafe(|| hook(error))).is_err() {
-                    tracing::warn!("the on_auth_lost hook panicked");
-                }
-            }
+            tracing::warn!(error = %error, "re-authentication required");
+            // An observer that panics does not take the flight's waiters with it (C18).
             self.observers().emit(|o| o.auth_lost(&AuthLost { error }));
         }
         finished.output

@@ -221,3 +221,51 @@ fn c17_a_saved_fetch_clears_an_older_unsaved_login_before_the_unlock_ends() {
     assert!(token.generation() > login.generation());
     assert_eq!(flight.stats().source_calls, 1);
 }
+
+/// The young-token rule ([C15](crate#c15)) lives in the one assessment and answers both
+/// questions: a token younger than `min_refresh_interval` is fresh for an ordinary
+/// request even inside its leeway, and for a request that needs it longer it is
+/// "shorter than asked", never a reason to refresh ([C20](crate#c20)). An older token
+/// that does not last is refreshed once it has used half of a lifetime shorter than
+/// asked.
+#[test]
+fn c15_c20_one_assessment_answers_both_questions() {
+    use super::machine::{Assessment, Rules, assess};
+    use std::time::SystemTime;
+    let rules = Rules {
+        config: crate::config::FlightConfig {
+            min_refresh_interval: Duration::from_secs(5),
+            ..crate::config::FlightConfig::default()
+        },
+        jitter: std::collections::hash_map::RandomState::new(),
+    };
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let young = Token::new("young").expires_in(Duration::from_secs(1), now);
+    assert_eq!(assess(&rules, &young, false, None, now), Assessment::Fresh);
+    let need = Some(Duration::from_secs(600));
+    assert_eq!(
+        assess(&rules, &young, false, need, now),
+        Assessment::ShorterThanAsked
+    );
+    let hours = |h: u64| Duration::from_secs(3600 * h);
+    let half_used = Token::new("half").expires_in(hours(2), now - hours(1));
+    assert_eq!(
+        assess(&rules, &half_used, false, need, now),
+        Assessment::Fresh
+    );
+    let need = Some(hours(2));
+    assert_eq!(
+        assess(&rules, &half_used, false, need, now),
+        Assessment::ShorterThanAsked
+    );
+    let past_half =
+        Token::new("past").expires_in(hours(2), now - hours(1) - Duration::from_secs(60));
+    assert_eq!(
+        assess(&rules, &past_half, false, need, now),
+        Assessment::EndsTooSoon
+    );
+    assert_eq!(
+        assess(&rules, &past_half, true, need, now),
+        Assessment::Rejected
+    );
+}

@@ -68,6 +68,13 @@ impl fmt::Debug for FileStore {
 impl FileStore {
     /// A store in the file at `path` (created on the first save; its directory must
     /// exist), with the refresh lock on `<path>.lock`.
+    ///
+    /// ```
+    /// use tokenflight::store::FileStore;
+    /// let store = FileStore::new("/var/lib/my-app/token.json");
+    /// assert_eq!(store.path(), std::path::Path::new("/var/lib/my-app/token.json"));
+    /// assert_eq!(store.lock_path(), std::path::Path::new("/var/lib/my-app/token.json.lock"));
+    /// ```
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let mut lock_path = path.clone().into_os_string();
@@ -81,17 +88,36 @@ impl FileStore {
 
     /// How long [`TokenStore::lock`] waits for another holder (default 30 s). The
     /// coordinator's refresh timeout bounds the wait too.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokenflight::store::FileStore;
+    /// let store = FileStore::new("token.json").lock_timeout(Duration::from_secs(5));
+    /// assert!(format!("{store:?}").contains("5s"));
+    /// ```
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
     }
 
     /// The token file.
+    ///
+    /// ```
+    /// use tokenflight::store::FileStore;
+    /// let dir = std::env::temp_dir();
+    /// assert_eq!(FileStore::new(dir.join("token.json")).path(), dir.join("token.json"));
+    /// ```
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// The sidecar file the refresh lock is taken on.
+    ///
+    /// ```
+    /// use tokenflight::store::FileStore;
+    /// let store = FileStore::new("state/token.json");
+    /// assert_eq!(store.lock_path(), std::path::Path::new("state/token.json.lock"));
+    /// ```
     pub fn lock_path(&self) -> &Path {
         &self.lock_path
     }

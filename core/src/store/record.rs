@@ -69,6 +69,19 @@ impl From<DecodeError> for StoreError {
 }
 
 /// Encodes `token` as a record of the current [`FORMAT`].
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use tokenflight::Token;
+/// use tokenflight::store::record;
+/// let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+/// let token = Token::new("access").with_refresh("refresh").expires_at(at).with_generation(3);
+/// let bytes = record::encode(&token).unwrap();
+/// let back = record::decode(&bytes).unwrap();
+/// assert_eq!(back.access().expose(), "access");
+/// assert_eq!(back.refresh().map(|r| r.expose()), Some("refresh"));
+/// assert_eq!((back.expiry(), back.generation()), (Some(at), 3));
+/// ```
 pub fn encode(token: &Token) -> Result<Vec<u8>, StoreError> {
     let record = Record {
         format: FORMAT,
@@ -84,6 +97,14 @@ pub fn encode(token: &Token) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Decodes a record of any format this library has written.
+///
+/// ```
+/// use tokenflight::Token;
+/// use tokenflight::store::record;
+/// let bytes = record::encode(&Token::new("a").with_generation(1)).unwrap();
+/// assert_eq!(record::decode(&bytes).unwrap().generation(), 1);
+/// assert!(record::decode(b"not json").is_err());
+/// ```
 pub fn decode(bytes: &[u8]) -> Result<Token, DecodeError> {
     let version: Version = serde_json::from_slice(bytes).map_err(corrupt)?;
     match (version.format, version.v) {
@@ -145,7 +166,7 @@ fn token_from(
     obtained_at: Option<SystemTime>,
 ) -> Result<Token, DecodeError> {
     let mut token = Token::new(Secret::from(access))
-        .with_refresh_opt(refresh.map(Secret::from))
+        .set_refresh(refresh.map(Secret::from))
         .with_generation(generation);
     if let Some(at) = expires_at {
         token = token.expires_at(at);

@@ -616,9 +616,9 @@ async fn c9_permanent_failure_fires_hook_once_until_login() {
     let hook_calls = Arc::new(AtomicUsize::new(0));
     let counter = hook_calls.clone();
     let flight = builder(&clock, &source)
-        .on_auth_lost(move |_e| {
+        .observer(on_auth_lost(move |_e| {
             counter.fetch_add(1, Ordering::SeqCst);
-        })
+        }))
         .build()
         .unwrap();
     for _ in 0..3 {

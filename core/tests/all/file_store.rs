@@ -15,7 +15,7 @@ use futures::executor::block_on;
 use proptest::prelude::*;
 use tokenflight::{
     RefreshContext, SingleFlight, Token, from_fn, store::FileStore, store::StoreError,
-    store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::TokenStore, test_util::ManualClock,
 };
 
 /// Saves `token` the only way a store allows: under its lock.
@@ -225,9 +225,12 @@ fn c1_a_second_flight_adopts_the_token_the_first_one_stored() {
                 let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
                 let refresh = cx.previous.and_then(|t| t.refresh().cloned());
                 async move {
-                    Ok(Token::new(format!("{name}-{n}"))
-                        .with_refresh_opt(refresh)
-                        .expires_in(Duration::from_secs(3600), SystemTime::now()))
+                    let token = Token::new(format!("{name}-{n}"))
+                        .expires_in(Duration::from_secs(3600), SystemTime::now());
+                    Ok(match refresh {
+                        Some(refresh) => token.with_refresh(refresh),
+                        None => token,
+                    })
                 }
             }))
             .build()
@@ -335,9 +338,11 @@ fn arb_token() -> impl Strategy<Value = Token> {
         any::<u64>(),
     )
         .prop_map(|(access, refresh, expiry, generation)| {
-            let token = Token::new(access)
-                .with_refresh_opt(refresh.map(Into::into))
-                .with_generation(generation);
+            let token = Token::new(access).with_generation(generation);
+            let token = match refresh {
+                Some(refresh) => token.with_refresh(refresh),
+                None => token,
+            };
             match expiry {
                 Some(millis) => {
                     token.expires_at(SystemTime::UNIX_EPOCH + Duration::from_millis(millis))

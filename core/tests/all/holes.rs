@@ -14,7 +14,7 @@ use tokenflight::{
     Error, FlightBuilder, RefreshContext, RefreshError, SingleFlight, Token, adapter::Clock,
     adapter::Timer, config::Backoff, config::FlightConfig, config::Retry, from_fn,
     store::MAX_GENERATION, store::MemoryStore, store::StoreError, store::StoreGuard,
-    store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::TokenStore, test_util::ManualClock,
 };
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -291,9 +291,9 @@ fn login_during_refresh(outcome: Step) -> LoginRace {
     let hook_count = hooks.clone();
     let flight = builder(&clock, &source)
         .retry(Retry::none())
-        .on_auth_lost(move |_| {
+        .observer(on_auth_lost(move |_| {
             hook_count.fetch_add(1, Ordering::SeqCst);
-        })
+        }))
         .build()
         .unwrap();
     source.gate().close();
@@ -512,7 +512,7 @@ fn c18_a_panicking_hook_gives_every_waiter_a_typed_error() {
     let clock = ManualClock::at_fixed_point();
     let source = ScriptedSource::new(&clock, Step::Permanent);
     let flight = builder(&clock, &source)
-        .on_auth_lost(|_| panic!("hook panicked (test)"))
+        .observer(on_auth_lost(|_| panic!("hook panicked (test)")))
         .build()
         .unwrap();
     source.gate().close();
@@ -856,9 +856,9 @@ fn c16_a_permanent_failure_inside_the_leeway_serves_the_token_until_it_expires()
     let lost = Arc::new(AtomicUsize::new(0));
     let hook = Arc::clone(&lost);
     let flight = builder(&clock, &source)
-        .on_auth_lost(move |_| {
+        .observer(on_auth_lost(move |_| {
             hook.fetch_add(1, Ordering::SeqCst);
-        })
+        }))
         .build()
         .unwrap();
     let first = futures::executor::block_on(flight.token()).unwrap();

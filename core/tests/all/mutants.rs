@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use tokenflight::{
     AuthPolicy, Placement, RefreshContext, RefreshReason, SingleFlight, Token, config::Backoff,
     from_fn, store::MemoryStore, store::StoreError, store::StoreGuard, store::TokenStore,
-    store::WithGeneration, test_util::ManualClock,
+    test_util::ManualClock,
 };
 
 fn valid_token(clock: &ManualClock) -> Token {

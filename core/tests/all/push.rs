@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use tokenflight::{
     Error, SingleFlight, Token, adapter::Clock, config::FlightConfig, store::MAX_GENERATION,
     store::StoreError, store::StoreGuard, store::StoreWatcher, store::TokenStore,
-    store::WithGeneration, test_util::ManualClock,
+    test_util::ManualClock,
 };
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -360,9 +360,9 @@ fn a_push_ends_auth_lost_even_while_a_reload_runs() {
         .store(store.clone())
         .clock(Arc::new(clock.clone()))
         .timer(Arc::new(clock.clone()))
-        .on_auth_lost(move |_| {
+        .observer(on_auth_lost(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
-        })
+        }))
         .build()
         .unwrap();
     assert!(matches!(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use tokenflight::{Token, store::FileStore, store::TokenStore, store::WithGeneration};
+use tokenflight::{Token, store::FileStore, store::TokenStore};
 use tokenflight_tests::testkit::{TestServer, TestServerConfig};
 use tokenflight_tests::worker::Worker;
 

@@ -13,7 +13,7 @@ use common::deployments::{Cluster, cli};
 use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet, PROCESSES};
 use tokenflight::{
     RefreshError, SingleFlight, Token, from_fn, store::StoreError, store::StoreWatcher,
-    store::TokenStore, store::WithGeneration,
+    store::TokenStore,
 };
 use tokenflight_redis::{RedisStore, ReplicaAck};
 

@@ -12,7 +12,7 @@ use common::RedisServer;
 use common::issuer::{Issuer, LIFETIME};
 use tokenflight::{
     SingleFlight, adapter::Clock, config::Backoff, store::StoreError, store::TokenStore,
-    store::WithGeneration, test_util::ManualClock,
+    test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 

@@ -14,7 +14,7 @@ use common::{RedisServer, script_calls};
 use futures::future::BoxFuture;
 use tokenflight::{
     SingleFlight, Token, adapter::Clock, config::Backoff, from_fn, store::StoreError,
-    store::StoreGuard, store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::StoreGuard, store::TokenStore, test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 use tokio::sync::oneshot;

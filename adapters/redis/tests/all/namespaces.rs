@@ -25,7 +25,7 @@ use std::time::Duration;
 use common::{RedisServer, commandstats, script_calls};
 use futures::future::join_all;
 use tokenflight::keyed::{KeyedFlights, key_namespace};
-use tokenflight::store::{StoreError, StoreWatcher, TokenStore, WithGeneration};
+use tokenflight::store::{StoreError, StoreWatcher, TokenStore};
 use tokenflight::{SingleFlight, Token, from_fn};
 use tokenflight_redis::RedisStore;
 use tokio::sync::mpsc;

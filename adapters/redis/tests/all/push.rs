@@ -17,7 +17,6 @@ use common::issuer::Issuer;
 use common::{RedisServer, commandstats};
 use tokenflight::{
     RefreshContext, SingleFlight, Token, from_fn, store::StoreWatcher, store::TokenStore,
-    store::WithGeneration,
 };
 use tokenflight_redis::RedisStore;
 use tokio::sync::mpsc;

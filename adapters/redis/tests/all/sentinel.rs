@@ -14,7 +14,7 @@ use common::fleet::{CLIENTS_PER_PROCESS, CYCLES, Deployment, Fleet};
 use common::issuer::{Issuer, LIFETIME};
 use tokenflight::{
     RefreshContext, SingleFlight, adapter::Clock, config::Backoff, from_fn, store::StoreError,
-    store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::TokenStore, test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 use tokio::sync::oneshot;

@@ -12,8 +12,7 @@ use common::issuer::{Issuer, LIFETIME};
 use common::{RedisServer, script_calls};
 use redis::AsyncCommands;
 use tokenflight::{
-    SingleFlight, Token, store::StoreError, store::TokenStore, store::WithGeneration,
-    test_util::ManualClock,
+    SingleFlight, Token, store::StoreError, store::TokenStore, test_util::ManualClock,
 };
 use tokenflight_redis::RedisStore;
 

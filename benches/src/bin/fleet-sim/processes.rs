@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokenflight::oauth2::RefreshTokenGrant;
-use tokenflight::{Token, store::StoreWatcher, store::TokenStore, store::WithGeneration};
+use tokenflight::{Token, store::StoreWatcher, store::TokenStore};
 use tokenflight_redis::RedisStore;
 use tokenflight_reqwest::reqwest_middleware::ClientBuilder;
 use tokenflight_reqwest::{BareTransport, TokenMiddleware, reqwest};

@@ -19,6 +19,21 @@ use tokenflight::{
 };
 use url::Url;
 
+/// An observer that calls `f` with the error when re-authentication becomes necessary.
+pub struct OnAuthLost<F>(F);
+
+/// An [`OnAuthLost`] observer of `f` (a function, so a closure's argument type is
+/// inferred from the bound).
+pub fn on_auth_lost<F: Fn(&RefreshError) + Send + Sync>(f: F) -> OnAuthLost<F> {
+    OnAuthLost(f)
+}
+
+impl<F: Fn(&RefreshError) + Send + Sync> tokenflight::observe::Observer for OnAuthLost<F> {
+    fn auth_lost(&self, event: &tokenflight::observe::AuthLost<'_>) {
+        (self.0)(event.error)
+    }
+}
+
 /// What the scripted source does on its n-th call.
 #[derive(Clone, Debug)]
 pub enum Step {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokenflight::oauth2::RefreshTokenGrant;
 use tokenflight::{
     SingleFlight, Token, adapter::Clock, adapter::Transport, config::Backoff, store::StoreError,
-    store::TokenStore, store::WithGeneration, test_util::ManualClock,
+    store::TokenStore, test_util::ManualClock,
 };
 use tokenflight_redis::{RedisStore, RedisStoreBuilder, ReplicaAck};
 use tokenflight_reqwest::BareTransport;
