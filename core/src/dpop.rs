@@ -286,14 +286,16 @@ impl NonceCache {
         }
     }
 
-    /// Records the `DPoP-Nonce` of a response from `url`, if it has one. Returns it.
+    /// Records the `DPoP-Nonce` of a response from `url`, if it has one. Returns the
+    /// response's own nonce, not what the cache holds afterwards: a response to another
+    /// request of the same origin may have written there meanwhile.
     pub fn update(&self, url: &Url, response: &impl ResponseView) -> Option<Arc<str>> {
         let nonce = response.header(&DPOP_NONCE)?.trim();
         if nonce.is_empty() {
             return None;
         }
         self.set(url, nonce);
-        self.get(url)
+        Some(nonce.into())
     }
 }
 
@@ -345,17 +347,29 @@ impl Dpop {
     }
 
     /// Reads a resource server's response to a request to `url`: records its
-    /// `DPoP-Nonce`, and says whether it demands a (new) nonce — a `401` whose
-    /// `WWW-Authenticate` has a `DPoP` challenge with `error="use_dpop_nonce"` and
-    /// that came with a nonce. Such a response is cured by one resend with a new proof,
+    /// `DPoP-Nonce`, and returns the nonce it demands, if it is a demand — a `401`
+    /// whose `WWW-Authenticate` has a `DPoP` challenge with `error="use_dpop_nonce"`
+    /// and that came with a nonce. Such a response is cured by one resend with a new
+    /// proof carrying that nonce (the demand's own, whatever the cache holds by then),
     /// not by a refresh.
-    pub fn observe_resource(&self, url: &Url, response: &impl ResponseView) -> bool {
-        let nonce = self.nonces.update(url, response);
-        response.status() == 401
-            && nonce.is_some()
+    pub fn observe_resource(&self, url: &Url, response: &impl ResponseView) -> Option<Arc<str>> {
+        let nonce = self.nonces.update(url, response)?;
+        let demand = response.status() == 401
             && response
                 .header(&http::header::WWW_AUTHENTICATE)
-                .is_some_and(crate::www_authenticate::is_use_dpop_nonce)
+                .is_some_and(crate::www_authenticate::is_use_dpop_nonce);
+        demand.then_some(nonce)
+    }
+
+    /// A proof for a request to `url` carrying `nonce` (a demand's), not the cache's.
+    pub(crate) fn proof_with_nonce(
+        &self,
+        method: &http::Method,
+        url: &Url,
+        access_token: Option<&str>,
+        nonce: &str,
+    ) -> Result<Secret, KeyError> {
+        self.key.proof(method, url, access_token, Some(nonce))
     }
 }
 
@@ -480,12 +494,12 @@ mod tests {
                 (DPOP_NONCE, "n-1"),
             ],
         );
-        assert!(dpop.observe_resource(&url, &demand));
+        assert_eq!(dpop.observe_resource(&url, &demand).as_deref(), Some("n-1"));
         let proof = dpop.proof(&http::Method::GET, &url, Some("AT")).unwrap();
         assert_eq!(verify(proof.expose()).1["nonce"], "n-1");
         // A success that rotates the nonce updates the cache, and is no demand.
         let ok = Response(200, vec![(DPOP_NONCE, "n-2")]);
-        assert!(!dpop.observe_resource(&url, &ok));
+        assert!(dpop.observe_resource(&url, &ok).is_none());
         assert_eq!(dpop.nonces().get(&url).as_deref(), Some("n-2"));
         // invalid_token is a refresh's business, not a nonce demand.
         let invalid = Response(
@@ -498,7 +512,7 @@ mod tests {
                 (DPOP_NONCE, "n-3"),
             ],
         );
-        assert!(!dpop.observe_resource(&url, &invalid));
+        assert!(dpop.observe_resource(&url, &invalid).is_none());
         // A demand without a nonce cannot be cured by resending.
         let no_nonce = Response(
             401,
@@ -507,7 +521,7 @@ mod tests {
                 r#"DPoP error="use_dpop_nonce""#,
             )],
         );
-        assert!(!dpop.observe_resource(&url, &no_nonce));
+        assert!(dpop.observe_resource(&url, &no_nonce).is_none());
         let other = Url::parse("https://other.example/a").unwrap();
         assert_eq!(dpop.nonces().get(&other), None);
     }

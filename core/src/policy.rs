@@ -108,12 +108,30 @@ impl Rules {
         // resend gets its own): `htm`, `htu`, `ath` and the origin's current nonce.
         #[cfg(feature = "dpop")]
         if let Some(dpop) = &self.dpop {
+            let at = Some(token.access().expose());
             let proof = dpop
-                .proof(
-                    &request.method(),
-                    request.url(),
-                    Some(token.access().expose()),
-                )
+                .proof(&request.method(), request.url(), at)
+                .map_err(|_| InvalidHeader)?;
+            request.set_sensitive_header(crate::dpop::DPOP.as_str(), proof.expose())?;
+        }
+        Ok(())
+    }
+
+    /// Puts `token` on `request` for the resend that answers a nonce demand: the proof
+    /// carries the demand's `nonce`. Not the cache's: a response to another request of
+    /// the origin, with an older nonce, may have landed there since the demand.
+    #[cfg(feature = "dpop")]
+    pub(crate) fn attach_after_demand<R: AuthRequest>(
+        &self,
+        request: &mut R,
+        token: &Arc<Token>,
+        nonce: &str,
+    ) -> Result<(), InvalidHeader> {
+        self.placement.attach_cached(&self.header, request, token)?;
+        if let Some(dpop) = &self.dpop {
+            let at = Some(token.access().expose());
+            let proof = dpop
+                .proof_with_nonce(&request.method(), request.url(), at, nonce)
                 .map_err(|_| InvalidHeader)?;
             request.set_sensitive_header(crate::dpop::DPOP.as_str(), proof.expose())?;
         }
@@ -129,10 +147,10 @@ impl Rules {
         &self,
         response: &Resp,
         sent: Option<&Url>,
-    ) -> bool {
+    ) -> Option<Arc<str>> {
         match (&self.dpop, sent) {
             (Some(dpop), Some(url)) => dpop.observe_resource(url, response),
-            _ => false,
+            _ => None,
         }
     }
 

@@ -317,7 +317,7 @@ impl<F> Attempt<F> {
         // A DPoP nonce demand is cured by one resend with a proof carrying the nonce,
         // not by a refresh: the token is not marked rejected.
         #[cfg(feature = "dpop")]
-        if self
+        if let Some(nonce) = self
             .policy
             .inner
             .rules
@@ -325,7 +325,7 @@ impl<F> Attempt<F> {
         {
             if let Some(replay) = replay {
                 drop(response);
-                return self.nonce_resend(replay).await;
+                return self.nonce_resend(replay, &nonce).await;
             }
         }
         let (response, rejected) = Rules::classify(response, head).await;
@@ -382,12 +382,13 @@ impl<F> Attempt<F> {
     }
 
     /// After a DPoP nonce demand: the one resend, with the current token and a new
-    /// proof carrying the nonce. Its response is the answer, whatever it is (a second
+    /// proof carrying the demanded `nonce`. Its response is the answer, whatever it is (a second
     /// demand included: no loop, [C4](crate#c4)); its nonce is recorded.
     #[cfg(feature = "dpop")]
     async fn nonce_resend<Req, Resp, E, Fut>(
         mut self,
         mut replay: Req,
+        nonce: &str,
     ) -> Result<Resp, AuthError<E>>
     where
         Req: AuthRequest,
@@ -398,7 +399,7 @@ impl<F> Attempt<F> {
         let token = authorize(&self.flight, &self.span, false, None).await?;
         let rules = &self.policy.inner.rules;
         let origin = replay.origin_url().clone();
-        rules.attach(&mut replay, &token)?;
+        rules.attach_after_demand(&mut replay, &token, nonce)?;
         drop(token);
         self.span.record("resent", true);
         tracing::debug!("the resource server demanded a DPoP nonce; resending once");

@@ -215,3 +215,51 @@ fn c4_invalid_token_still_means_a_refresh_and_a_success_rotates_the_nonce() {
         .collect();
     assert_eq!(jtis.len(), server.seen().len(), "no jti reused");
 }
+
+/// Another request's response that lands between a demand and its resend (here an
+/// observer that writes an older nonce into the cache just before the resend's proof is
+/// made) must not spoil the resend: it carries the nonce the demand gave.
+#[test]
+fn the_resend_carries_the_demanded_nonce_even_if_an_older_one_landed_meanwhile() {
+    struct LateResponse(Dpop, Arc<Mutex<u32>>);
+    impl tokenflight::observe::Observer for LateResponse {
+        fn request_authorized(&self, _event: &tokenflight::observe::RequestAuthorized) {
+            let url = url::Url::parse("https://api.test/").unwrap();
+            self.0.nonces().set(&url, "n-stale");
+            *self.1.lock().unwrap() += 1;
+        }
+    }
+    let clock = ManualClock::at_fixed_point();
+    let source = ScriptedSource::new(&clock, Step::Ok(LONG));
+    let dpop = Dpop::new(DpopKey::generate().unwrap());
+    let overwrites = Arc::new(Mutex::new(0));
+    let flight = SingleFlight::builder()
+        .source(source.clone())
+        .clock(Arc::new(clock.clone()))
+        .timer(Arc::new(clock.clone()))
+        .backoff(tokenflight::config::Backoff::none())
+        .retry(tokenflight::config::Retry::none())
+        .refresh_ahead(None)
+        .observer(LateResponse(dpop.clone(), overwrites.clone()));
+    let auth = AuthPolicyBuilder::<AuthPolicy>::from_flight(flight)
+        .allowed_origin("https://api.test")
+        .dpop(dpop.clone())
+        .build()
+        .unwrap();
+    let server = Server::default();
+    let response = get(&auth, server.sender("token-1", false, None));
+    assert_eq!(
+        *overwrites.lock().unwrap(),
+        2,
+        "the stale nonce landed before the first send and again before the resend"
+    );
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "one resend");
+    assert_eq!(seen[0].claims["nonce"], "n-stale");
+    assert_eq!(
+        seen[1].claims["nonce"], "n-0",
+        "the demand's nonce, not the cache's"
+    );
+    assert_eq!(response.status, 200);
+    assert_eq!(source.calls(), 1, "no refresh");
+}
