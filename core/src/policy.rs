@@ -103,18 +103,7 @@ impl Rules {
         request: &mut R,
         token: &Arc<Token>,
     ) -> Result<(), InvalidHeader> {
-        self.placement.attach_cached(&self.header, request, token)?;
-        // With DPoP, a new proof for this send of this request with this token (a
-        // resend gets its own): `htm`, `htu`, `ath` and the origin's current nonce.
-        #[cfg(feature = "dpop")]
-        if let Some(dpop) = &self.dpop {
-            let at = Some(token.access().expose());
-            let proof = dpop
-                .proof(&request.method(), request.url(), at)
-                .map_err(|_| InvalidHeader)?;
-            request.set_sensitive_header(crate::dpop::DPOP.as_str(), proof.expose())?;
-        }
-        Ok(())
+        self.attach_with_nonce(request, token, None)
     }
 
     /// Puts `token` on `request` for the resend that answers a nonce demand: the proof
@@ -127,14 +116,32 @@ impl Rules {
         token: &Arc<Token>,
         nonce: &str,
     ) -> Result<(), InvalidHeader> {
+        self.attach_with_nonce(request, token, Some(nonce))
+    }
+
+    /// `demanded`: the nonce a demand gave, for its resend; `None`: the origin's cached
+    /// one (only DPoP proofs carry a nonce).
+    fn attach_with_nonce<R: AuthRequest>(
+        &self,
+        request: &mut R,
+        token: &Arc<Token>,
+        demanded: Option<&str>,
+    ) -> Result<(), InvalidHeader> {
         self.placement.attach_cached(&self.header, request, token)?;
+        // With DPoP, a new proof for this send of this request with this token (a
+        // resend gets its own): `htm`, `htu`, `ath` and the nonce.
+        #[cfg(feature = "dpop")]
         if let Some(dpop) = &self.dpop {
-            let at = Some(token.access().expose());
-            let proof = dpop
-                .proof_with_nonce(&request.method(), request.url(), at, nonce)
-                .map_err(|_| InvalidHeader)?;
+            let (method, at) = (request.method(), Some(token.access().expose()));
+            let proof = match demanded {
+                Some(nonce) => dpop.proof_with_nonce(&method, request.url(), at, nonce),
+                None => dpop.proof(&method, request.url(), at),
+            }
+            .map_err(|_| InvalidHeader)?;
             request.set_sensitive_header(crate::dpop::DPOP.as_str(), proof.expose())?;
         }
+        #[cfg(not(feature = "dpop"))]
+        let _ = demanded;
         Ok(())
     }
 
