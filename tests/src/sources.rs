@@ -213,7 +213,11 @@ impl TokenSource for RemovedMidRefresh {
         if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.nth {
             let path = self.file.path().to_owned();
             std::fs::remove_file(&path).unwrap();
-            let next = self.server.issue_workload_token(FILE_TOKEN_LIFETIME);
+            // The new file's token outlasts the load: nothing rotates it again, so with
+            // a short life the scenario would end in a real expiry whenever this refresh
+            // came early (a slow start puts the first token in its refresh-ahead window
+            // at once), which is not what W2 is about.
+            let next = self.server.issue_workload_token(Duration::from_secs(3600));
             let absent = self.absent;
             std::thread::spawn(move || {
                 // The platform's own pace, not a synchronisation of the test.
