@@ -99,6 +99,7 @@
 // modulo their length), never from raw input.
 #![allow(clippy::indexing_slicing)]
 
+pub mod dpop;
 pub mod keyed;
 
 use std::collections::{BTreeSet, HashMap};
