@@ -401,8 +401,11 @@ fn send_wire(shared: &Arc<Mutex<DpopShared>>, caller: usize, request: DpopReques
     }
 }
 
+/// A caller's future: the wire whose response it got, or its error.
+type Caller = Pin<Box<dyn Future<Output = Result<usize, String>> + Send>>;
+
 struct Task {
-    future: Option<Pin<Box<dyn Future<Output = Result<usize, String>> + Send>>>,
+    future: Option<Caller>,
     flag: Arc<Flag>,
     waker: Waker,
     /// The wire whose response the caller got, or its error.

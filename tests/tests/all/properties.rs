@@ -8,7 +8,8 @@
 //! the budget: issue 26) and `tokenflight_tests::model::run` plays each one
 //! deterministically, checking the contracts after every step. Keyed policies whose
 //! coordinators are evicted while requests are in flight run in
-//! `tokenflight_tests::model::keyed::run_keyed` (issue 26).
+//! `tokenflight_tests::model::keyed::run_keyed` (issue 26); DPoP nonce demands, rotations
+//! and rejected proofs in `tokenflight_tests::model::dpop::run_dpop`.
 //!
 //! Each property weights the operations towards one class of bug; every property still
 //! checks every contract. With the core's fixes for issue 13 reverted one at a time, the
