@@ -17,7 +17,8 @@
 //! tests (`tests/tests/all/properties.rs`) generate scenarios with proptest; the
 //! `flight_ops` fuzz target decodes them with `arbitrary`. Keyed policies, whose
 //! coordinators are evicted while requests are in flight, have a second, smaller runner:
-//! [`keyed`] (issue 26).
+//! [`keyed`] (issue 26). A policy with DPoP on, in front of a server that demands and
+//! rotates nonces and rejects tokens or proofs, has a third: [`dpop`].
 //!
 //! ## Pushed tokens (issue 20): planted bugs and what caught them
 //!
@@ -99,6 +100,7 @@
 // modulo their length), never from raw input.
 #![allow(clippy::indexing_slicing)]
 
+pub mod dpop;
 pub mod keyed;
 
 use std::collections::{BTreeSet, HashMap};

@@ -8,7 +8,8 @@
 //! the budget: issue 26) and `tokenflight_tests::model::run` plays each one
 //! deterministically, checking the contracts after every step. Keyed policies whose
 //! coordinators are evicted while requests are in flight run in
-//! `tokenflight_tests::model::keyed::run_keyed` (issue 26).
+//! `tokenflight_tests::model::keyed::run_keyed` (issue 26); DPoP nonce demands, rotations
+//! and rejected proofs in `tokenflight_tests::model::dpop::run_dpop`.
 //!
 //! Each property weights the operations towards one class of bug; every property still
 //! checks every contract. With the core's fixes for issue 13 reverted one at a time, the
@@ -26,6 +27,7 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
+use tokenflight_tests::model::dpop::{self, DpopOp, DpopScenario, DpopSummary, Verdict};
 use tokenflight_tests::model::keyed::{self, KeyedOp, KeyedScenario, KeyedSetup, KeyedSummary};
 use tokenflight_tests::model::{
     self, Fault, Initial, Lifetime, MAX_CALLERS, Op, Outcome, Push, RetryAfter, Scenario, Setup,
@@ -1501,4 +1503,77 @@ fn c17_a_replica_login_after_a_corrupt_record_restarted_the_numbering_serves() {
         ],
     })
     .unwrap();
+}
+
+// ----- DPoP (RFC 9449): nonce demands, rotations and rejected proofs
+
+fn dpop_op() -> impl Strategy<Value = DpopOp> {
+    let verdict = prop_oneof![
+        4 => Just(Verdict::Accept),
+        3 => Just(Verdict::Demand),
+        1 => Just(Verdict::InvalidToken),
+        1 => Just(Verdict::InvalidProof),
+    ];
+    prop_oneof![
+        4 => prop::bool::weighted(0.8).prop_map(|replayable| DpopOp::Send { replayable }),
+        5 => any::<u8>().prop_map(DpopOp::Poll),
+        3 => Just(DpopOp::Settle),
+        6 => (any::<u8>(), verdict).prop_map(|(n, verdict)| DpopOp::Respond { n, verdict }),
+        1 => Just(DpopOp::Rotate),
+        3 => prop::bool::weighted(0.85).prop_map(DpopOp::Source),
+        1 => any::<u8>().prop_map(DpopOp::Cancel),
+    ]
+}
+
+/// DPoP storms: callers on the wire while the resource server demands nonces, rotates
+/// its nonce under them and rejects tokens or proofs. A demand on a replayable request
+/// costs no refresh and one resend, carrying the demanded nonce and a new `jti`; a
+/// second demand is returned as is; a rejection is one refresh and one resend with a
+/// newer token (C4); every proof is bound to its token and has its own `jti`.
+#[test]
+fn dpop_nonce_demands_cost_no_refresh_and_at_most_one_resend() {
+    let seed = seed();
+    let config = Config {
+        cases: cases(),
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let ran = std::cell::Cell::new(0u32);
+    let first_failure = std::cell::RefCell::new(None);
+    let total = std::cell::RefCell::new(DpopSummary::default());
+    let strategy = prop::collection::vec(dpop_op(), 1..80).prop_map(|ops| DpopScenario { ops });
+    let result = runner.run(&strategy, |scenario| {
+        ran.set(ran.get() + 1);
+        let summary = dpop::run_dpop(&scenario).map_err(|v| {
+            first_failure
+                .borrow_mut()
+                .get_or_insert_with(|| format!("{} ({v})", ran.get()));
+            TestCaseError::fail(v.to_string())
+        })?;
+        let mut total = total.borrow_mut();
+        total.demands += summary.demands;
+        total.nonce_resends += summary.nonce_resends;
+        total.second_demands += summary.second_demands;
+        total.rejection_resends += summary.rejection_resends;
+        total.demands_after_rotation += summary.demands_after_rotation;
+        Ok(())
+    });
+    if let Err(error) = result {
+        panic!(
+            "{error}\n\nfirst failing case: {} of {}\nreproduce with: \
+             TOKENFLIGHT_SCENARIO_SEED={seed}",
+            first_failure.borrow().as_deref().unwrap_or("?"),
+            cases()
+        );
+    }
+    let total = total.into_inner();
+    assert!(
+        total.nonce_resends > 0
+            && total.second_demands > 0
+            && total.rejection_resends > 0
+            && total.demands_after_rotation > 0,
+        "the generator missed a DPoP road: {total:?}"
+    );
 }
