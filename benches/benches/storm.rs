@@ -18,8 +18,8 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tokenflight_benches::extras::Extras;
 use tokenflight_benches::peers::{ArrowTokenCache, RwLockRecheck, SmithyExpiringCache};
 use tokenflight_benches::storm::{
-    AsyncSingleflight, Contender, Moka, MutexAcrossRefresh, SharedFloor, Tokenflight, release_time,
-    waiter_memory,
+    AsyncSingleflight, Contender, Moka, MutexAcrossRefresh, SharedFloor, SharedFloorWithHandle,
+    Tokenflight, release_time, waiter_memory,
 };
 
 #[global_allocator]
@@ -83,7 +83,7 @@ fn record_memory<C: Contender>(extras: &mut Extras, runtime: &tokio::runtime::Ru
 type Storm = fn(&tokio::runtime::Runtime, usize) -> Duration;
 
 /// Every contender, by its name in the tables.
-const STORMS: [(&str, Storm); 8] = [
+const STORMS: [(&str, Storm); 9] = [
     (SharedFloor::NAME, release_time::<SharedFloor>),
     (Tokenflight::NAME, release_time::<Tokenflight>),
     (Moka::NAME, release_time::<Moka>),
@@ -95,6 +95,10 @@ const STORMS: [(&str, Storm); 8] = [
         release_time::<SmithyExpiringCache>,
     ),
     (RwLockRecheck::NAME, release_time::<RwLockRecheck>),
+    (
+        SharedFloorWithHandle::NAME,
+        release_time::<SharedFloorWithHandle>,
+    ),
 ];
 
 /// Interleaved rounds at N = 10,000 and 100,000: per round every contender's release

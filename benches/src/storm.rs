@@ -139,6 +139,37 @@ impl Contender for SharedFloor {
     }
 }
 
+/// The floor plus one handle: a bare `Shared`, and each waiter also holds a clone of
+/// an `Arc` it drops when it resumes, as a waiter holds the handle of whatever
+/// coordinates it (tokenflight's waiter holds a `SingleFlight`, the peers their caches).
+/// The difference to [`SharedFloor`] is that handle's one contended reference count.
+#[derive(Debug)]
+pub struct SharedFloorWithHandle {
+    shared: Shared<BoxFuture<'static, Arc<Token>>>,
+    handle: Arc<()>,
+}
+
+impl Contender for SharedFloorWithHandle {
+    const NAME: &'static str = "floor_shared_with_handle";
+
+    fn new(refresh: Arc<Refresh>) -> Self {
+        SharedFloorWithHandle {
+            shared: SharedFloor::new(refresh).shared,
+            handle: Arc::new(()),
+        }
+    }
+
+    fn waiter(&self) -> impl Future<Output = Arc<Token>> + Send + 'static {
+        let shared = self.shared.clone();
+        let handle = Arc::clone(&self.handle);
+        async move {
+            let token = shared.await;
+            drop(handle);
+            token
+        }
+    }
+}
+
 /// tokenflight's `SingleFlight::token()`, no spawner (the waiters drive the refresh),
 /// tokio's timer for the refresh timeout. Needs a tokio runtime context.
 #[derive(Debug)]

@@ -930,21 +930,13 @@ impl SingleFlight {
     /// A flight's output as the answer to the caller who asked `ask`, or the next
     /// flight to wait for after a login superseded it ([C5](crate#c5), [C16](crate#c16),
     /// [C17](crate#c17)).
+    ///
+    /// Inline: every waiter of a flight runs this as it resumes, most of them on the
+    /// first branch; the login's case is out of line.
+    #[inline]
     fn answer(&self, ask: &mut Ask, output: FlightOutput) -> Answer {
         if output.superseded {
-            // C17: the login serves this caller if it is usable (and newer than
-            // what the caller replaces); otherwise a flight started after the
-            // login does. Each login can send a caller round once.
-            let now = self.now();
-            let (served, resolved) = self.with_state(|m, rules| {
-                let resolved = ask.replaces.map(|g| m.resolve_alias(g));
-                (m.login_serves(rules, *ask, now), resolved)
-            });
-            if let Some(token) = served {
-                return Answer::Done(Ok(token));
-            }
-            ask.replaces = resolved;
-            return Answer::Again(self.join_or_start(*ask, false));
+            return self.answer_superseded(ask);
         }
         Answer::Done(match (output.result, output.fallback) {
             (Ok(token), _) => Ok(token),
@@ -955,6 +947,25 @@ impl SingleFlight {
             }
             (Err(error), _) => Err(Error::Refresh(error)),
         })
+    }
+
+    /// [`SingleFlight::answer`] for a flight a login superseded ([C17](crate#c17)): the
+    /// login serves this caller if it is usable (and newer than what the caller
+    /// replaces); otherwise a flight started after the login does. Each login can send
+    /// a caller round once.
+    #[cold]
+    #[inline(never)]
+    fn answer_superseded(&self, ask: &mut Ask) -> Answer {
+        let now = self.now();
+        let (served, resolved) = self.with_state(|m, rules| {
+            let resolved = ask.replaces.map(|g| m.resolve_alias(g));
+            (m.login_serves(rules, *ask, now), resolved)
+        });
+        if let Some(token) = served {
+            return Answer::Done(Ok(token));
+        }
+        ask.replaces = resolved;
+        Answer::Again(self.join_or_start(*ask, false))
     }
 }
 
@@ -1014,7 +1025,11 @@ impl<'a> Slow<'a> {
                         return Poll::Pending;
                     };
                     match flight.answer(ask, output) {
-                        Answer::Done(result) => Step::Answer(result),
+                        // Straight out, as most waiters leave: the handle goes now.
+                        Answer::Done(result) => {
+                            *self = Slow::Done;
+                            return Poll::Ready(result);
+                        }
                         Answer::Again(joined) => Slow::joined(*ask, joined),
                     }
                 }
