@@ -239,7 +239,7 @@ pub mod adapter {
     pub use crate::auth_policy::SendFuture;
     pub use crate::error::AuthError;
     pub use crate::request::{
-        AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
+        AuthRequest, AuthResponse, InvalidHeader, RequestOptions, RequestOrigin, ResponseView,
     };
     #[cfg(feature = "futures-timer")]
     pub use crate::runtime::FuturesTimer;

@@ -1,4 +1,4 @@
-//! Issue 18: the origin checks ([C12]) read [`AuthRequest::origin_url`], and a request's
+//! Issue 18: the origin checks ([C12]) read [`AuthRequest::origin`], and a request's
 //! full URL is read only when a skipped route needs its path. An adapter that builds
 //! the full URL per request (tower, from an `http::Uri`) then builds it only then; the
 //! answers are the same as reading the full URL.
@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::time::{Duration, SystemTime};
 
 use futures::executor::block_on;
-use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions};
+use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions, RequestOrigin};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, Token, from_fn};
 
 use crate::support::FakeResponse;
@@ -44,8 +44,8 @@ impl AuthRequest for CountingRequest {
         self.url_reads.set(self.url_reads.get() + 1);
         &self.url
     }
-    fn origin_url(&self) -> &url::Url {
-        &self.origin
+    fn origin(&self) -> RequestOrigin<'_> {
+        RequestOrigin::Url(&self.origin)
     }
     fn url_mut(&mut self) -> &mut url::Url {
         self.url_reads.set(self.url_reads.get() + 1);
