@@ -830,7 +830,10 @@ impl<'a> UriOrigin<'a> {
     fn is_plain(&self) -> bool {
         match self.host {
             UriHost::Domain(domain) => domain.split('.').all(|label| {
-                !label.is_empty() && !label.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
+                !label.is_empty()
+                    && !label
+                        .get(..4)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
             }),
             UriHost::Ipv4(_) | UriHost::Ipv6(_) => true,
         }
@@ -850,9 +853,7 @@ impl<'a> UriHost<'a> {
         }
         let last = host.strip_suffix('.').unwrap_or(host);
         let last = last.rsplit('.').next().unwrap_or(last);
-        let hex = last
-            .get(..2)
-            .is_some_and(|p| p.eq_ignore_ascii_case("0x"))
+        let hex = last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
             && last.bytes().skip(2).all(|b| b.is_ascii_hexdigit());
         if hex || last.bytes().all(|b| b.is_ascii_digit()) {
             // The URL parser reads a host ending in a number as an IPv4 address.
@@ -1460,14 +1461,13 @@ mod origin_tests {
         ]);
         let url = Url::parse("https://api.example.com/x").unwrap();
         let admit = |list: &AllowedOrigins, url: &Url| {
-            list.admission(RequestOrigin::Url(url)).map(Admission::sent_to)
+            list.admission(RequestOrigin::Url(url))
+                .map(Admission::sent_to)
         };
         let sent_to = admit(&list, &url).unwrap();
         assert!(sent_to.is_origin_of(&list, &Url::parse("https://api.example.com:443/y").unwrap()));
         assert!(!sent_to.is_origin_of(&list, &Url::parse("https://other.example.com/").unwrap()));
-        assert!(
-            admit(&list, &Url::parse("http://api.example.com/").unwrap()).is_none()
-        );
+        assert!(admit(&list, &Url::parse("http://api.example.com/").unwrap()).is_none());
         let any = admit(&AllowedOrigins::Any, &url).unwrap();
         assert!(any.is_origin_of(&AllowedOrigins::Any, &url));
         assert!(!any.is_origin_of(

@@ -1,71 +1,37 @@
 //! `http::Request` and `http::Response` seen through the core's `AuthRequest` and
 //! `AuthResponse`.
 //!
-//! The core works on a `url::Url`; an `http::Request` has a `Uri`. The URL is parsed
-//! once per request and written back only when the core changed it (query placement).
+//! The core checks a request's origin on its `Uri` ([`RequestOrigin::Uri`]); the
+//! `url::Url` is parsed only when something reads the path or query (a skipped route, a
+//! keyed token, query placement, a DPoP proof), and written back only when the core
+//! changed it (query placement).
 
 use std::cell::OnceCell;
-use std::sync::Arc;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::Uri;
 #[cfg(test)]
 use tokenflight::adapter::InvalidHeader;
-use tokenflight::adapter::{AuthRequest, AuthResponse, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, RequestOrigin, ResponseView};
 use url::Url;
 
 use crate::body::{self, BufferedBody, ReplayBody, Wait};
 
 /// The URL of an absolute-form request URI; `None` for a relative one (`/path`), which
-/// names no origin.
-#[cfg(any(test, feature = "tower-http"))]
+/// names no origin, or one the URL parser refuses.
 pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
-    origin_of(uri).map(|origin| url_on(&origin, uri))
+    uri.scheme()?;
+    uri.authority()?;
+    Url::parse(&uri.to_string()).ok()
 }
 
-/// The origin of an absolute-form request URI, as a URL with an empty path and no
-/// query; `None` for a relative URI (`/path`), which names no origin, or one the URL
-/// parser refuses.
-///
-/// Parsing a whole URL runs the WHATWG host parser (IDNA mapping, IPv4 forms) every
-/// time. A client's requests go to a few origins, so each thread keeps the last
-/// origin it parsed, shared: a request to the same origin costs a comparison and a
-/// reference count. The core's origin checks read only this
-/// ([`AuthRequest::origin_url`]); the request's full URL is built from it only when
-/// something needs the path or query (building it on every request was the largest
-/// cost of the layer's own per request).
-pub(crate) fn origin_of(uri: &Uri) -> Option<Arc<Url>> {
-    let scheme = uri.scheme()?;
-    let authority = uri.authority()?;
-    LAST_ORIGIN.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((cached_scheme, cached_authority, origin)) = last.as_ref()
-            && cached_scheme == scheme
-            && cached_authority.as_str() == authority.as_str()
-        {
-            return Some(Arc::clone(origin));
-        }
-        let origin = Arc::new(Url::parse(&format!("{scheme}://{authority}")).ok()?);
-        *last = Some((scheme.clone(), authority.clone(), Arc::clone(&origin)));
-        Some(origin)
-    })
-}
-
-/// The URL of `uri`, whose origin is `origin`: the path and query set on a copy of it,
-/// the same parser steps as a full parse takes for them (`url_of_agrees_with_a_full_parse`).
-fn url_on(origin: &Url, uri: &Uri) -> Url {
-    let mut url = origin.clone();
-    url.set_path(uri.path());
-    url.set_query(uri.query());
-    url
-}
-
-thread_local! {
-    /// The last origin `origin_of` parsed on this thread: its scheme and authority as
-    /// the URI spelled them, and its URL.
-    static LAST_ORIGIN: std::cell::RefCell<Option<(http::uri::Scheme, http::uri::Authority, Arc<Url>)>> =
-        const { std::cell::RefCell::new(None) };
-}
+/// Stands in for the URL of a URI the URL parser refuses. The core reads a request's URL
+/// only after its origin check let it in, and it lets in only URIs whose URL parses, so
+/// this is never read; were it, no route matches it and no request is sent to it
+/// ([`Outgoing::into_request`]).
+static UNPARSED: LazyLock<Url> =
+    LazyLock::new(|| Url::parse("http://unparsed.invalid/").expect("a constant URL"));
 
 /// How a request's body is produced again for the resend.
 enum Replay<B: http_body::Body> {
@@ -81,8 +47,6 @@ enum Replay<B: http_body::Body> {
 pub(crate) struct Outgoing<B: http_body::Body> {
     parts: http::request::Parts,
     body: B,
-    /// The URI's origin ([`origin_of`]).
-    origin: Arc<Url>,
     /// The full URL, built when first asked for (boxed: rarely built, and the request
     /// and its replay copy live in every request's future).
     url: OnceCell<Box<Url>>,
@@ -92,14 +56,12 @@ pub(crate) struct Outgoing<B: http_body::Body> {
 }
 
 impl<B: ReplayBody> Outgoing<B> {
-    /// Wraps `request`, whose URI's origin is `origin` ([`origin_of`]); its body is
-    /// not replayable until [`Outgoing::keep_replayable`].
-    pub(crate) fn new(request: http::Request<B>, origin: Arc<Url>) -> Self {
+    /// Wraps `request`; its body is not replayable until [`Outgoing::keep_replayable`].
+    pub(crate) fn new(request: http::Request<B>) -> Self {
         let (parts, body) = request.into_parts();
         Outgoing {
             parts,
             body,
-            origin,
             url: OnceCell::new(),
             edited: None,
             replay: Replay::No,
@@ -113,7 +75,6 @@ impl<B: ReplayBody> Outgoing<B> {
         let Outgoing {
             parts,
             body,
-            origin,
             url,
             edited,
             replay: _,
@@ -136,7 +97,6 @@ impl<B: ReplayBody> Outgoing<B> {
         Outgoing {
             parts,
             body,
-            origin,
             url,
             edited,
             replay,
@@ -146,7 +106,7 @@ impl<B: ReplayBody> Outgoing<B> {
     /// The request to send, with the URL the core may have changed.
     pub(crate) fn into_request(self) -> http::Request<B> {
         let mut parts = self.parts;
-        if let Some(url) = &self.edited {
+        if let Some(url) = self.edited.filter(|url| url.host() != UNPARSED.host()) {
             match Uri::try_from(url.as_str()) {
                 Ok(uri) => parts.uri = uri,
                 // `url` writes the query with form encoding, which `Uri` accepts; this
@@ -167,20 +127,18 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
     fn url(&self) -> &Url {
         match &self.edited {
             Some(url) => url,
-            None => self
-                .url
-                .get_or_init(|| Box::new(url_on(&self.origin, &self.parts.uri))),
+            None => self.url.get_or_init(|| full_url(&self.parts.uri)),
         }
     }
 
-    fn origin_url(&self) -> &Url {
-        &self.origin
+    fn origin(&self) -> RequestOrigin<'_> {
+        RequestOrigin::Uri(&self.parts.uri)
     }
 
     fn url_mut(&mut self) -> &mut Url {
-        let (origin, uri, built) = (&self.origin, &self.parts.uri, self.url.take());
+        let (uri, built) = (&self.parts.uri, self.url.take());
         self.edited
-            .get_or_insert_with(|| built.unwrap_or_else(|| Box::new(url_on(origin, uri))))
+            .get_or_insert_with(|| built.unwrap_or_else(|| full_url(uri)))
     }
 
     fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
@@ -199,12 +157,16 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         Some(Outgoing {
             parts: copy_parts(&self.parts),
             body,
-            origin: Arc::clone(&self.origin),
             url: self.url.clone(),
             edited: self.edited.clone(),
             replay,
         })
     }
+}
+
+/// The URL of `uri` ([`url_of`]), or [`UNPARSED`].
+fn full_url(uri: &Uri) -> Box<Url> {
+    Box::new(url_of(uri).unwrap_or_else(|| UNPARSED.clone()))
 }
 
 /// A copy of `parts`: `Parts::clone`, except that an empty header map stays as `new`
@@ -334,10 +296,6 @@ mod tests {
             .unwrap()
     }
 
-    fn origin() -> Arc<Url> {
-        origin_of(&Uri::from_static("http://127.0.0.1:1/api/x?a=1")).unwrap()
-    }
-
     #[test]
     fn only_absolute_uris_have_a_url() {
         assert!(url_of(&Uri::from_static("/pkg.Service/Method")).is_none());
@@ -347,50 +305,7 @@ mod tests {
                 .as_str(),
             "https://api.example.com:8443/x?y=1"
         );
-    }
-
-    /// The per-thread origin cache gives exactly what a full parse gives (the URL, and
-    /// the origin the token's checks read), whatever the path and query (dot segments, percent-encoding, characters that need encoding,
-    /// empty path), for a URI of a cached origin and after a change of origin.
-    #[test]
-    fn url_of_agrees_with_a_full_parse() {
-        let origins = [
-            "http://127.0.0.1:1",
-            "https://API.Example.com",
-            "https://api.example.com:443",
-            "http://[::1]:8080",
-            "http://0x7f.1:80",
-            "https://xn--bcher-kva.example",
-        ];
-        let rests = [
-            "",
-            "/",
-            "/a/b",
-            "/a/../b/./c",
-            "/%7Euser/x%20y",
-            "/x?y=1&z=%20",
-            "/p?",
-            "/p?q=a/b?c",
-            "/sp%C3%A4ce",
-            "/a//b",
-            "/?only=query",
-        ];
-        for round in 0..2 {
-            for origin in origins {
-                for rest in rests {
-                    let text = format!("{origin}{rest}");
-                    let uri: Uri = text.parse().unwrap();
-                    let full = Url::parse(&uri.to_string()).unwrap();
-                    assert_eq!(url_of(&uri).unwrap(), full, "{text} (round {round})");
-                    // What the origin checks read (C12) is the full URL's origin.
-                    assert_eq!(
-                        origin_of(&uri).unwrap().origin(),
-                        full.origin(),
-                        "{text} (round {round})"
-                    );
-                }
-            }
-        }
+        assert!(UNPARSED.host().is_some());
     }
 
     /// The replay copy's parts are `Parts::clone`'s: method, URI, version, headers and
@@ -423,8 +338,8 @@ mod tests {
 
     #[tokio::test]
     async fn full_bodies_are_copied_not_read() {
-        let request = Outgoing::new(post(Full::new(Bytes::from_static(b"payload"))), origin())
-            .keep_replayable(Some(0));
+        let request =
+            Outgoing::new(post(Full::new(Bytes::from_static(b"payload")))).keep_replayable(Some(0));
         let copy = request.try_clone().expect("replayable");
         for r in [request, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
@@ -440,13 +355,13 @@ mod tests {
                 .boxed()
         };
         let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
-            Outgoing::new(post(boxed()), origin()).keep_replayable(Some(10));
+            Outgoing::new(post(boxed())).keep_replayable(Some(10));
         let copy = fits.try_clone().expect("fits the limit");
         for r in [fits, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
             assert_eq!(body.to_bytes(), "0123456789");
         }
-        let too_large = Outgoing::new(post(boxed()), origin()).keep_replayable(Some(9));
+        let too_large = Outgoing::new(post(boxed())).keep_replayable(Some(9));
         assert!(too_large.try_clone().is_none());
         let body = too_large
             .into_request()
@@ -463,7 +378,7 @@ mod tests {
 
     #[tokio::test]
     async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
-        let mut request = Outgoing::new(post(String::new()), origin()).keep_replayable(Some(0));
+        let mut request = Outgoing::new(post(String::new())).keep_replayable(Some(0));
         request
             .url_mut()
             .query_pairs_mut()
