@@ -78,24 +78,27 @@ impl Rules {
         request: &R,
         options: &RequestOptions,
     ) -> Option<SentTo> {
+        self.admission(request, options).map(Admission::sent_to)
+    }
+
+    /// Whether `send` puts a token on `request` with `options` ([`Rules::admit`]
+    /// without keeping where it goes).
+    pub(crate) fn admits<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
+        self.admission(request, options).is_some()
+    }
+
+    fn admission<'r, R: AuthRequest>(
+        &self,
+        request: &'r R,
+        options: &RequestOptions,
+    ) -> Option<Admission<'r>> {
         if options.skip_auth {
             return None;
         }
         // The origin first: only a request that may carry the token has its full URL
         // read (for a skipped route), and only an admitted `Uri` surely has one.
         let admission = self.origins.admission(request.origin())?;
-        if self.skip.skips_request(request) {
-            return None;
-        }
-        Some(admission.sent_to())
-    }
-
-    /// Whether `send` puts a token on `request` with `options` ([`Rules::admit`]
-    /// without keeping where it goes).
-    pub(crate) fn admits<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
-        !options.skip_auth
-            && self.origins.admission(request.origin()).is_some()
-            && !self.skip.skips_request(request)
+        (!self.skip.skips_request(request)).then_some(admission)
     }
 
     /// Whether a request with `method` to `url` and `options` carries a token.

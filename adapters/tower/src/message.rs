@@ -72,19 +72,12 @@ impl<B: ReplayBody> Outgoing<B> {
     /// can hold a buffered body is read ahead (what is ready now, without waiting); any
     /// other is copied with `try_clone` when a resend needs it.
     pub(crate) fn keep_replayable(self, read: Option<usize>) -> Self {
-        let Outgoing {
-            parts,
-            body,
-            url,
-            edited,
-            replay: _,
-        } = self;
         let (body, replay) = match (read, B::wrap_buffered()) {
-            (None, _) => (body, Replay::No),
+            (None, _) => (self.body, Replay::No),
             // `try_clone` decides when (if) a copy is needed.
-            (Some(_), None) => (body, Replay::Copy),
+            (Some(_), None) => (self.body, Replay::Copy),
             (Some(limit), Some(wrap)) => {
-                let (buffered, bytes) = body::read_ready(body, limit);
+                let (buffered, bytes) = body::read_ready(self.body, limit);
                 let replay = match bytes {
                     Some(bytes) => Replay::Buffered(bytes, wrap),
                     None => Replay::No,
@@ -95,11 +88,9 @@ impl<B: ReplayBody> Outgoing<B> {
             }
         };
         Outgoing {
-            parts,
             body,
-            url,
-            edited,
             replay,
+            ..self
         }
     }
 

@@ -117,6 +117,23 @@ fn c11_a_skipped_route_reads_the_full_url_path() {
     assert_eq!(authorization.as_deref(), Some("Bearer valid"));
 }
 
+/// The origin is checked before a skipped route reads the URL: a request to an origin
+/// that gets no token never has its URL built (an adapter's `Uri` whose URL may not
+/// parse is only read once it was let in).
+#[test]
+fn c12_a_request_to_another_origin_is_refused_before_its_url_is_read() {
+    let policy = policy(|b| {
+        b.allowed_origin("https://api.test")
+            .skip_route(None, "/login")
+    });
+    let request = CountingRequest::get("https://other.test/x");
+    assert!(!policy.attaches_token_to(&request, &RequestOptions::default()));
+    assert_eq!(request.url_reads.get(), 0);
+    let (authorization, url_reads) = send(&policy, CountingRequest::get("https://other.test/x"));
+    assert_eq!(authorization, None);
+    assert_eq!(url_reads, 0, "refused on its origin alone");
+}
+
 #[test]
 fn attaches_token_agrees_with_what_send_attaches() {
     let policies = [
@@ -144,6 +161,11 @@ fn attaches_token_agrees_with_what_send_attaches() {
                 let options = RequestOptions::from_markers(skip_auth, false);
                 let request = CountingRequest::get(url);
                 let predicted = policy.attaches_token(&http::Method::GET, &request.url, &options);
+                assert_eq!(
+                    policy.attaches_token_to(&request, &options),
+                    predicted,
+                    "policy {i}, {url}, skip_auth {skip_auth}"
+                );
                 let (authorization, _) = send_with(policy, request, options);
                 assert_eq!(
                     predicted,
