@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BufferedBody, ReplayBody};
-use crate::message::{Incoming, Outgoing};
+use crate::message::{Incoming, Outgoing, UNPARSED};
 
 /// Keeps the access token of the services it wraps valid: attaches it, refreshes it
 /// once for everybody when it expires or is rejected, and resends a rejected request
@@ -203,7 +203,16 @@ where
         // Only a request that will carry the token may need a resend, and only then is its
         // body read ahead. A relative URI (`/path`) names no origin, so it gets no token
         // (C12): tonic's generated clients send such URIs unless made `with_origin`.
-        let outgoing = Outgoing::new(request);
+        let Some(unparsed) = UNPARSED.as_ref() else {
+            // Cannot be (a constant URL); were it, no request would carry a token.
+            let response = ready.call(request).map_ok(Incoming::new);
+            return ResponseFuture {
+                inner: Box::pin(response.map_err(AuthError::Transport)),
+                #[cfg(feature = "tower-http")]
+                redact: None,
+            };
+        };
+        let outgoing = Outgoing::new(request, unparsed);
         let may_resend = self.auth.attaches_token_to(&outgoing, &options);
         let outgoing = outgoing.keep_replayable(may_resend.then_some(self.replay_limit));
         // Sends through the instance `poll_ready` readied, then (the resend, at most

@@ -29,9 +29,10 @@ pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
 /// Stands in for the URL of a URI the URL parser refuses. The core reads a request's URL
 /// only after its origin check let it in, and it lets in only URIs whose URL parses, so
 /// this is never read; were it, no route matches it and no request is sent to it
-/// ([`Outgoing::into_request`]).
-static UNPARSED: LazyLock<Url> =
-    LazyLock::new(|| Url::parse("http://unparsed.invalid/").expect("a constant URL"));
+/// ([`Outgoing::into_request`]). `None` cannot be (a constant URL); the layer would then
+/// send every request without a token.
+pub(crate) static UNPARSED: LazyLock<Option<Url>> =
+    LazyLock::new(|| Url::parse("http://unparsed.invalid/").ok());
 
 /// How a request's body is produced again for the resend.
 enum Replay<B: http_body::Body> {
@@ -50,6 +51,8 @@ pub(crate) struct Outgoing<B: http_body::Body> {
     /// The full URL, built when first asked for (boxed: rarely built, and the request
     /// and its replay copy live in every request's future).
     url: OnceCell<Box<Url>>,
+    /// [`UNPARSED`].
+    unparsed: &'static Url,
     /// The URL once the core changed it (query placement), moved out of `url`.
     edited: Option<Box<Url>>,
     replay: Replay<B>,
@@ -57,12 +60,13 @@ pub(crate) struct Outgoing<B: http_body::Body> {
 
 impl<B: ReplayBody> Outgoing<B> {
     /// Wraps `request`; its body is not replayable until [`Outgoing::keep_replayable`].
-    pub(crate) fn new(request: http::Request<B>) -> Self {
+    pub(crate) fn new(request: http::Request<B>, unparsed: &'static Url) -> Self {
         let (parts, body) = request.into_parts();
         Outgoing {
             parts,
             body,
             url: OnceCell::new(),
+            unparsed,
             edited: None,
             replay: Replay::No,
         }
@@ -97,7 +101,8 @@ impl<B: ReplayBody> Outgoing<B> {
     /// The request to send, with the URL the core may have changed.
     pub(crate) fn into_request(self) -> http::Request<B> {
         let mut parts = self.parts;
-        if let Some(url) = self.edited.filter(|url| url.host() != UNPARSED.host()) {
+        let unparsed = self.unparsed.host();
+        if let Some(url) = self.edited.filter(|url| url.host() != unparsed) {
             match Uri::try_from(url.as_str()) {
                 Ok(uri) => parts.uri = uri,
                 // `url` writes the query with form encoding, which `Uri` accepts; this
@@ -118,7 +123,9 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
     fn url(&self) -> &Url {
         match &self.edited {
             Some(url) => url,
-            None => self.url.get_or_init(|| full_url(&self.parts.uri)),
+            None => self
+                .url
+                .get_or_init(|| full_url(&self.parts.uri, self.unparsed)),
         }
     }
 
@@ -128,8 +135,9 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
 
     fn url_mut(&mut self) -> &mut Url {
         let (uri, built) = (&self.parts.uri, self.url.take());
+        let unparsed = self.unparsed;
         self.edited
-            .get_or_insert_with(|| built.unwrap_or_else(|| full_url(uri)))
+            .get_or_insert_with(|| built.unwrap_or_else(|| full_url(uri, unparsed)))
     }
 
     fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
@@ -148,16 +156,18 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         Some(Outgoing {
             parts: copy_parts(&self.parts),
             body,
-            url: self.url.clone(),
+            // Parsed again if the copy is ever sent: most copies never are.
+            url: OnceCell::new(),
+            unparsed: self.unparsed,
             edited: self.edited.clone(),
             replay,
         })
     }
 }
 
-/// The URL of `uri` ([`url_of`]), or [`UNPARSED`].
-fn full_url(uri: &Uri) -> Box<Url> {
-    Box::new(url_of(uri).unwrap_or_else(|| UNPARSED.clone()))
+/// The URL of `uri` ([`url_of`]), or `unparsed` ([`UNPARSED`]).
+fn full_url(uri: &Uri, unparsed: &Url) -> Box<Url> {
+    Box::new(url_of(uri).unwrap_or_else(|| unparsed.clone()))
 }
 
 /// A copy of `parts`: `Parts::clone`, except that an empty header map stays as `new`
@@ -253,11 +263,7 @@ where
     }
 
     async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
-        let Incoming {
-            response,
-            final_url,
-        } = self;
-        let (parts, body) = response.into_parts();
+        let (parts, body) = self.response.into_parts();
         // Only a body nothing was read from yet (always the case: one classification
         // per response) can be read here.
         let (body, bytes) = match body.into_inner() {
@@ -265,13 +271,7 @@ where
             Err(body) => (body, None),
         };
         let response = http::Response::from_parts(parts, body);
-        (
-            Incoming {
-                response,
-                final_url,
-            },
-            bytes,
-        )
+        (Incoming { response, ..self }, bytes)
     }
 }
 
@@ -287,6 +287,10 @@ mod tests {
             .unwrap()
     }
 
+    fn unparsed() -> &'static Url {
+        UNPARSED.as_ref().unwrap()
+    }
+
     #[test]
     fn only_absolute_uris_have_a_url() {
         assert!(url_of(&Uri::from_static("/pkg.Service/Method")).is_none());
@@ -296,7 +300,7 @@ mod tests {
                 .as_str(),
             "https://api.example.com:8443/x?y=1"
         );
-        assert!(UNPARSED.host().is_some());
+        assert!(UNPARSED.as_ref().is_some_and(|url| url.host().is_some()));
     }
 
     /// The replay copy's parts are `Parts::clone`'s: method, URI, version, headers and
@@ -329,8 +333,8 @@ mod tests {
 
     #[tokio::test]
     async fn full_bodies_are_copied_not_read() {
-        let request =
-            Outgoing::new(post(Full::new(Bytes::from_static(b"payload")))).keep_replayable(Some(0));
+        let request = Outgoing::new(post(Full::new(Bytes::from_static(b"payload"))), unparsed())
+            .keep_replayable(Some(0));
         let copy = request.try_clone().expect("replayable");
         for r in [request, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
@@ -346,13 +350,13 @@ mod tests {
                 .boxed()
         };
         let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
-            Outgoing::new(post(boxed())).keep_replayable(Some(10));
+            Outgoing::new(post(boxed()), unparsed()).keep_replayable(Some(10));
         let copy = fits.try_clone().expect("fits the limit");
         for r in [fits, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
             assert_eq!(body.to_bytes(), "0123456789");
         }
-        let too_large = Outgoing::new(post(boxed())).keep_replayable(Some(9));
+        let too_large = Outgoing::new(post(boxed()), unparsed()).keep_replayable(Some(9));
         assert!(too_large.try_clone().is_none());
         let body = too_large
             .into_request()
@@ -369,7 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
-        let mut request = Outgoing::new(post(String::new())).keep_replayable(Some(0));
+        let mut request = Outgoing::new(post(String::new()), unparsed()).keep_replayable(Some(0));
         request
             .url_mut()
             .query_pairs_mut()
