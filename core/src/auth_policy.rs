@@ -282,6 +282,36 @@ impl AuthPolicy {
         self.inner.rules.attaches(method, url, options)
     }
 
+    /// [`attaches_token`](Self::attaches_token) for a request seen through
+    /// [`AuthRequest`]: its [`origin`](AuthRequest::origin) is checked first, and its
+    /// [`url`](AuthRequest::url) is read only for a skipped route. An adapter whose
+    /// request holds an `http::Uri` asks this, so that no URL is built for the answer.
+    ///
+    /// ```
+    /// use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions};
+    /// use tokenflight::{AuthPolicy, Token, from_fn};
+    /// struct Req(url::Url);
+    /// impl AuthRequest for Req {
+    ///     fn method(&self) -> http::Method { http::Method::GET }
+    ///     fn url(&self) -> &url::Url { &self.0 }
+    ///     fn url_mut(&mut self) -> &mut url::Url { &mut self.0 }
+    ///     fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> { Ok(()) }
+    ///     fn try_clone(&self) -> Option<Self> { None }
+    /// }
+    /// let policy = AuthPolicy::builder()
+    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+    ///     .allowed_origin("https://api.example.com")
+    ///     .build()
+    ///     .unwrap();
+    /// let request = |s: &str| Req(url::Url::parse(s).unwrap());
+    /// let plain = RequestOptions::default();
+    /// assert!(policy.attaches_token_to(&request("https://api.example.com/x"), &plain));
+    /// assert!(!policy.attaches_token_to(&request("https://other.example.com/x"), &plain));
+    /// ```
+    pub fn attaches_token_to<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
+        self.inner.rules.admits(request, options)
+    }
+
     /// Sends `request` with a valid token through `send`, and resends it once with a
     /// newer token if the response says the token was rejected.
     ///

@@ -107,7 +107,10 @@
 //!   (conformance); through reqwest's redirects,
 //!   `c12_a_redirect_never_carries_one_keys_token_to_another_key` and
 //!   `c12_a_second_hop_inside_another_origin_never_carries_the_authorization_token`; through
-//!   tower-http's `FollowRedirect`, `c12_tower_response_uri_never_shows_the_query_token`.
+//!   tower-http's `FollowRedirect`, `c12_tower_response_uri_never_shows_the_query_token`;
+//!   an `http::Uri`'s origin, compared without the URL parser, is admitted only where its
+//!   parsed URL is: `c12_a_uri_is_admitted_only_where_its_parsed_url_is` (unit, a table
+//!   and generated hosts), `c12_a_tower_request_carries_the_token_only_to_an_allowed_origin_as_spelled`.
 //! - <a id="c13"></a>**C13 Bad input.** `c13_garbage_is_a_typed_error` (unit, WWW-Authenticate); fuzzed in
 //!   `fuzz/`.
 //! - <a id="c14"></a>**C14 Runtime-agnostic.** `c14_core_has_no_runtime_in_its_dependency_tree`
@@ -239,7 +242,7 @@ pub mod adapter {
     pub use crate::auth_policy::SendFuture;
     pub use crate::error::AuthError;
     pub use crate::request::{
-        AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView,
+        AuthRequest, AuthResponse, InvalidHeader, RequestOptions, RequestOrigin, ResponseView,
     };
     #[cfg(feature = "futures-timer")]
     pub use crate::runtime::FuturesTimer;

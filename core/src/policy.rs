@@ -8,7 +8,9 @@ use arc_swap::ArcSwapOption;
 use url::{Origin, Url};
 
 use crate::error::ConfigError;
-use crate::request::{AuthRequest, AuthResponse, InvalidHeader, RequestOptions, ResponseView};
+use crate::request::{
+    AuthRequest, AuthResponse, InvalidHeader, RequestOptions, RequestOrigin, ResponseView,
+};
 use crate::token::Token;
 use crate::www_authenticate::{BearerError, bearer_error};
 
@@ -76,10 +78,27 @@ impl Rules {
         request: &R,
         options: &RequestOptions,
     ) -> Option<SentTo> {
-        if options.skip_auth || self.skip.skips_request(request) {
+        self.admission(request, options).map(Admission::sent_to)
+    }
+
+    /// Whether `send` puts a token on `request` with `options` ([`Rules::admit`]
+    /// without keeping where it goes).
+    pub(crate) fn admits<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
+        self.admission(request, options).is_some()
+    }
+
+    fn admission<'r, R: AuthRequest>(
+        &self,
+        request: &'r R,
+        options: &RequestOptions,
+    ) -> Option<Admission<'r>> {
+        if options.skip_auth {
             return None;
         }
-        self.origins.admit(request.origin_url())
+        // The origin first: only a request that may carry the token has its full URL
+        // read (for a skipped route), and only an admitted `Uri` surely has one.
+        let admission = self.origins.admission(request.origin())?;
+        (!self.skip.skips_request(request)).then_some(admission)
     }
 
     /// Whether a request with `method` to `url` and `options` carries a token.
@@ -159,6 +178,13 @@ impl Rules {
             (Some(dpop), Some(url)) => dpop.observe_resource(url, response),
             _ => None,
         }
+    }
+
+    /// The URL of `replay` when DPoP needs it (for the nonce of its origin); without
+    /// DPoP it is not built.
+    #[cfg(feature = "dpop")]
+    pub(crate) fn dpop_url<'r, R: AuthRequest>(&self, replay: Option<&'r R>) -> Option<&'r Url> {
+        self.dpop.as_ref().and(replay).map(AuthRequest::url)
     }
 
     /// The verdict of `response`'s head on the token of a request sent to `sent_to`
@@ -621,28 +647,76 @@ impl AllowedOrigins {
         }
     }
 
-    /// The origin a request to `url` goes to, if it may carry the token: the listed
-    /// origin it matched (by its place in the list: no allocation per request, and the
-    /// answer borrows nothing, so a request's future can keep it), or with
-    /// [`AllowedOrigins::Any`] the URL's own.
-    pub(crate) fn admit(&self, url: &Url) -> Option<SentTo> {
-        match self {
-            AllowedOrigins::Any => Some(SentTo::Built(url.origin())),
-            AllowedOrigins::List(origins) => origins
-                .iter()
-                .position(|o| same_origin(o, url))
-                .map(SentTo::Listed),
+    /// Whether a request to `origin` may carry the token, and how it was let in.
+    pub(crate) fn admission<'a>(&self, origin: RequestOrigin<'a>) -> Option<Admission<'a>> {
+        let uri = match origin {
+            RequestOrigin::Url(url) => {
+                return match self {
+                    AllowedOrigins::Any => Some(Admission::Url(url)),
+                    AllowedOrigins::List(origins) => origins
+                        .iter()
+                        .position(|o| same_origin(o, url))
+                        .map(Admission::Listed),
+                };
+            }
+            RequestOrigin::Uri(uri) => uri,
+        };
+        let (scheme, authority) = (uri.scheme()?, uri.authority()?);
+        let at = UriOrigin::split(scheme.as_str(), authority.as_str());
+        match (self, at) {
+            (AllowedOrigins::List(origins), Some(at)) => {
+                origins.iter().position(|o| at.is(o)).map(Admission::Listed)
+            }
+            (AllowedOrigins::List(_), None) => None,
+            (AllowedOrigins::Any, Some(at)) if at.is_plain() => {
+                Some(Admission::Uri(scheme, authority))
+            }
+            // A spelling the URL parser may rewrite (an IDN, `0x7f.1`): its URL decides,
+            // as for a client with URLs; one it refuses names no origin.
+            (AllowedOrigins::Any, _) => Url::parse(&format!("{scheme}://{authority}"))
+                .ok()
+                .map(|url| Admission::Parsed(url.origin())),
         }
     }
 }
 
-/// The origin a request (and its token) went to; see [`AllowedOrigins::admit`].
+/// How [`AllowedOrigins::admission`] let a request in.
+#[derive(Debug)]
+pub(crate) enum Admission<'a> {
+    /// By the allowed origin at this place in the list.
+    Listed(usize),
+    /// Any origin is allowed: the request's URL.
+    Url(&'a Url),
+    /// Any origin is allowed: the request's URI, in a plain spelling.
+    Uri(&'a http::uri::Scheme, &'a http::uri::Authority),
+    /// Any origin is allowed: the request URI's origin, parsed.
+    Parsed(Origin),
+}
+
+impl Admission<'_> {
+    /// Where the request (and its token) goes: the listed origin (by its place in the
+    /// list: no allocation per request, and the answer borrows nothing, so a request's
+    /// future can keep it), or with [`AllowedOrigins::Any`] the request's own.
+    fn sent_to(self) -> SentTo {
+        match self {
+            Admission::Listed(at) => SentTo::Listed(at),
+            Admission::Url(url) => SentTo::Built(url.origin()),
+            Admission::Uri(scheme, authority) => SentTo::Uri(scheme.clone(), authority.clone()),
+            Admission::Parsed(origin) => SentTo::Built(origin),
+        }
+    }
+}
+
+/// The origin a request (and its token) went to; see [`Admission::sent_to`].
 #[derive(Debug)]
 pub(crate) enum SentTo {
     /// The allowed origin at this place in the list.
     Listed(usize),
     /// Any origin is allowed: the request URL's own.
     Built(Origin),
+    /// Any origin is allowed: the request URI's own, in a plain spelling
+    /// ([`UriOrigin::is_plain`]).
+    Uri(http::uri::Scheme, http::uri::Authority),
 }
 
 impl SentTo {
@@ -653,6 +727,10 @@ impl SentTo {
                 list.get(*at).is_some_and(|origin| same_origin(origin, url))
             }
             (SentTo::Built(origin), _) => url.origin() == *origin,
+            (SentTo::Uri(scheme, authority), _) => {
+                UriOrigin::split(scheme.as_str(), authority.as_str())
+                    .is_some_and(|at| at.is_at(url))
+            }
             // Admitted by another list than this one: not the same origin.
             (SentTo::Listed(_), AllowedOrigins::Any) => false,
         }
@@ -678,6 +756,123 @@ fn same_origin(origin: &Origin, url: &Url) -> bool {
             (url::Host::Ipv6(a), url::Host::Ipv6(b)) => a == *b,
             _ => false,
         })
+}
+
+/// A URI's scheme, host and port, read from the text as `http` keeps it, without the
+/// URL parser; only spellings the URL parser reads as they are (see [`RequestOrigin`]).
+#[derive(Debug, Clone, Copy)]
+struct UriOrigin<'a> {
+    scheme: &'a str,
+    host: UriHost<'a>,
+    port: u16,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum UriHost<'a> {
+    /// Letters, digits, `-`, `_` and `.`, not ending in a label the URL parser takes
+    /// for a number (it would read the host as an IPv4 address).
+    Domain(&'a str),
+    Ipv4(std::net::Ipv4Addr),
+    Ipv6(std::net::Ipv6Addr),
+}
+
+impl<'a> UriOrigin<'a> {
+    /// `None`: a scheme without a tuple origin, or a host or port in a spelling the URL
+    /// parser may read otherwise (those fail closed: no token).
+    fn split(scheme: &'a str, authority: &'a str) -> Option<Self> {
+        let default = match scheme {
+            "http" | "ws" => 80,
+            "https" | "wss" => 443,
+            _ => return None,
+        };
+        // The host follows the last `@`, for the URL parser too.
+        let host_port = authority.rsplit('@').next()?;
+        let (host, port) = match host_port.strip_prefix('[') {
+            Some(bracketed) => {
+                let (address, rest) = bracketed.split_once(']')?;
+                let port = match rest {
+                    "" => None,
+                    rest => Some(rest.strip_prefix(':')?),
+                };
+                (UriHost::Ipv6(address.parse().ok()?), port)
+            }
+            None => {
+                let (host, port) = match host_port.split_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (host_port, None),
+                };
+                (UriHost::parse(host)?, port)
+            }
+        };
+        let port = match port {
+            None | Some("") => default,
+            Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+            Some(_) => return None,
+        };
+        Some(UriOrigin { scheme, host, port })
+    }
+
+    /// Whether this is the allowed `origin`.
+    fn is(&self, origin: &Origin) -> bool {
+        let Origin::Tuple(scheme, host, port) = origin else {
+            return false;
+        };
+        *scheme == self.scheme && *port == self.port && self.host.is(host)
+    }
+
+    /// Whether `url` has this origin.
+    fn is_at(&self, url: &Url) -> bool {
+        url.scheme() == self.scheme
+            && url.port_or_known_default() == Some(self.port)
+            && url.host().is_some_and(|host| self.host.is(&host))
+    }
+
+    /// A domain that surely is a valid host as it is spelled (no IDN label the URL
+    /// parser would check), or an address: what an allowed-any policy lets in without
+    /// parsing.
+    fn is_plain(&self) -> bool {
+        match self.host {
+            UriHost::Domain(domain) => domain.split('.').all(|label| {
+                !label.is_empty()
+                    && !label
+                        .get(..4)
+                        .is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
+            }),
+            UriHost::Ipv4(_) | UriHost::Ipv6(_) => true,
+        }
+    }
+}
+
+impl<'a> UriHost<'a> {
+    fn parse(host: &'a str) -> Option<Self> {
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        if host.is_empty() || !host.bytes().all(allowed) {
+            return None;
+        }
+        if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            // Only std's strict dotted form (four decimal parts, no leading zeros), which the
+            // URL parser reads the same; `127.1` or `0177.0.0.1` it reads otherwise.
+            return host.parse().ok().map(UriHost::Ipv4);
+        }
+        let last = host.strip_suffix('.').unwrap_or(host);
+        let last = last.rsplit('.').next().unwrap_or(last);
+        let hex = last.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
+            && last.bytes().skip(2).all(|b| b.is_ascii_hexdigit());
+        if hex || last.bytes().all(|b| b.is_ascii_digit()) {
+            // The URL parser reads a host ending in a number as an IPv4 address.
+            return None;
+        }
+        Some(UriHost::Domain(host))
+    }
+
+    fn is<S: AsRef<str>>(&self, host: &url::Host<S>) -> bool {
+        match (self, host) {
+            (UriHost::Domain(a), url::Host::Domain(b)) => a.eq_ignore_ascii_case(b.as_ref()),
+            (UriHost::Ipv4(a), url::Host::Ipv4(b)) => a == b,
+            (UriHost::Ipv6(a), url::Host::Ipv6(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A predicate on status and headers.
@@ -1268,14 +1463,15 @@ mod origin_tests {
             AllowedOrigins::parse_origin("https://api.example.com").unwrap(),
         ]);
         let url = Url::parse("https://api.example.com/x").unwrap();
-        let sent_to = list.admit(&url).unwrap();
+        let admit = |list: &AllowedOrigins, url: &Url| {
+            list.admission(RequestOrigin::Url(url))
+                .map(Admission::sent_to)
+        };
+        let sent_to = admit(&list, &url).unwrap();
         assert!(sent_to.is_origin_of(&list, &Url::parse("https://api.example.com:443/y").unwrap()));
         assert!(!sent_to.is_origin_of(&list, &Url::parse("https://other.example.com/").unwrap()));
-        assert!(
-            list.admit(&Url::parse("http://api.example.com/").unwrap())
-                .is_none()
-        );
-        let any = AllowedOrigins::Any.admit(&url).unwrap();
+        assert!(admit(&list, &Url::parse("http://api.example.com/").unwrap()).is_none());
+        let any = admit(&AllowedOrigins::Any, &url).unwrap();
         assert!(any.is_origin_of(&AllowedOrigins::Any, &url));
         assert!(!any.is_origin_of(
             &AllowedOrigins::Any,
@@ -1348,5 +1544,169 @@ mod header_rule_tests {
         assert!(!classifier.head_rejects(&Head(200, &[("grpc-status", "16"), SCOPE])));
         // Without the rule, the same response is fine.
         assert!(!Classifier::new().head_rejects(&Head(200, &[("grpc-status", "16")])));
+    }
+}
+
+#[cfg(test)]
+mod uri_origin_tests {
+    use super::*;
+
+    /// The old check: the URL parser's origin of `scheme://authority`.
+    fn parsed(uri: &http::Uri) -> Option<Url> {
+        Url::parse(&format!("{}://{}", uri.scheme()?, uri.authority()?)).ok()
+    }
+
+    fn listed(origins: &[&str]) -> AllowedOrigins {
+        AllowedOrigins::List(
+            origins
+                .iter()
+                .map(|o| AllowedOrigins::parse_origin(o).unwrap())
+                .collect(),
+        )
+    }
+
+    /// The allowed origins of the table, one list each, and the request origins tried on
+    /// them (with a path and query, which are not read).
+    const ALLOWED: [&str; 8] = [
+        "http://127.0.0.1:1",
+        "https://api.example.com",
+        "http://[::1]:8080",
+        "https://xn--bcher-kva.example",
+        "http://my_service:8000",
+        "wss://push.example.com",
+        "http://0.0.0.0",
+        "http://[::ffff:1.2.3.4]",
+    ];
+    const ORDINARY: [&str; 22] = [
+        "http://127.0.0.1:1",
+        "https://API.Example.com",
+        "https://api.example.com:443",
+        "https://api.example.com:0443",
+        "https://api.example.com:",
+        "https://user:pass@api.example.com",
+        "http://api.example.com",
+        "https://api.example.com:8443",
+        "https://api.example.com.evil.test",
+        "http://[::1]:8080",
+        "http://[0:0:0:0:0:0:0:1]:8080",
+        "http://[::1]",
+        "https://XN--BCHER-KVA.example",
+        "http://my_service:8000",
+        "http://MY_SERVICE:8000",
+        "wss://push.example.com:443",
+        "ws://push.example.com",
+        "http://0.0.0.0:80",
+        "http://[::ffff:102:304]",
+        "http://localhost",
+        "http://127.0.0.2:1",
+        "https://api.example.com:99999",
+    ];
+    /// Spellings the URL parser reads otherwise than they are written: the new check
+    /// may refuse them where the old one admits (no token: fail closed).
+    const ODD: [&str; 12] = [
+        "http://0x7f.1:1",
+        "http://127.1:1",
+        "http://2130706433:1",
+        "http://0177.0.0.1:1",
+        "http://127.0.0.1.:1",
+        "https://api%2Eexample.com",
+        "https://api.example.com.",
+        "https://api..example.com",
+        "WSS://push.example.com",
+        "http://a.0x10",
+        "http://1.2.3.999",
+        "https://xn--zz.example",
+    ];
+
+    fn uris() -> impl Iterator<Item = (&'static str, http::Uri)> {
+        ORDINARY.iter().chain(&ODD).filter_map(|text| {
+            let uri = format!("{text}/a/b?c=d").parse().ok()?;
+            Some((*text, uri))
+        })
+    }
+
+    /// C12: a URI the check without the URL parser admits is admitted by the URL
+    /// parser's origin too (no token goes where the old check would not send it), and
+    /// on ordinary spellings both agree.
+    #[test]
+    fn c12_a_uri_is_admitted_only_where_its_parsed_url_is() {
+        for allowed in ALLOWED {
+            let list = listed(&[allowed]);
+            for (text, uri) in uris() {
+                let new = list.admission(RequestOrigin::Uri(&uri)).is_some();
+                let old = parsed(&uri).is_some_and(|url| list.allows(&url));
+                assert!(!new || old, "{text} admitted on {allowed} by the URI only");
+                if ORDINARY.contains(&text) {
+                    assert_eq!(new, old, "{text} on {allowed}");
+                }
+            }
+        }
+    }
+
+    /// With any origin allowed, a URI let in without the URL parser has a URL (built
+    /// later for a skipped route, a key, a query token), of the same origin; the
+    /// response's origin check agrees with the parsed one.
+    #[test]
+    fn c12_any_origin_admits_what_parses_and_remembers_its_origin() {
+        for (text, uri) in uris() {
+            let admission = AllowedOrigins::Any.admission(RequestOrigin::Uri(&uri));
+            let old = parsed(&uri);
+            assert_eq!(admission.is_some(), old.is_some(), "{text}");
+            let (Some(admission), Some(url)) = (admission, old) else {
+                continue;
+            };
+            assert!(Url::parse(&uri.to_string()).is_ok(), "{text}");
+            let sent_to = admission.sent_to();
+            for (other, _) in uris() {
+                let Ok(other) = Url::parse(&format!("{other}/x")) else {
+                    continue;
+                };
+                assert_eq!(
+                    sent_to.is_origin_of(&AllowedOrigins::Any, &other),
+                    other.origin() == url.origin(),
+                    "{text} vs {other}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// The same, for hosts and ports made of the characters that tell the URL
+        /// parser's forms apart.
+        #[test]
+        fn c12_a_generated_uri_is_admitted_only_where_its_parsed_url_is(
+            scheme in "(http|https|ws|wss|HTTP|ftp)",
+            host in "([0-9a-fxA-FX_%-]{1,4}\\.?){1,5}|\\[[0-9a-f:.]{2,12}\\]",
+            port in proptest::option::of("[0-9]{0,6}"),
+        ) {
+            let text = match &port {
+                Some(port) => format!("{scheme}://{host}:{port}/p"),
+                None => format!("{scheme}://{host}/p"),
+            };
+            let Ok(uri) = text.parse::<http::Uri>() else { return Ok(()) };
+            let old = parsed(&uri);
+            if let Some(url) = &old {
+                // The URI's own origin, listed, must admit it (or refuse: fail closed).
+                if let Ok(origin) = AllowedOrigins::parse_origin(url.as_str()) {
+                    let list = AllowedOrigins::List(vec![origin]);
+                    let new = list.admission(RequestOrigin::Uri(&uri)).is_some();
+                    proptest::prop_assert!(!new || list.allows(url), "{}", text);
+                }
+            }
+            for allowed in ALLOWED {
+                let list = listed(&[allowed]);
+                let new = list.admission(RequestOrigin::Uri(&uri)).is_some();
+                let was = old.as_ref().is_some_and(|url| list.allows(url));
+                proptest::prop_assert!(!new || was, "{} on {}", text, allowed);
+            }
+            if let Some(admission) = AllowedOrigins::Any.admission(RequestOrigin::Uri(&uri)) {
+                proptest::prop_assert!(old.is_some(), "{}", text);
+                proptest::prop_assert!(Url::parse(&uri.to_string()).is_ok(), "{}", text);
+                let sent_to = admission.sent_to();
+                if let Some(url) = &old {
+                    proptest::prop_assert!(sent_to.is_origin_of(&AllowedOrigins::Any, url), "{}", text);
+                }
+            }
+        }
     }
 }

@@ -19,13 +19,13 @@ pub trait AuthRequest: Sized + Send {
     fn url(&self) -> &Url;
     /// The request's URL, to add a query parameter (query placement).
     fn url_mut(&mut self) -> &mut Url;
-    /// A URL with the request's scheme, host and port; its path and query may be
-    /// anything. The origin checks ([C12](crate#c12)) read only this, so an adapter
-    /// whose [`url`](Self::url) has to be built per request (from an `http::Uri`) can
-    /// return a shared URL of the origin here and build the full URL only when it is
-    /// asked for (a skipped route, a keyed token, query placement). Default: `url()`.
-    fn origin_url(&self) -> &Url {
-        self.url()
+    /// Where the request goes, as the client spells it. The origin checks
+    /// ([C12](crate#c12)) read only this, so an adapter on the `http` crate returns
+    /// its [`http::Uri`] here and builds [`url`](Self::url) only when it is asked for
+    /// (a skipped route, a keyed token, query placement, a DPoP proof), after the
+    /// origin check passed. Default: `url()`.
+    fn origin(&self) -> RequestOrigin<'_> {
+        RequestOrigin::Url(self.url())
     }
     /// The request's headers, for a client built on the `http` crate: with them, the
     /// two setters below need no implementation of their own (the token's header is
@@ -64,6 +64,33 @@ pub trait AuthRequest: Sized + Send {
     /// A copy to resend, or `None` when the body cannot be replayed (a stream)
     /// ([C4](crate#c4)).
     fn try_clone(&self) -> Option<Self>;
+}
+
+/// A request's destination as its client holds it, for the origin checks
+/// ([C12](crate#c12)); see [`AuthRequest::origin`].
+///
+/// A [`Uri`](RequestOrigin::Uri) is compared with the allowed origins without parsing
+/// it as a URL: scheme, host and port (the scheme's default when none is given), the
+/// domain case-insensitively. Only spellings the URL parser reads as they are count:
+/// an IPv4 address in dotted decimal, an IPv6 address in brackets, a domain of
+/// letters, digits, `-`, `_` and `.`. A host the URL parser would rewrite
+/// (`0x7f.1`, `127.1`, percent-encoding) matches no allowed origin: the request gets
+/// no token. A URI admitted this way always names an origin the URL parser agrees
+/// with, so its [`AuthRequest::url`] can be built from it.
+///
+/// ```
+/// use tokenflight::adapter::RequestOrigin;
+/// let uri = http::Uri::from_static("https://api.example.com/v1");
+/// assert!(matches!(RequestOrigin::Uri(&uri), RequestOrigin::Uri(_)));
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum RequestOrigin<'a> {
+    /// The request's URL (its path and query are not read).
+    Url(&'a Url),
+    /// An absolute-form URI (`https://host:port/path`); a relative one (`/path`)
+    /// names no origin and gets no token.
+    Uri(&'a http::Uri),
 }
 
 /// The parts of a response that classification looks at.

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use futures_util::TryFutureExt;
 use futures_util::future::Either;
 use http_body::Body;
-use tokenflight::adapter::{AuthError, AuthRequest, RequestOptions, TokioSpawner, TokioTimer};
+use tokenflight::adapter::{AuthError, RequestOptions, TokioSpawner, TokioTimer};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::{BufferedBody, ReplayBody};
-use crate::message::{Incoming, Outgoing, origin_of};
+use crate::message::{Incoming, Outgoing, UNPARSED};
 
 /// Keeps the access token of the services it wraps valid: attaches it, refreshes it
 /// once for everybody when it expires or is rejected, and resends a rejected request
@@ -200,29 +200,20 @@ where
         // boxed future is copied on every request).
         let options = RequestOptions::from_extensions(request.extensions())
             .or_valid_for(grpc_timeout(request.headers()));
-        let Some(origin) = origin_of(request.uri()) else {
-            // A relative URI (`/path`) names no origin, so it gets no token (C12). tonic's
-            // generated clients send such URIs unless made `with_origin`.
-            tracing::debug!("request URI has no origin; sent without a token");
-            let response = ready.call(request);
+        // Only a request that will carry the token may need a resend, and only then is its
+        // body read ahead. A relative URI (`/path`) names no origin, so it gets no token
+        // (C12): tonic's generated clients send such URIs unless made `with_origin`.
+        let Some(unparsed) = UNPARSED.as_ref() else {
+            // Cannot be (a constant URL); were it, no request would carry a token.
+            let response = ready.call(request).map_ok(Incoming::new);
             return ResponseFuture {
-                inner: Box::pin(async move {
-                    response
-                        .await
-                        .map(Incoming::new)
-                        .map_err(AuthError::Transport)
-                }),
-                // Sent without a token: nothing to hide.
+                inner: Box::pin(response.map_err(AuthError::Transport)),
                 #[cfg(feature = "tower-http")]
                 redact: None,
             };
         };
-        // Only a request that will carry the token may need a resend, and only then is its
-        // body read ahead.
-        let outgoing = Outgoing::new(request, origin);
-        let may_resend = self
-            .auth
-            .attaches_token(&outgoing.method(), outgoing.url(), &options);
+        let outgoing = Outgoing::new(request, unparsed);
+        let may_resend = self.auth.attaches_token_to(&outgoing, &options);
         let outgoing = outgoing.keep_replayable(may_resend.then_some(self.replay_limit));
         // Sends through the instance `poll_ready` readied, then (the resend, at most
         // one) through a clone, readied before it is called. The resend is boxed: the

@@ -46,6 +46,10 @@
 //! The token goes only to the allowed origins, so the layer needs to know a request's
 //! origin: a request with a relative URI (`/path`) is sent without a token. hyper-util's
 //! client always uses absolute URIs; build a tonic client `with_origin(service, uri)`.
+//! The URI's scheme, host and port are compared as written (the domain in any case, the
+//! scheme's default port implied): a host such as `0x7f.1` or `127.1`, which a URL
+//! parser would read as `127.0.0.1`, is not the allowed `http://127.0.0.1` and gets no
+//! token.
 //!
 //! Per-request options are markers in the request's extensions, as with every
 //! tokenflight adapter: [`SkipAuth`] sends it without credentials and does not classify

@@ -1,71 +1,38 @@
 //! `http::Request` and `http::Response` seen through the core's `AuthRequest` and
 //! `AuthResponse`.
 //!
-//! The core works on a `url::Url`; an `http::Request` has a `Uri`. The URL is parsed
-//! once per request and written back only when the core changed it (query placement).
+//! The core checks a request's origin on its `Uri` ([`RequestOrigin::Uri`]); the
+//! `url::Url` is parsed only when something reads the path or query (a skipped route, a
+//! keyed token, query placement, a DPoP proof), and written back only when the core
+//! changed it (query placement).
 
 use std::cell::OnceCell;
-use std::sync::Arc;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::Uri;
 #[cfg(test)]
 use tokenflight::adapter::InvalidHeader;
-use tokenflight::adapter::{AuthRequest, AuthResponse, ResponseView};
+use tokenflight::adapter::{AuthRequest, AuthResponse, RequestOrigin, ResponseView};
 use url::Url;
 
 use crate::body::{self, BufferedBody, ReplayBody, Wait};
 
 /// The URL of an absolute-form request URI; `None` for a relative one (`/path`), which
-/// names no origin.
-#[cfg(any(test, feature = "tower-http"))]
+/// names no origin, or one the URL parser refuses.
 pub(crate) fn url_of(uri: &Uri) -> Option<Url> {
-    origin_of(uri).map(|origin| url_on(&origin, uri))
+    uri.scheme()?;
+    uri.authority()?;
+    Url::parse(&uri.to_string()).ok()
 }
 
-/// The origin of an absolute-form request URI, as a URL with an empty path and no
-/// query; `None` for a relative URI (`/path`), which names no origin, or one the URL
-/// parser refuses.
-///
-/// Parsing a whole URL runs the WHATWG host parser (IDNA mapping, IPv4 forms) every
-/// time. A client's requests go to a few origins, so each thread keeps the last
-/// origin it parsed, shared: a request to the same origin costs a comparison and a
-/// reference count. The core's origin checks read only this
-/// ([`AuthRequest::origin_url`]); the request's full URL is built from it only when
-/// something needs the path or query (building it on every request was the largest
-/// cost of the layer's own per request).
-pub(crate) fn origin_of(uri: &Uri) -> Option<Arc<Url>> {
-    let scheme = uri.scheme()?;
-    let authority = uri.authority()?;
-    LAST_ORIGIN.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((cached_scheme, cached_authority, origin)) = last.as_ref()
-            && cached_scheme == scheme
-            && cached_authority.as_str() == authority.as_str()
-        {
-            return Some(Arc::clone(origin));
-        }
-        let origin = Arc::new(Url::parse(&format!("{scheme}://{authority}")).ok()?);
-        *last = Some((scheme.clone(), authority.clone(), Arc::clone(&origin)));
-        Some(origin)
-    })
-}
-
-/// The URL of `uri`, whose origin is `origin`: the path and query set on a copy of it,
-/// the same parser steps as a full parse takes for them (`url_of_agrees_with_a_full_parse`).
-fn url_on(origin: &Url, uri: &Uri) -> Url {
-    let mut url = origin.clone();
-    url.set_path(uri.path());
-    url.set_query(uri.query());
-    url
-}
-
-thread_local! {
-    /// The last origin `origin_of` parsed on this thread: its scheme and authority as
-    /// the URI spelled them, and its URL.
-    static LAST_ORIGIN: std::cell::RefCell<Option<(http::uri::Scheme, http::uri::Authority, Arc<Url>)>> =
-        const { std::cell::RefCell::new(None) };
-}
+/// Stands in for the URL of a URI the URL parser refuses. The core reads a request's URL
+/// only after its origin check let it in, and it lets in only URIs whose URL parses, so
+/// this is never read; were it, no route matches it and no request is sent to it
+/// ([`Outgoing::into_request`]). `None` cannot be (a constant URL); the layer would then
+/// send every request without a token.
+pub(crate) static UNPARSED: LazyLock<Option<Url>> =
+    LazyLock::new(|| Url::parse("http://unparsed.invalid/").ok());
 
 /// How a request's body is produced again for the resend.
 enum Replay<B: http_body::Body> {
@@ -81,26 +48,25 @@ enum Replay<B: http_body::Body> {
 pub(crate) struct Outgoing<B: http_body::Body> {
     parts: http::request::Parts,
     body: B,
-    /// The URI's origin ([`origin_of`]).
-    origin: Arc<Url>,
     /// The full URL, built when first asked for (boxed: rarely built, and the request
     /// and its replay copy live in every request's future).
     url: OnceCell<Box<Url>>,
+    /// [`UNPARSED`].
+    unparsed: &'static Url,
     /// The URL once the core changed it (query placement), moved out of `url`.
     edited: Option<Box<Url>>,
     replay: Replay<B>,
 }
 
 impl<B: ReplayBody> Outgoing<B> {
-    /// Wraps `request`, whose URI's origin is `origin` ([`origin_of`]); its body is
-    /// not replayable until [`Outgoing::keep_replayable`].
-    pub(crate) fn new(request: http::Request<B>, origin: Arc<Url>) -> Self {
+    /// Wraps `request`; its body is not replayable until [`Outgoing::keep_replayable`].
+    pub(crate) fn new(request: http::Request<B>, unparsed: &'static Url) -> Self {
         let (parts, body) = request.into_parts();
         Outgoing {
             parts,
             body,
-            origin,
             url: OnceCell::new(),
+            unparsed,
             edited: None,
             replay: Replay::No,
         }
@@ -110,20 +76,12 @@ impl<B: ReplayBody> Outgoing<B> {
     /// can hold a buffered body is read ahead (what is ready now, without waiting); any
     /// other is copied with `try_clone` when a resend needs it.
     pub(crate) fn keep_replayable(self, read: Option<usize>) -> Self {
-        let Outgoing {
-            parts,
-            body,
-            origin,
-            url,
-            edited,
-            replay: _,
-        } = self;
         let (body, replay) = match (read, B::wrap_buffered()) {
-            (None, _) => (body, Replay::No),
+            (None, _) => (self.body, Replay::No),
             // `try_clone` decides when (if) a copy is needed.
-            (Some(_), None) => (body, Replay::Copy),
+            (Some(_), None) => (self.body, Replay::Copy),
             (Some(limit), Some(wrap)) => {
-                let (buffered, bytes) = body::read_ready(body, limit);
+                let (buffered, bytes) = body::read_ready(self.body, limit);
                 let replay = match bytes {
                     Some(bytes) => Replay::Buffered(bytes, wrap),
                     None => Replay::No,
@@ -134,19 +92,17 @@ impl<B: ReplayBody> Outgoing<B> {
             }
         };
         Outgoing {
-            parts,
             body,
-            origin,
-            url,
-            edited,
             replay,
+            ..self
         }
     }
 
     /// The request to send, with the URL the core may have changed.
     pub(crate) fn into_request(self) -> http::Request<B> {
         let mut parts = self.parts;
-        if let Some(url) = &self.edited {
+        let unparsed = self.unparsed.host();
+        if let Some(url) = self.edited.filter(|url| url.host() != unparsed) {
             match Uri::try_from(url.as_str()) {
                 Ok(uri) => parts.uri = uri,
                 // `url` writes the query with form encoding, which `Uri` accepts; this
@@ -169,18 +125,19 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
             Some(url) => url,
             None => self
                 .url
-                .get_or_init(|| Box::new(url_on(&self.origin, &self.parts.uri))),
+                .get_or_init(|| full_url(&self.parts.uri, self.unparsed)),
         }
     }
 
-    fn origin_url(&self) -> &Url {
-        &self.origin
+    fn origin(&self) -> RequestOrigin<'_> {
+        RequestOrigin::Uri(&self.parts.uri)
     }
 
     fn url_mut(&mut self) -> &mut Url {
-        let (origin, uri, built) = (&self.origin, &self.parts.uri, self.url.take());
+        let (uri, built) = (&self.parts.uri, self.url.take());
+        let unparsed = self.unparsed;
         self.edited
-            .get_or_insert_with(|| built.unwrap_or_else(|| Box::new(url_on(origin, uri))))
+            .get_or_insert_with(|| built.unwrap_or_else(|| full_url(uri, unparsed)))
     }
 
     fn header_map(&mut self) -> Option<&mut http::HeaderMap> {
@@ -199,12 +156,18 @@ impl<B: ReplayBody> AuthRequest for Outgoing<B> {
         Some(Outgoing {
             parts: copy_parts(&self.parts),
             body,
-            origin: Arc::clone(&self.origin),
-            url: self.url.clone(),
+            // Parsed again if the copy is ever sent: most copies never are.
+            url: OnceCell::new(),
+            unparsed: self.unparsed,
             edited: self.edited.clone(),
             replay,
         })
     }
+}
+
+/// The URL of `uri` ([`url_of`]), or `unparsed` ([`UNPARSED`]).
+fn full_url(uri: &Uri, unparsed: &Url) -> Box<Url> {
+    Box::new(url_of(uri).unwrap_or_else(|| unparsed.clone()))
 }
 
 /// A copy of `parts`: `Parts::clone`, except that an empty header map stays as `new`
@@ -300,11 +263,7 @@ where
     }
 
     async fn buffer_body(self, limit: usize) -> (Self, Option<Bytes>) {
-        let Incoming {
-            response,
-            final_url,
-        } = self;
-        let (parts, body) = response.into_parts();
+        let (parts, body) = self.response.into_parts();
         // Only a body nothing was read from yet (always the case: one classification
         // per response) can be read here.
         let (body, bytes) = match body.into_inner() {
@@ -312,13 +271,7 @@ where
             Err(body) => (body, None),
         };
         let response = http::Response::from_parts(parts, body);
-        (
-            Incoming {
-                response,
-                final_url,
-            },
-            bytes,
-        )
+        (Incoming { response, ..self }, bytes)
     }
 }
 
@@ -334,8 +287,8 @@ mod tests {
             .unwrap()
     }
 
-    fn origin() -> Arc<Url> {
-        origin_of(&Uri::from_static("http://127.0.0.1:1/api/x?a=1")).unwrap()
+    fn unparsed() -> &'static Url {
+        UNPARSED.as_ref().unwrap()
     }
 
     #[test]
@@ -347,50 +300,7 @@ mod tests {
                 .as_str(),
             "https://api.example.com:8443/x?y=1"
         );
-    }
-
-    /// The per-thread origin cache gives exactly what a full parse gives (the URL, and
-    /// the origin the token's checks read), whatever the path and query (dot segments, percent-encoding, characters that need encoding,
-    /// empty path), for a URI of a cached origin and after a change of origin.
-    #[test]
-    fn url_of_agrees_with_a_full_parse() {
-        let origins = [
-            "http://127.0.0.1:1",
-            "https://API.Example.com",
-            "https://api.example.com:443",
-            "http://[::1]:8080",
-            "http://0x7f.1:80",
-            "https://xn--bcher-kva.example",
-        ];
-        let rests = [
-            "",
-            "/",
-            "/a/b",
-            "/a/../b/./c",
-            "/%7Euser/x%20y",
-            "/x?y=1&z=%20",
-            "/p?",
-            "/p?q=a/b?c",
-            "/sp%C3%A4ce",
-            "/a//b",
-            "/?only=query",
-        ];
-        for round in 0..2 {
-            for origin in origins {
-                for rest in rests {
-                    let text = format!("{origin}{rest}");
-                    let uri: Uri = text.parse().unwrap();
-                    let full = Url::parse(&uri.to_string()).unwrap();
-                    assert_eq!(url_of(&uri).unwrap(), full, "{text} (round {round})");
-                    // What the origin checks read (C12) is the full URL's origin.
-                    assert_eq!(
-                        origin_of(&uri).unwrap().origin(),
-                        full.origin(),
-                        "{text} (round {round})"
-                    );
-                }
-            }
-        }
+        assert!(UNPARSED.as_ref().is_some_and(|url| url.host().is_some()));
     }
 
     /// The replay copy's parts are `Parts::clone`'s: method, URI, version, headers and
@@ -423,7 +333,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_bodies_are_copied_not_read() {
-        let request = Outgoing::new(post(Full::new(Bytes::from_static(b"payload"))), origin())
+        let request = Outgoing::new(post(Full::new(Bytes::from_static(b"payload"))), unparsed())
             .keep_replayable(Some(0));
         let copy = request.try_clone().expect("replayable");
         for r in [request, copy] {
@@ -440,13 +350,13 @@ mod tests {
                 .boxed()
         };
         let fits: Outgoing<BoxBody<Bytes, std::io::Error>> =
-            Outgoing::new(post(boxed()), origin()).keep_replayable(Some(10));
+            Outgoing::new(post(boxed()), unparsed()).keep_replayable(Some(10));
         let copy = fits.try_clone().expect("fits the limit");
         for r in [fits, copy] {
             let body = r.into_request().into_body().collect().await.unwrap();
             assert_eq!(body.to_bytes(), "0123456789");
         }
-        let too_large = Outgoing::new(post(boxed()), origin()).keep_replayable(Some(9));
+        let too_large = Outgoing::new(post(boxed()), unparsed()).keep_replayable(Some(9));
         assert!(too_large.try_clone().is_none());
         let body = too_large
             .into_request()
@@ -463,7 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn query_placement_reaches_the_uri_and_headers_are_sensitive() {
-        let mut request = Outgoing::new(post(String::new()), origin()).keep_replayable(Some(0));
+        let mut request = Outgoing::new(post(String::new()), unparsed()).keep_replayable(Some(0));
         request
             .url_mut()
             .query_pairs_mut()

@@ -168,10 +168,7 @@ where
                     #[cfg(feature = "dpop")]
                     if let Head::Clears = head {
                         let rules = &attempt.policy.inner.rules;
-                        rules.dpop_nonce_demanded(
-                            &response,
-                            replay.as_ref().map(AuthRequest::origin_url),
-                        );
+                        rules.dpop_nonce_demanded(&response, rules.dpop_url(replay.as_ref()));
                     }
                     if let Head::Clears = head {
                         attempt.cleared();
@@ -321,7 +318,7 @@ impl<F> Attempt<F> {
             .policy
             .inner
             .rules
-            .dpop_nonce_demanded(&response, replay.as_ref().map(AuthRequest::origin_url))
+            .dpop_nonce_demanded(&response, self.policy.inner.rules.dpop_url(replay.as_ref()))
         {
             if let Some(replay) = replay {
                 drop(response);
@@ -398,7 +395,7 @@ impl<F> Attempt<F> {
     {
         let token = authorize(&self.flight, &self.span, false, None).await?;
         let rules = &self.policy.inner.rules;
-        let origin = replay.origin_url().clone();
+        let origin = replay.url().clone();
         rules.attach_after_demand(&mut replay, &token, nonce)?;
         drop(token);
         self.span.record("resent", true);

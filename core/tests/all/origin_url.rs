@@ -1,4 +1,4 @@
-//! Issue 18: the origin checks ([C12]) read [`AuthRequest::origin_url`], and a request's
+//! Issue 18: the origin checks ([C12]) read [`AuthRequest::origin`], and a request's
 //! full URL is read only when a skipped route needs its path. An adapter that builds
 //! the full URL per request (tower, from an `http::Uri`) then builds it only then; the
 //! answers are the same as reading the full URL.
@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::time::{Duration, SystemTime};
 
 use futures::executor::block_on;
-use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions};
+use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions, RequestOrigin};
 use tokenflight::{AuthPolicy, AuthPolicyBuilder, Token, from_fn};
 
 use crate::support::FakeResponse;
@@ -44,8 +44,8 @@ impl AuthRequest for CountingRequest {
         self.url_reads.set(self.url_reads.get() + 1);
         &self.url
     }
-    fn origin_url(&self) -> &url::Url {
-        &self.origin
+    fn origin(&self) -> RequestOrigin<'_> {
+        RequestOrigin::Url(&self.origin)
     }
     fn url_mut(&mut self) -> &mut url::Url {
         self.url_reads.set(self.url_reads.get() + 1);
@@ -117,6 +117,23 @@ fn c11_a_skipped_route_reads_the_full_url_path() {
     assert_eq!(authorization.as_deref(), Some("Bearer valid"));
 }
 
+/// The origin is checked before a skipped route reads the URL: a request to an origin
+/// that gets no token never has its URL built (an adapter's `Uri` whose URL may not
+/// parse is only read once it was let in).
+#[test]
+fn c12_a_request_to_another_origin_is_refused_before_its_url_is_read() {
+    let policy = policy(|b| {
+        b.allowed_origin("https://api.test")
+            .skip_route(None, "/login")
+    });
+    let request = CountingRequest::get("https://other.test/x");
+    assert!(!policy.attaches_token_to(&request, &RequestOptions::default()));
+    assert_eq!(request.url_reads.get(), 0);
+    let (authorization, url_reads) = send(&policy, CountingRequest::get("https://other.test/x"));
+    assert_eq!(authorization, None);
+    assert_eq!(url_reads, 0, "refused on its origin alone");
+}
+
 #[test]
 fn attaches_token_agrees_with_what_send_attaches() {
     let policies = [
@@ -144,6 +161,11 @@ fn attaches_token_agrees_with_what_send_attaches() {
                 let options = RequestOptions::from_markers(skip_auth, false);
                 let request = CountingRequest::get(url);
                 let predicted = policy.attaches_token(&http::Method::GET, &request.url, &options);
+                assert_eq!(
+                    policy.attaches_token_to(&request, &options),
+                    predicted,
+                    "policy {i}, {url}, skip_auth {skip_auth}"
+                );
                 let (authorization, _) = send_with(policy, request, options);
                 assert_eq!(
                     predicted,

@@ -214,3 +214,45 @@ async fn skip_auth_requests_carry_no_token_and_are_not_classified() {
         "the 401 is still due"
     );
 }
+
+/// C12: the origin of a request's `Uri` is compared as `http` spells it: the scheme's
+/// default port and the domain's case do not matter; a host the URL parser would
+/// rewrite into an allowed one (`0x7f.1`, `127.1`) is not that origin, and gets no
+/// token (fail closed); a relative URI names no origin.
+#[tokio::test]
+async fn c12_a_tower_request_carries_the_token_only_to_an_allowed_origin_as_spelled() {
+    let layer = TokenLayer::builder()
+        .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+        .allowed_origin("http://api.test")
+        .allowed_origin("http://127.0.0.1:1")
+        .build()
+        .unwrap();
+    let cases = [
+        ("http://api.test/x", true),
+        ("http://API.Test:80/x?y=1", true),
+        ("http://127.0.0.1:1/x", true),
+        ("http://user@api.test/x", true),
+        ("http://0x7f.1:1/x", false),
+        ("http://127.1:1/x", false),
+        ("http://127.0.0.1:2/x", false),
+        ("https://api.test/x", false),
+        ("http://api.test.evil/x", false),
+        ("http://api.test:8080/x", false),
+        ("/x", false),
+    ];
+    for (uri, carries) in cases {
+        let inner = tower::service_fn(|request: http::Request<Body>| async move {
+            let token = request.headers().contains_key("authorization");
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("x-token", if token { "yes" } else { "no" })
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+        });
+        let request = http::Request::get(uri).body(full(b"")).unwrap();
+        let response = layer.layer(inner).oneshot(request).await.unwrap();
+        let expected = if carries { "yes" } else { "no" };
+        assert_eq!(response.headers()["x-token"], expected, "{uri}");
+    }
+}
