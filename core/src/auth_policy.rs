@@ -249,49 +249,22 @@ impl AuthPolicy {
         }
     }
 
-    /// Whether [`send`](Self::send) would put a token on a request with `method` to
-    /// `url` and `options`: not skipped by a marker or a route ([C11](crate#c11)), to an
+    /// Whether [`send`](Self::send) would put a token on `request` with `options`: not
+    /// skipped by a marker or a route ([C11](crate#c11)), to an
     /// allowed origin ([C12](crate#c12)). For adapters that prepare such requests
     /// differently (buffering a body for a possible resend); `send` decides the same
     /// way by itself.
     ///
-    /// ```
-    /// use tokenflight::adapter::RequestOptions;
-    /// use tokenflight::{AuthPolicy, Token, from_fn};
-    /// let policy = AuthPolicy::builder()
-    ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
-    ///     .allowed_origin("https://api.example.com")
-    ///     .skip_route(None, "/health")
-    ///     .build()
-    ///     .unwrap();
-    /// let url = |s: &str| url::Url::parse(s).unwrap();
-    /// let get = http::Method::GET;
-    /// let plain = RequestOptions::default();
-    /// assert!(policy.attaches_token(&get, &url("https://api.example.com/items"), &plain));
-    /// assert!(!policy.attaches_token(&get, &url("https://api.example.com/health"), &plain));
-    /// assert!(!policy.attaches_token(&get, &url("https://other.example.com/items"), &plain));
-    /// let skipped = RequestOptions::from_markers(true, false);
-    /// assert!(!policy.attaches_token(&get, &url("https://api.example.com/items"), &skipped));
-    /// ```
-    pub fn attaches_token(
-        &self,
-        method: &http::Method,
-        url: &url::Url,
-        options: &RequestOptions,
-    ) -> bool {
-        self.inner.rules.attaches(method, url, options)
-    }
-
-    /// [`attaches_token`](Self::attaches_token) for a request seen through
-    /// [`AuthRequest`]: its [`origin`](AuthRequest::origin) is checked first, and its
-    /// [`url`](AuthRequest::url) is read only for a skipped route. An adapter whose
-    /// request holds an `http::Uri` asks this, so that no URL is built for the answer.
+    /// The request is seen through [`AuthRequest`]: its
+    /// [`origin`](AuthRequest::origin) is checked first, and its
+    /// [`url`](AuthRequest::url) is read only for a skipped route, so an adapter whose
+    /// request holds an `http::Uri` builds no URL for the answer.
     ///
     /// ```
     /// use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions};
     /// use tokenflight::{AuthPolicy, Token, from_fn};
-    /// struct Req(url::Url);
-    /// impl AuthRequest for Req {
+    /// struct Get(url::Url);
+    /// impl AuthRequest for Get {
     ///     fn method(&self) -> http::Method { http::Method::GET }
     ///     fn url(&self) -> &url::Url { &self.0 }
     ///     fn url_mut(&mut self) -> &mut url::Url { &mut self.0 }
@@ -301,14 +274,18 @@ impl AuthPolicy {
     /// let policy = AuthPolicy::builder()
     ///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
     ///     .allowed_origin("https://api.example.com")
+    ///     .skip_route(None, "/health")
     ///     .build()
     ///     .unwrap();
-    /// let request = |s: &str| Req(url::Url::parse(s).unwrap());
+    /// let get = |s: &str| Get(url::Url::parse(s).unwrap());
     /// let plain = RequestOptions::default();
-    /// assert!(policy.attaches_token_to(&request("https://api.example.com/x"), &plain));
-    /// assert!(!policy.attaches_token_to(&request("https://other.example.com/x"), &plain));
+    /// assert!(policy.attaches_token(&get("https://api.example.com/items"), &plain));
+    /// assert!(!policy.attaches_token(&get("https://api.example.com/health"), &plain));
+    /// assert!(!policy.attaches_token(&get("https://other.example.com/items"), &plain));
+    /// let skipped = RequestOptions::from_markers(true, false);
+    /// assert!(!policy.attaches_token(&get("https://api.example.com/items"), &skipped));
     /// ```
-    pub fn attaches_token_to<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
+    pub fn attaches_token<R: AuthRequest>(&self, request: &R, options: &RequestOptions) -> bool {
         self.inner.rules.admits(request, options)
     }
 

@@ -101,11 +101,6 @@ impl Rules {
         (!self.skip.skips_request(request)).then_some(admission)
     }
 
-    /// Whether a request with `method` to `url` and `options` carries a token.
-    pub(crate) fn attaches(&self, method: &http::Method, url: &Url, o: &RequestOptions) -> bool {
-        !o.skip_auth && self.origins.allows(url) && !self.skip.skips(method, url)
-    }
-
     /// A copy to resend, only if a response can reject the token at all. Taken before
     /// the token is attached: the copy gets the newer token if it is ever sent.
     pub(crate) fn replay_copy<R: AuthRequest>(&self, request: &R) -> Option<R> {

@@ -131,19 +131,17 @@ impl Middleware for TokenMiddleware {
         // request).
         let options = RequestOptions::from_extensions(&Ext(&req));
         // The policy would pass these through too; asking it first skips buffering.
-        if !self.auth.attaches_token(
-            &crate::message::method_of(req.method()),
-            req.url(),
-            &options,
-        ) {
-            return next.run(req, client);
+        let attempt = Attempt::without_reading(req);
+        if !self.auth.attaches_token(&attempt, &options) {
+            return next.run(attempt.into_request(), client);
         }
-        match Attempt::without_reading(req) {
-            Ok(attempt) => Box::pin(self.send(attempt, options, client, next)),
-            Err(req) => Box::pin(async move {
-                let attempt = Attempt::buffer(req, self.replay_body_limit).await?;
+        if attempt.is_unread() {
+            Box::pin(async move {
+                let attempt = attempt.read_body(self.replay_body_limit).await?;
                 self.send(attempt, options, client, next).await
-            }),
+            })
+        } else {
+            Box::pin(self.send(attempt, options, client, next))
         }
     }
 }

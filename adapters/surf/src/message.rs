@@ -31,32 +31,36 @@ enum Replay {
     Bytes(Box<(Bytes, Mime)>),
     /// Not replayable: a stream, or larger than the limit.
     No,
+    /// A body not read yet: not replayable unless [`Attempt::read_body`] reads it.
+    Unread,
 }
 
 impl Attempt {
-    /// `request` as it is when its body is empty (a GET, most requests): nothing to
-    /// read, and a resend gets an empty body. Otherwise the request back, for
-    /// [`Attempt::buffer`].
-    // `Err` is the request handed back whole, not an error worth boxing.
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn without_reading(request: Request) -> Result<Attempt, Request> {
-        if AsRef::<surf::http::Request>::as_ref(&request).is_empty() == Some(true) {
-            Ok(Attempt {
-                request,
-                replay: Replay::Empty,
-            })
-        } else {
-            Err(request)
+    /// `request` as it is, its body not read: replayable at once when the body is empty
+    /// (a GET, most requests: a resend gets an empty body), otherwise only after
+    /// [`Attempt::read_body`].
+    pub(crate) fn without_reading(request: Request) -> Attempt {
+        let empty = AsRef::<surf::http::Request>::as_ref(&request).is_empty() == Some(true);
+        Attempt {
+            request,
+            replay: if empty { Replay::Empty } else { Replay::Unread },
         }
     }
 
-    /// Takes `request`'s body into memory if it has a known length of at most `limit`
-    /// bytes; otherwise the body stays as it is and the request is not replayable.
-    pub(crate) async fn buffer(request: Request, limit: usize) -> surf::Result<Attempt> {
-        let mut request = match Attempt::without_reading(request) {
-            Ok(attempt) => return Ok(attempt),
-            Err(request) => request,
-        };
+    /// Whether the body is still to be read ([`Attempt::read_body`]) before the request
+    /// can be replayed.
+    pub(crate) fn is_unread(&self) -> bool {
+        matches!(self.replay, Replay::Unread)
+    }
+
+    /// This attempt with its body read into memory if it was not yet and has a known
+    /// length of at most `limit` bytes; otherwise the body stays as it is and the
+    /// request is not replayable.
+    pub(crate) async fn read_body(self, limit: usize) -> surf::Result<Attempt> {
+        if !self.is_unread() {
+            return Ok(self);
+        }
+        let mut request = self.request;
         let had_content_type = request.header(CONTENT_TYPE).is_some();
         let original = request.take_body();
         let mime = original.mime().clone();
@@ -152,7 +156,7 @@ impl AuthRequest for Attempt {
     fn try_clone(&self) -> Option<Self> {
         // Clones method, URL and headers; the body comes from the buffer.
         let request = match &self.replay {
-            Replay::No => return None,
+            Replay::No | Replay::Unread => return None,
             // surf's clone already has an empty body; setting one would add a
             // `Content-Type` only to remove it again.
             Replay::Empty => self.request.clone(),
@@ -245,7 +249,8 @@ mod tests {
     #[test]
     fn buffering_adds_no_content_type_and_keeps_one_that_was_set() {
         block_on(async {
-            let attempt = Attempt::buffer(request(surf::http::Method::Get), 1024)
+            let attempt = Attempt::without_reading(request(surf::http::Method::Get))
+                .read_body(1024)
                 .await
                 .unwrap();
             assert!(attempt.request.header(CONTENT_TYPE).is_none());
@@ -255,7 +260,10 @@ mod tests {
             let mut post = request(surf::http::Method::Post);
             post.set_body(Body::from_string("{\"a\":1}".into()));
             post.set_content_type("application/json".into());
-            let attempt = Attempt::buffer(post, 1024).await.unwrap();
+            let attempt = Attempt::without_reading(post)
+                .read_body(1024)
+                .await
+                .unwrap();
             let mut copy = attempt.try_clone().unwrap();
             for r in [&mut attempt.into_request(), &mut copy.request] {
                 assert_eq!(r.header(CONTENT_TYPE).unwrap().as_str(), "application/json");
@@ -272,14 +280,17 @@ mod tests {
                 futures_util::io::Cursor::new(b"streamed".to_vec()),
                 None,
             ));
-            let attempt = Attempt::buffer(post, 1024).await.unwrap();
+            let attempt = Attempt::without_reading(post)
+                .read_body(1024)
+                .await
+                .unwrap();
             assert!(attempt.try_clone().is_none());
             let mut sent = attempt.into_request();
             assert_eq!(sent.take_body().into_string().await.unwrap(), "streamed");
 
             let mut post = request(surf::http::Method::Post);
             post.set_body(Body::from_bytes(vec![7; 11]));
-            let attempt = Attempt::buffer(post, 10).await.unwrap();
+            let attempt = Attempt::without_reading(post).read_body(10).await.unwrap();
             assert!(attempt.try_clone().is_none());
             let mut sent = attempt.into_request();
             assert_eq!(sent.take_body().into_bytes().await.unwrap(), vec![7; 11]);
@@ -306,7 +317,8 @@ mod tests {
     #[test]
     fn sensitive_header_refuses_line_breaks() {
         block_on(async {
-            let mut attempt = Attempt::buffer(request(surf::http::Method::Get), 0)
+            let mut attempt = Attempt::without_reading(request(surf::http::Method::Get))
+                .read_body(0)
                 .await
                 .unwrap();
             assert_eq!(

@@ -71,7 +71,9 @@ impl FollowRedirects {
 impl Middleware for FollowRedirects {
     async fn handle(&self, req: Request, client: Client, next: Next<'_>) -> surf::Result<Response> {
         let skip_auth = req.ext::<SkipAuth>().is_some();
-        let mut attempt = Attempt::buffer(req, self.body_limit).await?;
+        let mut attempt = Attempt::without_reading(req)
+            .read_body(self.body_limit)
+            .await?;
         let mut hops = 0;
         loop {
             let from = attempt.url().clone();

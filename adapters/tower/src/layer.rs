@@ -213,7 +213,7 @@ where
             };
         };
         let outgoing = Outgoing::new(request, unparsed);
-        let may_resend = self.auth.attaches_token_to(&outgoing, &options);
+        let may_resend = self.auth.attaches_token(&outgoing, &options);
         let outgoing = outgoing.keep_replayable(may_resend.then_some(self.replay_limit));
         // Sends through the instance `poll_ready` readied, then (the resend, at most
         // one) through a clone, readied before it is called. The resend is boxed: the

@@ -11,6 +11,8 @@ use std::sync::LazyLock;
 
 use bytes::Bytes;
 use http::Uri;
+#[cfg(feature = "tower-http")]
+use http_body_util::Empty;
 #[cfg(test)]
 use tokenflight::adapter::InvalidHeader;
 use tokenflight::adapter::{AuthRequest, AuthResponse, RequestOrigin, ResponseView};
@@ -56,6 +58,19 @@ pub(crate) struct Outgoing<B: http_body::Body> {
     /// The URL once the core changed it (query placement), moved out of `url`.
     edited: Option<Box<Url>>,
     replay: Replay<B>,
+}
+
+/// A bodiless request with `method` to `uri`, to ask the policy about a request the
+/// layer sent when only its method and URI are known (a redirect's first hop). `None`
+/// only without the stand-in URL, as for `call()`.
+#[cfg(feature = "tower-http")]
+pub(crate) fn probe(method: &http::Method, uri: &Uri) -> Option<Outgoing<Empty<Bytes>>> {
+    let mut request = http::Request::new(Empty::new());
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    UNPARSED
+        .as_ref()
+        .map(|unparsed| Outgoing::new(request, unparsed))
 }
 
 impl<B: ReplayBody> Outgoing<B> {

@@ -26,7 +26,7 @@ use tokenflight::{AuthPolicy, SkipAuth};
 use tower_http::follow_redirect::policy::{Action, Attempt, Policy, Standard};
 use url::Url;
 
-use crate::message::url_of;
+use crate::message::{probe, url_of};
 
 /// A tower-http `FollowRedirect` policy for the service under a
 /// [`TokenLayer`](crate::TokenLayer): tower-http's standard policy (up to 20 redirects,
@@ -83,11 +83,12 @@ impl RedirectPolicy {
             return;
         }
         let carried = url_of(attempt.previous()).filter(|url| match &self.first {
-            First::Sent { method, skip_auth } => self.auth.attaches_token(
-                method,
-                url,
-                &RequestOptions::from_markers(*skip_auth, false),
-            ),
+            First::Sent { method, skip_auth } => {
+                probe(method, attempt.previous()).is_some_and(|sent| {
+                    let options = RequestOptions::from_markers(*skip_auth, false);
+                    self.auth.attaches_token(&sent, &options)
+                })
+            }
             // `on_request` was not passed on: judged by the origin alone.
             _ => self.auth.allows_origin(url),
         });
