@@ -177,20 +177,26 @@ pub struct Tokenflight {
     flight: SingleFlight,
 }
 
-impl Contender for Tokenflight {
-    const NAME: &'static str = "tokenflight";
-
-    fn new(refresh: Arc<Refresh>) -> Self {
-        let flight = SingleFlight::builder()
+impl Tokenflight {
+    /// The flight every tokenflight storm builds: `refresh` as its source, an expired
+    /// token, and what the reqwest adapter presets on tokio. (The core's default timer,
+    /// `FuturesTimer`, adds ~15 µs per refresh on this path: see BENCHMARKS.md.)
+    pub fn builder(refresh: Arc<Refresh>) -> tokenflight::FlightBuilder {
+        SingleFlight::builder()
             .source(from_fn(move |_cx| {
                 let refresh = Arc::clone(&refresh);
                 async move { Ok(refresh.run().await) }
             }))
             .initial_token(expired_token())
-            // What the reqwest adapter presets on tokio. (The core's default timer,
-            // `FuturesTimer`, adds ~15 µs per refresh on this path: see BENCHMARKS.md.)
             .timer(Arc::new(tokenflight_reqwest::TokioTimer))
-            .build();
+    }
+}
+
+impl Contender for Tokenflight {
+    const NAME: &'static str = "tokenflight";
+
+    fn new(refresh: Arc<Refresh>) -> Self {
+        let flight = Tokenflight::builder(refresh).build();
         Tokenflight {
             flight: must(flight, "building the flight"),
         }

@@ -18,9 +18,9 @@ use std::task::{Context, Poll};
 
 use futures::task::noop_waker_ref;
 use tokenflight::adapter::Clock;
-use tokenflight::{SingleFlight, Token, from_fn};
+use tokenflight::{SingleFlight, Token};
 use tokenflight_benches::storm::{
-    Contender, FRESH, Refresh, SharedFloor, SharedFloorWithHandle, Tokenflight, expired_token,
+    Contender, FRESH, Refresh, SharedFloor, SharedFloorWithHandle, Tokenflight,
 };
 
 /// The system clock without its coarse reading: rustix finds the coarse clock in the
@@ -42,14 +42,8 @@ impl Contender for TokenflightPrecise {
     const NAME: &'static str = Tokenflight::NAME;
 
     fn new(refresh: Arc<Refresh>) -> Self {
-        let flight = SingleFlight::builder()
-            .source(from_fn(move |_cx| {
-                let refresh = Arc::clone(&refresh);
-                async move { Ok(refresh.run().await) }
-            }))
-            .initial_token(expired_token())
+        let flight = Tokenflight::builder(refresh)
             .clock(Arc::new(PreciseClock))
-            .timer(Arc::new(tokenflight_reqwest::TokioTimer))
             .build()
             .unwrap_or_else(|error| panic!("building the flight: {error}"));
         TokenflightPrecise(flight)
