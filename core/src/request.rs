@@ -79,9 +79,30 @@ pub trait AuthRequest: Sized + Send {
 /// with, so its [`AuthRequest::url`] can be built from it.
 ///
 /// ```
-/// use tokenflight::adapter::RequestOrigin;
-/// let uri = http::Uri::from_static("https://api.example.com/v1");
-/// assert!(matches!(RequestOrigin::Uri(&uri), RequestOrigin::Uri(_)));
+/// use tokenflight::adapter::{AuthRequest, InvalidHeader, RequestOptions, RequestOrigin};
+/// use tokenflight::{AuthPolicy, Token, from_fn};
+/// // A client on the `http` crate: its request holds a `Uri`, and a URL only when asked.
+/// struct Get(http::Uri, url::Url);
+/// impl AuthRequest for Get {
+///     fn method(&self) -> http::Method { http::Method::GET }
+///     fn origin(&self) -> RequestOrigin<'_> { RequestOrigin::Uri(&self.0) }
+///     fn url(&self) -> &url::Url { &self.1 }
+///     fn url_mut(&mut self) -> &mut url::Url { &mut self.1 }
+///     fn set_sensitive_header(&mut self, _: &str, _: &str) -> Result<(), InvalidHeader> { Ok(()) }
+///     fn try_clone(&self) -> Option<Self> { None }
+/// }
+/// let get = |uri: &'static str| {
+///     Get(http::Uri::from_static(uri), url::Url::parse("http://unused.invalid/").unwrap())
+/// };
+/// let policy = AuthPolicy::builder()
+///     .source(from_fn(|_cx| async { Ok(Token::new("t")) }))
+///     .allowed_origin("http://127.0.0.1:8080")
+///     .build()
+///     .unwrap();
+/// let plain = RequestOptions::default();
+/// assert!(policy.attaches_token(&get("http://127.0.0.1:8080/v1"), &plain));
+/// // The same address in a spelling only a URL parser reads as 127.0.0.1: no token.
+/// assert!(!policy.attaches_token(&get("http://0x7f.1:8080/v1"), &plain));
 /// ```
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
